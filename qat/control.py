@@ -1,0 +1,129 @@
+"""Model-wide quantizer control: calibrate, enable/disable, freeze ranges, summarise."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from qat.modules.quantizer import TensorQuantizer
+from qat.primitives import quant_error_db
+
+
+def quantizers(model: nn.Module, roles: Iterable[str] | None = None) -> Iterator[tuple[str, TensorQuantizer]]:
+    """(name, quantizer) for every TensorQuantizer in `model`, optionally only the given roles."""
+    roles = None if roles is None else set(roles)
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and (roles is None or module.role in roles):
+            yield name, module
+
+
+def set_quantizers(model: nn.Module, roles: Iterable[str] | None = None, **flags: bool) -> int:
+    """Set `enabled` and/or `observing` on quantizers; returns how many were changed.
+
+    Example:
+        >>> set_quantizers(model, enabled=False)            # full precision
+        >>> set_quantizers(model, roles=["input"], observing=False)   # freeze activation ranges
+    """
+    allowed = {"enabled", "observing"}
+    if set(flags) - allowed:
+        raise ValueError(f"set_quantizers: unknown flag(s) {sorted(set(flags) - allowed)}; valid: {sorted(allowed)}")
+    n = 0
+    for _, q in quantizers(model, roles):
+        for key, value in flags.items():
+            setattr(q, key, bool(value) and (key != "observing" or not q.spec.dynamic))
+        n += 1
+    return n
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module):
+    """Run the model in full precision inside the block (for a teacher pass, say)."""
+    saved = [(q, q.enabled) for _, q in quantizers(model)]
+    try:
+        for q, _ in saved:
+            q.enabled = False
+        yield model
+    finally:
+        for q, enabled in saved:
+            q.enabled = enabled
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bool = True) -> int:
+    """Range initialisation: run `batches` through the model with activation observers on.
+
+    Args:
+        batches: inputs; each is passed as model(**b) for a mapping, model(b) otherwise.
+        forward: optional callable(model, batch) to use instead.
+        freeze: switch observing off afterwards (hold the calibrated ranges).
+    Returns:
+        the number of batches seen.
+    Raises:
+        ValueError: no batch at all (ranges would stay empty).
+    """
+    set_quantizers(model, roles=["input", "kv_cache"], observing=True)
+    n = 0
+    for batch in batches:
+        if forward is not None:
+            forward(model, batch)
+        elif isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(batch)
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate: got no batches; give at least one")
+    if freeze:
+        set_quantizers(model, roles=["input", "kv_cache"], observing=False)
+    return n
+
+
+def summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per quantized module: name, type, scheme, SQNR of the weight (dB), bits per weight.
+
+    SQNR is measured between the float weight and its fake-quantized value (fake-quant modules) and is
+    NaN for converted modules, whose float weight is gone.
+    """
+    rows = []
+    for name, module in model.named_modules():
+        schemes = getattr(module, "schemes", None)
+        if schemes is None:
+            continue
+        row = {"module": name, "type": type(module).__name__, "scheme": schemes.describe(), "sqnr_db": math.nan}
+        qweight = getattr(module, "qweight", None)
+        if qweight is not None:
+            row["bits_per_weight"] = qweight.nbits() / math.prod(qweight.shape)
+        elif getattr(module, "weight_quantizer", None) is not None:
+            with torch.no_grad():
+                w = module.weight
+                row["sqnr_db"] = quant_error_db(w, module.weight_quantizer(w))
+            row["bits_per_weight"] = _bits_per_weight(module)
+        else:
+            row["bits_per_weight"] = float(torch.finfo(module.weight.dtype).bits)
+        rows.append(row)
+    return rows
+
+
+def _bits_per_weight(module: nn.Module) -> float:
+    q = module.weight_quantizer
+    scale, zero_point = q.qparams(module.weight)
+    bits = module.weight.numel() * q.spec.bits + scale.numel() * torch.finfo(q.spec.torch_scale_dtype).bits
+    if zero_point is not None:
+        bits += zero_point.numel() * q.spec.bits
+    return bits / module.weight.numel()
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A GitHub-markdown table of `rows` (floats with 2 decimals)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(r) for r in cells])

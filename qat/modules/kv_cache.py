@@ -1,0 +1,76 @@
+"""KV-cache fake quantization for Hugging Face attention.
+
+Keys and values are quantized where a runtime stores them: after the rotary embedding, as they enter
+the attention kernel (the cache update has already happened, so every cached entry passes through the
+quantizer). Per-token (per head) dynamic schemes and static per-tensor schemes act elementwise on each
+token, so quantizing at read gives exactly what quantizing at store would.
+
+It works through transformers' attention registry: attention modules get `k_quantizer` / `v_quantizer`
+and the model's attention implementation becomes "qat_kv", which wraps the one it had before.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from qat.modules.quantizer import TensorQuantizer
+from qat.spec import QuantSpec
+
+ATTN_NAME = "qat_kv"
+
+
+def is_attention(module: nn.Module) -> bool:
+    """A Hugging Face attention module: has k_proj and v_proj and a head_dim."""
+    return hasattr(module, "k_proj") and hasattr(module, "v_proj") and hasattr(module, "head_dim")
+
+
+def _base_attention(module: nn.Module, name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in (None, "eager"):
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+        name = "sdpa"
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def qat_kv_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Attention with fake-quantized keys and values; the math is the wrapped implementation's."""
+    if getattr(module, "k_quantizer", None) is not None:
+        key, value = module.k_quantizer(key), module.v_quantizer(value)
+    base = _base_attention(module, getattr(module, "qat_base_attention", None))
+    return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, qat_kv_attention)
+
+
+def attach_kv_quantizers(model: nn.Module, attention: dict[str, nn.Module], spec: QuantSpec) -> None:
+    """Give each attention module key and value quantizers, and route the model through "qat_kv".
+
+    Args:
+        model: the (Hugging Face) model; its config's attention implementation is wrapped.
+        attention: name -> attention module to quantize.
+        spec: the KV-cache scheme (per_token dynamic, or static per_tensor).
+    Raises:
+        ValueError: the model has no Hugging Face config to route attention through.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError("kv_cache quantization needs a Hugging Face model (with .config and attention registry)")
+    _register()
+    base = config._attn_implementation
+    if base == ATTN_NAME:
+        base = next((m.qat_base_attention for m in model.modules() if hasattr(m, "qat_base_attention")), "sdpa")
+    for module in attention.values():
+        example = torch.zeros(1, module.head_dim, device=module.k_proj.weight.device)
+        module.k_quantizer = TensorQuantizer(spec, "kv_cache", example)
+        module.v_quantizer = TensorQuantizer(spec, "kv_cache", example)
+        module.qat_base_attention = base
+    model.set_attn_implementation(ATTN_NAME)

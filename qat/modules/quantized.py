@@ -1,0 +1,182 @@
+"""Real-integer modules made by `qat.convert`: packed codes, scales and zero-points; forward dequantizes.
+
+Their forward computes exactly what the fake-quant module computed (same `qat.primitives` calls).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.modules.fake import FakeQuantEmbedding, FakeQuantLinear
+from qat.modules.quantizer import TensorQuantizer
+from qat.modules.registry import register_quantized
+from qat.packing import pack, packed_numel, unpack
+from qat.primitives import check_tensor, dequantize, quantize
+from qat.spec import FLOAT_DTYPES, QuantSpec, TensorSchemes
+
+
+class QuantizedWeight(nn.Module):
+    """A weight held as packed integer codes (`packed`, uint8), `scale` and `zero_point` buffers.
+
+    Integer codes are stored unsigned (code - qmin) and packed with `qat.packing.pack`; fp8 codes are
+    stored as their bytes. `zero_point` is empty for symmetric schemes.
+
+    Example:
+        >>> qw = QuantizedWeight.from_tensor(torch.randn(8, 64), QuantSpec(bits=4, granularity="per_group", group_size=32))
+        >>> qw.dequantize().shape
+        torch.Size([8, 64])
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec, self.shape, self.dtype = spec, tuple(shape), dtype
+        numel = int(torch.Size(shape).numel())
+        nbytes = numel if spec.is_float else packed_numel(numel, spec.bits)
+        self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+
+    @classmethod
+    def from_tensor(
+        cls,
+        weight: torch.Tensor,
+        spec: QuantSpec,
+        scale: torch.Tensor | None = None,
+        zero_point: torch.Tensor | None = None,
+        name: str = "weight",
+    ) -> "QuantizedWeight":
+        """Quantize `weight` with the given qparams (or min-max ones when none are given)."""
+        from qat.primitives import choose_qparams, compute_range
+
+        weight = weight.detach()
+        check_tensor(weight, name, spec)
+        if scale is None:
+            scale, zero_point = choose_qparams(*compute_range(weight, spec), spec)
+        module = cls(spec, tuple(weight.shape), weight.dtype).to(weight.device)
+        module.set_codes(quantize(weight, scale, zero_point, spec), scale, zero_point)
+        return module
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams."""
+        if self.spec.is_float:
+            self.packed = codes.reshape(-1).view(torch.uint8).clone()
+        else:
+            self.packed = pack((codes.to(torch.int16) - self.spec.qmin).to(torch.uint8), self.spec.bits)
+        self.scale = scale.detach().float().clone()
+        self.zero_point = torch.empty(0, device=scale.device) if zero_point is None else zero_point.detach().float().clone()
+
+    def codes(self) -> torch.Tensor:
+        """The codes as `quantize` returned them, in the weight's shape."""
+        numel = int(torch.Size(self.shape).numel())
+        if self.spec.is_float:
+            return self.packed.view(FLOAT_DTYPES[self.spec.dtype]).reshape(self.shape)
+        raw = unpack(self.packed, self.spec.bits, numel).to(torch.int16) + self.spec.qmin
+        return raw.to(torch.int8 if self.spec.signed else torch.uint8).reshape(self.shape)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scale, (self.zero_point if self.zero_point.numel() else None)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.codes(), *self.qparams(), self.spec, dtype or self.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("scale", "zero_point"):  # shaped by the scheme: take the saved shape
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def nbits(self) -> int:
+        """Bits of storage: codes, scales (in their scale dtype) and zero-points (in code width)."""
+        scale_bits = torch.finfo(self.spec.torch_scale_dtype).bits
+        return self.packed.numel() * 8 + self.scale.numel() * scale_bits + self.zero_point.numel() * self.spec.bits
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, shape={self.shape}"
+
+
+def _quantize_weight_of(fake: nn.Module) -> QuantizedWeight | None:
+    quantizer = fake.weight_quantizer
+    if quantizer is None:
+        return None
+    weight = fake.weight.detach()
+    quantizer.observe(weight)
+    scale, zero_point = quantizer.qparams(weight)
+    return QuantizedWeight.from_tensor(weight, quantizer.spec, scale.detach(), None if zero_point is None else zero_point.detach())
+
+
+@register_quantized(FakeQuantLinear)
+class QuantizedLinear(nn.Module):
+    """A linear layer holding real integer weights; the input quantizer (if any) is kept as is.
+
+    Example:
+        >>> ql = QuantizedLinear.from_fake(fake_quant_linear)
+        >>> torch.equal(ql(x), fake_quant_linear(x))
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, qweight: QuantizedWeight, bias: nn.Parameter | None,
+                 input_quantizer: TensorQuantizer | None = None, schemes: TensorSchemes | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = qweight
+        self.bias = bias
+        self.input_quantizer = input_quantizer
+        self.schemes = schemes or TensorSchemes(weight=qweight.spec)
+
+    @classmethod
+    def from_fake(cls, fake: FakeQuantLinear) -> "QuantizedLinear":
+        qweight = _quantize_weight_of(fake)
+        if qweight is None:
+            raise ValueError("QuantizedLinear needs a weight scheme; this FakeQuantLinear quantizes only its input")
+        return cls(fake.in_features, fake.out_features, qweight, fake.bias, fake.input_quantizer, fake.schemes)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what the fake-quant module used)."""
+        return self.qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.qweight.dequantize(), self.bias)
+
+    def to_float(self) -> nn.Linear:
+        """An nn.Linear holding the dequantized weights."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.qweight.dequantize())
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.schemes.describe()}"
+
+
+@register_quantized(FakeQuantEmbedding)
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as real integer codes."""
+
+    def __init__(self, qweight: QuantizedWeight, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = qweight.shape
+
+    @classmethod
+    def from_fake(cls, fake: FakeQuantEmbedding) -> "QuantizedEmbedding":
+        qweight = _quantize_weight_of(fake)
+        if qweight is None:
+            raise ValueError("QuantizedEmbedding needs a weight scheme")
+        return cls(qweight=qweight, padding_idx=fake.padding_idx)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight.dequantize(), self.padding_idx)
+
+    def to_float(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device="meta")
+        emb.weight = nn.Parameter(self.qweight.dequantize())
+        return emb

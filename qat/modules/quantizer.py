@@ -1,0 +1,133 @@
+"""`TensorQuantizer`: the state of one quantized tensor role (ranges, learned scales, on/off flags)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.observers import build_observer
+from qat.primitives import choose_qparams, compute_range, half_range
+from qat.spec import QuantSpec
+from qat.ste import fake_quantize, learned_fake_quantize, round_ste
+
+ROLE_NAMES = ("weight", "input", "kv_cache")
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor role of a module and holds the state that needs.
+
+    State (all saved in `state_dict`, so checkpoints resume exactly):
+        observer.lo / observer.hi   held ranges (static schemes);
+        scale / zero_point          learned parameters (LSQ, LSQ+, PACT's clip lives in `scale` as a clip);
+        enabled, observing, initialized   flags (extra state).
+
+    Weight ranges follow the weight while `observing` (they are recomputed from the current weight each
+    forward); activation ranges accumulate over batches while `observing` (calibration) and are held
+    once it is switched off (frozen). Dynamic schemes compute ranges from every tensor.
+
+    Args:
+        spec: the scheme.
+        role: "weight", "input" or "kv_cache".
+        example: the weight itself (weights) or a tensor of the activation's trailing shape, e.g. [1, C];
+            it fixes the shape of learned parameters.
+    Example:
+        >>> q = TensorQuantizer(QuantSpec(bits=4, granularity="per_group", group_size=32), "weight", torch.randn(8, 64))
+        >>> y = q(torch.randn(8, 64))
+    """
+
+    def __init__(self, spec: QuantSpec, role: str, example: torch.Tensor) -> None:
+        super().__init__()
+        if role not in ROLE_NAMES:
+            raise ValueError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
+        self.spec, self.role = spec, role
+        self.observer = build_observer(spec)
+        self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
+        self.scale: nn.Parameter | None = None
+        self.zero_point: nn.Parameter | None = None
+        if spec.learn != "none":
+            shape = compute_range(torch.zeros_like(example, dtype=torch.float32), spec)[0].shape
+            self.scale = nn.Parameter(torch.ones(shape, device=example.device))
+            if spec.learn == "lsq_plus":
+                self.zero_point = nn.Parameter(torch.zeros(shape, device=example.device))
+        if role == "weight" and not spec.dynamic:
+            self.initialize(example)
+
+    # -- state -------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "observing": self.observing, "initialized": self.initialized}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.enabled, self.observing, self.initialized = state["enabled"], state["observing"], state["initialized"]
+
+    @property
+    def learned(self) -> bool:
+        return self.scale is not None
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set held ranges (and learned parameters) from `x`: range initialisation."""
+        if self.spec.dynamic:
+            return
+        self.observer.update(x, accumulate=self.role != "weight" and self.initialized)
+        if self.learned:
+            self._init_learned()
+        self.initialized = True
+
+    def _init_learned(self) -> None:
+        lo, hi = self.observer.lo, self.observer.hi
+        if self.spec.learn == "pact":
+            clip = torch.maximum(-lo, hi) if self.spec.signed else hi.clamp(min=0)
+            self.scale.copy_(clip.expand_as(self.scale))
+            return
+        scale, zero_point = choose_qparams(lo, hi, self.spec)
+        self.scale.copy_(scale.expand_as(self.scale))
+        if self.zero_point is not None:
+            self.zero_point.copy_(zero_point.expand_as(self.zero_point))
+
+    def observe(self, x: torch.Tensor) -> None:
+        """The state update a forward makes before quantizing: refresh held ranges while observing.
+
+        Learned parameters, once initialised, are left to the optimizer.
+        """
+        if self.observing and not self.spec.dynamic and not (self.learned and self.initialized):
+            self.initialize(x)
+
+    # -- qparams -----------------------------------------------------------------------------
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scale and zero-point this quantizer uses for `x` now (no state changes)."""
+        if self.spec.dynamic:
+            return choose_qparams(*self.observer.range_of(x), self.spec)
+        if not self.initialized:
+            raise RuntimeError(
+                f"{self.role} quantizer ({self.spec.describe()}) has no range yet: calibrate it "
+                "(qat.calibrate / range initialisation) or leave observing on for the first batches"
+            )
+        if self.learned:
+            return self._learned_qparams()
+        return choose_qparams(self.observer.lo, self.observer.hi, self.spec)
+
+    def _learned_qparams(self):
+        tiny = torch.finfo(self.spec.torch_scale_dtype).tiny
+        scale = self.scale.clamp(min=tiny)
+        if self.spec.learn == "pact":
+            scale = scale / half_range(self.spec)
+        scale = scale.to(self.spec.torch_scale_dtype).float()
+        zero_point = None
+        if self.zero_point is not None:
+            zero_point = round_ste(self.zero_point).clamp(self.spec.qmin, self.spec.qmax)
+        return scale, zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        self.observe(x)
+        scale, zero_point = self.qparams(x)
+        if self.learned:
+            mode = "pact" if self.spec.learn == "pact" else "lsq"
+            return learned_fake_quantize(x, scale, zero_point, self.spec, mode)
+        return fake_quantize(x, scale, zero_point, self.spec)
+
+    def extra_repr(self) -> str:
+        flags = [n for n in ("enabled", "observing", "initialized") if getattr(self, n)]
+        return f"role={self.role}, {self.spec.describe()}, {'/'.join(flags)}"

@@ -1,0 +1,176 @@
+"""Range estimators (observers), selected by name: minmax, moving_average, percentile, mse.
+
+An observer turns tensors into a (lo, hi) range in the qparams layout of `qat.primitives`.
+`range_of(x)` is stateless (used for weights and dynamic ranges); `update(x)` folds a tensor into the
+held range (used for static activation ranges during calibration), and `lo` / `hi` are buffers, so
+they are saved in checkpoints.
+
+Example:
+    >>> obs = build_observer(QuantSpec(bits=8, granularity="per_tensor", observer="percentile"))
+    >>> obs.update(torch.randn(1000)); lo, hi = obs.lo, obs.hi
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qat.primitives import _reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, strip_leading_ones
+
+OBSERVERS: dict[str, type["Observer"]] = {}
+
+
+def register_observer(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        OBSERVERS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_observer(spec) -> "Observer":
+    """The observer named by `spec.observer`, with `spec.observer_args` as its keyword arguments.
+
+    Raises:
+        KeyError: an unknown observer name, listing the registered ones.
+        ValueError: an observer argument it does not take.
+    """
+    if spec.observer not in OBSERVERS:
+        raise KeyError(f"observer {spec.observer!r}; registered: {sorted(OBSERVERS)}")
+    cls = OBSERVERS[spec.observer]
+    try:
+        return cls(spec, **spec.observer_args)
+    except TypeError as err:
+        raise ValueError(f"observer {spec.observer!r} got bad observer_args {dict(spec.observer_args)}: {err}") from None
+
+
+class Observer(nn.Module):
+    """Base: min-max combination of per-tensor estimates; subclasses change `range_of` or `combine`."""
+
+    name = "base"
+
+    def __init__(self, spec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("lo", torch.empty(0))
+        self.register_buffer("hi", torch.empty(0))
+
+    @property
+    def initialized(self) -> bool:
+        return self.lo.numel() > 0
+
+    def range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return compute_range(x, self.spec)
+
+    def combine(self, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, accumulate: bool = True) -> None:
+        lo, hi = self.range_of(x.detach())
+        if accumulate and self.initialized:
+            lo, hi = self.combine(lo, hi)
+        self.lo, self.hi = lo.clone(), hi.clone()
+
+    def reset(self) -> None:
+        self.lo, self.hi = torch.empty(0, device=self.lo.device), torch.empty(0, device=self.hi.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("lo", "hi"):  # held ranges are shaped by the data they saw: take the saved shape
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@register_observer("minmax")
+class MinMaxObserver(Observer):
+    """Running minimum and maximum."""
+
+
+@register_observer("moving_average")
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max (torch.ao's MovingAverageMinMaxObserver)."""
+
+    def __init__(self, spec, momentum: float = 0.01) -> None:
+        super().__init__(spec)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"moving_average.momentum={momentum}; choose a value in (0, 1]")
+        self.momentum = momentum
+
+    def combine(self, lo, hi):
+        m = self.momentum
+        return self.lo + m * (lo - self.lo), self.hi + m * (hi - self.hi)
+
+
+def _blocks_last(x: torch.Tensor, spec) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Move each block's elements into the last dim: returns [..., n] and the keepdim shape."""
+    view = group_view(x, spec).float()
+    dims = _reduce_dims(view.ndim, spec)
+    keep = [d for d in range(view.ndim) if d not in dims]
+    keep_shape = tuple(view.shape[d] if d in keep else 1 for d in range(view.ndim))
+    return view.permute(*keep, *dims).reshape(*[view.shape[d] for d in keep], -1), keep_shape
+
+
+@register_observer("percentile")
+class PercentileObserver(Observer):
+    """Range from the low and high percentiles of each block (drops outliers); running min/max across batches."""
+
+    def __init__(self, spec, percentile: float = 99.99) -> None:
+        super().__init__(spec)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile.percentile={percentile}; choose a value in (50, 100]")
+        self.percentile = percentile
+
+    def range_of(self, x):
+        blocks, keep_shape = _blocks_last(x, self.spec)
+        n = blocks.shape[-1]
+        k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
+        k_lo = max(1, n + 1 - k_hi)
+        lo = blocks.kthvalue(k_lo, dim=-1).values.reshape(keep_shape)
+        hi = blocks.kthvalue(k_hi, dim=-1).values.reshape(keep_shape)
+        return strip_leading_ones(lo), strip_leading_ones(hi)
+
+
+@register_observer("mse")
+class MSEObserver(Observer):
+    """Grid search over clipping ratios of the min-max range, per block, minimising |x - x^|^norm.
+
+    Args:
+        grid: number of ratios tried, evenly spaced in [1 - max_shrink, 1].
+        max_shrink: the smallest ratio is 1 - max_shrink.
+        norm: the error exponent (GPTQ's MSE search uses 2.4).
+    """
+
+    def __init__(self, spec, grid: int = 20, max_shrink: float = 0.5, norm: float = 2.0) -> None:
+        super().__init__(spec)
+        if grid < 1 or not 0.0 <= max_shrink < 1.0:
+            raise ValueError(f"mse: grid={grid} (>= 1), max_shrink={max_shrink} (in [0, 1)) out of range")
+        self.grid, self.max_shrink, self.norm = grid, max_shrink, norm
+
+    def range_of(self, x):
+        lo, hi = compute_range(x, self.spec)
+        view = group_view(x.detach(), self.spec).float()
+        dims = _reduce_dims(view.ndim, self.spec)
+        best_err, best_lo, best_hi = None, lo, hi
+        for i in range(self.grid):
+            ratio = 1.0 - self.max_shrink * i / max(self.grid - 1, 1)
+            cand_lo, cand_hi = lo * ratio, hi * ratio
+            scale, zp = choose_qparams(cand_lo, cand_hi, self.spec)
+            x_hat, _ = fake_quantize_forward(view, scale, zp, self._flat_spec())
+            err = (x_hat - view).abs_().pow_(self.norm).sum(dim=dims, keepdim=True)
+            err = strip_leading_ones(err)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, cand_lo, best_lo), torch.where(better, cand_hi, best_hi)
+        return best_lo, best_hi
+
+    def _flat_spec(self):
+        # the view is already grouped; quantize it as is
+        if self.spec.granularity == "per_group":
+            return self.spec.replace(granularity="per_token", group_size=None, learn="none")
+        return self.spec

@@ -1,0 +1,233 @@
+"""The one quantization numerics: ranges, qparams, quantize, dequantize, fake_quantize.
+
+Fake-quant modules, PTQ algorithms, `convert` and the exporters all call these functions, so a
+converted or exported model computes exactly what the fake-quant model computed.
+
+Layout conventions (the "group view"): a per_group tensor is viewed as [..., n_groups, group_size];
+every other granularity uses the tensor as is. Ranges, scales and zero-points have the shape of a
+keepdim reduction over that view, with leading singleton dims stripped, so that a per-tensor scale
+is a 0-d tensor and a per-channel activation scale of a [B, T, C] input is [C]:
+
+    per_tensor   weight [O, I]    scale []
+    per_channel  weight [O, I]    scale [O, 1]      (axis=0)
+    per_group    weight [O, I]    scale [O, I/g, 1]
+    per_token    input  [B, T, C] scale [B, T, 1]   (dynamic)
+
+Math (integers are held in float32 while computing, so every step is exact):
+    q  = clamp(round(x / scale) + zero_point, qmin, qmax)
+    x^ = (q - zero_point) * scale
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.spec import FLOAT_DTYPES, QuantSpec
+
+__all__ = [
+    "group_view",
+    "compute_range",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize_forward",
+    "quant_error_db",
+    "check_tensor",
+]
+
+
+def check_tensor(x: torch.Tensor, name: str, spec: QuantSpec | None = None) -> None:
+    """Refuse tensors that cannot be quantized: empty, non-finite, or of a shape the spec cannot take.
+
+    Args:
+        x: the tensor about to be quantized.
+        name: how to call it in the message (a module path and role, say).
+        spec: when given, also check that per_group's group size divides the last dimension.
+    Raises:
+        ValueError: naming `name` and the problem.
+
+    Example:
+        >>> check_tensor(torch.ones(4, 8), "layer.weight")
+    """
+    if x.numel() == 0:
+        raise ValueError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: {n_bad} NaN/inf value(s) in a tensor being quantized (shape {tuple(x.shape)})")
+    if spec is not None and spec.granularity == "per_group" and x.shape[-1] % spec.group_size:
+        raise ValueError(
+            f"{name}: group_size={spec.group_size} does not divide the last dimension {x.shape[-1]}"
+        )
+
+
+def group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View `x` so that one scale covers each reduction: [..., n_groups, group_size] for per_group."""
+    if spec.granularity == "per_group":
+        return x.unflatten(-1, (-1, spec.group_size))
+    return x
+
+
+def _reduce_dims(ndim: int, spec: QuantSpec) -> tuple[int, ...]:
+    if spec.granularity == "per_tensor":
+        return tuple(range(ndim))
+    if spec.granularity == "per_channel":
+        axis = spec.axis % ndim
+        return tuple(d for d in range(ndim) if d != axis)
+    return (ndim - 1,)  # per_group (on the group view) and per_token
+
+
+def strip_leading_ones(t: torch.Tensor) -> torch.Tensor:
+    while t.ndim and t.shape[0] == 1:
+        t = t.squeeze(0)
+    return t
+
+
+def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` over each quantization block, in float32, in the qparams layout.
+
+    Example:
+        >>> lo, hi = compute_range(torch.randn(8, 256), QuantSpec(bits=4, granularity="per_group", group_size=128))
+        >>> lo.shape
+        torch.Size([8, 2, 1])
+    """
+    view = group_view(x.detach(), spec).float()
+    dims = _reduce_dims(view.ndim, spec)
+    if view.ndim == 0 or len(dims) == view.ndim:
+        lo, hi = torch.aminmax(view)
+    else:
+        lo, hi = view.amin(dim=dims, keepdim=True), view.amax(dim=dims, keepdim=True)
+    return strip_leading_ones(lo), strip_leading_ones(hi)
+
+
+def choose_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero-point that map [lo, hi] onto the code range of `spec`.
+
+    Symmetric: scale = max(|lo|, |hi|) / ((qmax - qmin) / 2), zero-point None (0), the convention of
+    compressed-tensors, GPTQ and torch.ao (unsigned symmetric, for non-negative inputs: hi / qmax). Asymmetric: the range is widened to include 0 so that 0 is
+    exact, scale = (hi - lo) / (qmax - qmin), zero-point = clamp(round(qmin - lo / scale)).
+    fp8: scale = amax / largest finite value of the fp8 type.
+    The scale is rounded to `spec.scale_dtype` and returned in float32.
+
+    Returns:
+        (scale, zero_point); zero_point is None for symmetric schemes.
+    Example:
+        >>> s, z = choose_qparams(torch.tensor(-1.0), torch.tensor(1.0), QuantSpec(bits=8, granularity="per_tensor"))
+        >>> float(s), z
+        (0.007843137718737125, None)
+    """
+    lo, hi = lo.float(), hi.float()
+    tiny = torch.finfo(spec.torch_scale_dtype).tiny
+    if spec.is_float:
+        amax = torch.maximum(-lo, hi)
+        scale = amax / torch.finfo(FLOAT_DTYPES[spec.dtype]).max
+        return _round_scale(scale, spec, tiny), None
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi) if spec.signed else hi.clamp(min=0.0)
+        scale = _round_scale(amax / half_range(spec), spec, tiny)
+        return scale, None
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = _round_scale((hi - lo) / (spec.qmax - spec.qmin), spec, tiny)
+    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
+    return scale, zero_point
+
+
+def half_range(spec: QuantSpec) -> float:
+    """What a symmetric scale divides the absolute maximum by: (qmax - qmin) / 2 signed, qmax unsigned."""
+    return (spec.qmax - spec.qmin) / 2 if spec.signed else float(spec.qmax)
+
+
+def _round_scale(scale: torch.Tensor, spec: QuantSpec, tiny: float) -> torch.Tensor:
+    return scale.clamp(min=tiny).to(spec.torch_scale_dtype).float()
+
+
+def _codes_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.is_float:
+        return FLOAT_DTYPES[spec.dtype]
+    return torch.int8 if spec.signed else torch.uint8
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Integer (or fp8) codes of `x`, in `x`'s shape: int8 for signed, uint8 for unsigned schemes.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="per_tensor")
+        >>> quantize(torch.tensor([0.5, -1.0]), torch.tensor(0.125), None, spec)
+        tensor([ 4, -8], dtype=torch.int8)
+    """
+    codes = _quantize_float(group_view(x, spec).float(), scale, zero_point, spec)
+    return codes.to(_codes_dtype(spec)).reshape(x.shape)
+
+
+def _quantize_float(view, scale, zero_point, spec):
+    if spec.is_float:
+        fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
+        return (view / scale).clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
+    t = torch.round(view / scale)
+    if zero_point is not None:
+        t.add_(zero_point)
+    return t.clamp_(spec.qmin, spec.qmax)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Real values of `codes`: (codes - zero_point) * scale, computed in float32, returned in `dtype`.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="per_tensor")
+        >>> dequantize(torch.tensor([4, -8], dtype=torch.int8), torch.tensor(0.125), None, spec)
+        tensor([ 0.5000, -1.0000])
+    """
+    t = group_view(codes, spec).float()
+    if zero_point is not None:
+        t = t - zero_point
+    return (t * scale).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    need_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dequantize(quantize(x)) in one pass, plus the boolean mask of elements inside the code range.
+
+    The arithmetic is the same as `quantize` followed by `dequantize`, operation for operation, so the
+    result is bit-identical to them in float32. Autograd wrappers live in `qat.ste`.
+    """
+    view = group_view(x, spec).float()
+    if spec.is_float:
+        fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
+        t = view / scale
+        mask = (t.abs() <= fmax) if need_mask else None
+        t = t.clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
+        return t.mul_(scale).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
+    t = torch.round(view / scale)
+    if zero_point is not None:
+        t.add_(zero_point)
+    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
+    t.clamp_(spec.qmin, spec.qmax)
+    if zero_point is not None:
+        t.sub_(zero_point)
+    return t.mul_(scale).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
+
+
+def _flat_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else mask.reshape(x.shape)
+
+
+def quant_error_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - x^|^2); inf when exact."""
+    x, x_hat = x.detach().double(), x_hat.detach().double()
+    noise = (x - x_hat).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(x.pow(2).sum() / noise))

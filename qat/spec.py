@@ -1,0 +1,184 @@
+"""What to simulate: `QuantSpec` for one tensor, `TensorSchemes` for the roles of one module.
+
+Every field is checked when the dataclass is built, and a bad value names the field and the
+values that would be valid. `QuantSpec.from_dict` refuses unknown keys, so a misspelt YAML key
+fails instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+
+INT_BITS = (2, 3, 4, 5, 6, 7, 8)
+FLOAT_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+DTYPES = ("int", *FLOAT_DTYPES)
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+LEARN_MODES = ("none", "lsq", "lsq_plus", "pact")
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROLES = ("weight", "input", "kv_cache")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r}; choose from {list(choices)}")
+
+
+def check_keys(owner: str, given: Mapping[str, Any], allowed) -> None:
+    """Raise one error naming every unknown key in `given` and the keys that are valid."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        bits: integer width 2..8 (8 for the fp8 dtypes).
+        dtype: "int", "fp8_e4m3" or "fp8_e5m2".
+        symmetric: zero-point fixed at 0 (True) or fitted (False, integer only).
+        signed: code range; defaults to signed for symmetric, unsigned for asymmetric.
+        granularity: "per_tensor", "per_channel" (along `axis`), "per_group" (groups of
+            `group_size` along the last, input dimension) or "per_token" (one range per row of
+            the last dimension; always dynamic).
+        axis: the channel axis for per_channel.
+        group_size: elements per group for per_group.
+        dynamic: ranges recomputed from every tensor (True) or estimated and held (False).
+        observer: range estimator for static ranges: minmax, moving_average, percentile, mse.
+        observer_args: keyword arguments of that observer (e.g. {"percentile": 99.9}).
+        scale_dtype: storage dtype of scales, "fp32", "fp16" or "bf16"; scales are rounded to it.
+        learn: "none", "lsq" (learned step), "lsq_plus" (learned step and offset) or "pact"
+            (learned clipping).
+    Raises:
+        ValueError: a field out of range, naming the field and the valid values.
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="per_group", group_size=128).qmax
+        7
+    """
+
+    bits: int = 8
+    dtype: str = "int"
+    symmetric: bool = True
+    signed: bool | None = None
+    granularity: str = "per_channel"
+    axis: int = 0
+    group_size: int | None = None
+    dynamic: bool = False
+    observer: str = "minmax"
+    observer_args: Mapping[str, Any] = field(default_factory=dict)
+    scale_dtype: str = "fp32"
+    learn: str = "none"
+
+    def __post_init__(self) -> None:
+        owner = "QuantSpec"
+        _check_choice(owner, "dtype", self.dtype, DTYPES)
+        if self.dtype == "int":
+            _check_choice(owner, "bits", self.bits, INT_BITS)
+        elif self.bits != 8:
+            raise ValueError(f"QuantSpec.bits={self.bits} with dtype={self.dtype!r}; fp8 needs bits=8")
+        _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
+        _check_choice(owner, "scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
+        _check_choice(owner, "learn", self.learn, LEARN_MODES)
+        from qat.observers import OBSERVERS  # late import: observers import this module
+
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(OBSERVERS)}")
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size < 2:
+                raise ValueError(f"QuantSpec.group_size={self.group_size!r}; per_group needs an int >= 2")
+        elif self.group_size is not None:
+            raise ValueError(
+                f"QuantSpec.group_size={self.group_size} is only used with granularity='per_group', "
+                f"not {self.granularity!r}"
+            )
+        if self.granularity == "per_token" and not self.dynamic:
+            object.__setattr__(self, "dynamic", True)  # a per-token range only exists at run time
+        if self.is_float and not self.symmetric:
+            raise ValueError(f"QuantSpec.symmetric=False with dtype={self.dtype!r}; fp8 scales are symmetric")
+        if self.signed is None:
+            object.__setattr__(self, "signed", self.symmetric or self.is_float)
+        if self.learn in ("lsq", "lsq_plus", "pact") and self.dynamic:
+            raise ValueError(f"QuantSpec.learn={self.learn!r} needs static ranges (dynamic=False)")
+        if self.learn == "lsq_plus" and self.symmetric:
+            raise ValueError("QuantSpec.learn='lsq_plus' learns a zero-point; set symmetric=False")
+        if self.learn == "pact" and not self.symmetric:
+            raise ValueError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
+        if self.learn != "none" and self.is_float:
+            raise ValueError(f"QuantSpec.learn={self.learn!r} is for integer schemes, not {self.dtype!r}")
+        object.__setattr__(self, "observer_args", dict(self.observer_args))
+
+    def __hash__(self) -> int:
+        values = [getattr(self, f.name) for f in fields(self)]
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values))
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def bits_per_element(self) -> float:
+        """Storage bits per quantized element, scales and zero-points included (one element per scale
+        for per-tensor/per-channel is counted as 0: its cost vanishes with the row length)."""
+        if self.granularity != "per_group":
+            return float(self.bits)
+        extra = torch.finfo(self.torch_scale_dtype).bits
+        if not self.symmetric:
+            extra += self.bits
+        return self.bits + extra / self.group_size
+
+    def describe(self) -> str:
+        """A short name such as 'int4 sym g128' or 'fp8_e4m3 per_token dyn'."""
+        kind = f"int{self.bits}" if self.dtype == "int" else self.dtype
+        parts = [kind, "sym" if self.symmetric else "asym"]
+        parts.append(f"g{self.group_size}" if self.granularity == "per_group" else self.granularity)
+        if self.dynamic:
+            parts.append("dyn")
+        if self.learn != "none":
+            parts.append(self.learn)
+        return " ".join(parts)
+
+    def replace(self, **changes: Any) -> "QuantSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["observer_args"] = dict(self.observer_args)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | "QuantSpec", owner: str = "QuantSpec") -> "QuantSpec":
+        """Build from a mapping (a YAML node), refusing unknown keys."""
+        if isinstance(data, QuantSpec):
+            return data
+        data = dict(data)
+        check_keys(owner, data, [f.name for f in fields(cls)])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TensorSchemes:
+    """The schemes of one module: its weight, its input activations, and (for attention) its KV cache."""
+
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    kv_cache: QuantSpec | None = None
+
+    def describe(self) -> str:
+        parts = [f"{role}={spec.describe()}" for role in ROLES if (spec := getattr(self, role)) is not None]
+        return ", ".join(parts) or "none"

@@ -1,0 +1,136 @@
+"""Straight-through estimators around the one numerics in `qat.primitives`.
+
+Forward passes call `fake_quantize_forward`, so their values are those of quantize -> dequantize.
+Backward passes differ only in the gradients they hand out:
+
+    fake_quantize           dx = g * inside                    (plain STE; keeps one bool mask)
+    learned_fake_quantize   dx = g * inside                    (LSQ / LSQ+ / PACT)
+                            ds = sum g * (x^ - inside * x) / s * grad_scale   (LSQ, Esser et al. 2020)
+                            ds = sum g * (1 - inside) * x^ / s                (PACT: clipped elements only)
+                            dz = sum g * (1 - inside) * (-s) * grad_scale     (LSQ+ learned zero-point)
+
+`inside` marks elements whose unclamped code lies in [qmin, qmax]; x^ is the fake-quantized output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.primitives import fake_quantize_forward, group_view
+from qat.spec import QuantSpec
+
+__all__ = ["round_ste", "fake_quantize", "learned_fake_quantize", "lsq_grad_scale"]
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward.
+
+    Example:
+        >>> round_ste(torch.tensor([0.4, 1.6], requires_grad=True)).sum().backward()
+    """
+    return _RoundSTE.apply(x)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec):
+        out, mask = fake_quantize_forward(x, scale, zero_point, spec, need_mask=ctx.needs_input_grad[0])
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Fake-quantize with the plain straight-through estimator: gradient 1 inside the range, 0 outside.
+
+    Scale and zero-point are treated as constants. Only a boolean mask is kept for backward.
+
+    Example:
+        >>> x = torch.randn(4, 8, requires_grad=True)
+        >>> fake_quantize(x, torch.tensor(0.1), None, QuantSpec(bits=4, granularity="per_tensor")).sum().backward()
+    """
+    return _FakeQuantSTE.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), spec)
+
+
+def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> float:
+    """LSQ's gradient scale 1 / sqrt(N * qmax), N = number of elements sharing one scale."""
+    per_scale = group_view(x, spec).numel() / max(scale.numel(), 1)
+    return 1.0 / math.sqrt(per_scale * max(spec.qmax, 1))
+
+
+class _LearnedFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec, mode, grad_scale):
+        out, mask = fake_quantize_forward(x, scale, zero_point, spec, need_mask=True)
+        ctx.spec, ctx.mode, ctx.grad_scale = spec, mode, grad_scale
+        ctx.has_zero_point = zero_point is not None
+        ctx.save_for_backward(x if mode == "lsq" else None, out, mask, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, mask, scale = ctx.saved_tensors
+        spec = ctx.spec
+        g = group_view(grad, spec).float()
+        m = group_view(mask, spec)
+        outside = ~m
+        if ctx.mode == "lsq":
+            elem = (group_view(out, spec).float() - group_view(x, spec).float() * m) / scale
+            scale_weight = ctx.grad_scale
+        else:  # pact: only clipped elements move the clip
+            elem = group_view(out, spec).float() * outside / scale
+            scale_weight = 1.0
+        grad_scale = _sum_to(g * elem, scale) * scale_weight
+        grad_zero = None
+        if ctx.has_zero_point:
+            grad_zero = _sum_to(g * outside * (-scale), scale) * ctx.grad_scale
+        return grad * mask, grad_scale, grad_zero, None, None, None
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a group-view tensor down to the qparams layout of `like` (leading ones stripped)."""
+    if like.ndim == 0:
+        return t.sum()
+    lead = t.ndim - like.ndim
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(d for d in range(like.ndim) if like.shape[d] == 1 and t.shape[d] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def learned_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    mode: str,
+) -> torch.Tensor:
+    """Fake-quantize with a learned scale (LSQ / LSQ+) or a learned clip (PACT, scale = clip / half-range).
+
+    The forward value is exactly `fake_quantize_forward(x, scale, zero_point, spec)`.
+
+    Args:
+        mode: "lsq" (scale gets the LSQ gradient, scaled by 1/sqrt(N qmax)) or "pact" (scale gets
+            gradient from clipped elements only). A zero_point that requires grad gets the LSQ+ gradient.
+    Example:
+        >>> s = torch.tensor(0.1, requires_grad=True)
+        >>> learned_fake_quantize(torch.randn(16), s, None, QuantSpec(bits=4, granularity="per_tensor"), "lsq").sum().backward()
+    """
+    return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, lsq_grad_scale(x, scale, spec))
+

@@ -1,0 +1,6 @@
+from qat.transform.convert import convert, to_float
+from qat.transform.match import matches
+from qat.transform.prepare import Plan, plan, prepare
+from qat.transform.recipe import QuantRecipe
+
+__all__ = ["convert", "to_float", "matches", "Plan", "plan", "prepare", "QuantRecipe"]

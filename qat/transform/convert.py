@@ -1,0 +1,46 @@
+"""`convert`: fake-quant modules -> real-integer modules; `to_float`: back to plain torch modules."""
+from __future__ import annotations
+
+from torch import nn
+
+from qat.modules.registry import FAKE_QUANT, QUANTIZED
+from qat.transform.prepare import _set_module
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every fake-quant module by its real-integer counterpart (packed codes), in place.
+
+    The converted forward equals the fake-quant forward exactly (same quantize/dequantize calls).
+    KV-cache quantizers stay: they simulate the runtime's cache, which quantizes at run time.
+
+    Example:
+        >>> qat.convert(qat.prepare(model, recipe))
+    """
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED]
+    if not targets and not any(hasattr(m, "k_quantizer") for m in model.modules()):
+        raise ValueError("convert: the model has no fake-quant modules; call qat.prepare first")
+    for name, module in targets:
+        if getattr(module, "weight_quantizer", None) is None:
+            continue  # input-only quantization: nothing to store as integers
+        quantized = QUANTIZED[type(module)].from_fake(module)
+        if name:
+            _set_module(model, name, quantized)
+        else:
+            return quantized
+    return model
+
+
+def to_float(model: nn.Module) -> nn.Module:
+    """Replace every fake-quant or real-integer module by a plain torch module, in place.
+
+    Fake-quant modules give back their float weights; real-integer modules their dequantized weights.
+    """
+    swappable = set(FAKE_QUANT.values()) | set(QUANTIZED.values())
+    for name, module in list(model.named_modules()):
+        if type(module) in swappable and name:
+            _set_module(model, name, module.to_float())
+    for module in model.modules():
+        for attr in ("k_quantizer", "v_quantizer"):
+            if hasattr(module, attr):
+                delattr(module, attr)
+    return model

@@ -1,0 +1,33 @@
+"""Module matching: class names, module names (exact or dotted suffix), and "re:<regex>" patterns."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from torch import nn
+
+
+@lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"bad regex in pattern 're:{pattern}': {err}") from None
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """True when `pattern` selects the module called `name`.
+
+    - "re:<regex>": the regex matches the whole module name (re.fullmatch);
+    - a class name ("Linear", "LlamaAttention"): the module's class or one of its bases has that name;
+    - anything else: the module name equals the pattern or ends with "." + pattern.
+
+    Example:
+        >>> matches("re:.*down_proj", "model.layers.0.mlp.down_proj", nn.Linear(2, 2))
+        True
+    """
+    if pattern.startswith("re:"):
+        return _compile(pattern[3:]).fullmatch(name) is not None
+    if any(cls.__name__ == pattern for cls in type(module).__mro__):
+        return True
+    return name == pattern or name.endswith("." + pattern)

@@ -1,0 +1,144 @@
+"""`prepare`: resolve a recipe against a model, check everything, then swap in fake-quant modules."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import nn
+
+from qat.modules.kv_cache import attach_kv_quantizers, is_attention
+from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
+from qat.primitives import check_tensor
+from qat.spec import TensorSchemes
+from qat.transform.match import matches
+from qat.transform.recipe import QuantRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What prepare will do: module name -> schemes, and the attention modules whose KV cache is quantized."""
+
+    modules: dict[str, TensorSchemes] = field(default_factory=dict)
+    attention: dict[str, TensorSchemes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _registered_names() -> list[str]:
+    return sorted(t.__name__ for t in FAKE_QUANT)
+
+
+def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
+    """Resolve `recipe` against `model` without changing it, checking every module first.
+
+    Raises:
+        ValueError: one message listing every offender: a target or override pattern that matches
+            nothing, a group size that does not divide a dimension, a non-finite or empty weight, a KV
+            scheme with no attention module, a model that is already prepared.
+    """
+    recipe = QuantRecipe.from_dict(recipe)
+    named = list(model.named_modules())
+    errors: list[str] = []
+    already = [n for n, m in named if type(m) in QUANTIZED or type(m) in set(QUANTIZED.values())]
+    if already:
+        errors.append(f"the model is already prepared/converted (e.g. {already[0]}); prepare a float model")
+    result = Plan()
+    ignored = lambda n, m: any(matches(p, n, m) for p in recipe.ignore)  # noqa: E731
+    for pattern in recipe.targets:
+        hits = [(n, m) for n, m in named if n and matches(pattern, n, m)]
+        quantizable = [(n, m) for n, m in hits if fake_quant_type(m) is not None]
+        if not hits:
+            errors.append(f"target {pattern!r} matches no module")
+        elif not quantizable:
+            kinds = sorted({type(m).__name__ for _, m in hits})
+            errors.append(f"target {pattern!r} matches only modules qat cannot quantize ({', '.join(kinds)}); "
+                          f"registered types: {_registered_names()}")
+        for n, m in quantizable:
+            if not ignored(n, m):
+                result.modules.setdefault(n, recipe.base)
+    if recipe.base.kv_cache is not None:
+        result.attention = {n: recipe.base for n, m in named if is_attention(m) and not ignored(n, m)}
+        if not result.attention:
+            errors.append("quant.kv_cache is set but the model has no Hugging Face attention module (k_proj, v_proj)")
+    for pattern in recipe.ignore:
+        if not any(n and matches(pattern, n, m) for n, m in named):
+            result.warnings.append(f"ignore pattern {pattern!r} matches no module")
+    by_name = dict(named)
+    for i, override in enumerate(recipe.overrides):
+        for pattern in override.targets:
+            hit = False
+            for table in (result.modules, result.attention):
+                for n in table:
+                    if matches(pattern, n, by_name[n]):
+                        table[n] = override.apply(table[n], f"quant.overrides[{i}]")
+                        hit = True
+            if not hit:
+                errors.append(f"override {i} target {pattern!r} matches none of the quantized modules")
+    result.modules = {n: s for n, s in result.modules.items() if s.weight is not None or s.input is not None}
+    errors += _check_modules(result, by_name)
+    if errors:
+        raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
+    return result
+
+
+def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+    errors = []
+    for n, schemes in result.modules.items():
+        module = by_name[n]
+        if schemes.weight is not None:
+            try:
+                check_tensor(module.weight.detach(), f"{n}.weight", schemes.weight)
+            except ValueError as err:
+                errors.append(str(err))
+        if schemes.input is not None and isinstance(module, nn.Embedding):
+            errors.append(f"{n}: an Embedding takes token ids; input quantization does not apply")
+        spec = schemes.input
+        if spec is not None and spec.granularity == "per_group" and module.in_features % spec.group_size:
+            errors.append(f"{n}.input: group_size={spec.group_size} does not divide in_features={module.in_features}")
+    for n, schemes in result.attention.items():
+        spec, head_dim = schemes.kv_cache, by_name[n].head_dim
+        if spec is not None and spec.granularity == "per_group" and head_dim % spec.group_size:
+            errors.append(f"{n}.kv_cache: group_size={spec.group_size} does not divide head_dim={head_dim}")
+    return errors
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: bool = False) -> nn.Module:
+    """Swap the modules a recipe selects for fake-quant modules, in place.
+
+    Args:
+        model: any torch.nn.Module (a Hugging Face model for KV-cache schemes).
+        recipe: a QuantRecipe, or a mapping / DictConfig in the configs/quant format.
+        verbose: log one line per replaced module.
+    Returns:
+        The same model, with `model.qat_recipe` set to the validated recipe.
+    Raises:
+        ValueError: everything `plan` checks, all offenders in one message, before anything changes.
+    Example:
+        >>> model = qat.prepare(model, qat.load_recipe("w4a16_g128"))
+        >>> loss = model(**batch).loss; loss.backward()
+    """
+    recipe = QuantRecipe.from_dict(recipe)
+    result = plan(model, recipe)
+    for warning in result.warnings:
+        log.warning(warning)
+    for name, schemes in result.modules.items():
+        module = model.get_submodule(name)
+        _set_module(model, name, fake_quant_type(module).from_float(module, schemes, name))
+        if verbose:
+            log.info("%s -> %s", name, schemes.describe())
+    by_spec: dict[Any, dict[str, nn.Module]] = {}
+    for name, schemes in result.attention.items():
+        if schemes.kv_cache is not None:
+            by_spec.setdefault(schemes.kv_cache, {})[name] = model.get_submodule(name)
+    for spec, modules in by_spec.items():
+        attach_kv_quantizers(model, modules, spec)
+    model.qat_recipe = recipe
+    return model

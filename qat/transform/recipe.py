@@ -1,0 +1,122 @@
+"""`QuantRecipe`: which modules, which tensor roles, which schemes, with per-module overrides.
+
+A recipe is what a `configs/quant/*.yaml` file holds:
+
+    name: w4a16_g128
+    targets: [Linear]            # class names, module names, or "re:<regex>" on module names
+    ignore: [lm_head]
+    weight: {bits: 4, granularity: per_group, group_size: 128}
+    input: null                  # input-activation scheme
+    kv_cache: null               # key / value scheme for attention modules
+    overrides:                   # later entries win; keys merge into the base scheme
+      - targets: ["re:.*down_proj"]
+        weight: {bits: 6}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from qat.spec import QuantSpec, TensorSchemes, check_keys
+
+ROLE_KEYS = ("weight", "input", "kv_cache")
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf / dataclass / mapping -> plain Python containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but the core does not need it
+        pass
+    return obj
+
+
+@dataclass(frozen=True)
+class Override:
+    """Scheme changes for the modules matching `targets`; a role set to None turns that role off."""
+
+    targets: tuple[str, ...]
+    changes: Mapping[str, Mapping[str, Any] | None]
+
+    def apply(self, schemes: TensorSchemes, owner: str) -> TensorSchemes:
+        out = {role: getattr(schemes, role) for role in ROLE_KEYS}
+        for role, change in self.changes.items():
+            if change is None:
+                out[role] = None
+                continue
+            base = out[role].to_dict() if out[role] is not None else {}
+            check_keys(f"{owner}.{role}", change, [f.name for f in fields(QuantSpec)])
+            merged = {**base, **change}
+            if "granularity" in change and change["granularity"] != "per_group" and "group_size" not in change:
+                merged["group_size"] = None
+            out[role] = QuantSpec.from_dict(merged, owner=f"{owner}.{role}")
+        return TensorSchemes(**out)
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """A validated quantization recipe. Build it with `QuantRecipe.from_dict` (or `load_recipe`).
+
+    Example:
+        >>> r = QuantRecipe.from_dict({"name": "w8", "weight": {"bits": 8}})
+        >>> r.base.weight.bits
+        8
+    """
+
+    name: str = "custom"
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ()
+    base: TensorSchemes = field(default_factory=TensorSchemes)
+    overrides: tuple[Override, ...] = ()
+    description: str = ""
+
+    KEYS = ("name", "description", "targets", "ignore", *ROLE_KEYS, "overrides")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
+        """Validate a mapping (YAML node). Unknown keys anywhere raise ValueError naming them."""
+        if isinstance(data, QuantRecipe):
+            return data
+        data = dict(_plain(data) or {})
+        data.pop("_target_", None)
+        check_keys("quant", data, cls.KEYS)
+        roles = {r: None if data.get(r) is None else QuantSpec.from_dict(data[r], owner=f"quant.{r}") for r in ROLE_KEYS}
+        if all(v is None for v in roles.values()):
+            raise ValueError(f"quant: recipe {data.get('name', '?')!r} quantizes nothing; set one of {list(ROLE_KEYS)}")
+        overrides = []
+        for i, raw in enumerate(data.get("overrides") or []):
+            raw = dict(raw)
+            check_keys(f"quant.overrides[{i}]", raw, ("targets", *ROLE_KEYS))
+            if not raw.get("targets"):
+                raise ValueError(f"quant.overrides[{i}]: 'targets' is required (a list of module patterns)")
+            changes = {r: raw[r] for r in ROLE_KEYS if r in raw}
+            override = Override(tuple(_as_list(raw["targets"], f"quant.overrides[{i}].targets")), changes)
+            override.apply(TensorSchemes(**roles), f"quant.overrides[{i}]")  # validate now, not mid-model
+            overrides.append(override)
+        return cls(
+            name=str(data.get("name", "custom")),
+            targets=tuple(_as_list(data.get("targets", ["Linear"]), "quant.targets")),
+            ignore=tuple(_as_list(data.get("ignore") or [], "quant.ignore")),
+            base=TensorSchemes(**roles),
+            overrides=tuple(overrides),
+            description=str(data.get("description", "")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "targets": list(self.targets), "ignore": list(self.ignore)}
+        for role in ROLE_KEYS:
+            spec = getattr(self.base, role)
+            out[role] = None if spec is None else spec.to_dict()
+        out["overrides"] = [{"targets": list(o.targets), **o.changes} for o in self.overrides]
+        return out
+
+
+def _as_list(value: Any, owner: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{owner}={value!r}; expected a list of strings")
+    return list(value)
