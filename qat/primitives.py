@@ -147,17 +147,36 @@ def _codes_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.signed else torch.uint8
 
 
+def _view_and_qparams(x, scale, zero_point, spec, g_idx):
+    """The view of `x` that `scale` broadcasts over; with g_idx, per-column scales gathered from groups."""
+    if g_idx is None:
+        return group_view(x, spec), scale, zero_point
+    if spec.granularity != "per_group" or x.ndim != 2:
+        raise ValueError("g_idx (act-order group index) applies to per_group 2-D weights only")
+    scale = scale[..., 0].index_select(1, g_idx)
+    zero_point = None if zero_point is None else zero_point[..., 0].index_select(1, g_idx)
+    return x, scale, zero_point
+
+
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer (or fp8) codes of `x`, in `x`'s shape: int8 for signed, uint8 for unsigned schemes.
+
+    `g_idx` (act-order, GPTQ's desc_act): column i of a per_group weight uses group g_idx[i]'s qparams
+    instead of group i // group_size.
 
     Example:
         >>> spec = QuantSpec(bits=4, granularity="per_tensor")
         >>> quantize(torch.tensor([0.5, -1.0]), torch.tensor(0.125), None, spec)
         tensor([ 4, -8], dtype=torch.int8)
     """
-    codes = _quantize_float(group_view(x, spec).float(), scale, zero_point, spec)
+    view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
+    codes = _quantize_float(view.float(), scale, zero_point, spec)
     return codes.to(_codes_dtype(spec)).reshape(x.shape)
 
 
@@ -177,6 +196,7 @@ def dequantize(
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Real values of `codes`: (codes - zero_point) * scale, computed in float32, returned in `dtype`.
 
@@ -185,7 +205,8 @@ def dequantize(
         >>> dequantize(torch.tensor([4, -8], dtype=torch.int8), torch.tensor(0.125), None, spec)
         tensor([ 0.5000, -1.0000])
     """
-    t = group_view(codes, spec).float()
+    view, scale, zero_point = _view_and_qparams(codes, scale, zero_point, spec, g_idx)
+    t = view.float()
     if zero_point is not None:
         t = t - zero_point
     return (t * scale).reshape(codes.shape).to(dtype)
@@ -197,13 +218,15 @@ def fake_quantize_forward(
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     need_mask: bool = False,
+    g_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dequantize(quantize(x)) in one pass, plus the boolean mask of elements inside the code range.
 
     The arithmetic is the same as `quantize` followed by `dequantize`, operation for operation, so the
     result is bit-identical to them in float32. Autograd wrappers live in `qat.ste`.
     """
-    view = group_view(x, spec).float()
+    view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
+    view = view.float()
     if spec.is_float:
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
         t = view / scale

@@ -44,19 +44,23 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, spec):
-        out, mask = fake_quantize_forward(x, scale, zero_point, spec, need_mask=ctx.needs_input_grad[0])
+    def forward(ctx, x, scale, zero_point, spec, g_idx):
+        out, mask = fake_quantize_forward(x, scale, zero_point, spec, ctx.needs_input_grad[0], g_idx)
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
+        return grad * mask, None, None, None, None
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize with the plain straight-through estimator: gradient 1 inside the range, 0 outside.
 
@@ -66,7 +70,8 @@ def fake_quantize(
         >>> x = torch.randn(4, 8, requires_grad=True)
         >>> fake_quantize(x, torch.tensor(0.1), None, QuantSpec(bits=4, granularity="per_tensor")).sum().backward()
     """
-    return _FakeQuantSTE.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), spec)
+    zero_point = None if zero_point is None else zero_point.detach()
+    return _FakeQuantSTE.apply(x, scale.detach(), zero_point, spec, g_idx)
 
 
 def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> float:

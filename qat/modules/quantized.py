@@ -36,6 +36,7 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
+        self.register_buffer("g_idx", torch.empty(0, dtype=torch.int64))
 
     @classmethod
     def from_tensor(
@@ -45,8 +46,11 @@ class QuantizedWeight(nn.Module):
         scale: torch.Tensor | None = None,
         zero_point: torch.Tensor | None = None,
         name: str = "weight",
+        g_idx: torch.Tensor | None = None,
     ) -> "QuantizedWeight":
-        """Quantize `weight` with the given qparams (or min-max ones when none are given)."""
+        """Quantize `weight` with the given qparams (or min-max ones when none are given).
+
+        `g_idx` is the act-order group index of a per_group weight (column i uses group g_idx[i])."""
         from qat.primitives import choose_qparams, compute_range
 
         weight = weight.detach()
@@ -54,8 +58,13 @@ class QuantizedWeight(nn.Module):
         if scale is None:
             scale, zero_point = choose_qparams(*compute_range(weight, spec), spec)
         module = cls(spec, tuple(weight.shape), weight.dtype).to(weight.device)
-        module.set_codes(quantize(weight, scale, zero_point, spec), scale, zero_point)
+        if g_idx is not None:
+            module.g_idx = g_idx.to(torch.int64).clone()
+        module.set_codes(quantize(weight, scale, zero_point, spec, module.group_index()), scale, zero_point)
         return module
+
+    def group_index(self) -> torch.Tensor | None:
+        return self.g_idx if self.g_idx.numel() else None
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
         """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams."""
@@ -78,10 +87,10 @@ class QuantizedWeight(nn.Module):
         return self.scale, (self.zero_point if self.zero_point.numel() else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.codes(), *self.qparams(), self.spec, dtype or self.dtype)
+        return dequantize(self.codes(), *self.qparams(), self.spec, dtype or self.dtype, self.group_index())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in ("scale", "zero_point"):  # shaped by the scheme: take the saved shape
+        for key in ("scale", "zero_point", "g_idx"):  # shaped by the scheme: take the saved shape
             if prefix + key in state_dict:
                 setattr(self, key, torch.empty_like(state_dict[prefix + key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -102,7 +111,8 @@ def _quantize_weight_of(fake: nn.Module) -> QuantizedWeight | None:
     weight = fake.weight.detach()
     quantizer.observe(weight)
     scale, zero_point = quantizer.qparams(weight)
-    return QuantizedWeight.from_tensor(weight, quantizer.spec, scale.detach(), None if zero_point is None else zero_point.detach())
+    zero_point = None if zero_point is None else zero_point.detach()
+    return QuantizedWeight.from_tensor(weight, quantizer.spec, scale.detach(), zero_point, g_idx=quantizer.group_index())
 
 
 @register_quantized(FakeQuantLinear)

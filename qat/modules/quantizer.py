@@ -50,6 +50,8 @@ class TensorQuantizer(nn.Module):
             self.scale = nn.Parameter(torch.ones(shape, device=example.device))
             if spec.learn == "lsq_plus":
                 self.zero_point = nn.Parameter(torch.zeros(shape, device=example.device))
+        for key in ("pinned_scale", "pinned_zero_point", "g_idx"):
+            self.register_buffer(key, torch.empty(0, device=example.device))
         if role == "weight" and not spec.dynamic:
             self.initialize(example)
 
@@ -59,6 +61,53 @@ class TensorQuantizer(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.enabled, self.observing, self.initialized = state["enabled"], state["observing"], state["initialized"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("pinned_scale", "pinned_zero_point", "g_idx"):  # shaped by what was pinned
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_scale.numel() > 0
+
+    @torch.no_grad()
+    def set_qparams(
+        self, scale: torch.Tensor, zero_point: torch.Tensor | None = None, g_idx: torch.Tensor | None = None
+    ) -> None:
+        """Pin the qparams (from a PTQ algorithm, say); observing stops so they are held as given.
+
+        Learned quantizers take them as the starting value of their parameters instead (PACT's clip is
+        scale * half-range). `g_idx` (act-order group index, per_group weights) is held either way.
+
+        Raises:
+            ValueError: a scale whose shape differs from this quantizer's qparams layout, or a
+                zero-point given to (or missing from) a scheme that does (not) have one.
+        """
+        if self.spec.dynamic:
+            raise ValueError(f"set_qparams: a dynamic {self.role} quantizer has no held qparams")
+        if (zero_point is None) != self.spec.symmetric:
+            raise ValueError(f"set_qparams: zero_point must be {'None' if self.spec.symmetric else 'given'} "
+                             f"for {self.spec.describe()}")
+        expected = self.observer.lo.shape if self.observer.initialized else None
+        if expected is not None and scale.shape != expected:
+            raise ValueError(f"set_qparams: scale shape {tuple(scale.shape)}; expected {tuple(expected)}")
+        self.g_idx = torch.empty(0, device=scale.device) if g_idx is None else g_idx.to(torch.int64).clone()
+        if self.learned:
+            value = scale * half_range(self.spec) if self.spec.learn == "pact" else scale
+            self.scale.copy_(value)
+            if self.zero_point is not None:
+                self.zero_point.copy_(zero_point)
+        else:
+            self.pinned_scale = scale.detach().float().clone()
+            self.pinned_zero_point = (torch.empty(0, device=scale.device) if zero_point is None
+                                      else zero_point.detach().float().clone())
+        self.observing, self.initialized = False, True
+
+    def group_index(self) -> torch.Tensor | None:
+        """The act-order group index of a per_group weight, or None for contiguous groups."""
+        return self.g_idx if self.g_idx.numel() else None
 
     @property
     def learned(self) -> bool:
@@ -90,7 +139,7 @@ class TensorQuantizer(nn.Module):
 
         Learned parameters, once initialised, are left to the optimizer.
         """
-        if self.observing and not self.spec.dynamic and not (self.learned and self.initialized):
+        if self.observing and not self.spec.dynamic and not ((self.learned or self.pinned) and self.initialized):
             self.initialize(x)
 
     # -- qparams -----------------------------------------------------------------------------
@@ -105,6 +154,8 @@ class TensorQuantizer(nn.Module):
             )
         if self.learned:
             return self._learned_qparams()
+        if self.pinned:
+            return self.pinned_scale, (self.pinned_zero_point if self.pinned_zero_point.numel() else None)
         return choose_qparams(self.observer.lo, self.observer.hi, self.spec)
 
     def _learned_qparams(self):
@@ -124,9 +175,11 @@ class TensorQuantizer(nn.Module):
         self.observe(x)
         scale, zero_point = self.qparams(x)
         if self.learned:
+            if self.group_index() is not None:
+                raise ValueError("learned scales with an act-order g_idx are not supported; use static groups")
             mode = "pact" if self.spec.learn == "pact" else "lsq"
             return learned_fake_quantize(x, scale, zero_point, self.spec, mode)
-        return fake_quantize(x, scale, zero_point, self.spec)
+        return fake_quantize(x, scale, zero_point, self.spec, self.group_index())
 
     def extra_repr(self) -> str:
         flags = [n for n in ("enabled", "observing", "initialized") if getattr(self, n)]
