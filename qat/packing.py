@@ -24,7 +24,7 @@ def _check_bits(bits: int) -> None:
 def packed_numel(numel: int, bits: int) -> int:
     """Bytes that `pack` produces for `numel` codes."""
     _check_bits(bits)
-    return -(-numel // 8) * bits
+    return numel if bits == 8 else -(-numel // 8) * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack`: the first `numel` codes, as uint8."""
     _check_bits(bits)
-    if packed.numel() != packed_numel(numel, bits) and not (bits == 8 and packed.numel() == numel):
+    if packed.numel() != packed_numel(numel, bits):
         raise ValueError(
             f"unpack: {packed.numel()} bytes cannot hold {numel} codes of {bits} bits "
             f"(expected {packed_numel(numel, bits)})"

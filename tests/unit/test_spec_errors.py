@@ -1,0 +1,135 @@
+"""Bad input fails early with a message that names the field and what would be valid."""
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.spec import QuantSpec
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bits": 1}, r"QuantSpec.bits=1; choose from \[2, 3, 4, 5, 6, 7, 8\]"),
+        ({"bits": 9}, r"QuantSpec.bits=9; choose from"),
+        ({"granularity": "per_row"}, r"QuantSpec.granularity='per_row'; choose from \['per_tensor'"),
+        ({"observer": "maxmin"}, r"QuantSpec.observer='maxmin'; choose from \['minmax', 'moving_average', 'mse', 'percentile'\]"),
+        ({"granularity": "per_group"}, r"group_size=None; per_group needs an int >= 2"),
+        ({"group_size": 128}, r"only used with granularity='per_group'"),
+        ({"dtype": "fp8_e4m3", "bits": 4}, r"fp8 needs bits=8"),
+        ({"learn": "lsq", "dynamic": True}, r"needs static ranges"),
+        ({"learn": "lsq_plus"}, r"set symmetric=False"),
+        ({"scale_dtype": "fp64"}, r"QuantSpec.scale_dtype='fp64'; choose from"),
+    ],
+    ids=["bits-1", "bits-9", "granularity", "observer", "group-missing", "group-unused", "fp8-bits", "lsq-dynamic", "lsq-plus-sym", "scale-dtype"],
+)
+def test_quant_spec_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_misspelt_spec_key_is_named():
+    with pytest.raises(ValueError, match=r"quant.weight: unknown key\(s\) \['group_szie'\]; valid keys are"):
+        qat.QuantRecipe.from_dict({"weight": {"bits": 4, "granularity": "per_group", "group_szie": 128}})
+
+
+def test_misspelt_recipe_key_is_named():
+    with pytest.raises(ValueError, match=r"quant: unknown key\(s\) \['ignroe'\]"):
+        qat.QuantRecipe.from_dict({"weight": {"bits": 4}, "ignroe": ["lm_head"]})
+
+
+def test_misspelt_override_key_is_named():
+    recipe = {"weight": {"bits": 4}, "overrides": [{"targets": ["q_proj"], "weight": {"bitz": 6}}]}
+    with pytest.raises(ValueError, match=r"quant.overrides\[0\].weight: unknown key\(s\) \['bitz'\]"):
+        qat.QuantRecipe.from_dict(recipe)
+
+
+def test_recipe_that_quantizes_nothing():
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        qat.QuantRecipe.from_dict({"name": "empty"})
+
+
+def test_unknown_recipe_name_lists_known():
+    with pytest.raises(FileNotFoundError, match=r"known recipes: \[.*'w4a16_g128'"):
+        qat.load_recipe("w4a16_g129")
+
+
+def test_unknown_observer_args():
+    with pytest.raises(ValueError, match="observer 'percentile' got bad observer_args"):
+        from qat.observers import build_observer
+
+        build_observer(QuantSpec(observer="percentile", observer_args={"pct": 99}))
+
+
+def test_target_that_matches_nothing_lists_every_offender(tiny_llama):
+    recipe = {"targets": ["re:.*qproj", "Conv2d"], "weight": {"bits": 4}}
+    with pytest.raises(ValueError) as err:
+        qat.prepare(tiny_llama, recipe)
+    assert "target 're:.*qproj' matches no module" in str(err.value)
+    assert "target 'Conv2d' matches no module" in str(err.value)
+
+
+def test_target_of_unquantizable_type(tiny_llama):
+    with pytest.raises(ValueError, match=r"matches only modules qat cannot quantize \(LlamaRMSNorm\)"):
+        qat.prepare(tiny_llama, {"targets": ["LlamaRMSNorm"], "weight": {"bits": 4}})
+
+
+def test_override_matching_nothing(tiny_llama):
+    recipe = {"weight": {"bits": 4}, "ignore": ["lm_head"], "overrides": [{"targets": ["re:.*down_prj"], "weight": {"bits": 6}}]}
+    with pytest.raises(ValueError, match=r"override 0 target 're:.\*down_prj' matches none"):
+        qat.prepare(tiny_llama, recipe)
+
+
+def test_group_size_that_does_not_divide_lists_all_modules():
+    model = nn.Sequential(nn.Linear(96, 8), nn.Linear(8, 8), nn.Linear(200, 4))
+    with pytest.raises(ValueError) as err:
+        qat.prepare(model, {"weight": {"bits": 4, "granularity": "per_group", "group_size": 64}})
+    text = str(err.value)
+    assert "0.weight: group_size=64 does not divide the last dimension 96" in text
+    assert "1.weight: group_size=64 does not divide the last dimension 8" in text
+    assert "2.weight: group_size=64 does not divide the last dimension 200" in text
+    assert isinstance(model[0], nn.Linear)  # nothing was swapped
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight(bad):
+    model = nn.Sequential(nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[1, 2] = bad
+    with pytest.raises(ValueError, match=r"0.weight: 1 NaN/inf value\(s\) in a tensor being quantized"):
+        qat.prepare(model, {"weight": {"bits": 8}})
+
+
+def test_empty_tensor():
+    from qat.primitives import check_tensor
+
+    with pytest.raises(ValueError, match=r"layer.weight: cannot quantize an empty tensor \(shape \(0, 4\)\)"):
+        check_tensor(torch.empty(0, 4), "layer.weight")
+    model = nn.Sequential(nn.Linear(0, 4))
+    with pytest.raises(ValueError, match="cannot quantize an empty tensor"):
+        qat.prepare(model, {"weight": {"bits": 8}})
+
+
+def test_prepare_twice_is_refused(tiny_llama):
+    qat.prepare(tiny_llama, qat.load_recipe("w4a16_g128"))
+    with pytest.raises(ValueError, match="already prepared"):
+        qat.prepare(tiny_llama, qat.load_recipe("w4a16_g128"))
+
+
+def test_kv_cache_without_attention():
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="no Hugging Face attention module"):
+        qat.prepare(model, {"kv_cache": {"bits": 8, "granularity": "per_token"}})
+
+
+def test_convert_without_prepare(tiny_llama):
+    with pytest.raises(ValueError, match="call qat.prepare first"):
+        qat.convert(tiny_llama)
+
+
+def test_uncalibrated_static_activation_is_explained():
+    model = nn.Sequential(nn.Linear(16, 4))
+    qat.prepare(model, {"input": {"bits": 8, "granularity": "per_tensor"}, "weight": {"bits": 8}})
+    qat.set_quantizers(model, roles=["input"], observing=False)
+    with pytest.raises(RuntimeError, match="has no range yet: calibrate it"):
+        model(torch.randn(2, 16))
