@@ -1,0 +1,110 @@
+"""`TextDataModule`: packed token blocks of a corpus (qat.data) as Lightning dataloaders."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from qat.data import SPLITS, CorpusConfig, build_blocks
+
+
+class BlockDataset(Dataset):
+    """Rows of a LongTensor [N, T]; items are {"input_ids": [T]} (labels = input_ids, shifted in the loss)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i]}
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order as a straight one.
+
+    Lightning calls `set_epoch` at the start of every epoch (as it does for DistributedSampler).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Train / validation / test token blocks from any corpus `qat.data.load_documents` reads.
+
+    Args:
+        path: corpus ("wiki", "shakespeare", a file or folder, a hub name).
+        tokenizer: model location whose tokenizer to use ("tiny" = bytes); see qat.models.load_tokenizer.
+        block_size: tokens per training sequence.
+        batch_size / eval_batch_size: sequences per step.
+        max_train_blocks / max_eval_blocks: cap the blocks per split (None = all); eval caps take the first
+            blocks of validation and test, so the slice is the same in every run.
+        shuffle: shuffle training blocks (seeded by `seed` and the epoch).
+        Other args: see qat.data.CorpusConfig.
+    Example:
+        >>> dm = TextDataModule("tests/fixtures/tiny_corpus.txt", block_size=32, batch_size=4)
+        >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
+    """
+
+    def __init__(self, path: str, tokenizer: str = "tiny", block_size: int = 128, batch_size: int = 8,
+                 eval_batch_size: int | None = None, text_field: str | None = None, sample_by: str | None = None,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                 max_train_blocks: int | None = None, max_eval_blocks: int | None = None,
+                 shuffle: bool = True, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size}; must be >= 1")
+        self.corpus = CorpusConfig(path=str(path), tokenizer=str(tokenizer), block_size=block_size,
+                                   text_field=text_field, sample_by=sample_by, val_fraction=val_fraction,
+                                   test_fraction=test_fraction, seed=seed, max_train_blocks=max_train_blocks,
+                                   max_eval_blocks=max_eval_blocks)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.shuffle, self.num_workers = shuffle, num_workers
+        self.blocks: dict[str, torch.Tensor] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from qat.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.corpus.tokenizer)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.blocks:
+            self.blocks = build_blocks(self.corpus, self.tokenizer, SPLITS)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        if split not in self.blocks:
+            raise ValueError(f"split {split!r} is empty (data.{'val' if split == 'validation' else split}_fraction=0?)")
+        ds = BlockDataset(self.blocks[split])
+        sampler = EpochSampler(len(ds), self.corpus.seed, shuffle=train and self.shuffle)
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=train and len(ds) >= self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

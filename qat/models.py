@@ -1,0 +1,167 @@
+"""Load a causal LM (and its tokenizer) from wherever it lives: cache alias, local folder, safetensors, hub, tiny.
+
+    model = load_model("smollm2-135m")            # the checkpoint `qat-assets` imported into the cache
+    model = load_model("/path/to/hf_folder")      # any local Hugging Face folder
+    model = load_model("/path/model.safetensors") # a safetensors file with config.json beside it
+    model = load_model("tiny")                    # a 2-layer random Llama (tests)
+    model = load_model("HuggingFaceTB/SmolLM2-135M")   # a hub name, where the hub is reachable
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+ALIASES = {"smollm2-135m": "model", "smollm2-135m-instruct": "model"}
+TINY_NAMES = ("tiny", "tiny-llama")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; ValueError listing the choices otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def tiny_llama(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, intermediate_size: int = 128, max_position_embeddings: int = 256,
+               tie_word_embeddings: bool = True, seed: int = 0, dtype: str | torch.dtype = "float32") -> nn.Module:
+    """A small random LlamaForCausalLM, deterministic for a given seed (tests, fast_dev_run).
+
+    Example:
+        >>> m = tiny_llama(num_layers=1)
+        >>> m(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 512])
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                         tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(resolve_dtype(dtype)).eval()
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> str:
+    """Map an alias ("smollm2-135m") to its cache folder; otherwise return the name unchanged."""
+    name = str(name_or_path)
+    if name.lower() in ALIASES:
+        from qat.assets import require
+
+        return str(require(ALIASES[name.lower()]))
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """Anything but a bare hub id `owner/name` (no leading ./ or /, no file suffix) is a path."""
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+    return not hub_id or name.endswith((".safetensors", ".json", ".bin", ".gguf"))
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> str:
+    """Resolve and check a model location without loading it.
+
+    Returns:
+        "tiny", a local folder / file path, or a hub name (owner/name).
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without config.json.
+    """
+    name = resolve_path(name_or_path)
+    if name in TINY_NAMES:
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        folder = path.parent if path.is_file() else path
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model {name!r}: no config.json in {folder} (need a Hugging Face checkpoint folder)")
+        return str(path)
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"model path {name!r} does not exist; give a Hugging Face folder, a .safetensors file with config.json "
+            f"beside it, one of {sorted(ALIASES)} (after `qat-assets`), {list(TINY_NAMES)}, or a hub name owner/name")
+    return name
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", **tiny_kwargs: Any) -> nn.Module:
+    """Load a causal LM in eval mode.
+
+    Args:
+        name_or_path: see the module docstring.
+        dtype: "float32", "bfloat16" or "float16".
+        tiny_kwargs: passed to `tiny_llama` when name_or_path is "tiny".
+    Returns:
+        a transformers PreTrainedModel (AutoModelForCausalLM).
+    Raises:
+        FileNotFoundError: missing path / config.json. ValueError: bad dtype.
+        OSError: a hub name that cannot be fetched (no network), with the hint to use `qat-assets`.
+    Example:
+        >>> model = load_model("tiny", num_layers=1)
+    """
+    torch_dtype = resolve_dtype(dtype)
+    source = check_model_source(name_or_path)
+    if source in TINY_NAMES:
+        return tiny_llama(dtype=torch_dtype, **tiny_kwargs)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        config = AutoConfig.from_pretrained(str(path.parent))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        state = load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.tie_weights()
+        return model.to(torch_dtype).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as err:
+        raise OSError(f"could not load model {source!r}: {err}\n(no hub access here? run `qat-assets` and use "
+                      f"model=smollm2_135m, or give a local folder)") from None
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer for a model location; for "tiny", a byte-level stand-in (ids = bytes + 3, vocab 259+)."""
+    source = check_model_source(name_or_path)
+    if source in TINY_NAMES:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    path = Path(source).expanduser()
+    return AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else source))
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), or None if unknown."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (offset by 3 for pad / bos / eos): a tokenizer for tiny test models."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    vocab_size = 259
+
+    def __call__(self, texts: list[str] | str, **_: Any) -> dict[str, list]:
+        single = isinstance(texts, str)
+        ids = [[b + 3 for b in t.encode("utf-8")] for t in ([texts] if single else texts)]
+        return {"input_ids": ids[0] if single else ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")

@@ -1,0 +1,10 @@
+from pathlib import Path
+
+import pytest
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_corpus.txt"
+
+
+@pytest.fixture
+def corpus() -> str:
+    return str(FIXTURE)
