@@ -117,6 +117,8 @@ def choose_qparams(
         (0.007843137718737125, None)
     """
     lo, hi = lo.float(), hi.float()
+    if spec.grid == "ggml":
+        return _ggml_qparams(lo, hi, spec)
     tiny = torch.finfo(spec.torch_scale_dtype).tiny
     if spec.is_float:
         amax = torch.maximum(-lo, hi)
@@ -130,6 +132,41 @@ def choose_qparams(
     scale = _round_scale((hi - lo) / (spec.qmax - spec.qmin), spec, tiny)
     zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
     return scale, zero_point
+
+
+def _ggml_qparams(lo, hi, spec):
+    """llama.cpp's legacy blocks (as gguf-py computes them, in float32). The scale is returned unrounded:
+    codes are computed with it, and `dequantize` rounds it (and Q4_1/Q5_1's float minimum) to fp16,
+    which is what the block stores. Q4_0/Q5_0 take the element of largest magnitude with its sign
+    (ties |lo| == hi resolve to hi)."""
+    if spec.bits == 8:
+        return torch.maximum(lo.abs(), hi.abs()) / 127, None
+    if spec.symmetric:
+        signed_max = torch.where(hi >= -lo, hi, lo)
+        return signed_max / -(2 ** (spec.bits - 1)), None
+    return (hi - lo) / (2**spec.bits - 1), lo.clone()
+
+
+def _ggml_codes(view, scale, zero_point, spec, need_mask=False):
+    """Codes (in float32) of the ggml grid; the inverse scale is 0 where the scale is 0, as in gguf-py."""
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    if spec.bits == 8:  # roundf: half away from zero, written as gguf-py writes it
+        t = view * inv
+        a = t.abs()
+        floored = a.floor()
+        t = torch.sign(t) * (floored + (2 * (a - floored)).floor())
+    elif spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        t = torch.trunc(view * inv + (half + 0.5)).sub_(half)
+    else:
+        t = torch.trunc((view - zero_point) * inv + 0.5)
+    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
+    return t.clamp_(spec.qmin, spec.qmax), mask
+
+
+def _ggml_values(t, scale, zero_point):
+    t = t * scale.to(torch.float16).float()
+    return t if zero_point is None else t + zero_point.to(torch.float16).float()
 
 
 def half_range(spec: QuantSpec) -> float:
@@ -181,6 +218,8 @@ def quantize(
 
 
 def _quantize_float(view, scale, zero_point, spec):
+    if spec.grid == "ggml":
+        return _ggml_codes(view, scale, zero_point, spec)[0]
     if spec.is_float:
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
         return (view / scale).clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
@@ -207,6 +246,8 @@ def dequantize(
     """
     view, scale, zero_point = _view_and_qparams(codes, scale, zero_point, spec, g_idx)
     t = view.float()
+    if spec.grid == "ggml":
+        return _ggml_values(t, scale, zero_point).reshape(codes.shape).to(dtype)
     if zero_point is not None:
         t = t - zero_point
     return (t * scale).reshape(codes.shape).to(dtype)
@@ -227,6 +268,9 @@ def fake_quantize_forward(
     """
     view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
     view = view.float()
+    if spec.grid == "ggml":
+        t, mask = _ggml_codes(view, scale, zero_point, spec, need_mask)
+        return _ggml_values(t, scale, zero_point).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
     if spec.is_float:
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
         t = view / scale

@@ -19,6 +19,8 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 LEARN_MODES = ("none", "lsq", "lsq_plus", "pact")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("weight", "input", "kv_cache")
+GRIDS = ("uniform", "ggml")
+GGML_BITS = (4, 5, 8)
 
 
 def _check_choice(owner: str, name: str, value: Any, choices) -> None:
@@ -53,6 +55,10 @@ class QuantSpec:
         scale_dtype: storage dtype of scales, "fp32", "fp16" or "bf16"; scales are rounded to it.
         learn: "none", "lsq" (learned step), "lsq_plus" (learned step and offset) or "pact"
             (learned clipping).
+        grid: "uniform" (the default numerics above) or "ggml": llama.cpp's legacy block grids, so
+            that fake quant equals the GGUF blocks bit for bit. With "ggml", bits=8 symmetric is Q8_0,
+            bits=4/5 symmetric are Q4_0/Q5_0 (signed scale max/-8, max/-16), bits=4/5 asymmetric are
+            Q4_1/Q5_1 (a float minimum held in `zero_point`); per_group, group_size=32, scale_dtype fp16.
     Raises:
         ValueError: a field out of range, naming the field and the valid values.
 
@@ -73,6 +79,7 @@ class QuantSpec:
     observer_args: Mapping[str, Any] = field(default_factory=dict)
     scale_dtype: str = "fp32"
     learn: str = "none"
+    grid: str = "uniform"
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -111,6 +118,22 @@ class QuantSpec:
         if self.learn != "none" and self.is_float:
             raise ValueError(f"QuantSpec.learn={self.learn!r} is for integer schemes, not {self.dtype!r}")
         object.__setattr__(self, "observer_args", dict(self.observer_args))
+        _check_choice(owner, "grid", self.grid, GRIDS)
+        if self.grid == "ggml":
+            self._check_ggml()
+
+    def _check_ggml(self) -> None:
+        problems = []
+        if self.dtype != "int" or self.bits not in GGML_BITS:
+            problems.append(f"dtype=int with bits in {list(GGML_BITS)}")
+        if self.bits == 8 and not self.symmetric:
+            problems.append("symmetric=True for bits=8 (Q8_0)")
+        if self.granularity != "per_group" or self.group_size != 32:
+            problems.append("granularity='per_group', group_size=32")
+        if self.scale_dtype != "fp16" or self.learn != "none" or self.signed != self.symmetric:
+            problems.append("scale_dtype='fp16', learn='none', signed left to its default")
+        if problems:
+            raise ValueError(f"QuantSpec.grid='ggml' needs {'; '.join(problems)}")
 
     def __hash__(self) -> int:
         values = [getattr(self, f.name) for f in fields(self)]
@@ -138,7 +161,9 @@ class QuantSpec:
         if self.granularity != "per_group":
             return float(self.bits)
         extra = torch.finfo(self.torch_scale_dtype).bits
-        if not self.symmetric:
+        if self.grid == "ggml" and not self.symmetric:
+            extra += 16  # a float (fp16) minimum, not an integer zero-point
+        elif not self.symmetric:
             extra += self.bits
         return self.bits + extra / self.group_size
 
@@ -151,6 +176,8 @@ class QuantSpec:
             parts.append("dyn")
         if self.learn != "none":
             parts.append(self.learn)
+        if self.grid != "uniform":
+            parts.append(self.grid)
         return " ".join(parts)
 
     def replace(self, **changes: Any) -> "QuantSpec":
