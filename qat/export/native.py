@@ -1,0 +1,163 @@
+"""The native format: packed codes, scales and zero-points in safetensors, every scheme in JSON.
+
+A native export is a folder:
+
+    config.json          the Hugging Face model config
+    model.safetensors    every tensor of the converted model (`<module>.qweight.packed` uint8,
+                         `.qweight.scale`, `.qweight.zero_point`, `.qweight.g_idx`, input-quantizer
+                         ranges, float parameters); tied tensors stored once
+    qat_quant.json       {"format": "qat-native", "version": 1, "modules": {name: {kind, shape, dtype,
+                         schemes: {weight, input}}}, "kv_cache": {...}, "extra_state": {...},
+                         "tied": {key: source key}}; written last, so its presence marks a complete export
+
+`load_native` rebuilds the model from config.json, swaps in QuantizedLinear / QuantizedEmbedding
+modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
+converted model's forward, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
+from qat.modules.kv_cache import attach_kv_quantizers
+from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.modules.quantizer import TensorQuantizer
+from qat.spec import QuantSpec, TensorSchemes
+from qat.transform.prepare import _set_module
+
+FORMAT, VERSION, META = "qat-native", 1, "qat_quant.json"
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _spec_dict(spec: QuantSpec | None):
+    return None if spec is None else spec.to_dict()
+
+
+def _module_entry(module: nn.Module) -> dict:
+    qw = module.qweight
+    entry = {"shape": list(qw.shape), "dtype": str(qw.dtype), "weight": _spec_dict(qw.spec)}
+    if isinstance(module, QuantizedLinear):
+        spec_in = module.input_quantizer.spec if module.input_quantizer is not None else None
+        entry.update(kind="linear", bias=module.bias is not None, input=_spec_dict(spec_in))
+    else:
+        entry.update(kind="embedding", padding_idx=module.padding_idx)
+    return entry
+
+
+def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
+    tensors, extra, tied, seen = {}, {}, {}, {}
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            extra[key] = value
+            continue
+        ident = (value.data_ptr(), tuple(value.shape), value.dtype) if value.numel() else None
+        if ident is not None and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = value
+    return tensors, extra, tied
+
+
+def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a converted (or prepared: it is converted on a copy) model in the native format.
+
+    Args:
+        model: a Hugging Face model after `qat.prepare` (and training) or `qat.convert`.
+        out_dir: the folder to write (created; existing files of the same names are replaced).
+        tokenizer: optional; saved beside the weights.
+    Returns:
+        the folder.
+    Raises:
+        ValueError: the model has no quantized module, or the folder is not writable.
+    Example:
+        >>> save_native(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/native")
+        >>> model2 = load_native("out/native")
+    """
+    model = converted_copy(model)
+    modules = quantized_modules(model)
+    if not modules:
+        raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
+    out = Path(out_dir)
+    tensors, extra, tied = _split_state(model)
+    attention = {n: m for n, m in model.named_modules() if getattr(m, "k_quantizer", None) is not None}
+    kv = None
+    if attention:
+        kv = {"modules": sorted(attention), "spec": next(iter(attention.values())).k_quantizer.spec.to_dict()}
+    meta = {"format": FORMAT, "version": VERSION, "modules": {n: _module_entry(m) for n, m in modules.items()},
+            "kv_cache": kv, "extra_state": extra, "tied": tied}
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt", "qat": FORMAT})
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(model.config.to_json_string())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    write_json(out / META, meta)
+    return out
+
+
+def is_native(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding a native export."""
+    return (Path(path) / META).is_file()
+
+
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(folder / META)!r}: not a readable qat export description ({err})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{str(folder / META)!r}: format {meta.get('format')!r} v{meta.get('version')}; "
+                         f"this qat reads {FORMAT!r} v{VERSION}")
+    return meta
+
+
+def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
+    dtype = _DTYPES.get(entry["dtype"], torch.float32)
+    qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
+    if entry["kind"] == "embedding":
+        return QuantizedEmbedding(qweight, entry.get("padding_idx"))
+    in_features = entry["shape"][1]
+    spec_in = None if entry["input"] is None else QuantSpec.from_dict(entry["input"], owner=f"{name}.input")
+    input_q = None if spec_in is None else TensorQuantizer(spec_in, "input", torch.zeros(1, in_features))
+    bias = old.bias if entry["bias"] else None
+    return QuantizedLinear(in_features, entry["shape"][0], qweight, bias, input_q,
+                           TensorSchemes(weight=qweight.spec, input=spec_in))
+
+
+def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a native export as a model with QuantizedLinear / QuantizedEmbedding modules.
+
+    Args:
+        path: the export folder.
+        dtype: float dtype for the non-quantized parameters (default: the config's).
+    Raises:
+        ValueError: not a native export, a corrupted file, or tensors that do not fit the schemes.
+    Example:
+        >>> model = load_native("out/native"); logits = model(ids).logits
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    meta = _read_meta(folder)
+    tensors = load_safetensors(folder / "model.safetensors")
+    config = AutoConfig.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    if meta.get("kv_cache"):
+        kv = meta["kv_cache"]
+        attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))
+    for name, entry in meta["modules"].items():
+        _set_module(model, name, _build_module(model.get_submodule(name), entry, name))
+    state = dict(tensors)
+    state.update({k: tensors[v] for k, v in meta["tied"].items()})
+    state.update(meta["extra_state"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{str(folder)!r}: tensors do not match the described model: {err}") from None
+    return model.eval()
