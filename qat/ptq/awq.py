@@ -1,0 +1,204 @@
+"""AWQ (Lin et al. 2023): activation-aware per-channel weight scaling, then a clipping search.
+
+For each mapping (producer -> consumer linears) the scale is s = mean|x|^r normalised by
+sqrt(max(s) min(s)), r on a grid of `n_grid` points in [0, 1); the r that minimises the output error of
+the quantized consumers is kept and folded into the producer (so the float model is unchanged). Then,
+per output row and group, the clipping ratio of the weight range (1 down to 1 - max_shrink) that
+minimises the group's output error is searched, and the resulting qparams are pinned.
+
+Output errors are computed exactly from the input Gram matrix G = sum x x^T:
+||X dW^T||^2 = sum((dW G) * dW), so each grid point costs one [O, I] x [I, I] product instead of a pass
+over all calibration tokens. The error is the sum over the consumer linears' outputs (the reference
+measures it after the attention / MLP block; the linear outputs are what the scaling acts on).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from qat.observers import build_observer
+from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
+from qat.ptq.fold import fold_scales, parse_mappings, resolve
+from qat.ptq.gptq import check_spec
+from qat.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AWQConfig:
+    """Method config of AWQ (configs/method/awq.yaml).
+
+    Args:
+        n_grid: grid points of the scaling exponent (20).
+        duo_scaling: AutoAWQ's s = x^r / w^(1-r) instead of llm-awq's s = x^r.
+        clip: run the clipping search after scaling.
+        clip_grid / max_shrink: clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink.
+        clip_skip: linears (name suffixes) left unclipped; llm-awq skips q/k (their error is amplified by softmax).
+        mappings: producer -> consumers entries; None uses the Llama mappings (`qat.ptq.fold.LLAMA_MAPPINGS`).
+        min_tokens: fewer calibration tokens than this is an error.
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = False
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_skip: Sequence[str] = ("q_proj", "k_proj")
+    mappings: Sequence[dict[str, Any]] | None = None
+    min_tokens: int = 128
+    check_fold: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_grid < 1 or not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"awq: n_grid={self.n_grid}, clip_grid={self.clip_grid} (>= 1), "
+                             f"max_shrink={self.max_shrink} (in [0, 1)) out of range")
+        self.mappings = parse_mappings(self.mappings)
+
+
+def output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """||X dW^T||^2 from the Gram matrix of X: sum((dW G) * dW)."""
+    return (dw @ gram).mul_(dw).sum()
+
+
+def rtn_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest fake quantization of `w` with the scheme's own observer."""
+    scale, zp = choose_qparams(*build_observer(spec).range_of(w), spec)
+    return fake_quantize_forward(w, scale, zp, spec)[0]
+
+
+@torch.no_grad()
+def search_scale(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], x_mean: torch.Tensor,
+                 specs: Sequence[QuantSpec], n_grid: int = 20, duo_scaling: bool = False):
+    """AWQ's grid search of the per-input-channel scale for linears sharing one input.
+
+    Args:
+        weights: the consumers' [O_k, I] weights.
+        grams: their input Gram matrices [I, I] (all the same input, so usually the same matrix).
+        x_mean: mean |x| per input channel [I].
+        specs: their weight schemes.
+    Returns:
+        (best scale [I], its error, the error at r = 0 (plain RTN)).
+    Example:
+        >>> s, err, err_rtn = search_scale([fc.weight], [g], stats.mean_abs(), [spec])
+    """
+    x_mean = x_mean.float()
+    w_mean = _weight_mean(weights, specs) if duo_scaling else None
+    best = (None, math.inf)
+    base = None
+    for k in range(n_grid):
+        r = k / n_grid
+        s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if duo_scaling else x_mean.pow(r)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(float(output_error(rtn_weight(w.float() * s, spec) / s - w.float(), g))
+                  for w, g, spec in zip(weights, grams, specs))
+        base = err if base is None else base
+        if err < best[1]:
+            best = (s, err)
+    return best[0], best[1], base
+
+
+def _weight_mean(weights, specs) -> torch.Tensor:
+    parts = []
+    for w, spec in zip(weights, specs):
+        g = spec.group_size if spec.granularity == "per_group" else w.shape[1]
+        v = w.detach().float().abs().unflatten(-1, (-1, g))
+        parts.append((v / v.amax(-1, keepdim=True).clamp(min=1e-8)).flatten(1))
+    return torch.cat(parts, 0).mean(0)
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5):
+    """Per (row, group) clipping ratio of the min-max range minimising the group's output error.
+
+    Returns:
+        (scale, zero_point) in the qparams layout of `spec`, ready for `set_qparams`.
+    Example:
+        >>> scale, zp = search_clip(fc.weight, stats.gram, spec)
+    """
+    w = w.detach().float()
+    O, I = w.shape
+    g = spec.group_size if spec.granularity == "per_group" else I
+    ng = I // g
+    blocks = torch.stack([gram[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)]).float()
+    lo, hi = compute_range(w, spec)
+    best_lo, best_hi, best_err = lo, hi, None
+    for k in range(max(1, int(max_shrink * n_grid))):
+        ratio = 1.0 - k / n_grid
+        scale, zp = choose_qparams(lo * ratio, hi * ratio, spec)
+        d = (fake_quantize_forward(w, scale, zp, spec)[0] - w).view(O, ng, g).transpose(0, 1)
+        err = (torch.bmm(d, blocks) * d).sum(-1).t()  # [O, ng]
+        err = err.sum() if spec.granularity == "per_tensor" else err.reshape(lo.shape)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
+    return choose_qparams(best_lo, best_hi, spec)
+
+
+def awq_block(cfg: AWQConfig):
+    """The `solve_block` of `qat.ptq.runner.sequential` for AWQ."""
+    from qat.ptq.rtn import pin_rtn
+    from qat.ptq.runner import activation_quantizers_off, float_pass, quantized_linears
+    from qat.ptq.stats import record_inputs
+
+    def solve(name, block, inputs, is_model):
+        linears = quantized_linears(block)
+        with activation_quantizers_off(block), record_inputs(linears) as stats:
+            ref = float_pass(block, inputs[:1] if cfg.check_fold else [], is_model)
+            float_pass(block, inputs[1:] if cfg.check_fold else inputs, is_model)
+        in_scale = {}
+        for mapping in cfg.mappings:
+            found = resolve(block, mapping)
+            if found is None or any(n not in linears for n in mapping.linears):
+                log.debug("awq %s: mapping %s -> %s does not apply", name, mapping.prev, mapping.linears)
+                continue
+            prev, lins = found
+            st = [stats[n] for n in mapping.linears]
+            s, err, err_rtn = search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
+                                           [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)
+            log.debug("awq %s %s: error %.4g (rtn %.4g)", name, mapping.linears, err, err_rtn)
+            fold_scales(prev, lins, s)
+            for n in mapping.linears:
+                in_scale[n] = s
+        if cfg.check_fold and ref:
+            _check_fold(name, ref, float_pass(block, inputs[:1], is_model))
+        for n, module in linears.items():
+            if not cfg.clip or any(n.endswith(skip) for skip in cfg.clip_skip) or stats[n].n_tokens == 0:
+                pin_rtn(module)
+                continue
+            gram = stats[n].gram
+            if n in in_scale:
+                gram = gram / torch.outer(in_scale[n], in_scale[n])
+            module.weight_quantizer.set_qparams(*search_clip(module.weight, gram, module.weight_quantizer.spec,
+                                                             cfg.clip_grid, cfg.max_shrink))
+
+    return solve
+
+
+def _check_fold(name: str, before: list, after: list) -> None:
+    for a, b in zip(before, after):
+        rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+        if not math.isfinite(rel) or rel > 1e-3:
+            raise ValueError(f"{name}: folding scales into the previous ops changed the float block output "
+                             f"(relative {rel:.3g}); a producer is not a plain channel scale (e.g. a (1 + weight) "
+                             "norm): give method.mappings for this architecture")
+
+
+def check_specs(linears: dict, owner: str) -> None:
+    """Refuse weight schemes AWQ / GPTQ cannot solve, listing every offender."""
+    errors = []
+    for n, m in linears.items():
+        try:
+            check_spec(m.weight_quantizer.spec, n)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError(f"{owner}:\n" + "\n".join(f"  - {e}" for e in errors))

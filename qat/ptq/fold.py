@@ -1,0 +1,86 @@
+"""Per-input-channel scales folded into the previous op, so the float model computes the same function.
+
+A mapping names, inside one decoder block, the op that produces an input (`prev`: an RMSNorm/LayerNorm
+whose weight multiplies its output, or a Linear) and the linears that consume it. Scaling the
+consumers' weight columns by s and dividing the producer's output by s leaves the float output
+unchanged; AWQ and SmoothQuant choose s so that the quantized weights (and activations) lose less.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+# Llama / Mistral / Qwen2 / SmolLM decoder layers (names relative to the layer).
+LLAMA_MAPPINGS: tuple[dict[str, Any], ...] = (
+    {"prev": "input_layernorm", "linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]},
+    {"prev": "self_attn.v_proj", "linears": ["self_attn.o_proj"]},
+    {"prev": "post_attention_layernorm", "linears": ["mlp.gate_proj", "mlp.up_proj"]},
+    {"prev": "mlp.up_proj", "linears": ["mlp.down_proj"]},
+)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One producer -> consumers group, resolved inside a block."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") -> list[Mapping]:
+    """Validate mapping entries ({prev: str, linears: [str, ...]}); None gives the Llama mappings.
+
+    Raises:
+        ValueError: an entry without `prev` / `linears`, or with unknown keys.
+    """
+    out = []
+    for i, entry in enumerate(LLAMA_MAPPINGS if raw is None else raw):
+        entry = dict(entry)
+        unknown = sorted(set(entry) - {"prev", "linears"})
+        if unknown or not isinstance(entry.get("prev"), str) or not entry.get("linears"):
+            raise ValueError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...]}}")
+        out.append(Mapping(entry["prev"], tuple(entry["linears"])))
+    return out
+
+
+def resolve(block: nn.Module, mapping: Mapping) -> tuple[nn.Module, list[nn.Module]] | None:
+    """The producer and consumer modules of `mapping` in `block`, or None when it does not apply.
+
+    It does not apply when a module is missing, or when the producer's output width differs from the
+    consumers' input width (e.g. v_proj -> o_proj under grouped-query attention).
+    """
+    modules = dict(block.named_modules())
+    if mapping.prev not in modules or any(n not in modules for n in mapping.linears):
+        return None
+    prev, linears = modules[mapping.prev], [modules[n] for n in mapping.linears]
+    width = out_width(prev)
+    if width is None or any(getattr(m, "in_features", None) != width for m in linears):
+        return None
+    return prev, linears
+
+
+def out_width(prev: nn.Module) -> int | None:
+    if isinstance(prev, nn.Linear):
+        return prev.out_features
+    weight = getattr(prev, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 1:
+        return weight.shape[0]
+    return None
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: Sequence[nn.Module], s: torch.Tensor) -> None:
+    """Divide `prev`'s output channels by s and multiply the consumers' input columns by s, in place."""
+    s = s.to(prev.weight.device)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+    else:
+        prev.weight.div_(s.to(prev.weight.dtype))
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.div_(s.to(bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))

@@ -1,0 +1,175 @@
+"""Sequential block-by-block calibration: one decoder block at a time, its inputs cached.
+
+The inputs of the first block are captured with a pre-hook (the model stops there); each block is then
+solved on inputs that went through the already-quantized blocks before it, and its quantized outputs
+become the next block's inputs. Only one block's statistics exist at any time, so memory is bounded by
+the cached hidden states plus one block.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from qat.control import quantization_disabled, quantizers
+from qat.modules.fake import FakeQuantLinear
+
+log = logging.getLogger(__name__)
+
+Inputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def quantized_linears(module: nn.Module) -> dict[str, FakeQuantLinear]:
+    """FakeQuantLinear modules with a weight quantizer, by name relative to `module`."""
+    return {n: m for n, m in module.named_modules()
+            if isinstance(m, FakeQuantLinear) and m.weight_quantizer is not None}
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The repeated decoder blocks: the ModuleList holding the most quantized linears.
+
+    Returns:
+        (its name, its blocks); ("", [model]) when the model has no such list (then the whole model is
+        calibrated as one block).
+    Example:
+        >>> find_blocks(llama)[0]
+        'model.layers'
+    """
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            count = sum(len(quantized_linears(b)) for b in module)
+            if count > best_count:
+                best, best_count = (name, list(module)), count
+    return best if best is not None else ("", [model])
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """model(**batch) for a mapping, model(batch) otherwise; Hugging Face models run without a KV cache."""
+    kwargs = {"use_cache": False} if hasattr(model, "config") and hasattr(model.config, "use_cache") else {}
+    if isinstance(batch, dict):
+        return model(**{**kwargs, **batch})
+    return model(batch, **kwargs)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any]) -> Inputs:
+    """The (args, kwargs) the first block is called with, one entry per calibration batch."""
+    if blocks[0] is model:
+        return [((b,), {}) for b in batches]
+    captured: Inputs = []
+
+    def hook(module, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        captured.append((tuple(args), kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                call_model(model, batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
+    """The block's outputs (first element of a tuple output) for every cached input."""
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = call_model(block, args[0]) if is_model else block(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+@contextmanager
+def activation_quantizers_off(block: nn.Module):
+    """Input and KV-cache quantizers disabled and not observing (statistics passes)."""
+    saved = [(q, q.enabled, q.observing) for _, q in quantizers(block, ["input", "kv_cache"])]
+    try:
+        for q, _, _ in saved:
+            q.enabled, q.observing = False, False
+        yield
+    finally:
+        for q, enabled, observing in saved:
+            q.enabled, q.observing = enabled, observing
+
+
+def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> None:
+    """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set)."""
+    static = [q for _, q in quantizers(block, ["input", "kv_cache"]) if not q.spec.dynamic and not q.initialized]
+    if not static:
+        return
+    for q in static:
+        q.observing = True
+    run_block(block, inputs, is_model)
+    for q in static:
+        q.observing = False
+
+
+def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
+    """Outputs of `block` with all its quantization off."""
+    with quantization_disabled(block):
+        return run_block(block, inputs, is_model)
+
+
+def sequential(
+    model: nn.Module,
+    batches: Iterable[Any],
+    solve_block: Callable[[str, nn.Module, Inputs, bool], None],
+    desc: str = "ptq",
+    progress: bool = True,
+) -> None:
+    """Run `solve_block(name, block, inputs, is_model)` on each decoder block in order, feeding quantized outputs on.
+
+    Args:
+        model: a prepared model.
+        batches: calibration inputs (LongTensor ids, or mappings of model kwargs).
+        solve_block: sets the weights and pinned qparams of one block's linears.
+        desc: progress-bar label.
+    Example:
+        >>> sequential(model, batches, lambda name, block, inputs, is_model: rtn_block(block))
+    """
+    prefix, blocks = find_blocks(model)
+    is_model = blocks[0] is model
+    inputs = capture_inputs(model, blocks, batches)
+    if not inputs:
+        raise ValueError(f"{desc}: no calibration batch reached the first block")
+    bar = _progress(len(blocks), desc, progress)
+    for i, block in enumerate(blocks):
+        name = f"{prefix}.{i}" if prefix else (type(model).__name__ if is_model else str(i))
+        solve_block(name, block, inputs, is_model)
+        calibrate_activations(block, inputs, is_model)
+        if i + 1 < len(blocks):
+            outs = run_block(block, inputs, is_model)
+            inputs = [((o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+        bar.update(1)
+    bar.close()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="block", leave=False)

@@ -1,0 +1,110 @@
+"""Calibration statistics of linear-layer inputs, accumulated by forward hooks while batches stream.
+
+`InputStats` keeps, per input channel, the running sum of |x| (AWQ), the running max |x|
+(SmoothQuant) and optionally the Gram matrix sum x x^T in float32 (GPTQ's Hessian, and the exact
+layer-output error of a weight change used by the AWQ searches). Nothing but these sums is kept, so
+memory stays at in_features^2 floats per layer whatever the number of calibration tokens.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class InputStats:
+    """Streaming statistics of the inputs of one linear layer.
+
+    Args:
+        in_features: the layer's input width.
+        hessian: also accumulate the Gram matrix (in_features^2 floats).
+    Example:
+        >>> st = InputStats(8); st.update(torch.randn(4, 8)); st.hessian().shape
+        torch.Size([8, 8])
+    """
+
+    def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str = "cpu") -> None:
+        self.in_features = in_features
+        self.n_tokens = 0
+        self.abs_sum = torch.zeros(in_features, device=device)
+        self.abs_max = torch.zeros(in_features, device=device)
+        self.gram = torch.zeros(in_features, in_features, device=device) if hessian else None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs [..., in_features] into the statistics."""
+        x = x.detach().reshape(-1, self.in_features).float()
+        self.n_tokens += x.shape[0]
+        a = x.abs()
+        self.abs_sum += a.sum(0)
+        torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
+        if self.gram is not None:
+            self.gram.addmm_(x.t(), x)
+
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x| per input channel (AWQ's activation magnitude)."""
+        return self.abs_sum / max(self.n_tokens, 1)
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's H = 2/n sum x x^T (float32).
+
+        Raises:
+            ValueError: no tokens were seen (the layer was never called during calibration).
+        """
+        if self.gram is None:
+            raise ValueError("InputStats was built with hessian=False")
+        if self.n_tokens == 0:
+            raise ValueError("no calibration tokens reached this layer; it is never called on the calibration data")
+        return self.gram * (2.0 / self.n_tokens)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], hessian: bool = True) -> Iterator[dict[str, InputStats]]:
+    """Attach forward hooks that accumulate `InputStats` for each module while the block runs.
+
+    Example:
+        >>> with record_inputs({"fc": fc}) as stats:
+        ...     fc(torch.randn(16, fc.in_features))
+        >>> stats["fc"].n_tokens
+        16
+    """
+    stats = {n: InputStats(m.in_features, hessian, m.weight.device) for n, m in modules.items()}
+    handles = [m.register_forward_pre_hook(_hook(stats[n])) for n, m in modules.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hook(stats: InputStats):
+    def hook(module, args):
+        stats.update(args[0])
+
+    return hook
+
+
+def record_call_order(modules: dict[str, nn.Module]):
+    """Context manager recording (name, id(input)) in call order: linears fed the same tensor share a stage."""
+    order: list[tuple[str, int]] = []
+
+    @contextmanager
+    def ctx():
+        handles = [m.register_forward_pre_hook(_order_hook(n, order)) for n, m in modules.items()]
+        try:
+            yield order
+        finally:
+            for h in handles:
+                h.remove()
+
+    return ctx()
+
+
+def _order_hook(name, order):
+    def hook(module, args):
+        if all(n != name for n, _ in order):
+            order.append((name, id(args[0])))
+
+    return hook
