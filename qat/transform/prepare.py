@@ -76,7 +76,10 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
                         hit = True
             if not hit:
                 errors.append(f"override {i} target {pattern!r} matches none of the quantized modules")
-    result.modules = {n: s for n, s in result.modules.items() if s.weight is not None or s.input is not None}
+    # each table keeps only the roles that apply to it: Linear/Embedding weight + input, attention KV
+    result.modules = {n: TensorSchemes(s.weight, s.input) for n, s in result.modules.items()
+                      if s.weight is not None or s.input is not None}
+    result.attention = {n: TensorSchemes(kv_cache=s.kv_cache) for n, s in result.attention.items()}
     errors += _check_modules(result, by_name)
     if errors:
         raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))

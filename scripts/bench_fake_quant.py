@@ -1,0 +1,102 @@
+"""Forward+backward time and memory of one Linear: plain vs fake-quant W4A16 (g128) vs W4A8.
+
+Measured side by side in one run, variants interleaved round-robin so that machine noise hits all alike.
+Memory is what autograd saves for backward (deterministic on CPU; on CUDA the peak allocation is printed
+too). If torchao is installed, its QAT fake quantizers run on the same problem as a peer.
+
+    .venv/bin/python scripts/bench_fake_quant.py [--in 2048 --out 2048 --tokens 4096 --iters 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from qat.modules import FakeQuantLinear
+from qat.spec import QuantSpec, TensorSchemes
+
+W4 = QuantSpec(bits=4, granularity="per_group", group_size=128)
+A8 = QuantSpec(bits=8, granularity="per_token", dynamic=True)
+
+
+def variants(linear: nn.Linear) -> dict[str, nn.Module]:
+    out = {
+        "plain": linear,
+        "qat W4A16 g128": FakeQuantLinear.from_float(linear, TensorSchemes(weight=W4)),
+        "qat W4A8": FakeQuantLinear.from_float(linear, TensorSchemes(weight=W4, input=A8)),
+    }
+    try:  # a peer, when installed: torchao's QAT fake quantizers (not a qat dependency)
+        from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
+
+        w_cfg = IntxFakeQuantizeConfig(torch.int4, group_size=128, is_symmetric=True)
+        a_cfg = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+        out["torchao W4A16 g128"] = FakeQuantizedLinear.from_linear(linear, weight_config=w_cfg)
+        out["torchao W4A8"] = FakeQuantizedLinear.from_linear(linear, activation_config=a_cfg, weight_config=w_cfg)
+    except Exception as err:  # noqa: BLE001 - any import/API mismatch just drops the peer
+        print(f"(torchao peer not measured: {type(err).__name__}: {err})")
+    return out
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward (parameters excluded: they are held anyway)."""
+    params = {p.data_ptr() for p in module.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return total
+
+
+def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    module(x).backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in", dest="inf", type=int, default=2048)
+    parser.add_argument("--out", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=8 * 512)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    linear = nn.Linear(args.inf, args.out, device=args.device)
+    x = torch.randn(args.tokens, args.inf, device=args.device, requires_grad=True)
+    grad = torch.randn(args.tokens, args.out, device=args.device)
+    mods = variants(linear)
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    for _ in range(2):  # warm-up
+        for m in mods.values():
+            step(m, x, grad)
+    for _ in range(args.iters):
+        for name, m in mods.items():
+            times[name].append(step(m, x, grad))
+    base_t = statistics.median(times["plain"])
+    base_m = saved_bytes(mods["plain"], x)
+    print(f"Linear {args.inf}x{args.out}, {args.tokens} tokens, fwd+bwd, {args.device}, median of {args.iters}")
+    print(f"| variant | time (ms) | vs plain | saved for backward (MiB) | vs plain |")
+    print(f"|---|---|---|---|---|")
+    for name, m in mods.items():
+        t, mem = statistics.median(times[name]), saved_bytes(m, x)
+        print(f"| {name} | {t * 1e3:.1f} | {t / base_t:.3f}x | {mem / 2**20:.1f} | {mem / base_m:.3f}x |")
+    if args.device.startswith("cuda"):
+        print(f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
