@@ -1,0 +1,230 @@
+"""GGUF writer (through the `gguf` package) for llama-architecture models, with llama.cpp's type mixes.
+
+    export_gguf(model, "out/model-Q4_K_M.gguf", "Q4_K_M", tokenizer=tok)
+
+`gguf_type` is one tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) or a mix
+(Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0) whose per-tensor rules follow llama.cpp's
+llama_tensor_get_type for dense llama models: output.weight (token_embd when tied) in Q6_K unless the
+mix is Q8_0; in *_M, attn_v and ffn_down in Q6_K for layers i < n/8, i >= 7n/8 and every third layer
+between; in Q4_K_S, attn_v of the first 4 layers and ffn_down of the first n/8 in Q5_K. 1-D tensors
+(norms) are F32. A row length that is not a multiple of 256 falls back as llama.cpp does (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here, as we have no IQ4_NL) and a warning names the tensor.
+
+Format-exact export: a converted (or prepared) model whose weights were trained or quantized on a
+ggml grid (`QuantSpec(grid="ggml")`, recipes gguf_q8_0 ... gguf_q5_1) keeps its trained type and its
+blocks are built from its own codes and scales: the file computes exactly what the model computed.
+Other quantized weights are dequantized and re-quantized to the target type (a warning says so).
+
+Tensors are quantized and written one at a time into a temporary file renamed on success.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qat.export._io import atomic_path, converted_copy, float_weight_names, weight_of
+from qat.export.ggml_blocks import BLOCK, LEGACY, encode, legacy_blocks
+from qat.modules.quantized import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "mistral")
+MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_LAYER_MAP = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_TOP_MAP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """GGUF tensor name of a Hugging Face llama parameter name.
+
+    Raises:
+        ValueError: a parameter the llama GGUF layout has no place for.
+    Example:
+        >>> gguf_name("model.layers.3.mlp.down_proj.weight")
+        'blk.3.ffn_down.weight'
+    """
+    module, _, leaf = hf_name.rpartition(".")
+    if module in _TOP_MAP:
+        return f"{_TOP_MAP[module]}.{leaf}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{leaf}"
+    raise ValueError(f"{hf_name!r} has no GGUF llama tensor name; known modules: {sorted(_LAYER_MAP) + sorted(_TOP_MAP)}")
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bool) -> str:
+    """The tensor type llama.cpp's rules give GGUF tensor `name` in `mix` (before the row-size fallback)."""
+    if len(shape) == 1:
+        return "F32"
+    if mix not in MIXES:
+        return mix
+    base = MIXES[mix]
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return base if base == "Q8_0" else "Q6_K"
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight", name)
+    if m:
+        i, kind = int(m.group(1)), m.group(2)
+        if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n_layer):
+            return "Q6_K"
+        if mix == "Q4_K_S" and (i < 4 if kind == "attn_v" else i < n_layer // 8):
+            return "Q5_K"
+    return base
+
+
+def fit_type(name: str, type_name: str, row: int) -> str:
+    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size (with a warning)."""
+    block = BLOCK[type_name][0]
+    if row % block == 0:
+        return type_name
+    new = FALLBACK.get(type_name, "F16")
+    if row % BLOCK[new][0]:
+        new = "F16"
+    log.warning("GGUF: %s has rows of %d, not a multiple of %d for %s; falling back to %s", name, row, block, type_name, new)
+    return new
+
+
+@dataclass
+class _Entry:
+    hf: str
+    name: str
+    type: str
+    shape: tuple[int, ...]
+
+
+def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (undoes the Hugging Face rotary half-split); any [O, ...] tensor."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def _trained_type(w) -> str | None:
+    if isinstance(w, QuantizedWeight) and w.spec.grid == "ggml" and w.group_index() is None:
+        return next(n for n, (b, s) in LEGACY.items() if b == w.spec.bits and s == w.spec.symmetric)
+    return None
+
+
+def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
+    """Every tensor's GGUF name, type and shape, checked before anything is written.
+
+    Raises:
+        ValueError: an unknown type or mix, an unknown architecture, or a parameter with no GGUF name.
+    """
+    config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"GGUF export: architecture {config.model_type!r} is not supported; known: {list(ARCHITECTURES)}")
+    if gguf_type not in BLOCK and gguf_type not in MIXES:
+        raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    entries = []
+    for hf in float_weight_names(model):
+        if tied and hf == "lm_head.weight":
+            continue
+        name, w = gguf_name(hf), weight_of(model, hf)
+        shape = tuple(w.shape)
+        type_name = _trained_type(w) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied)
+        if len(shape) > 1:
+            type_name = fit_type(name, type_name, shape[-1])
+        entries.append(_Entry(hf, name, type_name, shape))
+    return entries
+
+
+def _tensor_bytes(model: nn.Module, entry: _Entry) -> np.ndarray:
+    config = model.config
+    w = weight_of(model, entry.hf)
+    n_head = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(entry.name.split(".")[-2])
+    perm = (lambda t: _permute_rows(t, n_head)) if n_head and entry.name.startswith("blk.") else (lambda t: t)
+    if _trained_type(w) == entry.type:
+        scale, zero_point = w.qparams()
+        zp = None if zero_point is None else perm(zero_point)
+        return legacy_blocks(perm(w.codes()), perm(w.scale), zp, entry.type).numpy()
+    if isinstance(w, QuantizedWeight):
+        log.warning("GGUF: %s holds %s weights; re-quantizing them to %s (not format-exact)",
+                    entry.hf, w.spec.describe(), entry.type)
+        w = w.dequantize(torch.float32)
+    w = perm(w.detach().float())
+    if entry.type == "F32":
+        return w.numpy()
+    if w.ndim == 1:
+        w = w.unsqueeze(0)
+    return encode(w, entry.type)[0].numpy()
+
+
+def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None) -> Path:
+    """Write `model` (float, prepared or converted; llama architecture) as a GGUF file.
+
+    Args:
+        model: a Hugging Face llama-architecture causal LM.
+        path: the .gguf file to write (atomically).
+        gguf_type: a tensor type or a mix (see the module docstring).
+        tokenizer: a Hugging Face byte-level BPE tokenizer to embed (llama.cpp needs one to run).
+    Returns:
+        the path written.
+    Raises:
+        ValueError: unknown architecture / type, a parameter with no GGUF name, an unwritable path.
+    Example:
+        >>> export_gguf(model, "out/m.gguf", "Q4_K_M", tokenizer=tok)
+    """
+    import gguf
+
+    model = converted_copy(model)
+    entries = plan_types(model, gguf_type)
+    path = Path(path)
+    with atomic_path(path) as tmp, torch.no_grad():
+        writer = gguf.GGUFWriter(str(tmp), model.config.model_type if model.config.model_type == "llama" else "llama")
+        _write_metadata(writer, model.config, gguf_type, path.stem)
+        if tokenizer is not None:
+            from qat.export.gguf_vocab import add_tokenizer
+
+            add_tokenizer(writer, tokenizer)
+        for e in entries:
+            raw = None if e.type in ("F32", "F16") else gguf.GGMLQuantizationType[e.type]
+            nbytes = int(np.prod(e.shape)) // BLOCK[e.type][0] * BLOCK[e.type][1]
+            dtype = {"F32": np.float32, "F16": np.float16}.get(e.type, np.uint8)
+            shape = e.shape if raw is None else (*e.shape[:-1], e.shape[-1] // BLOCK[e.type][0] * BLOCK[e.type][1])
+            writer.add_tensor_info(e.name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for e in entries:
+            data = _tensor_bytes(model, e)
+            writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)
+        writer.close()
+    return path
+
+
+def _write_metadata(writer, config, gguf_type: str, name: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    ftype = getattr(gguf.LlamaFileType, "MOSTLY_" + gguf_type, None) or getattr(gguf.LlamaFileType, "ALL_" + gguf_type, None)
+    if ftype is not None:
+        writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
