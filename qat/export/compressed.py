@@ -1,0 +1,203 @@
+"""compressed-tensors `pack-quantized` writer and reader (the format vLLM and transformers load).
+
+Per quantized linear `<m>`:
+    <m>.weight_packed      int32 [out, ceil(in * bits / 32)]: codes + 2^(bits-1) (signed range), packed
+                           densely along the input dim, element i at bit i*bits (LSB first)
+    <m>.weight_scale       [out, in/g] (group), [out, 1] (channel) or [1] (tensor), in the scheme's scale dtype
+    <m>.weight_zero_point  (asymmetric only) int32 [ceil(out * bits / 32), in/g], signed zero-points packed along dim 0
+    <m>.weight_shape       int64 [2]
+    <m>.weight_g_idx       (act-order only) int32 [in]
+config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
+config_groups (one per distinct scheme, targets = module names), ignore, quantization_status: compressed}.
+Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
+(u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
+The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors
+from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.packing import pack, unpack
+from qat.spec import QuantSpec, TensorSchemes
+from qat.transform.prepare import _set_module
+
+_STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
+
+
+def pack_int32(codes_unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [rows, cols] along cols into int32 [rows, ceil(cols*bits/32)] (LSB first)."""
+    rows, cols = codes_unsigned.shape
+    words = -(-cols * bits // 32)
+    pad = words * 32 // bits - cols if (words * 32) % bits == 0 else (-cols) % 32
+    u = torch.nn.functional.pad(codes_unsigned.to(torch.uint8), (0, pad))
+    out = torch.stack([pack(r, bits) for r in u]) if bits != 8 else u
+    out = out[:, : words * 4].contiguous()
+    return out.view(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int32`: uint8 codes [rows, cols]."""
+    raw = packed.contiguous().view(torch.uint8)
+    n = -(-cols // 8) * 8
+    need = n * bits // 8
+    raw = torch.nn.functional.pad(raw, (0, max(0, need - raw.shape[1])))[:, :need]
+    return torch.stack([unpack(r.contiguous(), bits, n) for r in raw])[:, :cols]
+
+
+def _check_spec(name: str, spec: QuantSpec) -> None:
+    if spec.dtype != "int" or spec.granularity not in _STRATEGY or spec.grid != "uniform":
+        raise ValueError(f"compressed-tensors pack-quantized: {name} has {spec.describe()}; "
+                         "supported: int weights per_tensor / per_channel / per_group on the uniform grid")
+    if spec.granularity == "per_channel" and spec.axis != 0:
+        raise ValueError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
+
+
+def _weights_args(spec: QuantSpec, actorder: bool) -> dict:
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": _STRATEGY[spec.granularity],
+            "group_size": spec.group_size, "dynamic": False, "actorder": "group" if actorder else None,
+            "observer": "minmax", "block_structure": None}
+
+
+def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
+    if spec is None:
+        return None
+    if not spec.dynamic:
+        raise ValueError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
+                         "only dynamic activation schemes are written")
+    kind = "float" if spec.is_float else "int"
+    return {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
+            "strategy": "token" if spec.granularity == "per_token" else _STRATEGY[spec.granularity]}
+
+
+def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    spec, half = qw.spec, 2 ** (qw.spec.bits - 1)
+    signed = qw.codes().to(torch.int16) - (0 if spec.signed else half)
+    out = {f"{name}.weight_packed": pack_int32((signed + half).to(torch.uint8), spec.bits),
+           f"{name}.weight_shape": torch.tensor(qw.shape, dtype=torch.int64)}
+    scale, zp = qw.qparams()
+    scale = scale.reshape(qw.shape[0], -1) if scale.ndim else scale.reshape(1)
+    out[f"{name}.weight_scale"] = scale.to(spec.torch_scale_dtype)
+    if zp is not None:
+        zs = zp.reshape(qw.shape[0], -1).to(torch.int16) - half + half  # signed zp + offset = unsigned zp
+        out[f"{name}.weight_zero_point"] = pack_int32(zs.t().to(torch.uint8), spec.bits).t().contiguous()
+    if qw.group_index() is not None:
+        out[f"{name}.weight_g_idx"] = qw.group_index().to(torch.int32)
+    return out
+
+
+def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint.
+
+    Raises:
+        ValueError: a weight scheme the format cannot hold (named), a static input scheme, no quantized module.
+    Example:
+        >>> export_compressed_tensors(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/ct")
+        >>> AutoModelForCausalLM.from_pretrained("out/ct")
+    """
+    model = converted_copy(model)
+    modules = quantized_modules(model)
+    linears = {n: m for n, m in modules.items() if isinstance(m, QuantizedLinear)}
+    if not linears:
+        raise ValueError("compressed-tensors export: the model has no quantized linear layers")
+    for n, m in linears.items():
+        _check_spec(n, m.qweight.spec)
+    groups: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for n, m in linears.items():
+        w_args = _weights_args(m.qweight.spec, m.qweight.group_index() is not None)
+        i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
+        key = json.dumps([w_args, i_args], sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
+                                "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
+        tensors.update(_linear_tensors(n, m.qweight))
+        if m.bias is not None:
+            tensors[f"{n}.bias"] = m.bias.detach()
+    skip = {f"{n}.{k}" for n in modules for k in ("qweight.packed", "qweight.scale", "qweight.zero_point", "qweight.g_idx")}
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and key not in skip and key not in tensors and ".input_quantizer." not in key:
+            tensors[key] = value
+    for n, m in modules.items():
+        if isinstance(m, QuantizedEmbedding):
+            tensors[f"{n}.weight"] = m.qweight.dequantize()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+               "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
+               "kv_cache_scheme": None, "global_compression_ratio": None}
+    out = Path(out_dir)
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    with atomic_path(out / "config.json") as tmp:  # written last: marks the export complete
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+    return out
+
+
+def _spec_from_args(w: dict, scale_dtype: torch.dtype) -> QuantSpec:
+    gran = {v: k for k, v in _STRATEGY.items()}[w["strategy"]]
+    sd = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(scale_dtype, "fp32")
+    return QuantSpec(bits=w["num_bits"], symmetric=w["symmetric"], granularity=gran,
+                     group_size=w.get("group_size") if gran == "per_group" else None, scale_dtype=sd)
+
+
+def _quantized_weight(t: dict, n: str, w_args: dict) -> QuantizedWeight:
+    scale = t[f"{n}.weight_scale"]
+    spec = _spec_from_args(w_args, scale.dtype)
+    shape = tuple(int(s) for s in t[f"{n}.weight_shape"])
+    half = 2 ** (spec.bits - 1)
+    u = unpack_int32(t[f"{n}.weight_packed"], spec.bits, shape[1]).to(torch.int16)
+    codes = (u - half).to(torch.int8) if spec.signed else u.to(torch.uint8)
+    scale = scale.float().reshape({"per_group": (shape[0], -1, 1), "per_channel": (shape[0], 1)}.get(spec.granularity, ()))
+    zp = None
+    if not spec.symmetric:
+        zpu = unpack_int32(t[f"{n}.weight_zero_point"].t().contiguous(), spec.bits, shape[0]).t()
+        zp = zpu.float().reshape(scale.shape)
+    qw = QuantizedWeight(spec, shape)
+    if f"{n}.weight_g_idx" in t:
+        qw.g_idx = t[f"{n}.weight_g_idx"].to(torch.int64)
+    qw.set_codes(codes, scale, zp)
+    return qw
+
+
+def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
+    """Read a pack-quantized checkpoint into a model with QuantizedLinear modules (our loader).
+
+    Raises:
+        ValueError: not a pack-quantized compressed-tensors folder, or corrupted tensors.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    q = raw.get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+        raise ValueError(f"{str(folder)!r}: not a compressed-tensors pack-quantized checkpoint "
+                         f"(quant_method={q.get('quant_method')!r}, format={q.get('format')!r})")
+    t = load_safetensors(folder / "model.safetensors")
+    config = AutoConfig.from_pretrained(str(folder))
+    config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for group in q["config_groups"].values():
+        for n in group["targets"]:
+            old = model.get_submodule(n)
+            qw = _quantized_weight(t, n, group["weights"])
+            bias = old.bias if old.bias is not None else None
+            _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
+    rest = {k: v for k, v in t.items() if ".weight_" not in k}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,168 @@
+"""GPTQ checkpoint writer and reader (the layout GPTQModel, transformers' GPTQ integration and vLLM read).
+
+Per quantized linear `<m>` with weight [out, in], bits b in {2, 4, 8}, groups of g along `in`:
+    <m>.qweight  int32 [in * b / 32, out]  unsigned codes u, packed along `in`, LSB first (code k of a
+                                           word at bits [k*b, k*b + b))
+    <m>.qzeros   int32 [in / g, out * b / 32]  zero-points packed along `out`, stored as zero - 1
+                                           (the v1 "gptq" convention, checkpoint_format: gptq)
+    <m>.scales   float16 [in / g, out]
+    <m>.g_idx    int32 [in]                group of each input column (act-order when desc_act)
+and quantize_config.json (also in config.json as quantization_config):
+    {bits, group_size, desc_act, sym, damp_percent, static_groups, true_sequential, quant_method: gptq,
+     checkpoint_format: gptq}.
+Weight w = (u - (qzeros + 1)) * scale. Our symmetric signed codes q are stored as u = q + 2^(b-1) with
+zero 2^(b-1) (qzeros holds 2^(b-1) - 1). v1 cannot hold an asymmetric zero-point of 0 (it would be
+stored as -1 and wrap): such a weight is refused. Scales are stored in fp16: a scheme with
+scale_dtype fp16 round-trips exactly, others are rounded (a warning says so).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
+from qat.export.compressed import pack_int32, unpack_int32
+from qat.modules.quantized import QuantizedLinear, QuantizedWeight
+from qat.spec import QuantSpec, TensorSchemes
+from qat.transform.prepare import _set_module
+
+log = logging.getLogger(__name__)
+GPTQ_BITS = (2, 4, 8)
+
+
+def _check(name: str, qw: QuantizedWeight) -> int:
+    spec = qw.spec
+    problems = []
+    if spec.dtype != "int" or spec.bits not in GPTQ_BITS or spec.grid != "uniform":
+        problems.append(f"int bits in {list(GPTQ_BITS)}")
+    if spec.granularity not in ("per_group", "per_channel") or (spec.granularity == "per_channel" and spec.axis != 0):
+        problems.append("per_group, or per_channel on axis 0")
+    if problems:
+        raise ValueError(f"GPTQ export: {name} has {spec.describe()}; GPTQ needs {' and '.join(problems)}")
+    if spec.scale_dtype != "fp16":
+        log.warning("GPTQ export: %s has %s scales; stored as fp16 (rounded)", name, spec.scale_dtype)
+    return spec.group_size if spec.granularity == "per_group" else -1
+
+
+def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    spec, (out_f, in_f) = qw.spec, qw.shape
+    half = 2 ** (spec.bits - 1)
+    codes = qw.codes().to(torch.int16)
+    u = codes + half if spec.signed else codes
+    scale, zp = qw.qparams()
+    n_groups = scale.reshape(out_f, -1).shape[1]
+    zero = torch.full((out_f, n_groups), half, dtype=torch.int16) if zp is None else zp.reshape(out_f, -1).to(torch.int16)
+    if bool((zero == 0).any()):
+        raise ValueError(f"GPTQ export: {name} has a zero-point of 0, which the v1 format (stores zero - 1) cannot hold")
+    g = spec.group_size if spec.granularity == "per_group" else in_f
+    g_idx = qw.group_index() if qw.group_index() is not None else torch.arange(in_f) // g
+    return {f"{name}.qweight": pack_int32(u.to(torch.uint8), spec.bits).t().contiguous(),
+            f"{name}.qzeros": pack_int32((zero - 1).t().to(torch.uint8), spec.bits),
+            f"{name}.scales": scale.reshape(out_f, -1).t().to(torch.float16).contiguous(),
+            f"{name}.g_idx": g_idx.to(torch.int32)}
+
+
+def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a (prepared or converted) model's quantized linears as a GPTQ v1 checkpoint.
+
+    All quantized linears must share bits, group size and symmetry (GPTQ has one config).
+    Raises:
+        ValueError: a scheme GPTQ cannot hold (named), mixed schemes, or no quantized linear.
+    Example:
+        >>> export_gptq(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/gptq")
+    """
+    model = converted_copy(model)
+    linears = {n: m for n, m in quantized_modules(model).items() if isinstance(m, QuantizedLinear)}
+    if not linears:
+        raise ValueError("GPTQ export: the model has no quantized linear layers")
+    if any(not isinstance(m, QuantizedLinear) for m in quantized_modules(model).values()):
+        raise ValueError("GPTQ export: quantized embeddings have no GPTQ layout; quantize linears only")
+    groups = {n: _check(n, m.qweight) for n, m in linears.items()}
+    kinds = {(m.qweight.spec.bits, groups[n], m.qweight.spec.symmetric) for n, m in linears.items()}
+    if len(kinds) > 1:
+        raise ValueError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
+    bits, group_size, sym = kinds.pop()
+    tensors: dict[str, torch.Tensor] = {}
+    for n, m in linears.items():
+        tensors.update(_gptq_tensors(n, m.qweight))
+        if m.bias is not None:
+            tensors[f"{n}.bias"] = m.bias.detach()
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and not any(key.startswith(n + ".") for n in linears):
+            tensors[key] = value
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    desc_act = any(m.qweight.group_index() is not None for m in linears.values())
+    qconfig = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "damp_percent": 0.01,
+               "static_groups": False, "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq",
+               "model_file_base_name": "model", "modules": sorted(linears)}
+    out = Path(out_dir)
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    write_json(out / "quantize_config.json", qconfig)
+    config = model.config.to_dict()
+    config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "modules"}
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+    return out
+
+
+def _read_linear(t: dict, n: str, q: dict) -> QuantizedWeight:
+    bits, sym = q["bits"], q["sym"]
+    qweight, scales = t[f"{n}.qweight"], t[f"{n}.scales"]
+    in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    u = unpack_int32(qweight.t().contiguous(), bits, in_f).to(torch.int16)
+    zero = unpack_int32(t[f"{n}.qzeros"], bits, out_f).to(torch.int16).t() + 1
+    g = q["group_size"] if q["group_size"] != -1 else in_f
+    gran = {"granularity": "per_group", "group_size": g} if q["group_size"] != -1 else {"granularity": "per_channel"}
+    spec = QuantSpec(bits=bits, symmetric=sym, scale_dtype="fp16", **gran)
+    scale = scales.t().float().reshape((out_f, -1, 1) if spec.granularity == "per_group" else (out_f, 1))
+    qw = QuantizedWeight(spec, (out_f, in_f))
+    g_idx = t[f"{n}.g_idx"].to(torch.int64)
+    if spec.granularity == "per_group" and not torch.equal(g_idx, torch.arange(in_f) // g):
+        qw.g_idx = g_idx
+    if sym:
+        qw.set_codes((u - 2 ** (bits - 1)).to(torch.int8), scale, None)
+    else:
+        qw.set_codes(u.to(torch.uint8), scale, zero.float().reshape(scale.shape))
+    return qw
+
+
+def load_gptq(path: str | os.PathLike) -> nn.Module:
+    """Read a GPTQ v1 checkpoint (as written by `export_gptq`) into QuantizedLinear modules.
+
+    Raises:
+        ValueError: not a GPTQ folder, a v2 / unknown checkpoint_format, or tensors that do not fit.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    try:
+        q = json.loads((folder / "quantize_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(folder)!r}: no readable quantize_config.json ({err})") from None
+    if q.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"{str(folder)!r}: checkpoint_format={q.get('checkpoint_format')!r}; this reader takes 'gptq' (v1)")
+    t = load_safetensors(folder / "model.safetensors")
+    config = AutoConfig.from_pretrained(str(folder))
+    config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")})
+    for n in names:
+        old = model.get_submodule(n)
+        qw = _read_linear(t, n, q)
+        _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None, TensorSchemes(weight=qw.spec)))
+    rest = {k: v for k, v in t.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
