@@ -85,16 +85,24 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
     return base
 
 
-def fit_type(name: str, type_name: str, row: int) -> str:
-    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size (with a warning)."""
-    block = BLOCK[type_name][0]
-    if row % block == 0:
+def fit_type(type_name: str, row: int) -> str:
+    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size.
+
+    Example:
+        >>> fit_type("Q4_K", 576)
+        'Q5_0'
+    """
+    if row % BLOCK[type_name][0] == 0:
         return type_name
     new = FALLBACK.get(type_name, "F16")
-    if row % BLOCK[new][0]:
-        new = "F16"
-    log.warning("GGUF: %s has rows of %d, not a multiple of %d for %s; falling back to %s", name, row, block, type_name, new)
-    return new
+    return "F16" if row % BLOCK[new][0] else new
+
+
+def _warn_fallbacks(fallbacks: dict[tuple[str, str], list[str]]) -> None:
+    for (old, new), names in sorted(fallbacks.items()):
+        log.warning("GGUF: %d tensor(s) have rows that are not a multiple of %d, so %s falls back to %s "
+                    "(as llama.cpp does): %s", len(names), BLOCK[old][0], old, new,
+                    ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
 
 
 @dataclass
@@ -128,16 +136,18 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
     if gguf_type not in BLOCK and gguf_type not in MIXES:
         raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    entries = []
+    entries, fallbacks = [], {}
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
         name, w = gguf_name(hf), weight_of(model, hf)
         shape = tuple(w.shape)
         type_name = _trained_type(w) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied)
-        if len(shape) > 1:
-            type_name = fit_type(name, type_name, shape[-1])
+        if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
+            fallbacks.setdefault((type_name, fitted), []).append(name)
+            type_name = fitted
         entries.append(_Entry(hf, name, type_name, shape))
+    _warn_fallbacks(fallbacks)
     return entries
 
 
