@@ -1,0 +1,51 @@
+"""Export to formats runtimes load, and import from them.
+
+    from qat.export import export, load_any
+    export(model, "out/m.gguf", format="gguf", gguf_type="Q4_K_M", tokenizer=tok)
+    model = load_any("out/m.gguf")
+
+Formats: "native" (qat's safetensors + JSON), "compressed_tensors" (pack-quantized, vLLM / transformers),
+"gptq" (v1 qweight/qzeros/scales/g_idx), "gguf" (llama.cpp / Ollama). See docs/export.md.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from qat.export.compressed import export_compressed_tensors, load_compressed_tensors
+from qat.export.gguf_export import MIXES, export_gguf
+from qat.export.gguf_import import load_gguf
+from qat.export.gptq import export_gptq, load_gptq
+from qat.export.load import detect_format, load_any, load_any_tokenizer, quantize_on_load
+from qat.export.native import load_native, save_native
+
+FORMATS = ("native", "compressed_tensors", "gptq", "gguf")
+
+__all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_gguf", "load_gguf",
+           "export_compressed_tensors", "load_compressed_tensors", "export_gptq", "load_gptq", "load_any",
+           "load_any_tokenizer", "detect_format", "quantize_on_load"]
+
+
+def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",
+           tokenizer=None) -> Path:
+    """Write `model` (float for GGUF; prepared or converted for every format) to `output`.
+
+    Args:
+        model: the model.
+        output: a folder (native, compressed_tensors, gptq) or a .gguf file.
+        format: one of FORMATS.
+        gguf_type: GGUF tensor type or mix (format="gguf" only).
+        tokenizer: saved with the export when given.
+    Raises:
+        ValueError: an unknown format (listing the valid ones) and everything the writers raise.
+    Example:
+        >>> export(qat.prepare(model, qat.load_recipe("gguf_q4_0")), "out/m.gguf", "gguf", "Q4_0")
+    """
+    if format not in FORMATS:
+        raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
+    if format == "gguf":
+        return export_gguf(model, output, gguf_type, tokenizer=tokenizer)
+    writer = {"native": save_native, "compressed_tensors": export_compressed_tensors, "gptq": export_gptq}[format]
+    return writer(model, output, tokenizer=tokenizer)

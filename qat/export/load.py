@@ -1,0 +1,167 @@
+"""One loader for everything qat writes or imports: `load_any(path)`.
+
+    native export folder (qat_quant.json)        -> QuantizedLinear model (load_native)
+    compressed-tensors folder (pack-quantized)    -> QuantizedLinear model (load_compressed_tensors)
+    GPTQ folder (quantize_config.json)            -> QuantizedLinear model (load_gptq)
+    .gguf file                                    -> float model, dequantized (load_gguf)
+    .bin / .pt / .pth file (config.json beside)   -> float model, torch.load(weights_only=True) only
+    Hugging Face folder / .safetensors / "tiny"   -> float model (qat.models.load_model)
+
+`quantize_on_load(model, recipe)` quantizes a float model in flight (no calibration: weight ranges
+from the weights, activation ranges dynamic), as vLLM's quantization="fp8" does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.export._io import load_torch_checkpoint
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"native", "compressed_tensors", "gptq", "gguf", "torch" or "hf" for a path; "hf" covers aliases.
+
+    Example:
+        >>> detect_format("out/model.gguf")
+        'gguf'
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf"
+        if p.suffix in TORCH_SUFFIXES:
+            return "torch"
+        return "hf"
+    if (p / "qat_quant.json").is_file():
+        return "native"
+    if (p / "quantize_config.json").is_file():
+        return "gptq"
+    config = p / "config.json"
+    if config.is_file():
+        q = (json.loads(config.read_text()).get("quantization_config") or {})
+        if q.get("quant_method") == "compressed-tensors":
+            return "compressed_tensors"
+        if q.get("quant_method") == "gptq":
+            return "gptq"
+        if not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
+            return "torch"
+    return "hf"
+
+
+def load_torch_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model from a .bin / .pt state dict (weights-only unpickling) and the config.json beside it.
+
+    Raises:
+        FileNotFoundError: no config.json beside the file. ValueError: a pickle that needs code, a
+            truncated file, or weights that do not fit the config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"{str(p)!r}: no .bin checkpoint inside")
+        state = {}
+        for f in files:
+            state.update(load_torch_checkpoint(f))
+        folder = p
+    else:
+        folder, state = p.parent, load_torch_checkpoint(p)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(p)!r}: needs the model's config.json beside it")
+    config = AutoConfig.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k.removeprefix("model.") if k.startswith("model.model.") else k: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{str(p)!r}: weights do not fit config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> nn.Module:
+    """Load any export or starting checkpoint (see the module docstring) in eval mode.
+
+    Raises:
+        FileNotFoundError / ValueError: from the format's loader, naming the file and the problem.
+    Example:
+        >>> model = load_any("out/model-Q4_K_M.gguf")
+    """
+    from qat.models import load_model, resolve_dtype
+
+    fmt = detect_format(path)
+    if fmt == "native":
+        from qat.export.native import load_native
+
+        return load_native(path)
+    if fmt == "compressed_tensors":
+        from qat.export.compressed import load_compressed_tensors
+
+        return load_compressed_tensors(path)
+    if fmt == "gptq":
+        from qat.export.gptq import load_gptq
+
+        return load_gptq(path)
+    if fmt == "gguf":
+        from qat.export.gguf_import import load_gguf
+
+        return load_gguf(path).to(resolve_dtype(dtype))
+    if fmt == "torch":
+        return load_torch_file(path, resolve_dtype(dtype))
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        from qat.export._io import check_safetensors
+
+        check_safetensors(p)
+    elif p.is_dir():
+        from qat.export._io import check_safetensors
+
+        for f in sorted(p.glob("*.safetensors")):
+            check_safetensors(f)
+    return load_model(path, dtype)
+
+
+def load_any_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored with an export (folder files, or a GGUF's vocabulary); None if there is none."""
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    try:
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        if str(path) in ("tiny", "tiny-llama"):
+            from qat.models import ByteTokenizer
+
+            return ByteTokenizer()
+        from qat.models import load_tokenizer
+
+        return load_tokenizer(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def quantize_on_load(model: nn.Module, recipe) -> nn.Module:
+    """Quantize a float model in flight: prepare with `recipe`, then convert (no calibration).
+
+    Raises:
+        ValueError: a recipe with static activation or KV ranges (they need calibration: use qat-ptq).
+    Example:
+        >>> model = quantize_on_load(load_any("smollm2-135m"), qat.load_recipe("fp8_dynamic"))
+    """
+    from qat.transform import QuantRecipe, convert, prepare
+
+    recipe = QuantRecipe.from_dict(recipe)
+    for role in ("input", "kv_cache"):
+        spec = getattr(recipe.base, role)
+        if spec is not None and not spec.dynamic:
+            raise ValueError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
+                             "which needs calibration; use a dynamic scheme or qat-ptq")
+    return convert(prepare(model, recipe)).eval()
