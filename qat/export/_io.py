@@ -132,7 +132,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                          f"code; the file may be truncated or corrupted): {str(err).splitlines()[0]}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{str(path)!r}: expected a state dict of tensors, got {type(data).__name__}")
     return data
 
