@@ -83,11 +83,14 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str = "layer", retr
     mean_diag = float(torch.diag(h).mean())
     damp = percdamp * mean_diag
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    flipped = h.flip(0, 1)
     for attempt in range(retries + 1):
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        # With J the reversal, J H J = M M^T (M lower) gives H^-1 = U^T U for U = J M^-1 J, upper:
+        # one Cholesky and one triangular solve instead of Cholesky, cholesky_inverse, Cholesky.
+        chol, info = torch.linalg.cholesky_ex(flipped + damp * eye)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(upper).all()) and bool((torch.diagonal(upper) > 0).all()):
                 return upper, damp
         new = max(damp * 10, 1e-4 * mean_diag, 1e-8)
         warnings.warn(f"{name}: GPTQ Hessian is singular with damp={damp:.3g}; retrying with damp={new:.3g} "
