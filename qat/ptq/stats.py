@@ -30,18 +30,51 @@ class InputStats:
         self.n_tokens = 0
         self.abs_sum = torch.zeros(in_features, device=device)
         self.abs_max = torch.zeros(in_features, device=device)
-        self.gram = torch.zeros(in_features, in_features, device=device) if hessian else None
+        self._gram = torch.zeros(in_features, in_features, device=device) if hessian else None
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+        # the Gram matrix is symmetric: accumulate only its upper blocks (k blocks a side -> (k+1)/2k
+        # of the flops) on chunks of >= CHUNK tokens, and mirror on read
+        self._k = max(1, min(4, in_features // 512)) if in_features % 512 == 0 else 1
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs [..., in_features] into the statistics."""
-        x = x.detach().reshape(-1, self.in_features).float()
+        # a copy: the pending chunk must not change if the caller later edits its tensor in place
+        x = x.detach().reshape(-1, self.in_features).to(torch.float32, copy=True)
         self.n_tokens += x.shape[0]
         a = x.abs()
         self.abs_sum += a.sum(0)
         torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
-        if self.gram is not None:
-            self.gram.addmm_(x.t(), x)
+        if self._gram is not None:
+            self._pending.append(x)
+            self._pending_rows += x.shape[0]
+            if self._pending_rows >= self.CHUNK:
+                self._flush()
+
+    CHUNK = 4096
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        b, xt = self.in_features // self._k, x.t()
+        for i in range(self._k):
+            for j in range(i, self._k):
+                self._gram[i * b:(i + 1) * b, j * b:(j + 1) * b].addmm_(xt[i * b:(i + 1) * b], x[:, j * b:(j + 1) * b])
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """sum x x^T over all tokens seen (float32, symmetric), or None without hessian."""
+        if self._gram is None:
+            return None
+        self._flush()
+        b = self.in_features // self._k
+        for i in range(self._k):
+            for j in range(i + 1, self._k):
+                self._gram[j * b:(j + 1) * b, i * b:(i + 1) * b] = self._gram[i * b:(i + 1) * b, j * b:(j + 1) * b].t()
+        return self._gram
 
     def mean_abs(self) -> torch.Tensor:
         """Mean |x| per input channel (AWQ's activation magnitude)."""
@@ -53,7 +86,7 @@ class InputStats:
         Raises:
             ValueError: no tokens were seen (the layer was never called during calibration).
         """
-        if self.gram is None:
+        if self._gram is None:
             raise ValueError("InputStats was built with hessian=False")
         if self.n_tokens == 0:
             raise ValueError("no calibration tokens reached this layer; it is never called on the calibration data")
