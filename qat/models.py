@@ -31,10 +31,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def tiny_llama(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-               num_kv_heads: int = 2, intermediate_size: int = 128, max_position_embeddings: int = 256,
+def tiny_llama(vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, intermediate_size: int = 256, max_position_embeddings: int = 256,
                tie_word_embeddings: bool = True, seed: int = 0, dtype: str | torch.dtype = "float32") -> nn.Module:
-    """A small random LlamaForCausalLM, deterministic for a given seed (tests, fast_dev_run).
+    """A small random LlamaForCausalLM (dims divisible by 128, so g128 schemes apply), deterministic per seed.
 
     Example:
         >>> m = tiny_llama(num_layers=1)

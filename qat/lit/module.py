@@ -1,0 +1,225 @@
+"""`QATModule`: quantization-aware training of any causal LM as a LightningModule.
+
+Everything that defines the model is a plain-dict hyperparameter (model location, quant recipe, optimizer),
+so `QATModule.load_from_checkpoint(path)` rebuilds the float model, prepares it with the same recipe, and only
+then loads the state dict, which carries the quantizer state (held ranges, learned scales, on/off flags).
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.text import Perplexity
+
+import qat
+from qat.models import load_model
+
+
+def _plain(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Load the float model a `model` config node describes: {path, dtype, tiny: {...}}."""
+    cfg = dict(model_cfg)
+    return load_model(cfg["path"], cfg.get("dtype", "float32"), **dict(cfg.get("tiny") or {}))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on softened logits, times T^2 (Hinton et al.), averaged over positions.
+
+    Example:
+        >>> kd_loss(torch.randn(2, 5, 10), torch.randn(2, 5, 10), temperature=2.0)
+    """
+    t = temperature
+    s_logp = F.log_softmax(student.float() / t, dim=-1).flatten(0, -2)
+    t_logp = F.log_softmax(teacher.float() / t, dim=-1).flatten(0, -2)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
+
+
+class QATModule(pl.LightningModule):
+    """Next-token training of a fake-quantized causal LM, with optional distillation from the float model.
+
+    Args:
+        model: {"path": location for qat.models.load_model, "dtype": "float32", "tiny": {tiny_llama kwargs}}.
+        quant: a recipe mapping (configs/quant format) or None for full-precision fine-tuning.
+        optimizer: {"_target_": "torch.optim.AdamW", "_partial_": true, "lr": ...} (hydra-instantiated).
+        scheduler: same form, or None; stepped every optimizer step.
+        kd: {"weight": w, "temperature": T, "teacher": "copy"|"shared"} or None. loss = (1-w) CE + w KD;
+            "copy" distills from a frozen copy of the float model, "shared" from the student itself under
+            qat.quantization_disabled (no extra memory, but the teacher moves with training).
+        range_init_batches: calibrate activation ranges on this many training batches before the first step.
+        fake_quant_after: quantizers stay off (full-precision training) until this global step.
+        freeze_ranges_after: stop range updates (weights and activations) at this step; None keeps weight
+            ranges following the weights and holds calibrated activation ranges.
+        gradient_checkpointing: recompute layer activations in the backward (HF models).
+    Example:
+        >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
+    """
+
+    def __init__(self, model: Mapping[str, Any], quant: Mapping[str, Any] | None = None,
+                 optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
+                 kd: Mapping[str, Any] | None = None, range_init_batches: int = 0, fake_quant_after: int = 0,
+                 freeze_ranges_after: int | None = None, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        model, quant, kd = _plain(model), _plain(quant), _plain(kd)
+        optimizer = _plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
+        self._check_kd(kd)
+        self.save_hyperparameters({"model": model, "quant": quant, "optimizer": optimizer,
+                                   "scheduler": _plain(scheduler), "kd": kd,
+                                   "range_init_batches": range_init_batches, "fake_quant_after": fake_quant_after,
+                                   "freeze_ranges_after": freeze_ranges_after,
+                                   "gradient_checkpointing": gradient_checkpointing})
+        self.model = build_model(model).train()
+        self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict / parameters
+        if kd and kd.get("teacher", "copy") == "copy":
+            teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._teacher.append(teacher)
+        if quant is not None:
+            qat.prepare(self.model, quant)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+
+    @staticmethod
+    def _check_kd(kd: Mapping[str, Any] | None) -> None:
+        if kd is None:
+            return
+        allowed = {"weight", "temperature", "teacher"}
+        if set(kd) - allowed:
+            raise ValueError(f"kd: unknown key(s) {sorted(set(kd) - allowed)}; valid: {sorted(allowed)}")
+        if not 0 <= kd.get("weight", 1.0) <= 1:
+            raise ValueError(f"kd.weight={kd['weight']}; must be in [0, 1]")
+        if kd.get("temperature", 1.0) <= 0:
+            raise ValueError(f"kd.temperature={kd['temperature']}; must be > 0")
+        if kd.get("teacher", "copy") not in ("copy", "shared"):
+            raise ValueError(f"kd.teacher={kd['teacher']!r}; choose from ['copy', 'shared']")
+
+    # -- forward / losses -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._teacher:
+            teacher = self._teacher[0]
+            if next(teacher.parameters()).device != input_ids.device:
+                teacher.to(input_ids.device)
+            return teacher(input_ids=input_ids, use_cache=False).logits
+        with qat.quantization_disabled(self.model):
+            return self(input_ids)
+
+    def _losses(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self(input_ids)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        out = {"ce": ce, "loss": ce}
+        kd = self.hparams.kd
+        if kd and kd.get("weight", 1.0) > 0:
+            w = kd.get("weight", 1.0)
+            out["kd"] = kd_loss(logits[:, :-1], self.teacher_logits(input_ids)[:, :-1], kd.get("temperature", 1.0))
+            out["loss"] = (1 - w) * ce + w * out["kd"]
+        return out
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch["input_ids"])
+        for key, value in losses.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", on_step=True, on_epoch=False)
+        self.log("train/ppl", losses["ce"].detach().exp(), on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return losses["loss"]
+
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], metric: Perplexity, prefix: str) -> None:
+        ids = batch["input_ids"]
+        logits = self(ids)
+        metric.update(logits[:, :-1].float(), ids[:, 1:])
+        self.log(f"{prefix}/ppl", metric, prog_bar=True, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx):
+        with frozen_ranges(self.model):
+            self._eval_step(batch, self.val_ppl, "val")
+
+    def test_step(self, batch, batch_idx):
+        with frozen_ranges(self.model):
+            self._eval_step(batch, self.test_ppl, "test")
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from hydra.utils import instantiate
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer)(params)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- quantizer schedule -----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        hp = self.hparams
+        if hp.quant is not None and hp.range_init_batches > 0 and not _all_initialized(self.model):
+            self.range_init(self.trainer.train_dataloader, hp.range_init_batches)
+        self.apply_schedule(self.global_step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        hp = self.hparams
+        if self.global_step in (hp.fake_quant_after, hp.freeze_ranges_after):
+            self.apply_schedule(self.global_step)
+
+    def range_init(self, dataloader, n_batches: int) -> int:
+        """Calibrate activation observers on the first `n_batches` of `dataloader` (qat.calibrate)."""
+        def batches():
+            for i, batch in enumerate(dataloader):
+                if i >= n_batches:
+                    return
+                yield batch["input_ids"].to(self.device)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return qat.calibrate(self.model, batches(), forward=lambda m, ids: m(input_ids=ids, use_cache=False),
+                                 freeze=self.hparams.freeze_ranges_after is None)
+        finally:
+            self.model.train(was_training)
+
+    def apply_schedule(self, step: int) -> None:
+        """Quantizer flags for `step`: off before fake_quant_after; ranges frozen from freeze_ranges_after."""
+        if self.hparams.quant is None:
+            return
+        hp = self.hparams
+        qat.set_quantizers(self.model, enabled=step >= hp.fake_quant_after)
+        if hp.freeze_ranges_after is not None:
+            qat.set_quantizers(self.model, observing=step < hp.freeze_ranges_after)
+        elif hp.range_init_batches > 0:
+            qat.set_quantizers(self.model, roles=["input", "kv_cache"], observing=False)
+
+
+def _all_initialized(model: nn.Module) -> bool:
+    return all(q.initialized or q.spec.dynamic for _, q in qat.quantizers(model))
+
+
+@contextmanager
+def frozen_ranges(model: nn.Module):
+    """Evaluation must not move held activation ranges: observing off inside the block, restored after.
+
+    Weight ranges keep following the weights (they see no data), so evaluation uses the current weights' ranges.
+    """
+    saved = [(q, q.observing) for _, q in qat.quantizers(model, roles=["input", "kv_cache"])]
+    try:
+        for q, _ in saved:
+            q.observing = False
+        yield
+    finally:
+        for q, observing in saved:
+            q.observing = observing
