@@ -90,6 +90,11 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         torch.Size([8, 2, 1])
     """
     view = group_view(x.detach(), spec).float()
+    if spec.grid == "ggml" and spec.symmetric and spec.bits != 8:
+        # Q4_0 / Q5_0 scale from the signed element of largest magnitude (the first one on ties, as
+        # llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
+        peak = view.gather(-1, view.abs().argmax(dim=-1, keepdim=True))
+        return strip_leading_ones(peak), strip_leading_ones(peak.clone())
     dims = _reduce_dims(view.ndim, spec)
     if view.ndim == 0 or len(dims) == view.ndim:
         lo, hi = torch.aminmax(view)
@@ -138,7 +143,7 @@ def _ggml_qparams(lo, hi, spec):
     """llama.cpp's legacy blocks (as gguf-py computes them, in float32). The scale is returned unrounded:
     codes are computed with it, and `dequantize` rounds it (and Q4_1/Q5_1's float minimum) to fp16,
     which is what the block stores. Q4_0/Q5_0 take the element of largest magnitude with its sign
-    (ties |lo| == hi resolve to hi)."""
+    (`compute_range` gives lo == hi == that element for these grids; ties |lo| == hi otherwise resolve to hi)."""
     if spec.bits == 8:
         return torch.maximum(lo.abs(), hi.abs()) / 127, None
     if spec.symmetric:
