@@ -1,0 +1,26 @@
+"""`qat-train` (also `python -m qat.cli.train`): compose configs/train.yaml, then qat.lit.run.train.
+
+    qat-train experiment=smollm2_w4_qat
+    qat-train quant=w8a8 trainer.max_steps=50 optim.optimizer.lr=3e-5
+    qat-train -m quant=w4a16_g128,w3a16_g64
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from qat.lit.run import ROOT, train
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    return results.get("qat_ppl")  # the value a sweeper would optimise
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The training run behind `qat-train`: check the composed config, instantiate, fit, compare FP / RTN / QAT.
+
+Everything here takes a composed Hydra config (DictConfig), so tests call it with `hydra.compose` directly.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import qat
+
+ROOT = Path(__file__).resolve().parents[2]
+TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "module", "eval", "paths", "model", "data", "quant", "optim",
+            "trainer", "logger", "callbacks", "experiment", "debug", "hydra"}
+EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
+if not OmegaConf.has_resolver("qat_root"):
+    OmegaConf.register_new_resolver("qat_root", lambda: str(ROOT))
+
+
+def _unknown(owner: str, keys, allowed) -> list[str]:
+    extra = sorted(set(keys) - set(allowed))
+    return [f"{owner}: unknown key(s) {extra}; valid: {sorted(allowed)}"] if extra else []
+
+
+def _signature_keys(target: str) -> set[str] | None:
+    from hydra.utils import get_class
+
+    try:
+        params = inspect.signature(get_class(target).__init__).parameters
+    except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in params if n != "self"} | {"_target_", "_partial_", "_convert_", "_recursive_"}
+
+
+def context_length_of(model_cfg: DictConfig) -> int | None:
+    """max_position_embeddings of the configured model, read without loading the weights."""
+    from qat.models import TINY_NAMES, check_model_source
+
+    source = check_model_source(model_cfg.path)
+    if source in TINY_NAMES:
+        tiny = model_cfg.get("tiny") or {}
+        return int(tiny.get("max_position_embeddings", 256))
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None  # a hub name: checked when it loads
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(str(path.parent if path.is_file() else path)), "max_position_embeddings", None)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any long work, naming every offender: misspelt keys, missing files, impossible sizes.
+
+    Raises:
+        ValueError: one message listing every problem found.
+        FileNotFoundError: the model or data path does not exist (raised on its own, with the path).
+    """
+    errors = _unknown("config", cfg.keys(), TOP_KEYS) + _unknown("eval", cfg.eval.keys(), EVAL_KEYS)
+    for node in ("module", "data", "trainer"):
+        keys = _signature_keys(cfg[node]["_target_"])
+        if keys is not None:
+            errors += _unknown(node, cfg[node].keys(), keys)
+    errors += _unknown("model", cfg.model.keys(), {"path", "dtype", "tiny"})
+    if cfg.eval.split not in ("validation", "test"):
+        errors.append(f"eval.split={cfg.eval.split!r}; choose from ['validation', 'test']")
+    if cfg.get("quant") is not None:
+        try:
+            qat.QuantRecipe.from_dict(cfg.quant)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+    _check_data_path(str(cfg.data.path))
+    context = context_length_of(cfg.model)
+    if context is not None and cfg.data.block_size > context:
+        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
+                         f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _check_data_path(path: str) -> None:
+    from qat.data import ALIASES
+
+    if path in ALIASES:
+        from qat.assets import require
+
+        require(ALIASES[path][0])
+        return
+    hub_like = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and "." not in path
+    if not hub_like and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"data.path={path!r} does not exist")
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over token blocks [N, T] (the same quantity torchmetrics Perplexity computes)."""
+    from torchmetrics.text import Perplexity
+
+    was_training = model.training
+    model.eval()
+    metric = Perplexity()
+    device = next(model.parameters()).device
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        metric.update(logits[:, :-1].float(), ids[:, 1:])
+    model.train(was_training)
+    return float(metric.compute())
+
+
+def bits_per_weight(model: torch.nn.Module) -> tuple[float, float]:
+    """(mean bits per weight over quantized layers, over all weights) with scales counted; float = dtype bits."""
+    rows = qat.summary(model)
+    q_bits = sum(r["bits_per_weight"] * model.get_submodule(r["module"]).weight.numel() for r in rows)
+    q_numel = sum(model.get_submodule(r["module"]).weight.numel() for r in rows)
+    seen = {id(model.get_submodule(r["module"]).weight) for r in rows}
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    rest_bits = sum(p.numel() * torch.finfo(p.dtype).bits for p in rest if p.is_floating_point())
+    rest_numel = sum(p.numel() for p in rest)
+    whole = (q_bits + rest_bits) / max(q_numel + rest_numel, 1)
+    return (q_bits / q_numel if q_numel else math.nan), whole
+
+
+def _say(msg: str) -> None:
+    print(f"[qat-train] {msg}", file=sys.stderr, flush=True)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Check, instantiate, (evaluate baselines,) fit, evaluate; returns the results and prints the table.
+
+    Returns:
+        {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt"} (keys
+        present when computed).
+    Raises:
+        ValueError / FileNotFoundError: from check_config, before anything is loaded.
+    """
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    start = time.perf_counter()
+    check_config(cfg)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    pl.seed_everything(cfg.seed, workers=True)
+    _say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _recursive_=False)  # optimizer nodes stay configs (hparams)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    datamodule.setup("fit")
+    blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
+    eval_bs = datamodule.eval_batch_size
+    if cfg.eval.baselines and trainer.is_global_zero:
+        rows += _baselines(cfg, module, datamodule, blocks, eval_bs, results)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    results["train_s"] = time.perf_counter() - t0
+    results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
+    if cfg.eval.after and trainer.is_global_zero:
+        t0 = time.perf_counter()
+        _say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
+        results["qat_ppl"] = perplexity(module.model, blocks, eval_bs)
+        q_bits, whole = bits_per_weight(module.model)
+        name = "QAT" if cfg.get("quant") else "fine-tuned FP"
+        rows.append({"model": name, "ppl": results["qat_ppl"], "bits/weight (quantized layers)": q_bits,
+                     "bits/weight (all)": whole, "time_s": results["train_s"] + time.perf_counter() - t0})
+        _log(trainer, {f"{cfg.eval.split}/qat_ppl": results["qat_ppl"]})
+    if {"fp_ppl", "rtn_ppl", "qat_ppl"} <= set(results):
+        gap = results["rtn_ppl"] - results["fp_ppl"]
+        results["gap_recovered"] = (results["rtn_ppl"] - results["qat_ppl"]) / gap if gap > 0 else math.nan
+    results["wall_s"] = time.perf_counter() - start
+    if rows and trainer.is_global_zero:
+        print(_table(cfg, rows, results, len(blocks) * blocks.shape[1] if len(blocks) else 0), flush=True)
+    return results
+
+
+def _baselines(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
+    rows = []
+    t0 = time.perf_counter()
+    _say(f"evaluating the float model on {len(blocks)} {cfg.eval.split} blocks ...")
+    with qat.quantization_disabled(module.model):
+        results["fp_ppl"] = perplexity(module.model, blocks, eval_bs)
+    fp_bits = float(torch.finfo(next(module.model.parameters()).dtype).bits)
+    rows.append({"model": "FP", "ppl": results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
+                 "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0})
+    if cfg.get("quant") is None:
+        return rows
+    t0 = time.perf_counter()
+    if module.hparams.range_init_batches > 0:
+        module.range_init(datamodule.train_dataloader(), module.hparams.range_init_batches)
+    _say("evaluating round-to-nearest (the QAT starting point) ...")
+    results["rtn_ppl"] = perplexity(module.model, blocks, eval_bs)
+    q_bits, whole = bits_per_weight(module.model)
+    results["bits_per_weight"] = q_bits
+    rows.append({"model": "RTN", "ppl": results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
+                 "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
+    _say(f"FP ppl {results['fp_ppl']:.3f}, RTN ppl {results['rtn_ppl']:.3f}; training ...")
+    return rows
+
+
+def _log(trainer, metrics: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
+
+
+def _table(cfg, rows, results, n_tokens: int) -> str:
+    head = (f"\n{cfg.task_name}: {cfg.model.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}, "
+            f"{cfg.trainer.max_steps} steps x {cfg.data.batch_size} x {cfg.data.block_size} tokens; "
+            f"perplexity on {n_tokens} held-out {cfg.eval.split} tokens")
+    lines = [head, qat.format_table(rows)]
+    if not math.isnan(results.get("gap_recovered", math.nan)):
+        lines.append(f"QAT recovered {100 * results['gap_recovered']:.1f}% of the RTN -> FP perplexity gap")
+    lines.append(f"wall time {results['wall_s']:.0f} s")
+    return "\n".join(lines)
