@@ -143,13 +143,13 @@ def gptq_quantize(
     group = spec.group_size if spec.granularity == "per_group" else I
     observer = observer or build_observer(column_spec(spec))
     n_groups = I // group
-    scales = torch.zeros(O, n_groups)
-    zeros = None if spec.symmetric else torch.zeros(O, n_groups)
+    scales = torch.zeros(O, n_groups, device=W.device)
+    zeros = None if spec.symmetric else torch.zeros(O, n_groups, device=W.device)
     if spec.granularity != "per_group" or static_groups:
         for g in range(n_groups):
             s, z = fit_qparams(W[:, g * group:(g + 1) * group] if spec.granularity == "per_group" else W, spec, observer)
             _store(scales, zeros, g, s, z)
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(I)
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(I, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     hinv, damp = inverse_cholesky(H, percdamp, name)
     dynamic = spec.granularity == "per_group" and not static_groups
@@ -158,7 +158,7 @@ def gptq_quantize(
     Q = Q[:, invperm]
     g_idx = None
     if dynamic and actorder:
-        g_idx = (torch.arange(I) // group)[invperm]
+        g_idx = (torch.arange(I, device=W.device) // group)[invperm]
     return GPTQResult(Q.to(weight.dtype), _layout(scales, spec), _layout(zeros, spec), g_idx, loss, damp)
 
 
@@ -183,7 +183,8 @@ def _solve(W, hinv, spec, perm, group, scales, zeros, dynamic, blocksize, observ
     O, I = W.shape
     flat = column_spec(spec)
     Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    perm_groups = (perm // group).tolist()
     for i1 in range(0, I, blocksize):
         i2 = min(i1 + blocksize, I)
         W1, hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
@@ -193,7 +194,7 @@ def _solve(W, hinv, spec, perm, group, scales, zeros, dynamic, blocksize, observ
             if dynamic and col % group == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
                 _store(scales, zeros, col // group, *fit_qparams(ahead, spec, observer))
-            g = col // group if dynamic else int(perm[col]) // group
+            g = col // group if dynamic else perm_groups[col]
             s = scales[:, g:g + 1]
             z = None if zeros is None else zeros[:, g:g + 1]
             w = W1[:, i:i + 1]
@@ -201,7 +202,7 @@ def _solve(W, hinv, spec, perm, group, scales, zeros, dynamic, blocksize, observ
             Q[:, col:col + 1] = q
             d = hinv1[i, i]
             e = (w - q) / d
-            loss += float((e.square().sum()) / 2)
+            loss += e.square().sum() / 2
             W1[:, i:].addmm_(e, hinv1[i:i + 1, i:], alpha=-1)
             err1[:, i:i + 1] = e
         W[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
