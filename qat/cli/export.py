@@ -1,8 +1,7 @@
 """qat-export: any checkpoint or export -> native / compressed-tensors / GPTQ / GGUF. Thin: compose, call.
 
-    qat-export model=smollm2-135m export=gguf_q4_k_m output=out/smollm2-Q4_K_M.gguf
-    qat-export model=tiny quant=gguf_q4_0 checkpoint=runs/qat/last.ckpt export=gguf_q4_0 output=out/t.gguf
-    qat-export model=out/native export=compressed_tensors output=out/ct
+    qat-export model.path=smollm2-135m format=gguf gguf_type=Q4_K_M output=out/smollm2-Q4_K_M.gguf
+    qat-export model=tiny quant=gguf_q4_0 checkpoint=runs/last.ckpt format=gguf gguf_type=Q4_0 output=out/t.gguf
 """
 from __future__ import annotations
 
@@ -13,14 +12,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.recipes import CONFIG_DIR
 
+if not OmegaConf.has_resolver("qat_root"):  # paths/default.yaml's root (also registered by qat.lit.run)
+    OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
+
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from qat.export.run import run_export
 
-    quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.get("quant") else None
-    result = run_export(cfg.model, cfg.output, format=cfg.export.format, gguf_type=cfg.export.gguf_type,
-                        quant=quant, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer, dtype=cfg.dtype)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    result = run_export(plain["model"]["path"], plain["output"], format=plain["format"], gguf_type=plain["gguf_type"],
+                        quant=plain.get("quant"), checkpoint=plain["checkpoint"], tokenizer=plain["tokenizer"],
+                        dtype=plain["model"].get("dtype", "float32"), tiny=plain["model"].get("tiny"))
     print(json.dumps(result, indent=2))
 
 

@@ -87,7 +87,7 @@ def load_torch_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return model.eval()
 
 
-def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> nn.Module:
+def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **tiny_kwargs) -> nn.Module:
     """Load any export or starting checkpoint (see the module docstring) in eval mode.
 
     Raises:
@@ -126,7 +126,7 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> n
 
         for f in sorted(p.glob("*.safetensors")):
             check_safetensors(f)
-    return load_model(path, dtype)
+    return load_model(path, dtype, **tiny_kwargs)
 
 
 def load_any_tokenizer(path: str | os.PathLike):
@@ -149,16 +149,18 @@ def load_any_tokenizer(path: str | os.PathLike):
 
 
 def quantize_on_load(model: nn.Module, recipe) -> nn.Module:
-    """Quantize a float model in flight: prepare with `recipe`, then convert (no calibration).
+    """Quantize a float model in flight: prepare with `recipe` (a name, file or mapping), then convert
+    (no calibration).
 
     Raises:
         ValueError: a recipe with static activation or KV ranges (they need calibration: use qat-ptq).
     Example:
         >>> model = quantize_on_load(load_any("smollm2-135m"), qat.load_recipe("fp8_dynamic"))
     """
+    from qat.recipes import load_recipe
     from qat.transform import QuantRecipe, convert, prepare
 
-    recipe = QuantRecipe.from_dict(recipe)
+    recipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else QuantRecipe.from_dict(recipe)
     for role in ("input", "kv_cache"):
         spec = getattr(recipe.base, role)
         if spec is not None and not spec.dynamic:

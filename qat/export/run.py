@@ -34,7 +34,8 @@ def _load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike) -> No
                          f"unexpected {unexpected[:5]} (same base model and quant recipe as in training?)")
 
 
-def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None, dtype: str = "float32") -> nn.Module:
+def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None, dtype: str = "float32",
+                   tiny: dict | None = None) -> nn.Module:
     """The model to export: `model` loaded by `load_any`; with `quant`, prepared with that recipe and,
     with `checkpoint` (a QAT / PTQ state dict), loaded from it; else quantized in flight (RTN).
 
@@ -43,12 +44,14 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
     """
     from qat.transform import QuantRecipe, convert, prepare
 
-    loaded = load_any(model, dtype)
+    loaded = load_any(model, dtype, **(tiny or {}))
     if quant is None:
         if checkpoint is not None:
             raise ValueError("export: checkpoint= needs quant=<the recipe it was trained with>")
         return loaded
-    recipe = QuantRecipe.from_dict(quant)
+    from qat.recipes import load_recipe
+
+    recipe = load_recipe(quant) if isinstance(quant, (str, os.PathLike)) else QuantRecipe.from_dict(quant)
     if checkpoint is None:
         return quantize_on_load(loaded, recipe)
     prepared = prepare(loaded, recipe)
@@ -74,14 +77,15 @@ def bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int, flo
 
 
 def run_export(model: str, output: str, format: str = "native", gguf_type: str = "Q8_0", quant: Any = None,
-               checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32") -> dict:
+               checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
+               tiny: dict | None = None) -> dict:
     """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"}.
 
     Example:
         >>> run_export("tiny", "out/tiny.gguf", format="gguf", gguf_type="Q8_0")
     """
     start = time.perf_counter()
-    source = prepare_source(model, quant, checkpoint, dtype)
+    source = prepare_source(model, quant, checkpoint, dtype, tiny)
     tok = load_any_tokenizer(tokenizer or model)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
     out = _export(source, output, format, gguf_type, tokenizer=tok)
@@ -106,24 +110,43 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     return math.exp(nll / count)
 
 
-def run_eval(model: str, data: str | None = "wiki", quant: Any = None, seq_len: int = 256, max_blocks: int = 32,
-             split: str = "test", prompt: str | None = None, max_new_tokens: int = 32, tokenizer: str | None = None,
-             dtype: str = "float32", text_field: str | None = None) -> dict:
+def _corpus(data: str | dict, seq_len: int | None, max_blocks: int | None):
+    from dataclasses import fields
+
+    from qat.data import CorpusConfig
+
+    raw = {"path": data} if isinstance(data, (str, os.PathLike)) else dict(data)
+    cfg = CorpusConfig(**{f.name: raw[f.name] for f in fields(CorpusConfig) if f.name in raw and f.name != "tokenizer"})
+    cfg.path = str(cfg.path)
+    if seq_len:
+        cfg.block_size = seq_len
+    if max_blocks:
+        cfg.max_eval_blocks = max_blocks
+    return cfg
+
+
+def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, seq_len: int | None = None,
+             max_blocks: int | None = 32, split: str = "test", prompt: str | None = None, max_new_tokens: int = 32,
+             tokenizer: str | None = None, dtype: str = "float32", tiny: dict | None = None) -> dict:
     """Perplexity (and a greedy generation) of any export, loaded through `load_any`.
 
     Args:
         model: an export or checkpoint path (see `qat.export.load`).
-        data: a corpus for `qat.data.build_blocks` ("wiki", a text file...), or None to skip perplexity.
+        data: a corpus path / alias ("wiki", a text file...) or a mapping of `qat.data.CorpusConfig` fields
+            (the `data` config group), or None to skip perplexity.
         quant: a recipe to quantize in flight at load (e.g. fp8_dynamic).
+        seq_len / max_blocks: override the corpus's block size / number of evaluation blocks.
     Returns:
-        {"ppl", "tokens", "sample", "seconds"}.
+        {"model", "ppl", "tokens", "sample", "seconds"}.
     Raises:
         ValueError: no tokenizer found (give tokenizer=).
+    Example:
+        >>> run_eval("out/m.gguf", data="wiki", max_blocks=8)
     """
-    from qat.data import CorpusConfig, build_blocks
+    from qat.data import build_blocks
 
     start = time.perf_counter()
-    net = load_any(model, dtype)
+    net = load_any(model, dtype, **(tiny or {}))
     if quant is not None:
         net = quantize_on_load(net, quant)
     tok = load_any_tokenizer(tokenizer or model)
@@ -131,12 +154,14 @@ def run_eval(model: str, data: str | None = "wiki", quant: Any = None, seq_len: 
         raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
-        cfg = CorpusConfig(path=str(data), block_size=seq_len, text_field=text_field, max_eval_blocks=max_blocks)
-        blocks = build_blocks(cfg, tok, splits=[split])[split]
+        blocks = build_blocks(_corpus(data, seq_len, max_blocks), tok, splits=[split])[split]
         out.update(ppl=round(perplexity(net, blocks), 4), tokens=int(blocks.numel()))
     if prompt:
-        ids = torch.tensor([tok(prompt)["input_ids"] if callable(tok) else tok.encode(prompt)])
+        ids = torch.tensor([tok(prompt)["input_ids"]])
         gen = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        out["sample"] = tok.decode(gen[0, ids.shape[1]:].tolist())
+        new = gen[0, ids.shape[1]:].tolist()
+        if not hasattr(tok, "__len__"):  # tiny models' byte tokenizer: ids past its vocabulary have no text
+            new = [i for i in new if i < tok.vocab_size]
+        out["sample"] = tok.decode(new)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out

@@ -1,0 +1,66 @@
+"""compressed-tensors pack-quantized: our loader and transformers (with compressed-tensors) read our export."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qat
+from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
+from qat.export.compressed import pack_int32, unpack_int32
+from qat.export._io import load_safetensors
+from tests.export.conftest import logits
+
+FP16_SYM = {"name": "w4_fp16", "targets": ["Linear"], "ignore": ["lm_head"],
+            "weight": {"bits": 4, "granularity": "per_group", "group_size": 64, "scale_dtype": "fp16"}}
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), rows=st.integers(1, 4), cols=st.integers(1, 80), seed=st.integers(0, 99))
+def test_packing_matches_compressed_tensors(bits, rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    signed = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, cols), generator=g, dtype=torch.int8)
+    ours = pack_int32((signed.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8), bits)
+    assert torch.equal(ours, pack_to_int32(signed, bits))
+    assert torch.equal(unpack_int32(ours, bits, cols).to(torch.int16) - 2 ** (bits - 1), signed.to(torch.int16))
+
+
+@pytest.mark.parametrize("recipe", ["w4a16_g128", "w4a16_g128_asym", "w2a16_g64", "fp16_sym"])
+def test_round_trip_through_our_loader(model, ids, tmp_path, recipe):
+    r = qat.QuantRecipe.from_dict(FP16_SYM) if recipe == "fp16_sym" else qat.load_recipe(recipe)
+    prepared = qat.prepare(model, r)
+    ref = logits(prepared, ids)
+    export_compressed_tensors(prepared, tmp_path / "ct")
+    assert torch.equal(logits(load_compressed_tensors(tmp_path / "ct"), ids), ref)
+    assert torch.equal(logits(load_any(tmp_path / "ct"), ids), ref)
+
+
+def test_transformers_loads_our_export_with_equal_logits(model, ids, tmp_path):
+    prepared = qat.prepare(model, qat.load_recipe("w4a16_g128"))
+    ref = logits(prepared, ids)
+    export_compressed_tensors(prepared, tmp_path / "ct")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert torch.equal(logits(hf, ids), ref)
+
+
+def test_asymmetric_zero_points_decode_with_compressed_tensors(model, tmp_path):
+    converted = qat.convert(qat.prepare(model, qat.load_recipe("w4a16_g128_asym")))
+    export_compressed_tensors(converted, tmp_path / "ct")
+    t = load_safetensors(tmp_path / "ct" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    qw = converted.get_submodule(name).qweight
+    shape = (qw.shape[0], qw.shape[1] // 128)
+    zp = unpack_from_int32(t[f"{name}.weight_zero_point"], 4, torch.Size(shape), packed_dim=0)
+    assert torch.equal(zp.float() + 8, qw.zero_point.reshape(shape))
+    w = unpack_from_int32(t[f"{name}.weight_packed"], 4, torch.Size(qw.shape)).float()
+    deq = ((w - zp.float().repeat_interleave(128, 1)) * t[f"{name}.weight_scale"].repeat_interleave(128, 1))
+    assert torch.equal(deq, qw.dequantize())
+
+
+def test_unsupported_scheme_is_named(model, tmp_path):
+    prepared = qat.prepare(model, qat.load_recipe("gguf_q4_0"))
+    with pytest.raises(ValueError, match="model.layers.0.*supported: int weights"):
+        export_compressed_tensors(prepared, tmp_path / "ct")

@@ -1,0 +1,123 @@
+"""GGUF files: llama.cpp's mix rules, transformers' GGUF loader reads our files (weights and tokenizer),
+and bad input is refused with a clear error."""
+from __future__ import annotations
+
+import logging
+
+import gguf
+import pytest
+import torch
+import transformers
+
+import qat
+from qat.export import export_gguf, load_any, load_gguf
+from qat.export.gguf_export import fit_type, mix_type
+from qat.export.gguf_import import open_gguf
+from tests.export.conftest import logits
+
+TEXT = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny tokenizer",
+        "quantization aware training for llama models"] * 20
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(TEXT, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|endoftext|>")
+
+
+def test_q4_k_m_mix_follows_llama_cpp():
+    n = 32
+    assert mix_type("output.weight", (100, 256), "Q4_K_M", n, tied=False) == "Q6_K"
+    assert mix_type("token_embd.weight", (100, 256), "Q4_K_M", n, tied=True) == "Q6_K"
+    assert mix_type("token_embd.weight", (100, 256), "Q4_K_M", n, tied=False) == "Q4_K"
+    more = [i for i in range(n) if mix_type(f"blk.{i}.ffn_down.weight", (8, 256), "Q4_K_M", n, False) == "Q6_K"]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert mix_type("blk.5.attn_v.weight", (8, 256), "Q4_K_M", n, False) == "Q4_K"
+    assert mix_type("blk.3.attn_v.weight", (8, 256), "Q4_K_S", n, False) == "Q5_K"
+    assert mix_type("blk.9.attn_q.weight", (8, 256), "Q5_K_M", n, False) == "Q5_K"
+    assert mix_type("output.weight", (8, 256), "Q8_0", n, False) == "Q8_0"
+    assert mix_type("blk.0.attn_norm.weight", (256,), "Q4_K_M", n, False) == "F32"
+
+
+def test_row_fallback_as_llama_cpp_and_said(model, tmp_path, caplog):
+    assert (fit_type("Q4_K", 576), fit_type("Q6_K", 576), fit_type("Q5_K", 576), fit_type("Q4_0", 40)) == \
+        ("Q5_0", "Q8_0", "Q5_1", "F16")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    small = transformers.LlamaForCausalLM(cfg).eval()
+    with caplog.at_level(logging.WARNING):
+        path = export_gguf(small, tmp_path / "s.gguf", "Q4_K_M")
+    assert "Q4_K falls back to Q5_0" in caplog.text
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["output.weight"] == "Q8_0"
+
+
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M", "Q6_K", "Q5_K_S", "Q2_K", "Q3_K", "F16", "BF16", "Q4_1", "Q5_0"])
+def test_transformers_reads_our_file_as_we_do(model, ids, tmp_path, gguf_type):
+    path = export_gguf(model, tmp_path / "m.gguf", gguf_type)
+    ours = logits(load_gguf(path), ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert torch.equal(logits(hf, ids), ours)
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), logits(model, ids).flatten(), dim=0) > 0.8
+
+
+def test_f32_round_trip_is_exact_and_metadata_is_llama(model, ids, tmp_path):
+    path = export_gguf(model, tmp_path / "m.gguf", "F32")
+    assert torch.equal(logits(load_any(path), ids), logits(model, ids))
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+
+
+def test_tokenizer_embedded_and_read_back_by_transformers(model, tmp_path):
+    tok = bpe_tokenizer()
+    export_gguf(model, tmp_path / "m.gguf", "Q8_0", tokenizer=tok)
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ("the lazy fox", "hello quantization world"):
+        assert back(text)["input_ids"] == tok(text)["input_ids"]
+    assert back.eos_token_id == tok.eos_token_id
+
+
+def test_unknown_architecture_and_type(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; known"):
+        export_gguf(gpt2, tmp_path / "g.gguf", "Q8_0")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                                                                   num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="gguf_type='Q4_K_X'; choose a type"):
+        export_gguf(llama, tmp_path / "g.gguf", "Q4_K_X")
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def test_truncated_and_corrupted_files_are_refused(model, tmp_path):
+    path = export_gguf(model, tmp_path / "m.gguf", "Q8_0")
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated"):
+        open_gguf(tmp_path / "cut.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"NOPE" + data[4:])
+    with pytest.raises(ValueError, match="corrupted GGUF"):
+        load_gguf(tmp_path / "bad.gguf")
+
+
+def test_unwritable_path_and_atomic_failure(model, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        export_gguf(model, blocker / "m.gguf", "Q8_0")
+    import qat.export.gguf_export as ge
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ge, "encode", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(model, tmp_path / "m.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == [blocker]  # no partial file, no temp file left behind
