@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from qat.control import quantizers
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.awq import AWQConfig, awq_block, check_specs
 from qat.ptq.gptq import GPTQConfig, gptq_block
@@ -112,7 +113,8 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
                 raise ValueError(f"gptq: actorder with dynamic groups records a g_idx, which learned scales "
                                  f"(e.g. {learned[0]}) do not support; set static_groups=true")
     start = time.perf_counter()
-    if name == "rtn" and not batches:
+    static_acts = any(not q.spec.dynamic for _, q in quantizers(model, ["input", "kv_cache"]))
+    if name == "rtn" and not static_acts:  # weight-only RTN needs no data
         rtn_block(cfg)("model", model, [], False)
     else:
         sequential(model, batches, METHODS[name][1](cfg), desc=name, progress=progress)
@@ -123,8 +125,6 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
 
 
 def _check_calibration(name: str, cfg, batches: list, model: nn.Module) -> None:
-    from qat.control import quantizers
-
     needs = METHODS[name][2] or any(not q.spec.dynamic for _, q in quantizers(model, ["input", "kv_cache"]))
     n_tokens = count_tokens(batches)
     minimum = max(getattr(cfg, "min_tokens", 0), 1 if needs else 0)

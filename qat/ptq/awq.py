@@ -87,6 +87,7 @@ def search_scale(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
         >>> s, err, err_rtn = search_scale([fc.weight], [g], stats.mean_abs(), [spec])
     """
     x_mean = x_mean.float()
+    specs = [s.replace(observer="minmax", observer_args={}) for s in specs]  # as llm-awq; clipping comes after
     w_mean = _weight_mean(weights, specs) if duo_scaling else None
     best = (None, math.inf)
     base = None
