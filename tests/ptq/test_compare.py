@@ -1,0 +1,115 @@
+"""The comparison table / plot, the qat-ptq and qat-compare jobs, and that their configs compose."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+import qat
+from qat.compare import load_results, pareto_front, run_compare_job, run_ptq_job, weight_bits, write_results
+from qat.ptq import method_config
+from qat.recipes import CONFIG_DIR
+
+if not OmegaConf.has_resolver("qat_root"):
+    OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
+
+ROWS = [
+    {"method": "fp", "quant": "fp", "ppl": 10.0, "bits_per_weight": 16.0, "size_mb": 2.0, "wall_s": 0.0, "peak_mem_mb": 0.0},
+    {"method": "rtn", "quant": "w4", "ppl": 12.0, "bits_per_weight": 4.25, "size_mb": 1.0, "wall_s": 1.0, "peak_mem_mb": 1.0},
+    {"method": "gptq", "quant": "w4", "ppl": 11.0, "bits_per_weight": 4.25, "size_mb": 1.0, "wall_s": 2.0, "peak_mem_mb": 1.0},
+    {"method": "gptq", "quant": "w3", "ppl": 14.0, "bits_per_weight": 3.5, "size_mb": 0.8, "wall_s": 2.0, "peak_mem_mb": 1.0},
+]
+
+
+def test_pareto_front():
+    assert [(r["method"], r["quant"]) for r in pareto_front(ROWS)] == [("gptq", "w3"), ("gptq", "w4"), ("fp", "fp")]
+
+
+def test_write_results(tmp_path):
+    paths = write_results(ROWS, tmp_path)
+    assert json.loads(paths["json"].read_text()) == ROWS
+    assert paths["csv"].read_text().splitlines()[0] == "method,quant,ppl,bits_per_weight,size_mb,wall_s,peak_mem_mb"
+    assert "| gptq   | w3    | 14.000" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_load_results_takes_ptq_rows_and_train_results(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS[1]))
+    (tmp_path / "b.json").write_text(json.dumps({"qat_ppl": 11.5, "bits_per_weight": 4.25, "quant": "w4"}))
+    rows = load_results([tmp_path / "a.json", tmp_path / "b.json"])
+    assert rows[0] == ROWS[1] and rows[1]["method"] == "qat" and rows[1]["ppl"] == 11.5
+    (tmp_path / "c.json").write_text(json.dumps({"method": "x"}))
+    with pytest.raises(ValueError, match=r"c.json: result row lacks \['quant', 'ppl'\]"):
+        load_results([tmp_path / "c.json"])
+
+
+def test_bits_per_weight_counts_scales(tiny_llama):
+    rec = {"name": "w4g32", "ignore": ["lm_head"], "weight": {"bits": 4, "granularity": "per_group", "group_size": 32}}
+    model = qat.prepare(tiny_llama, rec)
+    bpw, size = weight_bits(model)
+    assert bpw == pytest.approx(4 + 32 / 32)  # fp32 scales, one per 32 weights
+    assert 0 < size < sum(p.numel() for p in model.parameters()) * 2 / 1e6
+
+
+def _compose(name, overrides=()):
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = "unused"
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "smoothquant"])
+def test_ptq_config_composes(method):
+    cfg = _compose("ptq", [f"method={method}", "model=tiny", "data=fixture"])
+    assert method_config(cfg["method"]).__class__.__name__.lower().startswith(method[:3])
+    qat.QuantRecipe.from_dict(cfg["quant"])
+
+
+def test_ptq_job_end_to_end(tmp_path):
+    cfg = _compose("ptq", ["calibration.samples=16", "eval.max_blocks=4", "method.actorder=true", "progress=false"])
+    result = run_ptq_job(cfg, tmp_path)
+    assert result["method"] == "gptq" and result["bits_per_weight"] == pytest.approx(4.25)
+    assert json.loads((tmp_path / "result.json").read_text())["ppl"] == pytest.approx(result["ppl"])
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    fresh = qat.prepare(qat.models.load_model("tiny", **cfg["model"]["tiny"]), cfg["quant"])
+    fresh.load_state_dict(state)
+    assert fresh.model.layers[0].mlp.down_proj.weight_quantizer.group_index() is not None
+    ids = torch.randint(0, 512, (1, 16))
+    from qat.models import load_model
+    again = qat.ptq.ptq_model(load_model("tiny", **cfg["model"]["tiny"]), cfg["quant"], cfg["method"],
+                              _calibration(cfg), progress=False)
+    torch.testing.assert_close(fresh(ids).logits, again(ids).logits, atol=0, rtol=0)
+
+
+def _calibration(cfg):
+    from qat.compare import job_inputs
+
+    return job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])[1]
+
+
+def test_bad_job_config_is_refused_before_work(tmp_path):
+    cfg = _compose("ptq", ["calibration.samples=16"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['act_order'\]"):
+        run_ptq_job({**cfg, "method": {**cfg["method"], "act_order": True}}, tmp_path)
+    with pytest.raises(ValueError, match=r"calibration: unknown key\(s\) \['sample'\]"):
+        run_ptq_job({**cfg, "calibration": {**cfg["calibration"], "sample": 3}}, tmp_path)
+
+
+def test_compare_job(tmp_path):
+    cfg = _compose("compare", ["calibration.samples=8", "eval.max_blocks=2", "methods=[fp,rtn,gptq]",
+                               "quants=[w4a16_g128]"])
+    paths = run_compare_job(cfg, tmp_path, log=lambda s: None)
+    rows = json.loads(paths["json"].read_text())
+    assert [r["method"] for r in rows] == ["fp", "rtn", "gptq"]
+    assert all(r["ppl"] > 1 for r in rows) and rows[0]["bits_per_weight"] == 16.0
