@@ -17,7 +17,7 @@ import torch
 QK_K = 256
 ASYM = {"Q2_K": (16, 3, 15), "Q4_K": (32, 15, 63), "Q5_K": (32, 31, 63)}  # sub-block, code max, scale max
 SYM = {"Q3_K": (16, 4, 32), "Q6_K": (16, 32, 128)}  # sub-block, -code min, -scale min
-NSTEP = {"Q2_K": 15, "Q4_K": 8, "Q5_K": 8}
+NSTEP = {"Q2_K": 8, "Q4_K": 4, "Q5_K": 4}  # candidates searched; more costs time for little gain
 
 
 def _f16(t: torch.Tensor) -> torch.Tensor:
@@ -28,10 +28,14 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1).to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _wls(x, w, L, nmax):
-    """Weighted least-squares scale and minimum (clamped <= 0) for codes L; and its weighted error."""
-    sw, sl, sx = w.sum(-1, keepdim=True), (w * L).sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
-    sl2, sxl = (w * L * L).sum(-1, keepdim=True), (w * L * x).sum(-1, keepdim=True)
+def _sums(w, L, x):
+    wl = w * L
+    return wl.sum(-1, keepdim=True), (wl * L).sum(-1, keepdim=True), (wl * x).sum(-1, keepdim=True)
+
+
+def _wls(sw, sx, sxx, sl, sl2, sxl):
+    """Weighted least-squares scale and minimum (clamped <= 0) for codes L, and the weighted squared error
+    sum w (scale*L + min - x)^2, expanded in the sums so that no element-wise pass is needed."""
     det = sw * sl2 - sl * sl
     ok = det > 0
     det = torch.where(ok, det, torch.ones_like(det))
@@ -39,7 +43,7 @@ def _wls(x, w, L, nmax):
     pos = mn > 0
     scale = torch.where(pos, sxl / sl2.clamp(min=1e-30), scale)
     mn = torch.where(pos, torch.zeros_like(mn), mn)
-    err = (w * (scale * L + mn - x).pow(2)).sum(-1, keepdim=True)
+    err = scale * scale * sl2 + 2 * scale * mn * sl + mn * mn * sw - 2 * scale * sxl - 2 * mn * sx + sxx
     return scale, mn, err.masked_fill(~ok, float("inf"))
 
 
@@ -49,12 +53,16 @@ def fit_asym(x: torch.Tensor, nmax: int, nstep: int) -> tuple[torch.Tensor, torc
     rng = hi - lo
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
     w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    sw, sx, sxx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (w * x * x).sum(-1, keepdim=True)
+    shifted = x - lo
     best_scale, best_min = rng / nmax, lo
-    L = torch.round((x - lo) * (nmax / safe)).clamp_(0, nmax)
-    best_err = (w * (best_scale * L + lo - x).pow(2)).sum(-1, keepdim=True)
+    L = torch.round(shifted * (nmax / safe)).clamp_(0, nmax)
+    sl, sl2, sxl = _sums(w, L, x)
+    s, m = best_scale, best_min
+    best_err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
     for k in range(nstep + 1):
-        L = torch.round((x - lo) * ((nmax - 1 + 0.1 * k) / safe)).clamp_(0, nmax)
-        scale, mn, err = _wls(x, w, L, nmax)
+        L = torch.round(shifted * ((nmax - 1 + 0.1 * k) / safe)).clamp_(0, nmax)
+        scale, mn, err = _wls(sw, sx, sxx, *_sums(w, L, x))
         better = err < best_err
         best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, mn, best_min)
         best_err = torch.where(better, err, best_err)
