@@ -23,26 +23,37 @@ class BlockDataset(Dataset):
         return {"input_ids": self.blocks[i]}
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order as a straight one.
+class StreamSampler(Sampler[int]):
+    """Training order as one endless stream of seeded permutations, read from a position.
 
-    Lightning calls `set_epoch` at the start of every epoch (as it does for DistributedSampler).
+    Permutation k (over all blocks) depends only on (seed, k), and the sampler continues from wherever it
+    stopped, whatever Lightning thinks the epoch is. `seek(n)` jumps to sample n of the stream, so a run
+    resumed at global step s (seek(s * batch * world * accumulate)) sees exactly the batches the straight
+    run saw, at an epoch boundary or in the middle of one.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, epoch_length: int | None = None) -> None:
+        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, 0
+        self.epoch_length = epoch_length or n  # samples per Lightning epoch (a multiple of the batch size)
+        self._cache: tuple[int, list[int]] = (-1, [])
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def _perm(self, k: int) -> list[int]:
+        if self._cache[0] != k:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + k))
+            self._cache = (k, order.tolist() if self.shuffle else list(range(self.n)))
+        return self._cache[1]
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        for _ in range(self.epoch_length):
+            k, i = divmod(self.position, self.n)
+            self.position += 1
+            yield self._perm(k)[i]
 
     def __len__(self) -> int:
-        return self.n
+        return self.epoch_length
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -78,6 +89,7 @@ class TextDataModule(pl.LightningDataModule):
         self.shuffle, self.num_workers = shuffle, num_workers
         self.blocks: dict[str, torch.Tensor] = {}
         self._tokenizer = None
+        self.train_sampler: StreamSampler | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -96,9 +108,23 @@ class TextDataModule(pl.LightningDataModule):
         if split not in self.blocks:
             raise ValueError(f"split {split!r} is empty (data.{'val' if split == 'validation' else split}_fraction=0?)")
         ds = BlockDataset(self.blocks[split])
-        sampler = EpochSampler(len(ds), self.corpus.seed, shuffle=train and self.shuffle)
-        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, drop_last=train and len(ds) >= self.batch_size)
+        if not train:
+            return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        if self.train_sampler is None or self.train_sampler.n != len(ds):
+            self.train_sampler = self._new_sampler(len(ds))
+        return DataLoader(ds, batch_size=self.batch_size, sampler=self.train_sampler, num_workers=self.num_workers)
+
+    def _new_sampler(self, n: int) -> StreamSampler:
+        if n < self.batch_size:
+            raise ValueError(f"{n} training blocks < data.batch_size={self.batch_size}; lower the batch size")
+        return StreamSampler(n, self.corpus.seed, self.shuffle, epoch_length=n // self.batch_size * self.batch_size)
+
+    def seek_train(self, n_samples: int) -> None:
+        """Continue the training stream at sample `n_samples` (resume; see StreamSampler)."""
+        self.setup()
+        if self.train_sampler is None:
+            self.train_sampler = self._new_sampler(len(self.blocks["train"]))
+        self.train_sampler.seek(n_samples)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

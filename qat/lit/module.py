@@ -170,6 +170,10 @@ class QATModule(pl.LightningModule):
         hp = self.hparams
         if hp.quant is not None and hp.range_init_batches > 0 and not _all_initialized(self.model):
             self.range_init(self.trainer.train_dataloader, hp.range_init_batches)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "seek_train"):  # (re)start the data stream where this step's batch lies
+            per_step = datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+            datamodule.seek_train(self.global_step * per_step)
         self.apply_schedule(self.global_step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qat.data import calibration_batches, load_documents, split_documents, tokenize_and_pack
-from qat.lit.data import EpochSampler, TextDataModule
+from qat.lit.data import StreamSampler, TextDataModule
 from qat.models import ByteTokenizer, context_length, load_model, tiny_llama
 
 
@@ -93,12 +93,11 @@ def test_datamodule_and_calibration_batches(corpus):
         calibration_batches({"path": corpus}, 10_000, 16)
 
 
-def test_epoch_sampler_depends_only_on_epoch():
-    s = EpochSampler(10, seed=1)
-    s.set_epoch(2)
-    first = list(s)
-    t = EpochSampler(10, seed=1)
-    t.set_epoch(2)
-    assert list(t) == first and sorted(first) == list(range(10))
-    t.set_epoch(3)
-    assert list(t) != first
+def test_stream_sampler_seek_continues_the_stream():
+    a = StreamSampler(10, seed=1, epoch_length=8)
+    stream = list(a) + list(a) + list(a)  # three Lightning epochs of 8 read one stream of permutations of 10
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    b = StreamSampler(10, seed=1, epoch_length=8)
+    b.seek(13)
+    assert list(b) == stream[13:21]
+    assert list(StreamSampler(10, seed=2)) != stream[:10]

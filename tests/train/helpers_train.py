@@ -1,0 +1,16 @@
+"""Shared helpers: compose configs/train.yaml with overrides (as qat-train would), tiny Lightning runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from qat.lit.run import ROOT
+
+CONFIG_DIR = ROOT / "configs"
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny_corpus.txt"
+
+
+def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/qat-test-out"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, f"paths.output_dir={output_dir}"])

@@ -1,0 +1,99 @@
+"""qat-train configs: every experiment runs (fast_dev_run, tiny model), every recipe composes, bad configs fail early."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from qat.lit.run import ROOT, check_config, train
+
+from helpers_train import CONFIG_DIR, compose_train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+TINY = ["model=tiny", "data=fixture", "logger=csv"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run_on_tiny_model(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", *TINY], tmp_path)
+    assert cfg.model.path == "tiny" and cfg.trainer.fast_dev_run == 1
+    results = train(cfg)
+    assert results["train_s"] > 0
+
+
+def test_default_run_prints_table_and_logs(tmp_path, capsys):
+    cfg = compose_train(["trainer.max_steps=3", "trainer.log_every_n_steps=1", "eval.baselines=true", "eval.max_blocks=2",
+                         "callbacks.quant_stats.every_n_steps=1"], tmp_path)
+    results = train(cfg)
+    out = capsys.readouterr().out
+    assert "| FP " in out and "| RTN " in out and "| QAT " in out and "gap" in out
+    assert {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered"} <= set(results)
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    for key in ("train/loss", "train/lr", "quant/scale_mean", "quant/clip_frac", "model.layers.0.mlp.up_proj/scale_mean"):
+        assert key in metrics
+    assert Path(results["ckpt"]).is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipe_composes(recipe):
+    data = yaml.safe_load(recipe.read_text())
+    assert set(data) == {"overrides", "metrics", "machine"}, "recipe keys"
+    header = recipe.read_text().splitlines()[0]
+    assert header.startswith("# qat-train "), "first line is the command"
+    cfg = compose_train(list(data["overrides"]))
+    assert cfg.quant is not None and cfg.trainer.max_steps > 0
+    assert {"fp_ppl", "rtn_ppl", "qat_ppl"} <= set(data["metrics"])
+
+
+def test_there_are_recipes():
+    assert any("smollm2_135m" in str(p) for p in RECIPES)
+
+
+def test_unknown_group_option_names_it():
+    with pytest.raises(MissingConfigException, match="model/nope"):
+        compose_train(["model=nope"])
+
+
+def test_misspelt_override_key_names_it():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train(["trainer.max_stepz=3"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("+module.lrr=0.1", r"module: unknown key\(s\) \['lrr'\]"),
+    ("+data.blok_size=3", r"data: unknown key\(s\) \['blok_size'\]"),
+    ("+trainer.max_stepz=3", r"trainer: unknown key\(s\) \['max_stepz'\]"),
+    ("+model.dtpye=bf16", r"model: unknown key\(s\) \['dtpye'\]"),
+    ("+eval.splt=test", r"eval: unknown key\(s\)"),
+    ("+quant.weight.bitz=4", "bitz"),
+    ("data.block_size=1024", r"data.block_size=1024 is larger than the context .*max_position_embeddings=256"),
+])
+def test_bad_config_fails_before_training(override, match):
+    with pytest.raises(ValueError, match=match):
+        check_config(compose_train([override]))
+
+
+def test_missing_data_file_and_model_path():
+    with pytest.raises(FileNotFoundError, match="data.path='/no/such/corpus.txt'"):
+        check_config(compose_train(["data.path=/no/such/corpus.txt"]))
+    with pytest.raises(FileNotFoundError, match="model path '/no/such/model' does not exist"):
+        check_config(compose_train(["model.path=/no/such/model"]))
+
+
+def test_cli_multirun_sweep(tmp_path):
+    cmd = [sys.executable, "-m", "qat.cli.train", "-m", "quant=w4a16_g128,w3a16_g64", "debug=fast_dev_run",
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quant w4a16_g128" in proc.stderr and "quant w3a16_g64" in proc.stderr
+    assert (tmp_path / "0").is_dir() and (tmp_path / "1").is_dir()
+
+
+def test_cli_bad_config_exits_with_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qat.cli.train", "data.path=/no/such.txt",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "data.path='/no/such.txt' does not exist" in proc.stderr
+    assert "step 1" not in proc.stderr

@@ -1,0 +1,150 @@
+"""QATModule: resume determinism, load_from_checkpoint of a QAT checkpoint, KD, schedule, quantizer stats."""
+import pytorch_lightning as pl
+import pytest
+import torch
+
+import qat
+from qat.lit import QATModule, TextDataModule, kd_loss, quantizer_stats
+from qat.models import tiny_llama
+
+OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3}
+SCHED = {"_target_": "transformers.get_cosine_schedule_with_warmup", "_partial_": True,
+         "num_warmup_steps": 2, "num_training_steps": 8}
+TINY = {"path": "tiny", "tiny": {"num_layers": 1}}
+
+
+def recipe():
+    """LSQ weights (learned scales) + static int8 activations (held ranges): every kind of quantizer state."""
+    r = qat.load_recipe("w4a16_g128_lsq").to_dict()
+    r["weight"]["group_size"] = 64
+    r["input"] = {"bits": 8, "symmetric": True, "granularity": "per_tensor"}
+    return r
+
+
+def module(**kw):
+    args = dict(model=TINY, quant=recipe(), optimizer=OPTIM, scheduler=SCHED, range_init_batches=1,
+                fake_quant_after=1, freeze_ranges_after=6)
+    return QATModule(**{**args, **kw})
+
+
+def datamodule(corpus):
+    # 16 train blocks / batch 4 = 4 steps per epoch: the resume point (step 4) is an epoch boundary
+    return TextDataModule(corpus, block_size=32, batch_size=4, max_train_blocks=16, max_eval_blocks=4)
+
+
+def fit(corpus, tmp_path, max_steps, ckpt_path=None, name="run"):
+    pl.seed_everything(0)
+    m = module()
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path / name, limit_val_batches=0, gradient_clip_val=1.0,
+                         num_sanity_val_steps=0)
+    trainer.fit(m, datamodule(corpus), ckpt_path=ckpt_path)
+    return m, trainer
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    straight, _ = fit(corpus, tmp_path, 8, name="straight")
+    fit(corpus, tmp_path, 4, name="half")
+    # the checkpoint ModelCheckpoint wrote at the end of epoch 0 (= step 4), as a real run would resume from
+    ckpt = tmp_path / "half" / "checkpoints" / "epoch=0-step=4.ckpt"
+    resumed, trainer = fit(corpus, tmp_path, 8, ckpt_path=str(ckpt), name="resumed")
+    assert trainer.global_step == 8
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    lsq = [k for k in a if k.endswith("weight_quantizer.scale")]
+    ranges = [k for k in a if k.endswith("input_quantizer.observer.hi")]
+    assert lsq and ranges
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+    flags = [q.get_extra_state() for _, q in qat.quantizers(resumed.model)]
+    assert flags == [q.get_extra_state() for _, q in qat.quantizers(straight.model)]
+    assert all(f["enabled"] and not f["observing"] for f in flags)  # schedule: on after 1, frozen after 6
+
+
+def test_load_from_checkpoint_rebuilds_qat_model(corpus, tmp_path):
+    m, trainer = fit(corpus, tmp_path, 3)
+    ckpt = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert any("weight_quantizer.scale" in k for k in state) and any("_extra_state" in k for k in state)
+    loaded = QATModule.load_from_checkpoint(ckpt)
+    assert isinstance(loaded.model.model.layers[0].mlp.up_proj, qat.modules.fake.FakeQuantLinear)
+    ids = torch.randint(3, 200, (2, 16))
+    m.eval(), loaded.eval()
+    assert torch.equal(m(ids), loaded(ids))
+    loaded_q = dict(qat.quantizers(loaded.model))
+    for name, q in qat.quantizers(m.model):
+        assert q.get_extra_state() == loaded_q[name].get_extra_state()
+
+
+def test_kd_loss_decreases_on_tiny_overfit():
+    torch.manual_seed(0)
+    m = QATModule(TINY, qat.load_recipe("w3a16_g64").to_dict(), kd={"weight": 1.0, "temperature": 2.0})
+    with torch.no_grad():  # a random tiny model's outputs are near uniform: sharpen the teacher's so KD has work
+        m._teacher[0].model.norm.weight.mul_(30)
+    ids = torch.randint(3, 500, (2, 16))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        out = m._losses(ids)
+        assert torch.equal(out["loss"], out["kd"])  # weight 1: pure distillation
+        losses.append(float(out["kd"]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert losses[0] > 0 and losses[-1] < 0.7 * losses[0]
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_teacher_frozen():
+    x = torch.randn(2, 5, 11)
+    assert float(kd_loss(x, x, 2.0)) == pytest.approx(0, abs=1e-6)
+    m = QATModule(TINY, None, kd={"weight": 0.5, "temperature": 1.0, "teacher": "copy"})
+    assert not any(p.requires_grad for p in m._teacher[0].parameters())
+    assert not any(k.startswith("_teacher") for k in m.state_dict())
+    shared = QATModule(TINY, qat.load_recipe("w4a16_g128").to_dict(), kd={"teacher": "shared"})
+    ids = torch.randint(3, 500, (1, 8))
+    with qat.quantization_disabled(shared.model):
+        assert torch.equal(shared.teacher_logits(ids), shared(ids))
+
+
+@pytest.mark.parametrize("kd, match", [({"wieght": 1}, "unknown key"), ({"weight": 2}, "kd.weight"),
+                                       ({"temperature": 0}, "kd.temperature"), ({"teacher": "big"}, "kd.teacher")])
+def test_bad_kd_config(kd, match):
+    with pytest.raises(ValueError, match=match):
+        QATModule(TINY, None, kd=kd)
+
+
+def test_schedule_and_range_init(corpus):
+    m = module(fake_quant_after=3, freeze_ranges_after=None)
+    dm = datamodule(corpus)
+    dm.setup()
+    assert not any(q.initialized for n, q in qat.quantizers(m.model) if q.role == "input")
+    m.range_init(dm.train_dataloader(), 2)
+    assert all(q.initialized for _, q in qat.quantizers(m.model))
+    m.apply_schedule(0)
+    assert not any(q.enabled for _, q in qat.quantizers(m.model))
+    m.apply_schedule(3)
+    assert all(q.enabled for _, q in qat.quantizers(m.model))
+    assert not any(q.observing for _, q in qat.quantizers(m.model, roles=["input"]))
+
+
+def test_quantizer_stats_report_clipping():
+    model = qat.prepare(tiny_llama(num_layers=1), qat.load_recipe("w4a16_g128_lsq"))
+    stats = quantizer_stats(model)
+    # LSQ starts at the min-max scale (amax -> 7.5 steps: only the rounded-up extremes clip)
+    assert stats["quant/clip_frac"] < 0.01 and stats["quant/scale_mean"] > 0
+    with torch.no_grad():
+        for _, q in qat.quantizers(model):
+            q.scale.mul_(0.5)
+    assert quantizer_stats(model)["quant/clip_frac"] > 0.05
+
+
+def test_gradient_checkpointing_matches_plain_gradients():
+    ids = torch.randint(3, 500, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m = QATModule(TINY, qat.load_recipe("w4a16_g128").to_dict(), gradient_checkpointing=ckpt)
+        m._losses(ids)["loss"].backward()
+        grads.append(m.model.model.layers[0].mlp.up_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
