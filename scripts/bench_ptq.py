@@ -102,7 +102,7 @@ def main() -> None:
     spec = QuantSpec(bits=args.bits, granularity="per_group", group_size=g)
 
     def ours_hessian():
-        st = InputStats(dim)
+        st = InputStats(dim, magnitudes=False)  # what GPTQ records
         for b in batches:
             st.update(b)
         return st
@@ -121,7 +121,8 @@ def main() -> None:
         res, t = timed(lambda: gptq_quantize(w, H, spec, actorder=act))
         ref_q, t_ref = timed(lambda: reference_fasterquant(w, H, args.bits, g, act))
         rows += [(f"gptq{tag} (qat)", t, err(res.weight)), (f"gptq{tag} (reference port)", t_ref, err(ref_q))]
-    (s, _, _), t_scale = timed(lambda: search_scale([w], [gram], stats.mean_abs(), [spec]))
+    x_mean = torch.cat([b.abs() for b in batches]).mean(0)
+    (s, _, _), t_scale = timed(lambda: search_scale([w], [gram], x_mean, [spec]))
     w_s = w * s
     (scale, zp), t_clip = timed(lambda: search_clip(w_s, gram / torch.outer(s, s), spec))
     q_awq = fake_quantize_forward(w_s, scale, zp, spec)[0] / s

@@ -289,7 +289,7 @@ def gptq_block(cfg: GPTQConfig):
         groups = stages(block, inputs, linears, is_model) if cfg.true_sequential else [list(linears)]
         for group in groups:
             mods = {n: linears[n] for n in group}
-            with activation_quantizers_off(block), record_inputs(mods) as stats:
+            with activation_quantizers_off(block), record_inputs(mods, magnitudes=False) as stats:
                 if cfg.true_sequential:
                     run_block(block, inputs, is_model)
                 else:

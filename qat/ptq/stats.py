@@ -20,13 +20,15 @@ class InputStats:
     Args:
         in_features: the layer's input width.
         hessian: also accumulate the Gram matrix (in_features^2 floats).
+        magnitudes: also accumulate sum |x| and max |x| per channel.
     Example:
         >>> st = InputStats(8); st.update(torch.randn(4, 8)); st.hessian().shape
         torch.Size([8, 8])
     """
 
-    def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str = "cpu") -> None:
-        self.in_features = in_features
+    def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str = "cpu",
+                 magnitudes: bool = True) -> None:
+        self.in_features, self.magnitudes = in_features, magnitudes
         self.n_tokens = 0
         self.abs_sum = torch.zeros(in_features, device=device)
         self.abs_max = torch.zeros(in_features, device=device)
@@ -43,9 +45,10 @@ class InputStats:
         # a copy: the pending chunk must not change if the caller later edits its tensor in place
         x = x.detach().reshape(-1, self.in_features).to(torch.float32, copy=True)
         self.n_tokens += x.shape[0]
-        a = x.abs()
-        self.abs_sum += a.sum(0)
-        torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
+        if self.magnitudes:
+            a = x.abs()
+            self.abs_sum += a.sum(0)
+            torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
         if self._gram is not None:
             self._pending.append(x)
             self._pending_rows += x.shape[0]
@@ -94,7 +97,8 @@ class InputStats:
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], hessian: bool = True) -> Iterator[dict[str, InputStats]]:
+def record_inputs(modules: dict[str, nn.Module], hessian: bool = True,
+                  magnitudes: bool = True) -> Iterator[dict[str, InputStats]]:
     """Attach forward hooks that accumulate `InputStats` for each module while the block runs.
 
     Example:
@@ -103,7 +107,7 @@ def record_inputs(modules: dict[str, nn.Module], hessian: bool = True) -> Iterat
         >>> stats["fc"].n_tokens
         16
     """
-    stats = {n: InputStats(m.in_features, hessian, m.weight.device) for n, m in modules.items()}
+    stats = {n: InputStats(m.in_features, hessian, m.weight.device, magnitudes) for n, m in modules.items()}
     handles = [m.register_forward_pre_hook(_hook(stats[n])) for n, m in modules.items()]
     try:
         yield stats
