@@ -134,9 +134,22 @@ def _quant_name(quant: Any) -> str:
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """Rows from result JSON files (one row, or a list of rows, each with at least method, quant, ppl).
 
+    Paths may be glob patterns (`outputs/ptq/multirun/**/result.json` collects a `qat-ptq -m` sweep).
     Raises:
         ValueError: a file without the required keys, naming it.
     """
+    import glob
+
+    rows = []
+    for pattern in paths:
+        matched = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [pattern]
+        if not matched:
+            raise ValueError(f"results pattern {str(pattern)!r} matches no file")
+        rows += _rows_of(matched)
+    return rows
+
+
+def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
     rows = []
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -344,7 +357,8 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     torch.manual_seed(int(cfg.get("seed", 0)))
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])
-    load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
+    if methods:
+        load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     rows = []
     for label, opts in methods:
         if opts["name"] != "fp":

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
+from qat.primitives import fake_quantize_forward
 from qat.ptq import InputStats, gptq_quantize, search_clip, search_scale
 from qat.ptq.awq import output_error, rtn_weight
 from qat.spec import QuantSpec

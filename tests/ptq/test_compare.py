@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +42,9 @@ def test_load_results_takes_ptq_rows_and_train_results(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"qat_ppl": 11.5, "bits_per_weight": 4.25, "quant": "w4"}))
     rows = load_results([tmp_path / "a.json", tmp_path / "b.json"])
     assert rows[0] == ROWS[1] and rows[1]["method"] == "qat" and rows[1]["ppl"] == 11.5
+    assert load_results([str(tmp_path / "*.json")]) == rows  # a glob collects a qat-ptq -m sweep
+    with pytest.raises(ValueError, match="matches no file"):
+        load_results([str(tmp_path / "nothing*.json")])
     (tmp_path / "c.json").write_text(json.dumps({"method": "x"}))
     with pytest.raises(ValueError, match=r"c.json: result row lacks \['quant', 'ppl'\]"):
         load_results([tmp_path / "c.json"])
