@@ -18,6 +18,8 @@ SPECS = {
     "w4_g32": G32,
     "w3_channel": QuantSpec(bits=3, granularity="per_channel"),
     "w4_g32_asym": QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=32),
+    "w8_tensor": QuantSpec(bits=8, granularity="per_tensor"),
+    "w4_g32_mse": QuantSpec(bits=4, granularity="per_group", group_size=32, observer="mse"),
 }
 
 
