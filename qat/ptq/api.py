@@ -96,7 +96,7 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
     Raises:
         ValueError: a model with no fake-quant linears, too few calibration tokens, an unsupported scheme.
     Example:
-        >>> qat.ptq.apply(qat.prepare(model, "w4a16_g128"), {"name": "gptq", "actorder": True}, batches)
+        >>> qat.ptq.apply(qat.prepare(model, qat.load_recipe("w4a16_g128")), {"name": "gptq", "actorder": True}, batches)
     """
     cfg = method_config(method_cfg)
     name = method_name(cfg)
