@@ -1,0 +1,119 @@
+"""Step time and peak memory of a QAT training step vs a full-precision step of the same model, same run.
+
+    python scripts/bench_qat_step.py                       # tiny-ish Llama (random), W4A16 g128 and W4A8
+    python scripts/bench_qat_step.py --model smollm2-135m --batch 2 --seq 128 --steps 4
+
+Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
+robin) so machine noise hits all of them alike; the median step time is reported. Peak memory is the peak
+RSS growth over a step on CPU (sampled every ms; the step's activations, gradients, fake-quant temporaries),
+or torch.cuda.max_memory_allocated growth on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import threading
+import time
+
+import torch
+
+import qat
+from qat.models import load_model
+
+SCHEMES = {"W4A16 g128": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
+
+
+def make_variants(base, schemes: dict[str, str], group_size: int | None):
+    variants = {"FP": copy.deepcopy(base).train()}
+    for label, name in schemes.items():
+        recipe = qat.load_recipe(name).to_dict()
+        recipe["kv_cache"] = None  # weights + activations only: the KV cache is not part of a training step
+        if group_size:
+            recipe["weight"]["group_size"] = group_size
+        variants[label] = qat.prepare(copy.deepcopy(base).train(), recipe)
+    return variants
+
+
+def step(model, opt, ids) -> float:
+    start = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Samples RSS every millisecond in a thread (torch kernels release the GIL): peak growth over a block."""
+
+    def __enter__(self):
+        self.base, self.peak, self.done = rss_mb(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, rss_mb() - self.base)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mb() - self.base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a local folder")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 1 warm-up)")
+    parser.add_argument("--group-size", type=int, default=None, help="override g (SmolLM2: 64; 576 %% 128 != 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    tiny = dict(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, vocab_size=8192)
+    base = load_model(args.model, **(tiny if args.model == "tiny" else {})).to(args.device)
+    group = args.group_size or (64 if base.config.hidden_size % 128 else None)
+    variants = make_variants(base, SCHEMES, group)
+    del base
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
+    ids = torch.randint(0, variants["FP"].config.vocab_size, (args.batch, args.seq), device=args.device)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = {k: 0.0 for k in variants}
+    for i in range(args.steps + 1):
+        for name, model in variants.items():
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                dt = step(model, opts[name], ids)
+                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            else:
+                with PeakRSS() as meter:
+                    dt = step(model, opts[name], ids)
+                peak = meter.peak
+            if i > 0:
+                times[name].append(dt)
+                peaks[name] = max(peaks[name], peak)
+    fp_t = statistics.median(times["FP"])
+    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
+          f"group size {group or 128}")
+    rows = []
+    for name in variants:
+        t = statistics.median(times[name])
+        rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t,
+                     "tokens_per_s": args.batch * args.seq / t, "step_peak_MB": peaks[name],
+                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9)})
+    print(qat.format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
