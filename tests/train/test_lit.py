@@ -35,18 +35,20 @@ def datamodule(corpus):
 def fit(corpus, tmp_path, max_steps, ckpt_path=None, name="run"):
     pl.seed_everything(0)
     m = module()
+    every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name / "steps", every_n_train_steps=1, save_top_k=-1)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path / name, limit_val_batches=0, gradient_clip_val=1.0,
-                         num_sanity_val_steps=0)
+                         num_sanity_val_steps=0, callbacks=[every])
     trainer.fit(m, datamodule(corpus), ckpt_path=ckpt_path)
     return m, trainer
 
 
-def test_resume_is_bit_identical(corpus, tmp_path):
+@pytest.mark.parametrize("at", [4, 3], ids=["epoch_end", "mid_epoch"])
+def test_resume_is_bit_identical(corpus, tmp_path, at):
     straight, _ = fit(corpus, tmp_path, 8, name="straight")
-    fit(corpus, tmp_path, 4, name="half")
-    # the checkpoint ModelCheckpoint wrote at the end of epoch 0 (= step 4), as a real run would resume from
-    ckpt = tmp_path / "half" / "checkpoints" / "epoch=0-step=4.ckpt"
+    fit(corpus, tmp_path, at, name="half")
+    # the checkpoint ModelCheckpoint wrote at step `at`, as a real run would resume from
+    ckpt = tmp_path / "half" / "steps" / f"epoch=0-step={at}.ckpt"
     resumed, trainer = fit(corpus, tmp_path, 8, ckpt_path=str(ckpt), name="resumed")
     assert trainer.global_step == 8
     a, b = straight.state_dict(), resumed.state_dict()
