@@ -97,3 +97,14 @@ def test_cli_bad_config_exits_with_message(tmp_path):
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "data.path='/no/such.txt' does not exist" in proc.stderr
     assert "step 1" not in proc.stderr
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train(["logger=wandb", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "eval.after=false",
+                         "callbacks=none"], tmp_path)
+    train(cfg)
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "an offline wandb run directory (to `wandb sync` later)"
