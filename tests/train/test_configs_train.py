@@ -108,3 +108,24 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     train(cfg)
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "an offline wandb run directory (to `wandb sync` later)"
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
+    cfg = compose_train(["debug=fast_dev_run", "trainer.precision=bf16-mixed", "module.gradient_checkpointing=true",
+                         "quant=w4a8_kv8"], tmp_path)
+    assert train(cfg)["train_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_scale_out_trainer_configs_compose(name):
+    from hydra.utils import instantiate
+
+    cfg = compose_train([f"trainer={name}"])
+    assert cfg.trainer.devices == 2
+    strategy = cfg.trainer.strategy
+    if name == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        assert isinstance(instantiate(strategy), FSDPStrategy)
+    else:
+        assert strategy == "ddp"
