@@ -129,3 +129,10 @@ def test_scale_out_trainer_configs_compose(name):
         assert isinstance(instantiate(strategy), FSDPStrategy)
     else:
         assert strategy == "ddp"
+
+
+def test_full_precision_run_without_quant_group(tmp_path):
+    cfg = compose_train(["~quant", "trainer.max_steps=2", "eval.baselines=true", "eval.max_blocks=2"], tmp_path)
+    assert cfg.module.quant is None
+    results = train(cfg)
+    assert "rtn_ppl" not in results and results["qat_ppl"] > 0
