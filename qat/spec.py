@@ -19,8 +19,11 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 LEARN_MODES = ("none", "lsq", "lsq_plus", "pact")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("weight", "input", "kv_cache")
-GRIDS = ("uniform", "ggml")
+GRIDS = ("uniform", "ggml", "ggml_k")
 GGML_BITS = (4, 5, 8)
+# ggml_k: bits -> (GGUF type, symmetric, sub-block size, sub-block scale code max, bytes per 256 values)
+GGML_K = {2: ("Q2_K", False, 16, 15, 84), 3: ("Q3_K", True, 16, 32, 110), 4: ("Q4_K", False, 32, 63, 144),
+          5: ("Q5_K", False, 32, 63, 176), 6: ("Q6_K", True, 16, 128, 210)}
 
 
 def _check_choice(owner: str, name: str, value: Any, choices) -> None:
@@ -59,6 +62,9 @@ class QuantSpec:
             that fake quant equals the GGUF blocks bit for bit. With "ggml", bits=8 symmetric is Q8_0,
             bits=4/5 symmetric are Q4_0/Q5_0 (signed scale max/-8, max/-16), bits=4/5 asymmetric are
             Q4_1/Q5_1 (a float minimum held in `zero_point`); per_group, group_size=32, scale_dtype fp16.
+            "ggml_k": llama.cpp's K-quants with two-level scales (bits 2..6 = Q2_K..Q6_K): sub-block
+            scales (and minimums) quantized under fp16 super-block scales over 256 values; group_size is
+            the sub-block (32 for Q4_K/Q5_K, 16 otherwise), symmetric for Q3_K/Q6_K only.
     Raises:
         ValueError: a field out of range, naming the field and the valid values.
 
@@ -121,6 +127,17 @@ class QuantSpec:
         _check_choice(owner, "grid", self.grid, GRIDS)
         if self.grid == "ggml":
             self._check_ggml()
+        elif self.grid == "ggml_k":
+            self._check_ggml_k()
+
+    def _check_ggml_k(self) -> None:
+        if self.dtype != "int" or self.bits not in GGML_K:
+            raise ValueError(f"QuantSpec.grid='ggml_k' needs dtype=int and bits in {sorted(GGML_K)}")
+        name, sym, sub = GGML_K[self.bits][:3]
+        if (self.symmetric != sym or self.granularity != "per_group" or self.group_size != sub
+                or self.scale_dtype != "fp16" or self.learn != "none" or self.signed != sym):
+            raise ValueError(f"QuantSpec.grid='ggml_k' with bits={self.bits} is {name}: it needs symmetric={sym}, "
+                             f"granularity='per_group', group_size={sub}, scale_dtype='fp16', learn='none'")
 
     def _check_ggml(self) -> None:
         problems = []
@@ -161,6 +178,8 @@ class QuantSpec:
         if self.granularity != "per_group":
             return float(self.bits)
         extra = torch.finfo(self.torch_scale_dtype).bits
+        if self.grid == "ggml_k":
+            return GGML_K[self.bits][4] * 8 / 256
         if self.grid == "ggml" and not self.symmetric:
             extra += 16  # a float (fp16) minimum, not an integer zero-point
         elif not self.symmetric:

@@ -18,6 +18,7 @@ from qat.export.compressed import export_compressed_tensors, load_compressed_ten
 from qat.export.gguf_export import MIXES, export_gguf
 from qat.export.gguf_import import load_gguf
 from qat.export.gptq import export_gptq, load_gptq
+from qat.export.imatrix import collect_importance
 from qat.export.load import detect_format, load_any, load_any_tokenizer, quantize_on_load
 from qat.export.native import load_native, save_native
 
@@ -25,7 +26,7 @@ FORMATS = ("native", "compressed_tensors", "gptq", "gguf")
 
 __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_gguf", "load_gguf",
            "export_compressed_tensors", "load_compressed_tensors", "export_gptq", "load_gptq", "load_any",
-           "load_any_tokenizer", "detect_format", "quantize_on_load"]
+           "load_any_tokenizer", "detect_format", "quantize_on_load", "collect_importance"]
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",

@@ -151,12 +151,40 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
 
 
-def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
-    """The float parameter `name`, or the QuantizedWeight standing for `<module>.weight`."""
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+    return (model.get_submodule(module_name) if module_name else model), leaf
+
+
+def weight_spec(model: nn.Module, name: str):
+    """(QuantSpec or None, has an act-order g_idx) of parameter `name`, without quantizing anything."""
+    module, leaf = _owner(model, name)
+    if leaf != "weight":
+        return None, False
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module.qweight.spec, module.qweight.group_index() is not None
+    quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
+    if quantizer is None:
+        return None, False
+    return quantizer.spec, quantizer.group_index() is not None
+
+
+def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
+    """The float parameter `name`, or the QuantizedWeight standing for `<module>.weight`: the one a
+    converted module holds, or (fake-quant module) one made now with its qparams, as `convert` would,
+    so that a prepared model exports tensor by tensor without a converted copy in memory."""
+    module, leaf = _owner(model, name)
     if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
         return module.qweight
+    quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
+    if leaf == "weight" and quantizer is not None:
+        with torch.no_grad():
+            weight = module.weight.detach()
+            quantizer.observe(weight)
+            scale, zero_point = quantizer.qparams(weight)
+            zero_point = None if zero_point is None else zero_point.detach()
+            return QuantizedWeight.from_tensor(weight, quantizer.spec, scale.detach(), zero_point, name,
+                                               quantizer.group_index())
     return getattr(module, leaf)
 
 

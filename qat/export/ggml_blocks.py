@@ -48,8 +48,11 @@ def ggml_spec(type_name: str) -> QuantSpec:
     return QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=32, scale_dtype="fp16", grid="ggml")
 
 
-def encode(weight: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks and decoded values of a 2-D float tensor in GGUF type `type_name`.
+
+    `importance` [cols] (see `qat.export.imatrix`) weighs the K-quant fits (Q2_K, Q4_K, Q5_K); other types
+    ignore it (their blocks stay bit-identical to gguf-py's).
 
     Raises:
         KeyError: an unknown type, listing the known ones.
@@ -61,6 +64,8 @@ def encode(weight: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Te
     w = weight.detach().float().reshape(-1, weight.shape[-1])
     if w.shape[1] % block:
         raise ValueError(f"GGUF {type_name} needs rows that are a multiple of {block}; got {w.shape[1]}")
+    if importance is not None and type_name in ("Q2_K", "Q4_K", "Q5_K"):
+        return ENCODERS[type_name](w, importance)
     return ENCODERS[type_name](w)
 
 

@@ -11,7 +11,7 @@ between; in Q4_K_S, attn_v of the first 4 layers and ffn_down of the first n/8 i
 Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here, as we have no IQ4_NL) and a warning names the tensor.
 
 Format-exact export: a converted (or prepared) model whose weights were trained or quantized on a
-ggml grid (`QuantSpec(grid="ggml")`, recipes gguf_q8_0 ... gguf_q5_1) keeps its trained type and its
+ggml grid (`QuantSpec(grid="ggml")` or `"ggml_k"`, recipes gguf_q8_0 ... gguf_q5_1, gguf_q2_k ... gguf_q6_k) keeps its trained type and its
 blocks are built from its own codes and scales: the file computes exactly what the model computed.
 Other quantized weights are dequantized and re-quantized to the target type (a warning says so).
 
@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, converted_copy, float_weight_names, weight_of
+from qat.export._io import atomic_path, float_weight_names, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, LEGACY, encode, legacy_blocks
+from qat.export.kquants import kquant_blocks
+from qat.spec import GGML_K
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -118,9 +120,14 @@ def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def _trained_type(w) -> str | None:
-    if isinstance(w, QuantizedWeight) and w.spec.grid == "ggml" and w.group_index() is None:
-        return next(n for n, (b, s) in LEGACY.items() if b == w.spec.bits and s == w.spec.symmetric)
+def _trained_type(spec, has_g_idx: bool = False) -> str | None:
+    """The GGUF type a weight was trained / quantized on (a ggml or ggml_k grid), else None."""
+    if spec is None or has_g_idx:
+        return None
+    if spec.grid == "ggml":
+        return next(n for n, (b, s) in LEGACY.items() if b == spec.bits and s == spec.symmetric)
+    if spec.grid == "ggml_k":
+        return GGML_K[spec.bits][0]
     return None
 
 
@@ -140,9 +147,11 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
-        name, w = gguf_name(hf), weight_of(model, hf)
-        shape = tuple(w.shape)
-        type_name = _trained_type(w) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied)
+        name, (spec, has_g_idx) = gguf_name(hf), weight_spec(model, hf)
+        module, _, leaf = hf.rpartition(".")
+        owner = model.get_submodule(module)
+        shape = tuple(owner.qweight.shape) if hasattr(owner, "qweight") and leaf == "weight" else tuple(getattr(owner, leaf).shape)
+        type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied)
         if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
             fallbacks.setdefault((type_name, fitted), []).append(name)
             type_name = fitted
@@ -151,15 +160,16 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
     return entries
 
 
-def _tensor_bytes(model: nn.Module, entry: _Entry) -> np.ndarray:
+def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = None) -> np.ndarray:
     config = model.config
     w = weight_of(model, entry.hf)
     n_head = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(entry.name.split(".")[-2])
     perm = (lambda t: _permute_rows(t, n_head)) if n_head and entry.name.startswith("blk.") else (lambda t: t)
-    if _trained_type(w) == entry.type:
+    if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
-        return legacy_blocks(perm(w.codes()), perm(w.scale), zp, entry.type).numpy()
+        blocks = legacy_blocks if entry.type in LEGACY else kquant_blocks
+        return blocks(perm(w.codes()), perm(scale), zp, entry.type).numpy()
     if isinstance(w, QuantizedWeight):
         log.warning("GGUF: %s holds %s weights; re-quantizing them to %s (not format-exact)",
                     entry.hf, w.spec.describe(), entry.type)
@@ -169,10 +179,12 @@ def _tensor_bytes(model: nn.Module, entry: _Entry) -> np.ndarray:
         return w.numpy()
     if w.ndim == 1:
         w = w.unsqueeze(0)
-    return encode(w, entry.type)[0].numpy()
+    imp = (importance or {}).get(entry.hf)
+    return encode(w, entry.type, imp)[0].numpy()
 
 
-def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None) -> Path:
+def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
+                importance: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (float, prepared or converted; llama architecture) as a GGUF file.
 
     Args:
@@ -180,6 +192,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         path: the .gguf file to write (atomically).
         gguf_type: a tensor type or a mix (see the module docstring).
         tokenizer: a Hugging Face byte-level BPE tokenizer to embed (llama.cpp needs one to run).
+        importance: {"<module>.weight": mean x^2 per input column} from `qat.export.imatrix.collect_importance`,
+            to weigh the K-quant fits of float weights (an imatrix).
     Returns:
         the path written.
     Raises:
@@ -189,8 +203,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     """
     import gguf
 
-    model = converted_copy(model)
-    entries = plan_types(model, gguf_type)
+    entries = plan_types(model, gguf_type)  # float, prepared or converted: weights are taken one at a time
     path = Path(path)
     with atomic_path(path) as tmp, torch.no_grad():
         writer = gguf.GGUFWriter(str(tmp), model.config.model_type if model.config.model_type == "llama" else "llama")
@@ -209,7 +222,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for e in entries:
-            data = _tensor_bytes(model, e)
+            data = _tensor_bytes(model, e, importance)
             writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)
         writer.close()
     return path

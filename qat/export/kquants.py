@@ -1,27 +1,23 @@
 """GGUF K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), vectorized over all blocks of a tensor.
 
-Super-blocks of 256 values hold sub-blocks of 16 or 32. Each sub-block gets a float scale (and, for the
-asymmetric types, a minimum) fitted here; those are then quantized under fp16 super-scales (`d`, `dmin`),
-and the codes are recomputed with the quantized scales, as llama.cpp's reference quantizer does. The
-decoded values are therefore exactly `dl * q - dm` with dl = fp16(d) * sc, dm = fp16(dmin) * m, in float32,
-the arithmetic of `gguf.quants.dequantize`.
-
-Fitting: symmetric types use the sub-block's signed absolute maximum; asymmetric types search
-`nstep` + 1 candidate scales around min-max with a weighted least-squares refit of scale and minimum
-(the idea of llama.cpp's make_qkx2_quants, weights |x| + rms(x)), keeping the best per sub-block.
+Super-blocks of 256 values hold sub-blocks of 16 or 32 values. The numerics are the one numerics:
+`QuantSpec(grid="ggml_k")` in `qat.primitives` quantizes each sub-block's scale (and minimum) under fp16
+super-block scales and computes the codes with the quantized scales, as llama.cpp's reference quantizer
+does; a model trained with that spec (recipes gguf_q*_k) holds exactly these codes. This module adds
+(1) the fit of the sub-block ranges for export from float weights: symmetric types use the signed peak,
+asymmetric types search `NSTEP` + 1 candidate scales around min-max with a weighted least-squares refit
+of scale and minimum (the idea of llama.cpp's make_qkx2_quants, weights |x| + rms(x)), and (2) the bit
+layout of the blocks. Decoded values are exactly d*sc*q - dmin*m in float32, gguf.quants.dequantize's math.
 """
 from __future__ import annotations
 
 import torch
 
+from qat.primitives import choose_qparams, compute_range, dequantize, quantize
+from qat.spec import GGML_K, QuantSpec
+
 QK_K = 256
-ASYM = {"Q2_K": (16, 3, 15), "Q4_K": (32, 15, 63), "Q5_K": (32, 31, 63)}  # sub-block, code max, scale max
-SYM = {"Q3_K": (16, 4, 32), "Q6_K": (16, 32, 128)}  # sub-block, -code min, -scale min
 NSTEP = {"Q2_K": 8, "Q4_K": 4, "Q5_K": 4}  # candidates searched; more costs time for little gain
-
-
-def _f16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float16).float()
 
 
 def _half_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -47,12 +43,19 @@ def _wls(sw, sx, sxx, sl, sl2, sxl):
     return scale, mn, err.masked_fill(~ok, float("inf"))
 
 
-def fit_asym(x: torch.Tensor, nmax: int, nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sub-block (scale >= 0, minimum <= 0) for x [..., sub] so that x ~ scale * L + minimum."""
+def fit_asym(x: torch.Tensor, nmax: int, nstep: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sub-block (scale >= 0, minimum <= 0) for x [..., sub] so that x ~ scale * L + minimum.
+
+    `importance` (broadcastable to x, e.g. an imatrix column statistic) weighs the error as llama.cpp does
+    with an imatrix: imp * sqrt(sigma^2 + x^2); without it, the weights are rms(x) + |x|."""
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True)
     rng = hi - lo
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
-    w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    if importance is None:
+        w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    else:
+        sigma2 = 2 * x.pow(2).mean(-1, keepdim=True)
+        w = importance * (sigma2 + x * x).sqrt()
     sw, sx, sxx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (w * x * x).sum(-1, keepdim=True)
     shifted = x - lo
     best_scale, best_min = rng / nmax, lo
@@ -69,43 +72,51 @@ def fit_asym(x: torch.Tensor, nmax: int, nstep: int) -> tuple[torch.Tensor, torc
     return best_scale.clamp(min=0).squeeze(-1), (-best_min).squeeze(-1)
 
 
-def _second_level(values: torch.Tensor, smax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-negative sub-block values [nb, n] -> (fp16-rounded super-scale [nb, 1], integer codes 0..smax)."""
-    vmax = values.amax(-1, keepdim=True)
-    inv = torch.where(vmax > 0, smax / vmax, torch.zeros_like(vmax))
-    codes = torch.round(inv * values).clamp_(0, smax)
-    return _f16(vmax / smax), codes
+def kquant_spec(name: str) -> QuantSpec:
+    """The QuantSpec (grid="ggml_k") whose numerics are GGUF K-quant type `name`.
+
+    Example:
+        >>> kquant_spec("Q4_K").describe()
+        'int4 asym g32 ggml_k'
+    """
+    bits = next((b for b, v in GGML_K.items() if v[0] == name), None)
+    if bits is None:
+        raise KeyError(f"{name!r} is not a K-quant; choose from {[v[0] for v in GGML_K.values()]}")
+    _, sym, sub = GGML_K[bits][:3]
+    return QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=sub, scale_dtype="fp16", grid="ggml_k")
 
 
-def quantize_asym(x: torch.Tensor, name: str):
-    """Q2_K / Q4_K / Q5_K: (d, dmin [nb,1] fp16-exact, sc, m [nb, nsub], q [nb, nsub, sub], values)."""
-    sub, nmax, smax = ASYM[name]
-    xb = x.reshape(-1, QK_K // sub, sub)
-    scale, mins = fit_asym(xb, nmax, NSTEP[name])
-    d, sc = _second_level(scale, smax)
-    dmin, m = _second_level(mins, smax)
-    dl, dm = (d * sc).unsqueeze(-1), (dmin * m).unsqueeze(-1)
-    q = torch.round((xb + dm) / torch.where(dl > 0, dl, torch.ones_like(dl))).clamp_(0, nmax)
-    q = torch.where(dl > 0, q, torch.zeros_like(q))
-    return d, dmin, sc, m, q, (dl * q - dm).reshape(x.shape)
+def fitted_range(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) per sub-block for `choose_qparams`: from the weighted search for the asymmetric types
+    (weighted by `importance` [cols] when given), from `compute_range` (the signed peak) for the symmetric ones."""
+    if spec.symmetric:
+        return compute_range(w, spec)
+    nmax = spec.qmax
+    imp = None if importance is None else importance.float().reshape(1, -1, spec.group_size)
+    nstep = NSTEP[GGML_K[spec.bits][0]] + (8 if imp is not None else 0)
+    scale, mins = fit_asym(w.reshape(w.shape[0], -1, spec.group_size), nmax, nstep, imp)
+    lo = -mins
+    return lo.unsqueeze(-1), (lo + scale * nmax).unsqueeze(-1)
 
 
-def quantize_sym(x: torch.Tensor, name: str):
-    """Q3_K / Q6_K: (d [nb,1] fp16-exact, sc [nb, 16] signed, q [nb, 16, 16] signed, values)."""
-    sub, nmax, smax = SYM[name]
-    xb = x.reshape(-1, QK_K // sub, sub)
-    idx = xb.abs().argmax(-1, keepdim=True)
-    scale = xb.gather(-1, idx).squeeze(-1) / -nmax
-    idx2 = scale.abs().argmax(-1, keepdim=True)
-    max_scale = scale.gather(-1, idx2)
-    nz = max_scale != 0
-    iscale = torch.where(nz, -smax / torch.where(nz, max_scale, torch.ones_like(max_scale)), torch.zeros_like(max_scale))
-    sc = torch.round(iscale * scale).clamp_(-smax, smax - 1)
-    d = torch.where(nz, _f16(1 / torch.where(nz, iscale, torch.ones_like(iscale))), torch.zeros_like(iscale))
-    dl = (d * sc).unsqueeze(-1)
-    q = torch.round(xb / torch.where(dl != 0, dl, torch.ones_like(dl))).clamp_(-nmax, nmax - 1)
-    q = torch.where(dl != 0, q, torch.zeros_like(q))
-    return d, sc, q, (dl * q).reshape(x.shape)
+def _levels(values: torch.Tensor, smax: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective sub-block values d*code [nb, n] -> (d [nb, 1], integer codes): undoes `choose_qparams`'s
+    second level exactly (the peak sub-block holds code smax, or -smax when signed)."""
+    peak = values.gather(-1, values.abs().argmax(-1, keepdim=True))
+    d = peak / (-smax if signed else smax)
+    codes = torch.round(values / torch.where(d != 0, d, torch.ones_like(d)))
+    return d, torch.where(d != 0, codes, torch.zeros_like(codes))
+
+
+def kquant_parts(codes, scale, zero_point, name):
+    """(d, dmin, sc, m, q) of K-quant blocks from the codes and qparams `qat.primitives` gives."""
+    spec = kquant_spec(name)
+    smax, per = GGML_K[spec.bits][3], QK_K // spec.group_size
+    d, sc = _levels(scale.reshape(-1, per), smax, spec.symmetric)
+    dmin = m = None
+    if zero_point is not None:
+        dmin, m = _levels(zero_point.reshape(-1, per), smax, False)
+    return d, dmin, sc, m, codes.reshape(-1, QK_K).to(torch.int32)
 
 
 def _shift_or(parts: torch.Tensor, shifts: list[int], dim: int) -> torch.Tensor:
@@ -144,44 +155,37 @@ def _blocks(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
     return torch.cat([p.to(torch.uint8) for p in parts], 1).reshape(rows, -1)
 
 
-def encode_q2_k(x):
-    d, dmin, sc, m, q, values = quantize_asym(x, "Q2_K")
-    u = q.reshape(-1, QK_K).int()
-    parts = [sc.int() | (m.int() << 4), _qs_2bit(u), _half_bytes(d), _half_bytes(dmin)]
-    return _blocks(parts, x.shape[0]), values
+def kquant_blocks(codes, scale, zero_point, name: str) -> torch.Tensor:
+    """GGUF blocks [rows, bytes] of K-quant type `name` from codes [rows, cols] and qparams of `kquant_spec(name)`."""
+    rows = codes.shape[0]
+    d, dmin, sc, m, q = kquant_parts(codes, scale, zero_point, name)
+    if name == "Q2_K":
+        parts = [sc.int() | (m.int() << 4), _qs_2bit(q), _half_bytes(d), _half_bytes(dmin)]
+    elif name == "Q4_K":
+        parts = [_half_bytes(d), _half_bytes(dmin), _scales_k4(sc, m), _qs_4bit(q)]
+    elif name == "Q5_K":
+        parts = [_half_bytes(d), _half_bytes(dmin), _scales_k4(sc, m), _bitplane(q, 4), _qs_4bit(q)]
+    elif name == "Q3_K":
+        u, s6 = q + 4, (sc + 32).int()
+        low = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
+        high = _shift_or(((s6 >> 4) & 3).reshape(-1, 4, 4), [0, 2, 4, 6], 1)
+        parts = [_bitplane(u, 2), _qs_2bit(u), low, high, _half_bytes(d)]
+    else:  # Q6_K
+        u = q + 32
+        ql = _shift_or((u & 0xF).reshape(-1, 2, 2, 64), [0, 4], 2).reshape(-1, 128)
+        qh = _shift_or(((u >> 4) & 3).reshape(-1, 2, 4, 32), [0, 2, 4, 6], 2).reshape(-1, 64)
+        parts = [ql, qh, sc.to(torch.int8).view(torch.uint8), _half_bytes(d)]
+    return _blocks(parts, rows)
 
 
-def encode_q4_k(x):
-    d, dmin, sc, m, q, values = quantize_asym(x, "Q4_K")
-    u = q.reshape(-1, QK_K).int()
-    parts = [_half_bytes(d), _half_bytes(dmin), _scales_k4(sc, m), _qs_4bit(u)]
-    return _blocks(parts, x.shape[0]), values
+def _encoder(name: str):
+    def encode_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = kquant_spec(name)
+        scale, zero_point = choose_qparams(*fitted_range(x, spec, importance), spec)
+        codes = quantize(x, scale, zero_point, spec)
+        return kquant_blocks(codes, scale, zero_point, name), dequantize(codes, scale, zero_point, spec)
+    encode_k.__name__ = f"encode_{name.lower()}"
+    return encode_k
 
 
-def encode_q5_k(x):
-    d, dmin, sc, m, q, values = quantize_asym(x, "Q5_K")
-    u = q.reshape(-1, QK_K).int()
-    parts = [_half_bytes(d), _half_bytes(dmin), _scales_k4(sc, m), _bitplane(u, 4), _qs_4bit(u)]
-    return _blocks(parts, x.shape[0]), values
-
-
-def encode_q3_k(x):
-    d, sc, q, values = quantize_sym(x, "Q3_K")
-    u = (q.reshape(-1, QK_K) + 4).int()
-    s6 = (sc + 32).int()
-    low = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
-    high = _shift_or(((s6 >> 4) & 3).reshape(-1, 4, 4), [0, 2, 4, 6], 1)
-    parts = [_bitplane(u, 2), _qs_2bit(u), low, high, _half_bytes(d)]
-    return _blocks(parts, x.shape[0]), values
-
-
-def encode_q6_k(x):
-    d, sc, q, values = quantize_sym(x, "Q6_K")
-    u = (q.reshape(-1, QK_K) + 32).int()
-    ql = _shift_or((u & 0xF).reshape(-1, 2, 2, 64), [0, 4], 2).reshape(-1, 128)
-    qh = _shift_or(((u >> 4) & 3).reshape(-1, 2, 4, 32), [0, 2, 4, 6], 2).reshape(-1, 64)
-    parts = [ql, qh, sc.to(torch.int8).view(torch.uint8), _half_bytes(d)]
-    return _blocks(parts, x.shape[0]), values
-
-
-ENCODERS = {"Q2_K": encode_q2_k, "Q3_K": encode_q3_k, "Q4_K": encode_q4_k, "Q5_K": encode_q5_k, "Q6_K": encode_q6_k}
+ENCODERS = {v[0]: _encoder(v[0]) for v in GGML_K.values()}

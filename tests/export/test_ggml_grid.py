@@ -56,6 +56,7 @@ def test_format_exact_export_has_zero_additional_error(model, ids, tmp_path, rec
     reader_types = {t.name: t.tensor_type.name for t in __import__("gguf").GGUFReader(str(path)).tensors}
     assert reader_types["blk.0.attn_q.weight"] == name
     assert torch.equal(logits(load_gguf(path), ids), ref)
+    assert torch.equal(logits(prepared, ids), ref)  # exported tensor by tensor, the model is left as it was
 
 
 def test_ggml_spec_validation_names_the_problem():

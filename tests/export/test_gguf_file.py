@@ -64,7 +64,8 @@ def test_transformers_reads_our_file_as_we_do(model, ids, tmp_path, gguf_type):
     ours = logits(load_gguf(path), ids)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert torch.equal(logits(hf, ids), ours)
-    assert torch.nn.functional.cosine_similarity(ours.flatten(), logits(model, ids).flatten(), dim=0) > 0.8
+    floor = 0.6 if gguf_type in ("Q2_K", "Q3_K") else 0.8  # a sanity bound: 2-3 bit random weights lose much
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), logits(model, ids).flatten(), dim=0) > floor
 
 
 def test_f32_round_trip_is_exact_and_metadata_is_llama(model, ids, tmp_path):

@@ -38,3 +38,42 @@ def test_row_not_multiple_of_block_is_refused_by_the_encoder():
         encode(torch.randn(2, 576), "Q4_K")
     with pytest.raises(KeyError, match="supported"):
         encode(torch.randn(2, 256), "IQ4_NL")
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_format_exact_k_quant_export_has_zero_additional_error(model, ids, tmp_path, name):
+    import gguf
+
+    import qat
+    from qat.export import export_gguf, load_gguf
+    from tests.export.conftest import logits
+
+    prepared = qat.prepare(model, qat.load_recipe(f"gguf_{name.lower()}"))
+    ref = logits(prepared, ids)
+    path = export_gguf(prepared, tmp_path / "m.gguf", "F32")  # quantized layers keep their trained type
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.1.ffn_down.weight"] == name
+    assert torch.equal(logits(load_gguf(path), ids), ref)
+
+
+def test_k_quant_rows_not_multiple_of_256_train_and_fall_back_at_export(tmp_path, caplog):
+    import logging
+
+    import transformers
+
+    import qat
+    from qat.export import export_gguf, load_gguf
+    from qat.export.kquants import kquant_spec
+    from tests.export.conftest import logits
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    prepared = qat.prepare(transformers.LlamaForCausalLM(cfg).eval(), qat.load_recipe("gguf_q4_k"))
+    ids = torch.randint(0, 64, (1, 8))
+    ref = logits(prepared, ids)  # a partial super-block per row: fake quant still defined
+    with caplog.at_level(logging.WARNING):
+        path = export_gguf(prepared, tmp_path / "m.gguf", "F32")
+    assert "Q4_K falls back to Q5_0" in caplog.text and "not format-exact" in caplog.text
+    assert torch.nn.functional.cosine_similarity(logits(load_gguf(path), ids).flatten(), ref.flatten(), dim=0) > 0.95
+    with pytest.raises(ValueError, match="is Q6_K: it needs symmetric=True"):
+        kquant_spec("Q6_K").replace(symmetric=False, signed=False)
