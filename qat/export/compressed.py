@@ -32,23 +32,25 @@ _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tens
 
 
 def pack_int32(codes_unsigned: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [rows, cols] along cols into int32 [rows, ceil(cols*bits/32)] (LSB first)."""
+    """Pack unsigned codes [rows, cols] along cols into int32 [rows, ceil(cols*bits/32)] (LSB first).
+
+    Each row is zero-padded to a multiple of 32 codes, so rows start on word boundaries; `qat.packing.pack`
+    then packs all rows at once (same bit order), and the words past ceil(cols*bits/32) are dropped.
+    """
     rows, cols = codes_unsigned.shape
     words = -(-cols * bits // 32)
-    pad = words * 32 // bits - cols if (words * 32) % bits == 0 else (-cols) % 32
-    u = torch.nn.functional.pad(codes_unsigned.to(torch.uint8), (0, pad))
-    out = torch.stack([pack(r, bits) for r in u]) if bits != 8 else u
-    out = out[:, : words * 4].contiguous()
-    return out.view(torch.int32)
+    u = torch.nn.functional.pad(codes_unsigned.to(torch.uint8), (0, (-cols) % 32))
+    packed = pack(u, bits).view(rows, -1)[:, : words * 4].contiguous()
+    return packed.view(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of `pack_int32`: uint8 codes [rows, cols]."""
+    rows = packed.shape[0]
+    padded = cols + (-cols) % 32
     raw = packed.contiguous().view(torch.uint8)
-    n = -(-cols // 8) * 8
-    need = n * bits // 8
-    raw = torch.nn.functional.pad(raw, (0, max(0, need - raw.shape[1])))[:, :need]
-    return torch.stack([unpack(r.contiguous(), bits, n) for r in raw])[:, :cols]
+    raw = torch.nn.functional.pad(raw, (0, padded * bits // 8 - raw.shape[1]))
+    return unpack(raw.reshape(-1), bits, rows * padded).view(rows, padded)[:, :cols]
 
 
 def _check_spec(name: str, spec: QuantSpec) -> None:

@@ -28,7 +28,8 @@ def test_packing_matches_compressed_tensors(bits, rows, cols, seed):
     assert torch.equal(unpack_int32(ours, bits, cols).to(torch.int16) - 2 ** (bits - 1), signed.to(torch.int16))
 
 
-@pytest.mark.parametrize("recipe", ["w4a16_g128", "w4a16_g128_asym", "w2a16_g64", "fp16_sym"])
+@pytest.mark.parametrize("recipe", ["w4a16_g128_asym", pytest.param("w4a16_g128", marks=pytest.mark.slow),
+                                    pytest.param("w2a16_g64", marks=pytest.mark.slow), pytest.param("fp16_sym", marks=pytest.mark.slow)])
 def test_round_trip_through_our_loader(model, ids, tmp_path, recipe):
     r = qat.QuantRecipe.from_dict(FP16_SYM) if recipe == "fp16_sym" else qat.load_recipe(recipe)
     prepared = qat.prepare(model, r)

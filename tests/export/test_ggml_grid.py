@@ -47,8 +47,9 @@ def test_fake_quant_equals_quantize_dequantize(name):
     assert bool(mask.all()) if not spec.symmetric or spec.bits == 8 else float(mask.float().mean()) > 0.99
 
 
-@pytest.mark.parametrize("recipe,name", [("gguf_q8_0", "Q8_0"), ("gguf_q4_0", "Q4_0"), ("gguf_q4_1", "Q4_1"),
-                                         ("gguf_q5_0", "Q5_0"), ("gguf_q5_1", "Q5_1")])
+@pytest.mark.parametrize("recipe,name", [("gguf_q4_0", "Q4_0"), ("gguf_q4_1", "Q4_1"),
+                                         *[pytest.param(r, n, marks=pytest.mark.slow) for r, n in
+                                           (("gguf_q8_0", "Q8_0"), ("gguf_q5_0", "Q5_0"), ("gguf_q5_1", "Q5_1"))]])
 def test_format_exact_export_has_zero_additional_error(model, ids, tmp_path, recipe, name):
     prepared = qat.prepare(model, qat.load_recipe(recipe))
     ref = logits(prepared, ids)

@@ -58,7 +58,8 @@ def test_row_fallback_as_llama_cpp_and_said(model, tmp_path, caplog):
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["output.weight"] == "Q8_0"
 
 
-@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M", "Q6_K", "Q5_K_S", "Q2_K", "Q3_K", "F16", "BF16", "Q4_1", "Q5_0"])
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M", *[pytest.param(t, marks=pytest.mark.slow) for t in
+                                                          ("Q6_K", "Q5_K_S", "Q2_K", "Q3_K", "F16", "BF16", "Q4_1", "Q5_0")]])
 def test_transformers_reads_our_file_as_we_do(model, ids, tmp_path, gguf_type):
     path = export_gguf(model, tmp_path / "m.gguf", gguf_type)
     ours = logits(load_gguf(path), ids)

@@ -34,7 +34,8 @@ def independent_dequant(t: dict, name: str, bits: int) -> np.ndarray:
     return w.T                                                         # [out, in]
 
 
-@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (2, False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (2, False), pytest.param(4, False, marks=pytest.mark.slow),
+                                      pytest.param(8, True, marks=pytest.mark.slow)])
 def test_independent_unpacker_recovers_the_model_weights(model, ids, tmp_path, bits, sym):
     converted = qat.convert(qat.prepare(model, recipe(bits, sym)))
     ref = logits(converted, ids)

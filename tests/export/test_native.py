@@ -10,8 +10,10 @@ import qat
 from qat.export import load_any, load_native, save_native
 from tests.export.conftest import logits
 
-RECIPES = ["w4a16_g128", "w4a16_g128_asym", "w3a16_g64", "w8a8", "w4a8_kv8", "fp8_dynamic", "w8_embed",
-           "w4a16_g128_lsq", "gguf_q4_1"]
+SLOW = pytest.mark.slow  # the default set keeps one recipe per kind of state; the rest run with -m slow
+RECIPES = ["w4a16_g128", "w4a8_kv8", "fp8_dynamic", pytest.param("w4a16_g128_asym", marks=SLOW),
+           pytest.param("w3a16_g64", marks=SLOW), pytest.param("w8a8", marks=SLOW), pytest.param("w8_embed", marks=SLOW),
+           pytest.param("w4a16_g128_lsq", marks=SLOW), pytest.param("gguf_q4_1", marks=SLOW)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
