@@ -22,7 +22,7 @@ import torch
 import qat
 from qat.models import load_model
 
-SCHEMES = {"W4A16 g128": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
+SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
 
 
 def make_variants(base, schemes: dict[str, str], group_size: int | None):
