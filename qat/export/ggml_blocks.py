@@ -32,6 +32,7 @@ BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0":
          "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
          "Q5_K": (256, 176), "Q6_K": (256, 210)}
 LEGACY = {"Q8_0": (8, True), "Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False)}
+CHUNK_ELEMENTS = 1 << 18
 ENCODERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -64,9 +65,19 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     w = weight.detach().float().reshape(-1, weight.shape[-1])
     if w.shape[1] % block:
         raise ValueError(f"GGUF {type_name} needs rows that are a multiple of {block}; got {w.shape[1]}")
-    if importance is not None and type_name in ("Q2_K", "Q4_K", "Q5_K"):
-        return ENCODERS[type_name](w, importance)
-    return ENCODERS[type_name](w)
+    use_imp = importance is not None and type_name in ("Q2_K", "Q4_K", "Q5_K")
+    fn = (lambda chunk: ENCODERS[type_name](chunk, importance)) if use_imp else ENCODERS[type_name]
+    step = max(1, CHUNK_ELEMENTS // w.shape[1])
+    # Rows are independent. Chunks of ~256K values keep every temporary in cache and reused by the
+    # allocator (instead of fresh, page-faulting 64 MB buffers per operation), and one intra-op thread
+    # avoids a thread wake-up per small operation: 3-10x faster on CPU than whole-tensor ops.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        parts = [fn(w[i:i + step]) for i in range(0, w.shape[0], step)]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _register(*names):
