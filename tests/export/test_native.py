@@ -54,3 +54,12 @@ def test_truncated_and_mislabelled_exports_are_refused(model, tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 99}))
     with pytest.raises(ValueError, match="v99"):
         load_native(tmp_path / "n")
+
+
+def test_written_files_get_the_usual_mode(model, tmp_path):
+    import os
+
+    save_native(qat.prepare(model, qat.load_recipe("w4a16_g128")), tmp_path / "n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "n" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
