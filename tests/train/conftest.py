@@ -18,3 +18,16 @@ def compose_train():
     from helpers_train import compose_train as fn
 
     return fn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads per
+    process make these tests ~10x slower; restored afterwards so other folders are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from qat.lit.run import ROOT, check_config, train
 
-from helpers_train import CONFIG_DIR, compose_train
+from helpers_train import CONFIG_DIR, compose_train, subprocess_env
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -86,7 +86,7 @@ def test_missing_data_file_and_model_path():
 def test_cli_multirun_sweep(tmp_path):
     cmd = [sys.executable, "-m", "qat.cli.train", "-m", "quant=w4a16_g128,w3a16_g64", "debug=fast_dev_run",
            f"hydra.sweep.dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quant w4a16_g128" in proc.stderr and "quant w3a16_g64" in proc.stderr
     assert (tmp_path / "0").is_dir() and (tmp_path / "1").is_dir()
@@ -94,7 +94,8 @@ def test_cli_multirun_sweep(tmp_path):
 
 def test_cli_bad_config_exits_with_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qat.cli.train", "data.path=/no/such.txt",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=subprocess_env())
     assert proc.returncode != 0 and "data.path='/no/such.txt' does not exist" in proc.stderr
     assert "step 1" not in proc.stderr
 

@@ -11,7 +11,7 @@ import torch
 @pytest.mark.slow
 def test_ddp_two_processes_identical_quantizer_state(tmp_path):
     script = Path(__file__).with_name("ddp_script.py")
-    env = {**os.environ, "PL_DISABLE_FORK": "1"}
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
