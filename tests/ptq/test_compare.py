@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import qat
+import qat.models
 from qat.compare import load_results, pareto_front, run_compare_job, run_ptq_job, weight_bits, write_results
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
@@ -87,17 +88,13 @@ def test_ptq_job_end_to_end(tmp_path):
     fresh = qat.prepare(qat.models.load_model("tiny", **cfg["model"]["tiny"]), cfg["quant"])
     fresh.load_state_dict(state)
     assert fresh.model.layers[0].mlp.down_proj.weight_quantizer.group_index() is not None
-    ids = torch.randint(0, 512, (1, 16))
-    from qat.models import load_model
-    again = qat.ptq.ptq_model(load_model("tiny", **cfg["model"]["tiny"]), cfg["quant"], cfg["method"],
-                              _calibration(cfg), progress=False)
-    torch.testing.assert_close(fresh(ids).logits, again(ids).logits, atol=0, rtol=0)
-
-
-def _calibration(cfg):
+    # the saved state reproduces the run: same perplexity as the job measured (two GPTQ runs need not
+    # agree bit for bit on CPU: multithreaded BLAS sums the Hessian in varying order)
     from qat.compare import job_inputs
+    from qat.export.run import perplexity
 
-    return job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])[1]
+    blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])[2]
+    assert perplexity(fresh, blocks, cfg["eval"]["batch_size"]) == pytest.approx(result["ppl"], rel=1e-5)
 
 
 def test_bad_job_config_is_refused_before_work(tmp_path):
