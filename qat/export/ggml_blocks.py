@@ -68,6 +68,8 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     use_imp = importance is not None and type_name in ("Q2_K", "Q4_K", "Q5_K")
     fn = (lambda chunk: ENCODERS[type_name](chunk, importance)) if use_imp else ENCODERS[type_name]
     step = max(1, CHUNK_ELEMENTS // w.shape[1])
+    if type_name in ("F32", "F16", "BF16") or w.shape[0] <= step:
+        return fn(w)  # one conversion: nothing to gain from chunks
     # Rows are independent. Chunks of ~256K values keep every temporary in cache and reused by the
     # allocator (instead of fresh, page-faulting 64 MB buffers per operation), and one intra-op thread
     # avoids a thread wake-up per small operation: 3-10x faster on CPU than whole-tensor ops.
