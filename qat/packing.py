@@ -34,15 +34,19 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         ValueError: bits outside 1..8, or a code that does not fit in `bits`.
     """
     _check_bits(bits)
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"pack: codes must lie in [0, {2**bits - 1}] for bits={bits}")
     if bits == 8:
         return flat.to(torch.uint8)
+    if bits in (1, 2, 4):  # whole codes per byte: stay in uint8 (same layout as the general path)
+        return _pack_bytewise(flat.to(torch.uint8), bits)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    chunks = flat.view(-1, 8)
+    chunks = flat.to(torch.int64).view(-1, 8)
     shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
     words = (chunks << shifts).sum(dim=1, keepdim=True)
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
@@ -59,9 +63,26 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.reshape(-1)[:numel].to(torch.uint8)
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+        codes = (packed.reshape(-1, 1) >> shifts) & (2**bits - 1)
+        return codes.reshape(-1)[:numel]
     data = packed.reshape(-1, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     words = (data << byte_shifts).sum(dim=1, keepdim=True)
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     codes = (words >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def _pack_bytewise(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    per = 8 // bits
+    chunks = flat.view(-1, per)
+    out = chunks[:, 0].clone()
+    for i in range(1, per):
+        out |= chunks[:, i] << (bits * i)
+    return out

@@ -4,6 +4,8 @@ Their forward computes exactly what the fake-quant module computed (same `qat.pr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +98,11 @@ class QuantizedWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def nbits(self) -> int:
-        """Bits of storage: codes, scales (in their scale dtype) and zero-points (in code width)."""
+        """Bits of storage: codes, scales (in their scale dtype) and zero-points (in code width).
+
+        ggml grids count what their GGUF blocks store (fp16 scales and minimums, K-quant super-blocks)."""
+        if self.spec.grid != "uniform":
+            return round(math.prod(self.shape) * self.spec.bits_per_element())
         scale_bits = torch.finfo(self.spec.torch_scale_dtype).bits
         return self.packed.numel() * 8 + self.scale.numel() * scale_bits + self.zero_point.numel() * self.spec.bits
 
