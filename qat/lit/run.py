@@ -19,7 +19,7 @@ import qat
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "module", "eval", "paths", "model", "data", "quant", "optim",
-            "trainer", "logger", "callbacks", "experiment", "debug", "hydra"}
+            "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
 EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
 if not OmegaConf.has_resolver("qat_root"):
     OmegaConf.register_new_resolver("qat_root", lambda: str(ROOT))
@@ -78,6 +78,18 @@ def check_config(cfg: DictConfig) -> None:
             qat.QuantRecipe.from_dict(cfg.quant)
         except ValueError as err:
             errors.append(str(err))
+    if cfg.get("init"):
+        from omegaconf import OmegaConf
+
+        from qat.ptq.api import method_config
+
+        init = OmegaConf.to_container(cfg.init, resolve=True)
+        calib = init.pop("calibration", None) or {}
+        errors += _unknown("init.calibration", calib.keys(), {"samples", "seq_len"})
+        try:
+            method_config(init)
+        except (KeyError, ValueError) as err:
+            errors.append(f"init: {err}")
     if errors:
         raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_data_path(str(cfg.data.path))
@@ -161,6 +173,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
     eval_bs = datamodule.eval_batch_size
+    if cfg.get("init"):
+        results["init_s"] = _ptq_init(cfg, module, datamodule)
     if cfg.eval.baselines and trainer.is_global_zero:
         rows += _baselines(cfg, module, datamodule, blocks, eval_bs, results)
     t0 = time.perf_counter()
@@ -182,7 +196,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - start
     if rows and trainer.is_global_zero:
         print(_table(cfg, rows, results, len(blocks) * blocks.shape[1] if len(blocks) else 0), flush=True)
+    if trainer.is_global_zero:
+        _write_result(cfg, results)
     return results
+
+
+def _method_label(cfg: DictConfig) -> str:
+    if not cfg.get("quant"):
+        return "fp-finetune"
+    return f"qat+{cfg.init.name}" if cfg.get("init") else "qat"
+
+
+def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
+    """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data, pin them."""
+    from omegaconf import OmegaConf
+
+    from qat.data import calibration_batches
+    from qat.ptq import apply
+
+    if not cfg.get("quant"):
+        raise ValueError("init=... needs a quant recipe to initialise (got none)")
+    init = OmegaConf.to_container(cfg.init, resolve=True)
+    calib = init.pop("calibration", None) or {}
+    t0 = time.perf_counter()
+    _say(f"PTQ initialisation: {init['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} tokens ...")
+    batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128))
+    apply(module.model, init, batches)
+    return time.perf_counter() - t0
+
+
+def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
+    """result.json in the run directory: the row `qat-compare results=...` reads."""
+    from qat.export._io import write_json
+
+    row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
+    row = {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+    write_json(Path(cfg.paths.output_dir) / "result.json", row)
 
 
 def _baselines(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
@@ -199,13 +248,14 @@ def _baselines(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[s
     t0 = time.perf_counter()
     if module.hparams.range_init_batches > 0:
         module.range_init(datamodule.train_dataloader(), module.hparams.range_init_batches)
-    _say("evaluating round-to-nearest (the QAT starting point) ...")
+    start_name = cfg.init.name.upper() if cfg.get("init") else "RTN"
+    _say(f"evaluating {start_name} (the QAT starting point) ...")
     results["rtn_ppl"] = perplexity(module.model, blocks, eval_bs)
     q_bits, whole = bits_per_weight(module.model)
     results["bits_per_weight"] = q_bits
-    rows.append({"model": "RTN", "ppl": results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
+    rows.append({"model": start_name, "ppl": results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
                  "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
-    _say(f"FP ppl {results['fp_ppl']:.3f}, RTN ppl {results['rtn_ppl']:.3f}; training ...")
+    _say(f"FP ppl {results['fp_ppl']:.3f}, {start_name} ppl {results['rtn_ppl']:.3f}; training ...")
     return rows
 
 
