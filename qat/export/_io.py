@@ -203,3 +203,19 @@ def float_weight_names(model: nn.Module) -> list[str]:
     for name in quantized_modules(model):
         names.append(f"{name}.weight")
     return names
+
+
+def load_rest_and_tie(model, rest: dict, folder, config):
+    """Load the non-quantized tensors of an exported folder into `model` (its quantized linears already
+    swapped in), refusing missing or unexpected tensors; re-tie embeddings when the config says so.
+
+    Raises:
+        ValueError: naming the folder and the tensors that do not match the config.
+    """
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors
+from qat.export._io import atomic_path, load_rest_and_tie, converted_copy, load_safetensors, quantized_modules, save_safetensors
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -196,10 +196,4 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             bias = old.bias if old.bias is not None else None
             _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
     rest = {k: v for k, v in t.items() if ".weight_" not in k}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
+    return load_rest_and_tie(model, rest, folder, config)

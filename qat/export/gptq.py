@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
+from qat.export._io import atomic_path, load_rest_and_tie, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
@@ -159,10 +159,4 @@ def load_gptq(path: str | os.PathLike) -> nn.Module:
         qw = _read_linear(t, n, q)
         _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None, TensorSchemes(weight=qw.spec)))
     rest = {k: v for k, v in t.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
+    return load_rest_and_tie(model, rest, folder, config)

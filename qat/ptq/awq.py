@@ -22,7 +22,7 @@ import torch
 
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
-from qat.ptq.fold import fold_scales, parse_mappings, resolve
+from qat.ptq.fold import applicable, fold_scales, parse_mappings
 from qat.ptq.gptq import check_spec
 from qat.spec import QuantSpec
 
@@ -156,12 +156,7 @@ def awq_block(cfg: AWQConfig):
             ref = float_pass(block, inputs[:1] if cfg.check_fold else [], is_model)
             float_pass(block, inputs[1:] if cfg.check_fold else inputs, is_model)
         in_scale = {}
-        for mapping in cfg.mappings:
-            found = resolve(block, mapping)
-            if found is None or any(n not in linears for n in mapping.linears):
-                log.debug("awq %s: mapping %s -> %s does not apply", name, mapping.prev, mapping.linears)
-                continue
-            prev, lins = found
+        for mapping, prev, lins in applicable(block, cfg.mappings, linears, f"awq {name}"):
             st = [stats[n] for n in mapping.linears]
             s, err, err_rtn = search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
                                            [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)

@@ -84,3 +84,15 @@ def fold_scales(prev: nn.Module, linears: Sequence[nn.Module], s: torch.Tensor) 
         bias.div_(s.to(bias.dtype))
     for lin in linears:
         lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
+
+
+def applicable(block: nn.Module, mappings: Sequence[Mapping], linears: dict, method: str):
+    """(mapping, prev op, linears) for each mapping that applies to `block` with all its linears quantized."""
+    import logging
+
+    for mapping in mappings:
+        found = resolve(block, mapping)
+        if found is None or any(n not in linears for n in mapping.linears):
+            logging.getLogger(__name__).debug("%s: mapping %s -> %s does not apply", method, mapping.prev, mapping.linears)
+            continue
+        yield (mapping, *found)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from qat.ptq.fold import fold_scales, parse_mappings, resolve
+from qat.ptq.fold import applicable, fold_scales, parse_mappings
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ def smoothquant_block(cfg: SmoothQuantConfig):
         linears = quantized_linears(block)
         with activation_quantizers_off(block), record_inputs(linears, hessian=False) as stats:
             ref = float_pass(block, inputs, is_model)
-        for mapping in cfg.mappings:
-            found = resolve(block, mapping)
-            if found is None or any(n not in linears for n in mapping.linears):
-                log.debug("smoothquant %s: mapping %s -> %s does not apply", name, mapping.prev, mapping.linears)
-                continue
-            prev, lins = found
+        for mapping, prev, lins in applicable(block, cfg.mappings, linears, f"smoothquant {name}"):
             s = smooth_scale(stats[mapping.linears[0]].abs_max, [m.weight for m in lins], cfg.alpha)
             fold_scales(prev, lins, s)
         if cfg.check_fold:
