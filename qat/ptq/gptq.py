@@ -269,11 +269,11 @@ def stages(block, inputs, linears: dict, is_model: bool) -> list[list[str]]:
         run_block(block, inputs[:1], is_model)
     groups: list[list[str]] = []
     last = None
-    for n, ident in order:
-        if ident != last:
+    for n, tensor in order:
+        if tensor is not last:
             groups.append([])
         groups[-1].append(n)
-        last = ident
+        last = tensor
     missing = [n for n in linears if all(n not in g for g in groups)]
     return groups + ([missing] if missing else [])
 

@@ -124,7 +124,10 @@ def _hook(stats: InputStats):
 
 
 def record_call_order(modules: dict[str, nn.Module]):
-    """Context manager recording (name, id(input)) in call order: linears fed the same tensor share a stage."""
+    """Context manager recording (name, input tensor) in call order: linears fed the same tensor share a stage.
+
+    The tensors themselves are held (not their id()), so a freed input's id reused by a later tensor cannot
+    merge two stages."""
     order: list[tuple[str, int]] = []
 
     @contextmanager
@@ -142,6 +145,6 @@ def record_call_order(modules: dict[str, nn.Module]):
 def _order_hook(name, order):
     def hook(module, args):
         if all(n != name for n, _ in order):
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
 
     return hook
