@@ -173,10 +173,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
     eval_bs = datamodule.eval_batch_size
+    baselines = cfg.eval.baselines and trainer.is_global_zero
+    if baselines:  # before any PTQ initialisation: that writes solved weights into the model
+        rows += _float_baseline(cfg, module, blocks, eval_bs, results)
     if cfg.get("init"):
         results["init_s"] = _ptq_init(cfg, module, datamodule)
-    if cfg.eval.baselines and trainer.is_global_zero:
-        rows += _baselines(cfg, module, datamodule, blocks, eval_bs, results)
+    if baselines and cfg.get("quant") is not None:
+        rows += _start_baseline(cfg, module, datamodule, blocks, eval_bs, results)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     results["train_s"] = time.perf_counter() - t0
@@ -234,17 +237,19 @@ def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     write_json(Path(cfg.paths.output_dir) / "result.json", row)
 
 
-def _baselines(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
-    rows = []
+def _float_baseline(cfg, module, blocks, eval_bs, results) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     _say(f"evaluating the float model on {len(blocks)} {cfg.eval.split} blocks ...")
     with qat.quantization_disabled(module.model):
         results["fp_ppl"] = perplexity(module.model, blocks, eval_bs)
     fp_bits = float(torch.finfo(next(module.model.parameters()).dtype).bits)
-    rows.append({"model": "FP", "ppl": results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
-                 "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0})
-    if cfg.get("quant") is None:
-        return rows
+    return [{"model": "FP", "ppl": results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
+             "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0}]
+
+
+def _start_baseline(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
+    """The QAT starting point: round-to-nearest, or the PTQ result with init=..."""
+    rows = []
     t0 = time.perf_counter()
     if module.hparams.range_init_batches > 0:
         module.range_init(datamodule.train_dataloader(), module.hparams.range_init_batches)

@@ -17,6 +17,8 @@ def test_init_pins_the_ptq_grid_then_trains(tmp_path, capsys, method):
     results = train(cfg)
     out = capsys.readouterr().out
     assert f"| {method.upper()} " in out and "| QAT " in out
+    # FP is measured before the PTQ solution is written into the model (it differs from the start point)
+    assert results["fp_ppl"] != results["rtn_ppl"]
     row = json.loads((tmp_path / "result.json").read_text())
     assert row["method"] == f"qat+{method}" and row["quant"] == "w4a16_g128" and row["init_s"] > 0
     (loaded,) = load_results([tmp_path / "result.json"])
