@@ -17,15 +17,7 @@ CASES = [
 
 def _check_parity(model, recipe, ids):
     qat.prepare(model, recipe)
-    with torch.no_grad():
-        fake = model(ids).logits
-    qat.convert(model)
-    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
-    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
-    with torch.no_grad():
-        real = model(ids).logits
-    torch.testing.assert_close(real, fake, atol=0, rtol=0)
-    return fake
+    return _check_parity_prepared(model, ids)
 
 
 @pytest.mark.parametrize("bits, granularity, symmetric", CASES)
@@ -89,6 +81,8 @@ def _check_parity_prepared(model, ids):
     with torch.no_grad():
         fake = model(ids).logits
     qat.convert(model)
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
     with torch.no_grad():
         real = model(ids).logits
     torch.testing.assert_close(real, fake, atol=0, rtol=0)
