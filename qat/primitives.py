@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from qat.spec import FLOAT_DTYPES, GGML_K, QuantSpec
+from qat.grids import GRIDS
+from qat.spec import FLOAT_DTYPES, QuantSpec
 
 __all__ = [
     "group_view",
@@ -90,9 +91,9 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         torch.Size([8, 2, 1])
     """
     view = group_view(x.detach(), spec).float()
-    if spec.grid in ("ggml", "ggml_k") and spec.symmetric and spec.bits != 8:
-        # Q4_0 / Q5_0 scale from the signed element of largest magnitude (the first one on ties, as
-        # llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
+    if spec.grid != "uniform" and GRIDS[spec.grid].peak_range(spec):
+        # Q4_0 / Q5_0 / Q3_K / Q6_K scale from the signed element of largest magnitude (the first one on
+        # ties, as llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
         peak = view.gather(-1, view.abs().argmax(dim=-1, keepdim=True))
         return strip_leading_ones(peak), strip_leading_ones(peak.clone())
     dims = _reduce_dims(view.ndim, spec)
@@ -122,10 +123,8 @@ def choose_qparams(
         (0.007843137718737125, None)
     """
     lo, hi = lo.float(), hi.float()
-    if spec.grid == "ggml":
-        return _ggml_qparams(lo, hi, spec)
-    if spec.grid == "ggml_k":
-        return _kquant_qparams(lo, hi, spec)
+    if spec.grid != "uniform":
+        return GRIDS[spec.grid].qparams(lo, hi, spec)
     tiny = torch.finfo(spec.torch_scale_dtype).tiny
     if spec.is_float:
         amax = torch.maximum(-lo, hi)
@@ -139,99 +138,6 @@ def choose_qparams(
     scale = _round_scale((hi - lo) / (spec.qmax - spec.qmin), spec, tiny)
     zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
     return scale, zero_point
-
-
-def _ggml_qparams(lo, hi, spec):
-    """llama.cpp's legacy blocks (as gguf-py computes them, in float32). The scale is returned unrounded:
-    codes are computed with it, and `dequantize` rounds it (and Q4_1/Q5_1's float minimum) to fp16,
-    which is what the block stores. Q4_0/Q5_0 take the element of largest magnitude with its sign
-    (`compute_range` gives lo == hi == that element for these grids; ties |lo| == hi otherwise resolve to hi)."""
-    if spec.bits == 8:
-        return torch.maximum(lo.abs(), hi.abs()) / 127, None
-    if spec.symmetric:
-        signed_max = torch.where(hi >= -lo, hi, lo)
-        return signed_max / -(2 ** (spec.bits - 1)), None
-    return (hi - lo) / (2**spec.bits - 1), lo.clone()
-
-
-def _ggml_codes(view, scale, zero_point, spec, need_mask=False):
-    """Codes (in float32) of the ggml grid; the inverse scale is 0 where the scale is 0, as in gguf-py."""
-    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-    if spec.bits == 8:  # roundf: half away from zero, written as gguf-py writes it
-        t = view * inv
-        a = t.abs()
-        floored = a.floor()
-        t = torch.sign(t) * (floored + (2 * (a - floored)).floor())
-    elif spec.symmetric:
-        half = 2 ** (spec.bits - 1)
-        t = torch.trunc(view * inv + (half + 0.5)).sub_(half)
-    else:
-        t = torch.trunc((view - zero_point) * inv + 0.5)
-    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
-    return t.clamp_(spec.qmin, spec.qmax), mask
-
-
-def _ggml_values(t, scale, zero_point):
-    t = t * scale.to(torch.float16).float()
-    return t if zero_point is None else t + zero_point.to(torch.float16).float()
-
-
-def _super_view(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Sub-block values [..., n_sub, 1] -> [..., n_super, subs per super-block of 256]. A row that is not a
-    multiple of 256 ends in a partial super-block (zero-padded here; GGUF cannot store it, and the GGUF
-    writer falls back to another type for such tensors, as llama.cpp does)."""
-    per = 256 // spec.group_size
-    flat = t.reshape(*t.shape[:-2], -1)
-    pad = (-flat.shape[-1]) % per
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.reshape(*flat.shape[:-1], -1, per)
-
-
-def _from_super(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return t.reshape(*t.shape[:-2], -1)[..., : shape[-2]].reshape(shape)
-
-
-def _second_level_codes(values: torch.Tensor, smax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-negative sub-block values -> (fp16-exact super-scale, integer codes 0..smax), as llama.cpp."""
-    vmax = values.amax(-1, keepdim=True)
-    inv = torch.where(vmax > 0, smax / vmax, torch.zeros_like(vmax))
-    return (vmax / smax).to(torch.float16).float(), torch.round(inv * values).clamp_(0, smax)
-
-
-def _kquant_qparams(lo, hi, spec):
-    """K-quant qparams: the effective sub-block scale d*sc (and minimum dmin*m, held in zero_point and
-    subtracted: x^ = scale*q - zero_point), with d, dmin fp16 super-block scales and sc, m integer codes.
-    Asymmetric (Q2_K/Q4_K/Q5_K): scale = (hi - min(lo, 0)) / qmax, minimum = -min(lo, 0), then both
-    quantized. Symmetric (Q3_K/Q6_K): lo == hi == the signed peak (see compute_range), scale = peak /
-    qmin, then signed sub-scales sc = round(-smax / peak_scale * scale) under d = fp16(peak_scale / -smax)."""
-    smax = GGML_K[spec.bits][3]
-    shape = lo.shape
-    if not spec.symmetric:
-        lo = lo.clamp(max=0)
-        d, sc = _second_level_codes(_super_view((hi - lo) / spec.qmax, spec), smax)
-        dmin, m = _second_level_codes(_super_view(-lo, spec), smax)
-        return _from_super(d * sc, shape), _from_super(dmin * m, shape)
-    scale = _super_view(lo / spec.qmin, spec)
-    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True))
-    nz = peak != 0
-    iscale = torch.where(nz, -smax / torch.where(nz, peak, torch.ones_like(peak)), torch.zeros_like(peak))
-    sc = torch.round(iscale * scale).clamp_(-smax, smax - 1)
-    d = torch.where(nz, (1 / torch.where(nz, iscale, torch.ones_like(iscale))).to(torch.float16).float(), torch.zeros_like(peak))
-    return _from_super(d * sc, shape), None
-
-
-def _kquant_codes(view, scale, zero_point, spec, need_mask=False):
-    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
-    t = torch.round((view if zero_point is None else view + zero_point) / safe)
-    t = torch.where(scale != 0, t, torch.zeros_like(t))
-    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
-    return t.clamp_(spec.qmin, spec.qmax), mask
-
-
-def _kquant_values(t, scale, zero_point):
-    t = t * scale
-    return t if zero_point is None else t - zero_point
 
 
 def half_range(spec: QuantSpec) -> float:
@@ -283,10 +189,8 @@ def quantize(
 
 
 def _quantize_float(view, scale, zero_point, spec):
-    if spec.grid == "ggml":
-        return _ggml_codes(view, scale, zero_point, spec)[0]
-    if spec.grid == "ggml_k":
-        return _kquant_codes(view, scale, zero_point, spec)[0]
+    if spec.grid != "uniform":
+        return GRIDS[spec.grid].codes(view, scale, zero_point, spec)[0]
     if spec.is_float:
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
         return (view / scale).clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
@@ -313,10 +217,8 @@ def dequantize(
     """
     view, scale, zero_point = _view_and_qparams(codes, scale, zero_point, spec, g_idx)
     t = view.float()
-    if spec.grid == "ggml":
-        return _ggml_values(t, scale, zero_point).reshape(codes.shape).to(dtype)
-    if spec.grid == "ggml_k":
-        return _kquant_values(t, scale, zero_point).reshape(codes.shape).to(dtype)
+    if spec.grid != "uniform":
+        return GRIDS[spec.grid].values(t, scale, zero_point).reshape(codes.shape).to(dtype)
     if zero_point is not None:
         t = t - zero_point
     return (t * scale).reshape(codes.shape).to(dtype)
@@ -337,10 +239,10 @@ def fake_quantize_forward(
     """
     view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
     view = view.float()
-    if spec.grid in ("ggml", "ggml_k"):
-        codes, values = (_ggml_codes, _ggml_values) if spec.grid == "ggml" else (_kquant_codes, _kquant_values)
-        t, mask = codes(view, scale, zero_point, spec, need_mask)
-        return values(t, scale, zero_point).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
+    if spec.grid != "uniform":
+        grid = GRIDS[spec.grid]
+        t, mask = grid.codes(view, scale, zero_point, spec, need_mask)
+        return grid.values(t, scale, zero_point).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
     if spec.is_float:
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
         t = view / scale

@@ -1,0 +1,130 @@
+"""Block grids of other formats, registered by name: what `QuantSpec.grid` selects besides "uniform".
+
+`qat.primitives` dispatches here for a non-uniform grid, so fake quant, convert, PTQ and the GGUF encoders
+still share one implementation per grid:
+
+    ggml     llama.cpp's legacy blocks Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 (as gguf-py computes them)
+    ggml_k   the K-quants Q2_K..Q6_K: sub-block scales (and minimums) quantized under fp16 super-block scales
+
+A grid gives `qparams(lo, hi, spec)`, `codes(view, scale, zp, spec, need_mask) -> (codes, mask)` and
+`values(codes, scale, zp)`, and says whether its range is the signed peak element (`peak_range`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qat.spec import GGML_K, QuantSpec
+
+
+@dataclass(frozen=True)
+class Grid:
+    qparams: Callable
+    codes: Callable
+    values: Callable
+    peak_range: Callable[[QuantSpec], bool]
+
+
+def _ggml_qparams(lo, hi, spec):
+    """llama.cpp's legacy blocks (as gguf-py computes them, in float32). The scale is returned unrounded:
+    codes are computed with it, and `dequantize` rounds it (and Q4_1/Q5_1's float minimum) to fp16,
+    which is what the block stores. Q4_0/Q5_0 take the element of largest magnitude with its sign
+    (`compute_range` gives lo == hi == that element for these grids; ties |lo| == hi otherwise resolve to hi)."""
+    if spec.bits == 8:
+        return torch.maximum(lo.abs(), hi.abs()) / 127, None
+    if spec.symmetric:
+        signed_max = torch.where(hi >= -lo, hi, lo)
+        return signed_max / -(2 ** (spec.bits - 1)), None
+    return (hi - lo) / (2**spec.bits - 1), lo.clone()
+
+
+def _ggml_codes(view, scale, zero_point, spec, need_mask=False):
+    """Codes (in float32) of the ggml grid; the inverse scale is 0 where the scale is 0, as in gguf-py."""
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    if spec.bits == 8:  # roundf: half away from zero, written as gguf-py writes it
+        t = view * inv
+        a = t.abs()
+        floored = a.floor()
+        t = torch.sign(t) * (floored + (2 * (a - floored)).floor())
+    elif spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        t = torch.trunc(view * inv + (half + 0.5)).sub_(half)
+    else:
+        t = torch.trunc((view - zero_point) * inv + 0.5)
+    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
+    return t.clamp_(spec.qmin, spec.qmax), mask
+
+
+def _ggml_values(t, scale, zero_point):
+    t = t * scale.to(torch.float16).float()
+    return t if zero_point is None else t + zero_point.to(torch.float16).float()
+
+
+def _super_view(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Sub-block values [..., n_sub, 1] -> [..., n_super, subs per super-block of 256]. A row that is not a
+    multiple of 256 ends in a partial super-block (zero-padded here; GGUF cannot store it, and the GGUF
+    writer falls back to another type for such tensors, as llama.cpp does)."""
+    per = 256 // spec.group_size
+    flat = t.reshape(*t.shape[:-2], -1)
+    pad = (-flat.shape[-1]) % per
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(*flat.shape[:-1], -1, per)
+
+
+def _from_super(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t.reshape(*t.shape[:-2], -1)[..., : shape[-2]].reshape(shape)
+
+
+def _second_level_codes(values: torch.Tensor, smax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative sub-block values -> (fp16-exact super-scale, integer codes 0..smax), as llama.cpp."""
+    vmax = values.amax(-1, keepdim=True)
+    inv = torch.where(vmax > 0, smax / vmax, torch.zeros_like(vmax))
+    return (vmax / smax).to(torch.float16).float(), torch.round(inv * values).clamp_(0, smax)
+
+
+def _kquant_qparams(lo, hi, spec):
+    """K-quant qparams: the effective sub-block scale d*sc (and minimum dmin*m, held in zero_point and
+    subtracted: x^ = scale*q - zero_point), with d, dmin fp16 super-block scales and sc, m integer codes.
+    Asymmetric (Q2_K/Q4_K/Q5_K): scale = (hi - min(lo, 0)) / qmax, minimum = -min(lo, 0), then both
+    quantized. Symmetric (Q3_K/Q6_K): lo == hi == the signed peak (see compute_range), scale = peak /
+    qmin, then signed sub-scales sc = round(-smax / peak_scale * scale) under d = fp16(peak_scale / -smax)."""
+    smax = GGML_K[spec.bits][3]
+    shape = lo.shape
+    if not spec.symmetric:
+        lo = lo.clamp(max=0)
+        d, sc = _second_level_codes(_super_view((hi - lo) / spec.qmax, spec), smax)
+        dmin, m = _second_level_codes(_super_view(-lo, spec), smax)
+        return _from_super(d * sc, shape), _from_super(dmin * m, shape)
+    scale = _super_view(lo / spec.qmin, spec)
+    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True))
+    nz = peak != 0
+    iscale = torch.where(nz, -smax / torch.where(nz, peak, torch.ones_like(peak)), torch.zeros_like(peak))
+    sc = torch.round(iscale * scale).clamp_(-smax, smax - 1)
+    d = torch.where(nz, (1 / torch.where(nz, iscale, torch.ones_like(iscale))).to(torch.float16).float(), torch.zeros_like(peak))
+    return _from_super(d * sc, shape), None
+
+
+def _kquant_codes(view, scale, zero_point, spec, need_mask=False):
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    t = torch.round((view if zero_point is None else view + zero_point) / safe)
+    t = torch.where(scale != 0, t, torch.zeros_like(t))
+    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
+    return t.clamp_(spec.qmin, spec.qmax), mask
+
+
+def _kquant_values(t, scale, zero_point):
+    t = t * scale
+    return t if zero_point is None else t - zero_point
+
+
+def _symmetric_sub8(spec: QuantSpec) -> bool:
+    return spec.symmetric and spec.bits != 8
+
+
+GRIDS: dict[str, Grid] = {
+    "ggml": Grid(_ggml_qparams, _ggml_codes, _ggml_values, _symmetric_sub8),
+    "ggml_k": Grid(_kquant_qparams, _kquant_codes, _kquant_values, _symmetric_sub8),
+}
