@@ -12,8 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.recipes import CONFIG_DIR
 
-if not OmegaConf.has_resolver("qat_root"):  # paths/default.yaml's root (also registered by qat.lit.run)
-    OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")

@@ -17,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.recipes import CONFIG_DIR
 
-if not OmegaConf.has_resolver("qat_root"):  # configs/paths uses it (qat.lit.run registers the same)
-    OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="ptq", version_base="1.3")

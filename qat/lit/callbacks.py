@@ -8,7 +8,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-import qat
 from qat.primitives import fake_quantize_forward
 
 

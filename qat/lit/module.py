@@ -18,17 +18,9 @@ from torchmetrics.text import Perplexity
 
 import qat
 from qat.models import load_model
+from qat.transform.recipe import to_plain
 
 
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
@@ -77,11 +69,11 @@ class QATModule(pl.LightningModule):
                  freeze_ranges_after: int | None = None, gradient_checkpointing: bool = False,
                  freeze_embeddings: bool = False) -> None:
         super().__init__()
-        model, quant, kd = _plain(model), _plain(quant), _plain(kd)
-        optimizer = _plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
+        model, quant, kd = to_plain(model), to_plain(quant), to_plain(kd)
+        optimizer = to_plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
         self._check_kd(kd)
         self.save_hyperparameters({"model": model, "quant": quant, "optimizer": optimizer,
-                                   "scheduler": _plain(scheduler), "kd": kd,
+                                   "scheduler": to_plain(scheduler), "kd": kd,
                                    "range_init_batches": range_init_batches, "fake_quant_after": fake_quant_after,
                                    "freeze_ranges_after": freeze_ranges_after,
                                    "gradient_checkpointing": gradient_checkpointing,

@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import qat
+from qat.cli import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "module", "eval", "paths", "model", "data", "quant", "optim",
             "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
 EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
-if not OmegaConf.has_resolver("qat_root"):
-    OmegaConf.register_new_resolver("qat_root", lambda: str(ROOT))
+register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
 
 
 def _unknown(owner: str, keys, allowed) -> list[str]:
@@ -79,8 +79,6 @@ def check_config(cfg: DictConfig) -> None:
         except ValueError as err:
             errors.append(str(err))
     if cfg.get("init"):
-        from omegaconf import OmegaConf
-
         from qat.ptq.api import method_config
 
         init = OmegaConf.to_container(cfg.init, resolve=True)
@@ -212,8 +210,6 @@ def _method_label(cfg: DictConfig) -> str:
 
 def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
     """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data, pin them."""
-    from omegaconf import OmegaConf
-
     from qat.data import calibration_batches
     from qat.ptq import apply
 

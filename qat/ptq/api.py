@@ -16,6 +16,7 @@ from qat.ptq.gptq import GPTQConfig, gptq_block
 from qat.ptq.rtn import RTNConfig, rtn_block
 from qat.ptq.runner import quantized_linears, sequential
 from qat.ptq.smoothquant import SmoothQuantConfig, smoothquant_block
+from qat.transform.recipe import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def method_config(method: Any, **overrides: Any):
     """
     if dataclasses.is_dataclass(method) and not isinstance(method, type):
         return dataclasses.replace(method, **overrides) if overrides else method
-    data = _plain(method)
+    data = to_plain(method)
     data = {"name": data} if isinstance(data, str) else dict(data or {})
     data.update(overrides)
     name = data.pop("name", None)
@@ -57,17 +58,6 @@ def method_config(method: Any, **overrides: Any):
 
 def method_name(cfg) -> str:
     return next(n for n, (cls, _, _) in METHODS.items() if isinstance(cfg, cls))
-
-
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
 
 
 def count_tokens(batches: Iterable[Any]) -> int:

@@ -22,7 +22,7 @@ from qat.spec import QuantSpec, TensorSchemes, check_keys
 ROLE_KEYS = ("weight", "input", "kv_cache")
 
 
-def _plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     """OmegaConf / dataclass / mapping -> plain Python containers."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -80,7 +80,7 @@ class QuantRecipe:
         """Validate a mapping (YAML node). Unknown keys anywhere raise ValueError naming them."""
         if isinstance(data, QuantRecipe):
             return data
-        data = dict(_plain(data) or {})
+        data = dict(to_plain(data) or {})
         data.pop("_target_", None)
         check_keys("quant", data, cls.KEYS)
         roles = {r: None if data.get(r) is None else QuantSpec.from_dict(data[r], owner=f"quant.{r}") for r in ROLE_KEYS}
