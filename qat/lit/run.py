@@ -171,6 +171,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
     eval_bs = datamodule.eval_batch_size
+    results["eval_protocol"] = {"data": str(cfg.data.path), "split": cfg.eval.split, "blocks": int(len(blocks)),
+                                "block_size": int(blocks.shape[-1])}  # qat-compare refuses rows measured otherwise
     baselines = cfg.eval.baselines and trainer.is_global_zero
     if baselines:  # before any PTQ initialisation: that writes solved weights into the model
         rows += _float_baseline(cfg, module, blocks, eval_bs, results)
