@@ -11,10 +11,11 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -73,13 +74,76 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors.torch.save_file, atomically, with contiguous CPU copies."""
-    from safetensors.torch import save_file
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_COPY_CHUNK = 16 << 20
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+def _raw_bytes(t: torch.Tensor):
+    """A zero-copy byte view of a contiguous CPU tensor (what is written to the file)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write tensors as they come, one at a time, into a safetensors file (atomically).
+
+    Each tensor's bytes go to a temporary data file as soon as the iterable yields it and the tensor is
+    dropped, so memory holds one tensor at a time, never a second copy of the model. The header (which
+    safetensors puts first: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}},
+    space-padded to 8 bytes) is written once every shape is known, followed by the data copied in 16 MiB
+    chunks; the cost is a second pass over the bytes on disk, not in memory.
+
+    Args:
+        items: (name, tensor) pairs; names must be unique.
+        path: the .safetensors file to write.
+        metadata: string -> string pairs stored as `__metadata__`.
+    Returns:
+        the header written.
+    Raises:
+        ValueError: a repeated name, an unsupported dtype, or an unwritable path.
+    Example:
+        >>> write_safetensors(((n, p.detach()) for n, p in model.named_parameters()), "out/model.safetensors")
+    """
+    header: dict[str, Any] = {}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        data_path = tmp.with_name(tmp.name + ".data")
+        try:
+            offset = 0
+            with open(data_path, "wb") as data:
+                for name, tensor in items:
+                    offset += _append(data, header, name, tensor, offset)
+            if metadata:
+                header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(tmp, "wb") as out, open(data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                shutil.copyfileobj(data, out, _COPY_CHUNK)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(data_path)
+    return header
+
+
+def _append(data, header: dict, name: str, tensor: torch.Tensor, offset: int) -> int:
+    if name in header or name == "__metadata__":
+        raise ValueError(f"safetensors writer: tensor name {name!r} given twice (or reserved)")
+    if tensor.dtype not in ST_DTYPES:
+        raise ValueError(f"safetensors writer: {name} has dtype {tensor.dtype}; supported: {sorted(map(str, ST_DTYPES))}")
+    tensor = tensor.detach().cpu().contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes:
+        data.write(_raw_bytes(tensor))
+    header[name] = {"dtype": ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+    return nbytes
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A dict of tensors as a safetensors file, atomically (see `write_safetensors`)."""
+    write_safetensors(tensors.items(), path, metadata)
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
@@ -141,7 +205,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def converted_copy(model: nn.Module) -> nn.Module:
-    """`model` with real-integer modules: a converted copy of a prepared model, or the model itself."""
+    """`model` with real-integer modules: a converted copy of a prepared model, or the model itself.
+
+    The writers do not use it (they convert one module at a time: see `integer_modules`)."""
     from qat.transform import convert
 
     if any(type(m) in QUANTIZED for m in model.modules()):
@@ -152,6 +218,39 @@ def converted_copy(model: nn.Module) -> nn.Module:
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> QuantizedLinear / QuantizedEmbedding of a converted model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of every module an export stores as integers: converted ones, and fake-quant ones
+    with a weight quantizer (`convert` would swap those; `as_converted` does it for one module)."""
+    out = {}
+    for name, module in model.named_modules():
+        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding))
+        if converted or (type(module) in QUANTIZED and getattr(module, "weight_quantizer", None) is not None):
+            out[name] = module
+    return out
+
+
+def integer_kind(module: nn.Module) -> type:
+    """QuantizedLinear or QuantizedEmbedding: the class `module` is, or converts to."""
+    return type(module) if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) else QUANTIZED[type(module)]
+
+
+def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
+    """The name in `modules` that state-dict `key` lies under (`a.b.weight_quantizer.lo` -> `a.b`), or None."""
+    module = key.rpartition(".")[0]
+    while module and module not in modules:
+        module = module.rpartition(".")[0]
+    return module if module in modules else None
+
+
+def as_converted(module: nn.Module) -> nn.Module:
+    """`module` itself when converted; else a new QuantizedLinear / QuantizedEmbedding made from it as
+    `convert` would (sharing its bias and input quantizer), for one module at a time."""
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module
+    with torch.no_grad():
+        return QUANTIZED[type(module)].from_fake(module)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

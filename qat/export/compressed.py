@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, load_rest_and_tie, converted_copy, load_safetensors, quantized_modules, save_safetensors
+from qat.export._io import (atomic_path, check_writable, integer_kind, integer_modules, load_rest_and_tie, load_safetensors,
+                            owning_module, weight_of, weight_spec, write_safetensors)
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -94,8 +95,44 @@ def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
+def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
+    """(integer modules, quantized linears, config_groups), every scheme checked before anything is written."""
+    modules = integer_modules(model)
+    linears = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedLinear}
+    if not linears:
+        raise ValueError("compressed-tensors export: the model has no quantized linear layers")
+    groups: dict[str, dict] = {}
+    for n, m in linears.items():
+        spec, actorder = weight_spec(model, f"{n}.weight")
+        _check_spec(n, spec)
+        w_args = _weights_args(spec, actorder)
+        i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
+        key = json.dumps([w_args, i_args], sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
+                                "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
+    return modules, linears, groups
+
+
+def _tensors(model: nn.Module, modules: dict, linears: dict):
+    """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
+    for n, m in linears.items():
+        yield from _linear_tensors(n, weight_of(model, f"{n}.weight")).items()
+        if m.bias is not None:
+            yield f"{n}.bias", m.bias.detach()
+    for n, m in modules.items():
+        if n not in linears:
+            yield f"{n}.weight", weight_of(model, f"{n}.weight").dequantize()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or ".input_quantizer." in key or (tied and key == "lm_head.weight"):
+            continue
+        if owning_module(key, modules) is None:
+            yield key, value
+
+
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint.
+    """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint, streaming:
+    each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
 
     Raises:
         ValueError: a weight scheme the format cannot hold (named), a static input scheme, no quantized module.
@@ -103,39 +140,15 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         >>> export_compressed_tensors(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/ct")
         >>> AutoModelForCausalLM.from_pretrained("out/ct")
     """
-    model = converted_copy(model)
-    modules = quantized_modules(model)
-    linears = {n: m for n, m in modules.items() if isinstance(m, QuantizedLinear)}
-    if not linears:
-        raise ValueError("compressed-tensors export: the model has no quantized linear layers")
-    for n, m in linears.items():
-        _check_spec(n, m.qweight.spec)
-    groups: dict[str, dict] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for n, m in linears.items():
-        w_args = _weights_args(m.qweight.spec, m.qweight.group_index() is not None)
-        i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
-        key = json.dumps([w_args, i_args], sort_keys=True)
-        groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
-                                "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
-        tensors.update(_linear_tensors(n, m.qweight))
-        if m.bias is not None:
-            tensors[f"{n}.bias"] = m.bias.detach()
-    skip = {f"{n}.{k}" for n in modules for k in ("qweight.packed", "qweight.scale", "qweight.zero_point", "qweight.g_idx")}
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor) and key not in skip and key not in tensors and ".input_quantizer." not in key:
-            tensors[key] = value
-    for n, m in modules.items():
-        if isinstance(m, QuantizedEmbedding):
-            tensors[f"{n}.weight"] = m.qweight.dequantize()
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    modules, linears, groups = _plan(model)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
     qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": None, "global_compression_ratio": None}
     out = Path(out_dir)
-    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    check_writable(out / "config.json")
+    with torch.no_grad():
+        write_safetensors(_tensors(model, modules, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     config = model.config.to_dict()

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, load_rest_and_tie, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
+from qat.export._io import (atomic_path, check_writable, integer_kind, integer_modules, load_rest_and_tie, load_safetensors,
+                            owning_module, weight_of, weight_spec, write_json, write_safetensors)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 GPTQ_BITS = (2, 4, 8)
 
 
-def _check(name: str, qw: QuantizedWeight) -> int:
-    spec = qw.spec
+def _check(name: str, spec: QuantSpec) -> int:
     problems = []
     if spec.dtype != "int" or spec.bits not in GPTQ_BITS or spec.grid != "uniform":
         problems.append(f"int bits in {list(GPTQ_BITS)}")
@@ -67,8 +67,42 @@ def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
             f"{name}.g_idx": g_idx.to(torch.int32)}
 
 
+def _plan(model: nn.Module) -> tuple[dict, dict]:
+    """(quantized linears, quantize_config), every scheme checked before anything is written."""
+    modules = integer_modules(model)
+    linears = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedLinear}
+    if not linears:
+        raise ValueError("GPTQ export: the model has no quantized linear layers")
+    if len(linears) < len(modules):
+        raise ValueError("GPTQ export: quantized embeddings have no GPTQ layout; quantize linears only")
+    specs = {n: weight_spec(model, f"{n}.weight") for n in linears}
+    groups = {n: _check(n, spec) for n, (spec, _) in specs.items()}
+    kinds = {(spec.bits, groups[n], spec.symmetric) for n, (spec, _) in specs.items()}
+    if len(kinds) > 1:
+        raise ValueError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
+    bits, group_size, sym = kinds.pop()
+    desc_act = any(actorder for _, actorder in specs.values())
+    qconfig = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "damp_percent": 0.01,
+               "static_groups": False, "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq",
+               "model_file_base_name": "model", "modules": sorted(linears)}
+    return linears, qconfig
+
+
+def _tensors(model: nn.Module, linears: dict):
+    """(name, tensor) of the checkpoint, one linear quantized and packed at a time, then the rest."""
+    for n, m in linears.items():
+        yield from _gptq_tensors(n, weight_of(model, f"{n}.weight")).items()
+        if m.bias is not None:
+            yield f"{n}.bias", m.bias.detach()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and owning_module(key, linears) is None and not (tied and key == "lm_head.weight"):
+            yield key, value
+
+
 def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a (prepared or converted) model's quantized linears as a GPTQ v1 checkpoint.
+    """Write a (prepared or converted) model's quantized linears as a GPTQ v1 checkpoint, streaming:
+    each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
 
     All quantized linears must share bits, group size and symmetry (GPTQ has one config).
     Raises:
@@ -76,33 +110,11 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     Example:
         >>> export_gptq(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/gptq")
     """
-    model = converted_copy(model)
-    linears = {n: m for n, m in quantized_modules(model).items() if isinstance(m, QuantizedLinear)}
-    if not linears:
-        raise ValueError("GPTQ export: the model has no quantized linear layers")
-    if any(not isinstance(m, QuantizedLinear) for m in quantized_modules(model).values()):
-        raise ValueError("GPTQ export: quantized embeddings have no GPTQ layout; quantize linears only")
-    groups = {n: _check(n, m.qweight) for n, m in linears.items()}
-    kinds = {(m.qweight.spec.bits, groups[n], m.qweight.spec.symmetric) for n, m in linears.items()}
-    if len(kinds) > 1:
-        raise ValueError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
-    bits, group_size, sym = kinds.pop()
-    tensors: dict[str, torch.Tensor] = {}
-    for n, m in linears.items():
-        tensors.update(_gptq_tensors(n, m.qweight))
-        if m.bias is not None:
-            tensors[f"{n}.bias"] = m.bias.detach()
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor) and not any(key.startswith(n + ".") for n in linears):
-            tensors[key] = value
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    desc_act = any(m.qweight.group_index() is not None for m in linears.values())
-    qconfig = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "damp_percent": 0.01,
-               "static_groups": False, "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq",
-               "model_file_base_name": "model", "modules": sorted(linears)}
+    linears, qconfig = _plan(model)
     out = Path(out_dir)
-    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    check_writable(out / "config.json")
+    with torch.no_grad():
+        write_safetensors(_tensors(model, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     write_json(out / "quantize_config.json", qconfig)

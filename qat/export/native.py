@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, converted_copy, load_safetensors, quantized_modules, save_safetensors, write_json
+from qat.export._io import (as_converted, atomic_path, check_writable, integer_modules, load_safetensors,
+                            owning_module, write_json, write_safetensors)
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
@@ -49,24 +50,42 @@ def _module_entry(module: nn.Module) -> dict:
     return entry
 
 
-def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
-    tensors, extra, tied, seen = {}, {}, {}, {}
+def _state_items(model: nn.Module, modules: dict[str, nn.Module], entries: dict, extra: dict, tied: dict):
+    """(key, tensor) of the converted model's state, in order: each integer module converted alone when
+    its first key comes up, its tensors yielded and dropped. Fills `entries` (module descriptions),
+    `extra` (non-tensor state) and `tied` (key -> key it shares storage with) on the way."""
+    seen, done = {}, set()
     for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            extra[key] = value
+        name = owning_module(key, modules)
+        if name is None:
+            yield from _checked(key, value, extra, tied, seen)
             continue
-        ident = (value.data_ptr(), tuple(value.shape), value.dtype) if value.numel() else None
-        if ident is not None and ident in seen:
-            tied[key] = seen[ident]
+        if name in done:
             continue
-        if ident is not None:
-            seen[ident] = key
-        tensors[key] = value
-    return tensors, extra, tied
+        done.add(name)
+        converted = as_converted(modules[name])
+        entries[name] = _module_entry(converted)
+        fresh = converted is not modules[name]  # new tensors die after writing: their addresses get reused
+        for sub, sub_value in converted.state_dict(prefix=f"{name}.").items():
+            yield from _checked(sub, sub_value, extra, tied, None if fresh and ".qweight." in sub else seen)
+
+
+def _checked(key: str, value, extra: dict, tied: dict, seen: dict | None):
+    if not isinstance(value, torch.Tensor):
+        extra[key] = value
+        return
+    ident = (value.data_ptr(), tuple(value.shape), value.dtype) if value.numel() and seen is not None else None
+    if ident is not None and ident in seen:
+        tied[key] = seen[ident]
+        return
+    if ident is not None:
+        seen[ident] = key
+    yield key, value
 
 
 def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a converted (or prepared: it is converted on a copy) model in the native format.
+    """Write a converted or prepared model in the native format, streaming: a prepared model's modules
+    are converted one at a time and written as they come (memory: the model plus one module).
 
     Args:
         model: a Hugging Face model after `qat.prepare` (and training) or `qat.convert`.
@@ -80,19 +99,20 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         >>> save_native(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/native")
         >>> model2 = load_native("out/native")
     """
-    model = converted_copy(model)
-    modules = quantized_modules(model)
+    modules = integer_modules(model)
     if not modules:
         raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
     out = Path(out_dir)
-    tensors, extra, tied = _split_state(model)
+    check_writable(out / META)
+    entries, extra, tied = {}, {}, {}
+    write_safetensors(_state_items(model, modules, entries, extra, tied), out / "model.safetensors",
+                      metadata={"format": "pt", "qat": FORMAT})
     attention = {n: m for n, m in model.named_modules() if getattr(m, "k_quantizer", None) is not None}
     kv = None
     if attention:
         kv = {"modules": sorted(attention), "spec": next(iter(attention.values())).k_quantizer.spec.to_dict()}
-    meta = {"format": FORMAT, "version": VERSION, "modules": {n: _module_entry(m) for n, m in modules.items()},
+    meta = {"format": FORMAT, "version": VERSION, "modules": {n: entries[n] for n in modules},
             "kv_cache": kv, "extra_state": extra, "tied": tied}
-    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt", "qat": FORMAT})
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(model.config.to_json_string())
     if tokenizer is not None:
