@@ -10,8 +10,13 @@ is a 0-d tensor and a per-channel activation scale of a [B, T, C] input is [C]:
 
     per_tensor   weight [O, I]    scale []
     per_channel  weight [O, I]    scale [O, 1]      (axis=0)
-    per_group    weight [O, I]    scale [O, I/g, 1]
+    per_group    weight [O, I]    scale [O, I/g, 1]   (ragged: [O, ceil(I/g), 1], see below)
     per_token    input  [B, T, C] scale [B, T, 1]   (dynamic)
+
+A ragged per_group spec (`QuantSpec.ragged`) lets the last group of a row be shorter. Ranges are taken
+on a view whose last group is padded with copies of the row's last element (min, max and the signed peak
+are unchanged by them); quantize and dequantize expand each group's qparams to the columns it covers,
+so no padded element is ever quantized.
 
 Math (integers are held in float32 while computing, so every step is exact):
     q  = clamp(round(x / scale) + zero_point, qmin, qmax)
@@ -26,6 +31,7 @@ from qat.spec import FLOAT_DTYPES, QuantSpec
 
 __all__ = [
     "group_view",
+    "is_ragged",
     "compute_range",
     "choose_qparams",
     "quantize",
@@ -54,17 +60,36 @@ def check_tensor(x: torch.Tensor, name: str, spec: QuantSpec | None = None) -> N
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: {n_bad} NaN/inf value(s) in a tensor being quantized (shape {tuple(x.shape)})")
-    if spec is not None and spec.granularity == "per_group" and x.shape[-1] % spec.group_size:
+    if spec is not None and spec.granularity == "per_group" and not spec.ragged and x.shape[-1] % spec.group_size:
         raise ValueError(
-            f"{name}: group_size={spec.group_size} does not divide the last dimension {x.shape[-1]}"
+            f"{name}: group_size={spec.group_size} does not divide the last dimension {x.shape[-1]}; "
+            f"choose a group size that divides it, or set ragged: true for a shorter last group"
         )
 
 
-def group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """View `x` so that one scale covers each reduction: [..., n_groups, group_size] for per_group."""
-    if spec.granularity == "per_group":
-        return x.unflatten(-1, (-1, spec.group_size))
-    return x
+def group_view(x: torch.Tensor, spec: QuantSpec, pad: str = "edge") -> torch.Tensor:
+    """View `x` so that one scale covers each reduction: [..., n_groups, group_size] for per_group.
+
+    A ragged spec whose group size does not divide the last dimension pads the last group first:
+    with copies of the last element (`pad="edge"`, for ranges) or zeros (`pad="zero"`, for sums).
+    """
+    if spec.granularity != "per_group":
+        return x
+    short = -x.shape[-1] % spec.group_size
+    if short and spec.ragged:
+        tail = x[..., -1:].expand(*x.shape[:-1], short) if pad == "edge" else x.new_zeros(*x.shape[:-1], short)
+        x = torch.cat([x, tail], dim=-1)
+    return x.unflatten(-1, (-1, spec.group_size))
+
+
+def is_ragged(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """True when `spec` is per_group with a last group shorter than group_size for `x`."""
+    return spec.granularity == "per_group" and spec.ragged and x.shape[-1] % spec.group_size != 0
+
+
+def _per_column(qparam: torch.Tensor, spec: QuantSpec, columns: int) -> torch.Tensor:
+    """Group qparams [..., n_groups, 1] expanded to the `columns` they cover: [..., columns]."""
+    return qparam[..., 0].repeat_interleave(spec.group_size, dim=-1)[..., :columns]
 
 
 def _reduce_dims(ndim: int, spec: QuantSpec) -> tuple[int, ...]:
@@ -158,6 +183,9 @@ def _codes_dtype(spec: QuantSpec) -> torch.dtype:
 def _view_and_qparams(x, scale, zero_point, spec, g_idx):
     """The view of `x` that `scale` broadcasts over; with g_idx, per-column scales gathered from groups."""
     if g_idx is None:
+        if is_ragged(x, spec):
+            zero_point = None if zero_point is None else _per_column(zero_point, spec, x.shape[-1])
+            return x, _per_column(scale, spec, x.shape[-1]), zero_point
         return group_view(x, spec), scale, zero_point
     if spec.granularity != "per_group" or x.ndim != 2:
         raise ValueError("g_idx (act-order group index) applies to per_group 2-D weights only")

@@ -52,6 +52,10 @@ class QuantSpec:
             the last dimension; always dynamic).
         axis: the channel axis for per_channel.
         group_size: elements per group for per_group.
+        ragged: per_group only. False (the default): a group size that does not divide the row is an
+            error. True: rows are split into ceil(I / group_size) groups and the last one is shorter,
+            as GPTQ and compressed-tensors checkpoints store them (SmolLM2's 576-wide rows at g128:
+            four groups of 128 and one of 64).
         dynamic: ranges recomputed from every tensor (True) or estimated and held (False).
         observer: range estimator for static ranges: minmax, moving_average, percentile, mse.
         observer_args: keyword arguments of that observer (e.g. {"percentile": 99.9}).
@@ -86,6 +90,7 @@ class QuantSpec:
     scale_dtype: str = "fp32"
     learn: str = "none"
     grid: str = "uniform"
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -109,6 +114,8 @@ class QuantSpec:
                 f"QuantSpec.group_size={self.group_size} is only used with granularity='per_group', "
                 f"not {self.granularity!r}"
             )
+        if self.ragged:
+            self._check_ragged()
         if self.granularity == "per_token" and not self.dynamic:
             object.__setattr__(self, "dynamic", True)  # a per-token range only exists at run time
         if self.is_float and not self.symmetric:
@@ -129,6 +136,17 @@ class QuantSpec:
             self._check_ggml()
         elif self.grid == "ggml_k":
             self._check_ggml_k()
+
+    def _check_ragged(self) -> None:
+        if not isinstance(self.ragged, bool):
+            raise ValueError(f"QuantSpec.ragged={self.ragged!r}; use true or false")
+        if self.granularity != "per_group":
+            raise ValueError(f"QuantSpec.ragged=True applies to granularity='per_group', not {self.granularity!r}")
+        if self.grid != "uniform":
+            raise ValueError(f"QuantSpec.ragged=True needs grid='uniform'; {self.grid!r} blocks have a fixed size")
+        if self.observer == "percentile":
+            raise ValueError("QuantSpec.ragged=True with observer='percentile' is not supported; "
+                             "use minmax, moving_average or mse")
 
     def _check_ggml_k(self) -> None:
         if self.dtype != "int" or self.bits not in GGML_K:
@@ -190,7 +208,8 @@ class QuantSpec:
         """A short name such as 'int4 sym g128' or 'fp8_e4m3 per_token dyn'."""
         kind = f"int{self.bits}" if self.dtype == "int" else self.dtype
         parts = [kind, "sym" if self.symmetric else "asym"]
-        parts.append(f"g{self.group_size}" if self.granularity == "per_group" else self.granularity)
+        parts.append(f"g{self.group_size}{'r' if self.ragged else ''}" if self.granularity == "per_group"
+                     else self.granularity)
         if self.dynamic:
             parts.append("dyn")
         if self.learn != "none":

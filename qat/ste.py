@@ -76,7 +76,7 @@ def fake_quantize(
 
 def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> float:
     """LSQ's gradient scale 1 / sqrt(N * qmax), N = number of elements sharing one scale."""
-    per_scale = group_view(x, spec).numel() / max(scale.numel(), 1)
+    per_scale = x.numel() / max(scale.numel(), 1)
     return 1.0 / math.sqrt(per_scale * max(spec.qmax, 1))
 
 
@@ -93,7 +93,7 @@ class _LearnedFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, out, mask, scale = ctx.saved_tensors
         spec = ctx.spec
-        g = group_view(grad, spec).float()
+        g = group_view(grad, spec, pad="zero").float()  # padding of a ragged last group adds nothing
         m = group_view(mask, spec)
         outside = ~m
         if ctx.mode == "lsq":

@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qat.primitives import _reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, strip_leading_ones
+from qat.primitives import (
+    _reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
+)
 
 OBSERVERS: dict[str, type["Observer"]] = {}
 
@@ -153,13 +155,18 @@ class MSEObserver(Observer):
         lo, hi = compute_range(x, self.spec)
         view = group_view(x.detach(), self.spec).float()
         dims = _reduce_dims(view.ndim, self.spec)
+        # a ragged last group is padded with copies of the row's last element: they must not count twice
+        valid = group_view(torch.ones_like(x, dtype=torch.float32), self.spec, pad="zero") if is_ragged(x, self.spec) else None
         best_err, best_lo, best_hi = None, lo, hi
         for i in range(self.grid):
             ratio = 1.0 - self.max_shrink * i / max(self.grid - 1, 1)
             cand_lo, cand_hi = lo * ratio, hi * ratio
             scale, zp = choose_qparams(cand_lo, cand_hi, self.spec)
             x_hat, _ = fake_quantize_forward(view, scale, zp, self._flat_spec())
-            err = (x_hat - view).abs_().pow_(self.norm).sum(dim=dims, keepdim=True)
+            err = (x_hat - view).abs_().pow_(self.norm)
+            if valid is not None:
+                err.mul_(valid)
+            err = err.sum(dim=dims, keepdim=True)
             err = strip_leading_ones(err)
             if best_err is None:
                 best_err = err
@@ -172,5 +179,5 @@ class MSEObserver(Observer):
     def _flat_spec(self):
         # the view is already grouped; quantize it as is
         if self.spec.granularity == "per_group":
-            return self.spec.replace(granularity="per_token", group_size=None, learn="none")
+            return self.spec.replace(granularity="per_token", group_size=None, ragged=False, learn="none")
         return self.spec

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from qat.observers import build_observer
-from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
+from qat.primitives import choose_qparams, compute_range, fake_quantize_forward, group_view
 from qat.ptq.fold import applicable, fold_scales, parse_mappings
 from qat.ptq.gptq import check_spec
 from qat.spec import QuantSpec
@@ -107,9 +107,9 @@ def search_scale(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
 def _weight_mean(weights, specs) -> torch.Tensor:
     parts = []
     for w, spec in zip(weights, specs):
-        g = spec.group_size if spec.granularity == "per_group" else w.shape[1]
-        v = w.detach().float().abs().unflatten(-1, (-1, g))
-        parts.append((v / v.amax(-1, keepdim=True).clamp(min=1e-8)).flatten(1))
+        v = w.detach().float().abs()
+        v = group_view(v, spec) if spec.granularity == "per_group" else v.unsqueeze(1)
+        parts.append((v / v.amax(-1, keepdim=True).clamp(min=1e-8)).flatten(1)[:, :w.shape[1]])
     return torch.cat(parts, 0).mean(0)
 
 
@@ -125,14 +125,17 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
     w = w.detach().float()
     O, I = w.shape
     g = spec.group_size if spec.granularity == "per_group" else I
-    ng = I // g
+    pad = -I % g  # a ragged last group: zero padding adds no error
+    ng = (I + pad) // g
+    gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
     blocks = torch.stack([gram[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(ng)]).float()
     lo, hi = compute_range(w, spec)
     best_lo, best_hi, best_err = lo, hi, None
     for k in range(max(1, int(max_shrink * n_grid))):
         ratio = 1.0 - k / n_grid
         scale, zp = choose_qparams(lo * ratio, hi * ratio, spec)
-        d = (fake_quantize_forward(w, scale, zp, spec)[0] - w).view(O, ng, g).transpose(0, 1)
+        d = torch.nn.functional.pad(fake_quantize_forward(w, scale, zp, spec)[0] - w, (0, pad))
+        d = d.view(O, ng, g).transpose(0, 1)
         err = (torch.bmm(d, blocks) * d).sum(-1).t()  # [O, ng]
         err = err.sum() if spec.granularity == "per_tensor" else err.reshape(lo.shape)
         if best_err is None:

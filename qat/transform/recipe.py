@@ -52,6 +52,7 @@ class Override:
             merged = {**base, **change}
             if "granularity" in change and change["granularity"] != "per_group" and "group_size" not in change:
                 merged["group_size"] = None
+                merged.pop("ragged", None)
             out[role] = QuantSpec.from_dict(merged, owner=f"{owner}.{role}")
         return TensorSchemes(**out)
 

@@ -60,10 +60,11 @@ class Stack(nn.Module):
 MAPPING = [{"prev": "norm", "linears": ["fc"]}]
 
 
-def recipe(bits=4, group_size=32, symmetric=True, granularity="per_group", inp=None, observer="minmax"):
+def recipe(bits=4, group_size=32, symmetric=True, granularity="per_group", inp=None, observer="minmax", ragged=False):
     weight = {"bits": bits, "symmetric": symmetric, "granularity": granularity, "observer": observer}
     if granularity == "per_group":
         weight["group_size"] = group_size
+        weight["ragged"] = ragged
     return {"name": "test", "targets": ["Linear"], "ignore": ["lm_head"], "weight": weight, "input": inp}
 
 
