@@ -31,9 +31,12 @@ def test_pareto_front():
 
 def test_write_results(tmp_path):
     paths = write_results(ROWS, tmp_path)
-    assert json.loads(paths["json"].read_text()) == ROWS
-    assert paths["csv"].read_text().splitlines()[0] == "method,quant,ppl,bits_per_weight,size_mb,wall_s,peak_mem_mb"
-    assert "| gptq   | w3    | 14.000" in paths["md"].read_text()
+    doc = json.loads(paths["json"].read_text())
+    assert [{k: r[k] for k in ROWS[0]} for r in doc["rows"]] == ROWS and all(r["status"] == "ok" for r in doc["rows"])
+    assert paths["csv"].read_text().splitlines()[0] == \
+        "method,quant,ppl,bits_per_weight,size_mb,wall_s,peak_mem_mb,status,error"
+    md = paths["md"].read_text()
+    assert "| gptq   | w3    | 14.000" in md and "status" not in md  # status columns only when a job failed
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -42,13 +45,16 @@ def test_load_results_takes_ptq_rows_and_train_results(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(ROWS[1]))
     (tmp_path / "b.json").write_text(json.dumps({"qat_ppl": 11.5, "bits_per_weight": 4.25, "quant": "w4"}))
     rows = load_results([tmp_path / "a.json", tmp_path / "b.json"])
-    assert rows[0] == ROWS[1] and rows[1]["method"] == "qat" and rows[1]["ppl"] == 11.5
-    assert load_results([str(tmp_path / "*.json")]) == rows  # a glob collects a qat-ptq -m sweep
+    assert {k: rows[0][k] for k in ROWS[1]} == ROWS[1] and rows[0]["source"] == str(tmp_path / "a.json")
+    assert rows[1]["method"] == "qat" and rows[1]["ppl"] == 11.5
+    assert load_results([str(tmp_path / "*.json")]) == [{**r, "source": r["source"]} for r in rows]  # a glob
     with pytest.raises(ValueError, match="matches no file"):
         load_results([str(tmp_path / "nothing*.json")])
     (tmp_path / "c.json").write_text(json.dumps({"method": "x"}))
     with pytest.raises(ValueError, match=r"c.json: result row lacks \['quant', 'ppl'\]"):
         load_results([tmp_path / "c.json"])
+    paths = write_results(rows, tmp_path / "t")
+    assert [r["ppl"] for r in load_results([paths["json"]])] == [12.0, 11.5]  # a written table reads back
 
 
 def test_bits_per_weight_counts_scales(tiny_llama):
@@ -109,6 +115,8 @@ def test_compare_job(tmp_path):
     cfg = _compose("compare", ["calibration.samples=8", "eval.max_blocks=2", "methods=[fp,rtn,gptq]",
                                "quants=[w4a16_g128]"])
     paths = run_compare_job(cfg, tmp_path, log=lambda s: None)
-    rows = json.loads(paths["json"].read_text())
+    doc = json.loads(paths["json"].read_text())
+    rows = doc["rows"]
+    assert doc["protocol"] == {"data": cfg["data"]["path"], "split": "test", "blocks": 2, "block_size": 64}
     assert [r["method"] for r in rows] == ["fp", "rtn", "gptq"]
     assert all(r["ppl"] > 1 for r in rows) and rows[0]["bits_per_weight"] == 16.0

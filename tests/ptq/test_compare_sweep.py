@@ -1,0 +1,128 @@
+"""qat-compare -m: the multirun over method x scheme (QAT included), failed jobs, and the eval-protocol check."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qat.cli.compare import train_config
+from qat.compare import collect_sweep, load_results, run_sweep_job, write_results
+from qat.recipes import CONFIG_DIR
+
+PROTO = {"data": "corpus.txt", "split": "test", "blocks": 4, "block_size": 64}
+
+
+def _compare_cfg(overrides):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="compare", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = "unused"
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _row(method, quant, ppl, protocol=PROTO):
+    return {"method": method, "quant": quant, "ppl": ppl, "bits_per_weight": 4.25, "size_mb": 1.0, "wall_s": 1.0,
+            "peak_mem_mb": 1.0, "status": "ok", "error": "", "protocol": protocol}
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_table_with_qat_and_failed_rows(tmp_path):
+    """fp, rtn, gptq, qat (a real 3-step training) and a job that fails, x two schemes, in one command."""
+    (tmp_path / "cfg" / "method").mkdir(parents=True)
+    (tmp_path / "cfg" / "method" / "boom.yaml").write_text("name: gptq\nlabel: boom\nmin_tokens: 1000000000\n")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "qat.cli.compare", "-m", "method=fp,rtn,gptq,qat,boom",
+           "quant=w4a16_g128,w3a16_g64", "calibration.samples=8", "eval.max_blocks=4",
+           'qat.overrides=["trainer.max_steps=3","eval.baselines=true"]', f"hydra.sweep.dir={sweep}",
+           f"hydra.searchpath=[file://{tmp_path / 'cfg'}]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]  # fail_on_error: exit 1, after writing the table
+    assert "2 job(s) failed: boom/w4a16_g128, boom/w3a16_g64" in proc.stderr
+    doc = json.loads((sweep / "results.json").read_text())
+    got = {(r["method"], r["quant"]): r for r in doc["rows"]}
+    ok = [(m, q) for m in ("rtn", "gptq", "qat") for q in ("w4a16_g128", "w3a16_g64")] + [("fp", "fp")]
+    assert set(got) == set(ok) | {("boom", "w4a16_g128"), ("boom", "w3a16_g64")}  # the float row once
+    for key in ok:
+        row = got[key]
+        assert row["status"] == "ok" and all(math.isfinite(row[k]) for k in ("ppl", "bits_per_weight", "size_mb", "wall_s"))
+    assert got[("fp", "fp")]["bits_per_weight"] == 16 and got[("rtn", "w3a16_g64")]["bits_per_weight"] == 3.5
+    for q in ("w4a16_g128", "w3a16_g64"):
+        assert got[("boom", q)]["status"] == "failed" and "min_tokens" in got[("boom", q)]["error"]
+        assert math.isnan(got[("boom", q)]["ppl"])
+        # the QAT row comes from a real training: 3 steps moved it away from its starting point
+        qat_row = json.loads(next(sweep.glob(f"*_qat_{q}/result.json")).read_text())
+        assert qat_row["steps"] == 3 and qat_row["ppl"] != qat_row["start_ppl"]
+        assert got[("qat", q)]["bits_per_weight"] == got[("rtn", q)]["bits_per_weight"]
+    assert doc["protocol"] == {"data": str(CONFIG_DIR.parent / "tests/fixtures/tiny_corpus.txt"), "split": "test",
+                               "blocks": 4, "block_size": 64}
+    assert "| boom " in (sweep / "results.md").read_text() and "failed" in (sweep / "results.csv").read_text()
+    assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_job_is_a_row_not_an_exception(tmp_path):
+    cfg = _compare_cfg(["method=gptq", "quant=w4a16_g128", "method.min_tokens=1000000000"])
+    row = run_sweep_job(cfg, tmp_path / "0_gptq", log=lambda s: None)
+    assert row["status"] == "failed" and "min_tokens" in row["error"] and math.isnan(row["ppl"])
+    assert json.loads((tmp_path / "0_gptq" / "result.json").read_text())["status"] == "failed"
+    row = run_sweep_job({**cfg, "method": {"name": "qat"}}, tmp_path / "1_qat", log=lambda s: None)
+    assert row["status"] == "failed" and "qat-compare" in row["error"]  # no QAT runner given
+    rows = collect_sweep(tmp_path)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert "| failed |" in write_results(rows, tmp_path)["md"].read_text()
+
+
+def test_mismatched_protocol_is_refused_naming_the_file(tmp_path):
+    for i, (method, proto) in enumerate([("fp", PROTO), ("rtn", PROTO), ("qat", {**PROTO, "blocks": 8})]):
+        (tmp_path / f"{i}_{method}").mkdir()
+        (tmp_path / f"{i}_{method}" / "result.json").write_text(json.dumps(_row(method, "w4", 10.0 + i, proto)))
+    rows = collect_sweep(tmp_path)
+    with pytest.raises(ValueError, match=r"2_qat/result.json: eval protocol differs from .*0_fp/result.json "
+                                         r"\(blocks: 4 vs 8\)"):
+        write_results(rows, tmp_path)
+    assert not (tmp_path / "results.md").exists()
+    # the same check guards rows merged into a plain qat-compare run
+    cfg = _compare_cfg(["methods=[fp]", "eval.max_blocks=2", f"results=[{tmp_path / '0_fp' / 'result.json'}]"])
+    from qat.compare import run_compare_job
+
+    with pytest.raises(ValueError, match=r"0_fp/result.json: eval protocol differs .*blocks: 2 vs 4"):
+        run_compare_job(cfg, tmp_path / "plain", log=lambda s: None)
+
+
+def test_reused_float_row_appears_once(tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i}_fp").mkdir()
+        row = {**_row("fp", "fp", 10.0), "model": "tiny", **({"reused": "0_fp/result.json"} if i else {})}
+        (tmp_path / f"{i}_fp" / "result.json").write_text(json.dumps(row))
+    assert [r["method"] for r in collect_sweep(tmp_path)] == ["fp"]
+    assert load_results([tmp_path / "0_fp" / "result.json"])[0]["protocol"] == PROTO
+
+
+def test_qat_job_trains_on_the_compare_model_data_scheme_and_blocks():
+    cfg = _compare_cfg(["method=qat_gptq", "quant=w3a16_g64", "data.block_size=32", "eval.max_blocks=3",
+                        "calibration.samples=12", 'qat.overrides=["trainer.max_steps=2"]'])
+    tcfg = train_config(cfg, "/tmp/unused")
+    assert tcfg.data.block_size == 32 and tcfg.data.path == cfg["data"]["path"] and tcfg.eval.max_blocks == 3
+    assert tcfg.quant.name == "w3a16_g64" and tcfg.init.name == "gptq" and tcfg.trainer.max_steps == 2
+    assert tcfg.init.calibration == {"samples": 12, "seq_len": 32} and tcfg.model.path == "tiny"
+    assert tcfg.task_name == "tiny_qat"  # qat.experiment (the tiny one by default)
+    with pytest.raises(ValueError, match=r"qat: unknown key\(s\) \['steps'\]"):
+        train_config({**cfg, "qat": {"steps": 3}}, "/tmp/unused")
+
+
+@pytest.mark.parametrize("method", ["fp", "qat", "qat_gptq", "qat_awq"])
+def test_compare_method_configs_compose(method):
+    cfg = _compare_cfg([f"method={method}", "quant=w4a16_g128"])
+    assert cfg["method"]["name"] == ("fp" if method == "fp" else "qat")
