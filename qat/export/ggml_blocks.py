@@ -19,11 +19,12 @@ Example:
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
-from qat.primitives import choose_qparams, compute_range, dequantize, quantize
+from qat.grids import GRIDS, block_range, ggml_offset, ggml_stored_codes
 from qat.spec import QuantSpec
 
 QK_K = 256
@@ -33,7 +34,7 @@ BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0":
          "Q5_K": (256, 176), "Q6_K": (256, 210)}
 LEGACY = {"Q8_0": (8, True), "Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False)}
 CHUNK_ELEMENTS = 1 << 18
-ENCODERS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
+ENCODERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {}  # (chunk, values=, [importance=])
 
 
 def ggml_spec(type_name: str) -> QuantSpec:
@@ -55,10 +56,28 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     `importance` [cols] (see `qat.export.imatrix`) weighs the K-quant fits (Q2_K, Q4_K, Q5_K); other types
     ignore it (their blocks stay bit-identical to gguf-py's).
 
+    Returns:
+        (uint8 blocks [rows, bytes_per_row], float32 decoded values [rows, cols]).
     Raises:
         KeyError: an unknown type, listing the known ones.
         ValueError: a row length that is not a multiple of the type's block size.
     """
+    return _run(weight, type_name, importance, True)
+
+
+def encode_blocks(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Only the blocks of `encode` (what a GGUF writer stores), without decoding them: faster.
+
+    Example:
+        >>> encode_blocks(torch.randn(4, 64), "Q8_0").shape
+        torch.Size([4, 68])
+    Raises:
+        as `encode`.
+    """
+    return _run(weight, type_name, importance, False)[0]
+
+
+def _run(weight, type_name, importance, values):
     if type_name not in ENCODERS:
         raise KeyError(f"GGUF type {type_name!r}; supported: {sorted(ENCODERS)}")
     block = BLOCK[type_name][0]
@@ -66,35 +85,45 @@ def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None
     if w.shape[1] % block:
         raise ValueError(f"GGUF {type_name} needs rows that are a multiple of {block}; got {w.shape[1]}")
     use_imp = importance is not None and type_name in ("Q2_K", "Q4_K", "Q5_K")
-    fn = (lambda chunk: ENCODERS[type_name](chunk, importance)) if use_imp else ENCODERS[type_name]
+    kwargs = {"importance": importance} if use_imp else {}
+    fn = ENCODERS[type_name]
     step = max(1, CHUNK_ELEMENTS // w.shape[1])
     if type_name in ("F32", "F16", "BF16") or w.shape[0] <= step:
-        return fn(w)  # one conversion: nothing to gain from chunks
-    # Rows are independent. Chunks of ~256K values keep every temporary in cache and reused by the
-    # allocator (instead of fresh, page-faulting 64 MB buffers per operation), and one intra-op thread
-    # avoids a thread wake-up per small operation: 3-10x faster on CPU than whole-tensor ops.
+        return fn(w, values=values, **kwargs)  # one conversion: nothing to gain from chunks
+    return _chunked(lambda i: fn(w[i:i + step], values=values, **kwargs), range(0, w.shape[0], step), values)
+
+
+def _chunked(fn, starts, values):
+    """Rows are independent. Chunks of ~256K values keep every temporary in cache and reused by the
+    allocator (instead of fresh, page-faulting 64 MB buffers per operation); each chunk runs with one
+    intra-op thread (a thread wake-up per small operation costs more than the operation) and the chunks
+    are spread over `torch.get_num_threads()` Python threads (torch releases the GIL inside operations)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        parts = [fn(w[i:i + step]) for i in range(0, w.shape[0], step)]
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(fn, starts))
+        else:
+            parts = [fn(i) for i in starts]
     finally:
         torch.set_num_threads(threads)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if values else None
 
 
 def _register(*names):
     def deco(fn):
         for n in names:
-            ENCODERS[n] = (lambda w, n=n: fn(w, n))
+            ENCODERS[n] = (lambda w, n=n, **kw: fn(w, n, **kw))
         return fn
     return deco
 
 
 @_register("F32", "F16", "BF16")
-def _encode_float(w, name):
+def _encode_float(w, name, values=True):
     dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
     t = w.to(dtype)
-    return t.view(torch.uint8).reshape(w.shape[0], -1), t.float()
+    return t.view(torch.uint8).reshape(w.shape[0], -1), t.float() if values else None
 
 
 def _half_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -102,15 +131,33 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _nibbles(u: torch.Tensor) -> torch.Tensor:
-    """[nb, 32] codes 0..15 (or low nibbles) -> [nb, 16] bytes: element j low, j+16 high."""
-    return (u[:, :16] & 0xF) | ((u[:, 16:] & 0xF) << 4)
+def _high_bits(u: torch.Tensor) -> torch.Tensor:
+    """[nb, 32] uint8 5-bit values -> [nb, 4]: bit 4 of element j at bit j of a little-endian uint32
+    (numpy packbits bitorder='little', as gguf-py)."""
+    hb = (u >> 4).reshape(-1, 4, 8)
+    out = hb[..., 0].clone()
+    for i in range(1, 8):
+        out |= hb[..., i] << i
+    return out
 
 
-def _bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
-    """[nb, 8k] 0/1 -> [nb, k] bytes, little bit order (as numpy packbits bitorder='little')."""
-    shifts = torch.arange(8, dtype=torch.int32)
-    return (bits.reshape(bits.shape[0], -1, 8).int() << shifts).sum(-1).to(torch.uint8)
+def _pack_legacy(stored: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, type_name: str) -> torch.Tensor:
+    """[nb, bytes] blocks from the stored integers (int8/uint8, see `qat.grids.ggml_stored_codes`) and qparams."""
+    bits, sym = LEGACY[type_name]
+    u = stored.reshape(-1, 32).view(torch.uint8)
+    out = torch.empty(u.shape[0], BLOCK[type_name][1], dtype=torch.uint8)
+    out[:, :2] = _half_bytes(scale.reshape(-1, 1))
+    pos = 2 if sym else 4
+    if not sym:
+        out[:, 2:4] = _half_bytes(zero_point.reshape(-1, 1))
+    if bits == 8:
+        out[:, pos:] = u
+        return out
+    if bits == 5:
+        out[:, pos:pos + 4] = _high_bits(u)
+        pos += 4
+    torch.bitwise_or(u[:, :16] & 0xF, u[:, 16:] << 4, out=out[:, pos:])  # uint8 shift drops bit 4
+    return out
 
 
 def legacy_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, type_name: str) -> torch.Tensor:
@@ -122,28 +169,23 @@ def legacy_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     Returns:
         uint8 [rows, cols/32 * bytes_per_block].
     """
-    rows = codes.shape[0]
-    bits, sym = LEGACY[type_name]
-    q = codes.reshape(-1, 32).to(torch.int32)
-    head = [_half_bytes(scale.reshape(-1, 1))]
-    if not sym:
-        head.append(_half_bytes(zero_point.reshape(-1, 1)))
-    if bits == 8:
-        body = [q.to(torch.int8).view(torch.uint8)]
-    else:
-        u = q + (2 ** (bits - 1) if sym else 0)
-        body = [_nibbles(u)]
-        if bits == 5:
-            body.insert(0, _bits_to_bytes(u >> 4))
-    return torch.cat(head + body, dim=1).to(torch.uint8).reshape(rows, -1)
+    off = ggml_offset(ggml_spec(type_name))
+    stored = (codes.to(torch.int16) + off).to(torch.uint8) if off else codes
+    return _pack_legacy(stored, scale, zero_point, type_name).reshape(codes.shape[0], -1)
 
 
 @_register(*LEGACY)
-def _encode_legacy(w, name):
+def _encode_legacy(w, name, values=True):
+    """The grid of `ggml_spec(name)` (`qat.grids`, what `qat.primitives` computes) on one chunk of rows."""
     spec = ggml_spec(name)
-    scale, zero_point = choose_qparams(*compute_range(w, spec), spec)
-    codes = quantize(w, scale, zero_point, spec)
-    return legacy_blocks(codes, scale, zero_point, name), dequantize(codes, scale, zero_point, spec)
+    view = w.reshape(w.shape[0], -1, 32)
+    scale, zero_point = GRIDS["ggml"].qparams(*block_range(view, spec), spec)
+    stored = ggml_stored_codes(view, scale, zero_point, spec)
+    blocks = _pack_legacy(stored, scale, zero_point, name).reshape(w.shape[0], -1)
+    if not values:
+        return blocks, None
+    codes = stored.float().sub_(ggml_offset(spec))
+    return blocks, GRIDS["ggml"].values(codes, scale, zero_point).reshape(w.shape)
 
 
 from qat.export import kquants as _kquants  # noqa: E402  (registers the K-quant encoders)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from qat.primitives import choose_qparams, compute_range, dequantize, quantize
+from qat.grids import GRIDS, block_range, signed_peak
 from qat.spec import GGML_K, QuantSpec
 
 QK_K = 256
@@ -90,7 +90,7 @@ def fitted_range(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | No
     """(lo, hi) per sub-block for `choose_qparams`: from the weighted search for the asymmetric types
     (weighted by `importance` [cols] when given), from `compute_range` (the signed peak) for the symmetric ones."""
     if spec.symmetric:
-        return compute_range(w, spec)
+        return block_range(w.reshape(w.shape[0], -1, spec.group_size), spec)
     nmax = spec.qmax
     imp = None if importance is None else importance.float().reshape(1, -1, spec.group_size)
     nstep = NSTEP[GGML_K[spec.bits][0]] + (8 if imp is not None else 0)
@@ -102,7 +102,7 @@ def fitted_range(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | No
 def _levels(values: torch.Tensor, smax: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Effective sub-block values d*code [nb, n] -> (d [nb, 1], integer codes): undoes `choose_qparams`'s
     second level exactly (the peak sub-block holds code smax, or -smax when signed)."""
-    peak = values.gather(-1, values.abs().argmax(-1, keepdim=True))
+    peak = signed_peak(values)
     d = peak / (-smax if signed else smax)
     codes = torch.round(values / torch.where(d != 0, d, torch.ones_like(d)))
     return d, torch.where(d != 0, codes, torch.zeros_like(codes))
@@ -179,11 +179,16 @@ def kquant_blocks(codes, scale, zero_point, name: str) -> torch.Tensor:
 
 
 def _encoder(name: str):
-    def encode_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_k(x: torch.Tensor, importance: torch.Tensor | None = None, values: bool = True):
+        """Blocks and (when `values`) decoded values of one chunk of rows: the grid of `kquant_spec(name)`
+        (`qat.grids`, what `qat.primitives` computes) on the fitted sub-block ranges."""
         spec = kquant_spec(name)
-        scale, zero_point = choose_qparams(*fitted_range(x, spec, importance), spec)
-        codes = quantize(x, scale, zero_point, spec)
-        return kquant_blocks(codes, scale, zero_point, name), dequantize(codes, scale, zero_point, spec)
+        grid = GRIDS["ggml_k"]
+        view = x.reshape(x.shape[0], -1, spec.group_size)
+        scale, zero_point = grid.qparams(*fitted_range(x, spec, importance), spec)
+        codes, _ = grid.codes(view, scale, zero_point, spec)
+        blocks = kquant_blocks(codes.reshape(x.shape), scale, zero_point, name)
+        return blocks, grid.values(codes, scale, zero_point).reshape(x.shape) if values else None
     encode_k.__name__ = f"encode_{name.lower()}"
     return encode_k
 
