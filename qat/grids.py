@@ -93,7 +93,9 @@ def ggml_shifted(view, scale, zero_point, spec) -> torch.Tensor:
     trunc((x - min)/d + 0.5); the inverse scale is 0 where the scale is 0, as in gguf-py."""
     inv = _safe_inverse(scale)
     if spec.bits == 8:
-        t = view * inv
+        # a float32-denormal scale has an infinite inverse: gguf-py's roundf gives NaN there, which its int8
+        # cast stores as 0 (x86); a zero inverse gives that code 0 (the fp16 scale is 0: it decodes to 0)
+        t = view * inv.nan_to_num_(posinf=0.0)
         return t.add_(torch.sign(t), alpha=HALF_DOWN)  # alpha * sign is exact, so fused or not, one rounding
     if spec.symmetric:
         return (view * inv).add_(2 ** (spec.bits - 1) + 0.5)
