@@ -90,10 +90,20 @@ def _run(weight, type_name, importance, values):
     step = max(1, CHUNK_ELEMENTS // w.shape[1])
     if type_name in ("F32", "F16", "BF16") or w.shape[0] <= step:
         return fn(w, values=values, **kwargs)  # one conversion: nothing to gain from chunks
-    return _chunked(lambda i: fn(w[i:i + step], values=values, **kwargs), range(0, w.shape[0], step), values)
+    blocks = torch.empty(w.shape[0], w.shape[1] // block * BLOCK[type_name][1], dtype=torch.uint8)
+    decoded = torch.empty_like(w) if values else None
+
+    def work(i: int) -> None:  # each chunk lands in its rows of the outputs while still in cache
+        b, v = fn(w[i:i + step], values=values, **kwargs)
+        blocks[i:i + step] = b
+        if values:
+            decoded[i:i + step] = v
+
+    _chunked(work, range(0, w.shape[0], step))
+    return blocks, decoded
 
 
-def _chunked(fn, starts, values):
+def _chunked(work, starts) -> None:
     """Rows are independent. Chunks of ~256K values keep every temporary in cache and reused by the
     allocator (instead of fresh, page-faulting 64 MB buffers per operation); each chunk runs with one
     intra-op thread (a thread wake-up per small operation costs more than the operation) and the chunks
@@ -103,12 +113,12 @@ def _chunked(fn, starts, values):
     try:
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(fn, starts))
+                list(pool.map(work, starts))
         else:
-            parts = [fn(i) for i in starts]
+            for i in starts:
+                work(i)
     finally:
         torch.set_num_threads(threads)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if values else None
 
 
 def _register(*names):
@@ -131,20 +141,17 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _high_bits(u: torch.Tensor) -> torch.Tensor:
-    """[nb, 32] uint8 5-bit values -> [nb, 4]: bit 4 of element j at bit j of a little-endian uint32
-    (numpy packbits bitorder='little', as gguf-py)."""
-    hb = (u >> 4).reshape(-1, 4, 8)
-    out = hb[..., 0].clone()
-    for i in range(1, 8):
-        out |= hb[..., i] << i
-    return out
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+_BIT0_OF_BYTES = 0x0101010101010101
+_GATHER_BIT0 = 0x0102040810204080  # x * this >> 56: bit 0 of byte i of x -> bit i (bytes hold 0 or 1)
 
 
 def _pack_legacy(stored: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, type_name: str) -> torch.Tensor:
-    """[nb, bytes] blocks from the stored integers (int8/uint8, see `qat.grids.ggml_stored_codes`) and qparams."""
+    """[nb, bytes] blocks from the stored integers (int8/uint8, see `qat.grids.ggml_stored_codes`) and qparams.
+    The codes are packed 8 at a time as int64 words (little-endian bytes), as gguf-py packs them bytewise:
+    qs byte j = element j | element j+16 << 4; Q5's qh bit j = bit 4 of element j."""
     bits, sym = LEGACY[type_name]
-    u = stored.reshape(-1, 32).view(torch.uint8)
+    u = stored.reshape(-1, 32).contiguous().view(torch.uint8)
     out = torch.empty(u.shape[0], BLOCK[type_name][1], dtype=torch.uint8)
     out[:, :2] = _half_bytes(scale.reshape(-1, 1))
     pos = 2 if sym else 4
@@ -153,10 +160,13 @@ def _pack_legacy(stored: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     if bits == 8:
         out[:, pos:] = u
         return out
+    words = u.view(torch.int64)  # [nb, 4]: elements 0-7, 8-15, 16-23, 24-31
     if bits == 5:
-        out[:, pos:pos + 4] = _high_bits(u)
+        hb = (words >> 4) & _BIT0_OF_BYTES
+        out[:, pos:pos + 4] = ((hb * _GATHER_BIT0) >> 56).to(torch.uint8)  # wraps mod 2^64: only byte 7 is kept
         pos += 4
-    torch.bitwise_or(u[:, :16] & 0xF, u[:, 16:] << 4, out=out[:, pos:])  # uint8 shift drops bit 4
+    qs = (words[:, :2] & _LOW_NIBBLES) | ((words[:, 2:] & _LOW_NIBBLES) << 4)
+    out[:, pos:] = qs.contiguous().view(torch.uint8)
     return out
 
 

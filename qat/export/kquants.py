@@ -24,9 +24,12 @@ def _half_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1).to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _sums(w, L, x):
-    wl = w * L
-    return wl.sum(-1, keepdim=True), (wl * L).sum(-1, keepdim=True), (wl * x).sum(-1, keepdim=True)
+def _sums(w, L, x, wl, tmp):
+    """sum w*L, sum w*L*L, sum w*L*x over sub-blocks, written through the scratch tensors wl and tmp: fresh
+    megabyte temporaries per candidate cost page faults (glibc hands them back to the OS), more than the math."""
+    torch.mul(w, L, out=wl)
+    return (wl.sum(-1, keepdim=True), torch.mul(wl, L, out=tmp).sum(-1, keepdim=True),
+            torch.mul(wl, x, out=tmp).sum(-1, keepdim=True))
 
 
 def _wls(sw, sx, sxx, sl, sl2, sxl):
@@ -52,20 +55,25 @@ def fit_asym(x: torch.Tensor, nmax: int, nstep: int, importance: torch.Tensor | 
     rng = hi - lo
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
     if importance is None:
-        w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+        w = torch.abs(x).add_(x.pow(2).mean(-1, keepdim=True).sqrt())
     else:
         sigma2 = 2 * x.pow(2).mean(-1, keepdim=True)
         w = importance * (sigma2 + x * x).sqrt()
-    sw, sx, sxx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (w * x * x).sum(-1, keepdim=True)
+    L, wl, tmp = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    torch.mul(w, x, out=tmp)
+    sw, sx, sxx = w.sum(-1, keepdim=True), tmp.sum(-1, keepdim=True), tmp.mul_(x).sum(-1, keepdim=True)
     shifted = x - lo
     best_scale, best_min = rng / nmax, lo
-    L = torch.round(shifted * (nmax / safe)).clamp_(0, nmax)
-    sl, sl2, sxl = _sums(w, L, x)
+    # 0 <= shifted <= rng, so round(shifted * f / rng) <= nmax for f < nmax + 0.5: clamping is a no-op there
+    torch.mul(shifted, nmax / safe, out=L).round_()
+    sl, sl2, sxl = _sums(w, L, x, wl, tmp)
     s, m = best_scale, best_min
     best_err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
     for k in range(nstep + 1):
-        L = torch.round(shifted * ((nmax - 1 + 0.1 * k) / safe)).clamp_(0, nmax)
-        scale, mn, err = _wls(sw, sx, sxx, *_sums(w, L, x))
+        torch.mul(shifted, (nmax - 1 + 0.1 * k) / safe, out=L).round_()
+        if 0.1 * k >= 1.4:
+            L.clamp_(0, nmax)
+        scale, mn, err = _wls(sw, sx, sxx, *_sums(w, L, x, wl, tmp))
         better = err < best_err
         best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, mn, best_min)
         best_err = torch.where(better, err, best_err)
