@@ -124,11 +124,11 @@ def kquant_parts(codes, scale, zero_point, name):
     dmin = m = None
     if zero_point is not None:
         dmin, m = _levels(zero_point.reshape(-1, per), smax, False)
-    return d, dmin, sc, m, codes.reshape(-1, QK_K).to(torch.int32)
+    return d, dmin, sc, m, codes.reshape(-1, QK_K).to(torch.int16)
 
 
 def _shift_or(parts: torch.Tensor, shifts: list[int], dim: int) -> torch.Tensor:
-    """OR of parts.select(dim, i) << shifts[i] (parts int32)."""
+    """OR of parts.select(dim, i) << shifts[i] (integer parts; uint8 shifts drop the bits above 7)."""
     out = torch.zeros_like(parts.select(dim, 0))
     for i, s in enumerate(shifts):
         out |= parts.select(dim, i) << s
@@ -167,6 +167,8 @@ def kquant_blocks(codes, scale, zero_point, name: str) -> torch.Tensor:
     """GGUF blocks [rows, bytes] of K-quant type `name` from codes [rows, cols] and qparams of `kquant_spec(name)`."""
     rows = codes.shape[0]
     d, dmin, sc, m, q = kquant_parts(codes, scale, zero_point, name)
+    # bit fields are cut from uint8 codes (0..63 once offset): byte ops are the cheapest tensor ops
+    q = (q + {"Q3_K": 4, "Q6_K": 32}.get(name, 0)).to(torch.uint8)
     if name == "Q2_K":
         parts = [sc.int() | (m.int() << 4), _qs_2bit(q), _half_bytes(d), _half_bytes(dmin)]
     elif name == "Q4_K":
@@ -174,12 +176,12 @@ def kquant_blocks(codes, scale, zero_point, name: str) -> torch.Tensor:
     elif name == "Q5_K":
         parts = [_half_bytes(d), _half_bytes(dmin), _scales_k4(sc, m), _bitplane(q, 4), _qs_4bit(q)]
     elif name == "Q3_K":
-        u, s6 = q + 4, (sc + 32).int()
+        u, s6 = q, (sc + 32).int()
         low = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
         high = _shift_or(((s6 >> 4) & 3).reshape(-1, 4, 4), [0, 2, 4, 6], 1)
         parts = [_bitplane(u, 2), _qs_2bit(u), low, high, _half_bytes(d)]
     else:  # Q6_K
-        u = q + 32
+        u = q
         ql = _shift_or((u & 0xF).reshape(-1, 2, 2, 64), [0, 4], 2).reshape(-1, 128)
         qh = _shift_or(((u >> 4) & 3).reshape(-1, 2, 4, 32), [0, 2, 4, 6], 2).reshape(-1, 64)
         parts = [ql, qh, sc.to(torch.int8).view(torch.uint8), _half_bytes(d)]
