@@ -7,7 +7,7 @@ from helpers_train import compose_train
 
 import qat
 from qat.compare import load_results
-from qat.lit.run import train
+from qat.lit.run import ROOT, train
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -44,4 +44,73 @@ def test_init_pins_qparams_that_survive_the_checkpoint(tmp_path):
 def test_bad_init_option_is_named(tmp_path):
     cfg = compose_train(["init=gptq", "+init.act_order=true"], tmp_path)
     with pytest.raises(ValueError, match=r"init: .*act_order"):
+        train(cfg)
+
+
+def tiny_prepared():
+    """A tiny Llama prepared at w4a16_g128 and calibration batches of fixture text."""
+    from qat.data import calibration_batches
+    from qat.models import load_model
+
+    model = qat.prepare(load_model("tiny"), qat.load_recipe("w4a16_g128"))
+    fixture = str(ROOT / "tests" / "fixtures" / "tiny_corpus.txt")
+    seqs = calibration_batches({"path": fixture, "tokenizer": "tiny", "sample_by": "paragraph"}, 8, 64)
+    return model, [torch.cat(seqs)]
+
+
+def _fake_quant_weights(model):
+    return {n: m.weight_quantizer(m.weight).detach().clone() for n, m in qat.ptq.runner.quantized_linears(model).items()}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_cell_start_is_exactly_the_ptq_model_with_latents_back_near_the_floats(method):
+    import qat.ptq.runner
+    from qat.lit.run import _float_weights, ptq_start
+
+    model, batches = tiny_prepared()
+    floats = _float_weights(model)
+    qat.ptq.apply(model, method, batches, progress=False)
+    solved = {n: m.weight.detach().clone() for n, m in qat.ptq.runner.quantized_linears(model).items()}
+    before = _fake_quant_weights(model)
+    moved = ptq_start(model, "cell", floats)
+    after = _fake_quant_weights(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the same model at step 0
+    # GPTQ leaves weights on grid points, moved into their cells; AWQ keeps float (scaled) latent weights
+    assert (moved > 0) == (method == "gptq")
+    for n, m in qat.ptq.runner.quantized_linears(model).items():
+        assert m.weight_quantizer.pinned
+        if method == "gptq":  # the latent weights moved from the grid points towards the float weights
+            assert (m.weight - floats[n]).norm() < (solved[n] - floats[n]).norm()
+
+
+def test_track_start_unpins(tmp_path):
+    import qat.ptq.runner
+    from qat.lit.run import ptq_start
+
+    model, batches = tiny_prepared()
+    qat.ptq.apply(model, "gptq", batches, progress=False)
+    ptq_start(model, "track")
+    assert all(not m.weight_quantizer.pinned and m.weight_quantizer.observing
+               for m in qat.ptq.runner.quantized_linears(model).values())
+    with pytest.raises(ValueError, match=r"init.start='grit'; choose from \['cell', 'grid', 'track'\]"):
+        ptq_start(model, "grit")
+
+
+def test_cell_start_trains_where_the_grid_start_stalls(tmp_path):
+    """The SmolLM2 finding on the tiny model: from GPTQ's grid points QAT barely moves; from the cell start it
+    starts at exactly the GPTQ model and ends better than both the grid start and the RTN start."""
+    common = ["init.calibration.samples=8", "init.calibration.seq_len=64", "trainer.max_steps=30",
+              "eval.baselines=true", "logger=none", "callbacks=none"]
+    res = {}
+    for start in ("grid", "cell"):
+        res[start] = train(compose_train(["init=gptq", f"init.start={start}", *common], tmp_path / start))
+    res["rtn"] = train(compose_train(common[2:], tmp_path / "rtn"))
+    assert res["cell"]["rtn_ppl"] == res["grid"]["rtn_ppl"]  # same starting model (the GPTQ result)
+    assert res["cell"]["qat_ppl"] < res["cell"]["rtn_ppl"]
+    assert res["cell"]["qat_ppl"] < res["grid"]["qat_ppl"] and res["cell"]["qat_ppl"] < res["rtn"]["qat_ppl"]
+
+
+def test_bad_init_start_is_named(tmp_path):
+    cfg = compose_train(["init=gptq", "init.start=grit"], tmp_path)
+    with pytest.raises(ValueError, match=r"init.start='grit'; choose from"):
         train(cfg)
