@@ -2,6 +2,7 @@
 
     qat-export model.path=smollm2-135m format=gguf gguf_type=Q4_K_M output=out/smollm2-Q4_K_M.gguf
     qat-export model=tiny quant=gguf_q4_0 checkpoint=runs/last.ckpt format=gguf gguf_type=Q4_0 output=out/t.gguf
+    qat-export format=gguf gguf_type=Q4_K_M imatrix=calibrate data=wiki calibration.save=out/imatrix.safetensors output=out/m.gguf
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     result = run_export(plain["model"]["path"], plain["output"], format=plain["format"], gguf_type=plain["gguf_type"],
                         quant=plain.get("quant"), checkpoint=plain["checkpoint"], tokenizer=plain["tokenizer"],
-                        dtype=plain["model"].get("dtype", "float32"), tiny=plain["model"].get("tiny"))
+                        dtype=plain["model"].get("dtype", "float32"), tiny=plain["model"].get("tiny"),
+                        imatrix=plain.get("imatrix"), data=plain.get("data"), calibration=plain.get("calibration"))
     print(json.dumps(result, indent=2))
 
 

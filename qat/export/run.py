@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -17,6 +18,8 @@ from torch import nn
 from qat.export import export as _export
 from qat.export._io import load_safetensors, load_torch_checkpoint
 from qat.export.load import load_any, load_any_tokenizer, quantize_on_load
+
+log = logging.getLogger(__name__)
 
 
 def _load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
@@ -63,35 +66,135 @@ def bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int, flo
     """(bytes on disk, bits per parameter of the model) of an export file or folder."""
     p = Path(path)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    from qat.export._io import float_weight_names, weight_of
+    from qat.export._io import float_weight_names
 
-    n = 0
-    seen = set()
-    for name in float_weight_names(model):
-        w = weight_of(model, name)
-        key = id(w)
-        if key not in seen:
-            seen.add(key)
+    n, seen = 0, set()
+    for name in float_weight_names(model):  # shapes only: nothing is quantized to count
+        module, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(module) if module else model
+        w = owner.qweight if leaf == "weight" and hasattr(owner, "qweight") else getattr(owner, leaf)
+        if id(w) not in seen:
+            seen.add(id(w))
             n += int(torch.Size(w.shape).numel())
     return size, 8 * size / max(n, 1)
 
 
+IMATRIX_TYPES = ("Q2_K", "Q4_K", "Q5_K")  # the fits an imatrix weighs (see qat.export.ggml_blocks.encode)
+CALIBRATION = {"samples": 32, "seq_len": 256, "split": "train", "batch_size": 4, "save": None}
+
+
+def check_imatrix(imatrix: str | None, format: str, data: Any, calibration: dict | None) -> dict:
+    """Check the imatrix options before anything is loaded; return the calibration settings with defaults.
+
+    Raises:
+        ValueError: imatrix with a format other than gguf, "calibrate" without data, an unknown calibration
+            key, or a value that is neither null, "calibrate" nor an existing .safetensors file.
+    Example:
+        >>> check_imatrix("calibrate", "gguf", "wiki", {"samples": 16})["seq_len"]
+        256
+    """
+    unknown = sorted(set(calibration or {}) - set(CALIBRATION))
+    if unknown:
+        raise ValueError(f"export calibration: unknown key(s) {unknown}; valid: {sorted(CALIBRATION)}")
+    cal = {**CALIBRATION, **(calibration or {})}
+    if imatrix is None:
+        return cal
+    if format != "gguf":
+        raise ValueError(f"imatrix={imatrix!r} weighs GGUF K-quant fits; it needs format=gguf (got format={format!r})")
+    if imatrix == "calibrate":
+        if not data:
+            raise ValueError("imatrix=calibrate needs calibration text: data=<corpus> (e.g. data=fixture, data=wiki)")
+        if int(cal["samples"]) < 1 or int(cal["seq_len"]) < 2 or int(cal["batch_size"]) < 1:
+            raise ValueError(f"export calibration: samples, batch_size >= 1 and seq_len >= 2; got {cal}")
+        return cal
+    path = Path(str(imatrix)).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"imatrix={imatrix!r}: choose null, 'calibrate', or an existing .safetensors file of "
+                         "importances (written by imatrix=calibrate calibration.save=<file>)")
+    return cal
+
+
+def load_importance(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Importances saved by `importance_for` (calibration.save), checked against `model`'s linear layers.
+
+    Raises:
+        ValueError: tensors that name no linear layer of the model, or whose length is not its in_features.
+    """
+    from qat.export._io import load_safetensors
+
+    found = load_safetensors(path)
+    expected = {f"{n}.weight": m.in_features for n, m in model.named_modules() if n and hasattr(m, "in_features")}
+    bad = [f"{k} (no such linear layer)" for k in sorted(set(found) - set(expected))]
+    bad += [f"{k} (shape {tuple(v.shape)}, expected ({expected[k]},))" for k, v in sorted(found.items())
+            if k in expected and tuple(v.shape) != (expected[k],)]
+    if bad or not found:
+        raise ValueError(f"imatrix file {str(path)!r} does not fit the model:\n  - " + "\n  - ".join(bad or ["it is empty"]))
+    return {k: v.float() for k, v in found.items()}
+
+
+def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, tokenizer: Any,
+                   gguf_type: str) -> dict[str, torch.Tensor] | None:
+    """The importances to export with: None, collected now on `data` (imatrix="calibrate"; saved to
+    cal["save"] when set), or read from the file `imatrix`.
+
+    Raises:
+        ValueError: an empty corpus split, or a file that does not fit the model.
+    """
+    if imatrix is None:
+        return None
+    if not any(t in gguf_type for t in IMATRIX_TYPES):
+        log.warning("imatrix: gguf_type=%s has no %s tensors; the importances change nothing", gguf_type, "/".join(IMATRIX_TYPES))
+    if imatrix != "calibrate":
+        return load_importance(imatrix, model)
+    from qat.data import build_blocks
+    from qat.export._io import save_safetensors
+    from qat.export.imatrix import collect_importance
+
+    corpus = _corpus(data, int(cal["seq_len"]), None)
+    corpus.max_train_blocks = int(cal["samples"])
+    blocks = build_blocks(corpus, tokenizer, splits=[cal["split"]]).get(cal["split"])
+    if blocks is None or not len(blocks):
+        raise ValueError(f"imatrix=calibrate: {corpus.path} gives no {cal['split']!r} blocks of {cal['seq_len']} tokens")
+    rows = int(cal["batch_size"])
+    importance = collect_importance(model, [blocks[i:i + rows] for i in range(0, len(blocks), rows)])
+    if cal["save"]:
+        save_safetensors(importance, cal["save"], metadata={"format": "qat-imatrix", "tokens": str(blocks.numel())})
+    return importance
+
+
 def run_export(model: str, output: str, format: str = "native", gguf_type: str = "Q8_0", quant: Any = None,
                checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
-               tiny: dict | None = None) -> dict:
-    """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"}.
+               tiny: dict | None = None, imatrix: str | None = None, data: str | dict | None = None,
+               calibration: dict | None = None) -> dict:
+    """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"} (+ "imatrix").
 
+    Args:
+        imatrix: format=gguf only: None, "calibrate" (collect importances now from `data`, see
+            `importance_for`), or a .safetensors file of importances written by an earlier run.
+        data / calibration: the corpus and {samples, seq_len, split, batch_size, save} for imatrix="calibrate".
+    Raises:
+        ValueError: a bad imatrix / calibration value (before any model is loaded), and what the writers raise.
     Example:
         >>> run_export("tiny", "out/tiny.gguf", format="gguf", gguf_type="Q8_0")
     """
     start = time.perf_counter()
+    calibration = check_imatrix(imatrix, format, data, calibration)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
     tok = load_any_tokenizer(tokenizer or model)
+    importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
-    out = _export(source, output, format, gguf_type, tokenizer=tok)
+    if importance is not None:
+        from qat.export.gguf_export import export_gguf
+
+        out = export_gguf(source, output, gguf_type, tokenizer=tok, importance=importance)
+    else:
+        out = _export(source, output, format, gguf_type, tokenizer=tok)
     size, bpw = bits_per_weight(out, source)
-    return {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
-            "seconds": round(time.perf_counter() - start, 2)}
+    result = {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if imatrix is not None:
+        result["imatrix"] = str(imatrix)
+    return result
 
 
 @torch.no_grad()

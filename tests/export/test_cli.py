@@ -62,3 +62,75 @@ def test_export_from_a_qat_checkpoint(tmp_path):
         assert torch.equal(load_any(out["output"])(ids).logits, prepared(ids).logits)
     with pytest.raises(ValueError, match="checkpoint= needs quant="):
         run_export("tiny", str(tmp_path / "x"), checkpoint=str(tmp_path / "last.ckpt"))
+
+
+def test_imatrix_config_composes():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("export", overrides=["model=tiny", "format=gguf", "gguf_type=Q4_K_M", "output=x",
+                                           "imatrix=calibrate", "data=fixture", "calibration.samples=4"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert cfg.imatrix == "calibrate" and cfg.calibration.samples == 4 and cfg.calibration.save is None
+    assert data["path"].endswith("tiny_corpus.txt") and data["tokenizer"] == "tiny"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"format": "native", "imatrix": "calibrate", "data": "x"}, "needs format=gguf"),
+    ({"format": "gguf", "imatrix": "calibrate"}, "needs calibration text: data="),
+    ({"format": "gguf", "imatrix": "nope.safetensors"}, "choose null, 'calibrate', or an existing .safetensors"),
+    ({"format": "gguf", "imatrix": "calibrate", "data": "x", "calibration": {"sample": 3}}, "unknown key.*'sample'.*valid"),
+])
+def test_bad_imatrix_values_are_refused_before_loading(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_export("no/such/model", str(tmp_path / "m.gguf"), **kwargs)
+
+
+def outlier_llama(folder: Path) -> Path:
+    """The tiny test Llama (rows of 256: K-quants fit) with outlier input channels, saved as a HF folder."""
+    import torch
+
+    from tests.export.conftest import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():  # outlier input channels, as trained LLMs have: what an imatrix is for
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.mul_(torch.exp(torch.randn(256, generator=torch.Generator().manual_seed(3))))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_imatrix_calibrate_lowers_held_out_error_and_is_reusable(tmp_path, corpus):
+    import gguf
+    import torch
+
+    from qat.export import load_any
+    from qat.models import ByteTokenizer
+
+    src = outlier_llama(tmp_path / "fp")
+    common = {"format": "gguf", "gguf_type": "Q4_K", "tokenizer": "tiny"}
+    plain = run_export(str(src), str(tmp_path / "plain.gguf"), **common)
+    cal = {"samples": 8, "seq_len": 64, "save": str(tmp_path / "imatrix.safetensors")}
+    weighted = run_export(str(src), str(tmp_path / "imat.gguf"), imatrix="calibrate", data=str(corpus), calibration=cal, **common)
+    assert weighted["imatrix"] == "calibrate" and (tmp_path / "imatrix.safetensors").is_file()
+    held_out = torch.tensor([ByteTokenizer()("a lazy cat jumps while the quick dog sleeps over brown fox")["input_ids"]])
+    with torch.no_grad():
+        ref = load_any(str(src))(held_out).logits
+        err = {k: float(((load_any(r["output"])(held_out).logits - ref) ** 2).mean()) for k, r in
+               (("plain", plain), ("imatrix", weighted))}
+    assert err["imatrix"] < 0.9 * err["plain"], err
+    again = run_export(str(src), str(tmp_path / "again.gguf"), imatrix=cal["save"], **common)
+    blocks = {k: [t.data.tobytes() for t in gguf.GGUFReader(r["output"]).tensors] for k, r in
+              (("plain", plain), ("imatrix", weighted), ("again", again))}
+    assert blocks["again"] == blocks["imatrix"] != blocks["plain"]
+
+
+def test_imatrix_file_that_does_not_fit_is_named(tmp_path):
+    import torch
+
+    from qat.export._io import save_safetensors
+
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors({"model.layers.0.mlp.down_proj.weight": torch.ones(7), "model.nope.weight": torch.ones(3)}, bad)
+    with pytest.raises(ValueError, match=r"(?s)does not fit.*nope.weight \(no such linear layer\).*down_proj.weight \(shape \(7,\), expected \(512,\)\)"):
+        run_export(str(outlier_llama(tmp_path / "fp")), str(tmp_path / "m.gguf"), format="gguf", gguf_type="Q4_K",
+                   tokenizer="tiny", imatrix=str(bad))
