@@ -165,9 +165,9 @@ def check_protocols(rows: Sequence[dict]) -> dict | None:
             ref = (proto, row.get("source", f"{row['method']}/{row['quant']}"))
         elif proto != ref[0]:
             where = row.get("source", f"{row['method']}/{row['quant']}")
-            diff = {k: (ref[0][k], proto[k]) for k in PROTOCOL_KEYS if ref[0][k] != proto[k]}
-            raise ValueError(f"{where}: eval protocol differs from {ref[1]} ({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())}); "
-                             "perplexities measured on different blocks are not comparable: rerun with the same data / eval settings")
+            diff = ", ".join(f"{k}: {ref[0][k]!r} vs {proto[k]!r}" for k in PROTOCOL_KEYS if ref[0][k] != proto[k])
+            raise ValueError(f"{where}: eval protocol differs from {ref[1]} ({diff}); perplexities measured on "
+                             "different blocks are not comparable: rerun with the same data / eval settings")
     return ref[0] if ref else None
 
 
@@ -554,9 +554,16 @@ def collect_sweep(sweep_dir: str | os.PathLike) -> list[dict]:
     paths = sorted(Path(sweep_dir).glob("*/result.json"), key=job_order)
     if not paths:
         raise ValueError(f"{sweep_dir}: no job wrote a result.json (did every job crash before starting?)")
-    rows = []
+    rows, fp_seen = [], set()
     for path in paths:
         data = json.loads(path.read_text())
-        if not data.get("reused"):
-            rows.append(_as_row(data, path))
+        if data.get("reused"):
+            continue
+        row = _as_row(data, path)
+        if row["method"] == "fp" and row["status"] == "ok":  # jobs run in parallel may each measure it
+            key = json.dumps(row["protocol"], sort_keys=True)
+            if key in fp_seen:
+                continue
+            fp_seen.add(key)
+        rows.append(row)
     return rows

@@ -14,6 +14,7 @@ table is written, the command exits with status 1 (fail_on_error=false: 0).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -136,7 +137,7 @@ class AggregateResults(Callback):
             method = OmegaConf.select(config, "method.name", default="?")
             quant = OmegaConf.select(config, "quant.name", default="?")
             row = failed_row(method, quant, job_return._return_value)
-            _atomic_write(out / "result.json", __import__("json").dumps(row, default=str).encode())
+            _atomic_write(out / "result.json", json.dumps(row, default=str).encode())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from qat.compare import collect_sweep, compare_title, write_results
@@ -162,7 +163,7 @@ def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("method") is not None:  # one job of a sweep (or one method=... run)
         t0 = time.perf_counter()
-        row = run_sweep_job(plain, out_dir, run_qat=run_qat_job)
+        row = run_sweep_job(plain, out_dir, run_qat=run_qat_job, log=log.error)  # traceback in the job's log
         print(f"[qat-compare] {row['method']} {row['quant']}: {row['status']}, ppl {row['ppl']:.3f} "
               f"({time.perf_counter() - t0:.0f} s) -> {out_dir}/result.json", flush=True)
         return

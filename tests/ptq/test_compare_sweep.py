@@ -107,6 +107,9 @@ def test_reused_float_row_appears_once(tmp_path):
         row = {**_row("fp", "fp", 10.0), "model": "tiny", **({"reused": "0_fp/result.json"} if i else {})}
         (tmp_path / f"{i}_fp" / "result.json").write_text(json.dumps(row))
     assert [r["method"] for r in collect_sweep(tmp_path)] == ["fp"]
+    (tmp_path / "2_fp").mkdir()  # measured twice (a parallel launcher): still one row
+    (tmp_path / "2_fp" / "result.json").write_text(json.dumps(_row("fp", "fp", 10.0)))
+    assert [r["source"].split("/")[-2] for r in collect_sweep(tmp_path)] == ["0_fp"]
     assert load_results([tmp_path / "0_fp" / "result.json"])[0]["protocol"] == PROTO
 
 
