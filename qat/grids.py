@@ -87,23 +87,28 @@ def ggml_offset(spec: QuantSpec) -> int:
     return 2 ** (spec.bits - 1) if spec.symmetric and spec.bits != 8 else 0
 
 
-def ggml_shifted(view, scale, zero_point, spec) -> torch.Tensor:
+def ggml_shifted(view, scale, zero_point, spec, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Float y whose truncation toward zero is the stored integer before clamping, gguf-py's arithmetic
     step for step: Q8_0 roundf(x/d) (via HALF_DOWN), Q4_0/Q5_0 trunc(x/d + 2^(b-1) + 0.5), Q4_1/Q5_1
-    trunc((x - min)/d + 0.5); the inverse scale is 0 where the scale is 0, as in gguf-py."""
+    trunc((x - min)/d + 0.5); the inverse scale is 0 where the scale is 0, as in gguf-py.
+    `scratch` (float32 [2, *view.shape]), when given, holds y and Q8_0's sign: reused across chunks, it
+    spares the page faults of fresh temporaries (glibc returns freed megabytes to the OS)."""
+    y, sgn = (None, None) if scratch is None else (scratch[0], scratch[1])
     inv = _safe_inverse(scale)
     if spec.bits == 8:
         # a float32-denormal scale has an infinite inverse: gguf-py's roundf gives NaN there, which its int8
         # cast stores as 0 (x86); a zero inverse gives that code 0 (the fp16 scale is 0: it decodes to 0)
-        t = view * inv.nan_to_num_(posinf=0.0)
-        return t.add_(torch.sign(t), alpha=HALF_DOWN)  # alpha * sign is exact, so fused or not, one rounding
+        t = torch.mul(view, inv.nan_to_num_(posinf=0.0), out=y)
+        return t.add_(torch.sign(t, out=sgn), alpha=HALF_DOWN)  # alpha * sign is exact: one rounding
     if spec.symmetric:
-        return (view * inv).add_(2 ** (spec.bits - 1) + 0.5)
-    return (view - zero_point).mul_(inv).add_(0.5)
+        return torch.mul(view, inv, out=y).add_(2 ** (spec.bits - 1) + 0.5)
+    return torch.sub(view, zero_point, out=y).mul_(inv).add_(0.5)
 
 
-def ggml_stored_codes(view, scale, zero_point, spec) -> torch.Tensor:
-    """int8 tensor of the integers the legacy blocks store (see `ggml_offset`), the export's fast path.
+def ggml_stored_codes(view, scale, zero_point, spec, scratch: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 tensor of the integers the legacy blocks store (see `ggml_offset`), the export's fast path;
+    `scratch` as for `ggml_shifted`, `out`: an int8 tensor of `view`'s shape to write the codes into.
 
     Example:
         >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=32, scale_dtype="fp16", grid="ggml")
@@ -112,7 +117,8 @@ def ggml_stored_codes(view, scale, zero_point, spec) -> torch.Tensor:
     """
     lo, hi = ggml_stored_bounds(spec)
     # trunc(clamp(y)) == clamp(trunc(y)) for integer bounds; the int8 conversion truncates
-    return ggml_shifted(view, scale, zero_point, spec).clamp_(lo, hi).to(torch.int8)
+    y = ggml_shifted(view, scale, zero_point, spec, scratch).clamp_(lo, hi)
+    return y.to(torch.int8) if out is None else out.copy_(y)
 
 
 def _ggml_codes(view, scale, zero_point, spec, need_mask=False):

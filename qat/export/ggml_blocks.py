@@ -4,13 +4,14 @@ K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
 Each encoder maps a float [rows, cols] tensor to its blocks, uint8 [rows, bytes_per_row], and to the
 values those blocks decode to (what a runtime computes with), float32 [rows, cols].
 
-The legacy types go through the one numerics: `QuantSpec(grid="ggml")` in `qat.primitives` (the same
-path a format-exact QAT model trains with), so blocks are bit-identical to `gguf.quants.quantize` and
+The legacy types go through the one numerics: the grid of `QuantSpec(grid="ggml")` in `qat.grids`
+(what `qat.primitives` dispatches to, the path a format-exact QAT model trains with), so blocks are bit-identical to `gguf.quants.quantize` and
 to the codes a converted model holds. The K-quants follow llama.cpp's two-level layout (fp16 super-block
 scale over 6-bit (4-bit for Q2_K, int8 for Q6_K) sub-block scales, and for Q2_K/Q4_K/Q5_K a second
 fp16 super-scale over sub-block minimums: x = d*sc*q - dmin*m); the sub-block scales are fitted by
 min-max (with a small search for the asymmetric types), then the codes are recomputed with the
-quantized scales, as llama.cpp does, so the decoded values are exactly `values`.
+quantized scales, as llama.cpp does, so the decoded values are exactly `values`. `encode_blocks` skips
+the decoding (what a GGUF writer needs). See docs/export.md "Speed" for how the encoders stay fast.
 
 Example:
     >>> blocks, values = encode(torch.randn(4, 256), "Q4_K")
@@ -19,6 +20,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -184,13 +187,26 @@ def legacy_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return _pack_legacy(stored, scale, zero_point, type_name).reshape(codes.shape[0], -1)
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` reused by this thread from chunk to chunk (contents undefined)."""
+    n = math.prod(shape)
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    if dtype not in bufs or bufs[dtype].numel() < n:
+        bufs[dtype] = torch.empty(n, dtype=dtype)
+    return bufs[dtype][:n].view(shape)
+
+
 @_register(*LEGACY)
 def _encode_legacy(w, name, values=True):
     """The grid of `ggml_spec(name)` (`qat.grids`, what `qat.primitives` computes) on one chunk of rows."""
     spec = ggml_spec(name)
     view = w.reshape(w.shape[0], -1, 32)
     scale, zero_point = GRIDS["ggml"].qparams(*block_range(view, spec), spec)
-    stored = ggml_stored_codes(view, scale, zero_point, spec)
+    scratch, codes = _scratch((2, *view.shape), torch.float32), _scratch(view.shape, torch.int8)
+    stored = ggml_stored_codes(view, scale, zero_point, spec, scratch, codes)
     blocks = _pack_legacy(stored, scale, zero_point, name).reshape(w.shape[0], -1)
     if not values:
         return blocks, None
