@@ -3,8 +3,8 @@
 Per quantized linear `<m>`:
     <m>.weight_packed      int32 [out, ceil(in * bits / 32)]: codes + 2^(bits-1) (signed range), packed
                            densely along the input dim, element i at bit i*bits (LSB first)
-    <m>.weight_scale       [out, in/g] (group), [out, 1] (channel) or [1] (tensor), in the scheme's scale dtype
-    <m>.weight_zero_point  (asymmetric only) int32 [ceil(out * bits / 32), in/g], signed zero-points packed along dim 0
+    <m>.weight_scale       [out, ceil(in/g)] (group; a ragged last group when g does not divide in), [out, 1] (channel) or [1] (tensor), in the scheme's scale dtype
+    <m>.weight_zero_point  (asymmetric only) int32 [ceil(out * bits / 32), ceil(in/g)], signed zero-points packed along dim 0
     <m>.weight_shape       int64 [2]
     <m>.weight_g_idx       (act-order only) int32 [in]
 config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
@@ -16,6 +16,7 @@ The bit packing is `qat.packing.pack` row by row (same bit order), viewed as lit
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import _set_module
 
+log = logging.getLogger(__name__)
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -102,14 +104,21 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     if not linears:
         raise ValueError("compressed-tensors export: the model has no quantized linear layers")
     groups: dict[str, dict] = {}
+    ragged: list[str] = []
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
         _check_spec(n, spec)
+        if spec.granularity == "per_group" and m.in_features % spec.group_size:
+            ragged.append(n)
         w_args = _weights_args(spec, actorder)
         i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
                                 "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
+    if ragged:
+        log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
+                    "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
+                    len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
     return modules, linears, groups
 
 
@@ -158,17 +167,19 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     return out
 
 
-def _spec_from_args(w: dict, scale_dtype: torch.dtype) -> QuantSpec:
+def _spec_from_args(w: dict, scale_dtype: torch.dtype, in_features: int) -> QuantSpec:
     gran = {v: k for k, v in _STRATEGY.items()}[w["strategy"]]
     sd = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(scale_dtype, "fp32")
-    return QuantSpec(bits=w["num_bits"], symmetric=w["symmetric"], granularity=gran,
-                     group_size=w.get("group_size") if gran == "per_group" else None, scale_dtype=sd)
+    group = w.get("group_size") if gran == "per_group" else None
+    ragged = bool(group and in_features % group)  # ceil(in / g) groups, the last one shorter
+    return QuantSpec(bits=w["num_bits"], symmetric=w["symmetric"], granularity=gran, group_size=group,
+                     ragged=ragged, scale_dtype=sd)
 
 
 def _quantized_weight(t: dict, n: str, w_args: dict) -> QuantizedWeight:
     scale = t[f"{n}.weight_scale"]
-    spec = _spec_from_args(w_args, scale.dtype)
     shape = tuple(int(s) for s in t[f"{n}.weight_shape"])
+    spec = _spec_from_args(w_args, scale.dtype, shape[1])
     half = 2 ** (spec.bits - 1)
     u = unpack_int32(t[f"{n}.weight_packed"], spec.bits, shape[1]).to(torch.int16)
     codes = (u - half).to(torch.int8) if spec.signed else u.to(torch.uint8)

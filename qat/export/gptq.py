@@ -3,10 +3,10 @@
 Per quantized linear `<m>` with weight [out, in], bits b in {2, 4, 8}, groups of g along `in`:
     <m>.qweight  int32 [in * b / 32, out]  unsigned codes u, packed along `in`, LSB first (code k of a
                                            word at bits [k*b, k*b + b))
-    <m>.qzeros   int32 [in / g, out * b / 32]  zero-points packed along `out`, stored as zero - 1
+    <m>.qzeros   int32 [ceil(in / g), out * b / 32]  zero-points packed along `out`, stored as zero - 1
                                            (the v1 "gptq" convention, checkpoint_format: gptq)
-    <m>.scales   float16 [in / g, out]
-    <m>.g_idx    int32 [in]                group of each input column (act-order when desc_act)
+    <m>.scales   float16 [ceil(in / g), out]
+    <m>.g_idx    int32 [in]                group of each input column: i // g, or the act-order one (desc_act)
 and quantize_config.json (also in config.json as quantization_config):
     {bits, group_size, desc_act, sym, damp_percent, static_groups, true_sequential, quant_method: gptq,
      checkpoint_format: gptq}.
@@ -132,7 +132,9 @@ def _read_linear(t: dict, n: str, q: dict) -> QuantizedWeight:
     u = unpack_int32(qweight.t().contiguous(), bits, in_f).to(torch.int16)
     zero = unpack_int32(t[f"{n}.qzeros"], bits, out_f).to(torch.int16).t() + 1
     g = q["group_size"] if q["group_size"] != -1 else in_f
-    gran = {"granularity": "per_group", "group_size": g} if q["group_size"] != -1 else {"granularity": "per_channel"}
+    gran = {"granularity": "per_channel"}
+    if q["group_size"] != -1:  # ceil(in / g) groups; the last one shorter when g does not divide in
+        gran = {"granularity": "per_group", "group_size": g, "ragged": bool(in_f % g)}
     spec = QuantSpec(bits=bits, symmetric=sym, scale_dtype="fp16", **gran)
     scale = scales.t().float().reshape((out_f, -1, 1) if spec.granularity == "per_group" else (out_f, 1))
     qw = QuantizedWeight(spec, (out_f, in_f))

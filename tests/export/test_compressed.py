@@ -65,3 +65,30 @@ def test_unsupported_scheme_is_named(model, tmp_path):
     prepared = qat.prepare(model, qat.load_recipe("gguf_q4_0"))
     with pytest.raises(ValueError, match="model.layers.0.*supported: int weights"):
         export_compressed_tensors(prepared, tmp_path / "ct")
+
+
+def ragged_model():
+    """A Llama whose q/k/v/o/gate/up rows are 96 wide: g64 gives ceil(96/64) = 2 groups, the last of 32."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def ragged_recipe(sym: bool = True):
+    return qat.QuantRecipe.from_dict({"name": "rg", "targets": ["Linear"], "ignore": ["lm_head"], "weight": {
+        "bits": 4, "symmetric": sym, "granularity": "per_group", "group_size": 64, "ragged": True, "scale_dtype": "fp16"}})
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_ragged_groups_round_trip(tmp_path, sym):
+    prepared = qat.prepare(ragged_model(), ragged_recipe(sym))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ref = logits(prepared, ids)
+    export_compressed_tensors(prepared, tmp_path / "ct")
+    t = load_safetensors(tmp_path / "ct" / "model.safetensors")
+    assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (96, 2)  # [O, ceil(I/g)]
+    assert t["model.layers.0.mlp.down_proj.weight_scale"].shape == (96, 3)
+    if not sym:
+        assert t["model.layers.0.self_attn.q_proj.weight_zero_point"].shape == (96 * 4 // 32, 2)
+    assert torch.equal(logits(load_compressed_tensors(tmp_path / "ct"), ids), ref)

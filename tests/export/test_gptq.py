@@ -54,3 +54,19 @@ def test_unsupported_and_mixed_schemes_are_refused(model, tmp_path):
     mixed = qat.QuantRecipe.from_dict({**recipe().to_dict(), "overrides": [{"targets": ["re:.*down_proj"], "weight": {"bits": 8}}]})
     with pytest.raises(ValueError, match="one \\(bits, group_size, sym\\)"):
         export_gptq(qat.prepare(model, mixed), tmp_path / "g2")
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_ragged_groups_round_trip(tmp_path, sym):
+    from tests.export.test_compressed import ragged_model, ragged_recipe
+
+    converted = qat.convert(qat.prepare(ragged_model(), ragged_recipe(sym)))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ref = logits(converted, ids)
+    export_gptq(converted, tmp_path / "g")
+    t = load_safetensors(tmp_path / "g" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    assert t[f"{name}.scales"].shape == (2, 96) and t[f"{name}.qzeros"].shape == (2, 96 * 4 // 32)  # [ceil(I/g), O]
+    assert torch.equal(t[f"{name}.g_idx"], (torch.arange(96) // 64).to(torch.int32))
+    assert np.array_equal(independent_dequant(t, name, 4), converted.get_submodule(name).weight.numpy())
+    assert torch.equal(logits(load_gptq(tmp_path / "g"), ids), ref)

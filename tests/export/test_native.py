@@ -63,3 +63,13 @@ def test_written_files_get_the_usual_mode(model, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "n" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_ragged_groups_round_trip(tmp_path):
+    from tests.export.test_compressed import ragged_model, ragged_recipe
+
+    prepared = qat.prepare(ragged_model(), ragged_recipe(sym=False))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ref = logits(prepared, ids)
+    save_native(prepared, tmp_path / "n")
+    assert torch.equal(logits(load_native(tmp_path / "n"), ids), ref)
