@@ -13,6 +13,7 @@ from qat.control import quantizers
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.awq import AWQConfig, awq_block, check_specs
 from qat.ptq.gptq import GPTQConfig, gptq_block
+from qat.ptq.gptq import check_model as check_gptq
 from qat.ptq.rtn import RTNConfig, rtn_block
 from qat.ptq.runner import quantized_linears, sequential
 from qat.ptq.smoothquant import SmoothQuantConfig, smoothquant_block
@@ -95,13 +96,10 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         raise ValueError(f"{name}: the model has no fake-quant linear layers; call qat.prepare(model, recipe) first")
     batches = list(batches or [])
     _check_calibration(name, cfg, batches, model)
-    if name in ("gptq", "awq"):
+    if name == "gptq":
+        check_gptq(linears, cfg)  # GPTQ also solves on GGUF grids
+    elif name == "awq":
         check_specs(linears, f"{name}: unsupported weight scheme(s)")
-        if name == "gptq" and cfg.actorder and not cfg.static_groups:
-            learned = [n for n, m in linears.items() if m.weight_quantizer.learned]
-            if learned:
-                raise ValueError(f"gptq: actorder with dynamic groups records a g_idx, which learned scales "
-                                 f"(e.g. {learned[0]}) do not support; set static_groups=true")
     start = time.perf_counter()
     static_acts = any(not q.spec.dynamic for _, q in quantizers(model, ["input", "kv_cache"]))
     if name == "rtn" and not static_acts:  # weight-only RTN needs no data

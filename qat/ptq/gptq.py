@@ -40,34 +40,74 @@ class GPTQResult:
     damp: float  # the dampening added to diag(H) in the end
 
 
-def check_spec(spec: QuantSpec, name: str) -> None:
-    """GPTQ / AWQ solve uniform integer weight grids per tensor, channel or group.
+def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
+    """GPTQ / AWQ solve integer weight grids per tensor, channel or group; GPTQ also the GGUF block grids.
 
+    Args:
+        grids: also accept the ggml / ggml_k block grids (GPTQ constrained to a GGUF type).
     Raises:
         ValueError: naming the module and what is supported.
     """
-    if spec.is_float or spec.grid != "uniform" or spec.dynamic or spec.granularity == "per_token":
+    allowed = ("uniform", "ggml", "ggml_k") if grids else ("uniform",)
+    if spec.is_float or spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
         raise ValueError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
-                         "use an integer, uniform-grid, static per_tensor / per_channel (axis 0) / per_group scheme")
+                         "use an integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid "
+                         f"{' or '.join(allowed)}")
     if spec.granularity == "per_channel" and spec.axis % 2 != 0:
         raise ValueError(f"{name}: per_channel weights need axis=0 (one scale per output row), got axis={spec.axis}")
 
 
+def check_model(linears: dict, cfg: "GPTQConfig") -> None:
+    """Every check GPTQ can make before solving, all offenders listed at once.
+
+    Raises:
+        ValueError: unsupported weight schemes; act-order with dynamic groups on learned scales (which cannot
+            hold a g_idx) or on a GGUF grid (whose blocks cannot).
+    Example:
+        >>> check_model(quantized_linears(model), GPTQConfig(actorder=True, static_groups=True))
+    """
+    errors = []
+    for n, m in linears.items():
+        spec = m.weight_quantizer.spec
+        try:
+            check_spec(spec, n, grids=True)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        if cfg.actorder and not cfg.static_groups and spec.granularity == "per_group":
+            if m.weight_quantizer.learned:
+                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which learned scales do not "
+                              "support; set static_groups=true")
+            elif spec.grid != "uniform":
+                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
+                              "grid) cannot hold; set static_groups=true or actorder=false")
+    if errors:
+        raise ValueError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
 def column_spec(spec: QuantSpec) -> QuantSpec:
-    """The spec one column is quantized with: its per-row qparams broadcast as per_channel ones.
+    """The spec one column of a uniform-grid weight is quantized with: its per-row qparams broadcast as
+    per_channel ones. The element-wise arithmetic is that of `spec` itself (same round, offset, clamp, scale)."""
+    return spec.replace(granularity="per_channel", axis=0, group_size=None, ragged=False, learn="none", dynamic=False)
 
-    The element-wise arithmetic is that of `spec` itself (same round, offset, clamp, scale)."""
-    return spec.replace(granularity="per_channel", axis=0, group_size=None, learn="none", dynamic=False)
 
+def fit_qparams(w: torch.Tensor, spec: QuantSpec, observer=None,
+                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Qparams of `w` [O, n] in `spec`'s own layout ([O, n/g, 1] per_group, [O, 1] per_channel, [] per_tensor).
 
-def fit_qparams(w: torch.Tensor, spec: QuantSpec, observer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero-point [O, 1] for a block of columns w [O, g] (one range per row), via `observer`."""
-    flat = column_spec(spec)
-    observer = observer or build_observer(flat)
-    lo, hi = observer.range_of(w)
-    if spec.granularity == "per_tensor":
-        lo, hi = lo.min().expand(w.shape[0], 1), hi.max().expand(w.shape[0], 1)
-    return choose_qparams(lo.reshape(-1, 1), hi.reshape(-1, 1), spec)
+    The range comes from `observer` (default: the one `spec` names); for the asymmetric K-quants (Q2_K, Q4_K,
+    Q5_K) with `importance` [n] it comes from the importance-weighted scale / minimum search of the GGUF
+    exporter (`qat.export.kquants.fitted_range`, llama.cpp's imatrix fit).
+
+    Example:
+        >>> s, z = fit_qparams(w[:, :128], QuantSpec(bits=4, granularity="per_group", group_size=32))
+    """
+    if importance is not None and spec.grid == "ggml_k" and not spec.symmetric:
+        from qat.export.kquants import fitted_range
+
+        return choose_qparams(*fitted_range(w, spec, importance), spec)
+    observer = observer or build_observer(spec)
+    return choose_qparams(*observer.range_of(w), spec)
 
 
 def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str = "layer", retries: int = 6):
@@ -110,62 +150,78 @@ def gptq_quantize(
     static_groups: bool = False,
     observer=None,
     name: str = "layer",
+    importance_fit: bool = True,
 ) -> GPTQResult:
     """Solve GPTQ for one weight.
 
     Args:
         weight: [O, I] float weight.
         hessian: [I, I] H = 2/n sum x x^T of the layer inputs (see `qat.ptq.stats.InputStats`).
-        spec: the weight scheme (per_tensor, per_channel axis 0 or per_group).
+        spec: the weight scheme: per_tensor, per_channel axis 0, per_group (ragged too), or a GGUF grid
+            (ggml: Q4_0 / Q5_0 / Q8_0 ..., ggml_k: the K-quants, whose 256-column super-blocks are fitted whole).
         blocksize: columns per lazy batch update.
         percdamp: dampening, a fraction of mean(diag H).
         actorder: quantize columns by decreasing diag(H) (desc_act); records g_idx with dynamic groups.
         static_groups: fit every group's qparams on the original weight before solving.
         observer: range estimator for the group qparams (default: the one `spec` names).
+        importance_fit: for the asymmetric K-quants, fit sub-block scales and minimums with the
+            diag(H)-weighted search of the GGUF exporter (llama.cpp's imatrix fit) instead of the observer.
     Returns:
         GPTQResult; `weight` is the dequantized solution, equal to fake-quantizing it with `scale`,
         `zero_point` and `g_idx`.
     Raises:
-        ValueError: a non-finite weight or Hessian, shapes that do not match, an unsupported scheme.
+        ValueError: a non-finite weight or Hessian, shapes that do not match, an unsupported scheme, or
+            act-order with dynamic groups on a GGUF grid (GGUF blocks cannot hold a g_idx).
     Example:
         >>> res = gptq_quantize(w, stats.hessian(), QuantSpec(bits=4, granularity="per_group", group_size=128))
         >>> layer.weight_quantizer.set_qparams(res.scale, res.zero_point, res.g_idx)
     """
-    check_spec(spec, name)
+    check_spec(spec, name, grids=True)
     W = weight.detach().float().clone()
     O, I = W.shape
     if hessian.shape != (I, I) or not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(W).all()):
         raise ValueError(f"{name}: GPTQ needs a finite weight and a finite [{I}, {I}] Hessian, "
                          f"got weight {tuple(W.shape)} and Hessian {tuple(hessian.shape)}")
+    grouped = spec.granularity == "per_group"
+    dynamic = grouped and not static_groups
+    if dynamic and actorder and spec.grid != "uniform":
+        raise ValueError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
+                         "cannot hold; set static_groups=true or actorder=false")
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    group = spec.group_size if spec.granularity == "per_group" else I
-    observer = observer or build_observer(column_spec(spec))
-    n_groups = I // group
+    group = spec.group_size if grouped else I
+    n_groups = -(-I // group)
+    observer = observer or build_observer(spec)
     scales = torch.zeros(O, n_groups, device=W.device)
     zeros = None if spec.symmetric else torch.zeros(O, n_groups, device=W.device)
-    if spec.granularity != "per_group" or static_groups:
-        for g in range(n_groups):
-            s, z = fit_qparams(W[:, g * group:(g + 1) * group] if spec.granularity == "per_group" else W, spec, observer)
-            _store(scales, zeros, g, s, z)
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(I, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if not dynamic:
+        imp = torch.diag(H) if importance_fit else None
+        _store(scales, zeros, 0, *fit_qparams(W, spec, observer, imp))
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
     hinv, damp = inverse_cholesky(H, percdamp, name)
-    dynamic = spec.granularity == "per_group" and not static_groups
-    Q, loss = _solve(W, hinv, spec, perm, group, scales, zeros, dynamic, blocksize, observer)
-    invperm = torch.argsort(perm)
-    Q = Q[:, invperm]
+    # dynamic groups follow the solve order (g_idx maps them back); static ones stay contiguous groups
+    col_group = (perm // group if perm is not None and not dynamic else torch.arange(I, device=W.device) // group).tolist()
+    fit = _group_fitter(spec, observer, torch.diag(H) if importance_fit else None, scales, zeros) if dynamic else None
+    Q, loss = _solve(W, hinv, _column_quantizer(spec), col_group, scales, zeros, fit, _fit_span(spec), blocksize)
     g_idx = None
-    if dynamic and actorder:
-        g_idx = (torch.arange(I, device=W.device) // group)[invperm]
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        if dynamic:
+            g_idx = (torch.arange(I, device=W.device) // group)[invperm]
     return GPTQResult(Q.to(weight.dtype), _layout(scales, spec), _layout(zeros, spec), g_idx, loss, damp)
 
 
 def _store(scales, zeros, g, s, z):
-    scales[:, g] = s[:, 0]
+    """Write qparams (any of the spec layouts) into the [O, n_groups] tables from group `g` on."""
+    s = s.reshape(s.shape[0], -1) if s.ndim else s.reshape(1, 1)
+    n = s.shape[1]
+    scales[:, g:g + n] = s
     if zeros is not None:
-        zeros[:, g] = z[:, 0]
+        zeros[:, g:g + n] = z.reshape(z.shape[0], -1) if z.ndim else z.reshape(1, 1)
 
 
 def _layout(t: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
@@ -178,35 +234,89 @@ def _layout(t: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
     return t.contiguous()  # per_channel [O, 1]
 
 
-def _solve(W, hinv, spec, perm, group, scales, zeros, dynamic, blocksize, observer):
-    """The lazy-batch column loop of GPTQ, on permuted columns; fills `scales` for dynamic groups."""
+def _column_quantizer(spec: QuantSpec):
+    """fake-quantize one column [O, 1] with its group's qparams [O, 1], through `qat.primitives`.
+
+    Uniform grids use `spec` as per_channel (the same element-wise arithmetic); the GGUF grids only exist
+    per_group, so their column is one group of width 1 picked by a constant g_idx."""
+    if spec.grid == "uniform":
+        flat = column_spec(spec)
+        return lambda w, s, z: fake_quantize_forward(w, s, z, flat)[0]
+    first = torch.zeros(1, dtype=torch.long)
+
+    def quant(w, s, z):
+        return fake_quantize_forward(w, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1), spec,
+                                     g_idx=first.to(w.device))[0]
+
+    return quant
+
+
+def _group_fitter(spec, observer, importance, scales, zeros):
+    """fit(col, ahead): the qparams of the groups starting at column `col`, fitted on the error-updated
+    columns `ahead`, stored in the tables. One group at a time; a K-quant super-block (256 columns) at once,
+    since its sub-block scales share one fp16 super-scale."""
+    def fit(col, ahead):
+        imp = None if importance is None else importance[col:col + ahead.shape[1]]
+        _store(scales, zeros, col // spec.group_size, *fit_qparams(ahead, spec, observer, imp))
+
+    return fit
+
+
+def _fit_span(spec: QuantSpec) -> int:
+    """Columns whose qparams are fitted together: a K-quant super-block, else one group."""
+    return 256 if spec.grid == "ggml_k" else (spec.group_size or 1)
+
+
+def _ahead(W, W1, err1, hinv, i1, i2, i, span):
+    """Columns col..col+span of the weight as updated by every column quantized so far (col = i1 + i).
+
+    Columns past the current lazy block have not yet received this block's updates: apply them here."""
+    col, end = i1 + i, min(i1 + i + span, W.shape[1])
+    inside = W1[:, i:min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    rest = W[:, i2:end] - err1[:, :i] @ hinv[i1:col, i2:end]
+    return torch.cat([inside, rest], dim=1)
+
+
+def _solve(W, hinv, quant, col_group, scales, zeros, fit, span, blocksize):
+    """The lazy-batch column loop of GPTQ, on permuted columns; `fit` fills the tables for dynamic groups.
+
+    Two levels of lazy updates: the rest of the weight once per `blocksize` columns (the reference's), and
+    the rest of the block once per `INNER` columns, so the per-column rank-1 update touches at most INNER
+    columns. Group fits happen at inner-block starts, where the block's columns are up to date."""
     O, I = W.shape
-    flat = column_spec(spec)
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    perm_groups = (perm // group).tolist()
+    Q = torch.empty_like(W)
+    loss = 0.0
+    inner = INNER if span % INNER == 0 and blocksize % INNER == 0 else blocksize
     for i1 in range(0, I, blocksize):
         i2 = min(i1 + blocksize, I)
         W1, hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic and col % group == 0:
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
-                _store(scales, zeros, col // group, *fit_qparams(ahead, spec, observer))
-            g = col // group if dynamic else perm_groups[col]
-            s = scales[:, g:g + 1]
-            z = None if zeros is None else zeros[:, g:g + 1]
-            w = W1[:, i:i + 1]
-            q, _ = fake_quantize_forward(w, s, z, flat)
-            Q[:, col:col + 1] = q
-            d = hinv1[i, i]
-            e = (w - q) / d
-            loss += e.square().sum() / 2
-            W1[:, i:].addmm_(e, hinv1[i:i + 1, i:], alpha=-1)
-            err1[:, i:i + 1] = e
-        W[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
-    return Q, float(loss)
+        err1 = torch.empty_like(W1)
+        diag = torch.diagonal(hinv1).tolist()
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if fit is not None and col % span == 0:
+                    fit(col, _ahead(W, W1, err1, hinv, i1, i2, i, span))
+                g = col_group[col]
+                w = W1[:, i:i + 1]
+                q = quant(w, scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1])
+                Q[:, col:col + 1] = q
+                e = err1[:, i:i + 1]
+                torch.sub(w, q, out=e).div_(diag[i])
+                if i + 1 < j2:
+                    W1[:, i + 1:j2].addmm_(e, hinv1[i:i + 1, i + 1:j2], alpha=-1)
+            if j2 < i2 - i1:
+                W1[:, j2:].addmm_(err1[:, j1:j2], hinv1[j1:j2, j2:], alpha=-1)
+        loss += float(err1.square().sum()) / 2
+        if i2 < I:
+            W[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    return Q, loss
+
+
+INNER = 32  # columns per inner lazy update
 
 
 # -- model driver ---------------------------------------------------------------------------------
