@@ -110,3 +110,21 @@ def test_a_failing_producer_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="given twice"):
         write_safetensors([("a", torch.ones(1)), ("a", torch.ones(1))], tmp_path / "y.safetensors")
+
+
+def test_streamed_native_holds_what_the_converted_model_holds(tmp_path):
+    """Converting module by module while writing stores the same tensors as converting a copy first."""
+    import qat
+    from qat.export import save_native
+    from qat.export._io import converted_copy
+    from tests.export.conftest import tiny_llama
+
+    prepared = qat.prepare(tiny_llama(tie=True), qat.load_recipe("w4a8_kv8"))
+    qat.calibrate(prepared, [torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))])
+    save_native(prepared, tmp_path / "n")
+    written = load_safetensors(tmp_path / "n" / "model.safetensors")
+    meta = json.loads((tmp_path / "n" / "qat_quant.json").read_text())
+    expected = {k: v for k, v in converted_copy(prepared).state_dict().items() if isinstance(v, torch.Tensor)}
+    assert set(written) | set(meta["tied"]) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(written[meta["tied"].get(key, key)], value), key
