@@ -69,11 +69,15 @@ def fit_asym(x: torch.Tensor, nmax: int, nstep: int, importance: torch.Tensor | 
     sl, sl2, sxl = _sums(w, L, x, wl, tmp)
     s, m = best_scale, best_min
     best_err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
+    sums = []
     for k in range(nstep + 1):
         torch.mul(shifted, (nmax - 1 + 0.1 * k) / safe, out=L).round_()
         if 0.1 * k >= 1.4:
             L.clamp_(0, nmax)
-        scale, mn, err = _wls(sw, sx, sxx, *_sums(w, L, x, wl, tmp))
+        sums.append(_sums(w, L, x, wl, tmp))
+    # one least-squares solve for all candidates (element-wise, so each is what it would be alone)
+    scales, mins, errs = _wls(sw, sx, sxx, *(torch.stack(c) for c in zip(*sums)))
+    for scale, mn, err in zip(scales, mins, errs):  # in order: the first strictly better candidate wins
         better = err < best_err
         best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, mn, best_min)
         best_err = torch.where(better, err, best_err)
