@@ -1,6 +1,6 @@
 """One comparison across methods and schemes: perplexity, bits per weight, size, wall time, peak memory.
 
-Two ways to run it (both end in `write_results`: markdown, CSV and JSON plus a Pareto chart, PNG):
+Two ways to run it (both end in `qat.results.write_results`: markdown, CSV and JSON plus a Pareto chart, PNG):
     * `run_sweep_job` is one job of the `qat-compare -m method=... quant=...` multirun: one method on one
       scheme, its row written to result.json (a failure is recorded as a failed row, not raised); the
       sweep's callback then gathers every job's row with `collect_sweep`.
@@ -16,22 +16,18 @@ storage bits and everything else at 16 bits (a bf16/fp16 deployment).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-COLUMNS = ("method", "quant", "ppl", "bits_per_weight", "size_mb", "wall_s", "peak_mem_mb")
-STATUS_COLUMNS = ("status", "error")  # "ok" | "failed", and the failure's message
-PROTOCOL_KEYS = ("data", "split", "blocks", "block_size")
+from qat.results import as_row, atomic_write_bytes, eval_protocol, failed_row, load_results, write_results
 FLOAT_BITS = 16
 
 
@@ -138,204 +134,6 @@ def _quant_name(quant: Any) -> str:
     return getattr(quant, "name", None) or dict(quant).get("name", "custom")
 
 
-def eval_protocol(data_path: Any, split: str, blocks: torch.Tensor) -> dict:
-    """The evaluation protocol a perplexity was measured under: corpus, split, number of blocks, block size.
-
-    Example:
-        >>> eval_protocol("wiki", "test", torch.zeros(32, 128, dtype=torch.long))
-        {'data': 'wiki', 'split': 'test', 'blocks': 32, 'block_size': 128}
-    """
-    return {"data": str(data_path), "split": str(split), "blocks": int(blocks.shape[0]),
-            "block_size": int(blocks.shape[1]) if blocks.dim() == 2 else 0}
-
-
-def check_protocols(rows: Sequence[dict]) -> dict | None:
-    """The protocol every successful row shares (rows without one are legacy and pass); None if none has one.
-
-    Raises:
-        ValueError: a row measured under another protocol, naming its file (`source`) and the first row's.
-    """
-    ref = None
-    for row in rows:
-        proto = row.get("protocol")
-        if row.get("status", "ok") != "ok" or proto is None:
-            continue
-        proto = {k: proto.get(k) for k in PROTOCOL_KEYS}
-        if ref is None:
-            ref = (proto, row.get("source", f"{row['method']}/{row['quant']}"))
-        elif proto != ref[0]:
-            where = row.get("source", f"{row['method']}/{row['quant']}")
-            diff = ", ".join(f"{k}: {ref[0][k]!r} vs {proto[k]!r}" for k in PROTOCOL_KEYS if ref[0][k] != proto[k])
-            raise ValueError(f"{where}: eval protocol differs from {ref[1]} ({diff}); perplexities measured on "
-                             "different blocks are not comparable: rerun with the same data / eval settings")
-    return ref[0] if ref else None
-
-
-def failed_row(method: str, quant: str, error: BaseException | str, protocol: dict | None = None) -> dict:
-    """A table row for a job that raised: numbers NaN, status "failed", the error's type and message."""
-    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"method": method, "quant": quant, **{k: math.nan for k in COLUMNS[2:]}, "status": "failed",
-            "error": " ".join(str(msg).split())[:300], "protocol": protocol}
-
-
-def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Rows from result JSON files (one row, a list of rows, or a results.json {protocol, rows}).
-
-    Paths may be glob patterns (`outputs/ptq/multirun/**/result.json` collects a `qat-ptq -m` sweep).
-    Each row keeps the file it came from as `source` (named by `check_protocols`).
-    Raises:
-        ValueError: a pattern matching nothing, or a file without the required keys, naming it.
-    Example:
-        >>> rows = load_results(["outputs/train/run/result.json", "outputs/ptq/multirun/**/result.json"])
-    """
-    import glob
-
-    rows = []
-    for pattern in paths:
-        matched = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [pattern]
-        if not matched:
-            raise ValueError(f"results pattern {str(pattern)!r} matches no file")
-        rows += _rows_of(matched)
-    return rows
-
-
-def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    rows = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        shared = data.get("protocol") if isinstance(data, dict) and "rows" in data else None
-        items = data["rows"] if shared is not None or (isinstance(data, dict) and "rows" in data) else data
-        for row in items if isinstance(items, list) else [items]:
-            rows.append(_as_row(row, path, shared))
-    return rows
-
-
-def _as_row(row: dict, path: Any, protocol: dict | None = None) -> dict:
-    if "qat_ppl" in row and "ppl" not in row:
-        row = _train_row(row)
-    missing = [k for k in ("method", "quant", "ppl") if k not in row]
-    if missing:
-        raise ValueError(f"{path}: result row lacks {missing}; expected keys {list(COLUMNS)}")
-    out = {k: row.get(k, math.nan) for k in COLUMNS}
-    out["ppl"] = math.nan if out["ppl"] is None else out["ppl"]
-    out.update(status=row.get("status", "ok"), error=row.get("error", ""), source=str(path),
-               protocol=row.get("protocol") or protocol)
-    return out
-
-
-def _train_row(data: dict) -> dict:
-    """A qat-train results dict ({qat_ppl, bits_per_weight, wall_s, ...}) as a comparison row."""
-    return {"method": data.get("method", "qat"), "quant": data.get("quant", "?"), "ppl": data["qat_ppl"],
-            "bits_per_weight": data.get("bits_per_weight", math.nan), "size_mb": data.get("size_mb", math.nan),
-            "wall_s": data.get("wall_s", math.nan), "peak_mem_mb": data.get("peak_mem_mb", math.nan),
-            "protocol": data.get("eval_protocol")}
-
-
-def pareto_front(rows: Sequence[dict]) -> list[dict]:
-    """Rows no other row beats on both bits per weight and perplexity (lower is better for both)."""
-    front = []
-    for r in rows:
-        dominated = any(o is not r and o["bits_per_weight"] <= r["bits_per_weight"] and o["ppl"] <= r["ppl"]
-                        and (o["bits_per_weight"] < r["bits_per_weight"] or o["ppl"] < r["ppl"]) for o in rows)
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: r["bits_per_weight"])
-
-
-def _finite(rows: Sequence[dict]) -> list[dict]:
-    return [r for r in rows if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k])
-                                   for k in ("ppl", "bits_per_weight"))]
-
-
-def to_markdown(rows: Sequence[dict]) -> str:
-    """The table; status and error columns appear only when a job failed."""
-    from qat.control import format_table
-
-    columns = list(COLUMNS) + (list(STATUS_COLUMNS) if any(r.get("status", "ok") != "ok" for r in rows) else [])
-    return format_table([{k: _cell(r.get(k, "")) for k in columns} for r in rows], columns)
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
-    return str(v).replace("|", "/")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    from qat.export._io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, title: str = "PTQ / QAT comparison") -> dict[str, Path]:
-    """results.md, results.csv, results.json and pareto.png in `out_dir` (written atomically).
-
-    results.json is {"title", "protocol", "rows"}: the shared eval protocol is checked first.
-    Raises:
-        ValueError: rows measured under different eval protocols (see `check_protocols`).
-    Example:
-        >>> write_results(rows, "outputs/compare")["png"]
-        PosixPath('outputs/compare/pareto.png')
-    """
-    protocol = check_protocols(rows)
-    rows = [{**{k: r.get(k, math.nan) for k in COLUMNS}, "status": r.get("status", "ok"), "error": r.get("error", ""),
-             **({"source": r["source"]} if r.get("source") else {})} for r in rows]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "results.md", "csv": out / "results.csv", "json": out / "results.json", "png": out / "pareto.png"}
-    head = f"# {title}\n\n" + (f"Perplexity on {_describe(protocol)}.\n\n" if protocol else "")
-    _atomic_write(paths["md"], f"{head}{to_markdown(rows)}\n".encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS + STATUS_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(paths["csv"], buf.getvalue().encode())
-    doc = {"title": title, "protocol": protocol, "rows": list(rows)}
-    _atomic_write(paths["json"], json.dumps(doc, indent=2).encode())
-    plot_pareto(rows, paths["png"], title)
-    return paths
-
-
-def _describe(p: dict) -> str:
-    return f"{p['blocks']} x {p['block_size']} held-out {p['split']} tokens of {Path(p['data']).name}"
-
-
-def plot_pareto(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Perplexity (log scale) against bits per weight, one marker per method, the Pareto front drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _finite(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    markers = "osD^v<>PX*"
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = [r for r in rows if r["method"] == method]
-        ax.scatter([r["bits_per_weight"] for r in pts], [r["ppl"] for r in pts], marker=markers[i % len(markers)],
-                   label=method, s=40)
-        for r in pts:
-            ax.annotate(r["quant"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    front = pareto_front(rows)
-    if len(front) > 1:
-        ax.plot([r["bits_per_weight"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel("bits per weight (quantized linears, incl. scales)")
-    ax.set_ylabel("perplexity")
-    if rows and max(r["ppl"] for r in rows) / max(min(r["ppl"] for r in rows), 1e-9) > 20:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if rows:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    _atomic_write(Path(path), buf.getvalue())
-
-
 # -- jobs behind qat-ptq and qat-compare (plain dicts in, so tests need no Hydra) ---------------------
 PTQ_KEYS = {"task_name", "seed", "paths", "model", "data", "quant", "method", "calibration", "eval", "save",
             "export", "progress"}
@@ -409,7 +207,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
         from qat.export import export
 
         result["export"] = str(export(model, out / f"export_{cfg['export']}", cfg["export"]))
-    _atomic_write(out / "result.json", json.dumps(result, indent=2, default=str).encode())
+    atomic_write_bytes(out / "result.json", json.dumps(result, indent=2, default=str).encode())
     return result
 
 
@@ -500,7 +298,7 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
         log(f"[qat-compare] job {method_label(method)} / {quant} failed:\n{traceback.format_exc()}")
         row = failed_row(method_label(method), quant, err)
     row = {**row, "model": cfg["model"]["path"]}
-    _atomic_write(out / "result.json", json.dumps(row, indent=2, default=str).encode())
+    atomic_write_bytes(out / "result.json", json.dumps(row, indent=2, default=str).encode())
     return row
 
 
@@ -559,7 +357,7 @@ def collect_sweep(sweep_dir: str | os.PathLike) -> list[dict]:
         data = json.loads(path.read_text())
         if data.get("reused"):
             continue
-        row = _as_row(data, path)
+        row = as_row(data, path)
         if row["method"] == "fp" and row["status"] == "ok":  # jobs run in parallel may each measure it
             key = json.dumps(row["protocol"], sort_keys=True)
             if key in fp_seen:

@@ -122,7 +122,7 @@ class AggregateResults(Callback):
 
     on_job_end records a job that escaped `run_sweep_job`'s own error handling as a failed row;
     on_multirun_end gathers every result.json of the sweep dir into results.{md,csv,json} and pareto.png
-    there (qat.compare.write_results), then exits with status 1 if a job failed and fail_on_error is set.
+    there (qat.results.write_results), then exits with status 1 if a job failed and fail_on_error is set.
     """
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -132,15 +132,16 @@ class AggregateResults(Callback):
             return
         out = Path(config.hydra.runtime.output_dir)
         if not (out / "result.json").exists():
-            from qat.compare import _atomic_write, failed_row
+            from qat.results import atomic_write_bytes, failed_row
 
             method = OmegaConf.select(config, "method.name", default="?")
             quant = OmegaConf.select(config, "quant.name", default="?")
             row = failed_row(method, quant, job_return._return_value)
-            _atomic_write(out / "result.json", json.dumps(row, default=str).encode())
+            atomic_write_bytes(out / "result.json", json.dumps(row, default=str).encode())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from qat.compare import collect_sweep, compare_title, write_results
+        from qat.compare import collect_sweep, compare_title
+        from qat.results import write_results
 
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect_sweep(sweep_dir)

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf, open_dict
 
 import qat
 import qat.models
-from qat.compare import load_results, pareto_front, run_compare_job, run_ptq_job, weight_bits, write_results
+from qat.compare import run_compare_job, run_ptq_job, weight_bits
+from qat.results import load_results, pareto_front, write_results
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
 

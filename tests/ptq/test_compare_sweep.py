@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qat.cli.compare import train_config
-from qat.compare import collect_sweep, load_results, run_sweep_job, write_results
+from qat.compare import collect_sweep, run_sweep_job
+from qat.results import load_results, write_results
 from qat.recipes import CONFIG_DIR
 
 PROTO = {"data": "corpus.txt", "split": "test", "blocks": 4, "block_size": 64}

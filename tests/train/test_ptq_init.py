@@ -6,7 +6,7 @@ import torch
 from helpers_train import compose_train
 
 import qat
-from qat.compare import load_results
+from qat.results import load_results
 from qat.lit.run import ROOT, train
 
 
