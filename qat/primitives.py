@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from qat.grids import GRIDS
+from qat.grids import GRIDS, signed_peak
 from qat.spec import FLOAT_DTYPES, QuantSpec
 
 __all__ = [
@@ -119,7 +119,7 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     if spec.grid != "uniform" and GRIDS[spec.grid].peak_range(spec):
         # Q4_0 / Q5_0 / Q3_K / Q6_K scale from the signed element of largest magnitude (the first one on
         # ties, as llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
-        peak = view.gather(-1, view.abs().argmax(dim=-1, keepdim=True))
+        peak = signed_peak(view)
         return strip_leading_ones(peak), strip_leading_ones(peak.clone())
     dims = _reduce_dims(view.ndim, spec)
     if view.ndim == 0 or len(dims) == view.ndim:
