@@ -101,6 +101,20 @@ def outlier_llama(folder: Path) -> Path:
     return folder
 
 
+def test_imatrix_calibrate_writes_a_file_that_fits_the_model(tmp_path, corpus, caplog):
+    from qat.export._io import load_safetensors
+
+    src = outlier_llama(tmp_path / "fp")
+    cal = {"samples": 2, "seq_len": 32, "batch_size": 1, "save": str(tmp_path / "im.safetensors")}
+    res = run_export(str(src), str(tmp_path / "m.gguf"), format="gguf", gguf_type="Q8_0", tokenizer="tiny",
+                     imatrix="calibrate", data=str(corpus), calibration=cal)
+    imp = load_safetensors(cal["save"])
+    assert res["imatrix"] == "calibrate" and imp["model.layers.0.mlp.down_proj.weight"].shape == (512,)
+    assert bool((imp["model.layers.0.self_attn.q_proj.weight"] > 0).all())
+    assert "has no Q2_K/Q4_K/Q5_K tensors" in caplog.text  # Q8_0 blocks take no importances: said, not hidden
+
+
+@pytest.mark.slow
 def test_imatrix_calibrate_lowers_held_out_error_and_is_reusable(tmp_path, corpus):
     import gguf
     import torch
