@@ -4,6 +4,11 @@ Every file is written under a temporary name in its destination folder and renam
 when complete (`os.replace` is atomic on POSIX), so a crash never leaves a partial file that looks
 finished. Reads check what they can before trusting a file: safetensors headers and sizes, and
 `torch.load(weights_only=True)` only (no code-carrying pickles).
+
+Exports stream: `write_safetensors` takes (name, tensor) pairs as a generator yields them, and the
+writers (native, compressed-tensors, GPTQ; GGUF likewise) quantize one module at a time from the
+prepared (fake-quant or PTQ-pinned) model through `weight_of` / `as_converted`, so peak memory is the
+model plus about one tensor's temporaries, never a converted copy (tests/export/test_streaming.py).
 """
 from __future__ import annotations
 
