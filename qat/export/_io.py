@@ -98,7 +98,9 @@ def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], path: str | os.
     dropped, so memory holds one tensor at a time, never a second copy of the model. The header (which
     safetensors puts first: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}},
     space-padded to 8 bytes) is written once every shape is known, followed by the data, copied by the
-    kernel; the cost is a second pass over the bytes on disk, not in memory.
+    kernel; the cost is a second pass over the bytes on disk, not in memory. As safetensors' own writer
+    does, tensors are laid out by element size, largest first (one temporary file per size), so every
+    tensor starts at a multiple of its element size and loaders may map it in place.
 
     Args:
         items: (name, tensor) pairs; names must be unique.
@@ -112,29 +114,49 @@ def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], path: str | os.
         >>> write_safetensors(((n, p.detach()) for n, p in model.named_parameters()), "out/model.safetensors")
     """
     header: dict[str, Any] = {}
-    with atomic_path(path) as tmp:
-        data_path = tmp.with_name(tmp.name + ".data")
-        try:
-            offset = 0
-            with open(data_path, "wb") as data:
-                for name, tensor in items:
-                    offset += _append(data, header, name, tensor, offset)
-            if metadata:
-                header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            with open(tmp, "wb") as out, open(data_path, "rb") as data:
-                out.write(struct.pack("<Q", len(raw)))
-                out.write(raw)
-                _copy_rest(data, out)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(data_path)
+    with atomic_path(path) as tmp, contextlib.ExitStack() as files:
+        parts: dict[int, Any] = {}  # element size -> (open data file, bytes written so far)
+        sizes: dict[int, int] = {}
+        for name, tensor in items:
+            size = tensor.element_size()
+            if size not in parts:
+                parts[size] = files.enter_context(_data_file(tmp, size))
+            sizes[size] = sizes.get(size, 0) + _append(parts[size], header, name, tensor, sizes.get(size, 0))
+        base, order = 0, sorted(parts, reverse=True)
+        for size in order:  # shift each part's offsets behind the larger-element parts
+            for entry in header.values():
+                if entry["size"] == size:
+                    entry["data_offsets"] = [base + o for o in entry["data_offsets"]]
+            base += sizes[size]
+        for entry in header.values():
+            del entry["size"]
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for size in order:
+                parts[size].flush()
+                with open(parts[size].name, "rb") as data:
+                    _copy_rest(data, out)
     return header
 
 
+@contextlib.contextmanager
+def _data_file(tmp: Path, size: int):
+    path = tmp.with_name(f"{tmp.name}.data{size}")
+    try:
+        with open(path, "wb") as f:
+            yield f
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _copy_rest(src, dst) -> None:
-    """Copy `src` from its position to `dst`'s end in the kernel (no buffer in this process's memory)."""
+    """Append `src` (from its start) to `dst` in the kernel (no buffer in this process's memory)."""
     dst.flush()
     start = dst.tell()
     try:
@@ -145,6 +167,7 @@ def _copy_rest(src, dst) -> None:
         dst.seek(start)
         dst.truncate()
         shutil.copyfileobj(src, dst, 1 << 20)
+    dst.seek(0, os.SEEK_END)
 
 
 def _append(data, header: dict, name: str, tensor: torch.Tensor, offset: int) -> int:
@@ -156,7 +179,8 @@ def _append(data, header: dict, name: str, tensor: torch.Tensor, offset: int) ->
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes:
         data.write(_raw_bytes(tensor))
-    header[name] = {"dtype": ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+    header[name] = {"dtype": ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + nbytes], "size": tensor.element_size()}
     return nbytes
 
 

@@ -96,7 +96,11 @@ def test_streamed_file_is_a_standard_safetensors_file(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-    assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert start % 8 == 0
+    header = json.loads(path.read_bytes()[8:start])
+    for k, v in tensors.items():  # laid out by element size: every tensor aligned to its own size
+        assert header[k]["data_offsets"][0] % v.element_size() == 0, k
     assert not [p for p in tmp_path.iterdir() if p.name != "x.safetensors"]
 
 
