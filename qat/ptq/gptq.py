@@ -179,7 +179,7 @@ def gptq_quantize(
     check_spec(spec, name, grids=True)
     W = weight.detach().float().clone()
     O, I = W.shape
-    if hessian.shape != (I, I) or not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(W).all()):
+    if hessian.shape != (I, I) or not _all_finite(hessian) or not _all_finite(W):
         raise ValueError(f"{name}: GPTQ needs a finite weight and a finite [{I}, {I}] Hessian, "
                          f"got weight {tuple(W.shape)} and Hessian {tuple(hessian.shape)}")
     grouped = spec.granularity == "per_group"
@@ -213,6 +213,11 @@ def gptq_quantize(
         if dynamic:
             g_idx = (torch.arange(I, device=W.device) // group)[invperm]
     return GPTQResult(Q.to(weight.dtype), _layout(scales, spec), _layout(zeros, spec), g_idx, loss, damp)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """All elements finite; a sum is finite in one cheap pass unless something is not (or it overflows)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _store(scales, zeros, g, s, z):
@@ -385,7 +390,7 @@ def stages(block, inputs, linears: dict, is_model: bool) -> list[list[str]]:
         groups[-1].append(n)
         last = tensor
     missing = [n for n in linears if all(n not in g for g in groups)]
-    return groups + ([missing] if missing else [])
+    return groups + [[n] for n in missing]  # never called here: each on its own
 
 
 def gptq_block(cfg: GPTQConfig):
@@ -399,14 +404,16 @@ def gptq_block(cfg: GPTQConfig):
         groups = stages(block, inputs, linears, is_model) if cfg.true_sequential else [list(linears)]
         for group in groups:
             mods = {n: linears[n] for n in group}
-            with activation_quantizers_off(block), record_inputs(mods, magnitudes=False) as stats:
+            # a stage's linears read one tensor (q/k/v, gate/up): one Hessian serves them all
+            recorded = {group[0]: mods[group[0]]} if cfg.true_sequential else mods
+            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False) as stats:
                 if cfg.true_sequential:
                     run_block(block, inputs, is_model)
                 else:
                     with quantization_disabled(block):
                         run_block(block, inputs, is_model)
             for n in group:
-                loss = solve_linear(f"{name}.{n}", mods[n], stats[n], cfg)
+                loss = solve_linear(f"{name}.{n}", mods[n], stats.get(n, stats[group[0]]), cfg)
                 log.debug("gptq %s.%s loss=%s", name, n, loss)
             del stats
 

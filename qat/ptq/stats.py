@@ -1,7 +1,7 @@
 """Calibration statistics of linear-layer inputs, accumulated by forward hooks while batches stream.
 
 `InputStats` keeps, per input channel, the running sum of |x| (AWQ), the running max |x|
-(SmoothQuant) and optionally the Gram matrix sum x x^T in float32 (GPTQ's Hessian, and the exact
+(SmoothQuant) and optionally the Gram matrix sum x x^T in float32, one GEMM per upper row strip (GPTQ's Hessian, and the exact
 layer-output error of a weight change used by the AWQ searches). Nothing but these sums is kept, so
 memory stays at in_features^2 floats per layer whatever the number of calibration tokens.
 """
@@ -35,37 +35,46 @@ class InputStats:
         self._gram = torch.zeros(in_features, in_features, device=device) if hessian else None
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
-        # the Gram matrix is symmetric: accumulate only its upper blocks (k blocks a side -> (k+1)/2k
-        # of the flops) on chunks of >= CHUNK tokens, and mirror on read
-        self._k = max(1, min(4, in_features // 512)) if in_features % 512 == 0 else 1
+        # the Gram matrix is symmetric: accumulate only its upper row strips (k strips -> (k+1)/2k of the
+        # flops, one GEMM per strip) and mirror on read
+        k = max(1, min(8, in_features // 256))
+        self._edges = [round(i * in_features / k) for i in range(k + 1)]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs [..., in_features] into the statistics."""
-        # a copy: the pending chunk must not change if the caller later edits its tensor in place
-        x = x.detach().reshape(-1, self.in_features).to(torch.float32, copy=True)
+        x = x.detach().reshape(-1, self.in_features)
+        owned = x.dtype != torch.float32
+        x = x.float()
         self.n_tokens += x.shape[0]
         if self.magnitudes:
             a = x.abs()
             self.abs_sum += a.sum(0)
             torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
-        if self._gram is not None:
-            self._pending.append(x)
-            self._pending_rows += x.shape[0]
-            if self._pending_rows >= self.CHUNK:
-                self._flush()
+        if self._gram is None:
+            return
+        if x.shape[0] >= self.CHUNK:  # large enough for an efficient GEMM: no copy, no wait
+            self._accumulate(x)
+            return
+        # small batches are pooled; a copy, since the caller may later edit its tensor in place
+        self._pending.append(x if owned else x.clone())
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= self.CHUNK:
+            self._flush()
 
-    CHUNK = 4096
+    CHUNK = 512
 
     def _flush(self) -> None:
         if not self._pending:
             return
         x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
-        b, xt = self.in_features // self._k, x.t()
-        for i in range(self._k):
-            for j in range(i, self._k):
-                self._gram[i * b:(i + 1) * b, j * b:(j + 1) * b].addmm_(xt[i * b:(i + 1) * b], x[:, j * b:(j + 1) * b])
+        self._accumulate(x)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        xt, e = x.t(), self._edges
+        for a, b in zip(e[:-1], e[1:]):
+            self._gram[a:b, a:].addmm_(xt[a:b], x[:, a:])
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -73,10 +82,9 @@ class InputStats:
         if self._gram is None:
             return None
         self._flush()
-        b = self.in_features // self._k
-        for i in range(self._k):
-            for j in range(i + 1, self._k):
-                self._gram[j * b:(j + 1) * b, i * b:(i + 1) * b] = self._gram[i * b:(i + 1) * b, j * b:(j + 1) * b].t()
+        e = self._edges
+        for a, b in zip(e[1:-1], e[2:]):  # lower strips from the upper ones
+            self._gram[a:b, :a] = self._gram[:a, a:b].t()
         return self._gram
 
     def mean_abs(self) -> torch.Tensor:
