@@ -30,7 +30,7 @@ __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_g
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",
-           tokenizer=None) -> Path:
+           tokenizer=None, importance: dict | None = None) -> Path:
     """Write `model` (float for GGUF; prepared or converted for every format) to `output`.
 
     Args:
@@ -39,6 +39,8 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
         format: one of FORMATS.
         gguf_type: GGUF tensor type or mix (format="gguf" only).
         tokenizer: saved with the export when given.
+        importance: per-linear input importances (`collect_importance`, llama.cpp's imatrix) that weigh
+            the K-quant fits; format="gguf" only.
     Raises:
         ValueError: an unknown format (listing the valid ones) and everything the writers raise.
     Example:
@@ -47,6 +49,8 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
     if format not in FORMATS:
         raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf":
-        return export_gguf(model, output, gguf_type, tokenizer=tokenizer)
+        return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance)
+    if importance is not None:
+        raise ValueError(f"importance (imatrix) weighs GGUF K-quant fits; it needs format='gguf', not {format!r}")
     writer = {"native": save_native, "compressed_tensors": export_compressed_tensors, "gptq": export_gptq}[format]
     return writer(model, output, tokenizer=tokenizer)

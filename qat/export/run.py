@@ -183,12 +183,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     tok = load_any_tokenizer(tokenizer or model)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
-    if importance is not None:
-        from qat.export.gguf_export import export_gguf
-
-        out = export_gguf(source, output, gguf_type, tokenizer=tok, importance=importance)
-    else:
-        out = _export(source, output, format, gguf_type, tokenizer=tok)
+    out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance)
     size, bpw = bits_per_weight(out, source)
     result = {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
               "seconds": round(time.perf_counter() - start, 2)}
