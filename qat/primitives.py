@@ -32,6 +32,7 @@ from qat.spec import FLOAT_DTYPES, QuantSpec
 __all__ = [
     "group_view",
     "is_ragged",
+    "qparams_view",
     "compute_range",
     "choose_qparams",
     "quantize",
@@ -180,8 +181,9 @@ def _codes_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.signed else torch.uint8
 
 
-def _view_and_qparams(x, scale, zero_point, spec, g_idx):
-    """The view of `x` that `scale` broadcasts over; with g_idx, per-column scales gathered from groups."""
+def qparams_view(x, scale, zero_point, spec, g_idx=None):
+    """(view of `x`, scale, zero-point) that broadcast together element by element: the group view, or
+    `x` itself with per-column qparams (act-order `g_idx`, or a ragged last group)."""
     if g_idx is None:
         if is_ragged(x, spec):
             zero_point = None if zero_point is None else _per_column(zero_point, spec, x.shape[-1])
@@ -211,7 +213,7 @@ def quantize(
         >>> quantize(torch.tensor([0.5, -1.0]), torch.tensor(0.125), None, spec)
         tensor([ 4, -8], dtype=torch.int8)
     """
-    view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
+    view, scale, zero_point = qparams_view(x, scale, zero_point, spec, g_idx)
     codes = _quantize_float(view.float(), scale, zero_point, spec)
     return codes.to(_codes_dtype(spec)).reshape(x.shape)
 
@@ -243,7 +245,7 @@ def dequantize(
         >>> dequantize(torch.tensor([4, -8], dtype=torch.int8), torch.tensor(0.125), None, spec)
         tensor([ 0.5000, -1.0000])
     """
-    view, scale, zero_point = _view_and_qparams(codes, scale, zero_point, spec, g_idx)
+    view, scale, zero_point = qparams_view(codes, scale, zero_point, spec, g_idx)
     t = view.float()
     if spec.grid != "uniform":
         return GRIDS[spec.grid].values(t, scale, zero_point).reshape(codes.shape).to(dtype)
@@ -265,7 +267,7 @@ def fake_quantize_forward(
     The arithmetic is the same as `quantize` followed by `dequantize`, operation for operation, so the
     result is bit-identical to them in float32. Autograd wrappers live in `qat.ste`.
     """
-    view, scale, zero_point = _view_and_qparams(x, scale, zero_point, spec, g_idx)
+    view, scale, zero_point = qparams_view(x, scale, zero_point, spec, g_idx)
     view = view.float()
     if spec.grid != "uniform":
         grid = GRIDS[spec.grid]

@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.cli import register_resolvers
+from qat.ptq.start import INIT_STARTS
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "module", "eval", "paths", "model", "data", "quant", "optim",
             "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
 EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
-INIT_STARTS = ("cell", "grid", "track")  # how QAT starts from a PTQ solution: see ptq_start
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
 
 
@@ -217,6 +217,7 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
     """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data, pin them."""
     from qat.data import calibration_batches
     from qat.ptq import apply
+    from qat.ptq.start import float_weights, ptq_start
 
     if not cfg.get("quant"):
         raise ValueError("init=... needs a quant recipe to initialise (got none)")
@@ -227,81 +228,10 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
     _say(f"PTQ initialisation: {init['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} tokens, "
          f"start={start} ...")
     batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128))
-    floats = _float_weights(module.model) if start == "cell" else None
+    floats = float_weights(module.model) if start == "cell" else None
     apply(module.model, init, batches)
     ptq_start(module.model, start, floats)
     return time.perf_counter() - t0
-
-
-def _float_weights(model) -> dict[str, torch.Tensor]:
-    from qat.ptq.runner import quantized_linears
-
-    return {name: m.weight.detach().clone() for name, m in quantized_linears(model).items()}
-
-
-@torch.no_grad()
-def ptq_start(model: torch.nn.Module, start: str, floats: dict[str, torch.Tensor] | None = None) -> int:
-    """Where QAT starts from a PTQ solution (init.start); returns how many weights were changed.
-
-    GPTQ leaves each weight ON its grid points (the dequantized solution) with pinned qparams.
-    Trained from there, a weight must move half a grid step before its code changes: at QAT learning
-    rates that takes hundreds of steps, so the codes barely move (measured: QAT from a GPTQ start gained
-    a fraction of what the same run from an RTN start did). The starts:
-        "grid":  as PTQ left it (codes frozen in practice).
-        "cell":  same codes and qparams, so the same model at step 0, but each latent weight moved back
-                 towards its float value, as far as its code's cell allows (0.49 step around the grid
-                 point): codes then flip as readily as from an RTN start. Only weights left on grid points
-                 move (RTN and AWQ keep float latent weights already); any whose code would change
-                 (checked with the fake-quant forward) stay where they were.
-        "track": the PTQ weights with the qparams unpinned: ranges follow the weights again (min-max), so
-                 the start is not the PTQ result (the grid is recomputed from the solved weights).
-    Args:
-        model: a prepared model after `qat.ptq.apply`.
-        floats: the float weights before PTQ by module name (needed by "cell").
-    Raises:
-        ValueError: an unknown start, or "cell" without float weights.
-    Example:
-        >>> floats = _float_weights(model); qat.ptq.apply(model, "gptq", batches); ptq_start(model, "cell", floats)
-    """
-    from qat.ptq.runner import quantized_linears
-
-    if start not in INIT_STARTS:
-        raise ValueError(f"init.start={start!r}; choose from {list(INIT_STARTS)}")
-    if start == "cell" and floats is None:
-        raise ValueError("init.start=cell needs the float weights from before the PTQ solve")
-    changed = 0
-    for name, m in quantized_linears(model).items():
-        q = m.weight_quantizer
-        if start == "track" and q.pinned:
-            empty = torch.empty(0, device=q.pinned_scale.device)
-            q.pinned_scale, q.pinned_zero_point, q.g_idx = empty, empty.clone(), empty.clone()
-            q.observing = True
-            q.initialize(m.weight)
-            changed += m.weight.numel()
-        elif start == "cell" and name in floats and q.spec.grid == "uniform" and not q.spec.is_float:
-            changed += _into_cell(m, floats[name])
-    return changed
-
-
-def _into_cell(module, w_float: torch.Tensor) -> int:
-    from qat.primitives import _view_and_qparams, fake_quantize_forward
-
-    q, w_hat = module.weight_quantizer, module.weight.detach().clone()
-    scale, zero_point = q.qparams(w_hat)
-    scale, zero_point = scale.detach(), None if zero_point is None else zero_point.detach()
-    g_idx = q.group_index()
-    target = fake_quantize_forward(w_hat, scale, zero_point, q.spec, g_idx=g_idx)[0]  # the step-0 weight
-    on_grid = target == w_hat  # AWQ / RTN keep float latent weights: nothing to move there
-    if not on_grid.any():
-        return 0
-    view_hat, s, _ = _view_and_qparams(target, scale, zero_point, q.spec, g_idx)
-    view_ref = _view_and_qparams(w_float.to(w_hat), scale, zero_point, q.spec, g_idx)[0]
-    half = 0.49 * s  # strictly inside the cell: round() keeps the code
-    latent = torch.minimum(torch.maximum(view_ref, view_hat - half), view_hat + half).reshape(w_hat.shape)
-    keep = on_grid & (fake_quantize_forward(latent, scale, zero_point, q.spec, g_idx=g_idx)[0] == target)
-    latent = torch.where(keep, latent, w_hat)
-    module.weight.copy_(latent)
-    return int((latent != w_hat).sum())
 
 
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:

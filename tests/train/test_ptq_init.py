@@ -65,10 +65,10 @@ def _fake_quant_weights(model):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_cell_start_is_exactly_the_ptq_model_with_latents_back_near_the_floats(method):
     import qat.ptq.runner
-    from qat.lit.run import _float_weights, ptq_start
+    from qat.ptq.start import float_weights, ptq_start
 
     model, batches = tiny_prepared()
-    floats = _float_weights(model)
+    floats = float_weights(model)
     qat.ptq.apply(model, method, batches, progress=False)
     solved = {n: m.weight.detach().clone() for n, m in qat.ptq.runner.quantized_linears(model).items()}
     before = _fake_quant_weights(model)
@@ -85,7 +85,7 @@ def test_cell_start_is_exactly_the_ptq_model_with_latents_back_near_the_floats(m
 
 def test_track_start_unpins(tmp_path):
     import qat.ptq.runner
-    from qat.lit.run import ptq_start
+    from qat.ptq.start import ptq_start
 
     model, batches = tiny_prepared()
     qat.ptq.apply(model, "gptq", batches, progress=False)
