@@ -211,7 +211,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         if tokenizer is not None:
             from qat.export.gguf_vocab import add_tokenizer
 
-            add_tokenizer(writer, tokenizer)
+            add_tokenizer(writer, tokenizer, n_vocab=model.config.vocab_size)
         for e in entries:
             raw = None if e.type in ("F32", "F16") else gguf.GGMLQuantizationType[e.type]
             nbytes = int(np.prod(e.shape)) // BLOCK[e.type][0] * BLOCK[e.type][1]
