@@ -1,0 +1,281 @@
+"""Run qat's GGUF exports in llama.cpp and compare with qat's own loader, side by side, in one run.
+
+    .venv/bin/python scripts/check_llama_cpp.py --llama-cpp /work/llamacpp_build            # tiny Llama
+    .venv/bin/python scripts/check_llama_cpp.py --model smollm2-135m --types F16,Q8_0,Q4_0,Q4_K_M,Q6_K
+    QAT_LLAMA_CPP=/path/to/build .venv/bin/python scripts/check_llama_cpp.py --gguf out/m.gguf --text wiki.txt
+
+For each type: export with `qat.export.export_gguf` (or take --gguf files as they are), run `llama-perplexity`
+on a text file with `--kl-divergence-base` so it also dumps its next-token log-probabilities, then feed the
+*same token ids* (llama.cpp's own tokenization, read back from the dump) through the file loaded by qat's
+loader (`load_any`) and score them with llama-perplexity's protocol (chunks of n_ctx tokens, the second half
+of each chunk scored). Prints: type, file MB, bits per weight, llama.cpp ppl, qat ppl, relative difference,
+max / mean |log-prob difference| (entries within 16 nats of the top, as llama.cpp stores them), top-1
+agreement, and whether llama.cpp's tokenization of the text equals the embedded tokenizer's (transformers).
+
+llama.cpp is found from --llama-cpp, $QAT_LLAMA_CPP (a build folder, its bin/, or the binary itself) or PATH.
+Build it with AMX off on VMs that advertise AMX but trap it (see docs/export.md, "llama.cpp / Ollama").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BINARY = "llama-perplexity"
+LOGPROB_WINDOW = 16.0  # llama-perplexity stores log-probs only down to (top - 16) nats
+
+
+def find_llama_cpp(hint: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding `llama-perplexity`: from `hint`, else $QAT_LLAMA_CPP, else PATH; None if absent.
+
+    `hint` / $QAT_LLAMA_CPP may name a build folder (binaries in bin/), the bin folder or the binary.
+
+    Example:
+        >>> find_llama_cpp("/work/llamacpp_build")
+        PosixPath('/work/llamacpp_build/bin')
+    """
+    for cand in (hint, os.environ.get("QAT_LLAMA_CPP")):
+        if not cand:
+            continue
+        p = Path(cand).expanduser()
+        for d in (p.parent if p.is_file() else p, p / "bin", p / "build" / "bin"):
+            if (d / BINARY).is_file():
+                return d
+    found = shutil.which(BINARY)
+    return Path(found).parent if found else None
+
+
+def _run(cmd: list[str], timeout: float) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout + proc.stderr
+
+
+@dataclass
+class LlamaPerplexity:
+    """What llama-perplexity measured: its ppl, its tokens [chunks, n_ctx] and its log-prob dump."""
+
+    ppl: float
+    tokens: np.ndarray
+    n_vocab: int
+    dump: Path
+
+    def logprobs(self, chunk: int, floor: bool = False) -> np.ndarray:
+        """Float32 [n_ctx - 1 - n_ctx/2, n_vocab] log-probs of one chunk; -inf below llama.cpp's window
+        (with `floor`, the window's floor: exact for the row's minimum when nothing was cut)."""
+        n_chunk, n_ctx = self.tokens.shape
+        nv = 2 * ((self.n_vocab + 1) // 2) + 4
+        n_pos = n_ctx - 1 - n_ctx // 2
+        offset = 8 + 4 * 3 + 4 * n_chunk * n_ctx + chunk * n_pos * nv * 2
+        raw = np.fromfile(self.dump, dtype=np.uint16, count=n_pos * nv, offset=offset).reshape(n_pos, nv)
+        head = raw[:, :4].copy().view(np.float32)  # (scale, min_log_prob) per position
+        q = raw[:, 4:4 + self.n_vocab].astype(np.float32)
+        out = head[:, 1:2] + head[:, 0:1] * q
+        return np.where(q == 0, head[:, 1:2] if floor else -np.inf, out)
+
+    def dump_perplexity(self) -> float:
+        """Perplexity from the dumped log-probs (stored to ~1e-4 nats; a target below the 16-nat window
+        counts at the window's floor)."""
+        n_ctx = self.tokens.shape[1]
+        nll, count = 0.0, 0
+        for c in range(self.tokens.shape[0]):
+            lp = self.logprobs(c, floor=True)
+            target = self.tokens[c, n_ctx // 2 + 1:]
+            nll -= float(lp[np.arange(len(target)), target].astype(np.float64).sum())
+            count += len(target)
+        return float(np.exp(nll / count))
+
+
+def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, n_ctx: int, chunks: int, work: Path,
+                     threads: int = 2, timeout: float = 1800) -> LlamaPerplexity:
+    """Run `llama-perplexity` on `text` with chunks of `n_ctx` tokens and read back its ppl and log-probs.
+
+    Raises:
+        RuntimeError: llama.cpp refused the file (its last log lines are in the message).
+    """
+    dump = work / f"{gguf.stem}.logits"
+    out = _run([str(bin_dir / BINARY), "-m", str(gguf), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
+                "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(dump)], timeout)
+    with open(dump, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise RuntimeError(f"{dump}: not a llama-perplexity logits file")
+        ctx, n_vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)
+        tokens = np.frombuffer(f.read(4 * n_chunk * ctx), dtype=np.int32).reshape(n_chunk, ctx)
+    ref = LlamaPerplexity(float("nan"), tokens, int(n_vocab), dump)
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    # llama.cpp logs from a worker thread and can drop its last lines at exit: then score its own dump
+    ref.ppl = float(match.group(1)) if match else ref.dump_perplexity()
+    return ref
+
+
+def llama_tokenize(bin_dir: Path, gguf: Path, text: str, work: Path) -> list[int]:
+    """llama.cpp's token ids for `text` with the vocabulary embedded in `gguf` (`llama-tokenize --ids`)."""
+    src = work / "tokenize_input.txt"
+    src.write_text(text)
+    out = _run([str(bin_dir / "llama-tokenize"), "-m", str(gguf), "-f", str(src), "--ids", "--log-disable", "--no-escape"], 120)
+    match = re.search(r"\[([0-9, ]*)\]\s*$", out.strip())
+    if match is None:
+        raise RuntimeError(f"llama-tokenize printed no id list:\n{out[-1000:]}")
+    return [int(x) for x in match.group(1).split(",") if x.strip()]
+
+
+def llama_generate(bin_dir: Path, gguf: Path, prompt: str, n_tokens: int = 24, timeout: float = 600) -> str:
+    """Greedy continuation of `prompt` by `llama-completion` (temperature 0, no chat template): the text it
+    prints (the prompt and the continuation)."""
+    proc = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n_tokens),
+                           "--temp", "0", "-t", "1", "-no-cnv", "--no-warmup"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-completion failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return proc.stdout.replace("[end of text]", "").strip()
+
+
+@torch.no_grad()
+def compare(model: torch.nn.Module, ref: LlamaPerplexity, add_bos: int | None = None) -> dict:
+    """qat's model on llama.cpp's own tokens, scored as llama-perplexity scores them, against its log-probs.
+
+    Args:
+        model: the GGUF file loaded by qat (`load_any`).
+        ref: what `llama_perplexity` read back.
+        add_bos: the BOS id when the file asks llama.cpp to add one (it replaces each chunk's first token).
+    Returns:
+        {"ppl", "max_abs", "mean_abs", "top1"}: our perplexity and the log-prob differences (entries that
+        llama.cpp stored in both, i.e. within 16 nats of its top token), top-1 agreement in [0, 1].
+    """
+    n_chunk, n_ctx = ref.tokens.shape
+    first = n_ctx // 2
+    nll, count, diffs, same, top_n = 0.0, 0, [], 0, 0
+    for c in range(n_chunk):
+        ids = torch.from_numpy(ref.tokens[c].astype(np.int64)).clone()
+        if add_bos is not None:
+            ids[0] = add_bos
+        lp = torch.log_softmax(model(ids[None]).logits[0, first:n_ctx - 1].double(), -1)[:, :ref.n_vocab]
+        nll -= float(lp.gather(1, ids[first + 1:, None]).sum())
+        count += n_ctx - 1 - first
+        theirs = torch.from_numpy(ref.logprobs(c)).double()
+        stored = torch.isfinite(theirs)
+        diffs.append((lp - theirs)[stored].abs())
+        same += int((lp.argmax(-1) == theirs.argmax(-1)).sum())
+        top_n += lp.shape[0]
+    d = torch.cat(diffs)
+    return {"ppl": float(np.exp(nll / count)), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+            "top1": same / top_n}
+
+
+def tokenization_matches(tokenizer, text: str, ref: LlamaPerplexity) -> str:
+    """'yes' when the embedded tokenizer (transformers) gives llama.cpp's tokens for the scored text, else
+    where they first differ."""
+    ours = tokenizer(text, add_special_tokens=False)["input_ids"][: ref.tokens.size]
+    theirs = ref.tokens.reshape(-1).tolist()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"no (token {i}: transformers {a}, llama.cpp {b})"
+    return "yes"
+
+
+def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
+    """A 2-layer random Llama (hidden 256, so K-quant super-blocks fit) and a byte-level BPE tokenizer
+    trained on `text` with exactly `vocab_size` tokens."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([text], trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
+                                               eos_token="<|endoftext|>")
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval(), tok
+
+
+def default_text(model: str) -> str:
+    """The scored text: the wiki test split (articles joined by blank lines) for real models, the test
+    fixture corpus for the tiny one."""
+    if model == "tiny":
+        return (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_corpus.txt").read_text()
+    from qat.data import load_documents, split_documents
+
+    docs = split_documents(load_documents("wiki", "extract"), 0.02, 0.02)["test"]
+    return "\n\n".join(docs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", help="llama.cpp build folder (default: $QAT_LLAMA_CPP, then PATH)")
+    parser.add_argument("--model", default="tiny", help="'tiny' or anything qat-export's model.path takes")
+    parser.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M,Q6_K")
+    parser.add_argument("--gguf", nargs="*", help="check these files instead of exporting")
+    parser.add_argument("--text", help="a text file to score (default: wiki test split / tiny corpus)")
+    parser.add_argument("--ctx", type=int, default=None, help="tokens per chunk (default 256; tiny: 64)")
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="keep exports and dumps here (default: a temporary folder)")
+    args = parser.parse_args()
+    bin_dir = find_llama_cpp(args.llama_cpp)
+    if bin_dir is None:
+        raise SystemExit(f"{BINARY} not found: give --llama-cpp, set QAT_LLAMA_CPP or put it on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.out or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        run_all(args, bin_dir, work)
+
+
+def _exports(args, work: Path, text: str):
+    """(label, GGUF path, the tokenizer the file was made from) for every file to check."""
+    from qat.export import export_gguf
+    from qat.export.load import load_any, load_any_tokenizer
+
+    if args.gguf:  # the tokenizer to compare with: --model's when given, else the one read from the file
+        return [(Path(g).stem, Path(g), load_any_tokenizer(g if args.model == "tiny" else args.model))
+                for g in args.gguf]
+    if args.model == "tiny":
+        model, tok = tiny_model_and_tokenizer(text)
+    else:
+        model, tok = load_any(args.model), load_any_tokenizer(args.model)
+    return [(t, export_gguf(model, work / f"{Path(args.model).name}-{t}.gguf", t, tokenizer=tok), tok)
+            for t in args.types.split(",")]
+
+
+def run_all(args, bin_dir: Path, work: Path) -> None:
+    """Export, run llama.cpp, load with qat, print the table (see the module docstring)."""
+    from qat.export.load import load_any
+    from qat.export.run import bits_per_weight
+
+    text_path = Path(args.text) if args.text else work / "text.txt"
+    if not args.text:
+        text_path.write_text(default_text(args.model))
+    text = text_path.read_text()
+    n_ctx = args.ctx or (64 if args.model == "tiny" and not args.gguf else 256)
+    print(f"llama.cpp: {bin_dir}  text: {text_path} ({len(text)} chars)  n_ctx {n_ctx} x {args.chunks} chunks")
+    print(f"{'file':22} {'MB':>7} {'bpw':>6} {'llama.cpp':>10} {'qat':>10} {'rel diff':>9} "
+          f"{'max|dlp|':>9} {'mean|dlp|':>10} {'top1':>6}  same tokens")
+    for label, path, tok in _exports(args, work, text):
+        ref = llama_perplexity(bin_dir, path, text_path, n_ctx, args.chunks, work, args.threads)
+        model = load_any(path)
+        res = compare(model, ref)
+        _, bpw = bits_per_weight(path, model)
+        same = tokenization_matches(tok, text, ref)
+        print(f"{label:22} {path.stat().st_size / 1e6:7.1f} {bpw:6.2f} {ref.ppl:10.4f} {res['ppl']:10.4f} "
+              f"{res['ppl'] / ref.ppl - 1:+9.2e} {res['max_abs']:9.4f} {res['mean_abs']:10.5f} "
+              f"{res['top1']:6.3f}  {same}", flush=True)
+        ref.dump.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
