@@ -20,6 +20,7 @@ CASES = {
     "gptq_w3_channel": ("gptq", recipe(bits=3, granularity="per_channel"), {"true_sequential": False}),
     "awq": ("awq", recipe(group_size=32), {}),
     "rtn_ragged": ("rtn", recipe(group_size=48, ragged=True), {"observer": "mse"}),  # 64 = 48 + 16 columns
+    "gptq_ragged_actorder": ("gptq", recipe(group_size=48, ragged=True), {"actorder": True}),
     "awq_ragged": ("awq", recipe(group_size=48, symmetric=False, ragged=True), {}),
     "awq_duo": ("awq", recipe(group_size=32, symmetric=False), {"duo_scaling": True}),
     "smoothquant_w8a8": ("smoothquant", "w8a8", {"alpha": 0.8}),
