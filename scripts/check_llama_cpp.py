@@ -122,7 +122,8 @@ def llama_tokenize(bin_dir: Path, gguf: Path, text: str, work: Path) -> list[int
     """llama.cpp's token ids for `text` with the vocabulary embedded in `gguf` (`llama-tokenize --ids`)."""
     src = work / "tokenize_input.txt"
     src.write_text(text)
-    out = _run([str(bin_dir / "llama-tokenize"), "-m", str(gguf), "-f", str(src), "--ids", "--log-disable", "--no-escape"], 120)
+    out = _run([str(bin_dir / "llama-tokenize"), "-m", str(gguf), "-f", str(src), "--ids", "--log-disable",
+                "--no-escape"], 120)
     match = re.search(r"\[([0-9, ]*)\]\s*$", out.strip())
     if match is None:
         raise RuntimeError(f"llama-tokenize printed no id list:\n{out[-1000:]}")
