@@ -1,7 +1,8 @@
 """Run qat's GGUF exports in llama.cpp and compare with qat's own loader, side by side, in one run.
 
     .venv/bin/python scripts/check_llama_cpp.py --llama-cpp /work/llamacpp_build            # tiny Llama
-    .venv/bin/python scripts/check_llama_cpp.py --model smollm2-135m --types F16,Q8_0,Q4_0,Q4_K_M,Q6_K
+    .venv/bin/python scripts/check_llama_cpp.py --model smollm2-135m --types F16,Q8_0,Q4_0,Q4_K_M,Q6_K \
+        --prompt "The capital of France is"
     QAT_LLAMA_CPP=/path/to/build .venv/bin/python scripts/check_llama_cpp.py --gguf out/m.gguf --text wiki.txt
 
 For each type: export with `qat.export.export_gguf` (or take --gguf files as they are), run `llama-perplexity`
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="keep exports and dumps here (default: a temporary folder)")
+    parser.add_argument("--prompt", help="also print llama.cpp's and qat's greedy continuations of this prompt")
     args = parser.parse_args()
     bin_dir = find_llama_cpp(args.llama_cpp)
     if bin_dir is None:
@@ -276,6 +278,10 @@ def run_all(args, bin_dir: Path, work: Path) -> None:
               f"{res['ppl'] / ref.ppl - 1:+9.2e} {res['max_abs']:9.4f} {res['mean_abs']:10.5f} "
               f"{res['top1']:6.3f}  {same}", flush=True)
         ref.dump.unlink(missing_ok=True)
+        if args.prompt:
+            ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+            ours = tok.decode(model.generate(ids, max_new_tokens=24, do_sample=False)[0])
+            print(f"  llama.cpp: {llama_generate(bin_dir, path, args.prompt, 24)!r}\n  qat:       {ours!r}", flush=True)
 
 
 if __name__ == "__main__":
