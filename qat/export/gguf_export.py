@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from qat.export._io import atomic_path, float_weight_names, weight_of, weight_spec
-from qat.export.ggml_blocks import BLOCK, LEGACY, encode, legacy_blocks
+from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
 from qat.export.kquants import kquant_blocks
 from qat.spec import GGML_K
 from qat.modules.quantized import QuantizedWeight
@@ -180,7 +180,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     if w.ndim == 1:
         w = w.unsqueeze(0)
     imp = (importance or {}).get(entry.hf)
-    return encode(w, entry.type, imp)[0].numpy()
+    return encode_blocks(w, entry.type, imp).numpy()
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
@@ -212,6 +212,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
             from qat.export.gguf_vocab import add_tokenizer
 
             add_tokenizer(writer, tokenizer, n_vocab=model.config.vocab_size)
+        else:
+            log.warning("%s: written without a tokenizer; llama.cpp and Ollama refuse such files "
+                        "(tokenizer.ggml.model is required): pass tokenizer= to embed one", path)
         for e in entries:
             raw = None if e.type in ("F32", "F16") else gguf.GGMLQuantizationType[e.type]
             nbytes = int(np.prod(e.shape)) // BLOCK[e.type][0] * BLOCK[e.type][1]

@@ -119,7 +119,7 @@ def test_unwritable_path_and_atomic_failure(model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ge, "encode", boom)
+    monkeypatch.setattr(ge, "encode_blocks", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf(model, tmp_path / "m.gguf", "Q8_0")
     assert list(tmp_path.iterdir()) == [blocker]  # no partial file, no temp file left behind
