@@ -82,3 +82,21 @@ def tiny_llama():
 def llama_batches():
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, 128, (2, 32), generator=g) for _ in range(4)]
+
+
+def compose_job(name, overrides=()):
+    """A Hydra config of `configs/<name>.yaml` as the app's job sees it (hydra runtime set), as plain dicts."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from qat.recipes import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = "unused"
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True)

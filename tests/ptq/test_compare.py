@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import qat
 import qat.models
@@ -14,6 +13,8 @@ from qat.compare import run_compare_job, run_ptq_job, weight_bits
 from qat.results import load_results, pareto_front, write_results
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
+
+from .conftest import compose_job
 
 if not OmegaConf.has_resolver("qat_root"):
     OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
@@ -67,16 +68,7 @@ def test_bits_per_weight_counts_scales(tiny_llama):
 
 
 def _compose(name, overrides=()):
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = "unused"
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return OmegaConf.to_container(cfg, resolve=True)
+    return compose_job(name, overrides)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "smoothquant"])

@@ -8,29 +8,19 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from qat.cli.compare import train_config
 from qat.compare import collect_sweep, run_sweep_job
 from qat.results import load_results, write_results
 from qat.recipes import CONFIG_DIR
 
+from .conftest import compose_job
+
 PROTO = {"data": "corpus.txt", "split": "test", "blocks": 4, "block_size": 64}
 
 
 def _compare_cfg(overrides):
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="compare", overrides=list(overrides), return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = "unused"
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return OmegaConf.to_container(cfg, resolve=True)
+    return compose_job("compare", overrides)
 
 
 def _row(method, quant, ppl, protocol=PROTO):
