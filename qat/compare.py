@@ -166,9 +166,8 @@ def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_c
     batches = []
     if calibration is not None:
         check_keys("calibration", calibration, CAL_KEYS)
-        seqs = calibration_batches(data_cfg, int(calibration["samples"]), int(calibration["seq_len"]),
-                                   calibration.get("split", "train"))
-        batches = [torch.cat(seqs[i:i + batch_rows]) for i in range(0, len(seqs), batch_rows)]
+        batches = calibration_batches(data_cfg, int(calibration["samples"]), int(calibration["seq_len"]),
+                                      calibration.get("split", "train"), batch_rows)
     blocks = None
     if eval_cfg.get("split"):
         fields = {k: v for k, v in data_cfg.items() if k in CorpusConfig.__dataclass_fields__}

@@ -227,7 +227,7 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
     t0 = time.perf_counter()
     _say(f"PTQ initialisation: {init['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} tokens, "
          f"start={start} ...")
-    batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128))
+    batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128), batch_rows=8)
     floats = float_weights(module.model) if start == "cell" else None
     apply(module.model, init, batches)
     ptq_start(module.model, start, floats)

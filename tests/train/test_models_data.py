@@ -89,6 +89,9 @@ def test_datamodule_and_calibration_batches(corpus):
     cal = calibration_batches(dm, 3, 16)
     assert len(cal) == 3 and cal[0].shape == (1, 16)
     assert torch.equal(torch.cat(cal), torch.cat(calibration_batches({"path": corpus, "tokenizer": "tiny"}, 3, 16)))
+    rows = calibration_batches(dm, 5, 16, batch_rows=2)  # the same sequences, two to a batch
+    assert [tuple(b.shape) for b in rows] == [(2, 16), (2, 16), (1, 16)]
+    assert torch.equal(torch.cat(rows), torch.cat(calibration_batches(dm, 5, 16)))
     with pytest.raises(ValueError, match="asked for"):
         calibration_batches({"path": corpus}, 10_000, 16)
 
