@@ -250,7 +250,10 @@ def _write_metadata(writer, config, gguf_type: str, name: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    ftype = getattr(gguf.LlamaFileType, "MOSTLY_" + gguf_type, None) or getattr(gguf.LlamaFileType, "ALL_" + gguf_type, None)
+    # a single K type has no file type of its own: write the one llama.cpp's loader guesses for such a file
+    # (Ollama shows general.file_type as the quantization label, "unknown" without it)
+    label = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(gguf_type, gguf_type)
+    ftype = getattr(gguf.LlamaFileType, "MOSTLY_" + label, None) or getattr(gguf.LlamaFileType, "ALL_" + label, None)
     if ftype is not None:
         writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

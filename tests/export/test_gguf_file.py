@@ -69,6 +69,15 @@ def test_transformers_reads_our_file_as_we_do(model, ids, tmp_path, gguf_type):
     assert torch.nn.functional.cosine_similarity(ours.flatten(), logits(model, ids).flatten(), dim=0) > floor
 
 
+@pytest.mark.parametrize("gguf_type,label", [("F32", "ALL_F32"), ("Q4_0", "MOSTLY_Q4_0"), ("Q4_K_M", "MOSTLY_Q4_K_M"),
+                                              ("Q3_K", "MOSTLY_Q3_K_M"), ("Q4_K", "MOSTLY_Q4_K_M"), ("Q5_K", "MOSTLY_Q5_K_M")])
+def test_every_type_writes_a_file_type(model, tmp_path, gguf_type, label):
+    # Ollama labels a model by general.file_type ("unknown" without it); a single K type gets what
+    # llama.cpp's loader guesses for a file of that type
+    path = export_gguf(model, tmp_path / "m.gguf", gguf_type)
+    assert gguf.LlamaFileType(gguf.GGUFReader(str(path)).fields["general.file_type"].contents()).name == label
+
+
 def test_f32_round_trip_is_exact_and_metadata_is_llama(model, ids, tmp_path):
     path = export_gguf(model, tmp_path / "m.gguf", "F32")
     assert torch.equal(logits(load_any(path), ids), logits(model, ids))
