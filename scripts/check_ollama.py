@@ -103,7 +103,7 @@ class OllamaServer:
         self.host = f"127.0.0.1:{_free_port()}"
         self.env = {**os.environ, "OLLAMA_HOST": self.host, "OLLAMA_MODELS": str(self.work / "models"),
                     "HOME": str(self.work / "home"), "OLLAMA_NOPRUNE": "1", "OLLAMA_NUM_PARALLEL": "1",
-                    "OLLAMA_MAX_LOADED_MODELS": "1", "OLLAMA_KEEP_ALIVE": "5m"}
+                    "OLLAMA_MAX_LOADED_MODELS": "1", "OLLAMA_KEEP_ALIVE": "5m", "OLLAMA_NO_CLOUD": "1"}
         self.log = self.work / "ollama-serve.log"
         self.proc: subprocess.Popen | None = None
 
