@@ -10,7 +10,8 @@ loopback port (127.0.0.1 only) with a temporary OLLAMA_MODELS and HOME, `ollama 
 (`FROM /abs/file.gguf`), read `/api/show`, then `/api/generate` greedily (raw prompt, temperature 0, top_k 1,
 repeat_penalty 1, seed 0, no stop strings) and compare the text with qat's `generate` on the file loaded by
 `load_any` (and `llama-completion --temp 0` when llama.cpp is found). The server and its runners are always
-stopped, every call has a timeout.
+stopped, every call has a timeout. Other OLLAMA_* variables of the caller pass through (OLLAMA_NEW_ENGINE=1
+runs `llama` files on Ollama's Go engine instead of its llama.cpp runner).
 
 Printed per file and prompt: whether Ollama loaded it, what /api/show reports (family, parameter count,
 quantization label, context length, detected template) against what the file says (the same rules as
@@ -157,8 +158,8 @@ class OllamaServer:
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(f"http://{self.host}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+        try:  # no proxy: the server is on loopback
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=timeout) as resp:
                 return json.loads(resp.read().decode())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"ollama {path}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from e
