@@ -132,14 +132,32 @@ def llama_tokenize(bin_dir: Path, gguf: Path, text: str, work: Path) -> list[int
 
 
 def llama_generate(bin_dir: Path, gguf: Path, prompt: str, n_tokens: int = 24, timeout: float = 600) -> str:
-    """Greedy continuation of `prompt` by `llama-completion` (temperature 0, no chat template): the text it
-    prints (the prompt and the continuation)."""
-    proc = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(n_tokens),
-                           "--temp", "0", "-t", "1", "-no-cnv", "--no-warmup"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-completion failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return proc.stdout.replace("[end of text]", "").strip()
+    """llama.cpp's greedy continuation of `prompt` (`llama-completion --temp 0`, no chat template), without the
+    prompt.
+
+    llama-completion prints tokens from a logging thread and sometimes drops the tail at exit (1 run in 12
+    here, once the whole text): it is run until two runs print the same text (at most 4), the longest kept.
+    Its stdout is read as bytes (a random model's byte tokens need not be UTF-8).
+
+    Raises:
+        RuntimeError: llama-completion failed, or printed no echo of the prompt.
+    """
+    seen: list[str] = []
+    for _ in range(4):
+        proc = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n",
+                               str(n_tokens), "--temp", "0", "-t", "1", "-no-cnv", "--no-warmup"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-completion failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-2000:].decode(errors='replace')}")
+        text = proc.stdout.decode("utf-8", "replace").replace("[end of text]", "").rstrip("\n")
+        if text in seen:
+            break
+        seen.append(text)
+    best = max(seen, key=len)
+    if not best.startswith(prompt):
+        raise RuntimeError(f"llama-completion printed no echo of the prompt: {best[:200]!r}")
+    return best[len(prompt):]
 
 
 @torch.no_grad()
@@ -280,7 +298,7 @@ def run_all(args, bin_dir: Path, work: Path) -> None:
         ref.dump.unlink(missing_ok=True)
         if args.prompt:
             ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-            ours = tok.decode(model.generate(ids, max_new_tokens=24, do_sample=False)[0])
+            ours = tok.decode(model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:])
             print(f"  llama.cpp: {llama_generate(bin_dir, path, args.prompt, 24)!r}\n  qat:       {ours!r}", flush=True)
 
 

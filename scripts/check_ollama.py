@@ -298,31 +298,6 @@ def agreement(tok, ours: list[int], text: str) -> int:
     return k
 
 
-def llama_completion(bin_dir: Path, gguf: Path, prompt: str, n_tokens: int, timeout: float = 600) -> str:
-    """llama.cpp's greedy continuation (`llama-completion --temp 0`, no chat template), without the prompt.
-
-    llama-completion prints tokens from a logging thread and sometimes drops the tail at exit (1 run in 12
-    here, up to the whole text): it is run until two runs print the same text (at most 4), the longest kept.
-    Its stdout is read as bytes (a random model's byte tokens are not UTF-8).
-    """
-    seen: list[str] = []
-    for _ in range(4):
-        proc = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-p", prompt, "-n",
-                               str(n_tokens), "--temp", "0", "-t", "1", "-no-cnv", "--no-warmup"],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"llama-completion failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-2000:].decode(errors='replace')}")
-        text = proc.stdout.decode("utf-8", "replace").replace("[end of text]", "").rstrip("\n")
-        if text in seen:
-            break
-        seen.append(text)
-    best = max(seen, key=len)
-    if not best.startswith(prompt):
-        raise RuntimeError(f"llama-completion printed no echo of the prompt: {best[:200]!r}")
-    return best[len(prompt):]
-
-
 def _exports(args, work: Path):
     """(label, GGUF path, tokenizer, prompts) for every file to check."""
     from qat.export import export_gguf, load_any
@@ -368,7 +343,7 @@ def check_file(server: OllamaServer, label: str, path: Path, tok, prompts, n_tok
              "n_qat": len(ours), "ollama": answer.get("response", ""), "n_ollama": answer.get("eval_count")}
         r["ollama_agree"] = agreement(tok, ours, r["ollama"])
         if llama_bin is not None:
-            r["llama_cpp"] = llama_completion(llama_bin, path, prompt, n_tokens)
+            r["llama_cpp"] = _llama_cpp_helpers().llama_generate(llama_bin, path, prompt, n_tokens)
             r["llama_agree"] = agreement(tok, ours, r["llama_cpp"])
         rows.append(r)
     return rows
