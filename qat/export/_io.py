@@ -50,6 +50,23 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+EXPORT_MARKERS = ("qat_quant.json", "quantize_config.json", "config.json")
+
+
+def clear_export_markers(folder: str | os.PathLike) -> None:
+    """Remove the files that mark `folder` as a finished export of any format (native's qat_quant.json,
+    GPTQ's quantize_config.json, the config.json every folder export writes last), before a folder writer
+    starts: a new export written over an old one (of the same or another format) then reads as complete
+    only once its own marker is written, never as a mix of the two, even if interrupted.
+
+    Example:
+        >>> clear_export_markers("out/native")
+    """
+    for name in EXPORT_MARKERS:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(folder) / name).unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (atomic_path, check_writable, integer_kind, integer_modules, load_rest_and_tie, load_safetensors,
-                            owning_module, weight_of, weight_spec, write_safetensors)
+from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
+                            load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec,
+                            write_safetensors)
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -156,6 +157,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
                "kv_cache_scheme": None, "global_compression_ratio": None}
     out = Path(out_dir)
     check_writable(out / "config.json")
+    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, modules, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:

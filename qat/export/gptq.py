@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (atomic_path, check_writable, integer_kind, integer_modules, load_rest_and_tie, load_safetensors,
-                            owning_module, weight_of, weight_spec, write_json, write_safetensors)
+from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
+                            load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec, write_json,
+                            write_safetensors)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
@@ -113,6 +114,7 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     linears, qconfig = _plan(model)
     out = Path(out_dir)
     check_writable(out / "config.json")
+    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:

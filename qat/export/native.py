@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (as_converted, atomic_path, check_writable, integer_modules, load_safetensors,
-                            owning_module, write_json, write_safetensors)
+from qat.export._io import (as_converted, atomic_path, check_writable, clear_export_markers, integer_modules,
+                            load_safetensors, owning_module, write_json, write_safetensors)
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
@@ -104,6 +104,7 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
     out = Path(out_dir)
     check_writable(out / META)
+    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     entries, extra, tied = {}, {}, {}
     write_safetensors(_state_items(model, modules, entries, extra, tied), out / "model.safetensors",
                       metadata={"format": "pt", "qat": FORMAT})
