@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,83 @@ def check_config(cfg: DictConfig) -> None:
             method_config(init)
         except (KeyError, ValueError) as err:
             errors.append(f"init: {err}")
+    errors += _check_optim(cfg.module)
     if errors:
         raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_data_path(str(cfg.data.path))
+    if cfg.get("ckpt_path"):
+        _check_resume(cfg)
+    _check_writable(Path(str(cfg.paths.output_dir)))
     context = context_length_of(cfg.model)
     if context is not None and cfg.data.block_size > context:
         raise ValueError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
                          f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _check_optim(module_cfg: DictConfig) -> list[str]:
+    """Build the optimizer and scheduler on a dummy parameter: a bad value (lr=abc) fails now, not after
+    the model is loaded, baselines evaluated and a PTQ initialisation solved (configure_optimizers runs last)."""
+    from hydra.utils import instantiate
+
+    if module_cfg.get("optimizer") is None:
+        return []  # QATModule's default AdamW
+    try:
+        optimizer = instantiate(module_cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as err:  # noqa: BLE001 - reported with the node it came from
+        return [f"optim.optimizer: {type(err).__name__}: {err}; values {_args(module_cfg.optimizer)}"]
+    if module_cfg.get("scheduler"):
+        try:
+            instantiate(module_cfg.scheduler)(optimizer)
+        except Exception as err:  # noqa: BLE001
+            return [f"optim.scheduler: {type(err).__name__}: {err}; values {_args(module_cfg.scheduler)}"]
+    return []
+
+
+def _args(node: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in ("_partial_",)}
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """ckpt_path must exist and hold a run of the same model and quant recipe (else the state dict cannot load).
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: it was trained with another model or recipe, naming both.
+    """
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
+                                "qat-train (<run dir>/checkpoints/last.ckpt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = ckpt.get("hyper_parameters") or {}
+    errors = []
+    for key in ("model", "quant"):
+        if key not in hparams:
+            continue
+        ours = OmegaConf.to_container(cfg.module[key], resolve=True) if cfg.module.get(key) is not None else None
+        theirs = hparams[key]
+        if ours != theirs:
+            a, b = dict(theirs or {}), dict(ours or {})
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b) - {"name", "description"})
+                    if a.get(k) != b.get(k)}
+            if not diff:
+                continue  # a renamed copy of the same recipe loads the same state
+            errors.append(f"{key}: the checkpoint has {a.get('name', a.get('path'))!r}, this run "
+                          f"{b.get('name', b.get('path'))!r}; differing fields (checkpoint, this run): {diff}")
+    if errors:
+        raise ValueError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
+                         "model and quant as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _check_writable(out: Path) -> None:
+    """The run directory (checkpoints, logs, result.json) must be writable before training starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"paths.output_dir={str(out)!r} is not writable ({err.strerror}); checkpoints, logs "
+                              "and result.json go there: choose another paths.output_dir / hydra.run.dir") from err
 
 
 def _check_data_path(path: str) -> None:
@@ -164,11 +235,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("WANDB_MODE", "offline")
     pl.seed_everything(cfg.seed, workers=True)
     _say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module, _recursive_=False)  # optimizer nodes stay configs (hparams)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)  # bad trainer values fail here, cheaply
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _recursive_=False)  # loads the model; optimizer nodes stay configs (hparams)
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     datamodule.setup("fit")

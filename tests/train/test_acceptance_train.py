@@ -1,0 +1,52 @@
+"""Acceptance checks of qat-train's error handling: every bad input fails before the model loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import qat.lit.module
+from qat.lit.run import check_config, train
+
+
+def _fake_ckpt(path, cfg) -> None:
+    hp = {"model": OmegaConf.to_container(cfg.module.model, resolve=True),
+          "quant": OmegaConf.to_container(cfg.module.quant, resolve=True)}
+    torch.save({"hyper_parameters": hp, "state_dict": {}}, path)
+
+
+def test_resume_from_missing_checkpoint_fails_in_check(compose_train):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='/no/such.ckpt' does not exist"):
+        check_config(compose_train(["ckpt_path=/no/such.ckpt"]))
+
+
+def test_resume_with_another_recipe_names_both(compose_train, tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    _fake_ckpt(ckpt, compose_train(["quant=w4a16_g128_lsq"]))
+    with pytest.raises(ValueError, match=r"quant: the checkpoint has 'w4a16_g128_lsq', this run 'w8a8'.*'weight'"):
+        check_config(compose_train(["quant=w8a8", f"ckpt_path={ckpt}"]))
+    check_config(compose_train(["quant=w4a16_g128_lsq", f"ckpt_path={ckpt}"]))  # the same recipe resumes
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.optimizer.lr=abc", r"optim.optimizer: TypeError.*'lr': 'abc'"),
+    ("optim.scheduler.num_warmup_steps=abc", r"optim.scheduler: TypeError.*'num_warmup_steps': 'abc'"),
+])
+def test_bad_optimizer_value_fails_in_check(compose_train, override, match):
+    with pytest.raises(ValueError, match=match):
+        check_config(compose_train([override]))
+
+
+def test_unwritable_output_dir_fails_in_check(compose_train):
+    with pytest.raises(PermissionError, match=r"paths.output_dir='/dev/null/run' is not writable"):
+        check_config(compose_train([], output_dir="/dev/null/run"))
+
+
+def test_bad_trainer_value_fails_before_the_model_loads(compose_train, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the trainer config was checked")
+
+    monkeypatch.setattr(qat.lit.module, "build_model", no_model)
+    with pytest.raises(Exception, match="max_steps") as info:
+        train(compose_train(["debug=tiny", "trainer.max_steps=-5"], output_dir=tmp_path))
+    assert not isinstance(info.value, AssertionError)
