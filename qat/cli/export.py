@@ -23,7 +23,8 @@ def main(cfg: DictConfig) -> None:
     result = run_export(plain["model"]["path"], plain["output"], format=plain["format"], gguf_type=plain["gguf_type"],
                         quant=plain.get("quant"), checkpoint=plain["checkpoint"], tokenizer=plain["tokenizer"],
                         dtype=plain["model"].get("dtype", "float32"), tiny=plain["model"].get("tiny"),
-                        imatrix=plain.get("imatrix"), data=plain.get("data"), calibration=plain.get("calibration"))
+                        imatrix=plain.get("imatrix"), data=plain.get("data"), calibration=plain.get("calibration"),
+                        overwrite=bool(plain.get("overwrite", False)))
     print(json.dumps(result, indent=2))
 
 

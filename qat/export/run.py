@@ -162,24 +162,81 @@ def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, 
     return importance
 
 
+def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwrite: bool = False) -> Path:
+    """Check the format, the GGUF type and the output path before anything is loaded.
+
+    Args:
+        overwrite: replace an existing output (a file, or a folder that is not empty); else refuse it.
+    Returns:
+        the output path (its folder created when missing).
+    Raises:
+        ValueError: an unknown format or GGUF type (listing the valid ones), an output that is not
+            writable, or one that exists without overwrite.
+    Example:
+        >>> check_output("out/m.gguf", "gguf", "Q4_K_M")
+        PosixPath('out/m.gguf')
+    """
+    from qat.export import FORMATS, MIXES
+    from qat.export._io import check_writable
+    from qat.export.ggml_blocks import BLOCK
+
+    if format not in FORMATS:
+        raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
+    if format == "gguf" and gguf_type not in BLOCK and gguf_type not in MIXES:
+        raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+    out = Path(output).expanduser()
+    exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if exists and not overwrite:
+        raise ValueError(f"output {str(out)!r} already exists; pass overwrite=true to replace it, or choose another output")
+    if format == "gguf":
+        return check_writable(out)
+    if out.is_file():
+        raise ValueError(f"output {str(out)!r} is a file; format={format} writes a folder")
+    check_writable(out / "config.json")
+    return out
+
+
+def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) -> None:
+    """What the writer would refuse, said before any calibration: GGUF's architecture, no quantized weights."""
+    from qat.export._io import integer_modules
+
+    if format == "gguf":  # plan_types' checks without its fallback warnings (the writer gives those)
+        from qat.export._io import float_weight_names
+        from qat.export.gguf_export import ARCHITECTURES, gguf_name
+
+        arch = getattr(source.config, "model_type", None)
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"GGUF export: architecture {arch!r} of {model!r} is not supported; known: {list(ARCHITECTURES)}")
+        for name in float_weight_names(source):
+            gguf_name(name)
+    elif not integer_modules(source):
+        raise ValueError(f"format={format} stores quantized weights, and model.path={model!r} loaded as a float model: "
+                         "pass quant=<recipe> (e.g. quant=w4a16_g128) or a quantized export as model.path")
+
+
 def run_export(model: str, output: str, format: str = "native", gguf_type: str = "Q8_0", quant: Any = None,
                checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
                tiny: dict | None = None, imatrix: str | None = None, data: str | dict | None = None,
-               calibration: dict | None = None) -> dict:
+               calibration: dict | None = None, overwrite: bool = False) -> dict:
     """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"} (+ "imatrix").
 
     Args:
         imatrix: format=gguf only: None, "calibrate" (collect importances now from `data`, see
             `importance_for`), or a .safetensors file of importances written by an earlier run.
         data / calibration: the corpus and {samples, seq_len, split, batch_size, save} for imatrix="calibrate".
+        overwrite: replace an existing output (else it is refused before anything is loaded).
     Raises:
-        ValueError: a bad imatrix / calibration value (before any model is loaded), and what the writers raise.
+        ValueError: a bad format, GGUF type, output path or imatrix / calibration value (before any model is
+            loaded); an architecture the GGUF writer does not know or a float model for a quantized format
+            (before calibration); and what the writers raise.
     Example:
         >>> run_export("tiny", "out/tiny.gguf", format="gguf", gguf_type="Q8_0")
     """
     start = time.perf_counter()
+    check_output(output, format, gguf_type, overwrite)
     calibration = check_imatrix(imatrix, format, data, calibration)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
+    _check_source(source, model, format, gguf_type)
     tok = load_any_tokenizer(tokenizer or model)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved

@@ -151,3 +151,47 @@ def test_imatrix_file_that_does_not_fit_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)does not fit.*nope.weight \(no such linear layer\).*down_proj.weight \(shape \(7,\), expected \(512,\)\)"):
         run_export(str(outlier_llama(tmp_path / "fp")), str(tmp_path / "m.gguf"), format="gguf", gguf_type="Q4_K",
                    tokenizer="tiny", imatrix=str(bad))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"format": "onnx"}, "format='onnx'; choose from"),
+    ({"format": "gguf", "gguf_type": "Q4_K_X"}, "gguf_type='Q4_K_X'; choose a type"),
+    ({"format": "gguf", "output": "/proc/qat/m.gguf"}, "'/proc/qat/m.gguf' is not writable"),
+])
+def test_bad_format_type_or_output_is_refused_before_loading(tmp_path, kwargs, match):
+    kwargs = {"output": str(tmp_path / "m.gguf"), **kwargs}
+    with pytest.raises(ValueError, match=match):  # "no/such/model" would fail to load: the check comes first
+        run_export("no/such/model", **kwargs)
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "config.json").write_text("{}")
+    for output, fmt in ((tmp_path / "m.gguf", "gguf"), (tmp_path / "n", "native")):
+        with pytest.raises(ValueError, match="already exists; pass overwrite=true"):
+            run_export("no/such/model", str(output), format=fmt)
+    res = run_export("tiny", str(tmp_path / "m.gguf"), format="gguf", gguf_type="F16", overwrite=True)
+    assert res["bytes"] > 1000 and (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused_before_calibration(tmp_path, monkeypatch):
+    import qat.export.run as run
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before the check")
+
+    monkeypatch.setattr(run, "importance_for", no_calibration)
+    with pytest.raises(ValueError, match="format=gptq stores quantized weights.*pass quant=<recipe>"):
+        run_export("tiny", str(tmp_path / "g"), format="gptq")
+    real = run.prepare_source
+
+    def as_gpt2(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.config.model_type = "gpt2"
+        return model
+
+    monkeypatch.setattr(run, "prepare_source", as_gpt2)
+    with pytest.raises(ValueError, match="architecture 'gpt2' of 'tiny' is not supported; known: \\['llama'"):
+        run_export("tiny", str(tmp_path / "m.gguf"), format="gguf", imatrix="calibrate", data="x")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
