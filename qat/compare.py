@@ -149,6 +149,52 @@ def check_keys(owner: str, cfg: dict, allowed: set) -> None:
         raise ValueError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
 
 
+def model_context(model_cfg: dict) -> int | None:
+    """max_position_embeddings of the configured model, read without loading weights (None: unknown)."""
+    from qat.models import TINY_NAMES, check_model_source
+
+    source = check_model_source(model_cfg["path"])
+    if source in TINY_NAMES:
+        return int(dict(model_cfg.get("tiny") or {}).get("max_position_embeddings", 256))
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None  # a hub name: checked when it loads
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_job(cfg: dict, calibrate: bool = True) -> None:
+    """What a qat-ptq / qat-compare job can check before loading anything: sizes, context, export format.
+
+    Raises:
+        ValueError: every problem found, each naming its key and the valid values.
+        FileNotFoundError: the model path does not exist.
+    Example:
+        >>> check_job({**cfg, "calibration": {"samples": 0, "seq_len": 64}})  # ValueError: calibration.samples=0
+    """
+    from qat.export import FORMATS
+
+    errors, sizes = [], {"data.block_size": cfg["data"].get("block_size")}
+    if calibrate:
+        cal = cfg.get("calibration") or {}
+        for key in ("samples", "seq_len"):
+            value = cal.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"calibration.{key}={value!r}; must be a positive integer")
+        sizes["calibration.seq_len"] = cal.get("seq_len")
+    context = model_context(cfg["model"])
+    for key, value in sizes.items():
+        if context is not None and isinstance(value, int) and value > context:
+            errors.append(f"{key}={value} is larger than the context of model.path={cfg['model']['path']!r} "
+                          f"(max_position_embeddings={context}); use {key}<={context}")
+    if cfg.get("export") and cfg["export"] not in FORMATS:
+        errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
 def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict, batch_rows: int = 8):
     """(load_model callable, calibration batches, eval blocks) from the model / data config groups.
 
@@ -194,6 +240,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     torch.manual_seed(int(cfg.get("seed", 0)))
     method = dict(cfg["method"])
     method_config(method)  # validate before loading anything
+    check_job(cfg)
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
                          progress=bool(cfg.get("progress", True)), batch_size=cfg["eval"].get("batch_size", 4))
@@ -205,7 +252,8 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     if cfg.get("export"):
         from qat.export import export
 
-        result["export"] = str(export(model, out / f"export_{cfg['export']}", cfg["export"]))
+        suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
+        result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
     atomic_write_bytes(out / "result.json", json.dumps(result, indent=2, default=str).encode())
     return result
 
@@ -232,6 +280,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])
     if methods:
+        check_job(cfg)
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     rows = []
     for label, opts in methods:
@@ -316,6 +365,7 @@ def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
         return {**run_qat(cfg, out), "method": method_label(cfg["method"])}
     if name != "fp":
         method_config(opts)  # validate before loading anything
+    check_job(cfg, calibrate=name != "fp")
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], None if name == "fp" else cfg["calibration"],
                                        cfg["eval"])
     protocol = _protocol(cfg, blocks)

@@ -46,18 +46,9 @@ def _signature_keys(target: str) -> set[str] | None:
 
 def context_length_of(model_cfg: DictConfig) -> int | None:
     """max_position_embeddings of the configured model, read without loading the weights."""
-    from qat.models import TINY_NAMES, check_model_source
+    from qat.compare import model_context
 
-    source = check_model_source(model_cfg.path)
-    if source in TINY_NAMES:
-        tiny = model_cfg.get("tiny") or {}
-        return int(tiny.get("max_position_embeddings", 256))
-    path = Path(source).expanduser()
-    if not path.exists():
-        return None  # a hub name: checked when it loads
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(str(path.parent if path.is_file() else path)), "max_position_embeddings", None)
+    return model_context(model_cfg)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -54,7 +54,24 @@ def method_config(method: Any, **overrides: Any):
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"method {name}: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+    _check_types(name, cls, data)
     return cls(**data)
+
+
+def _check_types(name: str, cls: type, data: dict) -> None:
+    """A value whose field defaults to a bool / int / float must be one (a CLI typo like alpha=abc is a str)."""
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if f.name not in data or isinstance(default, (type(None), str)) or default is dataclasses.MISSING:
+            continue
+        kind = type(default)
+        value = data[f.name]
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else True)
+        if not ok:
+            raise ValueError(f"method {name}: {f.name}={value!r} must be of type {kind.__name__} "
+                             f"(default {default!r})")
 
 
 def method_name(cfg) -> str:

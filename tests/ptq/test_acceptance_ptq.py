@@ -1,0 +1,58 @@
+"""Acceptance checks of qat-ptq / qat-compare jobs: bad values fail before any model is loaded."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+import qat.models
+from qat.compare import run_compare_job, run_ptq_job
+from qat.ptq import method_config
+from qat.recipes import CONFIG_DIR
+
+from .conftest import compose_job
+
+if not OmegaConf.has_resolver("qat_root"):
+    OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(qat.models, "load_model", fail)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["export=foo"], r"export='foo'; choose from \['native', 'compressed_tensors', 'gptq', 'gguf'\]"),
+    (["calibration.samples=0"], r"calibration.samples=0; must be a positive integer"),
+    (["calibration.seq_len=-1"], r"calibration.seq_len=-1; must be a positive integer"),
+    (["data.block_size=512"], r"data.block_size=512 is larger than the context .*max_position_embeddings=256"),
+    (["method=smoothquant", "quant=w8a8", "method.alpha=abc"], r"alpha='abc' must be of type float"),
+])
+def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match):
+    cfg = compose_job("ptq", ["progress=false", *overrides])
+    with pytest.raises(ValueError, match=match):
+        run_ptq_job(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_compare_job_refuses_bad_calibration_before_work(tmp_path, no_model):
+    cfg = compose_job("compare", ["calibration.samples=0", "methods=[fp,rtn]", "quants=[w4a16_g128]"])
+    with pytest.raises(ValueError, match="calibration.samples=0"):
+        run_compare_job(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method, value", [("gptq", {"actorder": "yes"}), ("gptq", {"blocksize": 1.5}),
+                                           ("awq", {"n_grid": "20"})])
+def test_method_option_types_are_checked(method, value):
+    key = next(iter(value))
+    with pytest.raises(ValueError, match=f"method {method}: {key}=.* must be of type"):
+        method_config({"name": method, **value})
+
+
+def test_gguf_export_of_a_ptq_job_is_a_gguf_file(tmp_path):
+    cfg = compose_job("ptq", ["method=rtn", "export=gguf", "calibration.samples=8", "eval.max_blocks=2",
+                              "progress=false"])
+    result = run_ptq_job(cfg, tmp_path)
+    assert result["export"].endswith(".gguf") and (tmp_path / "export_gguf.gguf").read_bytes()[:4] == b"GGUF"
