@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from qat.results import as_row, atomic_write_bytes, eval_protocol, failed_row, load_results, write_results
+from qat.results import (as_row, atomic_write_bytes, check_protocols, eval_protocol, failed_row, load_results,
+                         write_results)
 FLOAT_BITS = 16
 
 
@@ -282,6 +283,9 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     if methods:
         check_job(cfg)
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
+        if extra:  # merged rows measured otherwise are refused now, not after every method has run
+            check_protocols([{"method": "", "quant": "", "protocol": _protocol(cfg, blocks),
+                              "source": "this run's data / eval settings"}, *extra])
     rows = []
     for label, opts in methods:
         if opts["name"] != "fp":

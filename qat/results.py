@@ -74,13 +74,23 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """
     import glob
 
-    rows = []
+    rows, seen = [], set()
     for pattern in paths:
-        matched = sorted(glob.glob(str(pattern), recursive=True)) if glob.has_magic(str(pattern)) else [pattern]
+        matched = (sorted(glob.glob(str(pattern), recursive=True), key=_natural) if glob.has_magic(str(pattern))
+                   else [pattern])
         if not matched:
             raise ValueError(f"results pattern {str(pattern)!r} matches no file")
-        rows += _rows_of(matched)
+        fresh = [m for m in matched if Path(m).resolve() not in seen]
+        seen.update(Path(m).resolve() for m in fresh)
+        rows += _rows_of(fresh)
     return rows
+
+
+def _natural(path: str) -> list:
+    """Sort key putting sweep job dirs in job order (2_rtn before 10_qat), as collect_sweep does."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
@@ -90,6 +100,8 @@ def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
         shared = data.get("protocol") if isinstance(data, dict) and "rows" in data else None
         items = data["rows"] if shared is not None or (isinstance(data, dict) and "rows" in data) else data
         for row in items if isinstance(items, list) else [items]:
+            if isinstance(row, dict) and row.get("reused"):
+                continue  # a sweep's float baseline, reused from (and listed with) another job
             rows.append(as_row(row, path, shared))
     return rows
 

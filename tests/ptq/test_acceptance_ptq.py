@@ -56,3 +56,37 @@ def test_gguf_export_of_a_ptq_job_is_a_gguf_file(tmp_path):
                               "progress=false"])
     result = run_ptq_job(cfg, tmp_path)
     assert result["export"].endswith(".gguf") and (tmp_path / "export_gguf.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def _row(method, protocol, **extra):
+    return {"method": method, "quant": "w4", "ppl": 10.0, "bits_per_weight": 4.25, "size_mb": 1.0, "wall_s": 1.0,
+            "peak_mem_mb": 1.0, "status": "ok", "error": "", "protocol": protocol, **extra}
+
+
+def test_merging_a_sweeps_result_files_lists_fp_once_in_job_order(tmp_path):
+    import json
+
+    from qat.results import load_results
+
+    proto = {"data": "d", "split": "test", "blocks": 2, "block_size": 8}
+    jobs = {"0_fp_w4": _row("fp", proto), "1_fp_w3": _row("fp", proto, reused="0_fp_w4/result.json"),
+            "2_rtn_w4": _row("rtn", proto), "10_qat_w4": _row("qat", proto)}
+    for name, row in jobs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(row))
+    rows = load_results([str(tmp_path / "*" / "result.json"), str(tmp_path / "2_rtn_w4" / "result.json")])
+    assert [r["method"] for r in rows] == ["fp", "rtn", "qat"]
+
+
+def test_compare_job_refuses_mismatched_results_before_running(tmp_path, monkeypatch):
+    import json
+
+    import qat.compare
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_row("qat", {"data": "elsewhere", "split": "test", "blocks": 3, "block_size": 64})))
+    monkeypatch.setattr(qat.compare, "run_one", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    cfg = compose_job("compare", ["calibration.samples=8", "methods=[rtn]", "quants=[w4a16_g128]",
+                                  f"results=[{other}]"])
+    with pytest.raises(ValueError, match="other.json: eval protocol differs from this run's"):
+        run_compare_job(cfg, tmp_path / "out")
