@@ -198,35 +198,82 @@ def _describe(p: dict) -> str:
 
 
 def plot_pareto(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Perplexity (log scale) against bits per weight, one marker per method, the Pareto front drawn."""
+    """Perplexity against bits per weight, one marker per method, the Pareto front dashed, written as PNG.
+
+    Schemes are named once, on the top axis at their bits per weight (schemes within a few percent of the
+    axis share one tick), not beside every point: per-point labels overlapped wherever methods land close.
+    Perplexity is on a log scale when it spans more than 5x.
+    Example:
+        >>> plot_pareto(rows, "outputs/compare/pareto.png")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def pareto_figure(rows: Sequence[dict], title: str = ""):
+    """The matplotlib Figure behind `plot_pareto` (tests inspect where its labels landed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = _finite(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     markers = "osD^v<>PX*"
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         pts = [r for r in rows if r["method"] == method]
         ax.scatter([r["bits_per_weight"] for r in pts], [r["ppl"] for r in pts], marker=markers[i % len(markers)],
-                   label=method, s=40)
-        for r in pts:
-            ax.annotate(r["quant"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+                   label=method, s=40, alpha=0.85)
     front = pareto_front(rows)
     if len(front) > 1:
         ax.plot([r["bits_per_weight"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xlabel("bits per weight (quantized linears, incl. scales)")
     ax.set_ylabel("perplexity")
-    if rows and max(r["ppl"] for r in rows) / max(min(r["ppl"] for r in rows), 1e-9) > 20:
-        ax.set_yscale("log")
-    ax.set_title(title)
+    if rows and max(r["ppl"] for r in rows) / max(min(r["ppl"] for r in rows), 1e-9) > 5:
+        _plain_log_axis(ax)
+    _scheme_ticks(ax, rows)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
+
+
+def _scheme_ticks(ax, rows: Sequence[dict]) -> None:
+    """Scheme names on a top axis, one tick per cluster of nearby bits-per-weight values."""
+    points = sorted({(r["bits_per_weight"], r["quant"]) for r in rows})
+    if not points:
+        return
+    lo, hi = ax.get_xlim()
+    near = 0.04 * (hi - lo)
+    clusters: list[list[tuple[float, str]]] = []
+    for x, name in points:
+        if clusters and x - clusters[-1][0][0] <= near:
+            clusters[-1].append((x, name))
+        else:
+            clusters.append([(x, name)])
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([sum(x for x, _ in c) / len(c) for c in clusters])
+    top.set_xticklabels(["\n".join(dict.fromkeys(n for _, n in c)) for c in clusters], fontsize=7,
+                        rotation=90)
+
+
+def _plain_log_axis(ax) -> None:
+    """Log-scale perplexity labelled 30, 50, 100, 200 (not 3 x 10^1)."""
+    import math as m
+
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    lead = lambda v: round(v / 10 ** m.floor(m.log10(v))) if v > 0 else 0  # noqa: E731
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if lead(v) in (2, 3, 5) else ""))

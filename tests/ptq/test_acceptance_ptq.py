@@ -90,3 +90,27 @@ def test_compare_job_refuses_mismatched_results_before_running(tmp_path, monkeyp
                                   f"results=[{other}]"])
     with pytest.raises(ValueError, match="other.json: eval protocol differs from this run's"):
         run_compare_job(cfg, tmp_path / "out")
+
+
+def test_pareto_labels_do_not_overlap_when_points_are_close(tmp_path):
+    """docs/img/smollm2_g128_pareto.png had every point labelled with its scheme: close points piled up."""
+    from qat.results import pareto_figure, plot_pareto
+
+    rows = [_row(m, None, quant=q, ppl=p, bits_per_weight=b) for m, q, p, b in [
+        ("fp", "fp", 27.9, 16.0), ("rtn", "w4a16_g128_ragged", 41.7, 4.27), ("gptq", "w4a16_g128_ragged", 41.4, 4.27),
+        ("awq", "w4a16_g128_ragged", 38.0, 4.27), ("qat", "w4a16_g128_ragged", 29.8, 4.27),
+        ("rtn", "w4a16_g128", 42.0, 4.25), ("rtn", "w3a16_g128_ragged", 360.7, 3.27),
+        ("qat", "w3a16_g128_ragged", 52.9, 3.27)]]
+    fig = pareto_figure(rows, "close points")
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    axes = [*fig.axes, *(c for a in fig.axes for c in a.child_axes)]  # the top (secondary) axis is a child
+    texts = [t for a in axes for t in [*a.texts, *a.get_xticklabels()] if t.get_visible() and t.get_text()]
+    names = " ".join(t.get_text() for t in texts)
+    assert all(q in names for q in ("w4a16_g128_ragged", "w4a16_g128", "w3a16_g128_ragged"))  # every scheme named
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    overlaps = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes)) for j in range(i)
+                if boxes[i].overlaps(boxes[j])]
+    assert overlaps == []
+    plot_pareto(rows, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
