@@ -166,7 +166,7 @@ def model_context(model_cfg: dict) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def check_job(cfg: dict, calibrate: bool = True) -> None:
+def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
     """What a qat-ptq / qat-compare job can check before loading anything: sizes, context, export format.
 
     Raises:
@@ -185,6 +185,7 @@ def check_job(cfg: dict, calibrate: bool = True) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 errors.append(f"calibration.{key}={value!r}; must be a positive integer")
         sizes["calibration.seq_len"] = cal.get("seq_len")
+        errors += _enough_tokens(method, cal)
     context = model_context(cfg["model"])
     for key, value in sizes.items():
         if context is not None and isinstance(value, int) and value > context:
@@ -194,6 +195,21 @@ def check_job(cfg: dict, calibrate: bool = True) -> None:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
     if errors:
         raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _enough_tokens(method: Any, cal: dict) -> list[str]:
+    """A method with min_tokens (GPTQ, AWQ, SmoothQuant) refuses too few calibration tokens: say so now."""
+    from qat.ptq.api import METHODS, method_config
+
+    if not method or not all(isinstance(cal.get(k), int) for k in ("samples", "seq_len")):
+        return []
+    cfg = method_config(method)
+    name = next(n for n, (cls, _, _) in METHODS.items() if isinstance(cfg, cls))
+    have, need = cal["samples"] * cal["seq_len"], getattr(cfg, "min_tokens", 0)
+    if not METHODS[name][2] or have >= need:
+        return []
+    return [f"calibration.samples x calibration.seq_len = {cal['samples']} x {cal['seq_len']} = {have} tokens; "
+            f"method {name} needs min_tokens={need} (give more samples, or lower method.min_tokens)"]
 
 
 def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict, batch_rows: int = 8):
@@ -241,7 +257,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     torch.manual_seed(int(cfg.get("seed", 0)))
     method = dict(cfg["method"])
     method_config(method)  # validate before loading anything
-    check_job(cfg)
+    check_job(cfg, method=method)
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
                          progress=bool(cfg.get("progress", True)), batch_size=cfg["eval"].get("batch_size", 4))
@@ -281,7 +297,8 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])
     if methods:
-        check_job(cfg)
+        for _, opts in methods:
+            check_job(cfg, calibrate=opts["name"] != "fp", method=None if opts["name"] == "fp" else opts)
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
         if extra:  # merged rows measured otherwise are refused now, not after every method has run
             check_protocols([{"method": "", "quant": "", "protocol": _protocol(cfg, blocks),
@@ -369,7 +386,7 @@ def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
         return {**run_qat(cfg, out), "method": method_label(cfg["method"])}
     if name != "fp":
         method_config(opts)  # validate before loading anything
-    check_job(cfg, calibrate=name != "fp")
+    check_job(cfg, calibrate=name != "fp", method=None if name == "fp" else opts)
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], None if name == "fp" else cfg["calibration"],
                                        cfg["eval"])
     protocol = _protocol(cfg, blocks)

@@ -72,6 +72,7 @@ def check_config(cfg: DictConfig) -> None:
         except ValueError as err:
             errors.append(str(err))
     if cfg.get("init"):
+        from qat.compare import _enough_tokens
         from qat.ptq.api import method_config
 
         init = OmegaConf.to_container(cfg.init, resolve=True)
@@ -81,6 +82,7 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(f"init.start={cfg.init.start!r}; choose from {list(INIT_STARTS)}")
         try:
             method_config(init)
+            errors += [f"init: {e}" for e in _enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
         except (KeyError, ValueError) as err:
             errors.append(f"init: {err}")
     errors += _check_optim(cfg.module)

@@ -114,3 +114,9 @@ def test_pareto_labels_do_not_overlap_when_points_are_close(tmp_path):
     assert overlaps == []
     plot_pareto(rows, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_too_few_calibration_tokens_fail_before_work(tmp_path, no_model):
+    cfg = compose_job("ptq", ["method=awq", "calibration.samples=1", "progress=false"])
+    with pytest.raises(ValueError, match=r"1 x 64 = 64 tokens; method awq needs min_tokens=128"):
+        run_ptq_job(cfg, tmp_path)

@@ -50,3 +50,9 @@ def test_bad_trainer_value_fails_before_the_model_loads(compose_train, tmp_path,
     with pytest.raises(Exception, match="max_steps") as info:
         train(compose_train(["debug=tiny", "trainer.max_steps=-5"], output_dir=tmp_path))
     assert not isinstance(info.value, AssertionError)
+
+
+def test_too_few_init_calibration_tokens_fail_in_check(compose_train):
+    with pytest.raises(ValueError, match=r"init: calibration.samples x calibration.seq_len = 1 x 64 = 64 tokens; "
+                                         r"method gptq needs min_tokens=128"):
+        check_config(compose_train(["init=gptq", "init.calibration.samples=1", "init.calibration.seq_len=64"]))
