@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import struct
@@ -27,6 +28,8 @@ from torch import nn
 
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.registry import QUANTIZED
+
+log = logging.getLogger(__name__)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -262,6 +265,30 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{str(path)!r}: expected a state dict of tensors, got {type(data).__name__}")
     return data
+
+
+def warn_unstored(model: nn.Module, fmt: str, stores_input: bool) -> dict[str, list[str]]:
+    """Warn, once per scheme, about the quantization a format cannot store: activation (input) schemes
+    when `stores_input` is False, and KV-cache schemes (no writer stores them). The runtime then computes
+    those tensors as it chooses, not as the model was trained or calibrated.
+
+    Returns:
+        {"input <scheme>" / "KV cache <scheme>": [module names]} of what is not stored.
+    Example:
+        >>> warn_unstored(qat.prepare(model, qat.load_recipe("w4a8_kv8")), "GPTQ", stores_input=False)
+    """
+    dropped: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "input_quantizer", None) if not stores_input else None
+        if quantizer is not None:
+            dropped.setdefault(f"input {quantizer.spec.describe()}", []).append(name)
+        if getattr(module, "k_quantizer", None) is not None:
+            dropped.setdefault(f"KV cache {module.k_quantizer.spec.describe()}", []).append(name)
+    for what, names in dropped.items():
+        log.warning("%s export: the %s quantization of %d module(s) (%s) has no place in this format and is "
+                    "not stored; runtimes will compute those tensors their own way", fmt, what, len(names),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+    return dropped
 
 
 def converted_copy(model: nn.Module) -> nn.Module:

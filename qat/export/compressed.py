@@ -25,7 +25,7 @@ from torch import nn
 
 from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
                             load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec,
-                            write_safetensors)
+                            warn_unstored, write_safetensors)
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -155,6 +155,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": None, "global_compression_ratio": None}
+    warn_unstored(model, "compressed-tensors", stores_input=True)
     out = Path(out_dir)
     check_writable(out / "config.json")
     clear_export_markers(out)  # an old export here must not look complete beside a partial new one

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, float_weight_names, weight_of, weight_spec
+from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
 from qat.export.kquants import kquant_blocks
 from qat.spec import GGML_K
@@ -143,7 +143,7 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
     if gguf_type not in BLOCK and gguf_type not in MIXES:
         raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    entries, fallbacks = [], {}
+    entries, fallbacks, requantized = [], {}, {}
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
@@ -155,8 +155,14 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
         if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
             fallbacks.setdefault((type_name, fitted), []).append(name)
             type_name = fitted
+        if spec is not None and _trained_type(spec, has_g_idx) != type_name:
+            requantized.setdefault(spec.describe(), []).append(f"{name} ({type_name})")
         entries.append(_Entry(hf, name, type_name, shape))
     _warn_fallbacks(fallbacks)
+    for scheme, names in requantized.items():
+        log.warning("GGUF: %d tensor(s) hold %s weights; dequantized and re-quantized to their GGUF type "
+                    "(not format-exact; a gguf_* recipe is): %s", len(names), scheme,
+                    ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
     return entries
 
 
@@ -170,9 +176,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
         zp = None if zero_point is None else perm(zero_point)
         blocks = legacy_blocks if entry.type in LEGACY else kquant_blocks
         return blocks(perm(w.codes()), perm(scale), zp, entry.type).numpy()
-    if isinstance(w, QuantizedWeight):
-        log.warning("GGUF: %s holds %s weights; re-quantizing them to %s (not format-exact)",
-                    entry.hf, w.spec.describe(), entry.type)
+    if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)
         w = w.dequantize(torch.float32)
     w = perm(w.detach().float())
     if entry.type == "F32":
@@ -204,6 +208,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     import gguf
 
     entries = plan_types(model, gguf_type)  # float, prepared or converted: weights are taken one at a time
+    warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
     with atomic_path(path) as tmp, torch.no_grad():
         writer = gguf.GGUFWriter(str(tmp), model.config.model_type if model.config.model_type == "llama" else "llama")

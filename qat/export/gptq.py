@@ -27,7 +27,7 @@ from torch import nn
 
 from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
                             load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec, write_json,
-                            write_safetensors)
+                            warn_unstored, write_safetensors)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
@@ -45,8 +45,6 @@ def _check(name: str, spec: QuantSpec) -> int:
         problems.append("per_group, or per_channel on axis 0")
     if problems:
         raise ValueError(f"GPTQ export: {name} has {spec.describe()}; GPTQ needs {' and '.join(problems)}")
-    if spec.scale_dtype != "fp16":
-        log.warning("GPTQ export: %s has %s scales; stored as fp16 (rounded)", name, spec.scale_dtype)
     return spec.group_size if spec.granularity == "per_group" else -1
 
 
@@ -82,6 +80,10 @@ def _plan(model: nn.Module) -> tuple[dict, dict]:
     if len(kinds) > 1:
         raise ValueError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
     bits, group_size, sym = kinds.pop()
+    rounded = sorted(n for n, (spec, _) in specs.items() if spec.scale_dtype != "fp16")
+    if rounded:
+        log.warning("GPTQ export: %d layer(s) have %s scales; stored as fp16 (rounded): %s", len(rounded),
+                    specs[rounded[0]][0].scale_dtype, ", ".join(rounded[:3]) + (", ..." if len(rounded) > 3 else ""))
     desc_act = any(actorder for _, actorder in specs.values())
     qconfig = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "damp_percent": 0.01,
                "static_groups": False, "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq",
@@ -112,6 +114,7 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         >>> export_gptq(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/gptq")
     """
     linears, qconfig = _plan(model)
+    warn_unstored(model, "GPTQ", stores_input=False)
     out = Path(out_dir)
     check_writable(out / "config.json")
     clear_export_markers(out)  # an old export here must not look complete beside a partial new one
