@@ -168,7 +168,7 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
     Args:
         overwrite: replace an existing output (a file, or a folder that is not empty); else refuse it.
     Returns:
-        the output path (its folder created when missing).
+        the output path (nothing is created).
     Raises:
         ValueError: an unknown format or GGUF type (listing the valid ones), an output that is not
             writable, or one that exists without overwrite.
@@ -177,7 +177,6 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
         PosixPath('out/m.gguf')
     """
     from qat.export import FORMATS, MIXES
-    from qat.export._io import check_writable
     from qat.export.ggml_blocks import BLOCK
 
     if format not in FORMATS:
@@ -188,12 +187,28 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
     exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if exists and not overwrite:
         raise ValueError(f"output {str(out)!r} already exists; pass overwrite=true to replace it, or choose another output")
-    if format == "gguf":
-        return check_writable(out)
-    if out.is_file():
+    if format == "gguf" and out.is_dir():
+        raise ValueError(f"output path {str(out)!r} is a folder; format=gguf writes a file: give a file name")
+    if format != "gguf" and out.is_file():
         raise ValueError(f"output {str(out)!r} is a file; format={format} writes a folder")
-    check_writable(out / "config.json")
+    _probe_writable(out)
     return out
+
+
+def _probe_writable(out: Path) -> None:
+    """Check that `out` can be created, creating nothing: a failed run leaves no empty folders behind."""
+    import tempfile
+
+    base = out.parent if not out.is_dir() else out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(base))
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".qat-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output path {str(out)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
 
 
 def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) -> None:

@@ -157,11 +157,13 @@ def test_imatrix_file_that_does_not_fit_is_named(tmp_path):
     ({"format": "onnx"}, "format='onnx'; choose from"),
     ({"format": "gguf", "gguf_type": "Q4_K_X"}, "gguf_type='Q4_K_X'; choose a type"),
     ({"format": "gguf", "output": "/proc/qat/m.gguf"}, "'/proc/qat/m.gguf' is not writable"),
+    ({"format": "native", "output": "/proc/version/n"}, "'/proc/version/n' is not writable.*a file is in the way"),
 ])
 def test_bad_format_type_or_output_is_refused_before_loading(tmp_path, kwargs, match):
     kwargs = {"output": str(tmp_path / "m.gguf"), **kwargs}
     with pytest.raises(ValueError, match=match):  # "no/such/model" would fail to load: the check comes first
         run_export("no/such/model", **kwargs)
+    assert not any(tmp_path.iterdir())
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
@@ -194,4 +196,4 @@ def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused
     monkeypatch.setattr(run, "prepare_source", as_gpt2)
     with pytest.raises(ValueError, match="architecture 'gpt2' of 'tiny' is not supported; known: \\['llama'"):
         run_export("tiny", str(tmp_path / "m.gguf"), format="gguf", imatrix="calibrate", data="x")
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
+    assert not any(tmp_path.iterdir())  # nothing written, no folder made
