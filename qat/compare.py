@@ -36,7 +36,7 @@ def weight_bits(model: nn.Module) -> tuple[float, float]:
     """(bits per quantized linear weight, model size in MB) under the conventions of the module docstring.
 
     Example:
-        >>> bpw, mb = weight_bits(qat.prepare(model, "w4a16_g128"))
+        >>> bpw, mb = weight_bits(qat.prepare(model, qat.load_recipe("w4a16_g128")))
     """
     from qat.control import summary
 

@@ -117,6 +117,11 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         check_gptq(linears, cfg)  # GPTQ also solves on GGUF grids
     elif name == "awq":
         check_specs(linears, f"{name}: unsupported weight scheme(s)")
+    elif name == "smoothquant" and next(quantizers(model, ["input"]), None) is None:
+        raise ValueError("smoothquant: the recipe quantizes no activations (no input quantizer), and SmoothQuant "
+                         "only moves activation outliers into the weights for activation quantization: use a "
+                         "recipe with `input:` (w8a8, w8a8_static, w4a8_kv8, fp8_dynamic), or rtn / gptq / awq "
+                         "for weight-only recipes")
     start = time.perf_counter()
     static_acts = any(not q.spec.dynamic for _, q in quantizers(model, ["input", "kv_cache"]))
     if name == "rtn" and not static_acts:  # weight-only RTN needs no data

@@ -120,3 +120,10 @@ def test_too_few_calibration_tokens_fail_before_work(tmp_path, no_model):
     cfg = compose_job("ptq", ["method=awq", "calibration.samples=1", "progress=false"])
     with pytest.raises(ValueError, match=r"1 x 64 = 64 tokens; method awq needs min_tokens=128"):
         run_ptq_job(cfg, tmp_path)
+
+
+def test_smoothquant_on_a_weight_only_recipe_is_refused(tmp_path):
+    cfg = compose_job("ptq", ["method=smoothquant", "quant=w4a16_g128", "calibration.samples=4", "progress=false"])
+    with pytest.raises(ValueError, match=r"smoothquant: the recipe quantizes no activations.*w8a8"):
+        run_ptq_job(cfg, tmp_path)
+    assert not (tmp_path / "result.json").exists()
