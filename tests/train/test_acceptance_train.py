@@ -56,3 +56,11 @@ def test_too_few_init_calibration_tokens_fail_in_check(compose_train):
     with pytest.raises(ValueError, match=r"init: calibration.samples x calibration.seq_len = 1 x 64 = 64 tokens; "
                                          r"method gptq needs min_tokens=128"):
         check_config(compose_train(["init=gptq", "init.calibration.samples=1", "init.calibration.seq_len=64"]))
+
+
+def test_demo_names_a_misspelt_tiny_key():
+    from qat.cli.demo import check_tiny
+
+    with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'layers'"):
+        check_tiny({"layerz": 4})
+    check_tiny({"layers": 4, "hidden": 128})
