@@ -148,6 +148,30 @@ def load_any_tokenizer(path: str | os.PathLike):
         return None
 
 
+def in_flight_recipe(recipe):
+    """The recipe (a name, file, mapping or QuantRecipe) checked for in-flight use, before any model loads.
+
+    Raises:
+        ValueError: an unknown recipe, or one with static activation or KV ranges (they need calibration).
+    Example:
+        >>> in_flight_recipe("fp8_dynamic").name
+        'fp8_dynamic'
+    """
+    from qat.recipes import load_recipe
+    from qat.transform import QuantRecipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load_recipe(recipe)
+    elif not isinstance(recipe, QuantRecipe):
+        recipe = QuantRecipe.from_dict(recipe)
+    for role in ("input", "kv_cache"):
+        spec = getattr(recipe.base, role)
+        if spec is not None and not spec.dynamic:
+            raise ValueError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
+                             "which needs calibration; use a dynamic scheme or qat-ptq")
+    return recipe
+
+
 def quantize_on_load(model: nn.Module, recipe) -> nn.Module:
     """Quantize a float model in flight: prepare with `recipe` (a name, file or mapping), then convert
     (no calibration).
@@ -157,13 +181,6 @@ def quantize_on_load(model: nn.Module, recipe) -> nn.Module:
     Example:
         >>> model = quantize_on_load(load_any("smollm2-135m"), qat.load_recipe("fp8_dynamic"))
     """
-    from qat.recipes import load_recipe
-    from qat.transform import QuantRecipe, convert, prepare
+    from qat.transform import convert, prepare
 
-    recipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else QuantRecipe.from_dict(recipe)
-    for role in ("input", "kv_cache"):
-        spec = getattr(recipe.base, role)
-        if spec is not None and not spec.dynamic:
-            raise ValueError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
-                             "which needs calibration; use a dynamic scheme or qat-ptq")
-    return convert(prepare(model, recipe)).eval()
+    return convert(prepare(model, in_flight_recipe(recipe))).eval()

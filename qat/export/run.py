@@ -17,7 +17,7 @@ from torch import nn
 
 from qat.export import export as _export
 from qat.export._io import load_safetensors, load_torch_checkpoint
-from qat.export.load import load_any, load_any_tokenizer, quantize_on_load
+from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,17 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
     """
     from qat.transform import QuantRecipe, convert, prepare
 
+    if quant is None and checkpoint is not None:
+        raise ValueError("export: checkpoint= needs quant=<the recipe it was trained with>")
+    if quant is not None and checkpoint is None:  # checked before the model loads
+        recipe = in_flight_recipe(quant)
+    elif quant is not None:
+        from qat.recipes import load_recipe
+
+        recipe = load_recipe(quant) if isinstance(quant, (str, os.PathLike)) else QuantRecipe.from_dict(quant)
     loaded = load_any(model, dtype, **(tiny or {}))
     if quant is None:
-        if checkpoint is not None:
-            raise ValueError("export: checkpoint= needs quant=<the recipe it was trained with>")
         return loaded
-    from qat.recipes import load_recipe
-
-    recipe = load_recipe(quant) if isinstance(quant, (str, os.PathLike)) else QuantRecipe.from_dict(quant)
     if checkpoint is None:
         return quantize_on_load(loaded, recipe)
     prepared = prepare(loaded, recipe)
@@ -316,9 +319,10 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     from qat.data import build_blocks
 
     start = time.perf_counter()
+    recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
     net = load_any(model, dtype, **(tiny or {}))
-    if quant is not None:
-        net = quantize_on_load(net, quant)
+    if recipe is not None:
+        net = quantize_on_load(net, recipe)
     tok = load_any_tokenizer(tokenizer or model)
     if tok is None:
         raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")

@@ -197,3 +197,10 @@ def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused
     with pytest.raises(ValueError, match="architecture 'gpt2' of 'tiny' is not supported; known: \\['llama'"):
         run_export("tiny", str(tmp_path / "m.gguf"), format="gguf", imatrix="calibrate", data="x")
     assert not any(tmp_path.iterdir())  # nothing written, no folder made
+
+
+def test_static_in_flight_recipe_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme.*needs calibration"):
+        run_eval("no/such/model", quant="w8a8_static")
+    with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme"):
+        run_export("no/such/model", str(tmp_path / "n"), quant="w8a8_static")
