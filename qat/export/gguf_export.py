@@ -156,12 +156,14 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
             fallbacks.setdefault((type_name, fitted), []).append(name)
             type_name = fitted
         if spec is not None and _trained_type(spec, has_g_idx) != type_name:
-            requantized.setdefault(spec.describe(), []).append(f"{name} ({type_name})")
+            why = ("its trained GGUF type does not fit these rows" if _trained_type(spec, has_g_idx)
+                   else "not a GGUF grid: a gguf_* recipe exports exactly")
+            requantized.setdefault(f"{spec.describe()} weights ({why})", []).append(f"{name} ({type_name})")
         entries.append(_Entry(hf, name, type_name, shape))
     _warn_fallbacks(fallbacks)
     for scheme, names in requantized.items():
-        log.warning("GGUF: %d tensor(s) hold %s weights; dequantized and re-quantized to their GGUF type "
-                    "(not format-exact; a gguf_* recipe is): %s", len(names), scheme,
+        log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
+                    "not format-exact: %s", len(names), scheme,
                     ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
     return entries
 

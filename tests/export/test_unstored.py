@@ -29,5 +29,15 @@ def test_requantized_and_rounded_weights_are_one_warning_each(model, tmp_path, c
         export(prepared, tmp_path / "g", "gptq")
     requant = [r for r in caplog.records if "re-quantized" in r.getMessage()]
     rounded = [r for r in caplog.records if "stored as fp16" in r.getMessage()]
-    assert len(requant) == 1 and "14 tensor(s) hold int4 sym g128" in requant[0].getMessage()
+    assert len(requant) == 1 and "14 tensor(s) hold int4 sym g128 weights (not a GGUF grid" in requant[0].getMessage()
     assert len(rounded) == 1 and "14 layer(s) have fp32 scales" in rounded[0].getMessage()
+
+
+def test_trained_k_quant_rows_that_gguf_cannot_hold_say_why(tmp_path, caplog):
+    from qat.models import load_model
+
+    prepared = qat.prepare(load_model("tiny"), qat.load_recipe("gguf_q4_k"))  # hidden 128: no Q4_K row fits
+    with caplog.at_level(logging.WARNING):
+        export(prepared, tmp_path / "m.gguf", "gguf", "Q4_K")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "Q4_K falls back to Q5_0" in said and "its trained GGUF type does not fit these rows" in said
