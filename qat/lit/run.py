@@ -243,9 +243,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     baselines = cfg.eval.baselines and trainer.is_global_zero
     if baselines:  # before any PTQ initialisation: that writes solved weights into the model
         rows += _float_baseline(cfg, module, blocks, eval_bs, results)
-    if cfg.get("init"):
+    resume_skips_init = bool(cfg.get("init") and cfg.ckpt_path)
+    if resume_skips_init:  # the checkpoint holds the solved, trained state: solving again would be thrown away
+        _say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
+    elif cfg.get("init"):
         results["init_s"] = _ptq_init(cfg, module, datamodule)
-    if baselines and cfg.get("quant") is not None:
+    if baselines and cfg.get("quant") is not None and not resume_skips_init:
         rows += _start_baseline(cfg, module, datamodule, blocks, eval_bs, results)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -64,3 +64,19 @@ def test_demo_names_a_misspelt_tiny_key():
     with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'layers'"):
         check_tiny({"layerz": 4})
     check_tiny({"layers": 4, "hidden": 128})
+
+
+def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, monkeypatch):
+    import qat.lit.run
+
+    first = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=2", "eval.after=false"],
+                                output_dir=tmp_path / "a"))
+    assert "init_s" in first
+
+    def solve_again(*args, **kwargs):
+        raise AssertionError("PTQ initialisation ran again on resume; the checkpoint already holds its result")
+
+    monkeypatch.setattr(qat.lit.run, "_ptq_init", solve_again)
+    resumed = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=3", "eval.after=false",
+                                   f"ckpt_path={first['ckpt']}"], output_dir=tmp_path / "b"))
+    assert resumed["ckpt"] and "init_s" not in resumed
