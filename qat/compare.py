@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qat.results import (as_row, atomic_write_bytes, check_protocols, eval_protocol, failed_row, load_results,
-                         write_results)
+                         to_json, write_results)
 FLOAT_BITS = 16
 
 
@@ -271,7 +271,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
 
         suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
         result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
-    atomic_write_bytes(out / "result.json", json.dumps(result, indent=2, default=str).encode())
+    atomic_write_bytes(out / "result.json", to_json(result))
     return result
 
 
@@ -367,7 +367,7 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
         log(f"[qat-compare] job {method_label(method)} / {quant} failed:\n{traceback.format_exc()}")
         row = failed_row(method_label(method), quant, err)
     row = {**row, "model": cfg["model"]["path"]}
-    atomic_write_bytes(out / "result.json", json.dumps(row, indent=2, default=str).encode())
+    atomic_write_bytes(out / "result.json", to_json(row))
     return row
 
 

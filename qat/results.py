@@ -113,7 +113,7 @@ def as_row(row: dict, path: Any, protocol: dict | None = None) -> dict:
     if missing:
         raise ValueError(f"{path}: result row lacks {missing}; expected keys {list(COLUMNS)}")
     out = {k: row.get(k, math.nan) for k in COLUMNS}
-    out["ppl"] = math.nan if out["ppl"] is None else out["ppl"]
+    out.update({k: math.nan for k in COLUMNS[2:] if out[k] is None})  # strict JSON writes NaN as null
     out.update(status=row.get("status", "ok"), error=row.get("error", ""), source=str(path),
                protocol=row.get("protocol") or protocol)
     return out
@@ -157,6 +157,26 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "/")
 
 
+def to_json(data: Any) -> bytes:
+    """Strict JSON bytes: NaN / inf become null (json.dumps writes NaN, which jq and browsers refuse).
+
+    Example:
+        >>> to_json({"ppl": float("nan")})
+        b'{\n  "ppl": null\n}'
+    """
+    return json.dumps(_strict(data), indent=2, default=str, allow_nan=False).encode()
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     from qat.export._io import atomic_path
 
@@ -188,7 +208,7 @@ def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, title: str =
     writer.writerows(rows)
     atomic_write_bytes(paths["csv"], buf.getvalue().encode())
     doc = {"title": title, "protocol": protocol, "rows": list(rows)}
-    atomic_write_bytes(paths["json"], json.dumps(doc, indent=2).encode())
+    atomic_write_bytes(paths["json"], to_json(doc))
     plot_pareto(rows, paths["png"], title)
     return paths
 

@@ -132,12 +132,12 @@ class AggregateResults(Callback):
             return
         out = Path(config.hydra.runtime.output_dir)
         if not (out / "result.json").exists():
-            from qat.results import atomic_write_bytes, failed_row
+            from qat.results import atomic_write_bytes, failed_row, to_json
 
             method = OmegaConf.select(config, "method.name", default="?")
             quant = OmegaConf.select(config, "quant.name", default="?")
             row = failed_row(method, quant, job_return._return_value)
-            atomic_write_bytes(out / "result.json", json.dumps(row, default=str).encode())
+            atomic_write_bytes(out / "result.json", to_json(row))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from qat.compare import collect_sweep, compare_title

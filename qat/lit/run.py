@@ -303,11 +303,10 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
 
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
-    from qat.export._io import write_json
+    from qat.results import atomic_write_bytes, to_json
 
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
-    row = {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
-    write_json(Path(cfg.paths.output_dir) / "result.json", row)
+    atomic_write_bytes(Path(cfg.paths.output_dir) / "result.json", to_json(row))  # strict: NaN -> null
 
 
 def _float_baseline(cfg, module, blocks, eval_bs, results) -> list[dict[str, Any]]:

@@ -127,3 +127,17 @@ def test_smoothquant_on_a_weight_only_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"smoothquant: the recipe quantizes no activations.*w8a8"):
         run_ptq_job(cfg, tmp_path)
     assert not (tmp_path / "result.json").exists()
+
+
+def test_result_files_are_strict_json(tmp_path):
+    """A failed row (NaN numbers) made results.json unreadable for jq / JavaScript: NaN is not JSON."""
+    import json
+
+    from qat.results import failed_row, load_results, write_results
+
+    rows = [_row("rtn", None), failed_row("gptq", "w4", ValueError("boom"))]
+    paths = write_results(rows, tmp_path)
+    strict = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert strict["rows"][1]["ppl"] is None
+    back = load_results([paths["json"]])
+    assert back[1]["status"] == "failed" and back[1]["ppl"] != back[1]["ppl"]  # null reads back as NaN

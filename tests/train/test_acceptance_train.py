@@ -80,3 +80,14 @@ def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, mo
     resumed = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=3", "eval.after=false",
                                    f"ckpt_path={first['ckpt']}"], output_dir=tmp_path / "b"))
     assert resumed["ckpt"] and "init_s" not in resumed
+
+
+def test_train_result_json_is_strict(compose_train, tmp_path):
+    import json
+
+    # GPTQ starts below the float perplexity on this random model: gap_recovered is NaN
+    train(compose_train(["debug=tiny", "trainer.max_steps=1", "eval.baselines=true", "init=gptq",
+                         "init.calibration.samples=8", "init.calibration.seq_len=64"], output_dir=tmp_path))
+    text = (tmp_path / "result.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in result.json"))
+    assert data["method"] == "qat+gptq" and data["gap_recovered"] is None and data["qat_ppl"] > 1
