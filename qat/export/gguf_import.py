@@ -68,13 +68,23 @@ def _unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def gguf_config(reader):
-    """A LlamaConfig from the metadata of a llama GGUF file."""
+def gguf_config(reader, path: str | os.PathLike | None = None):
+    """A LlamaConfig from the metadata of a llama GGUF file (`path` names it in errors).
+
+    Raises:
+        ValueError: another architecture, or llama metadata missing, naming the file and the key.
+    """
     from transformers import LlamaConfig
 
+    where = f"{str(path)!r}: " if path is not None else ""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported by this importer; known: ['llama']")
+        raise ValueError(f"{where}GGUF architecture {arch!r} (general.architecture) is not supported by this "
+                         "importer; known: ['llama']")
+    needed = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
+    missing = [f"llama.{k}" for k in needed if _field(reader, f"llama.{k}") is None]
+    if missing:
+        raise ValueError(f"{where}GGUF metadata lacks {missing}, which a llama model needs")
     k = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
     heads = int(k("attention.head_count"))
     hidden = int(k("embedding_length"))
@@ -118,7 +128,7 @@ def load_gguf(path: str | os.PathLike) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     reader = open_gguf(path)
-    config = gguf_config(reader)
+    config = gguf_config(reader, path)
     model = LlamaForCausalLM(config)
     state = gguf_state_dict(reader, config)
     missing, unexpected = model.load_state_dict(state, strict=False)

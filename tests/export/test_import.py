@@ -43,3 +43,23 @@ def test_truncated_safetensors_folder_is_refused(model, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated safetensors"):
         load_any(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("arch,match", [("qwen2", "GGUF architecture 'qwen2' \\(general.architecture\\) is not supported"),
+                                        ("llama", "GGUF metadata lacks \\['llama.attention.head_count'")])
+def test_gguf_of_another_architecture_or_without_llama_metadata_names_the_file(tmp_path, arch, match):
+    import gguf
+    import numpy as np
+
+    from qat.export import load_any
+
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=f"'{path}': {match}"):
+        load_any(path)
