@@ -184,7 +184,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
 
     was_training = model.training
     model.eval()
-    metric = Perplexity()
+    metric = Perplexity(sync_on_compute=False)  # rank 0 evaluates alone in DDP runs: no collective
     device = next(model.parameters()).device
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)

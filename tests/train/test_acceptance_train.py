@@ -91,3 +91,19 @@ def test_train_result_json_is_strict(compose_train, tmp_path):
     text = (tmp_path / "result.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in result.json"))
     assert data["method"] == "qat+gptq" and data["gap_recovered"] is None and data["qat_ppl"] > 1
+
+
+@pytest.mark.slow
+def test_cli_ddp_run_evaluates_on_rank_zero(tmp_path):
+    """`qat-train trainer=ddp trainer.devices=2` (docs/training.md) crashed at the final evaluation: rank 0's
+    torchmetrics Perplexity waited in a collective that rank 1, which does not evaluate, never joined."""
+    import subprocess
+    import sys
+
+    from helpers_train import subprocess_env
+
+    cmd = [sys.executable, "-m", "qat.cli.train", "trainer=ddp", "trainer.devices=2", "debug=tiny",
+           "trainer.max_steps=2", "eval.baselines=true", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| QAT " in proc.stdout and (tmp_path / "result.json").exists()
