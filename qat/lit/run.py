@@ -21,7 +21,7 @@ from qat.cli import register_resolvers
 from qat.ptq.start import INIT_STARTS
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "module", "eval", "paths", "model", "data", "quant", "optim",
+TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
             "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
 EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
@@ -275,6 +275,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _method_label(cfg: DictConfig) -> str:
+    if cfg.get("label"):
+        return str(cfg.label)
     if not cfg.get("quant"):
         return "fp-finetune"
     return f"qat+{cfg.init.name}" if cfg.get("init") else "qat"

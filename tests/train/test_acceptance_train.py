@@ -107,3 +107,12 @@ def test_cli_ddp_run_evaluates_on_rank_zero(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| QAT " in proc.stdout and (tmp_path / "result.json").exists()
+
+
+def test_label_names_the_row_of_a_sweep_job(compose_train, tmp_path):
+    """Two rows of a `qat-train -m optim.optimizer.lr=...` sweep were both 'qat' in qat-compare's table."""
+    import json
+
+    train(compose_train(["debug=tiny", "trainer.max_steps=1", "label=qat_lr${optim.optimizer.lr}"],
+                        output_dir=tmp_path))
+    assert json.loads((tmp_path / "result.json").read_text())["method"] == "qat_lr0.0001"
