@@ -263,6 +263,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rows.append({"model": name, "ppl": results["qat_ppl"], "bits/weight (quantized layers)": q_bits,
                      "bits/weight (all)": whole, "time_s": results["train_s"] + time.perf_counter() - t0})
         _log(trainer, {f"{cfg.eval.split}/qat_ppl": results["qat_ppl"]})
+        from qat.compare import weight_bits  # qat-compare's conventions, so a merged row lands on the plot
+
+        results["bits_per_weight"], results["size_mb"] = weight_bits(module.model)
     if {"fp_ppl", "rtn_ppl", "qat_ppl"} <= set(results):
         gap = results["rtn_ppl"] - results["fp_ppl"]
         results["gap_recovered"] = (results["rtn_ppl"] - results["qat_ppl"]) / gap if gap > 0 else math.nan
