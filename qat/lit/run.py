@@ -71,6 +71,8 @@ def check_config(cfg: DictConfig) -> None:
             qat.QuantRecipe.from_dict(cfg.quant)
         except ValueError as err:
             errors.append(str(err))
+    if cfg.get("init") and cfg.get("quant") is None:
+        errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
     if cfg.get("init"):
         from qat.compare import _enough_tokens
         from qat.ptq.api import method_config
