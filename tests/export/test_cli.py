@@ -204,3 +204,23 @@ def test_static_in_flight_recipe_is_refused_before_loading(tmp_path):
         run_eval("no/such/model", quant="w8a8_static")
     with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme"):
         run_export("no/such/model", str(tmp_path / "n"), quant="w8a8_static")
+
+
+def test_pinned_checkpoint_of_another_recipe_is_refused_naming_the_module(tmp_path):
+    import torch
+
+    import qat
+    from qat.models import load_model
+    from qat.modules.quantizer import TensorQuantizer
+
+    prepared = qat.prepare(load_model("tiny"), qat.load_recipe("w4a16_g128"))
+    for module in prepared.modules():  # pin the qparams, as qat-ptq's model.pt holds them
+        if isinstance(getattr(module, "weight_quantizer", None), TensorQuantizer):
+            module.weight_quantizer.set_qparams(*module.weight_quantizer.qparams(module.weight))
+    torch.save(prepared.state_dict(), tmp_path / "model.pt")
+    ckpt = str(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="q_proj.weight_quantizer: no zero-point stored, but the scheme is int4 asym"):
+        run_export("tiny", str(tmp_path / "a"), quant="w4a16_g128_asym", checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"q_proj.weight_quantizer: scale of shape \(128, 1, 1\), but int3 sym g64 needs"):
+        run_export("tiny", str(tmp_path / "b"), quant="w3a16_g64", checkpoint=ckpt)
+    assert run_export("tiny", str(tmp_path / "c"), quant="w4a16_g128", checkpoint=ckpt)["bytes"] > 0
