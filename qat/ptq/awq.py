@@ -54,9 +54,12 @@ class AWQConfig:
     check_fold: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_grid < 1 or self.clip_grid < 1 or not 0.0 <= self.max_shrink < 1.0:
-            raise ValueError(f"awq: n_grid={self.n_grid}, clip_grid={self.clip_grid} (>= 1), "
-                             f"max_shrink={self.max_shrink} (in [0, 1)) out of range")
+        from qat.ptq.stats import check_ranges
+
+        check_ranges("awq", {"n_grid": (self.n_grid, self.n_grid >= 1, ">= 1"),
+                             "clip_grid": (self.clip_grid, self.clip_grid >= 1, ">= 1"),
+                             "max_shrink": (self.max_shrink, 0.0 <= self.max_shrink < 1.0, "in [0, 1)"),
+                             "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
         self.mappings = parse_mappings(self.mappings)
 
 

@@ -347,8 +347,11 @@ class GPTQConfig:
     min_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if self.blocksize < 1 or not 0.0 <= self.percdamp < 1.0:
-            raise ValueError(f"gptq: blocksize={self.blocksize} (>= 1), percdamp={self.percdamp} (in [0, 1)) out of range")
+        from qat.ptq.stats import check_ranges
+
+        check_ranges("gptq", {"blocksize": (self.blocksize, self.blocksize >= 1, ">= 1"),
+                              "percdamp": (self.percdamp, 0.0 <= self.percdamp < 1.0, "in [0, 1)"),
+                              "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
 
 
 def solve_linear(name: str, module, stats, cfg: GPTQConfig) -> float | None:

@@ -24,6 +24,14 @@ class RTNConfig:
     observer_args: dict[str, Any] = field(default_factory=dict)
     min_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        from qat.observers import OBSERVERS
+
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise ValueError(f"rtn: observer={self.observer!r}; choose from {sorted(OBSERVERS)} (or null: the recipe's)")
+        if self.min_tokens < 0:
+            raise ValueError(f"rtn: min_tokens={self.min_tokens} must be >= 0")
+
 
 @torch.no_grad()
 def pin_rtn(module, observer: str | None = None, observer_args: dict[str, Any] | None = None) -> None:

@@ -42,6 +42,8 @@ class SmoothQuantConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"smoothquant.alpha={self.alpha}; choose a value in [0, 1]")
+        if self.min_tokens < 0:
+            raise ValueError(f"smoothquant: min_tokens={self.min_tokens} must be >= 0")
         self.mappings = parse_mappings(LLAMA_SMOOTH_MAPPINGS if self.mappings is None else self.mappings)
 
 

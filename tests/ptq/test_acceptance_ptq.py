@@ -141,3 +141,14 @@ def test_result_files_are_strict_json(tmp_path):
     assert strict["rows"][1]["ppl"] is None
     back = load_results([paths["json"]])
     assert back[1]["status"] == "failed" and back[1]["ppl"] != back[1]["ppl"]  # null reads back as NaN
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"name": "rtn", "observer": "foo"}, r"rtn: observer='foo'; choose from \['minmax'"),
+    ({"name": "gptq", "percdamp": -1}, r"^gptq: percdamp=-1 must be in \[0, 1\)$"),  # names only the offender
+    ({"name": "gptq", "min_tokens": -5}, r"gptq: min_tokens=-5 must be >= 0"),
+    ({"name": "awq", "max_shrink": 2.0}, r"^awq: max_shrink=2.0 must be in \[0, 1\)$"),
+])
+def test_method_option_ranges_name_the_offender(opts, match):
+    with pytest.raises(ValueError, match=match):
+        method_config(opts)
