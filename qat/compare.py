@@ -297,6 +297,8 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])
     if methods:
+        if any(opts["name"] != "fp" for _, opts in methods):
+            _check_quants(cfg["quants"])
         for _, opts in methods:
             check_job(cfg, calibrate=opts["name"] != "fp", method=None if opts["name"] == "fp" else opts)
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
@@ -316,6 +318,21 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
                 f"{row['wall_s']:.1f} s")
             rows.append(row)
     return write_results(rows + extra, out_dir, compare_title(cfg))
+
+
+def _check_quants(quants: Sequence[Any]) -> None:
+    """Every scheme of a single-process comparison must load before the first row is computed."""
+    import qat
+    from qat.recipes import load_recipe
+
+    errors = []
+    for quant in quants:
+        try:
+            load_recipe(quant) if isinstance(quant, str) else qat.QuantRecipe.from_dict(quant)
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            errors.append(f"quants entry {quant!r}: {err}")
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def compare_title(cfg: dict) -> str:

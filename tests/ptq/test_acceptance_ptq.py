@@ -152,3 +152,9 @@ def test_result_files_are_strict_json(tmp_path):
 def test_method_option_ranges_name_the_offender(opts, match):
     with pytest.raises(ValueError, match=match):
         method_config(opts)
+
+
+def test_compare_job_checks_every_scheme_before_the_first_row(tmp_path, no_model):
+    cfg = compose_job("compare", ["methods=[fp,rtn]", "quants=[w4a16_g128,w4a16_g12]", "calibration.samples=8"])
+    with pytest.raises(ValueError, match=r"quants entry 'w4a16_g12': quant recipe 'w4a16_g12' not found"):
+        run_compare_job(cfg, tmp_path)
