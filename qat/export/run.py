@@ -241,6 +241,15 @@ def _probe_writable(out: Path) -> None:
         raise ValueError(f"output path {str(out)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
 
 
+def _tokenizer(tokenizer: str | None, model: str):
+    """The tokenizer given (refused when it cannot be loaded), else the one stored with `model` (or None)."""
+    tok = load_any_tokenizer(tokenizer or model)
+    if tokenizer is not None and tok is None:
+        raise ValueError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
+                         "file with a vocabulary, or 'tiny'")
+    return tok
+
+
 def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) -> None:
     """What the writer would refuse, said before any calibration: GGUF's architecture, no quantized weights."""
     from qat.export._io import integer_modules
@@ -280,9 +289,9 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     start = time.perf_counter()
     check_output(output, format, gguf_type, overwrite)
     calibration = check_imatrix(imatrix, format, data, calibration)
+    tok = _tokenizer(tokenizer, model)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
     _check_source(source, model, format, gguf_type)
-    tok = load_any_tokenizer(tokenizer or model)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance)
@@ -347,10 +356,10 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
 
     start = time.perf_counter()
     recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
+    tok = _tokenizer(tokenizer, model)
     net = load_any(model, dtype, **(tiny or {}))
     if recipe is not None:
         net = quantize_on_load(net, recipe)
-    tok = load_any_tokenizer(tokenizer or model)
     if tok is None:
         raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}

@@ -224,3 +224,11 @@ def test_pinned_checkpoint_of_another_recipe_is_refused_naming_the_module(tmp_pa
     with pytest.raises(ValueError, match=r"q_proj.weight_quantizer: scale of shape \(128, 1, 1\), but int3 sym g64 needs"):
         run_export("tiny", str(tmp_path / "b"), quant="w3a16_g64", checkpoint=ckpt)
     assert run_export("tiny", str(tmp_path / "c"), quant="w4a16_g128", checkpoint=ckpt)["bytes"] > 0
+
+
+def test_a_tokenizer_given_that_cannot_be_loaded_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer='/no/such/tok' cannot be loaded"):
+        run_export("no/such/model", str(tmp_path / "m.gguf"), format="gguf", tokenizer="/no/such/tok")
+    with pytest.raises(ValueError, match="tokenizer='/no/such/tok' cannot be loaded"):
+        run_eval("no/such/model", tokenizer="/no/such/tok")
+    assert not any(tmp_path.iterdir())
