@@ -30,6 +30,15 @@ def _registered_names() -> list[str]:
     return sorted(t.__name__ for t in FAKE_QUANT)
 
 
+def _pattern_hint(named: list[tuple[str, nn.Module]]) -> str:
+    """What a target pattern could name in this model: its quantizable classes and two module names."""
+    quantizable = [(n, m) for n, m in named if n and fake_quant_type(m) is not None]
+    kinds = sorted({type(m).__name__ for _, m in quantizable})
+    examples = ", ".join(repr(n) for n, _ in quantizable[:2])
+    return (f"patterns are class names, module names or 're:<regex>' (quantizable here: classes {kinds}"
+            + (f", e.g. modules {examples})" if examples else ")"))
+
+
 def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     """Resolve `recipe` against `model` without changing it, checking every module first.
 
@@ -50,7 +59,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
         hits = [(n, m) for n, m in named if n and matches(pattern, n, m)]
         quantizable = [(n, m) for n, m in hits if fake_quant_type(m) is not None]
         if not hits:
-            errors.append(f"target {pattern!r} matches no module")
+            errors.append(f"target {pattern!r} matches no module; {_pattern_hint(named)}")
         elif not quantizable:
             kinds = sorted({type(m).__name__ for _, m in hits})
             errors.append(f"target {pattern!r} matches only modules qat cannot quantize ({', '.join(kinds)}); "
@@ -81,9 +90,22 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
                       if s.weight is not None or s.input is not None}
     result.attention = {n: TensorSchemes(kv_cache=s.kv_cache) for n, s in result.attention.items()}
     errors += _check_modules(result, by_name)
+    result.warnings += _k_grid_rows(result, by_name)
     if errors:
         raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
+
+
+def _k_grid_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+    """A K-quant grid (super-blocks of 256) on rows GGUF cannot hold: training works (the last super-block is
+    partial), but a GGUF file stores such rows in another type, so the export is not format-exact."""
+    names = [n for n, s in result.modules.items() if s.weight is not None and s.weight.grid == "ggml_k"
+             and by_name[n].weight.shape[-1] % 256]
+    if not names:
+        return []
+    return [f"{len(names)} module(s) on a GGUF K-quant grid have rows that are not a multiple of 256 "
+            f"(e.g. {names[0]}, {by_name[names[0]].weight.shape[-1]} wide): GGUF stores such rows in another type, "
+            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"]
 
 
 def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:

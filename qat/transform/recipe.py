@@ -78,9 +78,14 @@ class QuantRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
-        """Validate a mapping (YAML node). Unknown keys anywhere raise ValueError naming them."""
+        """Validate a mapping (YAML node), or load a recipe by name (`qat.load_recipe`). Unknown keys anywhere
+        raise ValueError naming them."""
         if isinstance(data, QuantRecipe):
             return data
+        if isinstance(data, str):  # a recipe name from configs/quant, or a YAML path
+            from qat.recipes import load_recipe
+
+            return load_recipe(data)
         data = dict(to_plain(data) or {})
         data.pop("_target_", None)
         check_keys("quant", data, cls.KEYS)

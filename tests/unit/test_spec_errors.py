@@ -67,6 +67,20 @@ def test_target_that_matches_nothing_lists_every_offender(tiny_llama):
         qat.prepare(tiny_llama, recipe)
     assert "target 're:.*qproj' matches no module" in str(err.value)
     assert "target 'Conv2d' matches no module" in str(err.value)
+    assert "patterns are class names, module names or 're:<regex>'" in str(err.value)
+    assert "quantizable here: classes ['Embedding', 'Linear'], e.g. modules" in str(err.value)
+
+
+def test_prepare_takes_a_recipe_name(tiny_llama):
+    qat.prepare(tiny_llama, "w8a8")
+    assert type(tiny_llama.model.layers[0].mlp.down_proj).__name__ == "FakeQuantLinear"
+    assert tiny_llama.qat_recipe.name == "w8a8"
+
+
+def test_k_grid_on_rows_gguf_cannot_hold_warns(tiny_llama, caplog):
+    with caplog.at_level("WARNING", logger="qat.transform.prepare"):
+        qat.prepare(tiny_llama, "gguf_q4_k")
+    assert "rows that are not a multiple of 256" in caplog.text and "not format-exact" in caplog.text
 
 
 def test_target_of_unquantizable_type(tiny_llama):
