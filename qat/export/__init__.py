@@ -30,7 +30,7 @@ __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_g
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",
-           tokenizer=None, importance: dict | None = None) -> Path:
+           tokenizer=None, importance: dict | None = None, gguf_pure: bool = False) -> Path:
     """Write `model` (float for GGUF; prepared or converted for every format) to `output`.
 
     Args:
@@ -41,6 +41,7 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
         tokenizer: saved with the export when given.
         importance: per-linear input importances (`collect_importance`, llama.cpp's imatrix) that weigh
             the K-quant fits; format="gguf" only.
+        gguf_pure: every GGUF tensor in `gguf_type` (llama-quantize --pure) instead of llama.cpp's rules.
     Raises:
         ValueError: an unknown format (listing the valid ones) and everything the writers raise.
     Example:
@@ -49,7 +50,7 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
     if format not in FORMATS:
         raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf":
-        return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance)
+        return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance, pure=gguf_pure)
     if importance is not None:
         raise ValueError(f"importance (imatrix) weighs GGUF K-quant fits; it needs format='gguf', not {format!r}")
     writer = {"native": save_native, "compressed_tensors": export_compressed_tensors, "gptq": export_gptq}[format]

@@ -2,13 +2,16 @@
 
     export_gguf(model, "out/model-Q4_K_M.gguf", "Q4_K_M", tokenizer=tok)
 
-`gguf_type` is one tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) or a mix
-(Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0) whose per-tensor rules follow llama.cpp's
-llama_tensor_get_type for dense llama models: output.weight (token_embd when tied) in Q6_K unless the
-mix is Q8_0; in *_M, attn_v and ffn_down in Q6_K for layers i < n/8, i >= 7n/8 and every third layer
-between; in Q4_K_S, attn_v of the first 4 layers and ffn_down of the first n/8 in Q5_K. 1-D tensors
-(norms) are F32. A row length that is not a multiple of 256 falls back as llama.cpp does (Q4_K -> Q5_0,
-Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here, as we have no IQ4_NL) and a warning names the tensor.
+`gguf_type` is a tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) or a mix (Q4_K_S,
+Q4_K_M, Q5_K_S, Q5_K_M), and for the types that are also llama.cpp file types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense llama models, as `llama-quantize` does:
+output.weight (token_embd when tied) in Q6_K unless the type is Q8_0; in *_M, attn_v and ffn_down in Q6_K
+for layers i < n/8, i >= 7n/8 and every third layer between; in Q4_K_S, attn_v of the first 4 layers and
+ffn_down of the first n/8 in Q5_K; with an imatrix, Q4_0 / Q5_0 put ffn_down of the first n/8 layers in
+Q4_1 / Q5_1. `pure=True` (llama-quantize --pure) gives every 2-D tensor the one type. The single K types
+Q2_K, Q3_K, Q4_K, Q5_K are always pure. 1-D tensors (norms) are F32. A row length that is not a multiple of
+256 falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here, as we
+have no IQ4_NL) and a warning names the tensor.
 
 Format-exact export: a converted (or prepared) model whose weights were trained or quantized on a
 ggml grid (`QuantSpec(grid="ggml")` or `"ggml_k"`, recipes gguf_q8_0 ... gguf_q5_1, gguf_q2_k ... gguf_q6_k) keeps its trained type and its
@@ -38,7 +41,8 @@ from qat.modules.quantized import QuantizedWeight
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "mistral")
-MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
+MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+         "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LAYER_MAP = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -68,13 +72,21 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bool) -> str:
-    """The tensor type llama.cpp's rules give GGUF tensor `name` in `mix` (before the row-size fallback)."""
+def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bool, imatrix: bool = False,
+             pure: bool = False) -> str:
+    """The tensor type llama.cpp's rules give GGUF tensor `name` in `mix` (before the row-size fallback).
+
+    Example:
+        >>> mix_type("token_embd.weight", (49152, 576), "Q4_0", 30, tied=True)
+        'Q6_K'
+    """
     if len(shape) == 1:
         return "F32"
     if mix not in MIXES:
         return mix
     base = MIXES[mix]
+    if pure:
+        return base
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return base if base == "Q8_0" else "Q6_K"
     m = re.fullmatch(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight", name)
@@ -84,6 +96,8 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
             return "Q6_K"
         if mix == "Q4_K_S" and (i < 4 if kind == "attn_v" else i < n_layer // 8):
             return "Q5_K"
+        if mix in ("Q4_0", "Q5_0") and imatrix and kind == "ffn_down" and i < n_layer // 8:
+            return {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[mix]
     return base
 
 
@@ -131,8 +145,9 @@ def _trained_type(spec, has_g_idx: bool = False) -> str | None:
     return None
 
 
-def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
-    """Every tensor's GGUF name, type and shape, checked before anything is written.
+def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bool = False) -> list[_Entry]:
+    """Every tensor's GGUF name, type and shape, checked before anything is written (`imatrix`, `pure`: as
+    `mix_type`).
 
     Raises:
         ValueError: an unknown type or mix, an unknown architecture, or a parameter with no GGUF name.
@@ -151,7 +166,8 @@ def plan_types(model: nn.Module, gguf_type: str) -> list[_Entry]:
         module, _, leaf = hf.rpartition(".")
         owner = model.get_submodule(module)
         shape = tuple(owner.qweight.shape) if hasattr(owner, "qweight") and leaf == "weight" else tuple(getattr(owner, leaf).shape)
-        type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied)
+        type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied,
+                                                                      imatrix, pure)
         if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
             fallbacks.setdefault((type_name, fitted), []).append(name)
             type_name = fitted
@@ -190,7 +206,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
-                importance: dict[str, torch.Tensor] | None = None) -> Path:
+                importance: dict[str, torch.Tensor] | None = None, pure: bool = False) -> Path:
     """Write `model` (float, prepared or converted; llama architecture) as a GGUF file.
 
     Args:
@@ -200,6 +216,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         tokenizer: a Hugging Face byte-level BPE tokenizer to embed (llama.cpp needs one to run).
         importance: {"<module>.weight": mean x^2 per input column} from `qat.export.imatrix.collect_importance`,
             to weigh the K-quant fits of float weights (an imatrix).
+        pure: every 2-D tensor in `gguf_type` itself (llama-quantize --pure), not llama.cpp's per-tensor rules.
     Returns:
         the path written.
     Raises:
@@ -209,7 +226,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     """
     import gguf
 
-    entries = plan_types(model, gguf_type)  # float, prepared or converted: weights are taken one at a time
+    entries = plan_types(model, gguf_type, importance is not None, pure)  # float, prepared or converted: weights are taken one at a time
     warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
     with atomic_path(path) as tmp, torch.no_grad():

@@ -271,7 +271,7 @@ def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) ->
 def run_export(model: str, output: str, format: str = "native", gguf_type: str = "Q8_0", quant: Any = None,
                checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
                tiny: dict | None = None, imatrix: str | None = None, data: str | dict | None = None,
-               calibration: dict | None = None, overwrite: bool = False) -> dict:
+               calibration: dict | None = None, overwrite: bool = False, gguf_pure: bool = False) -> dict:
     """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"} (+ "imatrix").
 
     Args:
@@ -279,6 +279,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
             `importance_for`), or a .safetensors file of importances written by an earlier run.
         data / calibration: the corpus and {samples, seq_len, split, batch_size, save} for imatrix="calibrate".
         overwrite: replace an existing output (else it is refused before anything is loaded).
+        gguf_pure: format=gguf: every tensor in `gguf_type` (llama-quantize --pure), not llama.cpp's rules.
     Raises:
         ValueError: a bad format, GGUF type, output path or imatrix / calibration value (before any model is
             loaded); an architecture the GGUF writer does not know or a float model for a quantized format
@@ -294,7 +295,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
-    out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance)
+    out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure)
     size, bpw = bits_per_weight(out, source)
     result = {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
               "seconds": round(time.perf_counter() - start, 2)}

@@ -232,3 +232,23 @@ def test_a_tokenizer_given_that_cannot_be_loaded_is_refused_before_loading(tmp_p
     with pytest.raises(ValueError, match="tokenizer='/no/such/tok' cannot be loaded"):
         run_eval("no/such/model", tokenizer="/no/such/tok")
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_output_is_named_and_nothing_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qat.cli.export", "model=tiny", "format=native",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "output= is required" in proc.stderr
+    assert not (tmp_path / "???").exists()
+
+
+def test_gguf_pure_reaches_the_writer(tmp_path):
+    import gguf
+
+    rules = run_export("tiny", str(tmp_path / "r.gguf"), format="gguf", gguf_type="Q4_0")
+    pure = run_export("tiny", str(tmp_path / "p.gguf"), format="gguf", gguf_type="Q4_0", gguf_pure=True)
+    out = {t.name: t.tensor_type.name for t in gguf.GGUFReader(rules["output"]).tensors}
+    assert out.get("output.weight", out["token_embd.weight"]) in ("Q6_K", "Q8_0")  # tiny is tied: token_embd
+    assert {t.tensor_type.name for t in gguf.GGUFReader(pure["output"]).tensors if len(t.shape) > 1} == {"Q4_0"}

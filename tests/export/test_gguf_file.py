@@ -45,6 +45,21 @@ def test_q4_k_m_mix_follows_llama_cpp():
     assert mix_type("blk.0.attn_norm.weight", (256,), "Q4_K_M", n, False) == "F32"
 
 
+
+def test_legacy_file_types_follow_llama_cpp_and_pure_does_not():
+    n = 16
+    assert mix_type("token_embd.weight", (100, 256), "Q4_0", n, tied=True) == "Q6_K"
+    assert mix_type("token_embd.weight", (100, 256), "Q4_0", n, tied=False) == "Q4_0"
+    assert mix_type("output.weight", (100, 256), "Q5_1", n, tied=False) == "Q6_K"
+    assert mix_type("output.weight", (100, 256), "Q5_1", n, tied=False, pure=True) == "Q5_1"
+    assert mix_type("output.weight", (100, 256), "Q4_K_M", n, tied=False, pure=True) == "Q4_K"
+    assert mix_type("blk.5.attn_v.weight", (8, 256), "Q4_K_M", n, False, pure=True) == "Q4_K"
+    # with an imatrix, llama.cpp keeps the first n/8 ffn_down of Q4_0 / Q5_0 in Q4_1 / Q5_1
+    down = [mix_type(f"blk.{i}.ffn_down.weight", (8, 256), "Q4_0", n, False, imatrix=True) for i in range(n)]
+    assert down == ["Q4_1"] * 2 + ["Q4_0"] * (n - 2)
+    assert mix_type("blk.0.ffn_down.weight", (8, 256), "Q5_0", n, False, imatrix=True) == "Q5_1"
+    assert mix_type("blk.0.ffn_down.weight", (8, 256), "Q4_0", n, False) == "Q4_0"
+
 def test_row_fallback_as_llama_cpp_and_said(model, tmp_path, caplog):
     assert (fit_type("Q4_K", 576), fit_type("Q6_K", 576), fit_type("Q5_K", 576), fit_type("Q4_0", 40)) == \
         ("Q5_0", "Q8_0", "Q5_1", "F16")

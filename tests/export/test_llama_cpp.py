@@ -84,6 +84,36 @@ def test_pre_tokenizer_gets_llama_cpps_name(caplog):
     assert "no known llama.cpp name" in caplog.text
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q5_1", "Q6_K", "Q4_K_M", "Q5_K_S"])
+def test_tensor_types_equal_llama_quantize(tiny, tmp_path, gguf_type, tied):
+    """Our per-tensor type rules are llama-quantize's: the same F32 file quantized by llama.cpp has the same
+    type for every tensor as our export of the model."""
+    import copy
+    import subprocess
+
+    import gguf
+
+    from qat.export import export_gguf
+
+    model, tok = tiny
+    if tied:
+        model = copy.deepcopy(model)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    ours = export_gguf(model, tmp_path / f"ours-{gguf_type}.gguf", gguf_type, tokenizer=tok)
+    f32 = export_gguf(model, tmp_path / "f32.gguf", "F32", tokenizer=tok)
+    theirs = tmp_path / f"theirs-{gguf_type}.gguf"
+    proc = subprocess.run([str(BIN / "llama-quantize"), str(f32), str(theirs), gguf_type, "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    assert types(ours) == types(theirs)
+
 @pytest.mark.parametrize("llama_cpp", [False, pytest.param(True, marks=needs_llama_cpp)], ids=["metadata", "llama.cpp"])
 def test_token_list_padded_to_vocab_size(tmp_path, llama_cpp):
     import gguf
