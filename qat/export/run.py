@@ -35,33 +35,6 @@ def _load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike) -> No
     if missing or unexpected:
         raise ValueError(f"checkpoint {str(path)!r} does not fit the prepared model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (same base model and quant recipe as in training?)")
-    bad = _pinned_mismatches(model)
-    if bad:
-        raise ValueError(f"checkpoint {str(path)!r} holds weight qparams (PTQ / pinned) that do not fit the recipe's "
-                         "schemes (same quant recipe as in training?):\n  - " + "\n  - ".join(bad[:8]))
-
-
-def _pinned_mismatches(model: nn.Module) -> list[str]:
-    """Weight quantizers whose loaded (pinned) qparams another scheme made: a zero-point where the scheme is
-    symmetric or none where it is asymmetric, or (uniform grid) a scale shape other than the scheme's."""
-    from qat.modules.quantizer import TensorQuantizer
-    from qat.primitives import compute_range
-
-    bad = []
-    for name, q in model.named_modules():
-        if not isinstance(q, TensorQuantizer) or q.role != "weight" or not q.pinned:
-            continue
-        spec, has_zp = q.spec, q.pinned_zero_point.numel() > 0
-        if has_zp == spec.symmetric:
-            bad.append(f"{name}: {'a' if has_zp else 'no'} zero-point stored, but the scheme is {spec.describe()}")
-            continue
-        owner = model.get_submodule(name.rpartition(".")[0])
-        weight = getattr(owner, "weight", None)
-        if spec.grid == "uniform" and not q.g_idx.numel() and weight is not None:
-            expected = tuple(compute_range(torch.zeros_like(weight), spec)[0].shape)
-            if tuple(q.pinned_scale.shape) != expected:
-                bad.append(f"{name}: scale of shape {tuple(q.pinned_scale.shape)}, but {spec.describe()} needs {expected}")
-    return bad
 
 
 def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None, dtype: str = "float32",

@@ -57,16 +57,41 @@ class TensorQuantizer(nn.Module):
 
     # -- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "observing": self.observing, "initialized": self.initialized}
+        return {"enabled": self.enabled, "observing": self.observing, "initialized": self.initialized,
+                "scheme": self.scheme()}
+
+    def scheme(self) -> str:
+        """The grid this quantizer computes on, as checkpoints record it: 'int4 sym g128, fp32 scales'."""
+        return f"{self.spec.describe()}, {self.spec.scale_dtype} scales"
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.enabled, self.observing, self.initialized = state["enabled"], state["observing"], state["initialized"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_checkpoint(state_dict, prefix)
         for key in ("pinned_scale", "pinned_zero_point", "g_idx"):  # shaped by what was pinned
             if prefix + key in state_dict:
                 setattr(self, key, torch.empty_like(state_dict[prefix + key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_checkpoint(self, state_dict, prefix: str) -> None:
+        """A checkpoint of another scheme is refused here, naming the quantizer, not loaded into wrong shapes."""
+        name = prefix.rstrip(".") or "quantizer"
+        extra = state_dict.get(prefix + "_extra_state")
+        theirs = extra.get("scheme") if isinstance(extra, dict) else None  # older checkpoints have none
+        if theirs is not None and theirs != self.scheme():
+            raise ValueError(f"{name}: the checkpoint was trained with {theirs!r}, this model is prepared with "
+                             f"{self.scheme()!r}; prepare the model with the checkpoint's recipe")
+        scale, zero_point = state_dict.get(prefix + "pinned_scale"), state_dict.get(prefix + "pinned_zero_point")
+        if scale is None or scale.numel() == 0:
+            return
+        expected = self.observer.lo.shape if self.observer.initialized else None
+        if expected is not None and scale.shape != expected:
+            raise ValueError(f"{name}: the checkpoint's pinned scale has shape {tuple(scale.shape)}; "
+                             f"{self.spec.describe()} on this model needs {tuple(expected)}")
+        if zero_point is not None and (zero_point.numel() > 0) == self.spec.symmetric:
+            raise ValueError(f"{name}: the checkpoint's pinned zero-point is {'set' if zero_point.numel() else 'missing'}, "
+                             f"but this model's scheme is {self.spec.describe()}")
 
     @property
     def pinned(self) -> bool:

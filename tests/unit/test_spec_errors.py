@@ -147,3 +147,15 @@ def test_uncalibrated_static_activation_is_explained():
     qat.set_quantizers(model, roles=["input"], observing=False)
     with pytest.raises(RuntimeError, match="has no range yet: calibrate it"):
         model(torch.randn(2, 16))
+
+
+def test_state_dict_of_another_scheme_is_refused_naming_the_quantizer(tiny_llama):
+    import copy
+
+    a = qat.prepare(copy.deepcopy(tiny_llama), "w4a16_g128")
+    b = qat.prepare(copy.deepcopy(tiny_llama), "w4a16_g128_asym")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.weight_quantizer: the checkpoint was "
+                                         r"trained with 'int4 sym g128, fp32 scales'"):
+        b.load_state_dict(a.state_dict())
+    c = qat.prepare(copy.deepcopy(tiny_llama), "w4a16_g128")
+    c.load_state_dict(a.state_dict())  # the same scheme loads
