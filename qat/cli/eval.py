@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     from qat.export.run import run_eval
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    result = run_eval(plain["model"]["path"], data=plain["data"], quant=plain.get("quant"), max_blocks=plain["max_blocks"],
+    result = run_eval(plain["model"]["path"], data=plain.get("data"), quant=plain.get("quant"), max_blocks=plain["max_blocks"],
                       split=plain["split"], prompt=plain["prompt"], max_new_tokens=plain["max_new_tokens"],
                       tokenizer=plain["tokenizer"], dtype=plain["model"].get("dtype", "float32"),
                       tiny=plain["model"].get("tiny"))

@@ -219,10 +219,22 @@ def test_pinned_checkpoint_of_another_recipe_is_refused_naming_the_module(tmp_pa
             module.weight_quantizer.set_qparams(*module.weight_quantizer.qparams(module.weight))
     torch.save(prepared.state_dict(), tmp_path / "model.pt")
     ckpt = str(tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="q_proj.weight_quantizer: no zero-point stored, but the scheme is int4 asym"):
+    with pytest.raises(ValueError, match="q_proj.weight_quantizer: the checkpoint was trained with 'int4 sym g128, "
+                                         "fp32 scales', this model is prepared with 'int4 asym g128, fp32 scales'"):
         run_export("tiny", str(tmp_path / "a"), quant="w4a16_g128_asym", checkpoint=ckpt)
-    with pytest.raises(ValueError, match=r"q_proj.weight_quantizer: scale of shape \(128, 1, 1\), but int3 sym g64 needs"):
+    with pytest.raises(ValueError, match="this model is prepared with 'int3 sym g64, fp32 scales'"):
         run_export("tiny", str(tmp_path / "b"), quant="w3a16_g64", checkpoint=ckpt)
+    # a checkpoint written before quantizers recorded their scheme: the pinned qparams themselves are checked
+    state = {k: v for k, v in torch.load(ckpt, weights_only=True).items()}
+    for key in [k for k in state if k.endswith("_extra_state")]:
+        state[key] = {k: v for k, v in state[key].items() if k != "scheme"}
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"q_proj.weight_quantizer: the checkpoint's pinned zero-point is missing, "
+                                         r"but this model's scheme is int4 asym g128"):
+        run_export("tiny", str(tmp_path / "d"), quant="w4a16_g128_asym", checkpoint=str(tmp_path / "old.pt"))
+    with pytest.raises(ValueError, match=r"q_proj.weight_quantizer: the checkpoint's pinned scale has shape "
+                                         r"\(128, 1, 1\); int3 sym g64 on this model needs \(128, 2, 1\)"):
+        run_export("tiny", str(tmp_path / "e"), quant="w3a16_g64", checkpoint=str(tmp_path / "old.pt"))
     assert run_export("tiny", str(tmp_path / "c"), quant="w4a16_g128", checkpoint=ckpt)["bytes"] > 0
 
 
@@ -252,3 +264,11 @@ def test_gguf_pure_reaches_the_writer(tmp_path):
     out = {t.name: t.tensor_type.name for t in gguf.GGUFReader(rules["output"]).tensors}
     assert out.get("output.weight", out["token_embd.weight"]) in ("Q6_K", "Q8_0")  # tiny is tied: token_embd
     assert {t.tensor_type.name for t in gguf.GGUFReader(pure["output"]).tensors if len(t.shape) > 1} == {"Q4_0"}
+
+
+def test_eval_without_data_is_generation_only():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["model=tiny", "~data", "max_new_tokens=4"])
+    assert "data" not in cfg and cfg.max_blocks is None
+    result = run_eval("tiny", data=cfg.get("data"), prompt=cfg.prompt, max_new_tokens=4)
+    assert "ppl" not in result and isinstance(result["sample"], str)
