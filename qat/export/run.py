@@ -22,18 +22,30 @@ from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quan
 log = logging.getLogger(__name__)
 
 
-def _load_checkpoint_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+def _read_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in `checkpoint`, with a Lightning wrapper's key prefix removed, checked against the
+    float `model`'s parameter shapes (a checkpoint of another model is named before `prepare` complains
+    about every layer)."""
     path = Path(checkpoint)
     state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch_checkpoint(path)
-    keys = set(model.state_dict())
-    if not keys & set(state):  # a Lightning checkpoint prefixes the wrapped model's keys
+    own = model.state_dict()
+    if not set(own) & set(state):  # a Lightning checkpoint prefixes the wrapped model's keys
         for prefix in ("model.", "net.", "module."):
-            if keys & {k.removeprefix(prefix) for k in state}:
+            if set(own) & {k.removeprefix(prefix) for k in state}:
                 state = {k.removeprefix(prefix): v for k, v in state.items()}
                 break
+    wrong = [f"{k}: {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"checkpoint {str(path)!r} is for another model than this one (set model= to the model it "
+                         f"was trained from): " + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    return state
+
+
+def _load_checkpoint_into(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | os.PathLike) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the prepared model: missing {missing[:5]}, "
+        raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit the prepared model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (same base model and quant recipe as in training?)")
 
 
@@ -60,8 +72,9 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
         return loaded
     if checkpoint is None:
         return quantize_on_load(loaded, recipe)
+    state = _read_checkpoint(loaded, checkpoint)
     prepared = prepare(loaded, recipe)
-    _load_checkpoint_into(prepared, checkpoint)
+    _load_checkpoint_into(prepared, state, checkpoint)
     return convert(prepared)
 
 

@@ -272,3 +272,17 @@ def test_eval_without_data_is_generation_only():
     assert "data" not in cfg and cfg.max_blocks is None
     result = run_eval("tiny", data=cfg.get("data"), prompt=cfg.prompt, max_new_tokens=4)
     assert "ppl" not in result and isinstance(result["sample"], str)
+
+
+def test_checkpoint_of_another_model_is_named_before_prepare(tmp_path):
+    import torch
+
+    import qat
+    from qat.models import load_model
+
+    prepared = qat.prepare(load_model("tiny"), qat.load_recipe("w4a16_g128"))
+    torch.save(prepared.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"is for another model than this one \(set model= to the model it was "
+                                         r"trained from\): model.embed_tokens.weight: \(512, 128\) there, \(512, 256\) here"):
+        run_export("tiny", str(tmp_path / "x"), quant="w4a16_g128", checkpoint=str(tmp_path / "model.pt"),
+                   tiny={"hidden_size": 256, "intermediate_size": 512})
