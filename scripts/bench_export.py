@@ -1,6 +1,6 @@
 """GGUF encoder speed: qat's torch encoders vs gguf-py's numpy ones on one 4096x4096 fp32 tensor, in one run.
 
-    .venv/bin/python scripts/bench_export.py [--size 4096] [--repeat 5] [--types Q8_0,Q4_K]
+    .venv/bin/python scripts/bench_export.py [--size 4096] [--repeat 5] [--types Q8_0,Q4_K] [--compiled]
 
 For each type: qat's time for the blocks alone (`encode_blocks`, what the GGUF writer stores and what
 gguf-py's `quantize` returns) and with the decoded values too (`encode`), gguf-py's time where it can
@@ -63,11 +63,55 @@ def row(name: str, w: torch.Tensor, repeat: int) -> str:
     return (f"{name:5} {wall:7.3f} / {cpu:6.3f} {full:8.3f}  {theirs:>15}  {ratio:>13}  {same:>9}  {quoted}")
 
 
+def _legacy_fields(view: torch.Tensor, name: str) -> list[torch.Tensor]:
+    """The legacy block's fields (fp16 scale, fp16 minimum, Q5's high bits, packed low nibbles / int8 codes) from
+    the grid functions of `qat.grids`, in a form inductor can fuse: the experiment behind the compiled column
+    (not shipped; see docs/export.md, "Speed")."""
+    from qat.export.ggml_blocks import LEGACY, ggml_spec
+    from qat.grids import GRIDS, block_range, ggml_stored_codes
+
+    bits, sym = LEGACY[name]
+    spec = ggml_spec(name)
+    scale, zero_point = GRIDS["ggml"].qparams(*block_range(view, spec), spec)
+    stored = ggml_stored_codes(view, scale, zero_point, spec)
+    fields = [scale.to(torch.float16)] + ([] if sym else [zero_point.to(torch.float16)])
+    if bits == 8:
+        return fields + [stored]
+    u = stored.view(torch.uint8)
+    if bits == 5:
+        high = ((u >> 4) & 1).to(torch.int32) << torch.arange(32, dtype=torch.int32)
+        fields.append(high.sum(-1, dtype=torch.int32))
+        u = u & 15
+    return fields + [u[:, :16] | (u[:, 16:] << 4)]
+
+
+def compiled_row(name: str, w: torch.Tensor, repeat: int) -> str:
+    """torch.compile of the same grid functions, the block bytes joined in eager, against gguf-py in this run."""
+    from qat.export.ggml_blocks import encode_blocks
+
+    fields = torch.compile(_legacy_fields, dynamic=False)
+    view = w.reshape(-1, 32)
+
+    def blocks():
+        return torch.cat([f.view(torch.uint8).reshape(f.shape[0], -1) for f in fields(view, name)], 1).view(w.shape[0], -1)
+
+    start = time.perf_counter()
+    out = blocks()
+    compile_s = time.perf_counter() - start
+    wall, _, _ = best_of(blocks, repeat)
+    ref = gguf_py(w.numpy(), name, repeat)
+    same = bool(torch.equal(out, encode_blocks(w, name)))
+    return (f"{name:5} compiled {wall:7.4f} s (first call, compiling: {compile_s:5.1f} s)  gguf-py {ref[0]:7.4f} s  "
+            f"speed-up {ref[0] / wall:5.1f}x  identical to encode_blocks: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--types", default=TYPES)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time torch.compile of the legacy grids (an experiment, not what qat ships)")
     args = parser.parse_args()
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"tensor {args.size}x{args.size} fp32, torch threads {torch.get_num_threads()}, best of {args.repeat}; "
@@ -76,6 +120,11 @@ def main() -> None:
           "quoted in issue #5 (not measured here)")
     for name in args.types.split(","):
         print(row(name, w, args.repeat), flush=True)
+    if args.compiled:
+        from qat.export.ggml_blocks import LEGACY
+
+        for name in [n for n in args.types.split(",") if n in LEGACY]:
+            print(compiled_row(name, w, max(args.repeat, 10)), flush=True)
 
 
 if __name__ == "__main__":
