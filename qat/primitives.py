@@ -49,7 +49,8 @@ def check_tensor(x: torch.Tensor, name: str, spec: QuantSpec | None = None) -> N
     Args:
         x: the tensor about to be quantized.
         name: how to call it in the message (a module path and role, say).
-        spec: when given, also check that per_group's group size divides the last dimension.
+        spec: when given, also check that per_group's group size divides the last dimension and that
+            per_channel's axis exists.
     Raises:
         ValueError: naming `name` and the problem.
 
@@ -61,6 +62,9 @@ def check_tensor(x: torch.Tensor, name: str, spec: QuantSpec | None = None) -> N
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: {n_bad} NaN/inf value(s) in a tensor being quantized (shape {tuple(x.shape)})")
+    if spec is not None and spec.granularity == "per_channel" and not -x.ndim <= spec.axis < x.ndim:
+        raise ValueError(f"{name}: QuantSpec.axis={spec.axis} is out of range for a {x.ndim}-D tensor "
+                         f"(shape {tuple(x.shape)}); choose from {list(range(-x.ndim, x.ndim))}")
     if spec is not None and spec.granularity == "per_group" and not spec.ragged and x.shape[-1] % spec.group_size:
         raise ValueError(
             f"{name}: group_size={spec.group_size} does not divide the last dimension {x.shape[-1]}; "

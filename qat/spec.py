@@ -7,6 +7,7 @@ fails instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -29,6 +30,19 @@ GGML_K = {2: ("Q2_K", False, 16, 15, 84), 3: ("Q3_K", True, 16, 32, 110), 4: ("Q
 def _check_choice(owner: str, name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ValueError(f"{owner}.{name}={value!r}; choose from {list(choices)}")
+
+
+def _check_int(owner: str, name: str, value: Any) -> int:
+    # bool is an int in Python (True == 1) and 4.0 == 4: both would slip through a membership test
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{owner}.{name}={value!r}; expected an integer")
+    return int(value)
+
+
+def _check_bool(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
+    # a quoted YAML "false" is a non-empty string, hence truthy: refuse it instead of reading it as True
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        raise ValueError(f"{owner}.{name}={value!r}; use true or false" + (" (or null for the default)" if allow_none else ""))
 
 
 def check_keys(owner: str, given: Mapping[str, Any], allowed) -> None:
@@ -94,6 +108,7 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
+        self._check_types(owner)
         _check_choice(owner, "dtype", self.dtype, DTYPES)
         if self.dtype == "int":
             _check_choice(owner, "bits", self.bits, INT_BITS)
@@ -106,6 +121,9 @@ class QuantSpec:
 
         if self.observer not in OBSERVERS:
             raise ValueError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(OBSERVERS)}")
+        if not isinstance(self.observer_args, Mapping):
+            raise ValueError(f"QuantSpec.observer_args={self.observer_args!r}; expected a mapping such as "
+                             "{'percentile': 99.9}")
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size < 2:
                 raise ValueError(f"QuantSpec.group_size={self.group_size!r}; per_group needs an int >= 2")
@@ -136,6 +154,16 @@ class QuantSpec:
             self._check_ggml()
         elif self.grid == "ggml_k":
             self._check_ggml_k()
+        from qat.observers import build_observer
+
+        build_observer(self)  # observer_args are checked here, not halfway through prepare
+
+    def _check_types(self, owner: str) -> None:
+        object.__setattr__(self, "bits", _check_int(owner, "bits", self.bits))
+        object.__setattr__(self, "axis", _check_int(owner, "axis", self.axis))
+        for name in ("symmetric", "dynamic", "ragged"):
+            _check_bool(owner, name, getattr(self, name))
+        _check_bool(owner, "signed", self.signed, allow_none=True)
 
     def _check_ragged(self) -> None:
         if not isinstance(self.ragged, bool):

@@ -159,3 +159,34 @@ def test_state_dict_of_another_scheme_is_refused_naming_the_quantizer(tiny_llama
         b.load_state_dict(a.state_dict())
     c = qat.prepare(copy.deepcopy(tiny_llama), "w4a16_g128")
     c.load_state_dict(a.state_dict())  # the same scheme loads
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bits": 4.0}, r"QuantSpec.bits=4.0; expected an integer"),
+        ({"bits": True}, r"QuantSpec.bits=True; expected an integer"),
+        ({"axis": "0"}, r"QuantSpec.axis='0'; expected an integer"),
+        ({"symmetric": "false"}, r"QuantSpec.symmetric='false'; use true or false"),
+        ({"dynamic": "true"}, r"QuantSpec.dynamic='true'; use true or false"),
+        ({"signed": "yes"}, r"QuantSpec.signed='yes'; use true or false \(or null"),
+        ({"observer_args": [1, 2]}, r"QuantSpec.observer_args=\[1, 2\]; expected a mapping"),
+        ({"observer": "percentile", "observer_args": {"pct": 1}}, r"observer 'percentile' got bad observer_args"),
+        ({"observer_args": {"percentile": 99.9}}, r"observer 'minmax' got bad observer_args"),
+        ({"observer": "mse", "observer_args": {"grid": 0}}, r"mse: grid=0"),
+    ],
+    ids=["bits-float", "bits-bool", "axis-str", "symmetric-str", "dynamic-str", "signed-str", "observer-args-list",
+         "observer-args-misspelt", "observer-args-of-another-observer", "observer-args-out-of-range"],
+)
+def test_quant_spec_checks_types_and_observer_args_when_built(kwargs, message):
+    # before: a quoted YAML "false" was truthy (symmetric!), bits=4.0 gave 'int4.0' with float qmin/qmax, and
+    # observer_args were only checked halfway through prepare, after some modules had been swapped
+    with pytest.raises(ValueError, match=message):
+        QuantSpec(**kwargs)
+
+
+def test_per_channel_axis_out_of_range_is_refused_by_prepare():
+    # before: axis=5 on a 2-D weight silently became axis 5 % 2 = 1
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"0.weight: QuantSpec.axis=5 is out of range for a 2-D tensor"):
+        qat.prepare(model, {"weight": {"bits": 8, "axis": 5}})
