@@ -34,13 +34,20 @@ def to_float(model: nn.Module) -> nn.Module:
     """Replace every fake-quant or real-integer module by a plain torch module, in place.
 
     Fake-quant modules give back their float weights; real-integer modules their dequantized weights.
+    KV-cache quantizers are removed and the model's attention implementation is restored.
     """
     swappable = set(FAKE_QUANT.values()) | set(QUANTIZED.values())
     for name, module in list(model.named_modules()):
         if type(module) in swappable and name:
             _set_module(model, name, module.to_float())
+    base = None
     for module in model.modules():
-        for attr in ("k_quantizer", "v_quantizer"):
+        base = getattr(module, "qat_base_attention", base)
+        for attr in ("k_quantizer", "v_quantizer", "qat_base_attention"):
             if hasattr(module, attr):
                 delattr(module, attr)
+    if base is not None and hasattr(model, "set_attn_implementation"):
+        # give back the attention the model had before prepare: a config saying "qat_kv" cannot be loaded
+        # where qat has not registered it
+        model.set_attn_implementation(base)
     return model

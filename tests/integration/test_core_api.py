@@ -1,0 +1,22 @@
+"""The core API used as a library in a plain PyTorch loop: round trips and the surprises they found."""
+import pytest
+import torch
+from torch import nn
+
+import qat
+from tests.conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_to_float_after_kv_cache_prepare_restores_the_attention_implementation(token_ids, attn):
+    # before: config._attn_implementation stayed "qat_kv" (a saved config could not be loaded without qat)
+    model = make_tiny_llama()
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        ref = model(input_ids=token_ids).logits
+    qat.to_float(qat.prepare(model, "w4a8_kv8"))
+    assert model.config._attn_implementation == attn
+    assert not any(hasattr(m, "qat_base_attention") or hasattr(m, "k_quantizer") for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=token_ids).logits, ref)
+
