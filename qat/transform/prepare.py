@@ -89,11 +89,24 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     result.modules = {n: TensorSchemes(s.weight, s.input) for n, s in result.modules.items()
                       if s.weight is not None or s.input is not None}
     result.attention = {n: TensorSchemes(kv_cache=s.kv_cache) for n, s in result.attention.items()}
+    if not result.modules and not result.attention and not errors:
+        errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
     result.warnings += _k_grid_rows(result, by_name)
     if errors:
         raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
+
+
+def _nothing_selected(recipe: QuantRecipe, named: list[tuple[str, nn.Module]]) -> str:
+    """Why a recipe whose targets all matched leaves nothing to quantize (GPT-2: 'Linear' is only lm_head,
+    which is ignored; its blocks are transformers' Conv1D)."""
+    ignored = [n for n, m in named if n and fake_quant_type(m) is not None and any(matches(p, n, m) for p in recipe.ignore)]
+    other = sorted({type(m).__name__ for n, m in named if n and not list(m.children()) and fake_quant_type(m) is None
+                    and getattr(m, "weight", None) is not None})
+    return (f"recipe {recipe.name!r} selects no module to quantize: targets {list(recipe.targets)} match only "
+            f"ignored modules {ignored[:4]} (ignore {list(recipe.ignore)}); layers with weights qat cannot "
+            f"quantize here: {other}; registered types: {_registered_names()}")
 
 
 def _k_grid_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:

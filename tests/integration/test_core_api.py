@@ -20,3 +20,14 @@ def test_to_float_after_kv_cache_prepare_restores_the_attention_implementation(t
     with torch.no_grad():
         assert torch.equal(model(input_ids=token_ids).logits, ref)
 
+
+def test_recipe_whose_targets_are_all_ignored_is_refused_naming_the_unsupported_layers():
+    # before: GPT-2 (Conv1D blocks, lm_head the only nn.Linear and ignored) was "prepared" with nothing quantized
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match=r"selects no module to quantize: targets \['Linear'\] match only ignored "
+                                         r"modules \['lm_head'\].*cannot quantize here: \['Conv1D'"):
+        qat.prepare(model, "w4a16_g128")
+    assert type(model.lm_head) is nn.Linear
