@@ -6,7 +6,9 @@ quantizer). Per-token (per head) dynamic schemes and static per-tensor schemes a
 token, so quantizing at read gives exactly what quantizing at store would.
 
 It works through transformers' attention registry: attention modules get `k_quantizer` / `v_quantizer`
-and the model's attention implementation becomes "qat_kv", which wraps the one it had before.
+and the model's attention implementation becomes "qat_kv_<base>" (e.g. "qat_kv_eager"), which wraps the one
+it had before. The name carries the base so that transformers builds the base's attention mask for it: an
+unknown name gets no mask at all, which eager attention reads as "attend everywhere" (not causal).
 """
 from __future__ import annotations
 
@@ -45,10 +47,22 @@ def qat_kv_attention(module: nn.Module, query, key, value, attention_mask, **kwa
     return base(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
+def _register(base: str) -> str:
+    """Register "qat_kv_<base>" (attention and mask) and return the name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, qat_kv_attention)
+    AttentionInterface.register(ATTN_NAME, qat_kv_attention)  # the older name, kept loadable
+    name = f"{ATTN_NAME}_{base}"
+    AttentionInterface.register(name, qat_kv_attention)
+    if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    return name
+
+
+def is_qat_attention(name: str | None) -> bool:
+    """True for the attention names qat routes KV-cache quantization through."""
+    return isinstance(name, str) and (name == ATTN_NAME or name.startswith(ATTN_NAME + "_"))
 
 
 def attach_kv_quantizers(model: nn.Module, attention: dict[str, nn.Module], spec: QuantSpec) -> None:
@@ -64,13 +78,14 @@ def attach_kv_quantizers(model: nn.Module, attention: dict[str, nn.Module], spec
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("kv_cache quantization needs a Hugging Face model (with .config and attention registry)")
-    _register()
     base = config._attn_implementation
-    if base == ATTN_NAME:
+    if is_qat_attention(base):
         base = next((m.qat_base_attention for m in model.modules() if hasattr(m, "qat_base_attention")), "sdpa")
+    base = base or "sdpa"
+    name = _register(base)
     for module in attention.values():
         example = torch.zeros(1, module.head_dim, device=module.k_proj.weight.device)
         module.k_quantizer = TensorQuantizer(spec, "kv_cache", example)
         module.v_quantizer = TensorQuantizer(spec, "kv_cache", example)
         module.qat_base_attention = base
-    model.set_attn_implementation(ATTN_NAME)
+    model.set_attn_implementation(name)

@@ -31,3 +31,22 @@ def test_recipe_whose_targets_are_all_ignored_is_refused_naming_the_unsupported_
                                          r"modules \['lm_head'\].*cannot quantize here: \['Conv1D'"):
         qat.prepare(model, "w4a16_g128")
     assert type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_kv_cache_quantization_keeps_the_causal_and_padding_mask(token_ids, attn):
+    # before: the "qat_kv" attention had no mask function, so transformers passed no mask at all: eager attention
+    # attended to future tokens (logits off by ~0.9 with every quantizer disabled), sdpa ignored padding
+    model = make_tiny_llama()
+    model.set_attn_implementation(attn)
+    mask = torch.ones_like(token_ids)
+    mask[1, :5] = 0  # left padding in the second row
+    with torch.no_grad():
+        ref = model(input_ids=token_ids, attention_mask=mask).logits
+    qat.prepare(model, {"targets": ["q_proj"], "weight": {"bits": 8}, "kv_cache": {"bits": 8, "granularity": "per_token"}})
+    with qat.quantization_disabled(model), torch.no_grad():
+        assert torch.equal(model(input_ids=token_ids, attention_mask=mask).logits, ref)
+    with torch.no_grad():  # cached greedy decoding sees what a full forward sees
+        cached = model.generate(token_ids[:1, :4], max_new_tokens=6, do_sample=False)
+        full = model.generate(token_ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
