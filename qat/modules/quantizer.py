@@ -143,7 +143,13 @@ class TensorQuantizer(nn.Module):
         """Set held ranges (and learned parameters) from `x`: range initialisation."""
         if self.spec.dynamic:
             return
+        before = self.observer.lo, self.observer.hi
         self.observer.update(x, accumulate=self.role != "weight" and self.initialized)
+        if self.role != "weight" and not bool(torch.isfinite(self.observer.hi).all() & torch.isfinite(self.observer.lo).all()):
+            # a held range with inf / NaN would turn every later output into NaN, silently: keep the range it had
+            self.observer.lo, self.observer.hi = before
+            raise ValueError(f"{self.role} quantizer ({self.spec.describe()}): NaN/inf value(s) in a tensor being "
+                             "observed for a static range; check the calibration batches (fp16 overflow?)")
         if self.learned:
             self._init_learned()
         self.initialized = True
@@ -195,7 +201,7 @@ class TensorQuantizer(nn.Module):
         return scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or x.numel() == 0:  # an empty batch has nothing to observe or quantize
             return x
         self.observe(x)
         scale, zero_point = self.qparams(x)

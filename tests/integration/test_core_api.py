@@ -50,3 +50,30 @@ def test_kv_cache_quantization_keeps_the_causal_and_padding_mask(token_ids, attn
         cached = model.generate(token_ids[:1, :4], max_new_tokens=6, do_sample=False)
         full = model.generate(token_ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, full)
+
+
+def _static_input_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    return qat.prepare(model, {"weight": {"bits": 8}, "input": {"bits": 8, "granularity": "per_tensor"}})
+
+
+def test_a_non_finite_calibration_batch_is_refused_and_the_held_range_kept():
+    # before: one inf activation made the held range inf and every later output NaN, silently
+    model = _static_input_mlp()
+    qat.calibrate(model, [torch.randn(4, 32)])
+    quantizer = model[0].input_quantizer
+    held = quantizer.observer.hi.clone()
+    bad = torch.randn(4, 32)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"input quantizer \(int8 sym per_tensor\): NaN/inf value\(s\)"):
+        qat.calibrate(model, [bad])
+    assert torch.equal(quantizer.observer.hi, held)
+    assert torch.isfinite(model(torch.randn(2, 32))).all()
+
+
+def test_an_empty_batch_passes_through_a_static_quantizer():
+    # before: aminmax() RuntimeError on a [0, C] input while observing
+    model = _static_input_mlp()
+    assert model(torch.randn(0, 32)).shape == (0, 16)
+
