@@ -8,13 +8,21 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from qat.modules.quantizer import TensorQuantizer
+from qat.modules.quantizer import ROLE_NAMES, TensorQuantizer
 from qat.primitives import quant_error_db
 
 
 def quantizers(model: nn.Module, roles: Iterable[str] | None = None) -> Iterator[tuple[str, TensorQuantizer]]:
-    """(name, quantizer) for every TensorQuantizer in `model`, optionally only the given roles."""
+    """(name, quantizer) for every TensorQuantizer in `model`, optionally only the given roles.
+
+    Raises:
+        ValueError: a role that is not one of "weight", "input", "kv_cache" (a typo would select nothing).
+    """
+    if isinstance(roles, str):
+        roles = [roles]
     roles = None if roles is None else set(roles)
+    if roles is not None and roles - set(ROLE_NAMES):
+        raise ValueError(f"unknown quantizer role(s) {sorted(roles - set(ROLE_NAMES))}; choose from {list(ROLE_NAMES)}")
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and (roles is None or module.role in roles):
             yield name, module

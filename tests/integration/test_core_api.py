@@ -77,3 +77,10 @@ def test_an_empty_batch_passes_through_a_static_quantizer():
     model = _static_input_mlp()
     assert model(torch.randn(0, 32)).shape == (0, 16)
 
+
+def test_set_quantizers_refuses_an_unknown_role():
+    # before: roles=["inputs"] matched nothing and returned 0, so nothing was switched off
+    model = _static_input_mlp()
+    with pytest.raises(ValueError, match=r"unknown quantizer role\(s\) \['inputs'\]; choose from \['weight', 'input'"):
+        qat.set_quantizers(model, roles=["inputs"], enabled=False)
+    assert qat.set_quantizers(model, roles="input", enabled=False) == 1
