@@ -112,7 +112,8 @@ class QuantRecipe:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "targets": list(self.targets), "ignore": list(self.ignore)}
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "targets": list(self.targets),
+                               "ignore": list(self.ignore)}
         for role in ROLE_KEYS:
             spec = getattr(self.base, role)
             out[role] = None if spec is None else spec.to_dict()

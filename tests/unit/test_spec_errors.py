@@ -190,3 +190,10 @@ def test_per_channel_axis_out_of_range_is_refused_by_prepare():
     model = nn.Sequential(nn.Linear(8, 4))
     with pytest.raises(ValueError, match=r"0.weight: QuantSpec.axis=5 is out of range for a 2-D tensor"):
         qat.prepare(model, {"weight": {"bits": 8, "axis": 5}})
+
+
+@pytest.mark.parametrize("name", ["w8a8_static", "w4a16_g128_mixed"])
+def test_recipe_to_dict_round_trips(name):
+    # before: to_dict dropped the description, so from_dict(to_dict(r)) != r
+    recipe = qat.load_recipe(name)
+    assert qat.QuantRecipe.from_dict(recipe.to_dict()) == recipe
