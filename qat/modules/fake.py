@@ -78,6 +78,9 @@ class FakeQuantEmbedding(nn.Embedding):
     def from_float(cls, emb: nn.Embedding, schemes: TensorSchemes, name: str = "") -> "FakeQuantEmbedding":
         if schemes.input is not None or schemes.kv_cache is not None:
             raise ValueError(f"{name or 'embedding'}: an Embedding takes token ids; only a weight scheme applies")
+        if emb.max_norm is not None:
+            raise ValueError(f"{name or 'embedding'}: max_norm={emb.max_norm} renormalises the table in place at lookup; "
+                             "a fake-quantized table cannot be (set max_norm=None or leave the module out of the targets)")
         module = cls(
             emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, max_norm=emb.max_norm,
             norm_type=emb.norm_type, scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse, device="meta",
@@ -97,6 +100,7 @@ class FakeQuantEmbedding(nn.Embedding):
         )
 
     def to_float(self) -> nn.Embedding:
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device="meta")
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, norm_type=self.norm_type,
+                           scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse, device="meta")
         emb.weight = self.weight
         return emb

@@ -130,6 +130,9 @@ def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
                 check_tensor(module.weight.detach(), f"{n}.weight", schemes.weight)
             except ValueError as err:
                 errors.append(str(err))
+        if schemes.weight is not None and isinstance(module, nn.Embedding) and module.max_norm is not None:
+            errors.append(f"{n}: max_norm={module.max_norm} renormalises the table in place at lookup; a fake-quantized "
+                          "table cannot be (set max_norm=None or leave the module out of the targets)")
         if schemes.input is not None and isinstance(module, nn.Embedding):
             errors.append(f"{n}: an Embedding takes token ids; input quantization does not apply")
         spec = schemes.input

@@ -84,3 +84,17 @@ def test_set_quantizers_refuses_an_unknown_role():
     with pytest.raises(ValueError, match=r"unknown quantizer role\(s\) \['inputs'\]; choose from \['weight', 'input'"):
         qat.set_quantizers(model, roles=["inputs"], enabled=False)
     assert qat.set_quantizers(model, roles="input", enabled=False) == 1
+
+
+def test_embedding_with_max_norm_is_refused_by_prepare_and_to_float_keeps_the_flags():
+    # before: FakeQuantEmbedding with max_norm crashed in forward ("a view ... modified inplace"), and to_float
+    # dropped scale_grad_by_freq / sparse / norm_type
+    from qat.modules import FakeQuantEmbedding
+    from qat.spec import QuantSpec, TensorSchemes
+
+    model = nn.Sequential(nn.Embedding(10, 16, max_norm=1.0))
+    with pytest.raises(ValueError, match=r"0: max_norm=1.0 renormalises the table in place"):
+        qat.prepare(model, {"targets": ["Embedding"], "weight": {"bits": 8}})
+    emb = nn.Embedding(10, 16, padding_idx=0, scale_grad_by_freq=True, norm_type=3.0)
+    back = FakeQuantEmbedding.from_float(emb, TensorSchemes(weight=QuantSpec(bits=8))).to_float()
+    assert (back.padding_idx, back.scale_grad_by_freq, back.norm_type, back.weight is emb.weight) == (0, True, 3.0, True)
