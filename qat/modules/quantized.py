@@ -91,6 +91,16 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.codes(), *self.qparams(), self.spec, dtype or self.dtype, self.group_index())
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half(): the dequantized weight follows the new dtype, but scales and zero-points stay
+        # float32 (rounding them to bf16 would change every dequantized value); device moves apply to all
+        held = {key: getattr(self, key) for key in ("scale", "zero_point")}
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.packed.device)).dtype
+        for key, value in held.items():
+            setattr(self, key, value.to(getattr(self, key).device))
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in ("scale", "zero_point", "g_idx"):  # shaped by the scheme: take the saved shape
             if prefix + key in state_dict:

@@ -98,3 +98,18 @@ def test_embedding_with_max_norm_is_refused_by_prepare_and_to_float_keeps_the_fl
     emb = nn.Embedding(10, 16, padding_idx=0, scale_grad_by_freq=True, norm_type=3.0)
     back = FakeQuantEmbedding.from_float(emb, TensorSchemes(weight=QuantSpec(bits=8))).to_float()
     assert (back.padding_idx, back.scale_grad_by_freq, back.norm_type, back.weight is emb.weight) == (0, True, 3.0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_converted_model_can_be_cast_and_keeps_float32_scales(token_ids, dtype):
+    # before: model.to(bf16) after convert crashed in forward (weights dequantized to float32 vs bf16 inputs)
+    model = qat.convert(qat.prepare(make_tiny_llama(), "w4a16_g128_asym"))
+    qweight = model.model.layers[0].mlp.down_proj.qweight
+    scale, weight = qweight.scale.clone(), qweight.dequantize()
+    model.to(dtype)
+    assert qweight.scale.dtype == torch.float32 and torch.equal(qweight.scale, scale)
+    assert torch.equal(qweight.dequantize(), weight.to(dtype))
+    with torch.no_grad():
+        assert model(input_ids=token_ids).logits.dtype == dtype
+    model.float()
+    assert torch.equal(qweight.dequantize(), weight)  # codes and scales untouched: back to the exact values
