@@ -63,6 +63,9 @@ def quantization_disabled(model: nn.Module):
 def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bool = True) -> int:
     """Range initialisation: run `batches` through the model with activation observers on.
 
+    Every batch counts, for learned (LSQ / PACT) activation quantizers too: their parameters are set from
+    the range of all the batches (outside calibrate, a learned quantizer takes its first batch only).
+
     Args:
         batches: inputs; each is passed as model(**b) for a mapping, model(b) otherwise.
         forward: optional callable(model, batch) to use instead.
@@ -73,15 +76,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bo
         ValueError: no batch at all (ranges would stay empty).
     """
     set_quantizers(model, roles=["input", "kv_cache"], observing=True)
+    calibrating = [q for _, q in quantizers(model, ["input", "kv_cache"])]
     n = 0
-    for batch in batches:
-        if forward is not None:
-            forward(model, batch)
-        elif isinstance(batch, dict):
-            model(**batch)
-        else:
-            model(batch)
-        n += 1
+    try:
+        for q in calibrating:
+            q.calibrating = True
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            elif isinstance(batch, dict):
+                model(**batch)
+            else:
+                model(batch)
+            n += 1
+    finally:
+        for q in calibrating:
+            q.calibrating = False
     if n == 0:
         raise ValueError("calibrate: got no batches; give at least one")
     if freeze:

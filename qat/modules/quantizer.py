@@ -43,6 +43,7 @@ class TensorQuantizer(nn.Module):
         self.spec, self.role = spec, role
         self.observer = build_observer(spec)
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
+        self.calibrating = False  # set by qat.calibrate: learned ranges take every batch, not just the first
         self.scale: nn.Parameter | None = None
         self.zero_point: nn.Parameter | None = None
         if spec.learn != "none":
@@ -168,9 +169,11 @@ class TensorQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """The state update a forward makes before quantizing: refresh held ranges while observing.
 
-        Learned parameters, once initialised, are left to the optimizer.
+        Learned parameters, once initialised, are left to the optimizer, except while `calibrating`
+        (qat.calibrate), when they are re-initialised from the range of every batch seen so far.
         """
-        if self.observing and not self.spec.dynamic and not ((self.learned or self.pinned) and self.initialized):
+        held = self.initialized and (self.pinned or (self.learned and not self.calibrating))
+        if self.observing and not self.spec.dynamic and not held:
             self.initialize(x)
 
     # -- qparams -----------------------------------------------------------------------------

@@ -113,3 +113,22 @@ def test_a_converted_model_can_be_cast_and_keeps_float32_scales(token_ids, dtype
         assert model(input_ids=token_ids).logits.dtype == dtype
     model.float()
     assert torch.equal(qweight.dequantize(), weight)  # codes and scales untouched: back to the exact values
+
+
+@pytest.mark.parametrize("learn", ["none", "pact", "lsq"])
+def test_calibrate_uses_every_batch_for_learned_activation_ranges(learn):
+    # before: a PACT / LSQ input quantizer took its range from the first batch only (w8a8_static's clip came
+    # from one batch whatever qat.calibrate was given)
+    torch.manual_seed(0)
+    model = qat.prepare(nn.Sequential(nn.Linear(32, 8)),
+                        {"weight": {"bits": 8}, "input": {"bits": 8, "granularity": "per_tensor", "learn": learn}})
+    batches = [torch.randn(4, 32), 10 * torch.randn(4, 32)]
+    qat.calibrate(model, batches)
+    quantizer = model[0].input_quantizer
+    expected = torch.cat(batches).abs().max() / 127.5
+    assert torch.allclose(quantizer.qparams(batches[0])[0].detach(), expected)
+    assert not quantizer.calibrating
+    if learn != "none":  # after calibration the optimizer owns the parameters: a new batch does not move them
+        before = quantizer.scale.detach().clone()
+        model(100 * torch.randn(4, 32))
+        assert torch.equal(quantizer.scale.detach(), before)
