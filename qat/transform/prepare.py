@@ -35,6 +35,11 @@ def _pattern_hint(named: list[tuple[str, nn.Module]]) -> str:
     quantizable = [(n, m) for n, m in named if n and fake_quant_type(m) is not None]
     kinds = sorted({type(m).__name__ for _, m in quantizable})
     examples = ", ".join(repr(n) for n, _ in quantizable[:2])
+    root = named[0][1] if named else None
+    if not quantizable and root is not None and fake_quant_type(root) is not None:
+        kind = fake_quant_type(root).__name__
+        return (f"the model itself is a {type(root).__name__} and prepare swaps submodules only: use "
+                f"qat.modules.{kind}.from_float(module, schemes), or wrap it in nn.Sequential")
     return (f"patterns are class names, module names or 're:<regex>' (quantizable here: classes {kinds}"
             + (f", e.g. modules {examples})" if examples else ")"))
 

@@ -197,3 +197,9 @@ def test_recipe_to_dict_round_trips(name):
     # before: to_dict dropped the description, so from_dict(to_dict(r)) != r
     recipe = qat.load_recipe(name)
     assert qat.QuantRecipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_prepare_of_a_bare_linear_says_to_use_from_float():
+    # before: "target 'Linear' matches no module; ... quantizable here: classes []" for an nn.Linear
+    with pytest.raises(ValueError, match=r"the model itself is a Linear.*FakeQuantLinear.from_float"):
+        qat.prepare(nn.Linear(64, 8), "w4a16_g128")
