@@ -60,6 +60,15 @@ def _register(base: str) -> str:
     return name
 
 
+def register_known_bases() -> None:
+    """Register "qat_kv_<base>" for every attention transformers knows: an unpickled model names one of them
+    in its config, in a process that never ran `attach_kv_quantizers`."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for base in ("eager", *ALL_ATTENTION_FUNCTIONS._global_mapping):
+        _register(base)
+
+
 def is_qat_attention(name: str | None) -> bool:
     """True for the attention names qat routes KV-cache quantization through."""
     return isinstance(name, str) and (name == ATTN_NAME or name.startswith(ATTN_NAME + "_"))

@@ -132,3 +132,18 @@ def test_calibrate_uses_every_batch_for_learned_activation_ranges(learn):
         before = quantizer.scale.detach().clone()
         model(100 * torch.randn(4, 32))
         assert torch.equal(quantizer.scale.detach(), before)
+
+
+def test_a_pickled_kv_cache_model_runs_in_a_fresh_process(tmp_path):
+    # before: KeyError "`qat_kv_sdpa` is not a valid attention implementation" (registered only by prepare)
+    import subprocess
+    import sys
+
+    model = qat.prepare(make_tiny_llama(), "w4a8_kv8")
+    path = tmp_path / "model.pt"
+    torch.save(model, path)  # our own file: whole-model pickles are only for trusted files
+    code = (f"import torch; m = torch.load({str(path)!r}, weights_only=False); "
+            "print(tuple(m(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "(1, 4, 256)" in out.stdout
