@@ -18,6 +18,8 @@ def convert(model: nn.Module) -> nn.Module:
     """
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED]
     if not targets and not any(hasattr(m, "k_quantizer") for m in model.modules()):
+        if any(type(m) in set(QUANTIZED.values()) for m in model.modules()):
+            raise ValueError("convert: the model is already converted (it holds real-integer modules)")
         raise ValueError("convert: the model has no fake-quant modules; call qat.prepare first")
     for name, module in targets:
         if getattr(module, "weight_quantizer", None) is None:

@@ -203,3 +203,10 @@ def test_prepare_of_a_bare_linear_says_to_use_from_float():
     # before: "target 'Linear' matches no module; ... quantizable here: classes []" for an nn.Linear
     with pytest.raises(ValueError, match=r"the model itself is a Linear.*FakeQuantLinear.from_float"):
         qat.prepare(nn.Linear(64, 8), "w4a16_g128")
+
+
+def test_convert_twice_says_already_converted(tiny_llama):
+    # before: "the model has no fake-quant modules; call qat.prepare first" for a converted model
+    qat.convert(qat.prepare(tiny_llama, "w4a16_g128"))
+    with pytest.raises(ValueError, match="already converted"):
+        qat.convert(tiny_llama)
