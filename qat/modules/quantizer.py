@@ -152,8 +152,11 @@ class TensorQuantizer(nn.Module):
         if self.spec.dynamic:
             return
         before = self.observer.lo, self.observer.hi
+        # checked where a range is established (calibration, first batch), not on every observed training step:
+        # the check costs a device sync
+        check = self.role != "weight" and (self.calibrating or not self.initialized)
         self.observer.update(x, accumulate=self.role != "weight" and self.initialized)
-        if self.role != "weight" and not bool(torch.isfinite(self.observer.hi).all() & torch.isfinite(self.observer.lo).all()):
+        if check and not bool(torch.isfinite(self.observer.hi).all() & torch.isfinite(self.observer.lo).all()):
             # a held range with inf / NaN would turn every later output into NaN, silently: keep the range it had
             self.observer.lo, self.observer.hi = before
             raise ValueError(f"{self.role} quantizer ({self.spec.describe()}): NaN/inf value(s) in a tensor being "
