@@ -192,6 +192,7 @@ class ArchAdapter:
 
     def build_model(self, config: Any) -> nn.Module:
         """A randomly initialised causal LM of `model_class` for `config`."""
+        # transformers is imported on use: it takes seconds, and the core runs on plain PyTorch models without it
         import transformers
 
         return getattr(transformers, self.model_class)(config)

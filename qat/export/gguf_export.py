@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from torch import nn
 from qat.arch import ArchAdapter, get_arch
 from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
+from qat.export.gguf_vocab import add_tokenizer
 from qat.export.kquants import kquant_blocks
 from qat.spec import GGML_K
 from qat.modules.quantized import QuantizedWeight
@@ -225,8 +227,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     Example:
         >>> export_gguf(model, "out/m.gguf", "Q4_K_M", tokenizer=tok)
     """
-    import gguf
-
     entries = plan_types(model, gguf_type, importance is not None, pure)  # float, prepared or converted: weights are taken one at a time
     warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
@@ -235,8 +235,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch_name)
         _write_metadata(writer, arch, model.config, gguf_type, path.stem)
         if tokenizer is not None:
-            from qat.export.gguf_vocab import add_tokenizer
-
             add_tokenizer(writer, tokenizer, pre=arch.tokenizer_pre, n_vocab=model.config.vocab_size)
         else:
             log.warning("%s: written without a tokenizer; llama.cpp and Ollama refuse such files "
@@ -258,8 +256,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
 
 
 def _write_metadata(writer, arch: ArchAdapter, config, gguf_type: str, name: str) -> None:
-    import gguf
-
     writer.add_name(name)
     arch.write_metadata(writer, config)
     # a single K type has no file type of its own: write the one llama.cpp's loader guesses for such a file

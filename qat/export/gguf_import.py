@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch, gguf_reader_arch, gguf_reader_archs
@@ -27,8 +29,6 @@ def open_gguf(path: str | os.PathLike):
         FileNotFoundError: no such file.
         ValueError: not a GGUF file, or truncated / corrupted (naming the file).
     """
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such GGUF file")
@@ -85,8 +85,6 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
     Raises:
         ValueError: a GGUF tensor with no parameter of the model.
     """
-    from gguf.quants import dequantize
-
     arch = get_arch(config)
     if names is None:
         with torch.device("meta"):

@@ -11,11 +11,11 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from qat.modules.fake import FakeQuantLinear
 from qat.ptq.checks import check_calibration, check_option_types, check_prepared
 from qat.ptq.methods import PTQMethod, get_method, method_of_config
 from qat.ptq.runner import quantized_linears
 from qat.recipes import load_recipe
-from qat.modules.fake import FakeQuantLinear
 from qat.transform import prepare
 from qat.transform.recipe import to_plain
 
@@ -48,11 +48,6 @@ def method_config(method: Any, **overrides: Any):
     return cls(**data)
 
 
-def method_class(config: Any) -> type[PTQMethod]:
-    """The registered method class of a method config instance (`method_config`'s result)."""
-    return method_of_config(config)
-
-
 def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = None, progress: bool = True) -> nn.Module:
     """Run a PTQ method on a prepared model: set each quantized linear's weight and pin its qparams.
 
@@ -72,7 +67,7 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         >>> qat.ptq.apply(qat.prepare(model, qat.load_recipe("w4a16_g128")), {"name": "gptq", "actorder": True}, batches)
     """
     cfg = method_config(method_cfg)
-    method = method_class(cfg)(cfg)
+    method: PTQMethod = method_of_config(cfg)(cfg)
     linears = quantized_linears(model)
     check_prepared(model, linears, method.name)
     batches = list(batches or [])

@@ -45,7 +45,7 @@ class BlockContext:
 
     name: str
     block: nn.Module
-    inputs: "Inputs"
+    inputs: Inputs
     is_model: bool
     model: nn.Module
     arch: ArchAdapter | None = None
@@ -56,16 +56,16 @@ class BlockContext:
         """The QuantRecipe the model was prepared with (None if unknown)."""
         return getattr(self.model, "qat_recipe", None)
 
-    def run(self, inputs: "Inputs | None" = None) -> list[Any]:
+    def run(self, inputs: Inputs | None = None) -> list[Any]:
         """The block's outputs on `inputs` (default: all its cached inputs)."""
         return run_block(self.block, self.inputs if inputs is None else inputs, self.is_model)
 
-    def float_run(self, inputs: "Inputs | None" = None) -> list[Any]:
+    def float_run(self, inputs: Inputs | None = None) -> list[Any]:
         """The block's outputs with its quantization off."""
         return float_pass(self.block, self.inputs if inputs is None else inputs, self.is_model)
 
 
-def block_context(name: str, block: nn.Module, inputs: "Inputs", is_model: bool, model: nn.Module) -> BlockContext:
+def block_context(name: str, block: nn.Module, inputs: Inputs, is_model: bool, model: nn.Module) -> BlockContext:
     """The BlockContext of `block` of `model` (its adapter and quantized linears filled in)."""
     return BlockContext(name, block, inputs, is_model, model, find_arch(model), quantized_linears(block))
 
