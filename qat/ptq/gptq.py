@@ -15,7 +15,6 @@ Differences from the reference, on purpose:
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ import torch
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, fake_quantize_forward
 from qat.spec import QuantSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
