@@ -199,14 +199,15 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
 
 def _enough_tokens(method: Any, cal: dict) -> list[str]:
     """A method with min_tokens (GPTQ, AWQ, SmoothQuant) refuses too few calibration tokens: say so now."""
-    from qat.ptq.api import METHODS, method_config
+    from qat.ptq import method_config, method_of_config
 
     if not method or not all(isinstance(cal.get(k), int) for k in ("samples", "seq_len")):
         return []
     cfg = method_config(method)
-    name = next(n for n, (cls, _, _) in METHODS.items() if isinstance(cfg, cls))
+    method_cls = method_of_config(cfg)
+    name = method_cls.name
     have, need = cal["samples"] * cal["seq_len"], getattr(cfg, "min_tokens", 0)
-    if not METHODS[name][2] or have >= need:
+    if not method_cls.needs_calibration or have >= need:
         return []
     return [f"calibration.samples x calibration.seq_len = {cal['samples']} x {cal['seq_len']} = {have} tokens; "
             f"method {name} needs min_tokens={need} (give more samples, or lower method.min_tokens)"]

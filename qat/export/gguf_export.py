@@ -1,4 +1,5 @@
-"""GGUF writer (through the `gguf` package) for llama-architecture models, with llama.cpp's type mixes.
+"""GGUF writer (through the `gguf` package), with llama.cpp's type mixes; names, q/k layout and metadata come
+from the model's architecture adapter (`qat.arch`).
 
     export_gguf(model, "out/model-Q4_K_M.gguf", "Q4_K_M", tokenizer=tok)
 
@@ -28,44 +29,53 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
 
+from qat.arch import ArchAdapter, get_arch
 from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
+from qat.export.gguf_vocab import add_tokenizer
 from qat.export.kquants import kquant_blocks
 from qat.spec import GGML_K
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "mistral")
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_LAYER_MAP = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_TOP_MAP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(hf_name: str) -> str:
-    """GGUF tensor name of a Hugging Face llama parameter name.
+def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
+    """The architecture adapter `model` is exported through (`source` names the model in the error).
 
     Raises:
-        ValueError: a parameter the llama GGUF layout has no place for.
-    Example:
-        >>> gguf_name("model.layers.3.mlp.down_proj.weight")
-        'blk.3.ffn_down.weight'
+        ValueError: an architecture with no adapter, listing the known ones.
     """
-    module, _, leaf = hf_name.rpartition(".")
-    if module in _TOP_MAP:
-        return f"{_TOP_MAP[module]}.{leaf}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{leaf}"
-    raise ValueError(f"{hf_name!r} has no GGUF llama tensor name; known modules: {sorted(_LAYER_MAP) + sorted(_TOP_MAP)}")
+    try:
+        return get_arch(model, f" of {source}" if source else "")
+    except ValueError as err:
+        raise ValueError(f"GGUF export: {err}") from None
+
+
+def check_names(model: nn.Module, source: str | None = None) -> ArchAdapter:
+    """`plan_types`' architecture and name checks alone: every weight of `model` has a GGUF tensor name.
+
+    Returns:
+        the model's architecture adapter.
+    Raises:
+        ValueError: an unknown architecture (naming `source`), or a parameter the GGUF layout has no place for.
+    Example:
+        >>> check_names(model, "'tiny'").gguf_arch_name
+        'llama'
+    """
+    arch = export_arch(model, source)
+    for name in float_weight_names(model):
+        arch.gguf_name(name, model.config.num_hidden_layers)
+    return arch
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -129,11 +139,6 @@ class _Entry:
     shape: tuple[int, ...]
 
 
-def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's q/k row order (undoes the Hugging Face rotary half-split); any [O, ...] tensor."""
-    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
 def _trained_type(spec, has_g_idx: bool = False) -> str | None:
     """The GGUF type a weight was trained / quantized on (a ggml or ggml_k grid), else None."""
     if spec is None or has_g_idx:
@@ -153,8 +158,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
         ValueError: an unknown type or mix, an unknown architecture, or a parameter with no GGUF name.
     """
     config = model.config
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"GGUF export: architecture {config.model_type!r} is not supported; known: {list(ARCHITECTURES)}")
+    arch = export_arch(model)
     if gguf_type not in BLOCK and gguf_type not in MIXES:
         raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -162,7 +166,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
-        name, (spec, has_g_idx) = gguf_name(hf), weight_spec(model, hf)
+        name, (spec, has_g_idx) = arch.gguf_name(hf, config.num_hidden_layers), weight_spec(model, hf)
         module, _, leaf = hf.rpartition(".")
         owner = model.get_submodule(module)
         shape = tuple(owner.qweight.shape) if hasattr(owner, "qweight") and leaf == "weight" else tuple(getattr(owner, leaf).shape)
@@ -185,10 +189,9 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
 
 
 def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = None) -> np.ndarray:
-    config = model.config
+    arch, config = export_arch(model), model.config
     w = weight_of(model, entry.hf)
-    n_head = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(entry.name.split(".")[-2])
-    perm = (lambda t: _permute_rows(t, n_head)) if n_head and entry.name.startswith("blk.") else (lambda t: t)
+    perm = lambda t: arch.to_gguf(entry.name, t, config)  # noqa: E731  (codes, scales and weights alike)
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
@@ -207,10 +210,10 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
                 importance: dict[str, torch.Tensor] | None = None, pure: bool = False) -> Path:
-    """Write `model` (float, prepared or converted; llama architecture) as a GGUF file.
+    """Write `model` (float, prepared or converted; an architecture of `qat.arch`) as a GGUF file.
 
     Args:
-        model: a Hugging Face llama-architecture causal LM.
+        model: a Hugging Face causal LM whose model_type has an adapter in `qat.arch` (llama, mistral).
         path: the .gguf file to write (atomically).
         gguf_type: a tensor type or a mix (see the module docstring).
         tokenizer: a Hugging Face byte-level BPE tokenizer to embed (llama.cpp needs one to run).
@@ -224,18 +227,15 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     Example:
         >>> export_gguf(model, "out/m.gguf", "Q4_K_M", tokenizer=tok)
     """
-    import gguf
-
     entries = plan_types(model, gguf_type, importance is not None, pure)  # float, prepared or converted: weights are taken one at a time
     warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
     with atomic_path(path) as tmp, torch.no_grad():
-        writer = gguf.GGUFWriter(str(tmp), model.config.model_type if model.config.model_type == "llama" else "llama")
-        _write_metadata(writer, model.config, gguf_type, path.stem)
+        arch = export_arch(model)
+        writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch_name)
+        _write_metadata(writer, arch, model.config, gguf_type, path.stem)
         if tokenizer is not None:
-            from qat.export.gguf_vocab import add_tokenizer
-
-            add_tokenizer(writer, tokenizer, n_vocab=model.config.vocab_size)
+            add_tokenizer(writer, tokenizer, pre=arch.tokenizer_pre, n_vocab=model.config.vocab_size)
         else:
             log.warning("%s: written without a tokenizer; llama.cpp and Ollama refuse such files "
                         "(tokenizer.ggml.model is required): pass tokenizer= to embed one", path)
@@ -255,25 +255,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     return path
 
 
-def _write_metadata(writer, config, gguf_type: str, name: str) -> None:
-    import gguf
-
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+def _write_metadata(writer, arch: ArchAdapter, config, gguf_type: str, name: str) -> None:
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    arch.write_metadata(writer, config)
     # a single K type has no file type of its own: write the one llama.cpp's loader guesses for such a file
     # (Ollama shows general.file_type as the quantization label, "unknown" without it)
     label = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(gguf_type, gguf_type)

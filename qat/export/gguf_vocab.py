@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 
+import gguf
+
 _BYTE_LEVEL_REGEX = {"type": "ByteLevel", "use_regex": True}
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
@@ -61,8 +63,6 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     Example:
         >>> add_tokenizer(writer, AutoTokenizer.from_pretrained(folder), pre="smollm")
     """
-    import gguf
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})

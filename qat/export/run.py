@@ -241,14 +241,9 @@ def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) ->
     from qat.export._io import integer_modules
 
     if format == "gguf":  # plan_types' checks without its fallback warnings (the writer gives those)
-        from qat.export._io import float_weight_names
-        from qat.export.gguf_export import ARCHITECTURES, gguf_name
+        from qat.export.gguf_export import check_names
 
-        arch = getattr(source.config, "model_type", None)
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"GGUF export: architecture {arch!r} of {model!r} is not supported; known: {list(ARCHITECTURES)}")
-        for name in float_weight_names(source):
-            gguf_name(name)
+        check_names(source, repr(model))
     elif not integer_modules(source):
         raise ValueError(f"format={format} stores quantized weights, and model.path={model!r} loaded as a float model: "
                          "pass quant=<recipe> (e.g. quant=w4a16_g128) or a quantized export as model.path")

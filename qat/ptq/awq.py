@@ -10,57 +10,19 @@ Output errors are computed exactly from the input Gram matrix G = sum x x^T:
 ||X dW^T||^2 = sum((dW G) * dW), so each grid point costs one [O, I] x [I, I] product instead of a pass
 over all calibration tokens. The error is the sum over the consumer linears' outputs (the reference
 measures it after the attention / MLP block; the linear outputs are what the scaling acts on).
+
+This module holds the pure searches; the method (block driver, options) is `qat.ptq.methods.awq`.
 """
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range, fake_quantize_forward, group_view
-from qat.ptq.fold import applicable, fold_scales, parse_mappings
-from qat.ptq.gptq import check_spec
 from qat.spec import QuantSpec
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class AWQConfig:
-    """Method config of AWQ (configs/method/awq.yaml).
-
-    Args:
-        n_grid: grid points of the scaling exponent (20).
-        duo_scaling: AutoAWQ's s = x^r / w^(1-r) instead of llm-awq's s = x^r.
-        clip: run the clipping search after scaling.
-        clip_grid / max_shrink: clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink.
-        clip_skip: linears (name suffixes) left unclipped; llm-awq skips q/k (their error is amplified by softmax).
-        mappings: producer -> consumers entries; None uses the Llama mappings (`qat.ptq.fold.LLAMA_MAPPINGS`).
-        min_tokens: fewer calibration tokens than this is an error.
-    """
-
-    n_grid: int = 20
-    duo_scaling: bool = False
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    clip_skip: Sequence[str] = ("q_proj", "k_proj")
-    mappings: Sequence[dict[str, Any]] | None = None
-    min_tokens: int = 128
-    check_fold: bool = True
-
-    def __post_init__(self) -> None:
-        from qat.ptq.stats import check_ranges
-
-        check_ranges("awq", {"n_grid": (self.n_grid, self.n_grid >= 1, ">= 1"),
-                             "clip_grid": (self.clip_grid, self.clip_grid >= 1, ">= 1"),
-                             "max_shrink": (self.max_shrink, 0.0 <= self.max_shrink < 1.0, "in [0, 1)"),
-                             "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
-        self.mappings = parse_mappings(self.mappings)
 
 
 def output_error(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -148,59 +110,3 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
         best_err = torch.where(better, err, best_err)
         best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
     return choose_qparams(best_lo, best_hi, spec)
-
-
-def awq_block(cfg: AWQConfig):
-    """The `solve_block` of `qat.ptq.runner.sequential` for AWQ."""
-    from qat.ptq.rtn import pin_rtn
-    from qat.ptq.runner import activation_quantizers_off, float_pass, quantized_linears
-    from qat.ptq.stats import record_inputs
-
-    def solve(name, block, inputs, is_model):
-        linears = quantized_linears(block)
-        with activation_quantizers_off(block), record_inputs(linears) as stats:
-            ref = float_pass(block, inputs[:1] if cfg.check_fold else [], is_model)
-            float_pass(block, inputs[1:] if cfg.check_fold else inputs, is_model)
-        in_scale = {}
-        for mapping, prev, lins in applicable(block, cfg.mappings, linears, f"awq {name}"):
-            st = [stats[n] for n in mapping.linears]
-            s, err, err_rtn = search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
-                                           [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)
-            log.debug("awq %s %s: error %.4g (rtn %.4g)", name, mapping.linears, err, err_rtn)
-            fold_scales(prev, lins, s)
-            for n in mapping.linears:
-                in_scale[n] = s
-        if cfg.check_fold and ref:
-            _check_fold(name, ref, float_pass(block, inputs[:1], is_model))
-        for n, module in linears.items():
-            if not cfg.clip or any(n.endswith(skip) for skip in cfg.clip_skip) or stats[n].n_tokens == 0:
-                pin_rtn(module)
-                continue
-            gram = stats[n].gram
-            if n in in_scale:
-                gram = gram / torch.outer(in_scale[n], in_scale[n])
-            module.weight_quantizer.set_qparams(*search_clip(module.weight, gram, module.weight_quantizer.spec,
-                                                             cfg.clip_grid, cfg.max_shrink))
-
-    return solve
-
-
-def _check_fold(name: str, before: list, after: list) -> None:
-    for a, b in zip(before, after):
-        rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
-        if not math.isfinite(rel) or rel > 1e-3:
-            raise ValueError(f"{name}: folding scales into the previous ops changed the float block output "
-                             f"(relative {rel:.3g}); a producer is not a plain channel scale (e.g. a (1 + weight) "
-                             "norm): give method.mappings for this architecture")
-
-
-def check_specs(linears: dict, owner: str) -> None:
-    """Refuse weight schemes AWQ / GPTQ cannot solve, listing every offender."""
-    errors = []
-    for n, m in linears.items():
-        try:
-            check_spec(m.weight_quantizer.spec, n)
-        except ValueError as err:
-            errors.append(str(err))
-    if errors:
-        raise ValueError(f"{owner}:\n" + "\n".join(f"  - {e}" for e in errors))

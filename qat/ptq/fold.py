@@ -1,44 +1,35 @@
 """Per-input-channel scales folded into the previous op, so the float model computes the same function.
 
-A mapping names, inside one decoder block, the op that produces an input (`prev`: an RMSNorm/LayerNorm
+A mapping (`qat.arch.Mapping`) names, inside one decoder block, the op that produces an input (`prev`: an RMSNorm/LayerNorm
 whose weight multiplies its output, or a Linear) and the linears that consume it. Scaling the
 consumers' weight columns by s and dividing the producer's output by s leaves the float output
 unchanged; AWQ and SmoothQuant choose s so that the quantized weights (and activations) lose less.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import logging
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-# Llama / Mistral / Qwen2 / SmolLM decoder layers (names relative to the layer).
-LLAMA_MAPPINGS: tuple[dict[str, Any], ...] = (
-    {"prev": "input_layernorm", "linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]},
-    {"prev": "self_attn.v_proj", "linears": ["self_attn.o_proj"]},
-    {"prev": "post_attention_layernorm", "linears": ["mlp.gate_proj", "mlp.up_proj"]},
-    {"prev": "mlp.up_proj", "linears": ["mlp.down_proj"]},
-)
+from qat.arch import ArchAdapter, Mapping, get_arch
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Mapping:
-    """One producer -> consumers group, resolved inside a block."""
-
-    prev: str
-    linears: tuple[str, ...]
-
-
-def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") -> list[Mapping]:
-    """Validate mapping entries ({prev: str, linears: [str, ...]}); None gives the Llama mappings.
+def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") -> list[Mapping] | None:
+    """Validate mapping entries ({prev: str, linears: [str, ...]}); None stays None (the architecture's).
 
     Raises:
         ValueError: an entry without `prev` / `linears`, or with unknown keys.
     """
+    if raw is None:
+        return None
     out = []
-    for i, entry in enumerate(LLAMA_MAPPINGS if raw is None else raw):
-        entry = dict(entry)
+    for i, entry in enumerate(raw):
+        entry = dataclasses.asdict(entry) if isinstance(entry, Mapping) else dict(entry)
         unknown = sorted(set(entry) - {"prev", "linears"})
         if unknown or not isinstance(entry.get("prev"), str) or not entry.get("linears"):
             raise ValueError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...]}}")
@@ -63,6 +54,7 @@ def resolve(block: nn.Module, mapping: Mapping) -> tuple[nn.Module, list[nn.Modu
 
 
 def out_width(prev: nn.Module) -> int | None:
+    """The output width of a producer: a Linear's out_features, a norm's weight length (None otherwise)."""
     if isinstance(prev, nn.Linear):
         return prev.out_features
     weight = getattr(prev, "weight", None)
@@ -86,13 +78,29 @@ def fold_scales(prev: nn.Module, linears: Sequence[nn.Module], s: torch.Tensor) 
         lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
 
 
+def arch_mappings(given: Sequence[Mapping] | None, model: nn.Module, method: str, smooth: bool = False):
+    """The mappings a method folds through: `given` (method.mappings), else the model's architecture's.
+
+    Args:
+        smooth: the architecture's SmoothQuant mappings (norm -> linears only) instead of all of them.
+    Raises:
+        ValueError: no `given` mappings for a family `qat.arch` does not know (naming the option to set).
+    """
+    if given is not None:
+        return list(given)
+    try:
+        arch: ArchAdapter = get_arch(model)
+    except ValueError as err:
+        raise ValueError(f"{method}: method.mappings=null takes the norm -> linear mappings of the model's "
+                         f"architecture, and {err}; or give method.mappings") from None
+    return list(arch.smooth_mappings if smooth else arch.mappings)
+
+
 def applicable(block: nn.Module, mappings: Sequence[Mapping], linears: dict, method: str):
     """(mapping, prev op, linears) for each mapping that applies to `block` with all its linears quantized."""
-    import logging
-
     for mapping in mappings:
         found = resolve(block, mapping)
         if found is None or any(n not in linears for n in mapping.linears):
-            logging.getLogger(__name__).debug("%s: mapping %s -> %s does not apply", method, mapping.prev, mapping.linears)
+            log.debug("%s: mapping %s -> %s does not apply", method, mapping.prev, mapping.linears)
             continue
         yield (mapping, *found)

@@ -15,7 +15,6 @@ Differences from the reference, on purpose:
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ import torch
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, fake_quantize_forward
 from qat.spec import QuantSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +37,12 @@ class GPTQResult:
     damp: float  # the dampening added to diag(H) in the end
 
 
+# -- format-dependent branches ----------------------------------------------------------------------
+# Every place the GPTQ solver depends on the weight's number format (uniform integer grid vs the GGUF block
+# grids ggml / ggml_k) is in this section, so that the format registry can take these over in one place.
+SOLVABLE_GRIDS = ("uniform", "ggml", "ggml_k")  # GPTQ; AWQ solves the uniform grid only
+
+
 def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
     """GPTQ / AWQ solve integer weight grids per tensor, channel or group; GPTQ also the GGUF block grids.
 
@@ -48,7 +51,7 @@ def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
     Raises:
         ValueError: naming the module and what is supported.
     """
-    allowed = ("uniform", "ggml", "ggml_k") if grids else ("uniform",)
+    allowed = SOLVABLE_GRIDS if grids else SOLVABLE_GRIDS[:1]
     if spec.is_float or spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
         raise ValueError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
                          "use an integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid "
@@ -57,32 +60,9 @@ def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
         raise ValueError(f"{name}: per_channel weights need axis=0 (one scale per output row), got axis={spec.axis}")
 
 
-def check_model(linears: dict, cfg: "GPTQConfig") -> None:
-    """Every check GPTQ can make before solving, all offenders listed at once.
-
-    Raises:
-        ValueError: unsupported weight schemes; act-order with dynamic groups on learned scales (which cannot
-            hold a g_idx) or on a GGUF grid (whose blocks cannot).
-    Example:
-        >>> check_model(quantized_linears(model), GPTQConfig(actorder=True, static_groups=True))
-    """
-    errors = []
-    for n, m in linears.items():
-        spec = m.weight_quantizer.spec
-        try:
-            check_spec(spec, n, grids=True)
-        except ValueError as err:
-            errors.append(str(err))
-            continue
-        if cfg.actorder and not cfg.static_groups and spec.granularity == "per_group":
-            if m.weight_quantizer.learned:
-                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which learned scales do not "
-                              "support; set static_groups=true")
-            elif spec.grid != "uniform":
-                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
-                              "grid) cannot hold; set static_groups=true or actorder=false")
-    if errors:
-        raise ValueError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+def holds_g_idx(spec: QuantSpec) -> bool:
+    """Whether weights of this format can record an act-order group index (GGUF blocks cannot)."""
+    return spec.grid == "uniform"
 
 
 def column_spec(spec: QuantSpec) -> QuantSpec:
@@ -110,6 +90,29 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec, observer=None,
     return choose_qparams(*observer.range_of(w), spec)
 
 
+def column_quantizer(spec: QuantSpec):
+    """fake-quantize one column [O, 1] with its group's qparams [O, 1], through `qat.primitives`.
+
+    Uniform grids use `spec` as per_channel (the same element-wise arithmetic); the GGUF grids only exist
+    per_group, so their column is one group of width 1 picked by a constant g_idx."""
+    if spec.grid == "uniform":
+        flat = column_spec(spec)
+        return lambda w, s, z: fake_quantize_forward(w, s, z, flat)[0]
+    first = torch.zeros(1, dtype=torch.long)
+
+    def quant(w, s, z):
+        return fake_quantize_forward(w, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1), spec,
+                                     g_idx=first.to(w.device))[0]
+
+    return quant
+
+
+def fit_span(spec: QuantSpec) -> int:
+    """Columns whose qparams are fitted together: a K-quant super-block, else one group."""
+    return 256 if spec.grid == "ggml_k" else (spec.group_size or 1)
+
+
+# -- solver -----------------------------------------------------------------------------------------
 def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str = "layer", retries: int = 6):
     """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H).
 
@@ -184,7 +187,7 @@ def gptq_quantize(
                          f"got weight {tuple(W.shape)} and Hessian {tuple(hessian.shape)}")
     grouped = spec.granularity == "per_group"
     dynamic = grouped and not static_groups
-    if dynamic and actorder and spec.grid != "uniform":
+    if dynamic and actorder and not holds_g_idx(spec):
         raise ValueError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
                          "cannot hold; set static_groups=true or actorder=false")
     H = hessian.detach().float().clone()
@@ -205,7 +208,7 @@ def gptq_quantize(
     # dynamic groups follow the solve order (g_idx maps them back); static ones stay contiguous groups
     col_group = (perm // group if perm is not None and not dynamic else torch.arange(I, device=W.device) // group).tolist()
     fit = _group_fitter(spec, observer, torch.diag(H) if importance_fit else None, scales, zeros) if dynamic else None
-    Q, loss = _solve(W, hinv, _column_quantizer(spec), col_group, scales, zeros, fit, _fit_span(spec), blocksize)
+    Q, loss = _solve(W, hinv, column_quantizer(spec), col_group, scales, zeros, fit, fit_span(spec), blocksize)
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
@@ -239,23 +242,6 @@ def _layout(t: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor | None:
     return t.contiguous()  # per_channel [O, 1]
 
 
-def _column_quantizer(spec: QuantSpec):
-    """fake-quantize one column [O, 1] with its group's qparams [O, 1], through `qat.primitives`.
-
-    Uniform grids use `spec` as per_channel (the same element-wise arithmetic); the GGUF grids only exist
-    per_group, so their column is one group of width 1 picked by a constant g_idx."""
-    if spec.grid == "uniform":
-        flat = column_spec(spec)
-        return lambda w, s, z: fake_quantize_forward(w, s, z, flat)[0]
-    first = torch.zeros(1, dtype=torch.long)
-
-    def quant(w, s, z):
-        return fake_quantize_forward(w, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1), spec,
-                                     g_idx=first.to(w.device))[0]
-
-    return quant
-
-
 def _group_fitter(spec, observer, importance, scales, zeros):
     """fit(col, ahead): the qparams of the groups starting at column `col`, fitted on the error-updated
     columns `ahead`, stored in the tables. One group at a time; a K-quant super-block (256 columns) at once,
@@ -265,11 +251,6 @@ def _group_fitter(spec, observer, importance, scales, zeros):
         _store(scales, zeros, col // spec.group_size, *fit_qparams(ahead, spec, observer, imp))
 
     return fit
-
-
-def _fit_span(spec: QuantSpec) -> int:
-    """Columns whose qparams are fitted together: a K-quant super-block, else one group."""
-    return 256 if spec.grid == "ggml_k" else (spec.group_size or 1)
 
 
 def _ahead(W, W1, err1, hinv, i1, i2, i, span):
@@ -322,102 +303,3 @@ def _solve(W, hinv, quant, col_group, scales, zeros, fit, span, blocksize):
 
 
 INNER = 32  # columns per inner lazy update
-
-
-# -- model driver ---------------------------------------------------------------------------------
-@dataclass
-class GPTQConfig:
-    """Method config of GPTQ (configs/method/gptq.yaml).
-
-    Args:
-        blocksize: columns per lazy batch update (128).
-        percdamp: dampening as a fraction of mean(diag H) (0.01).
-        actorder: desc_act column order (records g_idx with dynamic groups).
-        static_groups: group qparams fitted on the original weights.
-        true_sequential: inside a block, calibrate each stage (q/k/v, o, gate/up, down) on the outputs
-            of the already-quantized stages before it.
-        min_tokens: fewer calibration tokens than this is an error.
-    """
-
-    blocksize: int = 128
-    percdamp: float = 0.01
-    actorder: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
-    min_tokens: int = 128
-
-    def __post_init__(self) -> None:
-        from qat.ptq.stats import check_ranges
-
-        check_ranges("gptq", {"blocksize": (self.blocksize, self.blocksize >= 1, ">= 1"),
-                              "percdamp": (self.percdamp, 0.0 <= self.percdamp < 1.0, "in [0, 1)"),
-                              "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
-
-
-def solve_linear(name: str, module, stats, cfg: GPTQConfig) -> float | None:
-    """GPTQ one FakeQuantLinear from its input statistics; set its weight and pin its qparams.
-
-    Falls back to round-to-nearest, with a warning, when the layer saw no tokens or only zero inputs.
-    Returns:
-        the GPTQ loss, or None for the RTN fallback.
-    """
-    from qat.ptq.rtn import pin_rtn
-
-    quantizer = module.weight_quantizer
-    if stats.n_tokens == 0 or not bool(torch.diag(stats.gram).any()):
-        warnings.warn(f"{name}: all calibration inputs of this layer are zero (or it was never called); "
-                      "quantizing it round-to-nearest instead of GPTQ", RuntimeWarning, stacklevel=2)
-        pin_rtn(module)
-        return None
-    res = gptq_quantize(module.weight, stats.hessian(), quantizer.spec, cfg.blocksize, cfg.percdamp,
-                        cfg.actorder, cfg.static_groups, name=name)
-    with torch.no_grad():
-        module.weight.copy_(res.weight)
-    quantizer.set_qparams(res.scale, res.zero_point, res.g_idx)
-    return res.loss
-
-
-def stages(block, inputs, linears: dict, is_model: bool) -> list[list[str]]:
-    """Linears grouped by the tensor they read, in call order (q/k/v, o, gate/up, down for Llama)."""
-    from qat.control import quantization_disabled
-    from qat.ptq.runner import run_block
-    from qat.ptq.stats import record_call_order
-
-    with quantization_disabled(block), record_call_order(linears) as order:
-        run_block(block, inputs[:1], is_model)
-    groups: list[list[str]] = []
-    last = None
-    for n, tensor in order:
-        if tensor is not last:
-            groups.append([])
-        groups[-1].append(n)
-        last = tensor
-    missing = [n for n in linears if all(n not in g for g in groups)]
-    return groups + [[n] for n in missing]  # never called here: each on its own
-
-
-def gptq_block(cfg: GPTQConfig):
-    """The `solve_block` of `qat.ptq.runner.sequential` for GPTQ."""
-    from qat.control import quantization_disabled
-    from qat.ptq.runner import activation_quantizers_off, quantized_linears, run_block
-    from qat.ptq.stats import record_inputs
-
-    def solve(name, block, inputs, is_model):
-        linears = quantized_linears(block)
-        groups = stages(block, inputs, linears, is_model) if cfg.true_sequential else [list(linears)]
-        for group in groups:
-            mods = {n: linears[n] for n in group}
-            # a stage's linears read one tensor (q/k/v, gate/up): one Hessian serves them all
-            recorded = {group[0]: mods[group[0]]} if cfg.true_sequential else mods
-            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False) as stats:
-                if cfg.true_sequential:
-                    run_block(block, inputs, is_model)
-                else:
-                    with quantization_disabled(block):
-                        run_block(block, inputs, is_model)
-            for n in group:
-                loss = solve_linear(f"{name}.{n}", mods[n], stats.get(n, stats[group[0]]), cfg)
-                log.debug("gptq %s.%s loss=%s", name, n, loss)
-            del stats
-
-    return solve

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from qat.arch import ArchAdapter, find_arch
 from qat.control import quantization_disabled, quantizers
 from qat.modules.fake import FakeQuantLinear
 
@@ -26,6 +28,48 @@ class _Stop(Exception):
     pass
 
 
+@dataclass
+class BlockContext:
+    """What a method's `solve_block` works on: one decoder block and the inputs that reach it.
+
+    Attributes:
+        name: the block's name ("model.layers.3").
+        block: the block module.
+        inputs: (args, kwargs) the block is called with, one per calibration batch, through the
+            already-quantized blocks before it (empty when a method runs without data).
+        is_model: the block is the whole model (a model without repeated blocks), called on raw batches.
+        model: the whole model.
+        arch: the model's architecture adapter (None for a family `qat.arch` does not know).
+        linears: the block's fake-quant linears with a weight quantizer, by name relative to the block.
+    """
+
+    name: str
+    block: nn.Module
+    inputs: Inputs
+    is_model: bool
+    model: nn.Module
+    arch: ArchAdapter | None = None
+    linears: dict[str, FakeQuantLinear] = field(default_factory=dict)
+
+    @property
+    def recipe(self):
+        """The QuantRecipe the model was prepared with (None if unknown)."""
+        return getattr(self.model, "qat_recipe", None)
+
+    def run(self, inputs: Inputs | None = None) -> list[Any]:
+        """The block's outputs on `inputs` (default: all its cached inputs)."""
+        return run_block(self.block, self.inputs if inputs is None else inputs, self.is_model)
+
+    def float_run(self, inputs: Inputs | None = None) -> list[Any]:
+        """The block's outputs with its quantization off."""
+        return float_pass(self.block, self.inputs if inputs is None else inputs, self.is_model)
+
+
+def block_context(name: str, block: nn.Module, inputs: Inputs, is_model: bool, model: nn.Module) -> BlockContext:
+    """The BlockContext of `block` of `model` (its adapter and quantized linears filled in)."""
+    return BlockContext(name, block, inputs, is_model, model, find_arch(model), quantized_linears(block))
+
+
 def quantized_linears(module: nn.Module) -> dict[str, FakeQuantLinear]:
     """FakeQuantLinear modules with a weight quantizer, by name relative to `module`."""
     return {n: m for n, m in module.named_modules()
@@ -33,7 +77,9 @@ def quantized_linears(module: nn.Module) -> dict[str, FakeQuantLinear]:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The repeated decoder blocks: the ModuleList holding the most quantized linears.
+    """The repeated decoder blocks: where the model's architecture adapter says they are, else (a family
+    `qat.arch` does not know, or blocks without quantized linears) the ModuleList holding the most quantized
+    linears.
 
     Returns:
         (its name, its blocks); ("", [model]) when the model has no such list (then the whole model is
@@ -42,6 +88,11 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
         >>> find_blocks(llama)[0]
         'model.layers'
     """
+    arch = find_arch(model)
+    if arch is not None:
+        name, blocks = arch.blocks(model)
+        if any(quantized_linears(b) for b in blocks):
+            return name, blocks
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module):
@@ -127,19 +178,19 @@ def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list
 def sequential(
     model: nn.Module,
     batches: Iterable[Any],
-    solve_block: Callable[[str, nn.Module, Inputs, bool], None],
+    solve_block: Callable[[BlockContext], None],
     desc: str = "ptq",
     progress: bool = True,
 ) -> None:
-    """Run `solve_block(name, block, inputs, is_model)` on each decoder block in order, feeding quantized outputs on.
+    """Run `solve_block(ctx)` on each decoder block in order, feeding quantized outputs on.
 
     Args:
         model: a prepared model.
         batches: calibration inputs (LongTensor ids, or mappings of model kwargs).
-        solve_block: sets the weights and pinned qparams of one block's linears.
+        solve_block: sets the weights and pinned qparams of one block's linears from its BlockContext.
         desc: progress-bar label.
     Example:
-        >>> sequential(model, batches, lambda name, block, inputs, is_model: rtn_block(block))
+        >>> sequential(model, batches, lambda ctx: print(ctx.name, list(ctx.linears)))
     """
     prefix, blocks = find_blocks(model)
     is_model = blocks[0] is model
@@ -149,7 +200,7 @@ def sequential(
     bar = _progress(len(blocks), desc, progress)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}" if prefix else (type(model).__name__ if is_model else str(i))
-        solve_block(name, block, inputs, is_model)
+        solve_block(block_context(name, block, inputs, is_model, model))
         calibrate_activations(block, inputs, is_model)
         if i + 1 < len(blocks):
             outs = run_block(block, inputs, is_model)

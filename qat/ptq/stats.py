@@ -156,16 +156,3 @@ def _order_hook(name, order):
             order.append((name, args[0]))
 
     return hook
-
-
-def check_ranges(method: str, checks: dict[str, tuple[object, bool, str]]) -> None:
-    """Raise one error naming only the options out of range: {option: (value, ok, "rule")}.
-
-    Raises:
-        ValueError: e.g. "gptq: percdamp=-1 must be in [0, 1)".
-    Example:
-        >>> check_ranges("gptq", {"blocksize": (0, 0 >= 1, ">= 1")})  # ValueError: gptq: blocksize=0 must be >= 1
-    """
-    bad = [f"{name}={value!r} must be {rule}" for name, (value, ok, rule) in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"{method}: " + "; ".join(bad))

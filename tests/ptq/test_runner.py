@@ -7,7 +7,7 @@ import torch
 
 import qat
 from qat.ptq import InputStats, apply, ptq_model
-from qat.ptq.gptq import stages
+from qat.ptq.methods.gptq import stages
 from qat.ptq.runner import capture_inputs, find_blocks, quantized_linears
 
 from .conftest import recipe

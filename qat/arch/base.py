@@ -1,0 +1,198 @@
+"""Model-family adapters, registered by Hugging Face `model_type`: what qat needs to know about an architecture.
+
+An adapter owns, for one family: where its decoder blocks are, the norm -> linear mappings that AWQ,
+SmoothQuant and weight folding scale through, its GGUF architecture and tensor names (gguf-py's
+`TensorNameMap`, the table llama.cpp's converter uses), the tensor transforms llama.cpp's converter applies,
+the GGUF metadata it writes, and the transformers classes a GGUF file of that architecture is read into.
+
+Adding a family is one file, `qat/arch/<family>.py`, holding a subclass decorated with `@register_arch`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import gguf
+import torch
+from torch import nn
+
+ARCHS: dict[str, "ArchAdapter"] = {}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One producer -> consumers group inside a decoder block (module names relative to the block).
+
+    `prev` is the op producing the consumers' shared input (a norm whose weight scales its output, or a
+    Linear); scaling the consumers' input columns by s and dividing `prev`'s output by s keeps the function.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+def register_arch(cls: type["ArchAdapter"]) -> type["ArchAdapter"]:
+    """Class decorator: register one instance of an adapter under each of its `model_types`.
+
+    Raises:
+        ValueError: a model_type registered twice.
+    Example:
+        >>> @register_arch
+        ... class Qwen2Adapter(LlamaAdapter):
+        ...     model_types = ("qwen2",)
+    """
+    adapter = cls()
+    for model_type in cls.model_types:
+        if model_type in ARCHS and type(ARCHS[model_type]) is not cls:
+            raise ValueError(f"architecture {model_type!r} is registered twice: {type(ARCHS[model_type]).__name__} "
+                             f"and {cls.__name__}")
+        ARCHS[model_type] = adapter
+    return cls
+
+
+def registered_archs() -> list[str]:
+    """The registered Hugging Face model_types, sorted."""
+    return sorted(ARCHS)
+
+
+def model_type_of(obj: Any) -> str | None:
+    """The model_type of a model (its `config`), a config, or a model_type string; None when it has none."""
+    if isinstance(obj, str):
+        return obj
+    config = getattr(obj, "config", obj)
+    return getattr(config, "model_type", None)
+
+
+def find_arch(obj: Any) -> "ArchAdapter | None":
+    """The adapter of a model / config / model_type, or None when its family is not registered."""
+    return ARCHS.get(model_type_of(obj))
+
+
+def get_arch(obj: Any, context: str = "") -> "ArchAdapter":
+    """The adapter of a model, a config or a model_type.
+
+    Args:
+        obj: a Hugging Face model, its config, or a model_type string ("llama").
+        context: words put after the name in the error (e.g. " of 'tiny'").
+    Raises:
+        ValueError: an unregistered family, listing the known ones and the file to add.
+    Example:
+        >>> get_arch("mistral").gguf_arch_name
+        'llama'
+    """
+    model_type = model_type_of(obj)
+    if model_type not in ARCHS:
+        family = model_type if isinstance(model_type, str) and model_type.isidentifier() else "<family>"
+        raise ValueError(f"architecture {model_type!r}{context} is not supported; known: {registered_archs()}; "
+                         f"add an adapter in qat/arch/{family}.py (see qat/arch/llama.py)")
+    return ARCHS[model_type]
+
+
+def gguf_reader_arch(gguf_arch: str) -> "ArchAdapter | None":
+    """The adapter that reads GGUF files whose general.architecture is `gguf_arch` (None if none does)."""
+    return next((a for a in ARCHS.values() if a.reads_gguf and a.gguf_arch_name == gguf_arch), None)
+
+
+def gguf_reader_archs() -> list[str]:
+    """The general.architecture values some adapter reads, sorted."""
+    return sorted({a.gguf_arch_name for a in ARCHS.values() if a.reads_gguf})
+
+
+@functools.lru_cache(maxsize=32)
+def tensor_name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    """gguf-py's Hugging Face -> GGUF tensor name table for `arch` with `n_blocks` blocks (built once)."""
+    return gguf.TensorNameMap(arch, n_blocks)
+
+
+class ArchAdapter:
+    """What qat needs to know about one model family; subclass it in `qat/arch/<family>.py`.
+
+    Class attributes:
+        model_types: the Hugging Face model_types it serves.
+        gguf_arch: the gguf-py architecture its GGUF files are written as.
+        config_class / model_class: transformers class names a GGUF file is read into.
+        blocks_path: the ModuleList of decoder blocks.
+        mappings: norm / linear -> linears groups for scale folding (AWQ).
+        smooth_mappings: the norm -> linears groups SmoothQuant smooths.
+        tokenizer_pre: llama.cpp's tokenizer.ggml.pre for the family (None: detected from the tokenizer).
+        reads_gguf: whether GGUF files of `gguf_arch` are imported through this adapter.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    config_class: ClassVar[str]
+    model_class: ClassVar[str]
+    blocks_path: ClassVar[str] = "model.layers"
+    mappings: ClassVar[tuple[Mapping, ...]] = ()
+    smooth_mappings: ClassVar[tuple[Mapping, ...]] = ()
+    tokenizer_pre: ClassVar[str | None] = None
+    reads_gguf: ClassVar[bool] = True
+
+    @property
+    def gguf_arch_name(self) -> str:
+        """general.architecture of the GGUF files this family is written as ("llama")."""
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    # -- model structure ----------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> tuple[str, list[nn.Module]]:
+        """(name, modules) of the decoder blocks ("model.layers", [...])."""
+        return self.blocks_path, list(model.get_submodule(self.blocks_path))
+
+    # -- GGUF names ---------------------------------------------------------------------------------
+    def gguf_name(self, hf_name: str, n_blocks: int) -> str:
+        """GGUF tensor name of a Hugging Face parameter name, from gguf-py's TensorNameMap.
+
+        Raises:
+            ValueError: a parameter the GGUF layout has no place for.
+        Example:
+            >>> get_arch("llama").gguf_name("model.layers.3.mlp.down_proj.weight", 4)
+            'blk.3.ffn_down.weight'
+        """
+        module, _, leaf = hf_name.rpartition(".")
+        base = tensor_name_map(self.gguf_arch, n_blocks).get_name(module)
+        if base is None:
+            raise ValueError(f"{hf_name!r} has no GGUF {self.gguf_arch_name} tensor name (gguf.TensorNameMap of "
+                             f"{self.gguf_arch_name} with {n_blocks} blocks knows no module {module!r})")
+        return f"{base}.{leaf}"
+
+    def hf_names(self, hf_names: Iterable[str], n_blocks: int) -> dict[str, str]:
+        """{GGUF name: Hugging Face name} for the parameters `hf_names` of a model (the importer's inverse)."""
+        out = {}
+        for name in hf_names:
+            try:
+                out[self.gguf_name(name, n_blocks)] = name
+            except ValueError:
+                continue
+        return out
+
+    # -- tensor transforms --------------------------------------------------------------------------
+    def to_gguf(self, gguf_name: str, t: torch.Tensor, config: Any) -> torch.Tensor:
+        """The rows of `t` (a weight, or its codes / scales, [O, ...]) as llama.cpp's converter lays them out."""
+        return t
+
+    def from_gguf(self, gguf_name: str, t: torch.Tensor, config: Any) -> torch.Tensor:
+        """Inverse of `to_gguf`: a GGUF tensor's rows in Hugging Face order."""
+        return t
+
+    # -- GGUF metadata ------------------------------------------------------------------------------
+    def write_metadata(self, writer: gguf.GGUFWriter, config: Any) -> None:
+        """Write the architecture's hyper-parameter keys ({arch}.context_length, ...) from `config`."""
+        raise NotImplementedError(f"{type(self).__name__} writes no GGUF metadata")
+
+    def config_from_gguf(self, field: Callable[[str, Any], Any], tensor_names: set[str], where: str = ""):
+        """The transformers config of a GGUF file of this architecture.
+
+        Args:
+            field: field(key, default) reads a metadata key ("llama.block_count").
+            tensor_names: the file's tensor names.
+            where: "'<path>': " for error messages.
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads no GGUF files")
+
+    def build_model(self, config: Any) -> nn.Module:
+        """A randomly initialised causal LM of `model_class` for `config`."""
+        # transformers is imported on use: it takes seconds, and the core runs on plain PyTorch models without it
+        import transformers
+
+        return getattr(transformers, self.model_class)(config)

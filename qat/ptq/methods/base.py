@@ -1,0 +1,83 @@
+"""The PTQ method registry: one `PTQMethod` subclass per algorithm, registered by name.
+
+A method has a `Config` (a dataclass of its options, checked in `__post_init__`; its YAML is
+configs/method/<name>.yaml), `check(model, linears)` (everything it can refuse before solving) and
+`solve_block(ctx)` (the per-block work on a `qat.ptq.runner.BlockContext`). `run` drives the blocks
+through `qat.ptq.runner.sequential`; a method that needs no block-by-block pass overrides it.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable
+
+from torch import nn
+
+from qat.ptq.runner import BlockContext, sequential
+
+METHODS: dict[str, type["PTQMethod"]] = {}
+
+
+def register_method(cls: type["PTQMethod"]) -> type["PTQMethod"]:
+    """Class decorator: register a PTQ method under `cls.name`.
+
+    Raises:
+        ValueError: a name registered twice.
+    Example:
+        >>> @register_method
+        ... class MyMethod(PTQMethod):
+        ...     name, Config = "mine", MyConfig
+    """
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"PTQ method {cls.name!r} is registered twice: {METHODS[cls.name].__name__} and {cls.__name__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: Any) -> type["PTQMethod"]:
+    """The registered method class of `name`.
+
+    Raises:
+        KeyError: an unknown name, listing the registered ones.
+    """
+    if name not in METHODS:
+        raise KeyError(f"PTQ method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_of_config(config: Any) -> type["PTQMethod"]:
+    """The registered method whose Config `config` is an instance of.
+
+    Raises:
+        TypeError: not the config of a registered method.
+    """
+    for cls in METHODS.values():
+        if type(config) is cls.Config:
+            return cls
+    raise TypeError(f"{type(config).__name__} is not the Config of a registered PTQ method ({sorted(METHODS)})")
+
+
+class PTQMethod:
+    """One PTQ algorithm on a prepared model; subclass it in `qat/ptq/methods/<name>.py` with `@register_method`.
+
+    Class attributes:
+        name: the registry name (and the `name:` of configs/method/<name>.yaml).
+        Config: the dataclass of its options.
+        needs_calibration: it needs calibration tokens whatever the recipe (RTN only for static activations).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def check(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
+        """Refuse what the method cannot solve, before any calibration (all offenders at once)."""
+
+    def solve_block(self, ctx: BlockContext) -> None:
+        """Set the weights and pin the qparams of the quantized linears of one block."""
+        raise NotImplementedError(f"{type(self).__name__}.solve_block")
+
+    def run(self, model: nn.Module, batches: Iterable[Any], progress: bool = True) -> None:
+        """Solve every block in order, each on the outputs of the already-quantized blocks before it."""
+        sequential(model, batches, self.solve_block, desc=self.name, progress=progress)

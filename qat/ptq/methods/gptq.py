@@ -1,0 +1,140 @@
+"""GPTQ (configs/method/gptq.yaml): each block's linears solved column by column on their input Hessian,
+stage by stage (q/k/v, o, gate/up, down) with `true_sequential`. The solver is `qat.ptq.gptq.gptq_quantize`."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qat.control import quantization_disabled
+from qat.ptq.checks import check_ranges
+from qat.ptq.gptq import check_spec, gptq_quantize, holds_g_idx
+from qat.ptq.methods.base import PTQMethod, register_method
+from qat.ptq.rtn import pin_rtn
+from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, run_block
+from qat.ptq.stats import InputStats, record_call_order, record_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GPTQConfig:
+    """Method config of GPTQ (configs/method/gptq.yaml).
+
+    Args:
+        blocksize: columns per lazy batch update (128).
+        percdamp: dampening as a fraction of mean(diag H) (0.01).
+        actorder: desc_act column order (records g_idx with dynamic groups).
+        static_groups: group qparams fitted on the original weights.
+        true_sequential: inside a block, calibrate each stage (q/k/v, o, gate/up, down) on the outputs
+            of the already-quantized stages before it.
+        min_tokens: fewer calibration tokens than this is an error.
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    actorder: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    min_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        check_ranges("gptq", {"blocksize": (self.blocksize, self.blocksize >= 1, ">= 1"),
+                              "percdamp": (self.percdamp, 0.0 <= self.percdamp < 1.0, "in [0, 1)"),
+                              "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
+
+
+def check_model(linears: dict, cfg: GPTQConfig) -> None:
+    """Every check GPTQ can make before solving, all offenders listed at once.
+
+    Raises:
+        ValueError: unsupported weight schemes; act-order with dynamic groups on learned scales (which cannot
+            hold a g_idx) or on a GGUF grid (whose blocks cannot).
+    Example:
+        >>> check_model(quantized_linears(model), GPTQConfig(actorder=True, static_groups=True))
+    """
+    errors = []
+    for n, m in linears.items():
+        spec = m.weight_quantizer.spec
+        try:
+            check_spec(spec, n, grids=True)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        if cfg.actorder and not cfg.static_groups and spec.granularity == "per_group":
+            if m.weight_quantizer.learned:
+                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which learned scales do not "
+                              "support; set static_groups=true")
+            elif not holds_g_idx(spec):
+                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
+                              "grid) cannot hold; set static_groups=true or actorder=false")
+    if errors:
+        raise ValueError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def solve_linear(name: str, module, stats: InputStats, cfg: GPTQConfig) -> float | None:
+    """GPTQ one FakeQuantLinear from its input statistics; set its weight and pin its qparams.
+
+    Falls back to round-to-nearest, with a warning, when the layer saw no tokens or only zero inputs.
+    Returns:
+        the GPTQ loss, or None for the RTN fallback.
+    """
+    quantizer = module.weight_quantizer
+    if stats.n_tokens == 0 or not bool(torch.diag(stats.gram).any()):
+        warnings.warn(f"{name}: all calibration inputs of this layer are zero (or it was never called); "
+                      "quantizing it round-to-nearest instead of GPTQ", RuntimeWarning, stacklevel=2)
+        pin_rtn(module)
+        return None
+    res = gptq_quantize(module.weight, stats.hessian(), quantizer.spec, cfg.blocksize, cfg.percdamp,
+                        cfg.actorder, cfg.static_groups, name=name)
+    with torch.no_grad():
+        module.weight.copy_(res.weight)
+    quantizer.set_qparams(res.scale, res.zero_point, res.g_idx)
+    return res.loss
+
+
+def stages(block: nn.Module, inputs: Inputs, linears: dict, is_model: bool) -> list[list[str]]:
+    """Linears grouped by the tensor they read, in call order (q/k/v, o, gate/up, down for Llama)."""
+    with quantization_disabled(block), record_call_order(linears) as order:
+        run_block(block, inputs[:1], is_model)
+    groups: list[list[str]] = []
+    last = None
+    for n, tensor in order:
+        if tensor is not last:
+            groups.append([])
+        groups[-1].append(n)
+        last = tensor
+    missing = [n for n in linears if all(n not in g for g in groups)]
+    return groups + [[n] for n in missing]  # never called here: each on its own
+
+
+@register_method
+class GPTQ(PTQMethod):
+    """GPTQ (Frantar et al. 2022) block by block; also on the GGUF block grids."""
+
+    name = "gptq"
+    Config = GPTQConfig
+
+    def check(self, model: nn.Module, linears: dict) -> None:
+        check_model(linears, self.config)
+
+    def solve_block(self, ctx: BlockContext) -> None:
+        cfg, block, linears = self.config, ctx.block, ctx.linears
+        groups = stages(block, ctx.inputs, linears, ctx.is_model) if cfg.true_sequential else [list(linears)]
+        for group in groups:
+            mods = {n: linears[n] for n in group}
+            # a stage's linears read one tensor (q/k/v, gate/up): one Hessian serves them all
+            recorded = {group[0]: mods[group[0]]} if cfg.true_sequential else mods
+            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False) as stats:
+                if cfg.true_sequential:
+                    ctx.run()
+                else:
+                    with quantization_disabled(block):
+                        ctx.run()
+            for n in group:
+                loss = solve_linear(f"{ctx.name}.{n}", mods[n], stats.get(n, stats[group[0]]), cfg)
+                log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
+            del stats
