@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
-from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
-from qat.export.kquants import kquant_blocks
-from qat.spec import GGML_K
+from qat.export.ggml_blocks import BLOCK, encode_blocks
+from qat.formats import get_format, gguf_types
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("llama", "mistral")
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {n: t.fallback for n, t in gguf_types().items() if t.fallback}  # as each format registers it
 _LAYER_MAP = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
@@ -135,14 +134,10 @@ def _permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _trained_type(spec, has_g_idx: bool = False) -> str | None:
-    """The GGUF type a weight was trained / quantized on (a ggml or ggml_k grid), else None."""
+    """The GGUF type a weight was trained / quantized on (its format's GGUF type), else None."""
     if spec is None or has_g_idx:
         return None
-    if spec.grid == "ggml":
-        return next(n for n, (b, s) in LEGACY.items() if b == spec.bits and s == spec.symmetric)
-    if spec.grid == "ggml_k":
-        return GGML_K[spec.bits][0]
-    return None
+    return get_format(spec).gguf_type(spec)
 
 
 def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bool = False) -> list[_Entry]:
@@ -192,8 +187,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
-        blocks = legacy_blocks if entry.type in LEGACY else kquant_blocks
-        return blocks(perm(w.codes()), perm(scale), zp, entry.type).numpy()
+        return gguf_types()[entry.type].blocks(perm(w.codes()), perm(scale), zp).numpy()
     if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)
         w = w.dequantize(torch.float32)
     w = perm(w.detach().float())

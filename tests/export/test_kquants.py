@@ -63,7 +63,7 @@ def test_k_quant_rows_not_multiple_of_256_train_and_fall_back_at_export(tmp_path
 
     import qat
     from qat.export import export_gguf, load_gguf
-    from qat.export.kquants import kquant_spec
+    from qat.formats.kquant import kquant_spec
     from tests.export.conftest import logits
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
