@@ -58,7 +58,8 @@ class Format:
     grid: str = "uniform"  # the QuantSpec.grid value this format answers to
     dtypes: tuple[str, ...] = ("int",)  # the QuantSpec.dtype values it answers to
     is_float: bool = False  # codes are floating-point numbers (fp8), not integers
-    gguf: tuple[GGUFType, ...] = ()
+    gguf: tuple[GGUFType, ...] = ()  # the GGUF types it stores exactly (see `gguf_type`)
+    holds: frozenset[str] = frozenset()  # other file formats that can hold it: "compressed-tensors", "gptq"
 
     # -- spec ----------------------------------------------------------------------------------
     def check(self, spec: QuantSpec) -> None:

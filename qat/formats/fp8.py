@@ -21,6 +21,7 @@ class FP8Format(Format):
     """fp8 codes: symmetric, 8 bits, no learned scales."""
 
     name, grid, dtypes, is_float = "fp8", "uniform", tuple(FLOAT_DTYPES), True
+    holds = frozenset({"compressed-tensors"})  # its dynamic activation schemes (pack-quantized weights are int)
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits != 8:

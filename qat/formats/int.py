@@ -34,6 +34,7 @@ class IntFormat(Format):
     """The uniform integer grid: the default numerics of `qat.primitives`."""
 
     name, grid, dtypes = "int", "uniform", ("int",)
+    holds = frozenset({"compressed-tensors", "gptq"})
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits not in INT_BITS:
