@@ -118,6 +118,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         owner = "QuantSpec"
         self._check_types(owner)
+        if not SPEC_FORMATS or not SPEC_OBSERVERS:  # filled when qat.formats / qat.observers are imported
+            raise RuntimeError("QuantSpec: no number format or observer is registered yet; import qat first")
         _check_choice(owner, "dtype", self.dtype, sorted({d for _, d in SPEC_FORMATS}, key=lambda d: (d != "int", d)))
         _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
         _check_choice(owner, "scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
