@@ -38,25 +38,16 @@ def weight_bits(model: nn.Module) -> tuple[float, float]:
     Example:
         >>> bpw, mb = weight_bits(qat.prepare(model, qat.load_recipe("w4a16_g128")))
     """
-    from qat.control import summary
+    from qat.control import weight_bits as quantized_weight_bits, weight_modules
 
-    qbits, qnumel, seen = 0.0, 0, set()
-    for row in summary(model):
-        module = model.get_submodule(row["module"])
-        weight = getattr(module, "weight", None)
-        if getattr(module, "weight_quantizer", None) is None and getattr(module, "qweight", None) is None:
-            continue
-        numel = math.prod(module.qweight.shape) if hasattr(module, "qweight") else weight.numel()
-        qbits += row["bits_per_weight"] * numel
-        qnumel += numel
-        if isinstance(weight, nn.Parameter):
-            seen.add(id(weight))
-    total_bits = qbits
+    bpw, qnumel = quantized_weight_bits(model)
+    seen = {id(m.weight) for m in weight_modules(model).values() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+    total_bits = bpw * qnumel if qnumel else 0.0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total_bits += FLOAT_BITS * p.numel()
-    bpw = qbits / qnumel if qnumel else float(FLOAT_BITS)
+    bpw = bpw if qnumel else float(FLOAT_BITS)
     return bpw, total_bits / 8 / 1e6
 
 

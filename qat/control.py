@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from qat.formats import storage_bits
 from qat.modules.quantizer import ROLE_NAMES, TensorQuantizer
 from qat.primitives import quant_error_db
 
@@ -99,11 +100,46 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bo
     return n
 
 
+def weight_storage(module: nn.Module) -> tuple[int, int] | None:
+    """(storage bits, weight count) of a module's quantized weight, fake-quant or converted alike, or None
+    when its weight is not quantized. Bits are `qat.formats.storage_bits`: what the converted weight holds."""
+    qweight = getattr(module, "qweight", None)
+    if qweight is not None:
+        return qweight.nbits(), math.prod(qweight.shape)
+    q = getattr(module, "weight_quantizer", None)
+    if q is None:
+        return None
+    shape = tuple(module.weight.shape)
+    return storage_bits(q.spec, shape, q.group_index() is not None), math.prod(shape)
+
+
+def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of `model` whose weight is quantized (fake-quant or converted), by name."""
+    return {n: m for n, m in model.named_modules() if weight_storage(m) is not None}
+
+
+def weight_bits(model: nn.Module) -> tuple[float, int]:
+    """(bits per quantized weight, number of quantized weights) of `model`: the same before and after
+    `qat.convert`, and equal to the bytes of the native export's weight tensors (codes, scales, zero-points)
+    x 8 / count. NaN bits when nothing is quantized.
+
+    Example:
+        >>> bpw, n = weight_bits(qat.prepare(model, "gguf_q4_k"))   # 4.5 on rows of 256
+    """
+    bits = numel = 0
+    for module in model.modules():
+        counted = weight_storage(module)
+        if counted is not None:
+            bits, numel = bits + counted[0], numel + counted[1]
+    return (bits / numel if numel else math.nan), numel
+
+
 def summary(model: nn.Module) -> list[dict[str, Any]]:
     """One row per quantized module: name, type, scheme, SQNR of the weight (dB), bits per weight.
 
     SQNR is measured between the float weight and its fake-quantized value (fake-quant modules) and is
-    NaN for converted modules, whose float weight is gone.
+    NaN for converted modules, whose float weight is gone. Bits per weight are `weight_storage`'s (float
+    weights: their dtype's bits).
     """
     rows = []
     for name, module in model.named_modules():
@@ -111,27 +147,15 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
         if schemes is None:
             continue
         row = {"module": name, "type": type(module).__name__, "scheme": schemes.describe(), "sqnr_db": math.nan}
-        qweight = getattr(module, "qweight", None)
-        if qweight is not None:
-            row["bits_per_weight"] = qweight.nbits() / math.prod(qweight.shape)
-        elif getattr(module, "weight_quantizer", None) is not None:
+        if getattr(module, "qweight", None) is None and getattr(module, "weight_quantizer", None) is not None:
             with torch.no_grad():
                 w = module.weight
                 row["sqnr_db"] = quant_error_db(w, module.weight_quantizer(w))
-            row["bits_per_weight"] = _bits_per_weight(module)
-        else:
-            row["bits_per_weight"] = float(torch.finfo(module.weight.dtype).bits)
+        counted = weight_storage(module)
+        row["bits_per_weight"] = (counted[0] / counted[1] if counted is not None
+                                  else float(torch.finfo(module.weight.dtype).bits))
         rows.append(row)
     return rows
-
-
-def _bits_per_weight(module: nn.Module) -> float:
-    q = module.weight_quantizer
-    scale, zero_point = q.qparams(module.weight)
-    bits = module.weight.numel() * q.spec.bits + scale.numel() * torch.finfo(q.spec.torch_scale_dtype).bits
-    if zero_point is not None:
-        bits += zero_point.numel() * q.spec.bits
-    return bits / module.weight.numel()
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

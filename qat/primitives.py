@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from qat.grids import GRIDS, signed_peak
-from qat.spec import FLOAT_DTYPES, QuantSpec
+from qat.formats import get_format
+from qat.formats.common import signed_peak
+from qat.spec import QuantSpec
 
 __all__ = [
     "group_view",
@@ -121,7 +122,7 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         torch.Size([8, 2, 1])
     """
     view = group_view(x.detach(), spec).float()
-    if spec.grid != "uniform" and GRIDS[spec.grid].peak_range(spec):
+    if get_format(spec).peak_range(spec):
         # Q4_0 / Q5_0 / Q3_K / Q6_K scale from the signed element of largest magnitude (the first one on
         # ties, as llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
         peak = signed_peak(view)
@@ -152,37 +153,7 @@ def choose_qparams(
         >>> float(s), z
         (0.007843137718737125, None)
     """
-    lo, hi = lo.float(), hi.float()
-    if spec.grid != "uniform":
-        return GRIDS[spec.grid].qparams(lo, hi, spec)
-    tiny = torch.finfo(spec.torch_scale_dtype).tiny
-    if spec.is_float:
-        amax = torch.maximum(-lo, hi)
-        scale = amax / torch.finfo(FLOAT_DTYPES[spec.dtype]).max
-        return _round_scale(scale, spec, tiny), None
-    if spec.symmetric:
-        amax = torch.maximum(-lo, hi) if spec.signed else hi.clamp(min=0.0)
-        scale = _round_scale(amax / half_range(spec), spec, tiny)
-        return scale, None
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    scale = _round_scale((hi - lo) / (spec.qmax - spec.qmin), spec, tiny)
-    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
-    return scale, zero_point
-
-
-def half_range(spec: QuantSpec) -> float:
-    """What a symmetric scale divides the absolute maximum by: (qmax - qmin) / 2 signed, qmax unsigned."""
-    return (spec.qmax - spec.qmin) / 2 if spec.signed else float(spec.qmax)
-
-
-def _round_scale(scale: torch.Tensor, spec: QuantSpec, tiny: float) -> torch.Tensor:
-    return scale.clamp(min=tiny).to(spec.torch_scale_dtype).float()
-
-
-def _codes_dtype(spec: QuantSpec) -> torch.dtype:
-    if spec.is_float:
-        return FLOAT_DTYPES[spec.dtype]
-    return torch.int8 if spec.signed else torch.uint8
+    return get_format(spec).qparams(lo.float(), hi.float(), spec)
 
 
 def qparams_view(x, scale, zero_point, spec, g_idx=None):
@@ -218,20 +189,9 @@ def quantize(
         tensor([ 4, -8], dtype=torch.int8)
     """
     view, scale, zero_point = qparams_view(x, scale, zero_point, spec, g_idx)
-    codes = _quantize_float(view.float(), scale, zero_point, spec)
-    return codes.to(_codes_dtype(spec)).reshape(x.shape)
-
-
-def _quantize_float(view, scale, zero_point, spec):
-    if spec.grid != "uniform":
-        return GRIDS[spec.grid].codes(view, scale, zero_point, spec)[0]
-    if spec.is_float:
-        fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
-        return (view / scale).clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
-    t = torch.round(view / scale)
-    if zero_point is not None:
-        t.add_(zero_point)
-    return t.clamp_(spec.qmin, spec.qmax)
+    fmt = get_format(spec)
+    codes = fmt.codes(view.float(), scale, zero_point, spec)[0]
+    return codes.to(fmt.codes_dtype(spec)).reshape(x.shape)
 
 
 def dequantize(
@@ -250,12 +210,8 @@ def dequantize(
         tensor([ 0.5000, -1.0000])
     """
     view, scale, zero_point = qparams_view(codes, scale, zero_point, spec, g_idx)
-    t = view.float()
-    if spec.grid != "uniform":
-        return GRIDS[spec.grid].values(t, scale, zero_point).reshape(codes.shape).to(dtype)
-    if zero_point is not None:
-        t = t - zero_point
-    return (t * scale).reshape(codes.shape).to(dtype)
+    t = view.to(torch.float32, copy=True)  # the format computes in place
+    return get_format(spec).values(t, scale, zero_point, spec).reshape(codes.shape).to(dtype)
 
 
 def fake_quantize_forward(
@@ -272,25 +228,9 @@ def fake_quantize_forward(
     result is bit-identical to them in float32. Autograd wrappers live in `qat.ste`.
     """
     view, scale, zero_point = qparams_view(x, scale, zero_point, spec, g_idx)
-    view = view.float()
-    if spec.grid != "uniform":
-        grid = GRIDS[spec.grid]
-        t, mask = grid.codes(view, scale, zero_point, spec, need_mask)
-        return grid.values(t, scale, zero_point).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
-    if spec.is_float:
-        fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max
-        t = view / scale
-        mask = (t.abs() <= fmax) if need_mask else None
-        t = t.clamp_(-fmax, fmax).to(FLOAT_DTYPES[spec.dtype]).float()
-        return t.mul_(scale).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
-    t = torch.round(view / scale)
-    if zero_point is not None:
-        t.add_(zero_point)
-    mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None
-    t.clamp_(spec.qmin, spec.qmax)
-    if zero_point is not None:
-        t.sub_(zero_point)
-    return t.mul_(scale).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
+    fmt = get_format(spec)
+    t, mask = fmt.codes(view.float(), scale, zero_point, spec, need_mask)
+    return fmt.values(t, scale, zero_point, spec).reshape(x.shape).to(x.dtype), _flat_mask(mask, x)
 
 
 def _flat_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -9,22 +9,34 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-INT_BITS = (2, 3, 4, 5, 6, 7, 8)
-FLOAT_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-DTYPES = ("int", *FLOAT_DTYPES)
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 LEARN_MODES = ("none", "lsq", "lsq_plus", "pact")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("weight", "input", "kv_cache")
-GRIDS = ("uniform", "ggml", "ggml_k")
-GGML_BITS = (4, 5, 8)
-# ggml_k: bits -> (GGUF type, symmetric, sub-block size, sub-block scale code max, bytes per 256 values)
-GGML_K = {2: ("Q2_K", False, 16, 15, 84), 3: ("Q3_K", True, 16, 32, 110), 4: ("Q4_K", False, 32, 63, 144),
-          5: ("Q5_K", False, 32, 63, 176), 6: ("Q6_K", True, 16, 128, 210)}
+
+
+class FormatRules(Protocol):
+    """What a QuantSpec asks the format of its (grid, dtype): `qat.formats.Format` implements it."""
+
+    name: str
+    is_float: bool
+
+    def check(self, spec: "QuantSpec") -> None: ...
+
+    def default_signed(self, spec: "QuantSpec") -> bool: ...
+
+
+SPEC_FORMATS: dict[tuple[str, str], FormatRules] = {}
+"""(grid, dtype) -> the format that owns such specs, filled by `qat.formats.register_format`. This module
+imports no format (the formats import it), so the layers stay formats -> spec."""
+
+SPEC_OBSERVERS: dict[str, Callable[["QuantSpec"], Any]] = {}
+"""observer name -> its builder (raises ValueError on bad observer_args), filled by
+`qat.observers.register_observer` (observers sit above this module)."""
 
 
 def _check_choice(owner: str, name: str, value: Any, choices) -> None:
@@ -76,13 +88,10 @@ class QuantSpec:
         scale_dtype: storage dtype of scales, "fp32", "fp16" or "bf16"; scales are rounded to it.
         learn: "none", "lsq" (learned step), "lsq_plus" (learned step and offset) or "pact"
             (learned clipping).
-        grid: "uniform" (the default numerics above) or "ggml": llama.cpp's legacy block grids, so
-            that fake quant equals the GGUF blocks bit for bit. With "ggml", bits=8 symmetric is Q8_0,
-            bits=4/5 symmetric are Q4_0/Q5_0 (signed scale max/-8, max/-16), bits=4/5 asymmetric are
-            Q4_1/Q5_1 (a float minimum held in `zero_point`); per_group, group_size=32, scale_dtype fp16.
-            "ggml_k": llama.cpp's K-quants with two-level scales (bits 2..6 = Q2_K..Q6_K): sub-block
-            scales (and minimums) quantized under fp16 super-block scales over 256 values; group_size is
-            the sub-block (32 for Q4_K/Q5_K, 16 otherwise), symmetric for Q3_K/Q6_K only.
+        grid: "uniform" (the default numerics above) or the grid of another format registered in
+            `qat.formats` (the format checks the fields it needs): "ggml" (llama.cpp's legacy blocks
+            Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1), "ggml_k" (the K-quants Q2_K..Q6_K with two-level scales), ...
+            so that fake quant equals the GGUF blocks bit for bit. See `qat.formats.ggml` / `kquant`.
     Raises:
         ValueError: a field out of range, naming the field and the valid values.
 
@@ -109,18 +118,14 @@ class QuantSpec:
     def __post_init__(self) -> None:
         owner = "QuantSpec"
         self._check_types(owner)
-        _check_choice(owner, "dtype", self.dtype, DTYPES)
-        if self.dtype == "int":
-            _check_choice(owner, "bits", self.bits, INT_BITS)
-        elif self.bits != 8:
-            raise ValueError(f"QuantSpec.bits={self.bits} with dtype={self.dtype!r}; fp8 needs bits=8")
+        if not SPEC_FORMATS or not SPEC_OBSERVERS:  # filled when qat.formats / qat.observers are imported
+            raise RuntimeError("QuantSpec: no number format or observer is registered yet; import qat first")
+        _check_choice(owner, "dtype", self.dtype, sorted({d for _, d in SPEC_FORMATS}, key=lambda d: (d != "int", d)))
         _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
         _check_choice(owner, "scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         _check_choice(owner, "learn", self.learn, LEARN_MODES)
-        from qat.observers import OBSERVERS  # late import: observers import this module
-
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(OBSERVERS)}")
+        if self.observer not in SPEC_OBSERVERS:
+            raise ValueError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(SPEC_OBSERVERS)}")
         if not isinstance(self.observer_args, Mapping):
             raise ValueError(f"QuantSpec.observer_args={self.observer_args!r}; expected a mapping such as "
                              "{'percentile': 99.9}")
@@ -136,27 +141,26 @@ class QuantSpec:
             self._check_ragged()
         if self.granularity == "per_token" and not self.dynamic:
             object.__setattr__(self, "dynamic", True)  # a per-token range only exists at run time
-        if self.is_float and not self.symmetric:
-            raise ValueError(f"QuantSpec.symmetric=False with dtype={self.dtype!r}; fp8 scales are symmetric")
+        fmt = self._format()
         if self.signed is None:
-            object.__setattr__(self, "signed", self.symmetric or self.is_float)
+            object.__setattr__(self, "signed", fmt.default_signed(self))
         if self.learn in ("lsq", "lsq_plus", "pact") and self.dynamic:
             raise ValueError(f"QuantSpec.learn={self.learn!r} needs static ranges (dynamic=False)")
         if self.learn == "lsq_plus" and self.symmetric:
             raise ValueError("QuantSpec.learn='lsq_plus' learns a zero-point; set symmetric=False")
         if self.learn == "pact" and not self.symmetric:
             raise ValueError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
-        if self.learn != "none" and self.is_float:
-            raise ValueError(f"QuantSpec.learn={self.learn!r} is for integer schemes, not {self.dtype!r}")
+        fmt.check(self)
         object.__setattr__(self, "observer_args", dict(self.observer_args))
-        _check_choice(owner, "grid", self.grid, GRIDS)
-        if self.grid == "ggml":
-            self._check_ggml()
-        elif self.grid == "ggml_k":
-            self._check_ggml_k()
-        from qat.observers import build_observer
+        SPEC_OBSERVERS[self.observer](self)  # observer_args are checked here, not halfway through prepare
 
-        build_observer(self)  # observer_args are checked here, not halfway through prepare
+    def _format(self) -> FormatRules:
+        grids = sorted({g for g, _ in SPEC_FORMATS}, key=lambda g: (g != "uniform", g))
+        _check_choice("QuantSpec", "grid", self.grid, grids)
+        if (self.grid, self.dtype) not in SPEC_FORMATS:
+            dtypes = sorted(d for g, d in SPEC_FORMATS if g == self.grid)
+            raise ValueError(f"QuantSpec.grid={self.grid!r} needs dtype in {dtypes}, not {self.dtype!r}")
+        return SPEC_FORMATS[(self.grid, self.dtype)]
 
     def _check_types(self, owner: str) -> None:
         object.__setattr__(self, "bits", _check_int(owner, "bits", self.bits))
@@ -176,35 +180,14 @@ class QuantSpec:
             raise ValueError("QuantSpec.ragged=True with observer='percentile' is not supported; "
                              "use minmax, moving_average or mse")
 
-    def _check_ggml_k(self) -> None:
-        if self.dtype != "int" or self.bits not in GGML_K:
-            raise ValueError(f"QuantSpec.grid='ggml_k' needs dtype=int and bits in {sorted(GGML_K)}")
-        name, sym, sub = GGML_K[self.bits][:3]
-        if (self.symmetric != sym or self.granularity != "per_group" or self.group_size != sub
-                or self.scale_dtype != "fp16" or self.learn != "none" or self.signed != sym):
-            raise ValueError(f"QuantSpec.grid='ggml_k' with bits={self.bits} is {name}: it needs symmetric={sym}, "
-                             f"granularity='per_group', group_size={sub}, scale_dtype='fp16', learn='none'")
-
-    def _check_ggml(self) -> None:
-        problems = []
-        if self.dtype != "int" or self.bits not in GGML_BITS:
-            problems.append(f"dtype=int with bits in {list(GGML_BITS)}")
-        if self.bits == 8 and not self.symmetric:
-            problems.append("symmetric=True for bits=8 (Q8_0)")
-        if self.granularity != "per_group" or self.group_size != 32:
-            problems.append("granularity='per_group', group_size=32")
-        if self.scale_dtype != "fp16" or self.learn != "none" or self.signed != self.symmetric:
-            problems.append("scale_dtype='fp16', learn='none', signed left to its default")
-        if problems:
-            raise ValueError(f"QuantSpec.grid='ggml' needs {'; '.join(problems)}")
-
     def __hash__(self) -> int:
         values = [getattr(self, f.name) for f in fields(self)]
         return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values))
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES
+        """Codes are floating-point numbers (fp8), not integers: the format says."""
+        return SPEC_FORMATS[(self.grid, self.dtype)].is_float
 
     @property
     def qmin(self) -> int:
@@ -217,20 +200,6 @@ class QuantSpec:
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
-
-    def bits_per_element(self) -> float:
-        """Storage bits per quantized element, scales and zero-points included (one element per scale
-        for per-tensor/per-channel is counted as 0: its cost vanishes with the row length)."""
-        if self.granularity != "per_group":
-            return float(self.bits)
-        extra = torch.finfo(self.torch_scale_dtype).bits
-        if self.grid == "ggml_k":
-            return GGML_K[self.bits][4] * 8 / 256
-        if self.grid == "ggml" and not self.symmetric:
-            extra += 16  # a float (fp16) minimum, not an integer zero-point
-        elif not self.symmetric:
-            extra += self.bits
-        return self.bits + extra / self.group_size
 
     def describe(self) -> str:
         """A short name such as 'int4 sym g128' or 'fp8_e4m3 per_token dyn'."""

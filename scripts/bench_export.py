@@ -65,14 +65,14 @@ def row(name: str, w: torch.Tensor, repeat: int) -> str:
 
 def _legacy_fields(view: torch.Tensor, name: str) -> list[torch.Tensor]:
     """The legacy block's fields (fp16 scale, fp16 minimum, Q5's high bits, packed low nibbles / int8 codes) from
-    the grid functions of `qat.grids`, in a form inductor can fuse: the experiment behind the compiled column
+    the grid functions of `qat.formats.ggml`, in a form inductor can fuse: the experiment behind the compiled column
     (not shipped; see docs/export.md, "Speed")."""
-    from qat.export.ggml_blocks import LEGACY, ggml_spec
-    from qat.grids import GRIDS, block_range, ggml_stored_codes
+    from qat.formats.common import block_range
+    from qat.formats.ggml import FORMAT, LEGACY, ggml_spec, ggml_stored_codes
 
     bits, sym = LEGACY[name]
     spec = ggml_spec(name)
-    scale, zero_point = GRIDS["ggml"].qparams(*block_range(view, spec), spec)
+    scale, zero_point = FORMAT.qparams(*block_range(view, FORMAT.peak_range(spec)), spec)
     stored = ggml_stored_codes(view, scale, zero_point, spec)
     fields = [scale.to(torch.float16)] + ([] if sym else [zero_point.to(torch.float16)])
     if bits == 8:
@@ -121,7 +121,7 @@ def main() -> None:
     for name in args.types.split(","):
         print(row(name, w, args.repeat), flush=True)
     if args.compiled:
-        from qat.export.ggml_blocks import LEGACY
+        from qat.formats.ggml import LEGACY
 
         for name in [n for n in args.types.split(",") if n in LEGACY]:
             print(compiled_row(name, w, max(args.repeat, 10)), flush=True)

@@ -26,6 +26,7 @@ from torch import nn
 from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
                             load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec,
                             warn_unstored, write_safetensors)
+from qat.formats import get_format
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -58,7 +59,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def _check_spec(name: str, spec: QuantSpec) -> None:
-    if spec.dtype != "int" or spec.granularity not in _STRATEGY or spec.grid != "uniform":
+    if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
         raise ValueError(f"compressed-tensors pack-quantized: {name} has {spec.describe()}; "
                          "supported: int weights per_tensor / per_channel / per_group on the uniform grid")
     if spec.granularity == "per_channel" and spec.axis != 0:

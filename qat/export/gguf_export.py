@@ -11,8 +11,10 @@ for layers i < n/8, i >= 7n/8 and every third layer between; in Q4_K_S, attn_v o
 ffn_down of the first n/8 in Q5_K; with an imatrix, Q4_0 / Q5_0 put ffn_down of the first n/8 layers in
 Q4_1 / Q5_1. `pure=True` (llama-quantize --pure) gives every 2-D tensor the one type. The single K types
 Q2_K, Q3_K, Q4_K, Q5_K are always pure. 1-D tensors (norms) are F32. A row length that is not a multiple of
-256 falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here, as we
-have no IQ4_NL) and a warning names the tensor.
+256 falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; Q2_K/Q3_K -> Q4_0 here, where
+llama.cpp takes IQ4_NL) and a warning names the tensor. The tensor types, their block sizes, encoders and
+fallbacks come from the formats in `qat.formats` (`gguf_types()`): a format that registers a GGUF type is
+written and read with no change here.
 
 Format-exact export: a converted (or prepared) model whose weights were trained or quantized on a
 ggml grid (`QuantSpec(grid="ggml")` or `"ggml_k"`, recipes gguf_q8_0 ... gguf_q5_1, gguf_q2_k ... gguf_q6_k) keeps its trained type and its
@@ -36,17 +38,16 @@ from torch import nn
 
 from qat.arch import ArchAdapter, get_arch
 from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
-from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
+from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_vocab import add_tokenizer
-from qat.export.kquants import kquant_blocks
-from qat.spec import GGML_K
+from qat.formats import get_format, gguf_types
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {n: t.fallback for n, t in gguf_types().items() if t.fallback}  # as each format registers it
 
 
 def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
@@ -140,14 +141,10 @@ class _Entry:
 
 
 def _trained_type(spec, has_g_idx: bool = False) -> str | None:
-    """The GGUF type a weight was trained / quantized on (a ggml or ggml_k grid), else None."""
+    """The GGUF type a weight was trained / quantized on (its format's GGUF type), else None."""
     if spec is None or has_g_idx:
         return None
-    if spec.grid == "ggml":
-        return next(n for n, (b, s) in LEGACY.items() if b == spec.bits and s == spec.symmetric)
-    if spec.grid == "ggml_k":
-        return GGML_K[spec.bits][0]
-    return None
+    return get_format(spec).gguf_type(spec)
 
 
 def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bool = False) -> list[_Entry]:
@@ -195,8 +192,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
-        blocks = legacy_blocks if entry.type in LEGACY else kquant_blocks
-        return blocks(perm(w.codes()), perm(scale), zp, entry.type).numpy()
+        return gguf_types()[entry.type].blocks(perm(w.codes()), perm(scale), zp).numpy()
     if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)
         w = w.dequantize(torch.float32)
     w = perm(w.detach().float())

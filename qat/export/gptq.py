@@ -29,6 +29,7 @@ from qat.export._io import (atomic_path, check_writable, clear_export_markers, i
                             load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec, write_json,
                             warn_unstored, write_safetensors)
 from qat.export.compressed import pack_int32, unpack_int32
+from qat.formats import get_format
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import _set_module
@@ -39,7 +40,7 @@ GPTQ_BITS = (2, 4, 8)
 
 def _check(name: str, spec: QuantSpec) -> int:
     problems = []
-    if spec.dtype != "int" or spec.bits not in GPTQ_BITS or spec.grid != "uniform":
+    if "gptq" not in get_format(spec).holds or spec.bits not in GPTQ_BITS:
         problems.append(f"int bits in {list(GPTQ_BITS)}")
     if spec.granularity not in ("per_group", "per_channel") or (spec.granularity == "per_channel" and spec.axis != 0):
         problems.append("per_group, or per_channel on axis 0")

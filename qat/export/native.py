@@ -4,9 +4,10 @@ A native export is a folder:
 
     config.json          the Hugging Face model config
     model.safetensors    every tensor of the converted model (`<module>.qweight.packed` uint8,
-                         `.qweight.scale`, `.qweight.zero_point`, `.qweight.g_idx`, input-quantizer
+                         `.qweight.scale`, `.qweight.zero_point` in the layout of the weight's format
+                         (`qat.formats`), `.qweight.g_idx`, input-quantizer
                          ranges, float parameters); tied tensors stored once
-    qat_quant.json       {"format": "qat-native", "version": 1, "modules": {name: {kind, shape, dtype,
+    qat_quant.json       {"format": "qat-native", "version": 2, "modules": {name: {kind, shape, dtype,
                          schemes: {weight, input}}}, "kv_cache": {...}, "extra_state": {...},
                          "tied": {key: source key}}; written last, so its presence marks a complete export
 
@@ -31,7 +32,9 @@ from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import _set_module
 
-FORMAT, VERSION, META = "qat-native", 1, "qat_quant.json"
+# v2: each weight in its format's storage layout (`qat.formats`: scales in the scheme's dtype, packed integer
+# zero-points, GGUF block scales); v1 held float32 scales and zero-points
+FORMAT, VERSION, META = "qat-native", 2, "qat_quant.json"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 

@@ -198,15 +198,13 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
 
 def bits_per_weight(model: torch.nn.Module) -> tuple[float, float]:
     """(mean bits per weight over quantized layers, over all weights) with scales counted; float = dtype bits."""
-    rows = qat.summary(model)
-    q_bits = sum(r["bits_per_weight"] * model.get_submodule(r["module"]).weight.numel() for r in rows)
-    q_numel = sum(model.get_submodule(r["module"]).weight.numel() for r in rows)
-    seen = {id(model.get_submodule(r["module"]).weight) for r in rows}
+    q_bpw, q_numel = qat.control.weight_bits(model)
+    seen = {id(m.weight) for m in qat.control.weight_modules(model).values() if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
     rest = [p for p in model.parameters() if id(p) not in seen]
     rest_bits = sum(p.numel() * torch.finfo(p.dtype).bits for p in rest if p.is_floating_point())
     rest_numel = sum(p.numel() for p in rest)
-    whole = (q_bits + rest_bits) / max(q_numel + rest_numel, 1)
-    return (q_bits / q_numel if q_numel else math.nan), whole
+    whole = ((q_bpw * q_numel if q_numel else 0.0) + rest_bits) / max(q_numel + rest_numel, 1)
+    return q_bpw, whole
 
 
 def _say(msg: str) -> None:

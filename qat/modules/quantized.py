@@ -4,8 +4,6 @@ Their forward computes exactly what the fake-quant module computed (same `qat.pr
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,16 +11,18 @@ from torch import nn
 from qat.modules.fake import FakeQuantEmbedding, FakeQuantLinear
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import register_quantized
-from qat.packing import pack, packed_numel, unpack
-from qat.primitives import check_tensor, dequantize, quantize
-from qat.spec import FLOAT_DTYPES, QuantSpec, TensorSchemes
+from qat.formats import get_format, storage_bits
+from qat.primitives import check_tensor, choose_qparams, compute_range, dequantize, quantize
+from qat.spec import QuantSpec, TensorSchemes
 
 
 class QuantizedWeight(nn.Module):
-    """A weight held as packed integer codes (`packed`, uint8), `scale` and `zero_point` buffers.
+    """A weight held in its format's storage layout: `packed` (uint8 codes), `scale` and `zero_point` buffers.
 
-    Integer codes are stored unsigned (code - qmin) and packed with `qat.packing.pack`; fp8 codes are
-    stored as their bytes. `zero_point` is empty for symmetric schemes.
+    The format of the spec (`qat.formats`) decides what the buffers hold: for integer grids the codes
+    unsigned (code - qmin) packed with `qat.packing.pack`, scales in the spec's scale dtype and integer
+    zero-points packed at the code width; fp8 codes as their bytes; the GGUF block formats their fp16
+    (super-)block scales and packed sub-block scales. `zero_point` is empty for symmetric schemes.
 
     Example:
         >>> qw = QuantizedWeight.from_tensor(torch.randn(8, 64), QuantSpec(bits=4, granularity="per_group", group_size=32))
@@ -33,8 +33,7 @@ class QuantizedWeight(nn.Module):
     def __init__(self, spec: QuantSpec, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.spec, self.shape, self.dtype = spec, tuple(shape), dtype
-        numel = int(torch.Size(shape).numel())
-        nbytes = numel if spec.is_float else packed_numel(numel, spec.bits)
+        nbytes = get_format(spec).packed_nbytes(spec, self.shape)
         self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
@@ -53,8 +52,6 @@ class QuantizedWeight(nn.Module):
         """Quantize `weight` with the given qparams (or min-max ones when none are given).
 
         `g_idx` is the act-order group index of a per_group weight (column i uses group g_idx[i])."""
-        from qat.primitives import choose_qparams, compute_range
-
         weight = weight.detach()
         check_tensor(weight, name, spec)
         if scale is None:
@@ -69,27 +66,27 @@ class QuantizedWeight(nn.Module):
         return self.g_idx if self.g_idx.numel() else None
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
-        """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams."""
-        if self.spec.is_float:
-            self.packed = codes.reshape(-1).view(torch.uint8).clone()
-        else:
-            self.packed = pack((codes.to(torch.int16) - self.spec.qmin).to(torch.uint8), self.spec.bits)
-        self.scale = scale.detach().float().clone()
-        self.zero_point = torch.empty(0, device=scale.device) if zero_point is None else zero_point.detach().float().clone()
+        """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams, in the format's layout."""
+        stored = get_format(self.spec).pack(codes, scale.detach(), None if zero_point is None else zero_point.detach(),
+                                            self.spec)
+        self.packed, self.scale, self.zero_point = stored["packed"], stored["scale"], stored["zero_point"]
+
+    def _unpacked(self):
+        stored = {"packed": self.packed, "scale": self.scale, "zero_point": self.zero_point}
+        return get_format(self.spec).unpack(stored, self.spec, self.shape)
 
     def codes(self) -> torch.Tensor:
         """The codes as `quantize` returned them, in the weight's shape."""
-        numel = int(torch.Size(self.shape).numel())
-        if self.spec.is_float:
-            return self.packed.view(FLOAT_DTYPES[self.spec.dtype]).reshape(self.shape)
-        raw = unpack(self.packed, self.spec.bits, numel).to(torch.int16) + self.spec.qmin
-        return raw.to(torch.int8 if self.spec.signed else torch.uint8).reshape(self.shape)
+        return self._unpacked()[0]
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.scale, (self.zero_point if self.zero_point.numel() else None)
+        """(float32 scale, float32 zero-point or None) as `choose_qparams` gave them (up to the stored rounding,
+        which the values do not see)."""
+        return self._unpacked()[1:]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.codes(), *self.qparams(), self.spec, dtype or self.dtype, self.group_index())
+        codes, scale, zero_point = self._unpacked()
+        return dequantize(codes, scale, zero_point, self.spec, dtype or self.dtype, self.group_index())
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) / .half(): the dequantized weight follows the new dtype, but scales and zero-points stay
@@ -108,13 +105,8 @@ class QuantizedWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def nbits(self) -> int:
-        """Bits of storage: codes, scales (in their scale dtype) and zero-points (in code width).
-
-        ggml grids count what their GGUF blocks store (fp16 scales and minimums, K-quant super-blocks)."""
-        if self.spec.grid != "uniform":
-            return round(math.prod(self.shape) * self.spec.bits_per_element())
-        scale_bits = torch.finfo(self.spec.torch_scale_dtype).bits
-        return self.packed.numel() * 8 + self.scale.numel() * scale_bits + self.zero_point.numel() * self.spec.bits
+        """Bits of storage (`qat.formats.storage_bits`): codes, scales, zero-points / minimums, the g_idx."""
+        return storage_bits(self.spec, self.shape, self.group_index() is not None)
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, shape={self.shape}"
@@ -187,6 +179,7 @@ class QuantizedEmbedding(nn.Module):
         self.qweight = qweight
         self.padding_idx = padding_idx
         self.num_embeddings, self.embedding_dim = qweight.shape
+        self.schemes = TensorSchemes(weight=qweight.spec)  # what qat.summary reports, as for the fake-quant module
 
     @classmethod
     def from_fake(cls, fake: FakeQuantEmbedding) -> "QuantizedEmbedding":

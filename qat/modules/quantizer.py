@@ -6,8 +6,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.formats.int import half_range
 from qat.observers import build_observer
-from qat.primitives import choose_qparams, compute_range, half_range
+from qat.primitives import choose_qparams, compute_range
 from qat.spec import QuantSpec
 from qat.ste import fake_quantize, learned_fake_quantize, round_ste
 

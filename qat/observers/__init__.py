@@ -19,13 +19,16 @@ from torch import nn
 from qat.primitives import (
     _reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
 )
+from qat.spec import SPEC_OBSERVERS
 
 OBSERVERS: dict[str, type["Observer"]] = {}
 
 
 def register_observer(name: str) -> Callable[[type], type]:
+    """Register an Observer class under `name` (QuantSpec.observer), for `QuantSpec`'s checks too."""
     def deco(cls: type) -> type:
         OBSERVERS[name] = cls
+        SPEC_OBSERVERS[name] = build_observer  # QuantSpec checks observer_args by building one
         cls.name = name
         return cls
 

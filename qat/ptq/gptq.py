@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qat.formats.kquant import fitted_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, fake_quantize_forward
 from qat.spec import QuantSpec
@@ -77,14 +78,12 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec, observer=None,
 
     The range comes from `observer` (default: the one `spec` names); for the asymmetric K-quants (Q2_K, Q4_K,
     Q5_K) with `importance` [n] it comes from the importance-weighted scale / minimum search of the GGUF
-    exporter (`qat.export.kquants.fitted_range`, llama.cpp's imatrix fit).
+    exporter (`qat.formats.kquant.fitted_range`, llama.cpp's imatrix fit).
 
     Example:
         >>> s, z = fit_qparams(w[:, :128], QuantSpec(bits=4, granularity="per_group", group_size=32))
     """
     if importance is not None and spec.grid == "ggml_k" and not spec.symmetric:
-        from qat.export.kquants import fitted_range
-
         return choose_qparams(*fitted_range(w, spec, importance), spec)
     observer = observer or build_observer(spec)
     return choose_qparams(*observer.range_of(w), spec)

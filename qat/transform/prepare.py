@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from qat.formats import get_format, gguf_types
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
 from qat.primitives import check_tensor
@@ -97,7 +98,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
-    result.warnings += _k_grid_rows(result, by_name)
+    result.warnings += _gguf_block_rows(result, by_name)
     if errors:
         raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
@@ -114,16 +115,19 @@ def _nothing_selected(recipe: QuantRecipe, named: list[tuple[str, nn.Module]]) -
             f"quantize here: {other}; registered types: {_registered_names()}")
 
 
-def _k_grid_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
-    """A K-quant grid (super-blocks of 256) on rows GGUF cannot hold: training works (the last super-block is
-    partial), but a GGUF file stores such rows in another type, so the export is not format-exact."""
-    names = [n for n, s in result.modules.items() if s.weight is not None and s.weight.grid == "ggml_k"
-             and by_name[n].weight.shape[-1] % 256]
-    if not names:
-        return []
-    return [f"{len(names)} module(s) on a GGUF K-quant grid have rows that are not a multiple of 256 "
+def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+    """A GGUF grid on rows its blocks cannot hold (a K-quant's super-blocks of 256): training works (the last
+    block is partial), but a GGUF file stores such rows in another type, so the export is not format-exact."""
+    misfits: dict[tuple[str, int], list[str]] = {}
+    for n, s in result.modules.items():
+        gguf = None if s.weight is None else get_format(s.weight).gguf_type(s.weight)
+        block = gguf_types()[gguf].block if gguf else 1
+        if by_name[n].weight.shape[-1] % block:
+            misfits.setdefault((gguf, block), []).append(n)
+    return [f"{len(names)} module(s) on the GGUF {gguf} grid have rows that are not a multiple of {block} "
             f"(e.g. {names[0]}, {by_name[names[0]].weight.shape[-1]} wide): GGUF stores such rows in another type, "
-            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"]
+            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"
+            for (gguf, block), names in misfits.items()]
 
 
 def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:

@@ -8,8 +8,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from qat.export.ggml_blocks import LEGACY, encode, encode_blocks, ggml_spec, legacy_blocks
-from qat.grids import GRIDS, HALF_DOWN, signed_peak
+from qat.export.ggml_blocks import encode, encode_blocks
+from qat.formats import get_format
+from qat.formats.common import HALF_DOWN, signed_peak
+from qat.formats.ggml import LEGACY, ggml_spec, legacy_blocks
 from qat.primitives import choose_qparams, compute_range, quantize
 
 
@@ -78,7 +80,7 @@ def test_grid_codes_equal_reference_arithmetic(name, need_mask):
     zp = None if zp is None else zp.reshape(24, -1, 1)
     for s in (scale, scale / 2):  # a pinned half scale puts many codes outside the range
         ref, ref_mask = _reference_codes(view, s, zp, spec)
-        codes, mask = GRIDS["ggml"].codes(view, s, zp, spec, need_mask)
+        codes, mask = get_format("ggml").codes(view, s, zp, spec, need_mask)
         defined = ref.isfinite()  # a denormal scale has an infinite inverse: NaN there, an int8 cast's choice
         assert torch.equal(codes[defined], ref[defined]) and bool(codes.isfinite().all())
         if need_mask:

@@ -10,7 +10,8 @@ from gguf import quants as gq
 
 import qat
 from qat.export import export_gguf, load_gguf
-from qat.export.ggml_blocks import LEGACY, encode, ggml_spec
+from qat.export.ggml_blocks import encode
+from qat.formats.ggml import LEGACY, ggml_spec
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
 from qat.spec import QuantSpec
 from tests.export.conftest import logits

@@ -37,7 +37,7 @@ def test_row_not_multiple_of_block_is_refused_by_the_encoder():
     with pytest.raises(ValueError, match="multiple of 256"):
         encode(torch.randn(2, 576), "Q4_K")
     with pytest.raises(KeyError, match="supported"):
-        encode(torch.randn(2, 256), "IQ4_NL")
+        encode(torch.randn(2, 256), "IQ2_XXS")
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", *[pytest.param(n, marks=pytest.mark.slow) for n in ("Q2_K", "Q3_K", "Q5_K")]])
@@ -63,7 +63,7 @@ def test_k_quant_rows_not_multiple_of_256_train_and_fall_back_at_export(tmp_path
 
     import qat
     from qat.export import export_gguf, load_gguf
-    from qat.export.kquants import kquant_spec
+    from qat.formats.kquant import kquant_spec
     from tests.export.conftest import logits
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=1,

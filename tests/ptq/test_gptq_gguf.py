@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qat.export import export_gguf, load_gguf
-from qat.export.ggml_blocks import ggml_spec
-from qat.export.kquants import fitted_range, kquant_spec
+from qat.formats.ggml import ggml_spec
+from qat.formats.kquant import fitted_range, kquant_spec
 from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
 from qat.ptq import gptq_quantize, ptq_model
 from tests.export.conftest import logits, tiny_llama

@@ -1,0 +1,46 @@
+"""Helpers the block formats share: the signed peak of a block, llama.cpp's roundf, fp16 bytes."""
+from __future__ import annotations
+
+import torch
+
+HALF_DOWN = 0.5 - 2.0**-25  # the float32 just below 0.5
+"""trunc(t + HALF_DOWN * sign(t)) is roundf(t) (half away from zero) for every float32 t, checked exhaustively
+(t + 0.5 would round up at t = 0.49999997). torch's trunc, where and argmax are slow scalar loops on CPU;
+float -> int8 conversion truncates and is vectorised, so the grids are written with it."""
+
+
+def signed_peak(view: torch.Tensor) -> torch.Tensor:
+    """The element of largest magnitude with its sign, per block of `view` [..., n] -> [..., 1]: the first
+    one when +m and -m tie (and the first zero of an all-zero block, keeping its sign), as
+    `view.gather(-1, view.abs().argmax(-1, keepdim=True))` (numpy's and llama.cpp's choice), ~10x faster.
+
+    Example:
+        >>> signed_peak(torch.tensor([[1.0, -3.0, 3.0]]))
+        tensor([[-3.]])
+    """
+    hi, lo = view.amax(-1, keepdim=True), view.amin(-1, keepdim=True)
+    peak = torch.where(hi > -lo, hi, lo)
+    tie = hi == -lo
+    if bool(tie.any()):  # only these blocks need the first index
+        rows = view[tie.squeeze(-1)]
+        peak[tie] = rows.gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return peak
+
+
+def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, and 0 where the scale is 0 (as gguf-py)."""
+    return torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+
+
+def half_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp16 bytes of a [..., 1] float tensor: [..., 2] uint8."""
+    return t.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def block_range(view: torch.Tensor, peak: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) per block of `view` [..., n_blocks, group]: the signed peak twice (`peak`), else min and max;
+    what `qat.primitives.compute_range` gives on that view."""
+    if peak:
+        p = signed_peak(view)
+        return p, p.clone()
+    return view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)

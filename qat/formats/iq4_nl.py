@@ -1,0 +1,143 @@
+"""GGUF IQ4_NL (grid="iq4_nl"): 16 non-uniform levels under one fp16 scale per block of 32 weights.
+
+    x^ = d * KVALUES[idx],  KVALUES = llama.cpp's kvalues_iq4nl,  idx in 0..15 (the code, unsigned)
+
+A block is 18 bytes (4.5 bits per weight): the fp16 d, then 16 bytes where byte j holds idx[j] in its low
+nibble and idx[j + 16] in its high nibble; `gguf.quants.dequantize` decodes it as float32(d) * KVALUES[idx],
+which is exactly what `values` computes, so fake quant, convert and the GGUF file agree bit for bit.
+
+The grid a model trains on (`qparams`): d = fp16(peak / KVALUES[0]) with the peak the signed element of
+largest magnitude (llama.cpp's starting scale: the peak lands on -127), and each weight takes the nearest
+level of x / d (ties to the upper level, as llama.cpp's best_index_int8). Float weights exported to IQ4_NL
+(`encode`) first search the scale as llama.cpp's quantize_row_iq4_nl_impl does (ntry = 7: the least-squares
+scale of 16 candidate level assignments, weighted by x^2 or by an imatrix), then take the same grid.
+
+Storage of a converted weight: the indices packed at 4 bits and the fp16 scales (the block's bytes).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.formats.base import Format, GGUFType, register_format
+from qat.formats.common import half_bytes, signed_peak
+from qat.packing import pack, unpack
+from qat.spec import QuantSpec
+
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_LEVELS = torch.tensor(KVALUES, dtype=torch.float32)
+_MIDS = (_LEVELS[1:] + _LEVELS[:-1]) / 2  # exact halves of integers
+# x / d inside [first level - half its step, last level + half its step] is not clipped (the STE mask)
+_LOW, _HIGH = KVALUES[0] - (KVALUES[1] - KVALUES[0]) / 2, KVALUES[-1] + (KVALUES[-1] - KVALUES[-2]) / 2
+NTRY = 7
+
+
+def iq4_nl_spec() -> QuantSpec:
+    """The QuantSpec whose grid is GGUF IQ4_NL.
+
+    Example:
+        >>> iq4_nl_spec().describe()
+        'int4 sym g32 iq4_nl'
+    """
+    return QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=32, scale_dtype="fp16", grid="iq4_nl")
+
+
+def _nearest(t: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of t (float32), ties to the upper one."""
+    return torch.bucketize(t, _MIDS.to(t.device), right=True)
+
+
+def _ls_scale(x, w, idx):
+    """(sum w q x, sum w q^2) of the levels `idx` per block: the least-squares scale is their ratio."""
+    q = _LEVELS.to(x.device)[idx]
+    wq = w * q
+    return (wq * x).sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True)
+
+
+def fit_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's scale search per block of `x` [..., 32] (quantize_row_iq4_nl_impl with ntry = 7): start from
+    d = peak / 127 and try the levels of 1 / id = peak / (KVALUES[0] + k), k = -7..7, keeping the least-squares
+    scale of the assignment with the smallest weighted error. Weights: x^2, or with an `importance` (imatrix
+    column statistic, broadcastable to x) imp * sqrt(sigma^2 + x^2). Returns the unrounded d [..., 1]."""
+    if importance is None:
+        w = x * x
+    else:
+        w = importance * (2 * x.pow(2).mean(-1, keepdim=True) + x * x).sqrt()
+    peak = signed_peak(x)
+    live = peak.abs() >= 1e-15  # GROUP_MAX_EPS: such a block stores d = 0
+    safe = torch.where(live, peak, torch.ones_like(peak))
+    sqx, sq2 = _ls_scale(x, w, _nearest(x * (KVALUES[0] / -safe)))  # id = 1 / d, d = -peak / KVALUES[0]
+    d = torch.where(sq2 > 0, sqx / sq2.clamp(min=1e-30), torch.zeros_like(sqx))
+    best = d * sqx
+    for k in range(-NTRY, NTRY + 1):
+        sqx, sq2 = _ls_scale(x, w, _nearest(x * ((k + KVALUES[0]) / safe)))
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(better, sqx / sq2.clamp(min=1e-30), d)
+        best = torch.where(better, d * sqx, best)
+    return torch.where(live, d, torch.zeros_like(d))
+
+
+def iq4_nl_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> torch.Tensor:
+    """GGUF IQ4_NL blocks [rows, cols / 32 * 18] from indices [rows, cols] (uint8) and scales [rows, cols / 32, 1]."""
+    c = codes.reshape(-1, 32).to(torch.uint8)
+    qs = c[:, :16] | (c[:, 16:] << 4)
+    return torch.cat([half_bytes(scale.reshape(-1, 1)), qs], 1).reshape(codes.shape[0], -1)
+
+
+def _encode(w: torch.Tensor, importance: torch.Tensor | None = None, values: bool = True):
+    """Blocks and (when `values`) decoded values of one chunk of rows: the IQ4_NL grid on the searched scales."""
+    spec = iq4_nl_spec()
+    view = w.reshape(w.shape[0], -1, 32)
+    imp = None if importance is None else importance.float().reshape(1, -1, 32)
+    scale = fit_scale(view, imp).to(torch.float16).float()
+    codes, _ = FORMAT.codes(view, scale, None, spec)
+    blocks = iq4_nl_blocks(codes.reshape(w.shape), scale)
+    return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+
+
+class IQ4NLFormat(Format):
+    """GGUF IQ4_NL; see the module docstring."""
+
+    name, grid, dtypes = "iq4_nl", "iq4_nl", ("int",)
+    gguf = (GGUFType("IQ4_NL", 32, 18, iq4_nl_spec, _encode, iq4_nl_blocks, weighted=True),)
+
+    def check(self, spec: QuantSpec) -> None:
+        if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != 32
+                or spec.scale_dtype != "fp16" or spec.learn != "none" or spec.signed):
+            raise ValueError("QuantSpec.grid='iq4_nl' needs bits=4, symmetric=True, granularity='per_group', "
+                             "group_size=32, scale_dtype='fp16', learn='none', signed left to its default")
+
+    def default_signed(self, spec: QuantSpec) -> bool:
+        return False  # the codes are level indices 0..15
+
+    def gguf_type(self, spec: QuantSpec) -> str | None:
+        return "IQ4_NL"
+
+    def peak_range(self, spec: QuantSpec) -> bool:
+        return True
+
+    def qparams(self, lo, hi, spec):
+        return (lo / KVALUES[0]).to(torch.float16).float(), None
+
+    def codes(self, view, scale, zero_point, spec, need_mask=False):
+        t = torch.where(scale != 0, view / torch.where(scale != 0, scale, torch.ones_like(scale)), 0.0)
+        mask = t.ge(_LOW).logical_and_(t.le(_HIGH)) if need_mask else None
+        return _nearest(t).float(), mask
+
+    def values(self, t, scale, zero_point, spec):
+        return _LEVELS.to(t.device)[t.long()] * scale
+
+    def pack(self, codes, scale, zero_point, spec):
+        return {"packed": pack(codes.to(torch.uint8), 4), "scale": scale.detach().to(torch.float16).clone(),
+                "zero_point": torch.empty(0, dtype=torch.uint8, device=scale.device)}
+
+    def unpack(self, stored, spec, shape):
+        codes = unpack(stored["packed"], 4, math.prod(shape)).reshape(shape)
+        return codes, stored["scale"].float(), None
+
+    def storage_bits(self, spec, shape):
+        return 8 * self.packed_nbytes(spec, shape) + 16 * (math.prod(shape) // 32)
+
+
+FORMAT = register_format(IQ4NLFormat())
