@@ -5,7 +5,8 @@ from qat.recipes import CONFIG_DIR
 
 
 def register_resolvers() -> None:
-    """`${qat_root:}` (configs/paths): the repository root, where configs/ and tests/fixtures live."""
+    """`${qat_root:}` (configs/paths): the folder above the config root (a checkout: the repository, where
+    tests/fixtures lives)."""
     if not OmegaConf.has_resolver("qat_root"):
         OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
 

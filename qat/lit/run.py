@@ -20,7 +20,6 @@ import qat
 from qat.cli import register_resolvers
 from qat.ptq.start import INIT_STARTS
 
-ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
             "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
 EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
