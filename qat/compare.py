@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from qat.results import (as_row, atomic_write_bytes, check_protocols, eval_protocol, failed_row, load_results,
+from qat.io import atomic_path, atomic_write_bytes
+from qat.results import (as_row, check_protocols, eval_protocol, failed_row, load_results,
                          to_json, write_results)
 FLOAT_BITS = 16
 
@@ -281,8 +282,6 @@ def save_state(model: nn.Module, path: Path) -> Path:
     A torch file loadable with torch.load(weights_only=True); `qat-export checkpoint=... quant=...` and
     QAT training load it into a model prepared with the same recipe.
     """
-    from qat.export._io import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
     return path

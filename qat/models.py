@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.io import load_safetensors
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 ALIASES = {"smollm2-135m": "model", "smollm2-135m-instruct": "model"}
@@ -116,11 +118,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         config = AutoConfig.from_pretrained(str(path.parent))
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-        state = load_file(str(path))
+        state = load_safetensors(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from qat.io import atomic_write_bytes
+
 COLUMNS = ("method", "quant", "ppl", "bits_per_weight", "size_mb", "wall_s", "peak_mem_mb")
 STATUS_COLUMNS = ("status", "error")  # "ok" | "failed", and the failure's message
 PROTOCOL_KEYS = ("data", "split", "blocks", "block_size")
@@ -182,13 +184,6 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    from qat.export._io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, title: str = "PTQ / QAT comparison") -> dict[str, Path]:

@@ -132,7 +132,8 @@ class AggregateResults(Callback):
             return
         out = Path(config.hydra.runtime.output_dir)
         if not (out / "result.json").exists():
-            from qat.results import atomic_write_bytes, failed_row, to_json
+            from qat.io import atomic_write_bytes
+            from qat.results import failed_row, to_json
 
             method = OmegaConf.select(config, "method.name", default="?")
             quant = OmegaConf.select(config, "quant.name", default="?")

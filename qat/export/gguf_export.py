@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
+from qat.export.common import float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, LEGACY, encode_blocks, legacy_blocks
 from qat.export.kquants import kquant_blocks
+from qat.io import atomic_path
 from qat.spec import GGML_K
 from qat.modules.quantized import QuantizedWeight
 

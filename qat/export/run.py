@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from qat.export import export as _export
-from qat.export._io import load_safetensors, load_torch_checkpoint
+from qat.export.common import float_weight_names, integer_modules
 from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
+from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ def bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int, flo
     """(bytes on disk, bits per parameter of the model) of an export file or folder."""
     p = Path(path)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    from qat.export._io import float_weight_names
-
     n, seen = 0, set()
     for name in float_weight_names(model):  # shapes only: nothing is quantized to count
         module, _, leaf = name.rpartition(".")
@@ -136,8 +135,6 @@ def load_importance(path: str | os.PathLike, model: nn.Module) -> dict[str, torc
     Raises:
         ValueError: tensors that name no linear layer of the model, or whose length is not its in_features.
     """
-    from qat.export._io import load_safetensors
-
     found = load_safetensors(path)
     expected = {f"{n}.weight": m.in_features for n, m in model.named_modules() if n and hasattr(m, "in_features")}
     bad = [f"{k} (no such linear layer)" for k in sorted(set(found) - set(expected))]
@@ -163,7 +160,6 @@ def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, 
     if imatrix != "calibrate":
         return load_importance(imatrix, model)
     from qat.data import build_blocks
-    from qat.export._io import save_safetensors
     from qat.export.imatrix import collect_importance
 
     corpus = _corpus(data, int(cal["seq_len"]), None)
@@ -207,24 +203,7 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
         raise ValueError(f"output path {str(out)!r} is a folder; format=gguf writes a file: give a file name")
     if format != "gguf" and out.is_file():
         raise ValueError(f"output {str(out)!r} is a file; format={format} writes a folder")
-    _probe_writable(out)
-    return out
-
-
-def _probe_writable(out: Path) -> None:
-    """Check that `out` can be created, creating nothing: a failed run leaves no empty folders behind."""
-    import tempfile
-
-    base = out.parent if not out.is_dir() else out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    try:
-        if not base.is_dir():
-            raise NotADirectoryError(20, "a file is in the way", str(base))
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".qat-probe-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"output path {str(out)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
+    return check_creatable(out)  # creating nothing: a failed run leaves no empty folders behind
 
 
 def _tokenizer(tokenizer: str | None, model: str):
@@ -238,10 +217,7 @@ def _tokenizer(tokenizer: str | None, model: str):
 
 def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) -> None:
     """What the writer would refuse, said before any calibration: GGUF's architecture, no quantized weights."""
-    from qat.export._io import integer_modules
-
     if format == "gguf":  # plan_types' checks without its fallback warnings (the writer gives those)
-        from qat.export._io import float_weight_names
         from qat.export.gguf_export import ARCHITECTURES, gguf_name
 
         arch = getattr(source.config, "model_type", None)

@@ -8,7 +8,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.cli import register_resolvers
+from qat.io import probe_folder, torch_load
 from qat.ptq.start import INIT_STARTS
 
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
@@ -133,7 +133,7 @@ def _check_resume(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = torch_load(path, mmap=True)
     hparams = ckpt.get("hyper_parameters") or {}
     errors = []
     for key in ("model", "quant"):
@@ -158,8 +158,7 @@ def _check_writable(out: Path) -> None:
     """The run directory (checkpoints, logs, result.json) must be writable before training starts."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        probe_folder(out)
     except OSError as err:
         raise PermissionError(f"paths.output_dir={str(out)!r} is not writable ({err.strerror}); checkpoints, logs "
                               "and result.json go there: choose another paths.output_dir / hydra.run.dir") from err
@@ -309,7 +308,8 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
 
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
-    from qat.results import atomic_write_bytes, to_json
+    from qat.io import atomic_write_bytes
+    from qat.results import to_json
 
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
     atomic_write_bytes(Path(cfg.paths.output_dir) / "result.json", to_json(row))  # strict: NaN -> null

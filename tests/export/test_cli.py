@@ -102,7 +102,7 @@ def outlier_llama(folder: Path) -> Path:
 
 
 def test_imatrix_calibrate_writes_a_file_that_fits_the_model(tmp_path, corpus, caplog):
-    from qat.export._io import load_safetensors
+    from qat.io import load_safetensors
 
     src = outlier_llama(tmp_path / "fp")
     cal = {"samples": 2, "seq_len": 32, "batch_size": 1, "save": str(tmp_path / "im.safetensors")}
@@ -144,7 +144,7 @@ def test_imatrix_calibrate_lowers_held_out_error_and_is_reusable(tmp_path, corpu
 def test_imatrix_file_that_does_not_fit_is_named(tmp_path):
     import torch
 
-    from qat.export._io import save_safetensors
+    from qat.io import save_safetensors
 
     bad = tmp_path / "bad.safetensors"
     save_safetensors({"model.layers.0.mlp.down_proj.weight": torch.ones(7), "model.nope.weight": torch.ones(3)}, bad)

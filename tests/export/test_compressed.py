@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import qat
 from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
 from qat.export.compressed import pack_int32, unpack_int32
-from qat.export._io import load_safetensors
+from qat.io import load_safetensors
 from tests.export.conftest import logits
 
 FP16_SYM = {"name": "w4_fp16", "targets": ["Linear"], "ignore": ["lm_head"],

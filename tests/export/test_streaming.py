@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qat.export._io import load_safetensors, write_safetensors
+from qat.io import load_safetensors, write_safetensors
 
 # Margin: quantizing a tensor makes a few temporaries about its size (ranges, codes, unpacked codes, packed
 # words), and Python objects and allocator pages add a few MB: 4x the largest fp32 tensor plus 8 MB.
@@ -120,7 +120,7 @@ def test_streamed_native_holds_what_the_converted_model_holds(tmp_path):
     """Converting module by module while writing stores the same tensors as converting a copy first."""
     import qat
     from qat.export import save_native
-    from qat.export._io import converted_copy
+    from qat.export.common import converted_copy
     from tests.export.conftest import tiny_llama
 
     prepared = qat.prepare(tiny_llama(tie=True), qat.load_recipe("w4a8_kv8"))
