@@ -209,6 +209,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from qat.testing import tiny_llama
+
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -217,11 +219,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     tk.train_from_iterator([text], trainer)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval(), tok
+    model = tiny_llama(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+    return model, tok
 
 
 def default_text(model: str) -> str:

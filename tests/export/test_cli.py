@@ -87,12 +87,11 @@ def test_bad_imatrix_values_are_refused_before_loading(tmp_path, kwargs, match):
 def outlier_llama(folder: Path) -> Path:
     """A 1-layer Llama (rows of 256: K-quants fit) with outlier input channels, saved as a HF folder."""
     import torch
-    import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    from qat.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=320, hidden_size=256, intermediate_size=512, num_layers=1,
+                       max_position_embeddings=128)
     with torch.no_grad():  # outlier input channels, as trained LLMs have: what an imatrix is for
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):

@@ -47,7 +47,7 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
     file, root, group = out.stdout.split()
     assert Path(file).is_relative_to(site) and Path(root) == site / "qat" / "configs"  # not the checkout's qat
     assert group == "128"
-    demo = _run(site, cwd, "-m", "qat.cli.demo", "tiny.hidden=128", "tiny.intermediate=256", "tiny.vocab=128",
+    demo = _run(site, cwd, "-m", "qat.cli.demo", "tiny.hidden_size=128", "tiny.intermediate_size=256", "tiny.vocab_size=128",
                 "tokens=16", f"hydra.run.dir={cwd / 'demo'}")
     assert "converted == fake-quant (atol=0): True" in demo.stdout
     train_help = _run(site, cwd, "-m", "qat.cli.train", "--help")

@@ -61,9 +61,9 @@ def test_too_few_init_calibration_tokens_fail_in_check(compose_train):
 def test_demo_names_a_misspelt_tiny_key():
     from qat.cli.demo import check_tiny
 
-    with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'layers'"):
+    with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'num_layers'"):
         check_tiny({"layerz": 4})
-    check_tiny({"layers": 4, "hidden": 128})
+    check_tiny({"num_layers": 4, "hidden_size": 128})
 
 
 def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, monkeypatch):
