@@ -275,7 +275,7 @@ def _exports(args, work: Path, text: str):
 def run_all(args, bin_dir: Path, work: Path) -> None:
     """Export, run llama.cpp, load with qat, print the table (see the module docstring)."""
     from qat.export.load import load_any
-    from qat.export.run import bits_per_weight
+    from qat.jobs.measure import file_bits_per_weight
 
     text_path = Path(args.text) if args.text else work / "text.txt"
     if not args.text:
@@ -289,7 +289,7 @@ def run_all(args, bin_dir: Path, work: Path) -> None:
         ref = llama_perplexity(bin_dir, path, text_path, n_ctx, args.chunks, work, args.threads)
         model = load_any(path)
         res = compare(model, ref)
-        _, bpw = bits_per_weight(path, model)
+        _, bpw = file_bits_per_weight(path, model)
         same = tokenization_matches(tok, text, ref)
         print(f"{label:22} {path.stat().st_size / 1e6:7.1f} {bpw:6.2f} {ref.ppl:10.4f} {res['ppl']:10.4f} "
               f"{res['ppl'] / ref.ppl - 1:+9.2e} {res['max_abs']:9.4f} {res['mean_abs']:10.5f} "

@@ -11,14 +11,13 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qat.jobs.export import run_export
 from qat.recipes import CONFIG_DIR
 
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from qat.export.run import run_export
-
     if OmegaConf.is_missing(cfg, "output"):
         raise SystemExit("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
     plain = OmegaConf.to_container(cfg, resolve=True)

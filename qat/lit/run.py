@@ -17,7 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 from qat.cli import register_resolvers
-from qat.io import probe_folder, torch_load
+from qat.io import atomic_write_bytes, probe_folder, torch_load
+from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
+from qat.jobs.ptq import enough_tokens, model_context
+from qat.jobs.results import to_json
+from qat.jobs.sweep import train_config
+from qat.models import load_model
 from qat.ptq.start import INIT_STARTS
 
 TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
@@ -45,8 +50,6 @@ def _signature_keys(target: str) -> set[str] | None:
 
 def context_length_of(model_cfg: DictConfig) -> int | None:
     """max_position_embeddings of the configured model, read without loading the weights."""
-    from qat.compare import model_context
-
     return model_context(model_cfg)
 
 
@@ -73,7 +76,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
     if cfg.get("init"):
-        from qat.compare import _enough_tokens
         from qat.ptq.api import method_config
 
         init = OmegaConf.to_container(cfg.init, resolve=True)
@@ -83,7 +85,7 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(f"init.start={cfg.init.start!r}; choose from {list(INIT_STARTS)}")
         try:
             method_config(init)
-            errors += [f"init: {e}" for e in _enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
+            errors += [f"init: {e}" for e in enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
         except (KeyError, ValueError) as err:
             errors.append(f"init: {err}")
     errors += _check_optim(cfg.module)
@@ -177,36 +179,6 @@ def _check_data_path(path: str) -> None:
         raise FileNotFoundError(f"data.path={path!r} does not exist")
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over token blocks [N, T] (the same quantity torchmetrics Perplexity computes)."""
-    from torchmetrics.text import Perplexity
-
-    was_training = model.training
-    model.eval()
-    metric = Perplexity(sync_on_compute=False)  # rank 0 evaluates alone in DDP runs: no collective
-    device = next(model.parameters()).device
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        metric.update(logits[:, :-1].float(), ids[:, 1:])
-    model.train(was_training)
-    return float(metric.compute())
-
-
-def bits_per_weight(model: torch.nn.Module) -> tuple[float, float]:
-    """(mean bits per weight over quantized layers, over all weights) with scales counted; float = dtype bits."""
-    rows = qat.summary(model)
-    q_bits = sum(r["bits_per_weight"] * model.get_submodule(r["module"]).weight.numel() for r in rows)
-    q_numel = sum(model.get_submodule(r["module"]).weight.numel() for r in rows)
-    seen = {id(model.get_submodule(r["module"]).weight) for r in rows}
-    rest = [p for p in model.parameters() if id(p) not in seen]
-    rest_bits = sum(p.numel() * torch.finfo(p.dtype).bits for p in rest if p.is_floating_point())
-    rest_numel = sum(p.numel() for p in rest)
-    whole = (q_bits + rest_bits) / max(q_numel + rest_numel, 1)
-    return (q_bits / q_numel if q_numel else math.nan), whole
-
-
 def _say(msg: str) -> None:
     print(f"[qat-train] {msg}", file=sys.stderr, flush=True)
 
@@ -263,8 +235,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rows.append({"model": name, "ppl": results["qat_ppl"], "bits/weight (quantized layers)": q_bits,
                      "bits/weight (all)": whole, "time_s": results["train_s"] + time.perf_counter() - t0})
         _log(trainer, {f"{cfg.eval.split}/qat_ppl": results["qat_ppl"]})
-        from qat.compare import weight_bits  # qat-compare's conventions, so a merged row lands on the plot
-
+        # qat-compare's conventions, so a merged row lands on the plot
         results["bits_per_weight"], results["size_mb"] = weight_bits(module.model)
     if {"fp_ppl", "rtn_ppl", "qat_ppl"} <= set(results):
         gap = results["rtn_ppl"] - results["fp_ppl"]
@@ -308,9 +279,6 @@ def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
 
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
-    from qat.io import atomic_write_bytes
-    from qat.results import to_json
-
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
     atomic_write_bytes(Path(cfg.paths.output_dir) / "result.json", to_json(row))  # strict: NaN -> null
 
@@ -357,3 +325,29 @@ def _table(cfg, rows, results, n_tokens: int) -> str:
         lines.append(f"QAT recovered {100 * results['gap_recovered']:.1f}% of the RTN -> FP perplexity gap")
     lines.append(f"wall time {results['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def run_qat_job(cfg: dict, out_dir: Path) -> dict:
+    """The QAT row: qat-train's training function on `train_config(cfg, out_dir)`, measured like a PTQ row.
+
+    Bits per weight and size come from `qat.jobs.measure.weight_bits` on the prepared model (they depend on the
+    scheme and shapes only); wall time is PTQ initialisation + training (evaluation excluded, as for PTQ).
+    Returns:
+        the row (COLUMNS, status, protocol) plus the training results (start_ppl: perplexity at step 0).
+    """
+    tcfg = train_config(cfg, out_dir)
+    with PeakMemory() as mem:
+        results = train(tcfg)
+    if not math.isfinite(results.get("qat_ppl", math.nan)):
+        raise ValueError(f"QAT finished without a finite perplexity (qat_ppl={results.get('qat_ppl')})")
+    model_cfg = cfg["model"]
+    bpw, size = weight_bits(qat.prepare(load_model(model_cfg["path"], model_cfg.get("dtype", "float32"),
+                                                   **dict(model_cfg.get("tiny") or {})), cfg["quant"]))
+    protocol = results.get("eval_protocol")
+    if protocol:
+        protocol = {**protocol, "data": str(cfg["data"]["path"])}
+    return {"method": "qat", "quant": cfg["quant"].get("name", "custom"), "ppl": results["qat_ppl"],
+            "bits_per_weight": bpw, "size_mb": size, "wall_s": results.get("init_s", 0.0) + results["train_s"],
+            "peak_mem_mb": mem.peak_mb, "status": "ok", "error": "", "protocol": protocol,
+            "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
+            "experiment": (cfg.get("qat") or {}).get("experiment"), "ckpt": results.get("ckpt")}

@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qat.export.run import run_eval, run_export
+from qat.jobs.eval import run_eval
+from qat.jobs.export import run_export
 from qat.recipes import CONFIG_DIR
 
 if not OmegaConf.has_resolver("qat_root"):
@@ -177,7 +178,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 
 
 def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused_before_calibration(tmp_path, monkeypatch):
-    import qat.export.run as run
+    import qat.jobs.export as run
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated before the check")

@@ -121,7 +121,7 @@ def test_label_names_the_row_of_a_sweep_job(compose_train, tmp_path):
 def test_train_result_merges_as_a_full_row(compose_train, tmp_path):
     """Without eval.baselines a qat-train result.json had no bits_per_weight / size_mb: merged into
     qat-compare its row was NaN there and left off the Pareto plot; wall_s also counted the evaluation."""
-    from qat.results import load_results
+    from qat.jobs.results import load_results
 
     out = train(compose_train(["debug=tiny", "trainer.max_steps=1"], output_dir=tmp_path))
     row = load_results([tmp_path / "result.json"])[0]

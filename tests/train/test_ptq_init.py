@@ -6,7 +6,7 @@ import torch
 from helpers_train import ROOT, compose_train
 
 import qat
-from qat.results import load_results
+from qat.jobs.results import load_results
 from qat.lit.run import train
 
 
