@@ -12,18 +12,15 @@ import torch
 
 import qat
 from qat.jobs import ptq
-from qat.jobs.ptq import check_job, check_keys, job_inputs, job_protocol
+from qat.jobs.config import COMPARE, check_keys
+from qat.jobs.ptq import check_job, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
 from qat.ptq import method_config
 from qat.recipes import load_recipe
 
-COMPARE_KEYS = {"task_name", "seed", "paths", "model", "data", "methods", "quants", "calibration", "eval",
-                "results", "title", "method", "quant", "qat", "fail_on_error"}
-
-
 def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
     """The qat-compare run: every method x scheme, plus rows from `results` files, into one table and plot."""
-    check_keys("config", cfg, COMPARE_KEYS | {"hydra"})
+    check_keys(cfg, COMPARE)
     torch.manual_seed(int(cfg.get("seed", 0)))
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import fields
 from typing import Any
 
 import torch
 
-from qat.data import CorpusConfig, build_blocks
+from qat.data import build_blocks, corpus_from_mapping
 from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
+from qat.jobs.config import EVAL_JOB, check_keys
 from qat.jobs.measure import perplexity
 
 
@@ -29,7 +29,7 @@ def corpus_config(data: str | dict, seq_len: int | None, max_blocks: int | None)
     """A `qat.data.CorpusConfig` from a corpus path / alias or a `data` config mapping, with the block size and
     number of evaluation blocks overridden when given."""
     raw = {"path": data} if isinstance(data, (str, os.PathLike)) else dict(data)
-    cfg = CorpusConfig(**{f.name: raw[f.name] for f in fields(CorpusConfig) if f.name in raw and f.name != "tokenizer"})
+    cfg = corpus_from_mapping({k: v for k, v in raw.items() if k != "tokenizer"})  # the model's tokenizer reads it
     cfg.path = str(cfg.path)
     if seq_len:
         cfg.block_size = seq_len
@@ -77,3 +77,17 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         out["sample"] = tok.decode(new)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
+
+
+def run_eval_job(cfg: dict) -> dict:
+    """qat-eval's job: the composed config (plain dicts) checked against `qat.jobs.config.EVAL_JOB`, then
+    `run_eval`.
+
+    Raises:
+        ValueError: a misspelt key anywhere (naming it), and what `run_eval` raises.
+    """
+    check_keys(cfg, EVAL_JOB)
+    model = cfg["model"]
+    return run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
+                    split=cfg["split"], prompt=cfg["prompt"], max_new_tokens=cfg["max_new_tokens"],
+                    tokenizer=cfg["tokenizer"], dtype=model.get("dtype", "float32"), tiny=model.get("tiny"))

@@ -23,6 +23,7 @@ from qat.export.gguf_export import ARCHITECTURES, gguf_name
 from qat.export.imatrix import collect_importance
 from qat.export.load import in_flight_recipe, load_any, quantize_on_load
 from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
+from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
 from qat.recipes import load_recipe
@@ -97,9 +98,7 @@ def check_imatrix(imatrix: str | None, format: str, data: Any, calibration: dict
         >>> check_imatrix("calibrate", "gguf", "wiki", {"samples": 16})["seq_len"]
         256
     """
-    unknown = sorted(set(calibration or {}) - set(CALIBRATION))
-    if unknown:
-        raise ValueError(f"export calibration: unknown key(s) {unknown}; valid: {sorted(CALIBRATION)}")
+    check_keys(calibration or {}, EXPORT_CALIBRATION, "calibration")
     cal = {**CALIBRATION, **(calibration or {})}
     if imatrix is None:
         return cal
@@ -236,3 +235,21 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     if imatrix is not None:
         result["imatrix"] = str(imatrix)
     return result
+
+
+def run_export_job(cfg: dict) -> dict:
+    """qat-export's job: the composed config (plain dicts) checked against `qat.jobs.config.EXPORT`, then
+    `run_export`.
+
+    Raises:
+        ValueError: a misspelt key anywhere (naming it), no `output`, and what `run_export` raises.
+    """
+    check_keys(cfg, EXPORT)
+    if cfg.get("output") in (None, "???"):
+        raise ValueError("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
+    model = cfg["model"]
+    return run_export(model["path"], cfg["output"], format=cfg["format"], gguf_type=cfg["gguf_type"],
+                      quant=cfg.get("quant"), checkpoint=cfg["checkpoint"], tokenizer=cfg["tokenizer"],
+                      dtype=model.get("dtype", "float32"), tiny=model.get("tiny"), imatrix=cfg.get("imatrix"),
+                      data=cfg.get("data"), calibration=cfg.get("calibration"),
+                      overwrite=bool(cfg.get("overwrite", False)), gguf_pure=bool(cfg.get("gguf_pure", False)))

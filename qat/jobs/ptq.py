@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from qat.data import CorpusConfig, build_blocks, calibration_batches
+from qat.data import build_blocks, calibration_batches, corpus_from_mapping
 from qat.export import FORMATS, export
 from qat.io import atomic_path, atomic_write_bytes
+from qat.jobs.config import PTQ, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import TINY_NAMES, check_model_source, load_model
@@ -62,18 +63,6 @@ def quant_name(quant: Any) -> str:
     if isinstance(quant, str):
         return quant
     return getattr(quant, "name", None) or dict(quant).get("name", "custom")
-
-
-PTQ_KEYS = {"task_name", "seed", "paths", "model", "data", "quant", "method", "calibration", "eval", "save",
-            "export", "progress"}
-CAL_KEYS, EVAL_KEYS = {"samples", "seq_len", "split"}, {"split", "max_blocks", "batch_size"}
-
-
-def check_keys(owner: str, cfg: dict, allowed: set) -> None:
-    """Refuse misspelt keys, naming them and the valid ones."""
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
 
 
 def model_context(model_cfg: dict) -> int | None:
@@ -136,21 +125,19 @@ def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_c
     Calibration sequences come from `calibration.split` of the corpus, grouped `batch_rows` to a batch
     (none when `calibration` is None: the float baseline needs none).
     Raises:
-        ValueError: misspelt keys, or a corpus with fewer blocks than calibration.samples.
+        ValueError: a corpus with fewer blocks than calibration.samples (keys: `qat.jobs.config.check_keys`).
     """
-    check_keys("eval", eval_cfg, EVAL_KEYS)
     tiny = dict(model_cfg.get("tiny") or {})
     load = lambda: load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **tiny)  # noqa: E731
     batches = []
     if calibration is not None:
-        check_keys("calibration", calibration, CAL_KEYS)
         batches = calibration_batches(data_cfg, int(calibration["samples"]), int(calibration["seq_len"]),
                                       calibration.get("split", "train"), batch_rows)
     blocks = None
     if eval_cfg.get("split"):
-        fields = {k: v for k, v in data_cfg.items() if k in CorpusConfig.__dataclass_fields__}
-        fields["max_eval_blocks"] = eval_cfg.get("max_blocks")
-        blocks = build_blocks(CorpusConfig(**fields), splits=[eval_cfg["split"]])[eval_cfg["split"]]
+        corpus = corpus_from_mapping(data_cfg)
+        corpus.max_eval_blocks = eval_cfg.get("max_blocks")
+        blocks = build_blocks(corpus, splits=[eval_cfg["split"]])[eval_cfg["split"]]
     return load, batches, blocks
 
 
@@ -167,7 +154,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     Example:
         >>> run_ptq_job(OmegaConf.to_container(cfg, resolve=True), "outputs/ptq/run")
     """
-    check_keys("config", cfg, PTQ_KEYS | {"hydra"})
+    check_keys(cfg, PTQ)
     torch.manual_seed(int(cfg.get("seed", 0)))
     method = dict(cfg["method"])
     method_config(method)  # validate before loading anything

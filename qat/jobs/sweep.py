@@ -23,8 +23,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qat.io import atomic_write_bytes
-from qat.jobs.compare import COMPARE_KEYS, compare_title
-from qat.jobs.ptq import check_job, check_keys, job_inputs, job_protocol, quant_name, run_one
+from qat.jobs.compare import compare_title
+from qat.jobs.config import COMPARE, QAT, QAT_METHOD, check_keys
+from qat.jobs.ptq import check_job, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
@@ -33,8 +34,6 @@ from qat.recipes import CONFIG_DIR
 # it is evaluated on exactly the PTQ rows' blocks (batch sizes and training caps stay the experiment's)
 PROTOCOL_DATA_KEYS = ("path", "tokenizer", "block_size", "text_field", "sample_by", "val_fraction",
                       "test_fraction", "seed", "max_eval_blocks")
-QAT_KEYS = {"experiment", "overrides"}
-QAT_METHOD_KEYS = {"name", "label", "init", "overrides"}
 
 def method_label(method: dict) -> str:
     """The row's method name: `label` if given, "qat+gptq" for PTQ-initialised QAT, else the method name."""
@@ -75,7 +74,7 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
 
 
 def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
-    check_keys("config", cfg, COMPARE_KEYS | {"hydra"})
+    check_keys(cfg, COMPARE)
     torch.manual_seed(int(cfg.get("seed", 0)))
     opts = {k: v for k, v in cfg["method"].items() if k != "label"}
     name = opts["name"]
@@ -151,8 +150,8 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
         >>> tcfg = train_config({**cfg, "method": {"name": "qat", "init": "gptq"}}, Path("outputs/x"))
     """
     qat_cfg, method = dict(cfg.get("qat") or {}), dict(cfg["method"])
-    check_keys("qat", qat_cfg, QAT_KEYS)
-    check_keys(f"method {method.get('name')}", method, QAT_METHOD_KEYS)
+    check_keys(qat_cfg, QAT, "qat")
+    check_keys(method, QAT_METHOD, f"method {method.get('name')}")
     overrides = [f"experiment={qat_cfg['experiment']}"] if qat_cfg.get("experiment") else []
     overrides += [f"init={method['init']}"] if method.get("init") else []
     overrides += [*(qat_cfg.get("overrides") or []), *(method.get("overrides") or [])]

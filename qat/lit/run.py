@@ -4,7 +4,6 @@ Everything here takes a composed Hydra config (DictConfig), so tests call it wit
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import qat
 from qat.cli import register_resolvers
 from qat.io import atomic_write_bytes, probe_folder, torch_load
+from qat.jobs.config import TRAIN, unknown_keys
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
@@ -25,27 +25,7 @@ from qat.jobs.sweep import train_config
 from qat.models import load_model
 from qat.ptq.start import INIT_STARTS
 
-TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
-            "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
-EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
-
-
-def _unknown(owner: str, keys, allowed) -> list[str]:
-    extra = sorted(set(keys) - set(allowed))
-    return [f"{owner}: unknown key(s) {extra}; valid: {sorted(allowed)}"] if extra else []
-
-
-def _signature_keys(target: str) -> set[str] | None:
-    from hydra.utils import get_class
-
-    try:
-        params = inspect.signature(get_class(target).__init__).parameters
-    except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return {n for n in params if n != "self"} | {"_target_", "_partial_", "_convert_", "_recursive_"}
 
 
 def context_length_of(model_cfg: DictConfig) -> int | None:
@@ -60,12 +40,7 @@ def check_config(cfg: DictConfig) -> None:
         ValueError: one message listing every problem found.
         FileNotFoundError: the model or data path does not exist (raised on its own, with the path).
     """
-    errors = _unknown("config", cfg.keys(), TOP_KEYS) + _unknown("eval", cfg.eval.keys(), EVAL_KEYS)
-    for node in ("module", "data", "trainer"):
-        keys = _signature_keys(cfg[node]["_target_"])
-        if keys is not None:
-            errors += _unknown(node, cfg[node].keys(), keys)
-    errors += _unknown("model", cfg.model.keys(), {"path", "dtype", "tiny"})
+    errors = unknown_keys(cfg, TRAIN)
     if cfg.eval.split not in ("validation", "test"):
         errors.append(f"eval.split={cfg.eval.split!r}; choose from ['validation', 'test']")
     if cfg.get("quant") is not None:
@@ -80,7 +55,6 @@ def check_config(cfg: DictConfig) -> None:
 
         init = OmegaConf.to_container(cfg.init, resolve=True)
         calib = init.pop("calibration", None) or {}
-        errors += _unknown("init.calibration", calib.keys(), {"samples", "seq_len"})
         if init.pop("start", "grid") not in INIT_STARTS:
             errors.append(f"init.start={cfg.init.start!r}; choose from {list(INIT_STARTS)}")
         try:

@@ -59,11 +59,11 @@ def test_too_few_init_calibration_tokens_fail_in_check(compose_train):
 
 
 def test_demo_names_a_misspelt_tiny_key():
-    from qat.cli.demo import check_tiny
+    from qat.jobs.config import check_keys
 
     with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'num_layers'"):
-        check_tiny({"layerz": 4})
-    check_tiny({"num_layers": 4, "hidden_size": 128})
+        check_keys({"tiny": {"layerz": 4}}, "demo")
+    check_keys({"tiny": {"num_layers": 4, "hidden_size": 128}}, "demo")
 
 
 def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, monkeypatch):
