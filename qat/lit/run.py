@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bit
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
+from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.models import load_model
 from qat.ptq.start import INIT_STARTS
 
@@ -153,13 +153,11 @@ def _check_data_path(path: str) -> None:
         raise FileNotFoundError(f"data.path={path!r} does not exist")
 
 
-def _say(msg: str) -> None:
-    print(f"[qat-train] {msg}", file=sys.stderr, flush=True)
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Check, instantiate, (evaluate baselines,) fit, evaluate; returns the results and prints the table.
+    """Check, instantiate, fit, evaluate; returns the results and prints the table.
 
+    The FP / start-point baselines and the PTQ initialisation are callbacks (qat.lit.callbacks) that run in
+    `trainer.fit`'s setup, before a resumed checkpoint is restored; their time is not counted as training.
     Returns:
         {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt"} (keys
         present when computed).
@@ -173,36 +171,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")
     pl.seed_everything(cfg.seed, workers=True)
-    _say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
+    record = RunRecord(split=str(cfg.eval.split))
+    callbacks = _before_training(cfg, record) + [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)  # bad trainer values fail here, cheaply
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _recursive_=False)  # loads the model; optimizer nodes stay configs (hparams)
-    results: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
+    results, rows = record.results, record.rows
     datamodule.setup("fit")
-    blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
-    eval_bs = datamodule.eval_batch_size
+    blocks = record.blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
+    eval_bs = record.batch_size = datamodule.eval_batch_size
     results["eval_protocol"] = {"data": str(cfg.data.path), "split": cfg.eval.split, "blocks": int(len(blocks)),
                                 "block_size": int(blocks.shape[-1])}  # qat-compare refuses rows measured otherwise
-    baselines = cfg.eval.baselines and trainer.is_global_zero
-    if baselines:  # before any PTQ initialisation: that writes solved weights into the model
-        rows += _float_baseline(cfg, module, blocks, eval_bs, results)
-    resume_skips_init = bool(cfg.get("init") and cfg.ckpt_path)
-    if resume_skips_init:  # the checkpoint holds the solved, trained state: solving again would be thrown away
-        _say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
-    elif cfg.get("init"):
-        results["init_s"] = _ptq_init(cfg, module, datamodule)
-    if baselines and cfg.get("quant") is not None and not resume_skips_init:
-        rows += _start_baseline(cfg, module, datamodule, blocks, eval_bs, results)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    results["train_s"] = time.perf_counter() - t0
+    results["train_s"] = time.perf_counter() - t0 - record.setup_s
     results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
     if cfg.eval.after and trainer.is_global_zero:
         t0 = time.perf_counter()
-        _say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
+        say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
         results["qat_ppl"] = perplexity(module.model, blocks, eval_bs)
         q_bits, whole = bits_per_weight(module.model)
         name = "QAT" if cfg.get("quant") else "fine-tuned FP"
@@ -222,6 +210,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _before_training(cfg: DictConfig, record: RunRecord) -> list:
+    """The callbacks that run before training, in order: FP baseline, PTQ initialisation, start-point baseline.
+
+    A resumed run with init=... skips the PTQ initialisation and its baseline row: the checkpoint holds the
+    solved, trained state, and solving again would be thrown away.
+    """
+    resume_skips_init = bool(cfg.get("init") and cfg.ckpt_path)
+    if resume_skips_init:
+        say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
+    callbacks = [FloatBaseline(record)] if cfg.eval.baselines else []
+    if cfg.get("init") and not resume_skips_init:
+        callbacks.append(PTQInit(OmegaConf.to_container(cfg.init, resolve=True), record))
+    if cfg.eval.baselines and cfg.get("quant") is not None and not resume_skips_init:
+        callbacks.append(StartBaseline(record, cfg.init.name.upper() if cfg.get("init") else "RTN"))
+    return callbacks
+
+
 def _method_label(cfg: DictConfig) -> str:
     if cfg.get("label"):
         return str(cfg.label)
@@ -230,58 +235,10 @@ def _method_label(cfg: DictConfig) -> str:
     return f"qat+{cfg.init.name}" if cfg.get("init") else "qat"
 
 
-def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
-    """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data, pin them."""
-    from qat.data import calibration_batches
-    from qat.ptq import apply
-    from qat.ptq.start import float_weights, ptq_start
-
-    if not cfg.get("quant"):
-        raise ValueError("init=... needs a quant recipe to initialise (got none)")
-    init = OmegaConf.to_container(cfg.init, resolve=True)
-    calib = init.pop("calibration", None) or {}
-    start = init.pop("start", "grid")
-    t0 = time.perf_counter()
-    _say(f"PTQ initialisation: {init['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} tokens, "
-         f"start={start} ...")
-    batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128), batch_rows=8)
-    floats = float_weights(module.model) if start == "cell" else None
-    apply(module.model, init, batches)
-    ptq_start(module.model, start, floats)
-    return time.perf_counter() - t0
-
-
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
     atomic_write_bytes(Path(cfg.paths.output_dir) / "result.json", to_json(row))  # strict: NaN -> null
-
-
-def _float_baseline(cfg, module, blocks, eval_bs, results) -> list[dict[str, Any]]:
-    t0 = time.perf_counter()
-    _say(f"evaluating the float model on {len(blocks)} {cfg.eval.split} blocks ...")
-    with qat.quantization_disabled(module.model):
-        results["fp_ppl"] = perplexity(module.model, blocks, eval_bs)
-    fp_bits = float(torch.finfo(next(module.model.parameters()).dtype).bits)
-    return [{"model": "FP", "ppl": results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
-             "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0}]
-
-
-def _start_baseline(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
-    """The QAT starting point: round-to-nearest, or the PTQ result with init=..."""
-    rows = []
-    t0 = time.perf_counter()
-    if module.hparams.range_init_batches > 0:
-        module.range_init(datamodule.train_dataloader(), module.hparams.range_init_batches)
-    start_name = cfg.init.name.upper() if cfg.get("init") else "RTN"
-    _say(f"evaluating {start_name} (the QAT starting point) ...")
-    results["rtn_ppl"] = perplexity(module.model, blocks, eval_bs)
-    q_bits, whole = bits_per_weight(module.model)
-    results["bits_per_weight"] = q_bits
-    rows.append({"model": start_name, "ppl": results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
-                 "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
-    _say(f"FP ppl {results['fp_ppl']:.3f}, {start_name} ppl {results['rtn_ppl']:.3f}; training ...")
-    return rows
 
 
 def _log(trainer, metrics: dict[str, float]) -> None:

@@ -67,7 +67,7 @@ def test_demo_names_a_misspelt_tiny_key():
 
 
 def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, monkeypatch):
-    import qat.lit.run
+    from qat.lit.callbacks import PTQInit
 
     first = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=2", "eval.after=false"],
                                 output_dir=tmp_path / "a"))
@@ -76,7 +76,7 @@ def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, mo
     def solve_again(*args, **kwargs):
         raise AssertionError("PTQ initialisation ran again on resume; the checkpoint already holds its result")
 
-    monkeypatch.setattr(qat.lit.run, "_ptq_init", solve_again)
+    monkeypatch.setattr(PTQInit, "setup", solve_again)
     resumed = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=3", "eval.after=false",
                                    f"ckpt_path={first['ckpt']}"], output_dir=tmp_path / "b"))
     assert resumed["ckpt"] and "init_s" not in resumed
