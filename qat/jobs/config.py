@@ -17,7 +17,10 @@ import inspect
 from dataclasses import fields
 from typing import Any, Mapping
 
+from omegaconf import OmegaConf
+
 from qat.data import LOADER_KEYS, CorpusConfig
+from qat.recipes import CONFIG_DIR
 from qat.testing import TINY_KEYS
 
 ANY = None
@@ -113,3 +116,10 @@ def check_keys(cfg: Any, schema: Mapping | str, where: str = "") -> None:
     errors = unknown_keys(cfg, schema, where)
     if errors:
         raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def register_resolvers() -> None:
+    """`${qat_root:}` (configs/paths): the folder above the config root (a checkout: the repository, where
+    tests/fixtures lives). Idempotent; the CLIs and qat-train's run call it before composing."""
+    if not OmegaConf.has_resolver("qat_root"):
+        OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qat.io import atomic_write_bytes
 from qat.jobs.compare import compare_title
-from qat.jobs.config import COMPARE, QAT, QAT_METHOD, check_keys
+from qat.jobs.config import COMPARE, QAT, QAT_METHOD, check_keys, register_resolvers
 from qat.jobs.ptq import check_job, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
 from qat.ptq import method_config
@@ -149,6 +149,7 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
     Example:
         >>> tcfg = train_config({**cfg, "method": {"name": "qat", "init": "gptq"}}, Path("outputs/x"))
     """
+    register_resolvers()  # configs/paths: ${qat_root:}
     qat_cfg, method = dict(cfg.get("qat") or {}), dict(cfg["method"])
     check_keys(qat_cfg, QAT, "qat")
     check_keys(method, QAT_METHOD, f"method {method.get('name')}")

@@ -14,9 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import qat
-from qat.cli import register_resolvers
 from qat.io import atomic_write_bytes, probe_folder, torch_load
-from qat.jobs.config import TRAIN, unknown_keys
+from qat.jobs.config import TRAIN, register_resolvers, unknown_keys
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
