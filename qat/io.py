@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 __all__ = ["ST_DTYPES", "atomic_folder", "atomic_path", "atomic_write_bytes", "check_creatable", "check_safetensors",
            "check_writable", "load_safetensors", "load_torch_checkpoint", "probe_folder", "save_safetensors",
@@ -293,8 +294,6 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checked safetensors file (see `check_safetensors`)."""
-    from safetensors.torch import load_file  # safetensors' torch glue is only needed when reading
-
     check_safetensors(path)
     return load_file(str(path))
 

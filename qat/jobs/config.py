@@ -17,6 +17,7 @@ import inspect
 from dataclasses import fields
 from typing import Any, Mapping
 
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from qat.data import LOADER_KEYS, CorpusConfig
@@ -64,8 +65,6 @@ SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "ev
 def target_schema(target: str) -> dict | None:
     """The keys a Hydra node instantiating `target` may hold: its constructor's arguments and Hydra's own keys;
     None (anything goes) when the class cannot be inspected or takes **kwargs."""
-    from hydra.utils import get_class  # resolves the configured class by name, at check time only
-
     try:
         params = inspect.signature(get_class(target).__init__).parameters
     except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate

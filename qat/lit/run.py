@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import qat
+from qat.assets import require
+from qat.data import ALIASES
 from qat.io import atomic_write_bytes, probe_folder, torch_load
 from qat.jobs.config import TRAIN, register_resolvers, unknown_keys
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
@@ -22,6 +26,7 @@ from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.models import load_model
+from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
 
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
@@ -50,8 +55,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
     if cfg.get("init"):
-        from qat.ptq.api import method_config
-
         init = OmegaConf.to_container(cfg.init, resolve=True)
         calib = init.pop("calibration", None) or {}
         if init.pop("start", "grid") not in INIT_STARTS:
@@ -77,8 +80,6 @@ def check_config(cfg: DictConfig) -> None:
 def _check_optim(module_cfg: DictConfig) -> list[str]:
     """Build the optimizer and scheduler on a dummy parameter: a bad value (lr=abc) fails now, not after
     the model is loaded, baselines evaluated and a PTQ initialisation solved (configure_optimizers runs last)."""
-    from hydra.utils import instantiate
-
     if module_cfg.get("optimizer") is None:
         return []  # QATModule's default AdamW
     try:
@@ -140,11 +141,7 @@ def _check_writable(out: Path) -> None:
 
 
 def _check_data_path(path: str) -> None:
-    from qat.data import ALIASES
-
     if path in ALIASES:
-        from qat.assets import require
-
         require(ALIASES[path][0])
         return
     hub_like = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and "." not in path
@@ -163,9 +160,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ValueError / FileNotFoundError: from check_config, before anything is loaded.
     """
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-
     start = time.perf_counter()
     check_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")
