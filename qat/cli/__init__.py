@@ -1,13 +1,5 @@
-"""Thin Hydra entry points. Importing this package registers the config resolvers they share."""
-from omegaconf import OmegaConf
-
-from qat.recipes import CONFIG_DIR
-
-
-def register_resolvers() -> None:
-    """`${qat_root:}` (configs/paths): the repository root, where configs/ and tests/fixtures live."""
-    if not OmegaConf.has_resolver("qat_root"):
-        OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
-
+"""Thin Hydra entry points: compose, call a job. Importing this package registers the config resolvers
+(`qat.jobs.config.register_resolvers`)."""
+from qat.jobs.config import register_resolvers
 
 register_resolvers()

@@ -10,19 +10,14 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qat.jobs.eval import run_eval_job
 from qat.recipes import CONFIG_DIR
 
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from qat.export.run import run_eval
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    result = run_eval(plain["model"]["path"], data=plain.get("data"), quant=plain.get("quant"), max_blocks=plain["max_blocks"],
-                      split=plain["split"], prompt=plain["prompt"], max_new_tokens=plain["max_new_tokens"],
-                      tokenizer=plain["tokenizer"], dtype=plain["model"].get("dtype", "float32"),
-                      tiny=plain["model"].get("tiny"))
+    result = run_eval_job(OmegaConf.to_container(cfg, resolve=True))
     print(json.dumps(result, indent=2))
 
 

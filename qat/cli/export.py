@@ -11,22 +11,16 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qat.jobs.export import run_export_job
 from qat.recipes import CONFIG_DIR
 
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from qat.export.run import run_export
-
     if OmegaConf.is_missing(cfg, "output"):
         raise SystemExit("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    result = run_export(plain["model"]["path"], plain["output"], format=plain["format"], gguf_type=plain["gguf_type"],
-                        quant=plain.get("quant"), checkpoint=plain["checkpoint"], tokenizer=plain["tokenizer"],
-                        dtype=plain["model"].get("dtype", "float32"), tiny=plain["model"].get("tiny"),
-                        imatrix=plain.get("imatrix"), data=plain.get("data"), calibration=plain.get("calibration"),
-                        overwrite=bool(plain.get("overwrite", False)), gguf_pure=bool(plain.get("gguf_pure", False)))
+    result = run_export_job(OmegaConf.to_container(cfg, resolve=True))
     print(json.dumps(result, indent=2))
 
 

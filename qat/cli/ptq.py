@@ -15,14 +15,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from qat.jobs.ptq import run_ptq_job
 from qat.recipes import CONFIG_DIR
 
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="ptq", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from qat.compare import run_ptq_job
-
     result = run_ptq_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
     print(json.dumps(result, indent=2, default=str))
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from qat.lit.run import ROOT, train
+from qat.lit.run import train
+from qat.recipes import CONFIG_DIR
 
 
-@hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     results = train(cfg)
     return results.get("qat_ppl")  # the value a sweeper would optimise

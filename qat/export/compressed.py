@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
-                            load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec,
-                            warn_unstored, write_safetensors)
+from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+                               warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
-from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
+from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import _set_module

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch
-from qat.export._io import atomic_path, float_weight_names, warn_unstored, weight_of, weight_spec
+from qat.export.common import float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_vocab import add_tokenizer
 from qat.formats import get_format, gguf_types
+from qat.io import atomic_path
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (atomic_path, check_writable, clear_export_markers, integer_kind, integer_modules,
-                            load_rest_and_tie, load_safetensors, owning_module, weight_of, weight_spec, write_json,
-                            warn_unstored, write_safetensors)
+from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+                               warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.formats import get_format
+from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import _set_module

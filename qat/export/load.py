@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import load_torch_checkpoint
+from qat.io import check_safetensors, load_torch_checkpoint
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -118,12 +118,8 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **ti
         return load_torch_file(path, resolve_dtype(dtype))
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".safetensors":
-        from qat.export._io import check_safetensors
-
         check_safetensors(p)
     elif p.is_dir():
-        from qat.export._io import check_safetensors
-
         for f in sorted(p.glob("*.safetensors")):
             check_safetensors(f)
     return load_model(path, dtype, **tiny_kwargs)

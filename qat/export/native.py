@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export._io import (as_converted, atomic_path, check_writable, clear_export_markers, integer_modules,
-                            load_safetensors, owning_module, write_json, write_safetensors)
+from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
+from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer

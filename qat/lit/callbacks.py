@@ -1,14 +1,21 @@
-"""Callbacks: per-layer quantizer statistics and plain-text progress for non-interactive runs."""
+"""Callbacks: per-layer quantizer statistics, plain-text progress for non-interactive runs, and what qat-train
+does before training (float and start-point baselines, PTQ initialisation)."""
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from qat.control import quantization_disabled
+from qat.data import calibration_batches
+from qat.jobs.measure import bits_per_weight, perplexity
 from qat.primitives import fake_quantize_forward
+from qat.ptq import apply
+from qat.ptq.start import float_weights, ptq_start
 
 
 @torch.no_grad()
@@ -79,3 +86,95 @@ class TextProgress(pl.Callback):
         eta = elapsed / done * max(total - step, 0)
         print(f"[qat-train] step {step}/{total}  loss {float(loss) if loss is not None else float('nan'):.4f}  "
               f"{tokens / elapsed:.0f} tok/s  elapsed {elapsed:.0f}s  eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+# -- what qat-train measures and solves before training: Lightning callbacks run in `setup("fit")` -------------
+# `setup` runs before a resumed checkpoint is restored and before the model moves to its device, in list
+# order: FloatBaseline (the float model), PTQInit (writes solved weights), StartBaseline (the QAT start).
+
+
+def say(msg: str) -> None:
+    """A progress line of qat-train on stderr."""
+    print(f"[qat-train] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunRecord:
+    """What the baseline and PTQ-initialisation callbacks write into: results, the table's rows, and the
+    seconds they took inside `trainer.fit` (not training time)."""
+
+    split: str
+    blocks: torch.Tensor | None = None
+    batch_size: int = 8
+    results: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    setup_s: float = 0.0
+
+
+class FloatBaseline(pl.Callback):
+    """The FP row: perplexity of the float model (quantizers off), before any PTQ initialisation writes solved
+    weights into it. Rank 0 only."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        rec, t0 = self.record, time.perf_counter()
+        say(f"evaluating the float model on {len(rec.blocks)} {rec.split} blocks ...")
+        with quantization_disabled(pl_module.model):
+            rec.results["fp_ppl"] = perplexity(pl_module.model, rec.blocks, rec.batch_size)
+        fp_bits = float(torch.finfo(next(pl_module.model.parameters()).dtype).bits)
+        rec.rows.append({"model": "FP", "ppl": rec.results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
+                         "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0})
+        rec.setup_s += time.perf_counter() - t0
+
+
+class PTQInit(pl.Callback):
+    """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data and pin them
+    (results["init_s"]); every rank solves the same problem. `init` is the init node: a PTQ method config plus
+    `calibration` {samples, seq_len} and `start` (see qat.ptq.start)."""
+
+    def __init__(self, init: dict[str, Any], record: RunRecord) -> None:
+        self.init, self.record = dict(init), record
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        method = dict(self.init)
+        calib = method.pop("calibration", None) or {}
+        start = method.pop("start", "grid")
+        t0 = time.perf_counter()
+        say(f"PTQ initialisation: {method['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} "
+            f"tokens, start={start} ...")
+        batches = calibration_batches(trainer.datamodule, calib.get("samples", 32), calib.get("seq_len", 128),
+                                      batch_rows=8)
+        floats = float_weights(pl_module.model) if start == "cell" else None
+        apply(pl_module.model, method, batches)
+        ptq_start(pl_module.model, start, floats)
+        self.record.results["init_s"] = time.perf_counter() - t0
+        self.record.setup_s += self.record.results["init_s"]
+
+
+class StartBaseline(pl.Callback):
+    """The QAT starting point's row (round-to-nearest, or the PTQ result with init=...): activation ranges
+    initialised as training would, then perplexity and bits per weight. Rank 0 only."""
+
+    def __init__(self, record: RunRecord, name: str) -> None:
+        self.record, self.name = record, name
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        rec, t0 = self.record, time.perf_counter()
+        if pl_module.hparams.range_init_batches > 0:
+            pl_module.range_init(trainer.datamodule.train_dataloader(), pl_module.hparams.range_init_batches)
+        say(f"evaluating {self.name} (the QAT starting point) ...")
+        rec.results["rtn_ppl"] = perplexity(pl_module.model, rec.blocks, rec.batch_size)
+        q_bits, whole = bits_per_weight(pl_module.model)
+        rec.results["bits_per_weight"] = q_bits
+        rec.rows.append({"model": self.name, "ppl": rec.results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
+                         "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
+        say(f"FP ppl {rec.results['fp_ppl']:.3f}, {self.name} ppl {rec.results['rtn_ppl']:.3f}; training ...")
+        rec.setup_s += time.perf_counter() - t0

@@ -45,7 +45,7 @@ class QATModule(pl.LightningModule):
     """Next-token training of a fake-quantized causal LM, with optional distillation from the float model.
 
     Args:
-        model: {"path": location for qat.models.load_model, "dtype": "float32", "tiny": {tiny_llama kwargs}}.
+        model: {"path": location for qat.models.load_model, "dtype": "float32", "tiny": {qat.testing.tiny_llama kwargs}}.
         quant: a recipe mapping (configs/quant format) or None for full-precision fine-tuning.
         optimizer: {"_target_": "torch.optim.AdamW", "_partial_": true, "lr": ...} (hydra-instantiated).
         scheduler: same form, or None; stepped every optimizer step.

@@ -4,50 +4,36 @@ Everything here takes a composed Hydra config (DictConfig), so tests call it wit
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import qat
-from qat.cli import register_resolvers
+from qat.assets import require
+from qat.data import ALIASES
+from qat.io import atomic_write_bytes, probe_folder, torch_load
+from qat.jobs.config import TRAIN, register_resolvers, unknown_keys
+from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
+from qat.jobs.ptq import enough_tokens, model_context
+from qat.jobs.results import to_json
+from qat.jobs.sweep import train_config
+from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
+from qat.models import load_model
+from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
 
-ROOT = Path(__file__).resolve().parents[2]
-TOP_KEYS = {"defaults", "task_name", "seed", "ckpt_path", "label", "module", "eval", "paths", "model", "data", "quant", "optim",
-            "trainer", "init", "logger", "callbacks", "experiment", "debug", "hydra"}
-EVAL_KEYS = {"baselines", "after", "split", "max_blocks"}
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
-
-
-def _unknown(owner: str, keys, allowed) -> list[str]:
-    extra = sorted(set(keys) - set(allowed))
-    return [f"{owner}: unknown key(s) {extra}; valid: {sorted(allowed)}"] if extra else []
-
-
-def _signature_keys(target: str) -> set[str] | None:
-    from hydra.utils import get_class
-
-    try:
-        params = inspect.signature(get_class(target).__init__).parameters
-    except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return {n for n in params if n != "self"} | {"_target_", "_partial_", "_convert_", "_recursive_"}
 
 
 def context_length_of(model_cfg: DictConfig) -> int | None:
     """max_position_embeddings of the configured model, read without loading the weights."""
-    from qat.compare import model_context
-
     return model_context(model_cfg)
 
 
@@ -58,12 +44,7 @@ def check_config(cfg: DictConfig) -> None:
         ValueError: one message listing every problem found.
         FileNotFoundError: the model or data path does not exist (raised on its own, with the path).
     """
-    errors = _unknown("config", cfg.keys(), TOP_KEYS) + _unknown("eval", cfg.eval.keys(), EVAL_KEYS)
-    for node in ("module", "data", "trainer"):
-        keys = _signature_keys(cfg[node]["_target_"])
-        if keys is not None:
-            errors += _unknown(node, cfg[node].keys(), keys)
-    errors += _unknown("model", cfg.model.keys(), {"path", "dtype", "tiny"})
+    errors = unknown_keys(cfg, TRAIN)
     if cfg.eval.split not in ("validation", "test"):
         errors.append(f"eval.split={cfg.eval.split!r}; choose from ['validation', 'test']")
     if cfg.get("quant") is not None:
@@ -74,17 +55,13 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
     if cfg.get("init"):
-        from qat.compare import _enough_tokens
-        from qat.ptq.api import method_config
-
         init = OmegaConf.to_container(cfg.init, resolve=True)
         calib = init.pop("calibration", None) or {}
-        errors += _unknown("init.calibration", calib.keys(), {"samples", "seq_len"})
         if init.pop("start", "grid") not in INIT_STARTS:
             errors.append(f"init.start={cfg.init.start!r}; choose from {list(INIT_STARTS)}")
         try:
             method_config(init)
-            errors += [f"init: {e}" for e in _enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
+            errors += [f"init: {e}" for e in enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
         except (KeyError, ValueError) as err:
             errors.append(f"init: {err}")
     errors += _check_optim(cfg.module)
@@ -103,8 +80,6 @@ def check_config(cfg: DictConfig) -> None:
 def _check_optim(module_cfg: DictConfig) -> list[str]:
     """Build the optimizer and scheduler on a dummy parameter: a bad value (lr=abc) fails now, not after
     the model is loaded, baselines evaluated and a PTQ initialisation solved (configure_optimizers runs last)."""
-    from hydra.utils import instantiate
-
     if module_cfg.get("optimizer") is None:
         return []  # QATModule's default AdamW
     try:
@@ -134,7 +109,7 @@ def _check_resume(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = torch_load(path, mmap=True)
     hparams = ckpt.get("hyper_parameters") or {}
     errors = []
     for key in ("model", "quant"):
@@ -159,19 +134,14 @@ def _check_writable(out: Path) -> None:
     """The run directory (checkpoints, logs, result.json) must be writable before training starts."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        probe_folder(out)
     except OSError as err:
         raise PermissionError(f"paths.output_dir={str(out)!r} is not writable ({err.strerror}); checkpoints, logs "
                               "and result.json go there: choose another paths.output_dir / hydra.run.dir") from err
 
 
 def _check_data_path(path: str) -> None:
-    from qat.data import ALIASES
-
     if path in ALIASES:
-        from qat.assets import require
-
         require(ALIASES[path][0])
         return
     hub_like = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and "." not in path
@@ -179,92 +149,48 @@ def _check_data_path(path: str) -> None:
         raise FileNotFoundError(f"data.path={path!r} does not exist")
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over token blocks [N, T] (the same quantity torchmetrics Perplexity computes)."""
-    from torchmetrics.text import Perplexity
-
-    was_training = model.training
-    model.eval()
-    metric = Perplexity(sync_on_compute=False)  # rank 0 evaluates alone in DDP runs: no collective
-    device = next(model.parameters()).device
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        metric.update(logits[:, :-1].float(), ids[:, 1:])
-    model.train(was_training)
-    return float(metric.compute())
-
-
-def bits_per_weight(model: torch.nn.Module) -> tuple[float, float]:
-    """(mean bits per weight over quantized layers, over all weights) with scales counted; float = dtype bits."""
-    q_bpw, q_numel = qat.control.weight_bits(model)
-    seen = {id(m.weight) for m in qat.control.weight_modules(model).values() if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
-    rest = [p for p in model.parameters() if id(p) not in seen]
-    rest_bits = sum(p.numel() * torch.finfo(p.dtype).bits for p in rest if p.is_floating_point())
-    rest_numel = sum(p.numel() for p in rest)
-    whole = ((q_bpw * q_numel if q_numel else 0.0) + rest_bits) / max(q_numel + rest_numel, 1)
-    return q_bpw, whole
-
-
-def _say(msg: str) -> None:
-    print(f"[qat-train] {msg}", file=sys.stderr, flush=True)
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Check, instantiate, (evaluate baselines,) fit, evaluate; returns the results and prints the table.
+    """Check, instantiate, fit, evaluate; returns the results and prints the table.
 
+    The FP / start-point baselines and the PTQ initialisation are callbacks (qat.lit.callbacks) that run in
+    `trainer.fit`'s setup, before a resumed checkpoint is restored; their time is not counted as training.
     Returns:
         {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt"} (keys
         present when computed).
     Raises:
         ValueError / FileNotFoundError: from check_config, before anything is loaded.
     """
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-
     start = time.perf_counter()
     check_config(cfg)
     os.environ.setdefault("WANDB_MODE", "offline")
     pl.seed_everything(cfg.seed, workers=True)
-    _say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
+    record = RunRecord(split=str(cfg.eval.split))
+    callbacks = _before_training(cfg, record) + [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)  # bad trainer values fail here, cheaply
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _recursive_=False)  # loads the model; optimizer nodes stay configs (hparams)
-    results: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
+    results, rows = record.results, record.rows
     datamodule.setup("fit")
-    blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
-    eval_bs = datamodule.eval_batch_size
+    blocks = record.blocks = datamodule.blocks[cfg.eval.split][: cfg.eval.max_blocks]
+    eval_bs = record.batch_size = datamodule.eval_batch_size
     results["eval_protocol"] = {"data": str(cfg.data.path), "split": cfg.eval.split, "blocks": int(len(blocks)),
                                 "block_size": int(blocks.shape[-1])}  # qat-compare refuses rows measured otherwise
-    baselines = cfg.eval.baselines and trainer.is_global_zero
-    if baselines:  # before any PTQ initialisation: that writes solved weights into the model
-        rows += _float_baseline(cfg, module, blocks, eval_bs, results)
-    resume_skips_init = bool(cfg.get("init") and cfg.ckpt_path)
-    if resume_skips_init:  # the checkpoint holds the solved, trained state: solving again would be thrown away
-        _say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
-    elif cfg.get("init"):
-        results["init_s"] = _ptq_init(cfg, module, datamodule)
-    if baselines and cfg.get("quant") is not None and not resume_skips_init:
-        rows += _start_baseline(cfg, module, datamodule, blocks, eval_bs, results)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    results["train_s"] = time.perf_counter() - t0
+    results["train_s"] = time.perf_counter() - t0 - record.setup_s
     results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
     if cfg.eval.after and trainer.is_global_zero:
         t0 = time.perf_counter()
-        _say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
+        say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
         results["qat_ppl"] = perplexity(module.model, blocks, eval_bs)
         q_bits, whole = bits_per_weight(module.model)
         name = "QAT" if cfg.get("quant") else "fine-tuned FP"
         rows.append({"model": name, "ppl": results["qat_ppl"], "bits/weight (quantized layers)": q_bits,
                      "bits/weight (all)": whole, "time_s": results["train_s"] + time.perf_counter() - t0})
         _log(trainer, {f"{cfg.eval.split}/qat_ppl": results["qat_ppl"]})
-        from qat.compare import weight_bits  # qat-compare's conventions, so a merged row lands on the plot
-
+        # qat-compare's conventions, so a merged row lands on the plot
         results["bits_per_weight"], results["size_mb"] = weight_bits(module.model)
     if {"fp_ppl", "rtn_ppl", "qat_ppl"} <= set(results):
         gap = results["rtn_ppl"] - results["fp_ppl"]
@@ -277,6 +203,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _before_training(cfg: DictConfig, record: RunRecord) -> list:
+    """The callbacks that run before training, in order: FP baseline, PTQ initialisation, start-point baseline.
+
+    A resumed run with init=... skips the PTQ initialisation and its baseline row: the checkpoint holds the
+    solved, trained state, and solving again would be thrown away.
+    """
+    resume_skips_init = bool(cfg.get("init") and cfg.ckpt_path)
+    if resume_skips_init:
+        say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
+    callbacks = [FloatBaseline(record)] if cfg.eval.baselines else []
+    if cfg.get("init") and not resume_skips_init:
+        callbacks.append(PTQInit(OmegaConf.to_container(cfg.init, resolve=True), record))
+    if cfg.eval.baselines and cfg.get("quant") is not None and not resume_skips_init:
+        callbacks.append(StartBaseline(record, cfg.init.name.upper() if cfg.get("init") else "RTN"))
+    return callbacks
+
+
 def _method_label(cfg: DictConfig) -> str:
     if cfg.get("label"):
         return str(cfg.label)
@@ -285,60 +228,10 @@ def _method_label(cfg: DictConfig) -> str:
     return f"qat+{cfg.init.name}" if cfg.get("init") else "qat"
 
 
-def _ptq_init(cfg: DictConfig, module, datamodule) -> float:
-    """PTQ initialisation (init=gptq|awq|rtn): solve the prepared model's grids on training data, pin them."""
-    from qat.data import calibration_batches
-    from qat.ptq import apply
-    from qat.ptq.start import float_weights, ptq_start
-
-    if not cfg.get("quant"):
-        raise ValueError("init=... needs a quant recipe to initialise (got none)")
-    init = OmegaConf.to_container(cfg.init, resolve=True)
-    calib = init.pop("calibration", None) or {}
-    start = init.pop("start", "grid")
-    t0 = time.perf_counter()
-    _say(f"PTQ initialisation: {init['name']} on {calib.get('samples', 32)} x {calib.get('seq_len', 128)} tokens, "
-         f"start={start} ...")
-    batches = calibration_batches(datamodule, calib.get("samples", 32), calib.get("seq_len", 128), batch_rows=8)
-    floats = float_weights(module.model) if start == "cell" else None
-    apply(module.model, init, batches)
-    ptq_start(module.model, start, floats)
-    return time.perf_counter() - t0
-
-
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
-    from qat.results import atomic_write_bytes, to_json
-
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
     atomic_write_bytes(Path(cfg.paths.output_dir) / "result.json", to_json(row))  # strict: NaN -> null
-
-
-def _float_baseline(cfg, module, blocks, eval_bs, results) -> list[dict[str, Any]]:
-    t0 = time.perf_counter()
-    _say(f"evaluating the float model on {len(blocks)} {cfg.eval.split} blocks ...")
-    with qat.quantization_disabled(module.model):
-        results["fp_ppl"] = perplexity(module.model, blocks, eval_bs)
-    fp_bits = float(torch.finfo(next(module.model.parameters()).dtype).bits)
-    return [{"model": "FP", "ppl": results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
-             "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0}]
-
-
-def _start_baseline(cfg, module, datamodule, blocks, eval_bs, results) -> list[dict[str, Any]]:
-    """The QAT starting point: round-to-nearest, or the PTQ result with init=..."""
-    rows = []
-    t0 = time.perf_counter()
-    if module.hparams.range_init_batches > 0:
-        module.range_init(datamodule.train_dataloader(), module.hparams.range_init_batches)
-    start_name = cfg.init.name.upper() if cfg.get("init") else "RTN"
-    _say(f"evaluating {start_name} (the QAT starting point) ...")
-    results["rtn_ppl"] = perplexity(module.model, blocks, eval_bs)
-    q_bits, whole = bits_per_weight(module.model)
-    results["bits_per_weight"] = q_bits
-    rows.append({"model": start_name, "ppl": results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
-                 "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
-    _say(f"FP ppl {results['fp_ppl']:.3f}, {start_name} ppl {results['rtn_ppl']:.3f}; training ...")
-    return rows
 
 
 def _log(trainer, metrics: dict[str, float]) -> None:
@@ -356,3 +249,29 @@ def _table(cfg, rows, results, n_tokens: int) -> str:
         lines.append(f"QAT recovered {100 * results['gap_recovered']:.1f}% of the RTN -> FP perplexity gap")
     lines.append(f"wall time {results['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def run_qat_job(cfg: dict, out_dir: Path) -> dict:
+    """The QAT row: qat-train's training function on `train_config(cfg, out_dir)`, measured like a PTQ row.
+
+    Bits per weight and size come from `qat.jobs.measure.weight_bits` on the prepared model (they depend on the
+    scheme and shapes only); wall time is PTQ initialisation + training (evaluation excluded, as for PTQ).
+    Returns:
+        the row (COLUMNS, status, protocol) plus the training results (start_ppl: perplexity at step 0).
+    """
+    tcfg = train_config(cfg, out_dir)
+    with PeakMemory() as mem:
+        results = train(tcfg)
+    if not math.isfinite(results.get("qat_ppl", math.nan)):
+        raise ValueError(f"QAT finished without a finite perplexity (qat_ppl={results.get('qat_ppl')})")
+    model_cfg = cfg["model"]
+    bpw, size = weight_bits(qat.prepare(load_model(model_cfg["path"], model_cfg.get("dtype", "float32"),
+                                                   **dict(model_cfg.get("tiny") or {})), cfg["quant"]))
+    protocol = results.get("eval_protocol")
+    if protocol:
+        protocol = {**protocol, "data": str(cfg["data"]["path"])}
+    return {"method": "qat", "quant": cfg["quant"].get("name", "custom"), "ppl": results["qat_ppl"],
+            "bits_per_weight": bpw, "size_mb": size, "wall_s": results.get("init_s", 0.0) + results["train_s"],
+            "peak_mem_mb": mem.peak_mb, "status": "ok", "error": "", "protocol": protocol,
+            "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
+            "experiment": (cfg.get("qat") or {}).get("experiment"), "ckpt": results.get("ckpt")}

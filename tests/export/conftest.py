@@ -7,13 +7,13 @@ import pytest
 import torch
 import transformers
 
+from qat import testing
+
 
 def tiny_llama(tie: bool = False, seed: int = 0) -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    """The export tests' model (qat.testing.tiny_llama): rows of 256, so K-quant super-blocks fit."""
+    return testing.tiny_llama(vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=128,
+                              tie_word_embeddings=tie, seed=seed)
 
 
 @pytest.fixture(scope="session")

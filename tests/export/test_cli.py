@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qat.export.run import run_eval, run_export
+from qat.jobs.eval import run_eval
+from qat.jobs.export import run_export
 from qat.recipes import CONFIG_DIR
 
 if not OmegaConf.has_resolver("qat_root"):
@@ -87,12 +88,11 @@ def test_bad_imatrix_values_are_refused_before_loading(tmp_path, kwargs, match):
 def outlier_llama(folder: Path) -> Path:
     """A 1-layer Llama (rows of 256: K-quants fit) with outlier input channels, saved as a HF folder."""
     import torch
-    import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    from qat.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=320, hidden_size=256, intermediate_size=512, num_layers=1,
+                       max_position_embeddings=128)
     with torch.no_grad():  # outlier input channels, as trained LLMs have: what an imatrix is for
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -102,7 +102,7 @@ def outlier_llama(folder: Path) -> Path:
 
 
 def test_imatrix_calibrate_writes_a_file_that_fits_the_model(tmp_path, corpus, caplog):
-    from qat.export._io import load_safetensors
+    from qat.io import load_safetensors
 
     src = outlier_llama(tmp_path / "fp")
     cal = {"samples": 2, "seq_len": 32, "batch_size": 1, "save": str(tmp_path / "im.safetensors")}
@@ -144,7 +144,7 @@ def test_imatrix_calibrate_lowers_held_out_error_and_is_reusable(tmp_path, corpu
 def test_imatrix_file_that_does_not_fit_is_named(tmp_path):
     import torch
 
-    from qat.export._io import save_safetensors
+    from qat.io import save_safetensors
 
     bad = tmp_path / "bad.safetensors"
     save_safetensors({"model.layers.0.mlp.down_proj.weight": torch.ones(7), "model.nope.weight": torch.ones(3)}, bad)
@@ -178,7 +178,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 
 
 def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused_before_calibration(tmp_path, monkeypatch):
-    import qat.export.run as run
+    import qat.jobs.export as run
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated before the check")

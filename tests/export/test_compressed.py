@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import qat
 from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
 from qat.export.compressed import pack_int32, unpack_int32
-from qat.export._io import load_safetensors
+from qat.io import load_safetensors
+from qat.testing import tiny_llama
 from tests.export.conftest import logits
 
 FP16_SYM = {"name": "w4_fp16", "targets": ["Linear"], "ignore": ["lm_head"],
@@ -69,10 +70,7 @@ def test_unsupported_scheme_is_named(model, tmp_path):
 
 def ragged_model():
     """A Llama whose q/k/v/o/gate/up rows are 96 wide: g64 gives ceil(96/64) = 2 groups, the last of 32."""
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size=128, hidden_size=96, intermediate_size=192, num_layers=1, max_position_embeddings=64)
 
 
 def ragged_recipe(sym: bool = True):

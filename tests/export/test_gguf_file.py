@@ -13,6 +13,7 @@ import qat
 from qat.export import export_gguf, load_any, load_gguf
 from qat.export.gguf_export import fit_type, mix_type
 from qat.export.gguf_import import open_gguf
+from qat.testing import tiny_llama
 from tests.export.conftest import logits
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tiny tokenizer",
@@ -63,9 +64,8 @@ def test_legacy_file_types_follow_llama_cpp_and_pure_does_not():
 def test_row_fallback_as_llama_cpp_and_said(model, tmp_path, caplog):
     assert (fit_type("Q4_K", 576), fit_type("Q6_K", 576), fit_type("Q5_K", 576), fit_type("Q4_0", 40)) == \
         ("Q5_0", "Q8_0", "Q5_1", "F16")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    small = transformers.LlamaForCausalLM(cfg).eval()
+    small = tiny_llama(vocab_size=64, hidden_size=96, intermediate_size=192, num_layers=1, num_heads=2,
+                       max_position_embeddings=2048, seed=None)
     with caplog.at_level(logging.WARNING):
         path = export_gguf(small, tmp_path / "s.gguf", "Q4_K_M")
     assert "Q4_K falls back to Q5_0" in caplog.text
@@ -115,8 +115,8 @@ def test_unknown_architecture_and_type(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; known"):
         export_gguf(gpt2, tmp_path / "g.gguf", "Q8_0")
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
-                                                                   num_hidden_layers=1, num_attention_heads=2))
+    llama = tiny_llama(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=2,
+                       max_position_embeddings=2048, seed=None)
     with pytest.raises(ValueError, match="gguf_type='Q4_K_X'; choose a type"):
         export_gguf(llama, tmp_path / "g.gguf", "Q4_K_X")
     assert not (tmp_path / "g.gguf").exists()

@@ -11,7 +11,7 @@ import torch
 
 import qat
 from qat.export import export_gptq, load_gptq
-from qat.export._io import load_safetensors
+from qat.io import load_safetensors
 from tests.export.conftest import logits
 
 

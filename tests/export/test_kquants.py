@@ -59,16 +59,15 @@ def test_format_exact_k_quant_export_has_zero_additional_error(model, ids, tmp_p
 def test_k_quant_rows_not_multiple_of_256_train_and_fall_back_at_export(tmp_path, caplog):
     import logging
 
-    import transformers
-
     import qat
     from qat.export import export_gguf, load_gguf
     from qat.formats.kquant import kquant_spec
+    from qat.testing import tiny_llama
     from tests.export.conftest import logits
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    prepared = qat.prepare(transformers.LlamaForCausalLM(cfg).eval(), qat.load_recipe("gguf_q4_k"))
+    model = tiny_llama(vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=1, num_heads=2,
+                       max_position_embeddings=2048, seed=None)
+    prepared = qat.prepare(model, qat.load_recipe("gguf_q4_k"))
     ids = torch.randint(0, 64, (1, 8))
     ref = logits(prepared, ids)  # a partial super-block per row: fake quant still defined
     with caplog.at_level(logging.WARNING):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qat.export._io import load_safetensors, write_safetensors
+from qat.io import load_safetensors, write_safetensors
 
 # Margin: quantizing a tensor makes a few temporaries about its size (ranges, codes, unpacked codes, packed
 # words), and Python objects and allocator pages add a few MB: 4x the largest fp32 tensor plus 8 MB.
@@ -31,19 +31,18 @@ LARGEST_FACTOR, SLACK_MB, MODEL_FRACTION = 4, 8, 0.25
 
 SCRIPT = textwrap.dedent("""
     import gc, json, re, sys
-    import torch, transformers
+    import torch
     import qat
     from qat.export import export
+    from qat.testing import tiny_llama
 
     def status(key):
         return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 
     def llama(layers, hidden, inter, vocab):
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                                       max_position_embeddings=64, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        return qat.prepare(transformers.LlamaForCausalLM(cfg).eval(), qat.load_recipe("w4a16_g128"))
+        model = tiny_llama(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                           num_heads=8, num_kv_heads=8, max_position_embeddings=64)
+        return qat.prepare(model, qat.load_recipe("w4a16_g128"))
 
     fmt, out, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
@@ -120,7 +119,7 @@ def test_streamed_native_holds_what_the_converted_model_holds(tmp_path):
     """Converting module by module while writing stores the same tensors as converting a copy first."""
     import qat
     from qat.export import save_native
-    from qat.export._io import converted_copy
+    from qat.export.common import converted_copy
     from tests.export.conftest import tiny_llama
 
     prepared = qat.prepare(tiny_llama(tie=True), qat.load_recipe("w4a8_kv8"))

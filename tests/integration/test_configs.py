@@ -73,9 +73,9 @@ def test_quantizer_state_round_trips_through_state_dict(tiny_llama, token_ids):
     qat.prepare(tiny_llama, recipe)
     qat.calibrate(tiny_llama, [token_ids])
     state = tiny_llama.state_dict()
-    from tests.conftest import make_tiny_llama
+    from qat.testing import tiny_llama as build
 
-    other = qat.prepare(make_tiny_llama(seed=5), recipe)
+    other = qat.prepare(build(vocab_size=256, seed=5), recipe)
     other.load_state_dict(state)
     for (_, a), (_, b) in zip(qat.quantizers(tiny_llama), qat.quantizers(other)):
         assert a.get_extra_state() == b.get_extra_state()

@@ -4,13 +4,13 @@ import torch
 from torch import nn
 
 import qat
-from tests.conftest import make_tiny_llama
+from qat.testing import tiny_llama
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_to_float_after_kv_cache_prepare_restores_the_attention_implementation(token_ids, attn):
     # before: config._attn_implementation stayed "qat_kv" (a saved config could not be loaded without qat)
-    model = make_tiny_llama()
+    model = tiny_llama(vocab_size=256)
     model.set_attn_implementation(attn)
     with torch.no_grad():
         ref = model(input_ids=token_ids).logits
@@ -37,7 +37,7 @@ def test_recipe_whose_targets_are_all_ignored_is_refused_naming_the_unsupported_
 def test_kv_cache_quantization_keeps_the_causal_and_padding_mask(token_ids, attn):
     # before: the "qat_kv" attention had no mask function, so transformers passed no mask at all: eager attention
     # attended to future tokens (logits off by ~0.9 with every quantizer disabled), sdpa ignored padding
-    model = make_tiny_llama()
+    model = tiny_llama(vocab_size=256)
     model.set_attn_implementation(attn)
     mask = torch.ones_like(token_ids)
     mask[1, :5] = 0  # left padding in the second row
@@ -103,7 +103,7 @@ def test_embedding_with_max_norm_is_refused_by_prepare_and_to_float_keeps_the_fl
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_a_converted_model_can_be_cast_and_keeps_float32_scales(token_ids, dtype):
     # before: model.to(bf16) after convert crashed in forward (weights dequantized to float32 vs bf16 inputs)
-    model = qat.convert(qat.prepare(make_tiny_llama(), "w4a16_g128_asym"))
+    model = qat.convert(qat.prepare(tiny_llama(vocab_size=256), "w4a16_g128_asym"))
     qweight = model.model.layers[0].mlp.down_proj.qweight
     scale, weight = qweight.scale.clone(), qweight.dequantize()
     model.to(dtype)
@@ -139,7 +139,7 @@ def test_a_pickled_kv_cache_model_runs_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    model = qat.prepare(make_tiny_llama(), "w4a8_kv8")
+    model = qat.prepare(tiny_llama(vocab_size=256), "w4a8_kv8")
     path = tmp_path / "model.pt"
     torch.save(model, path)  # our own file: whole-model pickles are only for trusted files
     code = (f"import torch; m = torch.load({str(path)!r}, weights_only=False); "

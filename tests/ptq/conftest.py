@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from qat import testing
+
 
 def correlated_inputs(n: int, dim: int, seed: int = 0, outliers: int = 0, heavy: bool = True) -> torch.Tensor:
     """Heavy-tailed, correlated inputs: Student-t factors mixed, with per-channel scales spanning 30x."""
@@ -70,12 +72,7 @@ def recipe(bits=4, group_size=32, symmetric=True, granularity="per_group", inp=N
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return testing.tiny_llama(vocab_size=128, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
 
 
 @pytest.fixture

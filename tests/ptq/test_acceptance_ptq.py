@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
+import qat.jobs.ptq
 import qat.models
-from qat.compare import run_compare_job, run_ptq_job
+from qat.jobs.compare import run_compare_job
+from qat.jobs.ptq import run_ptq_job
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
 
@@ -21,6 +23,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the config was checked")
 
     monkeypatch.setattr(qat.models, "load_model", fail)
+    monkeypatch.setattr(qat.jobs.ptq, "load_model", fail)  # the jobs' own reference
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -66,7 +69,7 @@ def _row(method, protocol, **extra):
 def test_merging_a_sweeps_result_files_lists_fp_once_in_job_order(tmp_path):
     import json
 
-    from qat.results import load_results
+    from qat.jobs.results import load_results
 
     proto = {"data": "d", "split": "test", "blocks": 2, "block_size": 8}
     jobs = {"0_fp_w4": _row("fp", proto), "1_fp_w3": _row("fp", proto, reused="0_fp_w4/result.json"),
@@ -81,11 +84,11 @@ def test_merging_a_sweeps_result_files_lists_fp_once_in_job_order(tmp_path):
 def test_compare_job_refuses_mismatched_results_before_running(tmp_path, monkeypatch):
     import json
 
-    import qat.compare
+    import qat.jobs.ptq
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps(_row("qat", {"data": "elsewhere", "split": "test", "blocks": 3, "block_size": 64})))
-    monkeypatch.setattr(qat.compare, "run_one", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(qat.jobs.ptq, "run_one", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     cfg = compose_job("compare", ["calibration.samples=8", "methods=[rtn]", "quants=[w4a16_g128]",
                                   f"results=[{other}]"])
     with pytest.raises(ValueError, match="other.json: eval protocol differs from this run's"):
@@ -94,7 +97,7 @@ def test_compare_job_refuses_mismatched_results_before_running(tmp_path, monkeyp
 
 def test_pareto_labels_do_not_overlap_when_points_are_close(tmp_path):
     """docs/img/smollm2_g128_pareto.png had every point labelled with its scheme: close points piled up."""
-    from qat.results import pareto_figure, plot_pareto
+    from qat.jobs.results import pareto_figure, plot_pareto
 
     rows = [_row(m, None, quant=q, ppl=p, bits_per_weight=b) for m, q, p, b in [
         ("fp", "fp", 27.9, 16.0), ("rtn", "w4a16_g128_ragged", 41.7, 4.27), ("gptq", "w4a16_g128_ragged", 41.4, 4.27),
@@ -133,7 +136,7 @@ def test_result_files_are_strict_json(tmp_path):
     """A failed row (NaN numbers) made results.json unreadable for jq / JavaScript: NaN is not JSON."""
     import json
 
-    from qat.results import failed_row, load_results, write_results
+    from qat.jobs.results import failed_row, load_results, write_results
 
     rows = [_row("rtn", None), failed_row("gptq", "w4", ValueError("boom"))]
     paths = write_results(rows, tmp_path)

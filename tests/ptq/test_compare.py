@@ -9,8 +9,10 @@ from omegaconf import OmegaConf
 
 import qat
 import qat.models
-from qat.compare import run_compare_job, run_ptq_job, weight_bits
-from qat.results import load_results, pareto_front, write_results
+from qat.jobs.compare import run_compare_job
+from qat.jobs.measure import weight_bits
+from qat.jobs.ptq import run_ptq_job
+from qat.jobs.results import load_results, pareto_front, write_results
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
 
@@ -95,8 +97,8 @@ def test_ptq_job_end_to_end(tmp_path):
     assert result["bits_per_weight"] == pytest.approx(expected)
     # the saved state reproduces the run: same perplexity as the job measured (two GPTQ runs need not
     # agree bit for bit on CPU: multithreaded BLAS sums the Hessian in varying order)
-    from qat.compare import job_inputs
-    from qat.export.run import perplexity
+    from qat.jobs.measure import perplexity
+    from qat.jobs.ptq import job_inputs
 
     blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])[2]
     assert perplexity(fresh, blocks, cfg["eval"]["batch_size"]) == pytest.approx(result["ppl"], rel=1e-5)

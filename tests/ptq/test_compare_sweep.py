@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from qat.cli.compare import train_config
-from qat.compare import collect_sweep, run_sweep_job
-from qat.results import load_results, write_results
+from qat.jobs.results import load_results, write_results
+from qat.jobs.sweep import collect_sweep, run_sweep_job, train_config
 from qat.recipes import CONFIG_DIR
 
 from .conftest import compose_job
@@ -86,7 +85,7 @@ def test_mismatched_protocol_is_refused_naming_the_file(tmp_path):
     assert not (tmp_path / "results.md").exists()
     # the same check guards rows merged into a plain qat-compare run
     cfg = _compare_cfg(["methods=[fp]", "eval.max_blocks=2", f"results=[{tmp_path / '0_fp' / 'result.json'}]"])
-    from qat.compare import run_compare_job
+    from qat.jobs.compare import run_compare_job
 
     with pytest.raises(ValueError, match=r"0_fp/result.json: eval protocol differs .*blocks: 2 vs 4"):
         run_compare_job(cfg, tmp_path / "plain", log=lambda s: None)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from qat.lit.run import ROOT
+from qat.recipes import CONFIG_DIR
 
-CONFIG_DIR = ROOT / "configs"
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_corpus.txt"
 
 

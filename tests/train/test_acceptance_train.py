@@ -59,15 +59,15 @@ def test_too_few_init_calibration_tokens_fail_in_check(compose_train):
 
 
 def test_demo_names_a_misspelt_tiny_key():
-    from qat.cli.demo import check_tiny
+    from qat.jobs.config import check_keys
 
-    with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'layers'"):
-        check_tiny({"layerz": 4})
-    check_tiny({"layers": 4, "hidden": 128})
+    with pytest.raises(ValueError, match=r"tiny: unknown key\(s\) \['layerz'\]; valid keys are .*'num_layers'"):
+        check_keys({"tiny": {"layerz": 4}}, "demo")
+    check_keys({"tiny": {"num_layers": 4, "hidden_size": 128}}, "demo")
 
 
 def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, monkeypatch):
-    import qat.lit.run
+    from qat.lit.callbacks import PTQInit
 
     first = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=2", "eval.after=false"],
                                 output_dir=tmp_path / "a"))
@@ -76,7 +76,7 @@ def test_resume_does_not_redo_the_ptq_initialisation(compose_train, tmp_path, mo
     def solve_again(*args, **kwargs):
         raise AssertionError("PTQ initialisation ran again on resume; the checkpoint already holds its result")
 
-    monkeypatch.setattr(qat.lit.run, "_ptq_init", solve_again)
+    monkeypatch.setattr(PTQInit, "setup", solve_again)
     resumed = train(compose_train(["debug=tiny", "init=rtn", "trainer.max_steps=3", "eval.after=false",
                                    f"ckpt_path={first['ckpt']}"], output_dir=tmp_path / "b"))
     assert resumed["ckpt"] and "init_s" not in resumed
@@ -121,7 +121,7 @@ def test_label_names_the_row_of_a_sweep_job(compose_train, tmp_path):
 def test_train_result_merges_as_a_full_row(compose_train, tmp_path):
     """Without eval.baselines a qat-train result.json had no bits_per_weight / size_mb: merged into
     qat-compare its row was NaN there and left off the Pareto plot; wall_s also counted the evaluation."""
-    from qat.results import load_results
+    from qat.jobs.results import load_results
 
     out = train(compose_train(["debug=tiny", "trainer.max_steps=1"], output_dir=tmp_path))
     row = load_results([tmp_path / "result.json"])[0]

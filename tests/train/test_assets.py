@@ -44,7 +44,7 @@ def test_cached_smollm2_and_wiki_give_a_sane_perplexity():
         pytest.skip(str(err))
     assert assets.verify() == []
     from qat.data import calibration_batches
-    from qat.lit.run import perplexity
+    from qat.jobs.measure import perplexity
     from qat.models import load_model
 
     model = load_model("smollm2-135m")

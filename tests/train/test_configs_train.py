@@ -7,9 +7,9 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from qat.lit.run import ROOT, check_config, train
+from qat.lit.run import check_config, train
 
-from helpers_train import CONFIG_DIR, compose_train, subprocess_env
+from helpers_train import CONFIG_DIR, ROOT, compose_train, subprocess_env
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -5,7 +5,7 @@ import torch
 
 import qat
 from qat.lit import QATModule, TextDataModule, kd_loss, quantizer_stats
-from qat.models import tiny_llama
+from qat.models import load_model
 
 OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3}
 SCHED = {"_target_": "transformers.get_cosine_schedule_with_warmup", "_partial_": True,
@@ -132,7 +132,7 @@ def test_schedule_and_range_init(corpus):
 
 
 def test_quantizer_stats_report_clipping():
-    model = qat.prepare(tiny_llama(num_layers=1), qat.load_recipe("w4a16_g128_lsq"))
+    model = qat.prepare(load_model("tiny", num_layers=1), qat.load_recipe("w4a16_g128_lsq"))
     stats = quantizer_stats(model)
     # LSQ starts at the min-max scale (amax -> 7.5 steps: only the rounded-up extremes clip)
     assert stats["quant/clip_frac"] < 0.01 and stats["quant/scale_mean"] > 0

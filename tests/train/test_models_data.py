@@ -6,7 +6,8 @@ import torch
 
 from qat.data import calibration_batches, load_documents, split_documents, tokenize_and_pack
 from qat.lit.data import StreamSampler, TextDataModule
-from qat.models import ByteTokenizer, context_length, load_model, tiny_llama
+from qat.models import ByteTokenizer, context_length, load_model
+from qat.testing import tiny_llama
 
 
 def test_tiny_llama_is_deterministic():

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
-from helpers_train import compose_train
+from helpers_train import ROOT, compose_train
 
 import qat
-from qat.results import load_results
-from qat.lit.run import ROOT, train
+from qat.jobs.results import load_results
+from qat.lit.run import train
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])

@@ -8,7 +8,7 @@ import torch
 import qat
 from qat.control import weight_bits
 from qat.export import save_native
-from qat.export._io import load_safetensors
+from qat.io import load_safetensors
 from qat.formats import bits_per_weight
 from qat.formats.ggml import ggml_spec
 from qat.formats.kquant import kquant_spec

@@ -17,7 +17,7 @@ from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
 from qat.spec import QuantSpec, TensorSchemes
 from qat.ste import learned_fake_quantize
-from tests.conftest import make_tiny_llama
+from qat.testing import tiny_llama
 
 
 def spec(g: int, **kw) -> QuantSpec:
@@ -103,7 +103,7 @@ def test_ragged_spec_errors(bad, message):
 
 
 def test_override_to_per_channel_drops_ragged():
-    model = qat.prepare(make_tiny_llama(hidden=96, intermediate=160), {
+    model = qat.prepare(tiny_llama(vocab_size=256, hidden_size=96, intermediate_size=160), {
         "name": "r", "targets": ["Linear"], "ignore": ["lm_head"],
         "weight": {"bits": 4, "granularity": "per_group", "group_size": 64, "ragged": True},
         "overrides": [{"targets": ["re:.*down_proj"], "weight": {"granularity": "per_channel"}}],
@@ -115,7 +115,7 @@ def test_override_to_per_channel_drops_ragged():
 
 
 def test_tiny_model_with_ragged_groups_converts_exactly(token_ids):
-    model = make_tiny_llama(hidden=96, intermediate=160)  # 96 = 64 + 32, 160 = 2 x 64 + 32
+    model = tiny_llama(vocab_size=256, hidden_size=96, intermediate_size=160)  # 96 = 64 + 32, 160 = 2 x 64 + 32
     recipe = {"name": "w4_g64r", "targets": ["Linear"], "weight": {"bits": 4, "granularity": "per_group", "group_size": 64, "ragged": True},
               "ignore": ["lm_head"]}
     with pytest.raises(ValueError, match="does not divide"):

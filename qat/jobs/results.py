@@ -9,14 +9,19 @@ rows measured under different protocols are refused (`check_protocols`).
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from qat.control import format_table
+from qat.io import atomic_write_bytes
 
 COLUMNS = ("method", "quant", "ppl", "bits_per_weight", "size_mb", "wall_s", "peak_mem_mb")
 STATUS_COLUMNS = ("status", "error")  # "ok" | "failed", and the failure's message
@@ -72,8 +77,6 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
     Example:
         >>> rows = load_results(["outputs/train/run/result.json", "outputs/ptq/multirun/**/result.json"])
     """
-    import glob
-
     rows, seen = [], set()
     for pattern in paths:
         matched = (sorted(glob.glob(str(pattern), recursive=True), key=_natural) if glob.has_magic(str(pattern))
@@ -88,8 +91,6 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
 
 def _natural(path: str) -> list:
     """Sort key putting sweep job dirs in job order (2_rtn before 10_qat), as collect_sweep does."""
-    import re
-
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
@@ -152,8 +153,6 @@ def _finite(rows: Sequence[dict]) -> list[dict]:
 
 def to_markdown(rows: Sequence[dict]) -> str:
     """The table; status and error columns appear only when a job failed."""
-    from qat.control import format_table
-
     columns = list(COLUMNS) + (list(STATUS_COLUMNS) if any(r.get("status", "ok") != "ok" for r in rows) else [])
     return format_table([{k: _cell(r.get(k, "")) for k in columns} for r in rows], columns)
 
@@ -182,13 +181,6 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    from qat.export._io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, title: str = "PTQ / QAT comparison") -> dict[str, Path]:
@@ -296,11 +288,9 @@ def _scheme_ticks(ax, rows: Sequence[dict]) -> None:
 
 def _plain_log_axis(ax) -> None:
     """Log-scale perplexity labelled 30, 50, 100, 200 (not 3 x 10^1)."""
-    import math as m
-
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter  # matplotlib loads only when a chart is drawn
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    lead = lambda v: round(v / 10 ** m.floor(m.log10(v))) if v > 0 else 0  # noqa: E731
+    lead = lambda v: round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0  # noqa: E731
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if lead(v) in (2, 3, 5) else ""))

@@ -1,12 +1,11 @@
-"""What `qat-export` and `qat-eval` do, as plain functions (no Hydra here; the CLIs only compose configs).
+"""The qat-export job: any checkpoint or export -> native / compressed-tensors / GPTQ / GGUF, every value checked
+before the model loads (plain functions; the CLI only composes the config).
 
     run_export("smollm2-135m", "out/m.gguf", format="gguf", gguf_type="Q4_K_M")
-    run_eval("out/m.gguf", data="wiki", max_blocks=32)
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -15,9 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.data import build_blocks
+from qat.export import FORMATS, MIXES
 from qat.export import export as _export
-from qat.export._io import load_safetensors, load_torch_checkpoint
-from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
+from qat.export.common import integer_modules
+from qat.export.ggml_blocks import BLOCK, WEIGHTED
+from qat.export.gguf_export import check_names
+from qat.export.imatrix import collect_importance
+from qat.export.load import in_flight_recipe, load_any, quantize_on_load
+from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
+from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, check_keys
+from qat.jobs.eval import corpus_config, tokenizer_for
+from qat.jobs.measure import file_bits_per_weight
+from qat.recipes import load_recipe
+from qat.transform import QuantRecipe, convert, prepare
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +67,11 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
     Raises:
         ValueError: a checkpoint without a recipe, or one that does not fit.
     """
-    from qat.transform import QuantRecipe, convert, prepare
-
     if quant is None and checkpoint is not None:
         raise ValueError("export: checkpoint= needs quant=<the recipe it was trained with>")
     if quant is not None and checkpoint is None:  # checked before the model loads
         recipe = in_flight_recipe(quant)
     elif quant is not None:
-        from qat.recipes import load_recipe
-
         recipe = load_recipe(quant) if isinstance(quant, (str, os.PathLike)) else QuantRecipe.from_dict(quant)
     loaded = load_any(model, dtype, **(tiny or {}))
     if quant is None:
@@ -78,24 +84,7 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
     return convert(prepared)
 
 
-def bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int, float]:
-    """(bytes on disk, bits per parameter of the model) of an export file or folder."""
-    p = Path(path)
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    from qat.export._io import float_weight_names
-
-    n, seen = 0, set()
-    for name in float_weight_names(model):  # shapes only: nothing is quantized to count
-        module, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(module) if module else model
-        w = owner.qweight if leaf == "weight" and hasattr(owner, "qweight") else getattr(owner, leaf)
-        if id(w) not in seen:
-            seen.add(id(w))
-            n += int(torch.Size(w.shape).numel())
-    return size, 8 * size / max(n, 1)
-
-
-IMATRIX_TYPES = ("Q2_K", "Q4_K", "Q5_K")  # the fits an imatrix weighs (see qat.export.ggml_blocks.encode)
+IMATRIX_TYPES = tuple(sorted(WEIGHTED))  # the fits an imatrix weighs, as each format registers it
 CALIBRATION = {"samples": 32, "seq_len": 256, "split": "train", "batch_size": 4, "save": None}
 
 
@@ -109,9 +98,7 @@ def check_imatrix(imatrix: str | None, format: str, data: Any, calibration: dict
         >>> check_imatrix("calibrate", "gguf", "wiki", {"samples": 16})["seq_len"]
         256
     """
-    unknown = sorted(set(calibration or {}) - set(CALIBRATION))
-    if unknown:
-        raise ValueError(f"export calibration: unknown key(s) {unknown}; valid: {sorted(CALIBRATION)}")
+    check_keys(calibration or {}, EXPORT_CALIBRATION, "calibration")
     cal = {**CALIBRATION, **(calibration or {})}
     if imatrix is None:
         return cal
@@ -136,8 +123,6 @@ def load_importance(path: str | os.PathLike, model: nn.Module) -> dict[str, torc
     Raises:
         ValueError: tensors that name no linear layer of the model, or whose length is not its in_features.
     """
-    from qat.export._io import load_safetensors
-
     found = load_safetensors(path)
     expected = {f"{n}.weight": m.in_features for n, m in model.named_modules() if n and hasattr(m, "in_features")}
     bad = [f"{k} (no such linear layer)" for k in sorted(set(found) - set(expected))]
@@ -162,11 +147,7 @@ def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, 
         log.warning("imatrix: gguf_type=%s has no %s tensors; the importances change nothing", gguf_type, "/".join(IMATRIX_TYPES))
     if imatrix != "calibrate":
         return load_importance(imatrix, model)
-    from qat.data import build_blocks
-    from qat.export._io import save_safetensors
-    from qat.export.imatrix import collect_importance
-
-    corpus = _corpus(data, int(cal["seq_len"]), None)
+    corpus = corpus_config(data, int(cal["seq_len"]), None)
     corpus.max_train_blocks = int(cal["samples"])
     blocks = build_blocks(corpus, tokenizer, splits=[cal["split"]]).get(cal["split"])
     if blocks is None or not len(blocks):
@@ -192,9 +173,6 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
         >>> check_output("out/m.gguf", "gguf", "Q4_K_M")
         PosixPath('out/m.gguf')
     """
-    from qat.export import FORMATS, MIXES
-    from qat.export.ggml_blocks import BLOCK
-
     if format not in FORMATS:
         raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf" and gguf_type not in BLOCK and gguf_type not in MIXES:
@@ -207,42 +185,12 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
         raise ValueError(f"output path {str(out)!r} is a folder; format=gguf writes a file: give a file name")
     if format != "gguf" and out.is_file():
         raise ValueError(f"output {str(out)!r} is a file; format={format} writes a folder")
-    _probe_writable(out)
-    return out
-
-
-def _probe_writable(out: Path) -> None:
-    """Check that `out` can be created, creating nothing: a failed run leaves no empty folders behind."""
-    import tempfile
-
-    base = out.parent if not out.is_dir() else out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    try:
-        if not base.is_dir():
-            raise NotADirectoryError(20, "a file is in the way", str(base))
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".qat-probe-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"output path {str(out)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
-
-
-def _tokenizer(tokenizer: str | None, model: str):
-    """The tokenizer given (refused when it cannot be loaded), else the one stored with `model` (or None)."""
-    tok = load_any_tokenizer(tokenizer or model)
-    if tokenizer is not None and tok is None:
-        raise ValueError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
-                         "file with a vocabulary, or 'tiny'")
-    return tok
+    return check_creatable(out)  # creating nothing: a failed run leaves no empty folders behind
 
 
 def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) -> None:
     """What the writer would refuse, said before any calibration: GGUF's architecture, no quantized weights."""
-    from qat.export._io import integer_modules
-
     if format == "gguf":  # plan_types' checks without its fallback warnings (the writer gives those)
-        from qat.export.gguf_export import check_names
-
         check_names(source, repr(model))
     elif not integer_modules(source):
         raise ValueError(f"format={format} stores quantized weights, and model.path={model!r} loaded as a float model: "
@@ -271,13 +219,13 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     start = time.perf_counter()
     check_output(output, format, gguf_type, overwrite)
     calibration = check_imatrix(imatrix, format, data, calibration)
-    tok = _tokenizer(tokenizer, model)
+    tok = tokenizer_for(tokenizer, model)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure)
-    size, bpw = bits_per_weight(out, source)
+    size, bpw = file_bits_per_weight(out, source)
     result = {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
               "seconds": round(time.perf_counter() - start, 2)}
     if imatrix is not None:
@@ -285,75 +233,19 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     return result
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token negative log-likelihood) over LongTensor blocks [N, T].
+def run_export_job(cfg: dict) -> dict:
+    """qat-export's job: the composed config (plain dicts) checked against `qat.jobs.config.EXPORT`, then
+    `run_export`.
 
-    Example:
-        >>> perplexity(model, torch.randint(0, 100, (2, 32)))
-    """
-    nll, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]
-        logits = model(ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        nll, count = nll + float(loss), count + ids[:, 1:].numel()
-    return math.exp(nll / count)
-
-
-def _corpus(data: str | dict, seq_len: int | None, max_blocks: int | None):
-    from dataclasses import fields
-
-    from qat.data import CorpusConfig
-
-    raw = {"path": data} if isinstance(data, (str, os.PathLike)) else dict(data)
-    cfg = CorpusConfig(**{f.name: raw[f.name] for f in fields(CorpusConfig) if f.name in raw and f.name != "tokenizer"})
-    cfg.path = str(cfg.path)
-    if seq_len:
-        cfg.block_size = seq_len
-    if max_blocks:
-        cfg.max_eval_blocks = max_blocks
-    return cfg
-
-
-def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, seq_len: int | None = None,
-             max_blocks: int | None = 32, split: str = "test", prompt: str | None = None, max_new_tokens: int = 32,
-             tokenizer: str | None = None, dtype: str = "float32", tiny: dict | None = None) -> dict:
-    """Perplexity (and a greedy generation) of any export, loaded through `load_any`.
-
-    Args:
-        model: an export or checkpoint path (see `qat.export.load`).
-        data: a corpus path / alias ("wiki", a text file...) or a mapping of `qat.data.CorpusConfig` fields
-            (the `data` config group), or None to skip perplexity.
-        quant: a recipe to quantize in flight at load (e.g. fp8_dynamic).
-        seq_len / max_blocks: override the corpus's block size / number of evaluation blocks.
-    Returns:
-        {"model", "ppl", "tokens", "sample", "seconds"}.
     Raises:
-        ValueError: no tokenizer found (give tokenizer=).
-    Example:
-        >>> run_eval("out/m.gguf", data="wiki", max_blocks=8)
+        ValueError: a misspelt key anywhere (naming it), no `output`, and what `run_export` raises.
     """
-    from qat.data import build_blocks
-
-    start = time.perf_counter()
-    recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
-    tok = _tokenizer(tokenizer, model)
-    net = load_any(model, dtype, **(tiny or {}))
-    if recipe is not None:
-        net = quantize_on_load(net, recipe)
-    if tok is None:
-        raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
-    out: dict[str, Any] = {"model": str(model)}
-    if data:
-        blocks = build_blocks(_corpus(data, seq_len, max_blocks), tok, splits=[split])[split]
-        out.update(ppl=round(perplexity(net, blocks), 4), tokens=int(blocks.numel()))
-    if prompt:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        gen = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        new = gen[0, ids.shape[1]:].tolist()
-        if not hasattr(tok, "__len__"):  # tiny models' byte tokenizer: ids past its vocabulary have no text
-            new = [i for i in new if i < tok.vocab_size]
-        out["sample"] = tok.decode(new)
-    out["seconds"] = round(time.perf_counter() - start, 2)
-    return out
+    check_keys(cfg, EXPORT)
+    if cfg.get("output") in (None, "???"):
+        raise ValueError("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
+    model = cfg["model"]
+    return run_export(model["path"], cfg["output"], format=cfg["format"], gguf_type=cfg["gguf_type"],
+                      quant=cfg.get("quant"), checkpoint=cfg["checkpoint"], tokenizer=cfg["tokenizer"],
+                      dtype=model.get("dtype", "float32"), tiny=model.get("tiny"), imatrix=cfg.get("imatrix"),
+                      data=cfg.get("data"), calibration=cfg.get("calibration"),
+                      overwrite=bool(cfg.get("overwrite", False)), gguf_pure=bool(cfg.get("gguf_pure", False)))

@@ -1,0 +1,180 @@
+"""What the exporters and loaders share about a model: which modules are stored as integers, the weight each
+parameter name stands for, the quantization a format cannot hold, and folder-export markers.
+
+Exports stream: the writers (native, compressed-tensors, GPTQ; GGUF likewise) quantize one module at a time from
+the prepared (fake-quant or PTQ-pinned) model through `weight_of` / `as_converted`, so peak memory is the model
+plus about one tensor's temporaries, never a converted copy (tests/export/test_streaming.py). The file plumbing
+(atomic writes, safetensors, safe checkpoint loading) is `qat.io`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.modules.registry import QUANTIZED
+from qat.transform import convert
+
+log = logging.getLogger(__name__)
+
+
+EXPORT_MARKERS = ("qat_quant.json", "quantize_config.json", "config.json")
+
+
+def clear_export_markers(folder: str | os.PathLike) -> None:
+    """Remove the files that mark `folder` as a finished export of any format (native's qat_quant.json,
+    GPTQ's quantize_config.json, the config.json every folder export writes last), before a folder writer
+    starts: a new export written over an old one (of the same or another format) then reads as complete
+    only once its own marker is written, never as a mix of the two, even if interrupted.
+
+    Example:
+        >>> clear_export_markers("out/native")
+    """
+    for name in EXPORT_MARKERS:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(folder) / name).unlink()
+
+
+def warn_unstored(model: nn.Module, fmt: str, stores_input: bool) -> dict[str, list[str]]:
+    """Warn, once per scheme, about the quantization a format cannot store: activation (input) schemes
+    when `stores_input` is False, and KV-cache schemes (no writer stores them). The runtime then computes
+    those tensors as it chooses, not as the model was trained or calibrated.
+
+    Returns:
+        {"input <scheme>" / "KV cache <scheme>": [module names]} of what is not stored.
+    Example:
+        >>> warn_unstored(qat.prepare(model, qat.load_recipe("w4a8_kv8")), "GPTQ", stores_input=False)
+    """
+    dropped: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "input_quantizer", None) if not stores_input else None
+        if quantizer is not None:
+            dropped.setdefault(f"input {quantizer.spec.describe()}", []).append(name)
+        if getattr(module, "k_quantizer", None) is not None:
+            dropped.setdefault(f"KV cache {module.k_quantizer.spec.describe()}", []).append(name)
+    for what, names in dropped.items():
+        log.warning("%s export: the %s quantization of %d module(s) (%s) has no place in this format and is "
+                    "not stored; runtimes will compute those tensors their own way", fmt, what, len(names),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+    return dropped
+
+
+def converted_copy(model: nn.Module) -> nn.Module:
+    """`model` with real-integer modules: a converted copy of a prepared model, or the model itself.
+
+    The writers do not use it (they convert one module at a time: see `integer_modules`)."""
+    if any(type(m) in QUANTIZED for m in model.modules()):
+        return convert(copy.deepcopy(model))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> QuantizedLinear / QuantizedEmbedding of a converted model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of every module an export stores as integers: converted ones, and fake-quant ones
+    with a weight quantizer (`convert` would swap those; `as_converted` does it for one module)."""
+    out = {}
+    for name, module in model.named_modules():
+        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding))
+        if converted or (type(module) in QUANTIZED and getattr(module, "weight_quantizer", None) is not None):
+            out[name] = module
+    return out
+
+
+def integer_kind(module: nn.Module) -> type:
+    """QuantizedLinear or QuantizedEmbedding: the class `module` is, or converts to."""
+    return type(module) if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) else QUANTIZED[type(module)]
+
+
+def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
+    """The name in `modules` that state-dict `key` lies under (`a.b.weight_quantizer.lo` -> `a.b`), or None."""
+    module = key.rpartition(".")[0]
+    while module and module not in modules:
+        module = module.rpartition(".")[0]
+    return module if module in modules else None
+
+
+def as_converted(module: nn.Module) -> nn.Module:
+    """`module` itself when converted; else a new QuantizedLinear / QuantizedEmbedding made from it as
+    `convert` would (sharing its bias and input quantizer), for one module at a time."""
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module
+    with torch.no_grad():
+        return QUANTIZED[type(module)].from_fake(module)
+
+
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(module, attribute name) that parameter `name` lives on: `a.b.weight` -> (model.a.b, "weight")."""
+    module_name, _, leaf = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), leaf
+
+
+def weight_spec(model: nn.Module, name: str):
+    """(QuantSpec or None, has an act-order g_idx) of parameter `name`, without quantizing anything."""
+    module, leaf = owner_of(model, name)
+    if leaf != "weight":
+        return None, False
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module.qweight.spec, module.qweight.group_index() is not None
+    quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
+    if quantizer is None:
+        return None, False
+    return quantizer.spec, quantizer.group_index() is not None
+
+
+def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
+    """The float parameter `name`, or the QuantizedWeight standing for `<module>.weight`: the one a
+    converted module holds, or (fake-quant module) one made now with its qparams, as `convert` would,
+    so that a prepared model exports tensor by tensor without a converted copy in memory."""
+    module, leaf = owner_of(model, name)
+    if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module.qweight
+    quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
+    if leaf == "weight" and quantizer is not None:
+        with torch.no_grad():
+            weight = module.weight.detach()
+            quantizer.observe(weight)
+            scale, zero_point = quantizer.qparams(weight)
+            zero_point = None if zero_point is None else zero_point.detach()
+            return QuantizedWeight.from_tensor(weight, quantizer.spec, scale.detach(), zero_point, name,
+                                               quantizer.group_index())
+    return getattr(module, leaf)
+
+
+def float_weight_names(model: nn.Module) -> list[str]:
+    """Names of the model's weights as a float model would call them (`x.qweight.*` -> `x.weight`)."""
+    names = []
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in seen:
+            continue
+        seen.add(name)
+        names.append(name)
+    for name in quantized_modules(model):
+        names.append(f"{name}.weight")
+    return names
+
+
+def load_rest_and_tie(model, rest: dict, folder, config):
+    """Load the non-quantized tensors of an exported folder into `model` (its quantized linears already
+    swapped in), refusing missing or unexpected tensors; re-tie embeddings when the config says so.
+
+    Raises:
+        ValueError: naming the folder and the tensors that do not match the config.
+    """
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

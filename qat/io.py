@@ -1,0 +1,329 @@
+"""File plumbing for everything qat writes or reads: atomic writes, streaming safetensors, safe loading.
+
+Every file is written under a temporary name in its destination folder and renamed into place only when
+complete (`os.replace` is atomic on POSIX), so a crash never leaves a partial file that looks finished.
+Reads check what they can before trusting a file: safetensors headers and sizes, and
+`torch.load(weights_only=True)` only (no code-carrying pickles).
+
+`write_safetensors` takes (name, tensor) pairs as a generator yields them, so an exporter that quantizes one
+module at a time keeps one tensor in memory, never a converted copy of the model
+(tests/export/test_streaming.py). A leaf module: it imports nothing from qat.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file
+
+__all__ = ["ST_DTYPES", "atomic_folder", "atomic_path", "atomic_write_bytes", "check_creatable", "check_safetensors",
+           "check_writable", "load_safetensors", "load_torch_checkpoint", "probe_folder", "save_safetensors",
+           "torch_load", "write_json", "write_safetensors"]
+
+
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Write and remove a probe file in an existing `folder`.
+
+    Raises:
+        OSError: the folder cannot be written to (the caller names what the folder is for).
+    Example:
+        >>> probe_folder("/tmp")
+    """
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".qat-probe-"):
+        pass
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Create `path`'s parent folder if needed and check that a file can be written there.
+
+    Raises:
+        ValueError: the folder cannot be created or written to, or `path` is a folder, naming it.
+    Example:
+        >>> check_writable("/tmp/out/model.gguf")
+        PosixPath('/tmp/out/model.gguf')
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe_folder(path.parent)
+    except OSError as err:
+        raise ValueError(f"output path {str(path)!r} is not writable: {err.strerror or err}") from None
+    if path.is_dir():
+        raise ValueError(f"output path {str(path)!r} is a folder; give a file name")
+    return path
+
+
+def check_creatable(path: str | os.PathLike) -> Path:
+    """Check that `path` (a file or folder) can be created, creating nothing: a run that fails later leaves no
+    empty folders behind. The nearest existing folder above it is probed.
+
+    Raises:
+        ValueError: naming `path` and the folder that refused, e.g. "a file is in the way".
+    Example:
+        >>> check_creatable("/tmp/new/run/model.gguf")
+        PosixPath('/tmp/new/run/model.gguf')
+    """
+    path = Path(path)
+    base = path.parent if not path.is_dir() else path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(base))
+        probe_folder(base)
+    except OSError as err:
+        raise ValueError(f"output path {str(path)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
+    return path
+
+
+def _publish_mode(tmp: str | os.PathLike) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a shipped file gets the usual mode
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    Raises:
+        ValueError: `path` is not writable (see `check_writable`).
+    Example:
+        >>> with atomic_path("/tmp/x.json") as tmp:
+        ...     tmp.write_text("{}")
+    """
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder there is removed
+    first, so the new one appears whole or not at all; the old one is gone once the new one is complete).
+
+    Example:
+        >>> with atomic_folder(cache / "model") as tmp:
+        ...     model.save_pretrained(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON with sorted keys, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_COPY_CHUNK = 16 << 20
+
+
+def _raw_bytes(t: torch.Tensor):
+    """A zero-copy byte view of a contiguous CPU tensor (what is written to the file)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write tensors as they come, one at a time, into a safetensors file (atomically).
+
+    Each tensor's bytes go to a temporary data file as soon as the iterable yields it and the tensor is
+    dropped, so memory holds one tensor at a time, never a second copy of the model. The header (which
+    safetensors puts first: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}},
+    space-padded to 8 bytes) is written once every shape is known, followed by the data, copied by the
+    kernel; the cost is a second pass over the bytes on disk, not in memory. As safetensors' own writer
+    does, tensors are laid out by element size, largest first (one temporary file per size), so every
+    tensor starts at a multiple of its element size and loaders may map it in place.
+
+    Args:
+        items: (name, tensor) pairs; names must be unique.
+        path: the .safetensors file to write.
+        metadata: string -> string pairs stored as `__metadata__`.
+    Returns:
+        the header written.
+    Raises:
+        ValueError: a repeated name, an unsupported dtype, or an unwritable path.
+    Example:
+        >>> write_safetensors(((n, p.detach()) for n, p in model.named_parameters()), "out/model.safetensors")
+    """
+    header: dict[str, Any] = {}
+    with atomic_path(path) as tmp, contextlib.ExitStack() as files:
+        parts: dict[int, Any] = {}  # element size -> open data file
+        sizes: dict[int, int] = {}
+        for name, tensor in items:
+            size = tensor.element_size()
+            if size not in parts:
+                parts[size] = files.enter_context(_data_file(tmp, size))
+            sizes[size] = sizes.get(size, 0) + _append(parts[size], header, name, tensor, sizes.get(size, 0))
+        order = sorted(parts, reverse=True)
+        _place(header, order, sizes)
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for size in order:
+                parts[size].flush()
+                with open(parts[size].name, "rb") as data:
+                    _copy_rest(data, out)
+    return header
+
+
+def _place(header: dict, order: list[int], sizes: dict[int, int]) -> None:
+    """Shift each element size's offsets behind the larger-element parts written before it."""
+    base = 0
+    for size in order:
+        for entry in header.values():
+            if entry["size"] == size:
+                entry["data_offsets"] = [base + o for o in entry["data_offsets"]]
+        base += sizes[size]
+    for entry in header.values():
+        del entry["size"]
+
+
+@contextlib.contextmanager
+def _data_file(tmp: Path, size: int):
+    path = tmp.with_name(f"{tmp.name}.data{size}")
+    try:
+        with open(path, "wb") as f:
+            yield f
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _copy_rest(src, dst) -> None:
+    """Append `src` (from its start) to `dst` in the kernel (no buffer in this process's memory)."""
+    dst.flush()
+    start = dst.tell()
+    try:
+        while os.copy_file_range(src.fileno(), dst.fileno(), _COPY_CHUNK):
+            pass
+    except (AttributeError, OSError):  # not Linux, or a filesystem without it: a bounded user-space copy
+        src.seek(0)
+        dst.seek(start)
+        dst.truncate()
+        shutil.copyfileobj(src, dst, 1 << 20)
+    dst.seek(0, os.SEEK_END)
+
+
+def _append(data, header: dict, name: str, tensor: torch.Tensor, offset: int) -> int:
+    if name in header or name == "__metadata__":
+        raise ValueError(f"safetensors writer: tensor name {name!r} given twice (or reserved)")
+    if tensor.dtype not in ST_DTYPES:
+        raise ValueError(f"safetensors writer: {name} has dtype {tensor.dtype}; supported: {sorted(map(str, ST_DTYPES))}")
+    tensor = tensor.detach().cpu().contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes:
+        data.write(_raw_bytes(tensor))
+    header[name] = {"dtype": ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + nbytes], "size": tensor.element_size()}
+    return nbytes
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """A dict of tensors as a safetensors file, atomically (see `write_safetensors`)."""
+    write_safetensors(tensors.items(), path, metadata)
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a safetensors header: the file holds every byte the header promises.
+
+    Returns:
+        the header (tensor name -> {dtype, shape, data_offsets}).
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: truncated or corrupted, naming the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no such safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{str(path)!r}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise ValueError(f"{str(path)!r}: corrupted safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r}: corrupted safetensors header ({err})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{str(path)!r}: truncated safetensors file ({size} bytes; the header needs {8 + n + end})")
+    return header
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checked safetensors file (see `check_safetensors`)."""
+    check_safetensors(path)
+    return load_file(str(path))
+
+
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load` on CPU with `weights_only=True`: tensors, containers and plain values; pickles that need
+    code are refused (torch raises UnpicklingError).
+
+    Example:
+        >>> hparams = torch_load("runs/last.ckpt", mmap=True).get("hyper_parameters")
+    """
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A .bin / .pt state dict through `torch.load(weights_only=True)`: pickles that need code are refused.
+
+    A Lightning checkpoint's "state_dict" is returned as the state dict.
+    Raises:
+        ValueError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
+    """
+    try:
+        data = torch_load(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(f"{str(path)!r}: cannot load as a weights-only checkpoint (refusing pickles that need "
+                         f"code; the file may be truncated or corrupted): {str(err).splitlines()[0]}") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{str(path)!r}: expected a state dict of tensors, got {type(data).__name__}")
+    return data

@@ -1,0 +1,75 @@
+"""The single-process qat-compare job: every method x scheme of the `methods` x `quants` lists, plus rows from
+`results` files, into one table (markdown, CSV, JSON) and a Pareto chart (PNG) by `qat.jobs.results.write_results`.
+The multirun form (`qat-compare -m`, QAT included) is `qat.jobs.sweep`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import qat
+from qat.jobs import ptq
+from qat.jobs.config import COMPARE, check_keys
+from qat.jobs.ptq import check_job, job_inputs, job_protocol
+from qat.jobs.results import check_protocols, load_results, write_results
+from qat.ptq import method_config
+from qat.recipes import load_recipe
+
+def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The qat-compare run: every method x scheme, plus rows from `results` files, into one table and plot."""
+    check_keys(cfg, COMPARE)
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    methods = [_method_entry(m) for m in cfg["methods"]]
+    extra = load_results(cfg.get("results") or [])
+    if methods:
+        if any(opts["name"] != "fp" for _, opts in methods):
+            _check_quants(cfg["quants"])
+        for _, opts in methods:
+            check_job(cfg, calibrate=opts["name"] != "fp", method=None if opts["name"] == "fp" else opts)
+        load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
+        if extra:  # merged rows measured otherwise are refused now, not after every method has run
+            check_protocols([{"method": "", "quant": "", "protocol": job_protocol(cfg, blocks),
+                              "source": "this run's data / eval settings"}, *extra])
+    rows = []
+    for label, opts in methods:
+        if opts["name"] != "fp":
+            method_config(opts)
+        for quant in ([None] if opts["name"] == "fp" else cfg["quants"]):
+            args = {k: v for k, v in opts.items() if k != "name"}
+            row, _ = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
+                             batch_size=cfg["eval"].get("batch_size", 4))
+            row.update(method=label, protocol=job_protocol(cfg, blocks))
+            log(f"{label:12s} {row['quant']:16s} ppl {row['ppl']:.3f}  {row['bits_per_weight']:.2f} bpw  "
+                f"{row['wall_s']:.1f} s")
+            rows.append(row)
+    return write_results(rows + extra, out_dir, compare_title(cfg))
+
+
+def _check_quants(quants: Sequence[Any]) -> None:
+    """Every scheme of a single-process comparison must load before the first row is computed."""
+    errors = []
+    for quant in quants:
+        try:
+            load_recipe(quant) if isinstance(quant, str) else qat.QuantRecipe.from_dict(quant)
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            errors.append(f"quants entry {quant!r}: {err}")
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def compare_title(cfg: dict) -> str:
+    """The table's title: `title`, else "<model> on <corpus file name>"."""
+    return cfg.get("title") or f"{cfg['model']['path']} on {Path(str(cfg['data']['path'])).name}"
+
+
+def _method_entry(entry: Any) -> tuple[str, dict]:
+    opts = {"name": entry} if isinstance(entry, str) else dict(entry)
+    if "name" not in opts:
+        raise ValueError(f"methods entry {entry!r}: give a name (fp, rtn, gptq, awq, smoothquant)")
+    label = opts.pop("label", opts["name"])
+    return label, opts
+
+

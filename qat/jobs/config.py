@@ -1,0 +1,124 @@
+"""The job configs' schemas, in one place, and the one checker of their keys.
+
+A schema maps each allowed key to the schema of its value: a nested schema (a mapping, checked in turn), `ANY`
+(a value read elsewhere: a recipe, a method config, an optimizer node), or `FROM_TARGET` (a node instantiated
+by Hydra: its keys are the `_target_` class's constructor arguments). A schema holding `OPEN` lets other keys
+through (checked by the code that reads them, e.g. a PTQ method's own config class).
+
+`check_keys(cfg, SCHEMA)` runs before any long work and names every misspelt key, where it is and the valid
+ones, in one error:
+
+    bad config:
+      - data: unknown key(s) ['blok_size']; valid keys are ['batch_size', 'block_size', ...]
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from typing import Any, Mapping
+
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from qat.data import LOADER_KEYS, CorpusConfig
+from qat.recipes import CONFIG_DIR
+from qat.testing import TINY_KEYS
+
+ANY = None
+OPEN = "*"
+FROM_TARGET = "<the _target_'s arguments>"
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_"})
+
+TINY = dict.fromkeys(TINY_KEYS, ANY)  # qat.testing.tiny_llama's arguments
+MODEL = {"path": ANY, "dtype": ANY, "tiny": TINY}
+# a `data` group node: the corpus (CorpusConfig) and the loader's batch settings (qat.lit.TextDataModule's
+# arguments; tests/integration/test_job_configs.py keeps the two equal)
+DATA = {**dict.fromkeys((f.name for f in fields(CorpusConfig)), ANY), **dict.fromkeys(LOADER_KEYS, ANY), "_target_": ANY}
+JOB = {"task_name": ANY, "seed": ANY, "paths": ANY, "hydra": ANY}
+
+CALIBRATION = dict.fromkeys(("samples", "seq_len", "split"), ANY)  # PTQ calibration of qat-ptq / qat-compare
+EVAL = dict.fromkeys(("split", "max_blocks", "batch_size"), ANY)
+PTQ = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "method": ANY, "calibration": CALIBRATION, "eval": EVAL,
+       "save": ANY, "export": ANY, "progress": ANY}
+QAT = dict.fromkeys(("experiment", "overrides"), ANY)  # qat-compare's QAT rows: qat-train overrides
+QAT_METHOD = dict.fromkeys(("name", "label", "init", "overrides"), ANY)  # a `method` node with name: qat
+COMPARE = {**JOB, "model": MODEL, "data": DATA, "methods": ANY, "quants": ANY, "calibration": CALIBRATION,
+           "eval": EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT, "fail_on_error": ANY}
+
+EXPORT_CALIBRATION = dict.fromkeys(("samples", "seq_len", "split", "batch_size", "save"), ANY)  # imatrix=calibrate
+EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "gguf_type": ANY, "gguf_pure": ANY,
+          "output": ANY, "overwrite": ANY, "checkpoint": ANY, "tokenizer": ANY, "imatrix": ANY,
+          "calibration": EXPORT_CALIBRATION}
+EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
+            "max_new_tokens": ANY, "tokenizer": ANY}
+DEMO = {"quant": ANY, "tiny": TINY, "tokens": ANY, "hydra": ANY}
+
+INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY, OPEN: ANY}  # + the method's keys
+TRAIN = {**JOB, "defaults": ANY, "ckpt_path": ANY, "label": ANY, "module": FROM_TARGET, "data": FROM_TARGET,
+         "trainer": FROM_TARGET, "model": MODEL, "quant": ANY, "optim": ANY, "init": INIT, "logger": ANY,
+         "callbacks": ANY, "experiment": ANY, "debug": ANY,
+         "eval": dict.fromkeys(("baselines", "after", "split", "max_blocks"), ANY)}
+
+SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "eval": EVAL_JOB, "demo": DEMO}
+
+
+def target_schema(target: str) -> dict | None:
+    """The keys a Hydra node instantiating `target` may hold: its constructor's arguments and Hydra's own keys;
+    None (anything goes) when the class cannot be inspected or takes **kwargs."""
+    try:
+        params = inspect.signature(get_class(target).__init__).parameters
+    except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return dict.fromkeys((n for n in params if n != "self"), ANY) | dict.fromkeys(HYDRA_KEYS, ANY)
+
+
+def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> list[str]:
+    """Every misspelt key of `cfg` under `schema`, recursively, as "<where>: unknown key(s) [...]; valid keys
+    are [...]" (`where` is the node's dotted path; "config" at the top).
+
+    Example:
+        >>> unknown_keys({"eval": {"splt": "test"}}, PTQ)
+        ["eval: unknown key(s) ['splt']; valid keys are ['batch_size', 'max_blocks', 'split']"]
+    """
+    if not isinstance(cfg, Mapping):
+        return []
+    if schema == FROM_TARGET:
+        schema = target_schema(str(cfg["_target_"])) if "_target_" in cfg else None
+    if not isinstance(schema, Mapping):
+        return []
+    allowed = sorted(k for k in schema if k != OPEN)
+    errors = []
+    extra = sorted(str(k) for k in cfg if k not in schema)
+    if extra and OPEN not in schema:
+        errors.append(f"{where or 'config'}: unknown key(s) {extra}; valid keys are {allowed}")
+    for key in allowed:  # values are read only where there is a schema to check (interpolations stay unresolved)
+        if schema[key] is not ANY and key in cfg:
+            errors += unknown_keys(cfg[key], schema[key], f"{where}.{key}" if where else key)
+    return errors
+
+
+def check_keys(cfg: Any, schema: Mapping | str, where: str = "") -> None:
+    """Raise one ValueError naming every misspelt key of `cfg` (see `unknown_keys`); `schema` may be a name of
+    SCHEMAS ("train", "ptq", "compare", "export", "eval", "demo").
+
+    Raises:
+        ValueError: "bad config:" and one line per node with unknown keys, naming them and the valid ones.
+    Example:
+        >>> check_keys({"calibration": {"sample": 3}}, "ptq")  # ValueError: calibration: unknown key(s) ['sample']
+    """
+    if isinstance(schema, str) and schema != FROM_TARGET:
+        if schema not in SCHEMAS:
+            raise KeyError(f"config schema {schema!r}; registered: {sorted(SCHEMAS)}")
+        schema = SCHEMAS[schema]
+    errors = unknown_keys(cfg, schema, where)
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def register_resolvers() -> None:
+    """`${qat_root:}` (configs/paths): the folder above the config root (a checkout: the repository, where
+    tests/fixtures lives). Idempotent; the CLIs and qat-train's run call it before composing."""
+    if not OmegaConf.has_resolver("qat_root"):
+        OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))

@@ -1,0 +1,133 @@
+"""What the jobs measure: perplexity, bits per weight and model size, peak memory.
+
+Conventions of `weight_bits` (qat-compare rows, result.json): bits per weight counts the quantized linear
+weights with their scales and zero-points (16 for the float baseline); model size counts every parameter
+once, quantized linears at their storage bits and everything else at 16 bits (a bf16/fp16 deployment).
+`bits_per_weight` is the qat-train table's pair (quantized layers; all weights, float ones at their dtype).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.control import weight_bits as quantized_weight_bits, weight_modules
+from qat.export.common import float_weight_names
+
+FLOAT_BITS = 16
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token negative log-likelihood) over LongTensor blocks [N, T], in eval mode.
+
+    Each batch's summed cross-entropy is computed in float32 and accumulated in float64; the model's train /
+    eval mode is restored afterwards, and blocks move to the model's device.
+    Example:
+        >>> perplexity(model, torch.randint(0, 100, (2, 32)))
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        nll, count = nll + float(loss), count + ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def _quantized(model: nn.Module) -> tuple[float, int, set[int]]:
+    """`qat.control.weight_bits` (bits per quantized weight, count) and the ids of those weight parameters."""
+    bpw, numel = quantized_weight_bits(model)
+    seen = {id(m.weight) for m in weight_modules(model).values() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+    return bpw, numel, seen
+
+
+def weight_bits(model: nn.Module) -> tuple[float, float]:
+    """(bits per quantized linear weight, model size in MB) under the conventions of the module docstring.
+
+    Example:
+        >>> bpw, mb = weight_bits(qat.prepare(model, qat.load_recipe("w4a16_g128")))
+    """
+    bpw, qnumel, seen = _quantized(model)
+    total_bits = bpw * qnumel if qnumel else 0.0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total_bits += FLOAT_BITS * p.numel()
+    return (bpw if qnumel else float(FLOAT_BITS)), total_bits / 8 / 1e6
+
+
+def bits_per_weight(model: torch.nn.Module) -> tuple[float, float]:
+    """(mean bits per weight over quantized layers, over all weights) with scales counted; float = dtype bits."""
+    q_bpw, q_numel, seen = _quantized(model)
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    rest_bits = sum(p.numel() * torch.finfo(p.dtype).bits for p in rest if p.is_floating_point())
+    rest_numel = sum(p.numel() for p in rest)
+    whole = ((q_bpw * q_numel if q_numel else 0.0) + rest_bits) / max(q_numel + rest_numel, 1)
+    return q_bpw, whole
+
+
+def file_bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int, float]:
+    """(bytes on disk, bits per parameter of the model) of an export file or folder."""
+    p = Path(path)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    n, seen = 0, set()
+    for name in float_weight_names(model):  # shapes only: nothing is quantized to count
+        module, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(module) if module else model
+        w = owner.qweight if leaf == "weight" and hasattr(owner, "qweight") else getattr(owner, leaf)
+        if id(w) not in seen:
+            seen.add(id(w))
+            n += int(torch.Size(w.shape).numel())
+    return size, 8 * size / max(n, 1)
+
+
+class PeakMemory:
+    """Peak memory growth during a block: CUDA allocator peak on GPU, sampled RSS growth on CPU (MB).
+
+    Example:
+        >>> with PeakMemory() as mem:
+        ...     solve()
+        >>> mem.peak_mb
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+        except (OSError, ValueError):
+            return 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._base = self._rss_mb()
+        self._peak = self._base
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss_mb())
+        self.peak_mb = (torch.cuda.max_memory_allocated() / 1e6 if torch.cuda.is_available()
+                        else self._peak - self._base)

@@ -1,0 +1,187 @@
+"""The qat-ptq job: load, quantize with one PTQ method, measure, save; and what every PTQ / compare job shares:
+checking a job config before anything loads (`check_job`), its inputs (`job_inputs`) and one measured row
+(`run_one`: perplexity, bits per weight, size, wall time, peak memory; see `qat.jobs.measure`).
+
+Every row records its evaluation protocol (corpus, split, number of blocks, block size); rows measured
+under different protocols are not comparable and are refused when merged (`qat.jobs.results.check_protocols`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from qat.data import build_blocks, calibration_batches, corpus_from_mapping
+from qat.export import FORMATS, export
+from qat.io import atomic_path, atomic_write_bytes
+from qat.jobs.config import PTQ, check_keys
+from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
+from qat.jobs.results import eval_protocol, to_json
+from qat.models import TINY_NAMES, check_model_source, load_model
+from qat.ptq import method_config, method_of_config, ptq_model
+
+
+def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
+            eval_blocks: torch.Tensor | None, method_args: dict | None = None, progress: bool = False,
+            batch_size: int = 4) -> tuple[dict, nn.Module]:
+    """Quantize a fresh model with one method and scheme, and measure it.
+
+    Args:
+        load: returns a fresh float model.
+        method: "fp" (no quantization) or a PTQ method name ("rtn", "gptq", "awq", "smoothquant").
+        quant: a recipe name, mapping or QuantRecipe (ignored for "fp").
+        calibration: calibration batches (LongTensor [B, T]).
+        eval_blocks: LongTensor [N, T] for perplexity.
+    Returns:
+        (row with COLUMNS, the quantized model).
+    Example:
+        >>> row, model = run_one(lambda: load_model("tiny"), "gptq", "w4a16_g128", batches, test_blocks)
+    """
+    model = load()
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        if method != "fp":
+            model = ptq_model(model, quant, {"name": method, **(method_args or {})}, calibration, progress=progress)
+    wall = time.perf_counter() - start
+    bpw, size = weight_bits(model) if method != "fp" else (float(FLOAT_BITS), weight_bits(model)[1])
+    ppl = perplexity(model, eval_blocks, batch_size) if eval_blocks is not None else math.nan
+    name = "fp" if method == "fp" else quant_name(quant)
+    row = {"method": method, "quant": name, "ppl": ppl, "bits_per_weight": bpw, "size_mb": size,
+           "wall_s": wall, "peak_mem_mb": mem.peak_mb}
+    return row, model
+
+
+def quant_name(quant: Any) -> str:
+    """A row's scheme name: the recipe name given, or the `name` of a recipe mapping / QuantRecipe."""
+    if isinstance(quant, str):
+        return quant
+    return getattr(quant, "name", None) or dict(quant).get("name", "custom")
+
+
+def model_context(model_cfg: dict) -> int | None:
+    """max_position_embeddings of the configured model, read without loading weights (None: unknown)."""
+    source = check_model_source(model_cfg["path"])
+    if source in TINY_NAMES:
+        return int(dict(model_cfg.get("tiny") or {}).get("max_position_embeddings", 256))
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None  # a hub name: checked when it loads
+    config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
+    """What a qat-ptq / qat-compare job can check before loading anything: sizes, context, export format.
+
+    Raises:
+        ValueError: every problem found, each naming its key and the valid values.
+        FileNotFoundError: the model path does not exist.
+    Example:
+        >>> check_job({**cfg, "calibration": {"samples": 0, "seq_len": 64}})  # ValueError: calibration.samples=0
+    """
+    errors, sizes = [], {"data.block_size": cfg["data"].get("block_size")}
+    if calibrate:
+        cal = cfg.get("calibration") or {}
+        for key in ("samples", "seq_len"):
+            value = cal.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"calibration.{key}={value!r}; must be a positive integer")
+        sizes["calibration.seq_len"] = cal.get("seq_len")
+        errors += enough_tokens(method, cal)
+    context = model_context(cfg["model"])
+    for key, value in sizes.items():
+        if context is not None and isinstance(value, int) and value > context:
+            errors.append(f"{key}={value} is larger than the context of model.path={cfg['model']['path']!r} "
+                          f"(max_position_embeddings={context}); use {key}<={context}")
+    if cfg.get("export") and cfg["export"] not in FORMATS:
+        errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
+    if errors:
+        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def enough_tokens(method: Any, cal: dict) -> list[str]:
+    """A method with min_tokens (GPTQ, AWQ, SmoothQuant) refuses too few calibration tokens: say so now."""
+    if not method or not all(isinstance(cal.get(k), int) for k in ("samples", "seq_len")):
+        return []
+    cfg = method_config(method)
+    method_cls = method_of_config(cfg)
+    name = method_cls.name
+    have, need = cal["samples"] * cal["seq_len"], getattr(cfg, "min_tokens", 0)
+    if not method_cls.needs_calibration or have >= need:
+        return []
+    return [f"calibration.samples x calibration.seq_len = {cal['samples']} x {cal['seq_len']} = {have} tokens; "
+            f"method {name} needs min_tokens={need} (give more samples, or lower method.min_tokens)"]
+
+
+def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict, batch_rows: int = 8):
+    """(load_model callable, calibration batches, eval blocks) from the model / data config groups.
+
+    Calibration sequences come from `calibration.split` of the corpus, grouped `batch_rows` to a batch
+    (none when `calibration` is None: the float baseline needs none).
+    Raises:
+        ValueError: a corpus with fewer blocks than calibration.samples (keys: `qat.jobs.config.check_keys`).
+    """
+    tiny = dict(model_cfg.get("tiny") or {})
+    load = lambda: load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **tiny)  # noqa: E731
+    batches = []
+    if calibration is not None:
+        batches = calibration_batches(data_cfg, int(calibration["samples"]), int(calibration["seq_len"]),
+                                      calibration.get("split", "train"), batch_rows)
+    blocks = None
+    if eval_cfg.get("split"):
+        corpus = corpus_from_mapping(data_cfg)
+        corpus.max_eval_blocks = eval_cfg.get("max_blocks")
+        blocks = build_blocks(corpus, splits=[eval_cfg["split"]])[eval_cfg["split"]]
+    return load, batches, blocks
+
+
+def job_protocol(cfg: dict, blocks: torch.Tensor | None) -> dict | None:
+    """The eval protocol of a job's rows (None: the job evaluates nothing)."""
+    return None if blocks is None else eval_protocol(cfg["data"]["path"], cfg["eval"]["split"], blocks)
+
+
+def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
+    """The qat-ptq run: load, quantize with one method, evaluate, save (state dict, result.json, export).
+
+    Returns:
+        the result row (COLUMNS) plus the eval protocol, the method options and where things were written.
+    Example:
+        >>> run_ptq_job(OmegaConf.to_container(cfg, resolve=True), "outputs/ptq/run")
+    """
+    check_keys(cfg, PTQ)
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    method = dict(cfg["method"])
+    method_config(method)  # validate before loading anything
+    check_job(cfg, method=method)
+    load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
+    row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
+                         progress=bool(cfg.get("progress", True)), batch_size=cfg["eval"].get("batch_size", 4))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**row, "protocol": job_protocol(cfg, blocks), "model": cfg["model"]["path"], "options": model.qat_ptq}
+    if cfg.get("save", True):
+        result["checkpoint"] = str(save_state(model, out / "model.pt"))
+    if cfg.get("export"):
+        suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
+        result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
+    atomic_write_bytes(out / "result.json", to_json(result))
+    return result
+
+
+def save_state(model: nn.Module, path: Path) -> Path:
+    """The prepared model's state dict (pinned qparams, g_idx and quantizer flags included), atomically.
+
+    A torch file loadable with torch.load(weights_only=True); `qat-export checkpoint=... quant=...` and
+    QAT training load it into a model prepared with the same recipe.
+    """
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return path
+
+

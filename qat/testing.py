@@ -1,0 +1,50 @@
+"""The one tiny-model builder for tests, the demo, benchmarks and `load_model("tiny")`: a real Llama from
+`transformers.LlamaConfig` with random weights, deterministic per seed, nothing downloaded.
+
+    model = tiny_llama()                                   # 2 layers, hidden 128, vocab 512
+    model = tiny_llama(hidden_size=256, intermediate_size=512, vocab_size=320, tie_word_embeddings=True)
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(*, vocab_size: int = 512, hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2,
+               num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256,
+               tie_word_embeddings: bool = False, special_token_ids: bool = False, seed: int | None = 0,
+               fork_rng: bool = False, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+    """A small random LlamaForCausalLM in eval mode.
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings,
+            tie_word_embeddings: the LlamaConfig fields of the same meaning.
+        special_token_ids: set bos=1, eos=2, pad=0 (the pad row of the embedding starts at zero), as
+            `load_model("tiny")` does for its byte tokenizer; otherwise LlamaConfig's defaults.
+        seed: `torch.manual_seed(seed)` before the weights are drawn; None draws from the RNG as it stands.
+        fork_rng: restore the global RNG afterwards (the caller's random stream is left untouched); by default
+            the global RNG is left where building the model put it, as tests that draw inputs next expect.
+        dtype: cast the weights (default: float32).
+    Returns:
+        the model, `.eval()`.
+    Example:
+        >>> tiny_llama(num_layers=1)(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 512])
+    """
+    tokens = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0} if special_token_ids else {}
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                         **tokens)
+    with torch.random.fork_rng(devices=[], enabled=fork_rng):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+TINY_KEYS = frozenset(inspect.signature(tiny_llama).parameters)  # what a `tiny:` config node may set
