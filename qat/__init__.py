@@ -6,9 +6,9 @@
     qat.convert(model)                                            # packed integer weights, same outputs
 """
 from qat.control import calibrate, format_table, quantization_disabled, quantizers, set_quantizers, summary
-from qat.recipes import load_recipe, recipe_names
+from qat.recipes import recipe_names
 from qat.spec import QuantSpec, TensorSchemes
-from qat.transform import QuantRecipe, convert, plan, prepare, to_float
+from qat.transform import QuantRecipe, convert, load_recipe, plan, prepare, to_float
 
 __all__ = [
     "QuantSpec",

@@ -22,6 +22,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from qat.assets import require
+from qat.models import load_tokenizer
+from qat.transform.recipe import to_plain
+
 SPLITS = ("train", "validation", "test")
 SAMPLE_BY = ("paragraph", "document", "line")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -68,8 +72,6 @@ def load_documents(source: str | os.PathLike, text_field: str | None = None, sam
 
     name = str(source)
     if name in ALIASES:
-        from qat.assets import require
-
         kind, default_field, default_sample = ALIASES[name]
         name, text_field, sample_by = str(require(kind)), text_field or default_field, sample_by or default_sample
     text_field, sample_by = text_field or "text", sample_by or "paragraph"
@@ -194,8 +196,6 @@ def build_blocks(cfg: CorpusConfig, tokenizer: Any = None, splits: Sequence[str]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
     if tokenizer is None:
-        from qat.models import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer)
     parts = split_documents(load_documents(cfg.path, cfg.text_field, cfg.sample_by),
                             cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -241,13 +241,7 @@ def _corpus_config(obj: Any) -> CorpusConfig:
         return CorpusConfig(**vars(obj))
     if hasattr(obj, "corpus") and isinstance(obj.corpus, CorpusConfig):
         return CorpusConfig(**vars(obj.corpus))
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    obj = to_plain(obj)
     if not isinstance(obj, dict):
         raise TypeError(f"expected a TextDataModule, CorpusConfig or mapping, got {type(obj).__name__}")
     return corpus_from_mapping(obj)

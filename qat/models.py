@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.assets import require
 from qat.io import load_safetensors
 from qat.testing import tiny_llama
 
@@ -40,8 +41,6 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
     """Map an alias ("smollm2-135m") to its cache folder; otherwise return the name unchanged."""
     name = str(name_or_path)
     if name.lower() in ALIASES:
-        from qat.assets import require
-
         return str(require(ALIASES[name.lower()]))
     return name
 

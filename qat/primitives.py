@@ -98,7 +98,7 @@ def _per_column(qparam: torch.Tensor, spec: QuantSpec, columns: int) -> torch.Te
     return qparam[..., 0].repeat_interleave(spec.group_size, dim=-1)[..., :columns]
 
 
-def _reduce_dims(ndim: int, spec: QuantSpec) -> tuple[int, ...]:
+def reduce_dims(ndim: int, spec: QuantSpec) -> tuple[int, ...]:
     if spec.granularity == "per_tensor":
         return tuple(range(ndim))
     if spec.granularity == "per_channel":
@@ -127,7 +127,7 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         # ties, as llama.cpp): both bounds hold it, so choose_qparams sees the sign the format uses.
         peak = signed_peak(view)
         return strip_leading_ones(peak), strip_leading_ones(peak.clone())
-    dims = _reduce_dims(view.ndim, spec)
+    dims = reduce_dims(view.ndim, spec)
     if view.ndim == 0 or len(dims) == view.ndim:
         lo, hi = torch.aminmax(view)
     else:

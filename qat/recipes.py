@@ -1,11 +1,12 @@
-"""Find and load quant recipes from configs/quant/ (the Hydra config group), without Hydra."""
+"""Where qat's configs are (the Hydra config groups, quant recipes in configs/quant/), and reading a recipe's YAML
+without Hydra. `qat.load_recipe` (qat/transform/recipe.py) validates what this reads."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import yaml
-
-from qat.transform.recipe import QuantRecipe
 
 
 def config_root() -> Path:
@@ -35,13 +36,14 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> QuantRecipe:
-    """Load a recipe by name ("w4a16_g128") or from a YAML file path.
+def read_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML mapping of a recipe, by name ("w4a16_g128") or from a YAML file path; Hydra's `defaults` dropped.
+    `qat.load_recipe` validates it into a QuantRecipe.
 
     Raises:
         FileNotFoundError: neither a known name nor an existing file, listing the known names.
     Example:
-        >>> load_recipe("w4a16_g128").base.weight.group_size
+        >>> read_recipe("w4a16_g128")["weight"]["group_size"]
         128
     """
     path = Path(name_or_path)
@@ -51,5 +53,4 @@ def load_recipe(name_or_path: str | Path) -> QuantRecipe:
         raise FileNotFoundError(f"quant recipe {str(name_or_path)!r} not found; known recipes: {recipe_names()}")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
-    data = {k: v for k, v in data.items() if not k.startswith("defaults")}
-    return QuantRecipe.from_dict(data)
+    return {k: v for k, v in data.items() if not k.startswith("defaults")}

@@ -30,7 +30,7 @@ from qat.io import atomic_path, check_writable, load_safetensors, write_safetens
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
-from qat.transform.prepare import _set_module
+from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
@@ -222,6 +222,6 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             old = model.get_submodule(n)
             qw = _quantized_weight(t, n, group["weights"])
             bias = old.bias if old.bias is not None else None
-            _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
+            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
     rest = {k: v for k, v in t.items() if ".weight_" not in k}
     return load_rest_and_tie(model, rest, folder, config)

@@ -32,7 +32,7 @@ from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
-from qat.transform.prepare import _set_module
+from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
 GPTQ_BITS = (2, 4, 8)
@@ -177,6 +177,6 @@ def load_gptq(path: str | os.PathLike) -> nn.Module:
     for n in names:
         old = model.get_submodule(n)
         qw = _read_linear(t, n, q)
-        _set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None, TensorSchemes(weight=qw.spec)))
+        set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None, TensorSchemes(weight=qw.spec)))
     rest = {k: v for k, v in t.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
     return load_rest_and_tie(model, rest, folder, config)

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.export.compressed import load_compressed_tensors
+from qat.export.gguf_import import load_gguf
+from qat.export.gptq import load_gptq
+from qat.export.native import load_native
 from qat.io import check_safetensors, load_torch_checkpoint
+from qat.models import ByteTokenizer, load_model, load_tokenizer, resolve_dtype
+from qat.transform import as_recipe, convert, prepare
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -95,24 +101,14 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **ti
     Example:
         >>> model = load_any("out/model-Q4_K_M.gguf")
     """
-    from qat.models import load_model, resolve_dtype
-
     fmt = detect_format(path)
     if fmt == "native":
-        from qat.export.native import load_native
-
         return load_native(path)
     if fmt == "compressed_tensors":
-        from qat.export.compressed import load_compressed_tensors
-
         return load_compressed_tensors(path)
     if fmt == "gptq":
-        from qat.export.gptq import load_gptq
-
         return load_gptq(path)
     if fmt == "gguf":
-        from qat.export.gguf_import import load_gguf
-
         return load_gguf(path).to(resolve_dtype(dtype))
     if fmt == "torch":
         return load_torch_file(path, resolve_dtype(dtype))
@@ -134,10 +130,7 @@ def load_any_tokenizer(path: str | os.PathLike):
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         if str(path) in ("tiny", "tiny-llama"):
-            from qat.models import ByteTokenizer
-
             return ByteTokenizer()
-        from qat.models import load_tokenizer
 
         return load_tokenizer(path)
     except (OSError, ValueError, KeyError, TypeError):
@@ -153,13 +146,7 @@ def in_flight_recipe(recipe):
         >>> in_flight_recipe("fp8_dynamic").name
         'fp8_dynamic'
     """
-    from qat.recipes import load_recipe
-    from qat.transform import QuantRecipe
-
-    if isinstance(recipe, (str, os.PathLike)):
-        recipe = load_recipe(recipe)
-    elif not isinstance(recipe, QuantRecipe):
-        recipe = QuantRecipe.from_dict(recipe)
+    recipe = as_recipe(recipe)
     for role in ("input", "kv_cache"):
         spec = getattr(recipe.base, role)
         if spec is not None and not spec.dynamic:
@@ -177,6 +164,4 @@ def quantize_on_load(model: nn.Module, recipe) -> nn.Module:
     Example:
         >>> model = quantize_on_load(load_any("smollm2-135m"), qat.load_recipe("fp8_dynamic"))
     """
-    from qat.transform import convert, prepare
-
     return convert(prepare(model, in_flight_recipe(recipe))).eval()

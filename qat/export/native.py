@@ -30,7 +30,7 @@ from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes
-from qat.transform.prepare import _set_module
+from qat.transform.prepare import set_module
 
 # v2: each weight in its format's storage layout (`qat.formats`: scales in the scheme's dtype, packed integer
 # zero-points, GGUF block scales); v1 held float32 scales and zero-points
@@ -176,7 +176,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
         kv = meta["kv_cache"]
         attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))
     for name, entry in meta["modules"].items():
-        _set_module(model, name, _build_module(model.get_submodule(name), entry, name))
+        set_module(model, name, _build_module(model.get_submodule(name), entry, name))
     state = dict(tensors)
     state.update({k: tensors[v] for k, v in meta["tied"].items()})
     state.update(meta["extra_state"])

@@ -16,7 +16,7 @@ from qat.jobs.config import COMPARE, check_keys
 from qat.jobs.ptq import check_job, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
 from qat.ptq import method_config
-from qat.recipes import load_recipe
+from qat.transform.recipe import load_recipe
 
 def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
     """The qat-compare run: every method x scheme, plus rows from `results` files, into one table and plot."""

@@ -26,7 +26,7 @@ from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, sav
 from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
-from qat.recipes import load_recipe
+from qat.transform.recipe import load_recipe
 from qat.transform import QuantRecipe, convert, prepare
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qat.data import SPLITS, CorpusConfig, build_blocks
+from qat.models import load_tokenizer
 
 
 class BlockDataset(Dataset):
@@ -94,8 +95,6 @@ class TextDataModule(pl.LightningDataModule):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from qat.models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.corpus.tokenizer)
         return self._tokenizer
 

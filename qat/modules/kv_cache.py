@@ -13,6 +13,7 @@ unknown name gets no mask at all, which eager attention reads as "attend everywh
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,15 @@ def register_known_bases() -> None:
         _register(base)
 
 
+class KVCacheQuantizer(TensorQuantizer):
+    """The TensorQuantizer of keys or values. Unpickling one (torch.load of a whole model, possibly in a fresh
+    process) registers the `qat_kv_<base>` attention implementations its model is routed through."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        register_known_bases()
+
+
 def is_qat_attention(name: str | None) -> bool:
     """True for the attention names qat routes KV-cache quantization through."""
     return isinstance(name, str) and (name == ATTN_NAME or name.startswith(ATTN_NAME + "_"))
@@ -94,7 +104,7 @@ def attach_kv_quantizers(model: nn.Module, attention: dict[str, nn.Module], spec
     name = _register(base)
     for module in attention.values():
         example = torch.zeros(1, module.head_dim, device=module.k_proj.weight.device)
-        module.k_quantizer = TensorQuantizer(spec, "kv_cache", example)
-        module.v_quantizer = TensorQuantizer(spec, "kv_cache", example)
+        module.k_quantizer = KVCacheQuantizer(spec, "kv_cache", example)
+        module.v_quantizer = KVCacheQuantizer(spec, "kv_cache", example)
         module.qat_base_attention = base
     model.set_attn_implementation(name)

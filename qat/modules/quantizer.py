@@ -66,13 +66,6 @@ class TensorQuantizer(nn.Module):
         """The grid this quantizer computes on, as checkpoints record it: 'int4 sym g128, fp32 scales'."""
         return f"{self.spec.describe()}, {self.spec.scale_dtype} scales"
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if self.role == "kv_cache":  # unpickled (torch.load of a whole model, possibly in a fresh process)
-            from qat.modules.kv_cache import register_known_bases
-
-            register_known_bases()
-
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.enabled, self.observing, self.initialized = state["enabled"], state["observing"], state["initialized"]
 

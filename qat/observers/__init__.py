@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qat.primitives import (
-    _reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
+    reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
 )
 from qat.spec import SPEC_OBSERVERS
 
@@ -112,7 +112,7 @@ class MovingAverageObserver(Observer):
 def _blocks_last(x: torch.Tensor, spec) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Move each block's elements into the last dim: returns [..., n] and the keepdim shape."""
     view = group_view(x, spec).float()
-    dims = _reduce_dims(view.ndim, spec)
+    dims = reduce_dims(view.ndim, spec)
     keep = [d for d in range(view.ndim) if d not in dims]
     keep_shape = tuple(view.shape[d] if d in keep else 1 for d in range(view.ndim))
     return view.permute(*keep, *dims).reshape(*[view.shape[d] for d in keep], -1), keep_shape
@@ -157,7 +157,7 @@ class MSEObserver(Observer):
     def range_of(self, x):
         lo, hi = compute_range(x, self.spec)
         view = group_view(x.detach(), self.spec).float()
-        dims = _reduce_dims(view.ndim, self.spec)
+        dims = reduce_dims(view.ndim, self.spec)
         # a ragged last group is padded with copies of the row's last element: they must not count twice
         valid = group_view(torch.ones_like(x, dtype=torch.float32), self.spec, pad="zero") if is_ragged(x, self.spec) else None
         best_err, best_lo, best_hi = None, lo, hi

@@ -15,7 +15,7 @@ from qat.modules.fake import FakeQuantLinear
 from qat.ptq.checks import check_calibration, check_option_types, check_prepared
 from qat.ptq.methods import PTQMethod, get_method, method_of_config
 from qat.ptq.runner import quantized_linears
-from qat.recipes import load_recipe
+from qat.transform.recipe import load_recipe
 from qat.transform import prepare
 from qat.transform.recipe import to_plain
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from qat.modules.registry import FAKE_QUANT, QUANTIZED
-from qat.transform.prepare import _set_module
+from qat.transform.prepare import set_module
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -26,7 +26,7 @@ def convert(model: nn.Module) -> nn.Module:
             continue  # input-only quantization: nothing to store as integers
         quantized = QUANTIZED[type(module)].from_fake(module)
         if name:
-            _set_module(model, name, quantized)
+            set_module(model, name, quantized)
         else:
             return quantized
     return model
@@ -41,7 +41,7 @@ def to_float(model: nn.Module) -> nn.Module:
     swappable = set(FAKE_QUANT.values()) | set(QUANTIZED.values())
     for name, module in list(model.named_modules()):
         if type(module) in swappable and name:
-            _set_module(model, name, module.to_float())
+            set_module(model, name, module.to_float())
     base = None
     for module in model.modules():
         base = getattr(module, "qat_base_attention", base)

@@ -13,7 +13,7 @@ from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
 from qat.primitives import check_tensor
 from qat.spec import TensorSchemes
 from qat.transform.match import matches
-from qat.transform.recipe import QuantRecipe
+from qat.transform.recipe import QuantRecipe, as_recipe
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
             nothing, a group size that does not divide a dimension, a non-finite or empty weight, a KV
             scheme with no attention module, a model that is already prepared.
     """
-    recipe = QuantRecipe.from_dict(recipe)
+    recipe = as_recipe(recipe)
     named = list(model.named_modules())
     errors: list[str] = []
     already = [n for n, m in named if type(m) in QUANTIZED or type(m) in set(QUANTIZED.values())]
@@ -154,7 +154,7 @@ def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
     return errors
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -175,13 +175,13 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: 
         >>> model = qat.prepare(model, qat.load_recipe("w4a16_g128"))
         >>> loss = model(**batch).loss; loss.backward()
     """
-    recipe = QuantRecipe.from_dict(recipe)
+    recipe = as_recipe(recipe)
     result = plan(model, recipe)
     for warning in result.warnings:
         log.warning(warning)
     for name, schemes in result.modules.items():
         module = model.get_submodule(name)
-        _set_module(model, name, fake_quant_type(module).from_float(module, schemes, name))
+        set_module(model, name, fake_quant_type(module).from_float(module, schemes, name))
         if verbose:
             log.info("%s -> %s", name, schemes.describe())
     by_spec: dict[Any, dict[str, nn.Module]] = {}

@@ -14,23 +14,23 @@ A recipe is what a `configs/quant/*.yaml` file holds:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from qat.recipes import read_recipe
 from qat.spec import QuantSpec, TensorSchemes, check_keys
 
 ROLE_KEYS = ("weight", "input", "kv_cache")
 
 
 def to_plain(obj: Any) -> Any:
-    """OmegaConf / dataclass / mapping -> plain Python containers."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency, but the core does not need it
-        pass
+    """Mappings and sequences (an OmegaConf DictConfig / ListConfig included: reading a value resolves its
+    interpolation) -> plain dicts and lists; anything else as it is. The core needs no omegaconf for this."""
+    if isinstance(obj, Mapping):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [to_plain(value) for value in obj]
     return obj
 
 
@@ -82,10 +82,9 @@ class QuantRecipe:
         raise ValueError naming them."""
         if isinstance(data, QuantRecipe):
             return data
-        if isinstance(data, str):  # a recipe name from configs/quant, or a YAML path
-            from qat.recipes import load_recipe
-
-            return load_recipe(data)
+        if isinstance(data, str):
+            raise TypeError(f"QuantRecipe.from_dict({data!r}): a recipe name or YAML path is loaded by "
+                            "qat.load_recipe (or qat.transform.as_recipe, which takes either)")
         data = dict(to_plain(data) or {})
         data.pop("_target_", None)
         check_keys("quant", data, cls.KEYS)
@@ -127,3 +126,28 @@ def _as_list(value: Any, owner: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{owner}={value!r}; expected a list of strings")
     return list(value)
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> QuantRecipe:
+    """Load a recipe by name ("w4a16_g128", from configs/quant/) or from a YAML file path.
+
+    Raises:
+        FileNotFoundError: neither a known name nor an existing file, listing the known names.
+        ValueError: an invalid recipe, naming the key.
+    Example:
+        >>> load_recipe("w4a16_g128").base.weight.group_size
+        128
+    """
+    return QuantRecipe.from_dict(read_recipe(name_or_path))
+
+
+def as_recipe(recipe: Any) -> QuantRecipe:
+    """A QuantRecipe from a recipe, a recipe name or YAML path (`load_recipe`), or a mapping (a YAML node).
+
+    Example:
+        >>> as_recipe("w8a8") == load_recipe("w8a8")
+        True
+    """
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    return QuantRecipe.from_dict(recipe)

@@ -13,13 +13,13 @@ from qat.formats import bits_per_weight
 from qat.formats.ggml import ggml_spec
 from qat.formats.kquant import kquant_spec
 from qat.spec import QuantSpec
-from tests.conftest import make_tiny_llama
+from qat.testing import tiny_llama
 
 RECIPES = qat.recipe_names()
 
 
 def _prepared(recipe: str, token_ids):
-    model = qat.prepare(make_tiny_llama(), recipe)
+    model = qat.prepare(tiny_llama(vocab_size=256), recipe)
     qat.calibrate(model, [token_ids])  # static activation ranges (convert and export need them)
     return model
 
@@ -44,7 +44,7 @@ def test_same_before_and_after_convert_and_equal_to_the_native_bytes(recipe, tok
 
 
 def test_the_issue_reproduction_q4_1_is_5_bits():
-    model = qat.prepare(make_tiny_llama(), qat.load_recipe("gguf_q4_1"))
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("gguf_q4_1"))
     before = [r["bits_per_weight"] for r in qat.summary(model)]
     qat.convert(model)
     assert before == [r["bits_per_weight"] for r in qat.summary(model)] == [5.0] * len(before)

@@ -18,7 +18,7 @@ from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
 from qat.formats.iq4_nl import KVALUES, fit_scale, iq4_nl_spec
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
-from tests.conftest import make_tiny_llama
+from qat.testing import tiny_llama
 
 
 def _weights() -> torch.Tensor:
@@ -85,7 +85,7 @@ def test_spec_checks_name_the_fields():
 
 @pytest.fixture
 def prepared(token_ids):
-    return qat.prepare(make_tiny_llama(), qat.load_recipe("gguf_iq4_nl"))
+    return qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("gguf_iq4_nl"))
 
 
 def test_converted_equals_fake_quant_and_native_round_trips(prepared, token_ids, tmp_path):
@@ -107,7 +107,7 @@ def test_gguf_export_is_format_exact(prepared, token_ids, tmp_path):
 
 
 def test_gguf_type_iq4_nl_for_a_float_model(token_ids, tmp_path):
-    model = make_tiny_llama()
+    model = tiny_llama(vocab_size=256)
     path = export_gguf(model, tmp_path / "m.gguf", "IQ4_NL")
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
