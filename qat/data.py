@@ -66,7 +66,7 @@ def load_documents(source: str | os.PathLike, text_field: str | None = None, sam
     Raises:
         FileNotFoundError: a path that does not exist. ValueError: a bad sample_by or text_field.
     Example:
-        >>> docs = load_documents("tests/fixtures/tiny_corpus.txt")
+        >>> docs = load_documents("configs/data/tiny_corpus.txt")
     """
     import datasets
 

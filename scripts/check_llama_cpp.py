@@ -227,7 +227,7 @@ def default_text(model: str) -> str:
     """The scored text: the wiki test split (articles joined by blank lines) for real models, the test
     fixture corpus for the tiny one."""
     if model == "tiny":
-        return (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_corpus.txt").read_text()
+        return (Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_corpus.txt").read_text()
     from qat.data import load_documents, split_documents
 
     docs = split_documents(load_documents("wiki", "extract"), 0.02, 0.02)["test"]

@@ -119,6 +119,6 @@ def check_keys(cfg: Any, schema: Mapping | str, where: str = "") -> None:
 
 def register_resolvers() -> None:
     """`${qat_root:}` (configs/paths): the folder above the config root (a checkout: the repository, where
-    tests/fixtures lives). Idempotent; the CLIs and qat-train's run call it before composing."""
+    configs/data/tiny_corpus.txt lives). Idempotent; the CLIs and qat-train's run call it before composing."""
     if not OmegaConf.has_resolver("qat_root"):
         OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))

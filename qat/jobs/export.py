@@ -201,7 +201,9 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
                checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
                tiny: dict | None = None, imatrix: str | None = None, data: str | dict | None = None,
                calibration: dict | None = None, overwrite: bool = False, gguf_pure: bool = False) -> dict:
-    """Load, (quantize,) export; returns {"output", "format", "bytes", "bpw", "seconds"} (+ "imatrix").
+    """Load, (quantize,) export; returns {"output", "format", "bytes", "file_bits_per_param", "seconds"} (+ "imatrix").
+    `file_bits_per_param` is the whole file (float tensors, metadata, tokenizer) per model parameter, not the bits
+    per quantized weight that `qat.summary` and the job rows report.
 
     Args:
         imatrix: format=gguf only: None, "calibrate" (collect importances now from `data`, see
@@ -226,7 +228,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure)
     size, bpw = file_bits_per_weight(out, source)
-    result = {"output": str(out), "format": format, "bytes": size, "bpw": round(bpw, 3),
+    result = {"output": str(out), "format": format, "bytes": size, "file_bits_per_param": round(bpw, 3),
               "seconds": round(time.perf_counter() - start, 2)}
     if imatrix is not None:
         result["imatrix"] = str(imatrix)

@@ -70,7 +70,7 @@ class TextDataModule(pl.LightningDataModule):
         shuffle: shuffle training blocks (seeded by `seed` and the epoch).
         Other args: see qat.data.CorpusConfig.
     Example:
-        >>> dm = TextDataModule("tests/fixtures/tiny_corpus.txt", block_size=32, batch_size=4)
+        >>> dm = TextDataModule("configs/data/tiny_corpus.txt", block_size=32, batch_size=4)
         >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
     """
 

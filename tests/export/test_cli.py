@@ -40,7 +40,7 @@ def corpus(tmp_path) -> Path:
 
 def test_export_then_eval_gguf_and_in_flight_fp8(tmp_path, corpus):
     out = run_export("tiny", str(tmp_path / "t.gguf"), format="gguf", gguf_type="Q8_0")
-    assert out["bytes"] > 0 and 8.0 < out["bpw"] < 12.0
+    assert out["bytes"] > 0 and 8.0 < out["file_bits_per_param"] < 12.0
     res = run_eval(out["output"], data=str(corpus), seq_len=32, max_blocks=2, tokenizer="tiny", prompt="the", max_new_tokens=3)
     base = run_eval("tiny", data=str(corpus), seq_len=32, max_blocks=2, prompt=None)
     fp8 = run_eval("tiny", data=str(corpus), quant="fp8_dynamic", seq_len=32, max_blocks=2, prompt=None)

@@ -23,7 +23,7 @@ BIN = check.find_llama_cpp()
 needs_llama_cpp = pytest.mark.skipif(
     BIN is None, reason="llama.cpp not found: set QAT_LLAMA_CPP to a llama.cpp build folder (with bin/llama-perplexity)"
                         " or put llama-perplexity on PATH")
-TEXT = (ROOT / "tests" / "fixtures" / "tiny_corpus.txt").read_text()
+TEXT = (ROOT / "configs" / "data" / "tiny_corpus.txt").read_text()
 N_CTX, CHUNKS = 64, 2
 
 

@@ -52,3 +52,7 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
     assert "converted == fake-quant (atol=0): True" in demo.stdout
     train_help = _run(site, cwd, "-m", "qat.cli.train", "--help")
     assert "== Config ==" in train_help.stdout and "quant: ct_w4a16," in train_help.stdout  # groups found
+    # the default data (the fixture corpus) ships too: a PTQ job on the tiny model runs from the wheel as it is
+    ptq = _run(site, cwd, "-m", "qat.cli.ptq", "method=rtn", "calibration.samples=2", "calibration.seq_len=32",
+               "eval.max_blocks=2", "save=false", f"hydra.run.dir={cwd / 'ptq'}")
+    assert "rtn" in ptq.stdout + ptq.stderr and (cwd / "ptq" / "result.json").is_file()

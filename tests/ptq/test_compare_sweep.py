@@ -56,7 +56,7 @@ def test_multirun_writes_one_table_with_qat_and_failed_rows(tmp_path):
         qat_row = json.loads(next(sweep.glob(f"*_qat_{q}/result.json")).read_text())
         assert qat_row["steps"] == 3 and qat_row["ppl"] != qat_row["start_ppl"]
         assert got[("qat", q)]["bits_per_weight"] == got[("rtn", q)]["bits_per_weight"]
-    assert doc["protocol"] == {"data": str(CONFIG_DIR.parent / "tests/fixtures/tiny_corpus.txt"), "split": "test",
+    assert doc["protocol"] == {"data": str(CONFIG_DIR.parent / "configs/data/tiny_corpus.txt"), "split": "test",
                                "blocks": 4, "block_size": 64}
     assert "| boom " in (sweep / "results.md").read_text() and "failed" in (sweep / "results.csv").read_text()
     assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers_train
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_corpus.txt"
+FIXTURE = Path(__file__).resolve().parents[2] / "configs" / "data" / "tiny_corpus.txt"
 
 
 @pytest.fixture

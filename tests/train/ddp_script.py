@@ -34,7 +34,7 @@ def main(out: Path) -> None:
     module = QATModule({"path": "tiny", "tiny": {"num_layers": 1}}, quant,
                        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
                        range_init_batches=2, freeze_ranges_after=3)
-    data = TextDataModule(str(ROOT / "tests/fixtures/tiny_corpus.txt"), block_size=32, batch_size=2,
+    data = TextDataModule(str(ROOT / "configs/data/tiny_corpus.txt"), block_size=32, batch_size=2,
                           max_train_blocks=32, max_eval_blocks=2)
     record = RecordBatches()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, logger=False,

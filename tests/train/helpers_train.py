@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from qat.recipes import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-FIXTURE = ROOT / "tests" / "fixtures" / "tiny_corpus.txt"
+FIXTURE = ROOT / "configs" / "data" / "tiny_corpus.txt"
 
 
 def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/qat-test-out"):

@@ -53,7 +53,7 @@ def tiny_prepared():
     from qat.models import load_model
 
     model = qat.prepare(load_model("tiny"), qat.load_recipe("w4a16_g128"))
-    fixture = str(ROOT / "tests" / "fixtures" / "tiny_corpus.txt")
+    fixture = str(ROOT / "configs" / "data" / "tiny_corpus.txt")
     seqs = calibration_batches({"path": fixture, "tokenizer": "tiny", "sample_by": "paragraph"}, 8, 64)
     return model, [torch.cat(seqs)]
 
