@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
 from qat.transform import convert
 
@@ -150,12 +151,25 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
     return getattr(module, leaf)
 
 
+def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """`"<name>."` of every TensorQuantizer in `model`: what lies under one (learned scales and zero-points,
+    PACT clips, held ranges, KV-cache state) is quantization state, never a model tensor.
+
+    Example:
+        >>> "model.layers.0.self_attn.q_proj.weight_quantizer." in quantizer_prefixes(prepared)
+        True
+    """
+    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, TensorQuantizer))
+
+
 def float_weight_names(model: nn.Module) -> list[str]:
-    """Names of the model's weights as a float model would call them (`x.qweight.*` -> `x.weight`)."""
+    """Names of the model's weights as a float model would call them (`x.qweight.*` -> `x.weight`); the
+    parameters of quantizers (learned scales, zero-points, clips) are not weights and are left out."""
     names = []
     seen = set()
+    quantizers = quantizer_prefixes(model)
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name in seen:
+        if name in seen or name.startswith(quantizers):
             continue
         seen.add(name)
         names.append(name)
