@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
-                               warn_unstored, weight_of, weight_spec)
+                               quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
@@ -134,8 +134,9 @@ def _tensors(model: nn.Module, modules: dict, linears: dict):
         if n not in linears:
             yield f"{n}.weight", weight_of(model, f"{n}.weight").dequantize()
     tied = getattr(model.config, "tie_word_embeddings", False)
+    quantizers = quantizer_prefixes(model)  # input and KV-cache state: written as the scheme allows, or warned
     for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor) or ".input_quantizer." in key or (tied and key == "lm_head.weight"):
+        if not isinstance(value, torch.Tensor) or key.startswith(quantizers) or (tied and key == "lm_head.weight"):
             continue
         if owning_module(key, modules) is None:
             yield key, value
