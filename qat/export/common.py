@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
 from qat.transform import convert
 
@@ -41,9 +42,9 @@ def clear_export_markers(folder: str | os.PathLike) -> None:
             (Path(folder) / name).unlink()
 
 
-def warn_unstored(model: nn.Module, fmt: str, stores_input: bool) -> dict[str, list[str]]:
+def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: bool = False) -> dict[str, list[str]]:
     """Warn, once per scheme, about the quantization a format cannot store: activation (input) schemes
-    when `stores_input` is False, and KV-cache schemes (no writer stores them). The runtime then computes
+    when `stores_input` is False, and KV-cache schemes when `stores_kv` is False. The runtime then computes
     those tensors as it chooses, not as the model was trained or calibrated.
 
     Returns:
@@ -56,7 +57,7 @@ def warn_unstored(model: nn.Module, fmt: str, stores_input: bool) -> dict[str, l
         quantizer = getattr(module, "input_quantizer", None) if not stores_input else None
         if quantizer is not None:
             dropped.setdefault(f"input {quantizer.spec.describe()}", []).append(name)
-        if getattr(module, "k_quantizer", None) is not None:
+        if not stores_kv and getattr(module, "k_quantizer", None) is not None:
             dropped.setdefault(f"KV cache {module.k_quantizer.spec.describe()}", []).append(name)
     for what, names in dropped.items():
         log.warning("%s export: the %s quantization of %d module(s) (%s) has no place in this format and is "
@@ -150,12 +151,25 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
     return getattr(module, leaf)
 
 
+def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """`"<name>."` of every TensorQuantizer in `model`: what lies under one (learned scales and zero-points,
+    PACT clips, held ranges, KV-cache state) is quantization state, never a model tensor.
+
+    Example:
+        >>> "model.layers.0.self_attn.q_proj.weight_quantizer." in quantizer_prefixes(prepared)
+        True
+    """
+    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, TensorQuantizer))
+
+
 def float_weight_names(model: nn.Module) -> list[str]:
-    """Names of the model's weights as a float model would call them (`x.qweight.*` -> `x.weight`)."""
+    """Names of the model's weights as a float model would call them (`x.qweight.*` -> `x.weight`); the
+    parameters of quantizers (learned scales, zero-points, clips) are not weights and are left out."""
     names = []
     seen = set()
+    quantizers = quantizer_prefixes(model)
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name in seen:
+        if name in seen or name.startswith(quantizers):
             continue
         seen.add(name)
         names.append(name)
@@ -172,7 +186,8 @@ def load_rest_and_tie(model, rest: dict, folder, config):
         ValueError: naming the folder and the tensors that do not match the config.
     """
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight"]
+    quantizers = quantizer_prefixes(model)  # KV-cache quantizers hold what the format stored, set before
+    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight" and not k.startswith(quantizers)]
     if missing or unexpected:
         raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
     if getattr(config, "tie_word_embeddings", False):

@@ -8,7 +8,10 @@ Per quantized linear `<m>`:
     <m>.weight_shape       int64 [2]
     <m>.weight_g_idx       (act-order only) int32 [in]
 config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
-config_groups (one per distinct scheme, targets = module names), ignore, quantization_status: compressed}.
+config_groups (one per distinct scheme, targets = module names), ignore, quantization_status: compressed,
+kv_cache_scheme}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one vLLM's KV cache takes)
+is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` / `.v_scale` [1], as
+compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
@@ -24,9 +27,10 @@ import torch
 from torch import nn
 
 from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
-                               warn_unstored, weight_of, weight_spec)
+                               quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
+from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec, TensorSchemes
@@ -83,6 +87,55 @@ def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
             "strategy": "token" if spec.granularity == "per_token" else _STRATEGY[spec.granularity]}
 
 
+_KV_TYPES = {"int": "int", "fp8_e4m3": "float"}
+
+
+def _kv_scheme(model: nn.Module) -> tuple[dict | None, dict[str, nn.Module]]:
+    """(kv_cache_scheme, attention modules) when the model's KV-cache scheme is one the format holds (one static
+    per-tensor symmetric scheme); else (None, {}), and `warn_unstored` says what is dropped.
+
+    Raises:
+        ValueError: a static KV scheme with no calibrated range yet (naming the module).
+    """
+    attention = {n: m for n, m in model.named_modules() if getattr(m, "k_quantizer", None) is not None}
+    specs = {q.spec for m in attention.values() for q in (m.k_quantizer, m.v_quantizer)}
+    spec = next(iter(specs)) if len(specs) == 1 else None
+    if spec is None or spec.dynamic or spec.granularity != "per_tensor" or not spec.symmetric \
+            or spec.learn != "none" or spec.grid != "uniform" or spec.dtype not in _KV_TYPES:
+        return None, {}
+    for n, m in attention.items():
+        if not (m.k_quantizer.initialized and m.v_quantizer.initialized):
+            raise ValueError(f"compressed-tensors export: {n} has a static KV-cache scheme ({spec.describe()}) with no "
+                             "range yet; calibrate the model (qat.calibrate) first")
+    args = {"num_bits": spec.bits, "type": _KV_TYPES[spec.dtype], "symmetric": True, "strategy": "tensor",
+            "dynamic": False, "group_size": None, "observer": "minmax", "block_structure": None, "actorder": None}
+    return args, attention
+
+
+def _kv_tensors(attention: dict[str, nn.Module]):
+    for n, m in attention.items():
+        for kind, quantizer in (("k", m.k_quantizer), ("v", m.v_quantizer)):
+            scale = quantizer.qparams(torch.empty(0))[0]
+            yield f"{n}.{kind}_scale", scale.detach().reshape(1).to(quantizer.spec.torch_scale_dtype)
+
+
+def _attach_kv(model: nn.Module, t: dict, kv: dict, folder: Path) -> None:
+    """KV-cache quantizers on the attention modules with `k_scale` / `v_scale`, pinned to those scales."""
+    names = sorted(k.removesuffix(".k_scale") for k in t if k.endswith(".k_scale"))
+    if kv.get("dynamic") or kv.get("strategy") != "tensor" or not kv.get("symmetric") or not names \
+            or kv.get("type") not in _KV_TYPES.values():
+        raise ValueError(f"{str(folder)!r}: kv_cache_scheme {kv} is not one qat reads (static, strategy tensor, "
+                         "symmetric, int or float, with <attention>.k_scale / .v_scale tensors)")
+    scale_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(t[f"{names[0]}.k_scale"].dtype, "fp32")
+    dtype = "int" if kv["type"] == "int" else "fp8_e4m3"
+    spec = QuantSpec(bits=kv["num_bits"], dtype=dtype, symmetric=True, granularity="per_tensor", scale_dtype=scale_dtype)
+    attach_kv_quantizers(model, {n: model.get_submodule(n) for n in names}, spec)
+    for n in names:
+        module = model.get_submodule(n)
+        module.k_quantizer.set_qparams(t[f"{n}.k_scale"].float().reshape(()))
+        module.v_quantizer.set_qparams(t[f"{n}.v_scale"].float().reshape(()))
+
+
 def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     spec, half = qw.spec, 2 ** (qw.spec.bits - 1)
     signed = qw.codes().to(torch.int16) - (0 if spec.signed else half)
@@ -124,8 +177,9 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     return modules, linears, groups
 
 
-def _tensors(model: nn.Module, modules: dict, linears: dict):
+def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
     """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
+    yield from _kv_tensors(attention)
     for n, m in linears.items():
         yield from _linear_tensors(n, weight_of(model, f"{n}.weight")).items()
         if m.bias is not None:
@@ -134,8 +188,9 @@ def _tensors(model: nn.Module, modules: dict, linears: dict):
         if n not in linears:
             yield f"{n}.weight", weight_of(model, f"{n}.weight").dequantize()
     tied = getattr(model.config, "tie_word_embeddings", False)
+    quantizers = quantizer_prefixes(model)  # input and KV-cache state: written as the scheme allows, or warned
     for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor) or ".input_quantizer." in key or (tied and key == "lm_head.weight"):
+        if not isinstance(value, torch.Tensor) or key.startswith(quantizers) or (tied and key == "lm_head.weight"):
             continue
         if owning_module(key, modules) is None:
             yield key, value
@@ -152,16 +207,17 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         >>> AutoModelForCausalLM.from_pretrained("out/ct")
     """
     modules, linears, groups = _plan(model)
+    kv_scheme, attention = _kv_scheme(model)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
     qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
-               "kv_cache_scheme": None, "global_compression_ratio": None}
-    warn_unstored(model, "compressed-tensors", stores_input=True)
+               "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
+    warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
     out = Path(out_dir)
     check_writable(out / "config.json")
     clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
-        write_safetensors(_tensors(model, modules, linears), out / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(_tensors(model, modules, linears, attention), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     config = model.config.to_dict()
@@ -223,5 +279,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             qw = _quantized_weight(t, n, group["weights"])
             bias = old.bias if old.bias is not None else None
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
-    rest = {k: v for k, v in t.items() if ".weight_" not in k}
+    if q.get("kv_cache_scheme"):
+        _attach_kv(model, t, q["kv_cache_scheme"], folder)
+    rest = {k: v for k, v in t.items() if ".weight_" not in k and not k.endswith((".k_scale", ".v_scale"))}
     return load_rest_and_tie(model, rest, folder, config)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
-                               warn_unstored, weight_of, weight_spec)
+                               quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
@@ -99,8 +99,10 @@ def _tensors(model: nn.Module, linears: dict):
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
     tied = getattr(model.config, "tie_word_embeddings", False)
+    quantizers = quantizer_prefixes(model)  # GPTQ has no place for activation or KV-cache state (warn_unstored)
     for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor) and owning_module(key, linears) is None and not (tied and key == "lm_head.weight"):
+        if isinstance(value, torch.Tensor) and owning_module(key, linears) is None and not key.startswith(quantizers) \
+                and not (tied and key == "lm_head.weight"):
             yield key, value
 
 
