@@ -22,6 +22,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ def _run(cmd: list[str], timeout: float) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        if proc.returncode == -signal.SIGILL:
+            tail += ("\nillegal instruction: this llama.cpp build uses CPU instructions this machine lacks "
+                     "(an AVX-512 build on an AVX2-only CPU?); rebuild it as docs/export.md says")
         raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}):\n{tail}")
     return proc.stdout + proc.stderr
 

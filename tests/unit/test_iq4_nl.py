@@ -2,8 +2,6 @@
 converted and GGUF-exported-then-loaded models compute exactly what the fake-quant model computed."""
 from __future__ import annotations
 
-import os
-import shutil
 
 import gguf
 import numpy as np
@@ -115,15 +113,3 @@ def test_gguf_type_iq4_nl_for_a_float_model(token_ids, tmp_path):
     loaded = load_gguf(path)
     up = loaded.model.layers[0].mlp.up_proj.weight.detach()
     assert torch.equal(up, encode(model.model.layers[0].mlp.up_proj.weight.detach(), "IQ4_NL")[1])
-
-
-@pytest.mark.skipif(not (os.environ.get("QAT_LLAMA_CPP") or shutil.which("llama-perplexity")),
-                    reason="llama.cpp not found: set QAT_LLAMA_CPP to a llama.cpp build folder")
-def test_runs_in_llama_cpp(prepared, tmp_path):  # pragma: no cover - needs a llama.cpp build
-    import subprocess
-
-    path = export_gguf(prepared, tmp_path / "m.gguf", "F32")
-    root = os.environ.get("QAT_LLAMA_CPP", "")
-    binary = os.path.join(root, "bin", "llama-cli") if root else shutil.which("llama-cli")
-    out = subprocess.run([binary, "-m", str(path), "-p", "a", "-n", "4", "--no-warmup"], capture_output=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
