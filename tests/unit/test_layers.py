@@ -3,7 +3,7 @@
     cli -> lit -> jobs -> {export, ptq} -> {transform, control, data, models, assets}
         -> {arch, modules} -> {observers, ste, primitives} -> formats -> spec
 
-`io`, `testing`, `packing` (bit packing) and `recipes` (where the configs are) are leaves that anything may use. A module imports only from its own layer or below;
+`io`, `errors`, `testing`, `packing` (bit packing) and `recipes` (where the configs are) are leaves that anything may use. A module imports only from its own layer or below;
 `export` and `ptq` are siblings that do not import each other. Also: no import cycle, no private name (`_x`)
 imported across packages, no function-level import of a qat module (with no cycles there is nothing to protect),
 and nothing below `jobs` imports Lightning or Hydra.
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2] / "qat"
 
 # lowest first; each entry: the first dotted component below `qat` (a subpackage or a top-level module)
 LAYERS = [
-    {"io", "testing", "packing", "recipes"},
+    {"io", "errors", "testing", "packing", "recipes"},
     {"spec"},
     {"formats"},
     {"observers", "ste", "primitives"},
