@@ -3,13 +3,14 @@
 
     model = tiny_llama()                                   # 2 layers, hidden 128, vocab 512
     model = tiny_llama(hidden_size=256, intermediate_size=512, vocab_size=320, tie_word_embeddings=True)
+    model = tiny_model("qwen3", hidden_size=256)              # any family of FAMILIES, from its config class
 """
 from __future__ import annotations
 
 import inspect
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama(*, vocab_size: int = 512, hidden_size: int = 128, intermediate_size: int = 256, num_layers: int = 2,
@@ -48,3 +49,58 @@ def tiny_llama(*, vocab_size: int = 512, hidden_size: int = 128, intermediate_si
 
 
 TINY_KEYS = frozenset(inspect.signature(tiny_llama).parameters)  # what a `tiny:` config node may set
+
+
+# per family: what makes its tiny config small and exercises its particulars (Qwen2's q/k/v biases come with the
+# class; Gemma 3: sliding and global layers in turn, a short window; Phi-3: its default pad / eos ids 32000 are
+# past a tiny vocabulary)
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3_text": {"sliding_window": 16, "tie_word_embeddings": True},
+    "phi3": {"pad_token_id": None, "eos_token_id": 2},
+}
+
+
+def tiny_model(model_type: str, *, vocab_size: int = 512, hidden_size: int = 128, intermediate_size: int = 256,
+               num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256,
+               seed: int | None = 0, vector_noise: float = 0.0, **overrides) -> torch.nn.Module:
+    """A small random causal LM of any family in `FAMILIES`, from its real transformers config class, in eval mode.
+
+    Args:
+        model_type: a Hugging Face model_type ("qwen2", "qwen3", "gemma3_text", "phi3", "llama", "mistral").
+        vocab_size ... max_position_embeddings: the config fields of the same meaning; Qwen3's and
+            Gemma 3's head_dim is hidden_size / num_heads (and Gemma's query_pre_attn_scalar head_dim) unless
+            overridden.
+        seed: `torch.manual_seed(seed)` before the weights are drawn; None draws from the RNG as it stands.
+        vector_noise: add N(0, vector_noise^2) to every 1-D parameter, norm weights and biases (transformers
+            starts them all equal, which hides a wrong norm offset or bias layout).
+        overrides: any other config field (they win over the family's defaults).
+    Raises:
+        ValueError: a model_type not in FAMILIES.
+    Example:
+        >>> tiny_model("qwen2", num_layers=1)(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 512])
+    """
+    if model_type not in FAMILIES:
+        raise ValueError(f"tiny_model: model_type={model_type!r}; choose from {sorted(FAMILIES)}")
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=max_position_embeddings)
+    if model_type in ("qwen3", "gemma3_text"):  # their configs default to head_dim 128 / 256 whatever the width
+        fields["head_dim"] = hidden_size // num_heads
+    if model_type == "gemma3_text":
+        fields["query_pre_attn_scalar"] = overrides.get("head_dim", fields["head_dim"])
+        fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+    config = AutoConfig.for_model(model_type, **{**fields, **FAMILIES[model_type], **overrides})
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if vector_noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn_like(p) * vector_noise)
+    return model.eval()

@@ -1,6 +1,7 @@
 """Run qat's GGUF exports in llama.cpp and compare with qat's own loader, side by side, in one run.
 
     .venv/bin/python scripts/check_llama_cpp.py --llama-cpp /work/llamacpp_build            # tiny Llama
+    .venv/bin/python scripts/check_llama_cpp.py --family gemma3_text --types F32,Q8_0,Q4_K_M   # tiny Gemma 3
     .venv/bin/python scripts/check_llama_cpp.py --model smollm2-135m --types F16,Q8_0,Q4_0,Q4_K_M,Q6_K \
         --prompt "The capital of France is"
     QAT_LLAMA_CPP=/path/to/build .venv/bin/python scripts/check_llama_cpp.py --gguf out/m.gguf --text wiki.txt
@@ -207,13 +208,14 @@ def tokenization_matches(tokenizer, text: str, ref: LlamaPerplexity) -> str:
     return "yes"
 
 
-def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
-    """A 2-layer random Llama (hidden 256, so K-quant super-blocks fit) and a byte-level BPE tokenizer
+def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, family: str = "llama"):
+    """A 2-layer random model of `family` (a model_type of `qat.testing.FAMILIES`; hidden 256, so K-quant
+    super-blocks fit; norms and biases perturbed for the other families) and a byte-level BPE tokenizer
     trained on `text` with exactly `vocab_size` tokens."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from qat.testing import tiny_llama
+    from qat.testing import tiny_llama, tiny_model
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -223,7 +225,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     tk.train_from_iterator([text], trainer)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
-    model = tiny_llama(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+    size = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
+    model = tiny_llama(**size) if family == "llama" else tiny_model(family, **size, vector_noise=0.1)
     return model, tok
 
 
@@ -242,6 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", help="llama.cpp build folder (default: $QAT_LLAMA_CPP, then PATH)")
     parser.add_argument("--model", default="tiny", help="'tiny' or anything qat-export's model.path takes")
+    parser.add_argument("--family", default="llama", help="the tiny model's model_type (qat.testing.FAMILIES)")
     parser.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M,Q6_K")
     parser.add_argument("--gguf", nargs="*", help="check these files instead of exporting")
     parser.add_argument("--text", help="a text file to score (default: wiki test split / tiny corpus)")
@@ -269,7 +273,7 @@ def _exports(args, work: Path, text: str):
         return [(Path(g).stem, Path(g), load_any_tokenizer(g if args.model == "tiny" else args.model))
                 for g in args.gguf]
     if args.model == "tiny":
-        model, tok = tiny_model_and_tokenizer(text)
+        model, tok = tiny_model_and_tokenizer(text, family=args.family)
     else:
         model, tok = load_any(args.model), load_any_tokenizer(args.model)
     return [(t, export_gguf(model, work / f"{Path(args.model).name}-{t}.gguf", t, tokenizer=tok), tok)

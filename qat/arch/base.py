@@ -26,10 +26,12 @@ class Mapping:
 
     `prev` is the op producing the consumers' shared input (a norm whose weight scales its output, or a
     Linear); scaling the consumers' input columns by s and dividing `prev`'s output by s keeps the function.
+    `offset` is what the norm adds to its weight before scaling (Gemma's RMSNorm computes x * (1 + weight)).
     """
 
     prev: str
     linears: tuple[str, ...]
+    offset: float = 0.0
 
 
 def register_arch(cls: type["ArchAdapter"]) -> type["ArchAdapter"]:
@@ -99,6 +101,15 @@ def gguf_reader_archs() -> list[str]:
     return sorted({a.gguf_arch_name for a in ARCHS.values() if a.reads_gguf})
 
 
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The rope parameters of the full-attention layers (transformers 5 `rope_parameters`, per layer type when
+    the model has sliding layers), with `rope_theta` filled in from the config of older layouts."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = dict(rope.get("full_attention", rope))
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return rope
+
+
 @functools.lru_cache(maxsize=32)
 def tensor_name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     """gguf-py's Hugging Face -> GGUF tensor name table for `arch` with `n_blocks` blocks (built once)."""
@@ -117,6 +128,7 @@ class ArchAdapter:
         smooth_mappings: the norm -> linears groups SmoothQuant smooths.
         tokenizer_pre: llama.cpp's tokenizer.ggml.pre for the family (None: detected from the tokenizer).
         reads_gguf: whether GGUF files of `gguf_arch` are imported through this adapter.
+        rope_types: the rope_parameters.rope_type values its GGUF export writes (None: not checked).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -128,6 +140,7 @@ class ArchAdapter:
     smooth_mappings: ClassVar[tuple[Mapping, ...]] = ()
     tokenizer_pre: ClassVar[str | None] = None
     reads_gguf: ClassVar[bool] = True
+    rope_types: ClassVar[tuple[str, ...] | None] = ("default", "linear")
 
     @property
     def gguf_arch_name(self) -> str:
@@ -176,9 +189,67 @@ class ArchAdapter:
         return t
 
     # -- GGUF metadata ------------------------------------------------------------------------------
+    def check_config(self, config: Any) -> None:
+        """Refuse a config whose model the GGUF file could not describe (before anything is written): by
+        default a rope scaling other than `rope_types`.
+
+        Raises:
+            ValueError: naming the config field and what this family's GGUF export supports.
+        """
+        rope_type = rope_parameters(config).get("rope_type", "default")
+        if self.rope_types is not None and rope_type not in self.rope_types:
+            raise ValueError(f"GGUF export of {config.model_type}: rope_parameters.rope_type={rope_type!r} is not "
+                             f"written by qat's {self.gguf_arch_name} export; supported: {list(self.rope_types)}")
+
     def write_metadata(self, writer: gguf.GGUFWriter, config: Any) -> None:
-        """Write the architecture's hyper-parameter keys ({arch}.context_length, ...) from `config`."""
-        raise NotImplementedError(f"{type(self).__name__} writes no GGUF metadata")
+        """Write the architecture's hyper-parameter keys ({arch}.context_length, ...) from `config`.
+
+        The default is what llama.cpp's converter writes for a text model (`TextModel.set_gguf_parameters`):
+        sizes, head counts, rope base (and the sliding layers' base), linear / yarn rope scaling, the RMSNorm
+        epsilon and an explicit head_dim; then vocab_size, which qat's importer reads when no tokenizer is
+        embedded.
+        """
+        rope = rope_parameters(config)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        if rope.get("rope_type", "default") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        swa_theta = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {}).get("rope_theta")
+        if swa_theta is not None:
+            writer.add_rope_freq_base_swa(float(swa_theta))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        if getattr(config, "head_dim", None):
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
+        writer.add_vocab_size(config.vocab_size)
+
+    NEEDED: ClassVar[tuple[str, ...]] = ("attention.head_count", "embedding_length", "feed_forward_length",
+                                         "block_count")
+
+    def config_kwargs(self, field: Callable[[str, Any], Any], tensor_names: set[str]) -> dict[str, Any]:
+        """The `config_class` arguments read from a GGUF file's metadata (`config_from_gguf`'s `field`)."""
+        k = lambda key, default=None: field(f"{self.gguf_arch_name}.{key}", default)  # noqa: E731
+        heads = int(k("attention.head_count"))
+        hidden = int(k("embedding_length"))
+        tokens = field("tokenizer.ggml.tokens", None)
+        vocab = k("vocab_size") or (len(tokens) if tokens is not None else None)
+        return dict(
+            vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(k("feed_forward_length")),
+            num_hidden_layers=int(k("block_count")), num_attention_heads=heads,
+            num_key_value_heads=int(k("attention.head_count_kv", heads)),
+            head_dim=int(k("attention.key_length", hidden // heads)),
+            max_position_embeddings=int(k("context_length", 2048)),
+            rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(k("rope.freq_base", 10000.0)), tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=field("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=field("tokenizer.ggml.eos_token_id", None),
+        )
 
     def config_from_gguf(self, field: Callable[[str, Any], Any], tensor_names: set[str], where: str = ""):
         """The transformers config of a GGUF file of this architecture.
@@ -187,8 +258,17 @@ class ArchAdapter:
             field: field(key, default) reads a metadata key ("llama.block_count").
             tensor_names: the file's tensor names.
             where: "'<path>': " for error messages.
+        Raises:
+            ValueError: a metadata key the family needs is missing (naming it).
         """
-        raise NotImplementedError(f"{type(self).__name__} reads no GGUF files")
+        # transformers is imported on use: it takes seconds, and the core runs on plain PyTorch models without it
+        import transformers
+
+        arch = self.gguf_arch_name
+        missing = [f"{arch}.{k}" for k in self.NEEDED if field(f"{arch}.{k}", None) is None]
+        if missing:
+            raise ValueError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")
+        return getattr(transformers, self.config_class)(**self.config_kwargs(field, tensor_names))
 
     def build_model(self, config: Any) -> nn.Module:
         """A randomly initialised causal LM of `model_class` for `config`."""

@@ -1,7 +1,7 @@
 """Llama (and the families laid out like it): `LlamaForCausalLM`, GGUF architecture "llama"."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import torch
@@ -38,6 +38,7 @@ class LlamaAdapter(ArchAdapter):
     )
     # the SmoothQuant reference smooths only the norm -> linear pairs
     smooth_mappings = (Mapping("input_layernorm", ATTN_QKV), Mapping("post_attention_layernorm", MLP_IN))
+    rope_types = None  # as before the adapters (llama3 rope scaling is not written: see docs/models.md)
 
     def _heads(self, gguf_name: str, config: Any) -> int | None:
         """The head count whose rows llama.cpp permutes for this tensor (attn_q / attn_k), else None."""
@@ -70,30 +71,3 @@ class LlamaAdapter(ArchAdapter):
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
-
-    NEEDED = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
-
-    def config_from_gguf(self, field: Callable[[str, Any], Any], tensor_names: set[str], where: str = ""):
-        # transformers is imported on use: it takes seconds, and the core runs on plain PyTorch models without it
-        import transformers
-
-        arch = self.gguf_arch_name
-        missing = [f"{arch}.{k}" for k in self.NEEDED if field(f"{arch}.{k}", None) is None]
-        if missing:
-            raise ValueError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")
-        k = lambda key, default=None: field(f"{arch}.{key}", default)  # noqa: E731
-        heads = int(k("attention.head_count"))
-        hidden = int(k("embedding_length"))
-        tokens = field("tokenizer.ggml.tokens", None)
-        vocab = k("vocab_size") or (len(tokens) if tokens is not None else None)
-        return getattr(transformers, self.config_class)(
-            vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(k("feed_forward_length")),
-            num_hidden_layers=int(k("block_count")), num_attention_heads=heads,
-            num_key_value_heads=int(k("attention.head_count_kv", heads)),
-            head_dim=int(k("attention.key_length", hidden // heads)),
-            max_position_embeddings=int(k("context_length", 2048)),
-            rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(k("rope.freq_base", 10000.0)), tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=field("tokenizer.ggml.bos_token_id", None),
-            eos_token_id=field("tokenizer.ggml.eos_token_id", None),
-        )

@@ -55,12 +55,15 @@ def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
     """The architecture adapter `model` is exported through (`source` names the model in the error).
 
     Raises:
-        ValueError: an architecture with no adapter, listing the known ones.
+        ValueError: an architecture with no adapter, listing the known ones, or a config its GGUF file
+            cannot describe (`ArchAdapter.check_config`).
     """
     try:
-        return get_arch(model, f" of {source}" if source else "")
+        arch = get_arch(model, f" of {source}" if source else "")
     except ValueError as err:
         raise ValueError(f"GGUF export: {err}") from None
+    arch.check_config(model.config)
+    return arch
 
 
 def check_names(model: nn.Module, source: str | None = None) -> ArchAdapter:
@@ -101,9 +104,9 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
         return base
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return base if base == "Q8_0" else "Q6_K"
-    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight", name)
-    if m:
-        i, kind = int(m.group(1)), m.group(2)
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)\.weight", name)
+    if m:  # llama.cpp counts a fused attn_qkv (Phi-3) as an attn_v
+        i, kind = int(m.group(1)), m.group(2).replace("attn_qkv", "attn_v")
         if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n_layer):
             return "Q6_K"
         if mix == "Q4_K_S" and (i < 4 if kind == "attn_v" else i < n_layer // 8):
@@ -210,7 +213,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     """Write `model` (float, prepared or converted; an architecture of `qat.arch`) as a GGUF file.
 
     Args:
-        model: a Hugging Face causal LM whose model_type has an adapter in `qat.arch` (llama, mistral).
+        model: a Hugging Face causal LM whose model_type has an adapter in `qat.arch` (docs/models.md).
         path: the .gguf file to write (atomically).
         gguf_type: a tensor type or a mix (see the module docstring).
         tokenizer: a Hugging Face byte-level BPE tokenizer to embed (llama.cpp needs one to run).

@@ -113,4 +113,4 @@ def check_fold(name: str, before: list, after: list) -> None:
         if not math.isfinite(rel) or rel > 1e-3:
             raise ValueError(f"{name}: folding scales into the previous ops changed the float block output "
                              f"(relative {rel:.3g}); a producer is not a plain channel scale (e.g. a (1 + weight) "
-                             "norm): give method.mappings for this architecture")
+                             "norm): give method.mappings for this architecture (offset: 1 for a (1 + weight) norm)")

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") -> list[Mapping] | None:
-    """Validate mapping entries ({prev: str, linears: [str, ...]}); None stays None (the architecture's).
+    """Validate mapping entries ({prev: str, linears: [str, ...], offset: float (optional)}); None stays None
+    (the architecture's).
 
     Raises:
         ValueError: an entry without `prev` / `linears`, or with unknown keys.
@@ -30,10 +31,12 @@ def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") ->
     out = []
     for i, entry in enumerate(raw):
         entry = dataclasses.asdict(entry) if isinstance(entry, Mapping) else dict(entry)
-        unknown = sorted(set(entry) - {"prev", "linears"})
-        if unknown or not isinstance(entry.get("prev"), str) or not entry.get("linears"):
-            raise ValueError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...]}}")
-        out.append(Mapping(entry["prev"], tuple(entry["linears"])))
+        unknown = sorted(set(entry) - {"prev", "linears", "offset"})
+        if unknown or not isinstance(entry.get("prev"), str) or not entry.get("linears") or \
+                not isinstance(entry.get("offset", 0.0), (int, float)):
+            raise ValueError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...], "
+                             "offset: <number, optional: the norm computes x * (offset + weight)>}")
+        out.append(Mapping(entry["prev"], tuple(entry["linears"]), float(entry.get("offset", 0.0))))
     return out
 
 
@@ -64,11 +67,17 @@ def out_width(prev: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: Sequence[nn.Module], s: torch.Tensor) -> None:
-    """Divide `prev`'s output channels by s and multiply the consumers' input columns by s, in place."""
+def fold_scales(prev: nn.Module, linears: Sequence[nn.Module], s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide `prev`'s output channels by s and multiply the consumers' input columns by s, in place.
+
+    Args:
+        offset: a norm computing x * (offset + weight) (Gemma: 1) gets weight = (offset + weight) / s - offset.
+    """
     s = s.to(prev.weight.device)
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+    elif offset:
+        prev.weight.copy_((prev.weight + offset) / s.to(prev.weight.dtype) - offset)
     else:
         prev.weight.div_(s.to(prev.weight.dtype))
     bias = getattr(prev, "bias", None)

@@ -45,8 +45,9 @@ def test_truncated_safetensors_folder_is_refused(model, tmp_path):
         load_any(tmp_path / "hf")
 
 
-@pytest.mark.parametrize("arch,match", [("qwen2", "GGUF architecture 'qwen2' \\(general.architecture\\) is not supported"),
-                                        ("llama", "GGUF metadata lacks \\['llama.attention.head_count'")])
+@pytest.mark.parametrize("arch,match", [("gpt2", "GGUF architecture 'gpt2' \\(general.architecture\\) is not supported"),
+                                        ("llama", "GGUF metadata lacks \\['llama.attention.head_count'"),
+                                        ("qwen3", "GGUF metadata lacks \\['qwen3.attention.head_count'")])
 def test_gguf_of_another_architecture_or_without_llama_metadata_names_the_file(tmp_path, arch, match):
     import gguf
     import numpy as np

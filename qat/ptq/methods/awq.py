@@ -93,7 +93,7 @@ class AWQ(PTQMethod):
             s, err, err_rtn = search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
                                            [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)
             log.debug("awq %s %s: error %.4g (rtn %.4g)", ctx.name, mapping.linears, err, err_rtn)
-            fold_scales(prev, lins, s)
+            fold_scales(prev, lins, s, mapping.offset)
             for n in mapping.linears:
                 in_scale[n] = s
         return in_scale

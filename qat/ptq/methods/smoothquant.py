@@ -64,7 +64,7 @@ class SmoothQuant(PTQMethod):
         mappings = arch_mappings(cfg.mappings, ctx.model, "smoothquant", smooth=True)
         for mapping, prev, lins in applicable(ctx.block, mappings, linears, f"smoothquant {ctx.name}"):
             s = smooth_scale(stats[mapping.linears[0]].abs_max, [m.weight for m in lins], cfg.alpha)
-            fold_scales(prev, lins, s)
+            fold_scales(prev, lins, s, mapping.offset)
         if cfg.check_fold:
             check_fold(ctx.name, ref[:1], ctx.float_run(ctx.inputs[:1]))
         for module in linears.values():
