@@ -166,3 +166,81 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
     model.resize_token_embeddings(256)
     with pytest.raises(ValueError, match="320 tokens but the model's vocab_size is 256"):
         export_gguf(model, tmp_path / "t.gguf", "Q8_0", tokenizer=tok)
+
+
+FAMILIES = ["qwen2", "qwen3", "gemma3_text", "phi3"]  # Llama: the tests above
+# The Llama bounds, but Q8_0's max |dlp| for Gemma 3 measured 0.029 (qwen2 0.013, qwen3 0.018, phi3 0.017): its
+# embeddings are scaled by sqrt(hidden) and each layer has four norms, and llama.cpp rounds activations to 8 bits
+FAMILY_BOUNDS = {**BOUNDS, "Q8_0": (4e-2, 1e-2)}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_tiny(request):
+    return request.param, *check.tiny_model_and_tokenizer(TEXT, family=request.param)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("gguf_type", ["F32", "Q8_0", "Q4_K_M"])
+def test_llama_cpp_runs_every_family_as_our_loader_does(family_tiny, text_file, tmp_path, gguf_type):
+    """Each family's file (its GGUF architecture, tensor transforms and metadata: Gemma 3's +1 norms and sliding
+    layers within these 64-token chunks, Phi-3's fused tensors, Qwen's biases and q/k norms) computes in llama.cpp
+    what qat's loader computes, within the Llama bounds."""
+    from qat.export import export_gguf, load_any
+
+    family, model, tok = family_tiny
+    # (general.name is the file's stem: llama.cpp sets special-token attributes on models named "phi3...",
+    # and fails on a vocabulary without Phi-3's "</s>", so the files here are not named after the family)
+    path = export_gguf(model, tmp_path / f"tiny-{gguf_type}.gguf", gguf_type, tokenizer=tok)
+    ref = check.llama_perplexity(BIN, path, text_file, N_CTX, CHUNKS, tmp_path)
+    assert ref.tokens.shape == (CHUNKS, N_CTX) and ref.n_vocab == model.config.vocab_size
+    res = check.compare(load_any(path), ref)
+    print(family, gguf_type, f"llama.cpp {ref.ppl:.4f}", {k: round(v, 5) for k, v in res.items()})
+    max_bound, ppl_bound = FAMILY_BOUNDS[gguf_type]
+    assert res["max_abs"] < max_bound, res
+    assert abs(res["ppl"] / ref.ppl - 1) < ppl_bound, (res, ref.ppl)
+    assert res["top1"] > 0.9, res
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_every_familys_fake_quant_model(family_tiny, text_file, tmp_path):
+    """Format-exact: a family prepared with gguf_q4_k, exported as it stands, computes in llama.cpp what the
+    fake-quant model computes (up to llama.cpp's 8-bit activations)."""
+    import copy
+
+    import qat
+    from qat.export import export_gguf
+
+    family, model, tok = family_tiny
+    prepared = qat.prepare(copy.deepcopy(model), qat.load_recipe("gguf_q4_k"))
+    path = export_gguf(prepared, tmp_path / "tiny-q4_k.gguf", "F32", tokenizer=tok)
+    ref = check.llama_perplexity(BIN, path, text_file, N_CTX, CHUNKS, tmp_path)
+    res = check.compare(prepared.eval(), ref)
+    print(family, "gguf_q4_k", f"llama.cpp {ref.ppl:.4f}", {k: round(v, 5) for k, v in res.items()})
+    assert res["max_abs"] < 5e-2, res
+    assert abs(res["ppl"] / ref.ppl - 1) < 2e-2, (res, ref.ppl)
+    assert res["top1"] > 0.9, res
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0"])
+def test_every_familys_tensor_types_equal_llama_quantize(family_tiny, tmp_path, gguf_type):
+    """llama.cpp's per-tensor rules for these architectures (Phi-3's fused attn_qkv counts as attn_v, Gemma 3's
+    tied embeddings take the output type) are ours."""
+    import subprocess
+
+    import gguf
+
+    from qat.export import export_gguf
+
+    family, model, tok = family_tiny
+    ours = export_gguf(model, tmp_path / f"ours-{gguf_type}.gguf", gguf_type, tokenizer=tok)
+    f32 = export_gguf(model, tmp_path / "f32.gguf", "F32", tokenizer=tok)
+    theirs = tmp_path / f"theirs-{gguf_type}.gguf"
+    proc = subprocess.run([str(BIN / "llama-quantize"), str(f32), str(theirs), gguf_type, "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    assert types(ours) == types(theirs)
