@@ -14,6 +14,8 @@ import logging
 import gguf
 
 _BYTE_LEVEL_REGEX = {"type": "ByteLevel", "use_regex": True}
+_QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 
@@ -26,8 +28,9 @@ def llama_cpp_pre(pre_tokenizer: dict | None) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a Hugging Face pre-tokenizer (tokenizer.json's "pre_tokenizer").
 
     ByteLevel with its GPT-2 regex -> "gpt-2"; individual Digits then that ByteLevel -> "smollm" (SmolLM);
-    Llama-3's Split regex then a regex-free ByteLevel -> "llama-bpe"; anything else -> "default", with a
-    warning (llama.cpp's default split may tokenize differently).
+    Llama-3's Split regex then a regex-free ByteLevel -> "llama-bpe"; Qwen2's (Qwen2, Qwen2.5, Qwen3: single
+    digits) -> "qwen2"; anything else -> "default", with a warning (llama.cpp's default split may tokenize
+    differently).
 
     Example:
         >>> llama_cpp_pre({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True})
@@ -40,9 +43,10 @@ def llama_cpp_pre(pre_tokenizer: dict | None) -> str:
     if len(steps) == 2 and _is(steps[0], {"type": "Digits", "individual_digits": True}) and \
             _is(steps[1], _BYTE_LEVEL_REGEX):
         return "smollm"
-    if len(steps) == 2 and steps[0].get("type") == "Split" and \
-            steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT and _is(steps[1], {"type": "ByteLevel"}):
-        return "llama-bpe"
+    if len(steps) == 2 and steps[0].get("type") == "Split" and _is(steps[1], {"type": "ByteLevel"}):
+        named = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(steps[0].get("pattern", {}).get("Regex"))
+        if named:
+            return named
     logging.getLogger(__name__).warning(
         "GGUF tokenizer: pre-tokenizer %s has no known llama.cpp name; writing 'default' (llama.cpp may split "
         "text differently from transformers)", json.dumps(pre)[:200])
@@ -68,6 +72,10 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"GGUF tokenizer: only fast BPE tokenizers are supported, got {model.get('type') or type(tokenizer).__name__}")
+    if model.get("byte_fallback"):  # written as "gpt2", llama.cpp would split its "▁" pieces as bytes: garbage ids
+        raise ValueError("GGUF tokenizer: a SentencePiece-style BPE (byte_fallback: Gemma, Phi-3, Llama 2, Mistral) "
+                         "needs tokenizer.ggml.model=llama with SentencePiece scores, which qat does not write; only "
+                         "byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) are embedded")
     vocab = tokenizer.get_vocab()
     size = max(max(vocab.values()) + 1, len(vocab))
     if n_vocab is not None and size > n_vocab:

@@ -244,3 +244,55 @@ def test_every_familys_tensor_types_equal_llama_quantize(family_tiny, tmp_path, 
         return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
     assert types(ours) == types(theirs)
+
+
+def qwen2_style_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE with Qwen2's pre-tokenizer (its Split regex, single digits, then a regex-free ByteLevel)."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    split = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+"
+             "|\\s+(?!\\S)|\\s+")  # Qwen2's tokenizer.json
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([TEXT], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
+                                                eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("llama_cpp", [False, pytest.param(True, marks=needs_llama_cpp)], ids=["metadata", "llama.cpp"])
+def test_qwen2_pre_tokenizer_is_named_and_tokenizes_as_transformers(tmp_path, llama_cpp):
+    import gguf
+
+    from qat.export import export_gguf
+    from qat.testing import tiny_model
+
+    tok = qwen2_style_tokenizer()
+    model = tiny_model("qwen2", vocab_size=320, hidden_size=64, intermediate_size=128)
+    path = export_gguf(model, tmp_path / "q.gguf", "Q8_0", tokenizer=tok)
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    if llama_cpp:
+        for text in ("the year 2024 had 366 days", "Hello, world! (it's 3.14159)", "  spaces,\tand\nnew lines"):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert check.llama_tokenize(BIN, path, text, tmp_path) == ids, text
+
+
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    from qat.export import export_gguf
+    from qat.testing import tiny_model
+
+    tk = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁": 1, "a": 2, "▁a": 3}, merges=[("▁", "a")], byte_fallback=True,
+                              unk_token="<unk>"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    model = tiny_model("gemma3_text", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1)
+    with pytest.raises(ValueError, match="SentencePiece-style BPE \\(byte_fallback: Gemma, Phi-3"):
+        export_gguf(model, tmp_path / "g.gguf", "F32", tokenizer=tok)
+    assert not list(tmp_path.iterdir())
