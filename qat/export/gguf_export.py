@@ -5,8 +5,8 @@ from the model's architecture adapter (`qat.arch`).
 
 `gguf_type` is a tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) or a mix (Q4_K_S,
 Q4_K_M, Q5_K_S, Q5_K_M), and for the types that are also llama.cpp file types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense llama models, as `llama-quantize` does:
-output.weight (token_embd when tied) in Q6_K unless the type is Q8_0; in *_M, attn_v and ffn_down in Q6_K
+Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense models, as `llama-quantize` does:
+output.weight (token_embd when tied) in Q6_K unless the type is Q8_0; in *_M, attn_v (or a fused attn_qkv) and ffn_down in Q6_K
 for layers i < n/8, i >= 7n/8 and every third layer between; in Q4_K_S, attn_v of the first 4 layers and
 ffn_down of the first n/8 in Q5_K; with an imatrix, Q4_0 / Q5_0 put ffn_down of the first n/8 layers in
 Q4_1 / Q5_1. `pure=True` (llama-quantize --pure) gives every 2-D tensor the one type. The single K types

@@ -75,6 +75,14 @@ def test_registered_with_its_gguf_architecture(fam):
     assert qat.arch.gguf_reader_arch(GGUF_ARCH[family]) is get_arch(READ_AS.get(family, family))
 
 
+def test_fused_qkv_takes_attn_v_types_in_the_k_mixes():
+    from qat.export.gguf_export import mix_type
+
+    qkv = [mix_type(f"blk.{i}.attn_qkv.weight", (96, 256), "Q4_K_M", 16, False) for i in range(16)]
+    assert qkv == [mix_type(f"blk.{i}.attn_v.weight", (96, 256), "Q4_K_M", 16, False) for i in range(16)]
+    assert qkv.count("Q6_K") == 8 and mix_type("blk.3.attn_qkv.weight", (96, 256), "Q4_K_S", 16, False) == "Q5_K"
+
+
 def test_recipe_quantizes_every_linear_but_lm_head(fam):
     family, model = fam
     expected = linear_weights(model)

@@ -44,6 +44,21 @@ def test_awq_refuses_a_producer_that_is_not_a_plain_scale():
         ptq_model(ref, recipe(), "awq", _outlier_batches(), progress=False, mappings=MAPPING)
 
 
+def test_awq_folds_through_a_plus_one_norm_given_its_offset():
+    """Gemma's (1 + weight) norm: with offset 1 the fold keeps the float function (check_fold passes) and the
+    scaling beats RTN as for a plain norm."""
+    ref = Stack(plus_one=True).eval()
+    data = _outlier_batches(n=8)
+    mapping = [{**MAPPING[0], "offset": 1.0}]
+    rtn = ptq_model(copy.deepcopy(ref), recipe(bits=3), "rtn", None, progress=False)
+    awq = ptq_model(copy.deepcopy(ref), recipe(bits=3), "awq", data[:4], progress=False, mappings=mapping,
+                    clip=False)
+    assert _output_mse(awq, ref, data[4:]) < 0.8 * _output_mse(rtn, ref, data[4:])
+    with pytest.raises(ValueError, match="offset: <number"):
+        ptq_model(copy.deepcopy(ref), recipe(), "awq", data[:4], progress=False,
+                  mappings=[{**MAPPING[0], "offset": "one"}])
+
+
 def test_clip_search_never_worse_than_minmax_on_its_objective():
     x = correlated_inputs(1024, 128, seed=3)
     w = torch.randn(32, 128)
