@@ -63,6 +63,18 @@ FAMILIES: dict[str, dict] = {
     "phi3": {"pad_token_id": None, "eos_token_id": 2},
 }
 
+# tiny_model config variants the GGUF metadata must carry: Gemma 3 4B+'s linear rope scaling of the global layers
+# and a final logit soft-cap, Phi-4-mini-style partial rotary, tied Qwen embeddings (the small Qwen models)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gemma3_softcap_linear_rope": ("gemma3_text", {
+        "final_logit_softcapping": 1.0,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "phi3_partial_rotary": ("phi3", {"partial_rotary_factor": 0.5}),
+    "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
+}
+
 
 def tiny_model(model_type: str, *, vocab_size: int = 512, hidden_size: int = 128, intermediate_size: int = 256,
                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256,

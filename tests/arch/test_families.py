@@ -17,7 +17,7 @@ from qat.arch import get_arch
 from qat.export import export_compressed_tensors, export_gguf, load_any, save_native
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq import ptq_model
-from qat.testing import tiny_model
+from qat.testing import VARIANTS, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
@@ -31,10 +31,10 @@ W8A8 = {"name": "w8a8_t", "targets": ["Linear"], "ignore": ["lm_head"],
 VOCAB = 128
 
 
-def family_model(family: str) -> nn.Module:
+def family_model(family: str, **overrides) -> nn.Module:
     """hidden 64 (rows of 32-blocks), norms and biases perturbed so a wrong offset or layout shows."""
     return tiny_model(family, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=64,
-                      vector_noise=0.1)
+                      vector_noise=0.1, **overrides)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -165,6 +165,19 @@ def test_gguf_f32_round_trip_is_exact_and_imports_as_the_family(fam, ids, tmp_pa
     again = export_gguf(qat.prepare(back, "gguf_q8_0"), tmp_path / "again.gguf", "Q8_0")
     first = export_gguf(model, tmp_path / "first.gguf", "Q8_0")
     assert torch.equal(logits(load_any(again), ids), logits(load_any(first), ids))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gguf_round_trip_of_config_variants(variant, ids, tmp_path):
+    family, overrides = VARIANTS[variant]
+    model = family_model(family, **overrides)
+    back = load_any(export_gguf(model, tmp_path / "m.gguf", "F32"))
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    rope = lambda c: c.rope_parameters.get("full_attention", c.rope_parameters)  # noqa: E731
+    assert rope(back.config) == rope(model.config)
+    assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert getattr(back.config, "final_logit_softcapping", None) == getattr(model.config, "final_logit_softcapping",
+                                                                             None)
 
 
 @pytest.mark.parametrize("recipe,name", [("gguf_q4_0", "Q4_0"), ("gguf_q8_0", "Q8_0")])

@@ -296,3 +296,22 @@ def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="SentencePiece-style BPE \\(byte_fallback: Gemma, Phi-3"):
         export_gguf(model, tmp_path / "g.gguf", "F32", tokenizer=tok)
     assert not list(tmp_path.iterdir())
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("variant", ["gemma3_softcap_linear_rope", "phi3_partial_rotary", "qwen2_tied", "qwen3_tied"])
+def test_llama_cpp_runs_config_variants(text_file, tmp_path, variant):
+    """The metadata of the variants (linear rope on Gemma's global layers, soft-capping, partial rotary, tying)
+    means in llama.cpp what the config means in transformers (F32: only summation order differs)."""
+    from qat.export import export_gguf, load_any
+    from qat.testing import VARIANTS, tiny_model
+
+    family, overrides = VARIANTS[variant]
+    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
+    model = tiny_model(family, vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
+                       vector_noise=0.1, **overrides)
+    path = export_gguf(model, tmp_path / "tiny-F32.gguf", "F32", tokenizer=tok)
+    ref = check.llama_perplexity(BIN, path, text_file, N_CTX, CHUNKS, tmp_path)
+    res = check.compare(load_any(path), ref)
+    print(variant, f"llama.cpp {ref.ppl:.4f}", {k: round(v, 5) for k, v in res.items()})
+    assert res["max_abs"] < 1e-3 and abs(res["ppl"] / ref.ppl - 1) < 1e-3 and res["top1"] > 0.9, res
