@@ -67,6 +67,49 @@ def _run(cmd: list[str], timeout: float) -> str:
     return proc.stdout + proc.stderr
 
 
+def llama_cpp_source(bin_dir: Path) -> Path | None:
+    """The llama.cpp source folder a build was made from (its CMakeCache.txt's CMAKE_HOME_DIRECTORY), if it holds
+    convert_hf_to_gguf.py; None otherwise."""
+    for cache in (bin_dir / "CMakeCache.txt", bin_dir.parent / "CMakeCache.txt"):
+        if cache.is_file():
+            match = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cache.read_text(), re.M)
+            if match and (Path(match.group(1)) / "convert_hf_to_gguf.py").is_file():
+                return Path(match.group(1))
+    return None
+
+
+# llama.cpp's converter on a tiny model folder: its tokenizer hash table does not know a freshly trained BPE (it
+# is told "gpt-2", the tokenizer's actual pre-tokenizer), there is no tokenizer.model (sentencepiece need not be
+# installed) and Phi-3's vocabulary reader wants one: the byte-level reader is used, as for Phi-4
+_CONVERT = """
+import runpy, sys
+src, folder, out = sys.argv[1:4]
+sys.path[:0] = [src + "/gguf-py", src]
+import conversion.base as base
+import conversion.phi as phi
+def no_spm(self):
+    raise FileNotFoundError("no tokenizer.model")
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+base.TextModel._create_vocab_sentencepiece = no_spm
+phi.Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def convert_hf_to_gguf(src: Path, folder: Path, out: Path, timeout: float = 600) -> Path:
+    """llama.cpp's own `convert_hf_to_gguf.py` (from source folder `src`) on a saved tiny model + byte-level BPE
+    tokenizer, to an F32 GGUF file (see `_CONVERT` for the three patches a tiny model needs).
+
+    Raises:
+        RuntimeError: the converter failed (its last lines in the message).
+    """
+    import sys
+
+    _run([sys.executable, "-c", _CONVERT, str(src), str(folder), str(out)], timeout)
+    return out
+
+
 @dataclass
 class LlamaPerplexity:
     """What llama-perplexity measured: its ppl, its tokens [chunks, n_ctx] and its log-prob dump."""

@@ -315,3 +315,54 @@ def test_llama_cpp_runs_config_variants(text_file, tmp_path, variant):
     res = check.compare(load_any(path), ref)
     print(variant, f"llama.cpp {ref.ppl:.4f}", {k: round(v, 5) for k, v in res.items()})
     assert res["max_abs"] < 1e-3 and abs(res["ppl"] / ref.ppl - 1) < 1e-3 and res["top1"] > 0.9, res
+
+
+SRC = check.llama_cpp_source(BIN) if BIN is not None else None
+needs_converter = pytest.mark.skipif(SRC is None, reason="llama.cpp's convert_hf_to_gguf.py not found beside the "
+                                                         "QAT_LLAMA_CPP build (CMakeCache.txt's source folder)")
+
+
+@needs_converter
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma3_softcap_linear_rope",
+                                  *[pytest.param(c, marks=pytest.mark.slow)  # ~15 s each: the converter's imports
+                                    for c in ("phi3_partial_rotary", "qwen3_tied")]])
+def test_our_f32_file_is_llama_cpps_converter_output_and_we_read_its_files(tmp_path, case):
+    """Tensor for tensor (names, shapes, bytes) our F32 export is what llama.cpp's convert_hf_to_gguf.py writes for
+    the same folder (q/k permutation, Gemma's norm + 1, Phi-3's fused tensors, all of it), its metadata is ours but
+    for keys we add (vocab_size, Gemma's per-layer sliding pattern; llama.cpp's Llama adds key/value_length), and
+    load_any reads the converter's file with the model's logits."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from qat.export import export_gguf, load_any
+    from qat.testing import VARIANTS, tiny_model
+
+    family, overrides = VARIANTS.get(case, (case, {}))
+    if family == "gemma3_text":  # the converter writes no layer pattern: llama.cpp takes Gemma 3's, 5 sliding + 1
+        overrides = {**overrides, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
+    model = tiny_model(family, vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
+                       num_layers=6 if family == "gemma3_text" else 2, vector_noise=0.1, **overrides)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    theirs = check.convert_hf_to_gguf(SRC, tmp_path / "hf", tmp_path / "theirs.gguf")
+    ours = export_gguf(model, tmp_path / "ours.gguf", "F32", tokenizer=tok)
+    r_ours, r_theirs = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
+    t_ours = {t.name: np.array(t.data) for t in r_ours.tensors}
+    t_theirs = {t.name: np.array(t.data) for t in r_theirs.tensors}
+    assert sorted(t_ours) == sorted(t_theirs)
+    assert [n for n in t_ours if not np.array_equal(t_ours[n], t_theirs[n])] == []
+
+    def keys(reader):
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("GGUF.", "general.", "tokenizer."))}
+
+    k_ours, k_theirs = keys(r_ours), keys(r_theirs)
+    arch = r_ours.fields["general.architecture"].contents()
+    ours_only = {f"{arch}.vocab_size", f"{arch}.attention.sliding_window_pattern"}
+    theirs_only = {f"{arch}.attention.key_length", f"{arch}.attention.value_length"} if arch == "llama" else set()
+    assert set(k_ours) - set(k_theirs) <= ours_only and set(k_theirs) - set(k_ours) <= theirs_only
+    assert {k: v for k, v in k_ours.items() if k in k_theirs} == {k: v for k, v in k_theirs.items() if k in k_ours}
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_any(theirs)(ids).logits, model(ids).logits)
