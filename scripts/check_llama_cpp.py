@@ -83,7 +83,7 @@ def llama_cpp_source(bin_dir: Path) -> Path | None:
 # installed) and Phi-3's vocabulary reader wants one: the byte-level reader is used, as for Phi-4
 _CONVERT = """
 import runpy, sys
-src, folder, out = sys.argv[1:4]
+src, pairs = sys.argv[1], sys.argv[2:]
 sys.path[:0] = [src + "/gguf-py", src]
 import conversion.base as base
 import conversion.phi as phi
@@ -92,22 +92,23 @@ def no_spm(self):
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 base.TextModel._create_vocab_sentencepiece = no_spm
 phi.Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
-sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
-runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+for folder, out in zip(pairs[::2], pairs[1::2]):
+    sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
+    runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
-def convert_hf_to_gguf(src: Path, folder: Path, out: Path, timeout: float = 600) -> Path:
-    """llama.cpp's own `convert_hf_to_gguf.py` (from source folder `src`) on a saved tiny model + byte-level BPE
-    tokenizer, to an F32 GGUF file (see `_CONVERT` for the three patches a tiny model needs).
+def convert_hf_to_gguf(src: Path, jobs: list[tuple[Path, Path]], timeout: float = 900) -> None:
+    """llama.cpp's own `convert_hf_to_gguf.py` (from source folder `src`) on saved tiny models + byte-level BPE
+    tokenizers, each (folder, out) to an F32 GGUF file, in one process (see `_CONVERT` for the three patches a
+    tiny model needs).
 
     Raises:
         RuntimeError: the converter failed (its last lines in the message).
     """
     import sys
 
-    _run([sys.executable, "-c", _CONVERT, str(src), str(folder), str(out)], timeout)
-    return out
+    _run([sys.executable, "-c", _CONVERT, str(src), *[str(p) for job in jobs for p in job]], timeout)
 
 
 @dataclass

@@ -322,11 +322,35 @@ needs_converter = pytest.mark.skipif(SRC is None, reason="llama.cpp's convert_hf
                                                          "QAT_LLAMA_CPP build (CMakeCache.txt's source folder)")
 
 
+CONVERTED = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma3_softcap_linear_rope",
+             "phi3_partial_rotary", "qwen3_tied"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{case: (model, tokenizer, folder)} with llama.cpp's converter's F32 file at folder/theirs.gguf (one
+    converter process for all: its imports take most of the time)."""
+    from qat.testing import VARIANTS, tiny_model
+
+    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
+    out = {}
+    for case in CONVERTED:
+        family, overrides = VARIANTS.get(case, (case, {}))
+        if family == "gemma3_text":  # the converter writes no layer pattern: llama.cpp takes Gemma 3's, 5 + 1
+            overrides = {**overrides, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+        model = tiny_model(family, vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
+                           num_layers=6 if family == "gemma3_text" else 2, vector_noise=0.1, **overrides)
+        folder = tmp_path_factory.mktemp(case)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[case] = (model, tok, folder)
+    check.convert_hf_to_gguf(SRC, [(folder, folder / "theirs.gguf") for _, _, folder in out.values()])
+    return out
+
+
 @needs_converter
-@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma3_softcap_linear_rope",
-                                  *[pytest.param(c, marks=pytest.mark.slow)  # ~15 s each: the converter's imports
-                                    for c in ("phi3_partial_rotary", "qwen3_tied")]])
-def test_our_f32_file_is_llama_cpps_converter_output_and_we_read_its_files(tmp_path, case):
+@pytest.mark.parametrize("case", CONVERTED)
+def test_our_f32_file_is_llama_cpps_converter_output_and_we_read_its_files(converted, tmp_path, case):
     """Tensor for tensor (names, shapes, bytes) our F32 export is what llama.cpp's convert_hf_to_gguf.py writes for
     the same folder (q/k permutation, Gemma's norm + 1, Phi-3's fused tensors, all of it), its metadata is ours but
     for keys we add (vocab_size, Gemma's per-layer sliding pattern; llama.cpp's Llama adds key/value_length), and
@@ -336,17 +360,9 @@ def test_our_f32_file_is_llama_cpps_converter_output_and_we_read_its_files(tmp_p
     import torch
 
     from qat.export import export_gguf, load_any
-    from qat.testing import VARIANTS, tiny_model
 
-    family, overrides = VARIANTS.get(case, (case, {}))
-    if family == "gemma3_text":  # the converter writes no layer pattern: llama.cpp takes Gemma 3's, 5 sliding + 1
-        overrides = {**overrides, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
-    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
-    model = tiny_model(family, vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
-                       num_layers=6 if family == "gemma3_text" else 2, vector_noise=0.1, **overrides)
-    model.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    theirs = check.convert_hf_to_gguf(SRC, tmp_path / "hf", tmp_path / "theirs.gguf")
+    model, tok, folder = converted[case]
+    theirs = folder / "theirs.gguf"
     ours = export_gguf(model, tmp_path / "ours.gguf", "F32", tokenizer=tok)
     r_ours, r_theirs = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
     t_ours = {t.name: np.array(t.data) for t in r_ours.tensors}
