@@ -252,8 +252,8 @@ def tokenization_matches(tokenizer, text: str, ref: LlamaPerplexity) -> str:
     return "yes"
 
 
-def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, family: str = "llama"):
-    """A 2-layer random model of `family` (a model_type of `qat.testing.FAMILIES`; hidden 256, so K-quant
+def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, model_type: str = "llama"):
+    """A 2-layer random model of `model_type` (one of `qat.testing.FAMILIES`; hidden 256, so K-quant
     super-blocks fit; norms and biases perturbed for the other families) and a byte-level BPE tokenizer
     trained on `text` with exactly `vocab_size` tokens."""
     import transformers
@@ -270,7 +270,7 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, family: str = "ll
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
     size = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
-    model = tiny_llama(**size) if family == "llama" else tiny_model(family, **size, vector_noise=0.1)
+    model = tiny_llama(**size) if model_type == "llama" else tiny_model(model_type, **size, vector_noise=0.1)
     return model, tok
 
 
@@ -317,7 +317,7 @@ def _exports(args, work: Path, text: str):
         return [(Path(g).stem, Path(g), load_any_tokenizer(g if args.model == "tiny" else args.model))
                 for g in args.gguf]
     if args.model == "tiny":
-        model, tok = tiny_model_and_tokenizer(text, family=args.family)
+        model, tok = tiny_model_and_tokenizer(text, model_type=args.family)
     else:
         model, tok = load_any(args.model), load_any_tokenizer(args.model)
     return [(t, export_gguf(model, work / f"{Path(args.model).name}-{t}.gguf", t, tokenizer=tok), tok)

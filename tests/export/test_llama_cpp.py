@@ -176,7 +176,7 @@ FAMILY_BOUNDS = {**BOUNDS, "Q8_0": (4e-2, 1e-2)}
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_tiny(request):
-    return request.param, *check.tiny_model_and_tokenizer(TEXT, family=request.param)
+    return request.param, *check.tiny_model_and_tokenizer(TEXT, model_type=request.param)
 
 
 @needs_llama_cpp
@@ -307,7 +307,7 @@ def test_llama_cpp_runs_config_variants(text_file, tmp_path, variant):
     from qat.testing import VARIANTS, tiny_model
 
     family, overrides = VARIANTS[variant]
-    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
+    _, tok = check.tiny_model_and_tokenizer(TEXT, model_type="llama")
     model = tiny_model(family, vocab_size=320, hidden_size=256, intermediate_size=512, max_position_embeddings=256,
                        vector_noise=0.1, **overrides)
     path = export_gguf(model, tmp_path / "tiny-F32.gguf", "F32", tokenizer=tok)
@@ -332,7 +332,7 @@ def converted(tmp_path_factory):
     converter process for all: its imports take most of the time)."""
     from qat.testing import VARIANTS, tiny_model
 
-    _, tok = check.tiny_model_and_tokenizer(TEXT, family="llama")
+    _, tok = check.tiny_model_and_tokenizer(TEXT, model_type="llama")
     out = {}
     for case in CONVERTED:
         family, overrides = VARIANTS.get(case, (case, {}))
