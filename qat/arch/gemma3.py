@@ -24,10 +24,9 @@ from qat.arch.base import ArchAdapter, Mapping, register_arch, rope_parameters
 from qat.arch.llama import ATTN_QKV, MLP_IN
 
 
-def _attention_scalar(config_or_sizes: Any) -> int:
-    """The query_pre_attn_scalar llama.cpp's gemma3 graph implies for a config."""
-    c = config_or_sizes
-    return c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
+def _attention_scalar(hidden: int, heads: int, layers: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp's gemma3 graph implies (it knows the 62-layer 27B by its depth)."""
+    return hidden // heads if layers == 62 else head_dim
 
 
 @register_arch
@@ -62,7 +61,9 @@ class Gemma3Adapter(ArchAdapter):
                                        "llama.cpp's gemma3 has no attention soft-capping"),
             "use_bidirectional_attention": (bool(getattr(config, "use_bidirectional_attention", False)), False,
                                             "llama.cpp's gemma3 is causal"),
-            "query_pre_attn_scalar": (config.query_pre_attn_scalar, _attention_scalar(config),
+            "query_pre_attn_scalar": (config.query_pre_attn_scalar,
+                                      _attention_scalar(config.hidden_size, config.num_attention_heads,
+                                                        config.num_hidden_layers, config.head_dim),
                                       "llama.cpp scales queries by 1/sqrt(head_dim) (27B: hidden/heads)"),
             "rope_parameters.sliding_attention.rope_type": (sliding.get("rope_type", "default"), "default",
                                                             "llama.cpp scales no sliding-layer rope"),
@@ -104,6 +105,6 @@ class Gemma3Adapter(ArchAdapter):
             rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-6)),
             pad_token_id=field("tokenizer.ggml.padding_token_id", None),
         )
-        kw["query_pre_attn_scalar"] = (kw["hidden_size"] // kw["num_attention_heads"] if n == 62
-                                       else kw["head_dim"])
+        kw["query_pre_attn_scalar"] = _attention_scalar(kw["hidden_size"], kw["num_attention_heads"], n,
+                                                        kw["head_dim"])
         return kw

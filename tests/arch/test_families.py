@@ -14,7 +14,7 @@ from torch import nn
 
 import qat
 from qat.arch import get_arch
-from qat.export import export_compressed_tensors, export_gguf, load_any, save_native
+from qat.export import export_compressed_tensors, export_gguf, export_gptq, load_any, save_native
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq import ptq_model
 from qat.testing import VARIANTS, tiny_model
@@ -138,14 +138,15 @@ def test_smoothquant_folds_through_the_norms(fam, ids, batches):
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)
 
 
-def test_native_and_compressed_tensors_round_trips(fam, ids, tmp_path):
+def test_native_compressed_tensors_and_gptq_round_trips(fam, ids, tmp_path):
     _, model = fam
-    qat.prepare(model, W4)
+    qat.prepare(model, {**W4, "weight": {**W4["weight"], "scale_dtype": "fp16"}})  # GPTQ stores fp16 scales
     ref = logits(model, ids)
     save_native(model, tmp_path / "native")
     export_compressed_tensors(model, tmp_path / "ct")
-    assert torch.equal(logits(load_any(tmp_path / "native"), ids), ref)
-    assert torch.equal(logits(load_any(tmp_path / "ct"), ids), ref)
+    export_gptq(model, tmp_path / "gptq")
+    for folder in ("native", "ct", "gptq"):
+        assert torch.equal(logits(load_any(tmp_path / folder), ids), ref), folder
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # compressed-tensors' own decoder
     assert torch.equal(logits(hf, ids), ref)
 
@@ -192,7 +193,16 @@ def test_gguf_format_exact_export_equals_fake_quant(fam, ids, tmp_path, recipe, 
     assert torch.equal(logits(load_any(path), ids), ref)
 
 
+def test_tiny_model_names_the_families():
+    with pytest.raises(ValueError, match="model_type='gpt2'; choose from \\['gemma3_text', 'llama'"):
+        tiny_model("gpt2")
+
+
 def test_family_config_the_gguf_file_cannot_describe_is_refused(tmp_path):
+    qwen = tiny_model("qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, use_sliding_window=True,
+                      sliding_window=16, max_window_layers=0)
+    with pytest.raises(ValueError, match="use_sliding_window=True.*llama.cpp's qwen2 architecture does not run"):
+        export_gguf(qwen, tmp_path / "q.gguf", "F32")
     phi = tiny_model("phi3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=1,
                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
                                       "long_factor": [1.0] * 8, "original_max_position_embeddings": 32},
