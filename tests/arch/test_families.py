@@ -214,3 +214,21 @@ def test_family_config_the_gguf_file_cannot_describe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="query_pre_attn_scalar=64; the file needs 16"):
         export_gguf(gemma, tmp_path / "g.gguf", "F32")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_and_eval_jobs_take_a_gemma3_folder_and_its_gguf(tmp_path):
+    """The jobs behind qat-export format=gguf and qat-eval model.path=<.gguf> on a Gemma 3 checkpoint folder
+    (both refused it before the adapters): the file's perplexity is the folder's."""
+    from qat.jobs.eval import run_eval
+    from qat.jobs.export import run_export
+    from qat.recipes import CONFIG_DIR
+    from tests.export.test_gguf_file import bpe_tokenizer
+
+    model = tiny_model("gemma3_text", vocab_size=320, hidden_size=64, intermediate_size=128, vector_noise=0.1)
+    model.save_pretrained(tmp_path / "g3")
+    bpe_tokenizer().save_pretrained(tmp_path / "g3")
+    out = run_export(str(tmp_path / "g3"), str(tmp_path / "g3.gguf"), format="gguf", gguf_type="F32")
+    corpus = str(CONFIG_DIR / "data" / "tiny_corpus.txt")
+    ppl = [run_eval(m, data=corpus, seq_len=32, max_blocks=2, tokenizer=str(tmp_path / "g3"), prompt=None)["ppl"]
+           for m in (str(tmp_path / "g3"), out["output"])]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
