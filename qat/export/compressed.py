@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
+from qat.export.publish import folder_writer
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
@@ -196,6 +197,7 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
             yield key, value
 
 
+@folder_writer
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint, streaming:
     each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
@@ -215,7 +217,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
     out = Path(out_dir)
     check_writable(out / "config.json")
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, modules, linears, attention), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:

@@ -41,7 +41,7 @@ from qat.export.common import float_weight_names, warn_unstored, weight_of, weig
 from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_vocab import add_tokenizer
 from qat.formats import get_format, gguf_types
-from qat.io import atomic_path
+from qat.export.publish import atomic_export
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
-                importance: dict[str, torch.Tensor] | None = None, pure: bool = False) -> Path:
+                importance: dict[str, torch.Tensor] | None = None, pure: bool = False,
+                overwrite: bool = True) -> Path:
     """Write `model` (float, prepared or converted; an architecture of `qat.arch`) as a GGUF file.
 
     Args:
@@ -217,6 +218,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         importance: {"<module>.weight": mean x^2 per input column} from `qat.export.imatrix.collect_importance`,
             to weigh the K-quant fits of float weights (an imatrix).
         pure: every 2-D tensor in `gguf_type` itself (llama-quantize --pure), not llama.cpp's per-tensor rules.
+        overwrite: replace an existing file (it stays whole until the new one is); else refuse it
+            (`qat.export.publish.atomic_export`).
     Returns:
         the path written.
     Raises:
@@ -227,7 +230,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     entries = plan_types(model, gguf_type, importance is not None, pure)  # float, prepared or converted: weights are taken one at a time
     warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
-    with atomic_path(path) as tmp, torch.no_grad():
+    with atomic_export(path, overwrite) as tmp, torch.no_grad():
         arch = export_arch(model)
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch_name)
         _write_metadata(writer, arch, model.config, gguf_type, path.stem)

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.formats import get_format
+from qat.export.publish import folder_writer
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes
@@ -106,6 +107,7 @@ def _tensors(model: nn.Module, linears: dict):
             yield key, value
 
 
+@folder_writer
 def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a (prepared or converted) model's quantized linears as a GPTQ v1 checkpoint, streaming:
     each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
@@ -120,7 +122,6 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     warn_unstored(model, "GPTQ", stores_input=False)
     out = Path(out_dir)
     check_writable(out / "config.json")
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:

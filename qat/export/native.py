@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
+from qat.export.common import as_converted, integer_modules, owning_module
+from qat.export.publish import folder_writer
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
@@ -86,14 +87,16 @@ def _checked(key: str, value, extra: dict, tied: dict, seen: dict | None):
     yield key, value
 
 
+@folder_writer
 def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a converted or prepared model in the native format, streaming: a prepared model's modules
     are converted one at a time and written as they come (memory: the model plus one module).
 
     Args:
         model: a Hugging Face model after `qat.prepare` (and training) or `qat.convert`.
-        out_dir: the folder to write (created; existing files of the same names are replaced).
+        out_dir: the folder to write, complete or not at all (`qat.export.publish.folder_writer`).
         tokenizer: optional; saved beside the weights.
+        overwrite: replace an existing export (kept whole until the new one is complete); else refuse it.
     Returns:
         the folder.
     Raises:
@@ -107,7 +110,6 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
     out = Path(out_dir)
     check_writable(out / META)
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     entries, extra, tied = {}, {}, {}
     write_safetensors(_state_items(model, modules, entries, extra, tied), out / "model.safetensors",
                       metadata={"format": "pt", "qat": FORMAT})
