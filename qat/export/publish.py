@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from qat.errors import UserError
+from qat.export.validate import write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ def _publish_mode(tmp: Path, folder: bool) -> None:
 
 def folder_writer(write: Callable) -> Callable:
     """Make `write(model, folder, *args, **kwargs)` a folder export that is complete or absent (`atomic_export`):
-    it writes into a temporary folder, published at `folder` when it returns; the wrapped function takes
+    it writes into a temporary folder, which gets `qat_checksums.json` (`qat.export.validate`) and is published
+    at `folder` when it returns; the wrapped function takes
     `overwrite=True` (replace an existing export) and returns the published folder.
 
     Example:
@@ -222,5 +224,6 @@ def folder_writer(write: Callable) -> Callable:
         out = Path(out_dir)
         with atomic_export(out, overwrite=overwrite, folder=True) as tmp:
             write(model, tmp, *args, **kwargs)
+            write_checksums(tmp)  # last: qat's loaders refuse a file that differs from what was written
         return out
     return wrapper
