@@ -39,6 +39,7 @@ from torch import nn
 from qat.arch import ArchAdapter, get_arch
 from qat.export.common import float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, encode_blocks
+from qat.export.gguf_check import CHECKSUM_KEY, PLACEHOLDER, seal_gguf
 from qat.export.gguf_vocab import add_tokenizer
 from qat.formats import get_format, gguf_types
 from qat.export.publish import atomic_export
@@ -234,6 +235,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         arch = export_arch(model)
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch_name)
         _write_metadata(writer, arch, model.config, gguf_type, path.stem)
+        writer.add_string(CHECKSUM_KEY, PLACEHOLDER)  # sealed below: qat's loader refuses an edited file
         if tokenizer is not None:
             add_tokenizer(writer, tokenizer, pre=arch.tokenizer_pre, n_vocab=model.config.vocab_size)
         else:
@@ -252,6 +254,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
             data = _tensor_bytes(model, e, importance)
             writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)
         writer.close()
+        seal_gguf(tmp)
     return path
 
 
