@@ -37,12 +37,17 @@ _EXPECTED = {"general.architecture": ({_STRING}, None), "general.alignment": ({4
              CHECKSUM_KEY: ({_STRING}, None)}
 _ARCH_INTS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
               "attention.head_count_kv", "vocab_size", "rope.dimension_count")
+_ARCH_FLOATS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
+                "rope.scaling.factor")
 MAX_DIMS, MAX_NAME = 4, 256
 
 
 def _decodable() -> set[int]:
     out = set()
+    integers = {gguf.GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64")}  # no weight is stored as these
     for t, (block, size) in gguf.GGML_QUANT_SIZES.items():
+        if t in integers:
+            continue
         try:
             gguf.quants.dequantize(np.zeros(size, dtype=np.uint8), t)
             out.add(int(t))
@@ -131,6 +136,9 @@ def _check_value(path: Path, key: str, vtype: int, value, arch: str | None) -> N
     if arch and key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") in _ARCH_INTS:
         if vtype not in _INTS or not 0 < value <= 1 << 31:
             raise BadFileError(path, f"GGUF metadata {key} = {value!r}: not a positive integer")
+    if arch and key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") in _ARCH_FLOATS:
+        if vtype not in (6, 12) or not value > 0:
+            raise BadFileError(path, f"GGUF metadata {key} = {value!r} (value type {vtype}): not a float > 0")
 
 
 def _tensor_infos(cur: _Cursor, n_tensors: int) -> list:
@@ -160,17 +168,25 @@ def _tensor_infos(cur: _Cursor, n_tensors: int) -> list:
 
 
 def _check_data(path: Path, layout: GGUFLayout, alignment: int, size: int) -> None:
+    """Tensors lie back to back, each at the next aligned offset (as every GGUF writer lays them out): an overlap,
+    a gap, or a size that does not reach the next tensor means a changed type, shape or offset."""
     end_prev, prev = 0, None
     for name, dims, ttype, offset, nbytes in sorted(layout.tensors, key=lambda t: t[3]):
         if offset % alignment:
             raise BadFileError(path, f"tensor {name!r} at offset {offset}, not a multiple of the alignment {alignment}")
         if offset < end_prev:
             raise BadFileError(path, f"tensor {name!r} overlaps tensor {prev!r} in the data")
-        end_prev, prev = offset + nbytes, name
-        if layout.data_start + end_prev > size:
-            what = "truncated" if offset < size else "corrupted"
+        if layout.data_start + offset + nbytes > size:
+            what = "truncated" if layout.data_start + offset < size else "corrupted"
             raise BadFileError(path, f"{what} GGUF file: tensor {name!r} needs bytes up to "
-                                     f"{layout.data_start + end_prev}, the file has {size}")
+                                     f"{layout.data_start + offset + nbytes}, the file has {size}")
+        if offset - end_prev >= alignment:
+            raise BadFileError(path, f"tensor {name!r} starts {offset - end_prev} bytes after the end of "
+                                     f"{prev or 'the header'}: a changed type, shape or offset")
+        end_prev, prev = offset + nbytes, name
+    if size - (layout.data_start + end_prev) >= alignment:
+        raise BadFileError(path, f"{size - layout.data_start - end_prev} bytes follow the last tensor: a changed type, "
+                                 "shape or offset, or a damaged file")
 
 
 def scan_gguf(path: str | os.PathLike) -> GGUFLayout:

@@ -31,6 +31,12 @@ from torch import nn
 from qat.errors import BadFileError
 from qat.modules.quantized import QuantizedWeight
 
+try:  # transformers' configs validate themselves with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+    _CONFIG_ERRORS: tuple = (StrictDataclassError,)
+except ImportError:  # an older huggingface_hub
+    _CONFIG_ERRORS = ()
+
 CHECKSUMS = "qat_checksums.json"
 MAX_JSON = 64 << 20
 # a loaded float32 model may be this many times larger than the files that hold it (4-bit codes -> float32 is 8x,
@@ -85,7 +91,7 @@ def bad_file(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
         yield
     except BadFileError:
         raise
-    except (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, ZeroDivisionError,
+    except (*_CONFIG_ERRORS, KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, ZeroDivisionError,
             OverflowError, UnicodeError, AssertionError, OSError) as err:
         first = (str(err).splitlines() or [""])[0][:300]
         raise BadFileError(path, f"corrupted or inconsistent {what} ({type(err).__name__}: {first})") from None
