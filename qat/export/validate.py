@@ -146,7 +146,7 @@ def check_state(model: nn.Module, state: dict, path: str | os.PathLike, skip: tu
         BadFileError: listing the tensors that differ.
     """
     own = model.state_dict()
-    quant = (".qweight.packed", ".qweight.scale", ".qweight.zero_point", ".qweight.g_idx")
+    quant = (".qweight.scale", ".qweight.zero_point", ".qweight.g_idx")  # shaped as stored; check_model checks them
     bad = [f"{k}: stored {v.dtype} {tuple(v.shape)}, the model needs {own[k].dtype} {tuple(own[k].shape)}"
            for k, v in state.items() if isinstance(v, torch.Tensor) and k in own and not k.endswith(quant)
            and not k.startswith(skip) and (v.dtype != own[k].dtype or v.shape != own[k].shape)]
