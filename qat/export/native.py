@@ -145,7 +145,14 @@ def _read_meta(folder: Path) -> dict:
 
 
 def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
-    dtype = _DTYPES.get(entry["dtype"], torch.float32)
+    """The quantized module `entry` describes, in place of `old`; an entry that does not fit `old` is refused."""
+    kind = {"linear": nn.Linear, "embedding": nn.Embedding}.get(entry.get("kind"))
+    if kind is None or not isinstance(old, kind) or entry.get("shape") != list(old.weight.shape) \
+            or entry.get("dtype") not in _DTYPES or (kind is nn.Linear and entry.get("bias") != (old.bias is not None)) \
+            or (kind is nn.Embedding and entry.get("padding_idx") != old.padding_idx):
+        raise ValueError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
+                         f"describe the model's {type(old).__name__} {list(old.weight.shape)}")
+    dtype = _DTYPES[entry["dtype"]]
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":
         return QuantizedEmbedding(qweight, entry.get("padding_idx"))

@@ -238,7 +238,10 @@ def outcome(path: Path, reference: torch.Tensor) -> str:
         return "refused"
     except Exception as err:  # noqa: BLE001  (what the fuzzers count)
         return f"unexpected {type(err).__name__}: {str(err)[:200]}"
-    out = logits_of(model)
+    try:
+        out = logits_of(model)
+    except Exception as err:  # noqa: BLE001  (loaded, then failed: what the loaders must refuse instead)
+        return f"unexpected at forward {type(err).__name__}: {str(err)[:200]}"
     return "identical" if out.shape == reference.shape and torch.equal(out, reference) else "SILENT"
 
 
