@@ -375,17 +375,17 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A Lightning checkpoint's "state_dict" is returned as the state dict.
     Raises:
-        ValueError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
+        BadFileError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
     """
     try:
         data = torch_load(path)
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"{str(path)!r}: cannot load as a weights-only checkpoint (refusing pickles that need "
-                         f"code; the file may be truncated or corrupted): {str(err).splitlines()[0]}") from None
+        raise BadFileError(path, f"cannot load as a weights-only checkpoint (refusing pickles that need code; the "
+                                 f"file may be truncated or corrupted): {(str(err).splitlines() or [''])[0]}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{str(path)!r}: expected a state dict of tensors, got {type(data).__name__}")
+        raise BadFileError(path, f"expected a state dict of tensors, got {type(data).__name__}")
     return data

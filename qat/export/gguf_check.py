@@ -133,8 +133,8 @@ def _check_value(path: Path, key: str, vtype: int, value, arch: str | None) -> N
     expected = _EXPECTED.get(key, (None, None))[0]
     if expected is not None and vtype not in expected:
         raise BadFileError(path, f"GGUF metadata {key} has value type {vtype}; expected {sorted(expected)}")
-    if arch and key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") in _ARCH_INTS:
-        if vtype not in _INTS or not 0 < value <= 1 << 31:
+    if arch and key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") in _ARCH_INTS and vtype != _ARRAY:
+        if vtype not in _INTS or not 0 < value <= 1 << 31:  # (some architectures give per-layer arrays)
             raise BadFileError(path, f"GGUF metadata {key} = {value!r}: not a positive integer")
     if arch and key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") in _ARCH_FLOATS:
         if vtype not in (6, 12) or not value > 0:

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.errors import BadFileError
 from qat.export.compressed import load_compressed_tensors
+from qat.export.gguf_check import scan_gguf
 from qat.export.gguf_import import load_gguf
 from qat.export.gptq import load_gptq
 from qat.export.native import load_native
-from qat.errors import BadFileError
-from qat.export.validate import read_json
+from qat.export.validate import bad_file, check_config, read_json
 from qat.io import check_safetensors, load_torch_checkpoint
 from qat.models import ByteTokenizer, load_model, load_tokenizer, resolve_dtype
 from qat.transform import as_recipe, convert, prepare
@@ -113,12 +114,26 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **ti
     if fmt == "gguf":
         return load_gguf(path).to(resolve_dtype(dtype))
     if fmt == "torch":
-        return load_torch_file(path, resolve_dtype(dtype))
+        return check_parameters(load_torch_file(path, resolve_dtype(dtype)), path)
     p = Path(path).expanduser()
     files = [p] if p.is_file() and p.suffix == ".safetensors" else sorted(p.glob("*.safetensors")) if p.is_dir() else []
     for f in files:
         refuse_incomplete_export(f, check_safetensors(f))
-    return load_model(path, dtype, **tiny_kwargs)
+    if p.is_dir() and (p / "config.json").is_file():
+        from transformers import AutoConfig
+
+        with bad_file(p, "model folder"):
+            read_json(p / "config.json", "model config")
+            check_config(AutoConfig.from_pretrained(str(p)), p)
+    return check_parameters(load_model(path, dtype, **tiny_kwargs), p)
+
+
+def check_parameters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Refuse a loaded float model with a NaN or infinite parameter (a corrupted checkpoint), naming `path`."""
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BadFileError(path, f"the stored weights hold NaN or infinite values: {bad[:5]}")
+    return model
 
 
 # tensor names only quantized exports hold (native, compressed-tensors, GPTQ): a plain model never has them
@@ -146,6 +161,8 @@ def load_any_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = Path(path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        scan_gguf(p)  # transformers' GGUF tokenizer reader trusts the file's counts: check them first
     try:
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

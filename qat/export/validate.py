@@ -8,7 +8,8 @@
 - `check_state`: stored tensors have exactly the shapes and dtypes the model expects (load_state_dict would cast
   an I32 tensor into an F32 parameter silently).
 - `check_model`: every float tensor of the loaded model is finite, every quantized weight holds the storage its
-  scheme needs, with finite positive scales, and dequantizes to finite values.
+  scheme needs, with finite scales (>= 0 on the uniform grid; ggml blocks store signed ones), and dequantizes to
+  finite values.
 - `write_checksums` / `verify_checksums`: qat's folder exports carry `qat_checksums.json` (SHA-256 of every file),
   so an edited or bit-flipped file of a qat export is refused, not loaded as a different model; folders without it
   (written by other tools) are checked structurally only.
@@ -107,7 +108,8 @@ def check_config(config: Any, path: str | os.PathLike, stored_bytes: int | None 
     bad = []
     for key in _POSITIVE_INTS:
         value = getattr(config, key, None)
-        if value is not None and (type(value) is not int or value <= 0 or value > 1 << 31):
+        values = value if isinstance(value, list) and value else [value]  # some families give per-layer lists
+        if value is not None and not all(type(v) is int and 0 < v <= 1 << 31 for v in values):
             bad.append(f"{key}={value!r} (a positive int)")
     for key in _POSITIVE_FLOATS:
         value = getattr(config, key, None)
@@ -130,6 +132,7 @@ def check_config(config: Any, path: str | os.PathLike, stored_bytes: int | None 
 def _check_budget(config: Any, path: str | os.PathLike, stored_bytes: int) -> None:
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = getattr(config, "intermediate_size", None) or 4 * h
+    inter = max(inter) if isinstance(inter, list) else inter
     experts = max(int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 1), 1)
     params = 2 * vocab * h + layers * (4 * h * h + 3 * h * inter * experts)
     if 4 * params > BUDGET_RATIO * stored_bytes + BUDGET_SLACK:
@@ -165,8 +168,9 @@ def _check_qweight(name: str, qw: QuantizedWeight) -> str | None:
         have = getattr(qw, key)
         if have.dtype != ref.dtype or have.shape != ref.shape:
             return f"{name}.{key}: stored {have.dtype} {tuple(have.shape)}, {qw.spec.describe()} needs {ref.dtype} {tuple(ref.shape)}"
-    if qw.scale.is_floating_point() and not bool(torch.isfinite(qw.scale).all() and (qw.scale >= 0).all()):
-        return f"{name}.scale: not finite and >= 0"
+    signed_scales = qw.spec.grid != "uniform"  # ggml blocks store signed scales (Q4_0's d = max / -8)
+    if qw.scale.is_floating_point() and not bool(torch.isfinite(qw.scale).all() and (signed_scales or (qw.scale >= 0).all())):
+        return f"{name}.scale: not finite{'' if signed_scales else ' and >= 0'}"
     g_idx = qw.group_index()
     if g_idx is not None:
         groups = -(-qw.shape[1] // (qw.spec.group_size or qw.shape[1]))
@@ -174,8 +178,8 @@ def _check_qweight(name: str, qw: QuantizedWeight) -> str | None:
             return f"{name}.g_idx: not {qw.shape[1]} group indices in [0, {groups})"
     with torch.no_grad():
         scale, _ = qw.qparams()
-        if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
-            return f"{name}: scales are not finite and >= 0"
+        if not bool(torch.isfinite(scale).all() and (signed_scales or (scale >= 0).all())):
+            return f"{name}: scales are not finite{'' if signed_scales else ' and >= 0'}"
         w = qw.dequantize(torch.float32)
     if tuple(w.shape) != tuple(qw.shape) or not bool(torch.isfinite(w).all()):
         return f"{name}: does not dequantize to finite values of shape {qw.shape}"
