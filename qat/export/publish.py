@@ -12,9 +12,9 @@ beside its destination and renamed into place only when complete.
   a folder is swapped in by one atomic exchange (Linux renameat2 RENAME_EXCHANGE) and the old one deleted after, or
   (elsewhere) renamed aside first, the new one renamed in, the old one deleted. A crash between the two renames
   leaves the old export at `.<name>.qat-old-*`, and the next export to that output puts it back first.
-- Temporaries of killed exports (`.<name>.qat-tmp-*`, `.<name>.qat-old-*`) are removed by the next export to the same
-  output (under its lock, so they are surely dead) and logged; they never sit inside an export, so never count in
-  its size.
+- Temporaries of killed exports (`.<name>.qat-tmp-*`, `.<name>.qat-old-*`) are removed and logged by the next export
+  into the same folder (under the lock of the output they belong to, so they are surely dead: an old export left
+  aside is put back first); they never sit inside an export, so never count in its size.
 """
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def _lock(path: Path) -> Iterator[None]:
     """An exclusive flock on `.<name>.qat-lock` beside `path`; the file holds our pid and goes when we are done."""
     lock = path.parent / _names(path)[0]
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(f"output path {str(path)!r} is not writable: {err.strerror or err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -91,6 +94,20 @@ def _lock(path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+
+
+def _clean_neighbours(path: Path) -> None:
+    """Recover and clean the dead temporaries of other outputs in `path`'s folder (their exports were killed and
+    never re-run); those of an export running now are left alone (its lock is held)."""
+    owners = set()
+    for p in path.parent.iterdir():
+        for marker in (".qat-tmp-", ".qat-old-"):
+            if p.name.startswith(".") and marker in p.name:
+                owners.add(p.name[1:p.name.rindex(marker)])
+    for name in sorted(owners - {path.name}):
+        with contextlib.suppress(ExportBusyError, OSError, ValueError):
+            with _lock(path.parent / name):
+                _recover(path.parent / name)
 
 
 def _remove(p: Path) -> None:
@@ -185,6 +202,7 @@ def atomic_export(path: str | os.PathLike, overwrite: bool = True, folder: bool 
         raise ValueError(f"output path {str(path)!r} is not writable: {err.strerror or err}") from None
     with _lock(path):
         _recover(path)
+        _clean_neighbours(path)
         if _exists(path) and not overwrite:
             _refuse_existing(path)
         prefix = _names(path)[1]

@@ -88,3 +88,15 @@ def test_two_exports_to_one_output_cannot_both_succeed(prepared, tmp_path):
         with pytest.raises(ExportBusyError, match=f"pid {os.getpid()}"):
             export(model, tmp_path / "m.gguf", "gguf", "Q8_0")
     export(model, tmp_path / "m.gguf", "gguf", "Q8_0")  # the lock went with its holder
+
+
+def test_dead_temporaries_of_another_output_are_cleaned_but_not_a_running_ones(tmp_path):
+    dead = tmp_path / ".gone.gguf.qat-tmp-1"
+    dead.write_bytes(b"\0" * 1000)
+    aside = tmp_path / ".kept.qat-old-1"
+    aside.mkdir()
+    (aside / "config.json").write_text("{}")
+    with atomic_export(tmp_path / "busy.gguf") as running:  # another export, alive
+        export(tiny_llama(), tmp_path / "m.gguf", "gguf", "Q8_0")
+        assert running.exists()
+    assert not dead.exists() and (tmp_path / "kept" / "config.json").is_file() and not aside.exists()
