@@ -6,9 +6,10 @@ well-known keys must have, non-finite float values, and every tensor's name, dim
 decoder reads), offset, alignment, size and overlap against the file. A small hostile file therefore cannot make
 the reader loop or allocate for long (gguf's own reader trusts the counts).
 
-Files qat writes carry `qat.sha256`, the SHA-256 of the whole file with that value's 64 characters read as '0';
-`verify_gguf_checksum` refuses a file that differs from what was written. Files from other tools have no such key
-and are checked structurally only.
+Files qat writes carry `qat.sha256`: the SHA-256 of the whole file (with that value read as zeros) and of its
+tensor-info table. `verify_gguf_checksum` refuses a file that differs from what was written. A tool that rewrites
+the file (llama-quantize) copies the key along but writes a new tensor table, so the checksum is not applied there;
+such files, and files from other tools, are checked structurally only.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from qat.errors import BadFileError
 
-CHECKSUM_KEY, PLACEHOLDER = "qat.sha256", "0" * 64
+# the value: SHA-256 of the file (this value read as PLACEHOLDER) ":" SHA-256 of the tensor-info table
+CHECKSUM_KEY, PLACEHOLDER = "qat.sha256", "0" * 64 + ":" + "0" * 64
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _INTS = {0, 1, 2, 3, 4, 5, 10, 11}
@@ -67,6 +69,7 @@ class GGUFLayout:
     tensors: list = field(default_factory=list)  # (name, dims, type, offset, nbytes)
     data_start: int = 0
     checksum_at: int | None = None
+    table: tuple[int, int] = (0, 0)  # byte span of the tensor-info table
 
 
 class _Cursor:
@@ -229,43 +232,55 @@ def scan_gguf(path: str | os.PathLike) -> GGUFLayout:
         alignment = layout.values.get("general.alignment", 32)
         if not 0 < alignment <= 1 << 16 or alignment & (alignment - 1):
             raise BadFileError(path, f"general.alignment = {alignment}: not a power of two up to 65536")
+        table_start = cur.pos
         layout.tensors = _tensor_infos(cur, n_tensors)
+        layout.table = (table_start, cur.pos)
         layout.data_start = cur.pos + (-cur.pos) % alignment
         _check_data(path, layout, alignment, size)
     return layout
 
 
-def _digest(path: Path, at: int) -> str:
-    h = hashlib.sha256()
+def _digests(path: Path, layout: GGUFLayout) -> str:
+    """The `qat.sha256` value the file should hold: file digest ":" tensor-table digest."""
+    at, (t0, t1) = layout.checksum_at, layout.table
+    whole = hashlib.sha256()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        h.update(buf[:at])
-        h.update(PLACEHOLDER.encode())
-        for start in range(at + 64, len(buf), 64 << 20):
-            h.update(buf[start:start + (64 << 20)])
-    return h.hexdigest()
+        whole.update(buf[:at])
+        whole.update(PLACEHOLDER.encode())
+        for start in range(at + len(PLACEHOLDER), len(buf), 64 << 20):
+            whole.update(buf[start:start + (64 << 20)])
+        table = hashlib.sha256(buf[t0:t1]).hexdigest()
+    return f"{whole.hexdigest()}:{table}"
 
 
 def seal_gguf(path: str | os.PathLike) -> None:
-    """Write the file's checksum into its `qat.sha256` value (written as PLACEHOLDER by the exporter)."""
+    """Write the file's checksums into its `qat.sha256` value (written as PLACEHOLDER by the exporter)."""
     path = Path(path)
     layout = scan_gguf(path)
-    if layout.checksum_at is None:
+    if layout.checksum_at is None or len(layout.values[CHECKSUM_KEY]) != len(PLACEHOLDER):
         raise ValueError(f"{path}: no {CHECKSUM_KEY} placeholder to seal")
-    digest = _digest(path, layout.checksum_at)
+    value = _digests(path, layout)
     with open(path, "r+b") as f:
         f.seek(layout.checksum_at)
-        f.write(digest.encode())
+        f.write(value.encode())
 
 
 def verify_gguf_checksum(path: str | os.PathLike, layout: GGUFLayout) -> bool:
-    """True when the file has a `qat.sha256` and it holds; False when it has none.
+    """True when the file has a `qat.sha256` that applies and holds; False when it has none, or when its tensor
+    table is not the one qat wrote (a tool such as llama-quantize rewrote the file and copied the key along: the
+    structural checks alone apply then).
 
     Raises:
         BadFileError: the file differs from what qat wrote.
     """
     if layout.checksum_at is None:
         return False
-    value = layout.values[CHECKSUM_KEY]
-    if len(value) != 64 or _digest(Path(path), layout.checksum_at) != value:
-        raise BadFileError(path, f"content differs from its {CHECKSUM_KEY}: the file is corrupted or was edited")
+    stored = layout.values[CHECKSUM_KEY]
+    actual = _digests(Path(path), layout)
+    if len(stored) != len(PLACEHOLDER) or stored[65:] != actual[65:]:
+        return False
+    if stored != actual:
+        raise BadFileError(path, f"content differs from its {CHECKSUM_KEY}, which qat wrote: the file is corrupted, or "
+                                 "was changed after export (re-export it; or, if you changed it on purpose, drop the key: "
+                                 f"gguf_new_metadata.py --remove-metadata {CHECKSUM_KEY})")
     return True

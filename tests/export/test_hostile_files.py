@@ -129,3 +129,22 @@ def test_edited_native_scheme_is_refused_by_its_checksum(exports, tmp_path):
         entry["weight"]["signed"] = False
     (out / "qat_quant.json").write_text(json.dumps(meta))
     _refused_fast(out, "SHA-256")
+
+
+def test_metadata_changed_by_another_tool_is_refused_until_our_key_is_dropped(exports, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(sys.executable).with_name("gguf-new-metadata")
+    if not tool.exists():
+        pytest.skip("gguf-new-metadata (the gguf package's script) is not installed")
+    renamed, dropped = tmp_path / "renamed.gguf", tmp_path / "dropped.gguf"
+    subprocess.run([str(tool), str(exports["gguf"]), str(renamed), "--general-name", "other", "--force"], check=True,
+                   capture_output=True, timeout=120)
+    with pytest.raises(BadFileError, match="changed after export.*--remove-metadata qat.sha256"):
+        load_any(renamed)
+    subprocess.run([str(tool), str(renamed), str(dropped), "--remove-metadata", "qat.sha256", "--force"], check=True,
+                   capture_output=True, timeout=120)
+    with torch.no_grad():
+        assert torch.equal(load_any(dropped)(fuzz.IDS).logits, load_any(exports["gguf"])(fuzz.IDS).logits)
