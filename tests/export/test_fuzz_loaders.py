@@ -10,7 +10,7 @@ import pytest
 
 from tests.export import fuzz
 
-CASES = 150
+CASES = 200
 
 
 @pytest.fixture(scope="module")
