@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import queue
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -76,6 +77,7 @@ def main() -> int:
     ap.add_argument("--mem-gb", type=float, default=4.0)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the corrupted files (else only the offending ones)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     import torch
@@ -132,8 +134,13 @@ def main() -> int:
     bad = {k: v for k, v in examples.items() if k[2] not in ("refused", "identical")}
     for k, v in list(bad.items())[:20]:
         print("example", k, v)
+    if not args.keep:  # keep the source exports and the offending cases only
+        kept = {Path(v.split(": ")[0]).parent for v in bad.values()}
+        for case in (tmp / "cases").iterdir():
+            if case not in kept:
+                shutil.rmtree(case)
     print(f"{args.cases} files, made in {made:.0f} s, loaded in {time.time() - start - made:.0f} s "
-          f"({args.workers} workers, RLIMIT_AS {args.mem_gb} GiB, timeout {args.timeout} s); files under {tmp}")
+          f"({args.workers} workers, RLIMIT_AS {args.mem_gb} GiB, timeout {args.timeout} s); kept under {tmp}")
     return 1 if bad else 0
 
 
