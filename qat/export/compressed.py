@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.errors import BadFileError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
-from qat.formats import get_format
-from qat.errors import BadFileError
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
+from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight

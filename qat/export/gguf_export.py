@@ -41,8 +41,8 @@ from qat.export.common import float_weight_names, warn_unstored, weight_of, weig
 from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_check import CHECKSUM_KEY, PLACEHOLDER, seal_gguf
 from qat.export.gguf_vocab import add_tokenizer
-from qat.formats import get_format, gguf_types
 from qat.export.publish import atomic_export
+from qat.formats import get_format, gguf_types
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.errors import BadFileError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
-from qat.formats import get_format
-from qat.errors import BadFileError
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
+from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.spec import QuantSpec, TensorSchemes

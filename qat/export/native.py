@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import as_converted, integer_modules, owning_module
 from qat.errors import BadFileError
+from qat.export.common import as_converted, integer_modules, owning_module
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
