@@ -42,6 +42,7 @@ _ARCH_INTS = ("block_count", "context_length", "embedding_length", "feed_forward
 _ARCH_FLOATS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
                 "rope.scaling.factor")
 MAX_DIMS, MAX_NAME = 4, 256
+MAX_STRINGS = 1 << 22  # items of a string array (the largest vocabularies are ~256k); gguf's reader keeps one object each
 
 
 def _decodable() -> set[int]:
@@ -120,8 +121,9 @@ def _value(cur: _Cursor, vtype: int, key: str, layout: GGUFLayout):
     if expected is not None and itype not in expected:
         raise BadFileError(cur.path, f"GGUF metadata {key} is an array of value type {itype}; expected {sorted(expected)}")
     if itype == _STRING:
-        if count > (cur.size - cur.pos) // 8:
-            raise BadFileError(cur.path, f"corrupted GGUF file: {key} claims {count} strings, more than the file holds")
+        if count > (cur.size - cur.pos) // 8 or count > MAX_STRINGS:
+            raise BadFileError(cur.path, f"corrupted GGUF file: {key} claims {count} strings, more than the file holds "
+                                         f"or than {MAX_STRINGS} (no vocabulary is that large)")
         for i in range(count):
             cur.string(f"{key}[{i}]", text=False)
         return count
