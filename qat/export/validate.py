@@ -40,9 +40,9 @@ except ImportError:  # an older huggingface_hub
 
 CHECKSUMS = "qat_checksums.json"
 MAX_JSON = 64 << 20
-# a loaded float32 model may be this many times larger than the files that hold it (4-bit codes -> float32 is 8x,
-# plus small tensors' overheads), plus a fixed allowance for tiny files
-BUDGET_RATIO, BUDGET_SLACK = 16, 256 << 20
+# a loaded float32 model may be this many times larger than the files that hold it (1-bit codes -> float32 is 32x;
+# 4-bit is 8x), plus a fixed allowance for tiny files
+BUDGET_RATIO, BUDGET_SLACK = 32, 256 << 20
 _POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
                   "num_key_value_heads", "head_dim", "max_position_embeddings")
 _POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "layer_norm_eps", "layer_norm_epsilon")
