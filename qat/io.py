@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors.torch import load_file
 
+from qat.errors import BadFileError
+
 __all__ = ["ST_DTYPES", "atomic_folder", "atomic_path", "atomic_write_bytes", "check_creatable", "check_safetensors",
            "check_writable", "load_safetensors", "load_torch_checkpoint", "probe_folder", "save_safetensors",
            "torch_load", "write_json", "write_safetensors"]
@@ -262,14 +264,52 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     write_safetensors(tensors.items(), path, metadata)
 
 
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _check_entry(name: str, entry: Any) -> tuple[int, int]:
+    """(begin, end) of one header entry, every field checked: a known dtype, a shape of non-negative ints,
+    offsets that hold exactly shape x dtype bytes."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor {name!r}: entry {str(entry)[:80]} is not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _ST_SIZES:
+        raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(_ST_SIZES)}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and 0 <= d < 1 << 48 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {str(shape)[:80]} is not a list of at most 8 non-negative ints")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+            or not 0 <= offsets[0] <= offsets[1]:
+        raise ValueError(f"tensor {name!r}: data_offsets {str(offsets)[:80]} are not [begin, end] with 0 <= begin <= end")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _ST_SIZES[dtype]:
+        raise ValueError(f"tensor {name!r}: {dtype} {shape} needs {numel * _ST_SIZES[dtype]} bytes, its data_offsets "
+                         f"hold {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1]
+
+
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a safetensors header: the file holds every byte the header promises.
+    """Read and check a safetensors header before anything trusts it: its length, JSON (no repeated keys),
+    every tensor's dtype, shape and offsets (exactly shape x dtype bytes, no overlap, no gap, the data ends where
+    the file does), and string metadata.
 
     Returns:
         the header (tensor name -> {dtype, shape, data_offsets}).
     Raises:
         FileNotFoundError: no such file.
-        ValueError: truncated or corrupted, naming the file and what is wrong.
+        BadFileError: truncated or corrupted, naming the file and what is wrong.
     """
     path = Path(path)
     if not path.is_file():
@@ -278,24 +318,46 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{str(path)!r}: truncated safetensors file ({size} bytes, no header)")
+            raise BadFileError(path, f"truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise ValueError(f"{str(path)!r}: corrupted safetensors header (claims {n} bytes, file has {size})")
+        if n > size - 8 or n > _ST_MAX_HEADER:
+            raise BadFileError(path, f"corrupted safetensors header (claims {n} bytes, file has {size})")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{str(path)!r}: corrupted safetensors header ({err})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"{str(path)!r}: truncated safetensors file ({size} bytes; the header needs {8 + n + end})")
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise BadFileError(path, f"corrupted safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise BadFileError(path, "corrupted safetensors header (not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise BadFileError(path, "corrupted safetensors header (__metadata__ is not a map of strings)")
+    try:
+        spans = sorted(_check_entry(k, v) for k, v in header.items() if k != "__metadata__")
+    except ValueError as err:
+        raise BadFileError(path, f"corrupted safetensors header: {err}") from None
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise BadFileError(path, f"corrupted safetensors header: tensor data {'overlaps' if begin < end else 'has a gap'} "
+                                     f"at byte {min(begin, end)}")
+        end = stop
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "corrupted"
+        raise BadFileError(path, f"{what} safetensors file ({size} bytes; the header describes {8 + n + end})")
     return header
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checked safetensors file (see `check_safetensors`)."""
+    """All tensors of a checked safetensors file (see `check_safetensors`).
+
+    Raises:
+        FileNotFoundError: no such file. BadFileError: a corrupted header or a file safetensors refuses.
+    """
     check_safetensors(path)
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError and friends on what the header check let through
+        raise BadFileError(path, f"corrupted safetensors file ({type(err).__name__}: {err})") from None
 
 
 def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
@@ -313,17 +375,17 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A Lightning checkpoint's "state_dict" is returned as the state dict.
     Raises:
-        ValueError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
+        BadFileError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
     """
     try:
         data = torch_load(path)
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"{str(path)!r}: cannot load as a weights-only checkpoint (refusing pickles that need "
-                         f"code; the file may be truncated or corrupted): {str(err).splitlines()[0]}") from None
+        raise BadFileError(path, f"cannot load as a weights-only checkpoint (refusing pickles that need code; the "
+                                 f"file may be truncated or corrupted): {(str(err).splitlines() or [''])[0]}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{str(path)!r}: expected a state dict of tensors, got {type(data).__name__}")
+        raise BadFileError(path, f"expected a state dict of tensors, got {type(data).__name__}")
     return data

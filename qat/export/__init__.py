@@ -30,7 +30,8 @@ __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_g
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",
-           tokenizer=None, importance: dict | None = None, gguf_pure: bool = False) -> Path:
+           tokenizer=None, importance: dict | None = None, gguf_pure: bool = False,
+           overwrite: bool = True) -> Path:
     """Write `model` (float for GGUF; prepared or converted for every format) to `output`.
 
     Args:
@@ -42,6 +43,9 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
         importance: per-linear input importances (`collect_importance`, llama.cpp's imatrix) that weigh
             the K-quant fits; format="gguf" only.
         gguf_pure: every GGUF tensor in `gguf_type` (llama-quantize --pure) instead of llama.cpp's rules.
+        overwrite: replace an existing export, which stays whole until the new one is complete; else refuse
+            it. Every export is written under a temporary name beside `output` and renamed into place, under a
+            lock that refuses a concurrent export to the same output (`qat.export.publish`).
     Raises:
         ValueError: an unknown format (listing the valid ones) and everything the writers raise.
     Example:
@@ -50,8 +54,9 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
     if format not in FORMATS:
         raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf":
-        return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance, pure=gguf_pure)
+        return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance, pure=gguf_pure,
+                           overwrite=overwrite)
     if importance is not None:
         raise ValueError(f"importance (imatrix) weighs GGUF K-quant fits; it needs format='gguf', not {format!r}")
     writer = {"native": save_native, "compressed_tensors": export_compressed_tensors, "gptq": export_gptq}[format]
-    return writer(model, output, tokenizer=tokenizer)
+    return writer(model, output, tokenizer=tokenizer, overwrite=overwrite)

@@ -1,5 +1,5 @@
 """What the exporters and loaders share about a model: which modules are stored as integers, the weight each
-parameter name stands for, the quantization a format cannot hold, and folder-export markers.
+parameter name stands for, and the quantization a format cannot hold.
 
 Exports stream: the writers (native, compressed-tensors, GPTQ; GGUF likewise) quantize one module at a time from
 the prepared (fake-quant or PTQ-pinned) model through `weight_of` / `as_converted`, so peak memory is the model
@@ -8,11 +8,8 @@ plus about one tensor's temporaries, never a converted copy (tests/export/test_s
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,23 +20,6 @@ from qat.modules.registry import QUANTIZED
 from qat.transform import convert
 
 log = logging.getLogger(__name__)
-
-
-EXPORT_MARKERS = ("qat_quant.json", "quantize_config.json", "config.json")
-
-
-def clear_export_markers(folder: str | os.PathLike) -> None:
-    """Remove the files that mark `folder` as a finished export of any format (native's qat_quant.json,
-    GPTQ's quantize_config.json, the config.json every folder export writes last), before a folder writer
-    starts: a new export written over an old one (of the same or another format) then reads as complete
-    only once its own marker is written, never as a mix of the two, even if interrupted.
-
-    Example:
-        >>> clear_export_markers("out/native")
-    """
-    for name in EXPORT_MARKERS:
-        with contextlib.suppress(FileNotFoundError):
-            (Path(folder) / name).unlink()
 
 
 def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: bool = False) -> dict[str, list[str]]:

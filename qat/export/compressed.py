@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+from qat.errors import BadFileError
+from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
+from qat.export.publish import folder_writer
+from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
@@ -196,6 +199,7 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
             yield key, value
 
 
+@folder_writer
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint, streaming:
     each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
@@ -215,7 +219,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
     out = Path(out_dir)
     check_writable(out / "config.json")
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, modules, linears, attention), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
@@ -236,9 +239,42 @@ def _spec_from_args(w: dict, scale_dtype: torch.dtype, in_features: int) -> Quan
                      ragged=ragged, scale_dtype=sd)
 
 
-def _quantized_weight(t: dict, n: str, w_args: dict) -> QuantizedWeight:
-    scale = t[f"{n}.weight_scale"]
+def _check_args(w: dict, n: str) -> None:
+    """The weights args of a config group are ones this reader takes (types checked: JSON edits are refused)."""
+    group = w.get("group_size")
+    ok = (type(w.get("num_bits")) is int and 2 <= w["num_bits"] <= 8 and w.get("type", "int") == "int"
+          and type(w.get("symmetric")) is bool and w.get("strategy") in _STRATEGY.values()
+          and (w["strategy"] != "group" or (type(group) is int and group > 0)))
+    if not ok:
+        raise ValueError(f"{n}: weights scheme {w} is not one this reader takes (int, num_bits 2..8, "
+                         "strategy tensor / channel / group with a positive group_size)")
+
+
+def _expect(t: dict, key: str, dtype: torch.dtype | tuple, shape: tuple) -> None:
+    if key not in t:
+        raise ValueError(f"tensor {key} is missing")
+    v = t[key]
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if v.dtype not in dtypes or tuple(v.shape) != tuple(shape):
+        raise ValueError(f"tensor {key} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} {tuple(shape)}")
+
+
+def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> QuantizedWeight:
+    _check_args(w_args, n)
+    _expect(t, f"{n}.weight_shape", torch.int64, (2,))
     shape = tuple(int(s) for s in t[f"{n}.weight_shape"])
+    if shape != (out_f, in_f):
+        raise ValueError(f"{n}.weight_shape is {shape}; the model's layer is {(out_f, in_f)}")
+    bits, strategy, g = w_args["num_bits"], w_args["strategy"], w_args.get("group_size")
+    groups = {"group": -(-in_f // (g or 1)), "channel": 1, "tensor": None}[strategy]
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    _expect(t, f"{n}.weight_packed", torch.int32, (out_f, -(-in_f * bits // 32)))
+    _expect(t, f"{n}.weight_scale", floats, (1,) if groups is None else (out_f, groups))
+    if not w_args["symmetric"]:
+        _expect(t, f"{n}.weight_zero_point", torch.int32, (-(-out_f * bits // 32), groups or 1))
+    if f"{n}.weight_g_idx" in t:
+        _expect(t, f"{n}.weight_g_idx", torch.int32, (in_f,))
+    scale = t[f"{n}.weight_scale"]
     spec = _spec_from_args(w_args, scale.dtype, shape[1])
     half = 2 ** (spec.bits - 1)
     u = unpack_int32(t[f"{n}.weight_packed"], spec.bits, shape[1]).to(torch.int16)
@@ -259,27 +295,41 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     """Read a pack-quantized checkpoint into a model with QuantizedLinear modules (our loader).
 
     Raises:
-        ValueError: not a pack-quantized compressed-tensors folder, or corrupted tensors.
+        BadFileError: not a pack-quantized compressed-tensors folder, a scheme that does not fit the stored
+            tensors, corrupted or edited files, non-finite values (`qat.export.validate`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
-    raw = json.loads((folder / "config.json").read_text())
-    q = raw.get("quantization_config") or {}
-    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
-        raise ValueError(f"{str(folder)!r}: not a compressed-tensors pack-quantized checkpoint "
-                         f"(quant_method={q.get('quant_method')!r}, format={q.get('format')!r})")
-    t = load_safetensors(folder / "model.safetensors")
-    config = AutoConfig.from_pretrained(str(folder))
-    config.quantization_config = None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for group in q["config_groups"].values():
-        for n in group["targets"]:
+    with bad_file(folder, "compressed-tensors export"):
+        raw = read_json(folder / "config.json", "model config")
+        q = raw.get("quantization_config") or {}
+        if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+            raise BadFileError(folder / "config.json", "not a compressed-tensors pack-quantized checkpoint "
+                               f"(quantization_config={str(raw.get('quantization_config'))[:120]})")
+        t = load_safetensors(folder / "model.safetensors")
+        verify_checksums(folder, ("config.json", "model.safetensors"))
+        config = AutoConfig.from_pretrained(str(folder))
+        config.quantization_config = None
+        check_config(config, folder, (folder / "model.safetensors").stat().st_size)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        targets = [(n, group["weights"]) for group in q["config_groups"].values() for n in group["targets"]]
+        if len({n for n, _ in targets}) != len(targets):
+            raise BadFileError(folder / "config.json", "a layer is the target of two config_groups")
+        for n, w_args in targets:
             old = model.get_submodule(n)
-            qw = _quantized_weight(t, n, group["weights"])
-            bias = old.bias if old.bias is not None else None
-            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
-    if q.get("kv_cache_scheme"):
-        _attach_kv(model, t, q["kv_cache_scheme"], folder)
-    rest = {k: v for k, v in t.items() if ".weight_" not in k and not k.endswith((".k_scale", ".v_scale"))}
-    return load_rest_and_tie(model, rest, folder, config)
+            if not isinstance(old, nn.Linear):
+                raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
+            qw = _quantized_weight(t, n, w_args, old.out_features, old.in_features)
+            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
+                                                 TensorSchemes(weight=qw.spec)))
+        if q.get("kv_cache_scheme"):
+            _attach_kv(model, t, q["kv_cache_scheme"], folder)
+        targeted = {n for n, _ in targets}
+        stray = sorted(k for k in t if ".weight_" in k and k.rsplit(".weight_", 1)[0] not in targeted)
+        if stray:
+            raise BadFileError(folder, f"packed tensors of layers no config group targets: {stray[:5]}")
+        rest = {k: v for k, v in t.items() if ".weight_" not in k and not k.endswith((".k_scale", ".v_scale"))}
+        check_state(model, rest, folder)
+        model = load_rest_and_tie(model, rest, folder, config)
+    return check_model(model, folder)

@@ -39,9 +39,10 @@ from torch import nn
 from qat.arch import ArchAdapter, get_arch
 from qat.export.common import float_weight_names, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, encode_blocks
+from qat.export.gguf_check import CHECKSUM_KEY, PLACEHOLDER, seal_gguf
 from qat.export.gguf_vocab import add_tokenizer
+from qat.export.publish import atomic_export
 from qat.formats import get_format, gguf_types
-from qat.io import atomic_path
 from qat.modules.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
-                importance: dict[str, torch.Tensor] | None = None, pure: bool = False) -> Path:
+                importance: dict[str, torch.Tensor] | None = None, pure: bool = False,
+                overwrite: bool = True) -> Path:
     """Write `model` (float, prepared or converted; an architecture of `qat.arch`) as a GGUF file.
 
     Args:
@@ -220,6 +222,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         importance: {"<module>.weight": mean x^2 per input column} from `qat.export.imatrix.collect_importance`,
             to weigh the K-quant fits of float weights (an imatrix).
         pure: every 2-D tensor in `gguf_type` itself (llama-quantize --pure), not llama.cpp's per-tensor rules.
+        overwrite: replace an existing file (it stays whole until the new one is); else refuse it
+            (`qat.export.publish.atomic_export`).
     Returns:
         the path written.
     Raises:
@@ -230,10 +234,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
     entries = plan_types(model, gguf_type, importance is not None, pure)  # float, prepared or converted: weights are taken one at a time
     warn_unstored(model, "GGUF", stores_input=False)
     path = Path(path)
-    with atomic_path(path) as tmp, torch.no_grad():
+    with atomic_export(path, overwrite) as tmp, torch.no_grad():
         arch = export_arch(model)
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch_name)
         _write_metadata(writer, arch, model.config, gguf_type, path.stem)
+        writer.add_string(CHECKSUM_KEY, PLACEHOLDER)  # sealed below: qat's loader refuses an edited file
         if tokenizer is not None:
             add_tokenizer(writer, tokenizer, pre=arch.tokenizer_pre, n_vocab=model.config.vocab_size)
         else:
@@ -252,6 +257,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
             data = _tensor_bytes(model, e, importance)
             writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)
         writer.close()
+        seal_gguf(tmp)
     return path
 
 

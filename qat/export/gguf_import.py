@@ -20,6 +20,9 @@ from gguf.quants import dequantize
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch, gguf_reader_arch, gguf_reader_archs
+from qat.errors import BadFileError
+from qat.export.gguf_check import scan_gguf, verify_gguf_checksum
+from qat.export.validate import bad_file, check_config, check_model, check_state
 
 
 def open_gguf(path: str | os.PathLike):
@@ -27,18 +30,18 @@ def open_gguf(path: str | os.PathLike):
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a GGUF file, or truncated / corrupted (naming the file).
+        BadFileError: not a GGUF file, truncated / corrupted / edited, or hostile (`qat.export.gguf_check`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r}: no such GGUF file")
+    layout = scan_gguf(path)  # every count, type, offset and size checked before gguf's reader trusts them
+    verify_gguf_checksum(path, layout)
     try:
         reader = gguf.GGUFReader(str(path))
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as err:  # the reader raises ValueError / IndexError / struct errors on bad files
-        raise ValueError(f"{str(path)!r}: truncated or corrupted GGUF file ({type(err).__name__}: {err})") from None
+        raise BadFileError(path, f"truncated or corrupted GGUF file ({type(err).__name__}: {err})") from None
     if end > path.stat().st_size:
-        raise ValueError(f"{str(path)!r}: truncated GGUF file (tensor data needs {end} bytes, file has {path.stat().st_size})")
+        raise BadFileError(path, f"truncated GGUF file (tensor data needs {end} bytes, file has {path.stat().st_size})")
     return reader
 
 
@@ -104,16 +107,20 @@ def load_gguf(path: str | os.PathLike) -> nn.Module:
     """A causal LM (LlamaForCausalLM for llama files) holding the dequantized weights of a GGUF file.
 
     Raises:
-        ValueError: a corrupted file, an unknown architecture, or tensors that do not fit the config.
+        BadFileError: a corrupted or hostile file, non-finite hyper-parameters or weights, or tensors that do not
+            fit the config. ValueError: an unknown architecture.
     """
     reader = open_gguf(path)
-    config = gguf_config(reader, path)
-    model = get_arch(config).build_model(config)
-    state = gguf_state_dict(reader, config, list(model.state_dict()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{str(path)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    with bad_file(path, "GGUF file"):
+        config = gguf_config(reader, path)
+        check_config(config, path, Path(path).stat().st_size)
+        model = get_arch(config).build_model(config)
+        state = gguf_state_dict(reader, config, list(model.state_dict()))
+        check_state(model, state, path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise BadFileError(path, f"tensors do not match the config: missing {missing}, unexpected {unexpected}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+    return check_model(model.eval(), path)

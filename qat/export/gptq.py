@@ -25,9 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
+from qat.errors import BadFileError
+from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
+from qat.export.publish import folder_writer
+from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
@@ -106,6 +109,7 @@ def _tensors(model: nn.Module, linears: dict):
             yield key, value
 
 
+@folder_writer
 def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a (prepared or converted) model's quantized linears as a GPTQ v1 checkpoint, streaming:
     each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
@@ -120,7 +124,6 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     warn_unstored(model, "GPTQ", stores_input=False)
     out = Path(out_dir)
     check_writable(out / "config.json")
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     with torch.no_grad():
         write_safetensors(_tensors(model, linears), out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
@@ -133,10 +136,29 @@ def export_gptq(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     return out
 
 
-def _read_linear(t: dict, n: str, q: dict) -> QuantizedWeight:
+def _check_config(q: dict) -> None:
+    g = q.get("group_size")
+    if q.get("bits") not in GPTQ_BITS or type(q.get("bits")) is not int or type(q.get("sym")) is not bool \
+            or type(g) is not int or not (g == -1 or g > 0):
+        raise ValueError(f"bits={q.get('bits')!r}, sym={q.get('sym')!r}, group_size={g!r}: this reader takes bits in "
+                         f"{list(GPTQ_BITS)}, sym true / false and group_size -1 or > 0")
+
+
+def _expect(t: dict, key: str, dtype: torch.dtype, shape: tuple) -> None:
+    if key not in t:
+        raise ValueError(f"tensor {key} is missing")
+    if t[key].dtype != dtype or tuple(t[key].shape) != tuple(shape):
+        raise ValueError(f"tensor {key} is {t[key].dtype} {tuple(t[key].shape)}; the config needs {dtype} {tuple(shape)}")
+
+
+def _read_linear(t: dict, n: str, q: dict, out_f: int, in_f: int) -> QuantizedWeight:
     bits, sym = q["bits"], q["sym"]
+    groups = 1 if q["group_size"] == -1 else -(-in_f // q["group_size"])
+    _expect(t, f"{n}.qweight", torch.int32, (-(-in_f * bits // 32), out_f))
+    _expect(t, f"{n}.qzeros", torch.int32, (groups, -(-out_f * bits // 32)))
+    _expect(t, f"{n}.scales", torch.float16, (groups, out_f))
+    _expect(t, f"{n}.g_idx", torch.int32, (in_f,))
     qweight, scales = t[f"{n}.qweight"], t[f"{n}.scales"]
-    in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
     u = unpack_int32(qweight.t().contiguous(), bits, in_f).to(torch.int16)
     zero = unpack_int32(t[f"{n}.qzeros"], bits, out_f).to(torch.int16).t() + 1
     g = q["group_size"] if q["group_size"] != -1 else in_f
@@ -160,25 +182,40 @@ def load_gptq(path: str | os.PathLike) -> nn.Module:
     """Read a GPTQ v1 checkpoint (as written by `export_gptq`) into QuantizedLinear modules.
 
     Raises:
-        ValueError: not a GPTQ folder, a v2 / unknown checkpoint_format, or tensors that do not fit.
+        BadFileError: not a GPTQ folder, a v2 / unknown checkpoint_format, tensors that do not fit the config,
+            corrupted or edited files, non-finite values (`qat.export.validate`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
-    try:
-        q = json.loads((folder / "quantize_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(folder)!r}: no readable quantize_config.json ({err})") from None
-    if q.get("checkpoint_format", "gptq") != "gptq":
-        raise ValueError(f"{str(folder)!r}: checkpoint_format={q.get('checkpoint_format')!r}; this reader takes 'gptq' (v1)")
-    t = load_safetensors(folder / "model.safetensors")
-    config = AutoConfig.from_pretrained(str(folder))
-    config.quantization_config = None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    names = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")})
-    for n in names:
-        old = model.get_submodule(n)
-        qw = _read_linear(t, n, q)
-        set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None, TensorSchemes(weight=qw.spec)))
-    rest = {k: v for k, v in t.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
-    return load_rest_and_tie(model, rest, folder, config)
+    with bad_file(folder, "GPTQ export"):
+        q = read_json(folder / "quantize_config.json", "GPTQ quantize_config.json")
+        if q.get("checkpoint_format", "gptq") != "gptq":
+            raise BadFileError(folder / "quantize_config.json", f"checkpoint_format={q.get('checkpoint_format')!r}; "
+                               "this reader takes 'gptq' (v1)")
+        try:
+            _check_config(q)
+        except ValueError as err:
+            raise BadFileError(folder / "quantize_config.json", str(err)) from None
+        t = load_safetensors(folder / "model.safetensors")
+        read_json(folder / "config.json", "model config")
+        verify_checksums(folder, ("config.json", "model.safetensors", "quantize_config.json"))
+        config = AutoConfig.from_pretrained(str(folder))
+        config.quantization_config = None
+        check_config(config, folder, (folder / "model.safetensors").stat().st_size)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        names = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")})
+        if "modules" in q and q["modules"] != names:
+            raise BadFileError(folder, f"the packed layers {names[:3]}... are not the modules quantize_config.json lists")
+        for n in names:
+            old = model.get_submodule(n)
+            if not isinstance(old, nn.Linear):
+                raise BadFileError(folder, f"{n!r} holds a qweight but is not a linear layer of the model")
+            qw = _read_linear(t, n, q, old.out_features, old.in_features)
+            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
+                                                 TensorSchemes(weight=qw.spec)))
+        packed = {f"{n}.{part}" for n in names for part in ("qweight", "qzeros", "scales", "g_idx")}
+        rest = {k: v for k, v in t.items() if k not in packed}
+        check_state(model, rest, folder)
+        model = load_rest_and_tie(model, rest, folder, config)
+    return check_model(model, folder)

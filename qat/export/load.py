@@ -12,17 +12,19 @@ from the weights, activation ranges dynamic), as vLLM's quantization="fp8" does.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qat.errors import BadFileError
 from qat.export.compressed import load_compressed_tensors
+from qat.export.gguf_check import scan_gguf
 from qat.export.gguf_import import load_gguf
 from qat.export.gptq import load_gptq
 from qat.export.native import load_native
+from qat.export.validate import bad_file, check_config, read_json
 from qat.io import check_safetensors, load_torch_checkpoint
 from qat.models import ByteTokenizer, load_model, load_tokenizer, resolve_dtype
 from qat.transform import as_recipe, convert, prepare
@@ -50,7 +52,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "gptq"
     config = p / "config.json"
     if config.is_file():
-        q = (json.loads(config.read_text()).get("quantization_config") or {})
+        q = read_json(config, "model config").get("quantization_config") or {}
+        q = q if isinstance(q, dict) else {}
         if q.get("quant_method") == "compressed-tensors":
             return "compressed_tensors"
         if q.get("quant_method") == "gptq":
@@ -111,14 +114,46 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **ti
     if fmt == "gguf":
         return load_gguf(path).to(resolve_dtype(dtype))
     if fmt == "torch":
-        return load_torch_file(path, resolve_dtype(dtype))
+        return check_parameters(load_torch_file(path, resolve_dtype(dtype)), path)
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".safetensors":
-        check_safetensors(p)
-    elif p.is_dir():
-        for f in sorted(p.glob("*.safetensors")):
-            check_safetensors(f)
-    return load_model(path, dtype, **tiny_kwargs)
+    files = [p] if p.is_file() and p.suffix == ".safetensors" else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    for f in files:
+        refuse_incomplete_export(f, check_safetensors(f))
+    if p.is_dir() and (p / "config.json").is_file():
+        from transformers import AutoConfig
+
+        with bad_file(p, "model folder"):
+            read_json(p / "config.json", "model config")
+            check_config(AutoConfig.from_pretrained(str(p)), p)
+    return check_parameters(load_model(path, dtype, **tiny_kwargs), p)
+
+
+def check_parameters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Refuse a loaded float model with a NaN or infinite parameter (a corrupted checkpoint), naming `path`."""
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BadFileError(path, f"the stored weights hold NaN or infinite values: {bad[:5]}")
+    return model
+
+
+# tensor names only quantized exports hold (native, compressed-tensors, GPTQ): a plain model never has them
+_PACKED = (".qweight.packed", ".weight_packed", ".weight_scale", ".qweight", ".qzeros", ".scales")
+
+
+def refuse_incomplete_export(path: str | os.PathLike, header: dict) -> None:
+    """Refuse a safetensors file of a quantized export whose folder lacks the description that says how to read it
+    (an interrupted or edited export: native without qat_quant.json, compressed-tensors or GPTQ without their
+    quantization_config): loaded as a plain model, its packed tensors would be ignored and the weights random.
+
+    Raises:
+        BadFileError: naming the file and what the folder lacks.
+    """
+    meta = header.get("__metadata__", {})
+    packed = sorted(k for k in header if k.endswith(_PACKED))
+    if meta.get("qat") == "qat-native" or packed:
+        what = "a qat native export" if meta.get("qat") == "qat-native" else f"packed quantized tensors ({packed[0]}, ...)"
+        raise BadFileError(path, f"holds {what}, but its folder has no qat_quant.json / quantization_config to read "
+                                 "them with: an incomplete (interrupted) or edited export; export it again")
 
 
 def load_any_tokenizer(path: str | os.PathLike):
@@ -126,6 +161,8 @@ def load_any_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = Path(path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        scan_gguf(p)  # transformers' GGUF tokenizer reader trusts the file's counts: check them first
     try:
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

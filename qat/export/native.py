@@ -17,14 +17,16 @@ converted model's forward, bit for bit.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
+from qat.errors import BadFileError
+from qat.export.common import as_converted, integer_modules, owning_module
+from qat.export.publish import folder_writer
+from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
@@ -86,14 +88,16 @@ def _checked(key: str, value, extra: dict, tied: dict, seen: dict | None):
     yield key, value
 
 
+@folder_writer
 def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a converted or prepared model in the native format, streaming: a prepared model's modules
     are converted one at a time and written as they come (memory: the model plus one module).
 
     Args:
         model: a Hugging Face model after `qat.prepare` (and training) or `qat.convert`.
-        out_dir: the folder to write (created; existing files of the same names are replaced).
+        out_dir: the folder to write, complete or not at all (`qat.export.publish.folder_writer`).
         tokenizer: optional; saved beside the weights.
+        overwrite: replace an existing export (kept whole until the new one is complete); else refuse it.
     Returns:
         the folder.
     Raises:
@@ -107,7 +111,6 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
     out = Path(out_dir)
     check_writable(out / META)
-    clear_export_markers(out)  # an old export here must not look complete beside a partial new one
     entries, extra, tied = {}, {}, {}
     write_safetensors(_state_items(model, modules, entries, extra, tied), out / "model.safetensors",
                       metadata={"format": "pt", "qat": FORMAT})
@@ -131,18 +134,25 @@ def is_native(path: str | os.PathLike) -> bool:
 
 
 def _read_meta(folder: Path) -> dict:
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(folder / META)!r}: not a readable qat export description ({err})") from None
+    meta = read_json(folder / META, "qat export description")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{str(folder / META)!r}: format {meta.get('format')!r} v{meta.get('version')}; "
-                         f"this qat reads {FORMAT!r} v{VERSION}")
+        raise BadFileError(folder / META, f"format {meta.get('format')!r} v{meta.get('version')}; "
+                                          f"this qat reads {FORMAT!r} v{VERSION}")
+    for key, kind in (("modules", dict), ("tied", dict), ("extra_state", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise BadFileError(folder / META, f"{key!r} is not a JSON object")
     return meta
 
 
 def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
-    dtype = _DTYPES.get(entry["dtype"], torch.float32)
+    """The quantized module `entry` describes, in place of `old`; an entry that does not fit `old` is refused."""
+    kind = {"linear": nn.Linear, "embedding": nn.Embedding}.get(entry.get("kind"))
+    if kind is None or not isinstance(old, kind) or entry.get("shape") != list(old.weight.shape) \
+            or entry.get("dtype") not in _DTYPES or (kind is nn.Linear and entry.get("bias") != (old.bias is not None)) \
+            or (kind is nn.Embedding and entry.get("padding_idx") != old.padding_idx):
+        raise ValueError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
+                         f"describe the model's {type(old).__name__} {list(old.weight.shape)}")
+    dtype = _DTYPES[entry["dtype"]]
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":
         return QuantizedEmbedding(qweight, entry.get("padding_idx"))
@@ -161,27 +171,33 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
         path: the export folder.
         dtype: float dtype for the non-quantized parameters (default: the config's).
     Raises:
-        ValueError: not a native export, a corrupted file, or tensors that do not fit the schemes.
+        BadFileError: not a native export, a corrupted or edited file, tensors that do not fit the schemes,
+            or non-finite values (`qat.export.validate`).
     Example:
         >>> model = load_native("out/native"); logits = model(ids).logits
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
-    meta = _read_meta(folder)
-    tensors = load_safetensors(folder / "model.safetensors")
-    config = AutoConfig.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    if meta.get("kv_cache"):
-        kv = meta["kv_cache"]
-        attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))
-    for name, entry in meta["modules"].items():
-        set_module(model, name, _build_module(model.get_submodule(name), entry, name))
-    state = dict(tensors)
-    state.update({k: tensors[v] for k, v in meta["tied"].items()})
-    state.update(meta["extra_state"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{str(folder)!r}: tensors do not match the described model: {err}") from None
-    return model.eval()
+    with bad_file(folder, "native export"):
+        meta = _read_meta(folder)
+        tensors = load_safetensors(folder / "model.safetensors")
+        read_json(folder / "config.json", "model config")
+        verify_checksums(folder, ("config.json", "model.safetensors", META))
+        config = AutoConfig.from_pretrained(str(folder))
+        check_config(config, folder, (folder / "model.safetensors").stat().st_size)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        if meta.get("kv_cache"):
+            kv = meta["kv_cache"]
+            attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))
+        for name, entry in meta["modules"].items():
+            set_module(model, name, _build_module(model.get_submodule(name), entry, name))
+        state = dict(tensors)
+        state.update({k: tensors[v] for k, v in meta["tied"].items()})
+        state.update(meta["extra_state"])
+        check_state(model, state, folder)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise BadFileError(folder, f"tensors do not match the described model: {err}") from None
+    return check_model(model.eval(), folder)

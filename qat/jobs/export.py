@@ -226,7 +226,8 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
-    out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure)
+    out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure,
+                  overwrite=overwrite)
     size, bpw = file_bits_per_weight(out, source)
     result = {"output": str(out), "format": format, "bytes": size, "file_bits_per_param": round(bpw, 3),
               "seconds": round(time.perf_counter() - start, 2)}

@@ -19,7 +19,7 @@ def test_export_over_another_format_loads_as_the_new_one(model, ids, tmp_path, f
     assert torch.equal(logits(load_any(tmp_path / "out"), ids), logits(prepared, ids))
 
 
-def test_interrupted_export_over_an_old_one_does_not_look_complete(model, tmp_path, monkeypatch):
+def test_interrupted_export_over_an_old_one_leaves_the_old_one_whole(model, ids, tmp_path, monkeypatch):
     import qat.export.native as native
 
     prepared = qat.prepare(model, qat.load_recipe("w4a16_g128"))
@@ -31,4 +31,6 @@ def test_interrupted_export_over_an_old_one_does_not_look_complete(model, tmp_pa
     monkeypatch.setattr(native, "write_safetensors", killed)
     with pytest.raises(KeyboardInterrupt):
         export(prepared, tmp_path / "out", "native")
-    assert not (tmp_path / "out" / "qat_quant.json").exists() and not (tmp_path / "out" / "config.json").exists()
+    # the old export is untouched (not a mix, not a marker-less folder), and nothing is left beside it
+    assert torch.equal(logits(load_any(tmp_path / "out"), ids), logits(prepared, ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
