@@ -55,7 +55,7 @@ MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 
 def tiny_moe(model_type: str = "qwen3_moe", *, vocab_size: int = 512, hidden_size: int = 128,
              expert_size: int = 128, num_experts: int = 8, top_k: int = 2, num_layers: int = 2, num_heads: int = 4,
-             num_kv_heads: int = 2, seed: int | None = 0, experts_implementation: str | None = None,
+             num_kv_heads: int | None = None, seed: int | None = 0, experts_implementation: str | None = None,
              dtype: torch.dtype | None = None):
     """A small random mixture-of-experts causal LM from its real transformers config class, in eval mode.
 
@@ -64,6 +64,7 @@ def tiny_moe(model_type: str = "qwen3_moe", *, vocab_size: int = 512, hidden_siz
         expert_size: each expert's intermediate size (Qwen3-MoE's moe_intermediate_size).
         num_experts, top_k: experts per layer and experts each token is routed to.
         experts_implementation: "eager", "batched_mm" or "grouped_mm" (transformers' default when None).
+        num_kv_heads: default 2, but num_heads for OLMoE (which has no GQA; llama.cpp's olmoe graph assumes none).
         the rest: as `tiny_llama`.
     Example:
         >>> tiny_moe("mixtral", num_experts=4)(torch.tensor([[1, 2, 3]])).logits.shape
@@ -71,6 +72,8 @@ def tiny_moe(model_type: str = "qwen3_moe", *, vocab_size: int = 512, hidden_siz
     """
     if model_type not in MOE_FAMILIES:
         raise ValueError(f"tiny_moe: model_type={model_type!r}; choose from {list(MOE_FAMILIES)}")
+    if num_kv_heads is None:
+        num_kv_heads = num_heads if model_type == "olmoe" else 2
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
                   num_experts_per_tok=top_k, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -207,13 +207,14 @@ def tokenization_matches(tokenizer, text: str, ref: LlamaPerplexity) -> str:
     return "yes"
 
 
-def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
+def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, model_type: str = "llama"):
     """A 2-layer random Llama (hidden 256, so K-quant super-blocks fit) and a byte-level BPE tokenizer
-    trained on `text` with exactly `vocab_size` tokens."""
+    trained on `text` with exactly `vocab_size` tokens. `model_type` an MoE family of `qat.testing.tiny_moe`
+    ("qwen3_moe", "mixtral", "olmoe"): that family instead, 8 experts of 256, top-2."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from qat.testing import tiny_llama
+    from qat.testing import tiny_llama, tiny_moe
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -223,6 +224,9 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320):
     tk.train_from_iterator([text], trainer)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
+    if model_type != "llama":
+        model = tiny_moe(model_type, vocab_size=vocab_size, hidden_size=256, expert_size=256, num_experts=8)
+        return model, tok
     model = tiny_llama(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
     return model, tok
 

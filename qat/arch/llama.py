@@ -6,7 +6,7 @@ from typing import Any, Callable
 import gguf
 import torch
 
-from qat.arch.base import ArchAdapter, Mapping, register_arch
+from qat.arch.base import ARCHS, ArchAdapter, Mapping, register_arch
 
 ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -78,6 +78,9 @@ class LlamaAdapter(ArchAdapter):
         import transformers
 
         arch = self.gguf_arch_name
+        if type(self) is LlamaAdapter and field(f"{arch}.expert_count", None):
+            # llama.cpp writes Mixtral as "llama" with experts: a mixture of experts reads back as Mixtral
+            return ARCHS["mixtral"].config_from_gguf(field, tensor_names, where)
         missing = [f"{arch}.{k}" for k in self.NEEDED if field(f"{arch}.{k}", None) is None]
         if missing:
             raise ValueError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, quantize_expert_weight
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
@@ -85,8 +86,9 @@ def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
     with a weight quantizer (`convert` would swap those; `as_converted` does it for one module)."""
     out = {}
     for name, module in model.named_modules():
-        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding))
-        if converted or (type(module) in QUANTIZED and getattr(module, "weight_quantizer", None) is not None):
+        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedExperts))
+        quantizes = getattr(module, "weight_quantizer", None) is not None or bool(getattr(module, "weight_quantizers", None))
+        if converted or (type(module) in QUANTIZED and quantizes):
             out[name] = module
     return out
 
@@ -107,7 +109,7 @@ def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
 def as_converted(module: nn.Module) -> nn.Module:
     """`module` itself when converted; else a new QuantizedLinear / QuantizedEmbedding made from it as
     `convert` would (sharing its bias and input quantizer), for one module at a time."""
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedExperts)):
         return module
     with torch.no_grad():
         return QUANTIZED[type(module)].from_fake(module)
@@ -122,6 +124,10 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def weight_spec(model: nn.Module, name: str):
     """(QuantSpec or None, has an act-order g_idx) of parameter `name`, without quantizing anything."""
     module, leaf = owner_of(model, name)
+    if isinstance(module, QuantizedExperts) and leaf in module.qweights:
+        return module.qweights[leaf].spec, False
+    if isinstance(module, FakeQuantExperts) and leaf in module.weight_quantizers:
+        return module.weight_quantizers[leaf].spec, False
     if leaf != "weight":
         return None, False
     if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
@@ -139,6 +145,11 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
     module, leaf = owner_of(model, name)
     if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
         return module.qweight
+    if isinstance(module, QuantizedExperts) and leaf in module.qweights:
+        return module.qweights[leaf]  # the 2-D view of the expert weight (`qat.modules.experts.to_rows`)
+    if isinstance(module, FakeQuantExperts) and leaf in module.weight_quantizers:
+        with torch.no_grad():
+            return quantize_expert_weight(module, leaf)
     quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
     if leaf == "weight" and quantizer is not None:
         with torch.no_grad():
@@ -175,7 +186,20 @@ def float_weight_names(model: nn.Module) -> list[str]:
         names.append(name)
     for name in quantized_modules(model):
         names.append(f"{name}.weight")
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            names += [f"{name}.{leaf}" for leaf in module.qweights]
     return names
+
+
+def stored_shape(model: nn.Module, name: str) -> tuple[int, ...]:
+    """The shape of weight `name` as the float model holds it (3-D for fused expert weights), converted or not."""
+    module, leaf = owner_of(model, name)
+    if isinstance(module, (QuantizedExperts, FakeQuantExperts)) and leaf in module.shapes:
+        return tuple(module.shapes[leaf])
+    if leaf == "weight" and hasattr(module, "qweight"):
+        return tuple(module.qweight.shape)
+    return tuple(getattr(module, leaf).shape)
 
 
 def load_rest_and_tie(model, rest: dict, folder, config):

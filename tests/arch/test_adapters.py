@@ -46,7 +46,7 @@ def test_tensor_names_equal_the_old_hand_written_map(family):
 
 
 def test_unknown_family_names_the_known_ones_and_the_file_to_add(tmp_path):
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; known: \['llama', 'mistral'\]; "
+    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; known: \['llama', 'mistral', 'mixtral', 'olmoe', 'qwen3_moe'\]; "
                                          r"add an adapter in qat/arch/gpt2\.py"):
         get_arch(transformers.GPT2Config())
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
@@ -57,7 +57,7 @@ def test_unknown_family_names_the_known_ones_and_the_file_to_add(tmp_path):
 
 
 def test_registry_and_mappings():
-    assert registered_archs() == ["llama", "mistral"]
+    assert registered_archs() == ["llama", "mistral", "mixtral", "olmoe", "qwen3_moe"]
     llama, mistral = get_arch("llama"), get_arch("mistral")
     assert mistral.mappings == llama.mappings and mistral.gguf_arch_name == llama.gguf_arch_name == "llama"
     assert [m.prev for m in llama.mappings] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",

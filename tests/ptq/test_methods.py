@@ -89,5 +89,5 @@ def test_scaling_methods_need_mappings_for_an_unknown_family(llama_batches):
 
     model = qat.prepare(Stack(64, 64), recipe())
     with pytest.raises(ValueError, match=r"awq: method.mappings=null takes .* architecture None is not supported; "
-                                         r"known: \['llama', 'mistral'\].*or give method.mappings"):
+                                         r"known: \['llama', 'mistral', 'mixtral', 'olmoe', 'qwen3_moe'\].*or give method.mappings"):
         apply(model, "awq", [torch.randn(256, 64)], progress=False)
