@@ -12,7 +12,7 @@ A native export is a folder:
                          "tied": {key: source key}}; written last, so its presence marks a complete export
 
 `load_native` rebuilds the model from config.json, swaps in QuantizedLinear / QuantizedEmbedding
-modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
+(and QuantizedExperts: fused MoE experts, `kind: experts`) modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
 converted model's forward, bit for bit.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
+from qat.modules.experts import QuantizedExperts
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes
@@ -43,6 +44,10 @@ def _spec_dict(spec: QuantSpec | None):
 
 
 def _module_entry(module: nn.Module) -> dict:
+    if isinstance(module, QuantizedExperts):
+        dtype = next(iter(module.qweights.values())).dtype
+        return {"kind": "experts", "dtype": str(dtype), "weight": _spec_dict(module.schemes.weight),
+                "shapes": {n: list(s) for n, s in module.shapes.items() if n in module.qweights}}
     qw = module.qweight
     entry = {"shape": list(qw.shape), "dtype": str(qw.dtype), "weight": _spec_dict(qw.spec)}
     if isinstance(module, QuantizedLinear):
@@ -70,7 +75,7 @@ def _state_items(model: nn.Module, modules: dict[str, nn.Module], entries: dict,
         entries[name] = _module_entry(converted)
         fresh = converted is not modules[name]  # new tensors die after writing: their addresses get reused
         for sub, sub_value in converted.state_dict(prefix=f"{name}.").items():
-            yield from _checked(sub, sub_value, extra, tied, None if fresh and ".qweight." in sub else seen)
+            yield from _checked(sub, sub_value, extra, tied, None if fresh and (".qweight." in sub or ".qweights." in sub) else seen)
 
 
 def _checked(key: str, value, extra: dict, tied: dict, seen: dict | None):
@@ -143,6 +148,9 @@ def _read_meta(folder: Path) -> dict:
 
 def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
     dtype = _DTYPES.get(entry["dtype"], torch.float32)
+    if entry["kind"] == "experts":
+        schemes = TensorSchemes(weight=QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"))
+        return QuantizedExperts.empty(old, schemes, dtype)
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":
         return QuantizedEmbedding(qweight, entry.get("padding_idx"))
