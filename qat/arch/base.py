@@ -180,6 +180,25 @@ class ArchAdapter:
                 continue
         return out
 
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """(transformers 5 name piece, checkpoint name piece) pairs: where the family's safetensors checkpoints (what
+    vLLM reads) name tensors otherwise than transformers 5's modules (Mixtral: `.block_sparse_moe.experts.{i}.w1`
+    for `.mlp.experts` gate rows); applied by the folder exporters in order."""
+
+    def checkpoint_key(self, key: str) -> str:
+        """A transformers 5 tensor / module name as the family's checkpoints name it (`checkpoint_renames`)."""
+        key += "."
+        for ours, theirs in self.checkpoint_renames:
+            key = key.replace(ours, theirs)
+        return key[:-1]
+
+    def hf_key(self, key: str) -> str:
+        """Inverse of `checkpoint_key`."""
+        key += "."
+        for ours, theirs in reversed(self.checkpoint_renames):
+            key = key.replace(theirs, ours)
+        return key[:-1]
+
     def hf_names(self, hf_names: Iterable[str], n_blocks: int) -> dict[str, str]:
         """{GGUF name: Hugging Face name} for the parameters `hf_names` of a model (the importer's inverse)."""
         out = {}

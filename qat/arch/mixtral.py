@@ -21,4 +21,8 @@ class MixtralAdapter(MoEAdapter):
     expert_size_field = "intermediate_size"
     llama_cpp_norm_topk = True  # llama.cpp's llama graph: build_moe_ffn(..., norm_w = true)
     permute_qk = True
+    # Mixtral checkpoints (and vLLM's loader) name the MoE block `block_sparse_moe` and the experts' projections
+    # w1 (gate) / w3 (up) / w2 (down); transformers 5 renames them on load (conversion_mapping "mixtral")
+    checkpoint_renames = ((".mlp.", ".block_sparse_moe."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
+                          (".down_proj.", ".w2."))
     reads_gguf = False  # general.architecture = llama: the Llama adapter reads the file and hands MoE ones here

@@ -211,7 +211,8 @@ def load_rest_and_tie(model, rest: dict, folder, config):
     """
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quantizers = quantizer_prefixes(model)  # KV-cache quantizers hold what the format stored, set before
-    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight" and not k.startswith(quantizers)]
+    missing = [k for k in missing if ".qweight." not in k and ".qweights." not in k and k != "lm_head.weight"
+               and not k.startswith(quantizers)]
     if missing or unexpected:
         raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
     if getattr(config, "tie_word_embeddings", False):
