@@ -153,3 +153,24 @@ def test_group_size_that_does_not_divide_names_the_expert_weight():
     model = tiny_moe("qwen3_moe", num_experts=4, expert_size=96)
     with pytest.raises(ValueError, match=r"mlp.experts.down_proj: group_size=128 does not divide"):
         qat.prepare(model, "w4a16_g128")
+
+
+def test_gpt_oss_transposed_experts_group_along_the_input_dim(moe_ids):
+    """GPT-OSS stores experts transposed ([E, in, out], with biases): groups still run along the input dim."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    qat.prepare(model, "w4a16_g128")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.transposed and set(experts.weight_quantizers) == {"gate_up_proj", "down_proj"}
+    w = experts.down_proj.detach()  # [E, I, H]: rows of the Linear are w[e].T
+    lin = qat.prepare(torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[2], bias=False)), "w4a16_g128")[0]
+    lin.weight.data.copy_(w[1].t())
+    assert torch.equal(experts.quantized("down_proj").detach()[1], lin.quantized_weight().detach().t())
+    fake = model(moe_ids).logits
+    qat.convert(model)
+    assert torch.equal(model(moe_ids).logits, fake)
