@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.modules.experts import FakeQuantExperts, QuantizedExperts, quantize_expert_weight
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, QuantizedRouter, quantize_expert_weight
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
 from qat.transform import convert
 
 log = logging.getLogger(__name__)
+SINGLE = (QuantizedLinear, QuantizedEmbedding, QuantizedRouter)  # converted modules holding one `qweight`
 
 
 EXPORT_MARKERS = ("qat_quant.json", "quantize_config.json", "config.json")
@@ -78,7 +79,7 @@ def converted_copy(model: nn.Module) -> nn.Module:
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> QuantizedLinear / QuantizedEmbedding of a converted model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, SINGLE)}
 
 
 def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -86,7 +87,7 @@ def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
     with a weight quantizer (`convert` would swap those; `as_converted` does it for one module)."""
     out = {}
     for name, module in model.named_modules():
-        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedExperts))
+        converted = isinstance(module, (*SINGLE, QuantizedExperts))
         quantizes = getattr(module, "weight_quantizer", None) is not None or bool(getattr(module, "weight_quantizers", None))
         if converted or (type(module) in QUANTIZED and quantizes):
             out[name] = module
@@ -95,7 +96,7 @@ def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def integer_kind(module: nn.Module) -> type:
     """QuantizedLinear or QuantizedEmbedding: the class `module` is, or converts to."""
-    return type(module) if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) else QUANTIZED[type(module)]
+    return type(module) if isinstance(module, (*SINGLE, QuantizedExperts)) else QUANTIZED[type(module)]
 
 
 def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
@@ -109,7 +110,7 @@ def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
 def as_converted(module: nn.Module) -> nn.Module:
     """`module` itself when converted; else a new QuantizedLinear / QuantizedEmbedding made from it as
     `convert` would (sharing its bias and input quantizer), for one module at a time."""
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedExperts)):
+    if isinstance(module, (*SINGLE, QuantizedExperts)):
         return module
     with torch.no_grad():
         return QUANTIZED[type(module)].from_fake(module)
@@ -130,7 +131,7 @@ def weight_spec(model: nn.Module, name: str):
         return module.weight_quantizers[leaf].spec, False
     if leaf != "weight":
         return None, False
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if isinstance(module, SINGLE):
         return module.qweight.spec, module.qweight.group_index() is not None
     quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
     if quantizer is None:
@@ -143,7 +144,7 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
     converted module holds, or (fake-quant module) one made now with its qparams, as `convert` would,
     so that a prepared model exports tensor by tensor without a converted copy in memory."""
     module, leaf = owner_of(model, name)
-    if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if leaf == "weight" and isinstance(module, SINGLE):
         return module.qweight
     if isinstance(module, QuantizedExperts) and leaf in module.qweights:
         return module.qweights[leaf]  # the 2-D view of the expert weight (`qat.modules.experts.to_rows`)

@@ -27,7 +27,7 @@ from torch import nn
 from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
-from qat.modules.experts import QuantizedExperts
+from qat.modules.experts import QuantizedExperts, QuantizedRouter
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes
@@ -50,7 +50,9 @@ def _module_entry(module: nn.Module) -> dict:
                 "shapes": {n: list(s) for n, s in module.shapes.items() if n in module.qweights}}
     qw = module.qweight
     entry = {"shape": list(qw.shape), "dtype": str(qw.dtype), "weight": _spec_dict(qw.spec)}
-    if isinstance(module, QuantizedLinear):
+    if isinstance(module, QuantizedRouter):
+        entry.update(kind="router")
+    elif isinstance(module, QuantizedLinear):
         spec_in = module.input_quantizer.spec if module.input_quantizer is not None else None
         entry.update(kind="linear", bias=module.bias is not None, input=_spec_dict(spec_in))
     else:
@@ -154,6 +156,8 @@ def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":
         return QuantizedEmbedding(qweight, entry.get("padding_idx"))
+    if entry["kind"] == "router":
+        return QuantizedRouter(old, qweight)
     in_features = entry["shape"][1]
     spec_in = None if entry["input"] is None else QuantSpec.from_dict(entry["input"], owner=f"{name}.input")
     input_q = None if spec_in is None else TensorQuantizer(spec_in, "input", torch.zeros(1, in_features))

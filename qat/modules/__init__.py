@@ -3,7 +3,7 @@ from qat.modules.registry import FAKE_QUANT, QUANTIZED, register_fake_quant, reg
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.fake import FakeQuantEmbedding, FakeQuantLinear
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-from qat.modules.experts import FakeQuantExperts, QuantizedExperts, is_experts
+from qat.modules.experts import FakeQuantExperts, FakeQuantRouter, QuantizedExperts, QuantizedRouter, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "QuantizedWeight",
     "FakeQuantExperts",
     "QuantizedExperts",
+    "FakeQuantRouter",
+    "QuantizedRouter",
     "is_experts",
     "attach_kv_quantizers",
     "is_attention",

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from qat.formats import get_format, gguf_types
-from qat.modules.experts import FakeQuantExperts, expert_weight_names, is_experts
+from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
 from qat.primitives import check_tensor
@@ -145,8 +145,9 @@ def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
     errors = []
     for n, schemes in result.modules.items():
         module = by_name[n]
-        if is_experts(module):
-            errors += FakeQuantExperts.plan_errors(module, schemes, n)
+        kind = fake_quant_type(module)
+        if hasattr(kind, "plan_errors"):  # fused experts and MoE routers check themselves
+            errors += kind.plan_errors(module, schemes, n)
             continue
         if schemes.weight is not None:
             try:

@@ -174,3 +174,21 @@ def test_gpt_oss_transposed_experts_group_along_the_input_dim(moe_ids):
     fake = model(moe_ids).logits
     qat.convert(model)
     assert torch.equal(model(moe_ids).logits, fake)
+
+
+def test_router_stays_float_unless_a_recipe_names_it(tmp_path, moe_ids):
+    from qat.export.native import load_native, save_native
+    from qat.modules import FakeQuantRouter, QuantizedRouter
+
+    recipe = qat.load_recipe("w4a16_g128").to_dict()
+    recipe["targets"] = ["Linear", "mlp.gate"]
+    recipe["overrides"] = [{"targets": ["mlp.gate"], "weight": {"bits": 8, "granularity": "per_channel"}}]
+    model = qat.prepare(tiny_moe("qwen3_moe", num_experts=4), recipe)
+    router = model.model.layers[0].mlp.gate
+    assert isinstance(router, FakeQuantRouter) and router.weight_quantizer.spec.bits == 8
+    fake = model(moe_ids).logits
+    save_native(model, tmp_path / "n")
+    assert torch.equal(load_native(tmp_path / "n")(moe_ids).logits, fake)
+    qat.convert(model)
+    assert isinstance(model.model.layers[0].mlp.gate, QuantizedRouter)
+    assert torch.equal(model(moe_ids).logits, fake)
