@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.modules.experts import FakeQuantExperts, QuantizedExperts, QuantizedRouter, quantize_expert_weight
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, quantize_expert_weight
+from qat.modules.router import QuantizedRouter
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED

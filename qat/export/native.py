@@ -27,7 +27,8 @@ from torch import nn
 from qat.export.common import as_converted, clear_export_markers, integer_modules, owning_module
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
-from qat.modules.experts import QuantizedExperts, QuantizedRouter
+from qat.modules.experts import QuantizedExperts
+from qat.modules.router import QuantizedRouter
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes

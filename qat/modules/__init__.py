@@ -3,7 +3,8 @@ from qat.modules.registry import FAKE_QUANT, QUANTIZED, register_fake_quant, reg
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.fake import FakeQuantEmbedding, FakeQuantLinear
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-from qat.modules.experts import FakeQuantExperts, FakeQuantRouter, QuantizedExperts, QuantizedRouter, is_experts
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, is_experts
+from qat.modules.router import FakeQuantRouter, QuantizedRouter, is_router
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "QuantizedExperts",
     "FakeQuantRouter",
     "QuantizedRouter",
+    "is_router",
     "is_experts",
     "attach_kv_quantizers",
     "is_attention",
