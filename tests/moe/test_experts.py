@@ -47,6 +47,10 @@ def test_experts_pattern_selects_only_experts():
     qat.prepare(model, {"name": "experts_only", "targets": ["Experts"], "weight": {"bits": 4, "granularity": "per_channel"}})
     kinds = {type(m).__name__ for m in model.modules() if hasattr(m, "schemes")}
     assert kinds == {"FakeQuantExperts"}
+    by_name = qat.prepare(tiny_moe("olmoe", num_experts=4), {"name": "by_name", "targets": ["mlp.experts"],
+                                                             "weight": {"bits": 4, "granularity": "per_channel"}})
+    assert sorted(n for n, m in by_name.named_modules() if hasattr(m, "schemes")) == [
+        "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
