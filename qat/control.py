@@ -103,6 +103,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bo
 def weight_storage(module: nn.Module) -> tuple[int, int] | None:
     """(storage bits, weight count) of a module's quantized weight, fake-quant or converted alike, or None
     when its weight is not quantized. Bits are `qat.formats.storage_bits`: what the converted weight holds."""
+    storage = getattr(module, "storage", None)
+    if callable(storage):  # modules holding several quantized weights (fused experts) count them all
+        return storage()
     qweight = getattr(module, "qweight", None)
     if qweight is not None:
         return qweight.nbits(), math.prod(qweight.shape)
@@ -147,7 +150,9 @@ def summary(model: nn.Module) -> list[dict[str, Any]]:
         if schemes is None:
             continue
         row = {"module": name, "type": type(module).__name__, "scheme": schemes.describe(), "sqnr_db": math.nan}
-        if getattr(module, "qweight", None) is None and getattr(module, "weight_quantizer", None) is not None:
+        if callable(getattr(module, "sqnr_db", None)):
+            row["sqnr_db"] = module.sqnr_db()
+        elif getattr(module, "qweight", None) is None and getattr(module, "weight_quantizer", None) is not None:
             with torch.no_grad():
                 w = module.weight
                 row["sqnr_db"] = quant_error_db(w, module.weight_quantizer(w))

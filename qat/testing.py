@@ -116,3 +116,51 @@ def tiny_model(model_type: str, *, vocab_size: int = 512, hidden_size: int = 128
                 if p.ndim == 1:
                     p.add_(torch.randn_like(p) * vector_noise)
     return model.eval()
+
+
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+
+
+def tiny_moe(model_type: str = "qwen3_moe", *, vocab_size: int = 512, hidden_size: int = 128,
+             expert_size: int = 128, num_experts: int = 8, top_k: int = 2, num_layers: int = 2, num_heads: int = 4,
+             num_kv_heads: int | None = None, seed: int | None = 0, experts_implementation: str | None = None,
+             dtype: torch.dtype | None = None):
+    """A small random mixture-of-experts causal LM from its real transformers config class, in eval mode.
+
+    Args:
+        model_type: "qwen3_moe", "mixtral" or "olmoe" (`MOE_FAMILIES`).
+        expert_size: each expert's intermediate size (Qwen3-MoE's moe_intermediate_size).
+        num_experts, top_k: experts per layer and experts each token is routed to.
+        experts_implementation: "eager", "batched_mm" or "grouped_mm" (transformers' default when None).
+        num_kv_heads: default 2, but num_heads for OLMoE (which has no GQA; llama.cpp's olmoe graph assumes none).
+        the rest: as `tiny_llama`.
+    Example:
+        >>> tiny_moe("mixtral", num_experts=4)(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 512])
+    """
+    if model_type not in MOE_FAMILIES:
+        raise ValueError(f"tiny_moe: model_type={model_type!r}; choose from {list(MOE_FAMILIES)}")
+    if num_kv_heads is None:
+        num_kv_heads = num_heads if model_type == "olmoe" else 2
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+                  num_experts_per_tok=top_k, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "qwen3_moe":
+        extra = dict(num_experts=num_experts, moe_intermediate_size=expert_size, intermediate_size=2 * expert_size,
+                     head_dim=hidden_size // num_heads, norm_topk_prob=True)
+    elif model_type == "mixtral":
+        extra = dict(num_local_experts=num_experts, intermediate_size=expert_size)
+    else:
+        extra = dict(num_experts=num_experts, intermediate_size=expert_size)
+    config = AutoConfig.for_model(model_type, **common, **extra)
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    with torch.random.fork_rng(devices=[], enabled=False):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -2,6 +2,7 @@
 
     python scripts/bench_qat_step.py                       # tiny-ish Llama (random), W4A16 g128 and W4A8
     python scripts/bench_qat_step.py --model smollm2-135m --batch 2 --seq 128 --steps 4
+    python scripts/bench_qat_step.py --model moe --experts grouped_mm   # tiny Qwen3-MoE (8 experts, top-2), W4A16
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
 robin) so machine noise hits all of them alike; the median step time is reported. Peak memory is the peak
@@ -21,6 +22,7 @@ import torch
 
 import qat
 from qat.models import load_model
+from qat.testing import tiny_moe
 
 SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
 
@@ -79,11 +81,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 1 warm-up)")
     parser.add_argument("--group-size", type=int, default=None, help="override g (SmolLM2: 64; 576 %% 128 != 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--experts", default=None, help="moe: transformers' experts implementation "
+                                                        "(eager | batched_mm | grouped_mm; default: transformers')")
     args = parser.parse_args()
     tiny = dict(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, vocab_size=8192)
-    base = load_model(args.model, **(tiny if args.model == "tiny" else {})).to(args.device)
+    schemes = SCHEMES
+    if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
+        base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
+                        num_kv_heads=4, vocab_size=8192, experts_implementation=args.experts).to(args.device)
+        schemes = {"W4A16": "w4a16_g128"}
+    else:
+        base = load_model(args.model, **(tiny if args.model == "tiny" else {})).to(args.device)
     group = args.group_size or (64 if base.config.hidden_size % 128 else None)
-    variants = make_variants(base, SCHEMES, group)
+    variants = make_variants(base, schemes, group)
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
     ids = torch.randint(0, variants["FP"].config.vocab_size, (args.batch, args.seq), device=args.device)
@@ -104,8 +114,9 @@ def main() -> None:
                 times[name].append(dt)
                 peaks[name] = max(peaks[name], peak)
     fp_t = statistics.median(times["FP"])
+    impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
-          f"group size {group or 128}")
+          f"group size {group or 128}" + (f", experts {impl}" if impl else ""))
     rows = []
     for name in variants:
         t = statistics.median(times[name])

@@ -253,13 +253,13 @@ def tokenization_matches(tokenizer, text: str, ref: LlamaPerplexity) -> str:
 
 
 def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, model_type: str = "llama"):
-    """A 2-layer random model of `model_type` (one of `qat.testing.FAMILIES`; hidden 256, so K-quant
-    super-blocks fit; norms and biases perturbed for the other families) and a byte-level BPE tokenizer
-    trained on `text` with exactly `vocab_size` tokens."""
+    """A 2-layer random model of `model_type` (one of `qat.testing.FAMILIES`, hidden 256 so K-quant super-blocks
+    fit, norms and biases perturbed for the non-Llama families; or an MoE family of `qat.testing.MOE_FAMILIES`,
+    8 experts of 256, top-2) and a byte-level BPE tokenizer trained on `text` with exactly `vocab_size` tokens."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from qat.testing import tiny_llama, tiny_model
+    from qat.testing import MOE_FAMILIES, tiny_llama, tiny_model, tiny_moe
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -269,6 +269,8 @@ def tiny_model_and_tokenizer(text: str, vocab_size: int = 320, model_type: str =
     tk.train_from_iterator([text], trainer)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
                                                eos_token="<|endoftext|>")
+    if model_type in MOE_FAMILIES:
+        return tiny_moe(model_type, vocab_size=vocab_size, hidden_size=256, expert_size=256, num_experts=8), tok
     size = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
     model = tiny_llama(**size) if model_type == "llama" else tiny_model(model_type, **size, vector_noise=0.1)
     return model, tok
@@ -289,7 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", help="llama.cpp build folder (default: $QAT_LLAMA_CPP, then PATH)")
     parser.add_argument("--model", default="tiny", help="'tiny' or anything qat-export's model.path takes")
-    parser.add_argument("--family", default="llama", help="the tiny model's model_type (qat.testing.FAMILIES)")
+    parser.add_argument("--family", default="llama", help="the tiny model's model_type (qat.testing.FAMILIES or MOE_FAMILIES)")
     parser.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M,Q6_K")
     parser.add_argument("--gguf", nargs="*", help="check these files instead of exporting")
     parser.add_argument("--text", help="a text file to score (default: wiki test split / tiny corpus)")

@@ -169,6 +169,49 @@ class ArchAdapter:
                              f"{self.gguf_arch_name} with {n_blocks} blocks knows no module {module!r})")
         return f"{base}.{leaf}"
 
+    def gguf_parts(self, hf_name: str, config: Any) -> list[tuple[str, int, int | None]]:
+        """The GGUF tensors Hugging Face parameter `hf_name` is written as: [(GGUF name, first row, end row)],
+        rows along its dim -2 (per expert for 3-D expert weights; end None: to the last). One whole tensor, except
+        where a family fuses what GGUF splits (MoE `experts.gate_up_proj` -> ffn_gate_exps + ffn_up_exps).
+
+        Raises:
+            ValueError: as `gguf_name`.
+        """
+        return [(self.gguf_name(hf_name, config.num_hidden_layers), 0, None)]
+
+    def n_experts(self, config: Any) -> int:
+        """Routed experts per MoE layer, 0 for a dense family (llama.cpp's per-tensor type rules depend on it)."""
+        return 0
+
+    def hf_parts(self, hf_names: Iterable[str], config: Any) -> dict[str, tuple[str, int, int | None]]:
+        """{GGUF name: (Hugging Face name, first row, end row)}: `gguf_parts` inverted, for the importer."""
+        out = {}
+        for name in hf_names:
+            try:
+                out.update({g: (name, start, stop) for g, start, stop in self.gguf_parts(name, config)})
+            except ValueError:
+                continue
+        return out
+
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """(transformers 5 name piece, checkpoint name piece) pairs: where the family's safetensors checkpoints (what
+    vLLM reads) name tensors otherwise than transformers 5's modules (Mixtral: `.block_sparse_moe.experts.{i}.w1`
+    for `.mlp.experts` gate rows); applied by the folder exporters in order."""
+
+    def checkpoint_key(self, key: str) -> str:
+        """A transformers 5 tensor / module name as the family's checkpoints name it (`checkpoint_renames`)."""
+        key += "."
+        for ours, theirs in self.checkpoint_renames:
+            key = key.replace(ours, theirs)
+        return key[:-1]
+
+    def hf_key(self, key: str) -> str:
+        """Inverse of `checkpoint_key`."""
+        key += "."
+        for ours, theirs in reversed(self.checkpoint_renames):
+            key = key.replace(theirs, ours)
+        return key[:-1]
+
     def hf_names(self, hf_names: Iterable[str], n_blocks: int) -> dict[str, str]:
         """{GGUF name: Hugging Face name} for the parameters `hf_names` of a model (the importer's inverse)."""
         out = {}

@@ -1,12 +1,12 @@
 """Llama (and the families laid out like it): `LlamaForCausalLM`, GGUF architecture "llama"."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import torch
 
-from qat.arch.base import ArchAdapter, Mapping, register_arch
+from qat.arch.base import ARCHS, ArchAdapter, Mapping, register_arch
 
 ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -71,3 +71,9 @@ class LlamaAdapter(ArchAdapter):
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
+
+    def config_from_gguf(self, field: Callable[[str, Any], Any], tensor_names: set[str], where: str = ""):
+        if type(self) is LlamaAdapter and field(f"{self.gguf_arch_name}.expert_count", None):
+            # llama.cpp writes Mixtral as "llama" with experts: a mixture of experts reads back as Mixtral
+            return ARCHS["mixtral"].config_from_gguf(field, tensor_names, where)
+        return super().config_from_gguf(field, tensor_names, where)

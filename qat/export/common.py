@@ -14,12 +14,15 @@ import logging
 import torch
 from torch import nn
 
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, quantize_expert_weight
+from qat.modules.router import QuantizedRouter
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
 from qat.transform import convert
 
 log = logging.getLogger(__name__)
+SINGLE = (QuantizedLinear, QuantizedEmbedding, QuantizedRouter)  # converted modules holding one `qweight`
 
 
 def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: bool = False) -> dict[str, list[str]]:
@@ -57,7 +60,7 @@ def converted_copy(model: nn.Module) -> nn.Module:
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> QuantizedLinear / QuantizedEmbedding of a converted model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, SINGLE)}
 
 
 def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -65,15 +68,16 @@ def integer_modules(model: nn.Module) -> dict[str, nn.Module]:
     with a weight quantizer (`convert` would swap those; `as_converted` does it for one module)."""
     out = {}
     for name, module in model.named_modules():
-        converted = isinstance(module, (QuantizedLinear, QuantizedEmbedding))
-        if converted or (type(module) in QUANTIZED and getattr(module, "weight_quantizer", None) is not None):
+        converted = isinstance(module, (*SINGLE, QuantizedExperts))
+        quantizes = getattr(module, "weight_quantizer", None) is not None or bool(getattr(module, "weight_quantizers", None))
+        if converted or (type(module) in QUANTIZED and quantizes):
             out[name] = module
     return out
 
 
 def integer_kind(module: nn.Module) -> type:
     """QuantizedLinear or QuantizedEmbedding: the class `module` is, or converts to."""
-    return type(module) if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) else QUANTIZED[type(module)]
+    return type(module) if isinstance(module, (*SINGLE, QuantizedExperts)) else QUANTIZED[type(module)]
 
 
 def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
@@ -87,7 +91,7 @@ def owning_module(key: str, modules: dict[str, nn.Module]) -> str | None:
 def as_converted(module: nn.Module) -> nn.Module:
     """`module` itself when converted; else a new QuantizedLinear / QuantizedEmbedding made from it as
     `convert` would (sharing its bias and input quantizer), for one module at a time."""
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if isinstance(module, (*SINGLE, QuantizedExperts)):
         return module
     with torch.no_grad():
         return QUANTIZED[type(module)].from_fake(module)
@@ -102,9 +106,13 @@ def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def weight_spec(model: nn.Module, name: str):
     """(QuantSpec or None, has an act-order g_idx) of parameter `name`, without quantizing anything."""
     module, leaf = owner_of(model, name)
+    if isinstance(module, QuantizedExperts) and leaf in module.qweights:
+        return module.qweights[leaf].spec, False
+    if isinstance(module, FakeQuantExperts) and leaf in module.weight_quantizers:
+        return module.weight_quantizers[leaf].spec, False
     if leaf != "weight":
         return None, False
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if isinstance(module, SINGLE):
         return module.qweight.spec, module.qweight.group_index() is not None
     quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
     if quantizer is None:
@@ -117,8 +125,13 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
     converted module holds, or (fake-quant module) one made now with its qparams, as `convert` would,
     so that a prepared model exports tensor by tensor without a converted copy in memory."""
     module, leaf = owner_of(model, name)
-    if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+    if leaf == "weight" and isinstance(module, SINGLE):
         return module.qweight
+    if isinstance(module, QuantizedExperts) and leaf in module.qweights:
+        return module.qweights[leaf]  # the 2-D view of the expert weight (`qat.modules.experts.to_rows`)
+    if isinstance(module, FakeQuantExperts) and leaf in module.weight_quantizers:
+        with torch.no_grad():
+            return quantize_expert_weight(module, leaf)
     quantizer = getattr(module, "weight_quantizer", None) if type(module) in QUANTIZED else None
     if leaf == "weight" and quantizer is not None:
         with torch.no_grad():
@@ -155,7 +168,20 @@ def float_weight_names(model: nn.Module) -> list[str]:
         names.append(name)
     for name in quantized_modules(model):
         names.append(f"{name}.weight")
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            names += [f"{name}.{leaf}" for leaf in module.qweights]
     return names
+
+
+def stored_shape(model: nn.Module, name: str) -> tuple[int, ...]:
+    """The shape of weight `name` as the float model holds it (3-D for fused expert weights), converted or not."""
+    module, leaf = owner_of(model, name)
+    if isinstance(module, (QuantizedExperts, FakeQuantExperts)) and leaf in module.shapes:
+        return tuple(module.shapes[leaf])
+    if leaf == "weight" and hasattr(module, "qweight"):
+        return tuple(module.qweight.shape)
+    return tuple(getattr(module, leaf).shape)
 
 
 def load_rest_and_tie(model, rest: dict, folder, config):
@@ -167,7 +193,8 @@ def load_rest_and_tie(model, rest: dict, folder, config):
     """
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quantizers = quantizer_prefixes(model)  # KV-cache quantizers hold what the format stored, set before
-    missing = [k for k in missing if ".qweight." not in k and k != "lm_head.weight" and not k.startswith(quantizers)]
+    missing = [k for k in missing if ".qweight." not in k and ".qweights." not in k and k != "lm_head.weight"
+               and not k.startswith(quantizers)]
     if missing or unexpected:
         raise ValueError(f"{str(folder)!r}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
     if getattr(config, "tie_word_embeddings", False):

@@ -12,6 +12,9 @@ config_groups (one per distinct scheme, targets = module names), ignore, quantiz
 kv_cache_scheme}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one vLLM's KV cache takes)
 is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` / `.v_scale` [1], as
 compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
+Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written
+in the per-expert layout vLLM and llm-compressor use: `<experts>.{i}.gate_proj` / `.up_proj` (the two row halves of
+gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one scale per expert and projection).
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
@@ -21,11 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qat.arch import find_arch
 from qat.errors import BadFileError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
@@ -33,6 +38,7 @@ from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
+from qat.modules.experts import QuantizedExperts, expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.packing import pack, unpack
@@ -155,14 +161,80 @@ def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
+EXPERT_PROJ = re.compile(r"^(?P<experts>.+)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+class _ExpertSlice:
+    """One expert's gate / up / down projection, cut from the unpacked (codes, scale, zero-point) of an expert
+    weight's 2-D view (`qat.modules.experts.to_rows`), with the QuantizedWeight methods `_linear_tensors` reads."""
+
+    def __init__(self, unpacked, spec: QuantSpec, n_experts: int, e: int, rows: slice, shape) -> None:
+        self.unpacked, self.spec, self.n, self.e, self.rows, self.shape = unpacked, spec, n_experts, e, rows, tuple(shape)
+
+    def _cut(self, t: torch.Tensor | None, codes: bool = False) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if self.spec.granularity == "per_tensor":  # the view is [E, O * I] with one scale per expert
+            return t[self.e].reshape(-1, self.shape[1])[self.rows] if codes else t[self.e].reshape(())
+        per = t.shape[0] // self.n
+        return t[self.e * per:(self.e + 1) * per][self.rows]
+
+    def codes(self) -> torch.Tensor:
+        return self._cut(self.unpacked()[0], codes=True)
+
+    def qparams(self):
+        _, scale, zp = self.unpacked()
+        return self._cut(scale), self._cut(zp)
+
+    def group_index(self):
+        return None
+
+
+def expert_linears(name: str, module: nn.Module, qw_of) -> dict[str, _ExpertSlice]:
+    """{`<experts>.{i}.<proj>`: its slice} for fused experts `module` called `name`; `qw_of(weight)` gives the
+    QuantizedWeight of an expert weight (unpacked once, on first use)."""
+    out = {}
+    spec = module.schemes.weight
+    for weight in _weight_names(module):
+        n_exp, rows, cols = module.shapes[weight]
+        unpacked = _once(lambda w=weight: (lambda qw: (qw.codes(), *qw.qparams()))(qw_of(w)))
+        halves = ([("gate_proj", slice(0, rows // 2)), ("up_proj", slice(rows // 2, rows))] if weight == "gate_up_proj"
+                  else [(weight, slice(0, rows))])
+        for e in range(n_exp):
+            for proj, sl in halves:
+                out[f"{name}.{e}.{proj}"] = _ExpertSlice(unpacked, spec, n_exp, e, sl, (sl.stop - sl.start, cols))
+    return out
+
+
+def _once(fn):
+    cache = []
+    return lambda: cache[0] if cache else (cache.append(fn()) or cache[0])
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    held = getattr(module, "qweights", None) or getattr(module, "weight_quantizers", None)
+    return list(held)
+
+
 def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     """(integer modules, quantized linears, config_groups), every scheme checked before anything is written."""
     modules = integer_modules(model)
     linears = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedLinear}
-    if not linears:
+    experts = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedExperts}
+    if not linears and not experts:
         raise ValueError("compressed-tensors export: the model has no quantized linear layers")
     groups: dict[str, dict] = {}
     ragged: list[str] = []
+    for n, m in experts.items():
+        if m.transposed:
+            raise ValueError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
+        spec = m.schemes.weight
+        _check_spec(n, spec)
+        w_args = _weights_args(spec, False)
+        key = json.dumps([w_args, None], sort_keys=True)
+        group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
+                                        "output_activations": None, "format": "pack-quantized"})
+        group["targets"] += list(expert_linears(n, m, lambda w: None))
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
         _check_spec(n, spec)
@@ -177,13 +249,21 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
-    return modules, linears, groups
+    return modules, {**linears, **experts}, groups
 
 
 def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
     """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
     yield from _kv_tensors(attention)
     for n, m in linears.items():
+        if integer_kind(m) is QuantizedExperts:  # each expert weight quantized once, written expert by expert
+            held = {w: weight_of(model, f"{n}.{w}") for w in _weight_names(m)}
+            for sub, piece in expert_linears(n, m, held.__getitem__).items():
+                yield from _linear_tensors(sub, piece).items()
+            for key, value in m.named_parameters():  # expert biases (none in the supported families)
+                if key not in held and not key.startswith("weight_quantizers."):
+                    yield f"{n}.{key}", value.detach()
+            continue
         yield from _linear_tensors(n, weight_of(model, f"{n}.weight")).items()
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
@@ -212,7 +292,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     """
     modules, linears, groups = _plan(model)
     kv_scheme, attention = _kv_scheme(model)
+    arch = find_arch(model)
+    ck = (lambda key: key) if arch is None else arch.checkpoint_key  # noqa: E731  (the family's checkpoint names)
+    for group in groups.values():
+        group["targets"] = [ck(n) for n in group["targets"]]
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
+    ignore += sorted(n for n, m in model.named_modules() if is_experts(m) and n not in linears)
+    ignore = [ck(n) for n in ignore]
     qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
@@ -220,7 +306,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     out = Path(out_dir)
     check_writable(out / "config.json")
     with torch.no_grad():
-        write_safetensors(_tensors(model, modules, linears, attention), out / "model.safetensors", metadata={"format": "pt"})
+        tensors = ((ck(k), v) for k, v in _tensors(model, modules, linears, attention))
+        write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     config = model.config.to_dict()
@@ -307,22 +394,32 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
             raise BadFileError(folder / "config.json", "not a compressed-tensors pack-quantized checkpoint "
                                f"(quantization_config={str(raw.get('quantization_config'))[:120]})")
-        t = load_safetensors(folder / "model.safetensors")
+        stored = load_safetensors(folder / "model.safetensors")
         verify_checksums(folder, ("config.json", "model.safetensors"))
         config = AutoConfig.from_pretrained(str(folder))
         config.quantization_config = None
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        targets = [(n, group["weights"]) for group in q["config_groups"].values() for n in group["targets"]]
+        arch = find_arch(model)
+        hk = (lambda key: key) if arch is None else arch.hf_key  # noqa: E731  (checkpoint names -> transformers 5)
+        t = {hk(k): v for k, v in stored.items()}
+        targets = [(hk(n), group["weights"]) for group in q["config_groups"].values() for n in group["targets"]]
         if len({n for n, _ in targets}) != len(targets):
             raise BadFileError(folder / "config.json", "a layer is the target of two config_groups")
+        experts: dict[str, dict] = {}
         for n, w_args in targets:
+            m = EXPERT_PROJ.match(n)
+            if m and is_experts(model.get_submodule(m["experts"])):
+                experts.setdefault(m["experts"], w_args)
+                continue
             old = model.get_submodule(n)
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = _quantized_weight(t, n, w_args, old.out_features, old.in_features)
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
                                                  TensorSchemes(weight=qw.spec)))
+        for n, w_args in experts.items():
+            set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
         if q.get("kv_cache_scheme"):
             _attach_kv(model, t, q["kv_cache_scheme"], folder)
         targeted = {n for n, _ in targets}
@@ -333,3 +430,29 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         check_state(model, rest, folder)
         model = load_rest_and_tie(model, rest, folder, config)
     return check_model(model, folder)
+
+
+def _load_experts(t: dict, name: str, old: nn.Module, w_args: dict) -> QuantizedExperts:
+    """QuantizedExperts for the fused experts `old` from the per-expert `<name>.{i}.<proj>` tensors."""
+    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    params = dict(old.named_parameters(recurse=False))
+    pieces = {}
+    for w, projs in parts.items():
+        if w in expert_weight_names(old):
+            rows, cols = params[w].shape[1] // len(projs), params[w].shape[2]
+            pieces[w] = [[_quantized_weight(t, f"{name}.{e}.{p}", w_args, rows, cols) for p in projs]
+                         for e in range(old.num_experts)]
+    spec = next(iter(pieces.values()))[0][0].spec
+    module = QuantizedExperts.empty(old, TensorSchemes(weight=spec), torch.float32)
+    for w, per_expert in pieces.items():
+        codes = torch.cat([torch.cat([q.codes() for q in projs]) for projs in per_expert])
+        qparams = [[q.qparams() for q in projs] for projs in per_expert]
+        if spec.granularity == "per_tensor":  # one scale per expert: the [E, O * I] view, per_channel rows
+            codes = codes.reshape(old.num_experts, -1)
+            scale = torch.stack([qp[0][0].reshape(1) for qp in qparams])
+            zp = None if spec.symmetric else torch.stack([qp[0][1].reshape(1) for qp in qparams])
+        else:
+            scale = torch.cat([qp[0] for projs in qparams for qp in projs])
+            zp = None if spec.symmetric else torch.cat([qp[1] for projs in qparams for qp in projs])
+        module.qweights[w].set_codes(codes, scale, zp)
+    return module

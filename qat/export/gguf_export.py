@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch
-from qat.export.common import float_weight_names, warn_unstored, weight_of, weight_spec
+from qat.export.common import float_weight_names, stored_shape, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_check import CHECKSUM_KEY, PLACEHOLDER, seal_gguf
 from qat.export.gguf_vocab import add_tokenizer
@@ -89,14 +89,18 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bool, imatrix: bool = False,
-             pure: bool = False) -> str:
+             pure: bool = False, n_expert: int = 0) -> str:
     """The tensor type llama.cpp's rules give GGUF tensor `name` in `mix` (before the row-size fallback).
+
+    MoE (`n_expert` routed experts): the router ffn_gate_inp stays F32 (the converter writes it so and
+    llama-quantize never quantizes it); ffn_down_exps follows ffn_down's layer rules; with exactly 8 experts
+    attn_v and attn_k go to Q8_0 and, in the K mixes, attn_output to Q5_K (llama_tensor_get_type_impl).
 
     Example:
         >>> mix_type("token_embd.weight", (49152, 576), "Q4_0", 30, tied=True)
         'Q6_K'
     """
-    if len(shape) == 1:
+    if len(shape) == 1 or re.fullmatch(r"blk\.\d+\.ffn_gate_inp\.weight", name):
         return "F32"
     if mix not in MIXES:
         return mix
@@ -105,7 +109,11 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
         return base
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return base if base == "Q8_0" else "Q6_K"
-    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)\.weight", name)
+    if n_expert == 8 and re.fullmatch(r"blk\.\d+\.attn_[kv]\.weight", name):
+        return "Q8_0"
+    if n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M") and re.fullmatch(r"blk\.\d+\.attn_output\.weight", name):
+        return "Q5_K"
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)(?:_exps)?\.weight", name)
     if m:  # llama.cpp counts a fused attn_qkv (Phi-3) as an attn_v
         i, kind = int(m.group(1)), m.group(2).replace("attn_qkv", "attn_v")
         if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n_layer):
@@ -143,6 +151,21 @@ class _Entry:
     name: str
     type: str
     shape: tuple[int, ...]
+    rows: tuple[int, int | None] = (0, None)  # the rows (dim -2) of the Hugging Face tensor this GGUF tensor holds
+    full: tuple[int, ...] = ()  # the Hugging Face tensor's shape
+
+
+def _part(t: torch.Tensor, entry: _Entry) -> torch.Tensor:
+    """The rows of `entry` from `t` (a weight, or its codes / scales, with rows first): the 2-D view of a 3-D
+    expert weight ([E * O, ...]) is cut per expert and stays 2-D."""
+    start, stop = entry.rows
+    if start == 0 and stop is None:
+        return t
+    if tuple(t.shape) == entry.full:  # the weight itself
+        return t[..., start:stop, :]
+    if len(entry.full) != 3:
+        return t[start:stop]
+    return t.reshape(entry.full[0], -1, *t.shape[1:])[:, start:stop].reshape(-1, *t.shape[1:])
 
 
 def _trained_type(spec, has_g_idx: bool = False) -> str | None:
@@ -168,20 +191,20 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
-        name, (spec, has_g_idx) = arch.gguf_name(hf, config.num_hidden_layers), weight_spec(model, hf)
-        module, _, leaf = hf.rpartition(".")
-        owner = model.get_submodule(module)
-        shape = tuple(owner.qweight.shape) if hasattr(owner, "qweight") and leaf == "weight" else tuple(getattr(owner, leaf).shape)
-        type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers, tied,
-                                                                      imatrix, pure)
-        if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
-            fallbacks.setdefault((type_name, fitted), []).append(name)
-            type_name = fitted
-        if spec is not None and _trained_type(spec, has_g_idx) != type_name:
-            why = ("its trained GGUF type does not fit these rows" if _trained_type(spec, has_g_idx)
-                   else "not a GGUF grid: a gguf_* recipe exports exactly")
-            requantized.setdefault(f"{spec.describe()} weights ({why})", []).append(f"{name} ({type_name})")
-        entries.append(_Entry(hf, name, type_name, shape))
+        spec, has_g_idx = weight_spec(model, hf)
+        full = stored_shape(model, hf)
+        for name, start, stop in arch.gguf_parts(hf, config):  # a fused MoE gate_up_proj is two GGUF tensors
+            shape = full if stop is None and start == 0 else (*full[:-2], (stop or full[-2]) - start, full[-1])
+            type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers,
+                                                                   tied, imatrix, pure, arch.n_experts(config))
+            if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
+                fallbacks.setdefault((type_name, fitted), []).append(name)
+                type_name = fitted
+            if spec is not None and _trained_type(spec, has_g_idx) != type_name:
+                why = ("its trained GGUF type does not fit these rows" if _trained_type(spec, has_g_idx)
+                       else "not a GGUF grid: a gguf_* recipe exports exactly")
+                requantized.setdefault(f"{spec.describe()} weights ({why})", []).append(f"{name} ({type_name})")
+            entries.append(_Entry(hf, name, type_name, shape, (start, stop), full))
     _warn_fallbacks(fallbacks)
     for scheme, names in requantized.items():
         log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
@@ -193,14 +216,16 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
 def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = None) -> np.ndarray:
     arch, config = export_arch(model), model.config
     w = weight_of(model, entry.hf)
-    perm = lambda t: arch.to_gguf(entry.name, t, config)  # noqa: E731  (codes, scales and weights alike)
+    perm = lambda t: arch.to_gguf(entry.name, _part(t, entry), config)  # noqa: E731  (codes, scales, weights)
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
         return gguf_types()[entry.type].blocks(perm(w.codes()), perm(scale), zp).numpy()
     if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)
-        w = w.dequantize(torch.float32)
+        w = w.dequantize(torch.float32).reshape(entry.full)  # an expert weight's 2-D view back to [E, O, I]
     w = perm(w.detach().float())
+    if len(entry.full) == 3:
+        w = w.reshape(entry.shape)
     if entry.type == "F32":
         return w.numpy()
     if w.ndim == 1:

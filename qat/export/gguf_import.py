@@ -92,14 +92,20 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
     if names is None:
         with torch.device("meta"):
             names = list(arch.build_model(config).state_dict())
-    to_hf = arch.hf_names(names, config.num_hidden_layers)
-    out = {}
+    to_hf = arch.hf_parts(names, config)
+    out, parts = {}, {}
     for t in reader.tensors:
         if t.name not in to_hf:
             raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face {config.model_type} name")
         values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         values = values.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
-        out[to_hf[t.name]] = arch.from_gguf(t.name, values, config)
+        hf, start, stop = to_hf[t.name]
+        if start == 0 and stop is None:
+            out[hf] = arch.from_gguf(t.name, values, config)
+        else:  # one of the GGUF tensors a fused Hugging Face tensor was split into (MoE ffn_gate_exps / ffn_up_exps)
+            parts.setdefault(hf, []).append((start, arch.from_gguf(t.name, values, config)))
+    for hf, pieces in parts.items():
+        out[hf] = torch.cat([v for _, v in sorted(pieces, key=lambda p: p[0])], dim=-2)
     return out
 
 

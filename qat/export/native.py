@@ -12,7 +12,7 @@ A native export is a folder:
                          "tied": {key: source key}}; written last, so its presence marks a complete export
 
 `load_native` rebuilds the model from config.json, swaps in QuantizedLinear / QuantizedEmbedding
-modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
+(and QuantizedExperts: fused MoE experts, `kind: experts`) modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
 converted model's forward, bit for bit.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
 from qat.modules.kv_cache import attach_kv_quantizers
+from qat.modules.experts import QuantizedExperts, is_experts
+from qat.modules.router import QuantizedRouter, is_router
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec, TensorSchemes
@@ -45,9 +47,15 @@ def _spec_dict(spec: QuantSpec | None):
 
 
 def _module_entry(module: nn.Module) -> dict:
+    if isinstance(module, QuantizedExperts):
+        dtype = next(iter(module.qweights.values())).dtype
+        return {"kind": "experts", "dtype": str(dtype), "weight": _spec_dict(module.schemes.weight),
+                "shapes": {n: list(s) for n, s in module.shapes.items() if n in module.qweights}}
     qw = module.qweight
     entry = {"shape": list(qw.shape), "dtype": str(qw.dtype), "weight": _spec_dict(qw.spec)}
-    if isinstance(module, QuantizedLinear):
+    if isinstance(module, QuantizedRouter):
+        entry.update(kind="router")
+    elif isinstance(module, QuantizedLinear):
         spec_in = module.input_quantizer.spec if module.input_quantizer is not None else None
         entry.update(kind="linear", bias=module.bias is not None, input=_spec_dict(spec_in))
     else:
@@ -72,7 +80,7 @@ def _state_items(model: nn.Module, modules: dict[str, nn.Module], entries: dict,
         entries[name] = _module_entry(converted)
         fresh = converted is not modules[name]  # new tensors die after writing: their addresses get reused
         for sub, sub_value in converted.state_dict(prefix=f"{name}.").items():
-            yield from _checked(sub, sub_value, extra, tied, None if fresh and ".qweight." in sub else seen)
+            yield from _checked(sub, sub_value, extra, tied, None if fresh and (".qweight." in sub or ".qweights." in sub) else seen)
 
 
 def _checked(key: str, value, extra: dict, tied: dict, seen: dict | None):
@@ -146,16 +154,29 @@ def _read_meta(folder: Path) -> dict:
 
 def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
     """The quantized module `entry` describes, in place of `old`; an entry that does not fit `old` is refused."""
-    kind = {"linear": nn.Linear, "embedding": nn.Embedding}.get(entry.get("kind"))
-    if kind is None or not isinstance(old, kind) or entry.get("shape") != list(old.weight.shape) \
-            or entry.get("dtype") not in _DTYPES or (kind is nn.Linear and entry.get("bias") != (old.bias is not None)) \
-            or (kind is nn.Embedding and entry.get("padding_idx") != old.padding_idx):
-        raise ValueError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
-                         f"describe the model's {type(old).__name__} {list(old.weight.shape)}")
+    if entry.get("dtype") not in _DTYPES:
+        raise ValueError(f"modules.{name}: dtype {entry.get('dtype')!r} is not one of {sorted(_DTYPES)}")
     dtype = _DTYPES[entry["dtype"]]
+    if entry.get("kind") == "experts":
+        if not is_experts(old):
+            raise ValueError(f"modules.{name}: 'experts' does not describe the model's {type(old).__name__}")
+        schemes = TensorSchemes(weight=QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"))
+        return QuantizedExperts.empty(old, schemes, dtype)
+    if entry.get("kind") == "router":
+        fits = is_router(old) and entry.get("shape") == list(old.weight.shape)
+    else:
+        kind = {"linear": nn.Linear, "embedding": nn.Embedding}.get(entry.get("kind"))
+        fits = kind is not None and isinstance(old, kind) and entry.get("shape") == list(old.weight.shape) \
+            and (kind is not nn.Linear or entry.get("bias") == (old.bias is not None)) \
+            and (kind is not nn.Embedding or entry.get("padding_idx") == old.padding_idx)
+    if not fits:
+        raise ValueError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
+                         f"describe the model's {type(old).__name__} {list(getattr(old, 'weight', torch.empty(0)).shape)}")
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":
         return QuantizedEmbedding(qweight, entry.get("padding_idx"))
+    if entry["kind"] == "router":
+        return QuantizedRouter(old, qweight)
     in_features = entry["shape"][1]
     spec_in = None if entry["input"] is None else QuantSpec.from_dict(entry["input"], owner=f"{name}.input")
     input_q = None if spec_in is None else TensorQuantizer(spec_in, "input", torch.zeros(1, in_features))

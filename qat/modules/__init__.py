@@ -3,6 +3,8 @@ from qat.modules.registry import FAKE_QUANT, QUANTIZED, register_fake_quant, reg
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.fake import FakeQuantEmbedding, FakeQuantLinear
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from qat.modules.experts import FakeQuantExperts, QuantizedExperts, is_experts
+from qat.modules.router import FakeQuantRouter, QuantizedRouter, is_router
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 
 __all__ = [
@@ -16,6 +18,12 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedEmbedding",
     "QuantizedWeight",
+    "FakeQuantExperts",
+    "QuantizedExperts",
+    "FakeQuantRouter",
+    "QuantizedRouter",
+    "is_router",
+    "is_experts",
     "attach_kv_quantizers",
     "is_attention",
 ]

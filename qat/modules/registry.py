@@ -7,6 +7,9 @@ from torch import nn
 
 FAKE_QUANT: dict[type[nn.Module], type[nn.Module]] = {}
 QUANTIZED: dict[type[nn.Module], type[nn.Module]] = {}
+FAKE_QUANT_RULES: list[tuple[Callable[[nn.Module], bool], type[nn.Module]]] = []
+"""(predicate, fake-quant type) for module kinds that are not one class: transformers' fused experts are a
+different class per family (Qwen3MoeExperts, MixtralExperts, ...) with one layout."""
 
 
 def register_fake_quant(float_type: type[nn.Module]) -> Callable[[type], type]:
@@ -17,6 +20,12 @@ def register_fake_quant(float_type: type[nn.Module]) -> Callable[[type], type]:
         return cls
 
     return deco
+
+
+def register_fake_quant_rule(predicate: Callable[[nn.Module], bool], cls: type[nn.Module]) -> None:
+    """Make prepare swap every module for which `predicate(module)` holds (and whose exact type is not
+    registered) for `cls`, e.g. `register_fake_quant_rule(is_fused_experts, FakeQuantExperts)`."""
+    FAKE_QUANT_RULES.append((predicate, cls))
 
 
 def register_quantized(fake_type: type[nn.Module]) -> Callable[[type], type]:
@@ -30,5 +39,9 @@ def register_quantized(fake_type: type[nn.Module]) -> Callable[[type], type]:
 
 
 def fake_quant_type(module: nn.Module) -> type[nn.Module] | None:
-    """The fake-quant class registered for exactly this module's type (subclasses are not assumed)."""
-    return FAKE_QUANT.get(type(module))
+    """The fake-quant class registered for exactly this module's type (subclasses are not assumed), or the
+    class of the first rule that takes it."""
+    exact = FAKE_QUANT.get(type(module))
+    if exact is not None or type(module) in QUANTIZED or type(module) in QUANTIZED.values():
+        return exact
+    return next((cls for predicate, cls in FAKE_QUANT_RULES if predicate(module)), None)

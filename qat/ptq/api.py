@@ -77,6 +77,8 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
     method.run(model, batches, progress)
     seconds = time.perf_counter() - start
     model.qat_ptq = {"method": method.name, **dataclasses.asdict(cfg), "seconds": seconds}
+    if getattr(method, "expert_tokens", None):
+        model.qat_ptq["expert_tokens"] = method.expert_tokens  # calibration tokens routed to each MoE expert
     log.info("%s: %d linear layers in %.1f s", method.name, len(linears), seconds)
     return model
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qat.control import quantizers
+from qat.modules.experts import FakeQuantExperts
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.gptq import check_spec
 
@@ -53,7 +54,7 @@ def check_prepared(model: nn.Module, linears: dict, method: str) -> None:
     Raises:
         ValueError: naming the method and what to call first.
     """
-    if not linears and not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+    if not linears and not any(isinstance(m, (FakeQuantLinear, FakeQuantExperts)) for m in model.modules()):
         raise ValueError(f"{method}: the model has no fake-quant linear layers; call qat.prepare(model, recipe) first")
 
 

@@ -22,7 +22,7 @@ def convert(model: nn.Module) -> nn.Module:
             raise ValueError("convert: the model is already converted (it holds real-integer modules)")
         raise ValueError("convert: the model has no fake-quant modules; call qat.prepare first")
     for name, module in targets:
-        if getattr(module, "weight_quantizer", None) is None:
+        if getattr(module, "weight_quantizer", None) is None and not getattr(module, "weight_quantizers", None):
             continue  # input-only quantization: nothing to store as integers
         quantized = QUANTIZED[type(module)].from_fake(module)
         if name:
@@ -38,7 +38,7 @@ def to_float(model: nn.Module) -> nn.Module:
     Fake-quant modules give back their float weights; real-integer modules their dequantized weights.
     KV-cache quantizers are removed and the model's attention implementation is restored.
     """
-    swappable = set(FAKE_QUANT.values()) | set(QUANTIZED.values())
+    swappable = set(FAKE_QUANT.values()) | set(QUANTIZED) | set(QUANTIZED.values())
     for name, module in list(model.named_modules()):
         if type(module) in swappable and name:
             set_module(model, name, module.to_float())

@@ -6,6 +6,12 @@ from functools import lru_cache
 
 from torch import nn
 
+from qat.modules.experts import is_experts
+
+EXPERTS_PATTERNS = ("Experts", "Linear")
+"""Class-name patterns that also select transformers' fused-experts modules (E linear layers stored as 3-D
+parameters): a recipe's `targets: [Linear]` quantizes the experts of an MoE, `Experts` names only them."""
+
 
 @lru_cache(maxsize=256)
 def _compile(pattern: str) -> re.Pattern:
@@ -20,6 +26,7 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
 
     - "re:<regex>": the regex matches the whole module name (re.fullmatch);
     - a class name ("Linear", "LlamaAttention"): the module's class or one of its bases has that name;
+      "Linear" and "Experts" also select fused-experts modules (`EXPERTS_PATTERNS`);
     - anything else: the module name equals the pattern or ends with "." + pattern.
 
     Example:
@@ -29,5 +36,7 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return _compile(pattern[3:]).fullmatch(name) is not None
     if any(cls.__name__ == pattern for cls in type(module).__mro__):
+        return True
+    if pattern in EXPERTS_PATTERNS and is_experts(module):
         return True
     return name == pattern or name.endswith("." + pattern)

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from qat.formats import get_format, gguf_types
+from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
 from qat.primitives import check_tensor
@@ -119,21 +120,35 @@ def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
     """A GGUF grid on rows its blocks cannot hold (a K-quant's super-blocks of 256): training works (the last
     block is partial), but a GGUF file stores such rows in another type, so the export is not format-exact."""
     misfits: dict[tuple[str, int], list[str]] = {}
+    widths = {}
     for n, s in result.modules.items():
         gguf = None if s.weight is None else get_format(s.weight).gguf_type(s.weight)
         block = gguf_types()[gguf].block if gguf else 1
-        if by_name[n].weight.shape[-1] % block:
+        widths[n] = min(_row_widths(by_name[n]))
+        if widths[n] % block:
             misfits.setdefault((gguf, block), []).append(n)
     return [f"{len(names)} module(s) on the GGUF {gguf} grid have rows that are not a multiple of {block} "
-            f"(e.g. {names[0]}, {by_name[names[0]].weight.shape[-1]} wide): GGUF stores such rows in another type, "
+            f"(e.g. {names[0]}, {widths[names[0]]} wide): GGUF stores such rows in another type, "
             "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"
             for (gguf, block), names in misfits.items()]
+
+
+def _row_widths(module: nn.Module) -> list[int]:
+    """The row widths (input features) of the weights of a module prepare swaps."""
+    if is_experts(module):
+        transposed = bool(getattr(module, "is_transposed", False))
+        return [getattr(module, n).shape[1 if transposed else -1] for n in expert_weight_names(module)]
+    return [module.weight.shape[-1]]
 
 
 def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
     errors = []
     for n, schemes in result.modules.items():
         module = by_name[n]
+        kind = fake_quant_type(module)
+        if hasattr(kind, "plan_errors"):  # fused experts and MoE routers check themselves
+            errors += kind.plan_errors(module, schemes, n)
+            continue
         if schemes.weight is not None:
             try:
                 check_tensor(module.weight.detach(), f"{n}.weight", schemes.weight)

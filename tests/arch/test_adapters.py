@@ -59,7 +59,7 @@ def test_unknown_family_names_the_known_ones_and_the_file_to_add(tmp_path):
 
 
 def test_registry_and_mappings():
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"} <= set(registered_archs())
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "olmoe"} <= set(registered_archs())
     llama, mistral = get_arch("llama"), get_arch("mistral")
     assert mistral.mappings == llama.mappings and mistral.gguf_arch_name == llama.gguf_arch_name == "llama"
     assert [m.prev for m in llama.mappings] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",

@@ -13,6 +13,7 @@ from torch import nn
 from qat.ptq.awq import search_clip, search_scale
 from qat.ptq.checks import check_fold, check_ranges, check_weight_schemes
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
+from qat.ptq.experts import block_experts, pin_rtn_experts
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
 from qat.ptq.runner import BlockContext, activation_quantizers_off
@@ -83,6 +84,8 @@ class AWQ(PTQMethod):
                 gram = gram / torch.outer(in_scale[n], in_scale[n])
             module.weight_quantizer.set_qparams(*search_clip(module.weight, gram, module.weight_quantizer.spec,
                                                              cfg.clip_grid, cfg.max_shrink))
+        for experts in block_experts(ctx.block).values():  # no norm -> experts mapping is scaled: round-to-nearest
+            pin_rtn_experts(experts)
 
     def _scale(self, ctx: BlockContext, stats: dict) -> dict[str, torch.Tensor]:
         """Search and fold the input scale of every applicable mapping; {linear: its scale}."""

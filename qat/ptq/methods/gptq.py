@@ -12,6 +12,7 @@ from torch import nn
 from qat.control import quantization_disabled
 from qat.ptq.checks import check_ranges
 from qat.ptq.gptq import check_spec, gptq_quantize, holds_g_idx
+from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
 from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, run_block
@@ -32,6 +33,10 @@ class GPTQConfig:
         true_sequential: inside a block, calibrate each stage (q/k/v, o, gate/up, down) on the outputs
             of the already-quantized stages before it.
         min_tokens: fewer calibration tokens than this is an error.
+        min_expert_tokens: an MoE expert routed fewer calibration tokens than this is quantized round-to-nearest
+            (with a warning naming it) instead of GPTQ on its own Hessian.
+        route_all_experts: build every expert's Hessian from all calibration tokens, not only those the router
+            sends it (statistics only: the block's outputs still follow the router).
     """
 
     blocksize: int = 128
@@ -40,11 +45,14 @@ class GPTQConfig:
     static_groups: bool = False
     true_sequential: bool = True
     min_tokens: int = 128
+    min_expert_tokens: int = 16
+    route_all_experts: bool = False
 
     def __post_init__(self) -> None:
         check_ranges("gptq", {"blocksize": (self.blocksize, self.blocksize >= 1, ">= 1"),
                               "percdamp": (self.percdamp, 0.0 <= self.percdamp < 1.0, "in [0, 1)"),
-                              "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
+                              "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0"),
+                              "min_expert_tokens": (self.min_expert_tokens, self.min_expert_tokens >= 1, ">= 1")})
 
 
 def check_model(linears: dict, cfg: GPTQConfig) -> None:
@@ -120,6 +128,10 @@ class GPTQ(PTQMethod):
 
     def check(self, model: nn.Module, linears: dict) -> None:
         check_model(linears, self.config)
+        errors = check_experts_gptq(block_experts(model), self.config.actorder, self.config.static_groups)
+        if errors:
+            raise ValueError("gptq: unsupported expert weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+        self.expert_tokens: dict[str, list[int]] = {}
 
     def solve_block(self, ctx: BlockContext) -> None:
         cfg, block, linears = self.config, ctx.block, ctx.linears
@@ -138,3 +150,20 @@ class GPTQ(PTQMethod):
                 loss = solve_linear(f"{ctx.name}.{n}", mods[n], stats.get(n, stats[group[0]]), cfg)
                 log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
             del stats
+        self._solve_experts(ctx)
+
+    def _solve_experts(self, ctx: BlockContext) -> None:
+        """Expert-aware GPTQ: gate_up_proj then down_proj of every expert, each on the tokens routed to it."""
+        experts = block_experts(ctx.block)
+        for weight in ("gate_up_proj", "down_proj"):
+            targets = {n: m for n, m in experts.items() if weight in m.weight_quantizers}
+            if not targets:
+                continue
+            with activation_quantizers_off(ctx.block), record_expert_inputs(targets, weight,
+                                                                            self.config.route_all_experts) as stats:
+                ctx.run()
+            for n, m in targets.items():
+                tokens = solve_experts_weight(f"{ctx.name}.{n}" if ctx.name else n, m, weight, stats[n], self.config,
+                                              self.config.min_expert_tokens)
+                if weight == "gate_up_proj":
+                    getattr(self, "expert_tokens", {})[f"{ctx.name}.{n}" if ctx.name else n] = tokens

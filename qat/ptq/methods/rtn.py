@@ -8,6 +8,7 @@ from torch import nn
 
 from qat.observers import OBSERVERS
 from qat.ptq.checks import has_static_activations
+from qat.ptq.experts import block_experts, pin_rtn_experts
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
 from qat.ptq.runner import BlockContext, block_context
@@ -45,6 +46,8 @@ class RTN(PTQMethod):
     def solve_block(self, ctx: BlockContext) -> None:
         for module in ctx.linears.values():
             pin_rtn(module, self.config.observer, self.config.observer_args)
+        for experts in block_experts(ctx.block).values():
+            pin_rtn_experts(experts, self.config.observer, self.config.observer_args)
 
     def run(self, model: nn.Module, batches: Iterable[Any], progress: bool = True) -> None:
         if has_static_activations(model):

@@ -10,6 +10,7 @@ from torch import nn
 from qat.control import quantizers
 from qat.ptq.checks import check_fold
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
+from qat.ptq.experts import block_experts, pin_rtn_experts
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
 from qat.ptq.runner import BlockContext, activation_quantizers_off
@@ -69,3 +70,5 @@ class SmoothQuant(PTQMethod):
             check_fold(ctx.name, ref[:1], ctx.float_run(ctx.inputs[:1]))
         for module in linears.values():
             pin_rtn(module)
+        for experts in block_experts(ctx.block).values():  # no norm -> experts mapping is scaled: round-to-nearest
+            pin_rtn_experts(experts)
