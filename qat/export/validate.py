@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -149,9 +150,11 @@ def check_state(model: nn.Module, state: dict, path: str | os.PathLike, skip: tu
         BadFileError: listing the tensors that differ.
     """
     own = model.state_dict()
-    quant = (".qweight.scale", ".qweight.zero_point", ".qweight.g_idx")  # shaped as stored; check_model checks them
+    # QuantizedWeight storage (a Linear's qweight, an experts module's qweights.<name>) is shaped as stored;
+    # check_model checks it after loading
+    quant = re.compile(r".*\.(?:qweight|qweights\.[^.]+)\.(?:scale|zero_point|g_idx)")
     bad = [f"{k}: stored {v.dtype} {tuple(v.shape)}, the model needs {own[k].dtype} {tuple(own[k].shape)}"
-           for k, v in state.items() if isinstance(v, torch.Tensor) and k in own and not k.endswith(quant)
+           for k, v in state.items() if isinstance(v, torch.Tensor) and k in own and not quant.fullmatch(k)
            and not k.startswith(skip) and (v.dtype != own[k].dtype or v.shape != own[k].shape)]
     if bad:
         raise BadFileError(path, "tensors do not fit the model:\n  - " + "\n  - ".join(bad[:10]))
