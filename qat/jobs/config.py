@@ -49,8 +49,9 @@ EXPORT_CALIBRATION = dict.fromkeys(("samples", "seq_len", "split", "batch_size",
 EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "gguf_type": ANY, "gguf_pure": ANY,
           "output": ANY, "overwrite": ANY, "checkpoint": ANY, "tokenizer": ANY, "imatrix": ANY,
           "calibration": EXPORT_CALIBRATION}
+HARNESS = dict.fromkeys(("limit", "batch_size", "max_length", "num_fewshot", "bootstrap_iters"), ANY)  # lm-eval
 EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
-            "max_new_tokens": ANY, "tokenizer": ANY}
+            "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY}
 DEMO = {"quant": ANY, "tiny": TINY, "tokens": ANY, "hydra": ANY}
 
 INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY, OPEN: ANY}  # + the method's keys

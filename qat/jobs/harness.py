@@ -95,13 +95,13 @@ def as_lm(model: nn.Module, tokenizer: Any, batch_size: int = 1, max_length: int
 
 def task_manager(names: Sequence[str], include_path: Sequence[str] | None = None):
     """lm-eval's TaskManager with qat's tasks (configs/harness_tasks) registered; lm-eval's own task index
-    (thousands of YAMLs, tens of seconds) is read only when a name is not one of qat's."""
+    (thousands of YAMLs, tens of seconds) is read only when a name is not qat's (qat_*)."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     ours = set(TASKS) | set(QAT_TAGS)
     paths = [str(TASK_DIR), *map(str, include_path or [])]
-    defaults = bool(include_path) or any(n not in ours for n in names)
+    defaults = bool(include_path) or any(n not in ours and not n.startswith("qat_") for n in names)
     return TaskManager(include_path=paths, include_defaults=defaults)
 
 
@@ -130,7 +130,6 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
     lm_eval = require_lm_eval()
     from lm_eval import evaluator
     from lm_eval.api.model import LM
-    from lm_eval.tasks import get_task_dict
 
     start = time.perf_counter()
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
@@ -143,8 +142,8 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
                          f"{list(QAT_TAGS)}); lm-eval's own: `lm-eval ls tasks`")
     was_training = getattr(model, "training", False)
     lm = model if isinstance(model, LM) else as_lm(model, tokenizer, batch_size, max_length)
-    task_dict = get_task_dict(names, manager)
-    leaves = dict(_leaf_tasks(task_dict))
+    task_dict = manager.load(names)  # {"tasks": {name: Task}, "groups": ...}, tags and groups opened
+    leaves = dict(task_dict["tasks"])
     if num_fewshot is not None:
         for task in leaves.values():
             task.set_config(key="num_fewshot", value=int(num_fewshot))
@@ -159,17 +158,6 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
                                    bootstrap_iters, seed) for name, task in leaves.items()}
     return {"tasks": results, "limit": limit, "num_fewshot": num_fewshot,
             "lm_eval": getattr(lm_eval, "__version__", "?"), "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _leaf_tasks(node: Any):
-    """(name, Task) for every task of a (nested) task dict, groups and tags opened."""
-    from lm_eval.api.task import Task
-
-    for key, value in (node.items() if isinstance(node, dict) else []):
-        if isinstance(value, Task):
-            yield str(getattr(value, "task_name", None) or value.config.task or key), value
-        else:
-            yield from _leaf_tasks(value)
 
 
 def _task_metrics(task, results: dict, samples: list[dict], iters: int, seed: int) -> dict:
