@@ -43,6 +43,7 @@ KINDS = ("lambada", "ppl")
 TASKS = {f"qat_{c}_{k}": (c, k) for c in CORPORA for k in KINDS}
 OFFLINE = [t for t in TASKS if not t.startswith("qat_tiny")]  # the tag `qat_offline`
 LAMBADA_MIN_WORDS = 16     # a passage shorter than this leaves too little context for its last word
+LAMBADA_MAX_ITEMS = 500    # evenly spaced over the candidates (Shakespeare's 4 held-out plays give ~1,700)
 PPL_CHUNK_WORDS = 500      # a play is cut into documents of at least this many words (paragraph boundaries)
 LAST_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*")
 TRAILING = ".,;:!?\"')]}-_ \n\t"
@@ -67,7 +68,8 @@ def paragraphs(doc: str) -> list[str]:
 
 def lambada_docs(docs: list[str]) -> list[dict]:
     """LAMBADA-style items: every paragraph of at least LAMBADA_MIN_WORDS words, whitespace collapsed and the
-    trailing punctuation dropped, whose last word is alphabetic; {"text"} (the target is its last word)."""
+    trailing punctuation dropped, whose last word is alphabetic; {"text"} (the target is its last word). Beyond
+    LAMBADA_MAX_ITEMS candidates, that many evenly spaced ones (a 2-core CPU evaluates ~1 item a second)."""
     out = []
     for doc in docs:
         for para in paragraphs(doc):
@@ -75,6 +77,8 @@ def lambada_docs(docs: list[str]) -> list[dict]:
             words = text.split(" ")
             if len(words) >= LAMBADA_MIN_WORDS and LAST_WORD.fullmatch(words[-1]):
                 out.append({"text": text})
+    if len(out) > LAMBADA_MAX_ITEMS:
+        out = [out[i * len(out) // LAMBADA_MAX_ITEMS] for i in range(LAMBADA_MAX_ITEMS)]
     return out
 
 
