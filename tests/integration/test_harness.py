@@ -219,3 +219,22 @@ def test_only_the_harness_module_imports_lm_eval_and_only_inside_functions():
 def test_unknown_task_is_named_before_the_model_is_wrapped():
     with pytest.raises(ValueError, match="unknown \\['qat_tiny_nope'\\].*qat_tiny_lambada"):
         evaluate_tasks(object(), TOK, ["qat_tiny_nope"])
+
+
+def test_compare_job_runs_tasks_on_every_row(tmp_path):
+    from qat.jobs.compare import run_compare_job
+    from qat.jobs.sweep import run_sweep_job
+    from qat.jobs.config import register_resolvers
+    from tests.ptq.conftest import compose_job
+
+    register_resolvers()
+    cfg = compose_job("compare", ["calibration.samples=4", "eval.max_blocks=2", "methods=[fp,rtn]",
+                                  "quants=[w4a16_g128]", "eval.tasks=[qat_tiny_ppl]", "eval.harness.limit=2"])
+    paths = run_compare_job(cfg, tmp_path, log=lambda s: None)
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp", "rtn"]
+    fp, rtn = (r["tasks"]["qat_tiny_ppl/word_perplexity"] for r in rows)
+    assert fp["n"] == rtn["n"] == 2 and fp["value"] != rtn["value"] and fp["stderr"] > 0
+    assert "qat_tiny_ppl/bits_per_byte" in paths["md"].read_text()
+    with pytest.raises(ValueError, match="single-process qat-compare"):
+        run_sweep_job({**cfg, "method": {"name": "rtn"}}, tmp_path / "job")
