@@ -8,5 +8,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["qat", "qat.*"]), "qat.configs"],
     package_dir={"qat.configs": "configs"},
-    package_data={"qat.configs": ["**/*.yaml", "data/*.txt"]},  # recipes, config groups, the fixture corpus
+    package_data={"qat.configs": ["**/*.yaml", "data/*.txt", "harness_tasks/*.py"]},  # recipes, config groups, the fixture corpus
 )

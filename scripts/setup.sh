@@ -14,6 +14,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
 if [ ! -f .venv/.qat-installed ] || [ pyproject.toml -nt .venv/.qat-installed ]; then
-  "$VPY" -m pip install -q -e ".[dev]"
+  "$VPY" -m pip install -q -e ".[dev,eval]"
   touch .venv/.qat-installed
 fi

@@ -5,20 +5,19 @@
 """
 from __future__ import annotations
 
-import json
-
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from qat.jobs.eval import run_eval_job
+from qat.jobs.eval import eval_report, run_eval_job
 from qat.recipes import CONFIG_DIR
 
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = run_eval_job(OmegaConf.to_container(cfg, resolve=True))
-    print(json.dumps(result, indent=2))
+    result = run_eval_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
+    print(eval_report(result))
 
 
 if __name__ == "__main__":

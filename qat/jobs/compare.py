@@ -13,8 +13,10 @@ import torch
 import qat
 from qat.jobs import ptq
 from qat.jobs.config import COMPARE, check_keys
+from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
 from qat.jobs.ptq import check_job, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
+from qat.models import load_tokenizer
 from qat.ptq import method_config
 from qat.transform.recipe import load_recipe
 
@@ -23,6 +25,9 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     check_keys(cfg, COMPARE)
     torch.manual_seed(int(cfg.get("seed", 0)))
     methods = [_method_entry(m) for m in cfg["methods"]]
+    tasks = list(cfg["eval"].get("tasks") or [])
+    if tasks and methods:
+        require_lm_eval()  # before any row is computed
     extra = load_results(cfg.get("results") or [])
     if methods:
         if any(opts["name"] != "fp" for _, opts in methods):
@@ -39,9 +44,13 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             method_config(opts)
         for quant in ([None] if opts["name"] == "fp" else cfg["quants"]):
             args = {k: v for k, v in opts.items() if k != "name"}
-            row, _ = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
+            row, model = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
                              batch_size=cfg["eval"].get("batch_size", 4))
             row.update(method=label, protocol=job_protocol(cfg, blocks))
+            if tasks:  # lm-eval on the quantized model itself (eval.tasks, eval.harness)
+                harness = {k: v for k, v in (cfg["eval"].get("harness") or {}).items() if v is not None}
+                tok = load_tokenizer(cfg["model"]["path"])
+                row["tasks"] = flat_metrics(evaluate_tasks(model, tok, tasks, **harness))
             log(f"{label:12s} {row['quant']:16s} ppl {row['ppl']:.3f}  {row['bits_per_weight']:.2f} bpw  "
                 f"{row['wall_s']:.1f} s")
             rows.append(row)

@@ -42,15 +42,17 @@ PTQ = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "method": ANY, "calibr
        "save": ANY, "export": ANY, "progress": ANY}
 QAT = dict.fromkeys(("experiment", "overrides"), ANY)  # qat-compare's QAT rows: qat-train overrides
 QAT_METHOD = dict.fromkeys(("name", "label", "init", "overrides"), ANY)  # a `method` node with name: qat
+HARNESS = dict.fromkeys(("limit", "batch_size", "max_length", "num_fewshot", "bootstrap_iters"), ANY)  # lm-eval
+COMPARE_EVAL = {**EVAL, "tasks": ANY, "harness": HARNESS}  # single-process qat-compare: lm-eval tasks per row
 COMPARE = {**JOB, "model": MODEL, "data": DATA, "methods": ANY, "quants": ANY, "calibration": CALIBRATION,
-           "eval": EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT, "fail_on_error": ANY}
+           "eval": COMPARE_EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT, "fail_on_error": ANY}
 
 EXPORT_CALIBRATION = dict.fromkeys(("samples", "seq_len", "split", "batch_size", "save"), ANY)  # imatrix=calibrate
 EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "gguf_type": ANY, "gguf_pure": ANY,
           "output": ANY, "overwrite": ANY, "checkpoint": ANY, "tokenizer": ANY, "imatrix": ANY,
           "calibration": EXPORT_CALIBRATION}
 EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
-            "max_new_tokens": ANY, "tokenizer": ANY}
+            "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY}
 DEMO = {"quant": ANY, "tiny": TINY, "tokens": ANY, "hydra": ANY}
 
 INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY, OPEN: ANY}  # + the method's keys

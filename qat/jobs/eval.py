@@ -1,19 +1,29 @@
-"""The qat-eval job: perplexity and a greedy sample of any export or checkpoint, loaded through qat's loader.
+"""The qat-eval job: perplexity, lm-evaluation-harness tasks and a greedy sample of any export or checkpoint,
+loaded through qat's loader.
 
     run_eval("out/m.gguf", data="wiki", max_blocks=32)
+    run_eval("out/m.gguf", data=None, tasks=["qat_offline"])        # qat.jobs.harness (needs qat[eval])
+
+`run_eval_job` also writes the result as one qat-compare row (result.json, atomically): method / quant name
+the model, `ppl` the perplexity (null without data), `tasks` each task metric with its standard error.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from qat.data import build_blocks, corpus_from_mapping
-from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
+from qat.export.load import detect_format, in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
+from qat.io import atomic_write_bytes
 from qat.jobs.config import EVAL_JOB, check_keys
+from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval, tasks_table
 from qat.jobs.measure import perplexity
+from qat.jobs.results import eval_protocol, to_json
 
 
 def tokenizer_for(tokenizer: str | None, model: str):
@@ -40,7 +50,8 @@ def corpus_config(data: str | dict, seq_len: int | None, max_blocks: int | None)
 
 def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, seq_len: int | None = None,
              max_blocks: int | None = 32, split: str = "test", prompt: str | None = None, max_new_tokens: int = 32,
-             tokenizer: str | None = None, dtype: str = "float32", tiny: dict | None = None) -> dict:
+             tokenizer: str | None = None, dtype: str = "float32", tiny: dict | None = None,
+             tasks: list[str] | str | None = None, harness: dict | None = None) -> dict:
     """Perplexity (and a greedy generation) of any export, loaded through `load_any`.
 
     Args:
@@ -49,14 +60,20 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
             (the `data` config group), or None to skip perplexity.
         quant: a recipe to quantize in flight at load (e.g. fp8_dynamic).
         seq_len / max_blocks: override the corpus's block size / number of evaluation blocks.
+        tasks: lm-eval task / tag names run by `qat.jobs.harness.evaluate_tasks` (e.g. ["qat_offline"]).
+        harness: its other arguments (limit, batch_size, max_length, num_fewshot, bootstrap_iters).
     Returns:
-        {"model", "ppl", "tokens", "sample", "seconds"}.
+        {"model", "ppl", "tokens", "protocol", "harness", "sample", "seconds"} ("harness": evaluate_tasks'
+        result, when tasks are given).
     Raises:
-        ValueError: no tokenizer found (give tokenizer=).
+        ValueError: no tokenizer found (give tokenizer=). ImportError: tasks without lm-eval installed (checked
+            before the model loads).
     Example:
         >>> run_eval("out/m.gguf", data="wiki", max_blocks=8)
     """
     start = time.perf_counter()
+    if tasks:
+        require_lm_eval()  # refused before the model loads
     recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
     tok = tokenizer_for(tokenizer, model)
     net = load_any(model, dtype, **(tiny or {}))
@@ -66,8 +83,12 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
-        blocks = build_blocks(corpus_config(data, seq_len, max_blocks), tok, splits=[split])[split]
-        out.update(ppl=round(perplexity(net, blocks), 4), tokens=int(blocks.numel()))
+        cfg = corpus_config(data, seq_len, max_blocks)
+        blocks = build_blocks(cfg, tok, splits=[split])[split]
+        out.update(ppl=round(perplexity(net, blocks), 4), tokens=int(blocks.numel()),
+                   protocol=eval_protocol(cfg.path, split, blocks))
+    if tasks:
+        out["harness"] = evaluate_tasks(net, tok, tasks, **(harness or {}))
     if prompt:
         ids = torch.tensor([tok(prompt)["input_ids"]])
         gen = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -79,15 +100,48 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     return out
 
 
-def run_eval_job(cfg: dict) -> dict:
+def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
     """qat-eval's job: the composed config (plain dicts) checked against `qat.jobs.config.EVAL_JOB`, then
-    `run_eval`.
+    `run_eval`; the result is written as a qat-compare row to `output` (default `<out_dir>/result.json`).
 
     Raises:
         ValueError: a misspelt key anywhere (naming it), and what `run_eval` raises.
     """
     check_keys(cfg, EVAL_JOB)
     model = cfg["model"]
-    return run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
-                    split=cfg["split"], prompt=cfg["prompt"], max_new_tokens=cfg["max_new_tokens"],
-                    tokenizer=cfg["tokenizer"], dtype=model.get("dtype", "float32"), tiny=model.get("tiny"))
+    harness = {k: v for k, v in (cfg.get("harness") or {}).items() if v is not None}
+    result = run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
+                      split=cfg["split"], prompt=cfg["prompt"], max_new_tokens=cfg["max_new_tokens"],
+                      tokenizer=cfg["tokenizer"], dtype=model.get("dtype", "float32"), tiny=model.get("tiny"),
+                      tasks=cfg.get("tasks") or None, harness=harness)
+    target = cfg.get("output") or (Path(out_dir) / "result.json" if out_dir else None)
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, to_json(eval_row(result, cfg.get("label"), cfg.get("quant"))))
+        result["result_json"] = str(target)
+    return result
+
+
+def eval_row(result: dict, label: str | None = None, quant: Any = None) -> dict:
+    """`run_eval`'s result as one qat-compare row (`qat-compare results=[.../result.json]` merges it): method =
+    `label` (default: the model's file name), quant = the in-flight recipe or the model's format, `tasks` =
+    `qat.jobs.harness.flat_metrics` (value, stderr, n per "<task>/<metric>"); the full result under "eval"."""
+    model = str(result["model"])
+    name = quant if isinstance(quant, str) else (quant or {}).get("name") if isinstance(quant, dict) else None
+    return {"method": label or Path(model).name, "quant": name or detect_format(model),
+            "ppl": result.get("ppl", math.nan), "protocol": result.get("protocol"),
+            "tasks": flat_metrics(result.get("harness") or {}), "eval": result}
+
+
+def eval_report(result: dict) -> str:
+    """What qat-eval prints: the tasks' table (value ± standard error) when tasks ran, then the result."""
+    lines = []
+    if "ppl" in result:
+        lines.append(f"perplexity {result['ppl']:.4f} on {result['tokens']} tokens")
+    if result.get("harness"):
+        lines.append(tasks_table(result["harness"]))
+    if result.get("sample") is not None:
+        lines.append(f"sample: {result['sample']!r}")
+    if result.get("result_json"):
+        lines.append(f"written: {result['result_json']}")
+    return "\n".join(lines)

@@ -5,6 +5,12 @@ A row is a dict with COLUMNS (method, quant, ppl, bits per weight, size, wall ti
 blocks, block size). `write_results` writes markdown, CSV and JSON plus a Pareto chart (PNG); rows from
 other runs (`result.json` of qat-train / qat-ptq / qat-compare jobs) come in through `load_results`, and
 rows measured under different protocols are refused (`check_protocols`).
+
+Rows may also carry `tasks` (qat-eval's lm-evaluation-harness metrics: {"<task>/<metric>": {value, stderr, n,
+higher_is_better}}): the table grows a "value ± stderr" column per metric, a cell within noise of the column's
+best row (|a - b| < 2 sqrt(se_a^2 + se_b^2)) is marked ≈, and the pairs of rows that their noise cannot
+separate are listed under the table. Rows whose task was measured on a different number of documents are
+refused (`check_tasks`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from qat.io import atomic_write_bytes
 COLUMNS = ("method", "quant", "ppl", "bits_per_weight", "size_mb", "wall_s", "peak_mem_mb")
 STATUS_COLUMNS = ("status", "error")  # "ok" | "failed", and the failure's message
 PROTOCOL_KEYS = ("data", "split", "blocks", "block_size")
+NOISE_SIGMAS = 2.0  # two rows differ significantly when |a - b| >= NOISE_SIGMAS * sqrt(se_a^2 + se_b^2)
 
 def eval_protocol(data_path: Any, split: str, blocks: torch.Tensor) -> dict:
     """The evaluation protocol a perplexity was measured under: corpus, split, number of blocks, block size.
@@ -117,6 +124,8 @@ def as_row(row: dict, path: Any, protocol: dict | None = None) -> dict:
     out.update({k: math.nan for k in COLUMNS[2:] if out[k] is None})  # strict JSON writes NaN as null
     out.update(status=row.get("status", "ok"), error=row.get("error", ""), source=str(path),
                protocol=row.get("protocol") or protocol)
+    if row.get("tasks"):
+        out["tasks"] = row["tasks"]
     return out
 
 
@@ -152,9 +161,83 @@ def _finite(rows: Sequence[dict]) -> list[dict]:
 
 
 def to_markdown(rows: Sequence[dict]) -> str:
-    """The table; status and error columns appear only when a job failed."""
+    """The table; status and error columns appear only when a job failed; one "value ± stderr" column per task
+    metric (≈: within noise of the column's best row), then the pairs of rows within each other's noise."""
     columns = list(COLUMNS) + (list(STATUS_COLUMNS) if any(r.get("status", "ok") != "ok" for r in rows) else [])
-    return format_table([{k: _cell(r.get(k, "")) for k in columns} for r in rows], columns)
+    keys = task_keys(rows)
+    cells = []
+    for r in rows:
+        cell = {k: _cell(r.get(k, "")) for k in columns}
+        for key in keys:
+            m, best = (r.get("tasks") or {}).get(key), best_row(rows, key)
+            tie = m is not None and best is not None and best is not r and within_noise(m, best["tasks"][key])
+            cell[key] = "" if m is None else f"{_num(m['value'])} ± {_num(m['stderr'])}" + (" ≈" if tie else "")
+        cells.append(cell)
+    table = format_table(cells, columns + keys)
+    notes = noise_pairs(rows, keys)
+    if keys:
+        table += (f"\n\n± one standard error; ≈ within noise of the column's best row "
+                  f"(|a - b| < {NOISE_SIGMAS:g} sqrt(se_a^2 + se_b^2)).")
+    if notes:
+        table += "\n\nNot significant (within noise):\n" + "\n".join(f"- {n}" for n in notes)
+    return table
+
+
+def _num(v: Any) -> str:
+    return "nan" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.4g}"
+
+
+def task_keys(rows: Sequence[dict]) -> list[str]:
+    """Every "<task>/<metric>" some row carries, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in (r.get("tasks") or {})))
+
+
+def within_noise(a: dict, b: dict, sigmas: float = NOISE_SIGMAS) -> bool:
+    """Whether two measurements {value, stderr} differ by less than `sigmas` times their combined error.
+
+    Example:
+        >>> within_noise({"value": 10.0, "stderr": 0.3}, {"value": 10.5, "stderr": 0.2})
+        True
+    """
+    se = math.hypot(float(a.get("stderr") or 0.0), float(b.get("stderr") or 0.0))
+    return abs(float(a["value"]) - float(b["value"])) < sigmas * se
+
+
+def best_row(rows: Sequence[dict], key: str) -> dict | None:
+    """The row with the best finite value of a task metric (its higher_is_better), or None."""
+    have = [r for r in rows if math.isfinite(float(((r.get("tasks") or {}).get(key) or {}).get("value", math.nan)))]
+    if not have:
+        return None
+    sign = 1 if have[0]["tasks"][key].get("higher_is_better", True) else -1
+    return max(have, key=lambda r: sign * r["tasks"][key]["value"])
+
+
+def noise_pairs(rows: Sequence[dict], keys: Sequence[str]) -> list[str]:
+    """"<metric>: <row> vs <row>" for every pair of rows a task metric does not separate."""
+    out = []
+    for key in keys:
+        have = [r for r in rows if key in (r.get("tasks") or {})]
+        for i, a in enumerate(have):
+            for b in have[i + 1:]:
+                if within_noise(a["tasks"][key], b["tasks"][key]):
+                    out.append(f"{key}: {a['method']}/{a['quant']} vs {b['method']}/{b['quant']}")
+    return out
+
+
+def check_tasks(rows: Sequence[dict]) -> None:
+    """Every row's task metric was measured on the same number of documents.
+
+    Raises:
+        ValueError: naming the metric, both rows (their `source`) and both counts.
+    """
+    seen: dict[str, tuple[Any, str]] = {}
+    for row in rows:
+        where = row.get("source", f"{row.get('method')}/{row.get('quant')}")
+        for key, m in (row.get("tasks") or {}).items():
+            if key in seen and seen[key][0] != m.get("n"):
+                raise ValueError(f"{where}: {key} measured on {m.get('n')} documents, {seen[key][1]} on "
+                                 f"{seen[key][0]}; rerun with the same tasks and harness.limit")
+            seen.setdefault(key, (m.get("n"), where))
 
 
 def _cell(v: Any) -> str:
@@ -194,17 +277,24 @@ def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, title: str =
         PosixPath('outputs/compare/pareto.png')
     """
     protocol = check_protocols(rows)
+    check_tasks(rows)
     rows = [{**{k: r.get(k, math.nan) for k in COLUMNS}, "status": r.get("status", "ok"), "error": r.get("error", ""),
-             **({"source": r["source"]} if r.get("source") else {})} for r in rows]
+             **({"source": r["source"]} if r.get("source") else {}), **({"tasks": r["tasks"]} if r.get("tasks") else {})}
+            for r in rows]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "results.md", "csv": out / "results.csv", "json": out / "results.json", "png": out / "pareto.png"}
     head = f"# {title}\n\n" + (f"Perplexity on {_describe(protocol)}.\n\n" if protocol else "")
     atomic_write_bytes(paths["md"], f"{head}{to_markdown(rows)}\n".encode())
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS + STATUS_COLUMNS), extrasaction="ignore")
+    keys = task_keys(rows)
+    extra = [c for k in keys for c in (k, f"{k} stderr")]
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS + STATUS_COLUMNS) + extra, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    for r in rows:
+        t = r.get("tasks") or {}
+        writer.writerow({**r, **{c: t[k]["value" if c == k else "stderr"] for k in keys if k in t
+                                 for c in (k, f"{k} stderr")}})
     atomic_write_bytes(paths["csv"], buf.getvalue().encode())
     doc = {"title": title, "protocol": protocol, "rows": list(rows)}
     atomic_write_bytes(paths["json"], to_json(doc))

@@ -59,6 +59,10 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
     Example:
         >>> run_sweep_job({**cfg, "method": {"name": "gptq"}, "quant": load_recipe("w4a16_g128").to_dict()}, "out/0")
     """
+    if (cfg.get("eval") or {}).get("tasks"):
+        raise ValueError("eval.tasks (lm-eval tasks per row) runs in the single-process qat-compare (no -m); in a "
+                         "sweep, export or save each row and run `qat-eval tasks=[...]` on it, then merge with "
+                         "qat-compare results=[...]")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method = dict(cfg.get("method") or {"name": "?"})
