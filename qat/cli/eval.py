@@ -11,14 +11,20 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from qat.jobs.eval import run_eval_job
+from qat.cli.boundary import guard, run_hydra
 from qat.recipes import CONFIG_DIR
 
 
-
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@guard("qat-eval")
+def _main(cfg: DictConfig) -> None:
     result = run_eval_job(OmegaConf.to_container(cfg, resolve=True))
     print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-eval` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-eval", _main, argv)
 
 
 if __name__ == "__main__":

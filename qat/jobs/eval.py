@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from qat.data import build_blocks, corpus_from_mapping
+from qat.data import SPLITS, build_blocks, corpus_from_mapping
+from qat.errors import ConfigError
 from qat.export.load import in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
-from qat.jobs.config import EVAL_JOB, check_keys
+from qat.jobs.config import EVAL_JOB, as_count, check_keys
 from qat.jobs.measure import perplexity
 
 
@@ -20,7 +21,7 @@ def tokenizer_for(tokenizer: str | None, model: str):
     """The tokenizer given (refused when it cannot be loaded), else the one stored with `model` (or None)."""
     tok = load_any_tokenizer(tokenizer or model)
     if tokenizer is not None and tok is None:
-        raise ValueError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
+        raise ConfigError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
                          "file with a vocabulary, or 'tiny'")
     return tok
 
@@ -63,7 +64,7 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     if recipe is not None:
         net = quantize_on_load(net, recipe)
     if tok is None:
-        raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
+        raise ConfigError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
         blocks = build_blocks(corpus_config(data, seq_len, max_blocks), tok, splits=[split])[split]
@@ -87,6 +88,16 @@ def run_eval_job(cfg: dict) -> dict:
         ValueError: a misspelt key anywhere (naming it), and what `run_eval` raises.
     """
     check_keys(cfg, EVAL_JOB)
+    errors = []
+    for key, least, allow_none in (("max_blocks", 1, True), ("max_new_tokens", 0, False), ("seed", 0, False)):
+        try:
+            as_count(cfg.get(key, 0), key, least, allow_none)
+        except ConfigError as err:
+            errors.append(str(err))
+    if cfg.get("split") not in SPLITS:
+        errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
+    if errors:
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     model = cfg["model"]
     return run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
                     split=cfg["split"], prompt=cfg["prompt"], max_new_tokens=cfg["max_new_tokens"],

@@ -6,13 +6,15 @@ from functools import lru_cache
 
 from torch import nn
 
+from qat.errors import ConfigError
+
 
 @lru_cache(maxsize=256)
 def _compile(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"bad regex in pattern 're:{pattern}': {err}") from None
+        raise ConfigError(f"bad regex in pattern 're:{pattern}': {err}") from None
 
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
