@@ -13,8 +13,6 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from qat.errors import ConfigError
-
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 LEARN_MODES = ("none", "lsq", "lsq_plus", "pact")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,27 +41,27 @@ SPEC_OBSERVERS: dict[str, Callable[["QuantSpec"], Any]] = {}
 
 def _check_choice(owner: str, name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{owner}.{name}={value!r}; choose from {list(choices)}")
+        raise ValueError(f"{owner}.{name}={value!r}; choose from {list(choices)}")
 
 
 def _check_int(owner: str, name: str, value: Any) -> int:
     # bool is an int in Python (True == 1) and 4.0 == 4: both would slip through a membership test
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{owner}.{name}={value!r}; expected an integer")
+        raise ValueError(f"{owner}.{name}={value!r}; expected an integer")
     return int(value)
 
 
 def _check_bool(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
     # a quoted YAML "false" is a non-empty string, hence truthy: refuse it instead of reading it as True
     if not isinstance(value, bool) and not (allow_none and value is None):
-        raise ConfigError(f"{owner}.{name}={value!r}; use true or false" + (" (or null for the default)" if allow_none else ""))
+        raise ValueError(f"{owner}.{name}={value!r}; use true or false" + (" (or null for the default)" if allow_none else ""))
 
 
 def check_keys(owner: str, given: Mapping[str, Any], allowed) -> None:
     """Raise one error naming every unknown key in `given` and the keys that are valid."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ConfigError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
+        raise ValueError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -127,15 +125,15 @@ class QuantSpec:
         _check_choice(owner, "scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
         _check_choice(owner, "learn", self.learn, LEARN_MODES)
         if self.observer not in SPEC_OBSERVERS:
-            raise ConfigError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(SPEC_OBSERVERS)}")
+            raise ValueError(f"QuantSpec.observer={self.observer!r}; choose from {sorted(SPEC_OBSERVERS)}")
         if not isinstance(self.observer_args, Mapping):
-            raise ConfigError(f"QuantSpec.observer_args={self.observer_args!r}; expected a mapping such as "
+            raise ValueError(f"QuantSpec.observer_args={self.observer_args!r}; expected a mapping such as "
                              "{'percentile': 99.9}")
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size < 2:
-                raise ConfigError(f"QuantSpec.group_size={self.group_size!r}; per_group needs an int >= 2")
+                raise ValueError(f"QuantSpec.group_size={self.group_size!r}; per_group needs an int >= 2")
         elif self.group_size is not None:
-            raise ConfigError(
+            raise ValueError(
                 f"QuantSpec.group_size={self.group_size} is only used with granularity='per_group', "
                 f"not {self.granularity!r}"
             )
@@ -147,11 +145,11 @@ class QuantSpec:
         if self.signed is None:
             object.__setattr__(self, "signed", fmt.default_signed(self))
         if self.learn in ("lsq", "lsq_plus", "pact") and self.dynamic:
-            raise ConfigError(f"QuantSpec.learn={self.learn!r} needs static ranges (dynamic=False)")
+            raise ValueError(f"QuantSpec.learn={self.learn!r} needs static ranges (dynamic=False)")
         if self.learn == "lsq_plus" and self.symmetric:
-            raise ConfigError("QuantSpec.learn='lsq_plus' learns a zero-point; set symmetric=False")
+            raise ValueError("QuantSpec.learn='lsq_plus' learns a zero-point; set symmetric=False")
         if self.learn == "pact" and not self.symmetric:
-            raise ConfigError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
+            raise ValueError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
         fmt.check(self)
         object.__setattr__(self, "observer_args", dict(self.observer_args))
         SPEC_OBSERVERS[self.observer](self)  # observer_args are checked here, not halfway through prepare
@@ -161,7 +159,7 @@ class QuantSpec:
         _check_choice("QuantSpec", "grid", self.grid, grids)
         if (self.grid, self.dtype) not in SPEC_FORMATS:
             dtypes = sorted(d for g, d in SPEC_FORMATS if g == self.grid)
-            raise ConfigError(f"QuantSpec.grid={self.grid!r} needs dtype in {dtypes}, not {self.dtype!r}")
+            raise ValueError(f"QuantSpec.grid={self.grid!r} needs dtype in {dtypes}, not {self.dtype!r}")
         return SPEC_FORMATS[(self.grid, self.dtype)]
 
     def _check_types(self, owner: str) -> None:
@@ -173,13 +171,13 @@ class QuantSpec:
 
     def _check_ragged(self) -> None:
         if not isinstance(self.ragged, bool):
-            raise ConfigError(f"QuantSpec.ragged={self.ragged!r}; use true or false")
+            raise ValueError(f"QuantSpec.ragged={self.ragged!r}; use true or false")
         if self.granularity != "per_group":
-            raise ConfigError(f"QuantSpec.ragged=True applies to granularity='per_group', not {self.granularity!r}")
+            raise ValueError(f"QuantSpec.ragged=True applies to granularity='per_group', not {self.granularity!r}")
         if self.grid != "uniform":
-            raise ConfigError(f"QuantSpec.ragged=True needs grid='uniform'; {self.grid!r} blocks have a fixed size")
+            raise ValueError(f"QuantSpec.ragged=True needs grid='uniform'; {self.grid!r} blocks have a fixed size")
         if self.observer == "percentile":
-            raise ConfigError("QuantSpec.ragged=True with observer='percentile' is not supported; "
+            raise ValueError("QuantSpec.ragged=True with observer='percentile' is not supported; "
                              "use minmax, moving_average or mse")
 
     def __hash__(self) -> int:

@@ -79,8 +79,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_values(cfg: DictConfig) -> list[str]:
-    """Plain values checked strictly (one line per offender); the eval flags are rewritten as real booleans,
-    so `eval.after=no` means false rather than a non-empty (true) string."""
+    """Plain values checked strictly (one line per offender); the flags are rewritten as real booleans, so
+    `eval.after=no` means false rather than a non-empty (true) string."""
     errors = []
     counts = [("seed", cfg.get("seed", 0), 0, False), ("eval.max_blocks", cfg.eval.get("max_blocks"), 1, True),
               ("trainer.max_steps", cfg.trainer.get("max_steps", -1), -1, False),
@@ -92,9 +92,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
             as_count(value, key, least, allow_none=allow_none)
         except ConfigError as err:
             errors.append(str(err))
-    for key in ("after", "baselines"):
+    for node, key in (("eval", "after"), ("eval", "baselines"), ("module", "gradient_checkpointing"),
+                      ("module", "freeze_embeddings")):
         try:
-            cfg.eval[key] = as_bool(cfg.eval.get(key, False), f"eval.{key}")
+            if key in cfg[node]:
+                cfg[node][key] = as_bool(cfg[node][key], f"{node}.{key}")
         except ConfigError as err:
             errors.append(str(err))
     return errors

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
-from qat.errors import ConfigError
+from qat.errors import ConfigError, UserError
 from qat.recipes import read_recipe
 from qat.spec import QuantSpec, TensorSchemes, check_keys
 
@@ -80,7 +80,16 @@ class QuantRecipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
         """Validate a mapping (YAML node), or load a recipe by name (`qat.load_recipe`). Unknown keys anywhere
-        raise ValueError naming them."""
+        and bad values raise ConfigError (a ValueError) naming them."""
+        try:
+            return cls._from_dict(data)
+        except UserError:
+            raise
+        except ValueError as err:  # QuantSpec's own checks: qat.spec imports no qat module, so they raise ValueError
+            raise ConfigError(str(err)) from err
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
         if isinstance(data, QuantRecipe):
             return data
         if isinstance(data, str):

@@ -122,3 +122,26 @@ def test_the_console_scripts_behave_the_same(tmp_path):
     proc = subprocess.run([_script("qat-assets"), "--verify", "--cache", str(tmp_path / "nonexistent")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value,least,allow_none,ok", [(3, 1, False, True), (None, 1, True, True), (0, 1, True, False),
+                                                       (-2, 1, True, False), ("8", 1, False, False),
+                                                       (True, 0, False, False), (-1, -1, False, True)])
+def test_counts_are_integers_in_range(value, least, allow_none, ok):
+    from qat.jobs.config import as_count
+
+    if ok:
+        assert as_count(value, "eval.max_blocks", least, allow_none) == value
+    else:
+        with pytest.raises(ConfigError, match=r"eval\.max_blocks=.*must be an integer >= "):
+            as_count(value, "eval.max_blocks", least, allow_none)
+
+
+def test_tiny_sizes_are_checked_before_transformers_divides():
+    from qat.testing import tiny_llama
+
+    with pytest.raises(ConfigError) as err:
+        tiny_llama(num_heads=0, vocab_size=-1)
+    assert "tiny.num_heads=0" in str(err.value) and "tiny.vocab_size=-1" in str(err.value)
+    with pytest.raises(ConfigError, match="tiny.hidden_size=100 is not an even multiple of tiny.num_heads=4"):
+        tiny_llama(hidden_size=100)
