@@ -24,7 +24,7 @@ from qat.export.gguf_export import check_names
 from qat.export.imatrix import collect_importance
 from qat.export.load import in_flight_recipe, load_any, quantize_on_load
 from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
-from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, check_keys
+from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
 from qat.transform.recipe import load_recipe
@@ -116,8 +116,8 @@ def check_imatrix(imatrix: str | None, format: str, data: Any, calibration: dict
     if imatrix == "calibrate":
         if not data:
             raise ConfigError("imatrix=calibrate needs calibration text: data=<corpus> (e.g. data=fixture, data=wiki)")
-        if int(cal["samples"]) < 1 or int(cal["seq_len"]) < 2 or int(cal["batch_size"]) < 1:
-            raise ConfigError(f"export calibration: samples, batch_size >= 1 and seq_len >= 2; got {cal}")
+        for key, least in (("samples", 1), ("seq_len", 2), ("batch_size", 1)):
+            as_count(cal[key], f"calibration.{key}", least)
         return cal
     path = Path(str(imatrix)).expanduser()
     if path.suffix != ".safetensors" or not path.is_file():

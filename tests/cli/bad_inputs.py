@@ -61,7 +61,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("model.path={tmp}/nomodel", "nomodel"), ("model.dtype=float13", "float13"),
                            ("ckpt_path={tmp}/missing.ckpt", "missing.ckpt"), ("ckpt_path={tmp}/garbage.ckpt", "garbage.ckpt"),
                            ("+init.name=nope", "nope"), ("+trainer.nosuch=1", "nosuch"),
-                           ("trainer.precision=13-true", "precision"), ("module.kd.weight=2", "kd"),
+                           ("trainer.precision=13-true", "precision"), ("module.kd={weight:2}", "kd.weight"),
+                           ("module.kd={weight:0.5,teacher:nope}", "kd.teacher"), ("eval.after=no_way", "eval.after"),
+                           ("module.freeze_embeddings=maybe", "freeze_embeddings"),
                            ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
@@ -99,14 +101,16 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add("eval", EV + [over], expected)
 
     # qat-export
-    for over, expected in [("format=zip", "zip"), ("gguf_type=Q9_9", "Q9_9"), ("overwrite=no output={tmp}/existing.gguf", "existing.gguf"),
+    for over, expected in [("format=zip", "zip"), ("gguf_type=Q9_9", "Q9_9"), ("gguf_type=q4_k_m", "Q4_K_M"), ("overwrite=no output={tmp}/existing.gguf", "existing.gguf"),
                            ("overwrite=maybe", "overwrite"), ("gguf_pure=no_way", "gguf_pure"), ("gguf_pure=2", "gguf_pure"),
                            ("output=???", "output"), ("output={tmp}/existing.gguf", "existing.gguf"),
                            ("checkpoint={tmp}/missing.ckpt", "checkpoint"),
                            ("quant=w4a16_g128 checkpoint={tmp}/missing.ckpt", "missing.ckpt"),
                            ("imatrix=calibrate", "data"), ("imatrix={tmp}/notes.txt", "imatrix"),
                            ("model.path={tmp}/nomodel", "nomodel"), ("tokenizer={tmp}/notok", "notok"),
-                           ("model.dtype=float13", "float13"), ("output={tmp}/existing", "existing")]:
+                           ("model.dtype=float13", "float13"), ("output={tmp}/existing", "existing"),
+                           ("imatrix=calibrate data=fixture calibration.samples=abc", "calibration.samples"),
+                           ("imatrix=calibrate data=fixture calibration.seq_len=1", "calibration.seq_len")]:
         add("export", EXP + over.split(" "), expected)
     add("export", ["model=tiny", "format=native", "output={tmp}/existing", "overwrite=no"], "existing")
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
