@@ -4,6 +4,7 @@ counts (total, tracebacks, exit 0 on bad input, message not naming the problem).
 
     python scripts/fuzz_cli.py                 # every case (a few seconds each: torch + transformers import)
     python scripts/fuzz_cli.py -j 2 --only demo export
+    python scripts/fuzz_cli.py -j 2 --every 4       # a quarter of the cases
     python scripts/fuzz_cli.py --debug         # with QAT_DEBUG=1: every case must show a traceback instead
 
 Exit status 1 when a case printed a traceback, exited 0, or did not name its problem.
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=1, help="cases run at once")
     parser.add_argument("--only", nargs="+", choices=sorted(APPS), help="only these apps")
     parser.add_argument("--debug", action="store_true", help="set QAT_DEBUG=1: expect a traceback every time")
+    parser.add_argument("--every", type=int, default=1, help="run every n-th case only (a quicker sample)")
     args = parser.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -70,17 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("QAT_DEBUG", None)
     if args.debug:
         env["QAT_DEBUG"] = "1"
-    cases = [c for c in CASES + EXTRA if not args.only or c[0] in args.only]
+    cases = [c for c in CASES + EXTRA if not args.only or c[0] in args.only][::max(1, args.every)]
     start = time.perf_counter()
+    print(f"{'app':12s} {'exit':>4s} {'tb':3s} {'named':5s} {'input':60s} message", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = make_files(tmp)
         (files / "notes dir").mkdir()
-        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            rows = list(pool.map(lambda c: run_case(*c, files, env), cases))
-    print(f"{'app':12s} {'exit':>4s} {'tb':3s} {'named':5s} {'input':60s} message")
-    for r in rows:
-        print(f"{r['app']:12s} {r['exit']:4d} {'yes' if r['traceback'] else 'no':3s} {'yes' if r['named'] else 'NO':5s} "
-              f"{r['input'][:60]:60s} {r['message']}")
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # rows print as they finish: a killed run keeps them
+            rows = []
+            for r in pool.map(lambda c: run_case(*c, files, env), cases):
+                rows.append(r)
+                print(f"{r['app']:12s} {r['exit']:4d} {'yes' if r['traceback'] else 'no':3s} "
+                      f"{'yes' if r['named'] else 'NO':5s} {r['input'][:60]:60s} {r['message']}", flush=True)
     tracebacks = sum(r["traceback"] for r in rows)
     exit0 = sum(r["exit"] == 0 for r in rows)
     unnamed = sum(not r["named"] for r in rows)
