@@ -53,7 +53,7 @@ def run_case(app: str, argv: list[str], expected: str, tmp: Path, env: dict) -> 
                           timeout=600)
     out = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("[")] or out.splitlines() or [""]
-    first = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+    first = next((ln for ln in lines if ln.startswith(f"{APPS[app]}: error")), lines[0])
     return {"app": APPS[app], "input": " ".join(argv), "exit": proc.returncode, "traceback": "Traceback" in out,
             "named": expected.lower() in out.lower(), "message": first.strip()[:110],
             "seconds": time.perf_counter() - start}

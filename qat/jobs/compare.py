@@ -26,6 +26,8 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     torch.manual_seed(int(cfg.get("seed", 0)))
     methods = [_method_entry(m) for m in cfg["methods"]]
     extra = load_results(cfg.get("results") or [])
+    if not methods and not extra:
+        raise ConfigError("nothing to compare: methods=[] and no results= files")
     if methods:
         if any(opts["name"] != "fp" for _, opts in methods):
             _check_quants(cfg["quants"])
@@ -52,7 +54,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
 
 def _check_quants(quants: Sequence[Any]) -> None:
     """Every scheme of a single-process comparison must load before the first row is computed."""
-    errors = []
+    errors = [] if quants else ["quants=[]: a quantized method needs at least one scheme (e.g. quants=[w4a16_g128])"]
     for quant in quants:
         try:
             load_recipe(quant) if isinstance(quant, str) else qat.QuantRecipe.from_dict(quant)

@@ -85,7 +85,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("results=[{tmp}/abc.json]", "ppl"), ("results=[{tmp}/missing.json]", "missing.json"),
                            ("results=[{tmp}/list.json]", "list.json"), ("eval.max_blocks=0", "eval.max_blocks"),
                            ("calibration.samples=0", "calibration.samples"), ("fail_on_error=maybe", "fail_on_error"),
-                           ("methods=[{label:x}]", "name"), ("eval.split=bogus", "eval.split")]:
+                           ("methods=[{label:x}]", "name"), ("eval.split=bogus", "eval.split"),
+                           ("quants=[]", "quants"), ("methods=[]", "methods")]:
         add("compare", CMP + [over], expected)
     add("compare", ["-m", "method=nope", "quant=w4a16_g128"], "nope")
     add("compare", ["-m", "method=gptq", "quant=w4a16_g128", "calibration.samples=0"], "calibration.samples")
