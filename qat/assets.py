@@ -208,8 +208,17 @@ def fetch(root: str | os.PathLike | None = None, only: list[str] | None = None) 
 
 
 def verify(root: str | os.PathLike | None = None) -> list[str]:
-    """Re-check every file in MANIFEST.json; returns the list of problems (empty = all good)."""
+    """Re-check every file in MANIFEST.json; returns the list of problems (empty = all good).
+
+    A cache that is not a folder, or holds no MANIFEST.json (nothing fetched there), is a problem too: an
+    `ok` must mean that files were checked.
+    """
     root = cache_dir(root)
+    if not root.is_dir():
+        return [f"{root}: no such cache folder ({'a file' if root.exists() else 'it does not exist'}); "
+                "run qat-assets (or pass --cache <the folder qat-assets wrote>)"]
+    if not (root / "MANIFEST.json").is_file():
+        return [f"{root}: no MANIFEST.json, nothing was fetched into this folder; run qat-assets first"]
     problems = []
     for rel, digest in _read_manifest(root).items():
         path = root / rel

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from qat.assets import require
+from qat.errors import BadFileError, ConfigError
 from qat.models import load_tokenizer
 from qat.transform.recipe import to_plain
 
@@ -36,14 +37,17 @@ def _record_dataset(path: Path, text_field: str):
     """A .json whose top level is an object (or list) of records -> datasets.Dataset."""
     import datasets
 
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadFileError(path, f"not valid JSON ({err})") from None
     records = list(data.values()) if isinstance(data, dict) else data
     if not records or not isinstance(records[0], dict):
-        raise ValueError(f"{path}: expected a JSON list/object of records with a {text_field!r} field")
+        raise BadFileError(path, f"expected a JSON list/object of records with a {text_field!r} field")
     keys = sorted({k for r in records[:100] for k in r})
     if text_field not in keys:
-        raise ValueError(f"data.text_field={text_field!r} is not a field of {path}; fields: {keys}")
+        raise ConfigError(f"data.text_field={text_field!r} is not a field of {path}; fields: {keys}")
     return datasets.Dataset.from_list([{text_field: str(r.get(text_field) or "")} for r in records])
 
 
@@ -51,6 +55,8 @@ def _text_files(path: Path) -> list[str]:
     files = sorted(str(p) for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [str(path)]
     if not files:
         raise FileNotFoundError(f"data.path={str(path)!r}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise BadFileError(path, "data.path is empty: no text to train or evaluate on")
     return files
 
 
@@ -76,12 +82,27 @@ def load_documents(source: str | os.PathLike, text_field: str | None = None, sam
         name, text_field, sample_by = str(require(kind)), text_field or default_field, sample_by or default_sample
     text_field, sample_by = text_field or "text", sample_by or "paragraph"
     if sample_by not in SAMPLE_BY:
-        raise ValueError(f"data.sample_by={sample_by!r}; choose from {list(SAMPLE_BY)}")
+        raise ConfigError(f"data.sample_by={sample_by!r}; choose from {list(SAMPLE_BY)}")
     path = Path(name).expanduser()
     datasets.disable_progress_bars()
     if not path.exists() and (path.suffix or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)):
         raise FileNotFoundError(f"data.path={name!r} does not exist; give a .txt/.json/.jsonl/.parquet file, a "
                                 f"folder, a hub name, or one of {sorted(ALIASES)} (after `qat-assets`)")
+    try:
+        ds, text_field = _load_dataset(name, path, text_field, sample_by)
+    except datasets.exceptions.DatasetGenerationError as err:  # a local file the builder cannot parse
+        cause = err.__cause__ or err
+        raise BadFileError(path, f"cannot read it as a {path.suffix or 'text'} corpus ({type(cause).__name__}: "
+                                 f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    if text_field not in ds.column_names:
+        raise ConfigError(f"data.text_field={text_field!r} is not a column of {name}; columns: {ds.column_names}")
+    return [t for t in ds[text_field] if t and t.strip()]
+
+
+def _load_dataset(name: str, path: Path, text_field: str, sample_by: str):
+    """The corpus as a datasets.Dataset, by file type, and the field its text is in."""
+    import datasets
+
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
         ds = datasets.load_from_disk(str(path))
         ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
@@ -95,12 +116,10 @@ def load_documents(source: str | os.PathLike, text_field: str | None = None, sam
     elif path.suffix == ".parquet" and path.is_file():
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     elif path.exists():
-        raise ValueError(f"data.path={name!r}: unsupported file type; use .txt/.json/.jsonl/.parquet or a folder")
+        raise ConfigError(f"data.path={name!r}: unsupported file type; use .txt/.json/.jsonl/.parquet or a folder")
     else:
         ds = datasets.load_dataset(name, split="train")
-    if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field={text_field!r} is not a column of {name}; columns: {ds.column_names}")
-    return [t for t in ds[text_field] if t and t.strip()]
+    return ds, text_field
 
 
 def _starts_with(path: Path, chars: str) -> bool:
@@ -121,15 +140,15 @@ def split_documents(docs: Sequence[str], val_fraction: float = 0.05, test_fracti
     """
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
-            raise ValueError(f"data.{key}={value}; must be in [0, 1)")
+            raise ConfigError(f"data.{key}={value}; must be in [0, 1)")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction}; must be < 1")
+        raise ConfigError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction}; must be < 1")
     n = len(docs)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = max(1, round(n * test_fraction)) if test_fraction else 0
     n_val = max(1, round(n * val_fraction)) if val_fraction else 0
     if n - n_test - n_val < 1:
-        raise ValueError(f"only {n} documents: too few to split into train/validation/test")
+        raise ConfigError(f"only {n} documents: too few to split into train/validation/test")
     pick = lambda idx: [docs[i] for i in sorted(idx)]  # noqa: E731  (keep corpus order inside a split)
     return {"test": pick(order[:n_test]), "validation": pick(order[n_test:n_test + n_val]),
             "train": pick(order[n_test + n_val:])}
@@ -148,7 +167,7 @@ def tokenize_and_pack(docs: Sequence[str], tokenizer: Any, block_size: int, max_
         torch.Size([7, 16])
     """
     if block_size < 2:
-        raise ValueError(f"data.block_size={block_size}; must be >= 2")
+        raise ConfigError(f"data.block_size={block_size}; must be >= 2")
     sep = tokenizer.eos_token_id if separator_id is None else separator_id
     ids: list[int] = []
     needed = None if max_blocks is None else max_blocks * block_size
@@ -162,7 +181,7 @@ def tokenize_and_pack(docs: Sequence[str], tokenizer: Any, block_size: int, max_
             break
     n_blocks = len(ids) // block_size if max_blocks is None else min(max_blocks, len(ids) // block_size)
     if n_blocks == 0:
-        raise ValueError(f"only {len(ids)} tokens: not enough for one block of data.block_size={block_size}")
+        raise ConfigError(f"only {len(ids)} tokens: not enough for one block of data.block_size={block_size}")
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
@@ -194,7 +213,7 @@ def build_blocks(cfg: CorpusConfig, tokenizer: Any = None, splits: Sequence[str]
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
+        raise ConfigError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     parts = split_documents(load_documents(cfg.path, cfg.text_field, cfg.sample_by),
@@ -231,7 +250,7 @@ def calibration_batches(datamodule_or_cfg: Any, n_samples: int, seq_len: int, sp
     tokenizer = getattr(datamodule_or_cfg, "tokenizer", None)
     blocks = build_blocks(cfg, tokenizer, splits=[split])[split]
     if len(blocks) < n_samples:
-        raise ValueError(f"{cfg.path}: only {len(blocks)} blocks of {seq_len} tokens in {split!r}, asked for {n_samples}")
+        raise ConfigError(f"{cfg.path}: only {len(blocks)} blocks of {seq_len} tokens in {split!r}, asked for {n_samples}")
     blocks = blocks[:n_samples]
     return [blocks[i:i + batch_rows] for i in range(0, len(blocks), max(1, batch_rows))]
 
@@ -261,7 +280,7 @@ def corpus_from_mapping(data: Mapping[str, Any]) -> CorpusConfig:
     valid = fields | set(LOADER_KEYS) | {"_target_"}
     unknown = sorted(str(k) for k in data if k not in valid)
     if unknown:
-        raise ValueError(f"data: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+        raise ConfigError(f"data: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
     if "path" not in data:
-        raise ValueError(f"data config needs 'path'; fields: {sorted(fields)}")
+        raise ConfigError(f"data config needs 'path'; fields: {sorted(fields)}")
     return CorpusConfig(**{k: v for k, v in data.items() if k in fields})

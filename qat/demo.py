@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
+from qat.errors import ConfigError
 import qat
 from qat.testing import tiny_llama
 
@@ -16,9 +17,13 @@ def run(recipe: Mapping[str, Any], tokens: int = 64, **tiny: Any) -> str:
     Args:
         tiny: `qat.testing.tiny_llama` arguments (configs/demo.yaml's `tiny` node).
     Raises:
+        ConfigError: a bad tiny size or `tokens` (not 1..max_position_embeddings).
         AssertionError: the converted model does not reproduce the fake-quant logits exactly.
     """
     model = tiny_llama(**tiny)
+    context = model.config.max_position_embeddings
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= context:
+        raise ConfigError(f"tokens={tokens!r}; must be an integer from 1 to tiny.max_position_embeddings={context}")
     recipe = qat.QuantRecipe.from_dict(recipe)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

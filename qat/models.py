@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qat.assets import require
+from qat.errors import ConfigError
 from qat.io import load_safetensors
 from qat.testing import tiny_llama
 
@@ -33,7 +34,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r}; choose from {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype={dtype!r}; choose from {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 

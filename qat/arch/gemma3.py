@@ -20,7 +20,7 @@ from typing import Any, Callable
 import gguf
 import torch
 
-from qat.arch.base import ArchAdapter, Mapping, register_arch, rope_parameters
+from qat.arch.base import ArchAdapter, Mapping, register_arch
 from qat.arch.llama import ATTN_QKV, MLP_IN
 
 

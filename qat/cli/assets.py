@@ -5,9 +5,15 @@ import argparse
 import sys
 
 from qat import assets
+from qat.cli.boundary import run_plain
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `qat-assets` console script; returns the exit status (0: every cached file checks out)."""
+    return run_plain("qat-assets", lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="qat-assets", description=__doc__)
     parser.add_argument("--cache", default=None, help="cache directory (default $QAT_CACHE or ~/.cache/qat)")
     parser.add_argument("--only", nargs="+", choices=sorted(assets.FETCHERS), help="fetch only these")

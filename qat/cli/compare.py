@@ -24,13 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from qat.jobs.compare import run_compare_job
 from qat.jobs.sweep import run_sweep_job
 from qat.lit.run import run_qat_job
+from qat.cli.boundary import guard, run_hydra
 from qat.recipes import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="compare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@guard("qat-compare")
+def _main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     plain = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("method") is not None:  # one job of a sweep (or one method=... run)
@@ -42,6 +44,11 @@ def main(cfg: DictConfig) -> None:
     paths = run_compare_job(plain, out_dir)
     print(paths["md"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-compare` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-compare", _main, argv)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from qat.cli.boundary import guard, run_hydra
 from qat.jobs.eval import eval_report, run_eval_job
 from qat.recipes import CONFIG_DIR
 
 
-
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@guard("qat-eval")
+def _main(cfg: DictConfig) -> None:
     result = run_eval_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
     print(eval_report(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-eval` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-eval", _main, argv)
 
 
 if __name__ == "__main__":

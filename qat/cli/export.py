@@ -11,17 +11,24 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qat.errors import ConfigError
 from qat.jobs.export import run_export_job
+from qat.cli.boundary import guard, run_hydra
 from qat.recipes import CONFIG_DIR
 
 
-
 @hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@guard("qat-export")
+def _main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "output"):
-        raise SystemExit("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
+        raise ConfigError("output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
     result = run_export_job(OmegaConf.to_container(cfg, resolve=True))
     print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-export` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-export", _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,20 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from qat.jobs.ptq import run_ptq_job
+from qat.cli.boundary import guard, run_hydra
 from qat.recipes import CONFIG_DIR
 
 
-
 @hydra.main(config_path=str(CONFIG_DIR), config_name="ptq", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@guard("qat-ptq")
+def _main(cfg: DictConfig) -> None:
     result = run_ptq_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
     print(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-ptq` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-ptq", _main, argv)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,21 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from qat.cli.boundary import guard, run_hydra
 from qat.lit.run import train
 from qat.recipes import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@guard("qat-train")
 def _main(cfg: DictConfig) -> float | None:
     results = train(cfg)
     return results.get("qat_ppl")  # the value a sweeper would optimise
 
 
-def main() -> None:
-    _main()
+def main(argv: list[str] | None = None) -> None:
+    """The `qat-train` console script: Hydra overrides in `argv` (default: the command line)."""
+    run_hydra("qat-train", _main, argv)
 
 
 if __name__ == "__main__":

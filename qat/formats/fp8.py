@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, qparam_count, register_format
 from qat.formats.int import round_scale
 from qat.spec import QuantSpec
@@ -25,11 +26,11 @@ class FP8Format(Format):
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits != 8:
-            raise ValueError(f"QuantSpec.bits={spec.bits} with dtype={spec.dtype!r}; fp8 needs bits=8")
+            raise ConfigError(f"QuantSpec.bits={spec.bits} with dtype={spec.dtype!r}; fp8 needs bits=8")
         if not spec.symmetric:
-            raise ValueError(f"QuantSpec.symmetric=False with dtype={spec.dtype!r}; fp8 scales are symmetric")
+            raise ConfigError(f"QuantSpec.symmetric=False with dtype={spec.dtype!r}; fp8 scales are symmetric")
         if spec.learn != "none":
-            raise ValueError(f"QuantSpec.learn={spec.learn!r} is for integer schemes, not {spec.dtype!r}")
+            raise ConfigError(f"QuantSpec.learn={spec.learn!r} is for integer schemes, not {spec.dtype!r}")
 
     def default_signed(self, spec: QuantSpec) -> bool:
         return True

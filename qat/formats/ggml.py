@@ -16,6 +16,7 @@ import threading
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import HALF_DOWN, block_range, half_bytes, safe_inverse
 from qat.packing import pack, unpack
@@ -173,7 +174,7 @@ class GGMLFormat(Format):
         if spec.scale_dtype != "fp16" or spec.learn != "none" or spec.signed != spec.symmetric:
             problems.append("scale_dtype='fp16', learn='none', signed left to its default")
         if problems:
-            raise ValueError(f"QuantSpec.grid='ggml' needs {'; '.join(problems)}")
+            raise ConfigError(f"QuantSpec.grid='ggml' needs {'; '.join(problems)}")
 
     def gguf_type(self, spec: QuantSpec) -> str | None:
         return next(n for n, (b, s) in LEGACY.items() if b == spec.bits and s == spec.symmetric)

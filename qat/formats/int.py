@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, qparam_count, register_format
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
@@ -38,7 +39,7 @@ class IntFormat(Format):
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits not in INT_BITS:
-            raise ValueError(f"QuantSpec.bits={spec.bits}; choose from {list(INT_BITS)}")
+            raise ConfigError(f"QuantSpec.bits={spec.bits}; choose from {list(INT_BITS)}")
 
     def qparams(self, lo, hi, spec):
         if spec.symmetric:

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import half_bytes, signed_peak
 from qat.packing import pack, unpack
@@ -105,7 +106,7 @@ class IQ4NLFormat(Format):
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != 32
                 or spec.scale_dtype != "fp16" or spec.learn != "none" or spec.signed):
-            raise ValueError("QuantSpec.grid='iq4_nl' needs bits=4, symmetric=True, granularity='per_group', "
+            raise ConfigError("QuantSpec.grid='iq4_nl' needs bits=4, symmetric=True, granularity='per_group', "
                              "group_size=32, scale_dtype='fp16', learn='none', signed left to its default")
 
     def default_signed(self, spec: QuantSpec) -> bool:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import block_range, signed_peak
 from qat.formats.kquant_layout import layout_blocks
@@ -210,11 +211,11 @@ class KQuantFormat(Format):
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits not in GGML_K:
-            raise ValueError(f"QuantSpec.grid='ggml_k' needs dtype=int and bits in {sorted(GGML_K)}")
+            raise ConfigError(f"QuantSpec.grid='ggml_k' needs dtype=int and bits in {sorted(GGML_K)}")
         k = GGML_K[spec.bits]
         if (spec.symmetric != k.symmetric or spec.granularity != "per_group" or spec.group_size != k.sub
                 or spec.scale_dtype != "fp16" or spec.learn != "none" or spec.signed != k.symmetric):
-            raise ValueError(f"QuantSpec.grid='ggml_k' with bits={spec.bits} is {k.name}: it needs symmetric={k.symmetric}, "
+            raise ConfigError(f"QuantSpec.grid='ggml_k' with bits={spec.bits} is {k.name}: it needs symmetric={k.symmetric}, "
                              f"granularity='per_group', group_size={k.sub}, scale_dtype='fp16', learn='none'")
 
     def gguf_type(self, spec: QuantSpec) -> str | None:

@@ -11,24 +11,28 @@ from typing import Any, Callable, Sequence
 import torch
 
 import qat
+from qat.errors import ConfigError
 from qat.jobs import ptq
 from qat.jobs.config import COMPARE, check_keys
 from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
-from qat.jobs.ptq import check_job, job_inputs, job_protocol
+from qat.jobs.ptq import check_job, check_method, check_values, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
 from qat.models import load_tokenizer
-from qat.ptq import method_config
 from qat.transform.recipe import load_recipe
 
 def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
     """The qat-compare run: every method x scheme, plus rows from `results` files, into one table and plot."""
     check_keys(cfg, COMPARE)
+    if errors := check_values(cfg):  # also when every row comes from `results` files
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     torch.manual_seed(int(cfg.get("seed", 0)))
     methods = [_method_entry(m) for m in cfg["methods"]]
     tasks = list(cfg["eval"].get("tasks") or [])
     if tasks and methods:
         require_lm_eval()  # before any row is computed
     extra = load_results(cfg.get("results") or [])
+    if not methods and not extra:
+        raise ConfigError("nothing to compare: methods=[] and no results= files")
     if methods:
         if any(opts["name"] != "fp" for _, opts in methods):
             _check_quants(cfg["quants"])
@@ -41,7 +45,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     rows = []
     for label, opts in methods:
         if opts["name"] != "fp":
-            method_config(opts)
+            check_method(opts, f"methods entry {label!r}")
         for quant in ([None] if opts["name"] == "fp" else cfg["quants"]):
             args = {k: v for k, v in opts.items() if k != "name"}
             row, model = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
@@ -59,14 +63,14 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
 
 def _check_quants(quants: Sequence[Any]) -> None:
     """Every scheme of a single-process comparison must load before the first row is computed."""
-    errors = []
+    errors = [] if quants else ["quants=[]: a quantized method needs at least one scheme (e.g. quants=[w4a16_g128])"]
     for quant in quants:
         try:
             load_recipe(quant) if isinstance(quant, str) else qat.QuantRecipe.from_dict(quant)
         except (FileNotFoundError, ValueError, TypeError) as err:
             errors.append(f"quants entry {quant!r}: {err}")
     if errors:
-        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def compare_title(cfg: dict) -> str:
@@ -77,7 +81,7 @@ def compare_title(cfg: dict) -> str:
 def _method_entry(entry: Any) -> tuple[str, dict]:
     opts = {"name": entry} if isinstance(entry, str) else dict(entry)
     if "name" not in opts:
-        raise ValueError(f"methods entry {entry!r}: give a name (fp, rtn, gptq, awq, smoothquant)")
+        raise ConfigError(f"methods entry {entry!r}: give a name (fp, rtn, gptq, awq, smoothquant)")
     label = opts.pop("label", opts["name"])
     return label, opts
 

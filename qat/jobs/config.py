@@ -21,6 +21,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from qat.data import LOADER_KEYS, CorpusConfig
+from qat.errors import ConfigError
 from qat.recipes import CONFIG_DIR
 from qat.testing import TINY_KEYS
 
@@ -102,11 +103,11 @@ def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> lis
 
 
 def check_keys(cfg: Any, schema: Mapping | str, where: str = "") -> None:
-    """Raise one ValueError naming every misspelt key of `cfg` (see `unknown_keys`); `schema` may be a name of
+    """Raise one ConfigError (a ValueError) naming every misspelt key of `cfg` (see `unknown_keys`); `schema` may be a name of
     SCHEMAS ("train", "ptq", "compare", "export", "eval", "demo").
 
     Raises:
-        ValueError: "bad config:" and one line per node with unknown keys, naming them and the valid ones.
+        ConfigError: "bad config:" and one line per node with unknown keys, naming them and the valid ones.
     Example:
         >>> check_keys({"calibration": {"sample": 3}}, "ptq")  # ValueError: calibration: unknown key(s) ['sample']
     """
@@ -116,7 +117,48 @@ def check_keys(cfg: Any, schema: Mapping | str, where: str = "") -> None:
         schema = SCHEMAS[schema]
     errors = unknown_keys(cfg, schema, where)
     if errors:
-        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """A flag read strictly: a real bool, 0 / 1, or true/false, yes/no, on/off, 1/0 in any case; anything else
+    is refused naming `key` (Hydra passes `overwrite=no` as the string "no", which `bool()` would call true).
+
+    Raises:
+        ConfigError: any other value.
+    Example:
+        >>> as_bool("No", "overwrite"), as_bool(True, "save")
+        (False, True)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower() if isinstance(value, str) else None
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ConfigError(f"{key}={value!r}; choose true or false (also yes/no, on/off, 1/0)")
+
+
+def as_count(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """An integer setting of at least `minimum` (None kept when `allow_none`), refused naming `key` otherwise.
+
+    Raises:
+        ConfigError: a value that is not an integer, or is below `minimum`.
+    Example:
+        >>> as_count(8, "eval.max_blocks", allow_none=True), as_count(None, "eval.max_blocks", allow_none=True)
+        (8, None)
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        valid = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise ConfigError(f"{key}={value!r}; must be {valid}")
+    return value
 
 
 def register_resolvers() -> None:

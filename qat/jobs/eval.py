@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from qat.data import build_blocks, corpus_from_mapping
+from qat.data import SPLITS, build_blocks, corpus_from_mapping
+from qat.errors import ConfigError
 from qat.export.load import detect_format, in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
 from qat.io import atomic_write_bytes
-from qat.jobs.config import EVAL_JOB, check_keys
+from qat.jobs.config import EVAL_JOB, as_count, check_keys
 from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval, tasks_table
 from qat.jobs.measure import perplexity
 from qat.jobs.results import eval_protocol, to_json
@@ -30,7 +31,7 @@ def tokenizer_for(tokenizer: str | None, model: str):
     """The tokenizer given (refused when it cannot be loaded), else the one stored with `model` (or None)."""
     tok = load_any_tokenizer(tokenizer or model)
     if tokenizer is not None and tok is None:
-        raise ValueError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
+        raise ConfigError(f"tokenizer={tokenizer!r} cannot be loaded; give a folder with tokenizer files, a .gguf "
                          "file with a vocabulary, or 'tiny'")
     return tok
 
@@ -80,7 +81,7 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     if recipe is not None:
         net = quantize_on_load(net, recipe)
     if tok is None:
-        raise ValueError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
+        raise ConfigError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
         cfg = corpus_config(data, seq_len, max_blocks)
@@ -108,6 +109,16 @@ def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
         ValueError: a misspelt key anywhere (naming it), and what `run_eval` raises.
     """
     check_keys(cfg, EVAL_JOB)
+    errors = []
+    for key, least, allow_none in (("max_blocks", 1, True), ("max_new_tokens", 0, False), ("seed", 0, False)):
+        try:
+            as_count(cfg.get(key, 0), key, least, allow_none)
+        except ConfigError as err:
+            errors.append(str(err))
+    if cfg.get("split") not in SPLITS:
+        errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
+    if errors:
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     model = cfg["model"]
     harness = {k: v for k, v in (cfg.get("harness") or {}).items() if v is not None}
     result = run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],

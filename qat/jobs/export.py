@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qat.data import build_blocks
+from qat.errors import BadFileError, ConfigError, UserError
 from qat.export import FORMATS, MIXES
 from qat.export import export as _export
 from qat.export.common import integer_modules
@@ -23,7 +24,7 @@ from qat.export.gguf_export import check_names
 from qat.export.imatrix import collect_importance
 from qat.export.load import in_flight_recipe, load_any, quantize_on_load
 from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
-from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, check_keys
+from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
 from qat.transform.recipe import load_recipe
@@ -37,7 +38,12 @@ def _read_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> dict[st
     float `model`'s parameter shapes (a checkpoint of another model is named before `prepare` complains
     about every layer)."""
     path = Path(checkpoint)
-    state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch_checkpoint(path)
+    try:
+        state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch_checkpoint(path)
+    except (UserError, FileNotFoundError):
+        raise
+    except ValueError as err:  # the readers name the file and what is wrong with it
+        raise BadFileError(path, f"checkpoint= cannot be read: {err}") from None
     own = model.state_dict()
     if not set(own) & set(state):  # a Lightning checkpoint prefixes the wrapped model's keys
         for prefix in ("model.", "net.", "module."):
@@ -47,7 +53,7 @@ def _read_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> dict[st
     wrong = [f"{k}: {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in state.items()
              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
-        raise ValueError(f"checkpoint {str(path)!r} is for another model than this one (set model= to the model it "
+        raise ConfigError(f"checkpoint {str(path)!r} is for another model than this one (set model= to the model it "
                          f"was trained from): " + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     return state
 
@@ -55,7 +61,7 @@ def _read_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> dict[st
 def _load_checkpoint_into(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | os.PathLike) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit the prepared model: missing {missing[:5]}, "
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not fit the prepared model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (same base model and quant recipe as in training?)")
 
 
@@ -68,7 +74,10 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
         ValueError: a checkpoint without a recipe, or one that does not fit.
     """
     if quant is None and checkpoint is not None:
-        raise ValueError("export: checkpoint= needs quant=<the recipe it was trained with>")
+        raise ConfigError("export: checkpoint= needs quant=<the recipe it was trained with>")
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} does not exist; give the state dict of a QAT / PTQ "
+                                "run (.ckpt / .pt / .safetensors)")
     if quant is not None and checkpoint is None:  # checked before the model loads
         recipe = in_flight_recipe(quant)
     elif quant is not None:
@@ -103,16 +112,16 @@ def check_imatrix(imatrix: str | None, format: str, data: Any, calibration: dict
     if imatrix is None:
         return cal
     if format != "gguf":
-        raise ValueError(f"imatrix={imatrix!r} weighs GGUF K-quant fits; it needs format=gguf (got format={format!r})")
+        raise ConfigError(f"imatrix={imatrix!r} weighs GGUF K-quant fits; it needs format=gguf (got format={format!r})")
     if imatrix == "calibrate":
         if not data:
-            raise ValueError("imatrix=calibrate needs calibration text: data=<corpus> (e.g. data=fixture, data=wiki)")
-        if int(cal["samples"]) < 1 or int(cal["seq_len"]) < 2 or int(cal["batch_size"]) < 1:
-            raise ValueError(f"export calibration: samples, batch_size >= 1 and seq_len >= 2; got {cal}")
+            raise ConfigError("imatrix=calibrate needs calibration text: data=<corpus> (e.g. data=fixture, data=wiki)")
+        for key, least in (("samples", 1), ("seq_len", 2), ("batch_size", 1)):
+            as_count(cal[key], f"calibration.{key}", least)
         return cal
     path = Path(str(imatrix)).expanduser()
     if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"imatrix={imatrix!r}: choose null, 'calibrate', or an existing .safetensors file of "
+        raise ConfigError(f"imatrix={imatrix!r}: choose null, 'calibrate', or an existing .safetensors file of "
                          "importances (written by imatrix=calibrate calibration.save=<file>)")
     return cal
 
@@ -129,7 +138,7 @@ def load_importance(path: str | os.PathLike, model: nn.Module) -> dict[str, torc
     bad += [f"{k} (shape {tuple(v.shape)}, expected ({expected[k]},))" for k, v in sorted(found.items())
             if k in expected and tuple(v.shape) != (expected[k],)]
     if bad or not found:
-        raise ValueError(f"imatrix file {str(path)!r} does not fit the model:\n  - " + "\n  - ".join(bad or ["it is empty"]))
+        raise ConfigError(f"imatrix file {str(path)!r} does not fit the model:\n  - " + "\n  - ".join(bad or ["it is empty"]))
     return {k: v.float() for k, v in found.items()}
 
 
@@ -151,7 +160,7 @@ def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, 
     corpus.max_train_blocks = int(cal["samples"])
     blocks = build_blocks(corpus, tokenizer, splits=[cal["split"]]).get(cal["split"])
     if blocks is None or not len(blocks):
-        raise ValueError(f"imatrix=calibrate: {corpus.path} gives no {cal['split']!r} blocks of {cal['seq_len']} tokens")
+        raise ConfigError(f"imatrix=calibrate: {corpus.path} gives no {cal['split']!r} blocks of {cal['seq_len']} tokens")
     rows = int(cal["batch_size"])
     importance = collect_importance(model, [blocks[i:i + rows] for i in range(0, len(blocks), rows)])
     if cal["save"]:
@@ -174,17 +183,17 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
         PosixPath('out/m.gguf')
     """
     if format not in FORMATS:
-        raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
+        raise ConfigError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf" and gguf_type not in BLOCK and gguf_type not in MIXES:
-        raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+        raise ConfigError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     out = Path(output).expanduser()
     exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if exists and not overwrite:
-        raise ValueError(f"output {str(out)!r} already exists; pass overwrite=true to replace it, or choose another output")
+        raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=true to replace it, or choose another output")
     if format == "gguf" and out.is_dir():
-        raise ValueError(f"output path {str(out)!r} is a folder; format=gguf writes a file: give a file name")
+        raise ConfigError(f"output path {str(out)!r} is a folder; format=gguf writes a file: give a file name")
     if format != "gguf" and out.is_file():
-        raise ValueError(f"output {str(out)!r} is a file; format={format} writes a folder")
+        raise ConfigError(f"output {str(out)!r} is a file; format={format} writes a folder")
     return check_creatable(out)  # creating nothing: a failed run leaves no empty folders behind
 
 
@@ -193,7 +202,7 @@ def _check_source(source: nn.Module, model: str, format: str, gguf_type: str) ->
     if format == "gguf":  # plan_types' checks without its fallback warnings (the writer gives those)
         check_names(source, repr(model))
     elif not integer_modules(source):
-        raise ValueError(f"format={format} stores quantized weights, and model.path={model!r} loaded as a float model: "
+        raise ConfigError(f"format={format} stores quantized weights, and model.path={model!r} loaded as a float model: "
                          "pass quant=<recipe> (e.g. quant=w4a16_g128) or a quantized export as model.path")
 
 
@@ -244,11 +253,14 @@ def run_export_job(cfg: dict) -> dict:
         ValueError: a misspelt key anywhere (naming it), no `output`, and what `run_export` raises.
     """
     check_keys(cfg, EXPORT)
+    for key in ("overwrite", "gguf_pure"):  # before anything is loaded: overwrite=no must not replace an export
+        as_bool(cfg.get(key, False), key)
     if cfg.get("output") in (None, "???"):
-        raise ValueError("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
+        raise ConfigError("qat-export: output= is required: a folder (native, compressed_tensors, gptq) or a .gguf file")
     model = cfg["model"]
     return run_export(model["path"], cfg["output"], format=cfg["format"], gguf_type=cfg["gguf_type"],
                       quant=cfg.get("quant"), checkpoint=cfg["checkpoint"], tokenizer=cfg["tokenizer"],
                       dtype=model.get("dtype", "float32"), tiny=model.get("tiny"), imatrix=cfg.get("imatrix"),
                       data=cfg.get("data"), calibration=cfg.get("calibration"),
-                      overwrite=bool(cfg.get("overwrite", False)), gguf_pure=bool(cfg.get("gguf_pure", False)))
+                      overwrite=as_bool(cfg.get("overwrite", False), "overwrite"),
+                      gguf_pure=as_bool(cfg.get("gguf_pure", False), "gguf_pure"))

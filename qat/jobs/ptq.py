@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from qat.data import build_blocks, calibration_batches, corpus_from_mapping
+from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
+from qat.errors import ConfigError
 from qat.export import FORMATS, export
 from qat.io import atomic_path, atomic_write_bytes
-from qat.jobs.config import PTQ, check_keys
+from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import TINY_NAMES, check_model_source, load_model
@@ -85,15 +86,20 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
     Example:
         >>> check_job({**cfg, "calibration": {"samples": 0, "seq_len": 64}})  # ValueError: calibration.samples=0
     """
-    errors, sizes = [], {"data.block_size": cfg["data"].get("block_size")}
+    errors, sizes = check_values(cfg), {"data.block_size": cfg["data"].get("block_size")}
     if calibrate:
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len"):
             value = cal.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 errors.append(f"calibration.{key}={value!r}; must be a positive integer")
+        if cal.get("split", "train") not in SPLITS:
+            errors.append(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
         sizes["calibration.seq_len"] = cal.get("seq_len")
-        errors += enough_tokens(method, cal)
+        try:
+            errors += enough_tokens(method, cal)
+        except (KeyError, ValueError) as err:
+            errors.append(f"method: {err.args[0] if err.args else err}")
     context = model_context(cfg["model"])
     for key, value in sizes.items():
         if context is not None and isinstance(value, int) and value > context:
@@ -102,7 +108,50 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
     if cfg.get("export") and cfg["export"] not in FORMATS:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
     if errors:
-        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def check_values(cfg: dict) -> list[str]:
+    """The plain values of a qat-ptq / qat-compare config (seed, data sizes, eval settings, flags): one line
+    per bad value, naming its key and what is valid."""
+    errors = []
+    checks = [(cfg.get("seed", 0), "seed", 0), (cfg["data"].get("block_size"), "data.block_size", 2),
+              (cfg["data"].get("batch_size", 1), "data.batch_size", 1)]
+    evl = cfg.get("eval") or {}
+    if evl.get("split") is not None and evl["split"] not in SPLITS:
+        errors.append(f"eval.split={evl['split']!r}; choose from {list(SPLITS)} (or null: no evaluation)")
+    checks += [(evl.get("batch_size", 4), "eval.batch_size", 1)]
+    for value, key, least in checks:
+        try:
+            as_count(value, key, least)
+        except ConfigError as err:
+            errors.append(str(err))
+    for value, key in [(evl.get("max_blocks"), "eval.max_blocks"), (cfg["data"].get("max_eval_blocks"), "data.max_eval_blocks")]:
+        try:
+            as_count(value, key, 1, allow_none=True)
+        except ConfigError as err:
+            errors.append(str(err))
+    for key in ("save", "progress", "fail_on_error"):
+        if key in cfg:
+            try:
+                as_bool(cfg[key], key)
+            except ConfigError as err:
+                errors.append(str(err))
+    return errors
+
+
+def check_method(opts: dict, where: str = "method") -> None:
+    """A PTQ method's options ({name, ...}) checked by its Config, before anything loads.
+
+    Raises:
+        ConfigError: an unknown method name (listing the registered ones) or a bad option, prefixed by `where`.
+    """
+    try:
+        method_config(opts)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err.args[0] if err.args else err}") from err
 
 
 def enough_tokens(method: Any, cal: dict) -> list[str]:
@@ -155,17 +204,17 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
         >>> run_ptq_job(OmegaConf.to_container(cfg, resolve=True), "outputs/ptq/run")
     """
     check_keys(cfg, PTQ)
-    torch.manual_seed(int(cfg.get("seed", 0)))
     method = dict(cfg["method"])
-    method_config(method)  # validate before loading anything
+    check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
+    torch.manual_seed(cfg.get("seed", 0))
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
-                         progress=bool(cfg.get("progress", True)), batch_size=cfg["eval"].get("batch_size", 4))
+                         progress=as_bool(cfg.get("progress", True), "progress"), batch_size=cfg["eval"].get("batch_size", 4))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {**row, "protocol": job_protocol(cfg, blocks), "model": cfg["model"]["path"], "options": model.qat_ptq}
-    if cfg.get("save", True):
+    if as_bool(cfg.get("save", True), "save"):
         result["checkpoint"] = str(save_state(model, out / "model.pt"))
     if cfg.get("export"):
         suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders

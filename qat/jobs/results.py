@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from qat.control import format_table
+from qat.errors import BadFileError, ConfigError
 from qat.io import atomic_write_bytes
 
 COLUMNS = ("method", "quant", "ppl", "bits_per_weight", "size_mb", "wall_s", "peak_mem_mb")
@@ -62,7 +63,7 @@ def check_protocols(rows: Sequence[dict]) -> dict | None:
         elif proto != ref[0]:
             where = row.get("source", f"{row['method']}/{row['quant']}")
             diff = ", ".join(f"{k}: {ref[0][k]!r} vs {proto[k]!r}" for k in PROTOCOL_KEYS if ref[0][k] != proto[k])
-            raise ValueError(f"{where}: eval protocol differs from {ref[1]} ({diff}); perplexities measured on "
+            raise ConfigError(f"{where}: eval protocol differs from {ref[1]} ({diff}); perplexities measured on "
                              "different blocks are not comparable: rerun with the same data / eval settings")
     return ref[0] if ref else None
 
@@ -89,7 +90,7 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
         matched = (sorted(glob.glob(str(pattern), recursive=True), key=_natural) if glob.has_magic(str(pattern))
                    else [pattern])
         if not matched:
-            raise ValueError(f"results pattern {str(pattern)!r} matches no file")
+            raise ConfigError(f"results pattern {str(pattern)!r} matches no file")
         fresh = [m for m in matched if Path(m).resolve() not in seen]
         seen.update(Path(m).resolve() for m in fresh)
         rows += _rows_of(fresh)
@@ -104,7 +105,15 @@ def _natural(path: str) -> list:
 def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        if not Path(path).exists():
+            raise FileNotFoundError(f"results file {str(path)!r} does not exist")
+        if Path(path).is_dir():
+            raise BadFileError(path, "is a folder; results= takes result JSON files (or glob patterns)")
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadFileError(path, f"not a result JSON file ({err}); results= takes result.json / results.json "
+                                     "files written by qat-ptq, qat-train or qat-compare") from None
         shared = data.get("protocol") if isinstance(data, dict) and "rows" in data else None
         items = data["rows"] if shared is not None or (isinstance(data, dict) and "rows" in data) else data
         for row in items if isinstance(items, list) else [items]:
@@ -115,11 +124,24 @@ def _rows_of(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 
 def as_row(row: dict, path: Any, protocol: dict | None = None) -> dict:
+    """One table row from a result file's row (a qat-train result becomes its QAT row), checked.
+
+    Raises:
+        BadFileError: a row that is not a mapping, lacks method / quant / ppl, or holds a number column that is
+            not a number (or null), naming the file.
+    """
+    if not isinstance(row, dict):
+        raise BadFileError(path, f"a result row is a {type(row).__name__}, not a mapping of {list(COLUMNS)}")
     if "qat_ppl" in row and "ppl" not in row:
         row = _train_row(row)
     missing = [k for k in ("method", "quant", "ppl") if k not in row]
     if missing:
-        raise ValueError(f"{path}: result row lacks {missing}; expected keys {list(COLUMNS)}")
+        raise BadFileError(path, f"result row lacks {missing}; expected keys {list(COLUMNS)}")
+    bad = [f"{k}={row[k]!r}" for k in COLUMNS[2:] if row.get(k) is not None
+           and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+    if bad:
+        raise BadFileError(path, f"row {row.get('method')}/{row.get('quant')}: {', '.join(bad)} not a number "
+                                 "(numbers or null expected)")
     out = {k: row.get(k, math.nan) for k in COLUMNS}
     out.update({k: math.nan for k in COLUMNS[2:] if out[k] is None})  # strict JSON writes NaN as null
     out.update(status=row.get("status", "ok"), error=row.get("error", ""), source=str(path),

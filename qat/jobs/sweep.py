@@ -22,12 +22,12 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from qat.errors import ConfigError, UserError
 from qat.io import atomic_write_bytes
 from qat.jobs.compare import compare_title
-from qat.jobs.config import COMPARE, QAT, QAT_METHOD, check_keys, register_resolvers
-from qat.jobs.ptq import check_job, job_inputs, job_protocol, quant_name, run_one
+from qat.jobs.config import COMPARE, QAT, QAT_METHOD, as_bool, as_count, check_keys, register_resolvers
+from qat.jobs.ptq import check_job, check_method, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
-from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
 
 # data keys that define the corpus and the eval blocks: a QAT row takes them from the compare config, so
@@ -70,7 +70,8 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
     try:
         row = _sweep_row(cfg, out, run_qat)
     except Exception as err:  # noqa: BLE001 - recorded in the table, the sweep goes on
-        log(f"[qat-compare] job {method_label(method)} / {quant} failed:\n{traceback.format_exc()}")
+        detail = str(err) if isinstance(err, UserError) else traceback.format_exc()  # a user's mistake: no stack
+        log(f"[qat-compare] job {method_label(method)} / {quant} failed:\n{detail}")
         row = failed_row(method_label(method), quant, err)
     row = {**row, "model": cfg["model"]["path"]}
     atomic_write_bytes(out / "result.json", to_json(row))
@@ -79,17 +80,17 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
 
 def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
     check_keys(cfg, COMPARE)
-    torch.manual_seed(int(cfg.get("seed", 0)))
+    torch.manual_seed(as_count(cfg.get("seed", 0), "seed", 0))
     opts = {k: v for k, v in cfg["method"].items() if k != "label"}
     name = opts["name"]
     if name != "fp" and not cfg.get("quant"):
-        raise ValueError(f"method {name} needs a scheme: quant=<configs/quant name>, e.g. quant=w4a16_g128")
+        raise ConfigError(f"method {name} needs a scheme: quant=<configs/quant name>, e.g. quant=w4a16_g128")
     if name == "qat":
         if run_qat is None:
             raise ValueError("method qat runs through qat-compare (qat.lit.run.run_qat_job)")
         return {**run_qat(cfg, out), "method": method_label(cfg["method"])}
     if name != "fp":
-        method_config(opts)  # validate before loading anything
+        check_method(opts)  # validate before loading anything
     check_job(cfg, calibrate=name != "fp", method=None if name == "fp" else opts)
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], None if name == "fp" else cfg["calibration"],
                                        cfg["eval"])
@@ -182,7 +183,7 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
 
 def _same_calibration(calibration: dict) -> None:
     if calibration.get("split", "train") != "train":
-        raise ValueError(f"calibration.split={calibration['split']!r}: PTQ-initialised QAT calibrates on the "
+        raise ConfigError(f"calibration.split={calibration['split']!r}: PTQ-initialised QAT calibrates on the "
                          "training split; use calibration.split=train")
 
 
@@ -213,6 +214,6 @@ class AggregateResults(Callback):
         print(paths["md"].read_text(), flush=True)
         print(f"written: {', '.join(str(p) for p in paths.values())}", flush=True)
         failed = [f"{r['method']}/{r['quant']}" for r in rows if r["status"] != "ok"]
-        if failed and config.get("fail_on_error", True):
+        if failed and as_bool(config.get("fail_on_error", True), "fail_on_error"):
             print(f"[qat-compare] {len(failed)} job(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
             sys.exit(1)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qat.data import SPLITS, CorpusConfig, build_blocks
+from qat.errors import ConfigError
 from qat.models import load_tokenizer
 
 
@@ -81,7 +82,7 @@ class TextDataModule(pl.LightningDataModule):
                  shuffle: bool = True, num_workers: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size}; must be >= 1")
+            raise ConfigError(f"data.batch_size={batch_size}; must be >= 1")
         self.corpus = CorpusConfig(path=str(path), tokenizer=str(tokenizer), block_size=block_size,
                                    text_field=text_field, sample_by=sample_by, val_fraction=val_fraction,
                                    test_fraction=test_fraction, seed=seed, max_train_blocks=max_train_blocks,
@@ -105,7 +106,7 @@ class TextDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
         if split not in self.blocks:
-            raise ValueError(f"split {split!r} is empty (data.{'val' if split == 'validation' else split}_fraction=0?)")
+            raise ConfigError(f"split {split!r} is empty (data.{'val' if split == 'validation' else split}_fraction=0?)")
         ds = BlockDataset(self.blocks[split])
         if not train:
             return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
@@ -115,7 +116,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def _new_sampler(self, n: int) -> StreamSampler:
         if n < self.batch_size:
-            raise ValueError(f"{n} training blocks < data.batch_size={self.batch_size}; lower the batch size")
+            raise ConfigError(f"{n} training blocks < data.batch_size={self.batch_size}; lower the batch size")
         return StreamSampler(n, self.corpus.seed, self.shuffle, epoch_length=n // self.batch_size * self.batch_size)
 
     def seek_train(self, n_samples: int) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from qat.errors import ConfigError
 import qat
 from qat.models import load_model
 from qat.transform.recipe import to_plain
@@ -98,13 +99,13 @@ class QATModule(pl.LightningModule):
             return
         allowed = {"weight", "temperature", "teacher"}
         if set(kd) - allowed:
-            raise ValueError(f"kd: unknown key(s) {sorted(set(kd) - allowed)}; valid: {sorted(allowed)}")
+            raise ConfigError(f"kd: unknown key(s) {sorted(set(kd) - allowed)}; valid: {sorted(allowed)}")
         if not 0 <= kd.get("weight", 1.0) <= 1:
-            raise ValueError(f"kd.weight={kd['weight']}; must be in [0, 1]")
+            raise ConfigError(f"kd.weight={kd['weight']}; must be in [0, 1]")
         if kd.get("temperature", 1.0) <= 0:
-            raise ValueError(f"kd.temperature={kd['temperature']}; must be > 0")
+            raise ConfigError(f"kd.temperature={kd['temperature']}; must be > 0")
         if kd.get("teacher", "copy") not in ("copy", "shared"):
-            raise ValueError(f"kd.teacher={kd['teacher']!r}; choose from ['copy', 'shared']")
+            raise ConfigError(f"kd.teacher={kd['teacher']!r}; choose from ['copy', 'shared']")
 
     # -- forward / losses -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

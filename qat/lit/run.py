@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 import qat
 from qat.assets import require
 from qat.data import ALIASES
+from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import atomic_write_bytes, probe_folder, torch_load
-from qat.jobs.config import TRAIN, register_resolvers, unknown_keys
+from qat.jobs.config import TRAIN, as_bool, as_count, register_resolvers, unknown_keys
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
@@ -41,10 +42,10 @@ def check_config(cfg: DictConfig) -> None:
     """Fail before any long work, naming every offender: misspelt keys, missing files, impossible sizes.
 
     Raises:
-        ValueError: one message listing every problem found.
+        ConfigError: one message listing every problem found.
         FileNotFoundError: the model or data path does not exist (raised on its own, with the path).
     """
-    errors = unknown_keys(cfg, TRAIN)
+    errors = unknown_keys(cfg, TRAIN) + _check_values(cfg)
     if cfg.eval.split not in ("validation", "test"):
         errors.append(f"eval.split={cfg.eval.split!r}; choose from ['validation', 'test']")
     if cfg.get("quant") is not None:
@@ -63,18 +64,42 @@ def check_config(cfg: DictConfig) -> None:
             method_config(init)
             errors += [f"init: {e}" for e in enough_tokens(init, {"samples": 32, "seq_len": 128, **calib})]
         except (KeyError, ValueError) as err:
-            errors.append(f"init: {err}")
+            errors.append(f"init: {err.args[0] if err.args else err}")
     errors += _check_optim(cfg.module)
     if errors:
-        raise ValueError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_data_path(str(cfg.data.path))
     if cfg.get("ckpt_path"):
         _check_resume(cfg)
     _check_writable(Path(str(cfg.paths.output_dir)))
     context = context_length_of(cfg.model)
     if context is not None and cfg.data.block_size > context:
-        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
+        raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
                          f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _check_values(cfg: DictConfig) -> list[str]:
+    """Plain values checked strictly (one line per offender); the flags are rewritten as real booleans, so
+    `eval.after=no` means false rather than a non-empty (true) string."""
+    errors = []
+    counts = [("seed", cfg.get("seed", 0), 0, False), ("eval.max_blocks", cfg.eval.get("max_blocks"), 1, True),
+              ("trainer.max_steps", cfg.trainer.get("max_steps", -1), -1, False),
+              ("data.block_size", cfg.data.get("block_size"), 2, False),
+              ("data.batch_size", cfg.data.get("batch_size", 1), 1, False),
+              ("module.range_init_batches", cfg.module.get("range_init_batches", 0), 0, False)]
+    for key, value, least, allow_none in counts:
+        try:
+            as_count(value, key, least, allow_none=allow_none)
+        except ConfigError as err:
+            errors.append(str(err))
+    for node, key in (("eval", "after"), ("eval", "baselines"), ("module", "gradient_checkpointing"),
+                      ("module", "freeze_embeddings")):
+        try:
+            if key in cfg[node]:
+                cfg[node][key] = as_bool(cfg[node][key], f"{node}.{key}")
+        except ConfigError as err:
+            errors.append(str(err))
+    return errors
 
 
 def _check_optim(module_cfg: DictConfig) -> list[str]:
@@ -109,7 +134,13 @@ def _check_resume(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt)")
-    ckpt = torch_load(path, mmap=True)
+    try:
+        ckpt = torch_load(path, mmap=True)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, EOFError, RuntimeError... for bad files
+        raise BadFileError(path, "ckpt_path cannot be read as a qat-train checkpoint (truncated, corrupted, or "
+                                 f"not a checkpoint): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     hparams = ckpt.get("hyper_parameters") or {}
     errors = []
     for key in ("model", "quant"):
@@ -126,7 +157,7 @@ def _check_resume(cfg: DictConfig) -> None:
             errors.append(f"{key}: the checkpoint has {a.get('name', a.get('path'))!r}, this run "
                           f"{b.get('name', b.get('path'))!r}; differing fields (checkpoint, this run): {diff}")
     if errors:
-        raise ValueError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
+        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
                          "model and quant as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.primitives import (
     reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
 )
@@ -48,7 +49,7 @@ def build_observer(spec) -> "Observer":
     try:
         return cls(spec, **spec.observer_args)
     except TypeError as err:
-        raise ValueError(f"observer {spec.observer!r} got bad observer_args {dict(spec.observer_args)}: {err}") from None
+        raise ConfigError(f"observer {spec.observer!r} got bad observer_args {dict(spec.observer_args)}: {err}") from None
 
 
 class Observer(nn.Module):
@@ -101,7 +102,7 @@ class MovingAverageObserver(Observer):
     def __init__(self, spec, momentum: float = 0.01) -> None:
         super().__init__(spec)
         if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"moving_average.momentum={momentum}; choose a value in (0, 1]")
+            raise ConfigError(f"moving_average.momentum={momentum}; choose a value in (0, 1]")
         self.momentum = momentum
 
     def combine(self, lo, hi):
@@ -125,7 +126,7 @@ class PercentileObserver(Observer):
     def __init__(self, spec, percentile: float = 99.99) -> None:
         super().__init__(spec)
         if not 50.0 < percentile <= 100.0:
-            raise ValueError(f"percentile.percentile={percentile}; choose a value in (50, 100]")
+            raise ConfigError(f"percentile.percentile={percentile}; choose a value in (50, 100]")
         self.percentile = percentile
 
     def range_of(self, x):
@@ -151,7 +152,7 @@ class MSEObserver(Observer):
     def __init__(self, spec, grid: int = 20, max_shrink: float = 0.5, norm: float = 2.0) -> None:
         super().__init__(spec)
         if grid < 1 or not 0.0 <= max_shrink < 1.0:
-            raise ValueError(f"mse: grid={grid} (>= 1), max_shrink={max_shrink} (in [0, 1)) out of range")
+            raise ConfigError(f"mse: grid={grid} (>= 1), max_shrink={max_shrink} (in [0, 1)) out of range")
         self.grid, self.max_shrink, self.norm = grid, max_shrink, norm
 
     def range_of(self, x):

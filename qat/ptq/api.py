@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.checks import check_calibration, check_option_types, check_prepared
 from qat.ptq.methods import PTQMethod, get_method, method_of_config
@@ -43,7 +44,7 @@ def method_config(method: Any, **overrides: Any):
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(valid))
     if unknown:
-        raise ValueError(f"method {name}: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+        raise ConfigError(f"method {name}: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
     check_option_types(name, cls, data)
     return cls(**data)
 

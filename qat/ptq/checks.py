@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qat.control import quantizers
+from qat.errors import ConfigError
 from qat.modules.experts import FakeQuantExperts
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.gptq import check_spec
@@ -25,7 +26,7 @@ def check_ranges(method: str, checks: dict[str, tuple[object, bool, str]]) -> No
     """
     bad = [f"{name}={value!r} must be {rule}" for name, (value, ok, rule) in checks.items() if not ok]
     if bad:
-        raise ValueError(f"{method}: " + "; ".join(bad))
+        raise ConfigError(f"{method}: " + "; ".join(bad))
 
 
 def check_option_types(method: str, cls: type, data: dict) -> None:
@@ -44,7 +45,7 @@ def check_option_types(method: str, cls: type, data: dict) -> None:
               isinstance(value, int) and not isinstance(value, bool) if kind is int else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else True)
         if not ok:
-            raise ValueError(f"method {method}: {f.name}={value!r} must be of type {kind.__name__} "
+            raise ConfigError(f"method {method}: {f.name}={value!r} must be of type {kind.__name__} "
                              f"(default {default!r})")
 
 
@@ -83,7 +84,7 @@ def check_calibration(method: str, needs_data: bool, min_tokens: int, batches: l
     n_tokens = count_tokens(batches)
     minimum = max(min_tokens, 1 if needs else 0)
     if n_tokens < minimum:
-        raise ValueError(f"{method}: got {n_tokens} calibration tokens in {len(batches)} batch(es); need at least "
+        raise ConfigError(f"{method}: got {n_tokens} calibration tokens in {len(batches)} batch(es); need at least "
                          f"min_tokens={minimum} (give more calibration samples, or lower method.min_tokens)")
 
 
@@ -100,7 +101,7 @@ def check_weight_schemes(linears: dict, owner: str, grids: bool = False) -> None
         except ValueError as err:
             errors.append(str(err))
     if errors:
-        raise ValueError(f"{owner}:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError(f"{owner}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def check_fold(name: str, before: list, after: list) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qat.arch import ArchAdapter, Mapping, get_arch
+from qat.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def parse_mappings(raw: Sequence[Any] | None, owner: str = "method.mappings") ->
         unknown = sorted(set(entry) - {"prev", "linears", "offset"})
         if unknown or not isinstance(entry.get("prev"), str) or not entry.get("linears") or \
                 not isinstance(entry.get("offset", 0.0), (int, float)):
-            raise ValueError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...], "
+            raise ConfigError(f"{owner}[{i}]={entry}: expected {{prev: <module name>, linears: [<module name>, ...], "
                              "offset: <number, optional: the norm computes x * (offset + weight)>}")
         out.append(Mapping(entry["prev"], tuple(entry["linears"]), float(entry.get("offset", 0.0))))
     return out
@@ -100,7 +101,7 @@ def arch_mappings(given: Sequence[Mapping] | None, model: nn.Module, method: str
     try:
         arch: ArchAdapter = get_arch(model)
     except ValueError as err:
-        raise ValueError(f"{method}: method.mappings=null takes the norm -> linear mappings of the model's "
+        raise ConfigError(f"{method}: method.mappings=null takes the norm -> linear mappings of the model's "
                          f"architecture, and {err}; or give method.mappings") from None
     return list(arch.smooth_mappings if smooth else arch.mappings)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.kquant import fitted_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, fake_quantize_forward
@@ -54,11 +55,11 @@ def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
     """
     allowed = SOLVABLE_GRIDS if grids else SOLVABLE_GRIDS[:1]
     if spec.is_float or spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
-        raise ValueError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
+        raise ConfigError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
                          "use an integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid "
                          f"{' or '.join(allowed)}")
     if spec.granularity == "per_channel" and spec.axis % 2 != 0:
-        raise ValueError(f"{name}: per_channel weights need axis=0 (one scale per output row), got axis={spec.axis}")
+        raise ConfigError(f"{name}: per_channel weights need axis=0 (one scale per output row), got axis={spec.axis}")
 
 
 def holds_g_idx(spec: QuantSpec) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.primitives import fake_quantize_forward, qparams_view
 from qat.ptq.runner import quantized_linears
 
@@ -43,7 +44,7 @@ def ptq_start(model: nn.Module, start: str, floats: dict[str, torch.Tensor] | No
         >>> floats = float_weights(model); qat.ptq.apply(model, "gptq", batches); ptq_start(model, "cell", floats)
     """
     if start not in INIT_STARTS:
-        raise ValueError(f"init.start={start!r}; choose from {list(INIT_STARTS)}")
+        raise ConfigError(f"init.start={start!r}; choose from {list(INIT_STARTS)}")
     if start == "cell" and floats is None:
         raise ValueError("init.start=cell needs the float weights from before the PTQ solve")
     changed = 0

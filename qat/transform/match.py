@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.modules.experts import is_experts
 
 EXPERTS_PATTERNS = ("Experts", "Linear")
@@ -18,7 +19,7 @@ def _compile(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"bad regex in pattern 're:{pattern}': {err}") from None
+        raise ConfigError(f"bad regex in pattern 're:{pattern}': {err}") from None
 
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.formats import get_format, gguf_types
 from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
@@ -101,7 +102,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     errors += _check_modules(result, by_name)
     result.warnings += _gguf_block_rows(result, by_name)
     if errors:
-        raise ValueError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
 
 

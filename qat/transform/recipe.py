@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
+from qat.errors import ConfigError, UserError
 from qat.recipes import read_recipe
 from qat.spec import QuantSpec, TensorSchemes, check_keys
 
@@ -79,7 +80,16 @@ class QuantRecipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
         """Validate a mapping (YAML node), or load a recipe by name (`qat.load_recipe`). Unknown keys anywhere
-        raise ValueError naming them."""
+        and bad values raise ConfigError (a ValueError) naming them."""
+        try:
+            return cls._from_dict(data)
+        except UserError:
+            raise
+        except ValueError as err:  # QuantSpec's own checks: qat.spec imports no qat module, so they raise ValueError
+            raise ConfigError(str(err)) from err
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
         if isinstance(data, QuantRecipe):
             return data
         if isinstance(data, str):
@@ -90,13 +100,13 @@ class QuantRecipe:
         check_keys("quant", data, cls.KEYS)
         roles = {r: None if data.get(r) is None else QuantSpec.from_dict(data[r], owner=f"quant.{r}") for r in ROLE_KEYS}
         if all(v is None for v in roles.values()):
-            raise ValueError(f"quant: recipe {data.get('name', '?')!r} quantizes nothing; set one of {list(ROLE_KEYS)}")
+            raise ConfigError(f"quant: recipe {data.get('name', '?')!r} quantizes nothing; set one of {list(ROLE_KEYS)}")
         overrides = []
         for i, raw in enumerate(data.get("overrides") or []):
             raw = dict(raw)
             check_keys(f"quant.overrides[{i}]", raw, ("targets", *ROLE_KEYS))
             if not raw.get("targets"):
-                raise ValueError(f"quant.overrides[{i}]: 'targets' is required (a list of module patterns)")
+                raise ConfigError(f"quant.overrides[{i}]: 'targets' is required (a list of module patterns)")
             changes = {r: raw[r] for r in ROLE_KEYS if r in raw}
             override = Override(tuple(_as_list(raw["targets"], f"quant.overrides[{i}].targets")), changes)
             override.apply(TensorSchemes(**roles), f"quant.overrides[{i}]")  # validate now, not mid-model
@@ -124,7 +134,7 @@ def _as_list(value: Any, owner: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{owner}={value!r}; expected a list of strings")
+        raise ConfigError(f"{owner}={value!r}; expected a list of strings")
     return list(value)
 
 

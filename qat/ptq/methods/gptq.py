@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qat.control import quantization_disabled
+from qat.errors import ConfigError
 from qat.ptq.checks import check_ranges
 from qat.ptq.gptq import check_spec, gptq_quantize, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
@@ -80,7 +81,7 @@ def check_model(linears: dict, cfg: GPTQConfig) -> None:
                 errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
                               "grid) cannot hold; set static_groups=true or actorder=false")
     if errors:
-        raise ValueError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def solve_linear(name: str, module, stats: InputStats, cfg: GPTQConfig) -> float | None:

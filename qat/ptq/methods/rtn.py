@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.observers import OBSERVERS
 from qat.ptq.checks import has_static_activations
 from qat.ptq.experts import block_experts, pin_rtn_experts
@@ -30,9 +31,9 @@ class RTNConfig:
 
     def __post_init__(self) -> None:
         if self.observer is not None and self.observer not in OBSERVERS:
-            raise ValueError(f"rtn: observer={self.observer!r}; choose from {sorted(OBSERVERS)} (or null: the recipe's)")
+            raise ConfigError(f"rtn: observer={self.observer!r}; choose from {sorted(OBSERVERS)} (or null: the recipe's)")
         if self.min_tokens < 0:
-            raise ValueError(f"rtn: min_tokens={self.min_tokens} must be >= 0")
+            raise ConfigError(f"rtn: min_tokens={self.min_tokens} must be >= 0")
 
 
 @register_method

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from qat.control import quantizers
+from qat.errors import ConfigError
 from qat.ptq.checks import check_fold
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
 from qat.ptq.experts import block_experts, pin_rtn_experts
@@ -37,9 +38,9 @@ class SmoothQuantConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smoothquant.alpha={self.alpha}; choose a value in [0, 1]")
+            raise ConfigError(f"smoothquant.alpha={self.alpha}; choose a value in [0, 1]")
         if self.min_tokens < 0:
-            raise ValueError(f"smoothquant: min_tokens={self.min_tokens} must be >= 0")
+            raise ConfigError(f"smoothquant: min_tokens={self.min_tokens} must be >= 0")
         self.mappings = parse_mappings(self.mappings)
 
 
@@ -52,7 +53,7 @@ class SmoothQuant(PTQMethod):
 
     def check(self, model: nn.Module, linears: dict) -> None:
         if next(quantizers(model, ["input"]), None) is None:
-            raise ValueError("smoothquant: the recipe quantizes no activations (no input quantizer), and SmoothQuant "
+            raise ConfigError("smoothquant: the recipe quantizes no activations (no input quantizer), and SmoothQuant "
                              "only moves activation outliers into the weights for activation quantization: use a "
                              "recipe with `input:` (w8a8, w8a8_static, w4a8_kv8, fp8_dynamic), or rtn / gptq / awq "
                              "for weight-only recipes")

@@ -1,0 +1,139 @@
+"""The one error boundary of every qat CLI: a user's mistake is one message and exit 2; a bug keeps its traceback.
+
+A user's mistake is a `qat.errors.UserError` (ConfigError, BadFileError), a missing / unreadable path
+(FileNotFoundError, PermissionError...), an OmegaConf error (a missing `???` value, a bad interpolation), one of
+Hydra's own config errors (an unknown override key, bad override syntax, an unknown group option), Lightning's
+MisconfigurationException, or an error raised while Hydra instantiates a config node whose cause is one of those
+or a TypeError / ValueError of the constructor's arguments. Any other exception is our bug and keeps its
+traceback. `QAT_DEBUG=1` or `HYDRA_FULL_ERROR=1` shows the full traceback for everything.
+
+    @hydra.main(...)
+    @guard("qat-export")
+    def _main(cfg): ...
+
+    def main(argv=None) -> None:
+        run_hydra("qat-export", _main, argv)
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import CompactHydraException, InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf.errors import OmegaConfBaseException
+
+from qat.errors import UserError
+
+USER_EXIT = 2  # argparse's code for a usage error
+DEBUG_VARS = ("QAT_DEBUG", "HYDRA_FULL_ERROR")
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_started: list[bool] = [False]  # set when a task function starts: Hydra's exit 1 before that is a config error
+
+
+def debug() -> bool:
+    """True when QAT_DEBUG or HYDRA_FULL_ERROR is set (to anything but "", "0", "false", "no", "off")."""
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no", "off") for v in DEBUG_VARS)
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message to print for a user's mistake, or None when `exc` is a bug (it keeps its traceback).
+
+    Example:
+        >>> user_message(ConfigError("max_blocks=-2; must be a positive integer or null"))
+        'max_blocks=-2; must be a positive integer or null'
+        >>> user_message(ZeroDivisionError("division by zero")) is None
+        True
+    """
+    if isinstance(exc, InstantiationException):
+        return _instantiation_message(exc)
+    if isinstance(exc, (UserError, CompactHydraException, MisconfigurationException)):
+        return str(exc)
+    if isinstance(exc, OmegaConfBaseException):
+        return str(exc).strip()
+    if isinstance(exc, PATH_ERRORS):
+        if exc.filename is not None and exc.strerror:  # an OSError from open(): "[Errno 2] ..." names the path
+            return f"{exc.filename}: {exc.strerror}"
+        return str(exc)
+    return None
+
+
+def _instantiation_message(exc: InstantiationException) -> str | None:
+    """Hydra's "Error in call to target 'x':\\nValueError('...\\n...')" with the cause printed as text, not repr."""
+    cause = exc.__cause__
+    head = str(exc).split("\n", 1)[0].rstrip(":")
+    key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")), "")
+    if cause is None:
+        return str(exc)
+    inner = user_message(cause)
+    if inner is None and isinstance(cause, (TypeError, ValueError)):  # the node's arguments: a bad key or value
+        inner = f"{type(cause).__name__}: {cause}"
+    if inner is None:
+        return None
+    return f"{head}{f' (config node {key})' if key else ''}:\n{inner}"
+
+
+def report(app: str, exc: BaseException) -> int | None:
+    """Print a user's mistake as "<app>: error: <message>" on stderr and return the exit code; None for a bug."""
+    message = user_message(exc)
+    if message is None:
+        return None
+    print(f"{app}: error: {message}", file=sys.stderr, flush=True)
+    return USER_EXIT
+
+
+def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a Hydra task function: a user's mistake exits with `USER_EXIT` and one message, before Hydra would
+    print "Error executing job" and the stack; a bug (and everything under `debug()`) propagates as it was."""
+    def wrap(task: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(task)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            _started[0] = True
+            try:
+                return task(*args, **kwargs)
+            except Exception as exc:
+                code = None if debug() else report(app, exc)
+                if code is None:
+                    raise
+                raise SystemExit(code) from None
+        return guarded
+    return wrap
+
+
+def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = None) -> None:
+    """Run a `@hydra.main` function with `argv` (default: sys.argv[1:]) as its command line.
+
+    Hydra reports its own composition errors (an unknown key, bad override syntax) as one message; their exit
+    status becomes `USER_EXIT` too. Under `debug()`, HYDRA_FULL_ERROR is set so Hydra shows whole tracebacks.
+    """
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    if debug():
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    saved = sys.argv
+    sys.argv = [app, *(sys.argv[1:] if argv is None else argv)]
+    _started[0] = False
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _started[0]:  # Hydra printed a config error before the job ran
+            raise SystemExit(USER_EXIT) from None
+        raise
+    finally:
+        sys.argv = saved
+        if full_error is None:  # an in-process caller (a test) gets its environment back
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        GlobalHydra.instance().clear()  # the next in-process run composes afresh
+
+
+def run_plain(app: str, main: Callable[[], int | None]) -> int:
+    """Run a non-Hydra CLI body (argparse) inside the same boundary; returns its exit status."""
+    try:
+        return int(main() or 0)
+    except Exception as exc:
+        code = None if debug() else report(app, exc)
+        if code is None:
+            raise
+        return code

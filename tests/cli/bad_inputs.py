@@ -1,0 +1,172 @@
+"""The bad command lines every qat CLI must refuse with one clear message, non-zero exit and no traceback.
+
+Shared by tests/cli/test_bad_inputs.py (in-process, fast) and scripts/fuzz_cli.py (real subprocesses).
+Each case is (app, argv, expected): `expected` is a substring of the message (a key, a file name, a valid value).
+"{tmp}" in argv stands for a scratch folder prepared by `make_files`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import traceback
+from pathlib import Path
+
+APPS = {"demo": "qat-demo", "train": "qat-train", "ptq": "qat-ptq", "compare": "qat-compare", "eval": "qat-eval",
+        "export": "qat-export", "assets": "qat-assets"}
+
+# every Hydra app runs in {tmp}/run (its outputs never land in the checkout); tiny models, fixture data
+RUN = ["hydra.run.dir={tmp}/run", "hydra.sweep.dir={tmp}/sweep"]
+EXP = ["model=tiny", "output={tmp}/out.gguf", "format=gguf"]
+EV = ["model=tiny", "data=fixture"]
+TR = ["trainer.max_steps=1"]
+CMP = ["methods=[rtn]", "quants=[w4a16_g128]"]
+
+
+def _cases() -> list[tuple[str, list[str], str]]:
+    c: list[tuple[str, list[str], str]] = []
+    add = lambda app, argv, expected: c.append((app, argv, expected))  # noqa: E731
+
+    # Hydra's own errors, each app: unknown key, bad override syntax, unknown group option, misspelt nested key
+    for app, base in (("demo", []), ("train", TR), ("ptq", []), ("compare", CMP), ("eval", EV), ("export", EXP)):
+        add(app, base + ["nosuchkey=1"], "nosuchkey")
+        add(app, base + ["quant=[w4"], "[w4")
+        add(app, base + ["quant=no_such_recipe"], "no_such_recipe")
+        add(app, base + ["+model.tiny.layerz=4" if app != "demo" else "+tiny.layerz=4"], "layerz")
+        add(app, base + ["seed=${oc.env:QAT_NO_SUCH_VARIABLE_X}"], "QAT_NO_SUCH_VARIABLE_X")
+
+    # qat-demo: sizes a Llama cannot have, tokens, recipe values
+    for key, value, expected in [("tiny.num_heads", 0, "tiny.num_heads"), ("tiny.hidden_size", 100, "tiny.hidden_size"),
+                                 ("tiny.num_kv_heads", 3, "tiny.num_kv_heads"), ("tiny.vocab_size", -1, "tiny.vocab_size"),
+                                 ("tiny.num_layers", 0, "tiny.num_layers"), ("tiny.intermediate_size", "abc", "tiny.intermediate_size"),
+                                 ("tiny.seed", "abc", "tiny.seed"), ("tokens", 0, "tokens"), ("tokens", -5, "tokens"),
+                                 ("tokens", "abc", "tokens"), ("tokens", 100000, "tokens"),
+                                 ("quant.weight.bits", 17, "bits"), ("quant.weight.bits", "abc", "bits"),
+                                 ("quant.weight.group_size", 100, "group_size"), ("quant.weight.group_size", -1, "group_size")]:
+        add("demo", [f"{key}={value}"], expected)
+
+    # qat-train: values checked before any model loads
+    for over, expected in [("trainer.max_steps=-5", "max_steps"), ("trainer.max_steps=abc", "max_steps"),
+                           ("optim.optimizer.lr=-1", "lr"), ("optim.optimizer.lr=abc", "lr"),
+                           ("optim.optimizer.weight_decay=-1", "weight_decay"), ("optim.optimizer.betas=[2,0]", "betas"),
+                           ("eval.max_blocks=0", "eval.max_blocks"), ("eval.max_blocks=-2", "eval.max_blocks"),
+                           ("eval.max_blocks=abc", "eval.max_blocks"), ("eval.split=train", "eval.split"),
+                           ("eval.after=maybe", "eval.after"), ("eval.baselines=2", "eval.baselines"),
+                           ("data.path={tmp}/missing.txt", "missing.txt"), ("data.path={tmp}/empty.txt", "empty.txt"),
+                           ("data.block_size=0", "block_size"), ("data.block_size=100000", "block_size"),
+                           ("data.batch_size=0", "batch_size"), ("data.batch_size=-3", "batch_size"),
+                           ("data.val_fraction=1.5", "val_fraction"), ("data.sample_by=word", "sample_by"),
+                           ("model.path={tmp}/nomodel", "nomodel"), ("model.dtype=float13", "float13"),
+                           ("ckpt_path={tmp}/missing.ckpt", "missing.ckpt"), ("ckpt_path={tmp}/garbage.ckpt", "garbage.ckpt"),
+                           ("+init.name=nope", "nope"), ("+trainer.nosuch=1", "nosuch"),
+                           ("trainer.precision=13-true", "precision"), ("module.kd={weight:2}", "kd.weight"),
+                           ("module.kd={weight:0.5,teacher:nope}", "kd.teacher"), ("eval.after=no_way", "eval.after"),
+                           ("module.freeze_embeddings=maybe", "freeze_embeddings"),
+                           ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed")]:
+        add("train", TR + [over], expected)
+    add("train", TR + ["init=gptq", "~quant"], "quant")
+
+    # qat-ptq
+    for over, expected in [("method=nope", "nope"), ("+method.nosuch=1", "nosuch"), ("method.actorder=maybe", "actorder"),
+                           ("calibration.samples=0", "calibration.samples"), ("calibration.samples=abc", "calibration.samples"),
+                           ("calibration.seq_len=-1", "calibration.seq_len"), ("eval.max_blocks=0", "eval.max_blocks"),
+                           ("eval.max_blocks=-2", "eval.max_blocks"), ("eval.split=bogus", "eval.split"),
+                           ("eval.batch_size=0", "eval.batch_size"), ("save=no_way", "save"), ("save=2", "save"),
+                           ("progress=maybe", "progress"), ("export=zip", "zip"), ("data.path={tmp}/empty.txt", "empty.txt"),
+                           ("data.path={tmp}/missing.txt", "missing.txt"), ("model.path={tmp}/nomodel", "nomodel"),
+                           ("data.block_size=0", "block_size"), ("seed=abc", "seed"), ("quant.weight.bits=1", "bits"),
+                           ("method.damp=-1", "damp"), ("calibration.split=bogus", "bogus")]:
+        add("ptq", [over], expected)
+
+    # qat-compare
+    for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),
+                           ("results=[{tmp}/abc.json]", "ppl"), ("results=[{tmp}/missing.json]", "missing.json"),
+                           ("results=[{tmp}/list.json]", "list.json"), ("eval.max_blocks=0", "eval.max_blocks"),
+                           ("calibration.samples=0", "calibration.samples"), ("fail_on_error=maybe", "fail_on_error"),
+                           ("methods=[{label:x}]", "name"), ("eval.split=bogus", "eval.split"),
+                           ("quants=[]", "quants"), ("methods=[]", "methods")]:
+        add("compare", CMP + [over], expected)
+    add("compare", ["-m", "method=nope", "quant=w4a16_g128"], "nope")
+    add("compare", ["-m", "method=gptq", "quant=w4a16_g128", "calibration.samples=0"], "calibration.samples")
+    add("compare", ["-m", "method=rtn,gptq", "quant=w4a16_g128", "eval.max_blocks=-1"], "eval.max_blocks")
+
+    # qat-eval
+    for over, expected in [("model.path={tmp}/nomodel", "nomodel"),
+                           ("max_blocks=0", "max_blocks"), ("max_blocks=-2", "max_blocks"), ("max_blocks=abc", "max_blocks"),
+                           ("split=bogus", "split"), ("max_new_tokens=-1", "max_new_tokens"),
+                           ("data.path={tmp}/empty.txt", "empty.txt"), ("data.path={tmp}/missing.txt", "missing.txt"),
+                           ("tokenizer={tmp}/notok", "notok"), ("model.dtype=float13", "float13"),
+                           ("data.block_size=0", "block_size")]:
+        add("eval", EV + [over], expected)
+
+    # qat-export
+    for over, expected in [("format=zip", "zip"), ("gguf_type=Q9_9", "Q9_9"), ("gguf_type=q4_k_m", "Q4_K_M"), ("overwrite=no output={tmp}/existing.gguf", "existing.gguf"),
+                           ("overwrite=maybe", "overwrite"), ("gguf_pure=no_way", "gguf_pure"), ("gguf_pure=2", "gguf_pure"),
+                           ("output=???", "output"), ("output={tmp}/existing.gguf", "existing.gguf"),
+                           ("checkpoint={tmp}/missing.ckpt", "checkpoint"),
+                           ("quant=w4a16_g128 checkpoint={tmp}/missing.ckpt", "missing.ckpt"),
+                           ("imatrix=calibrate", "data"), ("imatrix={tmp}/notes.txt", "imatrix"),
+                           ("model.path={tmp}/nomodel", "nomodel"), ("tokenizer={tmp}/notok", "notok"),
+                           ("model.dtype=float13", "float13"), ("output={tmp}/existing", "existing"),
+                           ("imatrix=calibrate data=fixture calibration.samples=abc", "calibration.samples"),
+                           ("imatrix=calibrate data=fixture calibration.seq_len=1", "calibration.seq_len")]:
+        add("export", EXP + over.split(" "), expected)
+    add("export", ["model=tiny", "format=native", "output={tmp}/existing", "overwrite=no"], "existing")
+    add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
+    add("export", ["model=tiny", "format=native", "output={tmp}/nat"], "quant")
+    add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
+                   "output={tmp}/nat"], "garbage.ckpt")
+
+    # qat-assets (argparse)
+    add("assets", ["--verify", "--cache", "{tmp}/nonexistent"], "nonexistent")
+    add("assets", ["--verify", "--cache", "{tmp}/notes.txt"], "notes.txt")
+    add("assets", ["--only", "nope"], "nope")
+    add("assets", ["--bogus"], "--bogus")
+    return c
+
+
+CASES = _cases()
+
+
+def make_files(tmp: str | os.PathLike) -> Path:
+    """The files the cases name under {tmp}: an empty corpus, a text file, bad result rows, a garbage checkpoint
+    and GGUF, and exports that already exist."""
+    tmp = Path(tmp)
+    (tmp / "empty.txt").write_text("")
+    (tmp / "notes.txt").write_text("these are notes, not JSON\n")
+    row = {"method": "rtn", "quant": "w4a16_g128", "ppl": "abc", "bits_per_weight": 4.25, "size_mb": 1.0}
+    (tmp / "abc.json").write_text(json.dumps(row))
+    (tmp / "list.json").write_text(json.dumps([1, 2, 3]))
+    (tmp / "garbage.ckpt").write_bytes(b"not a checkpoint" * 10)
+    (tmp / "garbage.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
+    (tmp / "existing").mkdir(exist_ok=True)
+    (tmp / "existing" / "keep.txt").write_text("an earlier export")
+    (tmp / "existing.gguf").write_bytes(b"an earlier export")
+    (tmp / "notok").mkdir(exist_ok=True)
+    return tmp
+
+
+def argv_for(argv: list[str], tmp: str | os.PathLike, app: str) -> list[str]:
+    """The case's arguments with {tmp} filled in (and Hydra's run folders under it)."""
+    full = [a.replace("{tmp}", str(tmp)) for a in argv]
+    return full if app == "assets" else full + [a.replace("{tmp}", str(tmp)) for a in RUN]
+
+
+def run_in_process(app: str, argv: list[str]) -> tuple[int, str]:
+    """Run `qat.cli.<app>.main(argv)` here; returns (exit status, stdout + stderr)."""
+    main = importlib.import_module(f"qat.cli.{app}").main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+            code = code if isinstance(code, int) else 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+            if not isinstance(exit_.code, int) and exit_.code is not None:
+                print(exit_.code, file=out)
+        except Exception:  # noqa: BLE001 - what the interpreter would print (QAT_DEBUG / HYDRA_FULL_ERROR)
+            traceback.print_exc(file=out)
+            code = 1
+    return code, out.getvalue()

@@ -1,0 +1,147 @@
+"""Every CLI's error boundary (qat.cli.boundary): a user's mistake is one message naming the problem and a non-zero
+exit, with no traceback; our own bugs keep theirs, and QAT_DEBUG / HYDRA_FULL_ERROR show everything.
+
+The bad command lines live in tests/cli/bad_inputs.py and run in-process (a subprocess per case would import
+torch + transformers each time); a few real console scripts at the end prove the installed entry points agree.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qat.errors import ConfigError
+from qat.jobs.config import as_bool
+from tests.cli.bad_inputs import CASES, argv_for, make_files, run_in_process
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    return make_files(tmp_path_factory.mktemp("bad_inputs"))
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    for var in ("QAT_DEBUG", "HYDRA_FULL_ERROR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_at_least_100_cases_across_every_app():
+    apps = {app for app, _, _ in CASES}
+    assert len(CASES) >= 100 and apps == {"demo", "train", "ptq", "compare", "eval", "export", "assets"}
+
+
+@pytest.mark.parametrize("app,argv,expected", CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in CASES])
+def test_bad_input_is_one_clear_message(app, argv, expected, files):
+    code, out = run_in_process(app, argv_for(argv, files, app))
+    assert code != 0, out
+    assert "Traceback" not in out and "Error executing job" not in out, out
+    assert expected.lower() in out.lower(), out
+    assert "\\n" not in out, out  # multi-line messages have real newlines, not repr'd ones
+
+
+def test_overwrite_no_keeps_the_existing_export(files):
+    """Defect 1: `overwrite=no` was bool("no") == True and replaced the export."""
+    before = (files / "existing.gguf").read_bytes()
+    code, out = run_in_process("export", argv_for(["model=tiny", "format=gguf", "output={tmp}/existing.gguf",
+                                                   "overwrite=no"], files, "export"))
+    assert code == 2 and "already exists" in out
+    assert (files / "existing.gguf").read_bytes() == before
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), (1, True), (0, False), ("yes", True),
+                                            ("No", False), ("ON", True), ("off", False), ("1", True), ("0", False),
+                                            ("true", True), ("False", False)])
+def test_flags_parse_strictly(value, expected):
+    assert as_bool(value, "overwrite") is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", 2, -1, 0.5, None, "nope", [True]])
+def test_other_flag_values_are_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"gguf_pure=.*choose true or false"):
+        as_bool(value, "gguf_pure")
+
+
+def test_ptq_save_no_writes_no_checkpoint(files):
+    """Defect 1: `qat-ptq save=no` saved model.pt all the same."""
+    run_dir = files / "ptq_save_no"
+    code, out = run_in_process("ptq", ["method=rtn", "save=no", "eval.split=null", "calibration.samples=2",
+                                       f"hydra.run.dir={run_dir}"])
+    assert code == 0, out
+    assert (run_dir / "result.json").is_file() and not (run_dir / "model.pt").exists()
+
+
+def test_an_internal_bug_keeps_its_traceback(files, monkeypatch):
+    import qat.cli.demo
+
+    def broken(*args, **kwargs):
+        return 1 // 0
+
+    monkeypatch.setattr(qat.cli.demo, "run", broken)
+    code, out = run_in_process("demo", argv_for([], files, "demo"))
+    assert code != 0 and "Traceback" in out and "ZeroDivisionError" in out
+
+
+@pytest.mark.parametrize("var", ["QAT_DEBUG", "HYDRA_FULL_ERROR"])
+def test_debug_variables_show_the_traceback_of_a_user_error(var, files, monkeypatch):
+    monkeypatch.setenv(var, "1")
+    code, out = run_in_process("demo", argv_for(["tiny.num_heads=0"], files, "demo"))
+    assert code != 0 and "Traceback" in out and "ConfigError" in out and "tiny.num_heads" in out
+
+
+def test_instantiation_errors_print_their_cause_as_text(files):
+    """Hydra wraps a constructor's error as "Error in call to target ...:\\nValueError('...\\n...')"; the boundary
+    prints the target, the config node and the cause's own message."""
+    code, out = run_in_process("train", argv_for(["trainer.max_steps=1", "trainer.precision=13-true"], files, "train"))
+    assert code == 2 and "Trainer" in out and "13-true" in out and "\\n" not in out
+
+
+def _script(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install -e .)")
+    return path
+
+
+def test_the_console_scripts_behave_the_same(tmp_path):
+    """The installed entry points (not only their main functions): Hydra's app and the argparse one."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("QAT_DEBUG", None)
+    proc = subprocess.run([_script("qat-demo"), "tiny.hidden_size=100", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and out.strip().startswith("qat-demo: error:"), out
+    assert "tiny.hidden_size=100" in out and "Traceback" not in out
+    proc = subprocess.run([_script("qat-assets"), "--verify", "--cache", str(tmp_path / "nonexistent")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value,least,allow_none,ok", [(3, 1, False, True), (None, 1, True, True), (0, 1, True, False),
+                                                       (-2, 1, True, False), ("8", 1, False, False),
+                                                       (True, 0, False, False), (-1, -1, False, True)])
+def test_counts_are_integers_in_range(value, least, allow_none, ok):
+    from qat.jobs.config import as_count
+
+    if ok:
+        assert as_count(value, "eval.max_blocks", least, allow_none) == value
+    else:
+        with pytest.raises(ConfigError, match=r"eval\.max_blocks=.*must be an integer >= "):
+            as_count(value, "eval.max_blocks", least, allow_none)
+
+
+def test_tiny_sizes_are_checked_before_transformers_divides():
+    from qat.testing import tiny_llama
+
+    with pytest.raises(ConfigError) as err:
+        tiny_llama(num_heads=0, vocab_size=-1)
+    assert "tiny.num_heads=0" in str(err.value) and "tiny.vocab_size=-1" in str(err.value)
+    with pytest.raises(ConfigError, match="tiny.hidden_size=100 is not an even multiple of tiny.num_heads=4"):
+        tiny_llama(hidden_size=100)
