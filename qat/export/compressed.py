@@ -15,6 +15,8 @@ compressed-tensors names them; other KV schemes (per-token dynamic) have no plac
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
+Linears in a 4-bit float format (MXFP4) go to `qat.export.compressed_fp` (its own layout and config-group format);
+a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
 from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
@@ -37,6 +40,7 @@ from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
+READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "mixed-precision")
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -162,14 +166,16 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     ragged: list[str] = []
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
-        _check_spec(n, spec)
+        fmt = fp_format(spec) if spec is not None else None
+        if fmt is None:
+            _check_spec(n, spec)
         if spec.granularity == "per_group" and m.in_features % spec.group_size:
             ragged.append(n)
-        w_args = _weights_args(spec, actorder)
+        w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
         i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
-                                "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
+                                "output_activations": None, "format": fmt or "pack-quantized"})["targets"].append(n)
     if ragged:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
@@ -181,7 +187,8 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
     """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
     yield from _kv_tensors(attention)
     for n, m in linears.items():
-        yield from _linear_tensors(n, weight_of(model, f"{n}.weight")).items()
+        qw = weight_of(model, f"{n}.weight")
+        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw)).items()
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
     for n, m in modules.items():
@@ -209,7 +216,9 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     modules, linears, groups = _plan(model)
     kv_scheme, attention = _kv_scheme(model)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
-    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    formats = {g["format"] for g in groups.values()}
+    top = formats.pop() if len(formats) == 1 else "mixed-precision"
+    qconfig = {"quant_method": "compressed-tensors", "format": top, "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
     warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
@@ -266,7 +275,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     folder = Path(path)
     raw = json.loads((folder / "config.json").read_text())
     q = raw.get("quantization_config") or {}
-    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") not in READ_FORMATS:
         raise ValueError(f"{str(folder)!r}: not a compressed-tensors pack-quantized checkpoint "
                          f"(quant_method={q.get('quant_method')!r}, format={q.get('format')!r})")
     t = load_safetensors(folder / "model.safetensors")
@@ -276,7 +285,9 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     for group in q["config_groups"].values():
         for n in group["targets"]:
             old = model.get_submodule(n)
-            qw = _quantized_weight(t, n, group["weights"])
+            fmt = group.get("format") or q["format"]
+            qw = (_quantized_weight(t, n, group["weights"]) if fmt == "pack-quantized"
+                  else fp_quantized_weight(t, n, group["weights"], fmt))
             bias = old.bias if old.bias is not None else None
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
     if q.get("kv_cache_scheme"):

@@ -1,0 +1,78 @@
+"""The small floats the microscaling formats share: E2M1 elements (FP4) and E8M0 power-of-two scales.
+
+E2M1 (OCP MX v1.0, sec. 5.3.3): 1 sign, 2 exponent (bias 1), 1 mantissa bit; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6;
+no inf / NaN. A code is the 4-bit pattern sign << 3 | magnitude index, so codes 0..7 are +0..+6 and 8..15 are
+-0..-6: the order of llama.cpp's kvalues_mxfp4 (which holds the values doubled) and of compressed-tensors'
+pack_fp4_to_uint8. Rounding is to nearest, ties to the even mantissa (IEEE / OCP round-to-nearest-even):
+0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; magnitudes above 6 saturate to 6 (the
+OCP conversion for formats without inf). A negative input keeps its sign bit, also when it rounds to zero.
+
+E8M0 (OCP MX sec. 5.4.1): an unsigned biased exponent e, value 2^(e - 127), e in 0..254 (255 is NaN, never
+written). Scales are float32 tensors holding exact powers of two 2^-127..2^127 (2^-127 is a float32 subnormal).
+"""
+from __future__ import annotations
+
+import torch
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_VALUES = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32)
+E2M1_MAX = 6.0
+E2M1_EMAX = 2  # exponent of the largest normal, 6 = 1.5 * 2^2: what the OCP shared-exponent rule subtracts
+_MIDS = torch.tensor([(a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])])  # exact in float32
+_TIE_UP = torch.tensor([k % 2 == 1 for k in range(7)])  # a tie above an odd-mantissa level goes up to the even one
+E8M0_MIN, E8M0_MAX = -127, 127
+
+
+def e2m1_codes(t: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (float32 0..15) of `t` (already divided by its scale): round to nearest even, saturate at 6."""
+    mag = t.abs()
+    idx = torch.bucketize(mag, _MIDS.to(t.device))  # ties to the lower level
+    at = torch.minimum(idx, torch.full_like(idx, 6))
+    tie = (mag == _MIDS.to(t.device)[at]) & _TIE_UP.to(t.device)[at]
+    idx = idx + tie
+    return (idx + 8 * torch.signbit(t)).float()
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E2M1 codes (any numeric dtype holding 0..15)."""
+    return E2M1_VALUES.to(codes.device)[codes.long()]
+
+
+def pow2_floor_exponent(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(x)) of positive float32 `x`, exactly (frexp, not a rounded log2), as int32."""
+    _, e = torch.frexp(x)
+    return (e - 1).to(torch.int32)
+
+
+def exp2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as float32 for integer e in [-149, 127], exactly (ldexp on 1.0, subnormals included)."""
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.int32))
+
+
+def nearest_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` on the E8M0 grid: the power of two nearest in log2 (2^k for scale in [2^(k-1/2), 2^(k+1/2))), clamped
+    to 2^-127..2^127. A power of two stays itself, so scales from `mx_scale` pass unchanged; a learned (LSQ)
+    scale moves freely and the grid uses its nearest power of two."""
+    m, e = torch.frexp(scale.float())  # scale = m 2^e, m in [0.5, 1)
+    k = (e - 1) + (m >= 2 ** -0.5).to(e.dtype)
+    return exp2(k.clamp(E8M0_MIN, E8M0_MAX))
+
+
+def e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes (uint8, exponent + 127) of power-of-two float32 scales (rounded by `nearest_pow2` first)."""
+    return (pow2_floor_exponent(nearest_pow2(scale)) + 127).to(torch.uint8)
+
+
+def e8m0_scale(e: torch.Tensor) -> torch.Tensor:
+    """float32 scales 2^(e - 127) of E8M0 bytes."""
+    return exp2(e.to(torch.int32) - 127)
+
+
+def mx_scale(amax: torch.Tensor, emax: int) -> torch.Tensor:
+    """The OCP MX shared scale of blocks with absolute maximum `amax`: 2^(floor(log2 amax) - emax), clamped to the
+    E8M0 range; 2^-127 for an all-zero block. llama.cpp's quantize_row_mxfp4_ref takes the same exponent (its
+    floorf(log2f(amax)) can differ only for amax within a float32 rounding of log2 below a power of two)."""
+    live = amax > 0
+    e = pow2_floor_exponent(torch.where(live, amax, torch.ones_like(amax))) - emax
+    e = torch.where(live, e, torch.full_like(e, E8M0_MIN))
+    return exp2(e.clamp(E8M0_MIN, E8M0_MAX))
