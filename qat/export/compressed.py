@@ -15,7 +15,7 @@ compressed-tensors names them; other KV schemes (per-token dynamic) have no plac
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
-Linears in a 4-bit float format (MXFP4) go to `qat.export.compressed_fp` (its own layout and config-group format);
+Linears in a 4-bit float format (MXFP4, NVFP4) go to `qat.export.compressed_fp` (its own layout and config-group format);
 a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
-READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "mixed-precision")
+READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mixed-precision")
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -164,6 +164,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         raise ValueError("compressed-tensors export: the model has no quantized linear layers")
     groups: dict[str, dict] = {}
     ragged: list[str] = []
+    fp_inputs: list[str] = []
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
         fmt = fp_format(spec) if spec is not None else None
@@ -172,7 +173,11 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         if spec.granularity == "per_group" and m.in_features % spec.group_size:
             ragged.append(n)
         w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
-        i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
+        i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
+        if i_spec is not None and fp_format(i_spec):
+            fp_inputs.append(n)
+            i_spec = None
+        i_args = _input_args(i_spec, n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
                                 "output_activations": None, "format": fmt or "pack-quantized"})["targets"].append(n)
@@ -180,6 +185,11 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
+    if fp_inputs:
+        log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
+                    "fp4 activation schemes need a calibrated static input_global_scale, so they are written without "
+                    "an input scheme (weights only)", len(fp_inputs),
+                    ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
     return modules, linears, groups
 
 

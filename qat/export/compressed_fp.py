@@ -1,4 +1,4 @@
-"""compressed-tensors' FP4 layouts: `mxfp4-pack-quantized` (MXFP4), writer and reader.
+"""compressed-tensors' FP4 layouts: `mxfp4-pack-quantized` (MXFP4), `nvfp4-pack-quantized` (NVFP4), writer and reader.
 
 `qat.export.compressed` routes a linear here when its weight format is one of `FP_FORMATS`; the checkpoint's
 config group then carries its own `format` (a checkpoint mixing int and fp4 groups is "mixed-precision").
@@ -8,6 +8,9 @@ Per MXFP4 linear `<m>` (compressed-tensors 0.20's MXFP4PackedCompressor):
                         nibble of byte j, element 2j + 1 in its high nibble (pack_fp4_to_uint8)
     <m>.weight_scale    uint8 [out, in / 32]: E8M0 exponents, scale = 2^(e - 127)
 weights args: {num_bits: 4, type: float, strategy: group, group_size: 32, symmetric: true, scale_dtype: torch.uint8}.
+Per NVFP4 linear (NVFP4PackedCompressor): the same weight_packed; weight_scale float8_e4m3fn [out, in / 16];
+weight_global_scale float32 [1], the divisor g (scale = weight_scale / g); weights args strategy tensor_group,
+group_size 16, scale_dtype torch.float8_e4m3fn.
 The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
 """
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch
 from qat.formats import get_format
 from qat.formats.minifloat import e8m0_bytes, e8m0_scale
 from qat.formats.mxfp4 import mxfp4_spec
+from qat.formats.nvfp4 import nvfp4_spec, split_scales
 from qat.modules.quantized import QuantizedWeight
 from qat.spec import QuantSpec
 
-FP_FORMATS = {"mxfp4": "mxfp4-pack-quantized"}  # qat format name -> compressed-tensors format
+FP_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}  # qat format name -> compressed-tensors format
 
 
 def fp_format(spec: QuantSpec) -> str | None:
@@ -30,9 +34,11 @@ def fp_format(spec: QuantSpec) -> str | None:
 
 def fp_weights_args(spec: QuantSpec) -> dict:
     """compressed-tensors QuantizationArgs (as JSON) of an FP4 weight scheme."""
-    return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": spec.group_size,
-            "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None,
-            "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    nv = get_format(spec).name == "nvfp4"
+    dtype = "torch.float8_e4m3fn" if nv else "torch.uint8"
+    return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group" if nv else "group",
+            "group_size": spec.group_size, "dynamic": False, "actorder": None, "observer": "minmax",
+            "block_structure": None, "scale_dtype": dtype, "zp_dtype": dtype}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -49,8 +55,14 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one FP4 linear."""
     scale, _ = qw.qparams()
-    return {f"{name}.weight_packed": pack_nibbles(qw.codes().reshape(qw.shape)),
-            f"{name}.weight_scale": e8m0_bytes(scale.reshape(qw.shape[0], -1))}
+    out = {f"{name}.weight_packed": pack_nibbles(qw.codes().reshape(qw.shape))}
+    if get_format(qw.spec).name == "nvfp4":
+        blocks, g = split_scales(scale)
+        out[f"{name}.weight_scale"] = blocks.reshape(qw.shape[0], -1)
+        out[f"{name}.weight_global_scale"] = g
+    else:
+        out[f"{name}.weight_scale"] = e8m0_bytes(scale.reshape(qw.shape[0], -1))
+    return out
 
 
 def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> QuantizedWeight:
@@ -59,12 +71,16 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
     Raises:
         ValueError: a format or weights args this reader does not know, naming the module.
     """
-    if fmt != "mxfp4-pack-quantized" or w_args.get("group_size") != 32 or w_args.get("num_bits") != 4:
+    known = {"mxfp4-pack-quantized": 32, "nvfp4-pack-quantized": 16}
+    if known.get(fmt) != w_args.get("group_size") or w_args.get("num_bits") != 4:
         raise ValueError(f"compressed-tensors: {name} has format {fmt!r} with weights {w_args}; qat reads "
-                         "mxfp4-pack-quantized (4-bit float, group_size 32)")
+                         "mxfp4-pack-quantized (4-bit float, group_size 32) and nvfp4-pack-quantized (group_size 16)")
     codes = unpack_nibbles(t[f"{name}.weight_packed"])
-    scale = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1)
-    spec = mxfp4_spec()
+    if fmt == "nvfp4-pack-quantized":
+        g = t[f"{name}.weight_global_scale"].float().reshape(())
+        scale, spec = t[f"{name}.weight_scale"].float().reshape(codes.shape[0], -1, 1) / g, nvfp4_spec()
+    else:
+        scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, scale, None)
     return qw

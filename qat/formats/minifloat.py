@@ -17,10 +17,12 @@ import torch
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32)
 E2M1_MAX = 6.0
+E2M1_INSIDE = 7.0  # |x / scale| up to the largest level plus half its step rounds to it without clipping (STE mask)
 E2M1_EMAX = 2  # exponent of the largest normal, 6 = 1.5 * 2^2: what the OCP shared-exponent rule subtracts
 _MIDS = torch.tensor([(a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])])  # exact in float32
 _TIE_UP = torch.tensor([k % 2 == 1 for k in range(7)])  # a tie above an odd-mantissa level goes up to the even one
 E8M0_MIN, E8M0_MAX = -127, 127
+E4M3_MAX = 448.0
 
 
 def e2m1_codes(t: torch.Tensor) -> torch.Tensor:
@@ -76,3 +78,20 @@ def mx_scale(amax: torch.Tensor, emax: int) -> torch.Tensor:
     e = pow2_floor_exponent(torch.where(live, amax, torch.ones_like(amax))) - emax
     e = torch.where(live, e, torch.full_like(e, E8M0_MIN))
     return exp2(e.clamp(E8M0_MIN, E8M0_MAX))
+
+
+def e4m3_scale_grid(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-level NVFP4 scales of float32 block scales `scale` (one tensor): (scale on the grid, global g).
+
+    g = 2^floor(log2(448 / max scale)) is the largest power of two that keeps every block scale times g within
+    E4M3's 448 (1.0 for an all-zero tensor); each block stores e4m3(scale * g) (round to nearest even) and means
+    e4m3 / g. A power-of-two g loses at most one binade of E4M3's range against 448 / max, and makes e4m3 / g,
+    and its products with E2M1 values, exact in float32 and bfloat16: every reader decodes the same number.
+    Idempotent: scales from this function come back unchanged (their g may double, the values do not move).
+    """
+    s = scale.float().clamp(min=0)
+    m = s.amax() if s.numel() else s.new_zeros(())
+    live = m > 0
+    g = exp2(pow2_floor_exponent(torch.where(live, E4M3_MAX / m.clamp(min=2.0**-100), torch.ones_like(m))).clamp(-126, 127))
+    blocks = (s * g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return blocks / g, g

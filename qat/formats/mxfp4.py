@@ -28,7 +28,7 @@ import math
 import torch
 
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.minifloat import (E2M1_EMAX, E2M1_MAX, e2m1_codes, e2m1_values, e8m0_bytes, e8m0_scale, mx_scale,
+from qat.formats.minifloat import (E2M1_EMAX, E2M1_INSIDE, e2m1_codes, e2m1_values, e8m0_bytes, e8m0_scale, mx_scale,
                                    nearest_pow2)
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
@@ -89,7 +89,7 @@ class MXFP4Format(Format):
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         t = view / nearest_pow2(scale)  # exact: a power of two
-        mask = t.abs() <= E2M1_MAX if need_mask else None
+        mask = t.abs() <= E2M1_INSIDE if need_mask else None
         return e2m1_codes(t), mask
 
     def values(self, t, scale, zero_point, spec):

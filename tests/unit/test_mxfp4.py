@@ -38,7 +38,7 @@ def _weights() -> torch.Tensor:
     w = torch.randn(24, 256, generator=g) * torch.logspace(-3, 1, 24).unsqueeze(1)
     w[0, :32] = 0.0  # an all-zero block
     w[1, :32] = -0.25  # a constant block
-    w[2, 32:64] = 7.0 * 2.0**-3  # amax 7 * 2^(e-2): the OCP scale saturates it to 6
+    w[2, 32:64] = 7.5 * 2.0**-3  # amax 7.5 * 2^(e-2): the OCP scale saturates it to 6
     w[3, :32] = 1e-40  # subnormal weights
     return w
 
@@ -86,7 +86,7 @@ def test_fake_quant_values_are_what_gguf_py_decodes():
     codes = quantize(w, scale, zp, spec)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
     assert torch.equal(fake, dequantize(codes, scale, zp, spec))
-    assert torch.equal(fake[2, 32:64], torch.full((32,), 0.75))  # 7 * 2^-3 saturates to 6 * 2^-3
+    assert torch.equal(fake[2, 32:64], torch.full((32,), 0.75))  # 7.5 * 2^-3 saturates to 6 * 2^-3
     assert not bool(mask[2, 32:64].any()) and float(mask.float().mean()) > 0.9
     assert torch.equal(fake[3, :32], torch.zeros(32))
     blocks = gguf_types()["MXFP4"].blocks(codes, scale, zp)
