@@ -15,7 +15,7 @@ compressed-tensors names them; other KV schemes (per-token dynamic) have no plac
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
-Linears in a 4-bit float format (MXFP4, NVFP4) go to `qat.export.compressed_fp` (its own layout and config-group format);
+Linears in a microscaling float format (MXFP4, NVFP4, MXFP8) go to `qat.export.compressed_fp` (its own layout and config-group format);
 a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
+from qat.export.compressed_fp import (fp_format, fp_input_args, fp_linear_tensors, fp_quantized_weight,
+                                      fp_weights_args)
 from qat.export.common import (clear_export_markers, integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.formats import get_format
@@ -40,7 +41,7 @@ from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
-READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mixed-precision")
+READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized", "mixed-precision")
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -175,9 +176,11 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
         if i_spec is not None and fp_format(i_spec):
-            fp_inputs.append(n)
-            i_spec = None
-        i_args = _input_args(i_spec, n)
+            i_args = fp_input_args(i_spec)
+            if i_args is None:
+                fp_inputs.append(n)
+        else:
+            i_args = _input_args(i_spec, n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
                                 "output_activations": None, "format": fmt or "pack-quantized"})["targets"].append(n)
@@ -292,8 +295,10 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     config = AutoConfig.from_pretrained(str(folder))
     config.quantization_config = None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    stored = set()  # the quantized linears' own tensors (an fp8 checkpoint's `<m>.weight` among them)
     for group in q["config_groups"].values():
         for n in group["targets"]:
+            stored.add(f"{n}.weight")
             old = model.get_submodule(n)
             fmt = group.get("format") or q["format"]
             qw = (_quantized_weight(t, n, group["weights"]) if fmt == "pack-quantized"
@@ -302,5 +307,6 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, bias, None, TensorSchemes(weight=qw.spec)))
     if q.get("kv_cache_scheme"):
         _attach_kv(model, t, q["kv_cache_scheme"], folder)
-    rest = {k: v for k, v in t.items() if ".weight_" not in k and not k.endswith((".k_scale", ".v_scale"))}
+    rest = {k: v for k, v in t.items()
+            if ".weight_" not in k and k not in stored and not k.endswith((".k_scale", ".v_scale"))}
     return load_rest_and_tie(model, rest, folder, config)
