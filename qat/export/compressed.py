@@ -15,7 +15,7 @@ compressed-tensors names them; other KV schemes (per-token dynamic) have no plac
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
-Linears in a microscaling float format (MXFP4, NVFP4, MXFP8) go to `qat.export.compressed_fp` (its own layout and config-group format);
+Linears in a microscaling or block-scaled float format (MXFP4, NVFP4, MXFP8, FP8 blocks) go to `qat.export.compressed_fp` (its own layout and config-group format);
 a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
@@ -41,7 +41,8 @@ from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
-READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized", "mixed-precision")
+READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized", "float-quantized",
+                "mixed-precision")
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -88,8 +89,11 @@ def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
         raise ValueError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
                          "only dynamic activation schemes are written")
     kind = "float" if spec.is_float else "int"
-    return {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
+    args = {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
             "strategy": "token" if spec.granularity == "per_token" else _STRATEGY[spec.granularity]}
+    if spec.granularity == "per_group":  # fp8 1 x 128 activation groups (FP8 block scaling)
+        args["group_size"] = spec.group_size
+    return args
 
 
 _KV_TYPES = {"int": "int", "fp8_e4m3": "float"}
