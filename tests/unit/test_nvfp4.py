@@ -129,3 +129,17 @@ def test_w4a4_activations_are_fake_quantized_per_block():
     spec = nvfp4_spec(dynamic=True)
     assert torch.equal(y, fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec), spec)[0])
     assert len(torch.unique(y[0, 0, :16].abs())) <= 8  # E2M1 magnitudes under one block scale
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4_w4a8", "mxfp4_w4a4"])
+def test_activation_variants_convert_exactly_and_export_what_fits(recipe, token_ids, tmp_path, caplog):
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe(recipe))
+    ref = _logits(model, token_ids)
+    with caplog.at_level(logging.WARNING):
+        out = export_compressed_tensors(model, tmp_path / "ct")
+    group = next(iter(json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()))
+    if recipe == "nvfp4_w4a8":  # fp8 per-token activations: a scheme compressed-tensors holds
+        assert group["input_activations"]["type"] == "float" and group["input_activations"]["strategy"] == "token"
+    else:
+        assert group["input_activations"] is None and "dynamic 4-bit float activations" in caplog.text
+    assert torch.equal(_logits(qat.convert(model), token_ids), ref)
