@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from qat.formats import get_format
-from qat.formats.minifloat import e8m0_bytes, e8m0_scale
+from qat.formats.minifloat import e2m1_from_index, e2m1_index, e8m0_bytes, e8m0_scale
 from qat.formats.fp8_block import expand_bands, fp8_block_spec
 from qat.formats.mxfp4 import mxfp4_spec
 from qat.formats.mxfp8 import mxfp8_spec
@@ -84,7 +84,7 @@ def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]
     if get_format(qw.spec).name == "mxfp8":
         return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
                 f"{name}.weight_scale": e8m0_bytes(scale.reshape(qw.shape[0], -1))}
-    out = {f"{name}.weight_packed": pack_nibbles(qw.codes().reshape(qw.shape))}
+    out = {f"{name}.weight_packed": pack_nibbles(e2m1_index(qw.codes().reshape(qw.shape)))}
     if get_format(qw.spec).name == "nvfp4":
         blocks, g = split_scales(scale)
         out[f"{name}.weight_scale"] = blocks.reshape(qw.shape[0], -1)
@@ -117,11 +117,11 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
         codes = t[f"{name}.weight"]
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp8_spec()
     elif fmt == "nvfp4-pack-quantized":
-        codes = unpack_nibbles(t[f"{name}.weight_packed"])
+        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
         g = t[f"{name}.weight_global_scale"].float().reshape(())
         scale, spec = t[f"{name}.weight_scale"].float().reshape(codes.shape[0], -1, 1) / g, nvfp4_spec()
     else:
-        codes = unpack_nibbles(t[f"{name}.weight_packed"])
+        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, scale, None)

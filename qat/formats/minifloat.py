@@ -1,11 +1,12 @@
 """The small floats the microscaling formats share: E2M1 elements (FP4) and E8M0 power-of-two scales.
 
 E2M1 (OCP MX v1.0, sec. 5.3.3): 1 sign, 2 exponent (bias 1), 1 mantissa bit; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6;
-no inf / NaN. A code is the 4-bit pattern sign << 3 | magnitude index, so codes 0..7 are +0..+6 and 8..15 are
--0..-6: the order of llama.cpp's kvalues_mxfp4 (which holds the values doubled) and of compressed-tensors'
-pack_fp4_to_uint8. Rounding is to nearest, ties to the even mantissa (IEEE / OCP round-to-nearest-even):
-0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; magnitudes above 6 saturate to 6 (the
-OCP conversion for formats without inf). A negative input keeps its sign bit, also when it rounds to zero.
+no inf / NaN. The formats compute with the values doubled, the integers 0, +-1, +-2, +-3, +-4, +-6, +-8, +-12
+(llama.cpp's kvalues_mxfp4): these are the codes `quantize` returns (int8), and x^ = code * (scale / 2), exact.
+Storage uses the 4-bit pattern sign << 3 | magnitude index (`e2m1_index`): 0..7 are +0..+6, 8..15 -0..-6, the
+order of llama.cpp's kvalues_mxfp4 and of compressed-tensors' pack_fp4_to_uint8. Rounding is to nearest, ties to
+the even mantissa (IEEE / OCP round-to-nearest-even): 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
+3.5 -> 4, 5 -> 4; magnitudes above 6 saturate to 6 (the OCP conversion for formats without inf).
 
 E8M0 (OCP MX sec. 5.4.1): an unsigned biased exponent e, value 2^(e - 127), e in 0..254 (255 is NaN, never
 written). Scales are float32 tensors holding exact powers of two 2^-127..2^127 (2^-127 is a float32 subnormal).
@@ -19,25 +20,31 @@ E2M1_VALUES = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES),
 E2M1_MAX = 6.0
 E2M1_INSIDE = 7.0  # |x / scale| up to the largest level plus half its step rounds to it without clipping (STE mask)
 E2M1_EMAX = 2  # exponent of the largest normal, 6 = 1.5 * 2^2: what the OCP shared-exponent rule subtracts
-_MIDS = torch.tensor([(a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])])  # exact in float32
-_TIE_UP = torch.tensor([k % 2 == 1 for k in range(7)])  # a tie above an odd-mantissa level goes up to the even one
+_INDEX = torch.full((13,), 0, dtype=torch.uint8)
+_INDEX[torch.tensor([0, 1, 2, 3, 4, 6, 8, 12])] = torch.arange(8, dtype=torch.uint8)
+_DOUBLED = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)
 E8M0_MIN, E8M0_MAX = -127, 127
 E4M3_MAX = 448.0
 
 
-def e2m1_codes(t: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (float32 0..15) of `t` (already divided by its scale): round to nearest even, saturate at 6."""
-    mag = t.abs()
-    idx = torch.bucketize(mag, _MIDS.to(t.device))  # ties to the lower level
-    at = torch.minimum(idx, torch.full_like(idx, 6))
-    tie = (mag == _MIDS.to(t.device)[at]) & _TIE_UP.to(t.device)[at]
-    idx = idx + tie
-    return (idx + 8 * torch.signbit(t)).float()
+def e2m1_doubled(t: torch.Tensor) -> torch.Tensor:
+    """2 * E2M1(t) (float32 integers -12..12) of `t` (already divided by its scale): round to nearest even,
+    saturate at 6. Arithmetic, not a table: the step is 0.5 below 2, 1 below 4, 2 above, and torch.round rounds
+    halves to even, which on these steps is E2M1's even mantissa."""
+    m = t.abs().mul_(2)  # doubled magnitude: steps 1 below 4, 2 below 8, 4 above
+    step = torch.where(m < 4, 1.0, torch.where(m < 8, 2.0, 4.0))
+    return m.div_(step).round_().mul_(step).clamp_(max=12.0).copysign_(t)
 
 
-def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    """float32 values of E2M1 codes (any numeric dtype holding 0..15)."""
-    return E2M1_VALUES.to(codes.device)[codes.long()]
+def e2m1_index(doubled: torch.Tensor) -> torch.Tensor:
+    """4-bit E2M1 patterns (uint8, sign << 3 | magnitude index) of doubled values."""
+    d = doubled.to(torch.int16)
+    return _INDEX.to(d.device)[d.abs().long()] | ((d < 0).to(torch.uint8) << 3)
+
+
+def e2m1_from_index(index: torch.Tensor) -> torch.Tensor:
+    """Doubled values (int8) of 4-bit E2M1 patterns."""
+    return _DOUBLED.to(index.device)[index.long()]
 
 
 def pow2_floor_exponent(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ tensor, or (dynamic activations, W4A4) each activation tensor as it comes.
 Learned scales (learn="lsq"): the parameter is the effective block scale S_b in float32; the grid uses
 `e4m3_scale_grid` of it (E4M3 rounding under the global it implies), the gradient passes straight through.
 
-Storage of a converted weight: codes packed at 4 bits, one E4M3 byte per block, the fp32 global: 4.5 bits per
+Storage of a converted weight: the 4-bit E2M1 patterns, one E4M3 byte per block, the fp32 global: 4.5 bits per
 weight + 32 bits per tensor. Exports: native, compressed-tensors nvfp4-pack-quantized (`qat.export.compressed_fp`).
 GGUF NVFP4 (type 40) has UE4M3 block scales but no per-tensor global in its blocks (llama.cpp reads a separate
 optional `.scale` tensor), so it is not registered here yet.
@@ -26,7 +26,8 @@ import math
 import torch
 
 from qat.formats.base import Format, register_format
-from qat.formats.minifloat import E2M1_INSIDE, E2M1_MAX, e2m1_codes, e2m1_values, e4m3_scale_grid
+from qat.formats.minifloat import (E2M1_INSIDE, E2M1_MAX, e2m1_doubled, e2m1_from_index, e2m1_index,
+                                   e4m3_scale_grid)
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
 
@@ -58,13 +59,13 @@ class NVFP4Format(Format):
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != BLOCK
-                or spec.scale_dtype != "fp32" or spec.learn not in ("none", "lsq") or spec.signed):
+                or spec.scale_dtype != "fp32" or spec.learn not in ("none", "lsq") or not spec.signed):
             raise ValueError("QuantSpec.dtype='fp4_e2m1' with grid='nvfp4' (NVFP4) needs bits=4, symmetric=True, "
                              "granularity='per_group', group_size=16, scale_dtype='fp32' (E4M3 block scales under "
-                             "an fp32 global), learn 'none' or 'lsq', signed left to its default")
+                             "an fp32 global), learn 'none' or 'lsq', signed left to its default (True)")
 
     def default_signed(self, spec: QuantSpec) -> bool:
-        return False  # the codes are 4-bit patterns 0..15
+        return True  # the codes are the doubled E2M1 values -12..12 (int8)
 
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
@@ -73,19 +74,19 @@ class NVFP4Format(Format):
         s = e4m3_scale_grid(scale)[0]
         t = torch.where(s != 0, view / torch.where(s != 0, s, torch.ones_like(s)), 0.0)
         mask = t.abs() <= E2M1_INSIDE if need_mask else None
-        return e2m1_codes(t), mask
+        return e2m1_doubled(t), mask
 
     def values(self, t, scale, zero_point, spec):
-        return e2m1_values(t) * e4m3_scale_grid(scale)[0]
+        return t.mul_(e4m3_scale_grid(scale)[0] * 0.5)  # doubled codes times half the scale: exact
 
     def pack(self, codes, scale, zero_point, spec):
         blocks, g = split_scales(scale.detach())
         stored = torch.cat([blocks.reshape(-1).view(torch.uint8), g.view(torch.uint8)])
-        return {"packed": pack(codes.to(torch.uint8), 4), "scale": stored,
+        return {"packed": pack(e2m1_index(codes), 4), "scale": stored,
                 "zero_point": torch.empty(0, dtype=torch.uint8, device=scale.device)}
 
     def unpack(self, stored, spec, shape):
-        codes = unpack(stored["packed"], 4, math.prod(shape)).reshape(shape)
+        codes = e2m1_from_index(unpack(stored["packed"], 4, math.prod(shape))).reshape(shape)
         raw = stored["scale"]
         g = raw[-4:].clone().view(torch.float32)
         blocks = raw[:-4].view(torch.float8_e4m3fn).float().reshape(*shape[:-1], -1, 1)

@@ -14,13 +14,17 @@ import qat
 from qat.export import export_gguf, load_gguf, save_native
 from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
-from qat.formats.minifloat import (E2M1_MAGNITUDES, e2m1_codes, e2m1_values, e8m0_bytes, e8m0_scale, mx_scale,
-                                   nearest_pow2)
+from qat.formats.minifloat import (E2M1_MAGNITUDES, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
+                                   e8m0_scale, mx_scale, nearest_pow2)
 from qat.formats.mxfp4 import mxfp4_spec
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
 from qat.testing import tiny_llama
 
 ALL = torch.tensor(E2M1_MAGNITUDES)
+
+
+def _e2m1(t: torch.Tensor) -> torch.Tensor:
+    return e2m1_doubled(t) / 2
 
 
 def _brute_force(t: torch.Tensor) -> torch.Tensor:
@@ -48,10 +52,13 @@ def test_e2m1_rounding_is_nearest_even_with_saturation():
     mids = [(a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])]
     t = torch.tensor(mids + list(E2M1_MAGNITUDES) + [6.5, 7.0, 1e9, 0.0, -0.0, 1e-40, -1e-40, 0.2500001, 0.2499999])
     t = torch.cat([t, -t, torch.linspace(-8, 8, 4001)])
-    got = e2m1_values(e2m1_codes(t))
+    got = _e2m1(t)
     assert torch.equal(got, _brute_force(t))
     assert torch.equal(torch.signbit(got), torch.signbit(t))  # -0 keeps its sign bit (code 8)
-    assert e2m1_values(e2m1_codes(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]))).tolist() == \
+    doubled = e2m1_doubled(torch.linspace(-7, 7, 57))
+    assert torch.equal(e2m1_from_index(e2m1_index(doubled)).float(), doubled)  # the 4-bit patterns round trip
+    assert e2m1_index(torch.tensor([0.0, 1.0, 12.0, -1.0, -12.0])).tolist() == [0, 1, 7, 9, 15]
+    assert _e2m1(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])).tolist() == \
         [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
 
 
@@ -63,7 +70,7 @@ def test_e2m1_matches_compressed_tensors_rounding():
     t = torch.cat([torch.linspace(-7, 7, 2801), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])])[:2784]
     args = QuantizationArgs(num_bits=4, type="float", strategy="group", group_size=32)
     theirs = ct_quantize(t.reshape(1, -1), torch.ones(1, 2784 // 32), None, args).reshape(-1).float()
-    assert torch.equal(e2m1_values(e2m1_codes(t)), theirs)
+    assert torch.equal(_e2m1(t), theirs)
     packed = pack_fp4_to_uint8(theirs.reshape(1, -1))
     assert torch.equal(unpack_fp4_from_uint8(packed, 1, 2784, torch.float32).reshape(-1), theirs)
 
@@ -84,7 +91,7 @@ def test_fake_quant_values_are_what_gguf_py_decodes():
     scale, zp = choose_qparams(*compute_range(w, spec), spec)
     fake, mask = fake_quantize_forward(w, scale, zp, spec, need_mask=True)
     codes = quantize(w, scale, zp, spec)
-    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 12  # doubled E2M1 values
     assert torch.equal(fake, dequantize(codes, scale, zp, spec))
     assert torch.equal(fake[2, 32:64], torch.full((32,), 0.75))  # 7.5 * 2^-3 saturates to 6 * 2^-3
     assert not bool(mask[2, 32:64].any()) and float(mask.float().mean()) > 0.9
