@@ -1,4 +1,5 @@
-"""Forward+backward time and memory of one Linear: plain vs fake-quant W4A16 (g128) vs W4A8.
+"""Forward+backward time and memory of one Linear: plain vs fake-quant W4A16 (g128) vs W4A8, and the 4-bit float
+formats MXFP4 / NVFP4 as W4A16 and W4A4 (dynamic per-block activations).
 
 Measured side by side in one run, variants interleaved round-robin so that machine noise hits all alike.
 Memory is what autograd saves for backward (deterministic on CPU; on CUDA the peak allocation is printed
@@ -20,6 +21,8 @@ from qat.spec import QuantSpec, TensorSchemes
 
 W4 = QuantSpec(bits=4, granularity="per_group", group_size=128)
 A8 = QuantSpec(bits=8, granularity="per_token", dynamic=True)
+FP4 = {name: QuantSpec(bits=4, dtype="fp4_e2m1", granularity="per_group", group_size=g, grid=grid)
+       for name, g, grid in (("MXFP4", 32, "mx"), ("NVFP4", 16, "nvfp4"))}
 
 
 def variants(linear: nn.Linear) -> dict[str, nn.Module]:
@@ -28,6 +31,10 @@ def variants(linear: nn.Linear) -> dict[str, nn.Module]:
         "qat W4A16 g128": FakeQuantLinear.from_float(linear, TensorSchemes(weight=W4)),
         "qat W4A8": FakeQuantLinear.from_float(linear, TensorSchemes(weight=W4, input=A8)),
     }
+    for name, spec in FP4.items():
+        out[f"qat {name} W4A16"] = FakeQuantLinear.from_float(linear, TensorSchemes(weight=spec))
+        out[f"qat {name} W4A4"] = FakeQuantLinear.from_float(
+            linear, TensorSchemes(weight=spec, input=spec.replace(dynamic=True)))
     try:  # a peer, when installed: torchao's QAT fake quantizers (not a qat dependency)
         from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 

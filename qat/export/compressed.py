@@ -18,6 +18,8 @@ gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one s
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
+Linears in a microscaling or block-scaled float format (MXFP4, NVFP4, MXFP8, FP8 blocks) go to `qat.export.compressed_fp` (its own layout and config-group format);
+a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError
+from qat.export.compressed_fp import (fp_format, fp_input_args, fp_linear_tensors, fp_quantized_weight,
+                                      fp_weights_args)
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.publish import folder_writer
@@ -46,6 +50,8 @@ from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
 log = logging.getLogger(__name__)
+READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized", "float-quantized",
+                "mixed-precision")
 _STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
 
 
@@ -92,8 +98,11 @@ def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
         raise ValueError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
                          "only dynamic activation schemes are written")
     kind = "float" if spec.is_float else "int"
-    return {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
+    args = {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
             "strategy": "token" if spec.granularity == "per_token" else _STRATEGY[spec.granularity]}
+    if spec.granularity == "per_group":  # fp8 1 x 128 activation groups (FP8 block scaling)
+        args["group_size"] = spec.group_size
+    return args
 
 
 _KV_TYPES = {"int": "int", "fp8_e4m3": "float"}
@@ -235,20 +244,34 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
                                         "output_activations": None, "format": "pack-quantized"})
         group["targets"] += list(expert_linears(n, m, lambda w: None))
+    fp_inputs: list[str] = []
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
-        _check_spec(n, spec)
+        fmt = fp_format(spec) if spec is not None else None
+        if fmt is None:
+            _check_spec(n, spec)
         if spec.granularity == "per_group" and m.in_features % spec.group_size:
             ragged.append(n)
-        w_args = _weights_args(spec, actorder)
-        i_args = _input_args(m.input_quantizer.spec if m.input_quantizer is not None else None, n)
+        w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
+        i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
+        if i_spec is not None and fp_format(i_spec):
+            i_args = fp_input_args(i_spec)
+            if i_args is None:
+                fp_inputs.append(n)
+        else:
+            i_args = _input_args(i_spec, n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
-                                "output_activations": None, "format": "pack-quantized"})["targets"].append(n)
+                                "output_activations": None, "format": fmt or "pack-quantized"})["targets"].append(n)
     if ragged:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
+    if fp_inputs:
+        log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
+                    "fp4 activation schemes need a calibrated static input_global_scale, so they are written without "
+                    "an input scheme (weights only)", len(fp_inputs),
+                    ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
     return modules, {**linears, **experts}, groups
 
 
@@ -264,7 +287,8 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
                 if key not in held and not key.startswith("weight_quantizers."):
                     yield f"{n}.{key}", value.detach()
             continue
-        yield from _linear_tensors(n, weight_of(model, f"{n}.weight")).items()
+        qw = weight_of(model, f"{n}.weight")
+        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw)).items()
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
     for n, m in modules.items():
@@ -299,7 +323,9 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
     ignore += sorted(n for n, m in model.named_modules() if is_experts(m) and n not in linears)
     ignore = [ck(n) for n in ignore]
-    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    formats = {g["format"] for g in groups.values()}
+    top = formats.pop() if len(formats) == 1 else "mixed-precision"
+    qconfig = {"quant_method": "compressed-tensors", "format": top, "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
     warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
@@ -391,9 +417,10 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     with bad_file(folder, "compressed-tensors export"):
         raw = read_json(folder / "config.json", "model config")
         q = raw.get("quantization_config") or {}
-        if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
-            raise BadFileError(folder / "config.json", "not a compressed-tensors pack-quantized checkpoint "
-                               f"(quantization_config={str(raw.get('quantization_config'))[:120]})")
+        if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" \
+                or q.get("format") not in READ_FORMATS:
+            raise BadFileError(folder / "config.json", "not a compressed-tensors checkpoint of a format qat reads "
+                               f"({', '.join(READ_FORMATS)}; quantization_config={str(raw.get('quantization_config'))[:120]})")
         stored = load_safetensors(folder / "model.safetensors")
         verify_checksums(folder, ("config.json", "model.safetensors"))
         config = AutoConfig.from_pretrained(str(folder))
@@ -403,30 +430,37 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         arch = find_arch(model)
         hk = (lambda key: key) if arch is None else arch.hf_key  # noqa: E731  (checkpoint names -> transformers 5)
         t = {hk(k): v for k, v in stored.items()}
-        targets = [(hk(n), group["weights"]) for group in q["config_groups"].values() for n in group["targets"]]
-        if len({n for n, _ in targets}) != len(targets):
+        targets = [(hk(n), group["weights"], group.get("format") or q["format"])
+                   for group in q["config_groups"].values() for n in group["targets"]]
+        if len({n for n, _, _ in targets}) != len(targets):
             raise BadFileError(folder / "config.json", "a layer is the target of two config_groups")
         experts: dict[str, dict] = {}
-        for n, w_args in targets:
+        for n, w_args, fmt in targets:
             m = EXPERT_PROJ.match(n)
             if m and is_experts(model.get_submodule(m["experts"])):
+                if fmt != "pack-quantized":
+                    raise BadFileError(folder / "config.json", f"experts {m['experts']!r} stored as {fmt!r}; "
+                                       "experts are read from pack-quantized groups only")
                 experts.setdefault(m["experts"], w_args)
                 continue
             old = model.get_submodule(n)
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
-            qw = _quantized_weight(t, n, w_args, old.out_features, old.in_features)
+            qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
+                  else fp_quantized_weight(t, n, w_args, fmt))
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
                                                  TensorSchemes(weight=qw.spec)))
         for n, w_args in experts.items():
             set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
         if q.get("kv_cache_scheme"):
             _attach_kv(model, t, q["kv_cache_scheme"], folder)
-        targeted = {n for n, _ in targets}
+        targeted = {n for n, _, _ in targets}
         stray = sorted(k for k in t if ".weight_" in k and k.rsplit(".weight_", 1)[0] not in targeted)
         if stray:
             raise BadFileError(folder, f"packed tensors of layers no config group targets: {stray[:5]}")
-        rest = {k: v for k, v in t.items() if ".weight_" not in k and not k.endswith((".k_scale", ".v_scale"))}
+        stored_own = {f"{n}.weight" for n in targeted}  # the quantized linears' own tensors (fp8's `<m>.weight`)
+        rest = {k: v for k, v in t.items()
+                if ".weight_" not in k and k not in stored_own and not k.endswith((".k_scale", ".v_scale"))}
         check_state(model, rest, folder)
         model = load_rest_and_tie(model, rest, folder, config)
     return check_model(model, folder)

@@ -17,12 +17,12 @@ def test_every_recipe_weight_has_a_format():
 
 
 def test_unknown_format_name_lists_the_registered_ones():
-    with pytest.raises(KeyError, match=r"format 'nf4'; registered: \['fp8', 'ggml', 'ggml_k', 'int', 'iq4_nl'\]"):
+    with pytest.raises(KeyError, match=r"format 'nf4'; registered: \['fp8', 'fp8_block', 'ggml', 'ggml_k', 'int', 'iq4_nl', 'mxfp4', 'mxfp8', 'nvfp4', 'ternary'\]"):
         get_format("nf4")
 
 
 def test_unknown_grid_lists_the_registered_grids():
-    with pytest.raises(ValueError, match=r"QuantSpec.grid='nf4'; choose from \['uniform', 'ggml', 'ggml_k'"):
+    with pytest.raises(ValueError, match=r"QuantSpec.grid='nf4'; choose from \['uniform', 'block', 'ggml', 'ggml_k'"):
         qat.QuantSpec(grid="nf4")
     with pytest.raises(ValueError, match=r"QuantSpec.grid='ggml' needs dtype in \['int'\], not 'fp8_e4m3'"):
         qat.QuantSpec(dtype="fp8_e4m3", granularity="per_group", group_size=32, grid="ggml")

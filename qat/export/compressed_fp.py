@@ -1,0 +1,128 @@
+"""compressed-tensors' microscaling layouts: `mxfp4-pack-quantized` (MXFP4), `nvfp4-pack-quantized` (NVFP4),
+`mxfp8-quantized` (MXFP8), `float-quantized` with strategy block (FP8 block scaling), writer and reader.
+
+`qat.export.compressed` routes a linear here when its weight format is one of `FP_FORMATS`; the checkpoint's
+config group then carries its own `format` (a checkpoint mixing int and fp4 groups is "mixed-precision").
+
+Per MXFP4 linear `<m>` (compressed-tensors 0.20's MXFP4PackedCompressor):
+    <m>.weight_packed   uint8 [out, in / 2]: E2M1 codes (sign << 3 | magnitude index), element 2j in the low
+                        nibble of byte j, element 2j + 1 in its high nibble (pack_fp4_to_uint8)
+    <m>.weight_scale    uint8 [out, in / 32]: E8M0 exponents, scale = 2^(e - 127)
+weights args: {num_bits: 4, type: float, strategy: group, group_size: 32, symmetric: true, scale_dtype: torch.uint8}.
+Per NVFP4 linear (NVFP4PackedCompressor): the same weight_packed; weight_scale float8_e4m3fn [out, in / 16];
+weight_global_scale float32 [1], the divisor g (scale = weight_scale / g); weights args strategy tensor_group,
+group_size 16, scale_dtype torch.float8_e4m3fn.
+Per FP8-block linear (FloatQuantizationCompressor, strategy block): <m>.weight float8_e4m3fn [out, in],
+<m>.weight_scale float32 [ceil(out / b), in / b]; weights args block_structure [b, b].
+Per MXFP8 linear (MXFP8QuantizationCompressor): <m>.weight float8_e4m3fn [out, in], <m>.weight_scale uint8 E8M0
+[out, in / 32]; weights args num_bits 8, type float, strategy group, group_size 32, scale_dtype torch.uint8. Dynamic
+MXFP8 activations are written as its input scheme (group 32, dynamic); dynamic fp4 activations are not (the
+fp4 schemes there need a calibrated static input_global_scale): the writer warns, naming the modules.
+The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.formats import get_format
+from qat.formats.minifloat import e2m1_from_index, e2m1_index, e8m0_bytes, e8m0_scale
+from qat.formats.fp8_block import expand_bands, fp8_block_spec
+from qat.formats.mxfp4 import mxfp4_spec
+from qat.formats.mxfp8 import mxfp8_spec
+from qat.formats.nvfp4 import nvfp4_spec, split_scales
+from qat.modules.quantized import QuantizedWeight
+from qat.spec import QuantSpec
+
+FP_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp8": "mxfp8-quantized",
+              "fp8_block": "float-quantized"}  # qat format name -> compressed-tensors format
+
+
+def fp_format(spec: QuantSpec) -> str | None:
+    """The compressed-tensors format that holds `spec`'s weights in this module's layouts, or None."""
+    return FP_FORMATS.get(get_format(spec).name)
+
+
+def fp_weights_args(spec: QuantSpec) -> dict:
+    """compressed-tensors QuantizationArgs (as JSON) of a microscaling weight scheme."""
+    if get_format(spec).name == "fp8_block":
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
+                "block_structure": [spec.group_size, spec.group_size], "dynamic": False, "actorder": None,
+                "observer": "minmax"}
+    nv = get_format(spec).name == "nvfp4"
+    dtype = "torch.float8_e4m3fn" if nv else "torch.uint8"
+    return {"num_bits": spec.bits, "type": "float", "symmetric": True, "strategy": "tensor_group" if nv else "group",
+            "group_size": spec.group_size, "dynamic": False, "actorder": None, "observer": "minmax",
+            "block_structure": None, "scale_dtype": dtype, "zp_dtype": dtype}
+
+
+def fp_input_args(spec: QuantSpec) -> dict | None:
+    """compressed-tensors input_activations of a dynamic microscaling activation scheme, or None (not storable)."""
+    if get_format(spec).name != "mxfp8" or not spec.dynamic:
+        return None
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": spec.group_size,
+            "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols / 2] with element 2j in the low nibble of byte j and 2j + 1 in the high nibble."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: uint8 codes [rows, 2 * cols]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one MXFP4 / NVFP4 / MXFP8 linear."""
+    scale, _ = qw.qparams()
+    if get_format(qw.spec).name == "fp8_block":
+        g = qw.spec.group_size
+        return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
+                f"{name}.weight_scale": scale[::g].reshape(-(-qw.shape[0] // g), -1).float()}
+    if get_format(qw.spec).name == "mxfp8":
+        return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
+                f"{name}.weight_scale": e8m0_bytes(scale.reshape(qw.shape[0], -1))}
+    out = {f"{name}.weight_packed": pack_nibbles(e2m1_index(qw.codes().reshape(qw.shape)))}
+    if get_format(qw.spec).name == "nvfp4":
+        blocks, g = split_scales(scale)
+        out[f"{name}.weight_scale"] = blocks.reshape(qw.shape[0], -1)
+        out[f"{name}.weight_global_scale"] = g
+    else:
+        out[f"{name}.weight_scale"] = e8m0_bytes(scale.reshape(qw.shape[0], -1))
+    return out
+
+
+def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> QuantizedWeight:
+    """The QuantizedWeight of one MXFP4 / NVFP4 / MXFP8 linear of a checkpoint in compressed-tensors format `fmt`.
+
+    Raises:
+        ValueError: a format or weights args this reader does not know, naming the module.
+    """
+    if fmt == "float-quantized" and w_args.get("strategy") == "block":
+        b = w_args["block_structure"]
+        if b[0] != b[1]:
+            raise ValueError(f"compressed-tensors: {name} has block_structure {b}; qat reads square blocks")
+        codes, spec = t[f"{name}.weight"], fp8_block_spec(b[0])
+        scale = expand_bands(t[f"{name}.weight_scale"].float().unsqueeze(-1), b[0], codes.shape[0])
+        qw = QuantizedWeight(spec, tuple(codes.shape))
+        qw.set_codes(codes, scale, None)
+        return qw
+    known = {"mxfp4-pack-quantized": (4, 32), "nvfp4-pack-quantized": (4, 16), "mxfp8-quantized": (8, 32)}
+    if known.get(fmt) != (w_args.get("num_bits"), w_args.get("group_size")):
+        raise ValueError(f"compressed-tensors: {name} has format {fmt!r} with weights {w_args}; qat reads "
+                         f"these (format: (num_bits, group_size)): {known}")
+    if fmt == "mxfp8-quantized":
+        codes = t[f"{name}.weight"]
+        scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp8_spec()
+    elif fmt == "nvfp4-pack-quantized":
+        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
+        g = t[f"{name}.weight_global_scale"].float().reshape(())
+        scale, spec = t[f"{name}.weight_scale"].float().reshape(codes.shape[0], -1, 1) / g, nvfp4_spec()
+    else:
+        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
+        scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
+    qw = QuantizedWeight(spec, tuple(codes.shape))
+    qw.set_codes(codes, scale, None)
+    return qw

@@ -1,0 +1,99 @@
+"""NVFP4 (grid="nvfp4", dtype="fp4_e2m1"): E2M1 elements, an FP8 E4M3 scale per block of 16 along the input
+dimension, and one FP32 global scale per tensor.
+
+    s_b = amax_b / 6                                   (the block's largest magnitude lands on E2M1's 6)
+    g = 2^floor(log2(448 / max_b s_b))                 (per tensor: the largest block scale fits E4M3)
+    stored: e4m3(s_b * g) per block, g per tensor;     x^ = E2M1(x / S_b) * S_b,  S_b = e4m3(s_b * g) / g
+
+g is compressed-tensors' `weight_global_scale` (a divisor, 448 * 6 / amax there), rounded down to a power of two
+here so that S_b and every E2M1 * S_b are exact in float32 and bfloat16: compressed-tensors decompresses (in
+bfloat16) exactly our values. See `qat.formats.minifloat.e4m3_scale_grid`. Element rounding: round to nearest
+even, saturating at 6 (as MXFP4). The global comes from all the blocks `qparams` sees at once: a weight's whole
+tensor, or (dynamic activations, W4A4) each activation tensor as it comes.
+
+Learned scales (learn="lsq"): the parameter is the effective block scale S_b in float32; the grid uses
+`e4m3_scale_grid` of it (E4M3 rounding under the global it implies), the gradient passes straight through.
+
+Storage of a converted weight: the 4-bit E2M1 patterns, one E4M3 byte per block, the fp32 global: 4.5 bits per
+weight + 32 bits per tensor. Exports: native, compressed-tensors nvfp4-pack-quantized (`qat.export.compressed_fp`).
+GGUF NVFP4 (type 40) has UE4M3 block scales but no per-tensor global in its blocks (llama.cpp reads a separate
+optional `.scale` tensor), so it is not registered here yet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.formats.base import Format, register_format
+from qat.formats.minifloat import (E2M1_INSIDE, E2M1_MAX, e2m1_doubled, e2m1_from_index, e2m1_index,
+                                   e4m3_scale_grid)
+from qat.packing import pack, unpack
+from qat.spec import QuantSpec
+
+BLOCK = 16
+
+
+def nvfp4_spec(**changes) -> QuantSpec:
+    """The QuantSpec of NVFP4 weights (`changes`: learn="lsq"; dynamic=True for W4A4 activations).
+
+    Example:
+        >>> nvfp4_spec().describe()
+        'fp4_e2m1 sym g16 nvfp4'
+    """
+    return QuantSpec(bits=4, dtype="fp4_e2m1", symmetric=True, granularity="per_group", group_size=BLOCK,
+                     grid="nvfp4", **changes)
+
+
+def split_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 block scales as torch.float8_e4m3fn, float32 global g [1]) of effective scales S_b."""
+    on_grid, g = e4m3_scale_grid(scale)
+    return (on_grid * g).to(torch.float8_e4m3fn), g.reshape(1)
+
+
+class NVFP4Format(Format):
+    """NVFP4; see the module docstring."""
+
+    name, grid, dtypes = "nvfp4", "nvfp4", ("fp4_e2m1",)
+    holds = frozenset({"compressed-tensors"})
+
+    def check(self, spec: QuantSpec) -> None:
+        if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != BLOCK
+                or spec.scale_dtype != "fp32" or spec.learn not in ("none", "lsq") or not spec.signed):
+            raise ValueError("QuantSpec.dtype='fp4_e2m1' with grid='nvfp4' (NVFP4) needs bits=4, symmetric=True, "
+                             "granularity='per_group', group_size=16, scale_dtype='fp32' (E4M3 block scales under "
+                             "an fp32 global), learn 'none' or 'lsq', signed left to its default (True)")
+
+    def default_signed(self, spec: QuantSpec) -> bool:
+        return True  # the codes are the doubled E2M1 values -12..12 (int8)
+
+    def qparams(self, lo, hi, spec):
+        return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
+
+    def codes(self, view, scale, zero_point, spec, need_mask=False):
+        s = e4m3_scale_grid(scale)[0]
+        t = torch.where(s != 0, view / torch.where(s != 0, s, torch.ones_like(s)), 0.0)
+        mask = t.abs() <= E2M1_INSIDE if need_mask else None
+        return e2m1_doubled(t), mask
+
+    def values(self, t, scale, zero_point, spec):
+        return t.mul_(e4m3_scale_grid(scale)[0] * 0.5)  # doubled codes times half the scale: exact
+
+    def pack(self, codes, scale, zero_point, spec):
+        blocks, g = split_scales(scale.detach())
+        stored = torch.cat([blocks.reshape(-1).view(torch.uint8), g.view(torch.uint8)])
+        return {"packed": pack(e2m1_index(codes), 4), "scale": stored,
+                "zero_point": torch.empty(0, dtype=torch.uint8, device=scale.device)}
+
+    def unpack(self, stored, spec, shape):
+        codes = e2m1_from_index(unpack(stored["packed"], 4, math.prod(shape))).reshape(shape)
+        raw = stored["scale"]
+        g = raw[-4:].clone().view(torch.float32)
+        blocks = raw[:-4].view(torch.float8_e4m3fn).float().reshape(*shape[:-1], -1, 1)
+        return codes, blocks / g, None
+
+    def storage_bits(self, spec, shape):
+        return 4 * math.prod(shape) + 8 * (math.prod(shape) // BLOCK) + 32
+
+
+FORMAT = register_format(NVFP4Format())
