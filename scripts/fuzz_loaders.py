@@ -32,7 +32,7 @@ def _worker(conn, mem_gb: float, reference_file: str) -> None:
 
     from tests.export import fuzz
     torch.set_num_threads(1)
-    reference = torch.load(reference_file)
+    reference = torch.load(reference_file, weights_only=True)  # our own dict of tensors; never unpickle
     while True:
         task = conn.recv()
         if task is None:
