@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 
 __all__ = ["ST_DTYPES", "atomic_folder", "atomic_path", "atomic_write_bytes", "check_creatable", "check_safetensors",
            "check_writable", "load_safetensors", "load_torch_checkpoint", "probe_folder", "save_safetensors",
@@ -81,7 +81,7 @@ def check_creatable(path: str | os.PathLike) -> Path:
             raise NotADirectoryError(20, "a file is in the way", str(base))
         probe_folder(base)
     except OSError as err:
-        raise ValueError(f"output path {str(path)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
+        raise ConfigError(f"output path {str(path)!r} is not writable ({str(base)!r}: {err.strerror or err})") from None
     return path
 
 
@@ -382,8 +382,11 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise BadFileError(path, f"cannot load as a weights-only checkpoint (refusing pickles that need code; the "
-                                 f"file may be truncated or corrupted): {(str(err).splitlines() or [''])[0]}") from None
+        # torch's own text advises weights_only=False, which would run the file's code: keep only the cause
+        cause = next((line.strip() for line in str(err).splitlines()
+                      if line.strip() and "weights_only" not in line and "Weights only load failed" not in line), "")
+        raise BadFileError(path, "cannot load as a weights-only checkpoint (pickles that need code are refused; the "
+                                 f"file may be truncated or corrupted){': ' + cause if cause else ''}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):

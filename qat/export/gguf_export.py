@@ -80,7 +80,7 @@ def check_names(model: nn.Module, source: str | None = None) -> ArchAdapter:
     """
     arch = export_arch(model, source)
     for name in float_weight_names(model):
-        arch.gguf_name(name, model.config.num_hidden_layers)
+        arch.gguf_parts(name, model.config)  # a fused MoE weight is two GGUF tensors: its parts are what is named
     return arch
 
 

@@ -13,6 +13,8 @@ import logging
 
 import gguf
 
+from qat.errors import ConfigError
+
 _BYTE_LEVEL_REGEX = {"type": "ByteLevel", "use_regex": True}
 _QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
@@ -73,7 +75,7 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     if model.get("type") != "BPE":
         raise ValueError(f"GGUF tokenizer: only fast BPE tokenizers are supported, got {model.get('type') or type(tokenizer).__name__}")
     if model.get("byte_fallback"):  # written as "gpt2", llama.cpp would split its "▁" pieces as bytes: garbage ids
-        raise ValueError("GGUF tokenizer: a SentencePiece-style BPE (byte_fallback: Gemma, Phi-3, Llama 2, Mistral) "
+        raise ConfigError("GGUF tokenizer: a SentencePiece-style BPE (byte_fallback: Gemma, Phi-3, Llama 2, Mistral) "
                          "needs tokenizer.ggml.model=llama with SentencePiece scores, which qat does not write; only "
                          "byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen) are embedded")
     vocab = tokenizer.get_vocab()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export.compressed import load_compressed_tensors
 from qat.export.gguf_check import scan_gguf
 from qat.export.gguf_import import load_gguf
@@ -187,7 +187,7 @@ def in_flight_recipe(recipe):
     for role in ("input", "kv_cache"):
         spec = getattr(recipe.base, role)
         if spec is not None and not spec.dynamic:
-            raise ValueError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
+            raise ConfigError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
                              "which needs calibration; use a dynamic scheme or qat-ptq")
     return recipe
 

@@ -22,7 +22,8 @@ from qat.errors import ConfigError
 from qat.export.load import detect_format, in_flight_recipe, load_any, load_any_tokenizer, quantize_on_load
 from qat.io import atomic_write_bytes
 from qat.jobs.config import EVAL_JOB, as_count, check_keys
-from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval, tasks_table
+from qat.jobs.harness import (check_harness_args, check_tasks, evaluate_tasks, flat_metrics, require_lm_eval,
+                              tasks_table)
 from qat.jobs.measure import perplexity
 from qat.jobs.results import eval_protocol, to_json
 
@@ -73,15 +74,17 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         >>> run_eval("out/m.gguf", data="wiki", max_blocks=8)
     """
     start = time.perf_counter()
-    if tasks:
-        require_lm_eval()  # refused before the model loads
+    if tasks:  # refused before the model loads
+        require_lm_eval()
+        check_harness_args(**(harness or {}))
+        check_tasks(tasks)
     recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
     tok = tokenizer_for(tokenizer, model)
     net = load_any(model, dtype, **(tiny or {}))
     if recipe is not None:
         net = quantize_on_load(net, recipe)
     if tok is None:
-        raise ConfigError(f"qat-eval: no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
+        raise ConfigError(f"no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
         cfg = corpus_config(data, seq_len, max_blocks)

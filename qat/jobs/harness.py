@@ -28,6 +28,7 @@ from torch import nn
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
 from qat.control import format_table
+from qat.errors import ConfigError
 from qat.jobs.offline_tasks import TASK_DIR, TASKS
 from qat.models import ByteTokenizer, context_length
 
@@ -105,6 +106,50 @@ def task_manager(names: Sequence[str], include_path: Sequence[str] | None = None
     return TaskManager(include_path=paths, include_defaults=defaults)
 
 
+def check_tasks(tasks: str | Sequence[str], include_path: Sequence[str] | None = None):
+    """(task names, lm-eval TaskManager): every name known to lm-eval or qat, checked before any model loads.
+
+    Raises:
+        ConfigError: no task, or unknown names (listing qat's tasks and tags).
+    """
+    names = [str(t).strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
+    if not names:
+        raise ConfigError("tasks: give at least one task name, e.g. tasks=[qat_offline]")
+    manager = task_manager(names, include_path)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"tasks: unknown {unknown}; qat's offline tasks are {sorted(TASKS)} (tags "
+                          f"{list(QAT_TAGS)}); lm-eval's own: `lm-eval ls tasks`")
+    return names, manager
+
+
+def check_harness_args(limit: Any = None, batch_size: Any = 1, max_length: Any = None, num_fewshot: Any = None,
+                       bootstrap_iters: Any = 1000, **unknown: Any) -> None:
+    """Refuse bad `harness.*` values by key before any work: limit a positive integer or a fraction in (0, 1),
+    batch_size >= 1, max_length >= 1 (or null), num_fewshot >= 0 (or null), bootstrap_iters >= 0.
+
+    Raises:
+        ConfigError: listing each bad key and what is valid.
+    """
+    def integer(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    bad = [f"harness.{k}: unknown; valid: limit, batch_size, max_length, num_fewshot, bootstrap_iters"
+           for k in unknown]
+    if limit is not None and not (integer(limit, 1) or (isinstance(limit, float) and 0 < limit < 1)):
+        bad.append(f"harness.limit={limit!r}: a positive integer (documents per task) or a fraction in (0, 1)")
+    if not integer(batch_size, 1):
+        bad.append(f"harness.batch_size={batch_size!r}: an integer >= 1")
+    if max_length is not None and not integer(max_length, 1):
+        bad.append(f"harness.max_length={max_length!r}: an integer >= 1 or null")
+    if num_fewshot is not None and not integer(num_fewshot, 0):
+        bad.append(f"harness.num_fewshot={num_fewshot!r}: an integer >= 0 or null")
+    if not integer(bootstrap_iters, 0):
+        bad.append(f"harness.bootstrap_iters={bootstrap_iters!r}: an integer >= 0")
+    if bad:
+        raise ConfigError("bad lm-eval settings:\n  - " + "\n  - ".join(bad))
+
+
 def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit: int | float | None = None,
                    batch_size: int = 1, max_length: int | None = None, num_fewshot: int | None = None,
                    bootstrap_iters: int = 1000, seed: int = 0, include_path: Sequence[str] | None = None) -> dict:
@@ -123,7 +168,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
         {"tasks": {task: {"n": docs, "metrics": {metric: {"value", "stderr", "stderr_method",
         "higher_is_better"}}}}, "limit", "num_fewshot", "lm_eval", "seconds"}.
     Raises:
-        ImportError: lm-eval missing. ValueError: an unknown task name (before anything is evaluated).
+        ImportError: lm-eval missing. ConfigError: an unknown task name or a bad setting (before anything is evaluated).
     Example:
         >>> evaluate_tasks(model, tok, "qat_tiny_lambada,qat_tiny_ppl", limit=4)["tasks"]["qat_tiny_ppl"]
     """
@@ -132,14 +177,9 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
     from lm_eval.api.model import LM
 
     start = time.perf_counter()
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
-    if not names:
-        raise ValueError("tasks: give at least one task name, e.g. tasks=[qat_offline]")
-    manager = task_manager(names, include_path)
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"tasks: unknown {unknown}; qat's offline tasks are {sorted(TASKS)} (tags "
-                         f"{list(QAT_TAGS)}); lm-eval's own: `lm-eval ls tasks`")
+    check_harness_args(limit=limit, batch_size=batch_size, max_length=max_length, num_fewshot=num_fewshot,
+                       bootstrap_iters=bootstrap_iters)
+    names, manager = check_tasks(tasks, include_path)
     was_training = getattr(model, "training", False)
     lm = model if isinstance(model, LM) else as_lm(model, tokenizer, batch_size, max_length)
     task_dict = manager.load(names)  # {"tasks": {name: Task}, "groups": ...}, tags and groups opened

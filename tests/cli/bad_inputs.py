@@ -98,8 +98,13 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("split=bogus", "split"), ("max_new_tokens=-1", "max_new_tokens"),
                            ("data.path={tmp}/empty.txt", "empty.txt"), ("data.path={tmp}/missing.txt", "missing.txt"),
                            ("tokenizer={tmp}/notok", "notok"), ("model.dtype=float13", "float13"),
-                           ("data.block_size=0", "block_size")]:
-        add("eval", EV + [over], expected)
+                           ("data.block_size=0", "block_size"), ("quant=w8a8_static", "static"),
+                           ("model.path={tmp}/garbage.gguf", "garbage.gguf"),
+                           ("tasks=[qat_tiny_lambda]", "qat_tiny_lambda"),
+                           ("tasks=[qat_tiny_ppl] harness.limit=-3", "harness.limit"),
+                           ("tasks=[qat_tiny_ppl] harness.limit=2.5", "harness.limit"),
+                           ("tasks=[qat_tiny_ppl] harness.batch_size=0", "harness.batch_size")]:
+        add("eval", EV + over.split(" "), expected)
 
     # qat-export
     for over, expected in [("format=zip", "zip"), ("gguf_type=Q9_9", "Q9_9"), ("gguf_type=q4_k_m", "Q4_K_M"), ("overwrite=no output={tmp}/existing.gguf", "existing.gguf"),
@@ -111,7 +116,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("model.path={tmp}/nomodel", "nomodel"), ("tokenizer={tmp}/notok", "notok"),
                            ("model.dtype=float13", "float13"), ("output={tmp}/existing", "existing"),
                            ("imatrix=calibrate data=fixture calibration.samples=abc", "calibration.samples"),
-                           ("imatrix=calibrate data=fixture calibration.seq_len=1", "calibration.seq_len")]:
+                           ("imatrix=calibrate data=fixture calibration.seq_len=1", "calibration.seq_len"),
+                           ("quant=w8a8_static", "static"), ("output={tmp}/notes.txt/out.gguf", "not writable")]:
         add("export", EXP + over.split(" "), expected)
     add("export", ["model=tiny", "format=native", "output={tmp}/existing", "overwrite=no"], "existing")
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")

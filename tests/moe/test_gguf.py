@@ -120,3 +120,15 @@ def test_llama_cpp_runs_the_moe(family, tmp_path):
         assert res["max_abs"] < 0.15 and res["mean_abs"] < 1e-2, res
         assert abs(res["ppl"] / ref.ppl - 1) < 2e-2, (res, ref.ppl)
         assert res["top1"] > 0.85, res
+
+
+def test_qat_export_cli_writes_a_moe_folder_to_gguf(tmp_path):
+    """qat-export's pre-checks name a fused MoE weight by its GGUF parts (they refused every MoE before)."""
+    from qat.cli.export import main
+
+    tiny_moe(num_experts=4).save_pretrained(tmp_path / "moe")
+    out = tmp_path / "moe.gguf"
+    main([f"model.path={tmp_path / 'moe'}", "format=gguf", "gguf_type=F32", f"output={out}",
+          f"hydra.run.dir={tmp_path / 'run'}"])
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"} <= names
