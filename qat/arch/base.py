@@ -17,6 +17,8 @@ import gguf
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
+
 ARCHS: dict[str, "ArchAdapter"] = {}
 
 
@@ -47,7 +49,7 @@ def register_arch(cls: type["ArchAdapter"]) -> type["ArchAdapter"]:
     adapter = cls()
     for model_type in cls.model_types:
         if model_type in ARCHS and type(ARCHS[model_type]) is not cls:
-            raise ValueError(f"architecture {model_type!r} is registered twice: {type(ARCHS[model_type]).__name__} "
+            raise ConfigError(f"architecture {model_type!r} is registered twice: {type(ARCHS[model_type]).__name__} "
                              f"and {cls.__name__}")
         ARCHS[model_type] = adapter
     return cls
@@ -86,7 +88,7 @@ def get_arch(obj: Any, context: str = "") -> "ArchAdapter":
     model_type = model_type_of(obj)
     if model_type not in ARCHS:
         family = model_type if isinstance(model_type, str) and model_type.isidentifier() else "<family>"
-        raise ValueError(f"architecture {model_type!r}{context} is not supported; known: {registered_archs()}; "
+        raise ConfigError(f"architecture {model_type!r}{context} is not supported; known: {registered_archs()}; "
                          f"add an adapter in qat/arch/{family}.py (see qat/arch/llama.py)")
     return ARCHS[model_type]
 
@@ -165,7 +167,7 @@ class ArchAdapter:
         module, _, leaf = hf_name.rpartition(".")
         base = tensor_name_map(self.gguf_arch, n_blocks).get_name(module)
         if base is None:
-            raise ValueError(f"{hf_name!r} has no GGUF {self.gguf_arch_name} tensor name (gguf.TensorNameMap of "
+            raise ConfigError(f"{hf_name!r} has no GGUF {self.gguf_arch_name} tensor name (gguf.TensorNameMap of "
                              f"{self.gguf_arch_name} with {n_blocks} blocks knows no module {module!r})")
         return f"{base}.{leaf}"
 
@@ -241,7 +243,7 @@ class ArchAdapter:
         """
         rope_type = rope_parameters(config).get("rope_type", "default")
         if self.rope_types is not None and rope_type not in self.rope_types:
-            raise ValueError(f"GGUF export of {config.model_type}: rope_parameters.rope_type={rope_type!r} is not "
+            raise ConfigError(f"GGUF export of {config.model_type}: rope_parameters.rope_type={rope_type!r} is not "
                              f"written by qat's {self.gguf_arch_name} export; supported: {list(self.rope_types)}")
 
     def write_metadata(self, writer: gguf.GGUFWriter, config: Any) -> None:
@@ -310,7 +312,7 @@ class ArchAdapter:
         arch = self.gguf_arch_name
         missing = [f"{arch}.{k}" for k in self.NEEDED if field(f"{arch}.{k}", None) is None]
         if missing:
-            raise ValueError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")
+            raise ConfigError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")
         return getattr(transformers, self.config_class)(**self.config_kwargs(field, tensor_names))
 
     def build_model(self, config: Any) -> nn.Module:

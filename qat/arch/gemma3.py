@@ -22,6 +22,7 @@ import torch
 
 from qat.arch.base import ArchAdapter, Mapping, register_arch
 from qat.arch.llama import ATTN_QKV, MLP_IN
+from qat.errors import ConfigError
 
 
 def _attention_scalar(hidden: int, heads: int, layers: int, head_dim: int) -> int:
@@ -70,7 +71,7 @@ class Gemma3Adapter(ArchAdapter):
         }
         for key, (value, want, why) in problems.items():
             if value != want:
-                raise ValueError(f"{where}: {key}={value!r}; the file needs {want!r} ({why})")
+                raise ConfigError(f"{where}: {key}={value!r}; the file needs {want!r} ({why})")
 
     def write_metadata(self, writer: gguf.GGUFWriter, config: Any) -> None:
         """The converter's keys (`Gemma3Model.set_gguf_parameters`), with the per-layer sliding pattern."""

@@ -17,6 +17,7 @@ import gguf
 
 from qat.arch.base import Mapping, tensor_name_map
 from qat.arch.llama import ATTN_QKV, LlamaAdapter
+from qat.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,14 @@ class MoEAdapter(LlamaAdapter):
     def _experts_name(self, module: str, n_blocks: int) -> str:
         base = tensor_name_map(self.gguf_arch, n_blocks).get_name(module)
         if base is None:
-            raise ValueError(f"{module!r} has no GGUF {self.gguf_arch_name} tensor name")
+            raise ConfigError(f"{module!r} has no GGUF {self.gguf_arch_name} tensor name")
         return f"{base}.weight"
 
     def gguf_name(self, hf_name: str, n_blocks: int) -> str:
         if hf_name.endswith(DOWN):
             return self._experts_name(hf_name, n_blocks)
         if hf_name.endswith(GATE_UP):
-            raise ValueError(f"{hf_name!r} is written as two GGUF tensors (ffn_gate_exps, ffn_up_exps): see gguf_parts")
+            raise ConfigError(f"{hf_name!r} is written as two GGUF tensors (ffn_gate_exps, ffn_up_exps): see gguf_parts")
         return super().gguf_name(hf_name, n_blocks)
 
     def gguf_parts(self, hf_name: str, config: Any) -> list[tuple[str, int, int | None]]:
@@ -88,7 +89,7 @@ class MoEAdapter(LlamaAdapter):
     def config_from_gguf(self, field: Callable[[str, Any], Any], tensor_names: set[str], where: str = ""):
         k = lambda key, default=None: field(f"{self.gguf_arch_name}.{key}", default)  # noqa: E731
         if k("expert_count") is None or k("expert_used_count") is None:
-            raise ValueError(f"{where}GGUF metadata lacks {self.gguf_arch_name}.expert_count / expert_used_count, "
+            raise ConfigError(f"{where}GGUF metadata lacks {self.gguf_arch_name}.expert_count / expert_used_count, "
                              f"which a {self.model_types[0]} model needs")
         config = super().config_from_gguf(field, tensor_names, where)
         setattr(config, self.experts_field, int(k("expert_count")))

@@ -6,6 +6,7 @@ import gguf
 
 from qat.arch.base import register_arch
 from qat.arch.moe import MoEAdapter
+from qat.errors import ConfigError
 
 
 @register_arch
@@ -23,7 +24,7 @@ class OlmoeAdapter(MoEAdapter):
     def write_metadata(self, writer, config) -> None:
         if config.num_key_value_heads != config.num_attention_heads:
             # llama.cpp's olmoe graph sizes attn_k_norm by n_embd: it cannot load grouped-query attention
-            raise ValueError(f"GGUF olmoe: num_key_value_heads={config.num_key_value_heads} differs from "
+            raise ConfigError(f"GGUF olmoe: num_key_value_heads={config.num_key_value_heads} differs from "
                              f"num_attention_heads={config.num_attention_heads}; llama.cpp's olmoe architecture "
                              "has no grouped-query attention (its attn_k_norm is n_embd wide)")
         super().write_metadata(writer, config)

@@ -11,6 +11,7 @@ import gguf
 
 from qat.arch.base import ArchAdapter, register_arch
 from qat.arch.llama import LlamaAdapter
+from qat.errors import ConfigError
 
 
 @register_arch
@@ -28,6 +29,6 @@ class Qwen2Adapter(ArchAdapter):
         super().check_config(config)
         # llama.cpp's qwen2 graph has no sliding-window attention: such a file would attend to the whole context
         if getattr(config, "use_sliding_window", False) and "sliding_attention" in (config.layer_types or ()):
-            raise ValueError(f"GGUF export of {config.model_type}: use_sliding_window=True (layer_types has "
+            raise ConfigError(f"GGUF export of {config.model_type}: use_sliding_window=True (layer_types has "
                              "sliding_attention layers), which llama.cpp's qwen2 architecture does not run; "
                              "set use_sliding_window=False")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.export.compressed import export_compressed_tensors, load_compressed_tensors
 from qat.export.gguf_export import MIXES, export_gguf
 from qat.export.gguf_import import load_gguf
@@ -52,11 +53,11 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
         >>> export(qat.prepare(model, qat.load_recipe("gguf_q4_0")), "out/m.gguf", "gguf", "Q4_0")
     """
     if format not in FORMATS:
-        raise ValueError(f"export format={format!r}; choose from {list(FORMATS)}")
+        raise ConfigError(f"export format={format!r}; choose from {list(FORMATS)}")
     if format == "gguf":
         return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance, pure=gguf_pure,
                            overwrite=overwrite)
     if importance is not None:
-        raise ValueError(f"importance (imatrix) weighs GGUF K-quant fits; it needs format='gguf', not {format!r}")
+        raise ConfigError(f"importance (imatrix) weighs GGUF K-quant fits; it needs format='gguf', not {format!r}")
     writer = {"native": save_native, "compressed_tensors": export_compressed_tensors, "gptq": export_gptq}[format]
     return writer(model, output, tokenizer=tokenizer, overwrite=overwrite)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from qat.arch import find_arch
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export.compressed_fp import (fp_format, fp_input_args, fp_linear_tensors, fp_quantized_weight,
                                       fp_weights_args)
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
@@ -79,10 +79,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 def _check_spec(name: str, spec: QuantSpec) -> None:
     if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
-        raise ValueError(f"compressed-tensors pack-quantized: {name} has {spec.describe()}; "
+        raise ConfigError(f"compressed-tensors pack-quantized: {name} has {spec.describe()}; "
                          "supported: int weights per_tensor / per_channel / per_group on the uniform grid")
     if spec.granularity == "per_channel" and spec.axis != 0:
-        raise ValueError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
+        raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
 
 
 def _weights_args(spec: QuantSpec, actorder: bool) -> dict:
@@ -95,7 +95,7 @@ def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
     if spec is None:
         return None
     if not spec.dynamic:
-        raise ValueError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
+        raise ConfigError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
                          "only dynamic activation schemes are written")
     kind = "float" if spec.is_float else "int"
     args = {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
@@ -123,7 +123,7 @@ def _kv_scheme(model: nn.Module) -> tuple[dict | None, dict[str, nn.Module]]:
         return None, {}
     for n, m in attention.items():
         if not (m.k_quantizer.initialized and m.v_quantizer.initialized):
-            raise ValueError(f"compressed-tensors export: {n} has a static KV-cache scheme ({spec.describe()}) with no "
+            raise ConfigError(f"compressed-tensors export: {n} has a static KV-cache scheme ({spec.describe()}) with no "
                              "range yet; calibrate the model (qat.calibrate) first")
     args = {"num_bits": spec.bits, "type": _KV_TYPES[spec.dtype], "symmetric": True, "strategy": "tensor",
             "dynamic": False, "group_size": None, "observer": "minmax", "block_structure": None, "actorder": None}
@@ -142,7 +142,7 @@ def _attach_kv(model: nn.Module, t: dict, kv: dict, folder: Path) -> None:
     names = sorted(k.removesuffix(".k_scale") for k in t if k.endswith(".k_scale"))
     if kv.get("dynamic") or kv.get("strategy") != "tensor" or not kv.get("symmetric") or not names \
             or kv.get("type") not in _KV_TYPES.values():
-        raise ValueError(f"{str(folder)!r}: kv_cache_scheme {kv} is not one qat reads (static, strategy tensor, "
+        raise ConfigError(f"{str(folder)!r}: kv_cache_scheme {kv} is not one qat reads (static, strategy tensor, "
                          "symmetric, int or float, with <attention>.k_scale / .v_scale tensors)")
     scale_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(t[f"{names[0]}.k_scale"].dtype, "fp32")
     dtype = "int" if kv["type"] == "int" else "fp8_e4m3"
@@ -231,12 +231,12 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     linears = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedLinear}
     experts = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedExperts}
     if not linears and not experts:
-        raise ValueError("compressed-tensors export: the model has no quantized linear layers")
+        raise ConfigError("compressed-tensors export: the model has no quantized linear layers")
     groups: dict[str, dict] = {}
     ragged: list[str] = []
     for n, m in experts.items():
         if m.transposed:
-            raise ValueError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
+            raise ConfigError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
         spec = m.schemes.weight
         _check_spec(n, spec)
         w_args = _weights_args(spec, False)
@@ -359,17 +359,17 @@ def _check_args(w: dict, n: str) -> None:
           and type(w.get("symmetric")) is bool and w.get("strategy") in _STRATEGY.values()
           and (w["strategy"] != "group" or (type(group) is int and group > 0)))
     if not ok:
-        raise ValueError(f"{n}: weights scheme {w} is not one this reader takes (int, num_bits 2..8, "
+        raise ConfigError(f"{n}: weights scheme {w} is not one this reader takes (int, num_bits 2..8, "
                          "strategy tensor / channel / group with a positive group_size)")
 
 
 def _expect(t: dict, key: str, dtype: torch.dtype | tuple, shape: tuple) -> None:
     if key not in t:
-        raise ValueError(f"tensor {key} is missing")
+        raise ConfigError(f"tensor {key} is missing")
     v = t[key]
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if v.dtype not in dtypes or tuple(v.shape) != tuple(shape):
-        raise ValueError(f"tensor {key} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} {tuple(shape)}")
+        raise ConfigError(f"tensor {key} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} {tuple(shape)}")
 
 
 def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> QuantizedWeight:
@@ -377,7 +377,7 @@ def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> Q
     _expect(t, f"{n}.weight_shape", torch.int64, (2,))
     shape = tuple(int(s) for s in t[f"{n}.weight_shape"])
     if shape != (out_f, in_f):
-        raise ValueError(f"{n}.weight_shape is {shape}; the model's layer is {(out_f, in_f)}")
+        raise ConfigError(f"{n}.weight_shape is {shape}; the model's layer is {(out_f, in_f)}")
     bits, strategy, g = w_args["num_bits"], w_args["strategy"], w_args.get("group_size")
     groups = {"group": -(-in_f // (g or 1)), "channel": 1, "tensor": None}[strategy]
     floats = (torch.float32, torch.float16, torch.bfloat16)

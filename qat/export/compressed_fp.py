@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats import get_format
 from qat.formats.minifloat import e2m1_from_index, e2m1_index, e8m0_bytes, e8m0_scale
 from qat.formats.fp8_block import expand_bands, fp8_block_spec
@@ -103,7 +104,7 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
     if fmt == "float-quantized" and w_args.get("strategy") == "block":
         b = w_args["block_structure"]
         if b[0] != b[1]:
-            raise ValueError(f"compressed-tensors: {name} has block_structure {b}; qat reads square blocks")
+            raise ConfigError(f"compressed-tensors: {name} has block_structure {b}; qat reads square blocks")
         codes, spec = t[f"{name}.weight"], fp8_block_spec(b[0])
         scale = expand_bands(t[f"{name}.weight_scale"].float().unsqueeze(-1), b[0], codes.shape[0])
         qw = QuantizedWeight(spec, tuple(codes.shape))
@@ -111,7 +112,7 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
         return qw
     known = {"mxfp4-pack-quantized": (4, 32), "nvfp4-pack-quantized": (4, 16), "mxfp8-quantized": (8, 32)}
     if known.get(fmt) != (w_args.get("num_bits"), w_args.get("group_size")):
-        raise ValueError(f"compressed-tensors: {name} has format {fmt!r} with weights {w_args}; qat reads "
+        raise ConfigError(f"compressed-tensors: {name} has format {fmt!r} with weights {w_args}; qat reads "
                          f"these (format: (num_bits, group_size)): {known}")
     if fmt == "mxfp8-quantized":
         codes = t[f"{name}.weight"]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch
+from qat.errors import ConfigError
 from qat.export.common import float_weight_names, stored_shape, warn_unstored, weight_of, weight_spec
 from qat.export.ggml_blocks import BLOCK, encode_blocks
 from qat.export.gguf_check import CHECKSUM_KEY, PLACEHOLDER, seal_gguf
@@ -62,7 +63,7 @@ def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
     try:
         arch = get_arch(model, f" of {source}" if source else "")
     except ValueError as err:
-        raise ValueError(f"GGUF export: {err}") from None
+        raise ConfigError(f"GGUF export: {err}") from None
     arch.check_config(model.config)
     return arch
 
@@ -185,7 +186,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     config = model.config
     arch = export_arch(model)
     if gguf_type not in BLOCK and gguf_type not in MIXES:
-        raise ValueError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+        raise ConfigError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     tied = bool(getattr(config, "tie_word_embeddings", False))
     entries, fallbacks, requantized = [], {}, {}
     for hf in float_weight_names(model):

@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 from torch import nn
 
 from qat.arch import ArchAdapter, get_arch, gguf_reader_arch, gguf_reader_archs
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export.gguf_check import scan_gguf, verify_gguf_checksum
 from qat.export.validate import bad_file, check_config, check_model, check_state
 
@@ -63,7 +63,7 @@ def reader_arch(reader, path: str | os.PathLike | None = None) -> ArchAdapter:
     arch = _field(reader, "general.architecture")
     adapter = gguf_reader_arch(arch)
     if adapter is None:
-        raise ValueError(f"{where}GGUF architecture {arch!r} (general.architecture) is not supported by this "
+        raise ConfigError(f"{where}GGUF architecture {arch!r} (general.architecture) is not supported by this "
                          f"importer; known: {gguf_reader_archs()} (an adapter in qat/arch/ reads each)")
     return adapter
 
@@ -96,7 +96,7 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
     out, parts = {}, {}
     for t in reader.tensors:
         if t.name not in to_hf:
-            raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face {config.model_type} name")
+            raise ConfigError(f"GGUF tensor {t.name!r} has no Hugging Face {config.model_type} name")
         values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         values = values.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
         hf, start, stop = to_hf[t.name]

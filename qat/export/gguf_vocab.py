@@ -73,7 +73,7 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise ValueError(f"GGUF tokenizer: only fast BPE tokenizers are supported, got {model.get('type') or type(tokenizer).__name__}")
+        raise ConfigError(f"GGUF tokenizer: only fast BPE tokenizers are supported, got {model.get('type') or type(tokenizer).__name__}")
     if model.get("byte_fallback"):  # written as "gpt2", llama.cpp would split its "▁" pieces as bytes: garbage ids
         raise ConfigError("GGUF tokenizer: a SentencePiece-style BPE (byte_fallback: Gemma, Phi-3, Llama 2, Mistral) "
                          "needs tokenizer.ggml.model=llama with SentencePiece scores, which qat does not write; only "
@@ -81,7 +81,7 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     vocab = tokenizer.get_vocab()
     size = max(max(vocab.values()) + 1, len(vocab))
     if n_vocab is not None and size > n_vocab:
-        raise ValueError(f"GGUF tokenizer: {size} tokens but the model's vocab_size is {n_vocab}")
+        raise ConfigError(f"GGUF tokenizer: {size} tokens but the model's vocab_size is {n_vocab}")
     size = max(size, n_vocab or 0)
     tokens = [f"[PAD{i}]" for i in range(size)]
     for text, i in vocab.items():

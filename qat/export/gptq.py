@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
@@ -48,7 +48,7 @@ def _check(name: str, spec: QuantSpec) -> int:
     if spec.granularity not in ("per_group", "per_channel") or (spec.granularity == "per_channel" and spec.axis != 0):
         problems.append("per_group, or per_channel on axis 0")
     if problems:
-        raise ValueError(f"GPTQ export: {name} has {spec.describe()}; GPTQ needs {' and '.join(problems)}")
+        raise ConfigError(f"GPTQ export: {name} has {spec.describe()}; GPTQ needs {' and '.join(problems)}")
     return spec.group_size if spec.granularity == "per_group" else -1
 
 
@@ -61,7 +61,7 @@ def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     n_groups = scale.reshape(out_f, -1).shape[1]
     zero = torch.full((out_f, n_groups), half, dtype=torch.int16) if zp is None else zp.reshape(out_f, -1).to(torch.int16)
     if bool((zero == 0).any()):
-        raise ValueError(f"GPTQ export: {name} has a zero-point of 0, which the v1 format (stores zero - 1) cannot hold")
+        raise ConfigError(f"GPTQ export: {name} has a zero-point of 0, which the v1 format (stores zero - 1) cannot hold")
     g = spec.group_size if spec.granularity == "per_group" else in_f
     g_idx = qw.group_index() if qw.group_index() is not None else torch.arange(in_f) // g
     return {f"{name}.qweight": pack_int32(u.to(torch.uint8), spec.bits).t().contiguous(),
@@ -75,14 +75,14 @@ def _plan(model: nn.Module) -> tuple[dict, dict]:
     modules = integer_modules(model)
     linears = {n: m for n, m in modules.items() if integer_kind(m) is QuantizedLinear}
     if not linears:
-        raise ValueError("GPTQ export: the model has no quantized linear layers")
+        raise ConfigError("GPTQ export: the model has no quantized linear layers")
     if len(linears) < len(modules):
-        raise ValueError("GPTQ export: quantized embeddings have no GPTQ layout; quantize linears only")
+        raise ConfigError("GPTQ export: quantized embeddings have no GPTQ layout; quantize linears only")
     specs = {n: weight_spec(model, f"{n}.weight") for n in linears}
     groups = {n: _check(n, spec) for n, (spec, _) in specs.items()}
     kinds = {(spec.bits, groups[n], spec.symmetric) for n, (spec, _) in specs.items()}
     if len(kinds) > 1:
-        raise ValueError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
+        raise ConfigError(f"GPTQ export: one (bits, group_size, sym) for all layers; found {sorted(kinds)}")
     bits, group_size, sym = kinds.pop()
     rounded = sorted(n for n, (spec, _) in specs.items() if spec.scale_dtype != "fp16")
     if rounded:
@@ -140,15 +140,15 @@ def _check_config(q: dict) -> None:
     g = q.get("group_size")
     if q.get("bits") not in GPTQ_BITS or type(q.get("bits")) is not int or type(q.get("sym")) is not bool \
             or type(g) is not int or not (g == -1 or g > 0):
-        raise ValueError(f"bits={q.get('bits')!r}, sym={q.get('sym')!r}, group_size={g!r}: this reader takes bits in "
+        raise ConfigError(f"bits={q.get('bits')!r}, sym={q.get('sym')!r}, group_size={g!r}: this reader takes bits in "
                          f"{list(GPTQ_BITS)}, sym true / false and group_size -1 or > 0")
 
 
 def _expect(t: dict, key: str, dtype: torch.dtype, shape: tuple) -> None:
     if key not in t:
-        raise ValueError(f"tensor {key} is missing")
+        raise ConfigError(f"tensor {key} is missing")
     if t[key].dtype != dtype or tuple(t[key].shape) != tuple(shape):
-        raise ValueError(f"tensor {key} is {t[key].dtype} {tuple(t[key].shape)}; the config needs {dtype} {tuple(shape)}")
+        raise ConfigError(f"tensor {key} is {t[key].dtype} {tuple(t[key].shape)}; the config needs {dtype} {tuple(shape)}")
 
 
 def _read_linear(t: dict, n: str, q: dict, out_f: int, in_f: int) -> QuantizedWeight:

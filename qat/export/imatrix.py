@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
+
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features")
@@ -42,7 +44,7 @@ def collect_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dic
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and _is_linear(m)]
     if not handles:
-        raise ValueError("collect_importance: the model has no linear layers")
+        raise ConfigError("collect_importance: the model has no linear layers")
     n_batches = 0
     try:
         for batch in batches:
@@ -52,5 +54,5 @@ def collect_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dic
         for h in handles:
             h.remove()
     if n_batches == 0:
-        raise ValueError("collect_importance: no calibration batches given")
+        raise ConfigError("collect_importance: no calibration batches given")
     return {f"{n}.weight": sums[n] / counts[n] for n in sums}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export.common import as_converted, integer_modules, owning_module
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
@@ -116,7 +116,7 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     """
     modules = integer_modules(model)
     if not modules:
-        raise ValueError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
+        raise ConfigError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
     out = Path(out_dir)
     check_writable(out / META)
     entries, extra, tied = {}, {}, {}
@@ -155,11 +155,11 @@ def _read_meta(folder: Path) -> dict:
 def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
     """The quantized module `entry` describes, in place of `old`; an entry that does not fit `old` is refused."""
     if entry.get("dtype") not in _DTYPES:
-        raise ValueError(f"modules.{name}: dtype {entry.get('dtype')!r} is not one of {sorted(_DTYPES)}")
+        raise ConfigError(f"modules.{name}: dtype {entry.get('dtype')!r} is not one of {sorted(_DTYPES)}")
     dtype = _DTYPES[entry["dtype"]]
     if entry.get("kind") == "experts":
         if not is_experts(old):
-            raise ValueError(f"modules.{name}: 'experts' does not describe the model's {type(old).__name__}")
+            raise ConfigError(f"modules.{name}: 'experts' does not describe the model's {type(old).__name__}")
         schemes = TensorSchemes(weight=QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"))
         return QuantizedExperts.empty(old, schemes, dtype)
     if entry.get("kind") == "router":
@@ -170,7 +170,7 @@ def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
             and (kind is not nn.Linear or entry.get("bias") == (old.bias is not None)) \
             and (kind is not nn.Embedding or entry.get("padding_idx") == old.padding_idx)
     if not fits:
-        raise ValueError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
+        raise ConfigError(f"modules.{name}: {entry.get('kind')!r} {entry.get('shape')} {entry.get('dtype')} does not "
                          f"describe the model's {type(old).__name__} {list(getattr(old, 'weight', torch.empty(0)).shape)}")
     qweight = QuantizedWeight(QuantSpec.from_dict(entry["weight"], owner=f"{name}.weight"), tuple(entry["shape"]), dtype)
     if entry["kind"] == "embedding":

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from qat.errors import ConfigError
 from qat.formats.base import Format, register_format
 from qat.formats.minifloat import E4M3_MAX
 from qat.spec import QuantSpec
@@ -58,7 +59,7 @@ class FP8BlockFormat(Format):
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 8 or not spec.symmetric or spec.granularity != "per_group" or spec.dynamic
                 or spec.scale_dtype != "fp32" or spec.learn != "none"):
-            raise ValueError("QuantSpec.grid='block' (FP8 block scaling) needs bits=8, dtype='fp8_e4m3', "
+            raise ConfigError("QuantSpec.grid='block' (FP8 block scaling) needs bits=8, dtype='fp8_e4m3', "
                              "symmetric=True, granularity='per_group' (group_size = the square block's side), "
                              "dynamic=False (weights), scale_dtype='fp32', learn='none'; for 1 x 128 activations use "
                              "grid 'uniform', granularity 'per_group', group_size 128, dynamic true")
@@ -72,7 +73,7 @@ class FP8BlockFormat(Format):
     def qparams(self, lo, hi, spec):
         amax = torch.maximum(-lo, hi)
         if amax.ndim < 3:
-            raise ValueError(f"FP8 block scaling: qparams of a 2-D weight's groups [rows, groups, 1] are needed, got "
+            raise ConfigError(f"FP8 block scaling: qparams of a 2-D weight's groups [rows, groups, 1] are needed, got "
                              f"shape {tuple(amax.shape)}")
         band = band_max(amax, spec.group_size)
         scale = torch.where(band > 0, band / E4M3_MAX, torch.ones_like(band))

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.formats import storage_bits
 from qat.modules.quantized import QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
@@ -150,7 +151,7 @@ class FakeQuantExperts(_ExpertsBase):
     def from_float(cls, experts: nn.Module, schemes: TensorSchemes, name: str = "") -> "FakeQuantExperts":
         errors = cls.plan_errors(experts, schemes, name)
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
         module = cls()
         module._init_from(experts, schemes)
         for pname, param in experts.named_parameters(recurse=False):

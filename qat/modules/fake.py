@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import register_fake_quant
 from qat.primitives import check_tensor
@@ -77,9 +78,9 @@ class FakeQuantEmbedding(nn.Embedding):
     @classmethod
     def from_float(cls, emb: nn.Embedding, schemes: TensorSchemes, name: str = "") -> "FakeQuantEmbedding":
         if schemes.input is not None or schemes.kv_cache is not None:
-            raise ValueError(f"{name or 'embedding'}: an Embedding takes token ids; only a weight scheme applies")
+            raise ConfigError(f"{name or 'embedding'}: an Embedding takes token ids; only a weight scheme applies")
         if emb.max_norm is not None:
-            raise ValueError(f"{name or 'embedding'}: max_norm={emb.max_norm} renormalises the table in place at lookup; "
+            raise ConfigError(f"{name or 'embedding'}: max_norm={emb.max_norm} renormalises the table in place at lookup; "
                              "a fake-quantized table cannot be (set max_norm=None or leave the module out of the targets)")
         module = cls(
             emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, max_norm=emb.max_norm,

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.formats.int import half_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range
@@ -40,7 +41,7 @@ class TensorQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, role: str, example: torch.Tensor) -> None:
         super().__init__()
         if role not in ROLE_NAMES:
-            raise ValueError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
+            raise ConfigError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
         self.spec, self.role = spec, role
         self.observer = build_observer(spec)
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
@@ -82,17 +83,17 @@ class TensorQuantizer(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         theirs = extra.get("scheme") if isinstance(extra, dict) else None  # older checkpoints have none
         if theirs is not None and theirs != self.scheme():
-            raise ValueError(f"{name}: the checkpoint was trained with {theirs!r}, this model is prepared with "
+            raise ConfigError(f"{name}: the checkpoint was trained with {theirs!r}, this model is prepared with "
                              f"{self.scheme()!r}; prepare the model with the checkpoint's recipe")
         scale, zero_point = state_dict.get(prefix + "pinned_scale"), state_dict.get(prefix + "pinned_zero_point")
         if scale is None or scale.numel() == 0:
             return
         expected = self.observer.lo.shape if self.observer.initialized else None
         if expected is not None and scale.shape != expected:
-            raise ValueError(f"{name}: the checkpoint's pinned scale has shape {tuple(scale.shape)}; "
+            raise ConfigError(f"{name}: the checkpoint's pinned scale has shape {tuple(scale.shape)}; "
                              f"{self.spec.describe()} on this model needs {tuple(expected)}")
         if zero_point is not None and (zero_point.numel() > 0) == self.spec.symmetric:
-            raise ValueError(f"{name}: the checkpoint's pinned zero-point is {'set' if zero_point.numel() else 'missing'}, "
+            raise ConfigError(f"{name}: the checkpoint's pinned zero-point is {'set' if zero_point.numel() else 'missing'}, "
                              f"but this model's scheme is {self.spec.describe()}")
 
     @property
@@ -113,13 +114,13 @@ class TensorQuantizer(nn.Module):
                 zero-point given to (or missing from) a scheme that does (not) have one.
         """
         if self.spec.dynamic:
-            raise ValueError(f"set_qparams: a dynamic {self.role} quantizer has no held qparams")
+            raise ConfigError(f"set_qparams: a dynamic {self.role} quantizer has no held qparams")
         if (zero_point is None) != self.spec.symmetric:
-            raise ValueError(f"set_qparams: zero_point must be {'None' if self.spec.symmetric else 'given'} "
+            raise ConfigError(f"set_qparams: zero_point must be {'None' if self.spec.symmetric else 'given'} "
                              f"for {self.spec.describe()}")
         expected = self.observer.lo.shape if self.observer.initialized else None
         if expected is not None and scale.shape != expected:
-            raise ValueError(f"set_qparams: scale shape {tuple(scale.shape)}; expected {tuple(expected)}")
+            raise ConfigError(f"set_qparams: scale shape {tuple(scale.shape)}; expected {tuple(expected)}")
         self.g_idx = torch.empty(0, device=scale.device) if g_idx is None else g_idx.to(torch.int64).clone()
         if self.learned:
             value = scale * half_range(self.spec) if self.spec.learn == "pact" else scale
@@ -153,7 +154,7 @@ class TensorQuantizer(nn.Module):
         if check and not bool(torch.isfinite(self.observer.hi).all() & torch.isfinite(self.observer.lo).all()):
             # a held range with inf / NaN would turn every later output into NaN, silently: keep the range it had
             self.observer.lo, self.observer.hi = before
-            raise ValueError(f"{self.role} quantizer ({self.spec.describe()}): NaN/inf value(s) in a tensor being "
+            raise ConfigError(f"{self.role} quantizer ({self.spec.describe()}): NaN/inf value(s) in a tensor being "
                              "observed for a static range; check the calibration batches (fp16 overflow?)")
         if self.learned:
             self._init_learned()
@@ -214,7 +215,7 @@ class TensorQuantizer(nn.Module):
         scale, zero_point = self.qparams(x)
         if self.learned:
             if self.group_index() is not None:
-                raise ValueError("learned scales with an act-order g_idx are not supported; use static groups")
+                raise ConfigError("learned scales with an act-order g_idx are not supported; use static groups")
             mode = "pact" if self.spec.learn == "pact" else "lsq"
             return learned_fake_quantize(x, scale, zero_point, self.spec, mode)
         return fake_quantize(x, scale, zero_point, self.spec, self.group_index())

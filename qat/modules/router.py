@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.modules.experts import float_copy
 from qat.modules.quantized import QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
@@ -31,7 +32,7 @@ class FakeQuantRouter(nn.Module):
     def from_float(cls, router: nn.Module, schemes: TensorSchemes, name: str = "") -> "FakeQuantRouter":
         errors = cls.plan_errors(router, schemes, name)
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
         module = cls()
         object.__setattr__(module, "float_template", float_copy(router))
         module.schemes = schemes

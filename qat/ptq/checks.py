@@ -56,7 +56,7 @@ def check_prepared(model: nn.Module, linears: dict, method: str) -> None:
         ValueError: naming the method and what to call first.
     """
     if not linears and not any(isinstance(m, (FakeQuantLinear, FakeQuantExperts)) for m in model.modules()):
-        raise ValueError(f"{method}: the model has no fake-quant linear layers; call qat.prepare(model, recipe) first")
+        raise ConfigError(f"{method}: the model has no fake-quant linear layers; call qat.prepare(model, recipe) first")
 
 
 def has_static_activations(model: nn.Module) -> bool:
@@ -113,6 +113,6 @@ def check_fold(name: str, before: list, after: list) -> None:
     for a, b in zip(before, after):
         rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
         if not math.isfinite(rel) or rel > 1e-3:
-            raise ValueError(f"{name}: folding scales into the previous ops changed the float block output "
+            raise ConfigError(f"{name}: folding scales into the previous ops changed the float block output "
                              f"(relative {rel:.3g}); a producer is not a plain channel scale (e.g. a (1 + weight) "
                              "norm): give method.mappings for this architecture (offset: 1 for a (1 + weight) norm)")

@@ -183,12 +183,12 @@ def gptq_quantize(
     W = weight.detach().float().clone()
     O, I = W.shape
     if hessian.shape != (I, I) or not _all_finite(hessian) or not _all_finite(W):
-        raise ValueError(f"{name}: GPTQ needs a finite weight and a finite [{I}, {I}] Hessian, "
+        raise ConfigError(f"{name}: GPTQ needs a finite weight and a finite [{I}, {I}] Hessian, "
                          f"got weight {tuple(W.shape)} and Hessian {tuple(hessian.shape)}")
     grouped = spec.granularity == "per_group"
     dynamic = grouped and not static_groups
     if dynamic and actorder and not holds_g_idx(spec):
-        raise ValueError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
+        raise ConfigError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
                          "cannot hold; set static_groups=true or actorder=false")
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0

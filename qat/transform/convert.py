@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.modules.registry import FAKE_QUANT, QUANTIZED
 from qat.transform.prepare import set_module
 
@@ -19,8 +20,8 @@ def convert(model: nn.Module) -> nn.Module:
     targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED]
     if not targets and not any(hasattr(m, "k_quantizer") for m in model.modules()):
         if any(type(m) in set(QUANTIZED.values()) for m in model.modules()):
-            raise ValueError("convert: the model is already converted (it holds real-integer modules)")
-        raise ValueError("convert: the model has no fake-quant modules; call qat.prepare first")
+            raise ConfigError("convert: the model is already converted (it holds real-integer modules)")
+        raise ConfigError("convert: the model has no fake-quant modules; call qat.prepare first")
     for name, module in targets:
         if getattr(module, "weight_quantizer", None) is None and not getattr(module, "weight_quantizers", None):
             continue  # input-only quantization: nothing to store as integers
