@@ -385,7 +385,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # torch's own text advises weights_only=False, which would run the file's code: keep only the cause
         cause = next((line.strip() for line in str(err).splitlines()
                       if line.strip() and "weights_only" not in line and "Weights only load failed" not in line), "")
-        raise BadFileError(path, "cannot load as a weights-only checkpoint (pickles that need code are refused; the "
+        raise BadFileError(path, "cannot load as a weights-only checkpoint (refusing pickles that need code; the "
                                  f"file may be truncated or corrupted){': ' + cause if cause else ''}") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]

@@ -125,7 +125,7 @@ def test_qat_step_lowers_the_loss(moe_ids):
 
 
 def test_to_float_deepcopy_pickle_and_switching_implementation(moe_ids):
-    model = tiny_moe("qwen3_moe", num_experts=4)
+    model = tiny_moe("qwen3_moe", num_experts=4, experts_implementation="eager")  # equal only within one kernel
     ref = model(moe_ids).logits
     qat.prepare(model, "w4a16_g128")
     fake = model(moe_ids).logits
