@@ -60,7 +60,7 @@ INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY,
 TRAIN = {**JOB, "defaults": ANY, "ckpt_path": ANY, "label": ANY, "module": FROM_TARGET, "data": FROM_TARGET,
          "trainer": FROM_TARGET, "model": MODEL, "quant": ANY, "optim": ANY, "init": INIT, "logger": ANY,
          "callbacks": ANY, "experiment": ANY, "debug": ANY,
-         "eval": dict.fromkeys(("baselines", "after", "split", "max_blocks"), ANY)}
+         "eval": {**dict.fromkeys(("baselines", "after", "split", "max_blocks", "tasks"), ANY), "harness": HARNESS}}
 
 SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "eval": EVAL_JOB, "demo": DEMO}
 

@@ -12,6 +12,7 @@ import torch
 
 from qat.control import quantization_disabled
 from qat.data import calibration_batches
+from qat.jobs.harness import evaluate_tasks, flat_metrics
 from qat.jobs.measure import bits_per_weight, perplexity
 from qat.primitives import fake_quantize_forward
 from qat.ptq import apply
@@ -109,6 +110,23 @@ class RunRecord:
     results: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     setup_s: float = 0.0
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks run on every row's model (eval.tasks)
+    harness: dict[str, Any] = field(default_factory=dict)  # evaluate_tasks' options (eval.harness)
+    tokenizer: Any = None
+
+    def task_cells(self, model: torch.nn.Module, key: str) -> dict[str, str]:
+        """Run the lm-eval tasks on `model` (as it is now), keep their metrics as results[key] ("fp_tasks",
+        "rtn_tasks", "tasks": qat-compare's `tasks` of the QAT row) and return the table's cells:
+        {"<task>/<metric>": "value ± stderr"}. Nothing when no task is configured. The seconds go to
+        results["tasks_s"]."""
+        if not self.tasks:
+            return {}
+        t0 = time.perf_counter()
+        say(f"lm-eval tasks {self.tasks} ...")
+        metrics = flat_metrics(evaluate_tasks(model, self.tokenizer, self.tasks, **self.harness))
+        self.results[key] = metrics
+        self.results["tasks_s"] = self.results.get("tasks_s", 0.0) + time.perf_counter() - t0
+        return {name: f"{m['value']:.4f} ± {m['stderr']:.4f}" for name, m in metrics.items()}
 
 
 class FloatBaseline(pl.Callback):
@@ -125,9 +143,11 @@ class FloatBaseline(pl.Callback):
         say(f"evaluating the float model on {len(rec.blocks)} {rec.split} blocks ...")
         with quantization_disabled(pl_module.model):
             rec.results["fp_ppl"] = perplexity(pl_module.model, rec.blocks, rec.batch_size)
+            seconds = time.perf_counter() - t0
+            cells = rec.task_cells(pl_module.model, "fp_tasks")
         fp_bits = float(torch.finfo(next(pl_module.model.parameters()).dtype).bits)
-        rec.rows.append({"model": "FP", "ppl": rec.results["fp_ppl"], "bits/weight (quantized layers)": fp_bits,
-                         "bits/weight (all)": fp_bits, "time_s": time.perf_counter() - t0})
+        rec.rows.append({"model": "FP", "ppl": rec.results["fp_ppl"], **cells, "bits/weight (quantized layers)": fp_bits,
+                         "bits/weight (all)": fp_bits, "time_s": seconds})
         rec.setup_s += time.perf_counter() - t0
 
 
@@ -172,9 +192,11 @@ class StartBaseline(pl.Callback):
             pl_module.range_init(trainer.datamodule.train_dataloader(), pl_module.hparams.range_init_batches)
         say(f"evaluating {self.name} (the QAT starting point) ...")
         rec.results["rtn_ppl"] = perplexity(pl_module.model, rec.blocks, rec.batch_size)
+        seconds = time.perf_counter() - t0
+        cells = rec.task_cells(pl_module.model, "rtn_tasks")
         q_bits, whole = bits_per_weight(pl_module.model)
         rec.results["bits_per_weight"] = q_bits
-        rec.rows.append({"model": self.name, "ppl": rec.results["rtn_ppl"], "bits/weight (quantized layers)": q_bits,
-                         "bits/weight (all)": whole, "time_s": time.perf_counter() - t0})
+        rec.rows.append({"model": self.name, "ppl": rec.results["rtn_ppl"], **cells,
+                         "bits/weight (quantized layers)": q_bits, "bits/weight (all)": whole, "time_s": seconds})
         say(f"FP ppl {rec.results['fp_ppl']:.3f}, {self.name} ppl {rec.results['rtn_ppl']:.3f}; training ...")
         rec.setup_s += time.perf_counter() - t0

@@ -21,12 +21,13 @@ from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import atomic_write_bytes, probe_folder, torch_load
 from qat.jobs.config import TRAIN, as_bool, as_count, register_resolvers, unknown_keys
+from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, require_lm_eval
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
-from qat.models import load_model
+from qat.models import load_model, load_tokenizer
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
 
@@ -66,6 +67,7 @@ def check_config(cfg: DictConfig) -> None:
         except (KeyError, ValueError) as err:
             errors.append(f"init: {err.args[0] if err.args else err}")
     errors += _check_optim(cfg.module)
+    errors += _check_tasks(cfg)
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_data_path(str(cfg.data.path))
@@ -100,6 +102,38 @@ def _check_values(cfg: DictConfig) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     return errors
+
+
+def eval_tasks(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
+    """(eval.tasks as a list of names, eval.harness without its null values)."""
+    tasks = cfg.eval.get("tasks") or []
+    tasks = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    harness = OmegaConf.to_container(cfg.eval.harness, resolve=True) if cfg.eval.get("harness") else {}
+    return [str(t).strip() for t in tasks if str(t).strip()], {k: v for k, v in harness.items() if v is not None}
+
+
+def lm_eval_missing() -> str | None:
+    """Why the lm-eval columns are left out (lm-eval not installed), or None when it is installed."""
+    try:
+        require_lm_eval()
+    except ImportError:
+        return INSTALL_HINT
+    return None
+
+
+def _check_tasks(cfg: DictConfig) -> list[str]:
+    """eval.harness values, and eval.tasks names where lm-eval is installed (without it the tasks are left out
+    of the table with one line saying why, not refused)."""
+    tasks, harness = eval_tasks(cfg)
+    if not tasks:
+        return []
+    try:
+        check_harness_args(**harness)
+        if lm_eval_missing() is None:
+            check_tasks(tasks)
+    except ConfigError as err:
+        return [f"eval.tasks / eval.harness: {err}"]
+    return []
 
 
 def _check_optim(module_cfg: DictConfig) -> list[str]:
@@ -197,6 +231,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     say(f"model {cfg.model.path}, data {cfg.data.path}, quant {cfg.quant.name if cfg.get('quant') else 'none'}")
     record = RunRecord(split=str(cfg.eval.split))
+    tasks, record.harness = eval_tasks(cfg)
+    if tasks and (why := lm_eval_missing()):
+        record.results["tasks_omitted"] = f"eval.tasks {tasks} left out of the table: {why}"
+    elif tasks:
+        record.tasks, record.tokenizer = tasks, load_tokenizer(cfg.model.path)
     callbacks = _before_training(cfg, record) + [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)  # bad trainer values fail here, cheaply
@@ -216,10 +255,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
         results["qat_ppl"] = perplexity(module.model, blocks, eval_bs)
+        seconds = time.perf_counter() - t0
+        cells = record.task_cells(module.model, "tasks")  # "tasks": the key qat-compare reads from result.json
         q_bits, whole = bits_per_weight(module.model)
         name = "QAT" if cfg.get("quant") else "fine-tuned FP"
-        rows.append({"model": name, "ppl": results["qat_ppl"], "bits/weight (quantized layers)": q_bits,
-                     "bits/weight (all)": whole, "time_s": results["train_s"] + time.perf_counter() - t0})
+        rows.append({"model": name, "ppl": results["qat_ppl"], **cells, "bits/weight (quantized layers)": q_bits,
+                     "bits/weight (all)": whole, "time_s": results["train_s"] + seconds})
         _log(trainer, {f"{cfg.eval.split}/qat_ppl": results["qat_ppl"]})
         # qat-compare's conventions, so a merged row lands on the plot
         results["bits_per_weight"], results["size_mb"] = weight_bits(module.model)
@@ -278,6 +319,10 @@ def _table(cfg, rows, results, n_tokens: int) -> str:
     lines = [head, qat.format_table(rows)]
     if not math.isnan(results.get("gap_recovered", math.nan)):
         lines.append(f"QAT recovered {100 * results['gap_recovered']:.1f}% of the RTN -> FP perplexity gap")
+    if results.get("tasks_s"):
+        lines.append(f"lm-eval task columns: value ± standard error; {results['tasks_s']:.0f} s of the wall time")
+    if results.get("tasks_omitted"):
+        lines.append(results["tasks_omitted"])
     lines.append(f"wall time {results['wall_s']:.0f} s")
     return "\n".join(lines)
 
