@@ -286,22 +286,6 @@ def test_qwen2_pre_tokenizer_is_named_and_tokenizes_as_transformers(tmp_path, ll
             assert check.llama_tokenize(BIN, path, text, tmp_path) == ids, text
 
 
-def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    from qat.export import export_gguf
-    from qat.testing import tiny_model
-
-    tk = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁": 1, "a": 2, "▁a": 3}, merges=[("▁", "a")], byte_fallback=True,
-                              unk_token="<unk>"))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
-    model = tiny_model("gemma3_text", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1)
-    with pytest.raises(ValueError, match="SentencePiece-style BPE \\(byte_fallback: Gemma, Phi-3"):
-        export_gguf(model, tmp_path / "g.gguf", "F32", tokenizer=tok)
-    assert not list(tmp_path.iterdir())
-
-
 @needs_llama_cpp
 @pytest.mark.parametrize("variant", ["gemma3_softcap_linear_rope", "phi3_partial_rotary", "qwen2_tied", "qwen3_tied"])
 def test_llama_cpp_runs_config_variants(text_file, tmp_path, variant):
