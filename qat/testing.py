@@ -102,6 +102,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "phi3_partial_rotary": ("phi3", {"partial_rotary_factor": 0.5}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
+    # Llama 3.x's rope scaling (llama.cpp's rope_freqs tensor), with a short original context so that tiny
+    # models' head dims have smoothed frequencies
+    "llama3_rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                                  "rope_theta": 10000.0}}),
 }
 
 

@@ -274,6 +274,24 @@ class ArchAdapter:
             writer.add_value_length(config.head_dim)
         writer.add_vocab_size(config.vocab_size)
 
+    def extra_tensors(self, config: Any) -> dict[str, torch.Tensor]:
+        """Tensors llama.cpp's converter generates from the config (`generate_extra_tensors`: Llama 3's
+        `rope_freqs`), written in F32 after the weights; none by default."""
+        return {}
+
+    def read_extra_tensors(self, config: Any, tensors: dict[str, torch.Tensor], where: str = "") -> None:
+        """Fold a GGUF file's generated tensors (`extra_tensors`' names) back into `config`, in place.
+
+        Raises:
+            ValueError: a generated tensor this family does not write, naming it.
+        """
+        if tensors:
+            raise ConfigError(f"{where}GGUF tensor(s) {sorted(tensors)} are not read by qat's "
+                              f"{self.gguf_arch_name} importer")
+
+    extra_tensor_names: ClassVar[tuple[str, ...]] = ()
+    """The names `extra_tensors` may write (the importer hands those to `read_extra_tensors`)."""
+
     NEEDED: ClassVar[tuple[str, ...]] = ("attention.head_count", "embedding_length", "feed_forward_length",
                                          "block_count")
 

@@ -270,6 +270,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         else:
             log.warning("%s: written without a tokenizer; llama.cpp and Ollama refuse such files "
                         "(tokenizer.ggml.model is required): pass tokenizer= to embed one", path)
+        extra = arch.extra_tensors(model.config)  # generated from the config (Llama 3's rope_freqs): F32, first
+        for name, t in extra.items():             # as the converter writes them
+            writer.add_tensor_info(name, tuple(t.shape), np.dtype(np.float32), t.numel() * 4)
         for e in entries:
             raw = None if e.type in ("F32", "F16") else gguf.GGMLQuantizationType[e.type]
             nbytes = int(np.prod(e.shape)) // BLOCK[e.type][0] * BLOCK[e.type][1]
@@ -279,6 +282,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        for t in extra.values():
+            writer.write_tensor_data(t.float().numpy())
         for e in entries:
             data = _tensor_bytes(model, e, importance)
             writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)

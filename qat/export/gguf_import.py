@@ -75,8 +75,19 @@ def gguf_config(reader, path: str | os.PathLike | None = None):
         ValueError: an architecture no adapter reads, or metadata missing, naming the file and the key.
     """
     where = f"{str(path)!r}: " if path is not None else ""
-    return reader_arch(reader, path).config_from_gguf(lambda key, default=None: _field(reader, key, default),
-                                                      {t.name for t in reader.tensors}, where)
+    arch = reader_arch(reader, path)
+    config = arch.config_from_gguf(lambda key, default=None: _field(reader, key, default),
+                                   {t.name for t in reader.tensors}, where)
+    adapter = get_arch(config)  # the family read (a "llama" file with experts is Mixtral)
+    extra = {t.name: _values(t) for t in reader.tensors if t.name in adapter.extra_tensor_names}
+    adapter.read_extra_tensors(config, extra, where)  # generated tensors (rope_freqs) back into the config
+    return config
+
+
+def _values(t) -> torch.Tensor:
+    """A GGUF tensor dequantized to float32, in its logical (row-major) shape."""
+    values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    return values.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
 
 
 def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -95,10 +106,11 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
     to_hf = arch.hf_parts(names, config)
     out, parts = {}, {}
     for t in reader.tensors:
+        if t.name in arch.extra_tensor_names:  # generated from the config (gguf_config read them)
+            continue
         if t.name not in to_hf:
             raise ConfigError(f"GGUF tensor {t.name!r} has no Hugging Face {config.model_type} name")
-        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        values = values.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+        values = _values(t)
         hf, start, stop = to_hf[t.name]
         if start == 0 and stop is None:
             out[hf] = arch.from_gguf(t.name, values, config)

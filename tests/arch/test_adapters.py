@@ -81,3 +81,34 @@ def test_mistral_is_written_as_llama_and_reads_back_as_llama(tmp_path):
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope, head_dim", [
+    ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+      "rope_theta": 500000.0}, 128),  # Llama 3.1 / 3.2
+    ({"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+      "rope_theta": 500000.0}, 64),  # Llama 3.2 1B
+    ({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+      "rope_theta": 10000.0}, 32),
+])
+def test_llama3_rope_factors_invert_to_the_same_parameters(rope, head_dim):
+    from qat.arch.llama import llama3_rope_factors, llama3_rope_parameters
+
+    factors = llama3_rope_factors(rope, head_dim)
+    assert factors.min() == 1 and factors.max() == rope["factor"] and (factors[1:] >= factors[:-1]).all()
+    assert llama3_rope_parameters(factors, rope["rope_theta"], head_dim) == {"rope_type": "llama3", **rope}
+
+
+@pytest.mark.parametrize("old_context, high, smoothed", [(10, 1.5, 0), (16, 1.5, 1), (64, 4.0, 3)])
+def test_llama3_rope_parameters_give_the_files_factors(old_context, high, smoothed):
+    from qat.arch.llama import llama3_rope_factors, llama3_rope_parameters
+
+    rope = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": high, "original_max_position_embeddings":
+            old_context, "rope_theta": 100.0}
+    factors = llama3_rope_factors(rope, 16)
+    assert int(((factors > 1) & (factors < 4)).sum()) == smoothed
+    back = llama3_rope_parameters(factors, 100.0, 16)
+    assert torch.allclose(llama3_rope_factors(back, 16), factors, rtol=1e-5)
+    assert llama3_rope_parameters(torch.ones(8), 100.0, 16) is None
+    with pytest.raises(ValueError, match="not the factors of a llama3 rope"):
+        llama3_rope_parameters(torch.tensor([1.0, 3.0, 2.0, 4.0]), 100.0, 8)
