@@ -4,7 +4,8 @@ Per quantized linear `<m>`:
     <m>.weight_packed      int32 [out, ceil(in * bits / 32)]: codes + 2^(bits-1) (signed range), packed
                            densely along the input dim, element i at bit i*bits (LSB first)
     <m>.weight_scale       [out, ceil(in/g)] (group; a ragged last group when g does not divide in), [out, 1] (channel) or [1] (tensor), in the scheme's scale dtype
-    <m>.weight_zero_point  (asymmetric only) int32 [ceil(out * bits / 32), ceil(in/g)], signed zero-points packed along dim 0
+    <m>.weight_zero_point  (asymmetric only) int32 [out, ceil(in/g)]: signed zero-points packed along dim 0 in
+                           the first ceil(out * bits / 32) rows, zero rows after (`ZERO_POINT_LAYOUTS`)
     <m>.weight_shape       int64 [2]
     <m>.weight_g_idx       (act-order only) int32 [in]
 config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
@@ -154,7 +155,17 @@ def _attach_kv(model: nn.Module, t: dict, kv: dict, folder: Path) -> None:
         module.v_quantizer.set_qparams(t[f"{n}.v_scale"].float().reshape(()))
 
 
-def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+# How asymmetric zero-points are stored. "padded" (the default): int32 [out, groups], the packed words in the first
+# ceil(out * bits / 32) rows and zeros after. That is the parameter transformers 5 + compressed-tensors 0.20 create
+# before loading (transformers compresses the meta model with compressed-tensors' compress_model, whose meta
+# branch in compressors/pack_quantized/base.py leaves the zero-point unpacked, [out, groups]), and their
+# decompress unpacks only the first rows: such a checkpoint loads there with equal logits. "packed":
+# [ceil(out * bits / 32), groups], as compressed-tensors' own compressor writes it (the shape vLLM's wNa16 loader
+# allocates); that transformers refuses it (size mismatch). qat's loader reads both.
+ZERO_POINT_LAYOUTS = ("padded", "packed")
+
+
+def _linear_tensors(name: str, qw: QuantizedWeight, zero_points: str = "padded") -> dict[str, torch.Tensor]:
     spec, half = qw.spec, 2 ** (qw.spec.bits - 1)
     signed = qw.codes().to(torch.int16) - (0 if spec.signed else half)
     out = {f"{name}.weight_packed": pack_int32((signed + half).to(torch.uint8), spec.bits),
@@ -164,7 +175,10 @@ def _linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     out[f"{name}.weight_scale"] = scale.to(spec.torch_scale_dtype)
     if zp is not None:
         zs = zp.reshape(qw.shape[0], -1).to(torch.int16) - half + half  # signed zp + offset = unsigned zp
-        out[f"{name}.weight_zero_point"] = pack_int32(zs.t().to(torch.uint8), spec.bits).t().contiguous()
+        packed = pack_int32(zs.t().to(torch.uint8), spec.bits).t().contiguous()
+        if zero_points == "padded":
+            packed = torch.cat([packed, packed.new_zeros(qw.shape[0] - packed.shape[0], packed.shape[1])])
+        out[f"{name}.weight_zero_point"] = packed
     if qw.group_index() is not None:
         out[f"{name}.weight_g_idx"] = qw.group_index().to(torch.int32)
     return out
@@ -275,20 +289,20 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
     return modules, {**linears, **experts}, groups
 
 
-def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
+def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict, zero_points: str = "padded"):
     """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
     yield from _kv_tensors(attention)
     for n, m in linears.items():
         if integer_kind(m) is QuantizedExperts:  # each expert weight quantized once, written expert by expert
             held = {w: weight_of(model, f"{n}.{w}") for w in _weight_names(m)}
             for sub, piece in expert_linears(n, m, held.__getitem__).items():
-                yield from _linear_tensors(sub, piece).items()
+                yield from _linear_tensors(sub, piece, zero_points).items()
             for key, value in m.named_parameters():  # expert biases (none in the supported families)
                 if key not in held and not key.startswith("weight_quantizers."):
                     yield f"{n}.{key}", value.detach()
             continue
         qw = weight_of(model, f"{n}.weight")
-        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw)).items()
+        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw, zero_points)).items()
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
     for n, m in modules.items():
@@ -304,16 +318,22 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict):
 
 
 @folder_writer
-def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
+                              zero_points: str = "padded") -> Path:
     """Write a (prepared or converted) model as a compressed-tensors pack-quantized checkpoint, streaming:
     each linear is quantized, packed and written in turn (memory: the model plus one tensor's worth).
 
+    Args:
+        zero_points: how asymmetric zero-points are laid out, "padded" (transformers loads it) or "packed"
+            (compressed-tensors' compressor's shape); see `ZERO_POINT_LAYOUTS`.
     Raises:
         ValueError: a weight scheme the format cannot hold (named), a static input scheme, no quantized module.
     Example:
         >>> export_compressed_tensors(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/ct")
         >>> AutoModelForCausalLM.from_pretrained("out/ct")
     """
+    if zero_points not in ZERO_POINT_LAYOUTS:
+        raise ConfigError(f"zero_points={zero_points!r}; choose from {list(ZERO_POINT_LAYOUTS)}")
     modules, linears, groups = _plan(model)
     kv_scheme, attention = _kv_scheme(model)
     arch = find_arch(model)
@@ -332,7 +352,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     out = Path(out_dir)
     check_writable(out / "config.json")
     with torch.no_grad():
-        tensors = ((ck(k), v) for k, v in _tensors(model, modules, linears, attention))
+        tensors = ((ck(k), v) for k, v in _tensors(model, modules, linears, attention, zero_points))
         write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -383,8 +403,10 @@ def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> Q
     floats = (torch.float32, torch.float16, torch.bfloat16)
     _expect(t, f"{n}.weight_packed", torch.int32, (out_f, -(-in_f * bits // 32)))
     _expect(t, f"{n}.weight_scale", floats, (1,) if groups is None else (out_f, groups))
-    if not w_args["symmetric"]:
-        _expect(t, f"{n}.weight_zero_point", torch.int32, (-(-out_f * bits // 32), groups or 1))
+    packed_rows = -(-out_f * bits // 32)
+    if not w_args["symmetric"]:  # either layout of ZERO_POINT_LAYOUTS
+        zp_rows = t[f"{n}.weight_zero_point"].shape[0] if f"{n}.weight_zero_point" in t else packed_rows
+        _expect(t, f"{n}.weight_zero_point", torch.int32, (out_f if zp_rows == out_f else packed_rows, groups or 1))
     if f"{n}.weight_g_idx" in t:
         _expect(t, f"{n}.weight_g_idx", torch.int32, (in_f,))
     scale = t[f"{n}.weight_scale"]
@@ -395,7 +417,7 @@ def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> Q
     scale = scale.float().reshape({"per_group": (shape[0], -1, 1), "per_channel": (shape[0], 1)}.get(spec.granularity, ()))
     zp = None
     if not spec.symmetric:
-        zpu = unpack_int32(t[f"{n}.weight_zero_point"].t().contiguous(), spec.bits, shape[0]).t()
+        zpu = unpack_int32(t[f"{n}.weight_zero_point"][:packed_rows].t().contiguous(), spec.bits, shape[0]).t()
         zp = zpu.float().reshape(scale.shape)
     qw = QuantizedWeight(spec, shape)
     if f"{n}.weight_g_idx" in t:

@@ -40,8 +40,9 @@ def test_round_trip_through_our_loader(model, ids, tmp_path, recipe):
     assert torch.equal(logits(load_any(tmp_path / "ct"), ids), ref)
 
 
-def test_transformers_loads_our_export_with_equal_logits(model, ids, tmp_path):
-    prepared = qat.prepare(model, qat.load_recipe("w4a16_g128"))
+@pytest.mark.parametrize("recipe", ["w4a16_g128", "w4a16_g128_asym"])
+def test_transformers_loads_our_export_with_equal_logits(model, ids, tmp_path, recipe):
+    prepared = qat.prepare(model, qat.load_recipe(recipe))
     ref = logits(prepared, ids)
     export_compressed_tensors(prepared, tmp_path / "ct")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
@@ -60,6 +61,25 @@ def test_asymmetric_zero_points_decode_with_compressed_tensors(model, tmp_path):
     w = unpack_from_int32(t[f"{name}.weight_packed"], 4, torch.Size(qw.shape)).float()
     deq = ((w - zp.float().repeat_interleave(128, 1)) * t[f"{name}.weight_scale"].repeat_interleave(128, 1))
     assert torch.equal(deq, qw.dequantize())
+
+
+def test_zero_point_layouts_hold_compressed_tensors_packing(model, ids, tmp_path):
+    """"packed" is compressed-tensors' compressor's own tensor (pack_to_int32 along dim 0), "padded" the same
+    words followed by zero rows up to [out, groups]; qat's loader reads both to the model's logits."""
+    converted = qat.convert(qat.prepare(model, qat.load_recipe("w4a16_g128_asym")))
+    ref = logits(converted, ids)
+    name = "model.layers.0.self_attn.q_proj"
+    qw = converted.get_submodule(name).qweight
+    signed_zp = (qw.qparams()[1].reshape(qw.shape[0], -1) - 8).to(torch.int8)
+    theirs = pack_to_int32(signed_zp, 4, packed_dim=0)
+    for layout in ("packed", "padded"):
+        export_compressed_tensors(converted, tmp_path / layout, zero_points=layout)
+        zp = load_safetensors(tmp_path / layout / "model.safetensors")[f"{name}.weight_zero_point"]
+        assert torch.equal(zp[: theirs.shape[0]], theirs)
+        assert zp.shape == (theirs.shape if layout == "packed" else (qw.shape[0], theirs.shape[1]))
+        assert torch.equal(logits(load_compressed_tensors(tmp_path / layout), ids), ref)
+    with pytest.raises(ValueError, match="zero_points='dense'; choose from"):
+        export_compressed_tensors(converted, tmp_path / "x", zero_points="dense")
 
 
 def test_unsupported_scheme_is_named(model, tmp_path):
@@ -87,6 +107,7 @@ def test_ragged_groups_round_trip(tmp_path, sym):
     t = load_safetensors(tmp_path / "ct" / "model.safetensors")
     assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (96, 2)  # [O, ceil(I/g)]
     assert t["model.layers.0.mlp.down_proj.weight_scale"].shape == (96, 3)
-    if not sym:
-        assert t["model.layers.0.self_attn.q_proj.weight_zero_point"].shape == (96 * 4 // 32, 2)
+    if not sym:  # "padded": [out, groups], the packed words in the first out * 4 / 32 rows
+        zp = t["model.layers.0.self_attn.q_proj.weight_zero_point"]
+        assert zp.shape == (96, 2) and not zp[96 * 4 // 32:].any()
     assert torch.equal(logits(load_compressed_tensors(tmp_path / "ct"), ids), ref)
