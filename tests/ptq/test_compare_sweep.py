@@ -111,6 +111,8 @@ def test_qat_job_trains_on_the_compare_model_data_scheme_and_blocks():
     assert tcfg.quant.name == "w3a16_g64" and tcfg.init.name == "gptq" and tcfg.trainer.max_steps == 2
     assert tcfg.init.calibration == {"samples": 12, "seq_len": 32} and tcfg.model.path == "tiny"
     assert tcfg.task_name == "tiny_qat"  # qat.experiment (the tiny one by default)
+    main_job = train_config({**cfg, "qat": {"experiment": "smollm2_w4_qat"}}, "/tmp/unused")
+    assert list(main_job.eval.tasks) == []  # the experiment's lm-eval column is not a sweep row's
     with pytest.raises(ValueError, match=r"qat: unknown key\(s\) \['steps'\]"):
         train_config({**cfg, "qat": {"steps": 3}}, "/tmp/unused")
 
