@@ -87,8 +87,10 @@ def compose_job(name, overrides=()):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
+    from qat.jobs.config import register_resolvers
     from qat.recipes import CONFIG_DIR
 
+    register_resolvers()  # configs/paths' ${qat_root:}, as the CLIs register it (else this file fails run alone)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
