@@ -78,6 +78,9 @@ def add_tokenizer(writer, tokenizer, pre: str | None = None, n_vocab: int | None
     if is_sentencepiece(model):  # Llama 2, Mistral, Gemma, Phi-3: "▁" pieces, byte fallback
         add_sentencepiece_tokenizer(writer, tokenizer, spec, n_vocab)
         return
+    if backend is None and getattr(tokenizer, "sp_model", None) is not None:  # a sentencepiece-backed tokenizer
+        add_sentencepiece_tokenizer(writer, tokenizer, {}, n_vocab)
+        return
     if model.get("type") != "BPE":
         raise ConfigError(f"GGUF tokenizer: only fast BPE (byte-level or byte-fallback) and Unigram tokenizers are "
                           f"supported, got {model.get('type') or type(tokenizer).__name__}")
@@ -127,7 +130,9 @@ def is_sentencepiece(model: dict) -> bool:
 
 def sentencepiece_vocab(tokenizer, spec: dict, n_vocab: int | None = None) -> tuple[list[str], list[float], list[int]]:
     """(tokens, scores, token types) as llama.cpp's converter writes a SentencePiece vocabulary
-    (`_create_vocab_sentencepiece`), read from tokenizer.json (no sentencepiece package needed).
+    (`_create_vocab_sentencepiece`), read from tokenizer.json (no sentencepiece package needed); a tokenizer with
+    no tokenizer.json but a sentencepiece `sp_model` (tokenizer.model) gives its pieces, scores and types as the
+    converter reads them there.
 
     Scores: a Unigram piece's log-probability; a BPE piece made by merge r gets -r (llama.cpp merges the
     adjacent pair with the highest score first, so that is BPE's merge order, as SentencePiece's own BPE
@@ -135,11 +140,20 @@ def sentencepiece_vocab(tokenizer, spec: dict, n_vocab: int | None = None) -> tu
     the unknown token UNKNOWN, special added tokens CONTROL, other added tokens USER_DEFINED (their "▁" written
     as spaces) with score -1000, ids past the tokenizer's UNUSED "[PAD{i}]" with score -10000.
     """
-    model, vocab = spec["model"], tokenizer.get_vocab()
+    model, vocab = spec.get("model", {}), tokenizer.get_vocab()
     size = _vocab_size(vocab, n_vocab)
     tokens, scores = [f"[PAD{i}]" for i in range(size)], [-10000.0] * size
     types = [int(gguf.TokenType.UNUSED)] * size
-    if model["type"] == "Unigram":
+    sp = getattr(tokenizer, "sp_model", None)
+    if not model and sp is not None:  # tokenizer.model through the sentencepiece package, as the converter reads it
+        pieces, unk = [], None
+        for i in range(min(sp.vocab_size(), size)):
+            pieces.append((sp.IdToPiece(i), i, float(sp.GetScore(i))))
+            kind = ("UNKNOWN" if sp.IsUnknown(i) else "CONTROL" if sp.IsControl(i) else "UNUSED" if sp.IsUnused(i)
+                    else "BYTE" if sp.IsByte(i) else "NORMAL")
+            unk = i if kind == "UNKNOWN" else unk
+            types[i] = int(gguf.TokenType[kind])
+    elif model["type"] == "Unigram":
         pieces = [(piece, i, float(score)) for i, (piece, score) in enumerate(model["vocab"])]
         unk = model.get("unk_id")
     else:
@@ -151,6 +165,9 @@ def sentencepiece_vocab(tokenizer, spec: dict, n_vocab: int | None = None) -> tu
         pieces = [(piece, i, -float(ranks[piece] if piece in ranks else n + i)) for piece, i in model["vocab"].items()]
         unk = model["vocab"].get(model.get("unk_token"))
     for piece, i, score in pieces:
+        if not model:  # the sentencepiece model's own scores and types
+            tokens[i], scores[i] = piece, score
+            continue
         byte = re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece)
         tokens[i], scores[i] = piece, 0.0 if byte or i == unk else score
         types[i] = int(gguf.TokenType.BYTE if byte else gguf.TokenType.UNKNOWN if i == unk else gguf.TokenType.NORMAL)
@@ -186,7 +203,7 @@ def add_sentencepiece_tokenizer(writer, tokenizer, spec: dict, n_vocab: int | No
     (`_set_vocab_sentencepiece`): model "llama", pre "default", tokens, scores, types, special ids, whether
     BOS / EOS are added (as the tokenizer itself does) and the space prefix, and the chat template."""
     tokens, scores, types = sentencepiece_vocab(tokenizer, spec, n_vocab)
-    if spec["model"]["type"] == "Unigram":
+    if spec.get("model", {}).get("type") == "Unigram":
         logging.getLogger(__name__).warning(
             "GGUF tokenizer: a Unigram vocabulary is written as llama.cpp's 'llama' (SentencePiece) tokenizer, as "
             "llama.cpp's converter writes it; llama.cpp merges pieces greedily by score where transformers finds "

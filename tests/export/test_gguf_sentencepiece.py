@@ -122,3 +122,55 @@ def test_added_tokens_are_user_defined_or_control(tmp_path):
     assert f["tokenizer.ggml.token_type"][user] == gguf.TokenType.USER_DEFINED
     assert f["tokenizer.ggml.token_type"][control] == gguf.TokenType.CONTROL
     assert f["tokenizer.ggml.scores"][user] == f["tokenizer.ggml.scores"][control] == -1000.0
+
+
+class _FakeProcessor:
+    """The SentencePieceProcessor calls the converter makes, over a fixed vocabulary (the sentencepiece package
+    is not installed here)."""
+    PIECES = [("<unk>", 0.0, "unk"), ("<s>", 0.0, "control"), ("</s>", 0.0, "control"), ("<0x41>", 0.0, "byte"),
+              ("▁a", -1.0, ""), ("b", -2.0, ""), ("<unused>", 0.0, "unused")]
+
+    def vocab_size(self):
+        return len(self.PIECES)
+
+    def IdToPiece(self, i):  # noqa: N802 - sentencepiece's names
+        return self.PIECES[i][0]
+
+    def GetScore(self, i):  # noqa: N802
+        return self.PIECES[i][1]
+
+    def IsUnknown(self, i):  # noqa: N802
+        return self.PIECES[i][2] == "unk"
+
+    def IsControl(self, i):  # noqa: N802
+        return self.PIECES[i][2] == "control"
+
+    def IsUnused(self, i):  # noqa: N802
+        return self.PIECES[i][2] == "unused"
+
+    def IsByte(self, i):  # noqa: N802
+        return self.PIECES[i][2] == "byte"
+
+
+class _SentencePieceTokenizer:
+    """A tokenizer backed by sentencepiece (tokenizer.model), no tokenizer.json."""
+    sp_model = _FakeProcessor()
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id, chat_template = 1, 2, 0, None, None
+    added_tokens_decoder: dict = {}
+
+    def get_vocab(self):
+        return {p: i for i, (p, _, _) in enumerate(self.sp_model.PIECES)}
+
+    def __call__(self, text):
+        return {"input_ids": [1, 4]}
+
+
+def test_sentencepiece_model_read_as_the_converter_reads_it(tmp_path):
+    path = export_gguf(tiny_llama(vocab_size=16), tmp_path / "sp.gguf", "F32", tokenizer=_SentencePieceTokenizer())
+    f = fields_of(path)
+    T = gguf.TokenType
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_bos_token"] is True
+    assert f["tokenizer.ggml.tokens"][:7] == [p for p, _, _ in _FakeProcessor.PIECES]
+    assert f["tokenizer.ggml.scores"][:7] == [s for _, s, _ in _FakeProcessor.PIECES]
+    assert f["tokenizer.ggml.token_type"] == [T.UNKNOWN, T.CONTROL, T.CONTROL, T.BYTE, T.NORMAL, T.NORMAL,
+                                              T.UNUSED] + [T.UNUSED] * 9
