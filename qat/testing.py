@@ -107,6 +107,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama3_rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                                                   "rope_theta": 10000.0}}),
+    # linear position interpolation (Llama 2 long-context fine-tunes, CodeLlama-style): rope.scaling.* keys
+    "llama_linear_rope": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
 }
 
 

@@ -302,6 +302,13 @@ class ArchAdapter:
         hidden = int(k("embedding_length"))
         tokens = field("tokenizer.ggml.tokens", None)
         vocab = k("vocab_size") or (len(tokens) if tokens is not None else None)
+        theta = float(k("rope.freq_base", 10000.0))
+        scaled = {}
+        if k("rope.scaling.type") == "linear" and float(k("rope.scaling.factor", 1.0)) != 1.0:
+            # linear position interpolation as the file's keys say (llama.cpp reads the same two keys);
+            # config_from_gguf drops rope_theta, which rope_parameters then holds
+            scaled["rope_parameters"] = {"rope_type": "linear", "factor": float(k("rope.scaling.factor")),
+                                         "rope_theta": theta}
         return dict(
             vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(k("feed_forward_length")),
             num_hidden_layers=int(k("block_count")), num_attention_heads=heads,
@@ -309,7 +316,7 @@ class ArchAdapter:
             head_dim=int(k("attention.key_length", hidden // heads)),
             max_position_embeddings=int(k("context_length", 2048)),
             rms_norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(k("rope.freq_base", 10000.0)), tie_word_embeddings="output.weight" not in tensor_names,
+            rope_theta=theta, **scaled, tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=field("tokenizer.ggml.bos_token_id", None),
             eos_token_id=field("tokenizer.ggml.eos_token_id", None),
         )
@@ -331,7 +338,10 @@ class ArchAdapter:
         missing = [f"{arch}.{k}" for k in self.NEEDED if field(f"{arch}.{k}", None) is None]
         if missing:
             raise ConfigError(f"{where}GGUF metadata lacks {missing}, which a {arch} model needs")
-        return getattr(transformers, self.config_class)(**self.config_kwargs(field, tensor_names))
+        kw = self.config_kwargs(field, tensor_names)
+        if "rope_parameters" in kw:
+            kw.pop("rope_theta", None)
+        return getattr(transformers, self.config_class)(**kw)
 
     def build_model(self, config: Any) -> nn.Module:
         """A randomly initialised causal LM of `model_class` for `config`."""

@@ -118,7 +118,8 @@ class LlamaAdapter(ArchAdapter):
     )
     # the SmoothQuant reference smooths only the norm -> linear pairs
     smooth_mappings = (Mapping("input_layernorm", ATTN_QKV), Mapping("post_attention_layernorm", MLP_IN))
-    rope_types = None  # as before the adapters; llama3 is written as the rope_freqs tensor (extra_tensors)
+    # llama3 is written as the rope_freqs tensor (extra_tensors), linear as rope.scaling.* keys
+    rope_types = ("default", "linear", "llama3")
     extra_tensor_names = (ROPE_FREQS,)
 
     @staticmethod
@@ -176,6 +177,9 @@ class LlamaAdapter(ArchAdapter):
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+        if rope.get("rope_type", "default") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
 

@@ -288,7 +288,7 @@ def test_qwen2_pre_tokenizer_is_named_and_tokenizes_as_transformers(tmp_path, ll
 
 @needs_llama_cpp
 @pytest.mark.parametrize("variant", ["gemma3_softcap_linear_rope", "phi3_partial_rotary", "qwen2_tied", "qwen3_tied",
-                                     "llama3_rope"])
+                                     "llama3_rope", "llama_linear_rope"])
 def test_llama_cpp_runs_config_variants(text_file, tmp_path, variant):
     """The metadata of the variants (linear rope on Gemma's global layers, soft-capping, partial rotary, tying)
     means in llama.cpp what the config means in transformers (F32: only summation order differs)."""
@@ -312,7 +312,7 @@ needs_converter = pytest.mark.skipif(SRC is None, reason="llama.cpp's convert_hf
 
 
 CONVERTED = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma3_softcap_linear_rope",
-             "phi3_partial_rotary", "qwen3_tied", "llama3_rope"]
+             "phi3_partial_rotary", "qwen3_tied", "llama3_rope", "llama_linear_rope"]
 
 
 @pytest.fixture(scope="module")
