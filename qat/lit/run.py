@@ -93,7 +93,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     for node, key in (("eval", "after"), ("eval", "baselines"), ("module", "gradient_checkpointing"),
-                      ("module", "freeze_embeddings")):
+                      ("module", "freeze_embeddings"), ("module", "lean_ste")):
         try:
             if key in cfg[node]:
                 cfg[node][key] = as_bool(cfg[node][key], f"{node}.{key}")
