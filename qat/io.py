@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -450,7 +450,7 @@ def load_distributed_checkpoint(folder: str | os.PathLike, prefix: str = "state_
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
             dcp_load(state, storage_reader=reader, planner=planner, no_dist=True)
-    except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException, UnpicklingError, OSError...
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - CheckpointException is a BaseException
         raise BadFileError(folder, f"cannot read as a sharded (torch.distributed.checkpoint) checkpoint: "
                                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     out: dict[str, Any] = {}

@@ -4,6 +4,7 @@
     python scripts/bench_qat_step.py --model smollm2-135m --batch 2 --seq 128 --steps 4
     python scripts/bench_qat_step.py --model moe --experts grouped_mm   # tiny Qwen3-MoE (8 experts, top-2), W4A16
     python scripts/bench_qat_step.py --ste both     # each QAT variant with the lean STE and with the unfused one
+    python scripts/bench_qat_step.py --layers 1 --hidden 2048 --inter 7168 --vocab 256   # ~one decoder layer's cost
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
 robin) so machine noise hits all of them alike; the median step time is reported. Peak memory is the peak
@@ -109,8 +110,14 @@ def main() -> None:
                                                         "(eager | batched_mm | grouped_mm; default: transformers')")
     parser.add_argument("--ste", default="lean", choices=["lean", "unfused", "both"],
                         help="straight-through estimator of the QAT variants (qat.set_lean_ste)")
+    parser.add_argument("--layers", type=int, default=4, help="tiny: decoder layers")
+    parser.add_argument("--hidden", type=int, default=512, help="tiny: hidden size (heads of 64, kv heads 1/4)")
+    parser.add_argument("--inter", type=int, default=1536, help="tiny: MLP intermediate size")
+    parser.add_argument("--kv-heads", type=int, default=None, help="tiny: key/value heads (default: heads / 2)")
+    parser.add_argument("--vocab", type=int, default=8192, help="tiny: vocabulary (small: the step is the layers)")
     args = parser.parse_args()
-    tiny = dict(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, vocab_size=8192)
+    tiny = dict(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.inter,
+                num_heads=args.hidden // 64, num_kv_heads=args.kv_heads or max(1, args.hidden // 128), vocab_size=args.vocab)
     schemes = SCHEMES
     if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
         base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
@@ -143,7 +150,8 @@ def main() -> None:
     fp_t = statistics.median(times["FP"])
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
-          f"group size {group or 128}" + (f", experts {impl}" if impl else ""))
+          f"group size {group or 128}" + (f", experts {impl}" if impl else "")
+          + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
     rows = []
     for name in variants:
         t = statistics.median(times[name])

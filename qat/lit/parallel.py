@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from qat.arch import find_arch
 from qat.io import is_distributed_checkpoint
@@ -39,6 +40,11 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
             return list(module)
     raise ValueError(f"{type(model).__name__}: no decoder blocks found to shard (no arch adapter, no '*.layers' "
                      "ModuleList); FSDP needs one unit per block")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some parameter of `model` is a DTensor (FSDP2 / tensor parallel): its forward is collective."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def shard_fsdp2(model: nn.Module, mesh) -> list[nn.Parameter]:
