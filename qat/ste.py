@@ -153,7 +153,6 @@ def learned_fake_quantize(
     return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, lsq_grad_scale(x, scale, spec))
 
 
-
 @dataclass
 class FakeQuantArgs:
     """How one tensor is fake-quantized: qparams (differentiable when learned), scheme and estimator.

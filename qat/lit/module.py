@@ -97,6 +97,7 @@ class QATModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self._replicated: list[nn.Parameter] = []  # under FSDP2: the 0-d parameters it leaves unsharded
+        self._sharded = False
 
     def configure_model(self) -> None:
         """Under Lightning's ModelParallelStrategy: FSDP2 over the data-parallel mesh (`qat.lit.parallel`).
@@ -104,7 +105,7 @@ class QATModule(pl.LightningModule):
         Other strategies set no device mesh, and this does nothing.
         """
         mesh = self.device_mesh
-        if mesh is None or getattr(self, "_sharded", False):
+        if mesh is None or self._sharded:
             return
         if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("ModelParallelStrategy: tensor_parallel_size > 1 is not supported for QAT; set "
