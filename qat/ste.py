@@ -186,8 +186,8 @@ def _input_grads(grad_q, t, t_q, mask, q: FakeQuantArgs | None, scale, zero_poin
     unfused `_FakeQuantSTE` / `_LearnedFakeQuant` backward."""
     if q is None or grad_q is None:
         return grad_q, None, None
-    if q.mode == "ste":
-        return grad_q * mask, None, None
+    if q.mode == "ste":  # grad_q is this backward's own temporary: masked in place, one weight-sized tensor less
+        return grad_q.mul_(mask), None, None
     return learned_grads(grad_q, t, t_q, mask, scale, zero_point is not None, q.spec, q.mode, q.grad_scale)
 
 
