@@ -5,7 +5,8 @@
     ...train...
     qat.convert(model)                                            # packed integer weights, same outputs
 """
-from qat.control import calibrate, format_table, quantization_disabled, quantizers, set_quantizers, summary
+from qat.control import (calibrate, format_table, quantization_disabled, quantizers, set_lean_ste, set_quantizers,
+                         summary)
 from qat.recipes import recipe_names
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform import QuantRecipe, convert, load_recipe, plan, prepare, to_float
@@ -22,7 +23,7 @@ __all__ = [
     "to_float",
     "calibrate",
     "quantizers",
-    "set_quantizers",
+    "set_quantizers", "set_lean_ste",
     "quantization_disabled",
     "summary",
     "format_table",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qat.formats import storage_bits
+from qat.modules.fake import FakeQuantLinear
 from qat.modules.quantizer import ROLE_NAMES, TensorQuantizer
 from qat.primitives import quant_error_db
 
@@ -44,6 +45,21 @@ def set_quantizers(model: nn.Module, roles: Iterable[str] | None = None, **flags
         for key, value in flags.items():
             setattr(q, key, bool(value) and (key != "observing" or not q.spec.dynamic))
         n += 1
+    return n
+
+
+def set_lean_ste(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the memory-lean STE of every fake-quant Linear in `model` (same values and gradients; backward
+    recomputes the fake-quantized weight and input instead of keeping them). Returns how many were set.
+
+    Example:
+        >>> qat.set_lean_ste(model, False)  # keep fake-quantized copies for backward (the unfused path)
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear):
+            module.lean = bool(enabled)
+            n += 1
     return n
 
 

@@ -18,17 +18,23 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from qat.errors import BadFileError, ConfigError
 
 __all__ = ["ST_DTYPES", "atomic_folder", "atomic_path", "atomic_write_bytes", "check_creatable", "check_safetensors",
            "check_writable", "load_safetensors", "load_torch_checkpoint", "probe_folder", "save_safetensors",
-           "torch_load", "write_json", "write_safetensors"]
+           "is_distributed_checkpoint", "load_distributed_checkpoint", "torch_load", "write_json",
+           "write_safetensors"]
 
 
 def probe_folder(folder: str | os.PathLike) -> None:
@@ -384,10 +390,13 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A .bin / .pt state dict through `torch.load(weights_only=True)`: pickles that need code are refused.
 
-    A Lightning checkpoint's "state_dict" is returned as the state dict.
+    A Lightning checkpoint's "state_dict" is returned as the state dict; a sharded checkpoint folder is read
+    with `load_distributed_checkpoint`.
     Raises:
         BadFileError: the file needs arbitrary code to unpickle, is truncated / corrupted, or holds no tensors.
     """
+    if is_distributed_checkpoint(path):
+        return load_distributed_checkpoint(path)
     try:
         data = torch_load(path)
     except FileNotFoundError:
@@ -403,3 +412,57 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise BadFileError(path, f"expected a state dict of tensors, got {type(data).__name__}")
     return data
+
+
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a torch.distributed.checkpoint folder (a sharded Lightning / FSDP checkpoint: `.metadata` and
+    one `.distcp` file per rank)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled with weights_only=True (no code runs)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def load_distributed_checkpoint(folder: str | os.PathLike, prefix: str = "state_dict.") -> dict[str, Any]:
+    """The full (unsharded) model state dict of a sharded checkpoint folder, read in one process.
+
+    Only entries under `prefix` (Lightning's model state; optimizer states are not read) are loaded, each
+    allocated from the checkpoint's own metadata; extra states that DCP flattened (`<module>._extra_state.<key>`)
+    are put back together as dicts.
+    Raises:
+        BadFileError: the folder's metadata or shards cannot be read.
+    Example:
+        >>> state = load_distributed_checkpoint("runs/checkpoints/last.ckpt")
+    """
+    reader = FileSystemReader(str(folder))
+    planner = _WeightsOnlyLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    try:
+        metadata = reader.read_metadata()
+        state: dict[str, Any] = {}
+        for key, meta in metadata.state_dict_metadata.items():
+            if key.startswith(prefix):
+                state[key] = (torch.empty(meta.size, dtype=meta.properties.dtype)
+                              if isinstance(meta, TensorStorageMetadata) else None)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp_load(state, storage_reader=reader, planner=planner, no_dist=True)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise BadFileError(folder, f"cannot read as a sharded (torch.distributed.checkpoint) checkpoint: "
+                                   f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        key = key.removeprefix(prefix)
+        head, sep, field = key.partition("._extra_state.")
+        if sep:
+            out.setdefault(head + "._extra_state", {})[field] = value
+        elif key.startswith("_extra_state."):
+            out.setdefault("_extra_state", {})[key.removeprefix("_extra_state.")] = value
+        else:
+            out[key] = value
+    if not any(isinstance(v, torch.Tensor) for v in out.values()):
+        raise BadFileError(folder, f"a sharded checkpoint with no model state under {prefix!r}")
+    return out

@@ -10,17 +10,25 @@ Backward passes differ only in the gradients they hand out:
                             dz = sum g * (1 - inside) * (-s) * grad_scale     (LSQ+ learned zero-point)
 
 `inside` marks elements whose unclamped code lies in [qmin, qmax]; x^ is the fake-quantized output.
+
+    fake_quant_linear       y = linear(x^, w^, b) with the gradients above for x, w and their qparams, but
+                            it keeps only x, w (and the qparams) for backward and recomputes x^, w^ and the
+                            masks there: no fake-quantized copy of a weight or an input, no mask, stays alive
+                            between forward and backward (the memory-lean STE).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from qat.primitives import fake_quantize_forward, group_view
 from qat.spec import QuantSpec
 
-__all__ = ["round_ste", "fake_quantize", "learned_fake_quantize", "lsq_grad_scale"]
+__all__ = ["round_ste", "fake_quantize", "learned_fake_quantize", "learned_grads", "lsq_grad_scale",
+           "FakeQuantArgs", "fake_quant_linear"]
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -92,21 +100,26 @@ class _LearnedFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, out, mask, scale = ctx.saved_tensors
-        spec = ctx.spec
-        g = group_view(grad, spec, pad="zero").float()  # padding of a ragged last group adds nothing
-        m = group_view(mask, spec)
-        outside = ~m
-        if ctx.mode == "lsq":
-            elem = (group_view(out, spec).float() - group_view(x, spec).float() * m) / scale
-            scale_weight = ctx.grad_scale
-        else:  # pact: only clipped elements move the clip
-            elem = group_view(out, spec).float() * outside / scale
-            scale_weight = 1.0
-        grad_scale = _sum_to(g * elem, scale) * scale_weight
-        grad_zero = None
-        if ctx.has_zero_point:
-            grad_zero = _sum_to(g * outside * (-scale), scale) * ctx.grad_scale
-        return grad * mask, grad_scale, grad_zero, None, None, None
+        grad_x, grad_scale, grad_zero = learned_grads(grad, x, out, mask, scale, ctx.has_zero_point, ctx.spec,
+                                                      ctx.mode, ctx.grad_scale)
+        return grad_x, grad_scale, grad_zero, None, None, None
+
+
+def learned_grads(grad, x, out, mask, scale, has_zero_point: bool, spec: QuantSpec, mode: str, grad_scale: float):
+    """(dx, dscale, dzero_point) of a learned fake quant (see the module docstring), given the incoming gradient,
+    the input, the fake-quantized output and the inside mask; dzero_point is None without a zero-point."""
+    g = group_view(grad, spec, pad="zero").float()  # padding of a ragged last group adds nothing
+    m = group_view(mask, spec)
+    outside = ~m
+    if mode == "lsq":
+        elem = (group_view(out, spec).float() - group_view(x, spec).float() * m) / scale
+        scale_weight = grad_scale
+    else:  # pact: only clipped elements move the clip
+        elem = group_view(out, spec).float() * outside / scale
+        scale_weight = 1.0
+    d_scale = _sum_to(g * elem, scale) * scale_weight
+    d_zero = _sum_to(g * outside * (-scale), scale) * grad_scale if has_zero_point else None
+    return grad * mask, d_scale, d_zero
 
 
 def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -139,3 +152,90 @@ def learned_fake_quantize(
     """
     return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, lsq_grad_scale(x, scale, spec))
 
+
+@dataclass
+class FakeQuantArgs:
+    """How one tensor is fake-quantized: qparams (differentiable when learned), scheme and estimator.
+
+    mode: "ste" (plain STE; scale and zero_point are constants), "lsq" or "pact" (learned, see
+    `learned_fake_quantize`); grad_scale is LSQ's 1/sqrt(N qmax); g_idx the act-order group index (ste only).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    spec: QuantSpec
+    mode: str = "ste"
+    g_idx: torch.Tensor | None = None
+    grad_scale: float = 1.0
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x fake-quantized with this estimator (the unfused path)."""
+        if self.mode == "ste":
+            return fake_quantize(x, self.scale, self.zero_point, self.spec, self.g_idx)
+        return learned_fake_quantize(x, self.scale, self.zero_point, self.spec, self.mode)
+
+
+def _requantize(t: torch.Tensor, q: FakeQuantArgs | None, scale, zero_point, need_mask: bool):
+    if q is None:
+        return t, None
+    return fake_quantize_forward(t, scale, zero_point, q.spec, need_mask, q.g_idx)
+
+
+def _input_grads(grad_q, t, t_q, mask, q: FakeQuantArgs | None, scale, zero_point):
+    """(dt, dscale, dzero_point) from the gradient of the fake-quantized tensor: the same formulas as the
+    unfused `_FakeQuantSTE` / `_LearnedFakeQuant` backward."""
+    if q is None or grad_q is None:
+        return grad_q, None, None
+    if q.mode == "ste":  # grad_q is this backward's own temporary: masked in place, one weight-sized tensor less
+        return grad_q.mul_(mask), None, None
+    return learned_grads(grad_q, t, t_q, mask, scale, zero_point is not None, q.spec, q.mode, q.grad_scale)
+
+
+class _FakeQuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_scale, x_zero, w_scale, w_zero, xq, wq):
+        x_hat = _requantize(x, xq, x_scale, x_zero, False)[0]
+        w_hat = _requantize(weight, wq, w_scale, w_zero, False)[0]
+        ctx.xq, ctx.wq = xq, wq
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        device = x.device.type
+        # under autocast F.linear runs in the autocast dtype; backward repeats its casts (not kept either)
+        ctx.cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(x, weight, x_scale, x_zero, w_scale, w_zero)
+        return F.linear(x_hat, w_hat, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, x_scale, x_zero, w_scale, w_zero = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x_hat, x_mask = _requantize(x, ctx.xq, x_scale, x_zero, needs[0] or needs[3] or needs[4])
+        w_hat, w_mask = _requantize(weight, ctx.wq, w_scale, w_zero, needs[1] or needs[5] or needs[6])
+        # the matmuls autograd runs for F.linear (mm's backward on the folded [tokens, features] view)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        cast = ctx.cast or g2.dtype
+        grad_xq = g2.mm(w_hat.to(cast)).reshape(x.shape).to(x.dtype) if needs[0] or needs[3] or needs[4] else None
+        grad_wq = (g2.t().mm(x_hat.reshape(-1, x_hat.shape[-1]).to(cast)).to(weight.dtype)
+                   if needs[1] or needs[5] or needs[6] else None)
+        grad_b = g2.sum(0).to(ctx.bias_dtype) if needs[2] else None
+        gx, gxs, gxz = _input_grads(grad_xq, x, x_hat, x_mask, ctx.xq, x_scale, x_zero)
+        gw, gws, gwz = _input_grads(grad_wq, weight, w_hat, w_mask, ctx.wq, w_scale, w_zero)
+        return gx, gw, grad_b, gxs, gxz, gws, gwz, None, None
+
+
+def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      x_args: FakeQuantArgs | None, w_args: FakeQuantArgs | None) -> torch.Tensor:
+    """linear(fake_quant(x), fake_quant(weight), bias) with the memory-lean STE.
+
+    Values and gradients are those of `F.linear(x_args.apply(x), w_args.apply(weight), bias)`; backward
+    recomputes the fake-quantized tensors and masks from x, weight and the qparams instead of keeping them
+    (one extra fake-quant pass per tensor in backward; no weight-sized or input-sized copy held in between).
+    None for either args: that tensor is used as it is.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="per_tensor")
+        >>> w = torch.randn(8, 16, requires_grad=True)
+        >>> y = fake_quant_linear(torch.randn(2, 16), w, None, None, FakeQuantArgs(torch.tensor(0.1), None, spec))
+    """
+    def parts(q):
+        return (None, None) if q is None else (q.scale, q.zero_point)
+    return _FakeQuantLinear.apply(x, weight, bias, *parts(x_args), *parts(w_args), x_args, w_args)

@@ -3,11 +3,14 @@
     python scripts/bench_qat_step.py                       # tiny-ish Llama (random), W4A16 g128 and W4A8
     python scripts/bench_qat_step.py --model smollm2-135m --batch 2 --seq 128 --steps 4
     python scripts/bench_qat_step.py --model moe --experts grouped_mm   # tiny Qwen3-MoE (8 experts, top-2), W4A16
+    python scripts/bench_qat_step.py --ste both     # each QAT variant with the lean STE and with the unfused one
+    python scripts/bench_qat_step.py --layers 1 --hidden 2048 --inter 7168 --vocab 256   # ~one decoder layer's cost
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
 robin) so machine noise hits all of them alike; the median step time is reported. Peak memory is the peak
 RSS growth over a step on CPU (sampled every ms; the step's activations, gradients, fake-quant temporaries),
-or torch.cuda.max_memory_allocated growth on GPU.
+or torch.cuda.max_memory_allocated growth on GPU. `saved_MB` is exact: the bytes autograd keeps between forward
+and backward (distinct storages, parameters excluded), counted on one extra step: what the lean STE removes.
 """
 from __future__ import annotations
 
@@ -27,15 +30,37 @@ from qat.testing import tiny_moe
 SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
 
 
-def make_variants(base, schemes: dict[str, str], group_size: int | None):
+def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: str = "lean"):
     variants = {"FP": copy.deepcopy(base).train()}
+    modes = {"lean": [True], "unfused": [False], "both": [False, True]}[ste]
     for label, name in schemes.items():
         recipe = qat.load_recipe(name).to_dict()
         recipe["kv_cache"] = None  # weights + activations only: the KV cache is not part of a training step
         if group_size:
             recipe["weight"]["group_size"] = group_size
-        variants[label] = qat.prepare(copy.deepcopy(base).train(), recipe)
+        for lean in modes:
+            model = qat.prepare(copy.deepcopy(base).train(), recipe)
+            qat.set_lean_ste(model, lean)
+            variants[f"{label}, {'lean' if lean else 'unfused'} STE"] = model
     return variants
+
+
+def saved_mb(model, ids) -> float:
+    """MB of distinct storages autograd saves for backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20
 
 
 def step(model, opt, ids) -> float:
@@ -83,8 +108,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--experts", default=None, help="moe: transformers' experts implementation "
                                                         "(eager | batched_mm | grouped_mm; default: transformers')")
+    parser.add_argument("--ste", default="lean", choices=["lean", "unfused", "both"],
+                        help="straight-through estimator of the QAT variants (qat.set_lean_ste)")
+    parser.add_argument("--layers", type=int, default=4, help="tiny: decoder layers")
+    parser.add_argument("--hidden", type=int, default=512, help="tiny: hidden size (heads of 64, kv heads 1/4)")
+    parser.add_argument("--inter", type=int, default=1536, help="tiny: MLP intermediate size")
+    parser.add_argument("--kv-heads", type=int, default=None, help="tiny: key/value heads (default: heads / 2)")
+    parser.add_argument("--vocab", type=int, default=8192, help="tiny: vocabulary (small: the step is the layers)")
     args = parser.parse_args()
-    tiny = dict(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, vocab_size=8192)
+    tiny = dict(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.inter,
+                num_heads=args.hidden // 64, num_kv_heads=args.kv_heads or max(1, args.hidden // 128), vocab_size=args.vocab)
     schemes = SCHEMES
     if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
         base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
@@ -93,7 +126,7 @@ def main() -> None:
     else:
         base = load_model(args.model, **(tiny if args.model == "tiny" else {})).to(args.device)
     group = args.group_size or (64 if base.config.hidden_size % 128 else None)
-    variants = make_variants(base, schemes, group)
+    variants = make_variants(base, schemes, group, args.ste)
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
     ids = torch.randint(0, variants["FP"].config.vocab_size, (args.batch, args.seq), device=args.device)
@@ -113,16 +146,19 @@ def main() -> None:
             if i > 0:
                 times[name].append(dt)
                 peaks[name] = max(peaks[name], peak)
+    saved = {k: saved_mb(m, ids) for k, m in variants.items()}
     fp_t = statistics.median(times["FP"])
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
-          f"group size {group or 128}" + (f", experts {impl}" if impl else ""))
+          f"group size {group or 128}" + (f", experts {impl}" if impl else "")
+          + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
     rows = []
     for name in variants:
         t = statistics.median(times[name])
         rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t,
                      "tokens_per_s": args.batch * args.seq / t, "step_peak_MB": peaks[name],
-                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9)})
+                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), "saved_MB": saved[name],
+                     "saved_ratio_vs_FP": saved[name] / max(saved["FP"], 1e-9)})
     print(qat.format_table(rows))
 
 

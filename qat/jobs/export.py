@@ -23,7 +23,8 @@ from qat.export.ggml_blocks import BLOCK, WEIGHTED
 from qat.export.gguf_export import check_names
 from qat.export.imatrix import collect_importance
 from qat.export.load import in_flight_recipe, load_any, quantize_on_load
-from qat.io import check_creatable, load_safetensors, load_torch_checkpoint, save_safetensors
+from qat.io import (check_creatable, is_distributed_checkpoint, load_safetensors, load_torch_checkpoint,
+                    save_safetensors)
 from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
@@ -75,9 +76,10 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
     """
     if quant is None and checkpoint is not None:
         raise ConfigError("export: checkpoint= needs quant=<the recipe it was trained with>")
-    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+    if checkpoint is not None and not (Path(checkpoint).expanduser().is_file()
+                                       or is_distributed_checkpoint(Path(checkpoint).expanduser())):
         raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} does not exist; give the state dict of a QAT / PTQ "
-                                "run (.ckpt / .pt / .safetensors)")
+                                "run (.ckpt / .pt / .safetensors, or a sharded FSDP checkpoint folder)")
     if quant is not None and checkpoint is None:  # checked before the model loads
         recipe = in_flight_recipe(quant)
     elif quant is not None:

@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qat.data import SPLITS, CorpusConfig, build_blocks
 from qat.errors import ConfigError
@@ -25,18 +25,26 @@ class BlockDataset(Dataset):
         return {"input_ids": self.blocks[i]}
 
 
-class StreamSampler(Sampler[int]):
+class StreamSampler(DistributedSampler):
     """Training order as one endless stream of seeded permutations, read from a position.
 
     Permutation k (over all blocks) depends only on (seed, k), and the sampler continues from wherever it
     stopped, whatever Lightning thinks the epoch is. `seek(n)` jumps to sample n of the stream, so a run
     resumed at global step s (seek(s * batch * world * accumulate)) sees exactly the batches the straight
     run saw, at an epoch boundary or in the middle of one.
+
+    Data-parallel: with `num_replicas` W, rank r reads stream positions r, r + W, r + 2W, ..., so one step of
+    all ranks covers one contiguous stretch of the stream and `position` (the stream position of rank 0's
+    next sample, shared by all ranks) means the same thing at any world size. It is a DistributedSampler so
+    that Lightning uses it as it is rather than wrapping it (a wrapper re-shuffles each epoch's samples and
+    would break the resume).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, epoch_length: int | None = None) -> None:
-        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, 0
-        self.epoch_length = epoch_length or n  # samples per Lightning epoch (a multiple of the batch size)
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, epoch_length: int | None = None,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.n, self.position = n, 0
+        self.epoch_length = epoch_length or n // num_replicas  # samples per rank per Lightning epoch
         self._cache: tuple[int, list[int]] = (-1, [])
 
     def seek(self, position: int) -> None:
@@ -50,8 +58,8 @@ class StreamSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         for _ in range(self.epoch_length):
-            k, i = divmod(self.position, self.n)
-            self.position += 1
+            k, i = divmod(self.position + self.rank, self.n)
+            self.position += self.num_replicas
             yield self._perm(k)[i]
 
     def __len__(self) -> int:
@@ -110,19 +118,30 @@ class TextDataModule(pl.LightningDataModule):
         ds = BlockDataset(self.blocks[split])
         if not train:
             return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-        if self.train_sampler is None or self.train_sampler.n != len(ds):
+        if self.train_sampler is None or self.train_sampler.n != len(ds) or self._stale_sampler():
             self.train_sampler = self._new_sampler(len(ds))
         return DataLoader(ds, batch_size=self.batch_size, sampler=self.train_sampler, num_workers=self.num_workers)
 
+    def _replicas(self) -> tuple[int, int]:
+        """(data-parallel world size, this rank) of the trainer this module is attached to; (1, 0) alone."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
+
+    def _stale_sampler(self) -> bool:
+        return (self.train_sampler.num_replicas, self.train_sampler.rank) != self._replicas()
+
     def _new_sampler(self, n: int) -> StreamSampler:
-        if n < self.batch_size:
-            raise ConfigError(f"{n} training blocks < data.batch_size={self.batch_size}; lower the batch size")
-        return StreamSampler(n, self.corpus.seed, self.shuffle, epoch_length=n // self.batch_size * self.batch_size)
+        world, rank = self._replicas()
+        if n < self.batch_size * world:
+            raise ConfigError(f"{n} training blocks < data.batch_size={self.batch_size} x {world} ranks; lower the "
+                              "batch size")
+        per_rank = n // (self.batch_size * world) * self.batch_size
+        return StreamSampler(n, self.corpus.seed, self.shuffle, epoch_length=per_rank, num_replicas=world, rank=rank)
 
     def seek_train(self, n_samples: int) -> None:
         """Continue the training stream at sample `n_samples` (resume; see StreamSampler)."""
         self.setup()
-        if self.train_sampler is None:
+        if self.train_sampler is None or self._stale_sampler():
             self.train_sampler = self._new_sampler(len(self.blocks["train"]))
         self.train_sampler.seek(n_samples)
 

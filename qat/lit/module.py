@@ -18,6 +18,7 @@ from torchmetrics.text import Perplexity
 
 from qat.errors import ConfigError
 import qat
+from qat.lit.parallel import average_replicated_grads, shard_fsdp2
 from qat.models import load_model
 from qat.transform.recipe import to_plain
 
@@ -60,6 +61,8 @@ class QATModule(pl.LightningModule):
         gradient_checkpointing: recompute layer activations in the backward (HF models).
         freeze_embeddings: do not train the token embeddings and the output head (they are not quantized by
             the usual recipes; on a small-vocabulary-heavy model like SmolLM2 this saves ~10% of the step).
+        lean_ste: the memory-lean straight-through estimator (qat.set_lean_ste): backward recomputes the
+            fake-quantized weights and inputs instead of keeping them; same values and gradients.
     Example:
         >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
     """
@@ -68,7 +71,7 @@ class QATModule(pl.LightningModule):
                  optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
                  kd: Mapping[str, Any] | None = None, range_init_batches: int = 0, fake_quant_after: int = 0,
                  freeze_ranges_after: int | None = None, gradient_checkpointing: bool = False,
-                 freeze_embeddings: bool = False) -> None:
+                 freeze_embeddings: bool = False, lean_ste: bool = True) -> None:
         super().__init__()
         model, quant, kd = to_plain(model), to_plain(quant), to_plain(kd)
         optimizer = to_plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
@@ -78,7 +81,7 @@ class QATModule(pl.LightningModule):
                                    "range_init_batches": range_init_batches, "fake_quant_after": fake_quant_after,
                                    "freeze_ranges_after": freeze_ranges_after,
                                    "gradient_checkpointing": gradient_checkpointing,
-                                   "freeze_embeddings": freeze_embeddings})
+                                   "freeze_embeddings": freeze_embeddings, "lean_ste": lean_ste})
         self.model = build_model(model).train()
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict / parameters
         if kd and kd.get("teacher", "copy") == "copy":
@@ -86,12 +89,32 @@ class QATModule(pl.LightningModule):
             self._teacher.append(teacher)
         if quant is not None:
             qat.prepare(self.model, quant)
+            qat.set_lean_ste(self.model, lean_ste)
         if freeze_embeddings:  # input embeddings (and a tied lm_head) stay as they are: less compute, less memory
             self.model.get_input_embeddings().weight.requires_grad_(False)
             self.model.get_output_embeddings().weight.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+        self._replicated: list[nn.Parameter] = []  # under FSDP2: the 0-d parameters it leaves unsharded
+        self._sharded = False
+
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy: FSDP2 over the data-parallel mesh (`qat.lit.parallel`).
+
+        Other strategies set no device mesh, and this does nothing.
+        """
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError("ModelParallelStrategy: tensor_parallel_size > 1 is not supported for QAT; set "
+                              "tensor_parallel_size=1 and data_parallel_size=<devices> (FSDP2)")
+        self._replicated = shard_fsdp2(self.model, mesh["data_parallel"] if mesh.ndim > 1 else mesh)
+        self._sharded = True
+
+    def on_after_backward(self) -> None:
+        average_replicated_grads(self._replicated)
 
     @staticmethod
     def _check_kd(kd: Mapping[str, Any] | None) -> None:

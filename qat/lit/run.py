@@ -19,7 +19,7 @@ import qat
 from qat.assets import require
 from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
-from qat.io import atomic_write_bytes, probe_folder, torch_load
+from qat.io import atomic_write_bytes, is_distributed_checkpoint, probe_folder, torch_load
 from qat.jobs.config import TRAIN, as_bool, as_count, register_resolvers, unknown_keys
 from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, require_lm_eval
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
@@ -27,6 +27,7 @@ from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
+from qat.lit.parallel import is_sharded
 from qat.models import load_model, load_tokenizer
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
@@ -95,7 +96,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     for node, key in (("eval", "after"), ("eval", "baselines"), ("module", "gradient_checkpointing"),
-                      ("module", "freeze_embeddings")):
+                      ("module", "freeze_embeddings"), ("module", "lean_ste")):
         try:
             if key in cfg[node]:
                 cfg[node][key] = as_bool(cfg[node][key], f"{node}.{key}")
@@ -165,11 +166,11 @@ def _check_resume(cfg: DictConfig) -> None:
         ValueError: it was trained with another model or recipe, naming both.
     """
     path = Path(str(cfg.ckpt_path)).expanduser()
-    if not path.is_file():
+    if not (path.is_file() or is_distributed_checkpoint(path)):
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
-                                "qat-train (<run dir>/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch_load(path, mmap=True)
+                                "qat-train (<run dir>/checkpoints/last.ckpt: a file, or a folder under trainer=fsdp)")
+    try:  # a sharded checkpoint keeps everything but the tensors in meta.pt (Lightning's layout)
+        ckpt = torch_load(path / "meta.pt" if path.is_dir() else path, mmap=path.is_file())
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, EOFError, RuntimeError... for bad files
@@ -251,7 +252,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     results["train_s"] = time.perf_counter() - t0 - record.setup_s
     results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
-    if cfg.eval.after and trainer.is_global_zero:
+    # a sharded (FSDP) model's forward all-gathers its weights: every rank takes part in the evaluation
+    if cfg.eval.after and (trainer.is_global_zero or is_sharded(module.model)):
         t0 = time.perf_counter()
         say(f"evaluating the trained model on {len(blocks)} {cfg.eval.split} blocks ...")
         results["qat_ppl"] = perplexity(module.model, blocks, eval_bs)

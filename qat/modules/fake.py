@@ -10,6 +10,7 @@ from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import register_fake_quant
 from qat.primitives import check_tensor
 from qat.spec import TensorSchemes
+from qat.ste import fake_quant_linear
 
 
 def _weight_quantizer(weight: torch.Tensor, schemes: TensorSchemes, name: str) -> TensorQuantizer | None:
@@ -30,6 +31,8 @@ class FakeQuantLinear(nn.Linear):
         >>> fq = FakeQuantLinear.from_float(nn.Linear(64, 8), TensorSchemes(weight=QuantSpec(bits=4, granularity="per_group", group_size=32)))
         >>> y = fq(torch.randn(2, 64))
     """
+
+    lean = True  # memory-lean STE (qat.ste.fake_quant_linear); per module with qat.set_lean_ste(model, ...)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -52,6 +55,12 @@ class FakeQuantLinear(nn.Linear):
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:  # same values and gradients; backward recomputes the fake-quantized x and weight
+            x_args = None if self.input_quantizer is None else self.input_quantizer.fake_quant_args(x)
+            w_args = None if self.weight_quantizer is None else self.weight_quantizer.fake_quant_args(self.weight)
+            if x_args is not None or w_args is not None:
+                return fake_quant_linear(x, self.weight, self.bias, x_args, w_args)
+            return F.linear(x, self.weight, self.bias)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.quantized_weight(), self.bias)

@@ -11,7 +11,7 @@ from qat.formats.int import half_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range
 from qat.spec import QuantSpec
-from qat.ste import fake_quantize, learned_fake_quantize, round_ste
+from qat.ste import FakeQuantArgs, lsq_grad_scale, round_ste
 
 ROLE_NAMES = ("weight", "input", "kv_cache")
 
@@ -208,17 +208,24 @@ class TensorQuantizer(nn.Module):
             zero_point = round_ste(self.zero_point).clamp(self.spec.qmin, self.spec.qmax)
         return scale, zero_point
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or x.numel() == 0:  # an empty batch has nothing to observe or quantize
-            return x
+    def fake_quant_args(self, x: torch.Tensor) -> FakeQuantArgs | None:
+        """Observe `x` (as forward does) and return how to fake-quantize it; None when it passes through
+        (disabled, or an empty batch with nothing to observe or quantize). Fused modules call this."""
+        if not self.enabled or x.numel() == 0:
+            return None
         self.observe(x)
         scale, zero_point = self.qparams(x)
         if self.learned:
             if self.group_index() is not None:
                 raise ConfigError("learned scales with an act-order g_idx are not supported; use static groups")
             mode = "pact" if self.spec.learn == "pact" else "lsq"
-            return learned_fake_quantize(x, scale, zero_point, self.spec, mode)
-        return fake_quantize(x, scale, zero_point, self.spec, self.group_index())
+            return FakeQuantArgs(scale, zero_point, self.spec, mode, grad_scale=lsq_grad_scale(x, scale, self.spec))
+        return FakeQuantArgs(scale.detach(), None if zero_point is None else zero_point.detach(), self.spec,
+                             g_idx=self.group_index())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.fake_quant_args(x)
+        return x if args is None else args.apply(x)
 
     def extra_repr(self) -> str:
         flags = [n for n in ("enabled", "observing", "initialized") if getattr(self, n)]

@@ -63,3 +63,26 @@ def test_torch_checkpoint_refuses_code(tmp_path):
     torch.save({"w": torch.ones(2), "f": Payload()}, path)
     with pytest.raises(ValueError, match="weights-only"):
         load_torch_checkpoint(path)
+
+
+def test_sharded_checkpoint_reads_model_state_in_one_process(tmp_path):
+    """A torch.distributed.checkpoint folder as Lightning's ModelParallelStrategy writes it: the model state
+    (with DCP-flattened extra states put back together), not the optimizer state; a broken folder is named."""
+    import torch.distributed.checkpoint as dcp
+
+    from qat.errors import BadFileError
+    from qat.io import is_distributed_checkpoint, load_distributed_checkpoint
+
+    w = torch.randn(4, 6)
+    state = {"state_dict": {"model.lin.weight": w, "model.lin.q._extra_state": {"enabled": True, "scheme": "int4"}},
+             "optimizer_0": {"state": {"model.lin.weight": {"exp_avg": torch.ones(4, 6)}}}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    assert is_distributed_checkpoint(tmp_path / "ckpt") and not is_distributed_checkpoint(tmp_path)
+    loaded = load_torch_checkpoint(tmp_path / "ckpt")
+    assert set(loaded) == {"model.lin.weight", "model.lin.q._extra_state"}
+    assert torch.equal(loaded["model.lin.weight"], w)
+    assert loaded["model.lin.q._extra_state"] == {"enabled": True, "scheme": "int4"}
+    for shard in (tmp_path / "ckpt").glob("*.distcp"):
+        shard.write_bytes(b"truncated")
+    with pytest.raises(BadFileError, match="sharded"):
+        load_distributed_checkpoint(tmp_path / "ckpt")
