@@ -4,7 +4,8 @@ llama-quantize arguments and a report.
 
 Files written in the run folder:
     scores.json           the scores and costs (mode=analyze): `qat-sensitivity mode=solve scores=<it>` re-solves
-    recipe.yaml           the chosen layout as a quant recipe: qat-train / qat-ptq / qat-export quant=<path>
+    quant/<name>.yaml     the chosen layout as a quant recipe: qat-train / qat-ptq / qat-export
+                          hydra.searchpath=[file://<run folder>] quant=<name>; qat.load_recipe(<path>)
     layout.json           the choice per module, bits, bits per weight, summed score, budget
     report.md, report.png the table of scores per module and candidate with the choice; the chart (matplotlib)
     gguf_types.json, tensor_types.txt   with a GGUF menu: {tensor: type}; llama-quantize --tensor-type-file
@@ -12,7 +13,7 @@ Files written in the run folder:
 """
 from __future__ import annotations
 
-import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def check_sensitivity(cfg: dict) -> None:
     if cfg.get("candidates") is not None and not (isinstance(cfg["candidates"], list)
                                                   and all(isinstance(c, str) for c in cfg["candidates"])):
         raise ConfigError(f"candidates={cfg['candidates']!r}; give a list of menu names (or null: all)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(cfg.get("name") or "auto")):
+        raise ConfigError(f"name={cfg.get('name')!r}; the recipe's name (and file name): letters, digits, _ . -")
     for key in ("plot",):
         as_bool(cfg.get(key, True), key)
     as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
@@ -121,8 +124,9 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
                   bits=sol.bits, budget_bits=sol.budget_bits, params=sol.params, score=sol.score)
     recipe = to_recipe(sol, table, name=str(cfg.get("name") or "auto"), ignore=tuple(cfg.get("ignore") or ()))
     QuantRecipe.from_dict(recipe)  # what is written loads
-    result["recipe"] = str(write_recipe(recipe, out / "recipe.yaml"))
-    write_json(out / "layout.json", {**{k: v for k, v in result.items() if k != "recipe"}, "choice": sol.choice})
+    result["recipe"] = str(write_recipe(recipe, out / "quant" / f"{recipe['name']}.yaml"))
+    result["use"] = f"hydra.searchpath=[file://{out.resolve()}] quant={recipe['name']}"
+    write_json(out / "layout.json", {**result, "choice": sol.choice})
     report = markdown_table(sol, table)
     atomic_write_bytes(out / "report.md", (report + "\n").encode())
     print(report)

@@ -82,7 +82,7 @@ def build_menu(entries: Mapping[str, Any], float_bits: int = 16) -> dict[str, Ca
         try:
             menu[str(name)] = Candidate(str(name), _entry_spec(str(name), entry), float_bits)
         except (ConfigError, ValueError, FileNotFoundError) as err:
-            errors.append(str(err))
+            errors.append(str(err) if str(err).startswith(f"menu.{name}") else f"menu.{name}: {err}")
     if errors:
         raise ConfigError("bad menu:\n" + "\n".join(f"  - {e}" for e in errors))
     return menu
