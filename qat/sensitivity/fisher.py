@@ -12,6 +12,8 @@ the total stays under `cache_mb`; beyond it, it is recomputed per batch.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from qat.errors import ConfigError
 from qat.sensitivity.scores import Scorer, quantized_weight, register_scorer
 
+log = logging.getLogger(__name__)
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,9 +118,11 @@ class Fisher(Scorer):
         handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
         try:
             with frozen_weights(model):
-                for ids in batches:
+                start = time.perf_counter()
+                for i, ids in enumerate(batches):
                     lm_loss(model, ids.to(device)).backward()
                     inputs.clear()
+                    log.info("fisher: batch %d/%d scored (%.0f s)", i + 1, len(batches), time.perf_counter() - start)
         finally:
             for h in handles:
                 h.remove()
