@@ -171,6 +171,11 @@ def solve(table: ScoreTable, budget: int, ties: Iterable[str] = DEFAULT_TIES,
         table = restrict(table, allowed)
     groups = tie_groups([m.name for m in table.modules], ties)
     options = group_options(table, groups)
+    least = sum(min(c for c, _ in opts.values()) for opts in options)
+    if least > budget:
+        raise ConfigError(f"budget of {budget} bits ({budget / max(table.params, 1):.4f} bits per weight) is below the "
+                          f"smallest layout the menu allows: {least} bits ({least / max(table.params, 1):.4f} bits per "
+                          "weight); raise the budget or add smaller candidates to the menu")
     chosen, bits, score = pareto_solve(options, budget)
     choice = {name: cand for group, cand in zip(groups, chosen) for name in group}
     choice = {m.name: choice[m.name] for m in table.modules}

@@ -107,3 +107,26 @@ def test_gguf_layout_exports_the_chosen_tensor_types(tmp_path):
     path = export(prepared, tmp_path / "auto.gguf", "gguf", gguf_type="Q8_0")
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert {k: written[k] for k in types} == types
+
+
+def test_llama_quantize_takes_the_chosen_types(tmp_path):
+    """Where llama.cpp is built (QAT_LLAMA_CPP): `llama-quantize --tensor-type-file` of the layout's lines turns our
+    F32 file into exactly the chosen types (the other tensors as its mix gives them)."""
+    import subprocess
+
+    from tests.export.test_llama_cpp import BIN, TEXT, check
+
+    if BIN is None:
+        pytest.skip("llama.cpp not found: set QAT_LLAMA_CPP to a llama.cpp build folder")
+    model, tok = check.tiny_model_and_tokenizer(TEXT)
+    menu = build_menu({t: {"recipe": f"gguf_{t.lower()}"} for t in ("Q2_K", "Q4_0", "Q4_K", "Q6_K", "Q8_0")})
+    table = score_model(model, menu, _batches(vocab=320), "fisher", gguf_names=gguf_names_of(model))
+    types = gguf_tensor_types(solve(table, budget_bits(table, bits_per_weight=4.8)), table)
+    (tmp_path / "types.txt").write_text("\n".join(llama_quantize_args(types)[1::2]) + "\n")
+    f32 = export(model, tmp_path / "f32.gguf", "gguf", gguf_type="F32", tokenizer=tok)
+    out = tmp_path / "mixed.gguf"
+    proc = subprocess.run([str(BIN / "llama-quantize"), "--tensor-type-file", str(tmp_path / "types.txt"), str(f32),
+                           str(out), "Q8_0", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {k: written[k] for k in types} == types and len(set(types.values())) > 1
