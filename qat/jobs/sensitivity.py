@@ -61,7 +61,10 @@ def check_sensitivity(cfg: dict) -> None:
         as_bool(cfg.get(key, True), key)
     as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
     if cfg["mode"] == "analyze":
-        build_menu(cfg.get("menu") or {}, cfg.get("float_bits", 16))
+        menu = build_menu(cfg.get("menu") or {}, cfg.get("float_bits", 16))
+        unknown = sorted(set(cfg.get("candidates") or []) - set(menu))
+        if unknown:
+            raise ConfigError(f"candidates={unknown} are not in the menu; choose from {sorted(menu)}")
         build_scorer(cfg.get("method") or {})
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):

@@ -8,7 +8,7 @@ a partial choice that costs more bits and scores no better than another is dropp
 are integers (storage bits), so the budget holds exactly. At the sizes here (hundreds of groups, ~10 options)
 the front stays in the tens of thousands and the solve takes well under a second or a few.
 
-    choice = solve(table, budget_bits=int(4.5 * table.params), ties=DEFAULT_TIES)
+    choice = solve(table, budget_bits(table, bits_per_weight=4.5), ties=DEFAULT_TIES)
 """
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ def tie_groups(names: Sequence[str], ties: Iterable[str] = DEFAULT_TIES) -> list
         >>> tie_groups(["l.0.self_attn.q_proj", "l.0.self_attn.k_proj", "l.0.mlp.down_proj"])
         [['l.0.self_attn.q_proj', 'l.0.self_attn.k_proj'], ['l.0.mlp.down_proj']]
     """
+    if isinstance(ties, str):
+        raise ConfigError(f"ties={ties!r}; give a list of regexes (e.g. ['(.*\\.mlp)\\.(?:gate|up)_proj'])")
     compiled = []
     for i, t in enumerate(ties):
         try:
             compiled.append(re.compile(t))
         except (re.error, TypeError) as err:
             raise ConfigError(f"ties[{i}]={t!r}: not a regex ({err})") from None
-    keys, groups = {}, {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for name in names:
         key = ("", name)
         for i, pattern in enumerate(compiled):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 import qat
 from qat.jobs import sensitivity as job
@@ -99,7 +98,8 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["+method.cache_mb=-1"], "method.cache_mb"),
     (["+method.colour=red"], "colour"),
     (["ties=['*bad']"], "ties[0]"),
-    (["candidates=[nope]"], "nope"),
+    (["candidates=[nope]"], "not in the menu"),
+    (["ties=abc"], "ties="),
     (["+menu.bad={weight:{bits:17}}"], "menu.bad"),
     (["+menu.bad={recipe:no_such_recipe}"], "no_such_recipe"),
     (["menu=no_such_menu"], "no_such_menu"),
