@@ -54,6 +54,11 @@ EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "ggu
           "calibration": EXPORT_CALIBRATION}
 EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
             "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY}
+SENSITIVITY = {**JOB, "model": MODEL, "data": DATA, "menu": ANY, "method": ANY, "mode": ANY, "scores": ANY,
+               "targets": ANY, "ignore": ANY, "float_bits": ANY, "ties": ANY, "candidates": ANY,
+               "budget": dict.fromkeys(("bits_per_weight", "bytes"), ANY), "calibration": dict.fromkeys(
+                   ("samples", "seq_len", "split", "batch_size"), ANY), "name": ANY, "plot": ANY,
+               "gguf": dict.fromkeys(("export", "rest"), ANY)}
 DEMO = {"quant": ANY, "tiny": TINY, "tokens": ANY, "hydra": ANY}
 
 INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY, OPEN: ANY}  # + the method's keys
@@ -62,7 +67,8 @@ TRAIN = {**JOB, "defaults": ANY, "ckpt_path": ANY, "label": ANY, "module": FROM_
          "callbacks": ANY, "experiment": ANY, "debug": ANY,
          "eval": {**dict.fromkeys(("baselines", "after", "split", "max_blocks", "tasks"), ANY), "harness": HARNESS}}
 
-SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "eval": EVAL_JOB, "demo": DEMO}
+SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "eval": EVAL_JOB, "demo": DEMO,
+           "sensitivity": SENSITIVITY}
 
 
 def target_schema(target: str) -> dict | None:

@@ -9,7 +9,7 @@ from qat.data import LOADER_KEYS, CorpusConfig, corpus_from_mapping
 from qat.jobs.config import DATA, SCHEMAS, check_keys, unknown_keys
 from qat.recipes import CONFIG_DIR
 
-JOB_CONFIGS = {"train": [], "ptq": [], "compare": [], "export": ["output=x"], "eval": [], "demo": []}
+JOB_CONFIGS = {"train": [], "ptq": [], "compare": [], "export": ["output=x"], "eval": [], "demo": [], "sensitivity": []}
 
 
 def _compose(name, overrides=()):

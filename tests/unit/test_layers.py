@@ -1,6 +1,6 @@
 """The layers of docs/architecture.md, enforced on the source by an AST walk (no import of qat needed).
 
-    cli -> lit -> jobs -> {export, ptq} -> {transform, control, data, models, assets}
+    cli -> lit -> jobs -> {export, ptq, sensitivity} -> {transform, control, data, models, assets}
         -> {arch, modules} -> {observers, ste, primitives} -> formats -> spec
 
 `io`, `errors`, `testing`, `packing` (bit packing) and `recipes` (where the configs are) are leaves that anything may use. A module imports only from its own layer or below;
@@ -25,7 +25,7 @@ LAYERS = [
     {"observers", "ste", "primitives"},
     {"arch", "modules"},
     {"transform", "control", "data", "models", "assets"},
-    {"export", "ptq"},
+    {"export", "ptq", "sensitivity"},
     {"jobs", "demo"},
     {"lit"},
     {"cli"},

@@ -1,0 +1,164 @@
+"""The qat-sensitivity job: score a model's modules under a menu of formats (mode=analyze), or re-solve saved
+scores for a new budget without any model (mode=solve); write the layout as a recipe, GGUF tensor types,
+llama-quantize arguments and a report.
+
+Files written in the run folder:
+    scores.json           the scores and costs (mode=analyze): `qat-sensitivity mode=solve scores=<it>` re-solves
+    quant/<name>.yaml     the chosen layout as a quant recipe: qat-train / qat-ptq / qat-export
+                          hydra.searchpath=[file://<run folder>] quant=<name>; qat.load_recipe(<path>)
+    layout.json           the choice per module, bits, bits per weight, summed score, budget
+    report.md, report.png the table of scores per module and candidate with the choice; the chart (matplotlib)
+    gguf_types.json, tensor_types.txt   with a GGUF menu: {tensor: type}; llama-quantize --tensor-type-file
+    model.gguf            with gguf.export=true: the model quantized (RTN) to the layout and written as GGUF
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from qat.arch import get_arch
+from qat.data import SPLITS, calibration_batches
+from qat.errors import ConfigError
+from qat.io import atomic_write_bytes, write_json
+from qat.jobs.config import as_bool, as_count, check_keys
+from qat.jobs.export import run_export
+from qat.jobs.measure import PeakMemory
+from qat.models import load_model
+from qat.sensitivity import (ScoreTable, budget_bits, build_menu, build_scorer, gguf_tensor_types,
+                             llama_quantize_args, markdown_table, plot_report, score_model, solve, tie_groups,
+                             to_recipe, write_recipe)
+from qat.transform import QuantRecipe
+
+MODES = ("analyze", "solve")
+
+
+def check_sensitivity(cfg: dict) -> None:
+    """Everything a qat-sensitivity config can be refused for before a model loads: keys, mode, scores file,
+    budget, ties, menu, method, calibration sizes, flags; each naming its key.
+
+    Raises:
+        ConfigError: the first bad value (the menu lists every bad entry).
+    """
+    check_keys(cfg, "sensitivity")
+    if cfg.get("mode") not in MODES:
+        raise ConfigError(f"mode={cfg.get('mode')!r}; choose from {list(MODES)}")
+    if cfg["mode"] == "solve" and not cfg.get("scores"):
+        raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
+    if cfg["mode"] == "analyze" and cfg.get("scores"):
+        raise ConfigError(f"scores={cfg['scores']!r} is read by mode=solve only; drop it or set mode=solve")
+    budget = dict(cfg.get("budget") or {})
+    bits_check = ScoreTable([], {})  # the budget's form, checked on an empty table
+    budget_bits(bits_check, budget.get("bits_per_weight"), budget.get("bytes"))
+    tie_groups([], cfg.get("ties") or [])
+    if cfg.get("candidates") is not None and not (isinstance(cfg["candidates"], list)
+                                                  and all(isinstance(c, str) for c in cfg["candidates"])):
+        raise ConfigError(f"candidates={cfg['candidates']!r}; give a list of menu names (or null: all)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(cfg.get("name") or "auto")):
+        raise ConfigError(f"name={cfg.get('name')!r}; the recipe's name (and file name): letters, digits, _ . -")
+    for key in ("plot",):
+        as_bool(cfg.get(key, True), key)
+    as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
+    if cfg["mode"] == "analyze":
+        menu = build_menu(cfg.get("menu") or {}, cfg.get("float_bits", 16))
+        unknown = sorted(set(cfg.get("candidates") or []) - set(menu))
+        if unknown:
+            raise ConfigError(f"candidates={unknown} are not in the menu; choose from {sorted(menu)}")
+        build_scorer(cfg.get("method") or {})
+        cal = cfg.get("calibration") or {}
+        for key in ("samples", "seq_len", "batch_size"):
+            as_count(cal.get(key), f"calibration.{key}")
+        if cal.get("split", "train") not in SPLITS:
+            raise ConfigError(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
+
+
+def gguf_names_of(model) -> Any:
+    """module name -> its GGUF tensor names, or None for a model with no GGUF architecture adapter."""
+    try:
+        arch = get_arch(model)
+    except ValueError:
+        return None
+    return lambda name: [part[0] for part in arch.gguf_parts(f"{name}.weight", model.config)]
+
+
+def analyze(cfg: dict) -> ScoreTable:
+    """Load the model and calibration batches of `cfg` and score it (see `qat.sensitivity.score_model`)."""
+    model_cfg, cal = cfg["model"], cfg["calibration"]
+    menu = build_menu(cfg["menu"], cfg.get("float_bits", 16))
+    model = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
+    batches = calibration_batches(cfg["data"], cal["samples"], cal["seq_len"], cal.get("split", "train"),
+                                  cal["batch_size"])
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        table = score_model(model, menu, batches, cfg["method"], cfg["targets"], cfg["ignore"], gguf_names_of(model),
+                            {"model": str(model_cfg["path"]), "data": str(cfg["data"].get("path")),
+                             "calibration": dict(cal)})
+    table.meta.update(wall_s=round(time.perf_counter() - start, 2), peak_mem_mb=round(mem.peak_mb, 1))
+    return table
+
+
+def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
+    """qat-sensitivity: analyze (score + solve) or solve (from scores=), then write the outputs to `out_dir`.
+
+    Returns:
+        {mode, scores, bits_per_weight, bits, budget_bits, score, recipe, files...} (what was written).
+    Raises:
+        ConfigError: what `check_sensitivity` refuses, an infeasible budget, tied modules with no common candidate.
+    Example:
+        >>> run_sensitivity_job(OmegaConf.to_container(cfg, resolve=True), "outputs/sensitivity/run")
+    """
+    check_sensitivity(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"mode": cfg["mode"]}
+    if cfg["mode"] == "solve":
+        table = ScoreTable.load(Path(cfg["scores"]).expanduser())
+        result["scores"] = str(cfg["scores"])
+    else:
+        table = analyze(cfg)
+        result["scores"] = str(table.save(out / "scores.json"))
+        result.update(analysis_wall_s=table.meta["wall_s"], analysis_peak_mem_mb=table.meta["peak_mem_mb"])
+    budget = dict(cfg.get("budget") or {})
+    start = time.perf_counter()
+    sol = solve(table, budget_bits(table, budget.get("bits_per_weight"), budget.get("bytes")), cfg.get("ties") or [],
+                cfg.get("candidates"))
+    result.update(solve_s=round(time.perf_counter() - start, 3), bits_per_weight=round(sol.bits_per_weight, 6),
+                  bits=sol.bits, budget_bits=sol.budget_bits, params=sol.params, score=sol.score)
+    recipe = to_recipe(sol, table, name=str(cfg.get("name") or "auto"), ignore=tuple(cfg.get("ignore") or ()))
+    QuantRecipe.from_dict(recipe)  # what is written loads
+    result["recipe"] = str(write_recipe(recipe, out / "quant" / f"{recipe['name']}.yaml"))
+    result["use"] = f"hydra.searchpath=[file://{out.resolve()}] quant={recipe['name']}"
+    write_json(out / "layout.json", {**result, "choice": sol.choice})
+    report = markdown_table(sol, table)
+    atomic_write_bytes(out / "report.md", (report + "\n").encode())
+    print(report)
+    if as_bool(cfg.get("plot", True), "plot"):
+        png = plot_report(sol, table, out / "report.png")
+        result["plot"] = str(png) if png else "skipped: matplotlib is not installed"
+    result.update(gguf_outputs(cfg, sol, table, out, Path(result["recipe"])))
+    return result
+
+
+def gguf_outputs(cfg: dict, sol, table: ScoreTable, out: Path, recipe: Path) -> dict:
+    """GGUF tensor types and llama-quantize's --tensor-type-file when every choice is a GGUF type; the GGUF file
+    itself with gguf.export=true."""
+    gguf_cfg = dict(cfg.get("gguf") or {})
+    chosen = {table.candidates[c].get("gguf_type") for c in sol.choice.values()}
+    if None in chosen or not all(m.gguf for m in table.modules):
+        if as_bool(gguf_cfg.get("export", False), "gguf.export"):
+            raise ConfigError("gguf.export=true needs a layout of GGUF types (menu=gguf) on a model with a GGUF "
+                              f"architecture; the layout holds {sorted(set(sol.choice.values()))}")
+        return {}
+    types = gguf_tensor_types(sol, table)
+    write_json(out / "gguf_types.json", types)
+    args = llama_quantize_args(types)
+    atomic_write_bytes(out / "tensor_types.txt", ("\n".join(args[1::2]) + "\n").encode())
+    res = {"gguf_types": str(out / "gguf_types.json"), "llama_quantize": "llama-quantize --tensor-type-file "
+           f"{out / 'tensor_types.txt'} <model-f16.gguf> <out.gguf> {gguf_cfg.get('rest', 'Q8_0')}"}
+    if as_bool(gguf_cfg.get("export", False), "gguf.export"):
+        model = cfg["model"]
+        res["gguf"] = run_export(model["path"], str(out / "model.gguf"), format="gguf",
+                                 gguf_type=gguf_cfg.get("rest", "Q8_0"), quant=str(recipe),
+                                 dtype=model.get("dtype", "float32"), tiny=model.get("tiny"), overwrite=True)
+    return res

@@ -1,0 +1,118 @@
+"""qat-sensitivity end to end on the tiny model: analyze writes scores / recipe / report; solve re-solves the saved
+scores for another budget with no model loaded; the recipe trains / quantizes through qat-ptq; bad input is one
+message naming the key and exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import qat
+from qat.jobs import sensitivity as job
+from tests.cli.bad_inputs import run_in_process
+
+
+def _run(tmp_path, *argv):
+    return run_in_process("sensitivity", ["calibration.samples=4", "calibration.batch_size=2", "calibration.seq_len=32",
+                                          *argv, f"hydra.run.dir={tmp_path}/run"])
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sens")
+    code, out = _run(tmp, "budget.bits_per_weight=3.5")
+    assert code == 0, out
+    return tmp / "run", out
+
+
+def test_analyze_writes_scores_recipe_and_report(analyzed):
+    run, out = analyzed
+    layout = json.loads((run / "layout.json").read_text())
+    assert layout["bits"] <= layout["budget_bits"] and layout["bits_per_weight"] <= 3.5
+    scores = json.loads((run / "scores.json").read_text())
+    assert len(scores["modules"]) == 14 and scores["method"] == "fisher"
+    first = scores["modules"][0]
+    assert first["bits_per_weight"]["int4_g64"] == 4.5 and first["params"] == 128 * 128
+    assert set(first["scores"]) == set(scores["candidates"])
+    recipe = qat.load_recipe(run / "quant" / "auto.yaml")
+    prepared = qat.prepare(qat.testing.tiny_llama(), recipe)
+    assert qat.control.weight_bits(prepared)[0] == pytest.approx(layout["bits_per_weight"])
+    assert "| model.layers.0.self_attn.q_proj |" in (run / "report.md").read_text() and "total:" in out
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_solve_needs_no_model(analyzed, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("mode=solve loaded a model")
+    monkeypatch.setattr(job, "load_model", no_model)
+    monkeypatch.setattr(job, "calibration_batches", no_model)
+    run, _ = analyzed
+    for bpw in (4.5, 6.0):
+        code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json",
+                                                   f"budget.bits_per_weight={bpw}", f"hydra.run.dir={tmp_path}/{bpw}"])
+        assert code == 0, out
+        layout = json.loads((tmp_path / str(bpw) / "layout.json").read_text())
+        assert 3.5 < layout["bits_per_weight"] <= bpw
+    code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=4.5",
+                                               "candidates=[int3_g64,int5_g64]", f"hydra.run.dir={tmp_path}/c"])
+    assert code == 0, out
+    assert set(json.loads((tmp_path / "c" / "layout.json").read_text())["choice"].values()) <= {"int3_g64", "int5_g64"}
+
+
+def test_the_recipe_runs_in_qat_ptq(analyzed, tmp_path):
+    run, _ = analyzed
+    code, out = run_in_process("ptq", ["method=rtn", f"hydra.searchpath=[file://{run}]", "quant=auto", "save=false",
+                                       f"hydra.run.dir={tmp_path}/ptq"])
+    assert code == 0, out
+    result = json.loads((tmp_path / "ptq" / "result.json").read_text())
+    layout = json.loads((run / "layout.json").read_text())
+    assert result["bits_per_weight"] == pytest.approx(layout["bits_per_weight"])
+
+
+def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
+    tiny = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=512"]
+    code, out = _run(tmp_path, "menu=gguf", "budget.bits_per_weight=5", "gguf.export=true", *tiny)
+    assert code == 0, out
+    run = tmp_path / "run"
+    types = json.loads((run / "gguf_types.json").read_text())
+    lines = (run / "tensor_types.txt").read_text().split()
+    assert len(lines) == len(types) == 14 and lines[0] == r"^blk\.0\.attn_q\.weight$=" + types["blk.0.attn_q.weight"].lower()
+    import gguf
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(run / "model.gguf").tensors}
+    assert {k: written[k] for k in types} == types
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["mode=bogus"], "mode='bogus'"),
+    (["mode=solve"], "mode=solve needs scores="),
+    (["mode=solve", "scores={tmp}/missing.json"], "missing.json"),
+    (["mode=solve", "scores={tmp}/garbage.json"], "garbage.json"),
+    (["scores={tmp}/garbage.json"], "read by mode=solve only"),
+    (["budget.bits_per_weight=-1"], "budget.bits_per_weight"),
+    (["budget.bytes=1000"], "exactly one"),
+    (["budget.bits_per_weight=null"], "exactly one"),
+    (["budget.bits_per_weight=0.5"], "smallest layout"),
+    (["+budget.bitz=3"], "bitz"),
+    (["method.name=nope"], "method.name='nope'"),
+    (["method.name=hutchinson", "+method.probes=0"], "method.probes"),
+    (["+method.cache_mb=-1"], "method.cache_mb"),
+    (["+method.colour=red"], "colour"),
+    (["ties=['*bad']"], "ties[0]"),
+    (["candidates=[nope]"], "not in the menu"),
+    (["ties=abc"], "ties="),
+    (["+menu.bad={weight:{bits:17}}"], "menu.bad"),
+    (["+menu.bad={recipe:no_such_recipe}"], "no_such_recipe"),
+    (["menu=no_such_menu"], "no_such_menu"),
+    (["calibration.samples=0"], "calibration.samples"),
+    (["calibration.split=nowhere"], "calibration.split"),
+    (["gguf.export=maybe"], "gguf.export"),
+    (["gguf.export=true"], "gguf.export=true needs a layout of GGUF types"),
+    (["float_bits=8"], "float_bits"),
+    (["name=a/b"], "name="),
+    (["targets=[Conv1D]"], "select no nn.Linear"),
+])
+def test_bad_input_is_one_clear_message(argv, expected, tmp_path):
+    (tmp_path / "garbage.json").write_text("not json at all")
+    code, out = _run(tmp_path, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2, out
+    assert "Traceback" not in out and expected.lower() in out.lower(), out
