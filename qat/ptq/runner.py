@@ -50,6 +50,7 @@ class BlockContext:
     model: nn.Module
     arch: ArchAdapter | None = None
     linears: dict[str, FakeQuantLinear] = field(default_factory=dict)
+    outputs: list[Any] | None = None  # set by a method that computed the solved block's outputs on `inputs`
 
     @property
     def recipe(self):
@@ -157,16 +158,21 @@ def activation_quantizers_off(block: nn.Module):
             q.enabled, q.observing = enabled, observing
 
 
-def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> None:
-    """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set)."""
+def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> bool:
+    """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set).
+
+    Returns:
+        whether there were any to calibrate.
+    """
     static = [q for _, q in quantizers(block, ["input", "kv_cache"]) if not q.spec.dynamic and not q.initialized]
     if not static:
-        return
+        return False
     for q in static:
         q.observing = True
     run_block(block, inputs, is_model)
     for q in static:
         q.observing = False
+    return True
 
 
 def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
@@ -200,10 +206,11 @@ def sequential(
     bar = _progress(len(blocks), desc, progress)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}" if prefix else (type(model).__name__ if is_model else str(i))
-        solve_block(block_context(name, block, inputs, is_model, model))
-        calibrate_activations(block, inputs, is_model)
+        ctx = block_context(name, block, inputs, is_model, model)
+        solve_block(ctx)
+        calibrated = calibrate_activations(block, inputs, is_model)
         if i + 1 < len(blocks):
-            outs = run_block(block, inputs, is_model)
+            outs = ctx.outputs if ctx.outputs is not None and not calibrated else run_block(block, inputs, is_model)
             inputs = [((o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
         bar.update(1)
     bar.close()
