@@ -81,14 +81,17 @@ class StagedBlock:
         inputs: (args, kwargs) per calibration batch.
         linears: its quantized linears by name relative to the block.
         once: names of the linears called exactly once per forward (their pass may stop at them).
+        budget_mb: most MiB of replayed outputs kept; past it, outputs are recomputed (same result, slower).
     Example:
         >>> staged = StagedBlock(block, inputs, linears, once)
         >>> stats = staged.capture("self_attn.q_proj"); ...solve q/k/v...; staged.solved(["self_attn.q_proj", ...])
         >>> outs = staged.outputs()
     """
 
-    def __init__(self, block: nn.Module, inputs, linears: dict[str, nn.Module], once: set[str]) -> None:
+    def __init__(self, block: nn.Module, inputs, linears: dict[str, nn.Module], once: set[str],
+                 budget_mb: float = float("inf")) -> None:
         self.block, self.inputs, self.linears, self.once = block, inputs, linears, once
+        self.budget, self.held = budget_mb * 2 ** 20, 0  # bytes of replayed outputs: allowed, kept
         self.done: set[str] = set()
         self.memo: dict[str, dict[tuple[int, int], Any]] = {}
         self._names = {id(m): n for n, m in block.named_modules()}
@@ -126,6 +129,7 @@ class StagedBlock:
         """The block's outputs (first element of a tuple output) on every input; the replayed outputs are freed."""
         outs = self._passes()
         self.memo.clear()
+        self.held = 0
         return outs
 
     def _passes(self) -> list[Any]:
@@ -160,7 +164,7 @@ class StagedBlock:
         batches = {n: {b for b, _ in memo} for n, memo in self.memo.items()}
         for n in list(self.memo):
             if any(p != n and n.startswith(p + ".") and batches[p] >= batches[n] for p in batches):
-                del self.memo[n]
+                self.held -= sum(_nbytes(o) for o in self.memo.pop(n).values())
 
     def _taint(self, module, args) -> None:
         self._tainted = True  # an unsolved linear ran: what follows may change once it is solved
@@ -176,11 +180,21 @@ class StagedBlock:
             if key in memo and not self._tainted:
                 return _clone(memo[key])  # a caller may edit it in place
             out = forward(*args, **kwargs)
-            if not self._tainted:
+            size = _nbytes(out)
+            if not self._tainted and self.held + size <= self.budget:
                 memo[key] = _clone(out)
+                self.held += size
             return out
 
         return replayed
+
+
+def _nbytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(o) for o in out)
+    return 0
 
 
 def _clone(out):
