@@ -2,7 +2,7 @@
 
 The model is built as a skeleton whose parameters live on the meta device (buffers such as rotary frequencies
 are real: they are small and computed, not stored). The embeddings, final norm and head are loaded first; then
-each decoder block's weights are read with safetensors' `safe_open` (only that block's tensors), the block is
+each decoder block's weights are read from the safetensors shards (only that block's bytes), the block is
 prepared, solved by the method exactly as in memory, its outputs fed on, its prepared state written to the
 output folder, and its weights dropped back to the meta device. Peak memory is about the non-block part plus
 one block plus the calibration activations.
@@ -50,29 +50,41 @@ class ShardReader:
         if index.is_file():
             self.where = {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         elif (self.folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.folder / "model.safetensors", "pt") as f:
-                self.where = {k: self.folder / "model.safetensors" for k in f.keys()}
+            with open(self.folder / "model.safetensors", "rb") as f:
+                keys = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            self.where = {k: self.folder / "model.safetensors" for k in keys if k != "__metadata__"}
         else:
             raise ConfigError(f"offload=stream reads safetensors: no model.safetensors or model.safetensors.index.json "
                               f"in {self.folder}")
 
     def read(self, select: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        """The tensors whose key `select` accepts, in the model's dtype, each file opened once."""
-        from safetensors import safe_open
+        """The tensors whose key `select` accepts, in the model's dtype, each file opened once.
 
+        Only their bytes are read (seek + read per tensor, from the file's JSON header): safetensors' own
+        `safe_open` maps the whole shard copy-on-write, which a cap on private memory counts in full."""
         by_file: dict[Path, list[str]] = {}
         for key, file in self.where.items():
             if select(key):
                 by_file.setdefault(file, []).append(key)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
                 for key in keys:
-                    t = f.get_tensor(key)
+                    entry = header[key]
+                    start, end = entry["data_offsets"]
+                    f.seek(8 + header_len + start)
+                    raw = bytearray(f.read(end - start))
+                    t = (torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[entry["dtype"]]) if raw else
+                         torch.empty(0, dtype=SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
                     out[key] = t.to(self.dtype) if t.is_floating_point() else t
         return out
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
