@@ -79,7 +79,7 @@ def main() -> None:
             torch.save(model.state_dict(), out / "model.pt")
         outcome = "done"
     except (RuntimeError, MemoryError) as err:
-        outcome = f"failed: {str(err).splitlines()[0][:120]}"
+        outcome = f"failed: {type(err).__name__} {(str(err).splitlines() or [''])[0][:120]}"
     peak = status_mb("VmHWM")
     print(f"{args.mode}: {outcome}; wall {time.perf_counter() - start:.0f} s, cpu {time.process_time() - cpu:.0f} s; "
           f"peak RSS {peak:.0f} MiB (+{peak - base_rss:.0f} over the {base_rss:.0f} before PTQ; float weights "

@@ -75,7 +75,8 @@ class ShardReader:
                     entry = header[key]
                     start, end = entry["data_offsets"]
                     f.seek(8 + header_len + start)
-                    raw = bytearray(f.read(end - start))
+                    raw = bytearray(end - start)
+                    f.readinto(raw)
                     t = (torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[entry["dtype"]]) if raw else
                          torch.empty(0, dtype=SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
                     out[key] = t.to(self.dtype) if t.is_floating_point() else t

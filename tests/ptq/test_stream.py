@@ -45,3 +45,15 @@ def test_stream_equals_in_memory(sharded, tmp_path, method):
 def test_stream_refuses_rtn(sharded, tmp_path):
     with pytest.raises(ConfigError, match="block-by-block"):
         stream_ptq(sharded, "w4a16_g128", "rtn", [], tmp_path / "parts", progress=False)
+
+
+def test_qat_ptq_offload_refuses_eval_export_and_tiny():
+    from qat.jobs.ptq import check_offload
+
+    cfg = {"offload": "stream", "eval": {"split": "test"}, "export": "gguf", "model": {"path": "tiny"}}
+    with pytest.raises(ConfigError) as err:
+        check_offload(cfg)
+    for key in ("eval.split='test'", "export='gguf'", "model.path='tiny'"):
+        assert key in str(err.value)
+    with pytest.raises(ConfigError, match="choose from"):
+        check_offload({**cfg, "offload": "disk"})
