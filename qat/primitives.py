@@ -60,7 +60,7 @@ def check_tensor(x: torch.Tensor, name: str, spec: QuantSpec | None = None) -> N
     """
     if x.numel() == 0:
         raise ValueError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not x.is_meta and not bool(torch.isfinite(x).all()):  # meta: checked once loaded
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: {n_bad} NaN/inf value(s) in a tensor being quantized (shape {tuple(x.shape)})")
     if spec is not None and spec.granularity == "per_channel" and not -x.ndim <= spec.axis < x.ndim:

@@ -9,6 +9,12 @@ dominant channels, like LLM activations. Measured side by side in one run:
 
     .venv/bin/python scripts/bench_ptq.py            # full size
     .venv/bin/python scripts/bench_ptq.py --dim 512 --samples 16   # quick
+
+With --model, instead: end-to-end GPTQ (true-sequential) on a model, the reference path (a full block forward per
+stage, method.stage_cache=false) and the staged path back to back on the same calibration data: wall and CPU
+seconds of each, their ratio, and whether every quantized weight and qparam is equal (atol=0).
+
+    .venv/bin/python scripts/bench_ptq.py --model smollm2-135m --quant w4a16_g128_ragged --blocks 4
 """
 from __future__ import annotations
 
@@ -85,6 +91,34 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def end_to_end(args) -> None:
+    """Reference vs staged true-sequential GPTQ on a real model, back to back."""
+    from qat.data import calibration_batches
+    from qat.models import load_model
+    from qat.ptq import ptq_model
+
+    data = {"path": args.data, "tokenizer": args.model, "text_field": "extract", "sample_by": None,
+            "val_fraction": 0.02, "test_fraction": 0.02}
+    batches = calibration_batches(data, args.samples, args.seqlen, "train", 8)
+    states, times = {}, {}
+    for cache in (False, True):
+        model = load_model(args.model)
+        if args.blocks:
+            model.model.layers = model.model.layers[:args.blocks]
+        wall, cpu = time.perf_counter(), time.process_time()
+        ptq_model(model, args.quant, {"name": "gptq", "stage_cache": cache}, batches, progress=False)
+        times[cache] = (time.perf_counter() - wall, time.process_time() - cpu)
+        states[cache] = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        del model
+    equal = states[False].keys() == states[True].keys() and all(torch.equal(v, states[True][k]) for k, v in states[False].items())
+    n = args.blocks or "all"
+    print(f"{args.model} {args.quant}, {n} blocks, {args.samples}x{args.seqlen} tokens, {torch.get_num_threads()} threads")
+    for cache, label in ((False, "reference (stage_cache=false)"), (True, "staged (stage_cache=true)")):
+        print(f"{label:32s} wall {times[cache][0]:8.1f} s   cpu {times[cache][1]:8.1f} s")
+    print(f"ratio reference / staged: wall {times[False][0] / times[True][0]:.2f}x   cpu {times[False][1] / times[True][1]:.2f}x   "
+          f"weights and qparams equal (atol=0): {equal}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=2048)
@@ -92,7 +126,14 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--model", default=None, help="end-to-end GPTQ on this model instead (e.g. smollm2-135m)")
+    parser.add_argument("--quant", default="w4a16_g128_ragged")
+    parser.add_argument("--data", default="wiki")
+    parser.add_argument("--blocks", type=int, default=0, help="only the first N decoder blocks (0: all)")
     args = parser.parse_args()
+    if args.model:
+        end_to_end(args)
+        return
     torch.manual_seed(0)
     dim, g = args.dim, args.group_size
     print(f"layer {dim}x{dim}, {args.samples}x{args.seqlen} tokens, int{args.bits} g{g}, {torch.get_num_threads()} threads")

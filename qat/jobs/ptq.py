@@ -24,8 +24,9 @@ from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
-from qat.models import TINY_NAMES, check_model_source, load_model
+from qat.models import TINY_NAMES, check_model_source, load_model, resolve_dtype
 from qat.ptq import method_config, method_of_config, ptq_model
+from qat.ptq.stream import stream_ptq
 
 
 def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
@@ -208,6 +209,8 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
     torch.manual_seed(cfg.get("seed", 0))
+    if cfg.get("offload") is not None:
+        return run_streamed(cfg, method, Path(out_dir))
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
                          progress=as_bool(cfg.get("progress", True), "progress"), batch_size=cfg["eval"].get("batch_size", 4))
@@ -219,6 +222,44 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     if cfg.get("export"):
         suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
         result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
+    atomic_write_bytes(out / "result.json", to_json(result))
+    return result
+
+
+def check_offload(cfg: dict) -> None:
+    """offload=stream: a local safetensors folder, no evaluation or export (they need the whole model in memory).
+
+    Raises:
+        ConfigError: naming the keys to change.
+    """
+    if cfg.get("offload") != "stream":
+        raise ConfigError(f"offload={cfg.get('offload')!r}; choose from ['stream'] (or null: the model in memory)")
+    errors = [f"{key}={value!r}: offload=stream writes the quantized blocks as it goes and cannot {what} (it needs "
+              f"the whole model in memory); set {key}=null" for key, value, what in
+              [("eval.split", (cfg.get("eval") or {}).get("split"), "evaluate"), ("export", cfg.get("export"), "export")]
+              if value is not None]
+    source = check_model_source(cfg["model"]["path"])
+    if source in TINY_NAMES or not Path(source).expanduser().is_dir():
+        errors.append(f"model.path={cfg['model']['path']!r}: offload=stream reads a local Hugging Face folder with "
+                      "safetensors weights")
+    if errors:
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def run_streamed(cfg: dict, method: dict, out: Path) -> dict:
+    """qat-ptq offload=stream: quantize block by block from the shards into `out`/model_parts (see `qat.ptq.stream`)."""
+    check_offload(cfg)
+    _, batches, _ = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], {"split": None})
+    source = str(Path(check_model_source(cfg["model"]["path"])).expanduser())
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        options = stream_ptq(source, cfg["quant"], method, batches, out / "model_parts",
+                             resolve_dtype(cfg["model"].get("dtype", "float32")),
+                             as_bool(cfg.get("progress", True), "progress"))
+    result = {"method": method["name"], "quant": quant_name(cfg["quant"]), "wall_s": time.perf_counter() - start,
+              "peak_mem_mb": mem.peak_mb, "model": cfg["model"]["path"], "options": options,
+              "checkpoint": str(out / "model_parts")}
     atomic_write_bytes(out / "result.json", to_json(result))
     return result
 

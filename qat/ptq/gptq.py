@@ -154,6 +154,7 @@ def gptq_quantize(
     observer=None,
     name: str = "layer",
     importance_fit: bool = True,
+    factor: "HessianFactor | None" = None,
 ) -> GPTQResult:
     """Solve GPTQ for one weight.
 
@@ -169,6 +170,8 @@ def gptq_quantize(
         observer: range estimator for the group qparams (default: the one `spec` names).
         importance_fit: for the asymmetric K-quants, fit sub-block scales and minimums with the
             diag(H)-weighted search of the GGUF exporter (llama.cpp's imatrix fit) instead of the observer.
+        factor: `hessian_factor(hessian, percdamp, actorder)` computed once for several weights that read the
+            same input (q/k/v); the result is the same as without it.
     Returns:
         GPTQResult; `weight` is the dequantized solution, equal to fake-quantizing it with `scale`,
         `zero_point` and `g_idx`.
@@ -190,24 +193,25 @@ def gptq_quantize(
     if dynamic and actorder and not holds_g_idx(spec):
         raise ConfigError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
                          "cannot hold; set static_groups=true or actorder=false")
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if factor is None:
+        factor = hessian_factor(hessian, percdamp, actorder, name)
+    if (factor.perm is not None) != actorder or factor.diag.shape != (I,):
+        raise ValueError(f"{name}: the HessianFactor was computed for another act-order setting or width")
+    perm, hinv, damp = factor.perm, factor.hinv, factor.damp
     group = spec.group_size if grouped else I
     n_groups = -(-I // group)
     observer = observer or build_observer(spec)
     scales = torch.zeros(O, n_groups, device=W.device)
     zeros = None if spec.symmetric else torch.zeros(O, n_groups, device=W.device)
     if not dynamic:
-        imp = torch.diag(H) if importance_fit else None
+        imp = factor.diag if importance_fit else None
         _store(scales, zeros, 0, *fit_qparams(W, spec, observer, imp))
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    hinv, damp = inverse_cholesky(H, percdamp, name)
+        W = W[:, perm]
     # dynamic groups follow the solve order (g_idx maps them back); static ones stay contiguous groups
     col_group = (perm // group if perm is not None and not dynamic else torch.arange(I, device=W.device) // group).tolist()
-    fit = _group_fitter(spec, observer, torch.diag(H) if importance_fit else None, scales, zeros) if dynamic else None
+    solve_diag = factor.diag if perm is None else factor.diag[perm]
+    fit = _group_fitter(spec, observer, solve_diag if importance_fit else None, scales, zeros) if dynamic else None
     Q, loss = _solve(W, hinv, column_quantizer(spec), col_group, scales, zeros, fit, fit_span(spec), blocksize)
     g_idx = None
     if perm is not None:
@@ -216,6 +220,39 @@ def gptq_quantize(
         if dynamic:
             g_idx = (torch.arange(I, device=W.device) // group)[invperm]
     return GPTQResult(Q.to(weight.dtype), _layout(scales, spec), _layout(zeros, spec), g_idx, loss, damp)
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ derives from a Hessian alone, shared by the weights that read one input (q/k/v, gate/up)."""
+
+    diag: torch.Tensor  # diag(H) with dead columns set to 1, original column order
+    perm: torch.Tensor | None  # act-order column order
+    hinv: torch.Tensor  # upper Cholesky factor of (H + damp I)^-1, permuted
+    damp: float
+
+
+@torch.no_grad()
+def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, actorder: bool = False,
+                   name: str = "layer") -> HessianFactor:
+    """The dead-column fix, act-order permutation and inverse Cholesky factor of a GPTQ Hessian.
+
+    Example:
+        >>> f = hessian_factor(stats.hessian(), 0.01); [gptq_quantize(m.weight, None, spec, factor=f) for m in qkv]
+    """
+    if not _all_finite(hessian):
+        n = hessian.shape[-1]
+        raise ConfigError(f"{name}: GPTQ needs a finite weight and a finite [{n}, {n}] Hessian, got a Hessian with "
+                          "non-finite values")
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.diag(H).clone()
+    perm = torch.argsort(diag, descending=True) if actorder else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    hinv, damp = inverse_cholesky(H, percdamp, name)
+    return HessianFactor(diag, perm, hinv, damp)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

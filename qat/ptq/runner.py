@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ class BlockContext:
     model: nn.Module
     arch: ArchAdapter | None = None
     linears: dict[str, FakeQuantLinear] = field(default_factory=dict)
+    outputs: list[Any] | None = None  # set by a method that computed the solved block's outputs on `inputs`
 
     @property
     def recipe(self):
@@ -157,16 +158,21 @@ def activation_quantizers_off(block: nn.Module):
             q.enabled, q.observing = enabled, observing
 
 
-def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> None:
-    """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set)."""
+def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> bool:
+    """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set).
+
+    Returns:
+        whether there were any to calibrate.
+    """
     static = [q for _, q in quantizers(block, ["input", "kv_cache"]) if not q.spec.dynamic and not q.initialized]
     if not static:
-        return
+        return False
     for q in static:
         q.observing = True
     run_block(block, inputs, is_model)
     for q in static:
         q.observing = False
+    return True
 
 
 def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
@@ -175,12 +181,26 @@ def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list
         return run_block(block, inputs, is_model)
 
 
+class BlockIO(Protocol):
+    """Where the blocks come from and go to when they do not all fit in memory (`qat.ptq.stream`)."""
+
+    prefix: str  # the blocks' ModuleList ("model.layers")
+    blocks: list[nn.Module]  # their skeletons (weights on the meta device until loaded)
+
+    def load(self, i: int) -> nn.Module:
+        """Block i with its float weights loaded and prepared."""
+
+    def done(self, i: int, block: nn.Module) -> None:
+        """Block i is quantized (and its outputs computed): write it out and free it."""
+
+
 def sequential(
     model: nn.Module,
     batches: Iterable[Any],
     solve_block: Callable[[BlockContext], None],
     desc: str = "ptq",
     progress: bool = True,
+    io: BlockIO | None = None,
 ) -> None:
     """Run `solve_block(ctx)` on each decoder block in order, feeding quantized outputs on.
 
@@ -189,10 +209,12 @@ def sequential(
         batches: calibration inputs (LongTensor ids, or mappings of model kwargs).
         solve_block: sets the weights and pinned qparams of one block's linears from its BlockContext.
         desc: progress-bar label.
+        io: load each block before it is solved and hand it over once done (out-of-core PTQ); default:
+            the blocks are in memory, found by `find_blocks`.
     Example:
         >>> sequential(model, batches, lambda ctx: print(ctx.name, list(ctx.linears)))
     """
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model) if io is None else (io.prefix, io.blocks)
     is_model = blocks[0] is model
     inputs = capture_inputs(model, blocks, batches)
     if not inputs:
@@ -200,11 +222,16 @@ def sequential(
     bar = _progress(len(blocks), desc, progress)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}" if prefix else (type(model).__name__ if is_model else str(i))
-        solve_block(block_context(name, block, inputs, is_model, model))
-        calibrate_activations(block, inputs, is_model)
+        if io is not None:
+            block = io.load(i)
+        ctx = block_context(name, block, inputs, is_model, model)
+        solve_block(ctx)
+        calibrated = calibrate_activations(block, inputs, is_model)
         if i + 1 < len(blocks):
-            outs = run_block(block, inputs, is_model)
+            outs = ctx.outputs if ctx.outputs is not None and not calibrated else run_block(block, inputs, is_model)
             inputs = [((o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+        if io is not None:
+            io.done(i, block)
         bar.update(1)
     bar.close()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -195,16 +195,32 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: 
     result = plan(model, recipe)
     for warning in result.warnings:
         log.warning(warning)
+    apply_plan(model, result, verbose=verbose)
+    model.qat_recipe = recipe
+    return model
+
+
+def apply_plan(model: nn.Module, result: Plan, select: Callable[[str], bool] | None = None,
+               verbose: bool = False) -> None:
+    """Swap the modules of a `plan` result: all of them, or those whose name `select` accepts (an out-of-core
+    PTQ prepares one decoder block at a time, as it is loaded).
+
+    Example:
+        >>> result = plan(model, recipe); apply_plan(model, result, lambda n: n.startswith("model.layers.0."))
+    """
+    def selected(name: str) -> bool:
+        return select is None or select(name)
+
     for name, schemes in result.modules.items():
+        if not selected(name):
+            continue
         module = model.get_submodule(name)
         set_module(model, name, fake_quant_type(module).from_float(module, schemes, name))
         if verbose:
             log.info("%s -> %s", name, schemes.describe())
     by_spec: dict[Any, dict[str, nn.Module]] = {}
     for name, schemes in result.attention.items():
-        if schemes.kv_cache is not None:
+        if schemes.kv_cache is not None and selected(name):
             by_spec.setdefault(schemes.kv_cache, {})[name] = model.get_submodule(name)
     for spec, modules in by_spec.items():
         attach_kv_quantizers(model, modules, spec)
-    model.qat_recipe = recipe
-    return model

@@ -70,6 +70,7 @@ class PTQMethod:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.block_io = None  # set by `qat.ptq.stream` to load and write one block at a time
 
     def check(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what the method cannot solve, before any calibration (all offenders at once)."""
@@ -80,4 +81,4 @@ class PTQMethod:
 
     def run(self, model: nn.Module, batches: Iterable[Any], progress: bool = True) -> None:
         """Solve every block in order, each on the outputs of the already-quantized blocks before it."""
-        sequential(model, batches, self.solve_block, desc=self.name, progress=progress)
+        sequential(model, batches, self.solve_block, desc=self.name, progress=progress, io=self.block_io)
