@@ -31,10 +31,10 @@ def _counted(fn, counter):
 def _run(recipe, stage_cache, counter=None, **opts):
     model = testing.tiny_llama(num_layers=2)
     prepare(model, load_recipe(recipe))
-    if counter is not None:  # count the linears' matmuls (a replayed output skips the module's forward)
+    if counter is not None:  # count the linears' forwards, hence matmuls (a replayed output skips the module's forward)
         for m in model.modules():
             if isinstance(m, FakeQuantLinear):
-                m.quantized_weight = _counted(m.quantized_weight, counter)
+                m.forward = _counted(m.forward, counter)
     apply(model, {"name": "gptq", "min_tokens": 64, "stage_cache": stage_cache, **opts}, _batches(), progress=False)
     return model
 
