@@ -60,6 +60,7 @@ class Format:
     is_float: bool = False  # codes are floating-point numbers (fp8), not integers
     gguf: tuple[GGUFType, ...] = ()  # the GGUF types it stores exactly (see `gguf_type`)
     holds: frozenset[str] = frozenset()  # other file formats that can hold it: "compressed-tensors", "gptq"
+    signed_scales: bool = False  # scales carry a sign (IQ4's asymmetric levels): a learned one keeps its sign
 
     # -- spec ----------------------------------------------------------------------------------
     def check(self, spec: QuantSpec) -> None:

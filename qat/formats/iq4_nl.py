@@ -27,10 +27,10 @@ from qat.packing import pack, unpack
 from qat.spec import QuantSpec
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_LEVELS = torch.tensor(KVALUES, dtype=torch.float32)
-_MIDS = (_LEVELS[1:] + _LEVELS[:-1]) / 2  # exact halves of integers
+LEVELS = torch.tensor(KVALUES, dtype=torch.float32)
+_MIDS = (LEVELS[1:] + LEVELS[:-1]) / 2  # exact halves of integers
 # x / d inside [first level - half its step, last level + half its step] is not clipped (the STE mask)
-_LOW, _HIGH = KVALUES[0] - (KVALUES[1] - KVALUES[0]) / 2, KVALUES[-1] + (KVALUES[-1] - KVALUES[-2]) / 2
+LOW, HIGH = KVALUES[0] - (KVALUES[1] - KVALUES[0]) / 2, KVALUES[-1] + (KVALUES[-1] - KVALUES[-2]) / 2
 NTRY = 7
 
 
@@ -44,35 +44,37 @@ def iq4_nl_spec() -> QuantSpec:
     return QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=32, scale_dtype="fp16", grid="iq4_nl")
 
 
-def _nearest(t: torch.Tensor) -> torch.Tensor:
+def nearest_level(t: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of t (float32), ties to the upper one."""
     return torch.bucketize(t, _MIDS.to(t.device), right=True)
 
 
 def _ls_scale(x, w, idx):
     """(sum w q x, sum w q^2) of the levels `idx` per block: the least-squares scale is their ratio."""
-    q = _LEVELS.to(x.device)[idx]
+    q = LEVELS.to(x.device)[idx]
     wq = w * q
     return (wq * x).sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True)
 
 
-def fit_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+def fit_scale(x: torch.Tensor, importance: torch.Tensor | None = None, sigma2: torch.Tensor | None = None) -> torch.Tensor:
     """llama.cpp's scale search per block of `x` [..., 32] (quantize_row_iq4_nl_impl with ntry = 7): start from
     d = peak / 127 and try the levels of 1 / id = peak / (KVALUES[0] + k), k = -7..7, keeping the least-squares
     scale of the assignment with the smallest weighted error. Weights: x^2, or with an `importance` (imatrix
-    column statistic, broadcastable to x) imp * sqrt(sigma^2 + x^2). Returns the unrounded d [..., 1]."""
+    column statistic, broadcastable to x) imp * sqrt(sigma^2 + x^2), sigma^2 = 2 mean(x^2) over the block unless
+    `sigma2` (broadcastable to x) gives it (IQ4_XS takes it over the super-block). Returns the unrounded d [..., 1]."""
     if importance is None:
         w = x * x
     else:
-        w = importance * (2 * x.pow(2).mean(-1, keepdim=True) + x * x).sqrt()
+        sigma2 = 2 * x.pow(2).mean(-1, keepdim=True) if sigma2 is None else sigma2
+        w = importance * (sigma2 + x * x).sqrt()
     peak = signed_peak(x)
     live = peak.abs() >= 1e-15  # GROUP_MAX_EPS: such a block stores d = 0
     safe = torch.where(live, peak, torch.ones_like(peak))
-    sqx, sq2 = _ls_scale(x, w, _nearest(x * (KVALUES[0] / -safe)))  # id = 1 / d, d = -peak / KVALUES[0]
+    sqx, sq2 = _ls_scale(x, w, nearest_level(x * (KVALUES[0] / -safe)))  # id = 1 / d, d = -peak / KVALUES[0]
     d = torch.where(sq2 > 0, sqx / sq2.clamp(min=1e-30), torch.zeros_like(sqx))
     best = d * sqx
     for k in range(-NTRY, NTRY + 1):
-        sqx, sq2 = _ls_scale(x, w, _nearest(x * ((k + KVALUES[0]) / safe)))
+        sqx, sq2 = _ls_scale(x, w, nearest_level(x * ((k + KVALUES[0]) / safe)))
         better = (sq2 > 0) & (sqx * sqx > best * sq2)
         d = torch.where(better, sqx / sq2.clamp(min=1e-30), d)
         best = torch.where(better, d * sqx, best)
@@ -123,11 +125,11 @@ class IQ4NLFormat(Format):
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         t = torch.where(scale != 0, view / torch.where(scale != 0, scale, torch.ones_like(scale)), 0.0)
-        mask = t.ge(_LOW).logical_and_(t.le(_HIGH)) if need_mask else None
-        return _nearest(t).float(), mask
+        mask = t.ge(LOW).logical_and_(t.le(HIGH)) if need_mask else None
+        return nearest_level(t).float(), mask
 
     def values(self, t, scale, zero_point, spec):
-        return _LEVELS.to(t.device)[t.long()] * scale
+        return LEVELS.to(t.device)[t.long()] * scale
 
     def pack(self, codes, scale, zero_point, spec):
         return {"packed": pack(codes.to(torch.uint8), 4), "scale": scale.detach().to(torch.float16).clone(),

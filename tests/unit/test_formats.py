@@ -17,7 +17,7 @@ def test_every_recipe_weight_has_a_format():
 
 
 def test_unknown_format_name_lists_the_registered_ones():
-    with pytest.raises(KeyError, match=r"format 'nf4'; registered: \['fp8', 'fp8_block', 'ggml', 'ggml_k', 'int', 'iq4_nl', 'mxfp4', 'mxfp8', 'nvfp4', 'ternary'\]"):
+    with pytest.raises(KeyError, match=r"format 'nf4'; registered: \['fp8', 'fp8_block', 'ggml', 'ggml_k', 'int', 'iq4_nl', 'iq4_xs', 'mxfp4', 'mxfp8', 'nvfp4', 'ternary'\]"):
         get_format("nf4")
 
 
