@@ -43,7 +43,8 @@ def text_file(tmp_path_factory):
 # activations to 8 bits in its quantized dot products and keeps F16 weights' products in F16, so the
 # log-probs are close, not equal.
 BOUNDS = {"F32": (1e-3, 1e-3), "F16": (1e-2, 1e-2), "Q8_0": (2e-2, 1e-2), "Q4_K_M": (5e-2, 2e-2), "Q4_0": (5e-2, 2e-2),
-          "IQ4_NL": (5e-2, 2e-2), "IQ4_XS": (5e-2, 2e-2), "MXFP4": (5e-2, 2e-2), "TQ2_0": (5e-2, 2e-2)}
+          "IQ4_NL": (5e-2, 2e-2), "IQ4_XS": (5e-2, 2e-2), "MXFP4": (5e-2, 2e-2), "TQ1_0": (5e-2, 2e-2),
+          "TQ2_0": (5e-2, 2e-2)}
 
 
 @needs_llama_cpp
