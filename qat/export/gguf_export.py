@@ -47,12 +47,14 @@ from qat.export.gguf_vocab import add_tokenizer
 from qat.export.publish import atomic_export
 from qat.formats import get_format, gguf_types
 from qat.modules.quantized import QuantizedWeight
+from qat.primitives import choose_qparams, compute_range
 
 log = logging.getLogger(__name__)
 
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
 FALLBACK = {n: t.fallback for n, t in gguf_types().items() if t.fallback}  # as each format registers it
+MULTIPLIED = {n for n, t in gguf_types().items() if t.tensor_scale}  # written with a "<name>.scale" tensor
 
 
 def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
@@ -128,13 +130,17 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
     return base
 
 
-def fit_type(type_name: str, row: int) -> str:
-    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size.
+def fit_type(type_name: str, row: int, name: str = "") -> str:
+    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size; F16 for the
+    token embedding (GGUF `name`) in a type with a per-tensor multiplier (NVFP4), which llama.cpp's row lookup
+    does not apply (converted NVFP4 checkpoints keep their embeddings in 16 bits).
 
     Example:
         >>> fit_type("Q4_K", 576)
         'Q5_0'
     """
+    if type_name in MULTIPLIED and name == "token_embd.weight":
+        return "F16"
     if row % BLOCK[type_name][0] == 0:
         return type_name
     new = FALLBACK.get(type_name, "F16")
@@ -156,6 +162,7 @@ class _Entry:
     shape: tuple[int, ...]
     rows: tuple[int, int | None] = (0, None)  # the rows (dim -2) of the Hugging Face tensor this GGUF tensor holds
     full: tuple[int, ...] = ()  # the Hugging Face tensor's shape
+    multiplier_of: str | None = None  # this is the per-tensor multiplier ("<name>.scale") of a tensor of this type
 
 
 def _part(t: torch.Tensor, entry: _Entry) -> torch.Tensor:
@@ -206,7 +213,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
             trained = _trained_type(spec, has_g_idx, gguf_type)
             type_name = trained or mix_type(name, shape, gguf_type, config.num_hidden_layers,
                                             tied, imatrix, pure, arch.n_experts(config))
-            if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
+            if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1], name)) != type_name:
                 fallbacks.setdefault((type_name, fitted), []).append(name)
                 type_name = fitted
             if spec is not None and trained != type_name:
@@ -214,6 +221,9 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
                        else "not a GGUF grid: a gguf_* recipe exports exactly")
                 requantized.setdefault(f"{spec.describe()} weights ({why})", []).append(f"{name} ({type_name})")
             entries.append(_Entry(hf, name, type_name, shape, (start, stop), full))
+            if type_name in MULTIPLIED:  # NVFP4: its global scale, one per tensor (per expert: all the same)
+                entries.append(_Entry(hf, name.removesuffix(".weight") + ".scale", "F32", tuple(shape[:-2]) or (1,),
+                                      (start, stop), full, multiplier_of=type_name))
     _warn_fallbacks(fallbacks)
     for scheme, names in requantized.items():
         log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
@@ -222,7 +232,27 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     return entries
 
 
+def _multiplier(model: nn.Module, entry: _Entry) -> np.ndarray:
+    """The "<name>.scale" tensor of a weight in a type with a per-tensor multiplier: from the weight's own
+    scales (trained on the type's grid) or from the type's qparams of the float weight (what `encode` takes)."""
+    arch, config, t = export_arch(model), model.config, gguf_types()[entry.multiplier_of]
+    weight_name = entry.name.removesuffix(".scale") + ".weight"
+    part = lambda x: arch.to_gguf(weight_name, _part(x, entry), config)  # noqa: E731
+    w = weight_of(model, entry.hf)
+    if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, t.name) == t.name:
+        scale = part(w.qparams()[0])
+    else:
+        w = w.dequantize(torch.float32).reshape(entry.full) if isinstance(w, QuantizedWeight) else w.detach().float()
+        flat = part(w).reshape(-1, entry.full[-1])
+        spec = t.spec()
+        scale = choose_qparams(*compute_range(flat, spec), spec)[0]
+    m = t.tensor_scale(scale).float().numpy()
+    return np.full(entry.shape, m[0], dtype=np.float32)
+
+
 def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = None) -> np.ndarray:
+    if entry.multiplier_of:
+        return _multiplier(model, entry)
     arch, config = export_arch(model), model.config
     w = weight_of(model, entry.hf)
     perm = lambda t: arch.to_gguf(entry.name, _part(t, entry), config)  # noqa: E731  (codes, scales, weights)
