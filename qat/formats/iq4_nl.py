@@ -46,7 +46,7 @@ def iq4_nl_spec() -> QuantSpec:
 
 def nearest_level(t: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of t (float32), ties to the upper one."""
-    return torch.bucketize(t, _MIDS.to(t.device), right=True)
+    return torch.bucketize(t.contiguous(), _MIDS.to(t.device), right=True)
 
 
 def _ls_scale(x, w, idx):
@@ -88,12 +88,18 @@ def iq4_nl_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> 
     return torch.cat([half_bytes(scale.reshape(-1, 1)), qs], 1).reshape(codes.shape[0], -1)
 
 
+def fitted_scale(w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The searched, fp16-rounded scales [rows, cols / 32, 1] of float rows `w` (weighted by `importance` [cols],
+    an imatrix or GPTQ's diag(H), when given): what the GGUF encoder stores, on this format's grid."""
+    imp = None if importance is None else importance.float().reshape(1, -1, 32)
+    return fit_scale(w.reshape(w.shape[0], -1, 32), imp).to(torch.float16).float()
+
+
 def _encode(w: torch.Tensor, importance: torch.Tensor | None = None, values: bool = True):
     """Blocks and (when `values`) decoded values of one chunk of rows: the IQ4_NL grid on the searched scales."""
     spec = iq4_nl_spec()
     view = w.reshape(w.shape[0], -1, 32)
-    imp = None if importance is None else importance.float().reshape(1, -1, 32)
-    scale = fit_scale(view, imp).to(torch.float16).float()
+    scale = fitted_scale(w, importance)
     codes, _ = FORMAT.codes(view, scale, None, spec)
     blocks = iq4_nl_blocks(codes.reshape(w.shape), scale)
     return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None

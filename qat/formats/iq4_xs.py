@@ -104,15 +104,26 @@ def iq4_xs_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> 
     return torch.cat(parts, 1).reshape(rows, -1)
 
 
-def _encode(w: torch.Tensor, importance: torch.Tensor | None = None, values: bool = True):
-    """Blocks and (when `values`) decoded values of one chunk of rows: the IQ4_XS grid on the searched scales."""
-    spec = iq4_xs_spec()
+def fitted_scale(w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The searched sub-block scales of float rows `w` [rows, cols] put on the two-level grid [rows, cols / 32, 1]:
+    IQ4_NL's search per sub-block (weighted by `importance` [cols], an imatrix or GPTQ's diag(H), when given, with
+    sigma^2 = 2 mean(x^2) over the super-block, or over the columns there are of a partial one)."""
     view = w.reshape(w.shape[0], -1, SUB)
     imp = sigma2 = None
     if importance is not None:
         imp = importance.float().reshape(1, -1, SUB)
-        sigma2 = (2 * w.reshape(w.shape[0], -1, QK_K).pow(2).mean(-1, keepdim=True)).repeat_interleave(PER, 1)
-    scale = scale_grid(fit_scale(view, imp, sigma2))
+        sq = view.pow(2).sum(-1, keepdim=True)
+        total = _super(sq).sum(-1, keepdim=True)
+        count = _super(torch.full_like(sq, SUB)).sum(-1, keepdim=True)
+        sigma2 = (2 * total / count).repeat_interleave(PER, -2)[:, : view.shape[1]]
+    return scale_grid(fit_scale(view, imp, sigma2))
+
+
+def _encode(w: torch.Tensor, importance: torch.Tensor | None = None, values: bool = True):
+    """Blocks and (when `values`) decoded values of one chunk of rows: the IQ4_XS grid on the searched scales."""
+    spec = iq4_xs_spec()
+    view = w.reshape(w.shape[0], -1, SUB)
+    scale = fitted_scale(w, importance)
     codes, _ = FORMAT.codes(view, scale, None, spec)
     blocks = iq4_xs_blocks(codes.reshape(w.shape), scale)
     return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
