@@ -104,7 +104,7 @@ class NVFP4Format(Format):
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         s = e4m3_scale_grid(scale)[0]
-        t = torch.where(s != 0, view / torch.where(s != 0, s, torch.ones_like(s)), 0.0)
+        t = view / torch.where(s != 0, s, torch.full_like(s, math.inf))  # a zero scale codes 0 (x / inf), no full-size where
         mask = t.abs() <= E2M1_INSIDE if need_mask else None
         return e2m1_doubled(t), mask
 
