@@ -130,17 +130,13 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
     return base
 
 
-def fit_type(type_name: str, row: int, name: str = "") -> str:
-    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size; F16 for the
-    token embedding (GGUF `name`) in a type with a per-tensor multiplier (NVFP4), which llama.cpp's row lookup
-    does not apply (converted NVFP4 checkpoints keep their embeddings in 16 bits).
+def fit_type(type_name: str, row: int) -> str:
+    """`type_name`, or llama.cpp's fallback when `row` is not a multiple of its block size.
 
     Example:
         >>> fit_type("Q4_K", 576)
         'Q5_0'
     """
-    if type_name in MULTIPLIED and name == "token_embd.weight":
-        return "F16"
     if row % BLOCK[type_name][0] == 0:
         return type_name
     new = FALLBACK.get(type_name, "F16")
@@ -213,7 +209,12 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
             trained = _trained_type(spec, has_g_idx, gguf_type)
             type_name = trained or mix_type(name, shape, gguf_type, config.num_hidden_layers,
                                             tied, imatrix, pure, arch.n_experts(config))
-            if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1], name)) != type_name:
+            if type_name in MULTIPLIED and name == "token_embd.weight":
+                # llama.cpp's row lookup applies no per-tensor scale (converted NVFP4 checkpoints keep it in 16 bits)
+                log.warning("GGUF: token_embd.weight is written in F16, not %s, whose per-tensor scale llama.cpp "
+                            "does not apply to the embedding lookup", type_name)
+                type_name = "F16"
+            if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
                 fallbacks.setdefault((type_name, fitted), []).append(name)
                 type_name = fitted
             if spec is not None and trained != type_name:

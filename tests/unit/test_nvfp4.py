@@ -188,6 +188,7 @@ def test_gguf_nvfp4_of_a_float_model_keeps_the_embedding_in_f16(tmp_path, caplog
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert types["token_embd.weight"] == "F16" and types["output.weight"] == types["blk.0.ffn_up.weight"] == "NVFP4"
     assert "output.scale" in types and "token_embd.scale" not in types
+    assert "token_embd.weight is written in F16, not NVFP4" in caplog.text
     up = load_gguf(path).model.layers[0].mlp.up_proj.weight.detach()
     assert torch.equal(up, encode(model.model.layers[0].mlp.up_proj.weight.detach(), "NVFP4")[1])
 
