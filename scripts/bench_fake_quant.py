@@ -3,7 +3,8 @@ formats MXFP4 / NVFP4 as W4A16 and W4A4 (dynamic per-block activations).
 
 Measured side by side in one run, variants interleaved round-robin so that machine noise hits all alike.
 Memory is what autograd saves for backward (deterministic on CPU; on CUDA the peak allocation is printed
-too). If torchao is installed, its QAT fake quantizers run on the same problem as a peer.
+too). Where torchao is importable, its QAT fake quantizers (int4 / int8, and the NVFP4 / MXFP4 prototypes) run on
+the same problem as peers; each one that is not is named ("not importable").
 
     .venv/bin/python scripts/bench_fake_quant.py [--in 2048 --out 2048 --tokens 4096 --iters 10]
 """
@@ -35,16 +36,44 @@ def variants(linear: nn.Linear) -> dict[str, nn.Module]:
         out[f"qat {name} W4A16"] = FakeQuantLinear.from_float(linear, TensorSchemes(weight=spec))
         out[f"qat {name} W4A4"] = FakeQuantLinear.from_float(
             linear, TensorSchemes(weight=spec, input=spec.replace(dynamic=True)))
-    try:  # a peer, when installed: torchao's QAT fake quantizers (not a qat dependency)
+    out.update(torchao_peers(linear))
+    return out
+
+
+def torchao_peers(linear: nn.Linear) -> dict[str, nn.Module]:
+    """torchao's QAT fake quantizers on the same Linear, where importable (torchao is not a qat dependency):
+    int4 / int8 (torchao.quantization.qat) and the NVFP4 / MXFP4 prototypes (torchao.prototype.qat). Each peer
+    that cannot be built is named with the reason, not silently dropped."""
+    peers: dict[str, nn.Module] = {}
+
+    def add(name, build):
+        try:
+            peers[name] = build()
+        except Exception as err:  # noqa: BLE001 - any import/API mismatch (or no kernel on this device) drops the peer
+            print(f"(torchao {name}: not importable / not buildable here: {type(err).__name__}: {err})")
+
+    def intx(act: bool):
         from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
 
         w_cfg = IntxFakeQuantizeConfig(torch.int4, group_size=128, is_symmetric=True)
-        a_cfg = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-        out["torchao W4A16 g128"] = FakeQuantizedLinear.from_linear(linear, weight_config=w_cfg)
-        out["torchao W4A8"] = FakeQuantizedLinear.from_linear(linear, activation_config=a_cfg, weight_config=w_cfg)
-    except Exception as err:  # noqa: BLE001 - any import/API mismatch just drops the peer
-        print(f"(torchao peer not measured: {type(err).__name__}: {err})")
-    return out
+        a_cfg = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if act else None
+        return FakeQuantizedLinear.from_linear(linear, activation_config=a_cfg, weight_config=w_cfg)
+
+    def fp4(kind: str, act: bool):
+        from torchao.prototype import qat as proto
+
+        if kind == "NVFP4":
+            cls, cfg = proto.NVFP4FakeQuantizedLinear, proto.NVFP4FakeQuantizeConfig
+        else:
+            cls, cfg = proto.MXFP4FakeQuantizedLinear, proto.MXFP4FakeQuantizeConfig
+        return cls.from_linear(linear, activation_config=cfg() if act else None, weight_config=cfg())
+
+    add("W4A16 g128", lambda: intx(False))
+    add("W4A8", lambda: intx(True))
+    for kind in FP4:
+        add(f"{kind} W4A16", lambda k=kind: fp4(k, False))
+        add(f"{kind} W4A4", lambda k=kind: fp4(k, True))
+    return {f"torchao {k}": v for k, v in peers.items()}
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:

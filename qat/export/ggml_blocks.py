@@ -37,6 +37,7 @@ ENCODERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
     **{n: (lambda w, n=n, **kw: _encode_float(w, n, **kw)) for n in _FLOAT},
     **{n: t.encode for n, t in gguf_types().items()}}  # (chunk, values=, [importance=])
 WEIGHTED = {n for n, t in gguf_types().items() if t.weighted}  # the types whose fit an imatrix weighs
+WHOLE = {n for n, t in gguf_types().items() if t.tensor_scale}  # a per-tensor multiplier: encoded in one piece
 
 
 def encode(weight: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def _run(weight, type_name, importance, values):
     kwargs = {"importance": importance} if use_imp else {}
     fn = ENCODERS[type_name]
     step = max(1, CHUNK_ELEMENTS // w.shape[1])
-    if type_name in _FLOAT or w.shape[0] <= step:
+    if type_name in _FLOAT or type_name in WHOLE or w.shape[0] <= step:
         return fn(w, values=values, **kwargs)  # one conversion: nothing to gain from chunks
     blocks = torch.empty(w.shape[0], w.shape[1] // block * BLOCK[type_name][1], dtype=torch.uint8)
     decoded = torch.empty_like(w) if values else None

@@ -3,7 +3,8 @@ from the model's architecture adapter (`qat.arch`).
 
     export_gguf(model, "out/model-Q4_K_M.gguf", "Q4_K_M", tokenizer=tok)
 
-`gguf_type` is a tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) or a mix (Q4_K_S,
+`gguf_type` is a tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS, MXFP4,
+TQ1_0, TQ2_0) or a mix (Q4_K_S,
 Q4_K_M, Q5_K_S, Q5_K_M), and for the types that are also llama.cpp file types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense models, as `llama-quantize` does:
 output.weight (token_embd when tied) in Q6_K unless the type is Q8_0; in *_M, attn_v (or a fused attn_qkv) and ffn_down in Q6_K
@@ -18,7 +19,8 @@ written and read with no change here.
 
 Format-exact export: a converted (or prepared) model whose weights were trained or quantized on a
 ggml grid (`QuantSpec(grid="ggml")` or `"ggml_k"`, recipes gguf_q8_0 ... gguf_q5_1, gguf_q2_k ... gguf_q6_k) keeps its trained type and its
-blocks are built from its own codes and scales: the file computes exactly what the model computed.
+blocks are built from its own codes and scales: the file computes exactly what the model computed. Where two
+GGUF types store the same grid (the ternary g256: TQ2_0 and TQ1_0), the one asked for is written.
 Other quantized weights are dequantized and re-quantized to the target type (a warning says so).
 
 Tensors are quantized and written one at a time into a temporary file renamed on success.
@@ -45,12 +47,14 @@ from qat.export.gguf_vocab import add_tokenizer
 from qat.export.publish import atomic_export
 from qat.formats import get_format, gguf_types
 from qat.modules.quantized import QuantizedWeight
+from qat.primitives import choose_qparams, compute_range
 
 log = logging.getLogger(__name__)
 
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
 FALLBACK = {n: t.fallback for n, t in gguf_types().items() if t.fallback}  # as each format registers it
+MULTIPLIED = {n for n, t in gguf_types().items() if t.tensor_scale}  # written with a "<name>.scale" tensor
 
 
 def export_arch(model: nn.Module, source: str | None = None) -> ArchAdapter:
@@ -154,6 +158,7 @@ class _Entry:
     shape: tuple[int, ...]
     rows: tuple[int, int | None] = (0, None)  # the rows (dim -2) of the Hugging Face tensor this GGUF tensor holds
     full: tuple[int, ...] = ()  # the Hugging Face tensor's shape
+    multiplier_of: str | None = None  # this is the per-tensor multiplier ("<name>.scale") of a tensor of this type
 
 
 def _part(t: torch.Tensor, entry: _Entry) -> torch.Tensor:
@@ -169,11 +174,16 @@ def _part(t: torch.Tensor, entry: _Entry) -> torch.Tensor:
     return t.reshape(entry.full[0], -1, *t.shape[1:])[:, start:stop].reshape(-1, *t.shape[1:])
 
 
-def _trained_type(spec, has_g_idx: bool = False) -> str | None:
-    """The GGUF type a weight was trained / quantized on (its format's GGUF type), else None."""
+def _trained_type(spec, has_g_idx: bool = False, wanted: str | None = None) -> str | None:
+    """The GGUF type a weight was trained / quantized on (its format's GGUF type), else None. `wanted`, the
+    type asked for, is taken instead when it stores the same grid (TQ1_0 and TQ2_0 both hold the ternary g256)."""
     if spec is None or has_g_idx:
         return None
-    return get_format(spec).gguf_type(spec)
+    trained = get_format(spec).gguf_type(spec)
+    types = gguf_types()
+    if trained is not None and wanted in types and types[wanted].spec() == types[trained].spec():
+        return wanted
+    return trained
 
 
 def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bool = False) -> list[_Entry]:
@@ -196,16 +206,25 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
         full = stored_shape(model, hf)
         for name, start, stop in arch.gguf_parts(hf, config):  # a fused MoE gate_up_proj is two GGUF tensors
             shape = full if stop is None and start == 0 else (*full[:-2], (stop or full[-2]) - start, full[-1])
-            type_name = _trained_type(spec, has_g_idx) or mix_type(name, shape, gguf_type, config.num_hidden_layers,
-                                                                   tied, imatrix, pure, arch.n_experts(config))
+            trained = _trained_type(spec, has_g_idx, gguf_type)
+            type_name = trained or mix_type(name, shape, gguf_type, config.num_hidden_layers,
+                                            tied, imatrix, pure, arch.n_experts(config))
+            if type_name in MULTIPLIED and name == "token_embd.weight":
+                # llama.cpp's row lookup applies no per-tensor scale (converted NVFP4 checkpoints keep it in 16 bits)
+                log.warning("GGUF: token_embd.weight is written in F16, not %s, whose per-tensor scale llama.cpp "
+                            "does not apply to the embedding lookup", type_name)
+                type_name = "F16"
             if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
                 fallbacks.setdefault((type_name, fitted), []).append(name)
                 type_name = fitted
-            if spec is not None and _trained_type(spec, has_g_idx) != type_name:
-                why = ("its trained GGUF type does not fit these rows" if _trained_type(spec, has_g_idx)
+            if spec is not None and trained != type_name:
+                why = ("its trained GGUF type does not fit these rows" if trained
                        else "not a GGUF grid: a gguf_* recipe exports exactly")
                 requantized.setdefault(f"{spec.describe()} weights ({why})", []).append(f"{name} ({type_name})")
             entries.append(_Entry(hf, name, type_name, shape, (start, stop), full))
+            if type_name in MULTIPLIED:  # NVFP4: its global scale, one per tensor (per expert: all the same)
+                entries.append(_Entry(hf, name.removesuffix(".weight") + ".scale", "F32", tuple(shape[:-2]) or (1,),
+                                      (start, stop), full, multiplier_of=type_name))
     _warn_fallbacks(fallbacks)
     for scheme, names in requantized.items():
         log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
@@ -214,11 +233,31 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     return entries
 
 
+def _multiplier(model: nn.Module, entry: _Entry) -> np.ndarray:
+    """The "<name>.scale" tensor of a weight in a type with a per-tensor multiplier: from the weight's own
+    scales (trained on the type's grid) or from the type's qparams of the float weight (what `encode` takes)."""
+    arch, config, t = export_arch(model), model.config, gguf_types()[entry.multiplier_of]
+    weight_name = entry.name.removesuffix(".scale") + ".weight"
+    part = lambda x: arch.to_gguf(weight_name, _part(x, entry), config)  # noqa: E731
+    w = weight_of(model, entry.hf)
+    if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, t.name) == t.name:
+        scale = part(w.qparams()[0])
+    else:
+        w = w.dequantize(torch.float32).reshape(entry.full) if isinstance(w, QuantizedWeight) else w.detach().float()
+        flat = part(w).reshape(-1, entry.full[-1])
+        spec = t.spec()
+        scale = choose_qparams(*compute_range(flat, spec), spec)[0]
+    m = t.tensor_scale(scale).float().numpy()
+    return np.full(entry.shape, m[0], dtype=np.float32)
+
+
 def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = None) -> np.ndarray:
+    if entry.multiplier_of:
+        return _multiplier(model, entry)
     arch, config = export_arch(model), model.config
     w = weight_of(model, entry.hf)
     perm = lambda t: arch.to_gguf(entry.name, _part(t, entry), config)  # noqa: E731  (codes, scales, weights)
-    if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None) == entry.type:
+    if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, entry.type) == entry.type:
         scale, zero_point = w.qparams()
         zp = None if zero_point is None else perm(zero_point)
         return gguf_types()[entry.type].blocks(perm(w.codes()), perm(scale), zp).numpy()

@@ -104,13 +104,18 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
         with torch.device("meta"):
             names = list(arch.build_model(config).state_dict())
     to_hf = arch.hf_parts(names, config)
+    multipliers = _multipliers(reader)
     out, parts = {}, {}
     for t in reader.tensors:
         if t.name in arch.extra_tensor_names:  # generated from the config (gguf_config read them)
             continue
+        if t.name in multipliers.values():
+            continue
         if t.name not in to_hf:
             raise ConfigError(f"GGUF tensor {t.name!r} has no Hugging Face {config.model_type} name")
         values = _values(t)
+        if t.name in multipliers:
+            values = _multiply(values, reader, multipliers[t.name])
         hf, start, stop = to_hf[t.name]
         if start == 0 and stop is None:
             out[hf] = arch.from_gguf(t.name, values, config)
@@ -119,6 +124,23 @@ def gguf_state_dict(reader, config, names: list[str] | None = None) -> dict[str,
     for hf, pieces in parts.items():
         out[hf] = torch.cat([v for _, v in sorted(pieces, key=lambda p: p[0])], dim=-2)
     return out
+
+
+def _multipliers(reader) -> dict[str, str]:
+    """{weight name: its "<name>.scale" tensor} for the NVFP4 weights of a file: llama.cpp multiplies the
+    matmul output by that per-tensor (per-expert) scale (convert_hf_to_gguf's NVFP4 scale2)."""
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    return {w: w.removesuffix(".weight") + ".scale" for w, ty in types.items()
+            if ty == gguf.GGMLQuantizationType.NVFP4 and w.removesuffix(".weight") + ".scale" in types}
+
+
+def _multiply(values: torch.Tensor, reader, name: str) -> torch.Tensor:
+    """`values` [..., O, I] times the scale tensor `name` ([1], or one per expert of a 3-D tensor)."""
+    t = next(t for t in reader.tensors if t.name == name)
+    m = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
+    if m.numel() not in (1, values.shape[0] if values.ndim == 3 else 1):
+        raise ConfigError(f"GGUF tensor {name!r} has {m.numel()} values; expected 1 (or one per expert)")
+    return values * (m.reshape(-1, 1, 1) if values.ndim == 3 else m)
 
 
 def load_gguf(path: str | os.PathLike) -> nn.Module:

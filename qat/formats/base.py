@@ -36,6 +36,10 @@ class GGUFType:
         blocks: (codes [rows, cols], scale, zero_point) of `spec` -> uint8 blocks [rows, bytes].
         weighted: whether `encode` uses an importance (imatrix) vector.
         fallback: the type llama.cpp stores a row in when its length is not a multiple of `block`.
+        tensor_scale: for types whose blocks are relative to a per-tensor multiplier (NVFP4's global scale):
+            (scale of `spec` over a whole tensor) -> float32 [1], the multiplier, written beside the tensor as
+            "<name>.scale" (llama.cpp's NVFP4 scale2, applied to the matmul output). Such a type's `encode` takes
+            whole tensors (its multiplier spans the tensor) and returns the values with the multiplier applied.
     """
 
     name: str
@@ -46,6 +50,7 @@ class GGUFType:
     blocks: Callable
     weighted: bool = False
     fallback: str | None = None
+    tensor_scale: Callable | None = None
 
 
 class Format:
@@ -60,6 +65,7 @@ class Format:
     is_float: bool = False  # codes are floating-point numbers (fp8), not integers
     gguf: tuple[GGUFType, ...] = ()  # the GGUF types it stores exactly (see `gguf_type`)
     holds: frozenset[str] = frozenset()  # other file formats that can hold it: "compressed-tensors", "gptq"
+    signed_scales: bool = False  # scales carry a sign (IQ4's asymmetric levels): a learned one keeps its sign
 
     # -- spec ----------------------------------------------------------------------------------
     def check(self, spec: QuantSpec) -> None:

@@ -32,8 +32,8 @@ def e2m1_doubled(t: torch.Tensor) -> torch.Tensor:
     saturate at 6. Arithmetic, not a table: the step is 0.5 below 2, 1 below 4, 2 above, and torch.round rounds
     halves to even, which on these steps is E2M1's even mantissa."""
     m = t.abs().mul_(2)  # doubled magnitude: steps 1 below 4, 2 below 8, 4 above
-    step = torch.where(m < 4, 1.0, torch.where(m < 8, 2.0, 4.0))
-    return m.div_(step).round_().mul_(step).clamp_(max=12.0).copysign_(t)
+    step = m.ge(8).float().mul_(2).add_(m.ge(4).float()).add_(1)  # 1 + [m >= 4] + 2 [m >= 8]: no torch.where
+    return m.div_(step).round_().mul_(step).clamp_(max=12.0).copysign_(t)  # (scalar where is ~2x slower on CPU)
 
 
 def e2m1_index(doubled: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,11 @@ Learned scales (learn="lsq"): the parameter is the effective block scale S_b in 
 
 Storage of a converted weight: the 4-bit E2M1 patterns, one E4M3 byte per block, the fp32 global: 4.5 bits per
 weight + 32 bits per tensor. Exports: native, compressed-tensors nvfp4-pack-quantized (`qat.export.compressed_fp`).
-GGUF NVFP4 (type 40) has UE4M3 block scales but no per-tensor global in its blocks (llama.cpp reads a separate
-optional `.scale` tensor), so it is not registered here yet.
+GGUF NVFP4 (type 40): super-blocks of 64 weights, 36 bytes: the four UE4M3 block scales e4m3(S_b * g) (sign bit
+clear), then four times 8 bytes where byte j of sub-block k holds the E2M1 patterns of weights 16k + j (low
+nibble) and 16k + j + 8 (high); gguf-py decodes e4m3 * E2M1, i.e. our values times g, and the per-tensor
+multiplier 1 / g (a power of two: exact) is written beside it as the F32 tensor "<name>.scale", which llama.cpp
+multiplies into the matmul output (as convert_hf_to_gguf writes ModelOpt's weight_scale_2).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import math
 
 import torch
 
-from qat.formats.base import Format, register_format
+from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.minifloat import (E2M1_INSIDE, E2M1_MAX, e2m1_doubled, e2m1_from_index, e2m1_index,
                                    e4m3_scale_grid)
 from qat.packing import pack, unpack
@@ -51,11 +54,37 @@ def split_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (on_grid * g).to(torch.float8_e4m3fn), g.reshape(1)
 
 
+def gguf_tensor_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The per-tensor multiplier 1 / g of GGUF NVFP4 blocks made from effective scales S_b (float32 [1])."""
+    return 1 / split_scales(scale)[1]
+
+
+def nvfp4_gguf_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> torch.Tensor:
+    """GGUF NVFP4 blocks [rows, cols / 64 * 36] from codes [rows, cols] (doubled E2M1 values) and effective
+    scales [rows, cols / 16, 1] of one tensor: relative to `gguf_tensor_scale(scale)`."""
+    rows = codes.shape[0]
+    e4m3 = split_scales(scale.reshape(rows, -1, 1))[0].view(torch.uint8).reshape(-1, 4)
+    c = e2m1_index(codes.reshape(-1, 4, BLOCK))
+    qs = (c[..., :8] | (c[..., 8:] << 4)).reshape(-1, 32)
+    return torch.cat([e4m3, qs], 1).reshape(rows, -1)
+
+
+def _encode(w: torch.Tensor, values: bool = True):
+    """GGUF NVFP4 blocks and (when `values`) the values they mean (times the multiplier) of a whole float tensor."""
+    spec = nvfp4_spec()
+    view = w.reshape(w.shape[0], -1, BLOCK)
+    scale = FORMAT.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
+    codes, _ = FORMAT.codes(view, scale, None, spec)
+    blocks = nvfp4_gguf_blocks(codes.reshape(w.shape), scale)
+    return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+
+
 class NVFP4Format(Format):
     """NVFP4; see the module docstring."""
 
     name, grid, dtypes = "nvfp4", "nvfp4", ("fp4_e2m1",)
     holds = frozenset({"compressed-tensors"})
+    gguf = (GGUFType("NVFP4", 64, 36, nvfp4_spec, _encode, nvfp4_gguf_blocks, tensor_scale=gguf_tensor_scale),)
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != BLOCK
@@ -67,12 +96,15 @@ class NVFP4Format(Format):
     def default_signed(self, spec: QuantSpec) -> bool:
         return True  # the codes are the doubled E2M1 values -12..12 (int8)
 
+    def gguf_type(self, spec: QuantSpec) -> str | None:
+        return "NVFP4"
+
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         s = e4m3_scale_grid(scale)[0]
-        t = torch.where(s != 0, view / torch.where(s != 0, s, torch.ones_like(s)), 0.0)
+        t = view / torch.where(s != 0, s, torch.full_like(s, math.inf))  # a zero scale codes 0 (x / inf), no full-size where
         mask = t.abs() <= E2M1_INSIDE if need_mask else None
         return e2m1_doubled(t), mask
 

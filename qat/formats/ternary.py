@@ -8,6 +8,12 @@ weights j * 128 + n * 32 + m at bits 2n (n = 0..3), then the fp16 d. llama.cpp's
 with 1 / amax before d is rounded to fp16; this grid divides by the fp16 d it stores (so fake quant, convert and
 the file agree; the two differ only for |x| / amax within fp16's rounding of 0.5). roundf: halves away from zero.
 
+The same grid stores as GGUF TQ1_0 (54-byte blocks, 1.6875 bits per weight): the 256 digits q + 1 packed in
+base 3, five per byte for weights 0..239 (byte m of the first 32 holds weights n * 32 + m, n = 0..4, of the next
+16 weights 160 + n * 16 + m), four per byte for weights 240..255 (byte m holds 240 + n * 4 + m), each byte
+ceil(v * 256 / 243) of the base-3 number v (first digit most significant), then the fp16 d. A model trained on
+this grid exports to either type exactly (`qat-export gguf_type=TQ1_0` picks TQ1_0; TQ2_0 is the default).
+
 Ternary QAT (recipe ternary_g64_lsq; `tq2_0_spec(learn="lsq")` for GGUF-exact TQ2_0 where rows are multiples of
 256): learn="lsq" learns d per group (held in fp16, the scale the file stores), with straight-through rounding to
 {-1, 0, 1} (ParetoQ's setting for ternary: learned scale, STE). Other group sizes export natively (and to GGUF
@@ -46,21 +52,42 @@ def tq2_0_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> t
     return torch.cat([qs.reshape(-1, 64), half_bytes(scale.reshape(-1, 1))], 1).reshape(codes.shape[0], -1)
 
 
-def _encode(w: torch.Tensor, values: bool = True):
-    """Blocks and (when `values`) decoded values of float rows on the TQ2_0 grid."""
-    spec = tq2_0_spec()
-    view = w.reshape(w.shape[0], -1, BLOCK)
-    scale = FORMAT.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
-    codes, _ = FORMAT.codes(view, scale, None, spec)
-    blocks = tq2_0_blocks(codes.reshape(w.shape), scale)
-    return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+def _base3(digits: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """[nb, n * width] digits 0..2 -> [nb, width] bytes: byte m holds digits k * width + m (k = 0..n-1) as the
+    base-3 number d_0 d_1 ... (most significant first) in 8-bit fixed point, ceil(v * 256 / 243)."""
+    weights = torch.tensor([3 ** (4 - k) for k in range(n)], dtype=torch.int32).reshape(1, n, 1)
+    v = (digits.reshape(-1, n, width).to(torch.int32) * weights).sum(1)
+    return ((v * 256 + 242) // 243).to(torch.uint8)
+
+
+def tq1_0_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> torch.Tensor:
+    """GGUF TQ1_0 blocks [rows, cols / 256 * 54] from codes [rows, cols] (-1..1) and scales [rows, cols / 256, 1]:
+    five digits q + 1 per byte for weights 0..239 (32 bytes of 5 x 32, then 16 of 5 x 16), four per byte for
+    240..255 (qh), then the fp16 d."""
+    c = codes.reshape(-1, BLOCK).to(torch.int16) + 1
+    parts = [_base3(c[:, :160], 5, 32), _base3(c[:, 160:240], 5, 16), _base3(c[:, 240:], 4, 4),
+             half_bytes(scale.reshape(-1, 1))]
+    return torch.cat(parts, 1).reshape(codes.shape[0], -1)
+
+
+def _encoder(blocks_fn):
+    def encode(w: torch.Tensor, values: bool = True):
+        """Blocks and (when `values`) decoded values of float rows on the TQ2_0 grid (stored as TQ2_0 or TQ1_0)."""
+        spec = tq2_0_spec()
+        view = w.reshape(w.shape[0], -1, BLOCK)
+        scale = FORMAT.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
+        codes, _ = FORMAT.codes(view, scale, None, spec)
+        blocks = blocks_fn(codes.reshape(w.shape), scale)
+        return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+    return encode
 
 
 class TernaryFormat(Format):
     """TQ2_0 ternary; see the module docstring."""
 
     name, grid, dtypes = "ternary", "ternary", ("int",)
-    gguf = (GGUFType("TQ2_0", BLOCK, 66, tq2_0_spec, _encode, tq2_0_blocks),)
+    gguf = (GGUFType("TQ2_0", BLOCK, 66, tq2_0_spec, _encoder(tq2_0_blocks), tq2_0_blocks),
+            GGUFType("TQ1_0", BLOCK, 54, tq2_0_spec, _encoder(tq1_0_blocks), tq1_0_blocks))
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 2 or not spec.symmetric or spec.granularity != "per_group" or spec.scale_dtype != "fp16"

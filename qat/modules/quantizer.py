@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
+from qat.formats import get_format
 from qat.formats.int import half_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, compute_range
@@ -199,7 +200,10 @@ class TensorQuantizer(nn.Module):
 
     def _learned_qparams(self):
         tiny = torch.finfo(self.spec.torch_scale_dtype).tiny
-        scale = self.scale.clamp(min=tiny)
+        if get_format(self.spec).signed_scales:  # keep the sign, keep the magnitude off zero
+            scale = torch.where(self.scale < 0, self.scale.clamp(max=-tiny), self.scale.clamp(min=tiny))
+        else:
+            scale = self.scale.clamp(min=tiny)
         if self.spec.learn == "pact":
             scale = scale / half_range(self.spec)
         scale = scale.to(self.spec.torch_scale_dtype).float()

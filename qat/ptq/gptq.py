@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from qat.errors import ConfigError
+from qat.formats.iq4_nl import fitted_scale as iq4_nl_fitted_scale
+from qat.formats.iq4_xs import fitted_scale as iq4_xs_fitted_scale
 from qat.formats.kquant import fitted_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, fake_quantize_forward
@@ -42,18 +44,26 @@ class GPTQResult:
 # -- format-dependent branches ----------------------------------------------------------------------
 # Every place the GPTQ solver depends on the weight's number format (uniform integer grid vs the GGUF block
 # grids ggml / ggml_k) is in this section, so that the format registry can take these over in one place.
-SOLVABLE_GRIDS = ("uniform", "ggml", "ggml_k")  # GPTQ; AWQ solves the uniform grid only
+BLOCK_GRIDS = ("iq4_nl", "iq4_xs", "mx", "nvfp4", "ternary")  # block formats both methods solve on their own grid
+SOLVABLE_GRIDS = ("uniform", "ggml", "ggml_k", *BLOCK_GRIDS)  # GPTQ
+AWQ_GRIDS = ("uniform", *BLOCK_GRIDS)
+# grids whose scales GPTQ always fits on the original weight (static groups): NVFP4's block scales hang under one
+# per-tensor global; ternary's absmax scale, fitted on error-updated columns, grows with the pushed error and
+# zeroes more weights (measured on tests/ptq's correlated problem: dynamic 1.45x RTN's output error, static 0.71x)
+STATIC_FIT = ("nvfp4", "ternary")
+SEARCHED = {"iq4_nl": iq4_nl_fitted_scale, "iq4_xs": iq4_xs_fitted_scale}  # importance-weighted scale searches
 
 
 def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
-    """GPTQ / AWQ solve integer weight grids per tensor, channel or group; GPTQ also the GGUF block grids.
+    """GPTQ / AWQ solve integer weight grids per tensor, channel or group, and the block formats (IQ4_NL, IQ4_XS,
+    MXFP4, NVFP4, ternary) on their own grids; GPTQ also the GGUF legacy and K-quant grids.
 
     Args:
         grids: also accept the ggml / ggml_k block grids (GPTQ constrained to a GGUF type).
     Raises:
         ValueError: naming the module and what is supported.
     """
-    allowed = SOLVABLE_GRIDS if grids else SOLVABLE_GRIDS[:1]
+    allowed = SOLVABLE_GRIDS if grids else AWQ_GRIDS
     if spec.is_float or spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
         raise ConfigError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
                          "use an integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid "
@@ -78,14 +88,16 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec, observer=None,
     """Qparams of `w` [O, n] in `spec`'s own layout ([O, n/g, 1] per_group, [O, 1] per_channel, [] per_tensor).
 
     The range comes from `observer` (default: the one `spec` names); for the asymmetric K-quants (Q2_K, Q4_K,
-    Q5_K) with `importance` [n] it comes from the importance-weighted scale / minimum search of the GGUF
-    exporter (`qat.formats.kquant.fitted_range`, llama.cpp's imatrix fit).
+    Q5_K) and IQ4_NL / IQ4_XS with `importance` [n] the qparams come from the importance-weighted search of the
+    GGUF exporter (`qat.formats.kquant.fitted_range`, `qat.formats.iq4_nl.fitted_scale`, llama.cpp's imatrix fit).
 
     Example:
         >>> s, z = fit_qparams(w[:, :128], QuantSpec(bits=4, granularity="per_group", group_size=32))
     """
     if importance is not None and spec.grid == "ggml_k" and not spec.symmetric:
         return choose_qparams(*fitted_range(w, spec, importance), spec)
+    if importance is not None and spec.grid in SEARCHED:  # the GGUF encoder's imatrix search, on the format's grid
+        return SEARCHED[spec.grid](w, importance), None
     observer = observer or build_observer(spec)
     return choose_qparams(*observer.range_of(w), spec)
 
@@ -94,10 +106,12 @@ def column_quantizer(spec: QuantSpec):
     """fake-quantize one column [O, 1] with its group's qparams [O, 1], through `qat.primitives`.
 
     Uniform grids use `spec` as per_channel (the same element-wise arithmetic); the GGUF grids only exist
-    per_group, so their column is one group of width 1 picked by a constant g_idx."""
+    per_group, so their column is one group of width 1 picked by a constant g_idx (the block formats too, with
+    scales held as given: a learned spec would put a column's scales on its grid as if they were a whole tensor's)."""
     if spec.grid == "uniform":
         flat = column_spec(spec)
         return lambda w, s, z: fake_quantize_forward(w, s, z, flat)[0]
+    spec = spec.replace(learn="none")
     first = torch.zeros(1, dtype=torch.long)
 
     def quant(w, s, z):
@@ -108,8 +122,8 @@ def column_quantizer(spec: QuantSpec):
 
 
 def fit_span(spec: QuantSpec) -> int:
-    """Columns whose qparams are fitted together: a K-quant super-block, else one group."""
-    return 256 if spec.grid == "ggml_k" else (spec.group_size or 1)
+    """Columns whose qparams are fitted together: a K-quant or IQ4_XS super-block, else one group."""
+    return 256 if spec.grid in ("ggml_k", "iq4_xs") else (spec.group_size or 1)
 
 
 # -- solver -----------------------------------------------------------------------------------------
@@ -168,10 +182,12 @@ def gptq_quantize(
         actorder: quantize columns by decreasing diag(H) (desc_act); records g_idx with dynamic groups.
         static_groups: fit every group's qparams on the original weight before solving.
         observer: range estimator for the group qparams (default: the one `spec` names).
-        importance_fit: for the asymmetric K-quants, fit sub-block scales and minimums with the
-            diag(H)-weighted search of the GGUF exporter (llama.cpp's imatrix fit) instead of the observer.
+        importance_fit: for the asymmetric K-quants and IQ4_NL / IQ4_XS, fit (sub-)block scales (and minimums)
+            with the diag(H)-weighted search of the GGUF exporter (llama.cpp's imatrix fit) instead of the observer.
         factor: `hessian_factor(hessian, percdamp, actorder)` computed once for several weights that read the
             same input (q/k/v); the result is the same as without it.
+    NVFP4's and ternary's scales are always fitted on the whole original weight (static groups, see STATIC_FIT);
+    every block format's columns are quantized with the format's own rounding and scales.
     Returns:
         GPTQResult; `weight` is the dequantized solution, equal to fake-quantizing it with `scale`,
         `zero_point` and `g_idx`.
@@ -189,7 +205,7 @@ def gptq_quantize(
         raise ConfigError(f"{name}: GPTQ needs a finite weight and a finite [{I}, {I}] Hessian, "
                          f"got weight {tuple(W.shape)} and Hessian {tuple(hessian.shape)}")
     grouped = spec.granularity == "per_group"
-    dynamic = grouped and not static_groups
+    dynamic = grouped and not static_groups and spec.grid not in STATIC_FIT
     if dynamic and actorder and not holds_g_idx(spec):
         raise ConfigError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
                          "cannot hold; set static_groups=true or actorder=false")

@@ -111,7 +111,7 @@ def test_imatrix_calibrate_writes_a_file_that_fits_the_model(tmp_path, corpus, c
     imp = load_safetensors(cal["save"])
     assert res["imatrix"] == "calibrate" and imp["model.layers.0.mlp.down_proj.weight"].shape == (512,)
     assert bool((imp["model.layers.0.self_attn.q_proj.weight"] > 0).all())
-    assert "has no IQ4_NL/Q2_K/Q4_K/Q5_K tensors" in caplog.text  # Q8_0 blocks take no importances: said, not hidden
+    assert "has no IQ4_NL/IQ4_XS/Q2_K/Q4_K/Q5_K tensors" in caplog.text  # Q8_0 blocks take no importances: said, not hidden
 
 
 @pytest.mark.slow

@@ -43,7 +43,8 @@ def text_file(tmp_path_factory):
 # activations to 8 bits in its quantized dot products and keeps F16 weights' products in F16, so the
 # log-probs are close, not equal.
 BOUNDS = {"F32": (1e-3, 1e-3), "F16": (1e-2, 1e-2), "Q8_0": (2e-2, 1e-2), "Q4_K_M": (5e-2, 2e-2), "Q4_0": (5e-2, 2e-2),
-          "IQ4_NL": (5e-2, 2e-2), "MXFP4": (5e-2, 2e-2), "TQ2_0": (5e-2, 2e-2)}
+          "IQ4_NL": (5e-2, 2e-2), "IQ4_XS": (5e-2, 2e-2), "MXFP4": (5e-2, 2e-2), "NVFP4": (5e-2, 2e-2), "TQ1_0": (5e-2, 2e-2),
+          "TQ2_0": (5e-2, 2e-2)}
 
 
 @needs_llama_cpp
@@ -63,7 +64,7 @@ def test_llama_cpp_matches_our_loader(tiny, text_file, tmp_path, gguf_type):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("recipe", ["gguf_iq4_nl", "gguf_q4_k", "mxfp4"])
+@pytest.mark.parametrize("recipe", ["gguf_iq4_nl", "gguf_iq4_xs", "gguf_q4_k", "mxfp4", "nvfp4_w4a16"])
 def test_llama_cpp_runs_the_fake_quant_model(tiny, text_file, tmp_path, recipe):
     """A model prepared with a GGUF recipe, exported as it stands (quantized layers keep their trained type),
     computes in llama.cpp what the fake-quant model computes, up to llama.cpp's 8-bit activations."""
@@ -78,7 +79,8 @@ def test_llama_cpp_runs_the_fake_quant_model(tiny, text_file, tmp_path, recipe):
     prepared = qat.prepare(copy.deepcopy(model), qat.load_recipe(recipe))
     path = export_gguf(prepared, tmp_path / f"{recipe}.gguf", "F32", tokenizer=tok)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    expect = {"gguf_iq4_nl": "IQ4_NL", "gguf_q4_k": "Q4_K", "mxfp4": "MXFP4"}[recipe]
+    expect = {"gguf_iq4_nl": "IQ4_NL", "gguf_iq4_xs": "IQ4_XS", "gguf_q4_k": "Q4_K", "mxfp4": "MXFP4",
+              "nvfp4_w4a16": "NVFP4"}[recipe]
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == expect, types
     ref = check.llama_perplexity(BIN, path, text_file, N_CTX, CHUNKS, tmp_path)
     res = check.compare(prepared.eval(), ref)

@@ -16,9 +16,9 @@ from qat.jobs.measure import file_bits_per_weight
 from tests.export.conftest import logits
 
 LEARNED = ("w2a16_g64", "w4a16_g128_lsq", "w8a8_static", "ternary_g64_lsq")  # LSQ+ / LSQ weight scales, PACT input clip
-# learned scales on a grid the GGUF file holds exactly (MXFP4: the E8M0 scale), so its linears are not re-quantized:
-# tests/unit/test_mxfp4.py exports them exactly
-LEARNED_EXACT = ("mxfp4_lsq",)
+# learned scales on a grid the GGUF file holds exactly (MXFP4: the E8M0 scale; IQ4_XS, NVFP4: their two-level scales), so
+# its linears are not re-quantized: tests/unit/test_mxfp4.py, test_iq4_xs.py and test_nvfp4.py export them exactly
+LEARNED_EXACT = ("mxfp4_lsq", "gguf_iq4_xs_lsq", "nvfp4_w4a16_lsq")
 
 
 def _prepared(model, recipe, ids):

@@ -113,3 +113,12 @@ def test_gguf_type_iq4_nl_for_a_float_model(token_ids, tmp_path):
     loaded = load_gguf(path)
     up = loaded.model.layers[0].mlp.up_proj.weight.detach()
     assert torch.equal(up, encode(model.model.layers[0].mlp.up_proj.weight.detach(), "IQ4_NL")[1])
+
+
+def test_nearest_level_table_is_bucketize():
+    from qat.formats.iq4_nl import LEVELS, nearest_level
+
+    mids = (LEVELS[1:] + LEVELS[:-1]) / 2
+    x = torch.cat([torch.linspace(-300, 300, 600_001), mids, torch.nextafter(mids, torch.tensor(-1e9)),
+                   torch.nextafter(mids, torch.tensor(1e9)), torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])])
+    assert torch.equal(nearest_level(x), torch.bucketize(x, mids, right=True))

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import logging
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
 
 import qat
-from qat.export import export_compressed_tensors, load_compressed_tensors, save_native
-from qat.formats import bits_per_weight, get_format
+from qat.export import export_compressed_tensors, export_gguf, load_compressed_tensors, load_gguf, save_native
+from qat.export.ggml_blocks import encode
+from qat.formats import bits_per_weight, get_format, gguf_types
 from qat.formats.minifloat import e4m3_scale_grid
 from qat.formats.nvfp4 import nvfp4_spec, split_scales
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
@@ -143,3 +148,67 @@ def test_activation_variants_convert_exactly_and_export_what_fits(recipe, token_
     else:
         assert group["input_activations"] is None and "dynamic 4-bit float activations" in caplog.text
     assert torch.equal(_logits(qat.convert(model), token_ids), ref)
+
+
+def test_gguf_blocks_decode_in_gguf_py_to_our_values_times_the_global():
+    spec, w = nvfp4_spec(), _weights()
+    scale, _ = choose_qparams(*compute_range(w, spec), spec)
+    fake = fake_quantize_forward(w, scale, None, spec)[0]
+    t = gguf_types()["NVFP4"]
+    blocks = t.blocks(quantize(w, scale, None, spec), scale, None)
+    assert blocks.shape == (16, 128 // 64 * 36)
+    m = t.tensor_scale(scale)
+    assert float(m) == 1 / float(split_scales(scale)[1])  # 1 / g: a power of two
+    assert np.array_equal(gq.dequantize(blocks.numpy(), T.NVFP4) * m.numpy(), fake.numpy())  # atol=0
+    enc_blocks, values = encode(w, "NVFP4")
+    assert torch.equal(enc_blocks, blocks) and torch.equal(values, fake)
+    # layout: 4 UE4M3 bytes, then byte j of sub-block k = pattern[16k + j] | pattern[16k + j + 8] << 4
+    one = torch.tensor([[0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -6.0] * 2 + [0.0] * 48])
+    b = gguf_types()["NVFP4"].blocks(one * 2, torch.ones(1, 4, 1), None)[0]  # doubled codes, scale 1: g = 256
+    assert b[:4].tolist() == [torch.tensor(256.0).to(torch.float8_e4m3fn).view(torch.uint8).item()] * 4
+    assert b[4:12].tolist() == [1 | 1 << 4, 2 | 2 << 4, 3 | 3 << 4, 4 | 4 << 4, 5 | 5 << 4, 6 | 6 << 4, 7 | 7 << 4,
+                                15 | 15 << 4]
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4_w4a16", "nvfp4_w4a16_lsq"])
+def test_gguf_export_is_format_exact(recipe, token_ids, tmp_path):
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe(recipe))
+    ref = _logits(model, token_ids)
+    path = export_gguf(model, tmp_path / "m.gguf", "F32")
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "NVFP4"
+    assert types["blk.0.attn_q.scale"] == "F32" and "output.scale" not in types  # lm_head stays float
+    assert torch.equal(_logits(load_gguf(path), token_ids), ref)  # atol=0
+
+
+def test_gguf_nvfp4_of_a_float_model_keeps_the_embedding_in_f16(tmp_path, caplog):
+    model = tiny_llama(vocab_size=256)
+    path = export_gguf(model, tmp_path / "m.gguf", "NVFP4")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == "F16" and types["output.weight"] == types["blk.0.ffn_up.weight"] == "NVFP4"
+    assert "output.scale" in types and "token_embd.scale" not in types
+    assert "token_embd.weight is written in F16, not NVFP4" in caplog.text
+    up = load_gguf(path).model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.equal(up, encode(model.model.layers[0].mlp.up_proj.weight.detach(), "NVFP4")[1])
+
+
+def test_lsq_recipe_trains_the_block_scale_and_exports_exactly(token_ids, tmp_path):
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a16_lsq"))
+    q = model.model.layers[0].mlp.down_proj.weight_quantizer
+    before = q.scale.detach().clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):  # QAT steps: the loss moves the weights and the learned block scales
+        opt.zero_grad()
+        model(token_ids, labels=token_ids).loss.backward()
+        assert bool(q.scale.grad.isfinite().all()) and bool(q.scale.grad.abs().sum() > 0)
+        opt.step()
+    assert not torch.equal(q.scale.detach(), before)
+    assert not torch.equal(e4m3_scale_grid(q.scale.detach())[0], e4m3_scale_grid(before)[0])  # the grid moved too
+    ref = _logits(model, token_ids)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    assert torch.equal(_logits(load_compressed_tensors(out), token_ids), ref)
+    path = export_gguf(model, tmp_path / "m.gguf", "F32")
+    assert torch.equal(_logits(load_gguf(path), token_ids), ref)
+    assert torch.equal(_logits(qat.convert(model), token_ids), ref)
+    assert 4.5 < qat.control.weight_bits(model)[0] < 4.51  # 4.5 + a 32-bit global per tensor

@@ -12,7 +12,7 @@ from torch import nn
 from qat.control import quantization_disabled
 from qat.errors import ConfigError
 from qat.ptq.checks import check_ranges
-from qat.ptq.gptq import check_spec, gptq_quantize, hessian_factor, holds_g_idx
+from qat.ptq.gptq import STATIC_FIT, check_spec, gptq_quantize, hessian_factor, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
@@ -86,7 +86,7 @@ def check_model(linears: dict, cfg: GPTQConfig) -> None:
             if m.weight_quantizer.learned:
                 errors.append(f"{n}: actorder with dynamic groups records a g_idx, which learned scales do not "
                               "support; set static_groups=true")
-            elif not holds_g_idx(spec):
+            elif not holds_g_idx(spec) and spec.grid not in STATIC_FIT:  # those solve with static groups anyway
                 errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
                               "grid) cannot hold; set static_groups=true or actorder=false")
     if errors:
