@@ -65,7 +65,7 @@ def _warn_online_rotations(model: nn.Module, fmt: str) -> None:
     kv = sorted(n for n, e in online["kv"].items() if not (fmt == "GGUF" and e["source"] == "llama_cpp"))
     if kv:
         log.warning("%s export: the online key/value rotation of %d attention module(s) (%s) is not stored; the "
-                    "float function is unchanged, the runtime's KV cache stores unrotated keys", fmt, len(kv),
+                    "float function is unchanged, the runtime's cache stores unrotated keys", fmt, len(kv),
                     ", ".join(kv[:3]) + (", ..." if len(kv) > 3 else ""))
 
 
