@@ -65,23 +65,34 @@ def untie(model: nn.Module) -> None:
     log.info("rotations.r1: lm_head untied from the embeddings (the final norm is folded into lm_head only)")
 
 
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> None:
+    """Untie the embeddings, then fold every RMSNorm that feeds the residual readers (and the final norm into
+    lm_head) into the weights reading it: the norms become identity scales, the function is unchanged."""
+    adapter = get_arch(model)
+    untie(model)
+    _, blocks = adapter.blocks(model)
+    final = Mapping(adapter.final_norm, ())
+    _fold(model.get_submodule(final.prev), adapter.residual_reads[0].offset, [model.get_output_embeddings().weight])
+    for block in blocks:
+        for mapping in adapter.residual_reads:
+            _fold(block.get_submodule(mapping.prev), mapping.offset,
+                  [weight_and_bias(block, n)[0] for n in mapping.linears])
+
+
 @register_rotation("r1", _check)
 @torch.no_grad()
 def rotate_residual(model: nn.Module, config: RotationConfig) -> None:
     """Fold every RMSNorm into its readers, then rotate the residual stream by Q of kind `config.r1`."""
     adapter = get_arch(model)
-    untie(model)
+    fold_norms(model)
     q = rotation_matrix(config.r1, model.config.hidden_size, config.seed)
     _, blocks = adapter.blocks(model)
     head = model.get_output_embeddings()
-    final = Mapping(adapter.final_norm, ())
-    _fold(model.get_submodule(final.prev), adapter.residual_reads[0].offset, [head.weight])
     for block in blocks:
         for mapping in adapter.residual_reads:
-            readers = [weight_and_bias(block, n)[0] for n in mapping.linears]
-            _fold(block.get_submodule(mapping.prev), mapping.offset, readers)
-            for weight in readers:
-                rotate_columns(weight, q)
+            for name in mapping.linears:
+                rotate_columns(weight_and_bias(block, name)[0], q)
         for name in adapter.residual_writes:
             rotate_rows(*weight_and_bias(block, name), q)
     embed = model.get_input_embeddings()
