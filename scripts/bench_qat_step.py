@@ -27,15 +27,22 @@ import qat
 from qat.models import load_model
 from qat.testing import tiny_moe
 
-SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8"}
+SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8",
+           "W4A8 + rotations (R1/R2 fused, R4 online)": "w4a8_kv8+rot"}
+# the online rotations' share of a step: the same scheme with R1 / R2 (fused: free at run time) and R4 (a Hadamard
+# on every down_proj input, forward and backward); R3 rotates keys for the KV quantizer, which a step here has not
+ROTATIONS = {"r1": "random_hadamard", "r2": "random_hadamard", "r4": "hadamard"}
 
 
 def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: str = "lean"):
     variants = {"FP": copy.deepcopy(base).train()}
     modes = {"lean": [True], "unfused": [False], "both": [False, True]}[ste]
     for label, name in schemes.items():
+        name, rotate = name.removesuffix("+rot"), name.endswith("+rot")
         recipe = qat.load_recipe(name).to_dict()
         recipe["kv_cache"] = None  # weights + activations only: the KV cache is not part of a training step
+        if rotate:
+            recipe["rotations"] = ROTATIONS
         if group_size:
             recipe["weight"]["group_size"] = group_size
         for lean in modes:
@@ -122,7 +129,7 @@ def main() -> None:
     if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
         base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
                         num_kv_heads=4, vocab_size=8192, experts_implementation=args.experts).to(args.device)
-        schemes = {"W4A16": "w4a16_g128"}
+        schemes = {"W4A16": "w4a16_g128"}  # and no R4: fused experts have no down_proj Linear
     else:
         base = load_model(args.model, **(tiny if args.model == "tiny" else {})).to(args.device)
     group = args.group_size or (64 if base.config.hidden_size % 128 else None)

@@ -56,8 +56,9 @@ def find_llama_cpp(hint: str | os.PathLike | None = None) -> Path | None:
     return Path(found).parent if found else None
 
 
-def _run(cmd: list[str], timeout: float) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         if proc.returncode == -signal.SIGILL:
@@ -147,15 +148,18 @@ class LlamaPerplexity:
 
 
 def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, n_ctx: int, chunks: int, work: Path,
-                     threads: int = 2, timeout: float = 1800) -> LlamaPerplexity:
+                     threads: int = 2, timeout: float = 1800, extra: list[str] | tuple[str, ...] = (),
+                     env: dict[str, str] | None = None) -> LlamaPerplexity:
     """Run `llama-perplexity` on `text` with chunks of `n_ctx` tokens and read back its ppl and log-probs.
+    `extra`: more arguments (e.g. a quantized KV cache: -ctk q8_0 -ctv q8_0 -fa on); `env`: variables added to
+    the environment (LLAMA_ATTN_ROT_DISABLE=1).
 
     Raises:
         RuntimeError: llama.cpp refused the file (its last log lines are in the message).
     """
     dump = work / f"{gguf.stem}.logits"
     out = _run([str(bin_dir / BINARY), "-m", str(gguf), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
-                "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(dump)], timeout)
+                "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(dump), *extra], timeout, env)
     with open(dump, "rb") as f:
         if f.read(8) != b"_logits_":
             raise RuntimeError(f"{dump}: not a llama-perplexity logits file")

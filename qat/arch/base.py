@@ -144,6 +144,29 @@ class ArchAdapter:
     reads_gguf: ClassVar[bool] = True
     rope_types: ClassVar[tuple[str, ...] | None] = ("default", "linear")
 
+    # -- rotations (qat.transform.rotations): names relative to a decoder block; a name is a Linear (its
+    # weight and bias) or a weight parameter ([..., out, in], fused experts included) --------------------------
+    residual_writes: ClassVar[tuple[str, ...]] = ("self_attn.o_proj", "mlp.down_proj")
+    """The weights whose outputs are added to the residual stream (R1 rotates their rows)."""
+    value_proj: ClassVar[str] = "self_attn.v_proj"
+    """The weight holding the value rows (R2 rotates them per head; `value_rows` says where they start)."""
+    out_proj: ClassVar[str] = "self_attn.o_proj"
+    down_proj: ClassVar[str | None] = "mlp.down_proj"
+    """The MLP's down projection, an nn.Linear (R4); None where the family has none (fused experts)."""
+    final_norm: ClassVar[str] = "model.norm"
+    residual_rotation_refusal: ClassVar[str | None] = None
+    """Why R1 cannot be fused into this family's weights (None: it can)."""
+
+    @property
+    def residual_reads(self) -> tuple[Mapping, ...]:
+        """norm -> the weights reading the normalised residual stream (R1 folds the norm into them and
+        rotates their columns); by default the SmoothQuant groups."""
+        return self.smooth_mappings
+
+    def value_rows(self, config: Any) -> int:
+        """The first row of the values in `value_proj` (0 unless q/k/v are fused)."""
+        return 0
+
     @property
     def gguf_arch_name(self) -> str:
         """general.architecture of the GGUF files this family is written as ("llama")."""

@@ -46,6 +46,9 @@ class Gemma3Adapter(ArchAdapter):
     )
     smooth_mappings = (Mapping("input_layernorm", ATTN_QKV, offset=1.0),
                        Mapping("pre_feedforward_layernorm", MLP_IN, offset=1.0))
+    residual_rotation_refusal = ("Gemma 3 normalises o_proj's and down_proj's outputs (post_attention_layernorm, "
+                                 "post_feedforward_layernorm, elementwise (1 + weight)) before adding them to the "
+                                 "residual stream: a residual rotation cannot pass those norms offline")
 
     def to_gguf(self, gguf_name: str, t: torch.Tensor, config: Any) -> torch.Tensor:
         return t + 1.0 if gguf_name.endswith("norm.weight") else t

@@ -45,6 +45,14 @@ class MoEAdapter(LlamaAdapter):
     # AWQ / SmoothQuant scale through the attention; the experts are not nn.Linear (no MLP mapping yet)
     mappings = (Mapping("input_layernorm", ATTN_QKV), Mapping("self_attn.v_proj", ("self_attn.o_proj",)))
     smooth_mappings = (Mapping("input_layernorm", ATTN_QKV),)
+    # rotations: the router and the fused experts read the residual stream, the experts' down_proj writes it
+    residual_writes = ("self_attn.o_proj", "mlp." + DOWN)
+    down_proj = None
+
+    @property
+    def residual_reads(self) -> tuple[Mapping, ...]:
+        return (Mapping("input_layernorm", ATTN_QKV),
+                Mapping("post_attention_layernorm", ("mlp.gate", "mlp." + GATE_UP)))
 
     def n_experts(self, config: Any) -> int:
         return int(getattr(config, self.experts_field))

@@ -32,6 +32,11 @@ class Phi3Adapter(ArchAdapter):
     mappings = (Mapping("input_layernorm", ("self_attn.qkv_proj",)),
                 Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)))
     smooth_mappings = mappings
+    value_proj = "self_attn.qkv_proj"  # rows: q (heads * d), k (kv_heads * d), then v
+
+    def value_rows(self, config: Any) -> int:
+        head_dim = config.hidden_size // config.num_attention_heads
+        return (config.num_attention_heads + config.num_key_value_heads) * head_dim
     # longrope (Phi-3 128k) needs llama.cpp's rope_factors_long / _short tensors, which qat does not write
     rope_types = ("default",)
 

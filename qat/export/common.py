@@ -19,6 +19,7 @@ from qat.modules.router import QuantizedRouter
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import QUANTIZED
+from qat.modules.rotation import online_rotations
 from qat.transform import convert
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,26 @@ def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: boo
         log.warning("%s export: the %s quantization of %d module(s) (%s) has no place in this format and is "
                     "not stored; runtimes will compute those tensors their own way", fmt, what, len(names),
                     ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+    _warn_online_rotations(model, fmt)
     return dropped
+
+
+def _warn_online_rotations(model: nn.Module, fmt: str) -> None:
+    """Online rotations have no place in the folder / GGUF formats: an input rotation (R4) is part of the
+    function (its weight was rotated offline), so the file computes something else without it; a key rotation
+    only changes what the cache stores (llama.cpp applies its own to a quantized cache)."""
+    online = online_rotations(model)
+    if online["input"]:
+        names = sorted(online["input"])
+        log.warning("%s export: the online input rotation (R4 Hadamard) of %d module(s) (%s) has no place in this "
+                    "format and is not stored; their weights were rotated for it, so a runtime without it computes "
+                    "a different model (export format=native keeps it)", fmt, len(names),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+    kv = sorted(n for n, e in online["kv"].items() if not (fmt == "GGUF" and e["source"] == "llama_cpp"))
+    if kv:
+        log.warning("%s export: the online key/value rotation of %d attention module(s) (%s) is not stored; the "
+                    "float function is unchanged, the runtime's cache stores unrotated keys", fmt, len(kv),
+                    ", ".join(kv[:3]) + (", ..." if len(kv) > 3 else ""))
 
 
 def converted_copy(model: nn.Module) -> nn.Module:

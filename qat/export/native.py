@@ -9,7 +9,9 @@ A native export is a folder:
                          ranges, float parameters); tied tensors stored once
     qat_quant.json       {"format": "qat-native", "version": 2, "modules": {name: {kind, shape, dtype,
                          schemes: {weight, input}}}, "kv_cache": {...}, "extra_state": {...},
-                         "tied": {key: source key}}; written last, so its presence marks a complete export
+                         "tied": {key: source key}, "rotations": {"input": {module: {size, block}},
+                         "kv": {attention: {k_block, v_block, source}}} (only with online rotations)};
+                         written last, so its presence marks a complete export
 
 `load_native` rebuilds the model from config.json, swaps in QuantizedLinear / QuantizedEmbedding
 (and QuantizedExperts: fused MoE experts, `kind: experts`) modules from the JSON schemes, and loads the tensors (no pickle anywhere). Its forward is the
@@ -33,6 +35,7 @@ from qat.modules.experts import QuantizedExperts, is_experts
 from qat.modules.router import QuantizedRouter, is_router
 from qat.modules.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
+from qat.modules.rotation import attach_online, online_rotations
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
 
@@ -128,6 +131,9 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
         kv = {"modules": sorted(attention), "spec": next(iter(attention.values())).k_quantizer.spec.to_dict()}
     meta = {"format": FORMAT, "version": VERSION, "modules": {n: entries[n] for n in modules},
             "kv_cache": kv, "extra_state": extra, "tied": tied}
+    online = online_rotations(model)
+    if online["input"] or online["kv"]:
+        meta["rotations"] = online
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(model.config.to_json_string())
     if tokenizer is not None:
@@ -185,6 +191,18 @@ def _build_module(old: nn.Module, entry: dict, name: str) -> nn.Module:
                            TensorSchemes(weight=qweight.spec, input=spec_in))
 
 
+def _attach_rotations(model: nn.Module, record, folder: Path) -> None:
+    """The online rotations the export recorded (R3 / R4 / llama.cpp's KV rotation), back on their modules."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, {}), dict) for k in ("input", "kv")):
+        raise BadFileError(folder / META, "'rotations' is not {input: {...}, kv: {...}}")
+    try:
+        attach_online(model, record)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise BadFileError(folder / META, f"'rotations' does not fit the model: {err}") from None
+
+
 def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a native export as a model with QuantizedLinear / QuantizedEmbedding modules.
 
@@ -213,6 +231,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
             attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))
         for name, entry in meta["modules"].items():
             set_module(model, name, _build_module(model.get_submodule(name), entry, name))
+        _attach_rotations(model, meta.get("rotations"), folder)
         state = dict(tensors)
         state.update({k: tensors[v] for k, v in meta["tied"].items()})
         state.update(meta["extra_state"])

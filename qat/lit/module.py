@@ -21,6 +21,7 @@ import qat
 from qat.lit.parallel import average_replicated_grads, shard_fsdp2
 from qat.models import load_model
 from qat.transform.recipe import to_plain
+from qat.transform.rotations.learned import CayleySGD, attach_learned_rotations, fuse_learned_rotations
 
 
 
@@ -63,6 +64,9 @@ class QATModule(pl.LightningModule):
             the usual recipes; on a small-vocabulary-heavy model like SmolLM2 this saves ~10% of the step).
         lean_ste: the memory-lean straight-through estimator (qat.set_lean_ste): backward recomputes the
             fake-quantized weights and inputs instead of keeping them; same values and gradients.
+        learned_rotations: {r1, r2, init, lr, momentum} (all optional): SpinQuant-style learned rotations
+            (`qat.transform.rotations.learned`) trained jointly with QAT by a CayleySGD stepped with the main
+            optimizer, and fused into the weights when fit ends (`fuse_rotations`).
     Example:
         >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
     """
@@ -71,7 +75,8 @@ class QATModule(pl.LightningModule):
                  optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
                  kd: Mapping[str, Any] | None = None, range_init_batches: int = 0, fake_quant_after: int = 0,
                  freeze_ranges_after: int | None = None, gradient_checkpointing: bool = False,
-                 freeze_embeddings: bool = False, lean_ste: bool = True) -> None:
+                 freeze_embeddings: bool = False, lean_ste: bool = True,
+                 learned_rotations: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         model, quant, kd = to_plain(model), to_plain(quant), to_plain(kd)
         optimizer = to_plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
@@ -81,7 +86,8 @@ class QATModule(pl.LightningModule):
                                    "range_init_batches": range_init_batches, "fake_quant_after": fake_quant_after,
                                    "freeze_ranges_after": freeze_ranges_after,
                                    "gradient_checkpointing": gradient_checkpointing,
-                                   "freeze_embeddings": freeze_embeddings, "lean_ste": lean_ste})
+                                   "freeze_embeddings": freeze_embeddings, "lean_ste": lean_ste,
+                                   "learned_rotations": to_plain(learned_rotations)})
         self.model = build_model(model).train()
         self._teacher: list[nn.Module] = []  # a list keeps the teacher out of state_dict / parameters
         if kd and kd.get("teacher", "copy") == "copy":
@@ -90,6 +96,7 @@ class QATModule(pl.LightningModule):
         if quant is not None:
             qat.prepare(self.model, quant)
             qat.set_lean_ste(self.model, lean_ste)
+        self._rotations, self._cayley = self._attach_rotations(to_plain(learned_rotations)), None
         if freeze_embeddings:  # input embeddings (and a tied lm_head) stay as they are: less compute, less memory
             self.model.get_input_embeddings().weight.requires_grad_(False)
             self.model.get_output_embeddings().weight.requires_grad_(False)
@@ -110,11 +117,40 @@ class QATModule(pl.LightningModule):
         if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("ModelParallelStrategy: tensor_parallel_size > 1 is not supported for QAT; set "
                               "tensor_parallel_size=1 and data_parallel_size=<devices> (FSDP2)")
+        if self._rotations:
+            raise ConfigError("module.learned_rotations is not supported with trainer=fsdp (the rotations are "
+                              "parametrizations shared across sharded blocks); use trainer=ddp or one device")
         self._replicated = shard_fsdp2(self.model, mesh["data_parallel"] if mesh.ndim > 1 else mesh)
         self._sharded = True
 
     def on_after_backward(self) -> None:
         average_replicated_grads(self._replicated)
+
+    ROTATION_KEYS = {"r1": True, "r2": True, "init": "hadamard", "lr": 1.5, "momentum": 0.0}
+
+    def _attach_rotations(self, cfg: Mapping[str, Any] | None) -> list[nn.Parameter]:
+        if not cfg:
+            return []
+        unknown = sorted(set(cfg) - set(self.ROTATION_KEYS))
+        if unknown:
+            raise ConfigError(f"learned_rotations: unknown key(s) {unknown}; valid: {sorted(self.ROTATION_KEYS)}")
+        cfg = {**self.ROTATION_KEYS, **cfg}
+        return attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=cfg["init"])
+
+    def fuse_rotations(self) -> None:
+        """Bake the learned rotations into the weights (plain parameters again: export as usual)."""
+        if self._rotations:
+            fuse_learned_rotations(self.model)
+            self._rotations, self._cayley = [], None
+
+    def on_fit_end(self) -> None:
+        self.fuse_rotations()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._cayley is not None:  # the rotations step with the main optimizer, on the same gradients
+            self._cayley.step()
+            self._cayley.zero_grad(set_to_none=True)
 
     @staticmethod
     def _check_kd(kd: Mapping[str, Any] | None) -> None:
@@ -181,8 +217,12 @@ class QATModule(pl.LightningModule):
     def configure_optimizers(self):
         from hydra.utils import instantiate
 
-        params = [p for p in self.parameters() if p.requires_grad]
+        rotations = {id(p) for p in self._rotations}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in rotations]
         optimizer = instantiate(self.hparams.optimizer)(params)
+        if self._rotations:
+            cfg = {**self.ROTATION_KEYS, **(self.hparams.learned_rotations or {})}
+            self._cayley = CayleySGD(self._rotations, lr=cfg["lr"], momentum=cfg["momentum"])
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler)(optimizer)

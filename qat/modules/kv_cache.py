@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qat.modules.quantizer import TensorQuantizer
+from qat.modules.rotation import KV_ROTATION
 from qat.spec import QuantSpec
 
 ATTN_NAME = "qat_kv"
@@ -41,11 +42,19 @@ def _base_attention(module: nn.Module, name: str):
 
 
 def qat_kv_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Attention with fake-quantized keys and values; the math is the wrapped implementation's."""
+    """Attention with fake-quantized keys and values; the math is the wrapped implementation's. An attention
+    module with a `KVRotation` (R3, or llama.cpp's K/V cache rotation) has queries and keys (after RoPE) and
+    values rotated before the quantizers, and the output rotated back, where llama.cpp's graph does it."""
+    rotation = getattr(module, KV_ROTATION, None)
+    if rotation is not None:
+        query, key, value = rotation.rotate(query, key, value)
     if getattr(module, "k_quantizer", None) is not None:
         key, value = module.k_quantizer(key), module.v_quantizer(value)
     base = _base_attention(module, getattr(module, "qat_base_attention", None))
-    return base(module, query, key, value, attention_mask, **kwargs)
+    out, weights = base(module, query, key, value, attention_mask, **kwargs)
+    if rotation is not None:
+        out = rotation.unrotate_output(out)  # [batch, seq, heads, head_dim]
+    return out, weights
 
 
 def _register(base: str) -> str:

@@ -174,6 +174,9 @@ def stream_ptq(source: str | Path, recipe: Any, method: Any, batches: Iterable[A
         raise ConfigError(f"offload=stream needs a model family qat.arch knows (its decoder blocks); "
                           f"{type(model).__name__} is not one")
     prefix, blocks = arch.blocks(model)
+    if getattr(recipe, "rotations", None) is not None:
+        raise ConfigError("offload=stream does not apply a recipe's `rotations` (R1 rotates every block and the "
+                          "embeddings at once); quantize this recipe in memory, or drop its rotations key")
     result = plan(model, recipe)
     outside = lambda n: not n.startswith(prefix + ".")  # noqa: E731
     _load_rest(model, reader, outside, source)

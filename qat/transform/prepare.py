@@ -12,10 +12,12 @@ from qat.formats import get_format, gguf_types
 from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
+from qat.modules.rotation import carry_rotation
 from qat.primitives import check_tensor
 from qat.spec import TensorSchemes
 from qat.transform.match import matches
 from qat.transform.recipe import QuantRecipe, as_recipe
+from qat.transform.rotations import apply_rotations, rotation_errors
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
+    if recipe.rotations is not None:
+        errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name)
     if errors:
         raise ConfigError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
@@ -171,8 +175,12 @@ def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at `name` in `model`; an online input rotation (R4) of the module it replaces goes with it."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if old is not None:
+        carry_rotation(old, new)
     setattr(parent, child, new)
 
 
@@ -195,6 +203,8 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: 
     result = plan(model, recipe)
     for warning in result.warnings:
         log.warning(warning)
+    if recipe.rotations is not None:  # offline rotations change the float weights the quantizers start from
+        apply_rotations(model, recipe.rotations, has_kv=bool(result.attention))
     apply_plan(model, result, verbose=verbose)
     model.qat_recipe = recipe
     return model
@@ -203,7 +213,7 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: 
 def apply_plan(model: nn.Module, result: Plan, select: Callable[[str], bool] | None = None,
                verbose: bool = False) -> None:
     """Swap the modules of a `plan` result: all of them, or those whose name `select` accepts (an out-of-core
-    PTQ prepares one decoder block at a time, as it is loaded).
+    PTQ prepares one decoder block at a time, as it is loaded). Rotations are `prepare`'s, not applied here.
 
     Example:
         >>> result = plan(model, recipe); apply_plan(model, result, lambda n: n.startswith("model.layers.0."))

@@ -8,6 +8,7 @@ A recipe is what a `configs/quant/*.yaml` file holds:
     weight: {bits: 4, granularity: per_group, group_size: 128}
     input: null                  # input-activation scheme
     kv_cache: null               # key / value scheme for attention modules
+    rotations: null              # {r1, r2, r3, r4, kv_cache, seed}: qat.transform.rotations.RotationConfig
     overrides:                   # later entries win; keys merge into the base scheme
       - targets: ["re:.*down_proj"]
         weight: {bits: 6}
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from qat.errors import ConfigError, UserError
 from qat.recipes import read_recipe
 from qat.spec import QuantSpec, TensorSchemes, check_keys
+from qat.transform.rotations.base import RotationConfig
 
 ROLE_KEYS = ("weight", "input", "kv_cache")
 
@@ -74,8 +76,9 @@ class QuantRecipe:
     base: TensorSchemes = field(default_factory=TensorSchemes)
     overrides: tuple[Override, ...] = ()
     description: str = ""
+    rotations: RotationConfig | None = None
 
-    KEYS = ("name", "description", "targets", "ignore", *ROLE_KEYS, "overrides")
+    KEYS = ("name", "description", "targets", "ignore", *ROLE_KEYS, "overrides", "rotations")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
@@ -118,6 +121,7 @@ class QuantRecipe:
             base=TensorSchemes(**roles),
             overrides=tuple(overrides),
             description=str(data.get("description", "")),
+            rotations=RotationConfig.from_dict(data.get("rotations")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +131,8 @@ class QuantRecipe:
             spec = getattr(self.base, role)
             out[role] = None if spec is None else spec.to_dict()
         out["overrides"] = [{"targets": list(o.targets), **o.changes} for o in self.overrides]
+        if self.rotations is not None:
+            out["rotations"] = self.rotations.to_dict()
         return out
 
 

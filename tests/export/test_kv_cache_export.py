@@ -16,8 +16,9 @@ from qat.export.common import weight_of
 from qat.io import load_safetensors
 from tests.export.conftest import logits
 
-KV_RECIPES = ("w4a8_kv8",)
+KV_RECIPES = ("w4a8_kv8", "w4a4_kv4_rot", "w4a8_kv4_rot", "gguf_q4_0_kv_q8_0", "gguf_q4_0_kv_q4_0")
 FORMATS = ("compressed_tensors", "gptq")
+FOLDER_KV_RECIPES = tuple(r for r in KV_RECIPES if not r.startswith("gguf_"))  # GGUF grids: tests/export/test_llama_cpp_kv.py
 
 
 def test_the_kv_recipes_are_every_recipe_with_a_kv_cache_scheme():
@@ -25,7 +26,7 @@ def test_the_kv_recipes_are_every_recipe_with_a_kv_cache_scheme():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("recipe", KV_RECIPES)
+@pytest.mark.parametrize("recipe", FOLDER_KV_RECIPES)
 def test_unstorable_kv_scheme_is_warned_not_written_and_the_export_loads(model, ids, tmp_path, caplog, recipe, fmt):
     prepared = qat.prepare(model, qat.load_recipe(recipe))
     qat.calibrate(prepared, [ids])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import qat
+from qat.errors import ConfigError
 from qat.lit import QATModule, TextDataModule, kd_loss, quantizer_stats
 from qat.models import load_model
 
@@ -172,3 +173,20 @@ def test_lean_ste_composes_with_gradient_checkpointing():
         assert got.keys() == reference.keys(), key
         for name in reference:
             assert torch.equal(got[name], reference[name]), (key, name)
+
+
+def test_learned_rotations_train_jointly_and_fuse(corpus):
+    """SpinQuant-style R1 / R2 trained with QAT (CayleySGD beside AdamW), orthogonal throughout, fused at fit end."""
+    pl.seed_everything(0)
+    m = QATModule(TINY, qat.load_recipe("w4a8_kv8").to_dict() | {"kv_cache": None, "weight": {
+        "bits": 4, "granularity": "per_channel"}}, optimizer=OPTIM, learned_rotations={"lr": 0.5})
+    r1 = m._rotations[0]
+    start = r1.detach().clone()
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(m, datamodule(corpus))
+    assert not torch.equal(start, r1.detach())
+    assert torch.allclose(r1.detach() @ r1.detach().T, torch.eye(r1.shape[0]), atol=1e-5)
+    assert not any("parametrizations" in k for k in m.model.state_dict())  # fused when fit ended
+    with pytest.raises(ConfigError, match="unknown key"):
+        QATModule(TINY, None, learned_rotations={"r7": True})

@@ -1,0 +1,184 @@
+"""Learned rotations (SpinQuant): R1 (residual stream) and one R2 per layer (per head on values) as orthogonal
+parameters, trained with the Cayley SGD on the orthogonal group, jointly with QAT, then fused into the weights.
+
+    rotations = attach_learned_rotations(prepared)            # after qat.prepare: norms folded, weights parametrized
+    opt_r = CayleySGD(rotations, lr=1.5)                       # the rotations; AdamW for the rest
+    ... train: the weight quantizers see W @ R at every step ...
+    fuse_learned_rotations(prepared)                           # W <- W @ R for good; plain parameters again
+
+The weights are `torch.nn.utils.parametrize` parametrizations reading the shared rotation modules, so the
+fake-quant modules quantize the rotated weights and gradients reach R through them. Starting from a Hadamard
+(the default) the model computes what it computed before; `fuse_learned_rotations` keeps the function exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qat.arch import get_arch
+from qat.errors import ConfigError
+from qat.modules.hadamard import rotation_matrix
+from qat.transform.rotations.base import head_dim_of, weight_and_bias
+from qat.transform.rotations.r1 import fold_norms
+
+
+class CayleySGD(torch.optim.Optimizer):
+    """SGD (with momentum) that keeps square parameters orthogonal: X <- (I + a/2 W)^-1 (I - a/2 W) X with the
+    skew-symmetric W = G X^T - X G^T (the Cayley transform of the Riemannian gradient; SpinQuant's optimizer,
+    after Li et al. 2020). To first order the step is X - a (G - X G^T X).
+
+    Example:
+        >>> opt = CayleySGD([rotation.weight], lr=1.5)
+    """
+
+    def __init__(self, params, lr: float = 1.5, momentum: float = 0.0):
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"CayleySGD: lr={lr} must be > 0 and momentum={momentum} in [0, 1)")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.ndim != 2 or p.shape[0] != p.shape[1]:
+                    raise ValueError(f"CayleySGD: parameter of shape {tuple(p.shape)} is not a square matrix")
+                g = p.grad.double()
+                if group["momentum"]:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(g))
+                    g = buf.mul_(group["momentum"]).add_(g)
+                x = p.double()
+                w = g @ x.T - x @ g.T
+                eye = torch.eye(x.shape[0], dtype=torch.float64, device=x.device)
+                half = group["lr"] / 2
+                p.copy_(torch.linalg.solve(eye + half * w, (eye - half * w) @ x).to(p.dtype))
+        return loss
+
+
+class Rotation(nn.Module):
+    """One learnable orthogonal matrix (`weight`, [n, n]), shared by the parametrizations that read it."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(matrix.clone())
+
+
+class _In(nn.Module):
+    """W -> W @ R (a reader of the rotated stream: columns)."""
+
+    def __init__(self, rotation: Rotation):
+        super().__init__()
+        self.rotation = rotation
+
+    def forward(self, w):
+        return w @ self.rotation.weight.to(w.dtype)
+
+
+class _Out(nn.Module):
+    """W -> R^T @ W, or b -> b @ R (a writer into the rotated stream: rows)."""
+
+    def __init__(self, rotation: Rotation, bias: bool = False):
+        super().__init__()
+        self.rotation, self.bias = rotation, bias
+
+    def forward(self, w):
+        r = self.rotation.weight.to(w.dtype)
+        return w @ r if self.bias else r.T @ w
+
+
+class _HeadsOut(nn.Module):
+    """Rows [start, start + heads * d) of W (or of a bias) per head: R^T @ rows (bias: rows @ R)."""
+
+    def __init__(self, rotation: Rotation, start: int, heads: int):
+        super().__init__()
+        self.rotation, self.start, self.heads = rotation, start, heads
+
+    def forward(self, w):
+        r = self.rotation.weight.to(w.dtype)
+        d, end = r.shape[0], self.start + self.heads * r.shape[0]
+        part = w[self.start:end]
+        if w.ndim == 1:
+            rotated = (part.reshape(self.heads, d) @ r).reshape(-1)
+        else:
+            rotated = (r.T @ part.reshape(self.heads, d, -1)).reshape(self.heads * d, -1)
+        return torch.cat([w[:self.start], rotated, w[end:]])
+
+
+class _HeadsIn(nn.Module):
+    """W [out, heads * d] -> per head W_h @ R (o_proj's columns)."""
+
+    def __init__(self, rotation: Rotation):
+        super().__init__()
+        self.rotation = rotation
+
+    def forward(self, w):
+        r = self.rotation.weight.to(w.dtype)
+        return (w.reshape(w.shape[0], -1, r.shape[0]) @ r).reshape(w.shape)
+
+
+def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(module, parameter name) of a block-relative weight name (a module with .weight, or a parameter)."""
+    weight_and_bias(block, name)  # refuses what is not a weight
+    try:
+        module = block.get_submodule(name)
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            return module, "weight"
+    except AttributeError:
+        pass
+    parent, _, leaf = name.rpartition(".")
+    return block.get_submodule(parent), leaf
+
+
+def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True, init: str = "hadamard",
+                             seed: int = 0) -> list[nn.Parameter]:
+    """Make R1 and one R2 per layer learnable parameters of `model` (float or prepared): RMSNorms are folded
+    first, then every weight that reads or writes the residual stream (and v / o per head) is parametrized.
+
+    Returns:
+        the rotation parameters (give them to `CayleySGD`; keep them out of AdamW).
+    Raises:
+        ConfigError: a family R1 cannot be applied to (`ArchAdapter.residual_rotation_refusal`).
+    """
+    adapter = get_arch(model)
+    if r1 and adapter.residual_rotation_refusal:
+        raise ConfigError(f"learned R1 on {model.config.model_type}: {adapter.residual_rotation_refusal}")
+    params: list[nn.Parameter] = []
+    _, blocks = adapter.blocks(model)
+    if r1:
+        fold_norms(model)
+        rot = Rotation(rotation_matrix(init, model.config.hidden_size, seed, model.get_input_embeddings().weight.dtype))
+        params.append(rot.weight)
+        parametrize.register_parametrization(model.get_input_embeddings(), "weight", _In(rot))
+        parametrize.register_parametrization(model.get_output_embeddings(), "weight", _In(rot))
+        for block in blocks:
+            for name in (n for m in adapter.residual_reads for n in m.linears):
+                parametrize.register_parametrization(*_owner(block, name), _In(rot))
+            for name in adapter.residual_writes:
+                module, pname = _owner(block, name)
+                parametrize.register_parametrization(module, pname, _Out(rot))
+                if pname == "weight" and getattr(module, "bias", None) is not None:
+                    parametrize.register_parametrization(module, "bias", _Out(rot, bias=True))
+    if r2:
+        start, kv_heads = adapter.value_rows(model.config), model.config.num_key_value_heads
+        for block in blocks:
+            d = head_dim_of(block.get_submodule(adapter.out_proj.rpartition(".")[0]))
+            rot = Rotation(rotation_matrix(init, d, seed + 1, block.get_submodule(adapter.out_proj).weight.dtype))
+            params.append(rot.weight)
+            module, pname = _owner(block, adapter.value_proj)
+            parametrize.register_parametrization(module, pname, _HeadsOut(rot, start, kv_heads))
+            if getattr(module, "bias", None) is not None:
+                parametrize.register_parametrization(module, "bias", _HeadsOut(rot, start, kv_heads))
+            parametrize.register_parametrization(*_owner(block, adapter.out_proj), _HeadsIn(rot))
+    return params
+
+
+def fuse_learned_rotations(model: nn.Module) -> nn.Module:
+    """Bake every learned rotation into its weights (the parametrizations are removed, the values kept)."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
