@@ -125,8 +125,8 @@ def main() -> None:
     base_t = statistics.median(times["plain"])
     base_m = saved_bytes(mods["plain"], x)
     print(f"Linear {args.inf}x{args.out}, {args.tokens} tokens, fwd+bwd, {args.device}, median of {args.iters}")
-    print(f"| variant | time (ms) | vs plain | saved for backward (MiB) | vs plain |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | time (ms) | vs plain | saved for backward (MiB) | vs plain |")
+    print("|---|---|---|---|---|")
     for name, m in mods.items():
         t, mem = statistics.median(times[name]), saved_bytes(m, x)
         print(f"| {name} | {t * 1e3:.1f} | {t / base_t:.3f}x | {mem / 2**20:.1f} | {mem / base_m:.3f}x |")

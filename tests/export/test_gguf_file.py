@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 
-import qat
 from qat.export import export_gguf, load_any, load_gguf
 from qat.export.gguf_export import fit_type, mix_type
 from qat.export.gguf_import import open_gguf

@@ -7,7 +7,7 @@ import torch
 
 from qat import testing
 from qat.modules.fake import FakeQuantLinear
-from qat.ptq import apply, ptq_model
+from qat.ptq import apply
 from qat.transform import prepare
 from qat.transform.recipe import load_recipe
 
