@@ -6,7 +6,9 @@ from the model's architecture adapter (`qat.arch`).
 `gguf_type` is a tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS, MXFP4,
 TQ1_0, TQ2_0) or a mix (Q4_K_S,
 Q4_K_M, Q5_K_S, Q5_K_M), and for the types that are also llama.cpp file types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense models, as `llama-quantize` does:
+Q6_K) the file follows llama.cpp's llama_tensor_get_type for dense models, as `llama-quantize` does
+(IQ4_NL, IQ4_XS, MXFP4, TQ1_0 and TQ2_0 follow its output / token_embd rules only: output and a tied
+embedding in Q6_K, the ternary types' untied token_embd in Q4_K):
 output.weight (token_embd when tied) in Q6_K unless the type is Q8_0; in *_M, attn_v (or a fused attn_qkv) and ffn_down in Q6_K
 for layers i < n/8, i >= 7n/8 and every third layer between; in Q4_K_S, attn_v of the first 4 layers and
 ffn_down of the first n/8 in Q5_K; with an imatrix, Q4_0 / Q5_0 put ffn_down of the first n/8 layers in
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 MIXES = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
          "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}  # llama.cpp file types: per-tensor rules
 FALLBACK = {n: t.fallback for n, t in gguf_types().items() if t.fallback}  # as each format registers it
+HEAD_RULES = ("IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0")  # llama_tensor_get_type's output / token_embd rules
 MULTIPLIED = {n for n, t in gguf_types().items() if t.tensor_scale}  # written with a "<name>.scale" tensor
 
 
@@ -107,6 +110,13 @@ def mix_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, tied: bo
     """
     if len(shape) == 1 or re.fullmatch(r"blk\.\d+\.ffn_gate_inp\.weight", name):
         return "F32"
+    if mix in HEAD_RULES and not pure:
+        # llama.cpp file types whose layer rules qat does not mirror still keep the output (and the tied
+        # embedding) in Q6_K and, for the ternary types, the untied token embedding in Q4_K
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            return "Q6_K"
+        if name == "token_embd.weight" and mix in ("TQ1_0", "TQ2_0"):
+            return "Q4_K"
     if mix not in MIXES:
         return mix
     base = MIXES[mix]

@@ -146,3 +146,15 @@ def test_unwritable_path_and_atomic_failure(model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf(model, tmp_path / "m.gguf", "Q8_0")
     assert list(tmp_path.iterdir()) == [blocker]  # no partial file, no temp file left behind
+
+
+@pytest.mark.parametrize("gguf_type", ["IQ4_NL", "IQ4_XS", "MXFP4", "TQ1_0", "TQ2_0"])
+def test_llama_cpp_head_rules_for_the_newer_types(gguf_type):
+    """llama-quantize keeps the output (and a tied embedding) in Q6_K for every file type but Q8_0, and the ternary
+    types' untied token embedding in Q4_K: a model whose head the recipe left in float is not written ternary."""
+    assert mix_type("output.weight", (512, 256), gguf_type, 4, tied=False) == "Q6_K"
+    assert mix_type("token_embd.weight", (512, 256), gguf_type, 4, tied=True) == "Q6_K"
+    embd = mix_type("token_embd.weight", (512, 256), gguf_type, 4, tied=False)
+    assert embd == ("Q4_K" if gguf_type.startswith("TQ") else gguf_type)
+    assert mix_type("blk.0.attn_q.weight", (256, 256), gguf_type, 4, tied=False) == gguf_type
+    assert mix_type("output.weight", (512, 256), gguf_type, 4, tied=False, pure=True) == gguf_type
