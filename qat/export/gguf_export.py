@@ -318,7 +318,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
             add_tokenizer(writer, tokenizer, pre=arch.tokenizer_pre, n_vocab=model.config.vocab_size)
         else:
             log.warning("%s: written without a tokenizer; llama.cpp and Ollama refuse such files "
-                        "(tokenizer.ggml.model is required): pass tokenizer= to embed one", path)
+                        "(tokenizer.ggml.model is required): pass a Hugging Face tokenizer (tokenizer=<folder>) to embed one", path)
         extra = arch.extra_tensors(model.config)  # generated from the config (Llama 3's rope_freqs): F32, first
         for name, t in extra.items():             # as the converter writes them
             writer.add_tensor_info(name, tuple(t.shape), np.dtype(np.float32), t.numel() * 4)

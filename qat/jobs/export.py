@@ -236,7 +236,11 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
-    tok = tok if hasattr(tok, "save_pretrained") else None  # tiny models' byte stand-in is not saved
+    if tok is not None and not hasattr(tok, "save_pretrained"):  # tiny models' byte stand-in is not saved
+        log.warning("tokenizer: qat's byte-level stand-in of tiny models is not stored in the export (%s has no "
+                    "vocabulary llama.cpp could run); read it back with `qat-eval model.path=%s tokenizer=tiny`",
+                    output, output)
+        tok = None
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure,
                   overwrite=overwrite)
     size, bpw = file_bits_per_weight(out, source)

@@ -286,3 +286,11 @@ def test_checkpoint_of_another_model_is_named_before_prepare(tmp_path):
                                          r"trained from\): model.embed_tokens.weight: \(512, 128\) there, \(512, 256\) here"):
         run_export("tiny", str(tmp_path / "x"), quant="w4a16_g128", checkpoint=str(tmp_path / "model.pt"),
                    tiny={"hidden_size": 256, "intermediate_size": 512})
+
+
+def test_tiny_byte_tokenizer_is_named_as_not_stored(tmp_path, caplog):
+    """tokenizer=tiny is qat's byte stand-in: the export says it is not stored and how to read the file back,
+    instead of asking for the tokenizer= that was given."""
+    with caplog.at_level("WARNING"):
+        run_export("tiny", str(tmp_path / "t.gguf"), format="gguf", gguf_type="F32", tokenizer="tiny")
+    assert "byte-level stand-in" in caplog.text and "tokenizer=tiny" in caplog.text
