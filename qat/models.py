@@ -124,7 +124,14 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()
-    return AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else source))
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else source))
+    except (OSError, ValueError, ImportError) as err:
+        if not path.exists():  # a hub name: the loader's own message (no network, not found) says more
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{source}: no tokenizer could be loaded from this folder ({first[:160]}); give one "
+                          "with data.tokenizer=<folder> (qat-eval / qat-export: tokenizer=<folder>)") from None
 
 
 def context_length(model_or_config: Any) -> int | None:

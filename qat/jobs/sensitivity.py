@@ -34,6 +34,14 @@ from qat.transform import QuantRecipe
 MODES = ("analyze", "solve")
 
 
+def budget_of(cfg: dict) -> tuple[Any, Any]:
+    """(bits_per_weight, bytes) of `cfg.budget`: a `budget.bytes` given replaces the default bits per weight."""
+    budget = dict(cfg.get("budget") or {})
+    if budget.get("bytes") is not None:
+        return None, budget["bytes"]
+    return budget.get("bits_per_weight"), None
+
+
 def check_sensitivity(cfg: dict) -> None:
     """Everything a qat-sensitivity config can be refused for before a model loads: keys, mode, scores file,
     budget, ties, menu, method, calibration sizes, flags; each naming its key.
@@ -48,9 +56,8 @@ def check_sensitivity(cfg: dict) -> None:
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
     if cfg["mode"] == "analyze" and cfg.get("scores"):
         raise ConfigError(f"scores={cfg['scores']!r} is read by mode=solve only; drop it or set mode=solve")
-    budget = dict(cfg.get("budget") or {})
     bits_check = ScoreTable([], {})  # the budget's form, checked on an empty table
-    budget_bits(bits_check, budget.get("bits_per_weight"), budget.get("bytes"))
+    budget_bits(bits_check, *budget_of(cfg))
     tie_groups([], cfg.get("ties") or [])
     if cfg.get("candidates") is not None and not (isinstance(cfg["candidates"], list)
                                                   and all(isinstance(c, str) for c in cfg["candidates"])):
@@ -65,6 +72,11 @@ def check_sensitivity(cfg: dict) -> None:
         unknown = sorted(set(cfg.get("candidates") or []) - set(menu))
         if unknown:
             raise ConfigError(f"candidates={unknown} are not in the menu; choose from {sorted(menu)}")
+        used = [menu[n] for n in (cfg.get("candidates") or sorted(menu))]
+        not_gguf = sorted(c.name for c in used if c.gguf_type is None)
+        if as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export") and not_gguf:
+            raise ConfigError(f"gguf.export=true needs every candidate to be a GGUF type (menu=gguf); "
+                              f"{not_gguf} are not")
         build_scorer(cfg.get("method") or {})
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
@@ -119,9 +131,8 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
         table = analyze(cfg)
         result["scores"] = str(table.save(out / "scores.json"))
         result.update(analysis_wall_s=table.meta["wall_s"], analysis_peak_mem_mb=table.meta["peak_mem_mb"])
-    budget = dict(cfg.get("budget") or {})
     start = time.perf_counter()
-    sol = solve(table, budget_bits(table, budget.get("bits_per_weight"), budget.get("bytes")), cfg.get("ties") or [],
+    sol = solve(table, budget_bits(table, *budget_of(cfg)), cfg.get("ties") or [],
                 cfg.get("candidates"))
     result.update(solve_s=round(time.perf_counter() - start, 3), bits_per_weight=round(sol.bits_per_weight, 6),
                   bits=sol.bits, budget_bits=sol.budget_bits, params=sol.params, score=sol.score)

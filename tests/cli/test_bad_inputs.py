@@ -145,3 +145,14 @@ def test_tiny_sizes_are_checked_before_transformers_divides():
     assert "tiny.num_heads=0" in str(err.value) and "tiny.vocab_size=-1" in str(err.value)
     with pytest.raises(ConfigError, match="tiny.hidden_size=100 is not an even multiple of tiny.num_heads=4"):
         tiny_llama(hidden_size=100)
+
+
+def test_model_folder_without_tokenizer_names_the_folder(tmp_path):
+    """A saved model folder with no tokenizer files: one message naming the folder and data.tokenizer=."""
+    from qat.errors import ConfigError
+    from qat.models import load_tokenizer
+    from qat.testing import tiny_llama
+
+    tiny_llama(num_layers=1).save_pretrained(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"m: no tokenizer could be loaded.*data\.tokenizer="):
+        load_tokenizer(tmp_path / "m")

@@ -89,7 +89,7 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["mode=solve", "scores={tmp}/garbage.json"], "garbage.json"),
     (["scores={tmp}/garbage.json"], "read by mode=solve only"),
     (["budget.bits_per_weight=-1"], "budget.bits_per_weight"),
-    (["budget.bytes=1000"], "exactly one"),
+    (["budget.bytes=-5"], "budget.bytes"),
     (["budget.bits_per_weight=null"], "exactly one"),
     (["budget.bits_per_weight=0.5"], "smallest layout"),
     (["+budget.bitz=3"], "bitz"),
@@ -106,7 +106,7 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["calibration.samples=0"], "calibration.samples"),
     (["calibration.split=nowhere"], "calibration.split"),
     (["gguf.export=maybe"], "gguf.export"),
-    (["gguf.export=true"], "gguf.export=true needs a layout of GGUF types"),
+    (["gguf.export=true"], "gguf.export=true needs every candidate to be a GGUF type"),
     (["float_bits=8"], "float_bits"),
     (["name=a/b"], "name="),
     (["targets=[Conv1D]"], "select no nn.Linear"),
@@ -115,4 +115,17 @@ def test_bad_input_is_one_clear_message(argv, expected, tmp_path):
     (tmp_path / "garbage.json").write_text("not json at all")
     code, out = _run(tmp_path, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2, out
+    if expected != "smallest layout":  # the one refusal that needs the scores (the budget is below every layout)
+        assert not (tmp_path / "run" / "scores.json").exists()  # refused before any analysis
     assert "Traceback" not in out and expected.lower() in out.lower(), out
+
+
+def test_budget_bytes_replaces_the_default_bits_per_weight(analyzed, tmp_path):
+    """`budget.bytes=N` as the docs write it: the config's default bits_per_weight (4.5) gives way."""
+    run, _ = analyzed
+    params = sum(m["params"] for m in json.loads((run / "scores.json").read_text())["modules"])
+    nbytes = params * 6 // 8  # 6 bits per weight: a budget the default 4.5 would not give
+    code, out = _run(tmp_path, "mode=solve", f"scores={run / 'scores.json'}", f"budget.bytes={nbytes}")
+    assert code == 0, out
+    layout = json.loads((tmp_path / "run" / "layout.json").read_text())
+    assert 4.5 < layout["bits_per_weight"] <= 6
