@@ -7,6 +7,7 @@ then loads the state dict, which carries the quantizer state (held ranges, learn
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from typing import Any, Mapping
 
@@ -42,6 +43,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     s_logp = F.log_softmax(student.float() / t, dim=-1).flatten(0, -2)
     t_logp = F.log_softmax(teacher.float() / t, dim=-1).flatten(0, -2)
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
+
+
+log = logging.getLogger(__name__)
 
 
 class QATModule(pl.LightningModule):
@@ -135,12 +139,16 @@ class QATModule(pl.LightningModule):
         if unknown:
             raise ConfigError(f"learned_rotations: unknown key(s) {unknown}; valid: {sorted(self.ROTATION_KEYS)}")
         cfg = {**self.ROTATION_KEYS, **cfg}
-        return attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=cfg["init"])
+        rotations = attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=cfg["init"])
+        log.info("learned rotations: %d matrices (r1=%s, r2=%s, init %s) trained by CayleySGD (lr %s), fused "
+                 "when fit ends", len(rotations), cfg["r1"], cfg["r2"], cfg["init"], cfg["lr"])
+        return rotations
 
     def fuse_rotations(self) -> None:
         """Bake the learned rotations into the weights (plain parameters again: export as usual)."""
         if self._rotations:
             fuse_learned_rotations(self.model)
+            log.info("learned rotations fused into the weights (%d matrices)", len(self._rotations))
             self._rotations, self._cayley = [], None
 
     def on_fit_end(self) -> None:

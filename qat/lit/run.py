@@ -102,6 +102,11 @@ def _check_values(cfg: DictConfig) -> list[str]:
                 cfg[node][key] = as_bool(cfg[node][key], f"{node}.{key}")
         except ConfigError as err:
             errors.append(str(err))
+    rot = cfg.module.get("learned_rotations")
+    keys = ("r1", "r2", "init", "lr", "momentum")  # QATModule.ROTATION_KEYS
+    if rot is not None and not (OmegaConf.is_dict(rot) and set(rot) <= set(keys)):
+        errors.append(f"module.learned_rotations={OmegaConf.to_container(rot) if OmegaConf.is_config(rot) else rot!r}; "
+                      f"give null or a mapping of {list(keys)}, e.g. module.learned_rotations='{{lr: 1.5}}'")
     return errors
 
 

@@ -64,7 +64,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("trainer.precision=13-true", "precision"), ("module.kd={weight:2}", "kd.weight"),
                            ("module.kd={weight:0.5,teacher:nope}", "kd.teacher"), ("eval.after=no_way", "eval.after"),
                            ("module.freeze_embeddings=maybe", "freeze_embeddings"),
-                           ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed")]:
+                           ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed"),
+                           ("module.learned_rotations=1.5", "module.learned_rotations=1.5; give null or a mapping"),
+                           ("module.learned_rotations={lrr:1.5}", "learned_rotations"),
+                           ("module.lean_ste=maybe", "lean_ste")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
 
