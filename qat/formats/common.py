@@ -44,3 +44,13 @@ def block_range(view: torch.Tensor, peak: bool) -> tuple[torch.Tensor, torch.Ten
         p = signed_peak(view)
         return p, p.clone()
     return view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)
+
+
+def encode_rows(fmt, spec, w: torch.Tensor, block: int, pack, values: bool = True):
+    """A GGUF type's encoder for a block format quantizing rows of `w` in blocks of `block` with scales from each
+    block's range: (`pack(codes, scale)`, and when `values` the values the blocks mean)."""
+    view = w.reshape(w.shape[0], -1, block)
+    scale = fmt.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
+    codes, _ = fmt.codes(view, scale, None, spec)
+    blocks = pack(codes.reshape(w.shape), scale)
+    return blocks, fmt.values(codes, scale, None, spec).reshape(w.shape) if values else None

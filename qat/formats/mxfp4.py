@@ -28,6 +28,7 @@ import math
 import torch
 
 from qat.formats.base import Format, GGUFType, register_format
+from qat.formats.common import encode_rows
 from qat.formats.minifloat import (E2M1_EMAX, E2M1_INSIDE, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
                                    e8m0_scale, mx_scale, nearest_pow2)
 from qat.packing import pack, unpack
@@ -57,12 +58,7 @@ def mxfp4_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None) -> t
 
 def _encode(w: torch.Tensor, values: bool = True):
     """Blocks and (when `values`) decoded values of float rows: the MXFP4 grid itself."""
-    spec = mxfp4_spec()
-    view = w.reshape(w.shape[0], -1, BLOCK)
-    scale = FORMAT.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
-    codes, _ = FORMAT.codes(view, scale, None, spec)
-    blocks = mxfp4_blocks(codes.reshape(w.shape), scale)
-    return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+    return encode_rows(FORMAT, mxfp4_spec(), w, BLOCK, mxfp4_blocks, values)
 
 
 class MXFP4Format(Format):

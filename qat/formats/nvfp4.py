@@ -29,6 +29,7 @@ import math
 import torch
 
 from qat.formats.base import Format, GGUFType, register_format
+from qat.formats.common import encode_rows
 from qat.formats.minifloat import (E2M1_INSIDE, E2M1_MAX, e2m1_doubled, e2m1_from_index, e2m1_index,
                                    e4m3_scale_grid)
 from qat.packing import pack, unpack
@@ -71,12 +72,7 @@ def nvfp4_gguf_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point=None)
 
 def _encode(w: torch.Tensor, values: bool = True):
     """GGUF NVFP4 blocks and (when `values`) the values they mean (times the multiplier) of a whole float tensor."""
-    spec = nvfp4_spec()
-    view = w.reshape(w.shape[0], -1, BLOCK)
-    scale = FORMAT.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), spec)[0]
-    codes, _ = FORMAT.codes(view, scale, None, spec)
-    blocks = nvfp4_gguf_blocks(codes.reshape(w.shape), scale)
-    return blocks, FORMAT.values(codes, scale, None, spec).reshape(w.shape) if values else None
+    return encode_rows(FORMAT, nvfp4_spec(), w, BLOCK, nvfp4_gguf_blocks, values)
 
 
 class NVFP4Format(Format):
