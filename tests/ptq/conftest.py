@@ -99,3 +99,16 @@ def compose_job(name, overrides=()):
         with open_dict(cfg):
             del cfg["hydra"]
         return OmegaConf.to_container(cfg, resolve=True)
+
+
+def gptq_problem(dim=512, out=32, n=2048):
+    """(inputs, weight, Gram matrix) of one seeded GPTQ test problem with correlated input columns."""
+    x = correlated_inputs(n, dim, seed=4)
+    w = torch.randn(out, dim, generator=torch.Generator().manual_seed(5)) / dim ** 0.5
+    return x, w, x.t() @ x
+
+
+def output_error(w, q, gram):
+    """The layer-output error of quantized `q` against `w`: trace((q - w) G (q - w)^T)."""
+    d = q - w
+    return float(((d @ gram) * d).sum())

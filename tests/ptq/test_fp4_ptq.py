@@ -19,7 +19,7 @@ from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
 from qat.ptq import gptq_quantize, ptq_model
 from qat.testing import tiny_llama
 
-from .conftest import correlated_inputs
+from .conftest import gptq_problem as _problem, output_error as _err
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -34,17 +34,6 @@ def test_rtn_converts_exactly(recipe):
 
 SPECS = {"mxfp4": mxfp4_spec(), "nvfp4": nvfp4_spec(), "iq4_nl": iq4_nl_spec(), "iq4_xs": iq4_xs_spec(),
          "ternary": tq2_0_spec().replace(group_size=64)}
-
-
-def _problem(dim=512, out=32, n=2048):
-    x = correlated_inputs(n, dim, seed=4)
-    w = torch.randn(out, dim, generator=torch.Generator().manual_seed(5)) / dim ** 0.5
-    return x, w, x.t() @ x
-
-
-def _err(w, q, gram):
-    d = q - w
-    return float(((d @ gram) * d).sum())
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -13,7 +13,7 @@ from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
 from qat.ptq import gptq_quantize, ptq_model
 from tests.export.conftest import logits, tiny_llama
 
-from .conftest import correlated_inputs
+from .conftest import gptq_problem as _problem, output_error as _err
 
 
 def _spec(name):
@@ -24,17 +24,6 @@ def _plain(w, spec, importance=None):
     """Block quantization as the GGUF exporter does it from float weights (imatrix-weighted with importance)."""
     rng = fitted_range(w, spec, importance) if spec.grid == "ggml_k" else compute_range(w, spec)
     return fake_quantize_forward(w, *choose_qparams(*rng, spec), spec)[0]
-
-
-def _problem(dim=512, out=32, n=2048):
-    x = correlated_inputs(n, dim, seed=4)
-    w = torch.randn(out, dim, generator=torch.Generator().manual_seed(5)) / dim ** 0.5
-    return x, w, x.t() @ x
-
-
-def _err(w, q, gram):
-    d = q - w
-    return float(((d @ gram) * d).sum())
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K"])
