@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from qat.models import load_model, load_tokenizer, resolve_path
+
 DENSE_TYPES = ("llama", "mistral")
 COPIED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -98,8 +100,6 @@ def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator, dtype: 
 
 
 def main() -> None:
-    from qat.models import load_model, load_tokenizer, resolve_path
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="the dense model (alias or folder)")
     parser.add_argument("--out", required=True, help="the output folder (a Hugging Face MixtralForCausalLM)")
