@@ -85,8 +85,8 @@ def _resolve(modules: dict, mapping: Mapping, refs, fused) -> ExpertMapping | No
     also = []
     for m, w in others:  # float consumers of the same input: the router (a quantized one would need its own search)
         module = modules.get(f"{m}.{w}" if m else w)
-        quantized = getattr(module, "weight_quantizer", None) is not None
-        if module is None or quantized or getattr(module, "weight", None) is None or module.weight.shape[-1] != out_width(prev):
+        weight_ = getattr(module, "weight", None)
+        if getattr(module, "weight_quantizer", None) is not None or weight_ is None or weight_.shape[-1] != out_width(prev):
             return None
         also.append(module)
     return ExpertMapping("norm", name, experts, prev, tuple(also), mapping.offset)
