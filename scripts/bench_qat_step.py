@@ -7,7 +7,8 @@
     python scripts/bench_qat_step.py --layers 1 --hidden 2048 --inter 7168 --vocab 256   # ~one decoder layer's cost
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
-robin) so machine noise hits all of them alike; the median step time is reported. Peak memory is the peak
+robin) so machine noise hits all of them alike; the median step time is reported, wall clock and, on CPU,
+the process CPU time of the step (`cpu_ms`: what a loaded, shared machine distorts least). Peak memory is the peak
 RSS growth over a step on CPU (sampled every ms; the step's activations, gradients, fake-quant temporaries),
 or torch.cuda.max_memory_allocated growth on GPU. `saved_MB` is exact: the bytes autograd keeps between forward
 and backward (distinct storages, parameters excluded), counted on one extra step: what the lean STE removes.
@@ -70,15 +71,16 @@ def saved_mb(model, ids) -> float:
     return sum(seen.values()) / 2**20
 
 
-def step(model, opt, ids) -> float:
-    start = time.perf_counter()
+def step(model, opt, ids) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one training step."""
+    start, cpu = time.perf_counter(), time.process_time()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ids.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def rss_mb() -> float:
@@ -138,31 +140,34 @@ def main() -> None:
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
     ids = torch.randint(0, variants["FP"].config.vocab_size, (args.batch, args.seq), device=args.device)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {k: 0.0 for k in variants}
     for i in range(args.steps + 1):
         for name, model in variants.items():
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-                dt = step(model, opts[name], ids)
+                dt, dc = step(model, opts[name], ids)
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
             else:
                 with PeakRSS() as meter:
-                    dt = step(model, opts[name], ids)
+                    dt, dc = step(model, opts[name], ids)
                 peak = meter.peak
             if i > 0:
                 times[name].append(dt)
+                cpu[name].append(dc)
                 peaks[name] = max(peaks[name], peak)
     saved = {k: saved_mb(m, ids) for k, m in variants.items()}
-    fp_t = statistics.median(times["FP"])
+    fp_t, fp_c = statistics.median(times["FP"]), statistics.median(cpu["FP"])
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
           f"group size {group or 128}" + (f", experts {impl}" if impl else "")
           + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
     rows = []
     for name in variants:
-        t = statistics.median(times[name])
-        rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t,
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
+        cpu_cols = {} if args.device == "cuda" else {"cpu_ms": 1000 * c, "cpu_ratio_vs_FP": c / fp_c}
+        rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t, **cpu_cols,
                      "tokens_per_s": args.batch * args.seq / t, "step_peak_MB": peaks[name],
                      "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), "saved_MB": saved[name],
                      "saved_ratio_vs_FP": saved[name] / max(saved["FP"], 1e-9)})

@@ -42,8 +42,11 @@ class MoEAdapter(LlamaAdapter):
     expert_ff_metadata: ClassVar[bool] = False
     llama_cpp_norm_topk: ClassVar[bool] = True
     permute_qk: ClassVar[bool] = False
-    # AWQ / SmoothQuant scale through the attention; the experts are not nn.Linear (no MLP mapping yet)
-    mappings = (Mapping("input_layernorm", ATTN_QKV), Mapping("self_attn.v_proj", ("self_attn.o_proj",)))
+    # AWQ scales the attention and the experts (`qat.ptq.awq_experts`): one scale shared by the router and every
+    # expert (folded into the norm), and per expert up rows -> down_proj; SmoothQuant the attention only
+    mappings = (Mapping("input_layernorm", ATTN_QKV), Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+                Mapping("post_attention_layernorm", ("mlp.gate", "mlp." + GATE_UP)),
+                Mapping("mlp." + GATE_UP, ("mlp." + DOWN,)))
     smooth_mappings = (Mapping("input_layernorm", ATTN_QKV),)
     # rotations: the router and the fused experts read the residual stream, the experts' down_proj writes it
     residual_writes = ("self_attn.o_proj", "mlp." + DOWN)

@@ -51,7 +51,7 @@ class IntFormat(Format):
         return scale, zero_point
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
-        t = torch.round(view / scale)
+        t = torch.div(view, scale).round_()  # rounded in place: one weight-sized temporary less
         if zero_point is not None:
             t.add_(zero_point)
         mask = t.ge(spec.qmin).logical_and_(t.le(spec.qmax)) if need_mask else None

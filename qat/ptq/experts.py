@@ -73,10 +73,11 @@ def _gated(experts: FakeQuantExperts, gate_up: torch.Tensor, rows: torch.Tensor)
 
 
 @contextmanager
-def record_expert_inputs(experts: dict[str, FakeQuantExperts], weight: str,
-                         route_all: bool = False) -> Iterator[dict[str, list[InputStats]]]:
+def record_expert_inputs(experts: dict[str, FakeQuantExperts], weight: str, route_all: bool = False,
+                         magnitudes: bool = False) -> Iterator[dict[str, list[InputStats]]]:
     """While the block runs, accumulate per-expert input statistics of expert weight `weight` ("gate_up_proj":
-    the routed hidden states; "down_proj": the gated activation through the current gate_up_proj).
+    the routed hidden states; "down_proj": the gated activation through the current gate_up_proj); the Gram
+    matrix always, mean / max |x| per channel with `magnitudes` (AWQ).
 
     Yields:
         {experts name: [InputStats of expert 0, 1, ...]}; `n_tokens` of each is the tokens routed to it.
@@ -86,7 +87,7 @@ def record_expert_inputs(experts: dict[str, FakeQuantExperts], weight: str,
     for n, m in experts.items():
         width = m.shapes[weight][-1]
         device = getattr(m, weight).device
-        stats[n] = [InputStats(width, True, device, magnitudes=False) for _ in range(m.num_experts)]
+        stats[n] = [InputStats(width, True, device, magnitudes=magnitudes) for _ in range(m.num_experts)]
         handles.append(m.register_forward_pre_hook(_expert_hook(m, stats[n], weight, route_all)))
     try:
         yield stats

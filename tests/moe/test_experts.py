@@ -196,3 +196,39 @@ def test_router_stays_float_unless_a_recipe_names_it(tmp_path, moe_ids):
     qat.convert(model)
     assert isinstance(model.model.layers[0].mlp.gate, QuantizedRouter)
     assert torch.equal(model(moe_ids).logits, fake)
+
+
+@pytest.mark.parametrize("name", ["w4a16_g128", "w4a16_g128_lsq"])
+def test_expert_gradients_equal_the_explicit_ste(name):
+    """The experts' STE gradients (`torch.where` masking) equal, atol=0, the straight-through formula written
+    out: grad of the fake-quantized weight times the inside mask, under every experts implementation."""
+    from qat.primitives import fake_quantize_forward
+    from qat.ste import learned_grads
+
+    for impl in IMPLS:
+        model = tiny_moe("qwen3_moe", num_experts=4, hidden_size=128, expert_size=128, experts_implementation=impl)
+        fake = qat.prepare(model, name).model.layers[0].mlp.experts
+        torch.manual_seed(0)
+        h = torch.randn(12, 128, requires_grad=True)
+        idx, wts, go = torch.randint(0, 4, (12, 2)), torch.rand(12, 2), torch.randn(12, 128)
+        fake(h, idx, wts).backward(go)
+        # the reference: the float experts on the fake-quantized weights as leaves, then the STE by hand
+        hats, masks = {}, {}
+        for wname, q in fake.weight_quantizers.items():
+            scale, zero = q.qparams(fake.rows(wname))
+            rows, mask = fake_quantize_forward(fake.rows(wname).detach(), scale.detach(), zero, q.spec, True)
+            hats[wname] = rows.reshape(fake.shapes[wname]).requires_grad_()
+            masks[wname] = mask.reshape(fake.shapes[wname])
+        h_ref = h.detach().clone().requires_grad_()
+        torch.func.functional_call(fake.float_template, hats, (h_ref, idx, wts), strict=False).backward(go)
+        assert torch.equal(h.grad, h_ref.grad)
+        for wname, q in fake.weight_quantizers.items():
+            weight, g_hat = getattr(fake, wname), hats[wname].grad
+            assert torch.equal(weight.grad, g_hat * masks[wname]), (impl, wname)
+            if q.learned:  # LSQ: the scale gradient of the same formula
+                rows = fake.rows(wname).detach()
+                scale = q.qparams(rows)[0].detach()
+                expected = learned_grads(g_hat.reshape(rows.shape), rows, hats[wname].detach().reshape(rows.shape),
+                                         masks[wname].reshape(rows.shape), scale, False, q.spec, "lsq",
+                                         qat.ste.lsq_grad_scale(rows, scale, q.spec))[1]
+                assert torch.equal(q.scale.grad, expected), (impl, wname)

@@ -89,3 +89,51 @@ def test_expert_with_too_few_tokens_falls_back_to_rtn_with_a_warning(batches):
 def test_gptq_refuses_dynamic_actorder_on_experts(batches):
     with pytest.raises(ValueError, match=r"mlp\.experts\.gate_up_proj: actorder with dynamic groups .* static_groups=true"):
         apply(_prepared(), {"name": "gptq", "actorder": True, "min_tokens": 64}, batches, progress=False)
+
+
+def _starve_expert(model, expert: int = 0):
+    """Route no token to `expert` in any layer (a forward hook on every router)."""
+    def hook(module, args, out):
+        logits, scores, index = out
+        return logits, scores, torch.where(index == expert, (expert + 1) % 8, index)
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_awq_scales_every_expert_and_beats_rtn(family, batches, caplog):
+    ref = tiny_moe(family, num_experts=8)
+    model = _prepared(family)
+    before = {n: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone()) for n, m in block_experts(model).items()}
+    with caplog.at_level("DEBUG", logger="qat.ptq.awq_experts"):
+        apply(model, {"name": "awq", "min_tokens": 64, "min_expert_tokens": 1}, batches, progress=False)
+    _scales_ok(model)
+    searched = [r.getMessage() for r in caplog.records]
+    n_layers = len(block_experts(model))
+    # the shared norm -> experts scale of every layer and the up -> down scale of every expert were searched
+    assert sum("mlp.experts norm -> experts" in s for s in searched) == n_layers
+    assert sum(f"mlp.experts expert {e} up -> down" in s for s in searched for e in range(8)) == 8 * n_layers
+    for n, m in block_experts(model).items():
+        gate_up, down = before[n]
+        assert not torch.equal(m.gate_up_proj, gate_up) and not torch.equal(m.down_proj, down)  # scales folded
+    # the float function is unchanged by the folds, the quantized one is closer to it than RTN's
+    with qat.quantization_disabled(model), torch.no_grad():
+        assert torch.allclose(model(batches[0]).logits, ref(batches[0]).logits, atol=1e-4)
+    rtn = apply(_prepared(family), "rtn", batches, progress=False)
+    assert _expert_error(model, ref, batches) < _expert_error(rtn, ref, batches)
+
+
+def test_awq_with_an_expert_that_saw_no_token_stays_finite(batches):
+    ref = _starve_expert(tiny_moe("qwen3_moe", num_experts=8))
+    model = _starve_expert(_prepared())
+    counted = count_expert_tokens(block_experts(model), lambda: [model(b) for b in batches])
+    assert all(t[0] == 0 for t in counted.values())
+    with pytest.warns(RuntimeWarning, match=r"mlp\.experts\.gate_up_proj: expert\(s\) 0 \(0 tokens\) received fewer"):
+        apply(model, {"name": "awq", "min_tokens": 64}, batches, progress=False)
+    _scales_ok(model)
+    for m in block_experts(model).values():
+        assert torch.isfinite(m.gate_up_proj).all() and torch.isfinite(m.down_proj).all()
+    rtn = apply(_starve_expert(_prepared()), "rtn", batches, progress=False)
+    assert torch.isfinite(model(batches[0]).logits).all()
+    assert _expert_error(model, ref, batches) < _expert_error(rtn, ref, batches)

@@ -1,6 +1,7 @@
 """AWQ (configs/method/awq.yaml): per mapping, the activation-aware input scale is searched and folded into
 the producer, then each linear's clipping ratio is searched and its qparams pinned. The searches are
-`qat.ptq.awq.search_scale` / `search_clip`; the mappings come from the model's architecture adapter."""
+`qat.ptq.awq.search_scale` / `search_clip`; the mappings come from the model's architecture adapter. Fused MoE
+experts take the same searches per expert, on the tokens routed to each (`qat.ptq.awq_experts`)."""
 from __future__ import annotations
 
 import logging
@@ -10,10 +11,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.ptq.awq import search_clip, search_scale
+from qat.ptq.awq_experts import DOWN, GATE_UP, clip_experts, expert_mappings, scale_norm_experts, scale_up_down
+from qat.ptq.gptq import check_spec
 from qat.ptq.checks import check_fold, check_ranges, check_weight_schemes
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
-from qat.ptq.experts import block_experts, pin_rtn_experts
+from qat.ptq.experts import block_experts, record_expert_inputs
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
 from qat.ptq.runner import BlockContext, activation_quantizers_off
@@ -35,6 +39,8 @@ class AWQConfig:
         mappings: producer -> consumers entries; None uses the model's architecture's (`qat.arch`, e.g. Llama:
             input_layernorm -> q/k/v, v -> o, post_attention_layernorm -> gate/up, up -> down).
         min_tokens: fewer calibration tokens than this is an error.
+        min_expert_tokens: an MoE expert routed fewer calibration tokens than this keeps scale 1 in its own
+            up -> down mapping and round-to-nearest qparams (a warning names it).
         check_fold: verify the float block output is unchanged after folding.
     """
 
@@ -46,13 +52,15 @@ class AWQConfig:
     clip_skip: Sequence[str] = ("q_proj", "k_proj")
     mappings: Sequence[dict[str, Any]] | None = None
     min_tokens: int = 128
+    min_expert_tokens: int = 16
     check_fold: bool = True
 
     def __post_init__(self) -> None:
         check_ranges("awq", {"n_grid": (self.n_grid, self.n_grid >= 1, ">= 1"),
                              "clip_grid": (self.clip_grid, self.clip_grid >= 1, ">= 1"),
                              "max_shrink": (self.max_shrink, 0.0 <= self.max_shrink < 1.0, "in [0, 1)"),
-                             "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0")})
+                             "min_tokens": (self.min_tokens, self.min_tokens >= 0, ">= 0"),
+                             "min_expert_tokens": (self.min_expert_tokens, self.min_expert_tokens >= 1, ">= 1")})
         self.mappings = parse_mappings(self.mappings)
 
 
@@ -65,14 +73,27 @@ class AWQ(PTQMethod):
 
     def check(self, model: nn.Module, linears: dict) -> None:
         check_weight_schemes(linears, "awq: unsupported weight scheme(s)")
+        errors = []
+        for n, m in block_experts(model).items():
+            for w, q in m.weight_quantizers.items():
+                try:
+                    check_spec(q.spec, f"{n}.{w}")
+                except ValueError as err:
+                    errors.append(str(err))
+        if errors:
+            raise ConfigError("awq: unsupported expert weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
         arch_mappings(self.config.mappings, model, "awq")
 
     def solve_block(self, ctx: BlockContext) -> None:
         cfg, name, linears = self.config, ctx.name, ctx.linears
-        with activation_quantizers_off(ctx.block), record_inputs(linears) as stats:
+        experts = {n: m for n, m in block_experts(ctx.block).items() if not m.transposed}  # transposed: RTN
+        with activation_quantizers_off(ctx.block), record_inputs(linears) as stats, \
+                record_expert_inputs(_with(experts, GATE_UP), GATE_UP, magnitudes=True) as up_stats, \
+                record_expert_inputs(_with(experts, DOWN), DOWN, magnitudes=True) as down_stats:
             ref = ctx.float_run(ctx.inputs[:1] if cfg.check_fold else [])
             ctx.float_run(ctx.inputs[1:] if cfg.check_fold else ctx.inputs)
         in_scale = self._scale(ctx, stats)
+        expert_scale = self._scale_experts(ctx, up_stats, down_stats)
         if cfg.check_fold and ref:
             check_fold(name, ref, ctx.float_run(ctx.inputs[:1]))
         for n, module in linears.items():
@@ -84,8 +105,25 @@ class AWQ(PTQMethod):
                 gram = gram / torch.outer(in_scale[n], in_scale[n])
             module.weight_quantizer.set_qparams(*search_clip(module.weight, gram, module.weight_quantizer.spec,
                                                              cfg.clip_grid, cfg.max_shrink))
-        for experts in block_experts(ctx.block).values():  # no norm -> experts mapping is scaled: round-to-nearest
-            pin_rtn_experts(experts)
+        for n, m in block_experts(ctx.block).items():
+            full = f"{name}.{n}" if name else n
+            for w, st in ((GATE_UP, up_stats), (DOWN, down_stats)):
+                if w in m.weight_quantizers:
+                    clip_experts(full, m, w, st.get(n), expert_scale.get((n, w)), cfg.clip, cfg.clip_grid,
+                                 cfg.max_shrink, cfg.min_expert_tokens)
+
+    def _scale_experts(self, ctx: BlockContext, up_stats: dict, down_stats: dict) -> dict:
+        """Search and fold the scales of the mappings that reach fused experts; {(experts, weight): scale}."""
+        cfg, out = self.config, {}
+        mappings = arch_mappings(cfg.mappings, ctx.model, "awq")
+        for m in expert_mappings(ctx.block, mappings, f"awq {ctx.name}"):
+            if m.kind == "norm" and m.experts_name in up_stats:
+                out[(m.experts_name, GATE_UP)] = scale_norm_experts(m, up_stats[m.experts_name], cfg.n_grid,
+                                                                    cfg.duo_scaling)
+            elif m.kind == "up" and m.experts_name in down_stats:
+                out[(m.experts_name, DOWN)] = scale_up_down(m, down_stats[m.experts_name], cfg.n_grid,
+                                                            cfg.duo_scaling, cfg.min_expert_tokens)
+        return out
 
     def _scale(self, ctx: BlockContext, stats: dict) -> dict[str, torch.Tensor]:
         """Search and fold the input scale of every applicable mapping; {linear: its scale}."""
@@ -100,3 +138,7 @@ class AWQ(PTQMethod):
             for n in mapping.linears:
                 in_scale[n] = s
         return in_scale
+
+
+def _with(experts: dict, weight: str) -> dict:
+    return {n: m for n, m in experts.items() if weight in m.weight_quantizers}
