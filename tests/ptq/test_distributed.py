@@ -75,3 +75,16 @@ def test_shards_and_owners():
     ranks = Ranks(0, 2)
     assert ranks.owners([576 * 576, 192 * 576, 192 * 576]) == [0, 1, 1]  # q alone, k and v together
     assert ranks.owners([100]) == [1]  # a lone linear goes to the rank with less work so far
+
+
+def test_qat_ptq_distributed_config_refused():
+    from qat.jobs.ptq import check_processes
+
+    gptq = {"name": "gptq"}
+    assert check_processes({"distributed": {"processes": 2}}, gptq) == 2
+    assert check_processes({}, {"name": "awq"}) == 1
+    with pytest.raises(ConfigError, match="distributed.processes"):
+        check_processes({"distributed": {"processes": 0}}, gptq)
+    with pytest.raises(ConfigError) as err:
+        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
+    assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
