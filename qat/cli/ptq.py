@@ -24,7 +24,8 @@ from qat.recipes import CONFIG_DIR
 @guard("qat-ptq")
 def _main(cfg: DictConfig) -> None:
     result = run_ptq_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:  # None: a rank other than 0 under torchrun (rank 0 writes and prints)
+        print(json.dumps(result, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:

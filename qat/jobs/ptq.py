@@ -26,12 +26,13 @@ from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import TINY_NAMES, check_model_source, load_model, resolve_dtype
 from qat.ptq import method_config, method_of_config, ptq_model
+from qat.ptq.distributed import init_from_env, launch, process_rank
 from qat.ptq.stream import stream_ptq
 
 
 def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
             eval_blocks: torch.Tensor | None, method_args: dict | None = None, progress: bool = False,
-            batch_size: int = 4) -> tuple[dict, nn.Module]:
+            batch_size: int = 4, distributed: bool = False) -> tuple[dict, nn.Module]:
     """Quantize a fresh model with one method and scheme, and measure it.
 
     Args:
@@ -40,6 +41,7 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
         quant: a recipe name, mapping or QuantRecipe (ignored for "fp").
         calibration: calibration batches (LongTensor [B, T]).
         eval_blocks: LongTensor [N, T] for perplexity.
+        distributed: quantize over the initialised process group (`qat.ptq.apply`).
     Returns:
         (row with COLUMNS, the quantized model).
     Example:
@@ -49,7 +51,8 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
     start = time.perf_counter()
     with PeakMemory() as mem:
         if method != "fp":
-            model = ptq_model(model, quant, {"name": method, **(method_args or {})}, calibration, progress=progress)
+            model = ptq_model(model, quant, {"name": method, **(method_args or {})}, calibration, progress=progress,
+                              distributed=distributed)
     wall = time.perf_counter() - start
     bpw, size = weight_bits(model) if method != "fp" else (float(FLOAT_BITS), weight_bits(model)[1])
     ppl = perplexity(model, eval_blocks, batch_size) if eval_blocks is not None else math.nan
@@ -208,12 +211,46 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     method = dict(cfg["method"])
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
+    processes = check_processes(cfg, method)
     torch.manual_seed(cfg.get("seed", 0))
     if cfg.get("offload") is not None:
         return run_streamed(cfg, method, Path(out_dir))
-    load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
+    if init_from_env():  # under torchrun: this process is one rank of WORLD_SIZE
+        return ptq_rank(cfg, str(out_dir), True)
+    return launch(ptq_rank, processes, cfg, str(out_dir), processes > 1)
+
+
+def check_processes(cfg: dict, method: dict) -> int:
+    """distributed.processes: a positive integer; above 1, a method that runs distributed, in memory.
+
+    Raises:
+        ConfigError: naming the key and what is valid.
+    """
+    processes = as_count((cfg.get("distributed") or {}).get("processes", 1), "distributed.processes", 1)
+    if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        errors = []
+        if not method_of_config(method_config(method)).distributed:
+            errors.append(f"method={method['name']!r} does not run distributed; use method=gptq or distributed.processes=1")
+        if cfg.get("offload") is not None:
+            errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
+        if errors:
+            raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+    return processes
+
+
+def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
+    """One process of a qat-ptq run: every rank quantizes (on its share of the calibration batches when
+    `distributed`); rank 0 then evaluates and writes, as a single-process run does, and returns the result."""
+    torch.manual_seed(cfg.get("seed", 0))
+    method = dict(cfg["method"])
+    rank = process_rank()
+    load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"],
+                                       cfg["eval"] if rank == 0 else {"split": None})
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
-                         progress=as_bool(cfg.get("progress", True), "progress"), batch_size=cfg["eval"].get("batch_size", 4))
+                         progress=as_bool(cfg.get("progress", True), "progress"),
+                         batch_size=cfg["eval"].get("batch_size", 4), distributed=distributed)
+    if rank != 0:
+        return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {**row, "protocol": job_protocol(cfg, blocks), "model": cfg["model"]["path"], "options": model.qat_ptq}

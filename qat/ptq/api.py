@@ -14,6 +14,7 @@ from torch import nn
 from qat.errors import ConfigError
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.checks import check_calibration, check_option_types, check_prepared
+from qat.ptq.distributed import Ranks
 from qat.ptq.methods import PTQMethod, get_method, method_of_config
 from qat.ptq.runner import quantized_linears
 from qat.transform.recipe import load_recipe
@@ -49,7 +50,8 @@ def method_config(method: Any, **overrides: Any):
     return cls(**data)
 
 
-def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = None, progress: bool = True) -> nn.Module:
+def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = None, progress: bool = True,
+          distributed: bool = False) -> nn.Module:
     """Run a PTQ method on a prepared model: set each quantized linear's weight and pin its qparams.
 
     The result is an ordinary prepared model: its fake-quant forward reproduces the method's quantized
@@ -60,6 +62,9 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         method_cfg: "gptq", {"name": "gptq", "actorder": True, ...}, a DictConfig, or a config instance.
         batches: calibration inputs: LongTensor ids [B, T] or mappings of model kwargs.
         progress: show a progress bar per block.
+        distributed: run in every process of the initialised torch.distributed group, each on its share of
+            `batches` (all processes pass the same list), with the same result as one process
+            (`qat.ptq.distributed`; GPTQ).
     Returns:
         the same model; `model.qat_ptq` records the method, its options and the wall time.
     Raises:
@@ -74,10 +79,16 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
     batches = list(batches or [])
     check_calibration(method.name, method.needs_calibration, getattr(cfg, "min_tokens", 0), batches, model)
     method.check(model, linears)
+    extra = {}
+    if distributed:
+        method.check_distributed(model, linears)
+        method.ranks = Ranks.current()
+        batches, progress = method.ranks.shard(batches), progress and method.ranks.rank == 0
+        extra["processes"] = method.ranks.world
     start = time.perf_counter()
     method.run(model, batches, progress)
     seconds = time.perf_counter() - start
-    model.qat_ptq = {"method": method.name, **dataclasses.asdict(cfg), "seconds": seconds}
+    model.qat_ptq = {"method": method.name, **dataclasses.asdict(cfg), "seconds": seconds, **extra}
     if getattr(method, "expert_tokens", None):
         model.qat_ptq["expert_tokens"] = method.expert_tokens  # calibration tokens routed to each MoE expert
     log.info("%s: %d linear layers in %.1f s", method.name, len(linears), seconds)
@@ -85,7 +96,7 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
 
 
 def ptq_model(model: nn.Module, recipe: Any, method: Any, calibration_batches: Iterable[Any] | None = None,
-              progress: bool = True, **args: Any) -> nn.Module:
+              progress: bool = True, distributed: bool = False, **args: Any) -> nn.Module:
     """Prepare `model` with `recipe` (unless already prepared) and run a PTQ method on it.
 
     Args:
@@ -93,6 +104,7 @@ def ptq_model(model: nn.Module, recipe: Any, method: Any, calibration_batches: I
         recipe: a QuantRecipe, a recipe name ("w4a16_g128") or a mapping in the configs/quant format.
         method: a registered method name ("rtn", "gptq", "awq", "smoothquant"), or a mapping with `name`.
         calibration_batches: LongTensor ids [B, T] (or model kwargs mappings).
+        distributed: see `apply`.
         **args: method options (e.g. actorder=True).
     Returns:
         the prepared model with pinned PTQ qparams (then `qat.convert` it, export it, or train it further).
@@ -103,4 +115,4 @@ def ptq_model(model: nn.Module, recipe: Any, method: Any, calibration_batches: I
     cfg = method_config(method, **args)
     if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         prepare(model, load_recipe(recipe) if isinstance(recipe, str) else recipe)
-    return apply(model, cfg, calibration_batches, progress=progress)
+    return apply(model, cfg, calibration_batches, progress=progress, distributed=distributed)

@@ -18,6 +18,7 @@ from torch import nn
 from qat.arch import ArchAdapter, find_arch
 from qat.control import quantization_disabled, quantizers
 from qat.modules.fake import FakeQuantLinear
+from qat.ptq.stats import calibration_batch
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ def run_block(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[
     """The block's outputs (first element of a tuple output) for every cached input."""
     outs = []
     with torch.no_grad():
-        for args, kwargs in inputs:
-            out = call_model(block, args[0]) if is_model else block(*args, **kwargs)
+        for i, (args, kwargs) in enumerate(inputs):
+            with calibration_batch(i):
+                out = call_model(block, args[0]) if is_model else block(*args, **kwargs)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outs
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from qat.control import quantization_disabled, quantizers
 from qat.modules.experts import FakeQuantExperts
-from qat.ptq.stats import InputStats
+from qat.ptq.stats import InputStats, calibration_batch
 
 
 class _Stop(Exception):
@@ -98,6 +98,7 @@ class StagedBlock:
         self._inside = {n: [ln for ln in linears if n == "" or ln == n or ln.startswith(n + ".")]
                         for n, _ in block.named_modules()}
         self._batch, self._calls, self._tainted = 0, {}, False
+        self.keep_batches = False  # captured statistics keep each batch's Gram apart (distributed PTQ)
 
     def solved(self, names) -> None:
         """Mark linears as solved (their weights and qparams final)."""
@@ -108,9 +109,13 @@ class StagedBlock:
         return name != "" and bool(inside) and all(n in self.done for n in inside)
 
     def capture(self, name: str, magnitudes: bool = False) -> InputStats:
-        """Input statistics of linear `name` over all inputs, its pass stopping there when it is called once."""
+        """Input statistics of linear `name` over all inputs, its pass stopping there when it is called once.
+
+        The Gram matrix is summed batch by batch (`InputStats(per_batch=True)`), the order distributed PTQ keeps."""
         module = self.linears[name]
-        stats = InputStats(module.in_features, True, module.weight.device, magnitudes)
+        stats = InputStats(module.in_features, True, module.weight.device, magnitudes, per_batch=True)
+        if self.keep_batches:
+            stats.keep_batches()
         stop = name in self.once
 
         def hook(mod, args):
@@ -144,7 +149,8 @@ class StagedBlock:
                 for i, (args, kwargs) in enumerate(self.inputs):
                     self._batch, self._calls, self._tainted = i, {}, False
                     try:
-                        out = self.block(*args, **kwargs)
+                        with calibration_batch(i):
+                            out = self.block(*args, **kwargs)
                     except _Stop:
                         continue
                     outs.append(out[0] if isinstance(out, (tuple, list)) else out)

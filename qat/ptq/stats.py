@@ -4,14 +4,35 @@
 (SmoothQuant) and optionally the Gram matrix sum x x^T in float32, one GEMM per upper row strip (GPTQ's Hessian, and the exact
 layer-output error of a weight change used by the AWQ searches). Nothing but these sums is kept, so
 memory stays at in_features^2 floats per layer whatever the number of calibration tokens.
+
+With `per_batch=True` (GPTQ) the Gram matrix is summed in a fixed order that does not depend on how the
+calibration batches are spread over processes: each batch's Gram is accumulated on its own (its rows pooled and
+multiplied as without it), then the batches' Grams are added to the total in batch order. A process that saw
+batches k..l keeps their Grams (`keep_batches`) so that `qat.ptq.distributed` can add them, in order, to the
+running sum of batches 0..k-1 from the process before it: the same float additions as in one process.
+The batch a tensor belongs to comes from `calibration_batch(i)`, set by the loops that run the blocks.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 import torch
 from torch import nn
+
+
+_BATCH: ContextVar[int | None] = ContextVar("calibration_batch", default=None)
+
+
+@contextmanager
+def calibration_batch(index: int) -> Iterator[None]:
+    """Marks the calibration batch being run: `InputStats(per_batch=True)` starts a new batch Gram when it changes."""
+    token = _BATCH.set(index)
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
 
 
 class InputStats:
@@ -21,20 +42,24 @@ class InputStats:
         in_features: the layer's input width.
         hessian: also accumulate the Gram matrix (in_features^2 floats).
         magnitudes: also accumulate sum |x| and max |x| per channel.
+        per_batch: sum the Gram matrix batch by batch (see the module docstring): the order distributed PTQ
+            reproduces; costs one more in_features^2 buffer.
     Example:
         >>> st = InputStats(8); st.update(torch.randn(4, 8)); st.hessian().shape
         torch.Size([8, 8])
     """
 
     def __init__(self, in_features: int, hessian: bool = True, device: torch.device | str = "cpu",
-                 magnitudes: bool = True) -> None:
-        self.in_features, self.magnitudes = in_features, magnitudes
+                 magnitudes: bool = True, per_batch: bool = False) -> None:
+        self.in_features, self.magnitudes, self.per_batch = in_features, magnitudes, per_batch
         self.n_tokens = 0
         self.abs_sum = torch.zeros(in_features, device=device)
         self.abs_max = torch.zeros(in_features, device=device)
         self._gram = torch.zeros(in_features, in_features, device=device) if hessian else None
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
+        self._batch, self._batch_key = None, None  # the current batch's Gram (per_batch) and its index
+        self._kept: list[torch.Tensor] | None = None  # batch Grams kept, not added (keep_batches)
         # the Gram matrix is symmetric: accumulate only its upper row strips (k strips -> (k+1)/2k of the
         # flops, one GEMM per strip) and mirror on read
         k = max(1, min(8, in_features // 256))
@@ -44,6 +69,9 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs [..., in_features] into the statistics."""
         x = x.detach().reshape(-1, self.in_features)
+        if self.per_batch and _BATCH.get() != self._batch_key:
+            self._end_batch()
+            self._batch_key = _BATCH.get()
         owned = x.dtype != torch.float32
         x = x.float()
         self.n_tokens += x.shape[0]
@@ -72,16 +100,52 @@ class InputStats:
         self._accumulate(x)
 
     def _accumulate(self, x: torch.Tensor) -> None:
+        if self.per_batch and self._batch is None:
+            self._batch = torch.zeros_like(self._gram)
+        target = self._batch if self.per_batch else self._gram
         xt, e = x.t(), self._edges
         for a, b in zip(e[:-1], e[1:]):
-            self._gram[a:b, a:].addmm_(xt[a:b], x[:, a:])
+            target[a:b, a:].addmm_(xt[a:b], x[:, a:])
+
+    def _end_batch(self) -> None:
+        """Close the current batch: its Gram is added to the total (or kept, see `keep_batches`)."""
+        if self._gram is None:
+            return
+        self._flush()
+        if self._batch is None:
+            return
+        if self._kept is not None:
+            self._kept.append(self._batch)
+        else:
+            self._gram.add_(self._batch)
+        self._batch = None
+
+    def keep_batches(self) -> None:
+        """Keep each batch's Gram apart instead of adding it to the total (until `pop_batches`)."""
+        if not self.per_batch:
+            raise ValueError("keep_batches needs InputStats(per_batch=True)")
+        self._kept = []
+
+    def pop_batches(self) -> list[torch.Tensor]:
+        """The Grams (upper strips) of the batches seen since `keep_batches`, in order; they are no longer kept."""
+        self._end_batch()
+        kept, self._kept = self._kept or [], None
+        return kept
+
+    def set_sum(self, gram: torch.Tensor, n_tokens: int) -> None:
+        """Replace the Gram sum (upper strips suffice) and the token count: the totals over all processes."""
+        self._gram, self.n_tokens = gram, n_tokens
+
+    def partial_sum(self) -> torch.Tensor:
+        """The Gram sum (upper strips) of the batches added so far, the kept ones excluded."""
+        return self._gram
 
     @property
     def gram(self) -> torch.Tensor | None:
         """sum x x^T over all tokens seen (float32, symmetric), or None without hessian."""
         if self._gram is None:
             return None
-        self._flush()
+        self._end_batch() if self.per_batch else self._flush()
         e = self._edges
         for a, b in zip(e[1:-1], e[2:]):  # lower strips from the upper ones
             self._gram[a:b, :a] = self._gram[:a, a:b].t()
@@ -105,8 +169,8 @@ class InputStats:
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], hessian: bool = True,
-                  magnitudes: bool = True) -> Iterator[dict[str, InputStats]]:
+def record_inputs(modules: dict[str, nn.Module], hessian: bool = True, magnitudes: bool = True,
+                  per_batch: bool = False) -> Iterator[dict[str, InputStats]]:
     """Attach forward hooks that accumulate `InputStats` for each module while the block runs.
 
     Example:
@@ -115,7 +179,7 @@ def record_inputs(modules: dict[str, nn.Module], hessian: bool = True,
         >>> stats["fc"].n_tokens
         16
     """
-    stats = {n: InputStats(m.in_features, hessian, m.weight.device, magnitudes) for n, m in modules.items()}
+    stats = {n: InputStats(m.in_features, hessian, m.weight.device, magnitudes, per_batch) for n, m in modules.items()}
     handles = [m.register_forward_pre_hook(_hook(stats[n])) for n, m in modules.items()]
     try:
         yield stats

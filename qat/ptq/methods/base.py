@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Iterable
 
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.ptq.runner import BlockContext, sequential
 
 METHODS: dict[str, type["PTQMethod"]] = {}
@@ -62,15 +63,23 @@ class PTQMethod:
         name: the registry name (and the `name:` of configs/method/<name>.yaml).
         Config: the dataclass of its options.
         needs_calibration: it needs calibration tokens whatever the recipe (RTN only for static activations).
+        distributed: it runs over a torch.distributed process group (`qat.ptq.distributed`).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_calibration: ClassVar[bool] = True
+    distributed: ClassVar[bool] = False  # runs over a process group (`check_distributed` says what it refuses)
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.block_io = None  # set by `qat.ptq.stream` to load and write one block at a time
+        self.ranks = None  # set by `qat.ptq.apply(distributed=True)`: a `qat.ptq.distributed.Ranks`
+
+    def check_distributed(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
+        """Refuse what this method cannot run over a process group (`qat.ptq.distributed`); by default all."""
+        raise ConfigError(f"method {self.name} does not run distributed (distributed PTQ serves gptq); "
+                          "run it in one process")
 
     def check(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what the method cannot solve, before any calibration (all offenders at once)."""

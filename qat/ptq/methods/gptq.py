@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat.control import quantization_disabled
+from qat.control import quantization_disabled, quantizers
 from qat.errors import ConfigError
 from qat.ptq.checks import check_ranges
-from qat.ptq.gptq import STATIC_FIT, check_spec, gptq_quantize, hessian_factor, holds_g_idx
+from qat.ptq.gptq import STATIC_FIT, GPTQResult, check_spec, gptq_quantize, hessian_factor, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
-from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, run_block
+from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, find_blocks, run_block
 from qat.ptq.staged import StagedBlock, call_sequence, can_stage, group_calls, has_activation_quantizers
 from qat.ptq.stats import InputStats, record_call_order, record_inputs
 
@@ -101,17 +101,25 @@ def solve_linear(name: str, module, stats: InputStats, cfg: GPTQConfig, factor=N
     Returns:
         the GPTQ loss, or None for the RTN fallback.
     """
-    quantizer = module.weight_quantizer
     if not usable(stats):
         warnings.warn(f"{name}: all calibration inputs of this layer are zero (or it was never called); "
                       "quantizing it round-to-nearest instead of GPTQ", RuntimeWarning, stacklevel=2)
         pin_rtn(module)
         return None
-    res = gptq_quantize(module.weight, stats.hessian(), quantizer.spec, cfg.blocksize, cfg.percdamp,
-                        cfg.actorder, cfg.static_groups, name=name, factor=factor)
+    return set_result(module, solve_result(name, module, stats, cfg, factor))
+
+
+def solve_result(name: str, module, stats: InputStats, cfg: GPTQConfig, factor=None) -> GPTQResult:
+    """GPTQ of one FakeQuantLinear from its (usable) input statistics, the module left unchanged."""
+    return gptq_quantize(module.weight, stats.hessian(), module.weight_quantizer.spec, cfg.blocksize, cfg.percdamp,
+                         cfg.actorder, cfg.static_groups, name=name, factor=factor)
+
+
+def set_result(module, res: GPTQResult) -> float:
+    """Set a solved weight and pin its qparams on the module; returns the GPTQ loss."""
     with torch.no_grad():
         module.weight.copy_(res.weight)
-    quantizer.set_qparams(res.scale, res.zero_point, res.g_idx)
+    module.weight_quantizer.set_qparams(res.scale, res.zero_point, res.g_idx)
     return res.loss
 
 
@@ -141,6 +149,7 @@ class GPTQ(PTQMethod):
 
     name = "gptq"
     Config = GPTQConfig
+    distributed = True
 
     def check(self, model: nn.Module, linears: dict) -> None:
         check_model(linears, self.config)
@@ -159,7 +168,8 @@ class GPTQ(PTQMethod):
             mods = {n: linears[n] for n in group}
             # a stage's linears read one tensor (q/k/v, gate/up): one Hessian serves them all
             recorded = {group[0]: mods[group[0]]} if cfg.true_sequential else mods
-            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False) as stats:
+            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False,
+                                                                            per_batch=True) as stats:
                 if cfg.true_sequential:
                     ctx.run()
                 else:
@@ -179,19 +189,65 @@ class GPTQ(PTQMethod):
         calls = call_sequence(block, args, kwargs, linears)
         names = [n for n, _ in calls]
         staged = StagedBlock(block, ctx.inputs, linears, {n for n in linears if names.count(n) == 1}, cfg.stage_cache_mb)
+        staged.keep_batches = self.ranks is not None
         with activation_quantizers_off(block):
             for group in group_calls(calls, list(linears)):
                 stats = staged.capture(group[0])
-                factor = None
-                if usable(stats):
-                    factor = hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{ctx.name}.{group[0]}")
-                for n in group:
-                    loss = solve_linear(f"{ctx.name}.{n}", linears[n], stats, cfg, factor)
-                    log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
+                if self.ranks is None:
+                    factor = None
+                    if usable(stats):
+                        factor = hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{ctx.name}.{group[0]}")
+                    for n in group:
+                        loss = solve_linear(f"{ctx.name}.{n}", linears[n], stats, cfg, factor)
+                        log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
+                else:
+                    self._solve_spread(ctx.name, {n: linears[n] for n in group}, stats)
                 staged.solved(group)
                 del stats
             if not has_activation_quantizers(block):
                 ctx.outputs = staged.outputs()
+
+    def _solve_spread(self, block_name: str, group: dict, stats: InputStats) -> None:
+        """One stage over the process group (`qat.ptq.distributed`): the statistics summed in the one-process
+        order, each linear solved by one process, the results broadcast and set everywhere."""
+        ranks, cfg = self.ranks, self.config
+        ranks.reduce(stats)
+        if not usable(stats):  # round-to-nearest: the same on every process, nothing to send
+            for n, m in group.items():
+                solve_linear(f"{block_name}.{n}", m, stats, cfg)
+            return
+        owners = dict(zip(group, ranks.owners([m.weight.numel() for m in group.values()])))
+        mine = [n for n in group if owners[n] == ranks.rank]
+        results = {}
+        if mine:
+            factor = hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{block_name}.{next(iter(group))}")
+            results = {n: solve_result(f"{block_name}.{n}", group[n], stats, cfg, factor) for n in mine}
+        for n, m in group.items():
+            loss = set_result(m, ranks.broadcast(results.get(n), owners[n]))
+            log.debug("gptq %s.%s loss=%s (rank %d)", block_name, n, loss, owners[n])
+
+    def check_distributed(self, model: nn.Module, linears: dict) -> None:
+        """What distributed GPTQ serves: the staged true-sequential path on decoder blocks (no MoE experts,
+        no static activation ranges, which would need their observers merged).
+
+        Raises:
+            ConfigError: naming the option or module to change.
+        """
+        cfg, errors = self.config, []
+        if not (cfg.true_sequential and cfg.stage_cache):
+            errors.append(f"method.true_sequential={cfg.true_sequential}, method.stage_cache={cfg.stage_cache}: "
+                          "distributed GPTQ runs the staged true-sequential passes; set both to true")
+        if find_blocks(model)[1][0] is model:
+            errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed GPTQ runs block by block")
+        if block_experts(model):
+            errors.append(f"MoE experts ({sorted(block_experts(model))[:3]}): their solves are not spread over "
+                          "processes yet; quantize this model in one process")
+        static = [n for n, q in quantizers(model, ["input", "kv_cache"]) if not q.spec.dynamic]
+        if static:
+            errors.append(f"static activation ranges ({static[:3]}) are calibrated per process and not merged yet; "
+                          "use dynamic activation quantization or one process")
+        if errors:
+            raise ConfigError("distributed gptq:\n" + "\n".join(f"  - {e}" for e in errors))
 
     def _solve_experts(self, ctx: BlockContext) -> None:
         """Expert-aware GPTQ: gate_up_proj then down_proj of every expert, each on the tokens routed to it."""

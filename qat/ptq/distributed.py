@@ -1,0 +1,193 @@
+"""Distributed PTQ: the calibration batches split over processes, the statistics summed in the one-process order,
+the solves of a stage spread over the processes.
+
+Every process holds the whole model and a contiguous share of the calibration batches (process r of W takes
+batches [r B / W, (r + 1) B / W)). Block by block, each runs the stage passes on its batches only; the
+statistics of a stage are then combined so that every process holds exactly what one process would have:
+
+* GPTQ's Gram matrix is summed in one process batch by batch, G = ((G_0 + G_1) + G_2) + ..., each batch's G_b
+  accumulated on its own (`InputStats(per_batch=True)`). Process r keeps its G_b apart, receives the running sum
+  of batches 0..k-1 from process r - 1, adds its own in order and passes it on; the last process broadcasts the
+  total. These are the same float additions in the same order as in one process (an all-reduce would add the
+  processes' partial sums in an order of its own: the Hessian would differ in the last bits, and so, through
+  GPTQ's rounding, would some weights). Token counts are integers (all-reduced).
+* The linears of a stage (q/k/v, gate/up) are solved by different processes, largest first to the least
+  loaded, on the same Hessian factor; each result (weight and qparams) is broadcast from the process that solved
+  it and set on every process's model, so every process ends with the same quantized model.
+* Each process runs its batches through the solved block: the next block's inputs stay sharded.
+
+Communication per stage: one Gram matrix passed along the chain of processes and broadcast, and the solved
+weights broadcast. Memory: a process keeps the Grams of its own batches until they are summed (B / W per
+stage's input width squared), on top of one process's.
+
+The same quantized weights as one process (atol=0), provided each batch's forward gives the same bits in every
+process: the same batches (the same sizes), kernels and thread count.
+
+    qat.ptq.distributed.launch(my_rank_function, 2, *args)   # this process is rank 0; 1 spawned (gloo)
+    qat.ptq.apply(model, "gptq", batches, distributed=True)   # in every process of an initialised group
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from qat.errors import ConfigError
+from qat.ptq.stats import InputStats
+
+
+@dataclass
+class Ranks:
+    """This process's place in the PTQ process group: its rank, the world size, and the solve load so far."""
+
+    rank: int
+    world: int
+    load: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.load = self.load or [0] * self.world
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        """The default process group's rank and size.
+
+        Raises:
+            ConfigError: no process group is initialised (see `launch`, or run under torchrun).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("distributed PTQ needs an initialised torch.distributed process group: run it through "
+                              "qat.ptq.distributed.launch (qat-ptq distributed.processes=N) or under torchrun")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This process's contiguous share of `items` (shares differ in length by at most one, the first longer).
+
+        Raises:
+            ConfigError: fewer items than processes.
+        """
+        n = len(items)
+        if n < self.world:
+            raise ConfigError(f"distributed PTQ over {self.world} processes needs at least {self.world} calibration "
+                              f"batches, got {n}; give more calibration.samples or fewer distributed.processes")
+        start = self.rank * (n // self.world) + min(self.rank, n % self.world)
+        return list(items[start:start + n // self.world + (self.rank < n % self.world)])
+
+    def reduce(self, stats: InputStats) -> None:
+        """Sum the Gram matrices and token counts of every process's batches into `stats`, in batch order.
+
+        `stats` kept its batches' Grams apart (`InputStats.keep_batches`); afterwards it holds the totals, the
+        same tensor bit for bit in every process and as one process running all the batches."""
+        if stats.magnitudes:
+            raise ValueError("distributed PTQ sums Gram matrices only (InputStats(magnitudes=False))")
+        kept = stats.pop_batches()
+        tokens = torch.tensor([stats.n_tokens], dtype=torch.long)
+        dist.all_reduce(tokens)
+        total = stats.partial_sum()
+        if self.rank > 0:
+            dist.recv(total, self.rank - 1)
+        for gram in kept:
+            total.add_(gram)
+        if self.rank + 1 < self.world:
+            dist.send(total, self.rank + 1)
+        dist.broadcast(total, self.world - 1)
+        stats.set_sum(total, int(tokens))
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        """The rank that solves each of a stage's linears (`sizes`: their weights' numel): largest first, each to
+        the rank with the least work in this stage (ties: the least work so far, then the lowest rank)."""
+        stage = [0] * self.world
+        out = [0] * len(sizes)
+        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+            r = min(range(self.world), key=lambda r: (stage[r], self.load[r], r))
+            out[i] = r
+            stage[r] += sizes[i]
+            self.load[r] += sizes[i]
+        return out
+
+    def broadcast(self, obj: Any, src: int) -> Any:
+        """`obj` of rank `src` on every rank (pickled; tensors travel as bytes, exactly)."""
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+
+def process_rank() -> int:
+    """This process's rank in the initialised default process group; 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment; gloo), unless one exists.
+
+    Returns:
+        whether this process is one of several (a group is initialised).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("gloo", timeout=TIMEOUT)
+    return True
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TIMEOUT = datetime.timedelta(minutes=60)  # a collective waits this long for a slower rank (a large solve)
+
+
+def init_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
+    """Join the process group of `world` processes on this host (rendezvous on 127.0.0.1:`port`)."""
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+
+
+def _spawned(index: int, fn: Callable, world: int, port: int, backend: str, args: tuple) -> None:
+    init_group(index + 1, world, port, backend)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, processes: int, *args: Any, backend: str = "gloo") -> Any:
+    """Run `fn(*args)` in `processes` processes joined in one process group; this process is rank 0.
+
+    The other ranks are spawned (fresh interpreters: `fn` must be importable, `args` picklable) and run the same
+    call; they must make the same collective calls (e.g. `qat.ptq.apply(..., distributed=True)`).
+    Returns:
+        what `fn` returned in this process.
+    Raises:
+        ConfigError: processes < 1.
+        whatever `fn` raised here; a spawned rank's failure as torch.multiprocessing's ProcessRaisedException.
+    Example:
+        >>> launch(quantize_rank, 2, model_cfg, batches)
+    """
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ConfigError(f"distributed.processes={processes!r}; must be a positive integer (1: no distribution)")
+    if processes == 1:
+        return fn(*args)
+    port = free_port()
+    ctx = torch.multiprocessing.start_processes(_spawned, (fn, processes, port, backend, args), nprocs=processes - 1,
+                                                join=False, start_method="spawn")
+    init_group(0, processes, port, backend)
+    try:
+        result = fn(*args)
+    except BaseException:
+        for p in ctx.processes:  # they would wait for this rank's collectives until the timeout
+            p.terminate()
+        raise
+    finally:
+        dist.destroy_process_group()
+    while not ctx.join():
+        pass
+    return result

@@ -1,0 +1,90 @@
+"""Distributed PTQ (`qat.ptq.distributed`): GPTQ over 2 gloo processes, each on its share of the calibration
+batches, gives exactly (atol=0) the prepared state of one process; what it cannot run is refused up front."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qat import testing
+from qat.errors import ConfigError
+from qat.ptq import apply
+from qat.ptq.distributed import Ranks, launch
+from qat.ptq.methods.base import get_method
+from qat.ptq.api import method_config
+from qat.transform import prepare
+from qat.transform.recipe import load_recipe
+
+METHOD = {"name": "gptq", "min_tokens": 64}
+
+
+def _batches(n=5, rows=2, seq=32, vocab=512, seed=1):
+    """5 batches: split 3 / 2; 64 rows each, pooled below InputStats.CHUNK (the pooling stays within a batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (rows, seq), generator=g) for _ in range(n)]
+
+
+def _model():
+    model = testing.tiny_llama(num_layers=2, fork_rng=True)
+    return prepare(model, load_recipe("w4a16_g128_ragged"))
+
+
+def quantize_rank(distributed: bool, out=None) -> dict:
+    """One process's GPTQ of the tiny Llama, single-threaded (the same kernels in every process); with `out` (a
+    folder), its state is also saved there as rank{r}.pt."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = apply(_model(), METHOD, _batches(), progress=False, distributed=distributed)
+    finally:
+        torch.set_num_threads(threads)
+    state = model.state_dict()
+    if out is not None:
+        torch.save(state, out / f"rank{torch.distributed.get_rank()}.pt")
+    return {"state": state, "ptq": model.qat_ptq}
+
+
+def test_two_processes_equal_one(tmp_path):
+    one = quantize_rank(False)["state"]
+    rank0 = launch(quantize_rank, 2, True, tmp_path)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["ptq"]["processes"] == 2
+    for key, value in one.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(rank0["state"][key], value), key
+            assert torch.equal(rank1[key], value), key
+    changed = [k for k in one if k.endswith("proj.weight") and not torch.equal(one[k], _model().state_dict()[k])]
+    assert len(changed) == 14  # every linear of both blocks was solved
+
+
+def test_refused_before_work():
+    with pytest.raises(ConfigError, match="initialised torch.distributed"):
+        apply(_model(), METHOD, _batches(), progress=False, distributed=True)
+    with pytest.raises(ConfigError, match="stage_cache"):
+        gptq = get_method("gptq")(method_config({**METHOD, "stage_cache": False}))
+        gptq.check_distributed(_model(), {})
+    with pytest.raises(ConfigError, match="does not run distributed"):
+        apply(_model(), {"name": "awq", "min_tokens": 64}, _batches(), progress=False, distributed=True)
+    with pytest.raises(ConfigError, match="distributed.processes=0"):
+        launch(quantize_rank, 0, True)
+    with pytest.raises(ConfigError, match="at least 4 calibration batches"):
+        Ranks(0, 4).shard([1, 2])
+
+
+def test_shards_and_owners():
+    assert [Ranks(r, 2).shard(list(range(5))) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    ranks = Ranks(0, 2)
+    assert ranks.owners([576 * 576, 192 * 576, 192 * 576]) == [0, 1, 1]  # q alone, k and v together
+    assert ranks.owners([100]) == [1]  # a lone linear goes to the rank with less work so far
+
+
+def test_qat_ptq_distributed_config_refused():
+    from qat.jobs.ptq import check_processes
+
+    gptq = {"name": "gptq"}
+    assert check_processes({"distributed": {"processes": 2}}, gptq) == 2
+    assert check_processes({}, {"name": "awq"}) == 1
+    with pytest.raises(ConfigError, match="distributed.processes"):
+        check_processes({"distributed": {"processes": 0}}, gptq)
+    with pytest.raises(ConfigError) as err:
+        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
+    assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
