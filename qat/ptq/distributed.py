@@ -31,6 +31,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -179,15 +181,41 @@ def launch(fn: Callable, processes: int, *args: Any, backend: str = "gloo") -> A
     port = free_port()
     ctx = torch.multiprocessing.start_processes(_spawned, (fn, processes, port, backend, args), nprocs=processes - 1,
                                                 join=False, start_method="spawn")
+    finished, failure = threading.Event(), []
+    watcher = threading.Thread(target=_watch, args=(ctx, finished, failure), daemon=True)
+    watcher.start()
     init_group(0, processes, port, backend)
     try:
         result = fn(*args)
-    except BaseException:
+    except BaseException as exc:
+        finished.set()
+        watcher.join(timeout=5.0)  # a collective usually fails here because another rank died: say why it did
         for p in ctx.processes:  # they would wait for this rank's collectives until the timeout
             p.terminate()
+        if failure:
+            raise failure[0] from exc
         raise
     finally:
+        finished.set()
         dist.destroy_process_group()
-    while not ctx.join():
-        pass
+    watcher.join()
+    if failure:
+        raise failure[0]
     return result
+
+
+def _watch(ctx: Any, finished: threading.Event, failure: list) -> None:
+    """Join the spawned ranks; when one fails while this rank still works, stop this process.
+
+    This rank would otherwise sit in a collective until TIMEOUT (an hour) waiting for the dead rank; a blocked
+    collective cannot be interrupted from Python, so the process exits (status 1) after saying which rank failed
+    (its traceback is already on stderr). Files are written by temporary file and rename: none is left half-written.
+    """
+    try:
+        while not ctx.join(timeout=1.0):
+            pass
+    except Exception as e:  # ProcessRaisedException / ProcessExitedException; join terminated the others
+        failure.append(e)
+        if not finished.is_set():
+            print(f"qat: a distributed PTQ process failed, stopping all of them: {e}", file=sys.stderr, flush=True)
+            os._exit(1)

@@ -88,3 +88,27 @@ def test_qat_ptq_distributed_config_refused():
     with pytest.raises(ConfigError) as err:
         check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
     assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
+
+
+def fail_on_rank1() -> None:
+    """Rank 1 fails at once; rank 0 waits for it in a collective (it would wait an hour without the watcher)."""
+    if torch.distributed.get_rank() == 1:
+        raise RuntimeError("rank one broke")
+    torch.distributed.barrier()
+
+
+def test_failed_rank_stops_rank0_promptly(tmp_path):
+    """A spawned rank's failure ends the launch, raised in rank 0 with the failed rank's own error (not only
+    gloo's "connection reset" from rank 0's collective, and not an hour's wait for the group's timeout)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "launch_fail.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+                      "from qat.ptq.distributed import launch\n"
+                      "from tests.ptq.test_distributed import fail_on_rank1\n"
+                      "if __name__ == '__main__':\n"
+                      "    launch(fail_on_rank1, 2)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "rank one broke" in run.stderr
