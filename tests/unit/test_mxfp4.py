@@ -108,6 +108,19 @@ def test_mxfp4_fake_quant_is_the_definition_bit_for_bit(need_mask, monkeypatch):
     assert mask is None if not need_mask else torch.equal(mask, (t.abs() <= 7.0).reshape(w.shape))
 
 
+def test_mxfp4_fake_quant_equals_torchao_mx_floor():
+    # an independent implementation where installed (torchao is not a dependency): MXTensor with the OCP FLOOR scale
+    # dequantizes to exactly our fake quant
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    w = _weights()
+    spec = mxfp4_spec()
+    ours = fake_quantize_forward(w, *choose_qparams(*compute_range(w, spec), spec), spec)[0]
+    theirs = mx.MXTensor.to_mx(w, torch.float4_e2m1fn_x2, 32, scaling_mode=ScaleCalculationMode.FLOOR)
+    assert torch.equal(ours, theirs.dequantize(torch.float32))
+
+
 def test_e2m1_matches_compressed_tensors_rounding():
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
     from compressed_tensors.quantization import QuantizationArgs
