@@ -39,39 +39,25 @@ def e2m1_doubled(t: torch.Tensor) -> torch.Tensor:
 
 
 _ROUNDER = (22 << 23) + 0x400000  # adds 22 to a float32 exponent field and sets the top mantissa bit (x 1.5)
-CPU_CHUNK = 1 << 20
-"""Elements per chunk of `e2m1_codes_` on CPU: its temporaries stay in cache and are allocated once (a fresh
-full-size tensor costs more in page faults than the passes over it); one chunk per op elsewhere."""
 
 
 def e2m1_codes_(d: torch.Tensor, sign: torch.Tensor, need_mask: bool = False):
     """(2 * E2M1(d / 2), mask |d| <= 14 or None), rounding `d` in place (float32, values already doubled, e.g.
-    x / (scale / 2)); the sign of each result is taken from `sign` (same shape and signs as `d`: the unscaled
-    input, or `d` itself before the call), so -0 stays -0. The mask marks the elements inside E2M1's STE range
+    x / (scale / 2)); the sign of each result is taken from `sign` (same signs as `d`: the unscaled input, or `d`
+    itself before the call), so -0 stays -0. The mask marks the elements inside E2M1's STE range
     (|d / 2| <= `E2M1_INSIDE`).
 
     The doubled E2M1 levels are the multiples of step = 1 below 4, 2 in [4, 8), 4 in [8, 12]: step is |d|'s
     binade 2^e halved (at least 1), read from the float32 exponent bits. Adding then subtracting C = 1.5 * 2^23 *
     step rounds to a multiple of step with ties to the even multiple (IEEE round-to-nearest-even: |d| <= 12 keeps
     d + C in [2^23 step, 2^24 step), whose last mantissa bit is worth step), which is E2M1's even mantissa. Seven
-    in-place passes, no comparison or where (the earlier 1 + [m >= 4] + 2 [m >= 8], divide, round, multiply took
-    14); `tests/unit/test_mxfp4.py` checks it against a brute-force nearest-value search.
+    in-place passes and one int32 scratch, no comparison or where (the earlier 1 + [m >= 4] + 2 [m >= 8], divide,
+    round, multiply took 14 passes and 4 fresh tensors); `tests/unit/test_mxfp4.py` checks it against a
+    brute-force nearest-value search. (Chunking the passes to keep the scratch in cache was faster on one thread
+    and slower on two threads of the loaded CPU: not done.)
     """
-    flat = d.view(-1) if d.is_contiguous() else None
-    chunk = CPU_CHUNK if flat is not None and d.device.type == "cpu" else max(d.numel(), 1)
-    if flat is None or chunk >= d.numel():
-        mask = d.abs_() <= 2 * E2M1_INSIDE if need_mask else None
-        return _round_doubled_(d, sign, torch.empty_like(d, dtype=torch.int32)), mask
-    signs = sign.reshape(-1)
-    mask = torch.empty(d.shape, dtype=torch.bool, device=d.device) if need_mask else None
-    masks = mask.view(-1) if need_mask else None
-    buf = torch.empty(chunk, dtype=torch.int32, device=d.device)
-    for i in range(0, flat.numel(), chunk):
-        part = flat[i:i + chunk]
-        if need_mask:
-            torch.le(part.abs_(), 2 * E2M1_INSIDE, out=masks[i:i + chunk])
-        _round_doubled_(part, signs[i:i + chunk], buf[:part.numel()])
-    return d, mask
+    mask = d.abs_() <= 2 * E2M1_INSIDE if need_mask else None  # in place: the sign comes back from `sign`
+    return _round_doubled_(d, sign, torch.empty_like(d, dtype=torch.int32)), mask
 
 
 def _round_doubled_(d: torch.Tensor, sign: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import qat
 from qat.export import export_gguf, load_gguf, save_native
 from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
-from qat.formats import minifloat
 from qat.formats.minifloat import (E2M1_MAGNITUDES, e2m1_codes_, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
                                    e8m0_scale, mx_scale, nearest_pow2)
 from qat.formats.mxfp4 import mxfp4_spec
@@ -76,12 +75,9 @@ def _float32_sweep() -> torch.Tensor:
     return torch.cat([t, -t])
 
 
-@pytest.mark.parametrize("chunk", [None, 4093], ids=["one-pass", "cpu-chunks"])
-def test_e2m1_codes_are_the_definition_bit_for_bit(chunk, monkeypatch):
-    # the fast rounding (exponent-bit step, add/subtract C, chunked on CPU) against the brute-force nearest level,
-    # sign bits included; the mask is |t| <= 7 of the undoubled input
-    if chunk is not None:
-        monkeypatch.setattr(minifloat, "CPU_CHUNK", chunk)  # many chunks and a short last one
+def test_e2m1_codes_are_the_definition_bit_for_bit():
+    # the fast rounding (exponent-bit step, add/subtract C) against the brute-force nearest level, sign bits
+    # included; the mask is |t| <= 7 of the undoubled input
     t = _float32_sweep()
     codes, mask = e2m1_codes_(t * 2, t, need_mask=True)
     ref = _brute_force(t) * 2
@@ -91,10 +87,9 @@ def test_e2m1_codes_are_the_definition_bit_for_bit(chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("need_mask", [False, True], ids=["forward", "with-mask"])
-def test_mxfp4_fake_quant_is_the_definition_bit_for_bit(need_mask, monkeypatch):
-    # fake quant of whole weights (several CPU chunks) == the module docstring's formula in float64 with the
-    # brute-force E2M1: X = 2^(floor(log2 amax) - 2) in E8M0's range, x^ = E2M1(x / X) * X
-    monkeypatch.setattr(minifloat, "CPU_CHUNK", 1000)
+def test_mxfp4_fake_quant_is_the_definition_bit_for_bit(need_mask):
+    # fake quant of whole weights == the module docstring's formula in float64 with the brute-force E2M1:
+    # X = 2^(floor(log2 amax) - 2) in E8M0's range, x^ = E2M1(x / X) * X
     spec = mxfp4_spec()
     w = torch.cat([_weights(), _float32_sweep()[:256 * 64].reshape(64, 256) * 0.01])
     out, mask = fake_quantize_forward(w, *choose_qparams(*compute_range(w, spec), spec), spec, need_mask)
