@@ -42,15 +42,19 @@ def variants(linear: nn.Linear) -> dict[str, nn.Module]:
 
 def torchao_peers(linear: nn.Linear) -> dict[str, nn.Module]:
     """torchao's QAT fake quantizers on the same Linear, where importable (torchao is not a qat dependency):
-    int4 / int8 (torchao.quantization.qat) and the NVFP4 / MXFP4 prototypes (torchao.prototype.qat). Each peer
-    that cannot be built is named with the reason, not silently dropped."""
+    int4 / int8 (torchao.quantization.qat) and the NVFP4 / MX (MXFP4) prototypes (torchao.prototype.qat, W4A4
+    only: torchao 0.18 refuses weight-only NVFP4 / MX QAT). MX runs with the OCP FLOOR scale (qat's rule: its
+    dequantized weights equal qat's MXFP4 fake quant bit for bit) and emulated matmuls. Each peer is built and
+    run once on a few tokens; one that cannot be is named with the reason, not silently dropped."""
     peers: dict[str, nn.Module] = {}
 
     def add(name, build):
         try:
-            peers[name] = build()
+            module = build()
+            module(torch.randn(4, linear.in_features, device=linear.weight.device)).sum().backward()
+            peers[name] = module
         except Exception as err:  # noqa: BLE001 - any import/API mismatch (or no kernel on this device) drops the peer
-            print(f"(torchao {name}: not importable / not buildable here: {type(err).__name__}: {err})")
+            print(f"(torchao {name}: not importable / not runnable here: {type(err).__name__}: {str(err).splitlines()[0][:160]})")
 
     def intx(act: bool):
         from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig
@@ -59,20 +63,22 @@ def torchao_peers(linear: nn.Linear) -> dict[str, nn.Module]:
         a_cfg = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if act else None
         return FakeQuantizedLinear.from_linear(linear, activation_config=a_cfg, weight_config=w_cfg)
 
-    def fp4(kind: str, act: bool):
+    def fp4(kind: str):
         from torchao.prototype import qat as proto
 
         if kind == "NVFP4":
-            cls, cfg = proto.NVFP4FakeQuantizedLinear, proto.NVFP4FakeQuantizeConfig
-        else:
-            cls, cfg = proto.MXFP4FakeQuantizedLinear, proto.MXFP4FakeQuantizeConfig
-        return cls.from_linear(linear, activation_config=cfg() if act else None, weight_config=cfg())
+            cfg = proto.NVFP4FakeQuantizeConfig()
+            return proto.NVFP4FakeQuantizedLinear.from_linear(linear, activation_config=cfg, weight_config=cfg)
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+        cfg = proto.MXFakeQuantizeConfig(torch.float4_e2m1fn_x2, 32, ScaleCalculationMode.FLOOR)
+        return proto.MXFakeQuantizedLinear.from_linear(linear, activation_config=cfg, weight_config=cfg)
 
     add("W4A16 g128", lambda: intx(False))
     add("W4A8", lambda: intx(True))
     for kind in FP4:
-        add(f"{kind} W4A16", lambda k=kind: fp4(k, False))
-        add(f"{kind} W4A4", lambda k=kind: fp4(k, True))
+        add(f"{kind} W4A4", lambda k=kind: fp4(k))
+        print(f"(torchao {kind} W4A16: no peer; torchao's {kind} QAT linear needs an activation config)")
     return {f"torchao {k}": v for k, v in peers.items()}
 
 
@@ -109,12 +115,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8 * 512)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="keep only the variants whose name contains one of these words (plain is always kept)")
     args = parser.parse_args()
     torch.manual_seed(0)
     linear = nn.Linear(args.inf, args.out, device=args.device)
     x = torch.randn(args.tokens, args.inf, device=args.device, requires_grad=True)
     grad = torch.randn(args.tokens, args.out, device=args.device)
     mods = variants(linear)
+    if args.only:
+        mods = {k: m for k, m in mods.items() if k == "plain" or any(w in k for w in args.only)}
     times: dict[str, list[float]] = {k: [] for k in mods}
     for _ in range(2):  # warm-up
         for m in mods.values():

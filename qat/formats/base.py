@@ -95,6 +95,12 @@ class Format:
         """Real values of float32 codes `t` (may work in place on `t`)."""
         raise NotImplementedError
 
+    def shared_error(self, err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """A range search's per-group error (qparams layout) with each group given the total of the groups whose
+        qparams this format chooses together from their ranges (one block scale over several groups), so that
+        they pick one candidate; the groups' own errors where each group's qparams are its own."""
+        return err
+
     def codes_dtype(self, spec: QuantSpec) -> torch.dtype:
         return torch.int8 if spec.signed else torch.uint8
 

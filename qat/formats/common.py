@@ -46,6 +46,19 @@ def block_range(view: torch.Tensor, peak: bool) -> tuple[torch.Tensor, torch.Ten
     return view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)
 
 
+def run_sums(err: torch.Tensor, per: int) -> torch.Tensor:
+    """Per-group values [..., n_groups, 1] -> each group given the sum over its run of `per` consecutive groups (a
+    super-block; a shorter last run where `per` does not divide n_groups), same shape: what a range search
+    compares when the format derives the run's qparams together (`qat.formats.base.Format.shared_error`)."""
+    n = err.shape[-2]
+    flat = err.reshape(*err.shape[:-2], n)
+    pad = -n % per
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    sums = flat.unflatten(-1, (-1, per)).sum(-1, keepdim=True).expand(*flat.shape[:-1], -1, per)
+    return sums.reshape(*flat.shape[:-1], n + pad)[..., :n].reshape(err.shape)
+
+
 def encode_rows(fmt, spec, w: torch.Tensor, block: int, pack, values: bool = True):
     """A GGUF type's encoder for a block format quantizing rows of `w` in blocks of `block` with scales from each
     block's range: (`pack(codes, scale)`, and when `values` the values the blocks mean)."""

@@ -79,6 +79,13 @@ class FP8BlockFormat(Format):
         scale = torch.where(band > 0, band / E4M3_MAX, torch.ones_like(band))
         return expand_bands(scale, spec.group_size, amax.shape[-3]), None
 
+    def shared_error(self, err, spec):
+        rows = err.shape[-3]
+        pad = -rows % spec.group_size  # a shorter last band: zero error rows
+        if pad:
+            err = torch.cat([err, err.new_zeros(*err.shape[:-3], pad, *err.shape[-2:])], -3)
+        return expand_bands(err.unflatten(-3, (-1, spec.group_size)).sum(-3), spec.group_size, rows)
+
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         t = view / scale
         mask = t.abs() <= E4M3_MAX if need_mask else None

@@ -33,7 +33,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import half_bytes, signed_peak
+from qat.formats.common import half_bytes, run_sums, signed_peak
 from qat.formats.iq4_nl import HIGH, KVALUES, LEVELS, LOW, fit_scale, nearest_level
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
@@ -159,6 +159,9 @@ class IQ4XSFormat(Format):
         # a learned scale is a free float: put it on the grid; held ones already are (a per-column view of
         # them, as GPTQ's, could not be regrouped into super-blocks)
         return scale_grid(scale) if spec.learn != "none" else scale
+
+    def shared_error(self, err, spec):
+        return run_sums(err, PER)  # the fp16 d is per super-block of 256
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         s = self._on_grid(scale, spec)

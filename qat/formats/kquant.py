@@ -25,7 +25,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import block_range, signed_peak
+from qat.formats.common import block_range, run_sums, signed_peak
 from qat.formats.kquant_layout import layout_blocks
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
@@ -245,6 +245,9 @@ class KQuantFormat(Format):
         d = torch.where(nz, (1 / torch.where(nz, iscale, torch.ones_like(iscale))).to(torch.float16).float(),
                         torch.zeros_like(peak))
         return _from_super(d * sc, shape), None
+
+    def shared_error(self, err, spec):
+        return run_sums(err, QK_K // spec.group_size)  # d / dmin are per super-block of 256
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         safe = torch.where(scale != 0, scale, torch.ones_like(scale))

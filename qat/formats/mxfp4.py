@@ -29,7 +29,7 @@ import torch
 
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import encode_rows
-from qat.formats.minifloat import (E2M1_EMAX, E2M1_INSIDE, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
+from qat.formats.minifloat import (E2M1_EMAX, e2m1_codes_, e2m1_from_index, e2m1_index, e8m0_bytes,
                                    e8m0_scale, mx_scale, nearest_pow2)
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
@@ -85,9 +85,8 @@ class MXFP4Format(Format):
         return mx_scale(torch.maximum(-lo, hi), E2M1_EMAX), None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
-        t = view / nearest_pow2(scale)  # exact: a power of two
-        mask = t.abs() <= E2M1_INSIDE if need_mask else None
-        return e2m1_doubled(t), mask
+        d = view / (nearest_pow2(scale) * 0.5)  # 2 x / X: exact (X / 2 is a power of two, 2^-128 included)
+        return e2m1_codes_(d, view, need_mask)
 
     def values(self, t, scale, zero_point, spec):
         return t.mul_(nearest_pow2(scale) * 0.5)  # doubled codes times half the scale: exact

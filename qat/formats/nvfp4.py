@@ -30,7 +30,7 @@ import torch
 
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import encode_rows
-from qat.formats.minifloat import (E2M1_INSIDE, E2M1_MAX, e2m1_doubled, e2m1_from_index, e2m1_index,
+from qat.formats.minifloat import (E2M1_MAX, e2m1_codes_, e2m1_from_index, e2m1_index,
                                    e4m3_scale_grid)
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
@@ -99,10 +99,10 @@ class NVFP4Format(Format):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
-        s = e4m3_scale_grid(scale)[0]
-        t = view / torch.where(s != 0, s, torch.full_like(s, math.inf))  # a zero scale codes 0 (x / inf), no full-size where
-        mask = t.abs() <= E2M1_INSIDE if need_mask else None
-        return e2m1_doubled(t), mask
+        half = e4m3_scale_grid(scale)[0] * 0.5  # exact: S_b has E4M3's 4 significant bits, at least 2^-136
+        # 2 x / S_b is 2 (x / S_b) rounded once (as exact as the doubling); a zero scale codes 0 (x / inf)
+        d = view / torch.where(half != 0, half, torch.full_like(half, math.inf))  # where on the scales only
+        return e2m1_codes_(d, view, need_mask)
 
     def values(self, t, scale, zero_point, spec):
         return t.mul_(e4m3_scale_grid(scale)[0] * 0.5)  # doubled codes times half the scale: exact

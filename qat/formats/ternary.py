@@ -86,8 +86,9 @@ class TernaryFormat(Format):
     """TQ2_0 ternary; see the module docstring."""
 
     name, grid, dtypes = "ternary", "ternary", ("int",)
-    gguf = (GGUFType("TQ2_0", BLOCK, 66, tq2_0_spec, _encoder(tq2_0_blocks), tq2_0_blocks),
-            GGUFType("TQ1_0", BLOCK, 54, tq2_0_spec, _encoder(tq1_0_blocks), tq1_0_blocks))
+    # rows that are not a multiple of 256 fall back to Q4_0, as llama.cpp's tensor_type_fallback (was F16 here)
+    gguf = (GGUFType("TQ2_0", BLOCK, 66, tq2_0_spec, _encoder(tq2_0_blocks), tq2_0_blocks, fallback="Q4_0"),
+            GGUFType("TQ1_0", BLOCK, 54, tq2_0_spec, _encoder(tq1_0_blocks), tq1_0_blocks, fallback="Q4_0"))
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 2 or not spec.symmetric or spec.granularity != "per_group" or spec.scale_dtype != "fp16"

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
+from qat.formats import Format, get_format
+from qat.formats.common import signed_peak
 from qat.primitives import (
-    reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, is_ragged, strip_leading_ones,
+    reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, strip_leading_ones,
 )
 from qat.spec import SPEC_OBSERVERS
 
@@ -121,7 +123,8 @@ def _blocks_last(x: torch.Tensor, spec) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 @register_observer("percentile")
 class PercentileObserver(Observer):
-    """Range from the low and high percentiles of each block (drops outliers); running min/max across batches."""
+    """Range from the low and high percentiles of each block (drops outliers); running min/max across batches.
+    Formats that scale from a block's signed peak get the percentile of its magnitudes, with the peak's sign."""
 
     def __init__(self, spec, percentile: float = 99.99) -> None:
         super().__init__(spec)
@@ -134,6 +137,12 @@ class PercentileObserver(Observer):
         n = blocks.shape[-1]
         k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
         k_lo = max(1, n + 1 - k_hi)
+        if get_format(self.spec).peak_range(self.spec):
+            # formats that scale from the signed peak (Q4_0, Q3_K, Q6_K, IQ4_NL / IQ4_XS) read lo == hi == it: the
+            # percentile of the magnitudes, with the peak's sign (the signed peak itself at 100)
+            mag = blocks.abs().kthvalue(k_hi, dim=-1, keepdim=True).values
+            peak = mag.copysign(signed_peak(blocks)).reshape(keep_shape)
+            return strip_leading_ones(peak), strip_leading_ones(peak.clone())
         lo = blocks.kthvalue(k_lo, dim=-1).values.reshape(keep_shape)
         hi = blocks.kthvalue(k_hi, dim=-1).values.reshape(keep_shape)
         return strip_leading_ones(lo), strip_leading_ones(hi)
@@ -142,6 +151,12 @@ class PercentileObserver(Observer):
 @register_observer("mse")
 class MSEObserver(Observer):
     """Grid search over clipping ratios of the min-max range, per block, minimising |x - x^|^norm.
+
+    Each candidate is quantized with the spec itself (its format's qparams: E8M0 / E4M3 block scales, GGUF
+    super-block scales, FP8 128 x 128 blocks), so block grids search on their own values. Where a format derives
+    qparams from several groups' ranges together (`Format.shared_error`: K-quant and IQ4_XS super-blocks, FP8
+    bands of rows), the per-group choice is re-quantized jointly and compared, per such unit, with the best single
+    ratio for the whole unit (min-max among the candidates): no unit ends up worse than min-max.
 
     Args:
         grid: number of ratios tried, evenly spaced in [1 - max_shrink, 1].
@@ -157,31 +172,33 @@ class MSEObserver(Observer):
 
     def range_of(self, x):
         lo, hi = compute_range(x, self.spec)
-        view = group_view(x.detach(), self.spec).float()
-        dims = reduce_dims(view.ndim, self.spec)
-        # a ragged last group is padded with copies of the row's last element: they must not count twice
-        valid = group_view(torch.ones_like(x, dtype=torch.float32), self.spec, pad="zero") if is_ragged(x, self.spec) else None
-        best_err, best_lo, best_hi = None, lo, hi
+        x = x.detach().float()
+        spec = self.spec if self.spec.learn == "none" else self.spec.replace(learn="none")  # held qparams, as given
+        fmt = get_format(spec)
+        group = unit = (lo, hi)  # the best range per group, and per shared unit (one ratio for the unit)
+        group_err = unit_err = None
         for i in range(self.grid):
             ratio = 1.0 - self.max_shrink * i / max(self.grid - 1, 1)
-            cand_lo, cand_hi = lo * ratio, hi * ratio
-            scale, zp = choose_qparams(cand_lo, cand_hi, self.spec)
-            x_hat, _ = fake_quantize_forward(view, scale, zp, self._flat_spec())
-            err = (x_hat - view).abs_().pow_(self.norm)
-            if valid is not None:
-                err.mul_(valid)
-            err = err.sum(dim=dims, keepdim=True)
-            err = strip_leading_ones(err)
-            if best_err is None:
-                best_err = err
+            cand = (lo * ratio, hi * ratio)
+            err = self._error(x, *cand, spec)
+            shared = fmt.shared_error(err, spec)
+            if group_err is None:
+                group, unit, group_err, unit_err = cand, cand, err, shared
                 continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, cand_lo, best_lo), torch.where(better, cand_hi, best_hi)
-        return best_lo, best_hi
+            better, unit_better = err < group_err, shared < unit_err
+            group = tuple(torch.where(better, c, b) for c, b in zip(cand, group))
+            unit = tuple(torch.where(unit_better, c, b) for c, b in zip(cand, unit))
+            group_err, unit_err = torch.where(better, err, group_err), torch.where(unit_better, shared, unit_err)
+        if type(fmt).shared_error is Format.shared_error:  # every group's qparams are its own: group is exact
+            return group
+        joint = fmt.shared_error(self._error(x, *group, spec), spec)  # the per-group choice, re-quantized together
+        take = joint <= unit_err
+        return tuple(torch.where(take, g, u) for g, u in zip(group, unit))
 
-    def _flat_spec(self):
-        # the view is already grouped; quantize it as is
-        if self.spec.granularity == "per_group":
-            return self.spec.replace(granularity="per_token", group_size=None, ragged=False, learn="none")
-        return self.spec
+    def _error(self, x, lo, hi, spec):
+        """|x - x^|^norm summed per group (qparams layout) for the range (lo, hi)."""
+        x_hat, _ = fake_quantize_forward(x, *choose_qparams(lo, hi, spec), spec)
+        dims = reduce_dims(group_view(x, spec).ndim, spec)
+        # a ragged last group is padded with zeros here: the padding adds no error
+        err = group_view(x_hat.sub_(x).abs_().pow_(self.norm), spec, pad="zero").sum(dim=dims, keepdim=True)
+        return strip_leading_ones(err)

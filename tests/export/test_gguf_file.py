@@ -63,6 +63,8 @@ def test_legacy_file_types_follow_llama_cpp_and_pure_does_not():
 def test_row_fallback_as_llama_cpp_and_said(model, tmp_path, caplog):
     assert (fit_type("Q4_K", 576), fit_type("Q6_K", 576), fit_type("Q5_K", 576), fit_type("Q4_0", 40)) == \
         ("Q5_0", "Q8_0", "Q5_1", "F16")
+    # llama.cpp's tensor_type_fallback: IQ4_XS -> IQ4_NL, the ternary types -> Q4_0; MXFP4's 32-blocks fit 576
+    assert [fit_type(t, 576) for t in ("IQ4_XS", "TQ2_0", "TQ1_0", "MXFP4")] == ["IQ4_NL", "Q4_0", "Q4_0", "MXFP4"]
     small = tiny_llama(vocab_size=64, hidden_size=96, intermediate_size=192, num_layers=1, num_heads=2,
                        max_position_embeddings=2048, seed=None)
     with caplog.at_level(logging.WARNING):

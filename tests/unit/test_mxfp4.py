@@ -14,7 +14,7 @@ import qat
 from qat.export import export_gguf, load_gguf, save_native
 from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
-from qat.formats.minifloat import (E2M1_MAGNITUDES, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
+from qat.formats.minifloat import (E2M1_MAGNITUDES, e2m1_codes_, e2m1_doubled, e2m1_from_index, e2m1_index, e8m0_bytes,
                                    e8m0_scale, mx_scale, nearest_pow2)
 from qat.formats.mxfp4 import mxfp4_spec
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
@@ -60,6 +60,60 @@ def test_e2m1_rounding_is_nearest_even_with_saturation():
     assert e2m1_index(torch.tensor([0.0, 1.0, 12.0, -1.0, -12.0])).tolist() == [0, 1, 7, 9, 15]
     assert _e2m1(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])).tolist() == \
         [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+def _float32_sweep() -> torch.Tensor:
+    """Float32 inputs (already divided by the scale) for the rounding: a strided walk over every bit pattern in
+    [2^-3, 16), each tie and level with its neighbours 1-2 ulp away, subnormals, zeros, inf; both signs."""
+    walk = torch.arange(0x3E000000, 0x41800000, 251, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    edges = torch.tensor([(a + b) / 2 for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])] + list(E2M1_MAGNITUDES)
+                         + [6.5, 7.0, 12.0, 14.0])
+    bits = edges.view(torch.int32).unsqueeze(1) + torch.arange(-2, 3, dtype=torch.int32)
+    near = bits.clamp(min=0).reshape(-1).view(torch.float32)
+    special = torch.tensor([0.0, 1e-45, 1e-40, 2.0**-126, 3e38, float("inf")])
+    t = torch.cat([walk, near, special])
+    return torch.cat([t, -t])
+
+
+def test_e2m1_codes_are_the_definition_bit_for_bit():
+    # the fast rounding (exponent-bit step, add/subtract C) against the brute-force nearest level, sign bits
+    # included; the mask is |t| <= 7 of the undoubled input
+    t = _float32_sweep()
+    codes, mask = e2m1_codes_(t * 2, t, need_mask=True)
+    ref = _brute_force(t) * 2
+    assert torch.equal(codes.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(mask, t.abs() <= 7.0)
+    assert torch.equal(e2m1_doubled(t).view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("need_mask", [False, True], ids=["forward", "with-mask"])
+def test_mxfp4_fake_quant_is_the_definition_bit_for_bit(need_mask):
+    # fake quant of whole weights == the module docstring's formula in float64 with the brute-force E2M1:
+    # X = 2^(floor(log2 amax) - 2) in E8M0's range, x^ = E2M1(x / X) * X
+    spec = mxfp4_spec()
+    w = torch.cat([_weights(), _float32_sweep()[:256 * 64].reshape(64, 256) * 0.01])
+    out, mask = fake_quantize_forward(w, *choose_qparams(*compute_range(w, spec), spec), spec, need_mask)
+    blocks = w.double().reshape(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=1e-300))) - 2, -127.0)
+    x = torch.exp2(e.clamp(-127, 127))  # E8M0's range: the subnormal row's scale is held at 2^-127
+    t = (blocks / x).float()  # exact: x is a power of two
+    ref = (_brute_force(t).double() * x).float().reshape(w.shape)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert mask is None if not need_mask else torch.equal(mask, (t.abs() <= 7.0).reshape(w.shape))
+
+
+def test_mxfp4_fake_quant_equals_torchao_mx_floor():
+    # an independent implementation where installed (torchao is not a dependency): MXTensor with the OCP FLOOR scale
+    # dequantizes to exactly our fake quant
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    w = _weights()
+    spec = mxfp4_spec()
+    ours = fake_quantize_forward(w, *choose_qparams(*compute_range(w, spec), spec), spec)[0]
+    theirs = mx.MXTensor.to_mx(w, torch.float4_e2m1fn_x2, 32, scaling_mode=ScaleCalculationMode.FLOOR)
+    assert torch.equal(ours, theirs.dequantize(torch.float32))
 
 
 def test_e2m1_matches_compressed_tensors_rounding():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from qat.formats import get_format
 from qat.observers import OBSERVERS, build_observer
-from qat.primitives import choose_qparams, fake_quantize_forward
+from qat.primitives import choose_qparams, compute_range, fake_quantize_forward
 from qat.spec import QuantSpec
 
 
@@ -59,3 +60,47 @@ def test_observer_state_survives_state_dict():
     other = build_observer(spec)
     other.load_state_dict(obs.state_dict())
     assert torch.equal(other.lo, obs.lo) and other.lo.shape == (16,)
+
+
+def _block_specs():
+    from qat.formats import gguf_types
+    from qat.formats.fp8_block import fp8_block_spec
+    from qat.formats.mxfp8 import mxfp8_spec
+
+    specs = {name: t.spec() for name, t in gguf_types().items()}
+    specs.update(MXFP8=mxfp8_spec(), FP8_BLOCK=fp8_block_spec(64))
+    return specs
+
+
+@pytest.mark.parametrize("name", sorted(_block_specs()))
+def test_mse_searches_on_block_grids(name):
+    # every GGUF block type, MX, NVFP4 and FP8 blocks: candidates are quantized on the format's own grid; ratio 1
+    # (min-max) is a candidate, so a block with its own scale never does worse, and heavy tails gain
+    spec = _block_specs()[name].replace(observer="mse", observer_args={"grid": 8})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 512, generator=g) * (1 + 9 * (torch.rand(128, 512, generator=g) > 0.995))
+    errs = {}
+    for label, (lo, hi) in (("minmax", compute_range(x, spec)), ("mse", build_observer(spec).range_of(x))):
+        assert lo.shape == hi.shape == compute_range(x, spec)[0].shape
+        scale, zp = choose_qparams(lo, hi, spec)
+        errs[label] = (fake_quantize_forward(x, scale, zp, spec)[0] - x).pow(2).reshape(128, -1, spec.group_size).sum(-1)
+    if name == "NVFP4":  # the global scale follows the chosen blocks: no per-block guarantee
+        assert errs["mse"].sum() <= errs["minmax"].sum()
+    else:  # per block, or per super-block / band where the format derives their qparams together
+        shared = get_format(spec).shared_error
+        assert bool((shared(errs["mse"].unsqueeze(-1), spec) <= shared(errs["minmax"].unsqueeze(-1), spec)).all())
+    if name in ("Q4_0", "IQ4_NL", "IQ4_XS", "Q2_K", "TQ2_0", "NVFP4"):
+        assert errs["mse"].sum() < 0.99 * errs["minmax"].sum()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q6_K", "IQ4_XS"])
+def test_percentile_on_signed_peak_formats_keeps_the_peak_sign(name):
+    # these formats read lo == hi == the block's signed peak: percentile 100 is min-max exactly, lower ones shrink
+    # the magnitude and keep the sign
+    spec = _block_specs()[name]
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    peak = compute_range(x, spec)[0]
+    for pct, check in ((100.0, lambda p: torch.equal(p, peak)),
+                       (90.0, lambda p: bool((p.abs() < peak.abs()).all() and torch.equal(p.sign(), peak.sign())))):
+        lo, hi = build_observer(spec.replace(observer="percentile", observer_args={"percentile": pct})).range_of(x)
+        assert torch.equal(lo, hi) and check(lo)
