@@ -87,15 +87,18 @@ def saved_mb(model, ids) -> float:
     return sum(seen.values()) / 2**20
 
 
-def step(model, opt, ids) -> float:
-    start = time.perf_counter()
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def step(model, opt, ids, clock=time.perf_counter) -> float:
+    start = clock()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ids.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def rss_mb() -> float:
@@ -139,6 +142,9 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=1536, help="tiny: MLP intermediate size")
     parser.add_argument("--kv-heads", type=int, default=None, help="tiny: key/value heads (default: heads / 2)")
     parser.add_argument("--vocab", type=int, default=8192, help="tiny: vocabulary (small: the step is the layers)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCK),
+                        help="cpu: this process's CPU seconds (time.process_time), steadier than wall time on a "
+                             "shared machine when single-threaded (OMP_NUM_THREADS=1); CPU only")
     parser.add_argument("--set", default="default", choices=["default", "rotations"],
                         help="variants: W4A16 / W4A8 / W4A8 + rotations, or the online rotations side by side")
     args = parser.parse_args()
@@ -167,7 +173,7 @@ def main() -> None:
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
             else:
                 with PeakRSS() as meter:
-                    dt = step(model, opts[name], ids)
+                    dt = step(model, opts[name], ids, CLOCK[args.clock])
                 peak = meter.peak
             if i > 0:
                 times[name].append(dt)
@@ -175,7 +181,7 @@ def main() -> None:
     saved = {k: saved_mb(m, ids) for k, m in variants.items()}
     fp_t = statistics.median(times["FP"])
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
-    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
+    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, clock {args.clock}, "
           f"group size {group or 128}" + (f", experts {impl}" if impl else "")
           + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
     rows = []
