@@ -181,8 +181,8 @@ def main() -> None:
     saved = {k: saved_mb(m, ids) for k, m in variants.items()}
     fp_t = statistics.median(times["FP"])
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
-    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, clock {args.clock}, "
-          f"group size {group or 128}" + (f", experts {impl}" if impl else "")
+    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
+          f"clock {args.clock}, group size {group or 128}" + (f", experts {impl}" if impl else "")
           + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
     rows = []
     for name in variants:

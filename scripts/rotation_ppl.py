@@ -10,7 +10,8 @@ tokens), one process: the model and the blocks are loaded once, each row prepare
 RTN here is the recipe as prepared (per-channel min-max weights, dynamic per-token activations and KV), without
 calibration; GPTQ calibrates on the first 128 x 128 tokens of the train split (the README's protocol). A row's
 rotations: "none", "all" (the recipe's own), or rotation names joined by "+" (e.g. "r1+r2+r3+r4"), each of the
-kind the recipe gives it (else random Hadamard R1 / R2, Hadamard R3 / R4). `--only weight|input|kv_cache` keeps one quantizer role of the recipe (R3 needs kv_cache).
+kind the recipe gives it (else random Hadamard R1 / R2, Hadamard R3 / R4). `--only weight|input|kv_cache` keeps
+one quantizer role of the recipe (R3 needs kv_cache).
 """
 from __future__ import annotations
 
