@@ -5,6 +5,7 @@
     python scripts/bench_qat_step.py --model moe --experts grouped_mm   # tiny Qwen3-MoE (8 experts, top-2), W4A16
     python scripts/bench_qat_step.py --ste both     # each QAT variant with the lean STE and with the unfused one
     python scripts/bench_qat_step.py --layers 1 --hidden 2048 --inter 7168 --vocab 256   # ~one decoder layer's cost
+    python scripts/bench_qat_step.py --set rotations --model smollm2-135m   # the online rotations' share (R3 + R4)
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
 robin) so machine noise hits all of them alike; the median step time is reported, wall clock and, on CPU,
@@ -33,19 +34,35 @@ SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8",
 # the online rotations' share of a step: the same scheme with R1 / R2 (fused: free at run time) and R4 (a Hadamard
 # on every down_proj input, forward and backward); R3 rotates keys for the KV quantizer, which a step here has not
 ROTATIONS = {"r1": "random_hadamard", "r2": "random_hadamard", "r4": "hadamard"}
+OFFLINE = {"r1": "random_hadamard", "r2": "random_hadamard"}
+# --set rotations: one recipe with its KV-cache quantizers in the step (KV QAT), side by side with R1 / R2 only
+# (fused into the weights: no run-time cost) and with R3 (queries and keys after RoPE) and R4 (down_proj input)
+# online too; the step-time ratio of the two is the online rotations' share
+ROTATION_SCHEMES = {"W4A4KV4, R1/R2 fused": "w4a4_kv4_rot+kv+offline", "W4A4KV4, R1/R2 fused + R3/R4 online":
+                    "w4a4_kv4_rot+kv+online"}
+
+
+def _recipe(name: str, group_size: int | None) -> dict:
+    """A recipe by `name` with suffixes: +rot (ROTATIONS), +kv (keep its KV scheme; dropped otherwise),
+    +offline / +online (its own rotations limited to R1 / R2, or all of them)."""
+    base, *flags = name.split("+")
+    recipe = qat.load_recipe(base).to_dict()
+    if "kv" not in flags:
+        recipe["kv_cache"] = None  # weights + activations only
+    if "rot" in flags:
+        recipe["rotations"] = ROTATIONS
+    if "offline" in flags:
+        recipe["rotations"] = {k: v for k, v in recipe["rotations"].items() if k not in ("r3", "r4")}
+    if group_size and recipe["weight"].get("granularity") == "per_group":
+        recipe["weight"]["group_size"] = group_size
+    return recipe
 
 
 def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: str = "lean"):
     variants = {"FP": copy.deepcopy(base).train()}
     modes = {"lean": [True], "unfused": [False], "both": [False, True]}[ste]
     for label, name in schemes.items():
-        name, rotate = name.removesuffix("+rot"), name.endswith("+rot")
-        recipe = qat.load_recipe(name).to_dict()
-        recipe["kv_cache"] = None  # weights + activations only: the KV cache is not part of a training step
-        if rotate:
-            recipe["rotations"] = ROTATIONS
-        if group_size:
-            recipe["weight"]["group_size"] = group_size
+        recipe = _recipe(name, group_size)
         for lean in modes:
             model = qat.prepare(copy.deepcopy(base).train(), recipe)
             qat.set_lean_ste(model, lean)
@@ -124,10 +141,12 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=1536, help="tiny: MLP intermediate size")
     parser.add_argument("--kv-heads", type=int, default=None, help="tiny: key/value heads (default: heads / 2)")
     parser.add_argument("--vocab", type=int, default=8192, help="tiny: vocabulary (small: the step is the layers)")
+    parser.add_argument("--set", default="default", choices=["default", "rotations"],
+                        help="variants: W4A16 / W4A8 / W4A8 + rotations, or the online rotations side by side")
     args = parser.parse_args()
     tiny = dict(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.inter,
                 num_heads=args.hidden // 64, num_kv_heads=args.kv_heads or max(1, args.hidden // 128), vocab_size=args.vocab)
-    schemes = SCHEMES
+    schemes = SCHEMES if args.set == "default" else ROTATION_SCHEMES
     if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
         base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
                         num_kv_heads=4, vocab_size=8192, experts_implementation=args.experts).to(args.device)

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 SINGLE = (QuantizedLinear, QuantizedEmbedding, QuantizedRouter)  # converted modules holding one `qweight`
 
 
-def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: bool = False) -> dict[str, list[str]]:
+def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: bool = False,
+                  stored_rotations: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Warn, once per scheme, about the quantization a format cannot store: activation (input) schemes
     when `stores_input` is False, and KV-cache schemes when `stores_kv` is False. The runtime then computes
-    those tensors as it chooses, not as the model was trained or calibrated.
+    those tensors as it chooses, not as the model was trained or calibrated. Online rotations are warned about
+    too, except those of the modules in `stored_rotations` ({"input" / "kv": names} the format does hold).
 
     Returns:
         {"input <scheme>" / "KV cache <scheme>": [module names]} of what is not stored.
@@ -47,22 +49,27 @@ def warn_unstored(model: nn.Module, fmt: str, stores_input: bool, stores_kv: boo
         log.warning("%s export: the %s quantization of %d module(s) (%s) has no place in this format and is "
                     "not stored; runtimes will compute those tensors their own way", fmt, what, len(names),
                     ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
-    _warn_online_rotations(model, fmt)
+    _warn_online_rotations(model, fmt, stored_rotations or {})
     return dropped
 
 
-def _warn_online_rotations(model: nn.Module, fmt: str) -> None:
-    """Online rotations have no place in the folder / GGUF formats: an input rotation (R4) is part of the
-    function (its weight was rotated offline), so the file computes something else without it; a key rotation
-    only changes what the cache stores (llama.cpp applies its own to a quantized cache)."""
+def _warn_online_rotations(model: nn.Module, fmt: str, stored: dict[str, list[str]]) -> None:
+    """Online rotations have no place in the GPTQ / GGUF formats (compressed-tensors holds power-of-two Hadamards
+    only: `qat.export.ct_transforms`): an input rotation (R4) is part of the function (its weight was rotated
+    offline), so the file computes something else without it; a key rotation only changes what the cache stores
+    (llama.cpp applies its own to a quantized cache)."""
     online = online_rotations(model)
-    if online["input"]:
-        names = sorted(online["input"])
-        log.warning("%s export: the online input rotation (R4 Hadamard) of %d module(s) (%s) has no place in this "
-                    "format and is not stored; their weights were rotated for it, so a runtime without it computes "
-                    "a different model (export format=native keeps it)", fmt, len(names),
-                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
-    kv = sorted(n for n, e in online["kv"].items() if not (fmt == "GGUF" and e["source"] == "llama_cpp"))
+    names = sorted(n for n in online["input"] if n not in set(stored.get("input", ())))
+    if names:
+        sizes = sorted({f"{online['input'][n]['size']} (blocks of {online['input'][n]['block']})" for n in names})
+        why = (" (its transform config defines Hadamards of power-of-two sizes only)"
+               if fmt == "compressed-tensors" else "")
+        log.warning("%s export: the online input rotation (R4 Hadamard) of %d module(s) (%s), of size %s, has no "
+                    "place in this format%s and is not stored; their weights were rotated for it, so a runtime "
+                    "without it computes a different model (export format=native keeps it)", fmt, len(names),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), ", ".join(sizes), why)
+    kv = sorted(n for n, e in online["kv"].items() if not (fmt == "GGUF" and e["source"] == "llama_cpp")
+                and n not in set(stored.get("kv", ())))
     if kv:
         log.warning("%s export: the online key/value rotation of %d attention module(s) (%s) is not stored; the "
                     "float function is unchanged, the runtime's cache stores unrotated keys", fmt, len(kv),

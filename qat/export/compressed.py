@@ -10,9 +10,11 @@ Per quantized linear `<m>`:
     <m>.weight_g_idx       (act-order only) int32 [in]
 config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
 config_groups (one per distinct scheme, targets = module names), ignore, quantization_status: compressed,
-kv_cache_scheme}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one vLLM's KV cache takes)
-is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` / `.v_scale` [1], as
-compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
+kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
+vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
+`.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
+Online rotations (R3, R4, llama.cpp's KV rotation) of power-of-two sizes go to `transform_config`
+(`qat.export.ct_transforms`, read back by the loader); others are warned about.
 Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written
 in the per-expert layout vLLM and llm-compressor use: `<experts>.{i}.gate_proj` / `.up_proj` (the two row halves of
 gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one scale per expert and projection).
@@ -37,6 +39,7 @@ from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
 from qat.export.compressed_fp import (fp_format, fp_input_args, fp_linear_tensors, fp_quantized_weight,
                                       fp_weights_args)
+from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
 from qat.export.publish import folder_writer
@@ -348,7 +351,11 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     qconfig = {"quant_method": "compressed-tensors", "format": top, "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
                "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
-    warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None)
+    transforms, held = transform_config(model, ck)
+    if transforms is not None:
+        qconfig["transform_config"] = transforms
+    warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None,
+                  stored_rotations=held)
     out = Path(out_dir)
     check_writable(out / "config.json")
     with torch.no_grad():
@@ -476,6 +483,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
         if q.get("kv_cache_scheme"):
             _attach_kv(model, t, q["kv_cache_scheme"], folder)
+        attach_transforms(model, q.get("transform_config"), folder / "config.json", hk)
         targeted = {n for n, _, _ in targets}
         stray = sorted(k for k in t if ".weight_" in k and k.rsplit(".weight_", 1)[0] not in targeted)
         if stray:

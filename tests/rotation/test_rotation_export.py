@@ -54,5 +54,11 @@ def test_formats_without_online_rotations_warn_naming_the_modules(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         export(_prepared(), tmp_path / "ct", "compressed_tensors")
     text = caplog.text
+    # R4 of 384 = H12 (x) H32 has no compressed-tensors transform; llama.cpp's K / V rotation (head 64) has one
     assert "online input rotation (R4 Hadamard) of 2 module(s) (model.layers.0.mlp.down_proj" in text
-    assert "key/value rotation of 2 attention module(s) (model.layers.0.self_attn" in text
+    assert "key/value rotation" not in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        export(_prepared(), tmp_path / "gptq", "gptq")
+    assert "online input rotation (R4 Hadamard) of 2 module(s) (model.layers.0.mlp.down_proj" in caplog.text
+    assert "key/value rotation of 2 attention module(s) (model.layers.0.self_attn" in caplog.text
