@@ -78,8 +78,9 @@ def test_the_recipe_is_a_quant_of_qat_compare_rows_rtn_gptq_and_qat(analyzed, tm
     run, _ = analyzed
     layout = json.loads((run / "layout.json").read_text())
     sweep = tmp_path / "sweep"
-    code, out = run_in_process("compare", ["-m", "method=rtn,gptq,qat", "quant=auto", f"hydra.searchpath=[file://{run}]",
-                                           "calibration.samples=4", "eval.max_blocks=2",
+    code, out = run_in_process("compare", ["-m", "method=rtn,gptq,qat", "quant=auto",
+                                           f"hydra.searchpath=[file://{run}]", "calibration.samples=4",
+                                           "eval.max_blocks=2",
                                            'qat.overrides=["trainer.max_steps=2"]', f"hydra.sweep.dir={sweep}"])
     assert code == 0, out
     rows = {r["method"]: r for r in json.loads((sweep / "results.json").read_text())["rows"]}
