@@ -21,7 +21,9 @@ PPL_CTX=256 PPL_CHUNKS=16   # llama-perplexity on the wiki test split
 MIXES="Q3_K_M Q4_K_M"
 mkdir -p "$OUT"
 want() { [[ " $STEPS " == *" all "* || " $STEPS " == *" $1 "* ]]; }
-need() { [ -x "$BIN/$1" ] || { echo "no $BIN/$1: set QAT_LLAMA_CPP to a llama.cpp build (docs/export.md)" >&2; exit 2; }; }
+need() {
+  [ -x "$BIN/$1" ] || { echo "no $BIN/$1: set QAT_LLAMA_CPP to a llama.cpp build (docs/export.md)" >&2; exit 2; }
+}
 
 # 1. the texts: the wiki corpus split by article exactly as qat's data module splits it (configs/data/wiki.yaml)
 if want texts && [ ! -s "$OUT/test.txt" ]; then
@@ -58,7 +60,8 @@ if want quantize; then
   done
 fi
 
-# 5. the auto layouts at each mix's bytes for the 210 scored tensors (the rest, embeddings / norms, is the same)
+# 5. the auto layouts at each mix's bytes for the 210 scored tensors (the rest, embeddings / norms, is the
+# same in both files)
 scored_bytes() {  # bytes llama-quantize gave the tensors qat-sensitivity scores (the Linear weights of the blocks)
   "$PY" - "$1" <<'EOF'
 import re, sys
