@@ -74,7 +74,8 @@ if want auto; then
   if [ -z "${SCORES:-}" ]; then
     SCORES=$OUT/analysis/scores.json
     [ -s "$SCORES" ] || "$PY" -m qat.cli.sensitivity model=smollm2_135m data=wiki data.block_size=$CAL_LEN \
-      calibration.samples=$CAL_BLOCKS menu=gguf budget.bits_per_weight=5 hydra.run.dir="$OUT/analysis" > "$OUT/analysis.log"
+      calibration.samples=$CAL_BLOCKS menu=gguf budget.bits_per_weight=5 hydra.run.dir="$OUT/analysis" \
+      > "$OUT/analysis.log"
   fi
   for mix in $MIXES; do
     bytes=$(scored_bytes "$OUT/$mix.gguf")
