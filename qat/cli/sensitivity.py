@@ -1,7 +1,7 @@
 """qat-sensitivity: per-module format sensitivity and an automatic mixed-precision layout under a size budget.
 Thin: compose, call.
 
-    qat-sensitivity model=smollm2_135m data=wiki budget.bits_per_weight=3.5            int2..int8 g64 / float
+    qat-sensitivity model=smollm2_135m data=wiki budget.bits_per_weight=3.5     int3..int8 g64, int3/4 g128, float
     qat-sensitivity model=smollm2_135m data=wiki menu=gguf budget.bytes=70000000 gguf.export=true
     qat-sensitivity mode=solve scores=outputs/sensitivity/<run>/scores.json budget.bits_per_weight=4.5   no model
 

@@ -28,6 +28,7 @@ from qat.models import TINY_NAMES, check_model_source, load_model, resolve_dtype
 from qat.ptq import method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank
 from qat.ptq.stream import stream_ptq
+from qat.recipes import read_recipe
 
 
 def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
@@ -63,9 +64,13 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
 
 
 def quant_name(quant: Any) -> str:
-    """A row's scheme name: the recipe name given, or the `name` of a recipe mapping / QuantRecipe."""
-    if isinstance(quant, str):
-        return quant
+    """A row's scheme name: the recipe name given, the `name` of a recipe file given by its path (qat-sensitivity's
+    quant/auto.yaml: `auto`, not the path), or the `name` of a recipe mapping / QuantRecipe."""
+    if isinstance(quant, (str, os.PathLike)):
+        path = Path(quant)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            return str(read_recipe(path).get("name") or path.stem)
+        return str(quant)
     return getattr(quant, "name", None) or dict(quant).get("name", "custom")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
+import yaml
 
 import qat
 from qat.errors import ConfigError
@@ -12,6 +13,7 @@ from qat.export import export
 from qat.sensitivity import (budget_bits, build_menu, gguf_tensor_types, llama_quantize_args, score_model, solve,
                              to_recipe)
 from qat.jobs.sensitivity import gguf_names_of
+from qat.recipes import CONFIG_DIR
 from qat.testing import tiny_llama
 
 INT_MENU = {"int2": {"weight": {"bits": 2, "symmetric": False, "granularity": "per_group", "group_size": 64}},
@@ -130,3 +132,15 @@ def test_llama_quantize_takes_the_chosen_types(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert {k: written[k] for k in types} == types and len(set(types.values())) > 1
+
+
+def test_the_default_int_menu_has_no_int2_and_options_between_int3_and_int4():
+    """The default menu (configs/menu/int.yaml) offers nothing below 3 bits, and on SmolLM2's 576-wide rows it has
+    options cheaper than int3 g64 (3.5 bpw: with int2 gone, a 3.5-bit mix needs them) and between int3 and int4."""
+    menu = build_menu(yaml.safe_load((CONFIG_DIR / "menu" / "int.yaml").read_text()))
+    quantized = {n: c for n, c in menu.items() if c.spec is not None}
+    assert min(c.spec.bits for c in quantized.values()) == 3 and "float" in menu
+    shape = (576, 576)
+    bpw = {n: c.bits(shape) / (576 * 576) for n, c in quantized.items() if c.misfit(shape) is None}
+    assert bpw["int3_g64"] == 3.5 and bpw["int4_g64"] == 4.5
+    assert min(bpw.values()) < 3.5 and any(3.5 < b < 4.5 for b in bpw.values()), bpw

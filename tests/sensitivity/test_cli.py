@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import qat
 from qat.jobs import sensitivity as job
+from qat.recipes import CONFIG_DIR
 from tests.cli.bad_inputs import run_in_process
 
 
@@ -67,6 +70,41 @@ def test_the_recipe_runs_in_qat_ptq(analyzed, tmp_path):
     result = json.loads((tmp_path / "ptq" / "result.json").read_text())
     layout = json.loads((run / "layout.json").read_text())
     assert result["bits_per_weight"] == pytest.approx(layout["bits_per_weight"])
+
+
+def test_the_recipe_is_a_quant_of_qat_compare_rows_rtn_gptq_and_qat(analyzed, tmp_path):
+    """qat-compare -m with the run folder on the search path: RTN, GPTQ and QAT (qat-train, 2 steps) rows of the
+    auto layout, each at the layout's bits per weight; the single-process form takes the recipe file's path."""
+    run, _ = analyzed
+    layout = json.loads((run / "layout.json").read_text())
+    sweep = tmp_path / "sweep"
+    code, out = run_in_process("compare", ["-m", "method=rtn,gptq,qat", "quant=auto",
+                                           f"hydra.searchpath=[file://{run}]", "calibration.samples=4",
+                                           "eval.max_blocks=2",
+                                           'qat.overrides=["trainer.max_steps=2"]', f"hydra.sweep.dir={sweep}"])
+    assert code == 0, out
+    rows = {r["method"]: r for r in json.loads((sweep / "results.json").read_text())["rows"]}
+    assert set(rows) == {"rtn", "gptq", "qat"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["quant"] == "auto", row
+        assert row["bits_per_weight"] == pytest.approx(layout["bits_per_weight"])
+    code, out = run_in_process("compare", ["methods=[rtn]", f"quants=[{run}/quant/auto.yaml]", "eval.max_blocks=2",
+                                           f"hydra.run.dir={tmp_path}/single"])
+    assert code == 0, out
+    row = json.loads((tmp_path / "single" / "results.json").read_text())["rows"][0]
+    assert row["ppl"] == pytest.approx(rows["rtn"]["ppl"]) and row["quant"] == "auto"
+
+
+def test_quant_on_the_command_line_replaces_the_main_jobs_recipe_whole(analyzed):
+    """qat-train experiment=smollm2_w4_qat quant=auto trains the auto layout, not w4a16_g64's fields merged in."""
+    run, _ = analyzed
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=smollm2_w4_qat", "quant=auto",
+                                                      f"hydra.searchpath=[file://{run}]"])
+        main = compose(config_name="train", overrides=["experiment=smollm2_w4_qat"])
+    recipe = qat.QuantRecipe.from_dict(OmegaConf.to_container(cfg.quant))
+    assert recipe == qat.load_recipe(run / "quant" / "auto.yaml") and recipe.name == "auto"
+    assert qat.QuantRecipe.from_dict(OmegaConf.to_container(main.quant)) == qat.load_recipe("w4a16_g64")
 
 
 def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
