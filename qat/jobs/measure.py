@@ -47,7 +47,12 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
 def _quantized(model: nn.Module) -> tuple[float, int, set[int]]:
     """`qat.control.weight_bits` (bits per quantized weight, count) and the ids of those weight parameters."""
     bpw, numel = quantized_weight_bits(model)
-    seen = {id(m.weight) for m in weight_modules(model).values() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+    seen = set()
+    for m in weight_modules(model).values():
+        # a Linear's `weight`; fused experts' 3-D weights are named by their quantizers (gate_up_proj, down_proj)
+        for name in ["weight", *getattr(m, "weight_quantizers", {})]:
+            if isinstance(getattr(m, name, None), nn.Parameter):
+                seen.add(id(getattr(m, name)))
     return bpw, numel, seen
 
 

@@ -241,3 +241,20 @@ def _check_expert_gradients(name, fake_quantize_forward, learned_grads):
                                          masks[wname].reshape(rows.shape), scale, False, q.spec, "lsq",
                                          qat.ste.lsq_grad_scale(rows, scale, q.spec))[1]
                 assert torch.equal(q.scale.grad, expected), (impl, wname)
+
+
+def test_model_size_counts_fused_experts_once():
+    """qat-compare's size_mb / bits per weight: quantized experts count at their storage bits, not again as float
+    (a 4-bit MoE came out larger than the float model)."""
+    from qat.jobs.measure import bits_per_weight, weight_bits as size_bits
+
+    model = tiny_moe("qwen3_moe", num_experts=8)
+    float_mb = size_bits(model)[1]
+    qat.prepare(model, "w4a16_g128")
+    bits, n = weight_bits(model)
+    rest = sum(p.numel() for p in model.parameters()) - n
+    quant_bpw, mb = size_bits(model)
+    assert quant_bpw == pytest.approx(4.25)
+    assert mb == pytest.approx((bits * n + 16 * rest) / 8 / 1e6)
+    assert mb < float_mb / 2
+    assert bits_per_weight(model)[1] == pytest.approx((bits * n + 32 * rest) / (n + rest))  # float32 model
