@@ -231,11 +231,20 @@ def check_processes(cfg: dict, method: dict) -> int:
     Raises:
         ConfigError: naming the key and what is valid.
     """
-    processes = as_count((cfg.get("distributed") or {}).get("processes", 1), "distributed.processes", 1)
+    section = cfg.get("distributed") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"distributed={section!r}: a section, not a value; use distributed.processes=N")
+    processes = as_count(section.get("processes", 1), "distributed.processes", 1)
     if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         errors = []
         if not method_of_config(method_config(method)).distributed:
             errors.append(f"method={method['name']!r} does not run distributed; use method=gptq or distributed.processes=1")
+        else:  # before any process is spawned (the ranks check the model-dependent cases again)
+            options = method_config(method)
+            for key in ("stage_cache", "true_sequential"):
+                if getattr(options, key, True) is False:
+                    errors.append(f"method.{key}=false: distributed GPTQ runs the staged true-sequential passes; "
+                                  f"set method.{key}=true or distributed.processes=1")
         if cfg.get("offload") is not None:
             errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
         if errors:

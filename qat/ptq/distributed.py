@@ -192,7 +192,7 @@ def launch(fn: Callable, processes: int, *args: Any, backend: str = "gloo") -> A
         watcher.join(timeout=5.0)  # a collective usually fails here because another rank died: say why it did
         for p in ctx.processes:  # they would wait for this rank's collectives until the timeout
             p.terminate()
-        if failure:
+        if failure and not isinstance(exc, ConfigError):  # a ConfigError here is the ranks' shared refusal
             raise failure[0] from exc
         raise
     finally:
@@ -216,6 +216,7 @@ def _watch(ctx: Any, finished: threading.Event, failure: list) -> None:
             pass
     except Exception as e:  # ProcessRaisedException / ProcessExitedException; join terminated the others
         failure.append(e)
-        if not finished.is_set():
+        # every rank makes the same checks: give this one a minute to refuse on its own (a clean message)
+        if not finished.wait(timeout=60.0):
             print(f"qat: a distributed PTQ process failed, stopping all of them: {e}", file=sys.stderr, flush=True)
             os._exit(1)

@@ -88,6 +88,11 @@ def test_qat_ptq_distributed_config_refused():
     with pytest.raises(ConfigError) as err:
         check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
     assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
+    with pytest.raises(ConfigError, match="distributed.processes=N"):  # the typo distributed=2
+        check_processes({"distributed": 2}, gptq)
+    for key in ("stage_cache", "true_sequential"):  # refused before any process is spawned
+        with pytest.raises(ConfigError, match=f"method.{key}=false"):
+            check_processes({"distributed": {"processes": 2}}, {"name": "gptq", key: False})
 
 
 def fail_on_rank1() -> None:
