@@ -15,11 +15,13 @@ docs/moe.md (RTN / GPTQ / AWQ on the wiki corpus, GGUF in llama.cpp).
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from qat.errors import ConfigError
 from qat.models import load_model, load_tokenizer, resolve_path
 
 DENSE_TYPES = ("llama", "mistral")
@@ -110,10 +112,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="dtype written")
     args = parser.parse_args()
-    dense = load_model(args.model)
+    try:
+        dense = load_model(args.model)
+    except (ConfigError, OSError) as err:
+        sys.exit(f"upcycle_moe: --model {args.model!r}: {err}")
     moe = upcycle(dense, args.experts, args.top_k, args.noise, args.router_std, args.seed, getattr(torch, args.dtype))
     moe.save_pretrained(args.out)
-    load_tokenizer(resolve_path(args.model)).save_pretrained(args.out)
+    try:  # a folder without tokenizer files, or the byte stand-in of model=tiny: the model is still complete
+        tokenizer = load_tokenizer(resolve_path(args.model))
+        tokenizer.save_pretrained(args.out)
+    except (ConfigError, AttributeError, OSError) as err:
+        print(f"upcycle_moe: no tokenizer written to {args.out} ({err}); give one with data.tokenizer= when "
+              "using the folder", file=sys.stderr)
     n = sum(p.numel() for p in moe.parameters())
     print(f"{args.out}: MixtralForCausalLM, {args.experts} experts (top-{args.top_k}), {n / 1e6:.0f}M parameters")
 
