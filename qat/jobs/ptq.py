@@ -237,14 +237,11 @@ def check_processes(cfg: dict, method: dict) -> int:
     processes = as_count(section.get("processes", 1), "distributed.processes", 1)
     if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         errors = []
-        if not method_of_config(method_config(method)).distributed:
+        options = method_config(method)
+        if not method_of_config(options).distributed:
             errors.append(f"method={method['name']!r} does not run distributed; use method=gptq or distributed.processes=1")
-        else:  # before any process is spawned (the ranks check the model-dependent cases again)
-            options = method_config(method)
-            for key in ("stage_cache", "true_sequential"):
-                if getattr(options, key, True) is False:
-                    errors.append(f"method.{key}=false: distributed GPTQ runs the staged true-sequential passes; "
-                                  f"set method.{key}=true or distributed.processes=1")
+        else:  # before any process is spawned (the ranks check these and the model-dependent cases again)
+            errors.extend(method_of_config(options).distributed_option_errors(options))
         if cfg.get("offload") is not None:
             errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
         if errors:

@@ -76,6 +76,12 @@ class PTQMethod:
         self.block_io = None  # set by `qat.ptq.stream` to load and write one block at a time
         self.ranks = None  # set by `qat.ptq.apply(distributed=True)`: a `qat.ptq.distributed.Ranks`
 
+    @classmethod
+    def distributed_option_errors(cls, config: Any) -> list[str]:
+        """What in this method's options (no model needed) distributed PTQ refuses; checked before processes
+        start (`qat-ptq`) and again by `check_distributed`."""
+        return []
+
     def check_distributed(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what this method cannot run over a process group (`qat.ptq.distributed`); by default all."""
         raise ConfigError(f"method {self.name} does not run distributed (distributed PTQ serves gptq); "

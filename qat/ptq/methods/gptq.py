@@ -226,6 +226,12 @@ class GPTQ(PTQMethod):
             loss = set_result(m, ranks.broadcast(results.get(n), owners[n]))
             log.debug("gptq %s.%s loss=%s (rank %d)", block_name, n, loss, owners[n])
 
+    @classmethod
+    def distributed_option_errors(cls, config) -> list[str]:
+        """The staged true-sequential passes are what runs distributed: both options must be on."""
+        return [f"method.{key}=false: distributed GPTQ runs the staged true-sequential passes; set method.{key}=true "
+                "or distributed.processes=1" for key in ("stage_cache", "true_sequential") if not getattr(config, key)]
+
     def check_distributed(self, model: nn.Module, linears: dict) -> None:
         """What distributed GPTQ serves: the staged true-sequential path on decoder blocks (no MoE experts,
         no static activation ranges, which would need their observers merged).
@@ -233,10 +239,7 @@ class GPTQ(PTQMethod):
         Raises:
             ConfigError: naming the option or module to change.
         """
-        cfg, errors = self.config, []
-        if not (cfg.true_sequential and cfg.stage_cache):
-            errors.append(f"method.true_sequential={cfg.true_sequential}, method.stage_cache={cfg.stage_cache}: "
-                          "distributed GPTQ runs the staged true-sequential passes; set both to true")
+        errors = self.distributed_option_errors(self.config)
         if find_blocks(model)[1][0] is model:
             errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed GPTQ runs block by block")
         if block_experts(model):
