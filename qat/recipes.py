@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from qat.errors import BadFileError
+
 
 def config_root() -> Path:
     """The Hydra config root: the packaged copy in an installed wheel, else the checkout's top-level configs/.
@@ -42,6 +44,7 @@ def read_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: neither a known name nor an existing file, listing the known names.
+        BadFileError: a file that is not YAML, or whose YAML is not a mapping.
     Example:
         >>> read_recipe("w4a16_g128")["weight"]["group_size"]
         128
@@ -51,6 +54,13 @@ def read_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
         path = CONFIG_DIR / "quant" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"quant recipe {str(name_or_path)!r} not found; known recipes: {recipe_names()}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise BadFileError(path, f"not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise BadFileError(path, f"a recipe is a YAML mapping (name, weight, input, ...), not a {type(data).__name__}")
     return {k: v for k, v in data.items() if not k.startswith("defaults")}

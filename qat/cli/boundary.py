@@ -26,6 +26,7 @@ from hydra.errors import CompactHydraException, InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
+from qat.cli.recipe_path import recipe_paths
 from qat.errors import UserError
 
 USER_EXIT = 2  # argparse's code for a usage error
@@ -108,15 +109,21 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
 
     Hydra reports its own composition errors (an unknown key, bad override syntax) as one message; their exit
     status becomes `USER_EXIT` too. Under `debug()`, HYDRA_FULL_ERROR is set so Hydra shows whole tracebacks.
+    `quant=<path to a recipe YAML>` is made a `quant` group option first (`qat.cli.recipe_path`).
     """
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     if debug():
         os.environ["HYDRA_FULL_ERROR"] = "1"
     saved = sys.argv
-    sys.argv = [app, *(sys.argv[1:] if argv is None else argv)]
     _started[0] = False
     try:
-        hydra_main()
+        with recipe_paths(list(sys.argv[1:] if argv is None else argv)) as args:
+            sys.argv = [app, *args]
+            hydra_main()
+    except UserError as exc:  # a bad quant=<path>, refused before Hydra starts
+        if debug():
+            raise
+        raise SystemExit(report(app, exc)) from None
     except SystemExit as exit_:
         if exit_.code == 1 and not _started[0]:  # Hydra printed a config error before the job ran
             raise SystemExit(USER_EXIT) from None

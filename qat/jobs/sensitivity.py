@@ -5,7 +5,7 @@ llama-quantize arguments and a report.
 Files written in the run folder:
     scores.json           the scores and costs (mode=analyze): `qat-sensitivity mode=solve scores=<it>` re-solves
     quant/<name>.yaml     the chosen layout as a quant recipe: qat-train / qat-ptq / qat-export
-                          hydra.searchpath=[file://<run folder>] quant=<name>; qat.load_recipe(<path>)
+                          quant=<run folder>/quant/<name>.yaml; qat.load_recipe(<path>)
     layout.json           the choice per module, bits, bits per weight, summed score, budget
     report.md, report.png the table of scores per module and candidate with the choice; the chart (matplotlib)
     gguf_types.json, tensor_types.txt   with a GGUF menu: {tensor: type}; llama-quantize --tensor-type-file
@@ -139,7 +139,7 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
     recipe = to_recipe(sol, table, name=str(cfg.get("name") or "auto"), ignore=tuple(cfg.get("ignore") or ()))
     QuantRecipe.from_dict(recipe)  # what is written loads
     result["recipe"] = str(write_recipe(recipe, out / "quant" / f"{recipe['name']}.yaml"))
-    result["use"] = f"hydra.searchpath=[file://{out.resolve()}] quant={recipe['name']}"
+    result["use"] = f"quant={Path(result['recipe']).resolve()}"
     write_json(out / "layout.json", {**result, "choice": sol.choice})
     report = markdown_table(sol, table)
     atomic_write_bytes(out / "report.md", (report + "\n").encode())

@@ -52,8 +52,8 @@ def to_recipe(solution: Solution, table: ScoreTable, name: str = "auto", ignore:
 
 def write_recipe(recipe: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a recipe mapping as YAML, atomically."""
-    text = ("# written by qat-sensitivity: qat.load_recipe(<this file>), or quant=<name> with this file's folder above\n"
-            "# quant/ on Hydra's search path (hydra.searchpath=[file://<it>]), or copy it to configs/quant/\n")
+    text = ("# written by qat-sensitivity: quant=<this file> on qat-train / qat-ptq / qat-export / qat-eval / qat-compare,\n"
+            "# qat.load_recipe(<this file>), or copy it to configs/quant/\n")
     text += yaml.safe_dump(recipe, sort_keys=False, width=120)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), text.encode())

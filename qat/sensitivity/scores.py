@@ -139,7 +139,7 @@ class ScoreTable:
                  "bits": m.bits, "bits_per_weight": {c: b / m.params for c, b in m.bits.items()},
                  "scores": m.scores} for m in self.modules]
         return {"version": VERSION, "method": self.method, "meta": self.meta, "candidates": self.candidates,
-                "modules": mods}
+                "candidate_order": list(self.candidates), "modules": mods}  # JSON keys are written sorted
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON, atomically (`qat.io.write_json`)."""
@@ -177,7 +177,11 @@ class ScoreTable:
                 raise ValueError(f"module {m['name']!r}: a score that is not finite")
             modules.append(ModuleEntry(str(m["name"]), tuple(int(d) for d in m["shape"]), bits, scores,
                                        [str(g) for g in m.get("gguf", [])]))
-        return cls(modules, dict(data["candidates"]), str(data.get("method", "")), dict(data.get("meta", {})))
+        cands = dict(data["candidates"])
+        order = [str(c) for c in data.get("candidate_order") or sorted(cands)]  # the menu's order: tables, ties
+        if sorted(order) != sorted(cands):
+            raise ValueError(f"candidate_order={order} is not an order of the candidates {sorted(cands)}")
+        return cls(modules, {c: cands[c] for c in order}, str(data.get("method", "")), dict(data.get("meta", {})))
 
 
 def fitting(modules: dict[str, nn.Linear], menu: dict[str, Candidate]) -> dict[str, list[str]]:

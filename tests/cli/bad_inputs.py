@@ -34,6 +34,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add(app, base + ["nosuchkey=1"], "nosuchkey")
         add(app, base + ["quant=[w4"], "[w4")
         add(app, base + ["quant=no_such_recipe"], "no_such_recipe")
+        add(app, base + ["quant={tmp}/no_such_recipe.yaml"], "no_such_recipe.yaml")  # quant=<path>: the file's
+        add(app, base + ["quant={tmp}/broken_recipe.yaml"], "not valid YAML")         # own checks, before Hydra
+        add(app, base + ["quant={tmp}/bits17_recipe.yaml"], "QuantSpec.bits=17")
         add(app, base + ["+model.tiny.layerz=4" if app != "demo" else "+tiny.layerz=4"], "layerz")
         add(app, base + ["seed=${oc.env:QAT_NO_SUCH_VARIABLE_X}"], "QAT_NO_SUCH_VARIABLE_X")
 
@@ -141,7 +144,7 @@ CASES = _cases()
 
 def make_files(tmp: str | os.PathLike) -> Path:
     """The files the cases name under {tmp}: an empty corpus, a text file, bad result rows, a garbage checkpoint
-    and GGUF, and exports that already exist."""
+    and GGUF, exports that already exist, and recipe files that are not YAML / not a valid recipe."""
     tmp = Path(tmp)
     (tmp / "empty.txt").write_text("")
     (tmp / "notes.txt").write_text("these are notes, not JSON\n")
@@ -154,6 +157,8 @@ def make_files(tmp: str | os.PathLike) -> Path:
     (tmp / "existing" / "keep.txt").write_text("an earlier export")
     (tmp / "existing.gguf").write_bytes(b"an earlier export")
     (tmp / "notok").mkdir(exist_ok=True)
+    (tmp / "broken_recipe.yaml").write_text("name: [w4\n")
+    (tmp / "bits17_recipe.yaml").write_text("name: w17\nweight: {bits: 17}\n")
     return tmp
 
 

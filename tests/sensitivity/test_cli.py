@@ -62,11 +62,31 @@ def test_solve_needs_no_model(analyzed, tmp_path, monkeypatch):
     assert set(json.loads((tmp_path / "c" / "layout.json").read_text())["choice"].values()) <= {"int3_g64", "int5_g64"}
 
 
+def test_solve_reproduces_analyze_at_the_same_budget(analyzed, tmp_path):
+    """Same table columns (the menu's order, float where the menu puts it: scores.json keeps the order although
+    its keys are sorted), same layout and the same recipe as the analysis at its budget."""
+    run, _ = analyzed
+    code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=3.5",
+                                               f"hydra.run.dir={tmp_path}/s"])
+    assert code == 0, out
+    header = (run / "report.md").read_text().splitlines()[0]
+    assert (tmp_path / "s" / "report.md").read_text().splitlines()[0] == header
+    assert header.index("| float |") > header.index("| int8_g64 |")  # the int menu lists float last
+    choice = [json.loads((r / "layout.json").read_text())["choice"] for r in (run, tmp_path / "s")]
+    assert choice[0] == choice[1]
+    assert qat.load_recipe(tmp_path / "s" / "quant" / "auto.yaml") == qat.load_recipe(run / "quant" / "auto.yaml")
+
+
 def test_the_recipe_runs_in_qat_ptq(analyzed, tmp_path):
     run, _ = analyzed
     code, out = run_in_process("ptq", ["method=rtn", f"hydra.searchpath=[file://{run}]", "quant=auto", "save=false",
                                        f"hydra.run.dir={tmp_path}/ptq"])
     assert code == 0, out
+    use = json.loads((run / "layout.json").read_text())["use"]  # the printed hint: quant=<the recipe's path>
+    code, out = run_in_process("ptq", ["method=rtn", use, "save=false", f"hydra.run.dir={tmp_path}/ptq2"])
+    assert code == 0, out
+    assert json.loads((tmp_path / "ptq2" / "result.json").read_text())["bits_per_weight"] == pytest.approx(
+        json.loads((tmp_path / "ptq" / "result.json").read_text())["bits_per_weight"])
     result = json.loads((tmp_path / "ptq" / "result.json").read_text())
     layout = json.loads((run / "layout.json").read_text())
     assert result["bits_per_weight"] == pytest.approx(layout["bits_per_weight"])

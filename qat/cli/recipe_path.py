@@ -1,0 +1,100 @@
+"""`quant=<path to a recipe YAML>` on any qat CLI: the file becomes an option of Hydra's `quant` group.
+
+Hydra reads `quant=X` as the option `configs/quant/X.yaml`, so a path ("Could not find 'quant//tmp/...'") needs
+help: each path-like value (it has a `/` or ends in .yaml / .yml) is checked (`qat.load_recipe`), copied into a
+temporary config folder as `quant/<stem>.yaml` and selected by that name, with the folder added to
+`hydra.searchpath`. Every job that takes `quant` (qat-train, qat-ptq, qat-export, qat-eval, qat-compare, sweeps
+`quant=a.yaml,w4a16_g128` included) then sees the file's recipe as if it were shipped. `run_hydra` does this.
+
+    with recipe_paths(["method=rtn", "quant=outputs/sensitivity/run/quant/auto.yaml"]) as argv:
+        ...  # argv == ["method=rtn", "quant=auto", "hydra.searchpath=[file:///tmp/qat-quant-.../]"]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from qat.errors import BadFileError, ConfigError, UserError
+from qat.recipes import recipe_names
+from qat.transform import load_recipe
+
+QUANT_KEYS = ("quant=", "+quant=", "++quant=")
+SEARCHPATH_KEY = "hydra.searchpath="
+
+
+def is_path(value: str) -> bool:
+    """True when a `quant=` value names a file rather than a configs/quant option."""
+    return "/" in value or os.sep in value or value.endswith((".yaml", ".yml"))
+
+
+def check_recipe_file(key: str, value: str) -> Path:
+    """The resolved recipe file that `key=value` names, after validating it as a recipe.
+
+    Raises:
+        ConfigError: a missing file, or one that is not a valid recipe: one line naming the key, the path and
+            what would be valid.
+    """
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={value}: no such file ({path.resolve()}); give a recipe YAML file or a "
+                          f"configs/quant name: {', '.join(recipe_names())}")
+    try:
+        load_recipe(path)
+    except UserError as err:
+        problem = err.problem if isinstance(err, BadFileError) else str(err)  # the path is named once, here
+        raise ConfigError(f"{key}={value}: not a valid recipe: {' '.join(problem.split())}") from None
+    return path.resolve()
+
+
+@contextlib.contextmanager
+def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
+    """`argv` with each `quant=<path>` (sweep lists too) rewritten to a temporary `quant` group option.
+
+    Yields argv unchanged when no `quant=` value is a path. The temporary folder lives until the block ends.
+    Raises:
+        ConfigError: a path that is missing or not a valid recipe (`check_recipe_file`), before Hydra starts.
+    """
+    found = [(i, arg) for i, arg in enumerate(argv) if arg.startswith(QUANT_KEYS)
+             and any(is_path(v) for v in arg.split("=", 1)[1].split(","))]
+    if not found:
+        yield argv
+        return
+    checked = {i: [(v, check_recipe_file(arg.split("=", 1)[0], v) if is_path(v) else None)
+                   for v in arg.split("=", 1)[1].split(",")] for i, arg in found}
+    folder = Path(tempfile.mkdtemp(prefix="qat-quant-"))
+    try:
+        (folder / "quant").mkdir()
+        taken = set(recipe_names())
+        out = list(argv)
+        for i, values in checked.items():
+            names = []
+            for value, path in values:
+                if path is None:
+                    names.append(value)
+                    continue
+                stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)  # what Hydra's override grammar reads bare
+                name, n = stem, 1
+                while name in taken:  # shipped options shadow the search path's: never reuse their names
+                    n += 1
+                    name = f"{stem}_{n}"
+                taken.add(name)
+                shutil.copyfile(path, folder / "quant" / f"{name}.yaml")
+                names.append(name)
+            out[i] = f"{argv[i].split('=', 1)[0]}={','.join(names)}"
+        yield _with_searchpath(out, folder.as_uri())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _with_searchpath(argv: list[str], uri: str) -> list[str]:
+    """argv with `uri` appended to a `hydra.searchpath=[...]` given there, or such an argument added."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(SEARCHPATH_KEY) and arg.endswith("]"):
+            inner = arg[len(SEARCHPATH_KEY):].strip()[1:-1].strip()
+            return [*argv[:i], f"{SEARCHPATH_KEY}[{inner + ',' if inner else ''}{uri}]", *argv[i + 1:]]
+    return [*argv, f"{SEARCHPATH_KEY}[{uri}]"]

@@ -1,0 +1,77 @@
+"""`quant=<path to a recipe YAML>` works the same in every CLI that takes `quant` (qat.cli.recipe_path, applied by
+run_hydra): the file's recipe is used, not a shipped recipe of the same name; relative paths and sweeps too.
+Missing / malformed files are cases of tests/cli/bad_inputs.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import qat
+from qat.cli.recipe_path import recipe_paths
+from qat.errors import ConfigError
+from tests.cli.bad_inputs import run_in_process
+
+W3 = {**qat.load_recipe("w3a16_g64").to_dict(), "name": "mine"}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """A 3-bit recipe in a file named like a shipped 4-bit recipe: the file must win."""
+    path = tmp_path / "recipes" / "w4a16_g128.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(W3))
+    return path
+
+
+def _ok(app, argv):
+    code, out = run_in_process(app, argv)
+    assert code == 0, out
+    return out
+
+
+def test_ptq_takes_an_absolute_and_a_relative_path(recipe, tmp_path, monkeypatch):
+    bpw = qat.control.weight_bits(qat.prepare(qat.testing.tiny_llama(), qat.load_recipe(recipe)))[0]
+    assert bpw < 4  # the file's 3-bit recipe, not configs/quant/w4a16_g128
+    monkeypatch.chdir(tmp_path)
+    for i, value in enumerate([str(recipe), "recipes/w4a16_g128.yaml"]):
+        _ok("ptq", ["method=rtn", f"quant={value}", "save=false", "eval.max_blocks=2", f"hydra.run.dir={tmp_path}/{i}"])
+        result = json.loads((tmp_path / str(i) / "result.json").read_text())
+        assert result["quant"] == "mine" and result["bits_per_weight"] == pytest.approx(bpw)
+
+
+def test_export_train_and_eval_take_a_path(recipe, tmp_path):
+    _ok("export", ["model=tiny", f"quant={recipe}", "format=native", f"output={tmp_path}/nat",
+                   f"hydra.run.dir={tmp_path}/e"])
+    modules = json.loads((tmp_path / "nat" / "qat_quant.json").read_text())["modules"]
+    assert {m["weight"]["bits"] for m in modules.values()} == {3}  # the file's recipe, not the shipped int4
+    _ok("train", [f"quant={recipe}", "trainer.max_steps=1", "eval.max_blocks=2", f"hydra.run.dir={tmp_path}/t"])
+    result = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert result["quant"] == "mine"
+    dynamic = tmp_path / "dyn.yaml"
+    dynamic.write_text(yaml.safe_dump({**qat.load_recipe("fp8_dynamic").to_dict(), "name": "my_fp8"}))
+    _ok("eval", ["model=tiny", "data=fixture", f"quant={dynamic}", "max_blocks=2", f"hydra.run.dir={tmp_path}/v"])
+    assert json.loads((tmp_path / "v" / "result.json").read_text())["quant"] == "my_fp8"
+
+
+def test_compare_sweeps_a_path_beside_a_name(recipe, tmp_path):
+    _ok("compare", ["-m", "method=rtn", f"quant=w4a16_g128,{recipe}", "eval.max_blocks=2",
+                    f"hydra.sweep.dir={tmp_path}/sweep"])
+    rows = {r["quant"]: r for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]}
+    assert set(rows) == {"w4a16_g128", "mine"}
+    assert rows["mine"]["bits_per_weight"] < rows["w4a16_g128"]["bits_per_weight"]
+
+
+def test_the_rewrite_keeps_a_given_searchpath_and_cleans_up(recipe):
+    with recipe_paths(["quant=w8a8", "hydra.searchpath=[file:///elsewhere]", f"+quant={recipe}"]) as argv:
+        folder = argv[1].split("file://")[-1].rstrip("]")
+        assert argv[0] == "quant=w8a8" and argv[2] == "+quant=w4a16_g128_2"  # never a shipped name
+        assert argv[1].startswith("hydra.searchpath=[file:///elsewhere,file://")
+        assert yaml.safe_load(open(f"{folder}/quant/w4a16_g128_2.yaml")) == W3
+    assert not __import__("os").path.exists(folder)
+    with recipe_paths(["quant=w8a8"]) as argv:
+        assert argv == ["quant=w8a8"]
+    with pytest.raises(ConfigError, match=r"^quant=nowhere/x.yaml: no such file .*w4a16_g128"):
+        with recipe_paths(["quant=nowhere/x.yaml"]):
+            pass
