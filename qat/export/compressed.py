@@ -13,6 +13,7 @@ config_groups (one per distinct scheme, targets = module names), ignore, quantiz
 kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
 vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
 `.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
+Dynamic input schemes are each group's `input_activations`, re-attached by the loader (`qat.export.ct_activations`).
 Online rotations (R3, R4, llama.cpp's KV rotation) of power-of-two sizes go to `transform_config`
 (`qat.export.ct_transforms`, read back by the loader); others are warned about.
 Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written
@@ -37,8 +38,8 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
-from qat.export.compressed_fp import (fp_format, fp_input_args, fp_linear_tensors, fp_quantized_weight,
-                                      fp_weights_args)
+from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
+from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, warn_unstored, weight_of, weight_spec)
@@ -93,20 +94,6 @@ def _weights_args(spec: QuantSpec, actorder: bool) -> dict:
     return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": _STRATEGY[spec.granularity],
             "group_size": spec.group_size, "dynamic": False, "actorder": "group" if actorder else None,
             "observer": "minmax", "block_structure": None}
-
-
-def _input_args(spec: QuantSpec | None, name: str) -> dict | None:
-    if spec is None:
-        return None
-    if not spec.dynamic:
-        raise ConfigError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
-                         "only dynamic activation schemes are written")
-    kind = "float" if spec.is_float else "int"
-    args = {"num_bits": spec.bits, "type": kind, "symmetric": spec.symmetric, "dynamic": True,
-            "strategy": "token" if spec.granularity == "per_token" else _STRATEGY[spec.granularity]}
-    if spec.granularity == "per_group":  # fp8 1 x 128 activation groups (FP8 block scaling)
-        args["group_size"] = spec.group_size
-    return args
 
 
 _KV_TYPES = {"int": "int", "fp8_e4m3": "float"}
@@ -262,6 +249,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                                         "output_activations": None, "format": "pack-quantized"})
         group["targets"] += list(expert_linears(n, m, lambda w: None))
     fp_inputs: list[str] = []
+    inexact: dict[str, list[str]] = {}
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
         fmt = fp_format(spec) if spec is not None else None
@@ -271,12 +259,11 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
             ragged.append(n)
         w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
-        if i_spec is not None and fp_format(i_spec):
-            i_args = fp_input_args(i_spec)
-            if i_args is None:
-                fp_inputs.append(n)
-        else:
-            i_args = _input_args(i_spec, n)
+        i_args = input_args(i_spec, n)
+        if i_spec is not None and i_args is None:
+            fp_inputs.append(n)
+        elif i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
+            inexact.setdefault(i_spec.describe(), []).append(n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
                                 "output_activations": None, "format": fmt or "pack-quantized"})["targets"].append(n)
@@ -289,6 +276,10 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                     "fp4 activation schemes need a calibrated static input_global_scale, so they are written without "
                     "an input scheme (weights only)", len(fp_inputs),
                     ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
+    for scheme, names in inexact.items():
+        log.warning("compressed-tensors: the input scheme %s of %d layer(s) (%s) has settings input_activations "
+                    "cannot hold (observer, scale dtype, ...); loaders re-attach the scheme without them",
+                    scheme, len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
     return modules, {**linears, **experts}, groups
 
 
@@ -461,6 +452,9 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         t = {hk(k): v for k, v in stored.items()}
         targets = [(hk(n), group["weights"], group.get("format") or q["format"])
                    for group in q["config_groups"].values() for n in group["targets"]]
+        acts = {hk(n): (group.get("input_activations"), group.get("output_activations"))
+                for group in q["config_groups"].values() for n in group["targets"]}
+        unread: dict[str, list[str]] = {}  # reason -> modules whose activation scheme is not re-attached
         if len({n for n, _, _ in targets}) != len(targets):
             raise BadFileError(folder / "config.json", "a layer is the target of two config_groups")
         experts: dict[str, dict] = {}
@@ -471,16 +465,29 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                     raise BadFileError(folder / "config.json", f"experts {m['experts']!r} stored as {fmt!r}; "
                                        "experts are read from pack-quantized groups only")
                 experts.setdefault(m["experts"], w_args)
+                if acts[n][0]:
+                    unread.setdefault(f"input_activations {acts[n][0]} of fused experts", []).append(n)
                 continue
             old = model.get_submodule(n)
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
                   else fp_quantized_weight(t, n, w_args, fmt))
-            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
-                                                 TensorSchemes(weight=qw.spec)))
+            inputs, outputs = acts[n]
+            i_q = None if not inputs else input_quantizer(inputs, old.in_features, t, n)
+            if isinstance(i_q, str):
+                unread.setdefault(f"input_activations {inputs} ({i_q})", []).append(n)
+                i_q = None
+            if outputs:
+                unread.setdefault(f"output_activations {outputs}", []).append(n)
+            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, i_q,
+                                                 TensorSchemes(weight=qw.spec, input=i_q and i_q.spec)))
         for n, w_args in experts.items():
             set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
+        for reason, names in unread.items():
+            log.warning("compressed-tensors loader: %s of %d layer(s) (%s) is not re-attached (qat cannot compute "
+                        "it); they run on unquantized activations", reason, len(names),
+                        ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
         if q.get("kv_cache_scheme"):
             _attach_kv(model, t, q["kv_cache_scheme"], folder)
         attach_transforms(model, q.get("transform_config"), folder / "config.json", hk)
@@ -489,8 +496,9 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         if stray:
             raise BadFileError(folder, f"packed tensors of layers no config group targets: {stray[:5]}")
         stored_own = {f"{n}.weight" for n in targeted}  # the quantized linears' own tensors (fp8's `<m>.weight`)
-        rest = {k: v for k, v in t.items()
-                if ".weight_" not in k and k not in stored_own and not k.endswith((".k_scale", ".v_scale"))}
+        inputs_own = {f"{n}.{key}" for n in targeted for key in INPUT_TENSORS}
+        rest = {k: v for k, v in t.items() if ".weight_" not in k and k not in stored_own | inputs_own
+                and not k.endswith((".k_scale", ".v_scale"))}
         check_state(model, rest, folder)
         model = load_rest_and_tie(model, rest, folder, config)
     return check_model(model, folder)
