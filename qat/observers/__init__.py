@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -24,6 +25,7 @@ from qat.primitives import (
 )
 from qat.spec import SPEC_OBSERVERS
 
+log = logging.getLogger(__name__)
 OBSERVERS: dict[str, type["Observer"]] = {}
 
 
@@ -121,6 +123,23 @@ def _blocks_last(x: torch.Tensor, spec) -> tuple[torch.Tensor, tuple[int, ...]]:
     return view.permute(*keep, *dims).reshape(*[view.shape[d] for d in keep], -1), keep_shape
 
 
+_NO_CLIP_WARNED: set[tuple[str, float, int]] = set()
+
+
+def warn_no_clip(spec, percentile: float, n: int) -> None:
+    """Warn (once per scheme, percentile and block size) that `percentile` keeps the maximum of every block of
+    `n` values, so the percentile observer is min-max there: 99.99 clips nothing on blocks of <= 5000 values,
+    i.e. on every block format (MX / NVFP4 / GGUF blocks of 16 or 32) and most per-channel / per-token rows."""
+    key = (spec.describe(), percentile, n)
+    if key in _NO_CLIP_WARNED:
+        return
+    _NO_CLIP_WARNED.add(key)
+    log.warning("percentile observer: percentile=%g keeps the maximum of every block of %d values (%s), so it is "
+                "min-max here; clip with a percentile below %.4g, e.g. observer_args: {percentile: 90} in the "
+                "recipe, or qat-ptq method=rtn method.observer=percentile +method.observer_args.percentile=90",
+                percentile, n, spec.describe(), 100.0 * (n - 0.5) / n)
+
+
 @register_observer("percentile")
 class PercentileObserver(Observer):
     """Range from the low and high percentiles of each block (drops outliers); running min/max across batches.
@@ -137,6 +156,8 @@ class PercentileObserver(Observer):
         n = blocks.shape[-1]
         k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
         k_lo = max(1, n + 1 - k_hi)
+        if k_hi == n and self.percentile < 100.0:
+            warn_no_clip(self.spec, self.percentile, n)
         if get_format(self.spec).peak_range(self.spec):
             # formats that scale from the signed peak (Q4_0, Q3_K, Q6_K, IQ4_NL / IQ4_XS) read lo == hi == it: the
             # percentile of the magnitudes, with the peak's sign (the signed peak itself at 100)

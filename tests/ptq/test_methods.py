@@ -91,3 +91,22 @@ def test_scaling_methods_need_mappings_for_an_unknown_family(llama_batches):
     with pytest.raises(ValueError, match=r"awq: method.mappings=null takes .* architecture None is not supported; "
                                          r"known: \[[^]]*'llama', 'mistral'[^]]*\].*or give method.mappings"):
         apply(model, "awq", [torch.randn(256, 64)], progress=False)
+
+
+def test_the_percentile_override_of_docs_ptq_works_on_the_command_line(tmp_path, monkeypatch):
+    """docs/ptq.md's `method.observer=percentile +method.observer_args.percentile=90` on MXFP4 (blocks of 32):
+    the default percentile warns that it is min-max there; 90 clips (another result) and does not warn."""
+    import json
+
+    import qat.observers as observers
+    from tests.cli.bad_inputs import run_in_process
+
+    monkeypatch.setattr(observers, "_NO_CLIP_WARNED", set())
+    base = ["method=rtn", "quant=mxfp4", "method.observer=percentile", "save=false", "eval.max_blocks=2"]
+    ppl = {}
+    for extra in ([], ["+method.observer_args.percentile=90"]):
+        code, out = run_in_process("ptq", base + extra + [f"hydra.run.dir={tmp_path}/{len(extra)}"])
+        assert code == 0, out
+        assert ("keeps the maximum of every block of 32 values" in out) == (not extra), out
+        ppl[len(extra)] = json.loads((tmp_path / str(len(extra)) / "result.json").read_text())["ppl"]
+    assert ppl[0] != ppl[1]

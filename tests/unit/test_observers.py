@@ -104,3 +104,27 @@ def test_percentile_on_signed_peak_formats_keeps_the_peak_sign(name):
                        (90.0, lambda p: bool((p.abs() < peak.abs()).all() and torch.equal(p.sign(), peak.sign())))):
         lo, hi = build_observer(spec.replace(observer="percentile", observer_args={"percentile": pct})).range_of(x)
         assert torch.equal(lo, hi) and check(lo)
+
+
+def test_percentile_that_clips_nothing_on_the_block_size_warns_once(monkeypatch, caplog):
+    """The default 99.99 keeps every block's maximum on blocks of <= 5000 values (k = round(n * p / 100) = n):
+    on MXFP4's blocks of 32 it is min-max, and says so once, with the percentile that would clip."""
+    import qat.observers as observers
+    monkeypatch.setattr(observers, "_NO_CLIP_WARNED", set())
+    spec = QuantSpec(bits=4, dtype="fp4_e2m1", granularity="per_group", group_size=32, grid="mx",
+                     observer="percentile")
+    x = heavy_tailed(4096).reshape(8, 512)
+    with caplog.at_level("WARNING", logger="qat.observers"):
+        lo, hi = build_observer(spec).range_of(x)
+        build_observer(spec).range_of(x)
+    assert [torch.equal(a, b) for a, b in zip((lo, hi), build_observer(spec.replace(observer="minmax")).range_of(x))] \
+        == [True, True]
+    assert len(caplog.records) == 1, caplog.text
+    text = caplog.records[0].getMessage()
+    assert "percentile=99.99 keeps the maximum of every block of 32 values" in text and "below 98.44" in text
+    assert "+method.observer_args.percentile=90" in text and "observer_args: {percentile: 90}" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qat.observers"):
+        clipped = build_observer(spec.replace(observer_args={"percentile": 90})).range_of(x)[1]
+        build_observer(QuantSpec(granularity="per_tensor", observer="percentile")).range_of(heavy_tailed(8192))
+    assert not caplog.records and bool((clipped <= hi).all()) and bool((clipped < hi).any())
