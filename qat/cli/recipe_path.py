@@ -59,8 +59,8 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
     Raises:
         ConfigError: a path that is missing or not a valid recipe (`check_recipe_file`), before Hydra starts.
     """
-    found = [(i, arg) for i, arg in enumerate(argv) if arg.startswith(QUANT_KEYS)
-             and any(is_path(v) for v in arg.split("=", 1)[1].split(","))]
+    found = [(i, arg) for i, arg in enumerate(argv) if arg.startswith(QUANT_KEYS) and "(" not in arg  # glob(...)
+             and any(is_path(v) for v in arg.split("=", 1)[1].split(","))]                  # is Hydra's
     if not found:
         yield argv
         return

@@ -4,6 +4,7 @@ Missing / malformed files are cases of tests/cli/bad_inputs.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -69,9 +70,10 @@ def test_the_rewrite_keeps_a_given_searchpath_and_cleans_up(recipe):
         assert argv[0] == "quant=w8a8" and argv[2] == "+quant=w4a16_g128_2"  # never a shipped name
         assert argv[1].startswith("hydra.searchpath=[file:///elsewhere,file://")
         assert yaml.safe_load(open(f"{folder}/quant/w4a16_g128_2.yaml")) == W3
-    assert not __import__("os").path.exists(folder)
-    with recipe_paths(["quant=w8a8"]) as argv:
-        assert argv == ["quant=w8a8"]
+    assert not os.path.exists(folder)
+    for plain in (["quant=w8a8"], ["-m", "quant=glob(w4*)"]):  # names and Hydra's sweep functions: untouched
+        with recipe_paths(plain) as argv:
+            assert argv == plain
     with pytest.raises(ConfigError, match=r"^quant=nowhere/x.yaml: no such file .*w4a16_g128"):
         with recipe_paths(["quant=nowhere/x.yaml"]):
             pass
