@@ -480,8 +480,8 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                 i_q = None
             if outputs:
                 unread.setdefault(f"output_activations {outputs}", []).append(n)
-            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, i_q,
-                                                 TensorSchemes(weight=qw.spec, input=i_q and i_q.spec)))
+            schemes = TensorSchemes(weight=qw.spec, input=None if i_q is None else i_q.spec)
+            set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, i_q, schemes))
         for n, w_args in experts.items():
             set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
         for reason, names in unread.items():
