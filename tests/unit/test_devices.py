@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import qat
+from qat.control import on_input_device
 from qat.jobs import measure
 from qat.testing import tiny_llama
 from qat.transform.rotations.learned import attach_learned_rotations
@@ -108,3 +109,15 @@ def test_peak_memory_of_a_cpu_block_on_a_gpu_machine_is_the_rss(monkeypatch):
     assert mem.cuda_peak_mb == 0
     assert mem.peak_mb == mem.rss_peak_mb > 20
     del held
+
+
+def test_batches_go_to_the_input_embeddings_device():
+    """qat.calibrate and the PTQ runner move CPU-built ids to the model's device; a skeleton whose embeddings are
+    still on meta (streamed PTQ) and a model without embeddings get the batch as given."""
+    ids = torch.tensor([[1, 2, 3]])
+    cpu_model = tiny_llama(vocab_size=256, num_layers=1)
+    assert on_input_device(cpu_model, ids) is not None and on_input_device(cpu_model, ids).device.type == "cpu"
+    moved = on_input_device(cpu_model, {"input_ids": ids, "use_cache": False})
+    assert moved["use_cache"] is False and torch.equal(moved["input_ids"], ids)
+    assert on_input_device(meta_llama(), ids) is ids
+    assert on_input_device(torch.nn.Linear(3, 3), ids) is ids
