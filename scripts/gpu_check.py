@@ -7,7 +7,9 @@
 Checks (each a row; `result` is pass / FAIL for parity checks, `measured` for figures):
   parity <scheme>   bf16 tiny Llama: fake-quantized weights on the device equal the CPU's (atol=0); the
                     converted model's logits equal the fake-quant model's on the device (atol=0); each export
-                    format, reloaded and moved to the device, gives the same logits (atol=0). Figure: the largest
+                    format, reloaded and moved to the device, gives the same logits (atol=0; GGUF, whose float
+                    tensors are F32 / F16, is not compared with the bf16 model), and the export written from the
+                    device equals the one written from the CPU (reloaded logits, atol=0). Figure: the largest
                     |logit| difference device vs CPU (tolerance-based: cuBLAS and the CPU's BLAS sum in other orders).
   fake_quant        one bf16 Linear fwd+bwd: time and saved-for-backward bytes of each fake-quant variant vs plain
                     (scripts/bench_fake_quant.py's variants and loop).
@@ -77,7 +79,9 @@ PARITY = {
     "nvfp4_w4a16": ["native"],
     "mxfp4": ["native"],
     "fp8_block": ["native"],
+    "gguf_q4_k": ["gguf"],  # GGUF keeps norms and embeddings in F32 / F16: compared device export vs CPU export only
 }
+GGUF_TYPES = {"gguf_q4_k": "Q4_K"}
 CHECKS = ("parity", "fake_quant", "qat_step", "gptq", "fsdp")
 
 
@@ -125,10 +129,15 @@ def check_parity(scheme: str, formats: list[str], size: dict, device: torch.devi
     if not torch.equal(logits(converted, ids), fake):
         problems.append("converted != fake quant")
     for fmt in formats:
-        out = tmp / f"{scheme}-{fmt}"
-        export(dev_model, out, format=fmt)  # from the device: the writers move what they store to the CPU
-        loaded = load_any(out).to(device)
-        got = logits(loaded, ids)
+        suffix, kind = (".gguf", {"gguf_type": GGUF_TYPES[scheme]}) if fmt == "gguf" else ("", {})
+        out, cpu_out = tmp / f"{scheme}-{fmt}{suffix}", tmp / f"{scheme}-{fmt}-cpu{suffix}"
+        export(dev_model, out, format=fmt, **kind)  # from the device: the writers move what they store to the CPU
+        export(cpu_model, cpu_out, format=fmt, **kind)
+        if not torch.equal(logits(load_any(out), ids), logits(load_any(cpu_out), ids)):
+            problems.append(f"{fmt} export from the device != {fmt} export from the CPU (both reloaded on the CPU)")
+        if fmt == "gguf":
+            continue
+        got = logits(load_any(out).to(device), ids)
         if got.dtype != fake.dtype or not torch.equal(got, fake):
             diff = float((got.float() - fake.float()).abs().max())
             problems.append(f"{fmt} export != fake quant ({got.dtype}, max diff {diff:.3g})")
