@@ -22,7 +22,7 @@ Checks (each a row; `result` is pass / FAIL for parity checks, `measured` for fi
   fsdp              FSDP2 QAT through Lightning on every CUDA device present (1 is fine): ranks agree, a resume
                     from the sharded checkpoint is bit-identical, the export of it equals the one-process export
                     (tests/train/parallel_script.py with deterministic CUDA kernels). Skipped on the CPU (the suite
-                    runs it with 2 gloo processes: tests/train/test_parallel.py).
+                    runs it with 2 gloo processes: tests/train/test_parallel.py; --fsdp-on-cpu N runs it here).
 
 Exit status 1 when a parity check fails. docs/gpu.md has the figures once a GPU has run this.
 """
@@ -209,19 +209,20 @@ def gptq_device_vs_cpu(w: torch.Tensor, batches: list[torch.Tensor], spec: Quant
             "error_ratio": err(qd) / err(qc)}
 
 
-def check_fsdp(device: torch.device, tmp: Path) -> dict:
-    """FSDP2 QAT on every CUDA device: tests/train/parallel_script.py, then the suite's comparisons."""
+def check_fsdp(accelerator: str, n: int, tmp: Path) -> dict:
+    """FSDP2 QAT on `n` devices ("cuda": every GPU; "cpu": gloo processes): tests/train/parallel_script.py, then
+    the suite's comparisons."""
     import parallel_script  # tests/train: the suite's 2-process run, parametrised by device
 
-    n = torch.cuda.device_count()
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "QAT_PARALLEL_ACCELERATOR": "cuda", "QAT_PARALLEL_DEVICES": str(n),
+    where = f"{n} GPU(s)" if accelerator == "cuda" else f"{n} CPU processes"
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "QAT_PARALLEL_ACCELERATOR": accelerator, "QAT_PARALLEL_DEVICES": str(n),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, parallel_script.__file__, "fsdp", str(tmp)], capture_output=True,
                           text=True, timeout=420, cwd=tmp, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"check": f"fsdp {n} GPU(s)", "result": "FAIL", "figures": {"wall_s": round(wall, 1)},
+        return {"check": f"fsdp {where}", "result": "FAIL", "figures": {"wall_s": round(wall, 1)},
                 "problems": [f"parallel_script exited {proc.returncode}: {proc.stderr[-1500:]}"]}
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(n)]
     problems = []
@@ -237,7 +238,7 @@ def check_fsdp(device: torch.device, tmp: Path) -> dict:
         problems.append("export of the sharded checkpoint != one-process export of the same weights")
     figures = {"devices": n, "wall_s (2 fits, 6 steps, incl. start-up)": round(wall, 1),
                "learned scales sharded": len(ranks[0]["_sharded"])}
-    return {"check": f"fsdp {n} GPU(s), tiny Llama LSQ + PACT", "result": "FAIL" if problems else "pass",
+    return {"check": f"fsdp {where}, tiny Llama LSQ + PACT", "result": "FAIL" if problems else "pass",
             "figures": figures, "problems": problems}
 
 
@@ -257,12 +258,15 @@ def run_checks(args) -> list[dict]:
         if "gptq" in args.only:
             jobs.append(("gptq", lambda: check_gptq(size, device)))
         if "fsdp" in args.only:
-            if device.type != "cuda":
-                rows.append({"check": "fsdp", "result": "skipped", "figures": {
-                    "why": "needs CUDA; the CPU suite runs it with 2 gloo processes (tests/train/test_parallel.py)"}})
+            (tmp / "fsdp").mkdir()
+            if device.type == "cuda":
+                jobs.append(("fsdp", lambda: check_fsdp("cuda", torch.cuda.device_count(), tmp / "fsdp")))
+            elif args.fsdp_on_cpu:
+                jobs.append(("fsdp", lambda: check_fsdp("cpu", args.fsdp_on_cpu, tmp / "fsdp")))
             else:
-                (tmp / "fsdp").mkdir()
-                jobs.append(("fsdp", lambda: check_fsdp(device, tmp / "fsdp")))
+                rows.append({"check": "fsdp", "result": "skipped", "figures": {
+                    "why": "needs CUDA (--fsdp-on-cpu N: gloo processes); the CPU suite runs it with 2 "
+                           "(tests/train/test_parallel.py)"}})
         for name, job in jobs:
             start = time.perf_counter()
             try:
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke test of the script, seconds)")
     parser.add_argument("--only", nargs="+", default=list(CHECKS), choices=CHECKS, help="run only these checks")
     parser.add_argument("--json", default="gpu_check.json", help="where to write the figures")
+    parser.add_argument("--fsdp-on-cpu", type=int, default=0, metavar="N",
+                        help="without CUDA, run the fsdp check with N gloo processes (about a minute)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
