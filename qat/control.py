@@ -76,6 +76,26 @@ def quantization_disabled(model: nn.Module):
             q.enabled = enabled
 
 
+def on_input_device(model: nn.Module, batch: Any) -> Any:
+    """`batch` (a tensor, or a mapping of them) moved to the device of `model`'s input embeddings, where the
+    batches of a model on a GPU must go (token ids are built on the CPU); unchanged for a model without input
+    embeddings or with them still on the meta device (a streamed skeleton).
+
+    Example:
+        >>> ids = on_input_device(model.cuda(), torch.tensor([[1, 2, 3]]))   # on cuda:0
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    embed = get() if callable(get) else None
+    weight = getattr(embed, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(weight.device)
+    if isinstance(batch, dict):
+        return {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bool = True) -> int:
     """Range initialisation: run `batches` through the model with activation observers on.
@@ -84,8 +104,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bo
     the range of all the batches (outside calibrate, a learned quantizer takes its first batch only).
 
     Args:
-        batches: inputs; each is passed as model(**b) for a mapping, model(b) otherwise.
-        forward: optional callable(model, batch) to use instead.
+        batches: inputs; each is passed as model(**b) for a mapping, model(b) otherwise, on the model's device
+            (`on_input_device`).
+        forward: optional callable(model, batch) to use instead (it gets the batch as given).
         freeze: switch observing off afterwards (hold the calibrated ranges).
     Returns:
         the number of batches seen.
@@ -102,9 +123,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward=None, freeze: bo
             if forward is not None:
                 forward(model, batch)
             elif isinstance(batch, dict):
-                model(**batch)
+                model(**on_input_device(model, batch))
             else:
-                model(batch)
+                model(on_input_device(model, batch))
             n += 1
     finally:
         for q in calibrating:

@@ -51,7 +51,8 @@ def torchao_peers(linear: nn.Linear) -> dict[str, nn.Module]:
     def add(name, build):
         try:
             module = build()
-            module(torch.randn(4, linear.in_features, device=linear.weight.device)).sum().backward()
+            module(torch.randn(4, linear.in_features, device=linear.weight.device,
+                               dtype=linear.weight.dtype)).sum().backward()
             peers[name] = module
         except Exception as err:  # noqa: BLE001 - any import/API mismatch (or no kernel on this device) drops the peer
             print(f"(torchao {name}: not importable / not runnable here: {type(err).__name__}: {str(err).splitlines()[0][:160]})")
@@ -108,6 +109,26 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def measure(mods: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, iters: int) -> list[dict]:
+    """Median fwd+bwd time and saved-for-backward bytes of each variant (2 warm-up rounds, then `iters` rounds
+    round-robin), relative to "plain". Also used by scripts/gpu_check.py."""
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    for _ in range(2):  # warm-up
+        for m in mods.values():
+            step(m, x, grad)
+    for _ in range(iters):
+        for name, m in mods.items():
+            times[name].append(step(m, x, grad))
+    base_t = statistics.median(times["plain"])
+    base_m = saved_bytes(mods["plain"], x)
+    rows = []
+    for name, m in mods.items():
+        t, mem = statistics.median(times[name]), saved_bytes(m, x)
+        rows.append({"variant": name, "ms": t * 1e3, "time_vs_plain": t / base_t, "saved_MiB": mem / 2**20,
+                     "saved_vs_plain": mem / base_m})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in", dest="inf", type=int, default=2048)
@@ -125,21 +146,13 @@ def main() -> None:
     mods = variants(linear)
     if args.only:
         mods = {k: m for k, m in mods.items() if k == "plain" or any(w in k for w in args.only)}
-    times: dict[str, list[float]] = {k: [] for k in mods}
-    for _ in range(2):  # warm-up
-        for m in mods.values():
-            step(m, x, grad)
-    for _ in range(args.iters):
-        for name, m in mods.items():
-            times[name].append(step(m, x, grad))
-    base_t = statistics.median(times["plain"])
-    base_m = saved_bytes(mods["plain"], x)
+    rows = measure(mods, x, grad, args.iters)
     print(f"Linear {args.inf}x{args.out}, {args.tokens} tokens, fwd+bwd, {args.device}, median of {args.iters}")
     print("| variant | time (ms) | vs plain | saved for backward (MiB) | vs plain |")
     print("|---|---|---|---|---|")
-    for name, m in mods.items():
-        t, mem = statistics.median(times[name]), saved_bytes(m, x)
-        print(f"| {name} | {t * 1e3:.1f} | {t / base_t:.3f}x | {mem / 2**20:.1f} | {mem / base_m:.3f}x |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ms']:.1f} | {r['time_vs_plain']:.3f}x | {r['saved_MiB']:.1f} | "
+              f"{r['saved_vs_plain']:.3f}x |")
     if args.device.startswith("cuda"):
         print(f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 

@@ -41,8 +41,8 @@ def make_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def reference_hessian(batches, dim):
-    """IST-DASLab/gptq add_batch: running average with sqrt(2/n) scaling."""
-    H, n = torch.zeros(dim, dim), 0
+    """IST-DASLab/gptq add_batch: running average with sqrt(2/n) scaling (on the batches' device)."""
+    H, n = torch.zeros(dim, dim, device=batches[0].device), 0
     for inp in batches:
         tmp = inp.shape[0]
         H *= n / (n + tmp)
@@ -53,7 +53,7 @@ def reference_hessian(batches, dim):
 
 
 def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percdamp=0.01):
-    """A port of IST-DASLab/gptq fasterquant (symmetric min-max quantizer), for timing and error."""
+    """A port of IST-DASLab/gptq fasterquant (symmetric min-max quantizer), for timing and error; runs on W's device."""
     W, H = W.clone().float(), H.clone()
     maxq = 2 ** bits - 1
     dead = torch.diag(H) == 0
@@ -68,7 +68,7 @@ def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percda
     scale = zero = None
     for i1 in range(0, W.shape[1], blocksize):
         i2 = min(i1 + blocksize, W.shape[1])
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
             if (i1 + i) % groupsize == 0:
@@ -85,9 +85,18 @@ def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percda
     return Q
 
 
+def sync() -> None:
+    """Wait for queued CUDA work (timings of asynchronous kernels); nothing without CUDA in use."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    """(fn(), seconds), CUDA work included."""
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - start
 
 
@@ -119,6 +128,54 @@ def end_to_end(args) -> None:
           f"weights and qparams equal (atol=0): {equal}")
 
 
+def layer_problem(dim: int, samples: int, seqlen: int, device: str = "cpu", seed: int = 0):
+    """(weight [dim, dim], calibration batches of `seqlen` rows) on `device`, drawn on the CPU from `seed`."""
+    torch.manual_seed(seed)
+    x = make_inputs(samples * seqlen, dim, seed)
+    w = torch.randn(dim, dim) / math.sqrt(dim)
+    return w.to(device), [b.to(device) for b in x.split(seqlen)]
+
+
+def compare_solvers(w: torch.Tensor, batches: list[torch.Tensor], bits: int, g: int, awq: bool = True):
+    """Time and layer-output error (relative to RTN) of qat's Hessian, GPTQ (plain, act-order) and AWQ searches
+    against the reference port, on w's device. Also used by scripts/gpu_check.py.
+
+    Returns:
+        ({"qat_s", "reference_s", "max_rel_diff"} of the Hessian, rows {"method", "s", "error_vs_rtn"}).
+    """
+    dim = w.shape[1]
+    spec = QuantSpec(bits=bits, granularity="per_group", group_size=g)
+
+    def ours_hessian():
+        st = InputStats(dim, device=w.device, magnitudes=False)  # what GPTQ records
+        for b in batches:
+            st.update(b)
+        return st
+
+    ref_h, t_ref_h = timed(lambda: reference_hessian(batches, dim))
+    stats, t_h = timed(ours_hessian)
+    H, gram = stats.hessian(), stats.gram
+    hessian = {"qat_s": t_h, "reference_s": t_ref_h,
+               "max_rel_diff": float((H - ref_h).abs().max() / ref_h.abs().max())}
+    err = lambda q: float(output_error(q - w, gram))  # noqa: E731
+    e_rtn = err(rtn_weight(w, spec))
+    rows = [("rtn (min-max)", 0.0, e_rtn)]
+    for act in (False, True):
+        tag = " act-order" if act else ""
+        res, t = timed(lambda: gptq_quantize(w, H, spec, actorder=act))
+        ref_q, t_ref = timed(lambda: reference_fasterquant(w, H, bits, g, act))
+        rows += [(f"gptq{tag} (qat)", t, err(res.weight)), (f"gptq{tag} (reference port)", t_ref, err(ref_q))]
+    if awq:
+        x_mean = torch.cat([b.abs() for b in batches]).mean(0)
+        (s, _, _), t_scale = timed(lambda: search_scale([w], [gram], x_mean, [spec]))
+        w_s = w * s
+        (scale, zp), t_clip = timed(lambda: search_clip(w_s, gram / torch.outer(s, s), spec))
+        q_awq = fake_quantize_forward(w_s, scale, zp, spec)[0] / s
+        rows += [("awq scale search", t_scale, err(rtn_weight(w_s, spec) / s)),
+                 ("awq scale + clip search", t_scale + t_clip, err(q_awq))]
+    return hessian, [{"method": n, "s": t, "error_vs_rtn": e / e_rtn} for n, t, e in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=2048)
@@ -130,49 +187,22 @@ def main() -> None:
     parser.add_argument("--quant", default="w4a16_g128_ragged")
     parser.add_argument("--data", default="wiki")
     parser.add_argument("--blocks", type=int, default=0, help="only the first N decoder blocks (0: all)")
+    parser.add_argument("--device", default="cpu", help="the layer benchmark's device (cpu, cuda)")
     args = parser.parse_args()
     if args.model:
         end_to_end(args)
         return
     torch.manual_seed(0)
     dim, g = args.dim, args.group_size
-    print(f"layer {dim}x{dim}, {args.samples}x{args.seqlen} tokens, int{args.bits} g{g}, {torch.get_num_threads()} threads")
-    x = make_inputs(args.samples * args.seqlen, dim)
-    batches = list(x.split(args.seqlen))
-    w = torch.randn(dim, dim) / math.sqrt(dim)
-    spec = QuantSpec(bits=args.bits, granularity="per_group", group_size=g)
-
-    def ours_hessian():
-        st = InputStats(dim, magnitudes=False)  # what GPTQ records
-        for b in batches:
-            st.update(b)
-        return st
-
-    ref_h, t_ref_h = timed(lambda: reference_hessian(batches, dim))
-    stats, t_h = timed(ours_hessian)
-    H, gram = stats.hessian(), stats.gram
-    print(f"hessian  qat {t_h:6.2f} s   reference {t_ref_h:6.2f} s   ratio {t_h / t_ref_h:.2f}x   "
-          f"max rel diff {float((H - ref_h).abs().max() / ref_h.abs().max()):.1e}")
-
-    err = lambda q: float(output_error(q - w, gram))  # noqa: E731
-    e_rtn = err(rtn_weight(w, spec))
-    rows = [("rtn (min-max)", 0.0, e_rtn)]
-    for act in (False, True):
-        tag = " act-order" if act else ""
-        res, t = timed(lambda: gptq_quantize(w, H, spec, actorder=act))
-        ref_q, t_ref = timed(lambda: reference_fasterquant(w, H, args.bits, g, act))
-        rows += [(f"gptq{tag} (qat)", t, err(res.weight)), (f"gptq{tag} (reference port)", t_ref, err(ref_q))]
-    x_mean = torch.cat([b.abs() for b in batches]).mean(0)
-    (s, _, _), t_scale = timed(lambda: search_scale([w], [gram], x_mean, [spec]))
-    w_s = w * s
-    (scale, zp), t_clip = timed(lambda: search_clip(w_s, gram / torch.outer(s, s), spec))
-    q_awq = fake_quantize_forward(w_s, scale, zp, spec)[0] / s
-    rows += [("awq scale search", t_scale, err(rtn_weight(w_s, spec) / s)),
-             ("awq scale + clip search", t_scale + t_clip, err(q_awq))]
+    print(f"layer {dim}x{dim}, {args.samples}x{args.seqlen} tokens, int{args.bits} g{g}, {torch.get_num_threads()} "
+          f"threads, {args.device}")
+    w, batches = layer_problem(dim, args.samples, args.seqlen, args.device)
+    hessian, rows = compare_solvers(w, batches, args.bits, g)
+    print(f"hessian  qat {hessian['qat_s']:6.2f} s   reference {hessian['reference_s']:6.2f} s   ratio "
+          f"{hessian['qat_s'] / hessian['reference_s']:.2f}x   max rel diff {hessian['max_rel_diff']:.1e}")
     print(f"{'method':28s} {'time s':>8s} {'error / rtn':>12s}")
-    for name, t, e in rows:
-        print(f"{name:28s} {t:8.2f} {e / e_rtn:12.3f}")
-
+    for r in rows:
+        print(f"{r['method']:28s} {r['s']:8.2f} {r['error_vs_rtn']:12.3f}")
 
 if __name__ == "__main__":
     main()

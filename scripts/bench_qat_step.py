@@ -17,6 +17,7 @@ and backward (distinct storages, parameters excluded), counted on one extra step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import resource
 import statistics
@@ -124,6 +125,52 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb() - self.base)
 
 
+def measure_variants(variants: dict, ids: torch.Tensor, steps: int, autocast: torch.dtype | None = None) -> list[dict]:
+    """Median step time, peak memory growth and saved-for-backward MB of each variant (each with its own AdamW),
+    `steps` timed steps after one warm-up, round robin, relative to "FP". On CUDA the peak is the allocator's
+    growth over a step (max_memory_allocated), on CPU the sampled RSS growth. `autocast`: run the steps (and
+    the saved-bytes count) under torch.autocast in that dtype. Also used by scripts/gpu_check.py."""
+    cuda = ids.is_cuda
+
+    def amp():
+        return torch.autocast(ids.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = {k: 0.0 for k in variants}
+    for i in range(steps + 1):
+        for name, model in variants.items():
+            with amp():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    dt, dc = step(model, opts[name], ids)
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                else:
+                    with PeakRSS() as meter:
+                        dt, dc = step(model, opts[name], ids)
+                    peak = meter.peak
+            if i > 0:
+                times[name].append(dt)
+                cpu[name].append(dc)
+                peaks[name] = max(peaks[name], peak)
+    saved = {}
+    for k, m in variants.items():
+        with amp():
+            saved[k] = saved_mb(m, ids)
+    fp_t, fp_c = statistics.median(times["FP"]), statistics.median(cpu["FP"])
+    rows = []
+    for name in variants:
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
+        cpu_cols = {} if cuda else {"cpu_ms": 1000 * c, "cpu_ratio_vs_FP": c / fp_c}
+        rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t, **cpu_cols,
+                     "tokens_per_s": ids.numel() / t, "step_peak_MB": peaks[name],
+                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), "saved_MB": saved[name],
+                     "saved_ratio_vs_FP": saved[name] / max(saved["FP"], 1e-9)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a local folder")
@@ -156,40 +203,12 @@ def main() -> None:
     group = args.group_size or (64 if base.config.hidden_size % 128 else None)
     variants = make_variants(base, schemes, group, args.ste)
     del base
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in variants.items()}
     ids = torch.randint(0, variants["FP"].config.vocab_size, (args.batch, args.seq), device=args.device)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    cpu: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, float] = {k: 0.0 for k in variants}
-    for i in range(args.steps + 1):
-        for name, model in variants.items():
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                dt, dc = step(model, opts[name], ids)
-                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-            else:
-                with PeakRSS() as meter:
-                    dt, dc = step(model, opts[name], ids)
-                peak = meter.peak
-            if i > 0:
-                times[name].append(dt)
-                cpu[name].append(dc)
-                peaks[name] = max(peaks[name], peak)
-    saved = {k: saved_mb(m, ids) for k, m in variants.items()}
-    fp_t, fp_c = statistics.median(times["FP"]), statistics.median(cpu["FP"])
+    rows = measure_variants(variants, ids, args.steps)
     impl = getattr(variants["FP"].config, "_experts_implementation", None) if args.model == "moe" else None
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, device {args.device}, "
           f"group size {group or 128}" + (f", experts {impl}" if impl else "")
           + f", {sum(p.numel() for p in variants['FP'].parameters()) / 1e6:.1f}M parameters")
-    rows = []
-    for name in variants:
-        t, c = statistics.median(times[name]), statistics.median(cpu[name])
-        cpu_cols = {} if args.device == "cuda" else {"cpu_ms": 1000 * c, "cpu_ratio_vs_FP": c / fp_c}
-        rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t, **cpu_cols,
-                     "tokens_per_s": args.batch * args.seq / t, "step_peak_MB": peaks[name],
-                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), "saved_MB": saved[name],
-                     "saved_ratio_vs_FP": saved[name] / max(saved["FP"], 1e-9)})
     print(qat.format_table(rows))
 
 

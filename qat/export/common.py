@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -227,3 +228,18 @@ def load_rest_and_tie(model, rest: dict, folder, config):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
+
+
+WIDE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def stored_float_dtype(tensors: dict[str, torch.Tensor], quantized: Iterable[str] = ()) -> torch.dtype:
+    """The dtype most stored 16 / 32 / 64-bit float elements outside the `quantized` modules have: the model's
+    dtype when it was exported (embeddings, norms, an unquantized head), which a loader builds the model in;
+    float32 when there are none. fp8 weights and the quantized modules' scales do not count."""
+    prefixes = tuple(f"{n}." for n in quantized)
+    counts: dict[torch.dtype, int] = {}
+    for key, t in tensors.items():
+        if t.dtype in WIDE_FLOATS and not key.startswith(prefixes):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32

@@ -42,7 +42,7 @@ from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
-                               quantizer_prefixes, warn_unstored, weight_of, weight_spec)
+                               quantizer_prefixes, stored_float_dtype, warn_unstored, weight_of, weight_spec)
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format
@@ -446,7 +446,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         config = AutoConfig.from_pretrained(str(folder))
         config.quantization_config = None
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(stored))  # the exported dtype
         arch = find_arch(model)
         hk = (lambda key: key) if arch is None else arch.hf_key  # noqa: E731  (checkpoint names -> transformers 5)
         t = {hk(k): v for k, v in stored.items()}
@@ -473,6 +473,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
                   else fp_quantized_weight(t, n, w_args, fmt))
+            qw.dtype = old.weight.dtype  # dequantize to the model's dtype (bf16 for a bf16 export)
             inputs, outputs = acts[n]
             i_q = None if not inputs else input_quantizer(inputs, old.in_features, t, n)
             if isinstance(i_q, str):
@@ -515,7 +516,7 @@ def _load_experts(t: dict, name: str, old: nn.Module, w_args: dict) -> Quantized
             pieces[w] = [[_quantized_weight(t, f"{name}.{e}.{p}", w_args, rows, cols) for p in projs]
                          for e in range(old.num_experts)]
     spec = next(iter(pieces.values()))[0][0].spec
-    module = QuantizedExperts.empty(old, TensorSchemes(weight=spec), torch.float32)
+    module = QuantizedExperts.empty(old, TensorSchemes(weight=spec), next(iter(params.values())).dtype)
     for w, per_expert in pieces.items():
         codes = torch.cat([torch.cat([q.codes() for q in projs]) for projs in per_expert])
         qparams = [[q.qparams() for q in projs] for projs in per_expert]

@@ -254,10 +254,10 @@ def _multiplier(model: nn.Module, entry: _Entry) -> np.ndarray:
         scale = part(w.qparams()[0])
     else:
         w = w.dequantize(torch.float32).reshape(entry.full) if isinstance(w, QuantizedWeight) else w.detach().float()
-        flat = part(w).reshape(-1, entry.full[-1])
+        flat = part(w.cpu()).reshape(-1, entry.full[-1])
         spec = t.spec()
         scale = choose_qparams(*compute_range(flat, spec), spec)[0]
-    m = t.tensor_scale(scale).float().numpy()
+    m = t.tensor_scale(scale).float().cpu().numpy()
     return np.full(entry.shape, m[0], dtype=np.float32)
 
 
@@ -268,12 +268,12 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     w = weight_of(model, entry.hf)
     perm = lambda t: arch.to_gguf(entry.name, _part(t, entry), config)  # noqa: E731  (codes, scales, weights)
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, entry.type) == entry.type:
-        scale, zero_point = w.qparams()
+        scale, zero_point = (None if t is None else t.cpu() for t in w.qparams())  # the block writers run on the CPU
         zp = None if zero_point is None else perm(zero_point)
-        return gguf_types()[entry.type].blocks(perm(w.codes()), perm(scale), zp).numpy()
+        return gguf_types()[entry.type].blocks(perm(w.codes().cpu()), perm(scale), zp).numpy()
     if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)
         w = w.dequantize(torch.float32).reshape(entry.full)  # an expert weight's 2-D view back to [E, O, I]
-    w = perm(w.detach().float())
+    w = perm(w.detach().float().cpu())  # a model on a GPU: the encoders and the writer work on the CPU
     if len(entry.full) == 3:
         w = w.reshape(entry.shape)
     if entry.type == "F32":
@@ -281,7 +281,7 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     if w.ndim == 1:
         w = w.unsqueeze(0)
     imp = (importance or {}).get(entry.hf)
-    return encode_blocks(w, entry.type, imp).numpy()
+    return encode_blocks(w, entry.type, None if imp is None else imp.cpu()).numpy()
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_0", tokenizer=None,
@@ -332,7 +332,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "Q8_
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in extra.values():
-            writer.write_tensor_data(t.float().numpy())
+            writer.write_tensor_data(t.float().cpu().numpy())
         for e in entries:
             data = _tensor_bytes(model, e, importance)
             writer.write_tensor_data(data.view(np.float16) if e.type == "F16" else data)

@@ -27,7 +27,7 @@ from torch import nn
 
 from qat.errors import BadFileError, ConfigError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
-                               quantizer_prefixes, warn_unstored, weight_of, weight_spec)
+                               quantizer_prefixes, stored_float_dtype, warn_unstored, weight_of, weight_spec)
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
@@ -203,8 +203,8 @@ def load_gptq(path: str | os.PathLike) -> nn.Module:
         config = AutoConfig.from_pretrained(str(folder))
         config.quantization_config = None
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         names = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")})
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(t, names))  # the exported dtype
         if "modules" in q and q["modules"] != names:
             raise BadFileError(folder, f"the packed layers {names[:3]}... are not the modules quantize_config.json lists")
         for n in names:
@@ -212,6 +212,7 @@ def load_gptq(path: str | os.PathLike) -> nn.Module:
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder, f"{n!r} holds a qweight but is not a linear layer of the model")
             qw = _read_linear(t, n, q, old.out_features, old.in_features)
+            qw.dtype = old.weight.dtype  # dequantize to the model's dtype (bf16 for a bf16 export)
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, None,
                                                  TensorSchemes(weight=qw.spec)))
         packed = {f"{n}.{part}" for n in names for part in ("qweight", "qzeros", "scales", "g_idx")}

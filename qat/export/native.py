@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qat.errors import BadFileError, ConfigError
-from qat.export.common import as_converted, integer_modules, owning_module
+from qat.export.common import as_converted, integer_modules, owning_module, stored_float_dtype
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.io import atomic_path, check_writable, load_safetensors, write_json, write_safetensors
@@ -208,7 +208,8 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
 
     Args:
         path: the export folder.
-        dtype: float dtype for the non-quantized parameters (default: the config's).
+        dtype: float dtype for the non-quantized parameters (default: the one they were saved in, e.g. bf16
+            for a model exported in bf16; float32 when nothing float is stored outside the quantized modules).
     Raises:
         BadFileError: not a native export, a corrupted or edited file, tensors that do not fit the schemes,
             or non-finite values (`qat.export.validate`).
@@ -225,7 +226,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
         verify_checksums(folder, ("config.json", "model.safetensors", META))
         config = AutoConfig.from_pretrained(str(folder))
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored_float_dtype(tensors, meta["modules"]))
         if meta.get("kv_cache"):
             kv = meta["kv_cache"]
             attach_kv_quantizers(model, {n: model.get_submodule(n) for n in kv["modules"]}, QuantSpec.from_dict(kv["spec"]))

@@ -94,7 +94,7 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     if tasks:
         out["harness"] = evaluate_tasks(net, tok, tasks, **(harness or {}))
     if prompt:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
+        ids = torch.tensor([tok(prompt)["input_ids"]], device=next(net.parameters()).device)
         gen = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         new = gen[0, ids.shape[1]:].tolist()
         if not hasattr(tok, "__len__"):  # tiny models' byte tokenizer: ids past its vocabulary have no text

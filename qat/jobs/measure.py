@@ -97,8 +97,13 @@ def file_bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int
 
 
 class PeakMemory:
-    """Peak memory growth during a block: CUDA allocator peak on GPU, sampled RSS growth on CPU (MB).
+    """Peak memory growth during a block (MB): the CUDA allocator's where the block allocated CUDA memory,
+    else the sampled RSS growth.
 
+    Both are kept: `cuda_peak_mb` (max_memory_allocated during the block minus what was allocated when it began;
+    0 without CUDA) and `rss_peak_mb`. `peak_mb` is the CUDA figure when the block allocated on the GPU and the RSS
+    figure otherwise: a CPU job on a machine that has a GPU (qat-ptq runs on the CPU) reports its RSS, not 0, and
+    a GPU job reports its growth, not the model it already held.
     Example:
         >>> with PeakMemory() as mem:
         ...     solve()
@@ -106,8 +111,9 @@ class PeakMemory:
     """
 
     def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak_mb = interval, 0.0
+        self.interval, self.peak_mb, self.cuda_peak_mb, self.rss_peak_mb = interval, 0.0, 0.0, 0.0
         self._stop = threading.Event()
+        self._cuda_base = None
 
     @staticmethod
     def _rss_mb() -> float:
@@ -118,8 +124,9 @@ class PeakMemory:
             return 0.0
 
     def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
         self._base = self._rss_mb()
         self._peak = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -134,5 +141,9 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._rss_mb())
-        self.peak_mb = (torch.cuda.max_memory_allocated() / 1e6 if torch.cuda.is_available()
-                        else self._peak - self._base)
+        self.rss_peak_mb = self._peak - self._base
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # CUDA first used inside the block: nothing was allocated before it, and the peak counts from 0
+            base = self._cuda_base or 0
+            self.cuda_peak_mb = max(torch.cuda.max_memory_allocated() - base, 0) / 1e6
+        self.peak_mb = self.cuda_peak_mb if self.cuda_peak_mb > 0 else self.rss_peak_mb

@@ -44,7 +44,7 @@ class TensorQuantizer(nn.Module):
         if role not in ROLE_NAMES:
             raise ConfigError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
         self.spec, self.role = spec, role
-        self.observer = build_observer(spec)
+        self.observer = build_observer(spec).to(example.device)  # its empty held range on the example's device
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
         self.calibrating = False  # set by qat.calibrate: learned ranges take every batch, not just the first
         self.scale: nn.Parameter | None = None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qat.arch import ArchAdapter, find_arch
-from qat.control import quantization_disabled, quantizers
+from qat.control import on_input_device, quantization_disabled, quantizers
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.stats import calibration_batch
 
@@ -105,8 +105,10 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
-    """model(**batch) for a mapping, model(batch) otherwise; Hugging Face models run without a KV cache."""
+    """model(**batch) for a mapping, model(batch) otherwise; Hugging Face models run without a KV cache, on the
+    device of their input embeddings (`qat.control.on_input_device`: calibration ids are built on the CPU)."""
     kwargs = {"use_cache": False} if hasattr(model, "config") and hasattr(model.config, "use_cache") else {}
+    batch = on_input_device(model, batch)
     if isinstance(batch, dict):
         return model(**{**kwargs, **batch})
     return model(batch, **kwargs)

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_script import MODEL, RESUME_AT, STEPS, recipe
-from qat.export import load_any
-from qat.jobs.export import run_export
+from parallel_script import RESUME_AT, STEPS, export_logits
 
 SCRIPT = Path(__file__).with_name("parallel_script.py")
 
 
 def launch(kind: str, out: Path) -> tuple[dict, dict]:
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1", "QAT_PARALLEL_ACCELERATOR": "cpu",
+           "QAT_PARALLEL_DEVICES": "2"}
     proc = subprocess.run([sys.executable, str(SCRIPT), kind, str(out)], capture_output=True, text=True,
                           timeout=600, cwd=out, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,14 +30,6 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[key], b[key]), f"{what}: {key}"
         else:
             assert a[key] == b[key], f"{what}: {key}"
-
-
-def export_logits(checkpoint: Path, out: Path) -> torch.Tensor:
-    result = run_export("tiny", str(out), format="native", quant=recipe(), checkpoint=str(checkpoint),
-                        tiny=MODEL["tiny"])
-    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return load_any(result["output"])(ids).logits
 
 
 @pytest.mark.slow

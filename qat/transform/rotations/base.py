@@ -142,13 +142,14 @@ def set_(param: torch.Tensor, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate_columns(weight: torch.Tensor, q: torch.Tensor) -> None:
-    """W <- W @ Q (the input side: the layer now reads x @ Q)."""
-    set_(weight, weight.double() @ q)
+    """W <- W @ Q (the input side: the layer now reads x @ Q); Q is built on the CPU and moved to W's device."""
+    set_(weight, weight.double() @ q.to(weight.device))
 
 
 @torch.no_grad()
 def rotate_rows(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor) -> None:
-    """W <- Q^T @ W, b <- b @ Q (the output side: the layer now writes y @ Q)."""
+    """W <- Q^T @ W, b <- b @ Q (the output side: the layer now writes y @ Q); Q moves to W's device."""
+    q = q.to(weight.device)
     set_(weight, q.T @ weight.double())
     if bias is not None:
         set_(bias, bias.double() @ q)

@@ -149,7 +149,8 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
     _, blocks = adapter.blocks(model)
     if r1:
         fold_norms(model)
-        rot = Rotation(rotation_matrix(init, model.config.hidden_size, seed, model.get_input_embeddings().weight.dtype))
+        embed = model.get_input_embeddings().weight  # the matrix is built on the CPU: on the model's device, dtype
+        rot = Rotation(rotation_matrix(init, model.config.hidden_size, seed, embed.dtype).to(embed.device))
         params.append(rot.weight)
         parametrize.register_parametrization(model.get_input_embeddings(), "weight", _In(rot))
         parametrize.register_parametrization(model.get_output_embeddings(), "weight", _In(rot))
@@ -165,7 +166,8 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
         start, kv_heads = adapter.value_rows(model.config), model.config.num_key_value_heads
         for block in blocks:
             d = head_dim_of(block.get_submodule(adapter.out_proj.rpartition(".")[0]))
-            rot = Rotation(rotation_matrix(init, d, seed + 1, block.get_submodule(adapter.out_proj).weight.dtype))
+            out_w = block.get_submodule(adapter.out_proj).weight
+            rot = Rotation(rotation_matrix(init, d, seed + 1, out_w.dtype).to(out_w.device))
             params.append(rot.weight)
             module, pname = _owner(block, adapter.value_proj)
             parametrize.register_parametrization(module, pname, _HeadsOut(rot, start, kv_heads))

@@ -96,5 +96,5 @@ def rotate_residual(model: nn.Module, config: RotationConfig) -> None:
         for name in adapter.residual_writes:
             rotate_rows(*weight_and_bias(block, name), q)
     embed = model.get_input_embeddings()
-    set_(embed.weight, embed.weight.double() @ q)
+    rotate_columns(embed.weight, q)
     rotate_columns(head.weight, q)

@@ -40,8 +40,8 @@ def rotate_heads(model: nn.Module, config: RotationConfig) -> None:
     kv_heads = model.config.num_key_value_heads
     for block in blocks:
         d = head_dim_of(block.get_submodule(adapter.out_proj.rpartition(".")[0]))
-        r = rotation_matrix(config.r2, d, config.seed + 1)
         weight, bias = weight_and_bias(block, adapter.value_proj)
+        r = rotation_matrix(config.r2, d, config.seed + 1).to(weight.device)  # built on the CPU
         rows = slice(start, start + kv_heads * d)
         v = weight[rows].double().reshape(kv_heads, d, -1)
         set_(weight[rows], (r.T @ v).reshape(kv_heads * d, -1))

@@ -1,0 +1,123 @@
+"""Device threading without a GPU: code that builds a tensor on the CPU and mixes it with a model's tensors on
+another device fails on CUDA only. Here the model lives on the `meta` device and every aten op is watched: one
+that receives tensors of two devices (a CPU scalar aside, which torch allows) is reported with the qat lines that
+called it. Also the peak-memory meter's CUDA branch, with torch.cuda's counters stubbed."""
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import qat
+from qat.control import on_input_device
+from qat.jobs import measure
+from qat.testing import tiny_llama
+from qat.transform.rotations.learned import attach_learned_rotations
+
+
+class DeviceMixing(TorchDispatchMode):
+    """Records every aten op called with tensors on more than one device (0-d CPU tensors excepted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat, _ = tree_flatten((args, kwargs or {}))
+        devices = {t.device.type for t in flat if isinstance(t, torch.Tensor) and not (t.ndim == 0 and t.device.type == "cpu")}
+        if len(devices) > 1:
+            where = [f"{f.filename.rpartition('/qat/')[2]}:{f.lineno}" for f in traceback.extract_stack() if "/qat/" in f.filename]
+            self.found.append(f"{func} on {sorted(devices)} from {where[-3:]}")
+        return func(*args, **(kwargs or {}))
+
+
+def meta_llama():
+    return tiny_llama(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1).to("meta")
+
+
+# formats whose fake quant has no data-dependent branch (meta tensors have no values: `.item()` is refused), with
+# rotations (R1 / R2 folded into the weights at prepare, R3 / R4 online), learned scales, fp8, ragged groups
+RECIPES = ["w4a16_g128_lsq", "w4a8_kv8", "w3a16_g128_ragged", "fp8_block", "mxfp4_w4a4", "nvfp4_w4a8",
+           "gguf_q4_k", "ternary_g64_lsq", "w4a4_kv4_rot"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_prepare_and_train_step_stay_on_the_model_device(recipe):
+    model = meta_llama()
+    ids = torch.randint(0, 256, (1, 8), device="meta")
+    with DeviceMixing() as mixing:
+        qat.prepare(model, recipe)
+        qat.set_lean_ste(model, False)  # the lean STE asks autocast about the device, which meta is not
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    assert not mixing.found, "\n".join(mixing.found)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {b.device.type for b in model.buffers()} <= {"meta"}
+
+
+def test_orthogonal_rotations_move_to_the_model_device():
+    """R1 / R2 matrices are built on the CPU; folding them into weights on another device needs them there."""
+    model = meta_llama()
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe["rotations"] = {"r1": "random_orthogonal", "r2": "random_hadamard", "r4": "hadamard"}
+    with DeviceMixing() as mixing:
+        qat.prepare(model, recipe)
+    assert not mixing.found, "\n".join(mixing.found)
+
+
+def test_learned_rotations_on_the_model_device():
+    model = meta_llama()
+    with DeviceMixing() as mixing:
+        attach_learned_rotations(model)
+        model(torch.randint(0, 256, (1, 8), device="meta"))
+    assert not mixing.found, "\n".join(mixing.found)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+class FakeCuda:
+    """torch.cuda's allocator counters, driven by the test."""
+
+    def __init__(self, allocated: int) -> None:
+        self.allocated, self.peak = allocated, allocated
+
+    def install(self, monkeypatch):
+        for name, fn in {"is_available": lambda: True, "is_initialized": lambda: True,
+                         "memory_allocated": lambda: self.allocated, "max_memory_allocated": lambda: self.peak,
+                         "reset_peak_memory_stats": self.reset}.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def reset(self):
+        self.peak = self.allocated
+
+
+def test_peak_memory_on_cuda_is_the_growth_not_what_was_held(monkeypatch):
+    cuda = FakeCuda(allocated=5_000_000_000)  # a model already on the GPU
+    cuda.install(monkeypatch)
+    with measure.PeakMemory() as mem:
+        cuda.peak = cuda.allocated + 300_000_000
+    assert mem.cuda_peak_mb == pytest.approx(300.0)
+    assert mem.peak_mb == mem.cuda_peak_mb
+
+
+def test_peak_memory_of_a_cpu_block_on_a_gpu_machine_is_the_rss(monkeypatch):
+    FakeCuda(allocated=1_000_000).install(monkeypatch)  # CUDA present, the block allocates nothing there
+    with measure.PeakMemory(interval=0.001) as mem:
+        held = torch.ones(32, 2**20, dtype=torch.uint8)  # 32 MiB of RSS, touched
+    assert mem.cuda_peak_mb == 0
+    assert mem.peak_mb == mem.rss_peak_mb > 20
+    del held
+
+
+def test_batches_go_to_the_input_embeddings_device():
+    """qat.calibrate and the PTQ runner move CPU-built ids to the model's device; a skeleton whose embeddings are
+    still on meta (streamed PTQ) and a model without embeddings get the batch as given."""
+    ids = torch.tensor([[1, 2, 3]])
+    cpu_model = tiny_llama(vocab_size=256, num_layers=1)
+    assert on_input_device(cpu_model, ids) is not None and on_input_device(cpu_model, ids).device.type == "cpu"
+    moved = on_input_device(cpu_model, {"input_ids": ids, "use_cache": False})
+    assert moved["use_cache"] is False and torch.equal(moved["input_ids"], ids)
+    assert on_input_device(meta_llama(), ids) is ids
+    assert on_input_device(torch.nn.Linear(3, 3), ids) is ids
