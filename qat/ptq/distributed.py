@@ -79,25 +79,56 @@ class Ranks:
         start = self.rank * (n // self.world) + min(self.rank, n % self.world)
         return list(items[start:start + n // self.world + (self.rank < n % self.world)])
 
-    def reduce(self, stats: InputStats) -> None:
-        """Sum the Gram matrices and token counts of every process's batches into `stats`, in batch order.
+    def reduce(self, stats: InputStats | Sequence[InputStats]) -> None:
+        """Combine the statistics of every process's batches into `stats` (one or several), as one process would.
 
-        `stats` kept its batches' Grams apart (`InputStats.keep_batches`); afterwards it holds the totals, the
-        same tensor bit for bit in every process and as one process running all the batches."""
-        if stats.magnitudes:
-            raise ValueError("distributed PTQ sums Gram matrices only (InputStats(magnitudes=False))")
-        kept = stats.pop_batches()
-        tokens = torch.tensor([stats.n_tokens], dtype=torch.long)
-        dist.all_reduce(tokens)
-        total = stats.partial_sum()
+        Each kept its batches' sums apart (`InputStats.keep_batches`). The Gram matrices and sums |x| of all of
+        them travel in one buffer along the chain of processes, each adding its batches in batch order; token
+        counts are summed and max |x| maxed by all-reduce (exact in any order). Afterwards every process holds
+        the same totals, bit for bit, as one process running all the batches. Every process must pass the same
+        statistics in the same order."""
+        many = [stats] if isinstance(stats, InputStats) else list(stats)
+        if not many:
+            return
+        kept = [st.pop_batches() for st in many]
+        counts = torch.tensor([st.n_tokens for st in many], dtype=torch.long)
+        dist.all_reduce(counts)
+        maxima = [st.abs_max for st in many if st.magnitudes]
+        top = torch.cat(maxima) if maxima else None
+        if top is not None:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        parts = [st.partial_sums() for st in many]
+        flat = torch.cat([p.reshape(-1) for ps in parts for p in ps]) if any(parts) else torch.zeros(0)
         if self.rank > 0:
-            dist.recv(total, self.rank - 1)
-        for gram in kept:
-            total.add_(gram)
+            dist.recv(flat, self.rank - 1)
+        views, at = [], 0
+        for ps in parts:
+            views.append([])
+            for p in ps:
+                views[-1].append(flat[at:at + p.numel()].view(p.shape))
+                at += p.numel()
+        for totals, batches in zip(views, kept):
+            for sums in batches:
+                for total, part in zip(totals, sums):
+                    total.add_(part)
         if self.rank + 1 < self.world:
-            dist.send(total, self.rank + 1)
-        dist.broadcast(total, self.world - 1)
-        stats.set_sum(total, int(tokens))
+            dist.send(flat, self.rank + 1)
+        dist.broadcast(flat, self.world - 1)
+        at = 0
+        for st, totals, count in zip(many, views, counts.tolist()):
+            width = st.in_features if st.magnitudes else 0
+            st.set_sums(totals, count, None if top is None else top[at:at + width].clone())
+            at += width
+
+    def spread(self, costs: Sequence[int], solve: Callable[[int], Any]) -> list[Any]:
+        """`solve(i)` for every task i (`costs[i]`: its work), each run by the rank `owners` gives it; every rank
+        receives every result (pickled: tensors exactly), in task order. All ranks must call it alike."""
+        owners = self.owners(costs)
+        mine = {i: solve(i) for i, r in enumerate(owners) if r == self.rank}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        results = {i: res for part in gathered for i, res in part.items()}
+        return [results[i] for i in range(len(costs))]
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
         """The rank that solves each of a stage's linears (`sizes`: their weights' numel): largest first, each to
@@ -116,6 +147,24 @@ class Ranks:
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src)
         return box[0]
+
+
+def combine(ranks: Ranks | None, stats: InputStats | Sequence[InputStats]) -> None:
+    """`ranks.reduce(stats)` over a process group; nothing to do in one process (`ranks` None)."""
+    if ranks is not None:
+        ranks.reduce(stats)
+
+
+def spread(ranks: Ranks | None, costs: Sequence[int], solve: Callable[[int], Any]) -> list[Any]:
+    """[solve(i) for each task i]: in one process (`ranks` None) all here, in order; over a process group each on
+    one rank and every result on every rank (`Ranks.spread`). The solves must be independent of each other.
+
+    Example:
+        >>> scales = spread(self.ranks, [w.numel() for w in weights], lambda i: search(weights[i]))
+    """
+    if ranks is None:
+        return [solve(i) for i in range(len(costs))]
+    return ranks.spread(costs, solve)
 
 
 def process_rank() -> int:

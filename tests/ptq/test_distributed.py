@@ -1,5 +1,6 @@
-"""Distributed PTQ (`qat.ptq.distributed`): GPTQ over 2 gloo processes, each on its share of the calibration
-batches, gives exactly (atol=0) the prepared state of one process; what it cannot run is refused up front."""
+"""Distributed PTQ (`qat.ptq.distributed`): GPTQ and AWQ over 2 gloo processes, each on its share of the
+calibration batches, give exactly (atol=0) the prepared state of one process, on the tiny Llama and, with the
+experts' solves spread, on the tiny MoE; what cannot run distributed is refused up front."""
 from __future__ import annotations
 
 import pytest
@@ -56,14 +57,85 @@ def test_two_processes_equal_one(tmp_path):
     assert len(changed) == 14  # every linear of both blocks was solved
 
 
+CASES = {  # name: (model, method, batches); 5 batches split 3 / 2, 3 batches split 2 / 1
+    "awq_llama": ("llama", {"name": "awq", "min_tokens": 64}, 5),
+    "gptq_moe": ("moe", {"name": "gptq", "min_tokens": 64}, 3),
+    "awq_moe": ("moe", {"name": "awq", "min_tokens": 64}, 3),
+}
+
+
+def _case_model(kind: str):
+    if kind == "llama":
+        return _model()
+    return prepare(testing.tiny_moe("qwen3_moe", num_experts=8), load_recipe("w4a16_g128"))
+
+
+def quantize_cases(distributed: bool, out=None) -> dict:
+    """Every case of CASES in one process (or in each rank of a group, saved to `out`/rank{r}_{case}.pt), one
+    thread: {case: state dict}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    states = {}
+    try:
+        for case, (kind, method, n) in CASES.items():
+            model = apply(_case_model(kind), method, _batches(n), progress=False, distributed=distributed)
+            states[case] = model.state_dict()
+            if out is not None:
+                torch.save(states[case], out / f"rank{torch.distributed.get_rank()}_{case}.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return states
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One launch of 2 gloo processes running every case: {case: (rank 0's state, rank 1's state)}."""
+    out = tmp_path_factory.mktemp("dist")
+    rank0 = launch(quantize_cases, 2, True, out)
+    return {case: (rank0[case], torch.load(out / f"rank1_{case}.pt", weights_only=True)) for case in CASES}
+
+
+@pytest.mark.filterwarnings("ignore:.*min_expert_tokens")
+@pytest.mark.parametrize("case", list(CASES))
+def test_awq_and_experts_two_processes_equal_one(case, two_processes):
+    """AWQ (scales and clipping searches spread, statistics combined in batch order) and GPTQ / AWQ through MoE
+    experts (per-expert solves and searches spread): every tensor of both ranks equals the one-process run."""
+    kind, method, n = CASES[case]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = apply(_case_model(kind), method, _batches(n), progress=False).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    float_state = _case_model(kind).state_dict()
+    for rank_state in two_processes[case]:
+        assert rank_state.keys() == one.keys()
+        for key, value in one.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(rank_state[key], value), (case, key)
+    changed = [k for k, v in float_state.items() if isinstance(v, torch.Tensor) and not torch.equal(one[k], v)]
+    if method["name"] == "awq":  # the scales were folded into the norms
+        assert any(k.endswith("post_attention_layernorm.weight") for k in changed), changed
+    if kind == "moe":  # the experts were solved / scaled
+        assert sum(k.endswith("experts.down_proj") for k in changed) == 2, changed
+
+
+def test_independent_runs():
+    from qat.ptq.methods.awq import independent_runs
+    norm, q, k, v, o, up, down = (torch.nn.Linear(2, 2) for _ in range(7))
+    assert independent_runs([(norm, [q, k, v]), (v, [o]), (up, [down])]) == [[0, 1, 2]]  # Llama's: one run
+    assert independent_runs([(v, [o]), (norm, [q, k, v])]) == [[0], [1]]  # v's rows divided, then read
+    assert independent_runs([(norm, [q]), (q, [o])]) == [[0, 1]]  # q is written and is prev, not read
+
+
 def test_refused_before_work():
     with pytest.raises(ConfigError, match="initialised torch.distributed"):
         apply(_model(), METHOD, _batches(), progress=False, distributed=True)
     with pytest.raises(ConfigError, match="stage_cache"):
         gptq = get_method("gptq")(method_config({**METHOD, "stage_cache": False}))
         gptq.check_distributed(_model(), {})
-    with pytest.raises(ConfigError, match="does not run distributed"):
-        apply(_model(), {"name": "awq", "min_tokens": 64}, _batches(), progress=False, distributed=True)
+    with pytest.raises(ConfigError, match="method rtn does not run distributed .*serves awq, gptq"):
+        apply(_model(), {"name": "rtn"}, _batches(), progress=False, distributed=True)
     with pytest.raises(ConfigError, match="distributed.processes=0"):
         launch(quantize_rank, 0, True)
     with pytest.raises(ConfigError, match="at least 4 calibration batches"):
@@ -86,8 +158,10 @@ def test_qat_ptq_distributed_config_refused():
     with pytest.raises(ConfigError, match="distributed.processes"):
         check_processes({"distributed": {"processes": 0}}, gptq)
     with pytest.raises(ConfigError) as err:
-        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
-    assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
+        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "rtn"})
+    assert "method='rtn' does not run distributed; use method=awq or method=gptq" in str(err.value)
+    assert "offload='stream'" in str(err.value)
+    assert check_processes({"distributed": {"processes": 2}}, {"name": "awq"}) == 2
     with pytest.raises(ConfigError, match="distributed.processes=N"):  # the typo distributed=2
         check_processes({"distributed": 2}, gptq)
     for key in ("stage_cache", "true_sequential"):  # refused before any process is spawned
