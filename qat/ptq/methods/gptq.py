@@ -179,9 +179,7 @@ class GPTQ(PTQMethod):
             if cfg.true_sequential:
                 self._solve_group(ctx.name, mods, stats[group[0]])
             else:
-                for n in group:
-                    loss = solve_linear(f"{ctx.name}.{n}", mods[n], stats[n], cfg)
-                    log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
+                self._solve_each(ctx.name, mods, stats)
             del stats
         self._solve_experts(ctx)
 
@@ -225,11 +223,19 @@ class GPTQ(PTQMethod):
             loss = set_result(group[n], res)
             log.debug("gptq %s.%s loss=%s", block_name, n, loss)
 
-    @classmethod
-    def distributed_option_errors(cls, config) -> list[str]:
-        """The staged true-sequential passes are what runs distributed: both options must be on."""
-        return [f"method.{key}=false: distributed GPTQ runs the staged true-sequential passes; set method.{key}=true "
-                "or distributed.processes=1" for key in ("stage_cache", "true_sequential") if not getattr(config, key)]
+    def _solve_each(self, block_name: str, mods: dict, stats: dict[str, InputStats]) -> None:
+        """Linears each on its own statistics (true_sequential=false), combined and spread as in `_solve_group`."""
+        combine(self.ranks, [stats[n] for n in mods])
+        solvable = [n for n in mods if usable(stats[n])]
+        results = spread(self.ranks, [mods[n].weight.numel() for n in solvable],
+                         lambda i: solve_result(f"{block_name}.{solvable[i]}", mods[solvable[i]], stats[solvable[i]],
+                                                self.config))
+        for n, res in zip(solvable, results):
+            loss = set_result(mods[n], res)
+            log.debug("gptq %s.%s loss=%s", block_name, n, loss)
+        for n in mods:
+            if n not in solvable:  # round-to-nearest with a warning
+                solve_linear(f"{block_name}.{n}", mods[n], stats[n], self.config)
 
     def distributed_model_errors(self, model: nn.Module, linears: dict) -> list[str]:
         """Decoder blocks: the staged passes run block by block."""
