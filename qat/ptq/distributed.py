@@ -1,24 +1,28 @@
 """Distributed PTQ: the calibration batches split over processes, the statistics summed in the one-process order,
-the solves of a stage spread over the processes.
+the independent solves spread over the processes.
 
 Every process holds the whole model and a contiguous share of the calibration batches (process r of W takes
-batches [r B / W, (r + 1) B / W)). Block by block, each runs the stage passes on its batches only; the
-statistics of a stage are then combined so that every process holds exactly what one process would have:
+batches [r B / W, (r + 1) B / W)). Block by block, each runs the block's passes on its batches only; the
+statistics are then combined so that every process holds exactly what one process would have (`Ranks.reduce`):
 
-* GPTQ's Gram matrix is summed in one process batch by batch, G = ((G_0 + G_1) + G_2) + ..., each batch's G_b
-  accumulated on its own (`InputStats(per_batch=True)`). Process r keeps its G_b apart, receives the running sum
-  of batches 0..k-1 from process r - 1, adds its own in order and passes it on; the last process broadcasts the
-  total. These are the same float additions in the same order as in one process (an all-reduce would add the
-  processes' partial sums in an order of its own: the Hessian would differ in the last bits, and so, through
-  GPTQ's rounding, would some weights). Token counts are integers (all-reduced).
-* The linears of a stage (q/k/v, gate/up) are solved by different processes, largest first to the least
-  loaded, on the same Hessian factor; each result (weight and qparams) is broadcast from the process that solved
-  it and set on every process's model, so every process ends with the same quantized model.
+* Sums over tokens (Gram matrices: GPTQ's Hessian, AWQ's error; sum |x|: AWQ's activation magnitudes; per linear
+  or per expert) are made in one process batch by batch, G = ((G_0 + G_1) + G_2) + ..., each batch's G_b
+  accumulated on its own (`InputStats(per_batch=True)`). Process r keeps its G_b apart, receives the running sums
+  of batches 0..k-1 from process r - 1 (all the statistics of a step in one buffer), adds its own in order and
+  passes them on; the last process broadcasts the totals. These are the same float additions in the same order as
+  in one process (an all-reduce would add the processes' partial sums in an order of its own: the sums would
+  differ in the last bits, and so, through GPTQ's rounding or a search's argmin, would some weights). Token counts
+  (integers) and max |x| are all-reduced: exact in any order.
+* Independent solves (`Ranks.spread`: GPTQ's linears of a stage and its experts, AWQ's scale and clipping
+  searches) go to different processes, largest first to the least loaded; every result (weights, scales,
+  qparams) is gathered by every process and set on its model in the one-process order, so every process ends
+  with the same quantized model. The algorithms call `combine` and `spread`, which do the same work in one process
+  (`ranks` None): one code path.
 * Each process runs its batches through the solved block: the next block's inputs stay sharded.
 
-Communication per stage: one Gram matrix passed along the chain of processes and broadcast, and the solved
-weights broadcast. Memory: a process keeps the Grams of its own batches until they are summed (B / W per
-stage's input width squared), on top of one process's.
+Communication per step: the statistics passed along the chain of processes and broadcast, and the results
+gathered. Memory: a process keeps the sums of its own batches until they are combined (B / W per statistic), on
+top of one process's.
 
 The same quantized weights as one process (atol=0), provided each batch's forward gives the same bits in every
 process: the same batches (the same sizes), kernels and thread count.
@@ -131,8 +135,9 @@ class Ranks:
         return [results[i] for i in range(len(costs))]
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
-        """The rank that solves each of a stage's linears (`sizes`: their weights' numel): largest first, each to
-        the rank with the least work in this stage (ties: the least work so far, then the lowest rank)."""
+        """The rank that solves each task of a step (a stage's linears, experts, searches; `sizes`: their work,
+        e.g. weight numel): largest first, each to the rank with the least work in this step (ties: the least work
+        so far, then the lowest rank)."""
         stage = [0] * self.world
         out = [0] * len(sizes)
         for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -141,12 +146,6 @@ class Ranks:
             stage[r] += sizes[i]
             self.load[r] += sizes[i]
         return out
-
-    def broadcast(self, obj: Any, src: int) -> Any:
-        """`obj` of rank `src` on every rank (pickled; tensors travel as bytes, exactly)."""
-        box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src)
-        return box[0]
 
 
 def combine(ranks: Ranks | None, stats: InputStats | Sequence[InputStats]) -> None:
