@@ -143,9 +143,14 @@ class InputStats:
         self._kept = []
 
     def pop_batches(self) -> list[list[torch.Tensor]]:
-        """The sums of each batch seen since `keep_batches`, in order, laid out as `partial_sums`; no longer kept."""
+        """The sums of each batch seen since `keep_batches`, in order, laid out as `partial_sums`; no longer kept.
+
+        Raises:
+            ValueError: `keep_batches` was not called (the batches' sums are already in the totals)."""
+        if self._kept is None:
+            raise ValueError("pop_batches needs InputStats.keep_batches() before the batches are recorded")
         self._end_batch()
-        kept, self._kept = self._kept or [], None
+        kept, self._kept = self._kept, None
         return kept
 
     def partial_sums(self) -> list[torch.Tensor]:

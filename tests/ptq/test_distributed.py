@@ -36,12 +36,15 @@ CASES = {  # name: (model, method, batches); 5 batches split 3 / 2, 3 batches sp
     "gptq_all_at_once": ("llama", {**METHOD, "true_sequential": False}, 5),  # every linear on float inputs
     "gptq_moe": ("moe", {"name": "gptq", "min_tokens": 64}, 3),
     "awq_moe": ("moe", {"name": "awq", "min_tokens": 64}, 3),
+    "smoothquant_llama": ("llama_w8a8", {"name": "smoothquant", "min_tokens": 64}, 5),  # dynamic int8 inputs
 }
 
 
 def _case_model(kind: str):
     if kind == "llama":
         return _model()
+    if kind == "llama_w8a8":
+        return prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe("w8a8"))
     return prepare(testing.tiny_moe("qwen3_moe", num_experts=8), load_recipe("w4a16_g128"))
 
 
@@ -94,7 +97,7 @@ def test_two_processes_equal_one(case, two_processes):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(rank_state[key], value), (case, key)
     changed = [k for k, v in float_state.items() if isinstance(v, torch.Tensor) and not torch.equal(one[k], v)]
-    if method["name"] == "awq":  # the scales were folded into the norms
+    if method["name"] in ("awq", "smoothquant"):  # the scales were folded into the norms
         assert any(k.endswith("post_attention_layernorm.weight") for k in changed), changed
     if method["name"] == "gptq" and kind == "llama":  # every linear of both blocks was solved
         assert sum(k.endswith("proj.weight") for k in changed) == 14, changed
@@ -116,7 +119,11 @@ def test_refused_before_work():
     static = prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe("w8a8_static"))
     with pytest.raises(ConfigError, match=r"distributed gptq:\n  - static activation ranges"):
         get_method("gptq")(method_config(METHOD)).check_distributed(static, {})
-    with pytest.raises(ConfigError, match="method rtn does not run distributed .*serves awq, gptq"):
+    mlp = prepare(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)),
+                  load_recipe("w4a16_g128_ragged"))
+    with pytest.raises(ConfigError, match="Sequential: no repeated decoder blocks found"):
+        get_method("awq")(method_config({"name": "awq"})).check_distributed(mlp, {})
+    with pytest.raises(ConfigError, match="method rtn does not run distributed .*serves awq, gptq, smoothquant"):
         apply(_model(), {"name": "rtn"}, _batches(), progress=False, distributed=True)
     with pytest.raises(ConfigError, match="distributed.processes=0"):
         launch(quantize_cases, 0, True)
@@ -141,7 +148,7 @@ def test_qat_ptq_distributed_config_refused():
         check_processes({"distributed": {"processes": 0}}, gptq)
     with pytest.raises(ConfigError) as err:
         check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "rtn"})
-    assert "method='rtn' does not run distributed; use method=awq or method=gptq" in str(err.value)
+    assert "method='rtn' does not run distributed; use method=awq or method=gptq or method=smoothquant" in str(err.value)
     assert "offload='stream'" in str(err.value)
     assert check_processes({"distributed": {"processes": 2}}, {"name": "awq"}) == 2
     with pytest.raises(ConfigError, match="distributed.processes=N"):  # the typo distributed=2

@@ -21,7 +21,7 @@ from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
 from qat.ptq.experts import block_experts, record_expert_inputs
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
-from qat.ptq.runner import BlockContext, activation_quantizers_off, find_blocks
+from qat.ptq.runner import BlockContext, activation_quantizers_off
 from qat.ptq.stats import record_inputs
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,6 @@ class AWQ(PTQMethod):
                 for n in mapping.linears:
                     in_scale[n] = s
         return in_scale
-
-    def distributed_model_errors(self, model: nn.Module, linears: dict) -> list[str]:
-        """Decoder blocks (as distributed GPTQ)."""
-        if find_blocks(model)[1][0] is model:
-            return [f"{type(model).__name__}: no repeated decoder blocks found; distributed AWQ runs block by block"]
-        return []
 
 
 def independent_runs(mappings: list[tuple[nn.Module, list[nn.Module]]]) -> list[list[int]]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from qat.control import quantizers
 from qat.errors import ConfigError
-from qat.ptq.runner import BlockContext, sequential
+from qat.ptq.runner import BlockContext, find_blocks, sequential
 
 METHODS: dict[str, type["PTQMethod"]] = {}
 
@@ -94,8 +94,8 @@ class PTQMethod:
 
     def check_distributed(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what this method cannot run over a process group (`qat.ptq.distributed`): a method that does not
-        run distributed, its `distributed_option_errors` and `distributed_model_errors`, and static activation
-        ranges (calibrated per process, not merged).
+        run distributed, its `distributed_option_errors` and `distributed_model_errors`, a model without repeated
+        decoder blocks, and static activation ranges (calibrated per process, not merged).
 
         Raises:
             ConfigError: naming the option or module to change.
@@ -104,6 +104,9 @@ class PTQMethod:
             raise ConfigError(f"method {self.name} does not run distributed (distributed PTQ serves "
                               f"{', '.join(distributed_methods())}); run it in one process")
         errors = self.distributed_option_errors(self.config) + self.distributed_model_errors(model, linears)
+        if find_blocks(model)[1][0] is model:
+            errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed PTQ runs block by "
+                          "block")
         static = [n for n, q in quantizers(model, ["input", "kv_cache"]) if not q.spec.dynamic]
         if static:
             errors.append(f"static activation ranges ({static[:3]}) are calibrated per process and not merged yet; "

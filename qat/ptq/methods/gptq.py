@@ -17,7 +17,7 @@ from qat.ptq.gptq import STATIC_FIT, GPTQResult, check_spec, gptq_quantize, hess
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
-from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, find_blocks, run_block
+from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, run_block
 from qat.ptq.staged import StagedBlock, call_sequence, can_stage, group_calls, has_activation_quantizers
 from qat.ptq.stats import InputStats, record_call_order, record_inputs
 
@@ -236,12 +236,6 @@ class GPTQ(PTQMethod):
         for n in mods:
             if n not in solvable:  # round-to-nearest with a warning
                 solve_linear(f"{block_name}.{n}", mods[n], stats[n], self.config)
-
-    def distributed_model_errors(self, model: nn.Module, linears: dict) -> list[str]:
-        """Decoder blocks: the staged passes run block by block."""
-        if find_blocks(model)[1][0] is model:
-            return [f"{type(model).__name__}: no repeated decoder blocks found; distributed GPTQ runs block by block"]
-        return []
 
     def _solve_experts(self, ctx: BlockContext) -> None:
         """Expert-aware GPTQ: gate_up_proj then down_proj of every expert, each on the tokens routed to it."""
