@@ -113,6 +113,27 @@ def test_independent_runs():
     assert independent_runs([(norm, [q]), (q, [o])]) == [[0, 1]]  # q is written and is prev, not read
 
 
+def test_kept_batches_add_up_to_one_process():
+    """The sums a process keeps apart, added in batch order to the running sums, are the one-process totals bit
+    for bit (Gram and sum |x|); without keep_batches there is nothing to pop."""
+    from qat.ptq.stats import InputStats, calibration_batch
+    xs = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    one, kept = InputStats(16, per_batch=True), InputStats(16, per_batch=True)
+    kept.keep_batches()
+    for i, x in enumerate(xs):
+        with calibration_batch(i):
+            one.update(x)
+            kept.update(x)
+    totals = [torch.zeros(16, 16), torch.zeros(16)]
+    for sums in kept.pop_batches():
+        for total, part in zip(totals, sums):
+            total.add_(part)
+    kept.set_sums(totals, kept.n_tokens)
+    assert torch.equal(kept.gram, one.gram) and torch.equal(kept.abs_sum, one.abs_sum)
+    with pytest.raises(ValueError, match="keep_batches"):
+        one.pop_batches()
+
+
 def test_refused_before_work():
     with pytest.raises(ConfigError, match="initialised torch.distributed"):
         apply(_model(), METHOD, _batches(), progress=False, distributed=True)
