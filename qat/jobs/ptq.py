@@ -25,7 +25,7 @@ from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import TINY_NAMES, check_model_source, load_model, resolve_dtype
-from qat.ptq import method_config, method_of_config, ptq_model
+from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank
 from qat.ptq.stream import stream_ptq
 from qat.recipes import read_recipe
@@ -239,7 +239,8 @@ def check_processes(cfg: dict, method: dict) -> int:
         errors = []
         options = method_config(method)
         if not method_of_config(options).distributed:
-            errors.append(f"method={method['name']!r} does not run distributed; use method=gptq or distributed.processes=1")
+            errors.append(f"method={method['name']!r} does not run distributed; use method="
+                          f"{' or method='.join(distributed_methods())}, or distributed.processes=1")
         else:  # before any process is spawned (the ranks check these and the model-dependent cases again)
             errors.extend(method_of_config(options).distributed_option_errors(options))
         if cfg.get("offload") is not None:

@@ -11,7 +11,7 @@ from qat.ptq.api import apply, method_config, ptq_model
 from qat.ptq.awq import search_clip, search_scale
 from qat.ptq.checks import count_tokens
 from qat.ptq.gptq import gptq_quantize
-from qat.ptq.methods import METHODS, PTQMethod, get_method, method_of_config, register_method
+from qat.ptq.methods import METHODS, PTQMethod, distributed_methods, get_method, method_of_config, register_method
 from qat.ptq.methods.awq import AWQConfig
 from qat.ptq.methods.gptq import GPTQConfig
 from qat.ptq.methods.rtn import RTNConfig
@@ -23,7 +23,7 @@ from qat.ptq.stats import InputStats, record_inputs
 
 __all__ = [
     "METHODS", "PTQMethod", "register_method", "get_method", "BlockContext",
-    "apply", "ptq_model", "method_config", "method_of_config", "count_tokens",
+    "apply", "ptq_model", "method_config", "method_of_config", "distributed_methods", "count_tokens",
     "RTNConfig", "GPTQConfig", "AWQConfig", "SmoothQuantConfig",
     "pin_rtn", "gptq_quantize", "search_scale", "search_clip", "smooth_scale",
     "InputStats", "record_inputs",

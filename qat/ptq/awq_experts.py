@@ -27,6 +27,7 @@ from torch import nn
 from qat.arch import Mapping
 from qat.modules.experts import FakeQuantExperts
 from qat.ptq.awq import search_clip, search_scale
+from qat.ptq.distributed import Ranks, spread
 from qat.ptq.experts import rtn_qparams
 from qat.ptq.fold import out_width
 from qat.ptq.stats import InputStats
@@ -101,14 +102,16 @@ def _per_expert(w: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def scale_norm_experts(m: ExpertMapping, stats: list[InputStats], n_grid: int, duo_scaling: bool) -> torch.Tensor:
-    """Search the shared input scale of norm -> router + experts and fold it; returns s [H]."""
+def scale_norm_experts(m: ExpertMapping, stats: list[InputStats], n_grid: int, duo_scaling: bool,
+                       ranks: Ranks | None = None) -> torch.Tensor:
+    """Search the shared input scale of norm -> router + experts and fold it; returns s [H]. With `ranks`
+    (distributed PTQ, the statistics already combined) one process searches, every process folds."""
     experts, spec = m.experts, m.experts.weight_quantizers[GATE_UP].spec
     n = sum(st.n_tokens for st in stats)
     x_mean = sum(st.abs_sum for st in stats) / max(n, 1)  # every token counted once per expert it reaches
     weights = _per_expert(experts.gate_up_proj.detach())
-    s, err, err_rtn = search_scale(weights, [st.gram for st in stats], x_mean, [spec] * len(weights), n_grid,
-                                   duo_scaling)
+    s, err, err_rtn = spread(ranks, [1], lambda _: search_scale(weights, [st.gram for st in stats], x_mean,
+                                                                [spec] * len(weights), n_grid, duo_scaling))[0]
     log.debug("awq %s norm -> experts: error %.4g (rtn %.4g)", m.experts_name, err, err_rtn)
     s = s.to(experts.gate_up_proj.device)
     prev = m.prev
@@ -126,18 +129,22 @@ def scale_norm_experts(m: ExpertMapping, stats: list[InputStats], n_grid: int, d
 
 @torch.no_grad()
 def scale_up_down(m: ExpertMapping, stats: list[InputStats], n_grid: int, duo_scaling: bool,
-                  min_tokens: int) -> torch.Tensor:
+                  min_tokens: int, ranks: Ranks | None = None) -> torch.Tensor:
     """Search each expert's up -> down scale on its own gated activations and fold it; returns [E, I] (ones for
-    experts with too few tokens)."""
+    experts with too few tokens). With `ranks` the experts' searches are spread over the processes."""
     experts = m.experts
     spec = experts.weight_quantizers[DOWN].spec
     inter = experts.shapes[DOWN][-1]
     scales = torch.ones(experts.num_experts, inter, device=experts.down_proj.device)
-    for e, st in enumerate(stats):
-        if not _stats_usable(st, min_tokens):
-            continue
-        s, err, err_rtn = search_scale([experts.down_proj[e].detach()], [st.gram], st.mean_abs(), [spec], n_grid,
-                                       duo_scaling)
+    usable = [e for e, st in enumerate(stats) if _stats_usable(st, min_tokens)]
+
+    def search(i: int):
+        e = usable[i]
+        return search_scale([experts.down_proj[e].detach()], [stats[e].gram], stats[e].mean_abs(), [spec], n_grid,
+                            duo_scaling)
+
+    found = spread(ranks, [experts.down_proj[0].numel()] * len(usable), search)
+    for e, (s, err, err_rtn) in zip(usable, found):
         log.debug("awq %s expert %d up -> down: error %.4g (rtn %.4g)", m.experts_name, e, err, err_rtn)
         scales[e] = s.to(scales.device)
     experts.gate_up_proj[:, -inter:].div_(scales.to(experts.gate_up_proj.dtype).unsqueeze(-1))
@@ -147,10 +154,11 @@ def scale_up_down(m: ExpertMapping, stats: list[InputStats], n_grid: int, duo_sc
 
 @torch.no_grad()
 def clip_experts(name: str, experts: FakeQuantExperts, weight: str, stats: list[InputStats] | None,
-                 in_scale: torch.Tensor | None, clip: bool, clip_grid: int, max_shrink: float, min_tokens: int) -> None:
+                 in_scale: torch.Tensor | None, clip: bool, clip_grid: int, max_shrink: float, min_tokens: int,
+                 ranks: Ranks | None = None) -> None:
     """Pin the qparams of expert weight `weight`: per expert, AWQ's clipping search on its own Gram matrix (divided
     by its input scale), or round-to-nearest for an expert with too few tokens (a warning names them), for
-    per_tensor specs, or without `clip`."""
+    per_tensor specs, or without `clip`. With `ranks` the experts' searches are spread over the processes."""
     quantizer = experts.weight_quantizers[weight]
     rtn_scale, rtn_zero = rtn_qparams(experts, weight)
     if not clip or stats is None or experts.schemes.weight.granularity == "per_tensor":
@@ -158,19 +166,26 @@ def clip_experts(name: str, experts: FakeQuantExperts, weight: str, stats: list[
         return
     rows = experts.rows(weight).detach()
     per = rows.shape[0] // experts.num_experts
+    usable = [e for e, st in enumerate(stats) if _stats_usable(st, min_tokens)]
+
+    def search(i: int):
+        e = usable[i]
+        gram = stats[e].gram
+        if in_scale is not None:
+            s = in_scale if in_scale.ndim == 1 else in_scale[e]
+            gram = gram / torch.outer(s, s)
+        return search_clip(rows[e * per:(e + 1) * per], gram, quantizer.spec, clip_grid, max_shrink)
+
+    found = dict(zip(usable, spread(ranks, [rows[:per].numel()] * len(usable), search)))
     scales, zeros, fallback = [], [], []
     for e, st in enumerate(stats):
         sl = slice(e * per, (e + 1) * per)
-        if not _stats_usable(st, min_tokens):
+        if e not in found:
             fallback.append(f"{e} ({st.n_tokens} tokens)")
             scales.append(rtn_scale[sl])
             zeros.append(None if rtn_zero is None else rtn_zero[sl])
             continue
-        gram = st.gram
-        if in_scale is not None:
-            s = in_scale if in_scale.ndim == 1 else in_scale[e]
-            gram = gram / torch.outer(s, s)
-        scale, zero = search_clip(rows[sl], gram, quantizer.spec, clip_grid, max_shrink)
+        scale, zero = found[e]
         scales.append(scale)
         zeros.append(zero)
     if fallback:

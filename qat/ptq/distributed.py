@@ -1,24 +1,28 @@
 """Distributed PTQ: the calibration batches split over processes, the statistics summed in the one-process order,
-the solves of a stage spread over the processes.
+the independent solves spread over the processes.
 
 Every process holds the whole model and a contiguous share of the calibration batches (process r of W takes
-batches [r B / W, (r + 1) B / W)). Block by block, each runs the stage passes on its batches only; the
-statistics of a stage are then combined so that every process holds exactly what one process would have:
+batches [r B / W, (r + 1) B / W)). Block by block, each runs the block's passes on its batches only; the
+statistics are then combined so that every process holds exactly what one process would have (`Ranks.reduce`):
 
-* GPTQ's Gram matrix is summed in one process batch by batch, G = ((G_0 + G_1) + G_2) + ..., each batch's G_b
-  accumulated on its own (`InputStats(per_batch=True)`). Process r keeps its G_b apart, receives the running sum
-  of batches 0..k-1 from process r - 1, adds its own in order and passes it on; the last process broadcasts the
-  total. These are the same float additions in the same order as in one process (an all-reduce would add the
-  processes' partial sums in an order of its own: the Hessian would differ in the last bits, and so, through
-  GPTQ's rounding, would some weights). Token counts are integers (all-reduced).
-* The linears of a stage (q/k/v, gate/up) are solved by different processes, largest first to the least
-  loaded, on the same Hessian factor; each result (weight and qparams) is broadcast from the process that solved
-  it and set on every process's model, so every process ends with the same quantized model.
+* Sums over tokens (Gram matrices: GPTQ's Hessian, AWQ's error; sum |x|: AWQ's activation magnitudes; per linear
+  or per expert) are made in one process batch by batch, G = ((G_0 + G_1) + G_2) + ..., each batch's G_b
+  accumulated on its own (`InputStats(per_batch=True)`). Process r keeps its G_b apart, receives the running sums
+  of batches 0..k-1 from process r - 1 (all the statistics of a step in one buffer), adds its own in order and
+  passes them on; the last process broadcasts the totals. These are the same float additions in the same order as
+  in one process (an all-reduce would add the processes' partial sums in an order of its own: the sums would
+  differ in the last bits, and so, through GPTQ's rounding or a search's argmin, would some weights). Token counts
+  (integers) and max |x| are all-reduced: exact in any order.
+* Independent solves (`Ranks.spread`: GPTQ's linears of a stage and its experts, AWQ's scale and clipping
+  searches) go to different processes, largest first to the least loaded; every result (weights, scales,
+  qparams) is gathered by every process and set on its model in the one-process order, so every process ends
+  with the same quantized model. The algorithms call `combine` and `spread`, which do the same work in one process
+  (`ranks` None): one code path.
 * Each process runs its batches through the solved block: the next block's inputs stay sharded.
 
-Communication per stage: one Gram matrix passed along the chain of processes and broadcast, and the solved
-weights broadcast. Memory: a process keeps the Grams of its own batches until they are summed (B / W per
-stage's input width squared), on top of one process's.
+Communication per step: the statistics passed along the chain of processes and broadcast, and the results
+gathered. Memory: a process keeps the sums of its own batches until they are combined (B / W per statistic), on
+top of one process's.
 
 The same quantized weights as one process (atol=0), provided each batch's forward gives the same bits in every
 process: the same batches (the same sizes), kernels and thread count.
@@ -79,29 +83,61 @@ class Ranks:
         start = self.rank * (n // self.world) + min(self.rank, n % self.world)
         return list(items[start:start + n // self.world + (self.rank < n % self.world)])
 
-    def reduce(self, stats: InputStats) -> None:
-        """Sum the Gram matrices and token counts of every process's batches into `stats`, in batch order.
+    def reduce(self, stats: InputStats | Sequence[InputStats]) -> None:
+        """Combine the statistics of every process's batches into `stats` (one or several), as one process would.
 
-        `stats` kept its batches' Grams apart (`InputStats.keep_batches`); afterwards it holds the totals, the
-        same tensor bit for bit in every process and as one process running all the batches."""
-        if stats.magnitudes:
-            raise ValueError("distributed PTQ sums Gram matrices only (InputStats(magnitudes=False))")
-        kept = stats.pop_batches()
-        tokens = torch.tensor([stats.n_tokens], dtype=torch.long)
-        dist.all_reduce(tokens)
-        total = stats.partial_sum()
+        Each kept its batches' sums apart (`InputStats.keep_batches`). The Gram matrices and sums |x| of all of
+        them travel in one buffer along the chain of processes, each adding its batches in batch order; token
+        counts are summed and max |x| maxed by all-reduce (exact in any order). Afterwards every process holds
+        the same totals, bit for bit, as one process running all the batches. Every process must pass the same
+        statistics in the same order."""
+        many = [stats] if isinstance(stats, InputStats) else list(stats)
+        if not many:
+            return
+        kept = [st.pop_batches() for st in many]
+        counts = torch.tensor([st.n_tokens for st in many], dtype=torch.long)
+        dist.all_reduce(counts)
+        maxima = [st.abs_max for st in many if st.magnitudes]
+        top = torch.cat(maxima) if maxima else None
+        if top is not None:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        parts = [st.partial_sums() for st in many]
+        flat = torch.cat([p.reshape(-1) for ps in parts for p in ps]) if any(parts) else torch.zeros(0)
         if self.rank > 0:
-            dist.recv(total, self.rank - 1)
-        for gram in kept:
-            total.add_(gram)
+            dist.recv(flat, self.rank - 1)
+        views, at = [], 0
+        for ps in parts:
+            views.append([])
+            for p in ps:
+                views[-1].append(flat[at:at + p.numel()].view(p.shape))
+                at += p.numel()
+        for totals, batches in zip(views, kept):
+            for sums in batches:
+                for total, part in zip(totals, sums):
+                    total.add_(part)
         if self.rank + 1 < self.world:
-            dist.send(total, self.rank + 1)
-        dist.broadcast(total, self.world - 1)
-        stats.set_sum(total, int(tokens))
+            dist.send(flat, self.rank + 1)
+        dist.broadcast(flat, self.world - 1)
+        at = 0
+        for st, totals, count in zip(many, views, counts.tolist()):
+            width = st.in_features if st.magnitudes else 0
+            st.set_sums(totals, count, None if top is None else top[at:at + width].clone())
+            at += width
+
+    def spread(self, costs: Sequence[int], solve: Callable[[int], Any]) -> list[Any]:
+        """`solve(i)` for every task i (`costs[i]`: its work), each run by the rank `owners` gives it; every rank
+        receives every result (pickled: tensors exactly), in task order. All ranks must call it alike."""
+        owners = self.owners(costs)
+        mine = {i: solve(i) for i, r in enumerate(owners) if r == self.rank}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        results = {i: res for part in gathered for i, res in part.items()}
+        return [results[i] for i in range(len(costs))]
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
-        """The rank that solves each of a stage's linears (`sizes`: their weights' numel): largest first, each to
-        the rank with the least work in this stage (ties: the least work so far, then the lowest rank)."""
+        """The rank that solves each task of a step (a stage's linears, experts, searches; `sizes`: their work,
+        e.g. weight numel): largest first, each to the rank with the least work in this step (ties: the least work
+        so far, then the lowest rank)."""
         stage = [0] * self.world
         out = [0] * len(sizes)
         for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -111,11 +147,23 @@ class Ranks:
             self.load[r] += sizes[i]
         return out
 
-    def broadcast(self, obj: Any, src: int) -> Any:
-        """`obj` of rank `src` on every rank (pickled; tensors travel as bytes, exactly)."""
-        box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src)
-        return box[0]
+
+def combine(ranks: Ranks | None, stats: InputStats | Sequence[InputStats]) -> None:
+    """`ranks.reduce(stats)` over a process group; nothing to do in one process (`ranks` None)."""
+    if ranks is not None:
+        ranks.reduce(stats)
+
+
+def spread(ranks: Ranks | None, costs: Sequence[int], solve: Callable[[int], Any]) -> list[Any]:
+    """[solve(i) for each task i]: in one process (`ranks` None) all here, in order; over a process group each on
+    one rank and every result on every rank (`Ranks.spread`). The solves must be independent of each other.
+
+    Example:
+        >>> scales = spread(self.ranks, [w.numel() for w in weights], lambda i: search(weights[i]))
+    """
+    if ranks is None:
+        return [solve(i) for i in range(len(costs))]
+    return ranks.spread(costs, solve)
 
 
 def process_rank() -> int:

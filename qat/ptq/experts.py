@@ -20,6 +20,7 @@ from torch import nn
 from qat.modules.experts import FakeQuantExperts
 from qat.observers import build_observer
 from qat.primitives import choose_qparams
+from qat.ptq.distributed import Ranks, spread
 from qat.ptq.gptq import check_spec, gptq_quantize
 from qat.ptq.stats import InputStats
 
@@ -74,10 +75,12 @@ def _gated(experts: FakeQuantExperts, gate_up: torch.Tensor, rows: torch.Tensor)
 
 @contextmanager
 def record_expert_inputs(experts: dict[str, FakeQuantExperts], weight: str, route_all: bool = False,
-                         magnitudes: bool = False) -> Iterator[dict[str, list[InputStats]]]:
+                         magnitudes: bool = False, keep: bool = False) -> Iterator[dict[str, list[InputStats]]]:
     """While the block runs, accumulate per-expert input statistics of expert weight `weight` ("gate_up_proj":
     the routed hidden states; "down_proj": the gated activation through the current gate_up_proj); the Gram
-    matrix always, mean / max |x| per channel with `magnitudes` (AWQ).
+    matrix always, mean / max |x| per channel with `magnitudes` (AWQ). The sums are made batch by batch
+    (`InputStats(per_batch=True)`, the order distributed PTQ keeps); with `keep` each batch's are kept apart for
+    `qat.ptq.distributed` to combine.
 
     Yields:
         {experts name: [InputStats of expert 0, 1, ...]}; `n_tokens` of each is the tokens routed to it.
@@ -87,7 +90,9 @@ def record_expert_inputs(experts: dict[str, FakeQuantExperts], weight: str, rout
     for n, m in experts.items():
         width = m.shapes[weight][-1]
         device = getattr(m, weight).device
-        stats[n] = [InputStats(width, True, device, magnitudes=magnitudes) for _ in range(m.num_experts)]
+        stats[n] = [InputStats(width, True, device, magnitudes=magnitudes, per_batch=True) for _ in range(m.num_experts)]
+        for st in stats[n] if keep else ():
+            st.keep_batches()
         handles.append(m.register_forward_pre_hook(_expert_hook(m, stats[n], weight, route_all)))
     try:
         yield stats
@@ -130,9 +135,11 @@ def check_experts_gptq(experts: dict[str, FakeQuantExperts], actorder: bool, sta
 
 @torch.no_grad()
 def solve_experts_weight(name: str, experts: FakeQuantExperts, weight: str, stats: list[InputStats], cfg,
-                         min_tokens: int) -> list[int]:
+                         min_tokens: int, ranks: Ranks | None = None) -> list[int]:
     """GPTQ each expert of expert weight `weight` on its own Hessian; experts with fewer than `min_tokens` tokens
     keep round-to-nearest (a warning names them). Sets the weight and pins the qparams of all experts at once.
+    With `ranks` (distributed PTQ, the statistics already combined) the experts' solves are spread over the
+    processes and every process sets all of them.
 
     Returns:
         the tokens each expert saw.
@@ -142,21 +149,28 @@ def solve_experts_weight(name: str, experts: FakeQuantExperts, weight: str, stat
     n_exp = experts.num_experts
     per = rows.shape[0] // n_exp
     rtn_scale, rtn_zero = rtn_qparams(experts, weight)
-    new_rows, scales, zeros, tokens, fallback = rows.clone(), [], [], [], []
-    for e, st in enumerate(stats):
-        tokens.append(st.n_tokens)
+    tokens = [st.n_tokens for st in stats]
+    usable = [e for e, st in enumerate(stats) if st.n_tokens >= max(min_tokens, 1) and bool(torch.diag(st.gram).any())]
+
+    def solve(i: int):
+        e = usable[i]
+        res = gptq_quantize(rows[e * per:(e + 1) * per], stats[e].hessian(), quantizer.spec, cfg.blocksize,
+                            cfg.percdamp, cfg.actorder, cfg.static_groups, name=f"{name}.{weight}[expert {e}]")
+        return res.weight, res.scale, res.zero_point
+
+    solved = dict(zip(usable, spread(ranks, [rows[:per].numel()] * len(usable), solve)))
+    new_rows, scales, zeros, fallback = rows.clone(), [], [], []
+    for e in range(n_exp):
         sl = slice(e * per, (e + 1) * per)
-        usable = st.n_tokens >= max(min_tokens, 1) and bool(torch.diag(st.gram).any())
-        if not usable:
-            fallback.append(f"{e} ({st.n_tokens} tokens)")
+        if e not in solved:
+            fallback.append(f"{e} ({tokens[e]} tokens)")
             scales.append(rtn_scale[sl])
             zeros.append(None if rtn_zero is None else rtn_zero[sl])
             continue
-        res = gptq_quantize(rows[sl], st.hessian(), quantizer.spec, cfg.blocksize, cfg.percdamp, cfg.actorder,
-                            cfg.static_groups, name=f"{name}.{weight}[expert {e}]")
-        new_rows[sl] = res.weight.to(rows.dtype)
-        scales.append(res.scale)
-        zeros.append(res.zero_point)
+        w, scale, zero = solved[e]
+        new_rows[sl] = w.to(rows.dtype)
+        scales.append(scale)
+        zeros.append(zero)
     if fallback:
         warnings.warn(f"{name}.{weight}: expert(s) {', '.join(fallback)} received fewer than min_expert_tokens="
                       f"{min_tokens} calibration tokens; quantized round-to-nearest instead of GPTQ (more calibration "

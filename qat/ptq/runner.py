@@ -62,9 +62,9 @@ class BlockContext:
         """The block's outputs on `inputs` (default: all its cached inputs)."""
         return run_block(self.block, self.inputs if inputs is None else inputs, self.is_model)
 
-    def float_run(self, inputs: Inputs | None = None) -> list[Any]:
-        """The block's outputs with its quantization off."""
-        return float_pass(self.block, self.inputs if inputs is None else inputs, self.is_model)
+    def float_run(self, inputs: Inputs | None = None, first: int = 0) -> list[Any]:
+        """The block's outputs with its quantization off (`first`: see `run_block`)."""
+        return float_pass(self.block, self.inputs if inputs is None else inputs, self.is_model, first)
 
 
 def block_context(name: str, block: nn.Module, inputs: Inputs, is_model: bool, model: nn.Module) -> BlockContext:
@@ -138,11 +138,16 @@ def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Itera
     return captured
 
 
-def run_block(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
-    """The block's outputs (first element of a tuple output) for every cached input."""
+def run_block(block: nn.Module, inputs: Inputs, is_model: bool = False, first: int = 0) -> list[Any]:
+    """The block's outputs (first element of a tuple output) for every cached input.
+
+    Args:
+        first: the calibration batch index (`calibration_batch`) of inputs[0], when they are a slice of a block's
+            inputs from `first` on (statistics summed batch by batch must not merge two batches).
+    """
     outs = []
     with torch.no_grad():
-        for i, (args, kwargs) in enumerate(inputs):
+        for i, (args, kwargs) in enumerate(inputs, first):
             with calibration_batch(i):
                 out = call_model(block, args[0]) if is_model else block(*args, **kwargs)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
@@ -179,10 +184,10 @@ def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = Fal
     return True
 
 
-def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False) -> list[Any]:
-    """Outputs of `block` with all its quantization off."""
+def float_pass(block: nn.Module, inputs: Inputs, is_model: bool = False, first: int = 0) -> list[Any]:
+    """Outputs of `block` with all its quantization off (`first`: see `run_block`)."""
     with quantization_disabled(block):
-        return run_block(block, inputs, is_model)
+        return run_block(block, inputs, is_model, first)
 
 
 class BlockIO(Protocol):

@@ -5,11 +5,12 @@
 layer-output error of a weight change used by the AWQ searches). Nothing but these sums is kept, so
 memory stays at in_features^2 floats per layer whatever the number of calibration tokens.
 
-With `per_batch=True` (GPTQ) the Gram matrix is summed in a fixed order that does not depend on how the
-calibration batches are spread over processes: each batch's Gram is accumulated on its own (its rows pooled and
-multiplied as without it), then the batches' Grams are added to the total in batch order. A process that saw
-batches k..l keeps their Grams (`keep_batches`) so that `qat.ptq.distributed` can add them, in order, to the
-running sum of batches 0..k-1 from the process before it: the same float additions as in one process.
+With `per_batch=True` (GPTQ, AWQ) the sums are made in a fixed order that does not depend on how the
+calibration batches are spread over processes: each batch's Gram (its rows pooled and multiplied as without it)
+and its sum |x| are accumulated on their own, then added to the totals in batch order. A process that saw
+batches k..l keeps their sums (`keep_batches`) so that `qat.ptq.distributed` can add them, in order, to the
+running sums of batches 0..k-1 from the process before it: the same float additions as in one process. (The
+max |x| and the token count need no order: a max and an integer sum are exact in any order.)
 The batch a tensor belongs to comes from `calibration_batch(i)`, set by the loops that run the blocks.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ class InputStats:
         in_features: the layer's input width.
         hessian: also accumulate the Gram matrix (in_features^2 floats).
         magnitudes: also accumulate sum |x| and max |x| per channel.
-        per_batch: sum the Gram matrix batch by batch (see the module docstring): the order distributed PTQ
-            reproduces; costs one more in_features^2 buffer.
+        per_batch: sum the Gram matrix and sum |x| batch by batch (see the module docstring): the order distributed
+            PTQ reproduces; costs one more in_features^2 buffer.
     Example:
         >>> st = InputStats(8); st.update(torch.randn(4, 8)); st.hessian().shape
         torch.Size([8, 8])
@@ -53,13 +54,14 @@ class InputStats:
                  magnitudes: bool = True, per_batch: bool = False) -> None:
         self.in_features, self.magnitudes, self.per_batch = in_features, magnitudes, per_batch
         self.n_tokens = 0
-        self.abs_sum = torch.zeros(in_features, device=device)
+        self._abs_sum = torch.zeros(in_features, device=device)
         self.abs_max = torch.zeros(in_features, device=device)
         self._gram = torch.zeros(in_features, in_features, device=device) if hessian else None
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self._batch, self._batch_key = None, None  # the current batch's Gram (per_batch) and its index
-        self._kept: list[torch.Tensor] | None = None  # batch Grams kept, not added (keep_batches)
+        self._batch_abs = None  # the current batch's sum |x| (per_batch with magnitudes)
+        self._kept: list[list[torch.Tensor]] | None = None  # batch sums kept, not added (keep_batches)
         # the Gram matrix is symmetric: accumulate only its upper row strips (k strips -> (k+1)/2k of the
         # flops, one GEMM per strip) and mirror on read
         k = max(1, min(8, in_features // 256))
@@ -77,7 +79,12 @@ class InputStats:
         self.n_tokens += x.shape[0]
         if self.magnitudes:
             a = x.abs()
-            self.abs_sum += a.sum(0)
+            if self.per_batch:
+                if self._batch_abs is None:
+                    self._batch_abs = torch.zeros_like(self._abs_sum)
+                self._batch_abs += a.sum(0)
+            else:
+                self._abs_sum += a.sum(0)
             torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
         if self._gram is None:
             return
@@ -108,37 +115,66 @@ class InputStats:
             target[a:b, a:].addmm_(xt[a:b], x[:, a:])
 
     def _end_batch(self) -> None:
-        """Close the current batch: its Gram is added to the total (or kept, see `keep_batches`)."""
-        if self._gram is None:
+        """Close the current batch: its sums are added to the totals (or kept, see `keep_batches`)."""
+        if self._gram is not None:
+            self._flush()
+        if self._batch is None and self._batch_abs is None:
             return
-        self._flush()
-        if self._batch is None:
-            return
+        sums = self._batch_sums()
         if self._kept is not None:
-            self._kept.append(self._batch)
+            self._kept.append(sums)
         else:
-            self._gram.add_(self._batch)
-        self._batch = None
+            for total, part in zip(self.partial_sums(), sums):
+                total.add_(part)
+        self._batch, self._batch_abs = None, None
+
+    def _batch_sums(self) -> list[torch.Tensor]:
+        sums = []
+        if self._gram is not None:
+            sums.append(self._batch if self._batch is not None else torch.zeros_like(self._gram))
+        if self.magnitudes:
+            sums.append(self._batch_abs if self._batch_abs is not None else torch.zeros_like(self._abs_sum))
+        return sums
 
     def keep_batches(self) -> None:
-        """Keep each batch's Gram apart instead of adding it to the total (until `pop_batches`)."""
+        """Keep each batch's sums apart instead of adding them to the totals (until `pop_batches`)."""
         if not self.per_batch:
             raise ValueError("keep_batches needs InputStats(per_batch=True)")
         self._kept = []
 
-    def pop_batches(self) -> list[torch.Tensor]:
-        """The Grams (upper strips) of the batches seen since `keep_batches`, in order; they are no longer kept."""
+    def pop_batches(self) -> list[list[torch.Tensor]]:
+        """The sums of each batch seen since `keep_batches`, in order, laid out as `partial_sums`; no longer kept.
+
+        Raises:
+            ValueError: `keep_batches` was not called (the batches' sums are already in the totals)."""
+        if self._kept is None:
+            raise ValueError("pop_batches needs InputStats.keep_batches() before the batches are recorded")
         self._end_batch()
-        kept, self._kept = self._kept or [], None
+        kept, self._kept = self._kept, None
         return kept
 
-    def set_sum(self, gram: torch.Tensor, n_tokens: int) -> None:
-        """Replace the Gram sum (upper strips suffice) and the token count: the totals over all processes."""
-        self._gram, self.n_tokens = gram, n_tokens
+    def partial_sums(self) -> list[torch.Tensor]:
+        """The running sums of the batches added so far (the kept ones excluded): the Gram (upper strips suffice),
+        if recorded, then sum |x|, if recorded."""
+        return [t for t, on in ((self._gram, self._gram is not None), (self._abs_sum, self.magnitudes)) if on]
 
-    def partial_sum(self) -> torch.Tensor:
-        """The Gram sum (upper strips) of the batches added so far, the kept ones excluded."""
-        return self._gram
+    def set_sums(self, sums: list[torch.Tensor], n_tokens: int, abs_max: torch.Tensor | None = None) -> None:
+        """Replace the sums (laid out as `partial_sums`), the token count and max |x|: the totals over all processes."""
+        sums = list(sums)
+        if self._gram is not None:
+            self._gram = sums.pop(0)
+        if self.magnitudes:
+            self._abs_sum = sums.pop(0)
+        if abs_max is not None:
+            self.abs_max = abs_max
+        self.n_tokens = n_tokens
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        """sum |x| per input channel over all tokens seen."""
+        if self.per_batch:
+            self._end_batch()
+        return self._abs_sum
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -170,8 +206,12 @@ class InputStats:
 
 @contextmanager
 def record_inputs(modules: dict[str, nn.Module], hessian: bool = True, magnitudes: bool = True,
-                  per_batch: bool = False) -> Iterator[dict[str, InputStats]]:
+                  per_batch: bool = False, keep: bool = False) -> Iterator[dict[str, InputStats]]:
     """Attach forward hooks that accumulate `InputStats` for each module while the block runs.
+
+    Args:
+        per_batch: sums made batch by batch (`InputStats(per_batch=True)`).
+        keep: each batch's sums kept apart (`InputStats.keep_batches`), for `qat.ptq.distributed` to combine.
 
     Example:
         >>> with record_inputs({"fc": fc}) as stats:
@@ -179,7 +219,10 @@ def record_inputs(modules: dict[str, nn.Module], hessian: bool = True, magnitude
         >>> stats["fc"].n_tokens
         16
     """
-    stats = {n: InputStats(m.in_features, hessian, m.weight.device, magnitudes, per_batch) for n, m in modules.items()}
+    stats = {n: InputStats(m.in_features, hessian, m.weight.device, magnitudes, per_batch or keep)
+             for n, m in modules.items()}
+    for st in stats.values() if keep else ():
+        st.keep_batches()
     handles = [m.register_forward_pre_hook(_hook(stats[n])) for n, m in modules.items()]
     try:
         yield stats

@@ -1,5 +1,6 @@
-"""Distributed PTQ (`qat.ptq.distributed`): GPTQ over 2 gloo processes, each on its share of the calibration
-batches, gives exactly (atol=0) the prepared state of one process; what it cannot run is refused up front."""
+"""Distributed PTQ (`qat.ptq.distributed`): GPTQ and AWQ over 2 gloo processes, each on its share of the
+calibration batches, give exactly (atol=0) the prepared state of one process, on the tiny Llama and, with the
+experts' solves spread, on the tiny MoE; what cannot run distributed is refused up front."""
 from __future__ import annotations
 
 import pytest
@@ -28,44 +29,125 @@ def _model():
     return prepare(model, load_recipe("w4a16_g128_ragged"))
 
 
-def quantize_rank(distributed: bool, out=None) -> dict:
-    """One process's GPTQ of the tiny Llama, single-threaded (the same kernels in every process); with `out` (a
-    folder), its state is also saved there as rank{r}.pt."""
+CASES = {  # name: (model, method, batches); 5 batches split 3 / 2, 3 batches split 2 / 1
+    "gptq_llama": ("llama", METHOD, 5),
+    "awq_llama": ("llama", {"name": "awq", "min_tokens": 64}, 5),
+    "gptq_unstaged": ("llama", {**METHOD, "stage_cache": False}, 5),  # one block forward per stage
+    "gptq_all_at_once": ("llama", {**METHOD, "true_sequential": False}, 5),  # every linear on float inputs
+    "gptq_moe": ("moe", {"name": "gptq", "min_tokens": 64}, 3),
+    "awq_moe": ("moe", {"name": "awq", "min_tokens": 64}, 3),
+    "smoothquant_llama": ("llama_w8a8", {"name": "smoothquant", "min_tokens": 64}, 5),  # dynamic int8 inputs
+}
+
+
+def _case_model(kind: str):
+    if kind == "llama":
+        return _model()
+    if kind == "llama_w8a8":
+        return prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe("w8a8"))
+    return prepare(testing.tiny_moe("qwen3_moe", num_experts=8), load_recipe("w4a16_g128"))
+
+
+def quantize_cases(distributed: bool, out=None) -> dict:
+    """Every case of CASES in one process (or in each rank of a group, saved to `out`/rank{r}_{case}.pt), one
+    thread (the same kernels in every process): {case: state dict}, and {"ptq": {case: model.qat_ptq}}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    states, ptq = {}, {}
+    try:
+        for case, (kind, method, n) in CASES.items():
+            model = apply(_case_model(kind), method, _batches(n), progress=False, distributed=distributed)
+            states[case], ptq[case] = model.state_dict(), model.qat_ptq
+            if out is not None:
+                torch.save(states[case], out / f"rank{torch.distributed.get_rank()}_{case}.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return {**states, "ptq": ptq}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One launch of 2 gloo processes running every case: {case: (rank 0's state, rank 1's state, rank 0's qat_ptq)}."""
+    out = tmp_path_factory.mktemp("dist")
+    rank0 = launch(quantize_cases, 2, True, out)
+    assert all(ptq["processes"] == 2 for ptq in rank0["ptq"].values())
+    return {case: (rank0[case], torch.load(out / f"rank1_{case}.pt", weights_only=True), rank0["ptq"][case])
+            for case in CASES}
+
+
+@pytest.mark.filterwarnings("ignore:.*min_expert_tokens")
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(case, two_processes):
+    """GPTQ (staged, unstaged, all at once), AWQ (scale and clipping searches spread, statistics combined in batch
+    order) and GPTQ / AWQ through MoE experts (per-expert solves and searches spread): every tensor of both ranks
+    equals the one-process run."""
+    kind, method, n = CASES[case]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = apply(_model(), METHOD, _batches(), progress=False, distributed=distributed)
+        model = apply(_case_model(kind), method, _batches(n), progress=False)
     finally:
         torch.set_num_threads(threads)
-    state = model.state_dict()
-    if out is not None:
-        torch.save(state, out / f"rank{torch.distributed.get_rank()}.pt")
-    return {"state": state, "ptq": model.qat_ptq}
+    one, float_state = model.state_dict(), _case_model(kind).state_dict()
+    *states, ptq = two_processes[case]
+    assert ptq.get("expert_tokens") == model.qat_ptq.get("expert_tokens")  # GPTQ: tokens routed to each expert
+    for rank_state in states:
+        assert rank_state.keys() == one.keys()
+        for key, value in one.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(rank_state[key], value), (case, key)
+    changed = [k for k, v in float_state.items() if isinstance(v, torch.Tensor) and not torch.equal(one[k], v)]
+    if method["name"] in ("awq", "smoothquant"):  # the scales were folded into the norms
+        assert any(k.endswith("post_attention_layernorm.weight") for k in changed), changed
+    if method["name"] == "gptq" and kind == "llama":  # every linear of both blocks was solved
+        assert sum(k.endswith("proj.weight") for k in changed) == 14, changed
+    if kind == "moe":  # the experts were solved / scaled
+        assert sum(k.endswith("experts.down_proj") for k in changed) == 2, changed
 
 
-def test_two_processes_equal_one(tmp_path):
-    one = quantize_rank(False)["state"]
-    rank0 = launch(quantize_rank, 2, True, tmp_path)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert rank0["ptq"]["processes"] == 2
-    for key, value in one.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(rank0["state"][key], value), key
-            assert torch.equal(rank1[key], value), key
-    changed = [k for k in one if k.endswith("proj.weight") and not torch.equal(one[k], _model().state_dict()[k])]
-    assert len(changed) == 14  # every linear of both blocks was solved
+def test_independent_runs():
+    from qat.ptq.methods.awq import independent_runs
+    norm, q, k, v, o, up, down = (torch.nn.Linear(2, 2) for _ in range(7))
+    assert independent_runs([(norm, [q, k, v]), (v, [o]), (up, [down])]) == [[0, 1, 2]]  # Llama's: one run
+    assert independent_runs([(v, [o]), (norm, [q, k, v])]) == [[0], [1]]  # v's rows divided, then read
+    assert independent_runs([(norm, [q]), (q, [o])]) == [[0, 1]]  # q is written and is prev, not read
+
+
+def test_kept_batches_add_up_to_one_process():
+    """The sums a process keeps apart, added in batch order to the running sums, are the one-process totals bit
+    for bit (Gram and sum |x|); without keep_batches there is nothing to pop."""
+    from qat.ptq.stats import InputStats, calibration_batch
+    xs = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    one, kept = InputStats(16, per_batch=True), InputStats(16, per_batch=True)
+    kept.keep_batches()
+    for i, x in enumerate(xs):
+        with calibration_batch(i):
+            one.update(x)
+            kept.update(x)
+    totals = [torch.zeros(16, 16), torch.zeros(16)]
+    for sums in kept.pop_batches():
+        for total, part in zip(totals, sums):
+            total.add_(part)
+    kept.set_sums(totals, kept.n_tokens)
+    assert torch.equal(kept.gram, one.gram) and torch.equal(kept.abs_sum, one.abs_sum)
+    with pytest.raises(ValueError, match="keep_batches"):
+        one.pop_batches()
 
 
 def test_refused_before_work():
     with pytest.raises(ConfigError, match="initialised torch.distributed"):
         apply(_model(), METHOD, _batches(), progress=False, distributed=True)
-    with pytest.raises(ConfigError, match="stage_cache"):
-        gptq = get_method("gptq")(method_config({**METHOD, "stage_cache": False}))
-        gptq.check_distributed(_model(), {})
-    with pytest.raises(ConfigError, match="does not run distributed"):
-        apply(_model(), {"name": "awq", "min_tokens": 64}, _batches(), progress=False, distributed=True)
+    static = prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe("w8a8_static"))
+    with pytest.raises(ConfigError, match=r"distributed gptq:\n  - static activation ranges"):
+        get_method("gptq")(method_config(METHOD)).check_distributed(static, {})
+    mlp = prepare(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)),
+                  load_recipe("w4a16_g128_ragged"))
+    with pytest.raises(ConfigError, match="Sequential: no repeated decoder blocks found"):
+        get_method("awq")(method_config({"name": "awq"})).check_distributed(mlp, {})
+    with pytest.raises(ConfigError, match="method rtn does not run distributed .*serves awq, gptq, smoothquant"):
+        apply(_model(), {"name": "rtn"}, _batches(), progress=False, distributed=True)
     with pytest.raises(ConfigError, match="distributed.processes=0"):
-        launch(quantize_rank, 0, True)
+        launch(quantize_cases, 0, True)
     with pytest.raises(ConfigError, match="at least 4 calibration batches"):
         Ranks(0, 4).shard([1, 2])
 
@@ -86,13 +168,14 @@ def test_qat_ptq_distributed_config_refused():
     with pytest.raises(ConfigError, match="distributed.processes"):
         check_processes({"distributed": {"processes": 0}}, gptq)
     with pytest.raises(ConfigError) as err:
-        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "awq"})
-    assert "method='awq' does not run distributed" in str(err.value) and "offload='stream'" in str(err.value)
+        check_processes({"distributed": {"processes": 2}, "offload": "stream"}, {"name": "rtn"})
+    assert "method='rtn' does not run distributed; use method=awq or method=gptq or method=smoothquant" in str(err.value)
+    assert "offload='stream'" in str(err.value)
+    assert check_processes({"distributed": {"processes": 2}}, {"name": "awq"}) == 2
     with pytest.raises(ConfigError, match="distributed.processes=N"):  # the typo distributed=2
         check_processes({"distributed": 2}, gptq)
-    for key in ("stage_cache", "true_sequential"):  # refused before any process is spawned
-        with pytest.raises(ConfigError, match=f"method.{key}=false"):
-            check_processes({"distributed": {"processes": 2}}, {"name": "gptq", key: False})
+    for key in ("stage_cache", "true_sequential"):  # both paths run distributed (CASES)
+        assert check_processes({"distributed": {"processes": 2}}, {"name": "gptq", key: False}) == 2
 
 
 def fail_on_rank1() -> None:

@@ -5,11 +5,12 @@
 import importlib
 import pkgutil
 
-from qat.ptq.methods.base import METHODS, PTQMethod, get_method, method_of_config, register_method
+from qat.ptq.methods.base import (METHODS, PTQMethod, distributed_methods, get_method, method_of_config,
+                                  register_method)
 
 # every module of this package registers its method: adding an algorithm is adding its file (and its YAML)
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "PTQMethod", "register_method", "get_method", "method_of_config"]
+__all__ = ["METHODS", "PTQMethod", "register_method", "get_method", "method_of_config", "distributed_methods"]

@@ -16,6 +16,7 @@ from qat.ptq.awq import search_clip, search_scale
 from qat.ptq.awq_experts import DOWN, GATE_UP, clip_experts, expert_mappings, scale_norm_experts, scale_up_down
 from qat.ptq.gptq import check_spec
 from qat.ptq.checks import check_fold, check_ranges, check_weight_schemes
+from qat.ptq.distributed import combine, spread
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
 from qat.ptq.experts import block_experts, record_expert_inputs
 from qat.ptq.methods.base import PTQMethod, register_method
@@ -70,6 +71,7 @@ class AWQ(PTQMethod):
 
     name = "awq"
     Config = AWQConfig
+    distributed = True
 
     def check(self, model: nn.Module, linears: dict) -> None:
         check_weight_schemes(linears, "awq: unsupported weight scheme(s)")
@@ -85,32 +87,42 @@ class AWQ(PTQMethod):
         arch_mappings(self.config.mappings, model, "awq")
 
     def solve_block(self, ctx: BlockContext) -> None:
-        cfg, name, linears = self.config, ctx.name, ctx.linears
+        cfg, name, linears, ranks = self.config, ctx.name, ctx.linears, self.ranks
         experts = {n: m for n, m in block_experts(ctx.block).items() if not m.transposed}  # transposed: RTN
-        with activation_quantizers_off(ctx.block), record_inputs(linears) as stats, \
-                record_expert_inputs(_with(experts, GATE_UP), GATE_UP, magnitudes=True) as up_stats, \
-                record_expert_inputs(_with(experts, DOWN), DOWN, magnitudes=True) as down_stats:
-            ref = ctx.float_run(ctx.inputs[:1] if cfg.check_fold else [])
-            ctx.float_run(ctx.inputs[1:] if cfg.check_fold else ctx.inputs)
+        # sums made batch by batch: the order a process group reproduces (`qat.ptq.distributed`)
+        keep = ranks is not None
+        with activation_quantizers_off(ctx.block), record_inputs(linears, per_batch=True, keep=keep) as stats, \
+                record_expert_inputs(_with(experts, GATE_UP), GATE_UP, magnitudes=True, keep=keep) as up_stats, \
+                record_expert_inputs(_with(experts, DOWN), DOWN, magnitudes=True, keep=keep) as down_stats:
+            ref = ctx.float_run(ctx.inputs[:1]) if cfg.check_fold else []
+            ctx.float_run(ctx.inputs[len(ref):], first=len(ref))
+        combine(ranks, [*stats.values(), *(st for d in (up_stats, down_stats) for sts in d.values() for st in sts)])
         in_scale = self._scale(ctx, stats)
         expert_scale = self._scale_experts(ctx, up_stats, down_stats)
         if cfg.check_fold and ref:
             check_fold(name, ref, ctx.float_run(ctx.inputs[:1]))
+        # the clipping searches are independent given the folded weights: spread over the processes
+        clipped = [n for n in linears if cfg.clip and not any(n.endswith(skip) for skip in cfg.clip_skip)
+                   and stats[n].n_tokens > 0]
+
+        def clip(i: int):
+            module, gram = linears[clipped[i]], stats[clipped[i]].gram
+            if clipped[i] in in_scale:
+                gram = gram / torch.outer(in_scale[clipped[i]], in_scale[clipped[i]])
+            return search_clip(module.weight, gram, module.weight_quantizer.spec, cfg.clip_grid, cfg.max_shrink)
+
+        qparams = dict(zip(clipped, spread(ranks, [linears[n].weight.numel() for n in clipped], clip)))
         for n, module in linears.items():
-            if not cfg.clip or any(n.endswith(skip) for skip in cfg.clip_skip) or stats[n].n_tokens == 0:
+            if n in qparams:
+                module.weight_quantizer.set_qparams(*qparams[n])
+            else:
                 pin_rtn(module)
-                continue
-            gram = stats[n].gram
-            if n in in_scale:
-                gram = gram / torch.outer(in_scale[n], in_scale[n])
-            module.weight_quantizer.set_qparams(*search_clip(module.weight, gram, module.weight_quantizer.spec,
-                                                             cfg.clip_grid, cfg.max_shrink))
         for n, m in block_experts(ctx.block).items():
             full = f"{name}.{n}" if name else n
             for w, st in ((GATE_UP, up_stats), (DOWN, down_stats)):
                 if w in m.weight_quantizers:
                     clip_experts(full, m, w, st.get(n), expert_scale.get((n, w)), cfg.clip, cfg.clip_grid,
-                                 cfg.max_shrink, cfg.min_expert_tokens)
+                                 cfg.max_shrink, cfg.min_expert_tokens, ranks)
 
     def _scale_experts(self, ctx: BlockContext, up_stats: dict, down_stats: dict) -> dict:
         """Search and fold the scales of the mappings that reach fused experts; {(experts, weight): scale}."""
@@ -119,25 +131,55 @@ class AWQ(PTQMethod):
         for m in expert_mappings(ctx.block, mappings, f"awq {ctx.name}"):
             if m.kind == "norm" and m.experts_name in up_stats:
                 out[(m.experts_name, GATE_UP)] = scale_norm_experts(m, up_stats[m.experts_name], cfg.n_grid,
-                                                                    cfg.duo_scaling)
+                                                                    cfg.duo_scaling, self.ranks)
             elif m.kind == "up" and m.experts_name in down_stats:
                 out[(m.experts_name, DOWN)] = scale_up_down(m, down_stats[m.experts_name], cfg.n_grid,
-                                                            cfg.duo_scaling, cfg.min_expert_tokens)
+                                                            cfg.duo_scaling, cfg.min_expert_tokens, self.ranks)
         return out
 
     def _scale(self, ctx: BlockContext, stats: dict) -> dict[str, torch.Tensor]:
-        """Search and fold the input scale of every applicable mapping; {linear: its scale}."""
+        """Search and fold the input scale of every applicable mapping; {linear: its scale}.
+
+        The searches of a run of independent mappings (`independent_runs`; Llama's four are one) are spread over
+        the processes; the folds are made in mapping order, as one after the other would."""
         cfg, in_scale = self.config, {}
         mappings = arch_mappings(cfg.mappings, ctx.model, "awq")
-        for mapping, prev, lins in applicable(ctx.block, mappings, ctx.linears, f"awq {ctx.name}"):
-            st = [stats[n] for n in mapping.linears]
-            s, err, err_rtn = search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
-                                           [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)
-            log.debug("awq %s %s: error %.4g (rtn %.4g)", ctx.name, mapping.linears, err, err_rtn)
-            fold_scales(prev, lins, s, mapping.offset)
-            for n in mapping.linears:
-                in_scale[n] = s
+        found = list(applicable(ctx.block, mappings, ctx.linears, f"awq {ctx.name}"))
+        for run in independent_runs([(prev, lins) for _, prev, lins in found]):
+            def search(i: int, run=run):
+                mapping, _, lins = found[run[i]]
+                st = [stats[n] for n in mapping.linears]
+                return search_scale([m.weight for m in lins], [x.gram for x in st], st[0].mean_abs(),
+                                    [m.weight_quantizer.spec for m in lins], cfg.n_grid, cfg.duo_scaling)
+
+            costs = [sum(m.weight.numel() for m in found[j][2]) for j in run]
+            for j, (s, err, err_rtn) in zip(run, spread(self.ranks, costs, search)):
+                mapping, prev, lins = found[j]
+                log.debug("awq %s %s: error %.4g (rtn %.4g)", ctx.name, mapping.linears, err, err_rtn)
+                fold_scales(prev, lins, s, mapping.offset)
+                for n in mapping.linears:
+                    in_scale[n] = s
         return in_scale
+
+
+def independent_runs(mappings: list[tuple[nn.Module, list[nn.Module]]]) -> list[list[int]]:
+    """Mappings (producer, consumers), in order, cut into runs whose scale searches do not depend on each other's
+    folds: a search reads its consumers' weights, a fold writes its producer's and its consumers'; a mapping
+    starts a new run when it reads a weight that an earlier mapping of the current run writes.
+
+    Example:
+        >>> independent_runs([(norm, [q, k, v]), (v, [o])])   # o is not written by the first: one run
+        [[0, 1]]
+    """
+    runs: list[list[int]] = []
+    written: set[int] = set()
+    for j, (prev, lins) in enumerate(mappings):
+        if not runs or any(id(m) in written for m in lins):
+            runs.append([])
+            written = set()
+        runs[-1].append(j)
+        written |= {id(prev), *(id(m) for m in lins)}
+    return runs
 
 
 def _with(experts: dict, weight: str) -> dict:

@@ -11,8 +11,9 @@ from typing import Any, ClassVar, Iterable
 
 from torch import nn
 
+from qat.control import quantizers
 from qat.errors import ConfigError
-from qat.ptq.runner import BlockContext, sequential
+from qat.ptq.runner import BlockContext, find_blocks, sequential
 
 METHODS: dict[str, type["PTQMethod"]] = {}
 
@@ -42,6 +43,11 @@ def get_method(name: Any) -> type["PTQMethod"]:
     if name not in METHODS:
         raise KeyError(f"PTQ method {name!r}; registered: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def distributed_methods() -> list[str]:
+    """The registered methods that run over a process group (`PTQMethod.distributed`)."""
+    return sorted(n for n, cls in METHODS.items() if cls.distributed)
 
 
 def method_of_config(config: Any) -> type["PTQMethod"]:
@@ -82,10 +88,31 @@ class PTQMethod:
         start (`qat-ptq`) and again by `check_distributed`."""
         return []
 
+    def distributed_model_errors(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
+        """What this method's distributed run refuses in this model (beyond `check_distributed`'s common checks)."""
+        return []
+
     def check_distributed(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
-        """Refuse what this method cannot run over a process group (`qat.ptq.distributed`); by default all."""
-        raise ConfigError(f"method {self.name} does not run distributed (distributed PTQ serves gptq); "
-                          "run it in one process")
+        """Refuse what this method cannot run over a process group (`qat.ptq.distributed`): a method that does not
+        run distributed, its `distributed_option_errors` and `distributed_model_errors`, a model without repeated
+        decoder blocks, and static activation ranges (calibrated per process, not merged).
+
+        Raises:
+            ConfigError: naming the option or module to change.
+        """
+        if not self.distributed:
+            raise ConfigError(f"method {self.name} does not run distributed (distributed PTQ serves "
+                              f"{', '.join(distributed_methods())}); run it in one process")
+        errors = self.distributed_option_errors(self.config) + self.distributed_model_errors(model, linears)
+        if find_blocks(model)[1][0] is model:
+            errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed PTQ runs block by "
+                          "block")
+        static = [n for n, q in quantizers(model, ["input", "kv_cache"]) if not q.spec.dynamic]
+        if static:
+            errors.append(f"static activation ranges ({static[:3]}) are calibrated per process and not merged yet; "
+                          "use dynamic activation quantization or one process")
+        if errors:
+            raise ConfigError(f"distributed {self.name}:\n" + "\n".join(f"  - {e}" for e in errors))
 
     def check(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what the method cannot solve, before any calibration (all offenders at once)."""

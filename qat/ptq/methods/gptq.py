@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat.control import quantization_disabled, quantizers
+from qat.control import quantization_disabled
 from qat.errors import ConfigError
 from qat.ptq.checks import check_ranges
+from qat.ptq.distributed import combine, spread
 from qat.ptq.gptq import STATIC_FIT, GPTQResult, check_spec, gptq_quantize, hessian_factor, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
 from qat.ptq.methods.base import PTQMethod, register_method
 from qat.ptq.rtn import pin_rtn
-from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, find_blocks, run_block
+from qat.ptq.runner import BlockContext, Inputs, activation_quantizers_off, run_block
 from qat.ptq.staged import StagedBlock, call_sequence, can_stage, group_calls, has_activation_quantizers
 from qat.ptq.stats import InputStats, record_call_order, record_inputs
 
@@ -168,16 +169,17 @@ class GPTQ(PTQMethod):
             mods = {n: linears[n] for n in group}
             # a stage's linears read one tensor (q/k/v, gate/up): one Hessian serves them all
             recorded = {group[0]: mods[group[0]]} if cfg.true_sequential else mods
-            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False,
-                                                                            per_batch=True) as stats:
+            with activation_quantizers_off(block), record_inputs(recorded, magnitudes=False, per_batch=True,
+                                                                 keep=self.ranks is not None) as stats:
                 if cfg.true_sequential:
                     ctx.run()
                 else:
                     with quantization_disabled(block):
                         ctx.run()
-            for n in group:
-                loss = solve_linear(f"{ctx.name}.{n}", mods[n], stats.get(n, stats[group[0]]), cfg)
-                log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
+            if cfg.true_sequential:
+                self._solve_group(ctx.name, mods, stats[group[0]])
+            else:
+                self._solve_each(ctx.name, mods, stats)
             del stats
         self._solve_experts(ctx)
 
@@ -193,64 +195,47 @@ class GPTQ(PTQMethod):
         with activation_quantizers_off(block):
             for group in group_calls(calls, list(linears)):
                 stats = staged.capture(group[0])
-                if self.ranks is None:
-                    factor = None
-                    if usable(stats):
-                        factor = hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{ctx.name}.{group[0]}")
-                    for n in group:
-                        loss = solve_linear(f"{ctx.name}.{n}", linears[n], stats, cfg, factor)
-                        log.debug("gptq %s.%s loss=%s", ctx.name, n, loss)
-                else:
-                    self._solve_spread(ctx.name, {n: linears[n] for n in group}, stats)
+                self._solve_group(ctx.name, {n: linears[n] for n in group}, stats)
                 staged.solved(group)
                 del stats
             if not has_activation_quantizers(block):
                 ctx.outputs = staged.outputs()
 
-    def _solve_spread(self, block_name: str, group: dict, stats: InputStats) -> None:
-        """One stage over the process group (`qat.ptq.distributed`): the statistics summed in the one-process
-        order, each linear solved by one process, the results broadcast and set everywhere."""
-        ranks, cfg = self.ranks, self.config
-        ranks.reduce(stats)
-        if not usable(stats):  # round-to-nearest: the same on every process, nothing to send
+    def _solve_group(self, block_name: str, group: dict, stats: InputStats) -> None:
+        """The linears of one stage, reading one input, on its statistics and one shared Hessian factor. Over a
+        process group (`qat.ptq.distributed`) the statistics are first combined in the one-process order and
+        each linear is solved by one process, its result set everywhere."""
+        cfg = self.config
+        combine(self.ranks, stats)
+        if not usable(stats):  # round-to-nearest with a warning: the same in every process, nothing to send
             for n, m in group.items():
                 solve_linear(f"{block_name}.{n}", m, stats, cfg)
             return
-        owners = dict(zip(group, ranks.owners([m.weight.numel() for m in group.values()])))
-        mine = [n for n in group if owners[n] == ranks.rank]
-        results = {}
-        if mine:
-            factor = hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{block_name}.{next(iter(group))}")
-            results = {n: solve_result(f"{block_name}.{n}", group[n], stats, cfg, factor) for n in mine}
-        for n, m in group.items():
-            loss = set_result(m, ranks.broadcast(results.get(n), owners[n]))
-            log.debug("gptq %s.%s loss=%s (rank %d)", block_name, n, loss, owners[n])
+        names, factor = list(group), []
 
-    @classmethod
-    def distributed_option_errors(cls, config) -> list[str]:
-        """The staged true-sequential passes are what runs distributed: both options must be on."""
-        return [f"method.{key}=false: distributed GPTQ runs the staged true-sequential passes; set method.{key}=true "
-                "or distributed.processes=1" for key in ("stage_cache", "true_sequential") if not getattr(config, key)]
+        def solve(i: int) -> GPTQResult:
+            if not factor:  # once per process that solves something of this stage
+                factor.append(hessian_factor(stats.hessian(), cfg.percdamp, cfg.actorder, f"{block_name}.{names[0]}"))
+            return solve_result(f"{block_name}.{names[i]}", group[names[i]], stats, cfg, factor[0])
 
-    def check_distributed(self, model: nn.Module, linears: dict) -> None:
-        """What distributed GPTQ serves: the staged true-sequential path on decoder blocks (no MoE experts,
-        no static activation ranges, which would need their observers merged).
+        results = spread(self.ranks, [m.weight.numel() for m in group.values()], solve)
+        for n, res in zip(names, results):
+            loss = set_result(group[n], res)
+            log.debug("gptq %s.%s loss=%s", block_name, n, loss)
 
-        Raises:
-            ConfigError: naming the option or module to change.
-        """
-        errors = self.distributed_option_errors(self.config)
-        if find_blocks(model)[1][0] is model:
-            errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed GPTQ runs block by block")
-        if block_experts(model):
-            errors.append(f"MoE experts ({sorted(block_experts(model))[:3]}): their solves are not spread over "
-                          "processes yet; quantize this model in one process")
-        static = [n for n, q in quantizers(model, ["input", "kv_cache"]) if not q.spec.dynamic]
-        if static:
-            errors.append(f"static activation ranges ({static[:3]}) are calibrated per process and not merged yet; "
-                          "use dynamic activation quantization or one process")
-        if errors:
-            raise ConfigError("distributed gptq:\n" + "\n".join(f"  - {e}" for e in errors))
+    def _solve_each(self, block_name: str, mods: dict, stats: dict[str, InputStats]) -> None:
+        """Linears each on its own statistics (true_sequential=false), combined and spread as in `_solve_group`."""
+        combine(self.ranks, [stats[n] for n in mods])
+        solvable = [n for n in mods if usable(stats[n])]
+        results = spread(self.ranks, [mods[n].weight.numel() for n in solvable],
+                         lambda i: solve_result(f"{block_name}.{solvable[i]}", mods[solvable[i]], stats[solvable[i]],
+                                                self.config))
+        for n, res in zip(solvable, results):
+            loss = set_result(mods[n], res)
+            log.debug("gptq %s.%s loss=%s", block_name, n, loss)
+        for n in mods:
+            if n not in solvable:  # round-to-nearest with a warning
+                solve_linear(f"{block_name}.{n}", mods[n], stats[n], self.config)
 
     def _solve_experts(self, ctx: BlockContext) -> None:
         """Expert-aware GPTQ: gate_up_proj then down_proj of every expert, each on the tokens routed to it."""
@@ -259,11 +244,12 @@ class GPTQ(PTQMethod):
             targets = {n: m for n, m in experts.items() if weight in m.weight_quantizers}
             if not targets:
                 continue
-            with activation_quantizers_off(ctx.block), record_expert_inputs(targets, weight,
-                                                                            self.config.route_all_experts) as stats:
+            with activation_quantizers_off(ctx.block), record_expert_inputs(
+                    targets, weight, self.config.route_all_experts, keep=self.ranks is not None) as stats:
                 ctx.run()
+            combine(self.ranks, [st for n in targets for st in stats[n]])
             for n, m in targets.items():
                 tokens = solve_experts_weight(f"{ctx.name}.{n}" if ctx.name else n, m, weight, stats[n], self.config,
-                                              self.config.min_expert_tokens)
+                                              self.config.min_expert_tokens, self.ranks)
                 if weight == "gate_up_proj":
                     getattr(self, "expert_tokens", {})[f"{ctx.name}.{n}" if ctx.name else n] = tokens

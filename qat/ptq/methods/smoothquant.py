@@ -10,6 +10,7 @@ from torch import nn
 from qat.control import quantizers
 from qat.errors import ConfigError
 from qat.ptq.checks import check_fold
+from qat.ptq.distributed import combine
 from qat.ptq.fold import applicable, arch_mappings, fold_scales, parse_mappings
 from qat.ptq.experts import block_experts, pin_rtn_experts
 from qat.ptq.methods.base import PTQMethod, register_method
@@ -50,6 +51,7 @@ class SmoothQuant(PTQMethod):
 
     name = "smoothquant"
     Config = SmoothQuantConfig
+    distributed = True
 
     def check(self, model: nn.Module, linears: dict) -> None:
         if next(quantizers(model, ["input"]), None) is None:
@@ -61,8 +63,11 @@ class SmoothQuant(PTQMethod):
 
     def solve_block(self, ctx: BlockContext) -> None:
         cfg, linears = self.config, ctx.linears
-        with activation_quantizers_off(ctx.block), record_inputs(linears, hessian=False) as stats:
+        # max |x| is exact in any order; per_batch keeps every sum in the order a process group reproduces
+        with activation_quantizers_off(ctx.block), record_inputs(linears, hessian=False, per_batch=True,
+                                                                 keep=self.ranks is not None) as stats:
             ref = ctx.float_run()
+        combine(self.ranks, list(stats.values()))
         mappings = arch_mappings(cfg.mappings, ctx.model, "smoothquant", smooth=True)
         for mapping, prev, lins in applicable(ctx.block, mappings, linears, f"smoothquant {ctx.name}"):
             s = smooth_scale(stats[mapping.linears[0]].abs_max, [m.weight for m in lins], cfg.alpha)
