@@ -237,7 +237,12 @@ def launch(fn: Callable, processes: int, *args: Any, backend: str = "gloo") -> A
         result = fn(*args)
     except BaseException as exc:
         finished.set()
-        watcher.join(timeout=5.0)  # a collective usually fails here because another rank died: say why it did
+        # a collective usually fails here because another rank died: say why it did. The watcher learns of the
+        # death only once that process has exited and its error is read (over 5 s on a loaded machine: a dying
+        # torch process closes its sockets well before it exits), so wait longer when gloo says a peer went away
+        # or a spawned process is gone; otherwise the others are waiting on this rank's collective: stop soon
+        peer_gone = isinstance(exc, RuntimeError) and "by peer" in str(exc)
+        watcher.join(timeout=60.0 if peer_gone or any(not p.is_alive() for p in ctx.processes) else 5.0)
         for p in ctx.processes:  # they would wait for this rank's collectives until the timeout
             p.terminate()
         if failure and not isinstance(exc, ConfigError):  # a ConfigError here is the ranks' shared refusal
