@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from qat.errors import ConfigError
+from qat.export import compressed, gptq
 from qat.export.compressed import export_compressed_tensors, load_compressed_tensors
 from qat.export.gguf_export import MIXES, export_gguf
 from qat.export.gguf_import import load_gguf
@@ -22,12 +23,35 @@ from qat.export.gptq import export_gptq, load_gptq
 from qat.export.imatrix import collect_importance
 from qat.export.load import detect_format, load_any, load_any_tokenizer, quantize_on_load
 from qat.export.native import load_native, save_native
+from qat.transform import QuantRecipe
 
 FORMATS = ("native", "compressed_tensors", "gptq", "gguf")
 
 __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_gguf", "load_gguf",
            "export_compressed_tensors", "load_compressed_tensors", "export_gptq", "load_gptq", "load_any",
-           "load_any_tokenizer", "detect_format", "quantize_on_load", "collect_importance"]
+           "load_any_tokenizer", "detect_format", "quantize_on_load", "collect_importance", "check_recipe_format"]
+_SCHEME_CHECKS = {"compressed_tensors": compressed.check_schemes, "gptq": gptq.check_schemes}  # the writers' own
+
+
+def check_recipe_format(recipe: QuantRecipe, format: str) -> None:
+    """Refuse a recipe whose schemes (its base and each override's) `format` cannot hold, before anything loads.
+
+    Native holds every scheme; GGUF quantizes by its own types. The checks are the writers' own
+    (`check_schemes` of `qat.export.compressed` / `qat.export.gptq`), so a recipe passed here is not refused
+    by the writer for its schemes (model-dependent refusals, such as GPTQ's quantized embeddings, remain).
+    Raises:
+        ConfigError: naming the recipe, its key and what the format takes.
+    Example:
+        >>> check_recipe_format(load_recipe("w8a8_static"), "compressed_tensors")  # ConfigError: static input
+    """
+    check = _SCHEME_CHECKS.get(format)
+    if check is None:
+        return
+    where = f"recipe {recipe.name!r}"
+    check(recipe.base, where)
+    for i, override in enumerate(recipe.overrides):
+        key = f"{where} overrides[{i}] ({', '.join(override.targets)})"
+        check(override.apply(recipe.base, key), key)
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",

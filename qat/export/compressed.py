@@ -38,7 +38,7 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
-from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
+from qat.export.compressed_fp import FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
@@ -84,10 +84,24 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 def _check_spec(name: str, spec: QuantSpec) -> None:
     if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
-        raise ConfigError(f"compressed-tensors pack-quantized: {name} has {spec.describe()}; "
-                         "supported: int weights per_tensor / per_channel / per_group on the uniform grid")
+        raise ConfigError(f"compressed-tensors: {name} has {spec.describe()}; supported: int weights per_tensor / "
+                         f"per_channel / per_group on the uniform grid, or {' / '.join(FP_FORMATS)} weights "
+                         "(the microscaling / block-scaled float formats)")
     if spec.granularity == "per_channel" and spec.axis != 0:
         raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
+
+
+def check_schemes(schemes: TensorSchemes, name: str) -> None:
+    """Refuse a module's schemes this format cannot hold (the writer's own per-module checks), so that a job can
+    refuse a recipe before it loads or quantizes anything.
+
+    Raises:
+        ConfigError: a weight scheme that is neither int nor a microscaling float format, or a static input
+            scheme, naming `name` (a module, or a recipe's key).
+    """
+    if schemes.weight is not None and fp_format(schemes.weight) is None:
+        _check_spec(name, schemes.weight)
+    input_args(schemes.input, name)
 
 
 def _weights_args(spec: QuantSpec, actorder: bool) -> dict:

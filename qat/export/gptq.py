@@ -52,6 +52,16 @@ def _check(name: str, spec: QuantSpec) -> int:
     return spec.group_size if spec.granularity == "per_group" else -1
 
 
+def check_schemes(schemes: TensorSchemes, name: str) -> None:
+    """Refuse a module's weight scheme GPTQ cannot hold (the writer's own check), before anything loads.
+
+    Raises:
+        ConfigError: naming `name` (a module, or a recipe's key) and what GPTQ needs.
+    """
+    if schemes.weight is not None:
+        _check(name, schemes.weight)
+
+
 def _gptq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     spec, (out_f, in_f) = qw.spec, qw.shape
     half = 2 ** (spec.bits - 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from qat.data import build_blocks
 from qat.errors import BadFileError, ConfigError, UserError
-from qat.export import FORMATS, MIXES
+from qat.export import FORMATS, MIXES, check_recipe_format
 from qat.export import export as _export
 from qat.export.common import integer_modules
 from qat.export.ggml_blocks import BLOCK, WEIGHTED
@@ -29,7 +29,7 @@ from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
 from qat.transform.recipe import load_recipe
-from qat.transform import QuantRecipe, convert, prepare
+from qat.transform import QuantRecipe, as_recipe, convert, prepare
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,8 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     """
     start = time.perf_counter()
     check_output(output, format, gguf_type, overwrite)
+    if quant is not None:  # the writer's refusal of the recipe's schemes, before the model loads
+        check_recipe_format(as_recipe(quant), format)
     calibration = check_imatrix(imatrix, format, data, calibration)
     tok = tokenizer_for(tokenizer, model)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)

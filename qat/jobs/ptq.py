@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
 from qat.errors import ConfigError
-from qat.export import FORMATS, export
+from qat.export import FORMATS, check_recipe_format, export
 from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
@@ -29,6 +29,7 @@ from qat.ptq import distributed_methods, method_config, method_of_config, ptq_mo
 from qat.ptq.distributed import init_from_env, launch, process_rank
 from qat.ptq.stream import stream_ptq
 from qat.recipes import read_recipe
+from qat.transform import as_recipe
 
 
 def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
@@ -116,8 +117,24 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
                           f"(max_position_embeddings={context}); use {key}<={context}")
     if cfg.get("export") and cfg["export"] not in FORMATS:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
+    elif cfg.get("export") and cfg.get("quant") is not None:  # the writer's own refusal, said before quantizing
+        errors += format_errors(cfg["quant"], cfg["export"])
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def format_errors(quant: Any, format: str) -> list[str]:
+    """The export writer's refusal of the recipe's schemes (`qat.export.check_recipe_format`), as one line; none
+    for a recipe that does not load (quantizing reports that, naming its key)."""
+    try:
+        recipe = as_recipe(quant)
+    except (ConfigError, FileNotFoundError, TypeError):
+        return []
+    try:
+        check_recipe_format(recipe, format)
+    except ConfigError as err:
+        return [f"export={format}: {err} (choose another export format, or null: native holds every scheme)"]
+    return []
 
 
 def check_values(cfg: dict) -> list[str]:
@@ -268,10 +285,11 @@ def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
     result = {**row, "protocol": job_protocol(cfg, blocks), "model": cfg["model"]["path"], "options": model.qat_ptq}
     if as_bool(cfg.get("save", True), "save"):
         result["checkpoint"] = str(save_state(model, out / "model.pt"))
+    atomic_write_bytes(out / "result.json", to_json(result))  # the measurement is kept if the export fails
     if cfg.get("export"):
         suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
         result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
-    atomic_write_bytes(out / "result.json", to_json(result))
+        atomic_write_bytes(out / "result.json", to_json(result))
     return result
 
 

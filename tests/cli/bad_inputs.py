@@ -85,6 +85,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("data.block_size=0", "block_size"), ("seed=abc", "seed"), ("quant.weight.bits=1", "bits"),
                            ("method.damp=-1", "damp"), ("calibration.split=bogus", "bogus")]:
         add("ptq", [over], expected)
+    # an export format that cannot hold the recipe's schemes: refused before quantizing (the writer's own check)
+    add("ptq", ["method=rtn", "quant=w8a8_static", "export=compressed_tensors"], "static input scheme")
+    add("ptq", ["method=rtn", "quant=mxfp4", "export=gptq"], "GPTQ needs int bits")
 
     # qat-compare
     for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),
@@ -128,6 +131,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("export", ["model=tiny", "format=native", "output={tmp}/existing", "overwrite=no"], "existing")
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
     add("export", ["model=tiny", "format=native", "output={tmp}/nat"], "quant")
+    add("export", ["model=tiny", "quant=fp8_dynamic", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
     add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
                    "output={tmp}/nat"], "garbage.ckpt")
 

@@ -1,15 +1,19 @@
 """Acceptance checks of qat-ptq / qat-compare jobs: bad values fail before any model is loaded."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
 import qat.jobs.ptq
 import qat.models
+from qat.export import check_recipe_format
 from qat.jobs.compare import run_compare_job
 from qat.jobs.ptq import run_ptq_job
 from qat.ptq import method_config
 from qat.recipes import CONFIG_DIR
+from qat.transform import load_recipe
 
 from .conftest import compose_job
 
@@ -32,6 +36,9 @@ def no_model(monkeypatch):
     (["calibration.seq_len=-1"], r"calibration.seq_len=-1; must be a positive integer"),
     (["data.block_size=512"], r"data.block_size=512 is larger than the context .*max_position_embeddings=256"),
     (["method=smoothquant", "quant=w8a8", "method.alpha=abc"], r"alpha='abc' must be of type float"),
+    (["method=rtn", "quant=w8a8_static", "export=compressed_tensors"],
+     r"export=compressed_tensors: compressed-tensors: recipe 'w8a8_static' has a static input scheme"),
+    (["method=rtn", "quant=mxfp4", "export=gptq"], r"export=gptq: GPTQ export: recipe 'mxfp4' has fp4_e2m1"),
 ])
 def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match):
     cfg = compose_job("ptq", ["progress=false", *overrides])
@@ -59,6 +66,26 @@ def test_gguf_export_of_a_ptq_job_is_a_gguf_file(tmp_path):
                               "progress=false"])
     result = run_ptq_job(cfg, tmp_path)
     assert result["export"].endswith(".gguf") and (tmp_path / "export_gguf.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_result_is_written_before_the_export(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise qat.jobs.ptq.ConfigError("the writer refused this model")
+
+    monkeypatch.setattr(qat.jobs.ptq, "export", fail)
+    cfg = compose_job("ptq", ["method=rtn", "export=gptq", "calibration.samples=2", "eval.max_blocks=2",
+                              "progress=false", "save=false"])
+    with pytest.raises(ValueError, match="refused this model"):
+        run_ptq_job(cfg, tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())  # the measurement survives the failed export
+    assert result["quant"] == "w4a16_g128" and result["ppl"] > 1 and "export" not in result
+
+
+def test_compressed_tensors_refusal_lists_the_float_formats_it_takes():
+    with pytest.raises(ValueError, match=r"int weights .* or mxfp4 / nvfp4 / mxfp8 / fp8_block weights"):
+        check_recipe_format(load_recipe("fp8_dynamic"), "compressed_tensors")
+    for name in ("mxfp4", "nvfp4_w4a16", "mxfp8", "fp8_block", "w8a8", "w4a16_g128"):  # what the writer takes passes
+        check_recipe_format(load_recipe(name), "compressed_tensors")
 
 
 def _row(method, protocol, **extra):
