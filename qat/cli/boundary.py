@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qat.cli.recipe_path import recipe_paths
 from qat.errors import UserError
+from qat.observers import reset_warnings
 
 USER_EXIT = 2  # argparse's code for a usage error
 DEBUG_VARS = ("QAT_DEBUG", "HYDRA_FULL_ERROR")
@@ -88,11 +89,13 @@ def report(app: str, exc: BaseException) -> int | None:
 
 def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a Hydra task function: a user's mistake exits with `USER_EXIT` and one message, before Hydra would
-    print "Error executing job" and the stack; a bug (and everything under `debug()`) propagates as it was."""
+    print "Error executing job" and the stack; a bug (and everything under `debug()`) propagates as it was.
+    Each call (each job of a multirun) starts with fresh once-only warnings (`qat.observers.reset_warnings`)."""
     def wrap(task: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(task)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             _started[0] = True
+            reset_warnings()  # once-only warnings are once per job: each job of a multirun logs its own
             try:
                 return task(*args, **kwargs)
             except Exception as exc:

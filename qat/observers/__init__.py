@@ -40,9 +40,12 @@ def register_observer(name: str) -> Callable[[type], type]:
     return deco
 
 
-def build_observer(spec) -> "Observer":
+def build_observer(spec, source: str = "recipe") -> "Observer":
     """The observer named by `spec.observer`, with `spec.observer_args` as its keyword arguments.
 
+    Args:
+        source: where the observer was chosen, for the hints of its warnings: "recipe" (the scheme's own) or
+            "method" (a PTQ method's `method.observer` override).
     Raises:
         KeyError: an unknown observer name, listing the registered ones.
         ValueError: an observer argument it does not take.
@@ -51,15 +54,18 @@ def build_observer(spec) -> "Observer":
         raise KeyError(f"observer {spec.observer!r}; registered: {sorted(OBSERVERS)}")
     cls = OBSERVERS[spec.observer]
     try:
-        return cls(spec, **spec.observer_args)
+        observer = cls(spec, **spec.observer_args)
     except TypeError as err:
         raise ConfigError(f"observer {spec.observer!r} got bad observer_args {dict(spec.observer_args)}: {err}") from None
+    observer.source = source
+    return observer
 
 
 class Observer(nn.Module):
     """Base: min-max combination of per-tensor estimates; subclasses change `range_of` or `combine`."""
 
     name = "base"
+    source = "recipe"  # where it was chosen (`build_observer`)
 
     def __init__(self, spec) -> None:
         super().__init__()
@@ -123,21 +129,30 @@ def _blocks_last(x: torch.Tensor, spec) -> tuple[torch.Tensor, tuple[int, ...]]:
     return view.permute(*keep, *dims).reshape(*[view.shape[d] for d in keep], -1), keep_shape
 
 
-_NO_CLIP_WARNED: set[tuple[str, float, int]] = set()
+_NO_CLIP_WARNED: set[tuple[str, float, int, str]] = set()
+# how to lower the percentile, by where the observer was chosen (`build_observer`'s source)
+_CLIP_HINTS = {"recipe": "set observer_args: {percentile: 90} on that scheme in the recipe",
+               "method": "qat-ptq method=rtn method.observer=percentile +method.observer_args.percentile=90"}
 
 
-def warn_no_clip(spec, percentile: float, n: int) -> None:
-    """Warn (once per scheme, percentile and block size) that `percentile` keeps the maximum of every block of
-    `n` values, so the percentile observer is min-max there: 99.99 clips nothing on blocks of <= 5000 values,
-    i.e. on every block format (MX / NVFP4 / GGUF blocks of 16 or 32) and most per-channel / per-token rows."""
-    key = (spec.describe(), percentile, n)
+def reset_warnings() -> None:
+    """Forget which once-only warnings were given: a job calls it when it starts, so each job of a Hydra multirun
+    (one process) logs its own."""
+    _NO_CLIP_WARNED.clear()
+
+
+def warn_no_clip(spec, percentile: float, n: int, source: str = "recipe") -> None:
+    """Warn (once per scheme, percentile, block size and source, until `reset_warnings`) that `percentile` keeps
+    the maximum of every block of `n` values, so the percentile observer is min-max there: 99.99 clips nothing on
+    blocks of <= 5000 values, i.e. on every block format (MX / NVFP4 / GGUF blocks of 16 or 32) and most
+    per-channel / per-token rows. The hint is the route that applies to `source` (the recipe, or method.observer)."""
+    key = (spec.describe(), percentile, n, source)
     if key in _NO_CLIP_WARNED:
         return
     _NO_CLIP_WARNED.add(key)
     log.warning("percentile observer: percentile=%g keeps the maximum of every block of %d values (%s), so it is "
-                "min-max here; clip with a percentile below %.4g, e.g. observer_args: {percentile: 90} in the "
-                "recipe, or qat-ptq method=rtn method.observer=percentile +method.observer_args.percentile=90",
-                percentile, n, spec.describe(), 100.0 * (n - 0.5) / n)
+                "min-max here; clip with a percentile below %.4g, e.g. %s", percentile, n, spec.describe(),
+                100.0 * (n - 0.5) / n, _CLIP_HINTS.get(source, _CLIP_HINTS["recipe"]))
 
 
 @register_observer("percentile")
@@ -157,7 +172,7 @@ class PercentileObserver(Observer):
         k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
         k_lo = max(1, n + 1 - k_hi)
         if k_hi == n and self.percentile < 100.0:
-            warn_no_clip(self.spec, self.percentile, n)
+            warn_no_clip(self.spec, self.percentile, n, self.source)
         if get_format(self.spec).peak_range(self.spec):
             # formats that scale from the signed peak (Q4_0, Q3_K, Q6_K, IQ4_NL / IQ4_XS) read lo == hi == it: the
             # percentile of the magnitudes, with the peak's sign (the signed peak itself at 100)

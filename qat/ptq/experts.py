@@ -35,9 +35,10 @@ def rtn_qparams(experts: FakeQuantExperts, name: str, observer: str | None = Non
     """Round-to-nearest (scale, zero-point) of expert weight `name` on its 2-D view (every expert at once)."""
     quantizer = experts.weight_quantizers[name]
     spec = quantizer.spec
+    source = "recipe" if observer is None else "method"  # the warnings' hints name the route that applies
     if observer is not None:
         spec = spec.replace(observer=observer, observer_args=dict(observer_args or {}))
-    lo, hi = build_observer(spec).range_of(experts.rows(name).detach())
+    lo, hi = build_observer(spec, source).range_of(experts.rows(name).detach())
     return choose_qparams(lo, hi, spec)
 
 

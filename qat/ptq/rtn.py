@@ -21,8 +21,9 @@ def pin_rtn(module, observer: str | None = None, observer_args: dict[str, Any] |
     """
     quantizer = module.weight_quantizer
     spec = quantizer.spec
+    source = "recipe" if observer is None else "method"  # the warnings' hints name the route that applies
     if observer is not None:
         spec = spec.replace(observer=observer, observer_args=dict(observer_args or {}))
-    lo, hi = build_observer(spec).range_of(module.weight.detach())
+    lo, hi = build_observer(spec, source).range_of(module.weight.detach())
     scale, zero_point = choose_qparams(lo, hi, spec)
     quantizer.set_qparams(scale, zero_point)

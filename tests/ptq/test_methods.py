@@ -108,5 +108,28 @@ def test_the_percentile_override_of_docs_ptq_works_on_the_command_line(tmp_path,
         code, out = run_in_process("ptq", base + extra + [f"hydra.run.dir={tmp_path}/{len(extra)}"])
         assert code == 0, out
         assert ("keeps the maximum of every block of 32 values" in out) == (not extra), out
+        assert ("+method.observer_args.percentile=90" in out) == (not extra), out  # the route that applies
         ppl[len(extra)] = json.loads((tmp_path / str(len(extra)) / "result.json").read_text())["ppl"]
     assert ppl[0] != ppl[1]
+
+
+def test_each_job_of_a_multirun_logs_the_percentile_warning(tmp_path):
+    """The no-clipping warning is once per job, not per process: the second job of a multirun logs it too, with the
+    recipe's route (the observer came from the recipe file)."""
+    import yaml
+
+    import qat
+    from tests.cli.bad_inputs import run_in_process
+
+    recipe = tmp_path / "pct.yaml"
+    mx = qat.load_recipe("mxfp4").to_dict()
+    recipe.write_text(yaml.safe_dump({**mx, "name": "mx_pct", "weight": {**mx["weight"], "observer": "percentile"}}))
+    code, out = run_in_process("ptq", ["-m", "method=rtn", "seed=0,1", f"quant={recipe}", "save=false",
+                                       "eval.max_blocks=2", f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert code == 0, out
+    logs = sorted((tmp_path / "sweep").glob("*/ptq.log"))
+    assert len(logs) == 2, list((tmp_path / "sweep").rglob("*"))
+    for log in logs:
+        text = log.read_text()
+        assert "keeps the maximum of every block of 32 values" in text, text
+        assert "on that scheme in the recipe" in text and "method.observer" not in text

@@ -122,9 +122,16 @@ def test_percentile_that_clips_nothing_on_the_block_size_warns_once(monkeypatch,
     assert len(caplog.records) == 1, caplog.text
     text = caplog.records[0].getMessage()
     assert "percentile=99.99 keeps the maximum of every block of 32 values" in text and "below 98.44" in text
-    assert "+method.observer_args.percentile=90" in text and "observer_args: {percentile: 90}" in text
+    assert "observer_args: {percentile: 90} on that scheme in the recipe" in text  # the route that applies here
+    assert "method.observer" not in text
     caplog.clear()
     with caplog.at_level("WARNING", logger="qat.observers"):
         clipped = build_observer(spec.replace(observer_args={"percentile": 90})).range_of(x)[1]
         build_observer(QuantSpec(granularity="per_tensor", observer="percentile")).range_of(heavy_tailed(8192))
     assert not caplog.records and bool((clipped <= hi).all()) and bool((clipped < hi).any())
+    observers.reset_warnings()  # a new job (qat.cli.boundary.guard) warns again
+    with caplog.at_level("WARNING", logger="qat.observers"):
+        build_observer(spec).range_of(x)
+        build_observer(spec, source="method").range_of(x)  # method.observer=percentile: its own route
+    assert len(caplog.records) == 2, caplog.text
+    assert "+method.observer_args.percentile=90" in caplog.records[1].getMessage()
