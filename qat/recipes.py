@@ -44,12 +44,15 @@ def read_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: neither a known name nor an existing file, listing the known names.
-        BadFileError: a file that is not YAML, or whose YAML is not a mapping.
+        BadFileError: a directory, a file that is not YAML, or whose YAML is not a mapping.
     Example:
         >>> read_recipe("w4a16_g128")["weight"]["group_size"]
         128
     """
     path = Path(name_or_path)
+    if path.expanduser().is_dir() and str(name_or_path) not in recipe_names():
+        raise BadFileError(path, "is a directory; give a recipe YAML file (or a recipe name: "
+                                 f"{', '.join(recipe_names())})")
     if not path.suffix:
         path = CONFIG_DIR / "quant" / f"{name_or_path}.yaml"
     if not path.is_file():

@@ -36,10 +36,12 @@ def check_recipe_file(key: str, value: str) -> Path:
     """The resolved recipe file that `key=value` names, after validating it as a recipe.
 
     Raises:
-        ConfigError: a missing file, or one that is not a valid recipe: one line naming the key, the path and
+        ConfigError: a missing file, a directory, or one that is not a valid recipe: one line naming the key, the path and
             what would be valid.
     """
     path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}={value}: {path.resolve()} is a directory; give a recipe YAML file")
     if not path.is_file():
         raise ConfigError(f"{key}={value}: no such file ({path.resolve()}); give a recipe YAML file or a "
                           f"configs/quant name: {', '.join(recipe_names())}")

@@ -37,6 +37,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add(app, base + ["quant={tmp}/no_such_recipe.yaml"], "no_such_recipe.yaml")  # quant=<path>: the file's
         add(app, base + ["quant={tmp}/broken_recipe.yaml"], "not valid YAML")         # own checks, before Hydra
         add(app, base + ["quant={tmp}/bits17_recipe.yaml"], "QuantSpec.bits=17")
+        add(app, base + ["quant={tmp}/notok"], "notok is a directory; give a recipe YAML file")
         add(app, base + ["+model.tiny.layerz=4" if app != "demo" else "+tiny.layerz=4"], "layerz")
         add(app, base + ["seed=${oc.env:QAT_NO_SUCH_VARIABLE_X}"], "QAT_NO_SUCH_VARIABLE_X")
 

@@ -54,6 +54,15 @@ def test_unknown_recipe_name_lists_known():
         qat.load_recipe("w4a16_g129")
 
 
+def test_a_directory_is_not_a_recipe(tmp_path):
+    from qat.errors import BadFileError
+
+    (tmp_path / "sub.yaml").mkdir()
+    for given in (tmp_path, str(tmp_path), tmp_path / "sub.yaml"):
+        with pytest.raises(BadFileError, match=r"is a directory; give a recipe YAML file"):
+            qat.load_recipe(given)
+
+
 def test_unknown_observer_args():
     with pytest.raises(ValueError, match="observer 'percentile' got bad observer_args"):
         from qat.observers import build_observer
