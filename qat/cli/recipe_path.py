@@ -5,6 +5,9 @@ help: each path-like value (it has a `/` or ends in .yaml / .yml) is checked (`q
 temporary config folder as `quant/<stem>.yaml` and selected by that name, with the folder added to
 `hydra.searchpath`. Every job that takes `quant` (qat-train, qat-ptq, qat-export, qat-eval, qat-compare, sweeps
 `quant=a.yaml,w4a16_g128` included) then sees the file's recipe as if it were shipped. `run_hydra` does this.
+Hydra's grammar comes first: a comma separates sweep values and parentheses are its sweep functions (glob(...)),
+except that an existing .yaml / .yml file named whole is a path (`quant=a(1).yaml`); a comma inside an existing
+file's name is refused with the reason (`sweep_values`).
 
     with recipe_paths(["method=rtn", "quant=outputs/sensitivity/run/quant/auto.yaml"]) as argv:
         ...  # argv == ["method=rtn", "quant=auto", "hydra.searchpath=[file:///tmp/qat-quant-.../]"]
@@ -53,6 +56,26 @@ def check_recipe_file(key: str, value: str) -> Path:
     return path.resolve()
 
 
+def sweep_values(key: str, value: str) -> list[str]:
+    """The values of `key=value` as Hydra reads them (a comma separates sweep values); [] when Hydra's own grammar
+    applies (a sweep function such as glob(...) or choice(...)), except that an existing .yaml / .yml file named
+    whole is one path, parentheses and all (`quant=a(1).yaml`).
+
+    Raises:
+        ConfigError: a comma in an existing file's name whose pieces are not all files: Hydra would sweep them.
+    """
+    whole = Path(value).expanduser()
+    if value.endswith((".yaml", ".yml")) and whole.is_file():
+        if "," not in value:
+            return [value]
+        missing = [v for v in value.split(",") if is_path(v) and not Path(v).expanduser().is_file()]
+        if missing:
+            raise ConfigError(f"{key}={value}: a comma separates sweep values in Hydra, so this reads as the sweep "
+                              f"{value.split(',')} (no such file: {', '.join(missing)}); the file {whole.resolve()} "
+                              "exists: rename it without the comma")
+    return [] if "(" in value else value.split(",")
+
+
 @contextlib.contextmanager
 def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
     """`argv` with each `quant=<path>` (sweep lists too) rewritten to a temporary `quant` group option.
@@ -61,13 +84,13 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
     Raises:
         ConfigError: a path that is missing or not a valid recipe (`check_recipe_file`), before Hydra starts.
     """
-    found = [(i, arg) for i, arg in enumerate(argv) if arg.startswith(QUANT_KEYS) and "(" not in arg  # glob(...)
-             and any(is_path(v) for v in arg.split("=", 1)[1].split(","))]                  # is Hydra's
+    found = {i: values for i, arg in enumerate(argv) if arg.startswith(QUANT_KEYS)
+             and (values := sweep_values(*arg.split("=", 1))) and any(is_path(v) for v in values)}
     if not found:
         yield argv
         return
-    checked = {i: [(v, check_recipe_file(arg.split("=", 1)[0], v) if is_path(v) else None)
-                   for v in arg.split("=", 1)[1].split(",")] for i, arg in found}
+    checked = {i: [(v, check_recipe_file(argv[i].split("=", 1)[0], v) if is_path(v) else None) for v in values]
+               for i, values in found.items()}
     folder = Path(tempfile.mkdtemp(prefix="qat-quant-"))
     try:
         (folder / "quant").mkdir()

@@ -38,6 +38,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add(app, base + ["quant={tmp}/broken_recipe.yaml"], "not valid YAML")         # own checks, before Hydra
         add(app, base + ["quant={tmp}/bits17_recipe.yaml"], "QuantSpec.bits=17")
         add(app, base + ["quant={tmp}/notok"], "notok is a directory; give a recipe YAML file")
+        add(app, base + ["quant={tmp}/c,d.yaml"], "a comma separates sweep values in Hydra")
         add(app, base + ["+model.tiny.layerz=4" if app != "demo" else "+tiny.layerz=4"], "layerz")
         add(app, base + ["seed=${oc.env:QAT_NO_SUCH_VARIABLE_X}"], "QAT_NO_SUCH_VARIABLE_X")
 
@@ -164,6 +165,7 @@ def make_files(tmp: str | os.PathLike) -> Path:
     (tmp / "notok").mkdir(exist_ok=True)
     (tmp / "broken_recipe.yaml").write_text("name: [w4\n")
     (tmp / "bits17_recipe.yaml").write_text("name: w17\nweight: {bits: 17}\n")
+    (tmp / "c,d.yaml").write_text("name: comma\nweight: {bits: 4}\n")  # Hydra reads quant=c,d.yaml as a sweep
     return tmp
 
 

@@ -77,3 +77,23 @@ def test_the_rewrite_keeps_a_given_searchpath_and_cleans_up(recipe):
     with pytest.raises(ConfigError, match=r"^quant=nowhere/x.yaml: no such file .*w4a16_g128"):
         with recipe_paths(["quant=nowhere/x.yaml"]):
             pass
+
+
+def test_a_file_name_with_parentheses_or_a_comma(tmp_path, monkeypatch):
+    """`quant=a(1).yaml` (an existing file) is a path, not Hydra's grammar; `quant=c,d.yaml` is Hydra's sweep of
+    c and d.yaml, refused with the reason when those are missing and the whole name is a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a(1).yaml").write_text(yaml.safe_dump(W3))
+    with recipe_paths(["quant=a(1).yaml"]) as argv:
+        assert argv[0] == "quant=a_1_"
+    _ok("export", ["model=tiny", "quant=a(1).yaml", "format=native", f"output={tmp_path}/nat",
+                   f"hydra.run.dir={tmp_path}/e"])
+    assert (tmp_path / "nat" / "qat_quant.json").is_file()
+    for plain in (["quant=b(1).yaml"], ["-m", "quant=choice(w8a8,x.yaml)"]):  # no such file: left to Hydra
+        with recipe_paths(plain) as argv:
+            assert argv == plain
+    (tmp_path / "c,d.yaml").write_text(yaml.safe_dump(W3))
+    with pytest.raises(ConfigError, match=r"^quant=c,d.yaml: a comma separates sweep values in Hydra.*no such "
+                                          r"file: d.yaml.*rename it without the comma"):
+        with recipe_paths(["quant=c,d.yaml"]):
+            pass
