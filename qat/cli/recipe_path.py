@@ -78,7 +78,8 @@ def sweep_values(key: str, value: str) -> list[str]:
 
 @contextlib.contextmanager
 def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
-    """`argv` with each `quant=<path>` (sweep lists too) rewritten to a temporary `quant` group option.
+    """`argv` with each `quant=<path>` (sweep lists too; `+quant=` / `++quant=` alike) rewritten to `quant=<a
+    temporary quant group option>`.
 
     Yields argv unchanged when no `quant=` value is a path. The temporary folder lives until the block ends.
     Raises:
@@ -110,7 +111,9 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
                 taken.add(name)
                 shutil.copyfile(path, folder / "quant" / f"{name}.yaml")
                 names.append(name)
-            out[i] = f"{argv[i].split('=', 1)[0]}={','.join(names)}"
+            # quant is in the defaults list of every job that takes it: `+quant=` (add) would be Hydra's "Multiple
+            # values for quant" naming the temporary option, so +quant=<path> / ++quant=<path> select it as quant= does
+            out[i] = f"quant={','.join(names)}"
         yield _with_searchpath(out, folder.as_uri())
     finally:
         shutil.rmtree(folder, ignore_errors=True)

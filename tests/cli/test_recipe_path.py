@@ -42,6 +42,16 @@ def test_ptq_takes_an_absolute_and_a_relative_path(recipe, tmp_path, monkeypatch
         assert result["quant"] == "mine" and result["bits_per_weight"] == pytest.approx(bpw)
 
 
+def test_plus_quant_of_a_path_is_quant_of_it(recipe, tmp_path):
+    """`+quant=<path>` selects the file as `quant=<path>` does (quant is in every such job's defaults list, where
+    Hydra's + would name our temporary option in "Multiple values for quant")."""
+    for i, key in enumerate(("+quant", "++quant")):
+        out = _ok("ptq", ["method=rtn", f"{key}={recipe}", "save=false", "eval.max_blocks=2",
+                          f"hydra.run.dir={tmp_path}/{i}"])
+        assert "Multiple values" not in out
+        assert json.loads((tmp_path / str(i) / "result.json").read_text())["quant"] == "mine"
+
+
 def test_export_train_and_eval_take_a_path(recipe, tmp_path):
     _ok("export", ["model=tiny", f"quant={recipe}", "format=native", f"output={tmp_path}/nat",
                    f"hydra.run.dir={tmp_path}/e"])
@@ -67,7 +77,7 @@ def test_compare_sweeps_a_path_beside_a_name(recipe, tmp_path):
 def test_the_rewrite_keeps_a_given_searchpath_and_cleans_up(recipe):
     with recipe_paths(["quant=w8a8", "hydra.searchpath=[file:///elsewhere]", f"+quant={recipe}"]) as argv:
         folder = argv[1].split("file://")[-1].rstrip("]")
-        assert argv[0] == "quant=w8a8" and argv[2] == "+quant=w4a16_g128_2"  # never a shipped name
+        assert argv[0] == "quant=w8a8" and argv[2] == "quant=w4a16_g128_2"  # never a shipped name; + as plain
         assert argv[1].startswith("hydra.searchpath=[file:///elsewhere,file://")
         assert yaml.safe_load(open(f"{folder}/quant/w4a16_g128_2.yaml")) == W3
     assert not os.path.exists(folder)
