@@ -15,6 +15,7 @@ file's name is refused with the reason (`sweep_values`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -22,10 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
 from qat.errors import BadFileError, ConfigError, UserError
-from qat.recipes import recipe_names
+from qat.recipes import read_recipe, recipe_names
 from qat.transform import load_recipe
 
+log = logging.getLogger(__name__)
 QUANT_KEYS = ("quant=", "+quant=", "++quant=")
 SEARCHPATH_KEY = "hydra.searchpath="
 
@@ -76,6 +80,33 @@ def sweep_values(key: str, value: str) -> list[str]:
     return [] if "(" in value else value.split(",")
 
 
+def row_labels(paths: list[tuple[str, Path]]) -> dict[Path, str]:
+    """The row labels of recipe files whose `name` equals a shipped configs/quant recipe's or another file's of
+    the same command (rows are named by it, so they would read as the other recipe's): each such file is
+    labelled by its file stem (by the path as given when the stem is taken too), with a warning naming both.
+
+    Args:
+        paths: (value as given, resolved file) of every recipe path of the command.
+    Returns:
+        {file: label} for the files to relabel; the others keep their `name`.
+    """
+    shipped = set(recipe_names())
+    files = dict((path, value) for value, path in paths)  # one entry per file, given once or more
+    names = {path: str(read_recipe(path).get("name") or path.stem) for path in files}
+    labels: dict[Path, str] = {}
+    for path, value in files.items():
+        others = [files[p] for p in files if p != path and names[p] == names[path]]
+        if names[path] not in shipped and not others:
+            continue
+        stems = [p.stem for p in files if p != path]
+        label = path.stem if path.stem not in shipped | set(names.values()) | set(stems) else value
+        labels[path] = label
+        clash = ([f"the shipped recipe configs/quant/{names[path]}.yaml"] if names[path] in shipped else []) + others
+        log.warning("quant=%s: its recipe name %r is also the name of %s; its results are labelled %r instead",
+                    value, names[path], " and ".join(clash), label)
+    return labels
+
+
 @contextlib.contextmanager
 def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
     """`argv` with each `quant=<path>` (sweep lists too; `+quant=` / `++quant=` alike) rewritten to `quant=<a
@@ -92,6 +123,7 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
         return
     checked = {i: [(v, check_recipe_file(argv[i].split("=", 1)[0], v) if is_path(v) else None) for v in values]
                for i, values in found.items()}
+    labels = row_labels([(v, p) for values in checked.values() for v, p in values if p is not None])
     folder = Path(tempfile.mkdtemp(prefix="qat-quant-"))
     try:
         (folder / "quant").mkdir()
@@ -109,7 +141,12 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
                     n += 1
                     name = f"{stem}_{n}"
                 taken.add(name)
-                shutil.copyfile(path, folder / "quant" / f"{name}.yaml")
+                if path in labels:  # the file's `name` would label its rows like another recipe's: its own label
+                    data = yaml.safe_load(path.read_text())
+                    (folder / "quant" / f"{name}.yaml").write_text(yaml.safe_dump({**data, "name": labels[path]},
+                                                                                   sort_keys=False))
+                else:
+                    shutil.copyfile(path, folder / "quant" / f"{name}.yaml")
                 names.append(name)
             # quant is in the defaults list of every job that takes it: `+quant=` (add) would be Hydra's "Multiple
             # values for quant" naming the temporary option, so +quant=<path> / ++quant=<path> select it as quant= does

@@ -107,3 +107,28 @@ def test_a_file_name_with_parentheses_or_a_comma(tmp_path, monkeypatch):
                                           r"file: d.yaml.*rename it without the comma"):
         with recipe_paths(["quant=c,d.yaml"]):
             pass
+
+
+def test_a_recipe_name_shared_with_a_shipped_recipe_or_another_file_labels_rows_by_file(tmp_path, caplog):
+    """Rows are named by the recipe's `name`: a file named like a shipped recipe (or like another file of the same
+    command) would read as that one, so it is labelled by its file stem, with a warning naming both."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    copy = tmp_path / "my_w3.yaml"
+    copy.write_text(yaml.safe_dump({**W3, "name": "w8a8"}))        # a shipped recipe's name
+    for sub in ("a", "b"):
+        (tmp_path / sub / f"{sub}_mine.yaml").write_text(yaml.safe_dump(W3))  # both named "mine"
+    with caplog.at_level("WARNING", logger="qat.cli.recipe_path"):
+        with recipe_paths([f"quant={copy},{tmp_path}/a/a_mine.yaml,{tmp_path}/b/b_mine.yaml"]) as argv:
+            folder = argv[1].split("file://")[-1].rstrip("]")
+            names = [yaml.safe_load(open(f"{folder}/quant/{n}.yaml"))["name"] for n in argv[0][6:].split(",")]
+    assert names == ["my_w3", "a_mine", "b_mine"]
+    text = caplog.text
+    assert "'w8a8' is also the name of the shipped recipe configs/quant/w8a8.yaml" in text and "'my_w3'" in text
+    assert f"quant={tmp_path}/a/a_mine.yaml: its recipe name 'mine' is also the name of {tmp_path}/b/b_mine.yaml" in text
+    caplog.clear()
+    with recipe_paths([f"quant={tmp_path}/a/a_mine.yaml"]) as argv:  # alone, no clash: its own name
+        folder = argv[1].split("file://")[-1].rstrip("]")
+        assert yaml.safe_load(open(f"{folder}/quant/a_mine.yaml"))["name"] == "mine" and not caplog.records
+    _ok("ptq", ["method=rtn", f"quant={copy}", "save=false", "eval.max_blocks=2", f"hydra.run.dir={tmp_path}/r"])
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["quant"] == "my_w3"  # not the shipped w8a8's
