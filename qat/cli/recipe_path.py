@@ -141,12 +141,12 @@ def recipe_paths(argv: list[str]) -> Iterator[list[str]]:
                     n += 1
                     name = f"{stem}_{n}"
                 taken.add(name)
-                if path in labels:  # the file's `name` would label its rows like another recipe's: its own label
-                    data = yaml.safe_load(path.read_text())
-                    (folder / "quant" / f"{name}.yaml").write_text(yaml.safe_dump({**data, "name": labels[path]},
-                                                                                   sort_keys=False))
-                else:
-                    shutil.copyfile(path, folder / "quant" / f"{name}.yaml")
+                # rows are labelled by the recipe's `name`: the label row_labels chose where the file's would read
+                # as another recipe's, else the file's own, else its stem (a nameless mapping would be "custom")
+                data = yaml.safe_load(path.read_text())
+                label = labels.get(path) or data.get("name") or path.stem
+                (folder / "quant" / f"{name}.yaml").write_text(yaml.safe_dump({**data, "name": str(label)},
+                                                                               sort_keys=False))
                 names.append(name)
             # quant is in the defaults list of every job that takes it: `+quant=` (add) would be Hydra's "Multiple
             # values for quant" naming the temporary option, so +quant=<path> / ++quant=<path> select it as quant= does

@@ -460,7 +460,10 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         config = AutoConfig.from_pretrained(str(folder))
         config.quantization_config = None
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
-        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(stored))  # the exported dtype
+        groups = q.get("config_groups") if isinstance(q.get("config_groups"), dict) else {}
+        quantized = [n for g in groups.values() if isinstance(g, dict) for n in g.get("targets") or ()]
+        # the exported dtype; the quantized layers' scales (fp32 by default) do not count
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(stored, quantized))
         arch = find_arch(model)
         hk = (lambda key: key) if arch is None else arch.hf_key  # noqa: E731  (checkpoint names -> transformers 5)
         t = {hk(k): v for k, v in stored.items()}

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
-from qat.errors import ConfigError
+from qat.errors import ConfigError, UserError
 from qat.export import FORMATS, check_recipe_format, export
 from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
@@ -128,7 +128,7 @@ def format_errors(quant: Any, format: str) -> list[str]:
     for a recipe that does not load (quantizing reports that, naming its key)."""
     try:
         recipe = as_recipe(quant)
-    except (ConfigError, FileNotFoundError, TypeError):
+    except (UserError, FileNotFoundError, TypeError):
         return []
     try:
         check_recipe_format(recipe, format)

@@ -64,7 +64,7 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         progress: show a progress bar per block.
         distributed: run in every process of the initialised torch.distributed group, each on its share of
             `batches` (all processes pass the same list), with the same result as one process
-            (`qat.ptq.distributed`; the methods `qat.ptq.distributed_methods()` names: GPTQ, AWQ).
+            (`qat.ptq.distributed`; the methods `qat.ptq.distributed_methods()` names: GPTQ, AWQ, SmoothQuant).
     Returns:
         the same model; `model.qat_ptq` records the method, its options and the wall time.
     Raises:

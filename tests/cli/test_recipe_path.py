@@ -132,3 +132,20 @@ def test_a_recipe_name_shared_with_a_shipped_recipe_or_another_file_labels_rows_
         assert yaml.safe_load(open(f"{folder}/quant/a_mine.yaml"))["name"] == "mine" and not caplog.records
     _ok("ptq", ["method=rtn", f"quant={copy}", "save=false", "eval.max_blocks=2", f"hydra.run.dir={tmp_path}/r"])
     assert json.loads((tmp_path / "r" / "result.json").read_text())["quant"] == "my_w3"  # not the shipped w8a8's
+
+
+def test_nameless_recipe_files_are_labelled_by_their_stem_or_path(tmp_path):
+    """A recipe file without `name` gets its file stem as the row label (not the "custom" of an unnamed mapping);
+    two nameless files with the same stem get their paths as given."""
+    nameless = {k: v for k, v in W3.items() if k != "name"}
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.yaml").write_text(yaml.safe_dump(nameless))
+    (tmp_path / "a" / "one.yaml").write_text(yaml.safe_dump(nameless))
+    for given, expected in (([f"{tmp_path}/a/one.yaml"], ["one"]),
+                            ([f"{tmp_path}/a/x.yaml", f"{tmp_path}/b/x.yaml"],
+                             [f"{tmp_path}/a/x.yaml", f"{tmp_path}/b/x.yaml"])):
+        with recipe_paths([f"quant={','.join(given)}"]) as argv:
+            folder = argv[1].split("file://")[-1].rstrip("]")
+            names = [yaml.safe_load(open(f"{folder}/quant/{n}.yaml"))["name"] for n in argv[0][6:].split(",")]
+        assert names == expected

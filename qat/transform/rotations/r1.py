@@ -86,7 +86,8 @@ def rotate_residual(model: nn.Module, config: RotationConfig) -> None:
     """Fold every RMSNorm into its readers, then rotate the residual stream by Q of kind `config.r1`."""
     adapter = get_arch(model)
     fold_norms(model)
-    q = rotation_matrix(config.r1, model.config.hidden_size, config.seed)
+    # on the weights' device once: rotate_columns / rotate_rows would otherwise copy it for every weight
+    q = rotation_matrix(config.r1, model.config.hidden_size, config.seed).to(model.get_input_embeddings().weight.device)
     _, blocks = adapter.blocks(model)
     head = model.get_output_embeddings()
     for block in blocks:
