@@ -24,7 +24,7 @@ Checks (each a row; `result` is pass / FAIL for parity checks, `measured` for fi
                     (tests/train/parallel_script.py with deterministic CUDA kernels). Skipped on the CPU (the suite
                     runs it with 2 gloo processes: tests/train/test_parallel.py; --fsdp-on-cpu N runs it here).
 
-Exit status 1 when a parity check fails. docs/gpu.md has the figures once a GPU has run this.
+Exit status 1 when a parity check fails, 2 for a device this cannot run on (CUDA asked without one) or an unwritable --json. docs/gpu.md has the figures once a GPU has run this.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from transformers import AutoModelForCausalLM
 
 import qat
 from qat.export import export, load_any
+from qat.io import atomic_path, check_writable
 from qat.modules import FakeQuantLinear
 from qat.ptq import InputStats, gptq_quantize
 from qat.ptq.awq import output_error
@@ -313,17 +314,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp-on-cpu", type=int, default=0, metavar="N",
                         help="without CUDA, run the fsdp check with N gloo processes (about a minute)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"gpu_check: --device {args.device}: not a device this check runs on; use cuda, cuda:N or cpu",
+              file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: --device cuda but torch.cuda.is_available() is False; run with --device cpu --small for "
-              "the smoke test", file=sys.stderr)
+        print(f"gpu_check: --device {args.device} but torch.cuda.is_available() is False; run with --device cpu "
+              "--small for the smoke test", file=sys.stderr)
+        return 2
+    try:  # before any check runs: a full GPU run must not be lost to an unwritable --json
+        check_writable(args.json)
+    except ValueError as err:
+        print(f"gpu_check: --json: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     rows = run_checks(args)
     result = {"environment": environment(device), "small": args.small, "wall_s": round(time.perf_counter() - start, 1),
               "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "checks": rows}
-    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{json.dumps(result['environment'])}, {result['wall_s']} s\n{table(rows)}\nfigures: {args.json}")
+    with atomic_path(args.json) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, default=str))
     failed = [r["check"] for r in rows if r["result"] == "FAIL"]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

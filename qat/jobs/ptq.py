@@ -194,7 +194,11 @@ def enough_tokens(method: Any, cal: dict) -> list[str]:
             f"method {name} needs min_tokens={need} (give more samples, or lower method.min_tokens)"]
 
 
-def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict, batch_rows: int = 8):
+CALIBRATION_ROWS = 8  # calibration sequences per batch (qat-ptq's batches; distributed PTQ splits them)
+
+
+def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict,
+               batch_rows: int = CALIBRATION_ROWS):
     """(load_model callable, calibration batches, eval blocks) from the model / data config groups.
 
     Calibration sequences come from `calibration.split` of the corpus, grouped `batch_rows` to a batch
@@ -262,6 +266,12 @@ def check_processes(cfg: dict, method: dict) -> int:
             errors.extend(method_of_config(options).distributed_option_errors(options))
         if cfg.get("offload") is not None:
             errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
+        samples = (cfg.get("calibration") or {}).get("samples")
+        if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 \
+                and processes > (batches := -(-samples // CALIBRATION_ROWS)):
+            errors.append(f"distributed.processes={processes} needs at least {processes} calibration batches; "
+                          f"calibration.samples={samples} makes {batches} (batches of {CALIBRATION_ROWS}): "
+                          f"set calibration.samples >= {processes * CALIBRATION_ROWS} or fewer processes")
         if errors:
             raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     return processes

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,3 +47,13 @@ def test_cuda_without_cuda_is_refused_clearly(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--device", "cuda"]) == 2
     assert "--device cpu --small" in capsys.readouterr().err
+
+
+def test_bad_device_and_unwritable_json_are_refused_before_any_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_check, "run_checks", lambda args: pytest.fail("a check ran"))
+    for device in ("foo", "mps"):
+        assert gpu_check.main(["--device", device]) == 2
+        assert f"--device {device}: not a device this check runs on; use cuda, cuda:N or cpu" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")  # a file where --json's folder would be
+    assert gpu_check.main(["--device", "cpu", "--small", "--json", str(tmp_path / "f" / "x.json")]) == 2
+    assert "gpu_check: --json: output path" in capsys.readouterr().err

@@ -176,6 +176,10 @@ def test_qat_ptq_distributed_config_refused():
         check_processes({"distributed": 2}, gptq)
     for key in ("stage_cache", "true_sequential"):  # both paths run distributed (CASES)
         assert check_processes({"distributed": {"processes": 2}}, {"name": "gptq", key: False}) == 2
+    with pytest.raises(ConfigError, match=r"distributed.processes=3 needs at least 3 calibration batches; "
+                                          r"calibration.samples=16 makes 2 \(batches of 8\)"):  # before spawning
+        check_processes({"distributed": {"processes": 3}, "calibration": {"samples": 16}}, gptq)
+    assert check_processes({"distributed": {"processes": 2}, "calibration": {"samples": 9}}, gptq) == 2
 
 
 def fail_on_rank1() -> None:
