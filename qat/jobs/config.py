@@ -54,8 +54,8 @@ EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "ggu
           "calibration": EXPORT_CALIBRATION}
 EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
             "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY}
-SENSITIVITY = {**JOB, "model": MODEL, "data": DATA, "menu": ANY, "method": ANY, "mode": ANY, "scores": ANY,
-               "targets": ANY, "ignore": ANY, "float_bits": ANY, "ties": ANY, "candidates": ANY,
+SENSITIVITY = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "menu": ANY, "method": ANY, "mode": ANY,
+               "scores": ANY, "targets": ANY, "ignore": ANY, "float_bits": ANY, "ties": ANY, "candidates": ANY,
                "budget": dict.fromkeys(("bits_per_weight", "bytes"), ANY), "calibration": dict.fromkeys(
                    ("samples", "seq_len", "split", "batch_size"), ANY), "name": ANY, "plot": ANY,
                "gguf": dict.fromkeys(("export", "rest"), ANY)}

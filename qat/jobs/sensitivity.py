@@ -26,7 +26,7 @@ from qat.jobs.config import as_bool, as_count, check_keys
 from qat.jobs.export import run_export
 from qat.jobs.measure import PeakMemory
 from qat.models import load_model
-from qat.sensitivity import (ScoreTable, budget_bits, build_menu, build_scorer, gguf_tensor_types,
+from qat.sensitivity import (ScoreTable, budget_bits, build_menu, build_scorer, check_base, gguf_tensor_types,
                              llama_quantize_args, markdown_table, plot_report, score_model, solve, tie_groups,
                              to_recipe, write_recipe)
 from qat.transform import QuantRecipe
@@ -44,7 +44,8 @@ def budget_of(cfg: dict) -> tuple[Any, Any]:
 
 def check_sensitivity(cfg: dict) -> None:
     """Everything a qat-sensitivity config can be refused for before a model loads: keys, mode, scores file,
-    budget, ties, menu, method, calibration sizes, flags; each naming its key.
+    budget, ties, menu, method, calibration sizes, flags, the base recipe (`quant`: valid, and no conflict with
+    the menu: `qat.sensitivity.check_base`); each naming its key.
 
     Raises:
         ConfigError: the first bad value (the menu lists every bad entry).
@@ -56,6 +57,9 @@ def check_sensitivity(cfg: dict) -> None:
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
     if cfg["mode"] == "analyze" and cfg.get("scores"):
         raise ConfigError(f"scores={cfg['scores']!r} is read by mode=solve only; drop it or set mode=solve")
+    if cfg["mode"] == "solve" and cfg.get("quant") is not None:
+        raise ConfigError(f"quant={(cfg['quant'] or {}).get('name')!r} is read by mode=analyze only: a re-solve "
+                          "writes the base recipe the scores were measured with (recorded in scores.json); drop quant=")
     bits_check = ScoreTable([], {})  # the budget's form, checked on an empty table
     budget_bits(bits_check, *budget_of(cfg))
     tie_groups([], cfg.get("ties") or [])
@@ -78,6 +82,8 @@ def check_sensitivity(cfg: dict) -> None:
             raise ConfigError(f"gguf.export=true needs every candidate to be a GGUF type (menu=gguf); "
                               f"{not_gguf} are not")
         build_scorer(cfg.get("method") or {})
+        if cfg.get("quant") is not None:
+            check_base(QuantRecipe.from_dict(cfg["quant"]), menu)
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
             as_count(cal.get(key), f"calibration.{key}")
@@ -105,7 +111,7 @@ def analyze(cfg: dict) -> ScoreTable:
     with PeakMemory() as mem:
         table = score_model(model, menu, batches, cfg["method"], cfg["targets"], cfg["ignore"], gguf_names_of(model),
                             {"model": str(model_cfg["path"]), "data": str(cfg["data"].get("path")),
-                             "calibration": dict(cal)})
+                             "calibration": dict(cal)}, base=cfg.get("quant"))
     table.meta.update(wall_s=round(time.perf_counter() - start, 2), peak_mem_mb=round(mem.peak_mb, 1))
     return table
 

@@ -117,3 +117,22 @@ def attach_kv_quantizers(model: nn.Module, attention: dict[str, nn.Module], spec
         module.v_quantizer = KVCacheQuantizer(spec, "kv_cache", example)
         module.qat_base_attention = base
     model.set_attn_implementation(name)
+
+
+def set_base_attention(model: nn.Module, base: str) -> None:
+    """Make a KV-quantized model's attention wrap `base` (e.g. "eager", for a double backward), keeping its
+    quantizers and rotations: the model is routed through "qat_kv_<base>".
+
+    Example:
+        >>> set_base_attention(qat.prepare(model, qat.load_recipe("w4a8_kv8")), "eager")
+    """
+    name = _register(base)
+    for module in model.modules():
+        if hasattr(module, "qat_base_attention"):
+            module.qat_base_attention = base
+    model.set_attn_implementation(name)
+
+
+def base_attention(model: nn.Module) -> str | None:
+    """The attention a KV-quantized model's "qat_kv_<base>" wraps (None for a model with no KV quantizers)."""
+    return next((m.qat_base_attention for m in model.modules() if hasattr(m, "qat_base_attention")), None)

@@ -3,7 +3,9 @@
     score(m, c) = sum over calibration tokens t of (dL/dY_t . dY_t)^2,   dY_t = (W_c - W) x_t
 
 where Y = W x + b is the module's output, L the summed next-token cross-entropy of the float model, and W_c the
-weight as fake quant computes it under c (`quantized_weight`). One forward and one backward per calibration
+weight as fake quant computes it under c (`quantized_weight`). With a base recipe (`qat.sensitivity.base`) the
+model runs with its activation / KV schemes and rotations: x is the module's input after its input quantizer
+and dL/dY the gradient of that model. One forward and one backward per calibration
 batch give every module's inputs x and output gradients dL/dY; each candidate's dY then costs one matmul. This
 is the estimate of NVIDIA Model Optimizer's AutoQuantize (the Fisher approximation of the loss increase).
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
+from qat.sensitivity.base import effective_input
 from qat.sensitivity.scores import Scorer, quantized_weight, register_scorer
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,7 @@ class Fisher(Scorer):
 
         def forward_hook(name):
             def hook(module, args, out):
-                inputs[name] = args[0]
+                inputs[name] = effective_input(module, args[0])  # x as the weight sees it (a base's A8)
                 if out.requires_grad:
                     out.register_hook(lambda g: accumulate(name, inputs.pop(name), g))
             return hook

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
+from qat.modules.fake import FakeQuantLinear
+from qat.modules.kv_cache import base_attention, set_base_attention
 from qat.sensitivity.fisher import lm_loss
 from qat.sensitivity.scores import Scorer, quantized_weight, register_scorer
 
@@ -39,12 +41,18 @@ def hessian_traces(model: nn.Module, modules: dict[str, nn.Linear], batches, pro
     gen = torch.Generator(device="cpu").manual_seed(seed)
     traces = dict.fromkeys(modules, 0.0)
     attn = getattr(model.config, "_attn_implementation", None)
+    kv_base = base_attention(model)  # a base recipe's KV quantizers: keep them, on eager attention
+    lean = {m: m.lean for m in model.modules() if isinstance(m, FakeQuantLinear)}
     try:
         for p in params:
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        if attn is not None:
+        for m in lean:
+            m.lean = False  # the unfused STE is twice differentiable; the lean one's backward is not
+        if kv_base is not None:
+            set_base_attention(model, "eager")
+        elif attn is not None:
             model.set_attn_implementation("eager")  # double backward through every attention kernel
         for ids in batches:
             ids = ids.to(weights[0].device)
@@ -58,7 +66,11 @@ def hessian_traces(model: nn.Module, modules: dict[str, nn.Linear], batches, pro
     finally:
         for p in params:
             p.requires_grad_(flags[p])
-        if attn is not None:
+        for m, flag in lean.items():
+            m.lean = flag
+        if kv_base is not None:
+            set_base_attention(model, kv_base)
+        elif attn is not None:
             model.set_attn_implementation(attn)
     return traces
 

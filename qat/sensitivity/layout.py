@@ -20,6 +20,7 @@ from qat.errors import ConfigError
 from qat.io import atomic_write_bytes
 from qat.sensitivity.scores import ScoreTable
 from qat.sensitivity.solver import Solution
+from qat.spec import QuantSpec
 
 
 def to_recipe(solution: Solution, table: ScoreTable, name: str = "auto", ignore: tuple[str, ...] = ("lm_head",),
@@ -27,12 +28,16 @@ def to_recipe(solution: Solution, table: ScoreTable, name: str = "auto", ignore:
     """A recipe mapping (the layout of configs/quant/*.yaml) that quantizes each module to its chosen candidate:
     the most common candidate as the base weight scheme, one override per other candidate naming its modules
     exactly, modules kept in float added to `ignore`. `qat.load_recipe` / `qat.prepare` / qat-train / qat-ptq /
-    qat-export take it as it is.
+    qat-export take it as it is. A table scored on a base recipe (`table.base`) gives that recipe (its targets,
+    ignore list, input / KV schemes, rotations, overrides and weight scheme, the default of modules not scored)
+    with one weight override per chosen candidate naming its modules; `ignore` is then unused.
 
     Raises:
         ConfigError: a layout that keeps every module in float (nothing to quantize).
     """
     schemes = {c: v.get("weight") for c, v in table.candidates.items()}
+    if table.base is not None:
+        return _on_base(solution, table, schemes, name, description)
     quantized = {n: c for n, c in solution.choice.items() if schemes[c] is not None}
     if not quantized:
         raise ConfigError("the chosen layout keeps every module in float: there is no recipe to write")
@@ -48,6 +53,25 @@ def to_recipe(solution: Solution, table: ScoreTable, name: str = "auto", ignore:
             f"{solution.bits_per_weight:.4f} bits per weight of the scored modules",
             "targets": sorted(set(solution.choice)), "ignore": [*ignore, *floats],
             "weight": dict(schemes[base]), "input": None, "kv_cache": None, "overrides": overrides}
+
+
+def _on_base(solution: Solution, table: ScoreTable, schemes: dict[str, Any], name: str,
+             description: str) -> dict[str, Any]:
+    """`to_recipe` of a table scored on a base recipe: the base with the solver's weight per scored module (a
+    float choice turns the weight off there, keeping the module's input scheme)."""
+    base = dict(table.base)
+    overrides = list(base.get("overrides") or [])
+    for cand in table.candidates:
+        names = [n for n, c in solution.choice.items() if c == cand]
+        if names and (schemes[cand] is not None or base.get("weight") is not None):
+            weight = None if schemes[cand] is None else QuantSpec.from_dict(schemes[cand]).to_dict()  # field order
+            overrides.append({"targets": names, "weight": weight})
+    if base.get("weight") is None and base.get("input") is None and base.get("kv_cache") is None \
+            and not any(o.get("weight") for o in overrides):
+        raise ConfigError("the chosen layout keeps every module in float: there is no recipe to write")
+    return {**base, "name": name, "description": description or f"auto-mixed by qat-sensitivity ({table.method}) "
+            f"on {base.get('name')!r}: {solution.bits_per_weight:.4f} bits per weight of the scored modules",
+            "overrides": overrides}
 
 
 def write_recipe(recipe: dict[str, Any], path: str | os.PathLike) -> Path:

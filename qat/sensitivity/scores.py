@@ -24,9 +24,10 @@ from torch import nn
 from qat.errors import BadFileError, ConfigError
 from qat.io import unique_keys, write_json
 from qat.modules.quantizer import TensorQuantizer
+from qat.sensitivity.base import apply_context, select_base
 from qat.sensitivity.menu import Candidate
 from qat.spec import QuantSpec
-from qat.transform import matches
+from qat.transform import QuantRecipe, as_recipe, matches
 
 VERSION = 1
 SCORERS: dict[str, type["Scorer"]] = {}
@@ -123,12 +124,14 @@ class ModuleEntry:
 
 @dataclass
 class ScoreTable:
-    """Every module's scores and costs, plus how they were made (method, tokens, model, menu)."""
+    """Every module's scores and costs, plus how they were made (method, tokens, model, menu) and in which
+    context: `base`, the base recipe's mapping (`QuantRecipe.to_dict`) or None (float activations)."""
 
     modules: list[ModuleEntry]
     candidates: dict[str, dict[str, Any]]
     method: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] | None = None
 
     @property
     def params(self) -> int:
@@ -139,7 +142,8 @@ class ScoreTable:
                  "bits": m.bits, "bits_per_weight": {c: b / m.params for c, b in m.bits.items()},
                  "scores": m.scores} for m in self.modules]
         return {"version": VERSION, "method": self.method, "meta": self.meta, "candidates": self.candidates,
-                "candidate_order": list(self.candidates), "modules": mods}  # JSON keys are written sorted
+                "candidate_order": list(self.candidates), "base": self.base,
+                "modules": mods}  # JSON keys are written sorted
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON, atomically (`qat.io.write_json`)."""
@@ -181,7 +185,11 @@ class ScoreTable:
         order = [str(c) for c in data.get("candidate_order") or sorted(cands)]  # the menu's order: tables, ties
         if sorted(order) != sorted(cands):
             raise ValueError(f"candidate_order={order} is not an order of the candidates {sorted(cands)}")
-        return cls(modules, {c: cands[c] for c in order}, str(data.get("method", "")), dict(data.get("meta", {})))
+        base = data.get("base")  # absent in files of before the base recipe: float activations
+        if base is not None:
+            base = QuantRecipe.from_dict(base).to_dict()  # refused here (ConfigError, a ValueError) if invalid
+        return cls(modules, {c: cands[c] for c in order}, str(data.get("method", "")), dict(data.get("meta", {})),
+                   base)
 
 
 def fitting(modules: dict[str, nn.Linear], menu: dict[str, Candidate]) -> dict[str, list[str]]:
@@ -205,7 +213,8 @@ def fitting(modules: dict[str, nn.Linear], menu: dict[str, Candidate]) -> dict[s
 def score_model(model: nn.Module, menu: dict[str, Candidate], batches: list[torch.Tensor],
                 method: Mapping[str, Any] | str = "fisher", targets: Iterable[str] = ("Linear",),
                 ignore: Iterable[str] = ("lm_head",), gguf_names: Callable[[str], list[str]] | None = None,
-                meta: Mapping[str, Any] | None = None) -> ScoreTable:
+                meta: Mapping[str, Any] | None = None, base: QuantRecipe | Mapping[str, Any] | str | None = None
+                ) -> ScoreTable:
     """Score every targeted linear of `model` under every fitting candidate of `menu`.
 
     Args:
@@ -214,16 +223,25 @@ def score_model(model: nn.Module, menu: dict[str, Candidate], batches: list[torc
         batches: calibration LongTensors [B, T].
         method: a scorer name or {name, <options>} (`SCORERS`: fisher, hutchinson, kl).
         gguf_names: module name -> its GGUF tensor names (kept in the table for llama-quantize arguments).
+        base: a base recipe (name, path, mapping or QuantRecipe; `qat.sensitivity.base`): only the modules it
+            quantizes are scored, with its input / KV schemes and rotations applied to `model` *in place* first
+            (None: the float model, as is).
     Returns:
-        the ScoreTable.
+        the ScoreTable (with `base` recorded).
     Example:
         >>> table = score_model(tiny_llama(), build_menu(MENU), [torch.randint(0, 512, (2, 32))])
     """
     scorer = build_scorer({"name": method} if isinstance(method, str) else method)
+    recipe = None if base is None else as_recipe(base)
     modules = target_modules(model, targets, ignore)
+    if recipe is not None:
+        modules = select_base(modules, recipe)
     fits = fitting(modules, menu)
     if not batches:
         raise ConfigError("calibration: no batches to score with; give calibration.samples >= 1")
+    if recipe is not None:
+        apply_context(model, recipe, batches)
+        modules = {name: model.get_submodule(name) for name in modules}  # the fake-quant modules now there
     scores = scorer.score(model, modules, menu, fits, batches)
     entries = []
     for name, m in modules.items():
@@ -233,4 +251,4 @@ def score_model(model: nn.Module, menu: dict[str, Candidate], batches: list[torc
                                    gguf_names(name) if gguf_names else []))
     tokens = sum(int(b.numel()) for b in batches)
     return ScoreTable(entries, {c: cand.to_dict() for c, cand in menu.items()}, scorer.name,
-                      {"tokens": tokens, **dict(meta or {})})
+                      {"tokens": tokens, **dict(meta or {})}, None if recipe is None else recipe.to_dict())

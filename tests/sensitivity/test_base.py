@@ -1,0 +1,145 @@
+"""qat-sensitivity on a base recipe (`quant=`): without one the scores are today's; with an A8 base they are measured
+with the base's activation / KV schemes, the written recipe keeps them on every quantized module (qat-ptq loads it),
+mode=solve rewrites the same recipe from scores.json alone; conflicts are one line before any model loads."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import qat
+from qat.jobs import sensitivity as job
+from qat.modules.fake import FakeQuantLinear
+from qat.sensitivity import budget_bits, build_menu, score_model, solve, to_recipe
+from qat.testing import tiny_llama
+from tests.cli.bad_inputs import run_in_process
+from tests.sensitivity.test_analysis import INT_MENU, _batches
+
+IGNORED = "model.layers.1.mlp.down_proj"  # the path recipe's extra ignore entry
+
+
+def _run(tmp_path, name, *argv):
+    return run_in_process("sensitivity", ["calibration.samples=4", "calibration.batch_size=2", "calibration.seq_len=32",
+                                          "plot=false", "budget.bits_per_weight=5", *argv,
+                                          f"hydra.run.dir={tmp_path}/{name}"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A run without a base and one on a recipe file: w4a8_kv8 (int4 g128 weights, A8 per token, KV8) that also
+    ignores one MLP projection."""
+    tmp = tmp_path_factory.mktemp("base")
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe.update(name="my_w4a8", ignore=["lm_head", IGNORED])
+    (tmp / "my_w4a8.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for name, argv in (("plain", []), ("base", [f"quant={tmp / 'my_w4a8.yaml'}"])):
+        code, out = _run(tmp, name, *argv)
+        assert code == 0, out
+    return tmp
+
+
+def _scores(run):
+    return {m["name"]: m["scores"] for m in json.loads((run / "scores.json").read_text())["modules"]}
+
+
+def test_without_a_base_the_scores_are_those_of_the_float_model():
+    """No base (the default) is the float model as before; a weight-only base has no other scheme, so its context is
+    that same float model: the scores are equal to the bit."""
+    menu, batches = build_menu(INT_MENU), _batches()
+    plain = score_model(tiny_llama(), menu, batches)
+    weight_only = score_model(tiny_llama(), menu, batches, base="w4a16_g128")
+    assert plain.base is None and weight_only.base == qat.load_recipe("w4a16_g128").to_dict()
+    assert [m.scores for m in plain.modules] == [m.scores for m in weight_only.modules]
+
+
+def test_an_a8_base_changes_the_scores_and_drops_its_ignored_modules(runs):
+    plain, base = _scores(runs / "plain"), _scores(runs / "base")
+    assert json.loads((runs / "plain" / "scores.json").read_text())["base"] is None
+    recorded = json.loads((runs / "base" / "scores.json").read_text())["base"]
+    assert qat.QuantRecipe.from_dict(recorded).base == qat.load_recipe("w4a8_kv8").base
+    assert set(plain) - set(base) == {IGNORED}
+    for name, scores in base.items():
+        assert scores["float"] == 0 and all(s > 0 for c, s in scores.items() if c != "float")
+        assert all(scores[c] != plain[name][c] for c in scores if c != "float"), name
+
+
+def test_the_written_recipe_keeps_the_base_schemes_on_every_quantized_module(runs):
+    run = runs / "base"
+    choice = json.loads((run / "layout.json").read_text())["choice"]
+    menu = build_menu(yaml.safe_load((qat.recipes.CONFIG_DIR / "menu" / "int.yaml").read_text()))
+    base = qat.load_recipe("w4a8_kv8")
+    recipe = qat.load_recipe(run / "quant" / "auto.yaml")
+    assert recipe.ignore == ("lm_head", IGNORED) and recipe.base == base.base
+    model = qat.prepare(tiny_llama(), recipe)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(linears) - {"lm_head", IGNORED} == set(choice)
+    for name, module in linears.items():
+        if name in ("lm_head", IGNORED):
+            assert type(module) is nn.Linear
+            continue
+        assert isinstance(module, FakeQuantLinear) and module.input_quantizer.spec == base.base.input, name
+        spec = menu[choice[name]].spec
+        assert (module.weight_quantizer is None) if spec is None else module.weight_quantizer.spec == spec
+    attention = [m for m in model.modules() if hasattr(m, "k_quantizer")]
+    assert len(attention) == 2 and all(m.k_quantizer.spec == base.base.kv_cache for m in attention)
+    code, out = run_in_process("ptq", ["method=rtn", f"quant={run / 'quant' / 'auto.yaml'}", "save=false",
+                                       "calibration.samples=4", f"hydra.run.dir={runs}/ptq"])
+    assert code == 0, out
+    result = json.loads((runs / "ptq" / "result.json").read_text())
+    assert result["bits_per_weight"] == pytest.approx(json.loads((run / "layout.json").read_text())["bits_per_weight"])
+
+
+def test_solve_rewrites_the_same_recipe_without_the_model(runs, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("mode=solve loaded a model")
+    monkeypatch.setattr(job, "load_model", no_model)
+    run = runs / "base"
+    code, out = _run(runs, "solved", "mode=solve", f"scores={run / 'scores.json'}")
+    assert code == 0, out
+    assert (json.loads((runs / "solved" / "layout.json").read_text())["choice"]
+            == json.loads((run / "layout.json").read_text())["choice"])
+    assert qat.load_recipe(runs / "solved" / "quant" / "auto.yaml") == qat.load_recipe(run / "quant" / "auto.yaml")
+
+
+@pytest.mark.parametrize("base", ["w8a8_static", "w4a8_kv4_rot"])
+def test_static_activations_and_rotations_are_the_scoring_context(base):
+    """A static (PACT, percentile) input scheme is calibrated before scoring; rotations rotate the weights the
+    candidates quantize. The recipe written on them prepares a fresh model."""
+    menu, batches = build_menu(INT_MENU), _batches()
+    plain = score_model(tiny_llama(), menu, batches)
+    table = score_model(tiny_llama(), menu, batches, base=base)
+    assert [m.scores for m in table.modules] != [m.scores for m in plain.modules]
+    assert all(torch.isfinite(torch.tensor(list(m.scores.values()))).all() for m in table.modules)
+    recipe = qat.QuantRecipe.from_dict(to_recipe(solve(table, budget_bits(table, bits_per_weight=6)), table))
+    assert recipe.rotations == qat.load_recipe(base).rotations and recipe.base.input == qat.load_recipe(base).base.input
+    qat.prepare(tiny_llama(), recipe)
+
+
+def test_hutchinson_keeps_the_kv_quantizers_and_restores_the_model():
+    model = tiny_llama()
+    table = score_model(model, build_menu(INT_MENU), _batches(), "hutchinson", base="w4a8_kv8")
+    assert table.base is not None and model.config._attn_implementation.startswith("qat_kv_")
+    assert all(m.lean for m in model.modules() if isinstance(m, FakeQuantLinear))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["quant=w4a16_g128_mixed"], "quant.overrides[0].weight"),
+    (["menu=gguf", "quant=w8a8"], "quant.input (int8 sym per_token dyn) of the base recipe 'w8a8' cannot combine"),
+    (["quant={tmp}/missing.yaml"], "quant={tmp}/missing.yaml: no such file"),
+    (["quant={tmp}/garbage.yaml"], "not a valid recipe"),
+    (["quant=no_such_recipe"], "Could not find 'quant/no_such_recipe'"),  # Hydra's own: it lists the options
+    (["mode=solve", "scores={tmp}/scores.json", "quant=w8a8"], "read by mode=analyze only"),
+])
+def test_bad_base_recipes_are_one_line_before_the_model_loads(argv, expected, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(job, "load_model", no_model)
+    (tmp_path / "garbage.yaml").write_text("name: g\nweight: {bitz: 4}\n")
+    (tmp_path / "scores.json").write_text("{}")
+    code, out = _run(tmp_path, "run", *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    errors = [line for line in out.splitlines() if line.startswith(("qat-sensitivity: error:", "In 'sensitivity'"))]
+    assert code == 2 and "Traceback" not in out and len(errors) == 1, out
+    assert expected.replace("{tmp}", str(tmp_path)) in errors[0], out
