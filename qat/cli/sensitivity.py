@@ -4,6 +4,7 @@ Thin: compose, call.
     qat-sensitivity model=smollm2_135m data=wiki budget.bits_per_weight=3.5     int3..int8 g64, int3/4 g128, float
     qat-sensitivity model=smollm2_135m data=wiki menu=gguf budget.bytes=70000000 gguf.export=true
     qat-sensitivity mode=solve scores=outputs/sensitivity/<run>/scores.json budget.bits_per_weight=4.5   no model
+    qat-sensitivity model=smollm2_135m data=wiki quant=w4a8_kv8     scored with A8 / KV8, the recipe keeps them
 
 Writes scores.json, recipe.yaml (quant=<it> for qat-train / qat-ptq / qat-export), layout.json, report.md /
 report.png, and with a GGUF menu gguf_types.json and tensor_types.txt (llama-quantize --tensor-type-file).

@@ -1,6 +1,7 @@
 """The qat-sensitivity job: score a model's modules under a menu of formats (mode=analyze), or re-solve saved
 scores for a new budget without any model (mode=solve); write the layout as a recipe, GGUF tensor types,
-llama-quantize arguments and a report.
+llama-quantize arguments and a report. `quant=` (optional) is the base recipe: its input / KV schemes, rotations
+and ignore list are the scoring context and the rest of the written recipe (`qat.sensitivity.base`).
 
 Files written in the run folder:
     scores.json           the scores and costs (mode=analyze): `qat-sensitivity mode=solve scores=<it>` re-solves

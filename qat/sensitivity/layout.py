@@ -140,7 +140,19 @@ def markdown_table(solution: Solution, table: ScoreTable) -> str:
     lines.append("")
     lines.append(f"total: {solution.bits_per_weight:.4f} bits per weight ({solution.bits} of {solution.budget_bits} "
                  f"budget bits), summed score {solution.score:.4g}, {len(table.modules)} modules, method {table.method}")
+    if table.base is not None:
+        base = qat_recipe_line(table.base)
+        lines.append(f"scored on the base recipe {base}")
     return "\n".join(lines)
+
+
+def qat_recipe_line(base: dict[str, Any]) -> str:
+    """A base recipe in one line: its name and non-weight schemes, e.g. "'w4a8_kv8' (input int8 sym per_token
+    dyn, kv_cache int8 sym per_token dyn)"."""
+    parts = [f"{role} {QuantSpec.from_dict(base[role]).describe()}" for role in ("input", "kv_cache") if base.get(role)]
+    if base.get("rotations"):
+        parts.append("rotations " + ", ".join(f"{k}={v}" for k, v in base["rotations"].items() if v))
+    return f"{base.get('name')!r} ({'; '.join(parts) or 'weights only'})"
 
 
 def plot_report(solution: Solution, table: ScoreTable, path: str | os.PathLike) -> Path | None:

@@ -61,6 +61,8 @@ def test_an_a8_base_changes_the_scores_and_drops_its_ignored_modules(runs):
     recorded = json.loads((runs / "base" / "scores.json").read_text())["base"]
     assert qat.QuantRecipe.from_dict(recorded).base == qat.load_recipe("w4a8_kv8").base
     assert set(plain) - set(base) == {IGNORED}
+    assert ("scored on the base recipe 'my_w4a8' (input int8 sym per_token dyn; kv_cache int8 sym per_token dyn)"
+            in (runs / "base" / "report.md").read_text())
     for name, scores in base.items():
         assert scores["float"] == 0 and all(s > 0 for c, s in scores.items() if c != "float")
         assert all(scores[c] != plain[name][c] for c in scores if c != "float"), name
