@@ -13,6 +13,7 @@ from torch import nn
 import qat
 from qat.jobs import sensitivity as job
 from qat.modules.fake import FakeQuantLinear
+from qat.modules.kv_cache import base_attention
 from qat.sensitivity import budget_bits, build_menu, score_model, solve, to_recipe
 from qat.testing import tiny_llama
 from tests.cli.bad_inputs import run_in_process
@@ -123,7 +124,9 @@ def test_static_activations_and_rotations_are_the_scoring_context(base):
 def test_hutchinson_keeps_the_kv_quantizers_and_restores_the_model():
     model = tiny_llama()
     table = score_model(model, build_menu(INT_MENU), _batches(), "hutchinson", base="w4a8_kv8")
-    assert table.base is not None and model.config._attn_implementation.startswith("qat_kv_")
+    original = tiny_llama().config._attn_implementation
+    assert table.base is not None and base_attention(model) == original  # the KV quantizers' attention, restored
+    assert model.config._attn_implementation == f"qat_kv_{original}"
     assert all(m.lean for m in model.modules() if isinstance(m, FakeQuantLinear))
 
 
