@@ -30,7 +30,7 @@ from qat.transform import QuantRecipe, matches, prepare
 from qat.transform.rotations import apply_rotations, rotation_errors
 
 
-def check_base(recipe: QuantRecipe, menu: dict[str, Candidate], method: str = "fisher") -> None:
+def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
     """Refuse a base recipe that cannot go with the analysis, before any model loads.
 
     Refused: a weight scheme in one of its overrides (the solver chooses the scored modules' weights; a per-module
