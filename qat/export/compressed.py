@@ -287,7 +287,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
     if fp_inputs:
         log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
-                    "fp4 activation schemes need a calibrated static input_global_scale, so they are written without "
+                    "NVFP4 activation scheme needs a calibrated static input_global_scale, so they are written without "
                     "an input scheme (weights only)", len(fp_inputs),
                     ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
     for scheme, names in inexact.items():

@@ -16,8 +16,9 @@ Per FP8-block linear (FloatQuantizationCompressor, strategy block): <m>.weight f
 <m>.weight_scale float32 [ceil(out / b), in / b]; weights args block_structure [b, b].
 Per MXFP8 linear (MXFP8QuantizationCompressor): <m>.weight float8_e4m3fn [out, in], <m>.weight_scale uint8 E8M0
 [out, in / 32]; weights args num_bits 8, type float, strategy group, group_size 32, scale_dtype torch.uint8. Dynamic
-MXFP8 activations are written as its input scheme (group 32, dynamic); dynamic fp4 activations are not (the
-fp4 schemes there need a calibrated static input_global_scale): the writer warns, naming the modules.
+MXFP8 and MXFP4 activations are written as their input scheme (group 32, dynamic, uint8 E8M0 scales: compressed-tensors'
+MXFP8 / MXFP4 presets); dynamic NVFP4 activations are not (its NVFP4 activation scheme needs a calibrated static
+input_global_scale): the writer warns, naming the modules.
 The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
 """
 from __future__ import annotations
@@ -57,11 +58,12 @@ def fp_weights_args(spec: QuantSpec) -> dict:
 
 
 def fp_input_args(spec: QuantSpec) -> dict | None:
-    """compressed-tensors input_activations of a dynamic microscaling activation scheme, or None (not storable)."""
-    if get_format(spec).name != "mxfp8" or not spec.dynamic:
+    """compressed-tensors input_activations of a dynamic microscaling activation scheme (MXFP8 / MXFP4: the
+    presets' dynamic group-32 scheme with E8M0 uint8 scales), or None (not storable: NVFP4's fp4 activations)."""
+    if get_format(spec).name not in ("mxfp8", "mxfp4") or not spec.dynamic:
         return None
-    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": spec.group_size,
-            "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    return {"num_bits": spec.bits, "type": "float", "symmetric": True, "strategy": "group",
+            "group_size": spec.group_size, "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
