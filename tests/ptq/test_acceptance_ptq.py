@@ -82,9 +82,11 @@ def test_result_is_written_before_the_export(tmp_path, monkeypatch):
 
 
 def test_compressed_tensors_refusal_lists_the_float_formats_it_takes():
-    with pytest.raises(ValueError, match=r"int weights .* or mxfp4 / nvfp4 / mxfp8 / fp8_block weights"):
-        check_recipe_format(load_recipe("fp8_dynamic"), "compressed_tensors")
-    for name in ("mxfp4", "nvfp4_w4a16", "mxfp8", "fp8_block", "w8a8", "w4a16_g128"):  # what the writer takes passes
+    with pytest.raises(ValueError, match=r"int weights .*, fp8_e4m3 per_channel \(axis 0\) / per_tensor weights, "
+                                         r"or mxfp4 / nvfp4 / mxfp8 / fp8_block weights"):
+        check_recipe_format(load_recipe("gguf_q4_k"), "compressed_tensors")
+    # what the writer takes passes
+    for name in ("mxfp4", "nvfp4_w4a16", "mxfp8", "fp8_block", "w8a8", "w4a16_g128", "fp8_dynamic", "mxfp4_w4a4"):
         check_recipe_format(load_recipe(name), "compressed_tensors")
 
 
