@@ -96,6 +96,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
     # an export format that cannot hold the recipe's schemes: refused before quantizing (the writer's own check)
     add("ptq", ["method=rtn", "quant=w8a8_static", "export=compressed_tensors"], "static input scheme")
     add("ptq", ["method=rtn", "quant=mxfp4", "export=gptq"], "GPTQ needs int bits")
+    add("ptq", ["distributed.processes=4096"], "CPU core(s) this host lets qat use; choose 1..")  # before spawning
 
     # qat-compare
     for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),

@@ -39,8 +39,11 @@ def no_model(monkeypatch):
     (["method=rtn", "quant=w8a8_static", "export=compressed_tensors"],
      r"export=compressed_tensors: compressed-tensors: recipe 'w8a8_static' has a static input scheme"),
     (["method=rtn", "quant=mxfp4", "export=gptq"], r"export=gptq: GPTQ export: recipe 'mxfp4' has fp4_e2m1"),
+    (["distributed.processes=4096", "calibration.samples=65536"],  # no upper limit before: 4096 ranks spawned
+     r"distributed.processes=4096 is more than the \d+ CPU core\(s\) this host lets qat use; choose 1\.\.\d+"),
 ])
-def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match):
+def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match, monkeypatch):
+    monkeypatch.setattr(qat.jobs.ptq, "launch", lambda *args, **kwargs: pytest.fail("processes were spawned"))
     cfg = compose_job("ptq", ["progress=false", *overrides])
     with pytest.raises(ValueError, match=match):
         run_ptq_job(cfg, tmp_path)
