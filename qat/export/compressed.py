@@ -491,6 +491,9 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
                   else fp_quantized_weight(t, n, w_args, fmt))
+            if tuple(qw.shape) != (old.out_features, old.in_features):
+                raise ConfigError(f"{n}: the stored weight is {tuple(qw.shape)}; the model's layer is "
+                                  f"{(old.out_features, old.in_features)}")
             qw.dtype = old.weight.dtype  # dequantize to the model's dtype (bf16 for a bf16 export)
             inputs, outputs = acts[n]
             i_q = None if not inputs else input_quantizer(inputs, old.in_features, t, n)

@@ -161,13 +161,13 @@ def _fp8_weight(t: dict, name: str, w_args: dict) -> QuantizedWeight:
     codes, scale = t.get(f"{name}.weight"), t.get(f"{name}.weight_scale")
     if w_args.get("num_bits") != 8 or w_args.get("type") != "float" or codes is None or codes.ndim != 2 \
             or codes.dtype != torch.float8_e4m3fn:
-        raise ConfigError(f"compressed-tensors: {name} has format 'float-quantized' with weights {w_args} and tensor "
-                          f"{name}.weight {None if codes is None else (codes.dtype, tuple(codes.shape))}; qat reads "
+        raise ConfigError(f"{name}: num_bits={w_args.get('num_bits')!r}, type={w_args.get('type')!r}, weight "
+                          f"{'missing' if codes is None else (codes.dtype, tuple(codes.shape))}; qat reads "
                           "num_bits 8, type float with a float8_e4m3fn [out, in] weight")
     channel = w_args["strategy"] == "channel"
     want = (codes.shape[0], 1) if channel else (1,)
     if scale is None or tuple(scale.shape) != want or scale.dtype not in _SCALE_DTYPES:
-        raise ConfigError(f"compressed-tensors: tensor {name}.weight_scale is "
+        raise ConfigError(f"tensor {name}.weight_scale is "
                           f"{'missing' if scale is None else (scale.dtype, tuple(scale.shape))}; strategy "
                           f"{w_args['strategy']} needs a float {want}")
     spec = QuantSpec(bits=8, dtype="fp8_e4m3", granularity="per_channel" if channel else "per_tensor",

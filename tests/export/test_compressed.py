@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import qat
 from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
 from qat.export.compressed import pack_int32, unpack_int32
-from qat.io import load_safetensors
+from qat.io import load_safetensors, write_safetensors
 from qat.testing import tiny_llama
 from tests.export.conftest import logits
 
@@ -162,3 +162,18 @@ def test_fp8_weights_it_cannot_hold_are_refused_naming_the_module(model, tmp_pat
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj .*fp8_e4m3 per_channel \(axis 0\)"):
         export_compressed_tensors(prepared, tmp_path / "ct")
     assert not (tmp_path / "ct" / "config.json").exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t, k: t.update({f"{k}.weight": t[f"{k}.weight"][:, :64].contiguous()}), r"stored weight is \(512, 64\)"),
+    (lambda t, k: t.update({f"{k}.weight_scale": torch.ones(3)}), r"weight_scale is .*needs a float \(512, 1\)"),
+    (lambda t, k: t.update({f"{k}.weight": t[f"{k}.weight"].float()}), r"qat reads num_bits 8, type float")],
+    ids=["weight_shape", "scale_shape", "weight_dtype"])
+def test_edited_fp8_tensors_are_refused_naming_the_layer(model, tmp_path, edit, match):
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe("fp8_dynamic")), tmp_path / "ct")
+    t = load_safetensors(out / "model.safetensors")
+    edit(t, "model.layers.0.mlp.gate_proj")
+    write_safetensors(t.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.*" + match):
+        load_compressed_tensors(out)
