@@ -116,11 +116,47 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     return model.eval()
 
 
+# The files a tokenizer is read from (tokenizers' JSON, sentencepiece / tiktoken models, BPE / WordPiece vocabularies).
+# Without any of them transformers does not fail: for GPT-2 / Qwen2 / Llama configs it builds a tokenizer of 1-3
+# special tokens, every text then encodes to almost nothing, and a job stops much later on "only N tokens".
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+TOKENIZER_SUFFIXES = (".tiktoken", ".spm")
+
+
+def check_tokenizer_source(name_or_path: str | os.PathLike) -> None:
+    """Refuse a local model folder (or a .safetensors file's folder) that holds no tokenizer files, before any work.
+
+    "tiny", hub names and paths that do not exist pass (their own checks report them).
+    Raises:
+        ConfigError: naming the folder, the files looked for, and how to give a tokenizer.
+    Example:
+        >>> check_tokenizer_source("out/weights_only")  # ConfigError: out/weights_only: no tokenizer could be ...
+    """
+    name = resolve_path(name_or_path)
+    path = Path(name).expanduser()
+    if name in TINY_NAMES or not path.exists():
+        return
+    folder = path.parent if path.is_file() else path
+    if any((folder / f).is_file() for f in TOKENIZER_FILES) or any(
+            f.suffix in TOKENIZER_SUFFIXES for f in folder.iterdir() if f.is_file()):
+        return
+    raise ConfigError(f"{folder}: no tokenizer could be loaded from this folder: it has no tokenizer files "
+                      f"({', '.join(TOKENIZER_FILES[:5])}, ...), and from config.json alone transformers would build "
+                      "an empty one; add the model's tokenizer files to the folder, or give a tokenizer with "
+                      "data.tokenizer=<folder or hub name> (qat-eval / qat-export: tokenizer=<folder or hub name>)")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The tokenizer for a model location; for "tiny", a byte-level stand-in (ids = bytes + 3, vocab 259+)."""
+    """The tokenizer for a model location; for "tiny", a byte-level stand-in (ids = bytes + 3, vocab 259+).
+
+    Raises:
+        ConfigError: a local folder without tokenizer files (`check_tokenizer_source`) or one transformers cannot read.
+    """
     source = check_model_source(name_or_path)
     if source in TINY_NAMES:
         return ByteTokenizer()
+    check_tokenizer_source(source)
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()

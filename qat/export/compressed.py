@@ -22,7 +22,7 @@ gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one s
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
 The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
-Linears in a microscaling or block-scaled float format (MXFP4, NVFP4, MXFP8, FP8 blocks) go to `qat.export.compressed_fp` (its own layout and config-group format);
+Linears in a float format (fp8 e4m3 per channel / tensor, MXFP4, NVFP4, MXFP8, FP8 blocks) go to `qat.export.compressed_fp` (its own layout and config-group format);
 a checkpoint with both kinds of groups has format "mixed-precision".
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
-from qat.export.compressed_fp import FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args
+from qat.export.compressed_fp import (FP8_WEIGHTS, FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight,
+                                     fp_weights_args)
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
@@ -85,8 +86,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 def _check_spec(name: str, spec: QuantSpec) -> None:
     if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
         raise ConfigError(f"compressed-tensors: {name} has {spec.describe()}; supported: int weights per_tensor / "
-                         f"per_channel / per_group on the uniform grid, or {' / '.join(FP_FORMATS)} weights "
-                         "(the microscaling / block-scaled float formats)")
+                         f"per_channel / per_group on the uniform grid, {FP8_WEIGHTS} weights, or "
+                         f"{' / '.join(FP_FORMATS)} weights (the microscaling / block-scaled float formats)")
     if spec.granularity == "per_channel" and spec.axis != 0:
         raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
 
@@ -287,7 +288,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
     if fp_inputs:
         log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
-                    "fp4 activation schemes need a calibrated static input_global_scale, so they are written without "
+                    "NVFP4 activation scheme needs a calibrated static input_global_scale, so they are written without "
                     "an input scheme (weights only)", len(fp_inputs),
                     ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
     for scheme, names in inexact.items():
@@ -490,6 +491,9 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
                   else fp_quantized_weight(t, n, w_args, fmt))
+            if tuple(qw.shape) != (old.out_features, old.in_features):
+                raise ConfigError(f"{n}: the stored weight is {tuple(qw.shape)}; the model's layer is "
+                                  f"{(old.out_features, old.in_features)}")
             qw.dtype = old.weight.dtype  # dequantize to the model's dtype (bf16 for a bf16 export)
             inputs, outputs = acts[n]
             i_q = None if not inputs else input_quantizer(inputs, old.in_features, t, n)

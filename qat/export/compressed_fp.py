@@ -14,10 +14,15 @@ weight_global_scale float32 [1], the divisor g (scale = weight_scale / g); weigh
 group_size 16, scale_dtype torch.float8_e4m3fn.
 Per FP8-block linear (FloatQuantizationCompressor, strategy block): <m>.weight float8_e4m3fn [out, in],
 <m>.weight_scale float32 [ceil(out / b), in / b]; weights args block_structure [b, b].
+Per FP8 linear with per-channel (axis 0) or per-tensor e4m3 weights (FloatQuantizationCompressor, strategy channel /
+tensor: compressed-tensors' FP8_DYNAMIC / FP8 presets): <m>.weight float8_e4m3fn [out, in], <m>.weight_scale [out, 1]
+(channel) or [1] (tensor) in the scheme's scale dtype (fp32 by default); x^ = weight * scale. fp8_dynamic's per-token
+activations are its group's input scheme (`qat.export.ct_activations`).
 Per MXFP8 linear (MXFP8QuantizationCompressor): <m>.weight float8_e4m3fn [out, in], <m>.weight_scale uint8 E8M0
 [out, in / 32]; weights args num_bits 8, type float, strategy group, group_size 32, scale_dtype torch.uint8. Dynamic
-MXFP8 activations are written as its input scheme (group 32, dynamic); dynamic fp4 activations are not (the
-fp4 schemes there need a calibrated static input_global_scale): the writer warns, naming the modules.
+MXFP8 and MXFP4 activations are written as their input scheme (group 32, dynamic, uint8 E8M0 scales: compressed-tensors'
+MXFP8 / MXFP4 presets); dynamic NVFP4 activations are not (its NVFP4 activation scheme needs a calibrated static
+input_global_scale): the writer warns, naming the modules.
 The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
 """
 from __future__ import annotations
@@ -38,13 +43,28 @@ FP_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized", 
               "fp8_block": "float-quantized"}  # qat format name -> compressed-tensors format
 
 
+FP8_WEIGHTS = "fp8_e4m3 per_channel (axis 0) / per_tensor"  # the plain fp8 weight schemes float-quantized holds
+_FP8_STRATEGY = {"per_channel": "channel", "per_tensor": "tensor"}
+_SCALE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def is_fp8_weight(spec: QuantSpec) -> bool:
+    """Whether `spec` is a plain fp8 weight scheme compressed-tensors' float-quantized format holds (e4m3, static,
+    per_channel on the output axis or per_tensor)."""
+    return (get_format(spec).name == "fp8" and spec.dtype == "fp8_e4m3" and not spec.dynamic
+            and (spec.granularity == "per_tensor" or (spec.granularity == "per_channel" and spec.axis == 0)))
+
+
 def fp_format(spec: QuantSpec) -> str | None:
     """The compressed-tensors format that holds `spec`'s weights in this module's layouts, or None."""
-    return FP_FORMATS.get(get_format(spec).name)
+    return "float-quantized" if is_fp8_weight(spec) else FP_FORMATS.get(get_format(spec).name)
 
 
 def fp_weights_args(spec: QuantSpec) -> dict:
-    """compressed-tensors QuantizationArgs (as JSON) of a microscaling weight scheme."""
+    """compressed-tensors QuantizationArgs (as JSON) of a float weight scheme `fp_format` holds."""
+    if is_fp8_weight(spec):
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": _FP8_STRATEGY[spec.granularity],
+                "group_size": None, "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax"}
     if get_format(spec).name == "fp8_block":
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
                 "block_structure": [spec.group_size, spec.group_size], "dynamic": False, "actorder": None,
@@ -57,11 +77,12 @@ def fp_weights_args(spec: QuantSpec) -> dict:
 
 
 def fp_input_args(spec: QuantSpec) -> dict | None:
-    """compressed-tensors input_activations of a dynamic microscaling activation scheme, or None (not storable)."""
-    if get_format(spec).name != "mxfp8" or not spec.dynamic:
+    """compressed-tensors input_activations of a dynamic microscaling activation scheme (MXFP8 / MXFP4: the
+    presets' dynamic group-32 scheme with E8M0 uint8 scales), or None (not storable: NVFP4's fp4 activations)."""
+    if get_format(spec).name not in ("mxfp8", "mxfp4") or not spec.dynamic:
         return None
-    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": spec.group_size,
-            "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    return {"num_bits": spec.bits, "type": "float", "symmetric": True, "strategy": "group",
+            "group_size": spec.group_size, "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -76,8 +97,12 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one MXFP4 / NVFP4 / MXFP8 linear."""
+    """The checkpoint tensors of one linear in a float format `fp_format` holds."""
     scale, _ = qw.qparams()
+    if is_fp8_weight(qw.spec):
+        return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
+                f"{name}.weight_scale": (scale.reshape(qw.shape[0], 1) if qw.spec.granularity == "per_channel"
+                                         else scale.reshape(1)).to(qw.spec.torch_scale_dtype)}
     if get_format(qw.spec).name == "fp8_block":
         g = qw.spec.group_size
         return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
@@ -101,6 +126,8 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
     Raises:
         ValueError: a format or weights args this reader does not know, naming the module.
     """
+    if fmt == "float-quantized" and w_args.get("strategy") in _FP8_STRATEGY.values():
+        return _fp8_weight(t, name, w_args)
     if fmt == "float-quantized" and w_args.get("strategy") == "block":
         b = w_args["block_structure"]
         if b[0] != b[1]:
@@ -126,4 +153,25 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, scale, None)
+    return qw
+
+
+def _fp8_weight(t: dict, name: str, w_args: dict) -> QuantizedWeight:
+    """The QuantizedWeight of a float-quantized linear with per-channel / per-tensor fp8 e4m3 weights."""
+    codes, scale = t.get(f"{name}.weight"), t.get(f"{name}.weight_scale")
+    if w_args.get("num_bits") != 8 or w_args.get("type") != "float" or codes is None or codes.ndim != 2 \
+            or codes.dtype != torch.float8_e4m3fn:
+        raise ConfigError(f"{name}: num_bits={w_args.get('num_bits')!r}, type={w_args.get('type')!r}, weight "
+                          f"{'missing' if codes is None else (codes.dtype, tuple(codes.shape))}; qat reads "
+                          "num_bits 8, type float with a float8_e4m3fn [out, in] weight")
+    channel = w_args["strategy"] == "channel"
+    want = (codes.shape[0], 1) if channel else (1,)
+    if scale is None or tuple(scale.shape) != want or scale.dtype not in _SCALE_DTYPES:
+        raise ConfigError(f"tensor {name}.weight_scale is "
+                          f"{'missing' if scale is None else (scale.dtype, tuple(scale.shape))}; strategy "
+                          f"{w_args['strategy']} needs a float {want}")
+    spec = QuantSpec(bits=8, dtype="fp8_e4m3", granularity="per_channel" if channel else "per_tensor",
+                     scale_dtype=_SCALE_DTYPES[scale.dtype])
+    qw = QuantizedWeight(spec, tuple(codes.shape))
+    qw.set_codes(codes, scale.float().reshape(want if channel else ()), None)
     return qw

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from qat.errors import ConfigError
-from qat.export.compressed_fp import fp_format, fp_input_args
+from qat.export.compressed_fp import FP_FORMATS, fp_input_args
+from qat.formats import get_format
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec
 
@@ -36,7 +37,7 @@ def input_args(spec: QuantSpec | None, name: str) -> dict | None:
     """
     if spec is None:
         return None
-    if fp_format(spec):
+    if get_format(spec).name in FP_FORMATS:  # the microscaling formats' own activation schemes
         return fp_input_args(spec)
     if not spec.dynamic:
         raise ConfigError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "

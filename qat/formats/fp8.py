@@ -22,7 +22,7 @@ class FP8Format(Format):
     """fp8 codes: symmetric, 8 bits, no learned scales."""
 
     name, grid, dtypes, is_float = "fp8", "uniform", tuple(FLOAT_DTYPES), True
-    holds = frozenset({"compressed-tensors"})  # its dynamic activation schemes (pack-quantized weights are int)
+    holds = frozenset({"compressed-tensors"})  # e4m3 weights per channel / tensor (float-quantized); dynamic activations
 
     def check(self, spec: QuantSpec) -> None:
         if spec.bits != 8:

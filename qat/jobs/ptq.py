@@ -24,9 +24,9 @@ from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
-from qat.models import TINY_NAMES, check_model_source, load_model, resolve_dtype
+from qat.models import TINY_NAMES, check_model_source, check_tokenizer_source, load_model, resolve_dtype
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
-from qat.ptq.distributed import init_from_env, launch, process_rank
+from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
 from qat.ptq.stream import stream_ptq
 from qat.recipes import read_recipe
 from qat.transform import as_recipe
@@ -115,6 +115,10 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
         if context is not None and isinstance(value, int) and value > context:
             errors.append(f"{key}={value} is larger than the context of model.path={cfg['model']['path']!r} "
                           f"(max_position_embeddings={context}); use {key}<={context}")
+    try:  # a folder without tokenizer files: transformers would build an empty tokenizer (no text, no blocks)
+        check_tokenizer_source(cfg["data"].get("tokenizer") or cfg["model"]["path"])
+    except ConfigError as err:
+        errors.append(str(err))
     if cfg.get("export") and cfg["export"] not in FORMATS:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
     elif cfg.get("export") and cfg.get("quant") is not None:  # the writer's own refusal, said before quantizing
@@ -247,8 +251,12 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
 
 
 def check_processes(cfg: dict, method: dict) -> int:
-    """distributed.processes: a positive integer; above 1, a method that runs distributed, in memory.
+    """distributed.processes: a positive integer, at most the usable CPU cores; above 1, a method that runs
+    distributed, in memory, with at least one calibration batch per process. Checked before any process is spawned.
 
+    The ranks are CPU processes (gloo; qat-ptq places nothing on a GPU), each holding a whole model: more ranks than
+    cores share the same cores and multiply the memory, so they are refused here. `qat.ptq.distributed.launch`
+    itself takes any number (tests oversubscribe on purpose to check the weights do not depend on it).
     Raises:
         ConfigError: naming the key and what is valid.
     """
@@ -266,6 +274,10 @@ def check_processes(cfg: dict, method: dict) -> int:
             errors.extend(method_of_config(options).distributed_option_errors(options))
         if cfg.get("offload") is not None:
             errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
+        if processes > (cpus := usable_cpus()):
+            errors.append(f"distributed.processes={processes} is more than the {cpus} CPU core(s) this host lets qat "
+                          f"use; choose 1..{cpus} (each process is a CPU rank holding a whole model: more ranks than "
+                          "cores only share the same cores and multiply the memory)")
         samples = (cfg.get("calibration") or {}).get("samples")
         if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 \
                 and processes > (batches := -(-samples // CALIBRATION_ROWS)):

@@ -195,6 +195,19 @@ def free_port() -> int:
 TIMEOUT = datetime.timedelta(minutes=60)  # a collective waits this long for a slower rank (a large solve)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else os.cpu_count()).
+
+    Example:
+        >>> usable_cpus()  # 2 on a 2-core host, or under `taskset -c 0,1`
+        2
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows: no affinity mask
+        return os.cpu_count() or 1
+
+
 def init_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
     """Join the process group of `world` processes on this host (rendezvous on 127.0.0.1:`port`)."""
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

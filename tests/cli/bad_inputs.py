@@ -75,6 +75,12 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.lean_ste=maybe", "lean_ste")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
+    # a Hugging Face folder of config.json + weights only: transformers would build a 1-token tokenizer (it said
+    # "only 48 tokens" long after); refused naming the folder and data.tokenizer= before anything loads
+    add("train", TR + ["model.path={tmp}/weights_only"], "weights_only: no tokenizer could be loaded")
+    add("ptq", ["model.path={tmp}/weights_only"], "weights_only: no tokenizer could be loaded")
+    add("compare", CMP + ["model.path={tmp}/weights_only"], "data.tokenizer=")
+    add("eval", EV + ["model.path={tmp}/weights_only"], "pass tokenizer=")
 
     # qat-ptq
     for over, expected in [("method=nope", "nope"), ("+method.nosuch=1", "nosuch"), ("method.actorder=maybe", "actorder"),
@@ -90,6 +96,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
     # an export format that cannot hold the recipe's schemes: refused before quantizing (the writer's own check)
     add("ptq", ["method=rtn", "quant=w8a8_static", "export=compressed_tensors"], "static input scheme")
     add("ptq", ["method=rtn", "quant=mxfp4", "export=gptq"], "GPTQ needs int bits")
+    add("ptq", ["distributed.processes=4096"], "CPU core(s) this host lets qat use; choose 1..")  # before spawning
 
     # qat-compare
     for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),
@@ -133,7 +140,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("export", ["model=tiny", "format=native", "output={tmp}/existing", "overwrite=no"], "existing")
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
     add("export", ["model=tiny", "format=native", "output={tmp}/nat"], "quant")
-    add("export", ["model=tiny", "quant=fp8_dynamic", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
+    add("export", ["model=tiny", "quant=gguf_q4_k", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
     add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
                    "output={tmp}/nat"], "garbage.ckpt")
 
@@ -150,7 +157,8 @@ CASES = _cases()
 
 def make_files(tmp: str | os.PathLike) -> Path:
     """The files the cases name under {tmp}: an empty corpus, a text file, bad result rows, a garbage checkpoint
-    and GGUF, exports that already exist, and recipe files that are not YAML / not a valid recipe."""
+    and GGUF, exports that already exist, recipe files that are not YAML / not a valid recipe, and a tiny model
+    folder without tokenizer files."""
     tmp = Path(tmp)
     (tmp / "empty.txt").write_text("")
     (tmp / "notes.txt").write_text("these are notes, not JSON\n")
@@ -163,6 +171,9 @@ def make_files(tmp: str | os.PathLike) -> Path:
     (tmp / "existing" / "keep.txt").write_text("an earlier export")
     (tmp / "existing.gguf").write_bytes(b"an earlier export")
     (tmp / "notok").mkdir(exist_ok=True)
+    if not (tmp / "weights_only" / "config.json").is_file():  # a model folder without tokenizer files
+        from qat.testing import tiny_model
+        tiny_model("qwen2", num_layers=1).save_pretrained(tmp / "weights_only")
     (tmp / "broken_recipe.yaml").write_text("name: [w4\n")
     (tmp / "bits17_recipe.yaml").write_text("name: w17\nweight: {bits: 17}\n")
     (tmp / "c,d.yaml").write_text("name: comma\nweight: {bits: 4}\n")  # Hydra reads quant=c,d.yaml as a sweep

@@ -156,3 +156,26 @@ def test_model_folder_without_tokenizer_names_the_folder(tmp_path):
     tiny_llama(num_layers=1).save_pretrained(tmp_path / "m")
     with pytest.raises(ConfigError, match=r"m: no tokenizer could be loaded.*data\.tokenizer="):
         load_tokenizer(tmp_path / "m")
+
+
+def test_model_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_tokenizer(tmp_path):
+    """A Qwen2 folder of config.json + weights: transformers silently builds a 1-token tokenizer from the config
+    (texts encode to nothing: "only 48 tokens" much later); refused naming the folder, the files and the keys.
+    With a tokenizer.json beside the weights the folder loads."""
+    from qat.models import check_tokenizer_source, load_tokenizer
+    from qat.testing import tiny_model
+    from tests.export.test_gguf_file import bpe_tokenizer
+
+    folder = tmp_path / "weights_only"
+    tiny_model("qwen2", num_layers=1).save_pretrained(folder)
+    for source in (folder, folder / "model.safetensors"):
+        with pytest.raises(ConfigError, match=r"weights_only: no tokenizer could be loaded from this folder: it has no "
+                                              r"tokenizer files \(tokenizer\.json, .*add the model's tokenizer files.*"
+                                              r"data\.tokenizer=<folder or hub name> \(qat-eval / qat-export: tokenizer="):
+            load_tokenizer(source)
+    bpe = bpe_tokenizer()
+    bpe.save_pretrained(folder)
+    check_tokenizer_source(folder)
+    text = "hello world, this is a tiny tokenizer"
+    assert len(load_tokenizer(folder)) == len(bpe) > 256
+    assert load_tokenizer(folder)(text)["input_ids"] == bpe(text)["input_ids"] != []

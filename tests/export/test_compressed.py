@@ -1,6 +1,8 @@
 """compressed-tensors pack-quantized: our loader and transformers (with compressed-tensors) read our export."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import qat
 from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
 from qat.export.compressed import pack_int32, unpack_int32
-from qat.io import load_safetensors
+from qat.io import load_safetensors, write_safetensors
 from qat.testing import tiny_llama
 from tests.export.conftest import logits
 
@@ -111,3 +113,67 @@ def test_ragged_groups_round_trip(tmp_path, sym):
         zp = t["model.layers.0.self_attn.q_proj.weight_zero_point"]
         assert zp.shape == (96, 2) and not zp[96 * 4 // 32:].any()
     assert torch.equal(logits(load_compressed_tensors(tmp_path / "ct"), ids), ref)
+
+
+def test_fp8_dynamic_is_float_quantized_and_reloads_exactly(model, ids, tmp_path):
+    """fp8_dynamic (e4m3 per-channel weights, dynamic per-token e4m3 activations) is compressed-tensors' FP8_DYNAMIC
+    preset in format float-quantized: qat's loader and transformers + compressed-tensors (fp32) both give the
+    fake-quant logits, activations included (atol=0)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    prepared = qat.prepare(model, qat.load_recipe("fp8_dynamic"))
+    ref = logits(prepared, ids)
+    out = export_compressed_tensors(prepared, tmp_path / "ct")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = next(iter(q["config_groups"].values()))
+    assert q["format"] == group["format"] == "float-quantized" and len(q["config_groups"]) == 1
+    for key in ("weights", "input_activations"):  # the preset leaves the observer to the tool that calibrates
+        ours = QuantizationArgs(**group[key]).model_copy(update={"observer": None})
+        assert ours == PRESET_SCHEMES["FP8_DYNAMIC"][key], key
+    t = load_safetensors(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    assert t[f"{name}.weight"].dtype == torch.float8_e4m3fn and t[f"{name}.weight_scale"].shape == (256, 1)
+    loaded = load_compressed_tensors(out)
+    assert loaded.get_submodule(name).input_quantizer.spec == prepared.get_submodule(name).input_quantizer.spec
+    assert torch.equal(logits(loaded, ids), ref)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(logits(hf, ids), ref)
+
+
+def test_fp8_per_tensor_weights_with_bf16_scales_round_trip(model, ids, tmp_path):
+    recipe = {"name": "fp8_w", "targets": ["Linear"], "ignore": ["lm_head"],
+              "weight": {"bits": 8, "dtype": "fp8_e4m3", "granularity": "per_tensor", "scale_dtype": "bf16"}}
+    prepared = qat.prepare(model, qat.QuantRecipe.from_dict(recipe))
+    ref = logits(prepared, ids)
+    out = export_compressed_tensors(prepared, tmp_path / "ct")
+    scale = load_safetensors(out / "model.safetensors")["model.layers.1.self_attn.k_proj.weight_scale"]
+    assert scale.dtype == torch.bfloat16 and scale.shape == (1,)
+    loaded = load_compressed_tensors(out)
+    assert loaded.model.layers[1].self_attn.k_proj.qweight.spec == prepared.model.layers[1].self_attn.k_proj.weight_quantizer.spec
+    assert torch.equal(logits(loaded, ids), ref)
+
+
+@pytest.mark.parametrize("weight", [{"dtype": "fp8_e5m2", "granularity": "per_channel"},
+                                    {"dtype": "fp8_e4m3", "granularity": "per_channel", "axis": 1}], ids=["e5m2", "axis1"])
+def test_fp8_weights_it_cannot_hold_are_refused_naming_the_module(model, tmp_path, weight):
+    recipe = {"name": "fp8_w", "targets": ["Linear"], "ignore": ["lm_head"], "weight": {"bits": 8, **weight}}
+    prepared = qat.prepare(model, qat.QuantRecipe.from_dict(recipe))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj .*fp8_e4m3 per_channel \(axis 0\)"):
+        export_compressed_tensors(prepared, tmp_path / "ct")
+    assert not (tmp_path / "ct" / "config.json").exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t, k: t.update({f"{k}.weight": t[f"{k}.weight"][:, :64].contiguous()}), r"stored weight is \(512, 64\)"),
+    (lambda t, k: t.update({f"{k}.weight_scale": torch.ones(3)}), r"weight_scale is .*needs a float \(512, 1\)"),
+    (lambda t, k: t.update({f"{k}.weight": t[f"{k}.weight"].float()}), r"qat reads num_bits 8, type float")],
+    ids=["weight_shape", "scale_shape", "weight_dtype"])
+def test_edited_fp8_tensors_are_refused_naming_the_layer(model, tmp_path, edit, match):
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe("fp8_dynamic")), tmp_path / "ct")
+    t = load_safetensors(out / "model.safetensors")
+    edit(t, "model.layers.0.mlp.gate_proj")
+    write_safetensors(t.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.*" + match):
+        load_compressed_tensors(out)

@@ -27,9 +27,9 @@ def _inputs(model) -> dict[str, qat.QuantSpec]:
     return {n: m.input_quantizer.spec for n, m in model.named_modules() if getattr(m, "input_quantizer", None)}
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8",
+@pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "mxfp4_w4a4",
                                     {**qat.load_recipe("w8a8").to_dict(), "input": {**INT8, "symmetric": False}}],
-                         ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "int8_token_asym"])
+                         ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "mxfp4", "int8_token_asym"])
 def test_dynamic_input_schemes_reload_exactly(recipe, tmp_path):
     model = _model(recipe)
     with torch.no_grad():
@@ -112,9 +112,19 @@ def test_schemes_it_cannot_reattach_are_warned_naming_the_modules(tmp_path, capl
 
 
 def test_the_args_read_back_as_the_scheme_written():
-    for name in ("w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "w4a8_kv4_rot"):
+    for name in ("w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "w4a8_kv4_rot", "mxfp4_w4a4"):
         spec = qat.load_recipe(name).base.input
         assert input_spec(input_args(spec, "m")) == spec, name
+
+
+@pytest.mark.parametrize("recipe,preset", [("mxfp4_w4a4", "MXFP4"), ("mxfp8", "MXFP8"), ("fp8_dynamic", "FP8_DYNAMIC")])
+def test_written_input_args_are_compressed_tensors_presets(recipe, preset):
+    """What the writer stores parses in compressed-tensors as its own preset's input_activations (#12: MXFP4's A4)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    written = input_args(qat.load_recipe(recipe).base.input, "m")
+    assert QuantizationArgs(**written) == PRESET_SCHEMES[preset]["input_activations"]
     mxfp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
              "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}  # compressed-tensors' MXFP4
     assert input_spec(mxfp4) == qat.load_recipe("mxfp4_w4a4").base.input

@@ -39,8 +39,11 @@ def no_model(monkeypatch):
     (["method=rtn", "quant=w8a8_static", "export=compressed_tensors"],
      r"export=compressed_tensors: compressed-tensors: recipe 'w8a8_static' has a static input scheme"),
     (["method=rtn", "quant=mxfp4", "export=gptq"], r"export=gptq: GPTQ export: recipe 'mxfp4' has fp4_e2m1"),
+    (["distributed.processes=4096", "calibration.samples=65536"],  # no upper limit before: 4096 ranks spawned
+     r"distributed.processes=4096 is more than the \d+ CPU core\(s\) this host lets qat use; choose 1\.\.\d+"),
 ])
-def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match):
+def test_ptq_job_refuses_bad_values_before_work(tmp_path, no_model, overrides, match, monkeypatch):
+    monkeypatch.setattr(qat.jobs.ptq, "launch", lambda *args, **kwargs: pytest.fail("processes were spawned"))
     cfg = compose_job("ptq", ["progress=false", *overrides])
     with pytest.raises(ValueError, match=match):
         run_ptq_job(cfg, tmp_path)
@@ -82,9 +85,11 @@ def test_result_is_written_before_the_export(tmp_path, monkeypatch):
 
 
 def test_compressed_tensors_refusal_lists_the_float_formats_it_takes():
-    with pytest.raises(ValueError, match=r"int weights .* or mxfp4 / nvfp4 / mxfp8 / fp8_block weights"):
-        check_recipe_format(load_recipe("fp8_dynamic"), "compressed_tensors")
-    for name in ("mxfp4", "nvfp4_w4a16", "mxfp8", "fp8_block", "w8a8", "w4a16_g128"):  # what the writer takes passes
+    with pytest.raises(ValueError, match=r"int weights .*, fp8_e4m3 per_channel \(axis 0\) / per_tensor weights, "
+                                         r"or mxfp4 / nvfp4 / mxfp8 / fp8_block weights"):
+        check_recipe_format(load_recipe("gguf_q4_k"), "compressed_tensors")
+    # what the writer takes passes
+    for name in ("mxfp4", "nvfp4_w4a16", "mxfp8", "fp8_block", "w8a8", "w4a16_g128", "fp8_dynamic", "mxfp4_w4a4"):
         check_recipe_format(load_recipe(name), "compressed_tensors")
 
 

@@ -3,6 +3,8 @@ calibration batches, give exactly (atol=0) the prepared state of one process, on
 experts' solves spread, on the tiny MoE; what cannot run distributed is refused up front."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -159,9 +161,11 @@ def test_shards_and_owners():
     assert ranks.owners([100]) == [1]  # a lone linear goes to the rank with less work so far
 
 
-def test_qat_ptq_distributed_config_refused():
+def test_qat_ptq_distributed_config_refused(monkeypatch):
+    import qat.jobs.ptq
     from qat.jobs.ptq import check_processes
 
+    monkeypatch.setattr(qat.jobs.ptq, "usable_cpus", lambda: 8)  # the cases below, on any host
     gptq = {"name": "gptq"}
     assert check_processes({"distributed": {"processes": 2}}, gptq) == 2
     assert check_processes({}, {"name": "awq"}) == 1
@@ -180,6 +184,21 @@ def test_qat_ptq_distributed_config_refused():
                                           r"calibration.samples=16 makes 2 \(batches of 8\)"):  # before spawning
         check_processes({"distributed": {"processes": 3}, "calibration": {"samples": 16}}, gptq)
     assert check_processes({"distributed": {"processes": 2}, "calibration": {"samples": 9}}, gptq) == 2
+
+
+def test_more_processes_than_cpu_cores_are_refused_before_spawning(monkeypatch):
+    """distributed.processes had no upper limit: the ranks are CPU processes, each with a whole model."""
+    import qat.jobs.ptq
+    from qat.jobs.ptq import check_processes
+    from qat.ptq.distributed import usable_cpus
+
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(qat.jobs.ptq, "usable_cpus", lambda: 4)
+    gptq, many = {"name": "gptq"}, {"samples": 1024}
+    assert check_processes({"distributed": {"processes": 4}, "calibration": many}, gptq) == 4
+    with pytest.raises(ConfigError, match=r"distributed.processes=5 is more than the 4 CPU core\(s\) this host lets "
+                                          r"qat use; choose 1..4"):
+        check_processes({"distributed": {"processes": 5}, "calibration": many}, gptq)
 
 
 def fail_on_rank1() -> None:

@@ -145,8 +145,11 @@ def test_activation_variants_convert_exactly_and_export_what_fits(recipe, token_
     group = next(iter(json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()))
     if recipe == "nvfp4_w4a8":  # fp8 per-token activations: a scheme compressed-tensors holds
         assert group["input_activations"]["type"] == "float" and group["input_activations"]["strategy"] == "token"
-    else:
-        assert group["input_activations"] is None and "dynamic 4-bit float activations" in caplog.text
+    else:  # MXFP4 A4: compressed-tensors' MXFP4 preset's dynamic group-32 E8M0 activations (#12: it was dropped)
+        assert group["input_activations"] == {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
+                                              "group_size": 32, "dynamic": True, "scale_dtype": "torch.uint8",
+                                              "zp_dtype": "torch.uint8"}
+        assert "activations" not in caplog.text
     assert torch.equal(_logits(qat.convert(model), token_ids), ref)
 
 
