@@ -1,0 +1,95 @@
+"""The memory-lean STE of fused experts (`FakeQuantExperts.lean`, `qat.set_lean_ste`): the same loss, weight
+gradients and scale gradients as the unfused path (torch.equal) under every experts implementation, with
+activation checkpointing too; and no fake-quantized copy of an expert weight saved for backward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qat
+from qat.modules import FakeQuantExperts
+from qat.testing import tiny_moe
+
+IMPLS = ("eager", "batched_mm", "grouped_mm")
+RECIPES = {"ste": "w4a16_g128", "lsq": "w4a16_g128_lsq"}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batched_mm's weight gradient sums in a thread-dependent order
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prepared(impl: str, recipe: str, lean: bool, ckpt: bool = False):
+    model = tiny_moe("qwen3_moe", num_experts=4, experts_implementation=impl).train()
+    qat.prepare(model, recipe)
+    assert qat.set_lean_ste(model, lean) == 4 * 2 + 2  # q, k, v, o and the experts of both layers
+    if ckpt:  # as QATModule(gradient_checkpointing=True)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _loss_and_grads(model, ids, ckpt: bool):
+    calls = []
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda *a: calls.append(1))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    hook.remove()
+    assert len(calls) == 1 + ckpt  # checkpointing really recomputes (into) the experts in backward
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_lean_equals_unfused(impl, kind, moe_ids, one_thread):
+    results = {}
+    for lean in (False, True):
+        for ckpt in (False, True):
+            results[lean, ckpt] = _loss_and_grads(_prepared(impl, RECIPES[kind], lean, ckpt), moe_ids, ckpt)
+    loss, grads = results[False, False]
+    expert_grads = [n for n in grads if "experts." in n]
+    assert any(n.endswith("gate_up_proj") for n in expert_grads)
+    if kind == "lsq":
+        assert any(n.endswith("weight_quantizers.down_proj.scale") for n in expert_grads)
+    for key, (got_loss, got) in results.items():
+        assert torch.equal(got_loss, loss), key
+        assert got.keys() == grads.keys(), key
+        for name in grads:
+            assert torch.equal(got[name], grads[name]), (key, name)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of distinct storages saved for backward in one forward (parameters excluded), as the benchmark."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_lean_saves_no_fake_quantized_expert_weight(impl, kind, moe_ids):
+    saved = {lean: _saved_bytes(_prepared(impl, RECIPES[kind], lean), moe_ids) for lean in (False, True)}
+    model = _prepared(impl, RECIPES[kind], True)
+    weights = sum(getattr(m, n).numel() * 4 for m in model.modules() if isinstance(m, FakeQuantExperts)
+                  for n in m.weight_quantizers)
+    # unfused: the STE's bool mask of every expert weight (1 byte an element), and for LSQ and for the kernels that
+    # save the weight itself (eager, grouped_mm; batched_mm saves its own gathered copy) the fp32 x^ (4 bytes)
+    expected = weights // 4 + (weights if kind == "lsq" or impl != "batched_mm" else 0)
+    assert saved[False] - saved[True] >= expected, (saved, weights)
+    # lean: what the float model saves plus the qparams (fp32, one per 128 weights here)
+    fp = _saved_bytes(tiny_moe("qwen3_moe", num_experts=4, experts_implementation=impl).train(), moe_ids)
+    assert fp <= saved[True] <= fp + weights / 32, (saved, fp, weights)
