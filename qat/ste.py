@@ -269,7 +269,8 @@ class Requantized:
         self.version = x._version
         self.value: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self.layout: tuple | None = None  # (data_ptr, storage offset, stride) of the forward's x^
+        self.layout: tuple | None = None  # (data_ptr, storage offset, stride, dtype) of the forward's x^
+        self.keep = True  # hold the recomputation until the STE's backward frees it (False: nothing will)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x^, mask), recomputed on first use after forward or after `release`."""
@@ -293,7 +294,9 @@ class _LeanFakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, cache):
         q = cache.args
         out = fake_quantize_forward(x, scale, zero_point, q.spec, False, q.g_idx)[0]
-        cache.layout = (out.untyped_storage().data_ptr(), out.storage_offset(), out.stride())
+        cache.layout = (out.untyped_storage().data_ptr(), out.storage_offset(), out.stride(), out.dtype)
+        # frozen weight and qparams: no backward of this function will run to free the recomputation
+        cache.keep = any(ctx.needs_input_grad[:3])
         ctx.cache = cache
         ctx.save_for_backward(x, scale, zero_point)  # seen by outer hooks (checkpointing); x is the parameter
         return out
@@ -331,6 +334,8 @@ class _SavedView:
 
     def unpack(self) -> torch.Tensor:
         value = self.cache.get()[0]
+        if not self.cache.keep:
+            self.cache.release()  # this unpack's view holds it as long as its node needs it
         if value.stride() != self.cache.layout[2]:
             raise RuntimeError(f"lean STE: the recomputed fake-quantized tensor has strides {value.stride()}, the "
                                f"forward's had {self.cache.layout[2]}; set_lean_ste(model, False) for this module")
@@ -361,7 +366,7 @@ def recomputing_saved_views(recipes: list[Requantized]):
 
     def pack(t):
         recipe = by_ptr.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        if recipe is not None:
+        if recipe is not None and t.dtype == recipe.layout[3]:
             return _SavedView(recipe, t)
         return t if outer is None else (outer[1], outer[0](t))
 

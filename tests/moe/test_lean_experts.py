@@ -123,3 +123,21 @@ def test_lean_equals_unfused_on_transposed_experts_with_biases(impl, moe_ids, on
     assert "model.layers.0.mlp.experts.weight_quantizers.gate_up_proj.scale" in grads[True][1]
     for name, g in grads[False][1].items():
         assert torch.equal(grads[True][1][name], g), name
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_lean_with_frozen_experts(impl, moe_ids, one_thread):
+    """Expert weights frozen (static scales): no STE backward runs, the recomputed weight is dropped after each
+    unpack; the other parameters' gradients equal the unfused path's."""
+    grads = {}
+    for lean in (False, True):
+        model = _prepared(impl, "w4a16_g128", lean)
+        for m in model.modules():
+            if isinstance(m, FakeQuantExperts):
+                m.gate_up_proj.requires_grad_(False)
+                m.down_proj.requires_grad_(False)
+        grads[lean] = _loss_and_grads(model, moe_ids, False)
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert grads[True][1].keys() == grads[False][1].keys() and not any("experts." in n for n in grads[True][1])
+    for name, g in grads[False][1].items():
+        assert torch.equal(grads[True][1][name], g), name
