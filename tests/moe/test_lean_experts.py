@@ -141,3 +141,24 @@ def test_lean_with_frozen_experts(impl, moe_ids, one_thread):
     assert grads[True][1].keys() == grads[False][1].keys() and not any("experts." in n for n in grads[True][1])
     for name, g in grads[False][1].items():
         assert torch.equal(grads[True][1][name], g), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lean_equals_unfused_under_bf16_autocast(impl, moe_ids, one_thread):
+    """Under autocast the kernels save bf16 casts of the fake-quantized weights, not views of it: still equal
+    gradients, and lean saves no more than the float model under autocast."""
+    results = {}
+    for lean in (False, True):
+        model = _prepared(impl, "w4a16_g128_lsq", lean)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(moe_ids, labels=moe_ids).loss
+        loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved = _saved_bytes(_prepared(impl, "w4a16_g128_lsq", lean), moe_ids)
+        results[lean] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, saved
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp = _saved_bytes(tiny_moe("qwen3_moe", num_experts=4, experts_implementation=impl).train(), moe_ids)
+    assert torch.equal(results[True][0], results[False][0])
+    for name, g in results[False][1].items():
+        assert torch.equal(results[True][1][name], g), name
+    assert results[True][2] <= fp < results[False][2], (results[True][2], fp, results[False][2])
