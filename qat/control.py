@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qat.formats import storage_bits
+from qat.modules.experts import FakeQuantExperts
 from qat.modules.fake import FakeQuantLinear
 from qat.modules.quantizer import ROLE_NAMES, TensorQuantizer
 from qat.primitives import quant_error_db
@@ -49,15 +50,16 @@ def set_quantizers(model: nn.Module, roles: Iterable[str] | None = None, **flags
 
 
 def set_lean_ste(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the memory-lean STE of every fake-quant Linear in `model` (same values and gradients; backward
-    recomputes the fake-quantized weight and input instead of keeping them). Returns how many were set.
+    """Switch the memory-lean STE of every fake-quant Linear and fused-experts module in `model` (same values and
+    gradients; backward recomputes the fake-quantized weights and inputs instead of keeping them). Returns how
+    many were set.
 
     Example:
         >>> qat.set_lean_ste(model, False)  # keep fake-quantized copies for backward (the unfused path)
     """
     n = 0
     for module in model.modules():
-        if isinstance(module, FakeQuantLinear):
+        if isinstance(module, (FakeQuantLinear, FakeQuantExperts)):
             module.lean = bool(enabled)
             n += 1
     return n

@@ -15,10 +15,15 @@ Backward passes differ only in the gradients they hand out:
                             it keeps only x, w (and the qparams) for backward and recomputes x^, w^ and the
                             masks there: no fake-quantized copy of a weight or an input, no mask, stays alive
                             between forward and backward (the memory-lean STE).
+    lean_fake_quantize      x^ with the gradients above for x and its qparams; keeps x and the qparams, not x^
+                            or the mask. With `recomputing_saved_views`, tensors that a consumer saves for its
+                            backward and that are views of x^ are kept as a recipe and recomputed there too
+                            (the lean STE for weights used by kernels qat does not own: fused MoE experts).
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +33,8 @@ from qat.primitives import fake_quantize_forward, group_view
 from qat.spec import QuantSpec
 
 __all__ = ["round_ste", "fake_quantize", "learned_fake_quantize", "learned_grads", "lsq_grad_scale",
-           "FakeQuantArgs", "fake_quant_linear"]
+           "FakeQuantArgs", "fake_quant_linear",
+           "Requantized", "lean_fake_quantize", "recomputing_saved_views"]
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -192,13 +198,13 @@ def _requantize(t: torch.Tensor, q: FakeQuantArgs | None, scale, zero_point, nee
     return fake_quantize_forward(t, scale, zero_point, q.spec, need_mask, q.g_idx)
 
 
-def _input_grads(grad_q, t, t_q, mask, q: FakeQuantArgs | None, scale, zero_point):
+def _input_grads(grad_q, t, t_q, mask, q: FakeQuantArgs | None, scale, zero_point, in_place: bool = True):
     """(dt, dscale, dzero_point) from the gradient of the fake-quantized tensor: the same formulas as the
-    unfused `_FakeQuantSTE` / `_LearnedFakeQuant` backward."""
+    unfused `_FakeQuantSTE` / `_LearnedFakeQuant` backward. `in_place`: grad_q is the caller's own temporary."""
     if q is None or grad_q is None:
         return grad_q, None, None
     if q.mode == "ste":  # grad_q is this backward's own temporary: masked in place, one weight-sized tensor less
-        return _masked(grad_q, mask, in_place=True), None, None
+        return _masked(grad_q, mask, in_place=in_place), None, None
     return learned_grads(grad_q, t, t_q, mask, scale, zero_point is not None, q.spec, q.mode, q.grad_scale)
 
 
@@ -250,3 +256,127 @@ def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     def parts(q):
         return (None, None) if q is None else (q.scale, q.zero_point)
     return _FakeQuantLinear.apply(x, weight, bias, *parts(x_args), *parts(w_args), x_args, w_args)
+
+
+class Requantized:
+    """x^ and its inside-mask recomputed in backward from x and the qparams (the lean STE's recipe), at most once
+    per backward: shared by the saved-view unpacks of `recomputing_saved_views` and by `lean_fake_quantize`'s
+    backward, which releases it (every consumer of x^ has run its backward by then). Holds no copy of x^
+    between forward and backward: only references to x (a parameter view: alive anyway) and the qparams."""
+
+    def __init__(self, x: torch.Tensor, args: FakeQuantArgs, need_mask: bool) -> None:
+        self.x, self.args, self.need_mask = x, args, need_mask
+        self.version = x._version
+        self.value: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.layout: tuple | None = None  # (data_ptr, storage offset, stride, dtype) of the forward's x^
+        self.keep = True  # hold the recomputation until the STE's backward frees it (False: nothing will)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x^, mask), recomputed on first use after forward or after `release`."""
+        if self.value is None:
+            if self.x._version != self.version:
+                raise RuntimeError("lean STE: a fake-quantized tensor's float source was modified in place between "
+                                   "forward and backward; its recomputation would differ (set_lean_ste(model, False))")
+            q = self.args
+            zero = None if q.zero_point is None else q.zero_point.detach()
+            with torch.no_grad():
+                self.value, self.mask = fake_quantize_forward(self.x.detach(), q.scale.detach(), zero, q.spec,
+                                                              self.need_mask, q.g_idx)
+        return self.value, self.mask
+
+    def release(self) -> None:
+        self.value = self.mask = None
+
+
+class _LeanFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, cache):
+        q = cache.args
+        out = fake_quantize_forward(x, scale, zero_point, q.spec, False, q.g_idx)[0]
+        cache.layout = (out.untyped_storage().data_ptr(), out.storage_offset(), out.stride(), out.dtype)
+        # frozen weight and qparams: no backward of this function will run to free the recomputation
+        cache.keep = any(ctx.needs_input_grad[:3])
+        ctx.cache = cache
+        ctx.save_for_backward(x, scale, zero_point)  # seen by outer hooks (checkpointing); x is the parameter
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        x_hat, mask = ctx.cache.get()
+        ctx.cache.release()
+        gx, gs, gz = _input_grads(grad, x, x_hat, mask, ctx.cache.args, scale, zero_point, in_place=False)
+        return gx, gs, gz, None
+
+
+def lean_fake_quantize(x: torch.Tensor, args: FakeQuantArgs) -> tuple[torch.Tensor, Requantized]:
+    """`args.apply(x)` (same values, same gradients for x and learned qparams) with the memory-lean STE: neither
+    x^ nor its mask is kept for backward, which recomputes them. Returns x^ and its `Requantized` recipe, to hand
+    to `recomputing_saved_views` around the code that consumes x^.
+
+    Example:
+        >>> x_hat, recipe = lean_fake_quantize(w, quantizer.fake_quant_args(w))
+    """
+    cache = Requantized(x, args, need_mask=True)
+    if args.mode == "ste":
+        return _LeanFakeQuant.apply(x, args.scale.detach(), None if args.zero_point is None else
+                                    args.zero_point.detach(), cache), cache
+    return _LeanFakeQuant.apply(x, args.scale, args.zero_point, cache), cache
+
+
+class _SavedView:
+    __slots__ = ("cache", "size", "stride", "offset")
+
+    def __init__(self, cache: Requantized, t: torch.Tensor) -> None:
+        self.cache, self.size, self.stride = cache, t.size(), t.stride()
+        self.offset = t.storage_offset() - cache.layout[1]
+
+    def unpack(self) -> torch.Tensor:
+        value = self.cache.get()[0]
+        if not self.cache.keep:
+            self.cache.release()  # this unpack's view holds it as long as its node needs it
+        if value.stride() != self.cache.layout[2]:
+            raise RuntimeError(f"lean STE: the recomputed fake-quantized tensor has strides {value.stride()}, the "
+                               f"forward's had {self.cache.layout[2]}; set_lean_ste(model, False) for this module")
+        return value.as_strided(self.size, self.stride, value.storage_offset() + self.offset)
+
+
+@contextmanager
+def recomputing_saved_views(recipes: list[Requantized]):
+    """Inside the block, a tensor saved for backward that is x^ of one of `recipes` (the output of
+    `lean_fake_quantize`) or a view of it is kept as the recipe plus the view's geometry, and recomputed when the
+    backward unpacks it; every other saved tensor goes to the hooks already active (a byte counter, activation
+    checkpointing) as before. So a kernel qat does not own (transformers' experts) keeps no fake-quantized weight
+    between forward and backward. x^ must be alive through the block (it is: the caller holds it) and is laid
+    out in backward as in forward (same code, same strides). A no-op where grad is off.
+
+    Example:
+        >>> w_hat, recipe = lean_fake_quantize(w, args)
+        >>> with recomputing_saved_views([recipe]):
+        ...     y = kernel(x, w_hat)
+    """
+    # torch's own accessors (no public ones): the hooks active now, to chain to; whether hooks may be pushed
+    # (torch.func transforms disable them: the block then saves what the kernel saves)
+    if not torch.is_grad_enabled() or not recipes or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        yield
+        return
+    by_ptr = {r.layout[0]: r for r in recipes}
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+    def pack(t):
+        recipe = by_ptr.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if recipe is not None and t.dtype == recipe.layout[3]:
+            return _SavedView(recipe, t)
+        return t if outer is None else (outer[1], outer[0](t))
+
+    def unpack(packed):
+        if isinstance(packed, _SavedView):
+            return packed.unpack()
+        if isinstance(packed, torch.Tensor):
+            return packed
+        unpack_outer, inner = packed
+        return unpack_outer(inner)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

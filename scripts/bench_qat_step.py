@@ -11,7 +11,9 @@ Each variant gets a fresh copy of the model and its own AdamW; steps alternate F
 robin) so machine noise hits all of them alike; the median step time is reported, wall clock and, on CPU,
 the process CPU time of the step (`cpu_ms`: what a loaded, shared machine distorts least). Peak memory is the peak
 RSS growth over a step on CPU (sampled every ms; the step's activations, gradients, fake-quant temporaries),
-or torch.cuda.max_memory_allocated growth on GPU. `saved_MB` is exact: the bytes autograd keeps between forward
+or torch.cuda.max_memory_allocated growth on GPU. On CPU with glibc, `alloc_peak_MB` is the peak growth of the bytes
+malloc has handed out and not taken back (mallinfo2, sampled likewise): the step's live tensors, without the freed
+memory the allocator keeps mapped that RSS also counts. `saved_MB` is exact: the bytes autograd keeps between forward
 and backward (distinct storages, parameters excluded), counted on one extra step: what the lean STE removes.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import resource
 import statistics
 import threading
@@ -106,29 +109,64 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+MALLINFO2 = _mallinfo2()
+
+
+def malloc_in_use_mb() -> float | None:
+    """MB malloc has handed out and not taken back (main arena + mmapped chunks: where a one-thread torch
+    allocates), or None off glibc."""
+    if MALLINFO2 is None:
+        return None
+    info = MALLINFO2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
 class PeakRSS:
-    """Samples RSS every millisecond in a thread (torch kernels release the GIL): peak growth over a block."""
+    """Samples RSS (and malloc's in-use bytes, `alloc_peak`) every millisecond in a thread (torch kernels release
+    the GIL): peak growth over a block."""
 
     def __enter__(self):
         self.base, self.peak, self.done = rss_mb(), 0.0, threading.Event()
+        self.alloc_base = malloc_in_use_mb()
+        self.alloc_peak = 0.0 if self.alloc_base is not None else None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
 
+    def _sample(self):
+        self.peak = max(self.peak, rss_mb() - self.base)
+        if self.alloc_base is not None:
+            self.alloc_peak = max(self.alloc_peak, malloc_in_use_mb() - self.alloc_base)
+
     def _run(self):
         while not self.done.wait(0.001):
-            self.peak = max(self.peak, rss_mb() - self.base)
+            self._sample()
 
     def __exit__(self, *exc):
         self.done.set()
         self.thread.join()
-        self.peak = max(self.peak, rss_mb() - self.base)
+        self._sample()
 
 
 def measure_variants(variants: dict, ids: torch.Tensor, steps: int, autocast: torch.dtype | None = None) -> list[dict]:
     """Median step time, peak memory growth and saved-for-backward MB of each variant (each with its own AdamW),
     `steps` timed steps after one warm-up, round robin, relative to "FP". On CUDA the peak is the allocator's
-    growth over a step (max_memory_allocated), on CPU the sampled RSS growth. `autocast`: run the steps (and
+    growth over a step (max_memory_allocated), on CPU the sampled RSS growth and, with glibc, the sampled growth of
+    malloc's in-use bytes (`alloc_peak_MB`). `autocast`: run the steps (and
     the saved-bytes count) under torch.autocast in that dtype. Also used by scripts/gpu_check.py."""
     cuda = ids.is_cuda
 
@@ -139,9 +177,11 @@ def measure_variants(variants: dict, ids: torch.Tensor, steps: int, autocast: to
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {k: 0.0 for k in variants}
+    alloc: dict[str, float] = {k: 0.0 for k in variants}
     for i in range(steps + 1):
         for name, model in variants.items():
             with amp():
+                alloc_peak = 0.0
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                     before = torch.cuda.memory_allocated()
@@ -150,11 +190,12 @@ def measure_variants(variants: dict, ids: torch.Tensor, steps: int, autocast: to
                 else:
                     with PeakRSS() as meter:
                         dt, dc = step(model, opts[name], ids)
-                    peak = meter.peak
+                    peak, alloc_peak = meter.peak, meter.alloc_peak or 0.0
             if i > 0:
                 times[name].append(dt)
                 cpu[name].append(dc)
                 peaks[name] = max(peaks[name], peak)
+                alloc[name] = max(alloc[name], alloc_peak)
     saved = {}
     for k, m in variants.items():
         with amp():
@@ -164,9 +205,11 @@ def measure_variants(variants: dict, ids: torch.Tensor, steps: int, autocast: to
     for name in variants:
         t, c = statistics.median(times[name]), statistics.median(cpu[name])
         cpu_cols = {} if cuda else {"cpu_ms": 1000 * c, "cpu_ratio_vs_FP": c / fp_c}
+        alloc_cols = {} if cuda or MALLINFO2 is None else {
+            "alloc_peak_MB": alloc[name], "alloc_ratio_vs_FP": alloc[name] / max(alloc["FP"], 1e-9)}
         rows.append({"variant": name, "step_ms": 1000 * t, "time_ratio_vs_FP": t / fp_t, **cpu_cols,
                      "tokens_per_s": ids.numel() / t, "step_peak_MB": peaks[name],
-                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), "saved_MB": saved[name],
+                     "mem_ratio_vs_FP": peaks[name] / max(peaks["FP"], 1e-9), **alloc_cols, "saved_MB": saved[name],
                      "saved_ratio_vs_FP": saved[name] / max(saved["FP"], 1e-9)})
     return rows
 

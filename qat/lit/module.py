@@ -66,8 +66,9 @@ class QATModule(pl.LightningModule):
         gradient_checkpointing: recompute layer activations in the backward (HF models).
         freeze_embeddings: do not train the token embeddings and the output head (they are not quantized by
             the usual recipes; on a small-vocabulary-heavy model like SmolLM2 this saves ~10% of the step).
-        lean_ste: the memory-lean straight-through estimator (qat.set_lean_ste): backward recomputes the
-            fake-quantized weights and inputs instead of keeping them; same values and gradients.
+        lean_ste: the memory-lean straight-through estimator (qat.set_lean_ste; Linear and fused experts):
+            backward recomputes the fake-quantized weights and inputs instead of keeping them; same values and
+            gradients.
         learned_rotations: {r1, r2, init, lr, momentum} (all optional): SpinQuant-style learned rotations
             (`qat.transform.rotations.learned`) trained jointly with QAT by a CayleySGD stepped with the main
             optimizer, and fused into the weights when fit ends (`fuse_rotations`).

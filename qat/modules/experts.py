@@ -27,6 +27,7 @@ from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import register_fake_quant_rule, register_quantized
 from qat.primitives import check_tensor, choose_qparams, compute_range, quant_error_db
 from qat.spec import QuantSpec, TensorSchemes
+from qat.ste import Requantized, lean_fake_quantize, recomputing_saved_views
 
 EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 """The 3-D parameter names transformers' experts implementations read."""
@@ -103,9 +104,14 @@ class _ExpertsBase(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.count_tokens:
             self._count(top_k_index)
-        tensors = self.expert_tensors()
-        return torch.func.functional_call(self.float_template, tensors, (hidden_states, top_k_index, *args), kwargs,
-                                          strict=False, tie_weights=False)
+        tensors, recipes = self.forward_tensors()
+        with recomputing_saved_views(recipes):  # lean STE: views of a fake-quantized weight are not kept
+            return torch.func.functional_call(self.float_template, tensors, (hidden_states, top_k_index, *args),
+                                              kwargs, strict=False, tie_weights=False)
+
+    def forward_tensors(self) -> tuple[dict[str, torch.Tensor], list[Requantized]]:
+        """The forward's tensors, and the recipes of those the backward recomputes (none by default)."""
+        return self.expert_tensors(), []
 
     @torch.no_grad()
     def _count(self, top_k_index: torch.Tensor) -> None:
@@ -142,10 +148,17 @@ class FakeQuantExperts(_ExpertsBase):
     TensorQuantizer of each expert weight (static ranges, LSQ / PACT learned scales, pinned PTQ qparams), on the
     2-D view of `to_rows`. Gradients reach the float weights (STE) and learned scales as for FakeQuantLinear.
 
+    With `lean` on (the default; `qat.set_lean_ste`, as for FakeQuantLinear) the fake-quantized weights are not
+    kept for backward: the experts implementation's saved views of them are recomputed there from the float
+    weight and the qparams (`qat.ste.recomputing_saved_views`), and the STE keeps no mask; values and gradients
+    are the same (tests/moe/test_lean_experts.py).
+
     Example:
         >>> fq = FakeQuantExperts.from_float(model.model.layers[0].mlp.experts, TensorSchemes(weight=spec))
         >>> out = fq(hidden, top_k_index, top_k_weights)
     """
+
+    lean = True  # memory-lean STE; per module with qat.set_lean_ste(model, ...)
 
     @classmethod
     def from_float(cls, experts: nn.Module, schemes: TensorSchemes, name: str = "") -> "FakeQuantExperts":
@@ -195,6 +208,20 @@ class FakeQuantExperts(_ExpertsBase):
         tensors = {n: p for n, p in self.named_parameters() if not n.startswith("weight_quantizers.")}
         tensors.update({n: self.quantized(n) for n in self.weight_quantizers})
         return tensors
+
+    def forward_tensors(self) -> tuple[dict[str, torch.Tensor], list[Requantized]]:
+        if not (self.lean and torch.is_grad_enabled()):
+            return self.expert_tensors(), []
+        tensors = {n: p for n, p in self.named_parameters() if not n.startswith("weight_quantizers.")}
+        recipes = []
+        for name, quantizer in self.weight_quantizers.items():
+            rows = self.rows(name)
+            args = quantizer.fake_quant_args(rows)  # observes as quantizer(rows) does
+            if args is not None:
+                rows_hat, recipe = lean_fake_quantize(rows, args)
+                tensors[name] = from_rows(rows_hat, self.shapes[name], self.transposed)
+                recipes.append(recipe)
+        return tensors, recipes
 
     def rows(self, name: str) -> torch.Tensor:
         """The float 2-D view of expert weight `name` that its quantizer sees."""
