@@ -357,12 +357,16 @@ def recomputing_saved_views(recipes: list[Requantized]):
         ...     y = kernel(x, w_hat)
     """
     # torch's own accessors (no public ones): the hooks active now, to chain to; whether hooks may be pushed
-    # (torch.func transforms disable them: the block then saves what the kernel saves)
-    if not torch.is_grad_enabled() or not recipes or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    # (torch.func transforms disable them: the block then saves what the kernel saves). A torch without them
+    # gets the same gradients, only without the memory saving.
+    autograd = torch._C._autograd
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    if not torch.is_grad_enabled() or not recipes or enabled is None or top is None or not enabled():
         yield
         return
     by_ptr = {r.layout[0]: r for r in recipes}
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer = top(False)
 
     def pack(t):
         recipe = by_ptr.get(t.untyped_storage().data_ptr()) if t.numel() else None
