@@ -23,6 +23,7 @@ Backward passes differ only in the gradients they hand out:
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -259,10 +260,12 @@ def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 class Requantized:
-    """x^ and its inside-mask recomputed in backward from x and the qparams (the lean STE's recipe), at most once
-    per backward: shared by the saved-view unpacks of `recomputing_saved_views` and by `lean_fake_quantize`'s
-    backward, which releases it (every consumer of x^ has run its backward by then). Holds no copy of x^
-    between forward and backward: only references to x (a parameter view: alive anyway) and the qparams."""
+    """x^ and its inside-mask recomputed in backward from x and the qparams (the lean STE's recipe), once per
+    backward: shared by the saved-view unpacks of `recomputing_saved_views` and by `lean_fake_quantize`'s
+    backward. Released after its last use in a backward (the last saved view's unpack, or the STE's backward when
+    the weight or its qparams need grad), and at the latest when that backward ends (a partial backward, say
+    `torch.autograd.grad` for other inputs, skips some uses). Holds no copy of x^ between forward and backward:
+    only references to x (a parameter view: alive anyway) and the qparams. `recomputations` counts the passes."""
 
     def __init__(self, x: torch.Tensor, args: FakeQuantArgs, need_mask: bool) -> None:
         self.x, self.args, self.need_mask = x, args, need_mask
@@ -270,7 +273,10 @@ class Requantized:
         self.value: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.layout: tuple | None = None  # (data_ptr, storage offset, stride, dtype) of the forward's x^
-        self.keep = True  # hold the recomputation until the STE's backward frees it (False: nothing will)
+        self.keep = True  # the STE's backward uses it too (False: frozen x and qparams, no STE backward runs)
+        self.packs = 0  # saved views of x^ (one use each per backward)
+        self.used = 0  # uses in the current backward
+        self.recomputations = 0
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x^, mask), recomputed on first use after forward or after `release`."""
@@ -283,10 +289,33 @@ class Requantized:
             with torch.no_grad():
                 self.value, self.mask = fake_quantize_forward(self.x.detach(), q.scale.detach(), zero, q.spec,
                                                               self.need_mask, q.g_idx)
+            self.recomputations += 1
+            _at_backward_end(self.release)
         return self.value, self.mask
 
+    def use(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`get` for one of this backward's uses; releases after the last."""
+        value, mask = self.get()
+        self.used += 1
+        if self.used >= self.packs + self.keep:
+            self.release()
+        return value, mask
+
     def release(self) -> None:
+        """Drop the recomputation (a backward's use that follows recomputes it) and start the use count anew."""
         self.value = self.mask = None
+        self.used = 0
+
+
+def _at_backward_end(fn) -> None:
+    """Run fn when the running backward ends (torch's engine callback; nothing outside a backward)."""
+    queue = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "queue_callback", None)
+    if queue is None:
+        return
+    try:
+        queue(fn)
+    except RuntimeError:  # not inside a backward (a saved tensor read directly): nothing to free it at
+        pass
 
 
 class _LeanFakeQuant(torch.autograd.Function):
@@ -304,8 +333,7 @@ class _LeanFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        x_hat, mask = ctx.cache.get()
-        ctx.cache.release()
+        x_hat, mask = ctx.cache.use()  # the last use: every consumer of x^ ran its backward before
         gx, gs, gz = _input_grads(grad, x, x_hat, mask, ctx.cache.args, scale, zero_point, in_place=False)
         return gx, gs, gz, None
 
@@ -325,17 +353,36 @@ def lean_fake_quantize(x: torch.Tensor, args: FakeQuantArgs) -> tuple[torch.Tens
     return _LeanFakeQuant.apply(x, args.scale, args.zero_point, cache), cache
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The data pointer of t's storage; None for a wrapper subclass without one (DTensor, say): never x^."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+_warned = False
+
+
+def _warn_no_saving() -> None:
+    global _warned  # once per process: every experts forward would repeat it
+    if not _warned:
+        _warned = True
+        warnings.warn(f"qat: torch {torch.__version__} lacks the saved-tensor-hook accessors that the fused experts' "
+                      "lean STE uses; their kernels save the fake-quantized weights as the unfused STE does (same "
+                      "gradients, no memory saving)", RuntimeWarning, stacklevel=3)
+
+
 class _SavedView:
     __slots__ = ("cache", "size", "stride", "offset")
 
     def __init__(self, cache: Requantized, t: torch.Tensor) -> None:
         self.cache, self.size, self.stride = cache, t.size(), t.stride()
         self.offset = t.storage_offset() - cache.layout[1]
+        cache.packs += 1
 
     def unpack(self) -> torch.Tensor:
-        value = self.cache.get()[0]
-        if not self.cache.keep:
-            self.cache.release()  # this unpack's view holds it as long as its node needs it
+        value = self.cache.use()[0]  # after the last use this unpack's view holds it as long as its node needs it
         if value.stride() != self.cache.layout[2]:
             raise RuntimeError(f"lean STE: the recomputed fake-quantized tensor has strides {value.stride()}, the "
                                f"forward's had {self.cache.layout[2]}; set_lean_ste(model, False) for this module")
@@ -362,6 +409,8 @@ def recomputing_saved_views(recipes: list[Requantized]):
     autograd = torch._C._autograd
     enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
     top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    if recipes and (enabled is None or top is None):
+        _warn_no_saving()
     if not torch.is_grad_enabled() or not recipes or enabled is None or top is None or not enabled():
         yield
         return
@@ -369,7 +418,7 @@ def recomputing_saved_views(recipes: list[Requantized]):
     outer = top(False)
 
     def pack(t):
-        recipe = by_ptr.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        recipe = by_ptr.get(_storage_ptr(t)) if t.numel() else None
         if recipe is not None and t.dtype == recipe.layout[3]:
             return _SavedView(recipe, t)
         return t if outer is None else (outer[1], outer[0](t))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import qat
+from qat import ste
 from qat.modules import FakeQuantExperts
+from qat.modules import experts as experts_module
 from qat.testing import tiny_moe
 
 IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -125,22 +127,80 @@ def test_lean_equals_unfused_on_transposed_experts_with_biases(impl, moe_ids, on
         assert torch.equal(grads[True][1][name], g), name
 
 
+@pytest.fixture
+def recipes(monkeypatch):
+    """The `Requantized` recipes the experts' forwards create, in order."""
+    made = []
+
+    def recording(x, args):
+        out, recipe = ste.lean_fake_quantize(x, args)
+        made.append(recipe)
+        return out, recipe
+
+    monkeypatch.setattr(experts_module, "lean_fake_quantize", recording)
+    return made
+
+
+def _assert_released(recipes):
+    assert recipes and all(r.value is None and r.mask is None for r in recipes)
+
+
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
-def test_lean_with_frozen_experts(impl, moe_ids, one_thread):
-    """Expert weights frozen (static scales): no STE backward runs, the recomputed weight is dropped after each
-    unpack; the other parameters' gradients equal the unfused path's."""
+@pytest.mark.parametrize("frozen", [True, False])
+def test_lean_recomputes_each_expert_weight_once_per_backward(impl, frozen, moe_ids, one_thread, recipes):
+    """Expert weights frozen (static scales: no STE backward runs) or trained: each fake-quantized expert weight is
+    recomputed once per backward, however many slices of it the kernel saved (eager: one per expert with tokens),
+    and released after its last use; the gradients equal the unfused path's."""
     grads = {}
     for lean in (False, True):
         model = _prepared(impl, "w4a16_g128", lean)
         for m in model.modules():
             if isinstance(m, FakeQuantExperts):
-                m.gate_up_proj.requires_grad_(False)
-                m.down_proj.requires_grad_(False)
+                m.gate_up_proj.requires_grad_(not frozen)
+                m.down_proj.requires_grad_(not frozen)
         grads[lean] = _loss_and_grads(model, moe_ids, False)
+    assert len(recipes) == 2 * 2  # gate_up_proj, down_proj of both layers, one forward
+    assert [r.recomputations for r in recipes] == [1] * 4
+    if impl == "eager":
+        assert all(r.packs > 1 for r in recipes)  # a slice per expert with tokens
+    _assert_released(recipes)
     assert torch.equal(grads[True][0], grads[False][0])
-    assert grads[True][1].keys() == grads[False][1].keys() and not any("experts." in n for n in grads[True][1])
+    assert grads[True][1].keys() == grads[False][1].keys()
+    assert any("experts." in n for n in grads[True][1]) != frozen
     for name, g in grads[False][1].items():
         assert torch.equal(grads[True][1][name], g), name
+
+
+def test_lean_recomputes_once_per_backward_with_retained_graph(moe_ids, recipes):
+    model = _prepared("eager", "w4a16_g128", True)
+    loss = model(moe_ids, labels=moe_ids).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss.backward()
+    assert [r.recomputations for r in recipes] == [2] * 4
+    _assert_released(recipes)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, first[n]), n
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_lean_partial_grad_holds_no_recomputed_weight(impl, moe_ids, recipes):
+    """torch.autograd.grad for the embedding only: the kernels' nodes unpack the saved views but the STE's backward
+    does not run; no recomputed weight (or mask) stays referenced while the loss (and its graph) lives."""
+    model = _prepared(impl, "w4a16_g128_lsq", True)
+    embed = model.get_input_embeddings().weight
+    loss = model(moe_ids, labels=moe_ids).loss
+    (got,) = torch.autograd.grad(loss, [embed], retain_graph=True)
+    assert [r.recomputations for r in recipes] == [1] * 4
+    _assert_released(recipes)
+    unfused = _prepared(impl, "w4a16_g128_lsq", False)
+    (want,) = torch.autograd.grad(unfused(moe_ids, labels=moe_ids).loss, [unfused.get_input_embeddings().weight])
+    assert torch.equal(got, want)
+    loss.backward()  # the retained graph: a full backward recomputes each once more
+    assert [r.recomputations for r in recipes] == [2] * 4
+    _assert_released(recipes)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
