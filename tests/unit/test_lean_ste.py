@@ -1,5 +1,7 @@
 """The memory-lean STE (`qat.ste.fake_quant_linear`, FakeQuantLinear.lean): the same outputs and the same
 gradients (atol=0) as the unfused path for every estimator, and nothing weight-sized saved for backward."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +94,57 @@ def test_set_lean_ste_switches_every_linear():
     n = qat.set_lean_ste(model, False)
     assert n > 0 and not any(m.lean for m in model.modules() if isinstance(m, FakeQuantLinear))
     assert qat.set_lean_ste(model, True) == n
+
+
+def _recipe():
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    w = torch.randn(8, 16, requires_grad=True)
+    args = qat.ste.FakeQuantArgs(w.detach().abs().amax(1, keepdim=True) / 7, None, spec)
+    return w, args
+
+
+class _NoStorage(torch.Tensor):
+    """A wrapper-like tensor subclass whose storage cannot be read (as DTensor's)."""
+
+    def untyped_storage(self):
+        raise RuntimeError("no storage")
+
+
+def test_recomputing_saved_views_passes_storage_less_tensors_on():
+    """A saved tensor without an accessible storage is not a view of x^: it goes to the outer hook, unchanged."""
+    w, args = _recipe()
+    w_hat, recipe = qat.ste.lean_fake_quantize(w, args)
+    other = torch.randn(8, 16).as_subclass(_NoStorage)
+    outer = []
+
+    def pack(t):
+        outer.append(type(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with qat.ste.recomputing_saved_views([recipe]):
+            loss = (w_hat * other).sum() + (w_hat * w_hat).sum()
+    assert _NoStorage in outer and recipe.packs == 2  # w_hat * w_hat: both saved as the recipe
+    loss.backward()
+    want = args.apply(w)
+    ref_w = w.detach().clone().requires_grad_(True)
+    ((args.apply(ref_w) * other.as_subclass(torch.Tensor)).sum() + (args.apply(ref_w) ** 2).sum()).backward()
+    assert torch.equal(w.grad, ref_w.grad) and torch.equal(w_hat, want)
+    assert recipe.recomputations == 1 and recipe.value is None
+
+
+def test_recomputing_saved_views_warns_once_without_the_hook_accessors(monkeypatch):
+    """A torch without the private accessors: same gradients, the kernel's own saving, and one warning a process."""
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    monkeypatch.setattr(qat.ste, "_warned", False)
+    w, args = _recipe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            w_hat, recipe = qat.ste.lean_fake_quantize(w, args)
+            with qat.ste.recomputing_saved_views([recipe]):
+                loss = (w_hat * w_hat).sum()
+            assert recipe.packs == 0
+            loss.backward()
+    assert [str(c.message) for c in caught if "no memory saving" in str(c.message)] == [str(caught[0].message)]
+    assert len(caught) == 1
