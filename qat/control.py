@@ -57,12 +57,33 @@ def set_lean_ste(model: nn.Module, enabled: bool = True) -> int:
     Example:
         >>> qat.set_lean_ste(model, False)  # keep fake-quantized copies for backward (the unfused path)
     """
-    n = 0
-    for module in model.modules():
-        if isinstance(module, (FakeQuantLinear, FakeQuantExperts)):
-            module.lean = bool(enabled)
-            n += 1
-    return n
+    modules = _lean_modules(model)
+    for module in modules:
+        module.lean = bool(enabled)
+    return len(modules)
+
+
+def _lean_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (FakeQuantLinear, FakeQuantExperts))]
+
+
+@contextmanager
+def unfused_ste(model: nn.Module):
+    """Inside the block every module `set_lean_ste` switches uses the unfused STE (twice differentiable, as a
+    Hessian-vector product needs: the lean one's backward is not); each module's own setting is restored after.
+
+    Example:
+        >>> with qat.control.unfused_ste(model):
+        ...     grads = torch.autograd.grad(loss_fn(model), weights, create_graph=True)
+    """
+    saved = [(m, m.lean) for m in _lean_modules(model)]
+    try:
+        for m, _ in saved:
+            m.lean = False
+        yield model
+    finally:
+        for m, flag in saved:
+            m.lean = flag
 
 
 @contextmanager

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qat.control import unfused_ste
 from qat.errors import ConfigError
-from qat.modules.fake import FakeQuantLinear
 from qat.modules.kv_cache import base_attention, set_base_attention
 from qat.sensitivity.fisher import lm_loss
 from qat.sensitivity.scores import Scorer, quantized_weight, register_scorer
@@ -42,32 +42,28 @@ def hessian_traces(model: nn.Module, modules: dict[str, nn.Linear], batches, pro
     traces = dict.fromkeys(modules, 0.0)
     attn = getattr(model.config, "_attn_implementation", None)
     kv_base = base_attention(model)  # a base recipe's KV quantizers: keep them, on eager attention
-    lean = {m: m.lean for m in model.modules() if isinstance(m, FakeQuantLinear)}
     try:
         for p in params:
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        for m in lean:
-            m.lean = False  # the unfused STE is twice differentiable; the lean one's backward is not
         if kv_base is not None:
             set_base_attention(model, "eager")
         elif attn is not None:
             model.set_attn_implementation("eager")  # double backward through every attention kernel
-        for ids in batches:
-            ids = ids.to(weights[0].device)
-            loss = lm_loss(model, ids) / ids[:, 1:].numel()
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            for k in range(probes):
-                vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
-                hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=k < probes - 1)
-                for name, v, hv in zip(modules, vs, hvs):
-                    traces[name] += float((v * hv).sum()) / (probes * len(batches))
+        with unfused_ste(model):  # linears and fused experts: the lean STE's backward is not twice differentiable
+            for ids in batches:
+                ids = ids.to(weights[0].device)
+                loss = lm_loss(model, ids) / ids[:, 1:].numel()
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                for k in range(probes):
+                    vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
+                    hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=k < probes - 1)
+                    for name, v, hv in zip(modules, vs, hvs):
+                        traces[name] += float((v * hv).sum()) / (probes * len(batches))
     finally:
         for p in params:
             p.requires_grad_(flags[p])
-        for m, flag in lean.items():
-            m.lean = flag
         if kv_base is not None:
             set_base_attention(model, kv_base)
         elif attn is not None:

@@ -130,6 +130,35 @@ def test_hutchinson_keeps_the_kv_quantizers_and_restores_the_model():
     assert all(m.lean for m in model.modules() if isinstance(m, FakeQuantLinear))
 
 
+
+def test_hutchinson_runs_fused_experts_unfused_and_restores_them(monkeypatch):
+    """The Hessian-vector products run every lean-capable module (Linears and fused experts) on the unfused STE;
+    each module's own setting comes back after."""
+    from qat.modules import FakeQuantExperts
+    from qat.sensitivity import hutchinson
+    from qat.testing import tiny_moe
+
+    model = tiny_moe("qwen3_moe", num_experts=4, experts_implementation="eager")
+    qat.prepare(model, "w4a16_g128")
+    experts = [m for m in model.modules() if isinstance(m, FakeQuantExperts)]
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert experts and linears
+    experts[0].lean = False  # a per-module setting, restored as it was
+    before = {m: m.lean for m in [*experts, *linears.values()]}
+    seen, lm_loss = [], hutchinson.lm_loss
+
+    def spying(model_, ids):
+        seen.append({m: m.lean for m in before})
+        return lm_loss(model_, ids)
+
+    monkeypatch.setattr(hutchinson, "lm_loss", spying)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    traces = hutchinson.hessian_traces(model, dict(list(linears.items())[:2]), [ids], probes=1, seed=0)
+    assert len(traces) == 2 and all(torch.isfinite(torch.tensor(v)) for v in traces.values())
+    assert seen and all(not flag for flags in seen for flag in flags.values())
+    assert {m: m.lean for m in before} == before
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["quant=w4a16_g128_mixed"], "quant.overrides[0].weight"),
     (["menu=gguf", "quant=w8a8"], "quant.input (int8 sym per_token dyn) of the base recipe 'w8a8' cannot combine"),
