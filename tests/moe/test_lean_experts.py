@@ -104,7 +104,8 @@ def test_lean_saves_no_fake_quantized_expert_weight(impl, kind, moe_ids):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lean_equals_unfused_on_transposed_experts_with_biases(impl, moe_ids, one_thread):
-    """GPT-OSS: experts stored [E, in, out] with biases; its rows view is a copy, so lean saves only the mask."""
+    """GPT-OSS: experts stored [E, in, out] with biases; its rows view is a copy, which lean keeps (as the recipe's
+    x) instead of x^ and the mask."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
