@@ -147,16 +147,29 @@ def check_tokenizer_source(name_or_path: str | os.PathLike) -> None:
                       "data.tokenizer=<folder or hub name> (qat-eval / qat-export: tokenizer=<folder or hub name>)")
 
 
+def tokenizer_location(data: Any, model_path: str | os.PathLike) -> str:
+    """Where a job's tokenizer comes from: `data.tokenizer` when set, else the model location (`model.path`).
+
+    Every pre-check and every load of a job goes through this, so a weights-only model folder with
+    data.tokenizer=<folder> is checked and loaded from the same place.
+    """
+    tokenizer = data.get("tokenizer") if data is not None else None
+    return str(tokenizer or model_path)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The tokenizer for a model location; for "tiny", a byte-level stand-in (ids = bytes + 3, vocab 259+).
+    """The tokenizer for a model location or a folder of tokenizer files; for "tiny", a byte-level stand-in
+    (ids = bytes + 3, vocab 259+).
 
     Raises:
         ConfigError: a local folder without tokenizer files (`check_tokenizer_source`) or one transformers cannot read.
     """
-    source = check_model_source(name_or_path)
+    source = resolve_path(name_or_path)
     if source in TINY_NAMES:
         return ByteTokenizer()
-    check_tokenizer_source(source)
+    if not Path(source).expanduser().exists():  # a hub name, or a missing path refused with the model's message
+        source = check_model_source(source)
+    check_tokenizer_source(source)  # a folder of tokenizer files alone (no config.json) is a tokenizer location
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()

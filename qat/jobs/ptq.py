@@ -24,7 +24,8 @@ from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
-from qat.models import TINY_NAMES, check_model_source, check_tokenizer_source, load_model, resolve_dtype
+from qat.models import (TINY_NAMES, check_model_source, check_tokenizer_source, load_model, resolve_dtype,
+                        tokenizer_location)
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
 from qat.ptq.stream import stream_ptq
@@ -116,7 +117,7 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
             errors.append(f"{key}={value} is larger than the context of model.path={cfg['model']['path']!r} "
                           f"(max_position_embeddings={context}); use {key}<={context}")
     try:  # a folder without tokenizer files: transformers would build an empty tokenizer (no text, no blocks)
-        check_tokenizer_source(cfg["data"].get("tokenizer") or cfg["model"]["path"])
+        check_tokenizer_source(tokenizer_location(cfg["data"], cfg["model"]["path"]))
     except ConfigError as err:
         errors.append(str(err))
     if cfg.get("export") and cfg["export"] not in FORMATS:
