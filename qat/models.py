@@ -183,6 +183,25 @@ def load_tokenizer(name_or_path: str | os.PathLike):
                           "with data.tokenizer=<folder> (qat-eval / qat-export: tokenizer=<folder>)") from None
 
 
+EXPERTS_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # the routed-experts count of MoE configs
+
+
+def has_fused_experts(name_or_path: str | os.PathLike) -> bool:
+    """Whether the model at a local location is a mixture of experts (its config.json counts routed experts), read
+    without loading weights; False for "tiny", hub names (not read here) and folders without a config.json."""
+    path = Path(resolve_path(name_or_path)).expanduser()
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):  # not a transformers config (a qat native export, ...): the loader says why
+        return False
+    return any(int(getattr(config, f, 0) or 0) > 0 for f in EXPERTS_FIELDS)
+
+
 def context_length(model_or_config: Any) -> int | None:
     """The longest sequence the model was built for (max_position_embeddings), or None if unknown."""
     config = getattr(model_or_config, "config", model_or_config)

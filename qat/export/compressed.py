@@ -83,6 +83,19 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return unpack(raw.reshape(-1), bits, rows * padded).view(rows, padded)[:, :cols]
 
 
+EXPERT_WEIGHTS = "int weights only (per_tensor / per_channel / per_group on the uniform grid)"
+
+
+def _check_expert_spec(name: str, spec: QuantSpec) -> None:
+    """Fused MoE experts are written as pack-quantized int groups only; the float formats are Linear-only."""
+    if spec.is_float or fp_format(spec) is not None:
+        raise ConfigError(f"compressed-tensors: {name} has {spec.describe()} on fused MoE experts; experts take "
+                          f"{EXPERT_WEIGHTS}, while {FP8_WEIGHTS} and {' / '.join(FP_FORMATS)} weights are written "
+                          "for Linear layers only (give the experts an int scheme, e.g. an override with targets: "
+                          "[Experts], or ignore them)")
+    _check_spec(name, spec)
+
+
 def _check_spec(name: str, spec: QuantSpec) -> None:
     if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
         raise ConfigError(f"compressed-tensors: {name} has {spec.describe()}; supported: int weights per_tensor / "
@@ -92,15 +105,17 @@ def _check_spec(name: str, spec: QuantSpec) -> None:
         raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
 
 
-def check_schemes(schemes: TensorSchemes, name: str) -> None:
+def check_schemes(schemes: TensorSchemes, name: str, experts: bool = False) -> None:
     """Refuse a module's schemes this format cannot hold (the writer's own per-module checks), so that a job can
-    refuse a recipe before it loads or quantizes anything.
+    refuse a recipe before it loads or quantizes anything; `experts`: the schemes reach fused MoE experts.
 
     Raises:
-        ConfigError: a weight scheme that is neither int nor a microscaling float format, or a static input
-            scheme, naming `name` (a module, or a recipe's key).
+        ConfigError: a weight scheme that is neither int nor a microscaling float format (for experts: not int),
+            or a static input scheme, naming `name` (a module, or a recipe's key).
     """
-    if schemes.weight is not None and fp_format(schemes.weight) is None:
+    if schemes.weight is not None and experts:
+        _check_expert_spec(name, schemes.weight)
+    elif schemes.weight is not None and fp_format(schemes.weight) is None:
         _check_spec(name, schemes.weight)
     input_args(schemes.input, name)
 
@@ -257,7 +272,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         if m.transposed:
             raise ConfigError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
         spec = m.schemes.weight
-        _check_spec(n, spec)
+        _check_expert_spec(n, spec)
         w_args = _weights_args(spec, False)
         key = json.dumps([w_args, None], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
