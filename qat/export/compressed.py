@@ -278,7 +278,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
                                         "output_activations": None, "format": "pack-quantized"})
         group["targets"] += list(expert_linears(n, m, lambda w: None))
-    fp_inputs: list[str] = []
+    fp_inputs: dict[QuantSpec, list[str]] = {}
     inexact: dict[str, list[str]] = {}
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
@@ -291,7 +291,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
         i_args = input_args(i_spec, n)
         if i_spec is not None and i_args is None:
-            fp_inputs.append(n)
+            fp_inputs.setdefault(i_spec, []).append(n)
         elif i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
             inexact.setdefault(i_spec.describe(), []).append(n)
         key = json.dumps([w_args, i_args], sort_keys=True)
@@ -301,11 +301,13 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
-    if fp_inputs:
-        log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
-                    "NVFP4 activation scheme needs a calibrated static input_global_scale, so they are written without "
-                    "an input scheme (weights only)", len(fp_inputs),
-                    ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
+    for i_spec, names in fp_inputs.items():
+        fmt = get_format(i_spec).name
+        why = ("compressed-tensors' NVFP4 activation scheme needs a calibrated static input_global_scale"
+               if fmt == "nvfp4" else "only dynamic MXFP8 / MXFP4 activations have an input_activations form")
+        log.warning("compressed-tensors: %d layer(s) have %s activations (%s: %s); %s, so they are written without an "
+                    "input scheme (weights only)", len(names), fmt.upper(), i_spec.describe(),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), why)
     for scheme, names in inexact.items():
         log.warning("compressed-tensors: the input scheme %s of %d layer(s) (%s) has settings input_activations "
                     "cannot hold (observer, scale dtype, ...); loaders re-attach the scheme without them",

@@ -129,3 +129,20 @@ def test_written_input_args_are_compressed_tensors_presets(recipe, preset):
              "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}  # compressed-tensors' MXFP4
     assert input_spec(mxfp4) == qat.load_recipe("mxfp4_w4a4").base.input
     assert "strategy='block'" in input_spec({"num_bits": 8, "type": "float", "dynamic": True, "strategy": "block"})
+
+
+@pytest.mark.parametrize("recipe, fmt", [("nvfp4_w4a4", "NVFP4"), ("static_mx", "MXFP4")])
+def test_unwritable_float_inputs_are_warned_naming_their_format(recipe, fmt, tmp_path, caplog):
+    """An fp4 activation scheme with no input_activations form is written weights-only, the warning naming the
+    scheme's own format (it said NVFP4 for every one)."""
+    if recipe == "static_mx":
+        base = qat.load_recipe("mxfp4_w4a4").to_dict()
+        recipe = {**base, "input": {**base["input"], "dynamic": False}}
+    model = _model(recipe)
+    if model.model.layers[0].self_attn.q_proj.input_quantizer.spec.dynamic is False:
+        qat.calibrate(model, [IDS])
+    with caplog.at_level(logging.WARNING):
+        export(model, tmp_path / "ct", "compressed_tensors")
+    line, = [r.getMessage() for r in caplog.records if "written without an input scheme" in r.getMessage()]
+    assert f"14 layer(s) have {fmt} activations" in line and "model.layers.0.self_attn.q_proj" in line
+    assert (fmt == "NVFP4") == ("NVFP4" in line)
