@@ -83,6 +83,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return unpack(raw.reshape(-1), bits, rows * padded).view(rows, padded)[:, :cols]
 
 
+MX_INPUTS = ("mxfp4", "mxfp8")  # dynamic activations written as compressed-tensors' scheme, scaled otherwise there
 EXPERT_WEIGHTS = "int weights only (per_tensor / per_channel / per_group on the uniform grid)"
 
 
@@ -279,6 +280,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                                         "output_activations": None, "format": "pack-quantized"})
         group["targets"] += list(expert_linears(n, m, lambda w: None))
     fp_inputs: dict[QuantSpec, list[str]] = {}
+    mx_inputs: dict[str, list[str]] = {}
     inexact: dict[str, list[str]] = {}
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
@@ -292,7 +294,9 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         i_args = input_args(i_spec, n)
         if i_spec is not None and i_args is None:
             fp_inputs.setdefault(i_spec, []).append(n)
-        elif i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
+        elif i_args is not None and get_format(i_spec).name in MX_INPUTS:
+            mx_inputs.setdefault(get_format(i_spec).name.upper(), []).append(n)
+        if i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
             inexact.setdefault(i_spec.describe(), []).append(n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
@@ -308,6 +312,14 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         log.warning("compressed-tensors: %d layer(s) have %s activations (%s: %s); %s, so they are written without an "
                     "input scheme (weights only)", len(names), fmt.upper(), i_spec.describe(),
                     ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), why)
+    if mx_inputs:  # once per export: the scheme is the right one, but its runtime computes other scales
+        recipe = getattr(getattr(model, "qat_recipe", None), "name", None) or "the model's"
+        log.warning("compressed-tensors: recipe %s: dynamic %s activations of %d layer(s) are written as "
+                    "compressed-tensors' own scheme, but a runtime computes their E8M0 scales its own way: "
+                    "compressed-tensors 0.20 rounds the block scale up from amax / (largest code) (block max 7.5 in "
+                    "MXFP4: scale 2, value 8), qat from floor(log2(amax)) - emax with saturation (scale 1, value 6); "
+                    "the deployed model does not compute exactly what the fake-quant model did (qat's own loader "
+                    "does)", recipe, " / ".join(sorted(mx_inputs)), sum(map(len, mx_inputs.values())))
     for scheme, names in inexact.items():
         log.warning("compressed-tensors: the input scheme %s of %d layer(s) (%s) has settings input_activations "
                     "cannot hold (observer, scale dtype, ...); loaders re-attach the scheme without them",
