@@ -147,16 +147,29 @@ def check_tokenizer_source(name_or_path: str | os.PathLike) -> None:
                       "data.tokenizer=<folder or hub name> (qat-eval / qat-export: tokenizer=<folder or hub name>)")
 
 
+def tokenizer_location(data: Any, model_path: str | os.PathLike) -> str:
+    """Where a job's tokenizer comes from: `data.tokenizer` when set, else the model location (`model.path`).
+
+    Every pre-check and every load of a job goes through this, so a weights-only model folder with
+    data.tokenizer=<folder> is checked and loaded from the same place.
+    """
+    tokenizer = data.get("tokenizer") if data is not None else None
+    return str(tokenizer or model_path)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """The tokenizer for a model location; for "tiny", a byte-level stand-in (ids = bytes + 3, vocab 259+).
+    """The tokenizer for a model location or a folder of tokenizer files; for "tiny", a byte-level stand-in
+    (ids = bytes + 3, vocab 259+).
 
     Raises:
         ConfigError: a local folder without tokenizer files (`check_tokenizer_source`) or one transformers cannot read.
     """
-    source = check_model_source(name_or_path)
+    source = resolve_path(name_or_path)
     if source in TINY_NAMES:
         return ByteTokenizer()
-    check_tokenizer_source(source)
+    if not Path(source).expanduser().exists():  # a hub name, or a missing path refused with the model's message
+        source = check_model_source(source)
+    check_tokenizer_source(source)  # a folder of tokenizer files alone (no config.json) is a tokenizer location
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()
@@ -168,6 +181,25 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{source}: no tokenizer could be loaded from this folder ({first[:160]}); give one "
                           "with data.tokenizer=<folder> (qat-eval / qat-export: tokenizer=<folder>)") from None
+
+
+EXPERTS_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # the routed-experts count of MoE configs
+
+
+def has_fused_experts(name_or_path: str | os.PathLike) -> bool:
+    """Whether the model at a local location is a mixture of experts (its config.json counts routed experts), read
+    without loading weights; False for "tiny", hub names (not read here) and folders without a config.json."""
+    path = Path(resolve_path(name_or_path)).expanduser()
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):  # not a transformers config (a qat native export, ...): the loader says why
+        return False
+    return any(int(getattr(config, f, 0) or 0) > 0 for f in EXPERTS_FIELDS)
 
 
 def context_length(model_or_config: Any) -> int | None:

@@ -24,6 +24,7 @@ from qat.export.imatrix import collect_importance
 from qat.export.load import detect_format, load_any, load_any_tokenizer, quantize_on_load
 from qat.export.native import load_native, save_native
 from qat.transform import QuantRecipe
+from qat.transform.match import EXPERTS_PATTERNS
 
 FORMATS = ("native", "compressed_tensors", "gptq", "gguf")
 
@@ -33,12 +34,14 @@ __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_g
 _SCHEME_CHECKS = {"compressed_tensors": compressed.check_schemes, "gptq": gptq.check_schemes}  # the writers' own
 
 
-def check_recipe_format(recipe: QuantRecipe, format: str) -> None:
+def check_recipe_format(recipe: QuantRecipe, format: str, experts: bool = False) -> None:
     """Refuse a recipe whose schemes (its base and each override's) `format` cannot hold, before anything loads.
 
     Native holds every scheme; GGUF quantizes by its own types. The checks are the writers' own
     (`check_schemes` of `qat.export.compressed` / `qat.export.gptq`), so a recipe passed here is not refused
     by the writer for its schemes (model-dependent refusals, such as GPTQ's quantized embeddings, remain).
+    `experts`: the model has fused MoE experts (`qat.models.has_fused_experts`); the schemes that reach them
+    (targets Linear / Experts or a pattern naming experts) are checked as compressed-tensors writes experts (int only).
     Raises:
         ConfigError: naming the recipe, its key and what the format takes.
     Example:
@@ -48,10 +51,22 @@ def check_recipe_format(recipe: QuantRecipe, format: str) -> None:
     if check is None:
         return
     where = f"recipe {recipe.name!r}"
-    check(recipe.base, where)
+    on_experts = experts and format == "compressed_tensors"
+    by_override = [on_experts and _selects_experts(o.targets) for o in recipe.overrides]
+    base_on_experts = (on_experts and _selects_experts(recipe.targets) and not _selects_experts(recipe.ignore)
+                       and not any(by_override))  # an override naming the experts replaces the base's scheme there
+    compressed.check_schemes(recipe.base, where, base_on_experts) if on_experts else check(recipe.base, where)
     for i, override in enumerate(recipe.overrides):
         key = f"{where} overrides[{i}] ({', '.join(override.targets)})"
-        check(override.apply(recipe.base, key), key)
+        if on_experts:
+            compressed.check_schemes(override.apply(recipe.base, key), key, by_override[i])
+        else:
+            check(override.apply(recipe.base, key), key)
+
+
+def _selects_experts(patterns) -> bool:
+    """Whether module patterns may select fused experts: the class names that do, or a pattern naming experts."""
+    return any(p in EXPERTS_PATTERNS or "expert" in p.lower() for p in patterns)
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",

@@ -83,6 +83,20 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return unpack(raw.reshape(-1), bits, rows * padded).view(rows, padded)[:, :cols]
 
 
+MX_INPUTS = ("mxfp4", "mxfp8")  # dynamic activations written as compressed-tensors' scheme, scaled otherwise there
+EXPERT_WEIGHTS = "int weights only (per_tensor / per_channel / per_group on the uniform grid)"
+
+
+def _check_expert_spec(name: str, spec: QuantSpec) -> None:
+    """Fused MoE experts are written as pack-quantized int groups only; the float formats are Linear-only."""
+    if spec.is_float or fp_format(spec) is not None:
+        raise ConfigError(f"compressed-tensors: {name} has {spec.describe()} on fused MoE experts; experts take "
+                          f"{EXPERT_WEIGHTS}, while {FP8_WEIGHTS} and {' / '.join(FP_FORMATS)} weights are written "
+                          "for Linear layers only (give the experts an int scheme, e.g. an override with targets: "
+                          "[Experts], or ignore them)")
+    _check_spec(name, spec)
+
+
 def _check_spec(name: str, spec: QuantSpec) -> None:
     if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
         raise ConfigError(f"compressed-tensors: {name} has {spec.describe()}; supported: int weights per_tensor / "
@@ -92,15 +106,17 @@ def _check_spec(name: str, spec: QuantSpec) -> None:
         raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
 
 
-def check_schemes(schemes: TensorSchemes, name: str) -> None:
+def check_schemes(schemes: TensorSchemes, name: str, experts: bool = False) -> None:
     """Refuse a module's schemes this format cannot hold (the writer's own per-module checks), so that a job can
-    refuse a recipe before it loads or quantizes anything.
+    refuse a recipe before it loads or quantizes anything; `experts`: the schemes reach fused MoE experts.
 
     Raises:
-        ConfigError: a weight scheme that is neither int nor a microscaling float format, or a static input
-            scheme, naming `name` (a module, or a recipe's key).
+        ConfigError: a weight scheme that is neither int nor a microscaling float format (for experts: not int),
+            or a static input scheme, naming `name` (a module, or a recipe's key).
     """
-    if schemes.weight is not None and fp_format(schemes.weight) is None:
+    if schemes.weight is not None and experts:
+        _check_expert_spec(name, schemes.weight)
+    elif schemes.weight is not None and fp_format(schemes.weight) is None:
         _check_spec(name, schemes.weight)
     input_args(schemes.input, name)
 
@@ -257,13 +273,14 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         if m.transposed:
             raise ConfigError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
         spec = m.schemes.weight
-        _check_spec(n, spec)
+        _check_expert_spec(n, spec)
         w_args = _weights_args(spec, False)
         key = json.dumps([w_args, None], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
                                         "output_activations": None, "format": "pack-quantized"})
         group["targets"] += list(expert_linears(n, m, lambda w: None))
-    fp_inputs: list[str] = []
+    fp_inputs: dict[QuantSpec, list[str]] = {}
+    mx_inputs: dict[str, list[str]] = {}
     inexact: dict[str, list[str]] = {}
     for n, m in linears.items():
         spec, actorder = weight_spec(model, f"{n}.weight")
@@ -276,8 +293,10 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
         i_args = input_args(i_spec, n)
         if i_spec is not None and i_args is None:
-            fp_inputs.append(n)
-        elif i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
+            fp_inputs.setdefault(i_spec, []).append(n)
+        elif i_args is not None and get_format(i_spec).name in MX_INPUTS:
+            mx_inputs.setdefault(get_format(i_spec).name.upper(), []).append(n)
+        if i_args is not None and input_spec(i_args) != i_spec:  # a field the args have no place for
             inexact.setdefault(i_spec.describe(), []).append(n)
         key = json.dumps([w_args, i_args], sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": i_args,
@@ -286,11 +305,21 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         log.warning("compressed-tensors: %d layer(s) have ragged last groups (group size not dividing in_features: "
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
-    if fp_inputs:
-        log.warning("compressed-tensors: %d layer(s) have dynamic 4-bit float activations (%s); compressed-tensors' "
-                    "NVFP4 activation scheme needs a calibrated static input_global_scale, so they are written without "
-                    "an input scheme (weights only)", len(fp_inputs),
-                    ", ".join(fp_inputs[:3]) + (", ..." if len(fp_inputs) > 3 else ""))
+    for i_spec, names in fp_inputs.items():
+        fmt = get_format(i_spec).name
+        why = ("compressed-tensors' NVFP4 activation scheme needs a calibrated static input_global_scale"
+               if fmt == "nvfp4" else "only dynamic MXFP8 / MXFP4 activations have an input_activations form")
+        log.warning("compressed-tensors: %d layer(s) have %s activations (%s: %s); %s, so they are written without an "
+                    "input scheme (weights only)", len(names), fmt.upper(), i_spec.describe(),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), why)
+    if mx_inputs:  # once per export: the scheme is the right one, but its runtime computes other scales
+        recipe = getattr(getattr(model, "qat_recipe", None), "name", None) or "the model's"
+        log.warning("compressed-tensors: recipe %s: dynamic %s activations of %d layer(s) are written as "
+                    "compressed-tensors' own scheme, but a runtime computes their E8M0 scales its own way: "
+                    "compressed-tensors 0.20 rounds the block scale up from amax / (largest code) (block max 7.5 in "
+                    "MXFP4: scale 2, value 8), qat from floor(log2(amax)) - emax with saturation (scale 1, value 6); "
+                    "the deployed model does not compute exactly what the fake-quant model did (qat's own loader "
+                    "does)", recipe, " / ".join(sorted(mx_inputs)), sum(map(len, mx_inputs.values())))
     for scheme, names in inexact.items():
         log.warning("compressed-tensors: the input scheme %s of %d layer(s) (%s) has settings input_activations "
                     "cannot hold (observer, scale dtype, ...); loaders re-attach the scheme without them",

@@ -17,7 +17,7 @@ from qat.jobs.config import COMPARE, check_keys
 from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
 from qat.jobs.ptq import check_job, check_method, check_values, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
-from qat.models import load_tokenizer
+from qat.models import load_tokenizer, tokenizer_location
 from qat.transform.recipe import load_recipe
 
 def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
@@ -53,7 +53,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             row.update(method=label, protocol=job_protocol(cfg, blocks))
             if tasks:  # lm-eval on the quantized model itself (eval.tasks, eval.harness)
                 harness = {k: v for k, v in (cfg["eval"].get("harness") or {}).items() if v is not None}
-                tok = load_tokenizer(cfg["model"]["path"])
+                tok = load_tokenizer(tokenizer_location(cfg["data"], cfg["model"]["path"]))
                 row["tasks"] = flat_metrics(evaluate_tasks(model, tok, tasks, **harness))
             log(f"{label:12s} {row['quant']:16s} ppl {row['ppl']:.3f}  {row['bits_per_weight']:.2f} bpw  "
                 f"{row['wall_s']:.1f} s")

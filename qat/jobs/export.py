@@ -28,6 +28,7 @@ from qat.io import (check_creatable, is_distributed_checkpoint, load_safetensors
 from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check_keys
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
+from qat.models import has_fused_experts
 from qat.transform.recipe import load_recipe
 from qat.transform import QuantRecipe, as_recipe, convert, prepare
 
@@ -232,7 +233,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     start = time.perf_counter()
     check_output(output, format, gguf_type, overwrite)
     if quant is not None:  # the writer's refusal of the recipe's schemes, before the model loads
-        check_recipe_format(as_recipe(quant), format)
+        check_recipe_format(as_recipe(quant), format, has_fused_experts(model))
     calibration = check_imatrix(imatrix, format, data, calibration)
     tok = tokenizer_for(tokenizer, model)
     source = prepare_source(model, quant, checkpoint, dtype, tiny)

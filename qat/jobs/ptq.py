@@ -24,7 +24,8 @@ from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
-from qat.models import TINY_NAMES, check_model_source, check_tokenizer_source, load_model, resolve_dtype
+from qat.models import (TINY_NAMES, check_model_source, check_tokenizer_source, has_fused_experts,
+                        load_model, resolve_dtype, tokenizer_location)
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
 from qat.ptq.stream import stream_ptq
@@ -116,26 +117,26 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
             errors.append(f"{key}={value} is larger than the context of model.path={cfg['model']['path']!r} "
                           f"(max_position_embeddings={context}); use {key}<={context}")
     try:  # a folder without tokenizer files: transformers would build an empty tokenizer (no text, no blocks)
-        check_tokenizer_source(cfg["data"].get("tokenizer") or cfg["model"]["path"])
+        check_tokenizer_source(tokenizer_location(cfg["data"], cfg["model"]["path"]))
     except ConfigError as err:
         errors.append(str(err))
     if cfg.get("export") and cfg["export"] not in FORMATS:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
     elif cfg.get("export") and cfg.get("quant") is not None:  # the writer's own refusal, said before quantizing
-        errors += format_errors(cfg["quant"], cfg["export"])
+        errors += format_errors(cfg["quant"], cfg["export"], has_fused_experts(cfg["model"]["path"]))
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-def format_errors(quant: Any, format: str) -> list[str]:
-    """The export writer's refusal of the recipe's schemes (`qat.export.check_recipe_format`), as one line; none
-    for a recipe that does not load (quantizing reports that, naming its key)."""
+def format_errors(quant: Any, format: str, experts: bool = False) -> list[str]:
+    """The export writer's refusal of the recipe's schemes (`qat.export.check_recipe_format`; `experts`: the model
+    has fused MoE experts), as one line; none for a recipe that does not load (quantizing reports that)."""
     try:
         recipe = as_recipe(quant)
     except (UserError, FileNotFoundError, TypeError):
         return []
     try:
-        check_recipe_format(recipe, format)
+        check_recipe_format(recipe, format, experts)
     except ConfigError as err:
         return [f"export={format}: {err} (choose another export format, or null: native holds every scheme)"]
     return []

@@ -26,7 +26,7 @@ from qat.io import atomic_write_bytes, write_json
 from qat.jobs.config import as_bool, as_count, check_keys
 from qat.jobs.export import run_export
 from qat.jobs.measure import PeakMemory
-from qat.models import load_model
+from qat.models import check_tokenizer_source, load_model, tokenizer_location
 from qat.sensitivity import (ScoreTable, budget_bits, build_menu, build_scorer, check_base, gguf_tensor_types,
                              llama_quantize_args, markdown_table, plot_report, score_model, solve, tie_groups,
                              to_recipe, write_recipe)
@@ -90,6 +90,8 @@ def check_sensitivity(cfg: dict) -> None:
             as_count(cal.get(key), f"calibration.{key}")
         if cal.get("split", "train") not in SPLITS:
             raise ConfigError(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
+        # a folder without tokenizer files: transformers would build an empty tokenizer (no calibration text)
+        check_tokenizer_source(tokenizer_location(cfg.get("data"), (cfg.get("model") or {}).get("path", "tiny")))
 
 
 def gguf_names_of(model) -> Any:

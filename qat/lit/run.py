@@ -28,7 +28,7 @@ from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.lit.parallel import is_sharded
-from qat.models import check_tokenizer_source, load_model, load_tokenizer
+from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
 
@@ -72,7 +72,7 @@ def check_config(cfg: DictConfig) -> None:
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _check_data_path(str(cfg.data.path))
-    check_tokenizer_source(str(cfg.data.get("tokenizer") or cfg.model.path))
+    check_tokenizer_source(tokenizer_location(cfg.data, cfg.model.path))
     if cfg.get("ckpt_path"):
         _check_resume(cfg)
     _check_writable(Path(str(cfg.paths.output_dir)))
@@ -242,7 +242,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if tasks and (why := lm_eval_missing()):
         record.results["tasks_omitted"] = f"eval.tasks {tasks} left out of the table: {why}"
     elif tasks:
-        record.tasks, record.tokenizer = tasks, load_tokenizer(cfg.model.path)
+        record.tasks, record.tokenizer = tasks, load_tokenizer(tokenizer_location(cfg.data, cfg.model.path))
     callbacks = _before_training(cfg, record) + [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()] or False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)  # bad trainer values fail here, cheaply

@@ -24,10 +24,22 @@ from torch import nn
 
 from qat.control import calibrate, quantizers
 from qat.errors import ConfigError
+from qat.formats import get_format
 from qat.sensitivity.menu import Candidate
-from qat.spec import TensorSchemes
+from qat.spec import QuantSpec, TensorSchemes
 from qat.transform import QuantRecipe, matches, prepare
 from qat.transform.rotations import apply_rotations, rotation_errors
+
+
+LLAMA_CPP_KV_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+"""The quantized KV-cache types llama.cpp runs (`-ctk` / `-ctv`, besides f16 / bf16 / f32): a dynamic KV scheme
+whose grid is one of these GGUF types (`grid: ggml`, as quant=gguf_q4_0_kv_q8_0) is what llama.cpp computes."""
+
+
+def llama_cpp_kv_type(spec: QuantSpec) -> str | None:
+    """The llama.cpp cache type (`-ctk` value, lower case) a KV scheme computes exactly, or None."""
+    gguf = get_format(spec).gguf_type(spec) if spec.dynamic else None
+    return gguf.lower() if gguf in LLAMA_CPP_KV_TYPES else None
 
 
 def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
@@ -36,10 +48,12 @@ def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
     Refused: a weight scheme in one of its overrides (the solver chooses the scored modules' weights; a per-module
     weight of the base would be overridden, or silently not), and an input-activation scheme together with menu
     candidates on a GGUF grid (a GGUF file stores no activation scheme: llama.cpp quantizes activations its own way,
-    so scores measured with the base's activations would describe a model no GGUF runtime runs).
+    so scores measured with the base's activations would describe a model no GGUF runtime runs), and with such
+    candidates a KV-cache scheme llama.cpp has no cache type for (`llama_cpp_kv_type`: q8_0, q4_0, ...).
 
     Raises:
-        ConfigError: one line naming the key (`quant.overrides[i].weight`, `quant.input` and the menu entries).
+        ConfigError: one line naming the key (`quant.overrides[i].weight`, `quant.input`, `quant.kv_cache` and the
+            menu entries).
     Example:
         >>> check_base(load_recipe("w4a8_kv8"), build_menu({"Q4_0": {"recipe": "gguf_q4_0"}}))  # ConfigError
     """
@@ -58,6 +72,16 @@ def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
                           f"candidate(s) {listed}: a GGUF file stores no activation scheme (llama.cpp quantizes "
                           "activations its own way); use a base recipe with input: null, or a menu without GGUF "
                           "types (menu=int / fp4)")
+    kv = [("quant.kv_cache", recipe.base.kv_cache)] + [(f"quant.overrides[{i}].kv_cache", o.changes["kv_cache"])
+                                                      for i, o in enumerate(recipe.overrides) if o.changes.get("kv_cache")]
+    for key, spec in kv:
+        if spec is not None and gguf and llama_cpp_kv_type(spec) is None:
+            raise ConfigError(f"{key} ({spec.describe()}) of the base recipe {recipe.name!r} has no llama.cpp cache "
+                              f"type, so it cannot go with the GGUF candidate(s) {', '.join(gguf)}: llama.cpp "
+                              f"runs -ctk / -ctv {' / '.join(t.lower() for t in LLAMA_CPP_KV_TYPES)} (a dynamic "
+                              "kv_cache on that grid: grid: ggml, per_group 32, fp16 scales, as quant="
+                              "gguf_q4_0_kv_q8_0) or f16; use such a kv_cache, kv_cache: null, or a menu without "
+                              "GGUF types (menu=int / fp4)")
 
 
 def context_recipe(recipe: QuantRecipe) -> QuantRecipe | None:

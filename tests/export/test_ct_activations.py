@@ -30,7 +30,9 @@ def _inputs(model) -> dict[str, qat.QuantSpec]:
 @pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "mxfp4_w4a4",
                                     {**qat.load_recipe("w8a8").to_dict(), "input": {**INT8, "symmetric": False}}],
                          ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "mxfp4", "int8_token_asym"])
-def test_dynamic_input_schemes_reload_exactly(recipe, tmp_path):
+def test_dynamic_input_schemes_reload_exactly_in_qats_own_loader(recipe, tmp_path):
+    """qat's loader re-attaches the written schemes: the reload computes the fake-quant logits, atol 0. (Another
+    runtime may compute MX activation scales its own way: `test_mx_activation_scales_differ_in_compressed_tensors`.)"""
     model = _model(recipe)
     with torch.no_grad():
         want = model(IDS).logits
@@ -129,3 +131,45 @@ def test_written_input_args_are_compressed_tensors_presets(recipe, preset):
              "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}  # compressed-tensors' MXFP4
     assert input_spec(mxfp4) == qat.load_recipe("mxfp4_w4a4").base.input
     assert "strategy='block'" in input_spec({"num_bits": 8, "type": "float", "dynamic": True, "strategy": "block"})
+
+
+@pytest.mark.parametrize("recipe, fmt", [("nvfp4_w4a4", "NVFP4"), ("static_mx", "MXFP4")])
+def test_unwritable_float_inputs_are_warned_naming_their_format(recipe, fmt, tmp_path, caplog):
+    """An fp4 activation scheme with no input_activations form is written weights-only, the warning naming the
+    scheme's own format (it said NVFP4 for every one)."""
+    if recipe == "static_mx":
+        base = qat.load_recipe("mxfp4_w4a4").to_dict()
+        recipe = {**base, "input": {**base["input"], "dynamic": False}}
+    model = _model(recipe)
+    if model.model.layers[0].self_attn.q_proj.input_quantizer.spec.dynamic is False:
+        qat.calibrate(model, [IDS])
+    with caplog.at_level(logging.WARNING):
+        export(model, tmp_path / "ct", "compressed_tensors")
+    line, = [r.getMessage() for r in caplog.records if "written without an input scheme" in r.getMessage()]
+    assert f"14 layer(s) have {fmt} activations" in line and "model.layers.0.self_attn.q_proj" in line
+    assert (fmt == "NVFP4") == ("NVFP4" in line)
+
+
+@pytest.mark.parametrize("recipe, block_max, ours, theirs", [("mxfp4_w4a4", 7.5, 6.0, 8.0),
+                                                             ("mxfp8", 479.0, 448.0, 480.0)])
+def test_mx_activation_scales_differ_in_compressed_tensors(recipe, block_max, ours, theirs, tmp_path, caplog):
+    """What docs/export.md says: compressed-tensors' own dynamic path (compute_dynamic_scales_and_zp +
+    fake_quantize) on the written input_activations scales a block otherwise than qat's fake quant (qat: scale 1,
+    saturating; compressed-tensors: scale 2), so the export warns once, naming the recipe."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    model = _model(recipe)
+    quantizer = model.model.layers[0].self_attn.q_proj.input_quantizer
+    x = torch.zeros(1, 1, 128)
+    x[..., 0] = block_max
+    with caplog.at_level(logging.WARNING):
+        out = export(model, tmp_path / "ct", "compressed_tensors")
+    group, = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    args = ct.QuantizationArgs(**group["input_activations"])
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
+    assert quantizer(x)[0, 0, 0].item() == ours and scale.flatten()[0].item() == 2.0
+    assert fake_quantize(x, scale, zero_point, args)[0, 0, 0].item() == theirs
+    lines = [r.getMessage() for r in caplog.records if "computes their E8M0 scales its own way" in r.getMessage()]
+    assert len(lines) == 1 and f"recipe {recipe}" in lines[0] and "14 layer(s)" in lines[0]

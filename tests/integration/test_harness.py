@@ -221,6 +221,31 @@ def test_unknown_task_is_named_before_the_model_is_wrapped():
         evaluate_tasks(object(), TOK, ["qat_tiny_nope"])
 
 
+def weights_only_and_tokenizer(tmp_path) -> tuple[Path, Path]:
+    """A Qwen2 folder of config.json + weights only, and a folder holding a (BPE) tokenizer of fewer ids."""
+    from qat.testing import tiny_model
+    from tests.export.test_gguf_file import bpe_tokenizer
+
+    tiny_model("qwen2", num_layers=1).save_pretrained(tmp_path / "weights_only")
+    bpe_tokenizer().save_pretrained(tmp_path / "tok")
+    return tmp_path / "weights_only", tmp_path / "tok"
+
+
+def test_compare_tasks_read_data_tokenizer_not_the_weights_only_model_folder(tmp_path):
+    """model.path=<weights only> data.tokenizer=<folder>: the pre-checks pass, and the lm-eval column of every row is
+    computed with that tokenizer (it used to load the tokenizer from model.path after the first row's PTQ)."""
+    from qat.jobs.compare import run_compare_job
+    from tests.ptq.conftest import compose_job
+
+    model, tok = weights_only_and_tokenizer(tmp_path)
+    cfg = compose_job("compare", [f"model.path={model}", f"data.tokenizer={tok}", "calibration.samples=4",
+                                  "eval.max_blocks=2", "methods=[rtn]", "quants=[w4a16_g128]",
+                                  "eval.tasks=[qat_tiny_ppl]", "eval.harness.limit=2"])
+    paths = run_compare_job(cfg, tmp_path / "out", log=lambda s: None)
+    row, = json.loads(paths["json"].read_text())["rows"]
+    assert row["tasks"]["qat_tiny_ppl/word_perplexity"]["n"] == 2 and row["tasks"]["qat_tiny_ppl/word_perplexity"]["value"] > 0
+
+
 def test_compare_job_runs_tasks_on_every_row(tmp_path):
     from qat.jobs.compare import run_compare_job
     from qat.jobs.sweep import run_sweep_job

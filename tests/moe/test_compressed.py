@@ -73,3 +73,43 @@ def test_mixtral_uses_its_checkpoint_names(tmp_path, moe_ids):
             "model.layers.0.block_sparse_moe.gate.weight"} <= keys
     assert not any(".mlp." in k for k in keys)
     assert torch.equal(load_compressed_tensors(out)(moe_ids).logits, fake)
+
+
+FLOAT_ON_EXPERTS = {
+    "fp8_channel": {"name": "fp8_channel", "targets": ["Linear"], "ignore": ["lm_head"],
+                    "weight": {"bits": 8, "dtype": "fp8_e4m3", "granularity": "per_channel"}},
+    "mxfp4": "mxfp4",
+    "mxfp8": "mxfp8",
+}
+
+
+@pytest.mark.parametrize("recipe", list(FLOAT_ON_EXPERTS.values()), ids=list(FLOAT_ON_EXPERTS))
+def test_float_weights_on_fused_experts_are_refused_before_loading(recipe, tmp_path):
+    """compressed-tensors writes fused experts as int groups only: a float-format weight scheme that reaches them
+    is refused by check_recipe_format (and qat-ptq's / qat-export's pre-checks) for an MoE folder, naming what
+    experts take vs Linear; a dense model, or an override giving the experts an int scheme, passes."""
+    from qat.errors import ConfigError
+    from qat.export import check_recipe_format
+    from qat.jobs.export import run_export
+    from qat.jobs.ptq import format_errors
+    from qat.models import has_fused_experts
+
+    r = qat.QuantRecipe.from_dict(recipe) if isinstance(recipe, dict) else qat.load_recipe(recipe)
+    folder = tmp_path / "moe"
+    tiny_moe("qwen3_moe", num_experts=4).save_pretrained(folder)
+    assert has_fused_experts(folder) and not has_fused_experts("tiny")
+    message = r"fused MoE experts; experts take int weights only .* for Linear layers only"
+    with pytest.raises(ConfigError, match=message):
+        check_recipe_format(r, "compressed_tensors", experts=True)
+    check_recipe_format(r, "compressed_tensors")  # a dense model: Linear layers take it
+    int_experts = qat.QuantRecipe.from_dict({**r.to_dict(), "overrides": [
+        {"targets": ["Experts"], "weight": {"bits": 4, "dtype": "int", "granularity": "per_group", "group_size": 32,
+                                            "grid": "uniform", "symmetric": True}}]})
+    check_recipe_format(int_experts, "compressed_tensors", experts=True)
+    assert "experts take int weights only" in format_errors(recipe, "compressed_tensors", True)[0]
+    with pytest.raises(ConfigError, match=message):
+        run_export(str(folder), str(tmp_path / "ct"), format="compressed_tensors", quant=recipe)
+    if r.base.input is not None:  # prepare refuses activation quantization of fused experts itself
+        return
+    with pytest.raises(ConfigError, match=message):
+        export_compressed_tensors(qat.prepare(tiny_moe("qwen3_moe", num_experts=4), r), tmp_path / "late")

@@ -162,6 +162,8 @@ def test_hutchinson_runs_fused_experts_unfused_and_restores_them(monkeypatch):
 @pytest.mark.parametrize("argv, expected", [
     (["quant=w4a16_g128_mixed"], "quant.overrides[0].weight"),
     (["menu=gguf", "quant=w8a8"], "quant.input (int8 sym per_token dyn) of the base recipe 'w8a8' cannot combine"),
+    (["menu=gguf", "quant={tmp}/kv8.yaml"], "quant.kv_cache (int8 sym per_token dyn) of the base recipe 'kv8' has no "
+                                            "llama.cpp cache type"),
     (["quant={tmp}/missing.yaml"], "quant={tmp}/missing.yaml: no such file"),
     (["quant={tmp}/garbage.yaml"], "not a valid recipe"),
     (["quant=no_such_recipe"], "Could not find 'quant/no_such_recipe'"),  # Hydra's own: it lists the options
@@ -172,8 +174,29 @@ def test_bad_base_recipes_are_one_line_before_the_model_loads(argv, expected, tm
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(job, "load_model", no_model)
     (tmp_path / "garbage.yaml").write_text("name: g\nweight: {bitz: 4}\n")
+    (tmp_path / "kv8.yaml").write_text("name: kv8\nignore: [lm_head]\nweight: {bits: 4}\n"
+                                       "kv_cache: {bits: 8, granularity: per_token, dynamic: true}\n")
     (tmp_path / "scores.json").write_text("{}")
     code, out = _run(tmp_path, "run", *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     errors = [line for line in out.splitlines() if line.startswith(("qat-sensitivity: error:", "In 'sensitivity'"))]
     assert code == 2 and "Traceback" not in out and len(errors) == 1, out
     assert expected.replace("{tmp}", str(tmp_path)) in errors[0], out
+
+
+def test_gguf_menu_takes_the_kv_caches_llama_cpp_runs():
+    """With GGUF candidates a KV scheme must be one llama.cpp has a cache type for (q8_0, q4_0, ...), else refused."""
+    from qat.errors import ConfigError
+    from qat.sensitivity.base import check_base, llama_cpp_kv_type
+    from qat.transform import load_recipe
+
+    gguf_menu = build_menu({"Q4_0": {"recipe": "gguf_q4_0"}})
+    for name, cache in (("gguf_q4_0_kv_q8_0", "q8_0"), ("gguf_q4_0_kv_q4_0", "q4_0")):
+        recipe = load_recipe(name)
+        assert llama_cpp_kv_type(recipe.base.kv_cache) == cache
+        check_base(recipe, gguf_menu)
+    int_kv = load_recipe("w4a8_kv8").base.kv_cache
+    assert llama_cpp_kv_type(int_kv) is None
+    weight_only = qat.QuantRecipe.from_dict({"name": "kv8", "weight": {"bits": 4}, "kv_cache": int_kv.to_dict()})
+    with pytest.raises(ConfigError, match=r"quant.kv_cache .* no llama.cpp cache type.*q8_0 / q4_0"):
+        check_base(weight_only, gguf_menu)
+    check_base(weight_only, build_menu(INT_MENU))  # no GGUF candidate: any KV scheme is a scoring context

@@ -187,3 +187,26 @@ def test_budget_bytes_replaces_the_default_bits_per_weight(analyzed, tmp_path):
     assert code == 0, out
     layout = json.loads((tmp_path / "run" / "layout.json").read_text())
     assert 4.5 < layout["bits_per_weight"] <= 6
+
+
+def test_weights_only_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A model folder without tokenizer files: refused naming it and data.tokenizer=, before load_model; with
+    data.tokenizer=<a folder with a tokenizer> the same folder passes the check."""
+    from qat.errors import ConfigError
+    from qat.jobs.config import register_resolvers
+    from qat.testing import tiny_model
+    from tests.export.test_gguf_file import bpe_tokenizer
+
+    register_resolvers()  # configs/paths' ${qat_root:}, as the CLI registers it
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer check")
+    monkeypatch.setattr(job, "load_model", no_model)
+    tiny_model("qwen2", num_layers=1).save_pretrained(tmp_path / "weights_only")
+    bpe_tokenizer().save_pretrained(tmp_path / "tok")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="sensitivity", overrides=[
+            f"model.path={tmp_path}/weights_only", f"paths.output_dir={tmp_path}/out"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"weights_only: no tokenizer could be loaded.*data\.tokenizer="):
+        job.run_sensitivity_job(cfg, str(tmp_path / "out"))
+    job.check_sensitivity({**cfg, "data": {**cfg["data"], "tokenizer": str(tmp_path / "tok")}})

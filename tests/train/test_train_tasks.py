@@ -77,3 +77,18 @@ def test_bad_tasks_refused_before_training(override, match):
     overrides = [override] if "tasks" in override else [override, f"eval.tasks=[{TASK}]"]
     with pytest.raises(ValueError, match=match):
         check_config(compose_train(overrides))
+
+
+def test_tasks_read_data_tokenizer_not_the_weights_only_model_folder(tmp_path):
+    """model.path=<weights only> data.tokenizer=<folder>: the pre-check passes, and the task columns are computed
+    with that tokenizer (it used to be loaded from model.path, refused with "give data.tokenizer=", given)."""
+    pytest.importorskip("lm_eval")
+    from tests.integration.test_harness import weights_only_and_tokenizer
+
+    model, tok = weights_only_and_tokenizer(tmp_path)
+    cfg = compose_train(["trainer.max_steps=1", "eval.max_blocks=2", "callbacks=none", "logger=none",
+                         f"model.path={model}", f"data.tokenizer={tok}", f"eval.tasks=[{TASK}]", "eval.harness.limit=2"],
+                        tmp_path / "out")
+    results = train(cfg)
+    assert set(results["tasks"]) == {f"{TASK}/acc", f"{TASK}/perplexity"}
+    assert results["tasks"][f"{TASK}/acc"]["n"] == 2
