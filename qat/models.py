@@ -157,6 +157,24 @@ def tokenizer_location(data: Any, model_path: str | os.PathLike) -> str:
     return str(tokenizer or model_path)
 
 
+def check_token_ids(model: nn.Module, tensors: Any, tokenizer: str, model_path: str | os.PathLike) -> None:
+    """Refuses token ids the model has no embedding row for: the tokenizer belongs to another model (its ids would
+    index past the embedding table, an IndexError deep inside the forward).
+
+    Raises:
+        ConfigError: naming the tokenizer, the model, the largest id and the model's embedding rows.
+    Example:
+        >>> check_token_ids(model, batches + [blocks], "smollm2-135m", "tiny")
+    """
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    top = max((int(t.max()) for t in tensors if isinstance(t, torch.Tensor) and t.numel()), default=-1)
+    if rows is not None and top >= rows:
+        raise ConfigError(f"tokenizer {tokenizer!r} gives token id {top}, but the model {str(model_path)!r} has "
+                          f"{rows} embedding rows (vocab_size): the tokenizer belongs to another model; give the "
+                          "model's own tokenizer (data.tokenizer=<folder or hub name>, tokenizer= for qat-eval)")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """The tokenizer for a model location or a folder of tokenizer files; for "tiny", a byte-level stand-in
     (ids = bytes + 3, vocab 259+).

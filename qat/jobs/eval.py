@@ -26,6 +26,7 @@ from qat.jobs.harness import (check_harness_args, check_tasks, evaluate_tasks, f
                               tasks_table)
 from qat.jobs.measure import perplexity
 from qat.jobs.results import eval_protocol, to_json
+from qat.models import check_token_ids
 
 
 def tokenizer_for(tokenizer: str | None, model: str):
@@ -84,14 +85,18 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     if recipe is not None:
         net = quantize_on_load(net, recipe)
     if tok is None:
-        raise ConfigError(f"no tokenizer found with {model!r}; pass tokenizer=<folder or 'tiny'>")
+        raise ConfigError(f"no tokenizer found with {model!r} (no tokenizer files there); pass tokenizer=<the model's "
+                          "tokenizer: a folder or hub name; 'tiny' only for qat's tiny models>")
     out: dict[str, Any] = {"model": str(model)}
     if data:
         cfg = corpus_config(data, seq_len, max_blocks)
         blocks = build_blocks(cfg, tok, splits=[split])[split]
+        check_token_ids(net, [blocks], str(tokenizer or model), model)
         out.update(ppl=round(perplexity(net, blocks), 4), tokens=int(blocks.numel()),
                    protocol=eval_protocol(cfg.path, split, blocks))
     if tasks:
+        if hasattr(tok, "__len__"):  # the tasks' texts are tokenized inside lm-eval: check the tokenizer's ids
+            check_token_ids(net, [torch.tensor([len(tok) - 1])], str(tokenizer or model), model)
         out["harness"] = evaluate_tasks(net, tok, tasks, **(harness or {}))
     if prompt:
         ids = torch.tensor([tok(prompt)["input_ids"]], device=next(net.parameters()).device)

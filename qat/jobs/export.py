@@ -244,6 +244,10 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
                     "vocabulary llama.cpp could run); read it back with `qat-eval model.path=%s tokenizer=tiny`",
                     output, output)
         tok = None
+    elif tok is None and format != "gguf":  # GGUF warns itself (its file needs a vocabulary)
+        log.warning("tokenizer: none found with %s (no tokenizer files there), so %s will have none; give "
+                    "tokenizer=<the model's tokenizer: a folder or hub name> to store it with the export",
+                    model, output)
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure,
                   overwrite=overwrite)
     size, bpw = file_bits_per_weight(out, source)

@@ -24,7 +24,7 @@ from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
-from qat.models import (TINY_NAMES, check_model_source, check_tokenizer_source, has_fused_experts,
+from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
                         load_model, resolve_dtype, tokenizer_location)
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
@@ -212,7 +212,6 @@ def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_c
         ValueError: a corpus with fewer blocks than calibration.samples (keys: `qat.jobs.config.check_keys`).
     """
     tiny = dict(model_cfg.get("tiny") or {})
-    load = lambda: load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **tiny)  # noqa: E731
     batches = []
     if calibration is not None:
         batches = calibration_batches(data_cfg, int(calibration["samples"]), int(calibration["seq_len"]),
@@ -222,6 +221,11 @@ def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_c
         corpus = corpus_from_mapping(data_cfg)
         corpus.max_eval_blocks = eval_cfg.get("max_blocks")
         blocks = build_blocks(corpus, splits=[eval_cfg["split"]])[eval_cfg["split"]]
+
+    def load() -> nn.Module:
+        model = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **tiny)
+        check_token_ids(model, [*batches, blocks], tokenizer_location(data_cfg, model_cfg["path"]), model_cfg["path"])
+        return model
     return load, batches, blocks
 
 

@@ -81,6 +81,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("ptq", ["model.path={tmp}/weights_only"], "weights_only: no tokenizer could be loaded")
     add("compare", CMP + ["model.path={tmp}/weights_only"], "data.tokenizer=")
     add("eval", EV + ["model.path={tmp}/weights_only"], "pass tokenizer=")
+    # another model's tokenizer: its ids index past the embedding table (an IndexError deep in the forward before)
+    add("ptq", ["model.path={tmp}/weights_only", "data.tokenizer={tmp}/wide_tokenizer", "method=rtn",
+                "calibration.samples=8"],
+        "gives token id 575, but the model")
+    add("eval", EV + ["model.path={tmp}/weights_only", "tokenizer={tmp}/wide_tokenizer"], "embedding rows")
 
     # qat-ptq
     for over, expected in [("method=nope", "nope"), ("+method.nosuch=1", "nosuch"), ("method.actorder=maybe", "actorder"),
@@ -174,10 +179,22 @@ def make_files(tmp: str | os.PathLike) -> Path:
     if not (tmp / "weights_only" / "config.json").is_file():  # a model folder without tokenizer files
         from qat.testing import tiny_model
         tiny_model("qwen2", num_layers=1).save_pretrained(tmp / "weights_only")
+    if not (tmp / "wide_tokenizer" / "tokenizer.json").is_file():  # 576 ids (every word unknown: 575) for 512 rows
+        _wide_tokenizer(576).save_pretrained(tmp / "wide_tokenizer")
     (tmp / "broken_recipe.yaml").write_text("name: [w4\n")
     (tmp / "bits17_recipe.yaml").write_text("name: w17\nweight: {bits: 17}\n")
     (tmp / "c,d.yaml").write_text("name: comma\nweight: {bits: 4}\n")  # Hydra reads quant=c,d.yaml as a sweep
     return tmp
+
+
+def _wide_tokenizer(size: int):
+    """A word-level tokenizer of `size` ids whose unknown word (every word of the corpora) is the last id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(size - 1)} | {"[UNK]": size - 1}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[UNK]")
 
 
 def argv_for(argv: list[str], tmp: str | os.PathLike, app: str) -> list[str]:

@@ -1,6 +1,7 @@
 """qat-export / qat-eval: configs compose, and the functions behind them work end to end on a tiny model."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 from qat.jobs.eval import run_eval
 from qat.jobs.export import run_export
 from qat.recipes import CONFIG_DIR
+from qat.testing import tiny_model
 
 if not OmegaConf.has_resolver("qat_root"):
     OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
@@ -294,3 +296,11 @@ def test_tiny_byte_tokenizer_is_named_as_not_stored(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         run_export("tiny", str(tmp_path / "t.gguf"), format="gguf", gguf_type="F32", tokenizer="tiny")
     assert "byte-level stand-in" in caplog.text and "tokenizer=tiny" in caplog.text
+
+
+def test_export_of_a_folder_without_tokenizer_says_the_export_has_none(tmp_path, caplog):
+    tiny_model("qwen2", num_layers=1).save_pretrained(tmp_path / "weights_only")  # config.json + weights only
+    with caplog.at_level(logging.WARNING):
+        run_export(str(tmp_path / "weights_only"), str(tmp_path / "out"), format="native", quant="w4a16_g128")
+    assert "weights_only (no tokenizer files there)" in caplog.text and "tokenizer=<" in caplog.text
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
