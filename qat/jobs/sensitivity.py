@@ -84,7 +84,7 @@ def check_sensitivity(cfg: dict) -> None:
                               f"{not_gguf} are not")
         build_scorer(cfg.get("method") or {})
         if cfg.get("quant") is not None:
-            check_base(QuantRecipe.from_dict(cfg["quant"]), menu)
+            check_base(QuantRecipe.from_dict(cfg["quant"]), {c.name: c for c in used})
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
             as_count(cal.get(key), f"calibration.{key}")

@@ -177,3 +177,37 @@ def test_bad_base_recipes_are_one_line_before_the_model_loads(argv, expected, tm
     errors = [line for line in out.splitlines() if line.startswith(("qat-sensitivity: error:", "In 'sensitivity'"))]
     assert code == 2 and "Traceback" not in out and len(errors) == 1, out
     assert expected.replace("{tmp}", str(tmp_path)) in errors[0], out
+
+
+@pytest.mark.parametrize("base", ["nvfp4_w4a8", "mxfp4_w4a4"])
+def test_fp4_bases_score_the_fp4_menu_end_to_end(base, tmp_path):
+    """MXFP4 / NVFP4 / MXFP8 are not GGUF-only types: an fp4 menu takes a base with an input scheme; the recipe
+    written keeps the base's input scheme on the scored modules."""
+    code, out = _run(tmp_path, "run", "menu=fp4", f"quant={base}", "name=fp4auto")
+    assert code == 0, out
+    run = tmp_path / "run"
+    assert json.loads((run / "scores.json").read_text())["modules"]
+    recipe = qat.load_recipe(run / "quant" / "fp4auto.yaml")
+    assert recipe.base.input == qat.load_recipe(base).base.input is not None
+
+
+@pytest.mark.parametrize("base, menu, candidates", [
+    ("nvfp4_w4a8", "fp4", None), ("mxfp8", "fp4", None), ("w8a8", "fp4", None),
+    ("w8a8", "fp4", ["MXFP8", "float"]), ("w8a8", "int", ["int4_g64", "float"]),
+])
+def test_only_gguf_only_candidates_in_use_conflict_with_an_input_scheme(base, menu, candidates, tmp_path,
+                                                                       monkeypatch):
+    def no_model(*args, **kwargs):
+        raise RuntimeError("model loaded: the check passed")
+    monkeypatch.setattr(job, "load_model", no_model)
+    argv = [f"menu={menu}", f"quant={base}"] + ([f"candidates=[{','.join(candidates)}]"] if candidates else [])
+    code, out = _run(tmp_path, "run", *argv)
+    assert "cannot combine" not in out and "model loaded: the check passed" in out, out
+
+
+def test_gguf_only_is_asked_of_the_formats():
+    menu = {**build_menu({"Q4_K": {"recipe": "gguf_q4_k"}, "IQ4_NL": {"recipe": "gguf_iq4_nl"},
+                          "Q8_0": {"recipe": "gguf_q8_0"}, "float": {"weight": None}}),
+            **build_menu({"MXFP4": {"recipe": "mxfp4"}, "NVFP4": {"recipe": "nvfp4_w4a16"}})}
+    assert {n: c.gguf_only for n, c in menu.items()} == {"Q4_K": True, "IQ4_NL": True, "Q8_0": True,
+                                                        "float": False, "MXFP4": False, "NVFP4": False}
