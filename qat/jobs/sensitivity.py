@@ -92,6 +92,14 @@ def check_sensitivity(cfg: dict) -> None:
             raise ConfigError(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
 
 
+def default_name(bits_per_weight: float, base: dict | None) -> str:
+    """The written recipe's name when `name=` is not given: `auto_<bpw>bpw`, with the base recipe's name
+    (`auto_w4a8_kv8_4.50bpw`), so that two runs' recipes do not share a name; the same for a re-solve of the
+    same scores and budget."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str((base or {}).get("name") or "")) if base else ""
+    return f"auto_{stem + '_' if stem else ''}{bits_per_weight:.2f}bpw"
+
+
 def gguf_names_of(model) -> Any:
     """module name -> its GGUF tensor names, or None for a model with no GGUF architecture adapter."""
     try:
@@ -143,7 +151,8 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
                 cfg.get("candidates"))
     result.update(solve_s=round(time.perf_counter() - start, 3), bits_per_weight=round(sol.bits_per_weight, 6),
                   bits=sol.bits, budget_bits=sol.budget_bits, params=sol.params, score=sol.score)
-    recipe = to_recipe(sol, table, name=str(cfg.get("name") or "auto"), ignore=tuple(cfg.get("ignore") or ()))
+    recipe = to_recipe(sol, table, name=str(cfg.get("name") or default_name(sol.bits_per_weight, table.base)),
+                       ignore=tuple(cfg.get("ignore") or ()))
     QuantRecipe.from_dict(recipe)  # what is written loads
     result["recipe"] = str(write_recipe(recipe, out / "quant" / f"{recipe['name']}.yaml"))
     result["use"] = f"quant={Path(result['recipe']).resolve()}"

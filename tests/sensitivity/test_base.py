@@ -4,6 +4,7 @@ mode=solve rewrites the same recipe from scores.json alone; conflicts are one li
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,11 @@ def runs(tmp_path_factory):
     return tmp
 
 
+def _recipe(run):
+    """The recipe file a run wrote (its name: `auto_<bpw>bpw`, `auto_<base>_<bpw>bpw` by default)."""
+    return Path(json.loads((run / "layout.json").read_text())["recipe"])
+
+
 def _scores(run):
     return {m["name"]: m["scores"] for m in json.loads((run / "scores.json").read_text())["modules"]}
 
@@ -74,7 +80,7 @@ def test_the_written_recipe_keeps_the_base_schemes_on_every_quantized_module(run
     choice = json.loads((run / "layout.json").read_text())["choice"]
     menu = build_menu(yaml.safe_load((qat.recipes.CONFIG_DIR / "menu" / "int.yaml").read_text()))
     base = qat.load_recipe("w4a8_kv8")
-    recipe = qat.load_recipe(run / "quant" / "auto.yaml")
+    recipe = qat.load_recipe(_recipe(run))
     assert recipe.ignore == ("lm_head", IGNORED) and recipe.base == base.base
     model = qat.prepare(tiny_llama(), recipe)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -88,7 +94,7 @@ def test_the_written_recipe_keeps_the_base_schemes_on_every_quantized_module(run
         assert (module.weight_quantizer is None) if spec is None else module.weight_quantizer.spec == spec
     attention = [m for m in model.modules() if hasattr(m, "k_quantizer")]
     assert len(attention) == 2 and all(m.k_quantizer.spec == base.base.kv_cache for m in attention)
-    code, out = run_in_process("ptq", ["method=rtn", f"quant={run / 'quant' / 'auto.yaml'}", "save=false",
+    code, out = run_in_process("ptq", ["method=rtn", f"quant={_recipe(run)}", "save=false",
                                        "calibration.samples=4", f"hydra.run.dir={runs}/ptq"])
     assert code == 0, out
     result = json.loads((runs / "ptq" / "result.json").read_text())
@@ -104,7 +110,12 @@ def test_solve_rewrites_the_same_recipe_without_the_model(runs, monkeypatch):
     assert code == 0, out
     assert (json.loads((runs / "solved" / "layout.json").read_text())["choice"]
             == json.loads((run / "layout.json").read_text())["choice"])
-    assert qat.load_recipe(runs / "solved" / "quant" / "auto.yaml") == qat.load_recipe(run / "quant" / "auto.yaml")
+    assert qat.load_recipe(_recipe(runs / "solved")) == qat.load_recipe(_recipe(run))
+    assert _recipe(runs / "solved").read_bytes() == _recipe(run).read_bytes()  # the same file, key order too
+    assert _recipe(run).name == f"auto_my_w4a8_{json.loads((run / 'layout.json').read_text())['bits_per_weight']:.2f}bpw.yaml"
+    plain = runs / "plain"
+    assert _recipe(plain).stem == f"auto_{json.loads((plain / 'layout.json').read_text())['bits_per_weight']:.2f}bpw"
+    assert qat.load_recipe(_recipe(plain)).name == _recipe(plain).stem
 
 
 @pytest.mark.parametrize("base", ["w8a8_static", "w4a8_kv4_rot"])
@@ -211,3 +222,21 @@ def test_gguf_only_is_asked_of_the_formats():
             **build_menu({"MXFP4": {"recipe": "mxfp4"}, "NVFP4": {"recipe": "nvfp4_w4a16"}})}
     assert {n: c.gguf_only for n, c in menu.items()} == {"Q4_K": True, "IQ4_NL": True, "Q8_0": True,
                                                         "float": False, "MXFP4": False, "NVFP4": False}
+
+
+def test_a_resolve_writes_the_analysis_recipe_byte_for_byte(runs, tmp_path):
+    """A base override's partial input scheme in the recipe's own key order (the analysis) and in scores.json's
+    sorted order (a re-solve) are written in one order."""
+    from qat.sensitivity import ScoreTable, write_recipe
+    table = ScoreTable.load(runs / "base" / "scores.json")
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe["overrides"] = [{"targets": ["model.layers.0.self_attn.o_proj"], "input": {"symmetric": False, "bits": 8}}]
+    table.base = qat.QuantRecipe.from_dict(recipe).to_dict()
+    assert list(table.base["overrides"][0]["input"]) == ["symmetric", "bits"]  # as given
+    table.save(tmp_path / "scores.json")
+    sol = solve(table, budget_bits(table, bits_per_weight=5))
+    analysis = write_recipe(to_recipe(sol, table), tmp_path / "a.yaml")
+    reloaded = ScoreTable.load(tmp_path / "scores.json")
+    resolved = write_recipe(to_recipe(solve(reloaded, budget_bits(reloaded, bits_per_weight=5)), reloaded),
+                            tmp_path / "b.yaml")
+    assert analysis.read_bytes() == resolved.read_bytes()

@@ -23,7 +23,7 @@ def _run(tmp_path, *argv):
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sens")
-    code, out = _run(tmp, "budget.bits_per_weight=3.5")
+    code, out = _run(tmp, "budget.bits_per_weight=3.5", "name=auto")  # by name on a search path below
     assert code == 0, out
     return tmp / "run", out
 
@@ -67,7 +67,7 @@ def test_solve_reproduces_analyze_at_the_same_budget(analyzed, tmp_path):
     its keys are sorted), same layout and the same recipe as the analysis at its budget."""
     run, _ = analyzed
     code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=3.5",
-                                               f"hydra.run.dir={tmp_path}/s"])
+                                               "name=auto", f"hydra.run.dir={tmp_path}/s"])
     assert code == 0, out
     header = (run / "report.md").read_text().splitlines()[0]
     assert (tmp_path / "s" / "report.md").read_text().splitlines()[0] == header
@@ -187,3 +187,26 @@ def test_budget_bytes_replaces_the_default_bits_per_weight(analyzed, tmp_path):
     assert code == 0, out
     layout = json.loads((tmp_path / "run" / "layout.json").read_text())
     assert 4.5 < layout["bits_per_weight"] <= 6
+
+
+def test_default_names_differ_and_clashing_recipe_files_are_labelled_apart(analyzed, tmp_path, capsys):
+    """Unnamed runs write auto_<bpw>bpw; two recipe files of one name (two runs' `auto`) get distinct qat-compare
+    rows, labelled by path, with a warning naming both."""
+    from qat.jobs.ptq import quant_labels
+    run, _ = analyzed
+    code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=4.5",
+                                               "plot=false", f"hydra.run.dir={tmp_path}/s"])
+    assert code == 0, out
+    bpw = json.loads((tmp_path / "s" / "layout.json").read_text())["bits_per_weight"]
+    assert (tmp_path / "s" / "quant" / f"auto_{bpw:.2f}bpw.yaml").is_file()
+    twin = tmp_path / "twin" / "quant" / "auto.yaml"
+    twin.parent.mkdir(parents=True)
+    twin.write_bytes((run / "quant" / "auto.yaml").read_bytes())
+    quants = [str(run / "quant" / "auto.yaml"), str(twin), "w4a16_g128"]
+    warnings = []
+    labels = quant_labels(quants, warnings.append)
+    assert labels == quants[:2] + ["w4a16_g128"] and len(warnings) == 2
+    assert str(twin) in warnings[0] and "'auto'" in warnings[0]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((run / "quant" / "auto.yaml").read_text())
+    assert quant_labels([quants[0], str(mine)], warnings.append) == [quants[0], "mine"]
