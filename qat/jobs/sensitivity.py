@@ -43,10 +43,15 @@ def budget_of(cfg: dict) -> tuple[Any, Any]:
     return budget.get("bits_per_weight"), None
 
 
-def check_sensitivity(cfg: dict) -> None:
+SOLVE_UNUSED = ("model", "data", "menu", "method", "targets", "float_bits")  # the scores were measured with them
+
+
+def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
     """Everything a qat-sensitivity config can be refused for before a model loads: keys, mode, scores file,
     budget, ties, menu, method, calibration sizes, flags, the base recipe (`quant`: valid, and no conflict with
     the menu: `qat.sensitivity.check_base`); each naming its key.
+
+    `given`: the top-level keys set on the command line (mode=solve refuses those it cannot use, `SOLVE_UNUSED`).
 
     Raises:
         ConfigError: the first bad value (the menu lists every bad entry).
@@ -56,6 +61,11 @@ def check_sensitivity(cfg: dict) -> None:
         raise ConfigError(f"mode={cfg.get('mode')!r}; choose from {list(MODES)}")
     if cfg["mode"] == "solve" and not cfg.get("scores"):
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
+    unused = [k for k in SOLVE_UNUSED if k in given] if cfg["mode"] == "solve" else []
+    if unused:
+        raise ConfigError(f"{', '.join(k + '=' for k in unused)} read by mode=analyze only: mode=solve re-solves "
+                          "scores.json as it was measured (its menu, method, model and modules are recorded there); "
+                          "drop them, or run mode=analyze")
     if cfg["mode"] == "analyze" and cfg.get("scores"):
         raise ConfigError(f"scores={cfg['scores']!r} is read by mode=solve only; drop it or set mode=solve")
     if cfg["mode"] == "solve" and cfg.get("quant") is not None:
@@ -125,8 +135,9 @@ def analyze(cfg: dict) -> ScoreTable:
     return table
 
 
-def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
+def run_sensitivity_job(cfg: dict, out_dir: str, given: tuple[str, ...] = ()) -> dict:
     """qat-sensitivity: analyze (score + solve) or solve (from scores=), then write the outputs to `out_dir`.
+    `given`: the top-level keys the command line set (`check_sensitivity`).
 
     Returns:
         {mode, scores, bits_per_weight, bits, budget_bits, score, recipe, files...} (what was written).
@@ -135,7 +146,7 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
     Example:
         >>> run_sensitivity_job(OmegaConf.to_container(cfg, resolve=True), "outputs/sensitivity/run")
     """
-    check_sensitivity(cfg)
+    check_sensitivity(cfg, given)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"mode": cfg["mode"]}

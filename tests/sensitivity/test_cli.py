@@ -152,8 +152,12 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["budget.bits_per_weight=0.5"], "smallest layout"),
     (["+budget.bitz=3"], "bitz"),
     (["method.name=nope"], "method.name='nope'"),
-    (["method.name=hutchinson", "+method.probes=0"], "method.probes"),
-    (["+method.cache_mb=-1"], "method.cache_mb"),
+    (["method.name=hutchinson", "method.probes=0"], "method.probes"),
+    (["method.cache_mb=-1"], "method.cache_mb"),
+    (["method.probes=2"], "unknown option(s) ['probes'] for fisher"),  # declared null; set, fisher refuses it
+    (["mode=solve", "scores={tmp}/garbage.json", "menu=gguf"], "menu= read by mode=analyze only"),
+    (["mode=solve", "scores={tmp}/garbage.json", "model=smollm2_135m", "method.name=kl"],
+     "model=, method= read by mode=analyze only"),
     (["+method.colour=red"], "colour"),
     (["ties=['*bad']"], "ties[0]"),
     (["candidates=[nope]"], "not in the menu"),
@@ -210,3 +214,16 @@ def test_default_names_differ_and_clashing_recipe_files_are_labelled_apart(analy
     mine = tmp_path / "mine.yaml"
     mine.write_text((run / "quant" / "auto.yaml").read_text())
     assert quant_labels([quants[0], str(mine)], warnings.append) == [quants[0], "mine"]
+
+
+def test_method_options_are_declared_so_the_documented_form_works(tmp_path, monkeypatch):
+    """method.probes= (no `+`) reaches the scorer; the other methods' null options are its defaults."""
+    seen = []
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("stop before the model")
+    monkeypatch.setattr(job, "load_model", no_model)
+    real = job.build_scorer
+    monkeypatch.setattr(job, "build_scorer", lambda options: seen.append(real(options)) or seen[-1])
+    code, out = _run(tmp_path, "method.name=hutchinson", "method.probes=1")
+    assert "stop before the model" in out and seen and seen[0].config.probes == 1, out
