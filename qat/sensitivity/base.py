@@ -103,7 +103,10 @@ def apply_context(model: nn.Module, recipe: QuantRecipe, batches: Iterable[torch
     """
     context = context_recipe(recipe)
     if context is not None:
-        prepare(model, context)
+        try:
+            prepare(model, context)
+        except ConfigError as err:  # name the base recipe: the user gave it as quant=, not as a recipe to prepare
+            raise ConfigError(f"quant (the base recipe {recipe.name!r}): {err}") from None
     elif recipe.rotations is not None:
         errors = rotation_errors(model, recipe.rotations, has_kv=False)
         if errors:

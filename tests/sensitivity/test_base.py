@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 import qat
+from qat.errors import ConfigError
 from qat.jobs import sensitivity as job
 from qat.modules.fake import FakeQuantLinear
 from qat.modules.kv_cache import base_attention
@@ -240,3 +241,12 @@ def test_a_resolve_writes_the_analysis_recipe_byte_for_byte(runs, tmp_path):
     resolved = write_recipe(to_recipe(solve(reloaded, budget_bits(reloaded, bits_per_weight=5)), reloaded),
                             tmp_path / "b.yaml")
     assert analysis.read_bytes() == resolved.read_bytes()
+
+
+def test_a_base_override_matching_nothing_names_the_key_and_the_base():
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe.update(name="my_base", overrides=[{"targets": ["nosuch_proj"], "input": {"bits": 4}}])
+    with pytest.raises(ConfigError) as err:
+        score_model(tiny_llama(), build_menu(INT_MENU), _batches(), base=recipe)
+    assert "quant (the base recipe 'my_base')" in str(err.value)
+    assert "quant.overrides[0] target 'nosuch_proj' matches none" in str(err.value)
