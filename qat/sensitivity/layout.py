@@ -159,11 +159,16 @@ def markdown_table(solution: Solution, table: ScoreTable) -> str:
 
 
 def qat_recipe_line(base: dict[str, Any]) -> str:
-    """A base recipe in one line: its name and non-weight schemes, e.g. "'w4a8_kv8' (input int8 sym per_token
-    dyn, kv_cache int8 sym per_token dyn)"."""
+    """A base recipe in one line: its name, non-weight schemes and per-module overrides (count, the first three's
+    targets and roles), e.g. "'w4a8_kv8' (input int8 sym per_token dyn; kv_cache int8 sym per_token dyn)"."""
     parts = [f"{role} {QuantSpec.from_dict(base[role]).describe()}" for role in ("input", "kv_cache") if base.get(role)]
     if base.get("rotations"):
         parts.append("rotations " + ", ".join(f"{k}={v}" for k, v in base["rotations"].items() if v))
+    overrides = base.get("overrides") or []
+    if overrides:  # per-module schemes of the base (input / KV only: check_base refuses weight ones)
+        listed = "; ".join(f"{', '.join(o.get('targets') or [])}: {', '.join(k for k in o if k != 'targets')}"
+                           for o in overrides[:3])
+        parts.append(f"{len(overrides)} per-module override(s): {listed}{'; ...' if len(overrides) > 3 else ''}")
     return f"{base.get('name')!r} ({'; '.join(parts) or 'weights only'})"
 
 

@@ -250,3 +250,12 @@ def test_a_base_override_matching_nothing_names_the_key_and_the_base():
         score_model(tiny_llama(), build_menu(INT_MENU), _batches(), base=recipe)
     assert "quant (the base recipe 'my_base')" in str(err.value)
     assert "quant.overrides[0] target 'nosuch_proj' matches none" in str(err.value)
+
+
+def test_the_report_line_names_the_base_overrides():
+    from qat.sensitivity.layout import qat_recipe_line
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe["overrides"] = [{"targets": ["model.layers.0.mlp.down_proj"], "input": {"bits": 4}}]
+    line = qat_recipe_line(recipe)
+    assert "1 per-module override(s): model.layers.0.mlp.down_proj: input" in line, line
+    assert "override" not in qat_recipe_line(qat.load_recipe("w4a8_kv8").to_dict())
