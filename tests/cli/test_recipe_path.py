@@ -158,7 +158,7 @@ def test_group_null_drops_a_group_the_app_takes_absent(app, argv, tmp_path, monk
     """`quant=null` where the app's default is no quant is Hydra's `~quant`, not Hydra's NoneType traceback."""
     module, seen = importlib.import_module(f"qat.cli.{app}"), []
 
-    def job(cfg, out_dir):
+    def job(cfg, out_dir, *given):
         seen.append(cfg)
         raise ConfigError("stop here")
     monkeypatch.setattr(module, f"run_{app}_job", job)
