@@ -26,9 +26,12 @@ from hydra.errors import CompactHydraException, InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
+import yaml
+
 from qat.cli.recipe_path import recipe_paths
-from qat.errors import UserError
+from qat.errors import ConfigError, UserError
 from qat.observers import reset_warnings
+from qat.recipes import CONFIG_DIR
 
 USER_EXIT = 2  # argparse's code for a usage error
 DEBUG_VARS = ("QAT_DEBUG", "HYDRA_FULL_ERROR")
@@ -120,7 +123,8 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
     saved = sys.argv
     _started[0] = False
     try:
-        with recipe_paths(list(sys.argv[1:] if argv is None else argv)) as args:
+        argv = null_groups(app, list(sys.argv[1:] if argv is None else argv))
+        with recipe_paths(argv) as args:
             sys.argv = [app, *args]
             hydra_main()
     except UserError as exc:  # a bad quant=<path>, refused before Hydra starts
@@ -136,6 +140,35 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         if full_error is None:  # an in-process caller (a test) gets its environment back
             os.environ.pop("HYDRA_FULL_ERROR", None)
         GlobalHydra.instance().clear()  # the next in-process run composes afresh
+
+
+def null_groups(app: str, argv: list[str]) -> list[str]:
+    """`argv` with each `<group>=null` (`+` / `++` too) of a config group in the defaults list of `app`'s config
+    (configs/<app without qat->.yaml) made Hydra's delete `~<group>` where that default is null (the job takes
+    the group absent: qat-sensitivity's / qat-eval's quant); Hydra itself would fail with a traceback.
+
+    Raises:
+        ConfigError: `<group>=null` for a group whose default is an option (the job needs one), naming the options.
+    """
+    config = CONFIG_DIR / f"{app.removeprefix('qat-')}.yaml"
+    if not config.is_file():
+        return argv
+    entries = (yaml.safe_load(config.read_text()) or {}).get("defaults") or []
+    defaults = {k: v for e in entries if isinstance(e, dict) for k, v in e.items() if (CONFIG_DIR / k).is_dir()}
+    out = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+")
+        if value.strip().lower() != "null" or group not in defaults:
+            out.append(arg)
+        elif defaults[group] is None:
+            out.append(f"~{group}")
+        else:
+            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            path = " or the path of a recipe YAML" if group == "quant" else ""
+            raise ConfigError(f"{key}=null: {app} needs a {group} (default {defaults[group]!r}); choose from "
+                              f"{', '.join(options)}{path}")
+    return out
 
 
 def run_plain(app: str, main: Callable[[], int | None]) -> int:

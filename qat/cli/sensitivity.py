@@ -12,6 +12,7 @@ report.png, and with a GGUF menu gguf_types.json and tensor_types.txt (llama-qua
 from __future__ import annotations
 
 import json
+import re
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +26,9 @@ from qat.recipes import CONFIG_DIR
 @hydra.main(config_path=str(CONFIG_DIR), config_name="sensitivity", version_base="1.3")
 @guard("qat-sensitivity")
 def _main(cfg: DictConfig) -> None:
-    result = run_sensitivity_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
+    given = tuple(re.split(r"[.=]", o.lstrip("+~"), maxsplit=1)[0] for o in HydraConfig.get().overrides.task)
+    result = run_sensitivity_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir,
+                                 given)
     print(json.dumps(result, indent=2, default=str))
 
 

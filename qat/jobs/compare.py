@@ -43,14 +43,17 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             check_protocols([{"method": "", "quant": "", "protocol": job_protocol(cfg, blocks),
                               "source": "this run's data / eval settings"}, *extra])
     rows = []
+    quant_rows = ptq.quant_labels(cfg["quants"], log) if any(o["name"] != "fp" for _, o in methods) else []
     for label, opts in methods:
         if opts["name"] != "fp":
             check_method(opts, f"methods entry {label!r}")
-        for quant in ([None] if opts["name"] == "fp" else cfg["quants"]):
+        for i, quant in enumerate([None] if opts["name"] == "fp" else cfg["quants"]):
             args = {k: v for k, v in opts.items() if k != "name"}
             row, model = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
                              batch_size=cfg["eval"].get("batch_size", 4))
             row.update(method=label, protocol=job_protocol(cfg, blocks))
+            if quant is not None:  # a recipe file whose name clashes is labelled apart (`ptq.quant_labels`)
+                row["quant"] = quant_rows[i]
             if tasks:  # lm-eval on the quantized model itself (eval.tasks, eval.harness)
                 harness = {k: v for k, v in (cfg["eval"].get("harness") or {}).items() if v is not None}
                 tok = load_tokenizer(tokenizer_location(cfg["data"], cfg["model"]["path"]))

@@ -29,7 +29,7 @@ from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_t
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
 from qat.ptq.stream import stream_ptq
-from qat.recipes import read_recipe
+from qat.recipes import read_recipe, recipe_names
 from qat.transform import as_recipe
 
 
@@ -74,6 +74,30 @@ def quant_name(quant: Any) -> str:
             return str(read_recipe(path).get("name") or path.stem)
         return str(quant)
     return getattr(quant, "name", None) or dict(quant).get("name", "custom")
+
+
+def quant_labels(quants: Sequence[Any], warn: Callable[[str], None] = print) -> list[str]:
+    """The row labels of a comparison's `quants`: each entry's `quant_name`, except a recipe file whose name is
+    also another entry's (two qat-sensitivity runs' recipes, both `auto`) or a shipped configs/quant recipe's:
+    it is labelled by its file stem, or by its path as given when the stem is taken too, and `warn` names both."""
+    names = [quant_name(q) for q in quants]
+    files = [isinstance(q, (str, os.PathLike)) and Path(q).suffix in (".yaml", ".yml") and Path(q).is_file()
+             for q in quants]
+    shipped = set(recipe_names())
+    labels = list(names)
+    for i, quant in enumerate(quants):
+        if not files[i]:
+            continue
+        others = [str(quants[j]) for j in range(len(quants)) if names[j] == names[i] and str(quants[j]) != str(quant)]
+        if not others and names[i] not in shipped:
+            continue
+        stems = {Path(quants[j]).stem for j in range(len(quants)) if files[j] and str(quants[j]) != str(quant)}
+        stem = Path(quant).stem
+        labels[i] = stem if stem not in shipped | set(names) | stems else str(quant)
+        clash = ([f"the shipped recipe configs/quant/{names[i]}.yaml"] if names[i] in shipped else []) + others
+        warn(f"warning: quants entry {quant}: its recipe name {names[i]!r} is also the name of "
+             f"{' and '.join(clash)}; its rows are labelled {labels[i]!r} instead")
+    return labels
 
 
 def model_context(model_cfg: dict) -> int | None:

@@ -43,10 +43,15 @@ def budget_of(cfg: dict) -> tuple[Any, Any]:
     return budget.get("bits_per_weight"), None
 
 
-def check_sensitivity(cfg: dict) -> None:
+SOLVE_UNUSED = ("model", "data", "menu", "method", "targets", "float_bits")  # the scores were measured with them
+
+
+def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
     """Everything a qat-sensitivity config can be refused for before a model loads: keys, mode, scores file,
     budget, ties, menu, method, calibration sizes, flags, the base recipe (`quant`: valid, and no conflict with
     the menu: `qat.sensitivity.check_base`); each naming its key.
+
+    `given`: the top-level keys set on the command line (mode=solve refuses those it cannot use, `SOLVE_UNUSED`).
 
     Raises:
         ConfigError: the first bad value (the menu lists every bad entry).
@@ -56,6 +61,11 @@ def check_sensitivity(cfg: dict) -> None:
         raise ConfigError(f"mode={cfg.get('mode')!r}; choose from {list(MODES)}")
     if cfg["mode"] == "solve" and not cfg.get("scores"):
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
+    unused = [k for k in SOLVE_UNUSED if k in given] if cfg["mode"] == "solve" else []
+    if unused:
+        raise ConfigError(f"{', '.join(k + '=' for k in unused)} read by mode=analyze only: mode=solve re-solves "
+                          "scores.json as it was measured (its menu, method, model and modules are recorded there); "
+                          "drop them, or run mode=analyze")
     if cfg["mode"] == "analyze" and cfg.get("scores"):
         raise ConfigError(f"scores={cfg['scores']!r} is read by mode=solve only; drop it or set mode=solve")
     if cfg["mode"] == "solve" and cfg.get("quant") is not None:
@@ -84,7 +94,7 @@ def check_sensitivity(cfg: dict) -> None:
                               f"{not_gguf} are not")
         build_scorer(cfg.get("method") or {})
         if cfg.get("quant") is not None:
-            check_base(QuantRecipe.from_dict(cfg["quant"]), menu)
+            check_base(QuantRecipe.from_dict(cfg["quant"]), {c.name: c for c in used})
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
             as_count(cal.get(key), f"calibration.{key}")
@@ -92,6 +102,14 @@ def check_sensitivity(cfg: dict) -> None:
             raise ConfigError(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
         # a folder without tokenizer files: transformers would build an empty tokenizer (no calibration text)
         check_tokenizer_source(tokenizer_location(cfg.get("data"), (cfg.get("model") or {}).get("path", "tiny")))
+
+
+def default_name(bits_per_weight: float, base: dict | None) -> str:
+    """The written recipe's name when `name=` is not given: `auto_<bpw>bpw`, with the base recipe's name
+    (`auto_w4a8_kv8_4.50bpw`), so that two runs' recipes do not share a name; the same for a re-solve of the
+    same scores and budget."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str((base or {}).get("name") or "")) if base else ""
+    return f"auto_{stem + '_' if stem else ''}{bits_per_weight:.2f}bpw"
 
 
 def gguf_names_of(model) -> Any:
@@ -119,8 +137,9 @@ def analyze(cfg: dict) -> ScoreTable:
     return table
 
 
-def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
+def run_sensitivity_job(cfg: dict, out_dir: str, given: tuple[str, ...] = ()) -> dict:
     """qat-sensitivity: analyze (score + solve) or solve (from scores=), then write the outputs to `out_dir`.
+    `given`: the top-level keys the command line set (`check_sensitivity`).
 
     Returns:
         {mode, scores, bits_per_weight, bits, budget_bits, score, recipe, files...} (what was written).
@@ -129,7 +148,7 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
     Example:
         >>> run_sensitivity_job(OmegaConf.to_container(cfg, resolve=True), "outputs/sensitivity/run")
     """
-    check_sensitivity(cfg)
+    check_sensitivity(cfg, given)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"mode": cfg["mode"]}
@@ -145,7 +164,8 @@ def run_sensitivity_job(cfg: dict, out_dir: str) -> dict:
                 cfg.get("candidates"))
     result.update(solve_s=round(time.perf_counter() - start, 3), bits_per_weight=round(sol.bits_per_weight, 6),
                   bits=sol.bits, budget_bits=sol.budget_bits, params=sol.params, score=sol.score)
-    recipe = to_recipe(sol, table, name=str(cfg.get("name") or "auto"), ignore=tuple(cfg.get("ignore") or ()))
+    recipe = to_recipe(sol, table, name=str(cfg.get("name") or default_name(sol.bits_per_weight, table.base)),
+                       ignore=tuple(cfg.get("ignore") or ()))
     QuantRecipe.from_dict(recipe)  # what is written loads
     result["recipe"] = str(write_recipe(recipe, out / "quant" / f"{recipe['name']}.yaml"))
     result["use"] = f"quant={Path(result['recipe']).resolve()}"

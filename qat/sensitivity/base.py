@@ -47,9 +47,10 @@ def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
 
     Refused: a weight scheme in one of its overrides (the solver chooses the scored modules' weights; a per-module
     weight of the base would be overridden, or silently not), and an input-activation scheme together with menu
-    candidates on a GGUF grid (a GGUF file stores no activation scheme: llama.cpp quantizes activations its own way,
-    so scores measured with the base's activations would describe a model no GGUF runtime runs), and with such
-    candidates a KV-cache scheme llama.cpp has no cache type for (`llama_cpp_kv_type`: q8_0, q4_0, ...).
+    candidates on a GGUF-only grid (`Candidate.gguf_only`; pass only the candidates the solver may choose): a GGUF
+    file stores no activation scheme (llama.cpp quantizes activations its own way), so scores measured with the
+    base's activations would describe a model no GGUF runtime runs; and with such candidates a KV-cache scheme
+    llama.cpp has no cache type for (`llama_cpp_kv_type`: q8_0, q4_0, ...).
 
     Raises:
         ConfigError: one line naming the key (`quant.overrides[i].weight`, `quant.input`, `quant.kv_cache` and the
@@ -64,7 +65,7 @@ def check_base(recipe: QuantRecipe, menu: dict[str, Candidate]) -> None:
                               "base recipe may override only input / kv_cache (drop the weight key, or ignore= those "
                               "modules in the base recipe)")
     inputs = [recipe.base.input] + [o.changes["input"] for o in recipe.overrides if o.changes.get("input")]
-    gguf = [c.name for c in menu.values() if c.spec is not None and c.gguf_type is not None]
+    gguf = [c.name for c in menu.values() if c.gguf_only]
     if any(s is not None for s in inputs) and gguf:
         scheme = recipe.base.input.describe() if recipe.base.input is not None else "set by its overrides"
         listed = ", ".join(f"menu.{g}" for g in gguf)
@@ -127,7 +128,10 @@ def apply_context(model: nn.Module, recipe: QuantRecipe, batches: Iterable[torch
     """
     context = context_recipe(recipe)
     if context is not None:
-        prepare(model, context)
+        try:
+            prepare(model, context)
+        except ConfigError as err:  # name the base recipe: the user gave it as quant=, not as a recipe to prepare
+            raise ConfigError(f"quant (the base recipe {recipe.name!r}): {err}") from None
     elif recipe.rotations is not None:
         errors = rotation_errors(model, recipe.rotations, has_kv=False)
         if errors:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -60,7 +61,7 @@ def _on_base(solution: Solution, table: ScoreTable, schemes: dict[str, Any], nam
     """`to_recipe` of a table scored on a base recipe: the base with the solver's weight per scored module (a
     float choice turns the weight off there, keeping the module's input scheme)."""
     base = dict(table.base)
-    overrides = list(base.get("overrides") or [])
+    overrides = [_ordered(o) for o in base.get("overrides") or []]
     for cand in table.candidates:
         names = [n for n, c in solution.choice.items() if c == cand]
         if names and (schemes[cand] is not None or base.get("weight") is not None):
@@ -72,6 +73,17 @@ def _on_base(solution: Solution, table: ScoreTable, schemes: dict[str, Any], nam
     return {**base, "name": name, "description": description or f"auto-mixed by qat-sensitivity ({table.method}) "
             f"on {base.get('name')!r}: {solution.bits_per_weight:.4f} bits per weight of the scored modules",
             "overrides": overrides}
+
+
+def _ordered(override: dict[str, Any]) -> dict[str, Any]:
+    """A base override with its (partial) scheme mappings in QuantSpec's field order: the analysis holds them as
+    the recipe gave them, a re-solve as scores.json's sorted keys; both write the same bytes."""
+    fields = [f.name for f in dataclasses.fields(QuantSpec)]
+
+    def rank(key: str) -> tuple[int, str]:
+        return (fields.index(key) if key in fields else len(fields), key)
+    return {k: dict(sorted(v.items(), key=lambda kv: rank(kv[0]))) if isinstance(v, dict) else v
+            for k, v in override.items()}
 
 
 def write_recipe(recipe: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -147,11 +159,16 @@ def markdown_table(solution: Solution, table: ScoreTable) -> str:
 
 
 def qat_recipe_line(base: dict[str, Any]) -> str:
-    """A base recipe in one line: its name and non-weight schemes, e.g. "'w4a8_kv8' (input int8 sym per_token
-    dyn, kv_cache int8 sym per_token dyn)"."""
+    """A base recipe in one line: its name, non-weight schemes and per-module overrides (count, the first three's
+    targets and roles), e.g. "'w4a8_kv8' (input int8 sym per_token dyn; kv_cache int8 sym per_token dyn)"."""
     parts = [f"{role} {QuantSpec.from_dict(base[role]).describe()}" for role in ("input", "kv_cache") if base.get(role)]
     if base.get("rotations"):
         parts.append("rotations " + ", ".join(f"{k}={v}" for k, v in base["rotations"].items() if v))
+    overrides = base.get("overrides") or []
+    if overrides:  # per-module schemes of the base (input / KV only: check_base refuses weight ones)
+        listed = "; ".join(f"{', '.join(o.get('targets') or [])}: {', '.join(k for k in o if k != 'targets')}"
+                           for o in overrides[:3])
+        parts.append(f"{len(overrides)} per-module override(s): {listed}{'; ...' if len(overrides) > 3 else ''}")
     return f"{base.get('name')!r} ({'; '.join(parts) or 'weights only'})"
 
 

@@ -39,6 +39,16 @@ class Candidate:
             return {16: "F16", 32: "F32"}.get(self.float_bits)
         return get_format(self.spec).gguf_type(self.spec)
 
+    @property
+    def gguf_only(self) -> bool:
+        """True when GGUF is the only file format that stores this candidate (a GGUF block / K- / I-quant type:
+        a format with GGUF types that no other file format holds); False for float and for MXFP4 / NVFP4 /
+        MXFP8, which other formats (compressed-tensors) store together with an activation scheme."""
+        if self.spec is None:
+            return False
+        fmt = get_format(self.spec)
+        return bool(fmt.gguf) and not fmt.holds
+
     def misfit(self, shape: tuple[int, ...]) -> str | None:
         """Why a weight of `shape` cannot take this candidate exactly (None when it can)."""
         if self.spec is None:

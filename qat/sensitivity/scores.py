@@ -64,13 +64,14 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
 
 
 def build_scorer(options: Mapping[str, Any]) -> Scorer:
-    """A scorer from {name: ..., <its options>}; unknown names and options are refused naming them.
+    """A scorer from {name: ..., <its options>}; unknown names and options are refused naming them. An option
+    set to None is left to the scorer's default (configs/sensitivity.yaml declares every method's options null).
 
     Example:
         >>> build_scorer({"name": "hutchinson", "probes": 4}).config.probes
         4
     """
-    options = dict(options or {})
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}  # null: the scorer's default
     name = options.pop("name", None)
     if name not in SCORERS:
         raise ConfigError(f"method.name={name!r}; choose from {sorted(SCORERS)}")

@@ -94,7 +94,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
                         table[n] = override.apply(table[n], f"quant.overrides[{i}]")
                         hit = True
             if not hit:
-                errors.append(f"override {i} target {pattern!r} matches none of the quantized modules")
+                errors.append(f"quant.overrides[{i}] target {pattern!r} matches none of the quantized modules")
     # each table keeps only the roles that apply to it: Linear/Embedding weight + input, attention KV
     result.modules = {n: TensorSchemes(s.weight, s.input) for n, s in result.modules.items()
                       if s.weight is not None or s.input is not None}

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 APPS = {"demo": "qat-demo", "train": "qat-train", "ptq": "qat-ptq", "compare": "qat-compare", "eval": "qat-eval",
-        "export": "qat-export", "assets": "qat-assets"}
+        "export": "qat-export", "assets": "qat-assets", "sensitivity": "qat-sensitivity"}
 
 # every Hydra app runs in {tmp}/run (its outputs never land in the checkout); tiny models, fixture data
 RUN = ["hydra.run.dir={tmp}/run", "hydra.sweep.dir={tmp}/sweep"]
@@ -75,6 +75,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.lean_ste=maybe", "lean_ste")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
+    add("train", TR + ["quant=null"], "quant=null: qat-train needs a quant (default 'w4a16_g128'); choose from")
+    add("ptq", ["quant=null"], "quant=null: qat-ptq needs a quant (default 'w4a16_g128'); choose from")
     # a Hugging Face folder of config.json + weights only: transformers would build a 1-token tokenizer (it said
     # "only 48 tokens" long after); refused naming the folder and data.tokenizer= before anything loads
     add("train", TR + ["model.path={tmp}/weights_only"], "weights_only: no tokenizer could be loaded")
@@ -148,6 +150,13 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("export", ["model=tiny", "quant=gguf_q4_k", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
     add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
                    "output={tmp}/nat"], "garbage.ckpt")
+
+    # qat-sensitivity: refused before any model loads
+    for over, expected in [("mode=nope", "mode='nope'"), ("mode=solve", "mode=solve needs scores="),
+                           ("menu=gguf quant=w8a8", "cannot combine with the GGUF candidate(s)"),
+                           ("quant=w4a16_g128_mixed", "quant.overrides[0].weight"), ("name=a/b", "name="),
+                           ("candidates=[nope]", "not in the menu"), ("menu=nope", "nope")]:
+        add("sensitivity", over.split(" "), expected)
 
     # qat-assets (argparse)
     add("assets", ["--verify", "--cache", "{tmp}/nonexistent"], "nonexistent")

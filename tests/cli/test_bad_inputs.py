@@ -16,7 +16,7 @@ import pytest
 
 from qat.errors import ConfigError
 from qat.jobs.config import as_bool
-from tests.cli.bad_inputs import CASES, argv_for, make_files, run_in_process
+from tests.cli.bad_inputs import APPS, CASES, argv_for, make_files, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,8 @@ def no_debug(monkeypatch):
 
 def test_at_least_100_cases_across_every_app():
     apps = {app for app, _, _ in CASES}
-    assert len(CASES) >= 100 and apps == {"demo", "train", "ptq", "compare", "eval", "export", "assets"}
+    assert len(CASES) >= 100 and apps == {"demo", "train", "ptq", "compare", "eval", "export", "assets",
+                                          "sensitivity"} == set(APPS)
 
 
 @pytest.mark.parametrize("app,argv,expected", CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in CASES])

@@ -3,6 +3,7 @@ run_hydra): the file's recipe is used, not a shipped recipe of the same name; re
 Missing / malformed files are cases of tests/cli/bad_inputs.py."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -149,3 +150,18 @@ def test_nameless_recipe_files_are_labelled_by_their_stem_or_path(tmp_path):
             folder = argv[1].split("file://")[-1].rstrip("]")
             names = [yaml.safe_load(open(f"{folder}/quant/{n}.yaml"))["name"] for n in argv[0][6:].split(",")]
         assert names == expected
+
+
+@pytest.mark.parametrize("app, argv", [("sensitivity", ["quant=null"]), ("eval", ["model=tiny", "data=fixture",
+                                                                                  "quant=null"])])
+def test_group_null_drops_a_group_the_app_takes_absent(app, argv, tmp_path, monkeypatch):
+    """`quant=null` where the app's default is no quant is Hydra's `~quant`, not Hydra's NoneType traceback."""
+    module, seen = importlib.import_module(f"qat.cli.{app}"), []
+
+    def job(cfg, out_dir, *given):
+        seen.append(cfg)
+        raise ConfigError("stop here")
+    monkeypatch.setattr(module, f"run_{app}_job", job)
+    code, out = run_in_process(app, [*argv, f"hydra.run.dir={tmp_path}/run"])
+    assert code == 2 and "stop here" in out and "Traceback" not in out, out
+    assert seen and seen[0].get("quant") is None

@@ -4,6 +4,7 @@ mode=solve rewrites the same recipe from scores.json alone; conflicts are one li
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import yaml
 from torch import nn
 
 import qat
+from qat.errors import ConfigError
 from qat.jobs import sensitivity as job
 from qat.modules.fake import FakeQuantLinear
 from qat.modules.kv_cache import base_attention
@@ -40,6 +42,11 @@ def runs(tmp_path_factory):
         code, out = _run(tmp, name, *argv)
         assert code == 0, out
     return tmp
+
+
+def _recipe(run):
+    """The recipe file a run wrote (its name: `auto_<bpw>bpw`, `auto_<base>_<bpw>bpw` by default)."""
+    return Path(json.loads((run / "layout.json").read_text())["recipe"])
 
 
 def _scores(run):
@@ -74,7 +81,7 @@ def test_the_written_recipe_keeps_the_base_schemes_on_every_quantized_module(run
     choice = json.loads((run / "layout.json").read_text())["choice"]
     menu = build_menu(yaml.safe_load((qat.recipes.CONFIG_DIR / "menu" / "int.yaml").read_text()))
     base = qat.load_recipe("w4a8_kv8")
-    recipe = qat.load_recipe(run / "quant" / "auto.yaml")
+    recipe = qat.load_recipe(_recipe(run))
     assert recipe.ignore == ("lm_head", IGNORED) and recipe.base == base.base
     model = qat.prepare(tiny_llama(), recipe)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -88,7 +95,7 @@ def test_the_written_recipe_keeps_the_base_schemes_on_every_quantized_module(run
         assert (module.weight_quantizer is None) if spec is None else module.weight_quantizer.spec == spec
     attention = [m for m in model.modules() if hasattr(m, "k_quantizer")]
     assert len(attention) == 2 and all(m.k_quantizer.spec == base.base.kv_cache for m in attention)
-    code, out = run_in_process("ptq", ["method=rtn", f"quant={run / 'quant' / 'auto.yaml'}", "save=false",
+    code, out = run_in_process("ptq", ["method=rtn", f"quant={_recipe(run)}", "save=false",
                                        "calibration.samples=4", f"hydra.run.dir={runs}/ptq"])
     assert code == 0, out
     result = json.loads((runs / "ptq" / "result.json").read_text())
@@ -104,7 +111,12 @@ def test_solve_rewrites_the_same_recipe_without_the_model(runs, monkeypatch):
     assert code == 0, out
     assert (json.loads((runs / "solved" / "layout.json").read_text())["choice"]
             == json.loads((run / "layout.json").read_text())["choice"])
-    assert qat.load_recipe(runs / "solved" / "quant" / "auto.yaml") == qat.load_recipe(run / "quant" / "auto.yaml")
+    assert qat.load_recipe(_recipe(runs / "solved")) == qat.load_recipe(_recipe(run))
+    assert _recipe(runs / "solved").read_bytes() == _recipe(run).read_bytes()  # the same file, key order too
+    assert _recipe(run).name == f"auto_my_w4a8_{json.loads((run / 'layout.json').read_text())['bits_per_weight']:.2f}bpw.yaml"
+    plain = runs / "plain"
+    assert _recipe(plain).stem == f"auto_{json.loads((plain / 'layout.json').read_text())['bits_per_weight']:.2f}bpw"
+    assert qat.load_recipe(_recipe(plain)).name == _recipe(plain).stem
 
 
 @pytest.mark.parametrize("base", ["w8a8_static", "w4a8_kv4_rot"])
@@ -200,3 +212,73 @@ def test_gguf_menu_takes_the_kv_caches_llama_cpp_runs():
     with pytest.raises(ConfigError, match=r"quant.kv_cache .* no llama.cpp cache type.*q8_0 / q4_0"):
         check_base(weight_only, gguf_menu)
     check_base(weight_only, build_menu(INT_MENU))  # no GGUF candidate: any KV scheme is a scoring context
+
+
+@pytest.mark.parametrize("base", ["nvfp4_w4a8", "mxfp4_w4a4"])
+def test_fp4_bases_score_the_fp4_menu_end_to_end(base, tmp_path):
+    """MXFP4 / NVFP4 / MXFP8 are not GGUF-only types: an fp4 menu takes a base with an input scheme; the recipe
+    written keeps the base's input scheme on the scored modules."""
+    code, out = _run(tmp_path, "run", "menu=fp4", f"quant={base}", "name=fp4auto")
+    assert code == 0, out
+    run = tmp_path / "run"
+    assert json.loads((run / "scores.json").read_text())["modules"]
+    recipe = qat.load_recipe(run / "quant" / "fp4auto.yaml")
+    assert recipe.base.input == qat.load_recipe(base).base.input is not None
+
+
+@pytest.mark.parametrize("base, menu, candidates", [
+    ("nvfp4_w4a8", "fp4", None), ("mxfp8", "fp4", None), ("w8a8", "fp4", None),
+    ("w8a8", "fp4", ["MXFP8", "float"]), ("w8a8", "int", ["int4_g64", "float"]),
+])
+def test_only_gguf_only_candidates_in_use_conflict_with_an_input_scheme(base, menu, candidates, tmp_path,
+                                                                       monkeypatch):
+    def no_model(*args, **kwargs):
+        raise RuntimeError("model loaded: the check passed")
+    monkeypatch.setattr(job, "load_model", no_model)
+    argv = [f"menu={menu}", f"quant={base}"] + ([f"candidates=[{','.join(candidates)}]"] if candidates else [])
+    code, out = _run(tmp_path, "run", *argv)
+    assert "cannot combine" not in out and "model loaded: the check passed" in out, out
+
+
+def test_gguf_only_is_asked_of_the_formats():
+    menu = {**build_menu({"Q4_K": {"recipe": "gguf_q4_k"}, "IQ4_NL": {"recipe": "gguf_iq4_nl"},
+                          "Q8_0": {"recipe": "gguf_q8_0"}, "float": {"weight": None}}),
+            **build_menu({"MXFP4": {"recipe": "mxfp4"}, "NVFP4": {"recipe": "nvfp4_w4a16"}})}
+    assert {n: c.gguf_only for n, c in menu.items()} == {"Q4_K": True, "IQ4_NL": True, "Q8_0": True,
+                                                        "float": False, "MXFP4": False, "NVFP4": False}
+
+
+def test_a_resolve_writes_the_analysis_recipe_byte_for_byte(runs, tmp_path):
+    """A base override's partial input scheme in the recipe's own key order (the analysis) and in scores.json's
+    sorted order (a re-solve) are written in one order."""
+    from qat.sensitivity import ScoreTable, write_recipe
+    table = ScoreTable.load(runs / "base" / "scores.json")
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe["overrides"] = [{"targets": ["model.layers.0.self_attn.o_proj"], "input": {"symmetric": False, "bits": 8}}]
+    table.base = qat.QuantRecipe.from_dict(recipe).to_dict()
+    assert list(table.base["overrides"][0]["input"]) == ["symmetric", "bits"]  # as given
+    table.save(tmp_path / "scores.json")
+    sol = solve(table, budget_bits(table, bits_per_weight=5))
+    analysis = write_recipe(to_recipe(sol, table), tmp_path / "a.yaml")
+    reloaded = ScoreTable.load(tmp_path / "scores.json")
+    resolved = write_recipe(to_recipe(solve(reloaded, budget_bits(reloaded, bits_per_weight=5)), reloaded),
+                            tmp_path / "b.yaml")
+    assert analysis.read_bytes() == resolved.read_bytes()
+
+
+def test_a_base_override_matching_nothing_names_the_key_and_the_base():
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe.update(name="my_base", overrides=[{"targets": ["nosuch_proj"], "input": {"bits": 4}}])
+    with pytest.raises(ConfigError) as err:
+        score_model(tiny_llama(), build_menu(INT_MENU), _batches(), base=recipe)
+    assert "quant (the base recipe 'my_base')" in str(err.value)
+    assert "quant.overrides[0] target 'nosuch_proj' matches none" in str(err.value)
+
+
+def test_the_report_line_names_the_base_overrides():
+    from qat.sensitivity.layout import qat_recipe_line
+    recipe = qat.load_recipe("w4a8_kv8").to_dict()
+    recipe["overrides"] = [{"targets": ["model.layers.0.mlp.down_proj"], "input": {"bits": 4}}]
+    line = qat_recipe_line(recipe)
+    assert "1 per-module override(s): model.layers.0.mlp.down_proj: input" in line, line
+    assert "override" not in qat_recipe_line(qat.load_recipe("w4a8_kv8").to_dict())

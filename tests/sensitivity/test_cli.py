@@ -23,7 +23,7 @@ def _run(tmp_path, *argv):
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sens")
-    code, out = _run(tmp, "budget.bits_per_weight=3.5")
+    code, out = _run(tmp, "budget.bits_per_weight=3.5", "name=auto")  # by name on a search path below
     assert code == 0, out
     return tmp / "run", out
 
@@ -67,7 +67,7 @@ def test_solve_reproduces_analyze_at_the_same_budget(analyzed, tmp_path):
     its keys are sorted), same layout and the same recipe as the analysis at its budget."""
     run, _ = analyzed
     code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=3.5",
-                                               f"hydra.run.dir={tmp_path}/s"])
+                                               "name=auto", f"hydra.run.dir={tmp_path}/s"])
     assert code == 0, out
     header = (run / "report.md").read_text().splitlines()[0]
     assert (tmp_path / "s" / "report.md").read_text().splitlines()[0] == header
@@ -152,8 +152,12 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["budget.bits_per_weight=0.5"], "smallest layout"),
     (["+budget.bitz=3"], "bitz"),
     (["method.name=nope"], "method.name='nope'"),
-    (["method.name=hutchinson", "+method.probes=0"], "method.probes"),
-    (["+method.cache_mb=-1"], "method.cache_mb"),
+    (["method.name=hutchinson", "method.probes=0"], "method.probes"),
+    (["method.cache_mb=-1"], "method.cache_mb"),
+    (["method.probes=2"], "unknown option(s) ['probes'] for fisher"),  # declared null; set, fisher refuses it
+    (["mode=solve", "scores={tmp}/garbage.json", "menu=gguf"], "menu= read by mode=analyze only"),
+    (["mode=solve", "scores={tmp}/garbage.json", "model=smollm2_135m", "method.name=kl"],
+     "model=, method= read by mode=analyze only"),
     (["+method.colour=red"], "colour"),
     (["ties=['*bad']"], "ties[0]"),
     (["candidates=[nope]"], "not in the menu"),
@@ -210,3 +214,39 @@ def test_weights_only_folder_is_refused_before_the_model_loads(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"weights_only: no tokenizer could be loaded.*data\.tokenizer="):
         job.run_sensitivity_job(cfg, str(tmp_path / "out"))
     job.check_sensitivity({**cfg, "data": {**cfg["data"], "tokenizer": str(tmp_path / "tok")}})
+
+
+def test_default_names_differ_and_clashing_recipe_files_are_labelled_apart(analyzed, tmp_path, capsys):
+    """Unnamed runs write auto_<bpw>bpw; two recipe files of one name (two runs' `auto`) get distinct qat-compare
+    rows, labelled by path, with a warning naming both."""
+    from qat.jobs.ptq import quant_labels
+    run, _ = analyzed
+    code, out = run_in_process("sensitivity", ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=4.5",
+                                               "plot=false", f"hydra.run.dir={tmp_path}/s"])
+    assert code == 0, out
+    bpw = json.loads((tmp_path / "s" / "layout.json").read_text())["bits_per_weight"]
+    assert (tmp_path / "s" / "quant" / f"auto_{bpw:.2f}bpw.yaml").is_file()
+    twin = tmp_path / "twin" / "quant" / "auto.yaml"
+    twin.parent.mkdir(parents=True)
+    twin.write_bytes((run / "quant" / "auto.yaml").read_bytes())
+    quants = [str(run / "quant" / "auto.yaml"), str(twin), "w4a16_g128"]
+    warnings = []
+    labels = quant_labels(quants, warnings.append)
+    assert labels == quants[:2] + ["w4a16_g128"] and len(warnings) == 2
+    assert str(twin) in warnings[0] and "'auto'" in warnings[0]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((run / "quant" / "auto.yaml").read_text())
+    assert quant_labels([quants[0], str(mine)], warnings.append) == [quants[0], "mine"]
+
+
+def test_method_options_are_declared_so_the_documented_form_works(tmp_path, monkeypatch):
+    """method.probes= (no `+`) reaches the scorer; the other methods' null options are its defaults."""
+    seen = []
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("stop before the model")
+    monkeypatch.setattr(job, "load_model", no_model)
+    real = job.build_scorer
+    monkeypatch.setattr(job, "build_scorer", lambda options: seen.append(real(options)) or seen[-1])
+    code, out = _run(tmp_path, "method.name=hutchinson", "method.probes=1")
+    assert "stop before the model" in out and seen and seen[0].config.probes == 1, out

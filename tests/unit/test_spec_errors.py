@@ -99,7 +99,7 @@ def test_target_of_unquantizable_type(tiny_llama):
 
 def test_override_matching_nothing(tiny_llama):
     recipe = {"weight": {"bits": 4}, "ignore": ["lm_head"], "overrides": [{"targets": ["re:.*down_prj"], "weight": {"bits": 6}}]}
-    with pytest.raises(ValueError, match=r"override 0 target 're:.\*down_prj' matches none"):
+    with pytest.raises(ValueError, match=r"quant.overrides\[0\] target 're:.\*down_prj' matches none"):
         qat.prepare(tiny_llama, recipe)
 
 
