@@ -166,8 +166,9 @@ def null_groups(app: str, argv: list[str]) -> list[str]:
         else:
             options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
             path = " or the path of a recipe YAML" if group == "quant" else ""
-            raise ConfigError(f"{key}=null: {app} needs a {group} (default {defaults[group]!r}); choose from "
-                              f"{', '.join(options)}{path}")
+            raise ConfigError(f"{key}=null: {group} is set by default ({defaults[group]!r}); choose from "
+                              f"{', '.join(options)}{path}, or ~{group} to leave it out where {app} runs without "
+                              "one")
     return out
 
 

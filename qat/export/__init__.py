@@ -66,7 +66,8 @@ def check_recipe_format(recipe: QuantRecipe, format: str, experts: bool = False)
 
 def _selects_experts(patterns) -> bool:
     """Whether module patterns may select fused experts: the class names that do, or a pattern naming experts."""
-    return any(p in EXPERTS_PATTERNS or "expert" in p.lower() for p in patterns)
+    return any(p in EXPERTS_PATTERNS or ("experts" in p.lower() and "shared_expert" not in p.lower())
+               for p in patterns)  # shared experts (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`) are Linear
 
 
 def export(model: nn.Module, output: str | os.PathLike, format: str = "native", gguf_type: str = "Q8_0",

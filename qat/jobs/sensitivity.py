@@ -61,7 +61,9 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"mode={cfg.get('mode')!r}; choose from {list(MODES)}")
     if cfg["mode"] == "solve" and not cfg.get("scores"):
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
-    unused = [k for k in SOLVE_UNUSED if k in given] if cfg["mode"] == "solve" else []
+    exporting = as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
+    unused = [k for k in SOLVE_UNUSED if k in given and not (k == "model" and exporting)]  # the export loads it
+    unused = unused if cfg["mode"] == "solve" else []
     if unused:
         raise ConfigError(f"{', '.join(k + '=' for k in unused)} read by mode=analyze only: mode=solve re-solves "
                           "scores.json as it was measured (its menu, method, model and modules are recorded there); "
@@ -198,6 +200,10 @@ def gguf_outputs(cfg: dict, sol, table: ScoreTable, out: Path, recipe: Path) -> 
            f"{out / 'tensor_types.txt'} <model-f16.gguf> <out.gguf> {gguf_cfg.get('rest', 'Q8_0')}"}
     if as_bool(gguf_cfg.get("export", False), "gguf.export"):
         model = cfg["model"]
+        scored = table.meta.get("model")
+        if scored is not None and str(model["path"]) != str(scored):  # mode=solve: the model is not in scores.json
+            raise ConfigError(f"gguf.export=true: scores.json was measured on model {scored!r}, but model.path is "
+                              f"{str(model['path'])!r}; give model=/model.path= (and model.tiny.*) of the scored model")
         res["gguf"] = run_export(model["path"], str(out / "model.gguf"), format="gguf",
                                  gguf_type=gguf_cfg.get("rest", "Q8_0"), quant=str(recipe),
                                  dtype=model.get("dtype", "float32"), tiny=model.get("tiny"), overwrite=True)

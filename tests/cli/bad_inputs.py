@@ -75,8 +75,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.lean_ste=maybe", "lean_ste")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
-    add("train", TR + ["quant=null"], "quant=null: qat-train needs a quant (default 'w4a16_g128'); choose from")
-    add("ptq", ["quant=null"], "quant=null: qat-ptq needs a quant (default 'w4a16_g128'); choose from")
+    add("train", TR + ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")
+    add("ptq", ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")
     # a Hugging Face folder of config.json + weights only: transformers would build a 1-token tokenizer (it said
     # "only 48 tokens" long after); refused naming the folder and data.tokenizer= before anything loads
     add("train", TR + ["model.path={tmp}/weights_only"], "weights_only: no tokenizer could be loaded")

@@ -113,3 +113,20 @@ def test_float_weights_on_fused_experts_are_refused_before_loading(recipe, tmp_p
         return
     with pytest.raises(ConfigError, match=message):
         export_compressed_tensors(qat.prepare(tiny_moe("qwen3_moe", num_experts=4), r), tmp_path / "late")
+
+
+def test_shared_expert_linears_are_not_taken_for_fused_experts():
+    """Shared experts (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`) are nn.Linear: an fp8 override on them
+    passes for an MoE model, and does not exempt a float base scheme from the fused experts' check."""
+    from qat.errors import ConfigError
+    from qat.export import check_recipe_format
+    fp8 = {"bits": 8, "dtype": "fp8_e4m3", "granularity": "per_channel"}
+    int4 = {"bits": 4, "dtype": "int", "granularity": "per_group", "group_size": 32, "symmetric": True}
+    for shared in ("shared_expert", "mlp.shared_experts"):
+        ok = qat.QuantRecipe.from_dict({"name": "s", "targets": ["Linear"], "weight": int4,
+                                        "overrides": [{"targets": [shared], "weight": fp8}]})
+        check_recipe_format(ok, "compressed_tensors", experts=True)
+        float_base = qat.QuantRecipe.from_dict({"name": "f", "targets": ["Linear"], "weight": fp8,
+                                                "overrides": [{"targets": [shared], "weight": int4}]})
+        with pytest.raises(ConfigError, match="fused MoE experts"):
+            check_recipe_format(float_base, "compressed_tensors", experts=True)

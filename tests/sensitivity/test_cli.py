@@ -138,6 +138,14 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     import gguf
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(run / "model.gguf").tensors}
     assert {k: written[k] for k in types} == types
+    # a re-solve exports too: it takes model= (the model is not in scores.json), and refuses another model's path
+    argv = ["mode=solve", f"scores={run}/scores.json", "budget.bits_per_weight=6", "gguf.export=true", "plot=false"]
+    code, out = run_in_process("sensitivity", [*argv, *tiny, f"hydra.run.dir={tmp_path}/solve"])
+    assert code == 0, out
+    resolved = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "solve" / "model.gguf").tensors}
+    assert {k: resolved[k] for k in types} == json.loads((tmp_path / "solve" / "gguf_types.json").read_text())
+    code, out = run_in_process("sensitivity", [*argv, f"model.path={tmp_path}/other", f"hydra.run.dir={tmp_path}/o"])
+    assert code == 2 and "scores.json was measured on model 'tiny'" in out, out
 
 
 @pytest.mark.parametrize("argv, expected", [
