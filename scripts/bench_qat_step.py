@@ -30,6 +30,7 @@ import time
 import torch
 
 import qat
+from qat.jobs.measure import saved_for_backward_bytes
 from qat.models import load_model
 from qat.testing import tiny_moe
 
@@ -76,20 +77,9 @@ def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: st
 
 def saved_mb(model, ids) -> float:
     """MB of distinct storages autograd saves for backward in one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
+    saved = saved_for_backward_bytes(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
     model.zero_grad(set_to_none=True)
-    return sum(seen.values()) / 2**20
+    return saved / 2**20
 
 
 def step(model, opt, ids) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,6 +95,28 @@ def file_bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int
             seen.add(id(w))
             n += int(torch.Size(w.shape).numel())
     return size, 8 * size / max(n, 1)
+
+
+def saved_for_backward_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `forward()` (returning a loss) runs,
+    parameters excluded; the loss is then backpropagated (gradients are left on the parameters).
+
+    Example:
+        >>> saved_for_backward_bytes(model, lambda: model(ids, labels=ids).loss) / 2**20  # MB
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    return sum(seen.values())
 
 
 class PeakMemory:

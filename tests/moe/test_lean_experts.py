@@ -3,13 +3,13 @@ gradients and scale gradients as the unfused path (torch.equal) under every expe
 activation checkpointing too; and no fake-quantized copy of an expert weight saved for backward."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import qat
 from qat import ste
+from qat.jobs.measure import saved_for_backward_bytes
 from qat.modules import FakeQuantExperts
 from qat.modules import experts as experts_module
 from qat.testing import tiny_moe
@@ -71,19 +71,7 @@ def test_lean_equals_unfused(impl, kind, moe_ids, one_thread):
 
 def _saved_bytes(model, ids) -> int:
     """Bytes of distinct storages saved for backward in one forward (parameters excluded), as the benchmark."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, labels=ids).loss
-    loss.backward()
-    return sum(seen.values())
+    return saved_for_backward_bytes(model, lambda: model(ids, labels=ids).loss)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
