@@ -8,7 +8,9 @@
 # Needs `qat-assets` (SmolLM2-135M, the wiki corpus) and a llama.cpp build with llama-imatrix, llama-quantize,
 # llama-perplexity (docs/export.md). Env: PYTHON (default .venv/bin/python), SCORES (a scores.json of an earlier
 # `qat-sensitivity menu=gguf` run of the same model: skips the analysis), STEPS (default "all"; a subset of
-# texts f16 imatrix quantize auto ppl). Steps whose output exists are skipped: delete a file to redo it.
+# texts f16 imatrix quantize auto auto_imatrix gptq qat ppl; "all" is every step but qat), GRID_RUNS (the auto
+# layouts the gptq / qat steps quantize, default "auto_noq41_Q4_K_M"). Steps whose output exists are skipped:
+# delete a file to redo it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${QAT_LLAMA_CPP:-/tmp/llsrc/build}
@@ -20,7 +22,8 @@ CAL_BLOCKS=32 CAL_LEN=128   # calibration: the Fisher scores' 32 x 128 training 
 PPL_CTX=256 PPL_CHUNKS=16   # llama-perplexity on the wiki test split
 MIXES="Q3_K_M Q4_K_M"
 mkdir -p "$OUT"
-want() { [[ " $STEPS " == *" all "* || " $STEPS " == *" $1 "* ]]; }
+want() { [[ ( " $STEPS " == *" all "* && $1 != qat ) || " $STEPS " == *" $1 "* ]]; }
+GRID_RUNS=${GRID_RUNS:-auto_noq41_Q4_K_M}
 need() {
   [ -x "$BIN/$1" ] || { echo "no $BIN/$1: set QAT_LLAMA_CPP to a llama.cpp build (docs/export.md)" >&2; exit 2; }
 }
@@ -90,11 +93,47 @@ if want auto; then
   done
 fi
 
-# 6. llama-perplexity of every file on the test text
+# 6. the auto layouts' tensor types quantized by llama-quantize with the imatrix (the rest as the auto files: Q8_0)
+if want auto_imatrix; then
+  need llama-quantize
+  for mix in $MIXES; do
+    for variant in auto auto_noq41; do
+      [ -s "$OUT/${variant}_$mix/tensor_types.txt" ] || continue
+      [ -s "$OUT/${variant}_${mix}_imatrix.gguf" ] || "$BIN/llama-quantize" --imatrix "$OUT/imatrix.gguf" \
+        --tensor-type-file "$OUT/${variant}_$mix/tensor_types.txt" "$OUT/F16.gguf" "$OUT/${variant}_${mix}_imatrix.gguf" \
+        Q8_0 2 > "$OUT/${variant}_${mix}_imatrix.log" 2>&1
+    done
+  done
+fi
+
+# 7. our own fits on the chosen grids, exported by qat-export (the rest Q8_0): GPTQ on the Fisher scores' 32 x 128
+# training tokens (its K-quant / IQ4 scales fitted with diag(H) weights, llama.cpp's imatrix fit), and QAT from
+# that start (the README protocol: 120 steps x 2 x 128 tokens distilled from the float model; step "qat")
+grid_export() {  # run, checkpoint, output
+  "$PY" -m qat.cli.export model.path=smollm2-135m quant="$(ls "$OUT/$1"/quant/*.yaml)" checkpoint="$2" format=gguf \
+    gguf_type=Q8_0 output="$3" overwrite=true hydra.run.dir="$OUT/export_$(basename "$3" .gguf)" > /dev/null
+}
+for run in $GRID_RUNS; do
+  if want gptq && [ ! -s "$OUT/${run}_gptq.gguf" ]; then
+    "$PY" -m qat.cli.ptq model=smollm2_135m data=wiki data.block_size=$CAL_LEN data.max_eval_blocks=32 method=gptq \
+      calibration.samples=$CAL_BLOCKS quant="$(ls "$OUT/$run"/quant/*.yaml)" hydra.run.dir="$OUT/${run}_gptq" \
+      > "$OUT/${run}_gptq.log" 2>&1
+    grid_export "$run" "$OUT/${run}_gptq/model.pt" "$OUT/${run}_gptq.gguf"
+  fi
+  if want qat && [ ! -s "$OUT/${run}_qat.gguf" ]; then
+    "$PY" -m qat.cli.train model=smollm2_135m data=wiki data.block_size=$CAL_LEN data.max_eval_blocks=32 \
+      experiment=smollm2_w4_qat eval.baselines=false init=gptq quant="$(ls "$OUT/$run"/quant/*.yaml)" eval.tasks=[] \
+      hydra.run.dir="$OUT/${run}_qat" > "$OUT/${run}_qat.log" 2>&1
+    grid_export "$run" "$(ls "$OUT/${run}_qat"/checkpoints/last*.ckpt | head -n 1)" "$OUT/${run}_qat.gguf"
+  fi
+done
+
+# 8. llama-perplexity of every file on the test text
 if want ppl; then
   need llama-perplexity
   printf "| file | bytes | scored tensors' bytes | llama.cpp perplexity |\n|---|---|---|---|\n" | tee "$OUT/results.md"
-  for f in F16 $(for m in $MIXES; do echo $m ${m}_imatrix auto_$m auto_noq41_$m; done); do
+  for f in F16 $(for m in $MIXES; do echo $m ${m}_imatrix auto_$m auto_${m}_imatrix auto_noq41_$m auto_noq41_${m}_imatrix; done) \
+    $(for r in $GRID_RUNS; do echo ${r}_gptq ${r}_qat; done); do
     [ -s "$OUT/$f.gguf" ] || continue
     [ -s "$OUT/$f.ppl" ] || "$BIN/llama-perplexity" -m "$OUT/$f.gguf" -f "$OUT/test.txt" -c $PPL_CTX -b $PPL_CTX \
       --chunks $PPL_CHUNKS -t "${THREADS:-2}" > "$OUT/$f.ppl" 2>&1
