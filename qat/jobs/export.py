@@ -239,15 +239,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     source = prepare_source(model, quant, checkpoint, dtype, tiny)
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
-    if tok is not None and not hasattr(tok, "save_pretrained"):  # tiny models' byte stand-in is not saved
-        log.warning("tokenizer: qat's byte-level stand-in of tiny models is not stored in the export (%s has no "
-                    "vocabulary llama.cpp could run); read it back with `qat-eval model.path=%s tokenizer=tiny`",
-                    output, output)
-        tok = None
-    elif tok is None and format != "gguf":  # GGUF warns itself (its file needs a vocabulary)
-        log.warning("tokenizer: none found with %s (no tokenizer files there), so %s will have none; give "
-                    "tokenizer=<the model's tokenizer: a folder or hub name> to store it with the export",
-                    model, output)
+    tok = stored_tokenizer(tok, model, output, format)
     out = _export(source, output, format, gguf_type, tokenizer=tok, importance=importance, gguf_pure=gguf_pure,
                   overwrite=overwrite)
     size, bpw = file_bits_per_weight(out, source)
@@ -256,6 +248,21 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
     if imatrix is not None:
         result["imatrix"] = str(imatrix)
     return result
+
+
+def stored_tokenizer(tok: Any, model: str, output: Any, format: str) -> Any:
+    """The tokenizer an export stores: `tok`, or None with a warning saying why (qat's byte-level stand-in of the
+    tiny models has no vocabulary to store; no tokenizer was found with the model)."""
+    if tok is not None and not hasattr(tok, "save_pretrained"):  # tiny models' byte stand-in is not saved
+        log.warning("tokenizer: qat's byte-level stand-in of tiny models is not stored in the export (%s has no "
+                    "vocabulary llama.cpp could run); read it back with `qat-eval model.path=%s tokenizer=tiny`",
+                    output, output)
+        return None
+    if tok is None and format != "gguf":  # GGUF warns itself (its file needs a vocabulary)
+        log.warning("tokenizer: none found with %s (no tokenizer files there), so %s will have none; give "
+                    "tokenizer=<the model's tokenizer: a folder or hub name> to store it with the export",
+                    model, output)
+    return tok
 
 
 def run_export_job(cfg: dict) -> dict:

@@ -20,8 +20,10 @@ from transformers import AutoConfig
 from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
 from qat.errors import ConfigError, UserError
 from qat.export import FORMATS, check_recipe_format, export
+from qat.export.load import load_any_tokenizer
 from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
+from qat.jobs.export import stored_tokenizer
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
@@ -339,7 +341,10 @@ def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
     atomic_write_bytes(out / "result.json", to_json(result))  # the measurement is kept if the export fails
     if cfg.get("export"):
         suffix = ".gguf" if cfg["export"] == "gguf" else ""  # gguf is one file, the others folders
-        result["export"] = str(export(model, out / f"export_{cfg['export']}{suffix}", cfg["export"]))
+        path = out / f"export_{cfg['export']}{suffix}"
+        source = tokenizer_location(cfg["data"], cfg["model"]["path"])  # the tokenizer the job read its text with
+        tok = stored_tokenizer(load_any_tokenizer(source), source, path, cfg["export"])
+        result["export"] = str(export(model, path, cfg["export"], tokenizer=tok))
         atomic_write_bytes(out / "result.json", to_json(result))
     return result
 

@@ -97,6 +97,8 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
         build_scorer(cfg.get("method") or {})
         if cfg.get("quant") is not None:
             check_base(QuantRecipe.from_dict(cfg["quant"]), {c.name: c for c in used})
+            if exporting:
+                check_gguf_base(cfg["quant"])
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
             as_count(cal.get(key), f"calibration.{key}")
@@ -104,6 +106,28 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
             raise ConfigError(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
         # a folder without tokenizer files: transformers would build an empty tokenizer (no calibration text)
         check_tokenizer_source(tokenizer_location(cfg.get("data"), (cfg.get("model") or {}).get("path", "tiny")))
+
+
+def check_gguf_base(base: Any) -> None:
+    """gguf.export=true writes only weights: refuse a base recipe that quantizes activations (its `input` scheme,
+    or an override's), whose scores and layout assumed quantized inputs that a GGUF file cannot hold (llama.cpp
+    quantizes activations its own way). KV-cache schemes pass: llama.cpp's --cache-type-k/-v set them at run time.
+
+    Raises:
+        ConfigError: naming the recipe and what to do.
+    """
+    if base is None:
+        return
+    recipe = QuantRecipe.from_dict(base)
+    inputs = [recipe.base.input] + [o.apply(recipe.base, f"quant.overrides[{i}]").input
+                                    for i, o in enumerate(recipe.overrides)]
+    schemes = sorted({spec.describe() for spec in inputs if spec is not None})
+    if schemes:
+        raise ConfigError(f"gguf.export=true: base recipe quant={recipe.name!r} quantizes activations ({', '.join(schemes)}), "
+                          "which a GGUF file cannot hold (llama.cpp quantizes them its own way), so the file would "
+                          "not compute what was scored; use a weight-only base recipe (or a KV-cache one), or drop "
+                          "gguf.export and export the recipe in a format that stores activation schemes "
+                          "(qat-export format=compressed_tensors or native)")
 
 
 def default_name(bits_per_weight: float, base: dict | None) -> str:
@@ -199,6 +223,7 @@ def gguf_outputs(cfg: dict, sol, table: ScoreTable, out: Path, recipe: Path) -> 
     res = {"gguf_types": str(out / "gguf_types.json"), "llama_quantize": "llama-quantize --tensor-type-file "
            f"{out / 'tensor_types.txt'} <model-f16.gguf> <out.gguf> {gguf_cfg.get('rest', 'Q8_0')}"}
     if as_bool(gguf_cfg.get("export", False), "gguf.export"):
+        check_gguf_base(table.base)  # mode=solve: the base recorded in scores.json
         model = cfg["model"]
         scored = table.meta.get("model")
         if scored is not None and str(model["path"]) != str(scored):  # mode=solve: the model is not in scores.json

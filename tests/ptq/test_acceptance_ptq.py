@@ -71,6 +71,28 @@ def test_gguf_export_of_a_ptq_job_is_a_gguf_file(tmp_path):
     assert result["export"].endswith(".gguf") and (tmp_path / "export_gguf.gguf").read_bytes()[:4] == b"GGUF"
 
 
+def test_the_export_of_a_ptq_job_stores_the_tokenizer_it_read(tmp_path):
+    """qat-ptq export=... stores the tokenizer the job read its text with (the model folder's here), as qat-export
+    does: a GGUF of a PTQ run carries a vocabulary llama.cpp can run, a folder its tokenizer files."""
+    import gguf
+
+    from qat.export.load import load_any_tokenizer
+    from qat.testing import tiny_model
+    from tests.export.test_gguf_file import bpe_tokenizer
+
+    tiny_model("llama", num_layers=1).save_pretrained(tmp_path / "m")
+    bpe_tokenizer().save_pretrained(tmp_path / "m")
+    for fmt, out in (("gguf", "export_gguf.gguf"), ("native", "export_native")):
+        cfg = compose_job("ptq", ["method=rtn", f"export={fmt}", f"model.path={tmp_path / 'm'}", "calibration.samples=2",
+                                  "eval.max_blocks=2", "progress=false", "save=false"])
+        run_ptq_job(cfg, tmp_path / fmt)
+        if fmt == "gguf":
+            tokens = gguf.GGUFReader(tmp_path / fmt / out).fields["tokenizer.ggml.tokens"]  # padded to the rows
+            assert bytes(tokens.parts[tokens.data[1]]).decode() == "<|im_start|>"
+        else:
+            assert load_any_tokenizer(str(tmp_path / fmt / out)).get_vocab() == bpe_tokenizer().get_vocab()
+
+
 def test_result_is_written_before_the_export(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise qat.jobs.ptq.ConfigError("the writer refused this model")

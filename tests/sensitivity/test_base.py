@@ -282,3 +282,26 @@ def test_the_report_line_names_the_base_overrides():
     line = qat_recipe_line(recipe)
     assert "1 per-module override(s): model.layers.0.mlp.down_proj: input" in line, line
     assert "override" not in qat_recipe_line(qat.load_recipe("w4a8_kv8").to_dict())
+
+
+def test_gguf_export_refuses_a_base_that_quantizes_activations(tmp_path, monkeypatch):
+    """gguf.export=true writes weights only: an NVFP4 W4A8 base (whose fp4 candidates are GGUF types) is refused
+    before the model loads, naming the base and its input scheme; its weight-only sibling passes; a KV-cache base
+    (llama.cpp's cache types) passes check_gguf_base, an override's input scheme does not."""
+    def no_model(*args, **kwargs):
+        raise RuntimeError("model loaded: the check passed")
+    monkeypatch.setattr(job, "load_model", no_model)
+    argv = ["menu=fp4", "candidates=[MXFP4,NVFP4]", "gguf.export=true"]
+    code, out = _run(tmp_path, "run", *argv, "quant=nvfp4_w4a8")
+    errors = [line for line in out.splitlines() if line.startswith("qat-sensitivity: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in out, out
+    assert "base recipe quant='nvfp4_w4a8' quantizes activations (fp8" in errors[0], out
+    code, out = _run(tmp_path, "run2", *argv, "quant=nvfp4_w4a16")
+    assert "model loaded: the check passed" in out, out
+    job.check_gguf_base(qat.load_recipe("gguf_q4_0_kv_q8_0").to_dict())
+    job.check_gguf_base(None)
+    with_override = {"name": "late_a8", "weight": {"bits": 4},
+                     "overrides": [{"targets": ["mlp"], "input": {"bits": 8, "granularity": "per_token",
+                                                                  "dynamic": True}}]}
+    with pytest.raises(ConfigError, match=r"quant='late_a8' quantizes activations \(int8"):
+        job.check_gguf_base(with_override)
