@@ -13,7 +13,8 @@ config_groups (one per distinct scheme, targets = module names), ignore, quantiz
 kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
 vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
 `.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
-Dynamic input schemes are each group's `input_activations`, re-attached by the loader (`qat.export.ct_activations`).
+Dynamic input schemes (and NVFP4's static global: `<m>.input_global_scale`) are each group's `input_activations`,
+re-attached by the loader (`qat.export.ct_activations`).
 Online rotations (R3, R4, llama.cpp's KV rotation) of power-of-two sizes go to `transform_config`
 (`qat.export.ct_transforms`, read back by the loader); others are warned about.
 Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written

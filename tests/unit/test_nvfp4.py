@@ -209,6 +209,25 @@ def test_static_global_export_refusals_name_the_module(token_ids, tmp_path):
         qat.modules.quantizer.TensorQuantizer(nvfp4_spec(static_global=True), "weight", torch.zeros(4, 16))
 
 
+def test_transformers_loads_the_w4a4_export_with_our_global(token_ids, tmp_path):
+    """transformers + compressed-tensors (an independent reader, bf16 on CPU) load the W4A4 export: each linear gets
+    our input_global_scale, and compressed-tensors' forward_quantize on the loaded module quantizes fp32 inputs
+    exactly as our frozen quantizer does. (On bf16 inputs it divides amax_b by 6 in bf16 first: docs/export.md.)"""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from transformers import AutoModelForCausalLM
+
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    qat.calibrate(model, [token_ids])
+    hf = AutoModelForCausalLM.from_pretrained(export_compressed_tensors(model, tmp_path / "ct"), dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(5)) * 4
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        ours, theirs = model.get_submodule(name).input_quantizer, hf.get_submodule(name)
+        assert torch.equal(theirs.input_global_scale.reshape(()), ours.global_scale())
+        with torch.no_grad():
+            assert torch.equal(forward_quantize(theirs, x, "input", theirs.quantization_scheme.input_activations),
+                               ours(x))
+
+
 @pytest.mark.parametrize("recipe", ["nvfp4_w4a8", "mxfp4_w4a4"])
 def test_activation_variants_convert_exactly_and_export_what_fits(recipe, token_ids, tmp_path, caplog):
     model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe(recipe))
