@@ -95,12 +95,14 @@ def input_spec(args: dict, scale_dtype: torch.dtype | None = None) -> QuantSpec 
 
 
 def input_quantizer(args: dict, in_features: int, tensors: dict, name: str) -> TensorQuantizer | str:
-    """The input quantizer of linear `name` from its group's `input_activations`: dynamic, or static pinned to
+    """The input quantizer of linear `name` from its group's `input_activations`: dynamic, static pinned to
     the stored `<name>.input_scale` (and `<name>.input_zero_point`, stored signed as compressed-tensors does:
-    qat's unsigned zero-point is it + 2^(bits-1)); or the reason qat cannot re-attach it (a string).
+    qat's unsigned zero-point is it + 2^(bits-1)), or NVFP4 static-global pinned to `<name>.input_global_scale`;
+    or the reason qat cannot re-attach it (a string).
 
     Raises:
-        ConfigError: a static scheme whose scale (zero-point) tensor is missing or not one number, naming it.
+        ConfigError: a static scheme whose scale (zero-point) tensor is missing or not one number, or an NVFP4
+            scheme without its one `<name>.input_global_scale`, naming the tensor.
     """
     scale = tensors.get(f"{name}.input_scale")
     spec = input_spec(args, None if scale is None or args.get("dynamic") else scale.dtype)

@@ -54,7 +54,8 @@ BLOCK = 16
 
 
 def nvfp4_spec(**changes) -> QuantSpec:
-    """The QuantSpec of NVFP4 weights (`changes`: learn="lsq"; dynamic=True for W4A4 activations).
+    """The QuantSpec of NVFP4 weights (`changes`: learn="lsq"; static_global=True for W4A4 activations under a
+    calibrated global, dynamic=True for activations whose global too comes from each tensor).
 
     Example:
         >>> nvfp4_spec().describe()

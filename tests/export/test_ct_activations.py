@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qat
+from qat.errors import BadFileError
 from qat.export import export, load_any
 from qat.export.ct_activations import input_args, input_spec
 from qat.io import load_safetensors, write_safetensors
@@ -115,6 +116,18 @@ def test_schemes_it_cannot_reattach_are_warned_naming_the_modules(tmp_path, capl
     assert not _inputs(loaded)
     assert "dynamic='local'" in caplog.text and "output_activations" in caplog.text
     assert "14 layer(s) (model.layers.0.self_attn.q_proj" in caplog.text and "not re-attached" in caplog.text
+
+
+def test_nvfp4_input_without_its_global_scale_is_refused_naming_the_tensor(tmp_path):
+    model = _model("nvfp4_w4a4")
+    qat.calibrate(model, [IDS])
+    out = export(model, tmp_path / "ct", "compressed_tensors")
+    stored = load_safetensors(out / "model.safetensors")
+    del stored["model.layers.0.self_attn.q_proj.input_global_scale"]
+    write_safetensors(stored.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink(missing_ok=True)
+    with pytest.raises(BadFileError, match=r"model\.layers\.0\.self_attn\.q_proj\.input_global_scale is missing"):
+        load_any(out)
 
 
 def test_the_args_read_back_as_the_scheme_written():

@@ -209,6 +209,34 @@ def test_static_global_export_refusals_name_the_module(token_ids, tmp_path):
         qat.modules.quantizer.TensorQuantizer(nvfp4_spec(static_global=True), "weight", torch.zeros(4, 16))
 
 
+def test_w4a4_qat_calibrates_the_global_in_its_first_steps_then_holds_it(tmp_path):
+    """QAT on nvfp4_w4a4: while observing (the first steps) the global follows the running amax of the inputs (as
+    llm-compressor's static_minmax), the STE passes gradients through the activations; frozen, it holds while
+    training goes on, and the export after training reloads with the trained model's logits (atol=0)."""
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    q = model.model.layers[0].self_attn.q_proj.input_quantizer
+    seen = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(4)]
+    for i, ids in enumerate(batches):
+        if i == 2:
+            qat.set_quantizers(model, roles=["input"], observing=False)  # freeze_ranges_after=2
+            held = q.global_scale().clone()
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        if i == 1:
+            assert float(q.global_scale()) == float(2688.0 / torch.stack([x.abs().max() for x in seen]).max())
+    handle.remove()
+    assert torch.equal(q.global_scale(), held)  # held through the last two steps
+    ref = _logits(model, batches[0])
+    assert torch.equal(_logits(load_compressed_tensors(export_compressed_tensors(model, tmp_path / "ct")),
+                              batches[0]), ref)
+
+
 def test_transformers_loads_the_w4a4_export_with_our_global(token_ids, tmp_path):
     """transformers + compressed-tensors (an independent reader, bf16 on CPU) load the W4A4 export: each linear gets
     our input_global_scale, and compressed-tensors' forward_quantize on the loaded module quantizes fp32 inputs
