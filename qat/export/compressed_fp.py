@@ -94,9 +94,9 @@ def fp_input_args(spec: QuantSpec, name: str = "m") -> dict | None:
     """
     if get_format(spec).name == "nvfp4":
         if not spec.static_global:
-            raise ConfigError(f"compressed-tensors: {name} has NVFP4 activations ({spec.describe()}) whose global scale "
-                              "comes from each tensor; compressed-tensors' NVFP4 activations hold a calibrated global "
-                              "(input_global_scale): give the input scheme static_global: true, dynamic: false "
+            raise ConfigError(f"compressed-tensors: {name} has NVFP4 activations ({spec.describe()}) whose global "
+                              "scale comes from each tensor; compressed-tensors' NVFP4 activations hold a calibrated "
+                              "global (input_global_scale): give the input scheme static_global: true, dynamic: false "
                               "(recipe nvfp4_w4a4) and calibrate, or export native")
         return dict(NVFP4_INPUT)
     if get_format(spec).name not in ("mxfp8", "mxfp4") or not spec.dynamic:

@@ -16,10 +16,10 @@ Static-global activations (`QuantSpec.static_global`, recipe nvfp4_w4a4: compres
 calibrated running range exactly (not a power of two), and each tensor's blocks are scaled under it as
 compressed-tensors' `calculate_qparams` + `fake_quantize` do:
 
-    G = 448 * 6 / amax_tensor (float32; 1 where that is inf / NaN)     `static_global_scale`, stored as input_global_scale
-                                        (computed as generate_gparam does, Python's 2688.0 / tensor: torch
-                                        rounds 1 / amax, then multiplies; a true division can differ by an ulp)
-    S_b = e4m3(min(amax_b / 6 * G, 448)) / G                         `scales_under_global`; x^ = E2M1(x / S_b) * S_b
+    G = 448 * 6 / amax_tensor (float32; 1 where inf / NaN)     `static_global_scale`, stored as input_global_scale
+        (computed as generate_gparam does, Python's 2688.0 / tensor: torch rounds 1 / amax, then multiplies; a
+        true division can differ by an ulp)
+    S_b = e4m3(min(amax_b / 6 * G, 448)) / G                   `scales_under_global`; x^ = E2M1(x / S_b) * S_b
 
 Such scales are used as given (not put back on the power-of-two grid): x / (S_b / 2) = 2 (x / S_b) and
 (2 q) (S_b / 2) = q S_b in float32, so every value equals compressed-tensors' own (tested against its functions). A

@@ -46,10 +46,12 @@ class TensorQuantizer(nn.Module):
         if role not in ROLE_NAMES:
             raise ConfigError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
         if spec.static_global and role == "weight":
-            raise ConfigError(f"TensorQuantizer: static_global holds a calibrated activation global ({spec.describe()}); "
-                              "a weight's global comes from the weight: leave static_global false on weight schemes")
+            raise ConfigError(f"TensorQuantizer: static_global holds a calibrated activation global "
+                              f"({spec.describe()}); a weight's global comes from the weight: leave static_global "
+                              "false on weight schemes")
         self.spec, self.role = spec, role
-        self.observer = build_observer(_held_range_spec(spec)).to(example.device)  # its empty held range on the example's device
+        # its empty held range on the example's device
+        self.observer = build_observer(_held_range_spec(spec)).to(example.device)
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
         self.calibrating = False  # set by qat.calibrate: learned ranges take every batch, not just the first
         self.scale: nn.Parameter | None = None
@@ -113,7 +115,8 @@ class TensorQuantizer(nn.Module):
         """Pin the qparams (from a PTQ algorithm, say); observing stops so they are held as given.
 
         Learned quantizers take them as the starting value of their parameters instead (PACT's clip is
-        scale * half-range). A `static_global` scheme pins its global scale (one number) as `scale`. `g_idx` (act-order group index, per_group weights) is held either way.
+        scale * half-range). A `static_global` scheme pins its global scale (one number) as `scale`. `g_idx`
+        (act-order group index, per_group weights) is held either way.
 
         Raises:
             ValueError: a scale whose shape differs from this quantizer's qparams layout, or a

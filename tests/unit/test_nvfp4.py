@@ -144,7 +144,8 @@ def test_w4a4_activations_are_fake_quantized_per_block():
     assert torch.equal(y, fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec, global_scale=g),
                                                 spec)[0])
     assert len(torch.unique(y[0, 0, :16].abs())) <= 8  # E2M1 magnitudes under one block scale
-    dynamic = qat.modules.quantizer.TensorQuantizer(nvfp4_spec(dynamic=True), "input", x[:1, :1])  # the global per tensor
+    # the global per tensor as it comes (input.dynamic=true): block scales and a power-of-two global from x itself
+    dynamic = qat.modules.quantizer.TensorQuantizer(nvfp4_spec(dynamic=True), "input", x[:1, :1])
     spec = nvfp4_spec(dynamic=True)
     assert torch.equal(dynamic(x), fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec), spec)[0])
 
