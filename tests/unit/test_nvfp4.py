@@ -1,6 +1,8 @@
 """NVFP4 (E2M1, E4M3 scale per 16, fp32 global per tensor): the two-level scale grid against a brute-force E4M3
 search; converted, native and compressed-tensors exports compute exactly the fake-quant model (compressed-tensors'
-own NVFP4 decompressor decodes our tensors to exactly our weights); W4A4 fake quant runs and converts exactly."""
+own NVFP4 decompressor decodes our tensors to exactly our weights); W4A4 fake quant runs and converts exactly, its
+static global (compressed-tensors' input_global_scale) is written and reloaded exactly and compressed-tensors' own
+activation quantization under it equals ours."""
 from __future__ import annotations
 
 import json
