@@ -36,6 +36,7 @@ __all__ = [
     "qparams_view",
     "compute_range",
     "choose_qparams",
+    "held_global_scale",
     "quantize",
     "dequantize",
     "fake_quantize_forward",
@@ -136,7 +137,7 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 
 
 def choose_qparams(
-    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero-point that map [lo, hi] onto the code range of `spec`.
 
@@ -145,6 +146,7 @@ def choose_qparams(
     exact, scale = (hi - lo) / (qmax - qmin), zero-point = clamp(round(qmin - lo / scale)).
     fp8: scale = amax / largest finite value of the fp8 type.
     The scale is rounded to `spec.scale_dtype` and returned in float32.
+    `global_scale`: a `static_global` scheme's held global (`held_global_scale`); the block scales go under it.
 
     Returns:
         (scale, zero_point); zero_point is None for symmetric schemes.
@@ -153,7 +155,15 @@ def choose_qparams(
         >>> float(s), z
         (0.007843137718737125, None)
     """
+    if global_scale is not None:
+        return get_format(spec).qparams_under(lo.float(), hi.float(), global_scale, spec)
     return get_format(spec).qparams(lo.float(), hi.float(), spec)
+
+
+def held_global_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The global scale a `static_global` scheme holds, from its calibrated per-tensor range (NVFP4: 448 * 6 / amax,
+    compressed-tensors' input_global_scale)."""
+    return get_format(spec).static_global(lo.float(), hi.float(), spec)
 
 
 def qparams_view(x, scale, zero_point, spec, g_idx=None):

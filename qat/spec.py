@@ -29,6 +29,8 @@ class FormatRules(Protocol):
 
     def default_signed(self, spec: "QuantSpec") -> bool: ...
 
+    held_global: bool
+
 
 SPEC_FORMATS: dict[tuple[str, str], FormatRules] = {}
 """(grid, dtype) -> the format that owns such specs, filled by `qat.formats.register_format`. This module
@@ -92,6 +94,11 @@ class QuantSpec:
             `qat.formats` (the format checks the fields it needs): "ggml" (llama.cpp's legacy blocks
             Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1), "ggml_k" (the K-quants Q2_K..Q6_K with two-level scales), ...
             so that fake quant equals the GGUF blocks bit for bit. See `qat.formats.ggml` / `kquant`.
+        static_global: activations of a format with a per-tensor global scale over its block scales (NVFP4):
+            the global is held (calibrated from the running range, as static ranges are: dynamic=False) and the
+            block scales are computed from each tensor, compressed-tensors' `dynamic: local` with an
+            `input_global_scale`. False: the global too comes from each tensor. Observer minmax, moving_average
+            or percentile (the held range is one per tensor); learn none.
     Raises:
         ValueError: a field out of range, naming the field and the valid values.
 
@@ -114,6 +121,7 @@ class QuantSpec:
     learn: str = "none"
     grid: str = "uniform"
     ragged: bool = False
+    static_global: bool = False
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -150,6 +158,8 @@ class QuantSpec:
             raise ValueError("QuantSpec.learn='lsq_plus' learns a zero-point; set symmetric=False")
         if self.learn == "pact" and not self.symmetric:
             raise ValueError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
+        if self.static_global:
+            self._check_static_global(fmt)
         fmt.check(self)
         object.__setattr__(self, "observer_args", dict(self.observer_args))
         SPEC_OBSERVERS[self.observer](self)  # observer_args are checked here, not halfway through prepare
@@ -165,7 +175,7 @@ class QuantSpec:
     def _check_types(self, owner: str) -> None:
         object.__setattr__(self, "bits", _check_int(owner, "bits", self.bits))
         object.__setattr__(self, "axis", _check_int(owner, "axis", self.axis))
-        for name in ("symmetric", "dynamic", "ragged"):
+        for name in ("symmetric", "dynamic", "ragged", "static_global"):
             _check_bool(owner, name, getattr(self, name))
         _check_bool(owner, "signed", self.signed, allow_none=True)
 
@@ -179,6 +189,19 @@ class QuantSpec:
         if self.observer == "percentile":
             raise ValueError("QuantSpec.ragged=True with observer='percentile' is not supported; "
                              "use minmax, moving_average or mse")
+
+    def _check_static_global(self, fmt: FormatRules) -> None:
+        held = sorted({f.name for f in SPEC_FORMATS.values() if getattr(f, "held_global", False)})
+        if not getattr(fmt, "held_global", False):
+            raise ValueError(f"QuantSpec.static_global=True holds a per-tensor global scale over block scales; "
+                             f"formats with one: {held}, not {fmt.name!r}")
+        if self.dynamic or self.learn != "none":
+            raise ValueError(f"QuantSpec.static_global=True holds a calibrated global: it needs dynamic=False (the "
+                             f"block scales stay dynamic) and learn='none', not dynamic={self.dynamic}, "
+                             f"learn={self.learn!r}")
+        if self.observer not in ("minmax", "moving_average", "percentile"):
+            raise ValueError(f"QuantSpec.static_global=True holds one range per tensor (its global's): observer "
+                             f"minmax, moving_average or percentile, not {self.observer!r}")
 
     def __hash__(self) -> int:
         values = [getattr(self, f.name) for f in fields(self)]
@@ -213,6 +236,8 @@ class QuantSpec:
             parts.append(self.learn)
         if self.grid != "uniform":
             parts.append(self.grid)
+        if self.static_global:
+            parts.append("static-global")
         return " ".join(parts)
 
     def replace(self, **changes: Any) -> "QuantSpec":

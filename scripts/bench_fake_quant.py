@@ -1,5 +1,6 @@
 """Forward+backward time and memory of one Linear: plain vs fake-quant W4A16 (g128) vs W4A8, and the 4-bit float
-formats MXFP4 / NVFP4 as W4A16 and W4A4 (dynamic per-block activations).
+formats MXFP4 / NVFP4 as W4A16 and W4A4 (dynamic per-block activations; NVFP4 also with the recipe nvfp4_w4a4's
+static global, calibrated on one batch and then held).
 
 Measured side by side in one run, variants interleaved round-robin so that machine noise hits all alike.
 Memory is what autograd saves for backward (deterministic on CPU; on CUDA the peak allocation is printed
@@ -36,6 +37,12 @@ def variants(linear: nn.Linear) -> dict[str, nn.Module]:
         out[f"qat {name} W4A16"] = FakeQuantLinear.from_float(linear, TensorSchemes(weight=spec))
         out[f"qat {name} W4A4"] = FakeQuantLinear.from_float(
             linear, TensorSchemes(weight=spec, input=spec.replace(dynamic=True)))
+    static = FakeQuantLinear.from_float(linear, TensorSchemes(weight=FP4["NVFP4"],
+                                                              input=FP4["NVFP4"].replace(static_global=True)))
+    with torch.no_grad():  # calibrate the global on one batch, then hold it (as after calibration / freezing in QAT)
+        static(torch.randn(64, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
+    static.input_quantizer.observing = False
+    out["qat NVFP4 W4A4 static-global"] = static
     out.update(torchao_peers(linear))
     return out
 

@@ -13,7 +13,8 @@ config_groups (one per distinct scheme, targets = module names), ignore, quantiz
 kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
 vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
 `.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
-Dynamic input schemes are each group's `input_activations`, re-attached by the loader (`qat.export.ct_activations`).
+Dynamic input schemes (and NVFP4's static global: `<m>.input_global_scale`) are each group's `input_activations`,
+re-attached by the loader (`qat.export.ct_activations`).
 Online rotations (R3, R4, llama.cpp's KV rotation) of power-of-two sizes go to `transform_config`
 (`qat.export.ct_transforms`, read back by the loader); others are warned about.
 Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written
@@ -39,7 +40,7 @@ from torch import nn
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
 from qat.export.compressed_fp import (FP8_WEIGHTS, FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight,
-                                     fp_weights_args)
+                                     fp_weights_args, input_global_tensors)
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
@@ -291,7 +292,7 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
             ragged.append(n)
         w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
-        i_args = input_args(i_spec, n)
+        i_args = input_args(i_spec, n, m.input_quantizer)
         if i_spec is not None and i_args is None:
             fp_inputs.setdefault(i_spec, []).append(n)
         elif i_args is not None and get_format(i_spec).name in MX_INPUTS:
@@ -306,12 +307,10 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
                     "%s); qat's loader reads them, but compressed-tensors 0.20 (transformers) refuses such layers",
                     len(ragged), ", ".join(ragged[:3]) + (", ..." if len(ragged) > 3 else ""))
     for i_spec, names in fp_inputs.items():
-        fmt = get_format(i_spec).name
-        why = ("compressed-tensors' NVFP4 activation scheme needs a calibrated static input_global_scale"
-               if fmt == "nvfp4" else "only dynamic MXFP8 / MXFP4 activations have an input_activations form")
-        log.warning("compressed-tensors: %d layer(s) have %s activations (%s: %s); %s, so they are written without an "
-                    "input scheme (weights only)", len(names), fmt.upper(), i_spec.describe(),
-                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), why)
+        log.warning("compressed-tensors: %d layer(s) have %s activations (%s: %s); only dynamic MXFP8 / MXFP4 "
+                    "activations have an input_activations form, so they are written without an input scheme "
+                    "(weights only)", len(names), get_format(i_spec).name.upper(), i_spec.describe(),
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
     if mx_inputs:  # once per export: the scheme is the right one, but its runtime computes other scales
         recipe = getattr(getattr(model, "qat_recipe", None), "name", None) or "the model's"
         log.warning("compressed-tensors: recipe %s: dynamic %s activations of %d layer(s) are written as "
@@ -341,6 +340,7 @@ def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict, ze
             continue
         qw = weight_of(model, f"{n}.weight")
         yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw, zero_points)).items()
+        yield from input_global_tensors(n, m.input_quantizer).items()  # NVFP4's static activation global
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
     for n, m in modules.items():

@@ -21,8 +21,11 @@ activations are its group's input scheme (`qat.export.ct_activations`).
 Per MXFP8 linear (MXFP8QuantizationCompressor): <m>.weight float8_e4m3fn [out, in], <m>.weight_scale uint8 E8M0
 [out, in / 32]; weights args num_bits 8, type float, strategy group, group_size 32, scale_dtype torch.uint8. Dynamic
 MXFP8 and MXFP4 activations are written as their input scheme (group 32, dynamic, uint8 E8M0 scales: compressed-tensors'
-MXFP8 / MXFP4 presets); dynamic NVFP4 activations are not (its NVFP4 activation scheme needs a calibrated static
-input_global_scale): the writer warns, naming the modules.
+MXFP8 / MXFP4 presets). Static-global NVFP4 activations (`QuantSpec.static_global`, recipe nvfp4_w4a4) are written as
+compressed-tensors' NVFP4 preset writes them: input_activations {num_bits: 4, type: float, strategy: tensor_group,
+group_size: 16, dynamic: local, scale_dtype float8_e4m3fn} and per linear <m>.input_global_scale float32 [1], the
+held global G itself (a divisor: compressed-tensors scales each block by e4m3(amax_b / 6 * G) / G, as qat does).
+NVFP4 activations whose global comes from each tensor (dynamic: true) have no such form: refused, naming the module.
 The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
 """
 from __future__ import annotations
@@ -76,13 +79,46 @@ def fp_weights_args(spec: QuantSpec) -> dict:
             "block_structure": None, "scale_dtype": dtype, "zp_dtype": dtype}
 
 
-def fp_input_args(spec: QuantSpec) -> dict | None:
-    """compressed-tensors input_activations of a dynamic microscaling activation scheme (MXFP8 / MXFP4: the
-    presets' dynamic group-32 scheme with E8M0 uint8 scales), or None (not storable: NVFP4's fp4 activations)."""
+NVFP4_INPUT = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+               "dynamic": "local", "observer": "static_minmax", "scale_dtype": "torch.float8_e4m3fn",
+               "zp_dtype": "torch.float8_e4m3fn"}  # compressed-tensors' NVFP4 preset's input_activations
+
+
+def fp_input_args(spec: QuantSpec, name: str = "m") -> dict | None:
+    """compressed-tensors input_activations of a microscaling activation scheme: MXFP8 / MXFP4 dynamic (the presets'
+    group-32 scheme with E8M0 uint8 scales), NVFP4 static_global (`NVFP4_INPUT`); None for what has no form (static
+    MX ranges: the writer warns).
+
+    Raises:
+        ConfigError: NVFP4 activations whose global comes from each tensor, naming module `name` and the valid form.
+    """
+    if get_format(spec).name == "nvfp4":
+        if not spec.static_global:
+            raise ConfigError(f"compressed-tensors: {name} has NVFP4 activations ({spec.describe()}) whose global "
+                              "scale comes from each tensor; compressed-tensors' NVFP4 activations hold a calibrated "
+                              "global (input_global_scale): give the input scheme static_global: true, dynamic: false "
+                              "(recipe nvfp4_w4a4) and calibrate, or export native")
+        return dict(NVFP4_INPUT)
     if get_format(spec).name not in ("mxfp8", "mxfp4") or not spec.dynamic:
         return None
     return {"num_bits": spec.bits, "type": "float", "symmetric": True, "strategy": "group",
             "group_size": spec.group_size, "dynamic": True, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+
+
+def nvfp4_input_spec(args: dict) -> QuantSpec | None:
+    """The static_global NVFP4 input scheme of an `input_activations` entry in `NVFP4_INPUT`'s form, or None."""
+    form = {k: args.get(k) for k in ("num_bits", "type", "strategy", "group_size", "dynamic")}
+    fp8 = args.get("scale_dtype") in (None, "torch.float8_e4m3fn", "float8_e4m3fn")
+    if form != {k: NVFP4_INPUT[k] for k in form} or not fp8 or args.get("symmetric", True) is not True:
+        return None
+    return nvfp4_spec(static_global=True)
+
+
+def input_global_tensors(name: str, quantizer) -> dict[str, torch.Tensor]:
+    """`<name>.input_global_scale` (float32 [1]) of a linear whose input quantizer is static_global; else {}."""
+    if quantizer is None or not quantizer.spec.static_global:
+        return {}
+    return {f"{name}.input_global_scale": quantizer.global_scale().detach().float().reshape(1)}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ Read back (each exactly what qat computes for the same QuantSpec):
     float 8 or 4, dynamic, group 32, uint8 scales     -> dynamic MXFP8 / MXFP4 (E8M0 block scales)
     int / float 8, static, strategy tensor            -> a static per-tensor input pinned to `<m>.input_scale`
                                                          (and `<m>.input_zero_point` when asymmetric)
-Anything else (NVFP4's `dynamic: local` with a stored global scale, static per-channel / group ranges, output
-activations) is not re-attached: the loader warns, naming the modules and the scheme, and runs them on float inputs.
+    float 4, dynamic local, tensor_group 16, fp8      -> NVFP4 static_global input, its global pinned to
+                                                         `<m>.input_global_scale` (compressed-tensors' NVFP4 preset)
+Anything else (another `dynamic: local` scheme, static per-channel / group ranges, output activations) is not
+re-attached: the loader warns, naming the modules and the scheme, and runs them on float inputs.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from qat.errors import ConfigError
-from qat.export.compressed_fp import FP_FORMATS, fp_input_args
+from qat.export.compressed_fp import FP_FORMATS, fp_input_args, nvfp4_input_spec
 from qat.formats import get_format
 from qat.modules.quantizer import TensorQuantizer
 from qat.spec import QuantSpec
@@ -28,17 +30,22 @@ INPUT_TENSORS = ("input_scale", "input_zero_point", "input_global_scale")
 _SCALE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def input_args(spec: QuantSpec | None, name: str) -> dict | None:
+def input_args(spec: QuantSpec | None, name: str, quantizer: TensorQuantizer | None = None) -> dict | None:
     """compressed-tensors input_activations of a linear's input scheme (None: no input scheme, or a float one
-    the format cannot hold, which the writer warns about).
+    the format cannot hold, which the writer warns about). `quantizer`: the linear's input quantizer, whose held
+    global (static_global NVFP4) must be calibrated by now.
 
     Raises:
-        ConfigError: a static input scheme (only dynamic ones are written), naming the module.
+        ConfigError: a static input scheme (only dynamic ones, and NVFP4's static global, are written), NVFP4
+            activations with a per-tensor dynamic global, or a static global with no range yet, naming the module.
     """
     if spec is None:
         return None
+    if quantizer is not None and spec.static_global and not quantizer.initialized:
+        raise ConfigError(f"compressed-tensors export: {name} has a static-global input scheme ({spec.describe()}) "
+                          "with no range yet; calibrate the model (qat.calibrate) or run it on some batches first")
     if get_format(spec).name in FP_FORMATS:  # the microscaling formats' own activation schemes
-        return fp_input_args(spec)
+        return fp_input_args(spec, name)
     if not spec.dynamic:
         raise ConfigError(f"compressed-tensors: {name} has a static input scheme ({spec.describe()}); "
                           "only dynamic activation schemes are written")
@@ -61,8 +68,10 @@ def input_spec(args: dict, scale_dtype: torch.dtype | None = None) -> QuantSpec 
     kind, bits, strategy, dynamic = args.get("type", "int"), args.get("num_bits"), args.get("strategy"), args.get("dynamic")
     group = args.get("group_size")
     gran = {v: k for k, v in STRATEGY.items()}.get(strategy)
+    if dynamic == "local" and nvfp4_input_spec(args) is not None:
+        return nvfp4_input_spec(args)
     if dynamic is not True and dynamic is not False:
-        return f"dynamic={dynamic!r} (a stored global scale with local dynamic scales)"
+        return f"dynamic={dynamic!r} (a stored global scale with local dynamic scales, other than NVFP4's)"
     if gran is None or (gran == "per_group" and not (type(group) is int and group > 0)):
         return f"strategy={strategy!r}" + (f", group_size={group!r}" if strategy == "group" else "")
     if not dynamic and gran != "per_tensor":
@@ -86,12 +95,14 @@ def input_spec(args: dict, scale_dtype: torch.dtype | None = None) -> QuantSpec 
 
 
 def input_quantizer(args: dict, in_features: int, tensors: dict, name: str) -> TensorQuantizer | str:
-    """The input quantizer of linear `name` from its group's `input_activations`: dynamic, or static pinned to
+    """The input quantizer of linear `name` from its group's `input_activations`: dynamic, static pinned to
     the stored `<name>.input_scale` (and `<name>.input_zero_point`, stored signed as compressed-tensors does:
-    qat's unsigned zero-point is it + 2^(bits-1)); or the reason qat cannot re-attach it (a string).
+    qat's unsigned zero-point is it + 2^(bits-1)), or NVFP4 static-global pinned to `<name>.input_global_scale`;
+    or the reason qat cannot re-attach it (a string).
 
     Raises:
-        ConfigError: a static scheme whose scale (zero-point) tensor is missing or not one number, naming it.
+        ConfigError: a static scheme whose scale (zero-point) tensor is missing or not one number, or an NVFP4
+            scheme without its one `<name>.input_global_scale`, naming the tensor.
     """
     scale = tensors.get(f"{name}.input_scale")
     spec = input_spec(args, None if scale is None or args.get("dynamic") else scale.dtype)
@@ -99,6 +110,14 @@ def input_quantizer(args: dict, in_features: int, tensors: dict, name: str) -> T
         return spec
     quantizer = TensorQuantizer(spec, "input", torch.zeros(1, in_features))
     if spec.dynamic:
+        return quantizer
+    if spec.static_global:
+        g = tensors.get(f"{name}.input_global_scale")
+        if g is None or g.numel() != 1 or not g.is_floating_point():
+            raise ConfigError(f"tensor {name}.input_global_scale is "
+                              f"{'missing' if g is None else (g.dtype, tuple(g.shape))}; NVFP4 input_activations "
+                              "(dynamic: local) need one float global scale")
+        quantizer.set_qparams(g.float().reshape(()))
         return quantizer
     if scale is None or scale.numel() != 1:
         raise ConfigError(f"tensor {name}.input_scale is {'missing' if scale is None else tuple(scale.shape)}; "

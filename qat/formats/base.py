@@ -66,6 +66,7 @@ class Format:
     gguf: tuple[GGUFType, ...] = ()  # the GGUF types it stores exactly (see `gguf_type`)
     holds: frozenset[str] = frozenset()  # other file formats that can hold it: "compressed-tensors", "gptq"
     signed_scales: bool = False  # scales carry a sign (IQ4's asymmetric levels): a learned one keeps its sign
+    held_global: bool = False  # a per-tensor global over block scales that activations may hold (static_global)
 
     # -- spec ----------------------------------------------------------------------------------
     def check(self, spec: QuantSpec) -> None:
@@ -93,6 +94,15 @@ class Format:
 
     def values(self, t, scale, zero_point, spec: QuantSpec) -> torch.Tensor:
         """Real values of float32 codes `t` (may work in place on `t`)."""
+        raise NotImplementedError
+
+    def static_global(self, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """The held global scale of a `static_global` scheme from its calibrated per-tensor range (`held_global`
+        formats only)."""
+        raise NotImplementedError
+
+    def qparams_under(self, lo, hi, global_scale: torch.Tensor, spec: QuantSpec):
+        """(block scales, None) of a `static_global` scheme: each block's range [lo, hi] under the held global."""
         raise NotImplementedError
 
     def shared_error(self, err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

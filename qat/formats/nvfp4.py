@@ -9,7 +9,22 @@ g is compressed-tensors' `weight_global_scale` (a divisor, 448 * 6 / amax there)
 here so that S_b and every E2M1 * S_b are exact in float32 and bfloat16: compressed-tensors decompresses (in
 bfloat16) exactly our values. See `qat.formats.minifloat.e4m3_scale_grid`. Element rounding: round to nearest
 even, saturating at 6 (as MXFP4). The global comes from all the blocks `qparams` sees at once: a weight's whole
-tensor, or (dynamic activations, W4A4) each activation tensor as it comes.
+tensor, or (dynamic activations) each activation tensor as it comes.
+
+Static-global activations (`QuantSpec.static_global`, recipe nvfp4_w4a4: compressed-tensors' NVFP4 preset, its
+`dynamic: local` input_activations): the global is held per module, compressed-tensors' `generate_gparam` of the
+calibrated running range exactly (not a power of two), and each tensor's blocks are scaled under it as
+compressed-tensors' `calculate_qparams` + `fake_quantize` do:
+
+    G = 448 * 6 / amax_tensor (float32; 1 where inf / NaN)     `static_global_scale`, stored as input_global_scale
+        (computed as generate_gparam does, Python's 2688.0 / tensor: torch rounds 1 / amax, then multiplies; a
+        true division can differ by an ulp)
+    S_b = e4m3(min(amax_b / 6 * G, 448)) / G                   `scales_under_global`; x^ = E2M1(x / S_b) * S_b
+
+Such scales are used as given (not put back on the power-of-two grid): x / (S_b / 2) = 2 (x / S_b) and
+(2 q) (S_b / 2) = q S_b in float32, so every value equals compressed-tensors' own (tested against its functions). A
+block whose E4M3 scale rounds to 0 codes 0 here; compressed-tensors gives it scale 0.125 / G, under which its
+elements (|x| < 2^-10 * 6 / G) also round to 0.
 
 Learned scales (learn="lsq"): the parameter is the effective block scale S_b in float32; the grid uses
 `e4m3_scale_grid` of it (E4M3 rounding under the global it implies), the gradient passes straight through.
@@ -30,7 +45,7 @@ import torch
 
 from qat.formats.base import Format, GGUFType, register_format
 from qat.formats.common import encode_rows
-from qat.formats.minifloat import (E2M1_MAX, e2m1_codes_, e2m1_from_index, e2m1_index,
+from qat.formats.minifloat import (E2M1_MAX, E4M3_MAX, e2m1_codes_, e2m1_from_index, e2m1_index,
                                    e4m3_scale_grid)
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
@@ -39,7 +54,8 @@ BLOCK = 16
 
 
 def nvfp4_spec(**changes) -> QuantSpec:
-    """The QuantSpec of NVFP4 weights (`changes`: learn="lsq"; dynamic=True for W4A4 activations).
+    """The QuantSpec of NVFP4 weights (`changes`: learn="lsq"; static_global=True for W4A4 activations under a
+    calibrated global, dynamic=True for activations whose global too comes from each tensor).
 
     Example:
         >>> nvfp4_spec().describe()
@@ -47,6 +63,30 @@ def nvfp4_spec(**changes) -> QuantSpec:
     """
     return QuantSpec(bits=4, dtype="fp4_e2m1", symmetric=True, granularity="per_group", group_size=BLOCK,
                      grid="nvfp4", **changes)
+
+
+def static_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' NVFP4 global scale (`generate_gparam`) of a calibrated amax: 448 * 6 / amax in float32
+    (amax clamped to the smallest normal; 1.0 where the result is inf or NaN), a divisor, shaped as `amax`.
+
+    Example:
+        >>> static_global_scale(torch.tensor(2688.0))
+        tensor(1.)
+    """
+    # a Python float over a tensor, as generate_gparam writes it: torch computes (1 / amax) * 2688, two roundings
+    g = (E4M3_MAX * E2M1_MAX) / amax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def scales_under_global(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Effective block scales e4m3(min(s_b * G, 448)) / G of float32 block scales s_b = amax_b / 6 under a held
+    global G, in compressed-tensors' order of operations (multiply, clamp, round to E4M3, divide)."""
+    return (block_scale * global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() / global_scale
+
+
+def _on_grid(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The effective scales the elements use: as given under a held global, else on the power-of-two grid."""
+    return scale if spec.static_global else e4m3_scale_grid(scale)[0]
 
 
 def split_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +120,7 @@ class NVFP4Format(Format):
 
     name, grid, dtypes = "nvfp4", "nvfp4", ("fp4_e2m1",)
     holds = frozenset({"compressed-tensors"})
+    held_global = True
     gguf = (GGUFType("NVFP4", 64, 36, nvfp4_spec, _encode, nvfp4_gguf_blocks, tensor_scale=gguf_tensor_scale),)
 
     def check(self, spec: QuantSpec) -> None:
@@ -98,14 +139,20 @@ class NVFP4Format(Format):
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
 
+    def static_global(self, lo, hi, spec):
+        return static_global_scale(torch.maximum(-lo, hi).clamp(min=0))
+
+    def qparams_under(self, lo, hi, global_scale, spec):
+        return scales_under_global(torch.maximum(-lo, hi).clamp(min=0) / E2M1_MAX, global_scale), None
+
     def codes(self, view, scale, zero_point, spec, need_mask=False):
-        half = e4m3_scale_grid(scale)[0] * 0.5  # exact: S_b has E4M3's 4 significant bits, at least 2^-136
+        half = _on_grid(scale, spec) * 0.5  # exact: on the grid S_b >= 2^-136; under a held global a normal float
         # 2 x / S_b is 2 (x / S_b) rounded once (as exact as the doubling); a zero scale codes 0 (x / inf)
         d = view / torch.where(half != 0, half, torch.full_like(half, math.inf))  # where on the scales only
         return e2m1_codes_(d, view, need_mask)
 
     def values(self, t, scale, zero_point, spec):
-        return t.mul_(e4m3_scale_grid(scale)[0] * 0.5)  # doubled codes times half the scale: exact
+        return t.mul_(_on_grid(scale, spec) * 0.5)  # doubled codes times half the scale: exact
 
     def pack(self, codes, scale, zero_point, spec):
         blocks, g = split_scales(scale.detach())

@@ -10,7 +10,7 @@ from qat.errors import ConfigError
 from qat.formats import get_format
 from qat.formats.int import half_range
 from qat.observers import build_observer
-from qat.primitives import choose_qparams, compute_range
+from qat.primitives import choose_qparams, compute_range, held_global_scale
 from qat.spec import QuantSpec
 from qat.ste import FakeQuantArgs, lsq_grad_scale, round_ste
 
@@ -27,7 +27,9 @@ class TensorQuantizer(nn.Module):
 
     Weight ranges follow the weight while `observing` (they are recomputed from the current weight each
     forward); activation ranges accumulate over batches while `observing` (calibration) and are held
-    once it is switched off (frozen). Dynamic schemes compute ranges from every tensor.
+    once it is switched off (frozen). Dynamic schemes compute ranges from every tensor. A `static_global`
+    activation scheme (NVFP4) holds one range per tensor, the calibrated running range its global scale comes from
+    (`global_scale`), and scales each tensor's blocks under that global.
 
     Args:
         spec: the scheme.
@@ -43,8 +45,13 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         if role not in ROLE_NAMES:
             raise ConfigError(f"TensorQuantizer.role={role!r}; choose from {list(ROLE_NAMES)}")
+        if spec.static_global and role == "weight":
+            raise ConfigError(f"TensorQuantizer: static_global holds a calibrated activation global "
+                              f"({spec.describe()}); a weight's global comes from the weight: leave static_global "
+                              "false on weight schemes")
         self.spec, self.role = spec, role
-        self.observer = build_observer(spec).to(example.device)  # its empty held range on the example's device
+        # its empty held range on the example's device
+        self.observer = build_observer(_held_range_spec(spec)).to(example.device)
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
         self.calibrating = False  # set by qat.calibrate: learned ranges take every batch, not just the first
         self.scale: nn.Parameter | None = None
@@ -108,7 +115,8 @@ class TensorQuantizer(nn.Module):
         """Pin the qparams (from a PTQ algorithm, say); observing stops so they are held as given.
 
         Learned quantizers take them as the starting value of their parameters instead (PACT's clip is
-        scale * half-range). `g_idx` (act-order group index, per_group weights) is held either way.
+        scale * half-range). A `static_global` scheme pins its global scale (one number) as `scale`. `g_idx`
+        (act-order group index, per_group weights) is held either way.
 
         Raises:
             ValueError: a scale whose shape differs from this quantizer's qparams layout, or a
@@ -192,11 +200,27 @@ class TensorQuantizer(nn.Module):
                 f"{self.role} quantizer ({self.spec.describe()}) has no range yet: calibrate it "
                 "(qat.calibrate / range initialisation) or leave observing on for the first batches"
             )
+        if self.spec.static_global:
+            return choose_qparams(*compute_range(x, self.spec), self.spec, global_scale=self.global_scale())
         if self.learned:
             return self._learned_qparams()
         if self.pinned:
             return self.pinned_scale, (self.pinned_zero_point if self.pinned_zero_point.numel() else None)
         return choose_qparams(self.observer.lo, self.observer.hi, self.spec)
+
+    def global_scale(self) -> torch.Tensor:
+        """The held global scale of a `static_global` scheme: pinned, or from the calibrated range (NVFP4: 448 * 6 /
+        amax, what compressed-tensors stores as `input_global_scale`).
+
+        Raises:
+            ConfigError: not a static_global scheme. RuntimeError: no range yet (not calibrated).
+        """
+        if not self.spec.static_global:
+            raise ConfigError(f"{self.role} quantizer ({self.spec.describe()}) holds no global scale (static_global)")
+        if not self.initialized:
+            raise RuntimeError(f"{self.role} quantizer ({self.spec.describe()}) has no range yet: calibrate it "
+                               "(qat.calibrate / range initialisation) or leave observing on for the first batches")
+        return self.pinned_scale if self.pinned else held_global_scale(self.observer.lo, self.observer.hi, self.spec)
 
     def _learned_qparams(self):
         tiny = torch.finfo(self.spec.torch_scale_dtype).tiny
@@ -234,3 +258,11 @@ class TensorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         flags = [n for n in ("enabled", "observing", "initialized") if getattr(self, n)]
         return f"role={self.role}, {self.spec.describe()}, {'/'.join(flags)}"
+
+
+def _held_range_spec(spec: QuantSpec) -> QuantSpec:
+    """The scheme whose ranges the observer holds: a static_global scheme's is one per tensor (its global's, taken
+    by the same observer: minmax is compressed-tensors' static_minmax), the block ranges coming from each tensor."""
+    if not spec.static_global:
+        return spec
+    return QuantSpec(bits=8, granularity="per_tensor", observer=spec.observer, observer_args=spec.observer_args)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qat
+from qat.errors import BadFileError
 from qat.export import export, load_any
 from qat.export.ct_activations import input_args, input_spec
 from qat.io import load_safetensors, write_safetensors
@@ -27,12 +28,14 @@ def _inputs(model) -> dict[str, qat.QuantSpec]:
     return {n: m.input_quantizer.spec for n, m in model.named_modules() if getattr(m, "input_quantizer", None)}
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "mxfp4_w4a4",
+@pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "mxfp4_w4a4", "nvfp4_w4a4",
                                     {**qat.load_recipe("w8a8").to_dict(), "input": {**INT8, "symmetric": False}}],
-                         ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "mxfp4", "int8_token_asym"])
+                         ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "mxfp4", "nvfp4_static_global",
+                              "int8_token_asym"])
 def test_dynamic_input_schemes_reload_exactly_in_qats_own_loader(recipe, tmp_path):
     """qat's loader re-attaches the written schemes: the reload computes the fake-quant logits, atol 0. (Another
-    runtime may compute MX activation scales its own way: `test_mx_activation_scales_differ_in_compressed_tensors`.)"""
+    runtime may compute MX activation scales its own way: `test_mx_activation_scales_differ_in_compressed_tensors`.)
+    NVFP4's static global is calibrated by the first batch and pinned from `<m>.input_global_scale` on reload."""
     model = _model(recipe)
     with torch.no_grad():
         want = model(IDS).logits
@@ -98,13 +101,15 @@ def test_static_per_tensor_input_scales_are_pinned(symmetric, tmp_path):
 
 
 def test_schemes_it_cannot_reattach_are_warned_naming_the_modules(tmp_path, caplog):
+    """A `dynamic: local` scheme other than NVFP4's (which is re-attached: group 16 here would be) and output
+    activations are warned about, naming the modules."""
     out = export(_model("w8a8"), tmp_path / "ct", "compressed_tensors")
-    nvfp4_a4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
-                "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
+    local_g32 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 32,
+                 "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}
     globals_ = {f"model.layers.{i}.{p}.input_global_scale": torch.ones(1) for i in range(2)
                 for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    _rewrite(out, lambda g: g.update(input_activations=nvfp4_a4, output_activations={"num_bits": 8, "type": "int",
+    _rewrite(out, lambda g: g.update(input_activations=local_g32, output_activations={"num_bits": 8, "type": "int",
                                                                                      "dynamic": True}), globals_)
     with caplog.at_level(logging.WARNING):
         loaded = load_any(out)
@@ -113,15 +118,29 @@ def test_schemes_it_cannot_reattach_are_warned_naming_the_modules(tmp_path, capl
     assert "14 layer(s) (model.layers.0.self_attn.q_proj" in caplog.text and "not re-attached" in caplog.text
 
 
+def test_nvfp4_input_without_its_global_scale_is_refused_naming_the_tensor(tmp_path):
+    model = _model("nvfp4_w4a4")
+    qat.calibrate(model, [IDS])
+    out = export(model, tmp_path / "ct", "compressed_tensors")
+    stored = load_safetensors(out / "model.safetensors")
+    del stored["model.layers.0.self_attn.q_proj.input_global_scale"]
+    write_safetensors(stored.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink(missing_ok=True)
+    with pytest.raises(BadFileError, match=r"model\.layers\.0\.self_attn\.q_proj\.input_global_scale is missing"):
+        load_any(out)
+
+
 def test_the_args_read_back_as_the_scheme_written():
-    for name in ("w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "w4a8_kv4_rot", "mxfp4_w4a4"):
+    for name in ("w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "w4a8_kv4_rot", "mxfp4_w4a4", "nvfp4_w4a4"):
         spec = qat.load_recipe(name).base.input
         assert input_spec(input_args(spec, "m")) == spec, name
 
 
-@pytest.mark.parametrize("recipe,preset", [("mxfp4_w4a4", "MXFP4"), ("mxfp8", "MXFP8"), ("fp8_dynamic", "FP8_DYNAMIC")])
+@pytest.mark.parametrize("recipe,preset", [("mxfp4_w4a4", "MXFP4"), ("mxfp8", "MXFP8"), ("fp8_dynamic", "FP8_DYNAMIC"),
+                                           ("nvfp4_w4a4", "NVFP4")])
 def test_written_input_args_are_compressed_tensors_presets(recipe, preset):
-    """What the writer stores parses in compressed-tensors as its own preset's input_activations (#12: MXFP4's A4)."""
+    """What the writer stores parses in compressed-tensors as its own preset's input_activations (#12: MXFP4's A4,
+    NVFP4's A4 with its static global)."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
@@ -133,21 +152,24 @@ def test_written_input_args_are_compressed_tensors_presets(recipe, preset):
     assert "strategy='block'" in input_spec({"num_bits": 8, "type": "float", "dynamic": True, "strategy": "block"})
 
 
-@pytest.mark.parametrize("recipe, fmt", [("nvfp4_w4a4", "NVFP4"), ("static_mx", "MXFP4")])
-def test_unwritable_float_inputs_are_warned_naming_their_format(recipe, fmt, tmp_path, caplog):
-    """An fp4 activation scheme with no input_activations form is written weights-only, the warning naming the
-    scheme's own format (it said NVFP4 for every one)."""
-    if recipe == "static_mx":
-        base = qat.load_recipe("mxfp4_w4a4").to_dict()
-        recipe = {**base, "input": {**base["input"], "dynamic": False}}
-    model = _model(recipe)
-    if model.model.layers[0].self_attn.q_proj.input_quantizer.spec.dynamic is False:
-        qat.calibrate(model, [IDS])
+def test_unwritable_float_inputs_are_warned_naming_their_format(tmp_path, caplog):
+    """An fp4 activation scheme with no input_activations form (static MX ranges) is written weights-only, the
+    warning naming the scheme's own format (it said NVFP4 for every one). NVFP4's static global has a form now
+    (written); its dynamic global is refused (tests/unit/test_nvfp4.py)."""
+    base = qat.load_recipe("mxfp4_w4a4").to_dict()
+    model = _model({**base, "input": {**base["input"], "dynamic": False}})
+    qat.calibrate(model, [IDS])
     with caplog.at_level(logging.WARNING):
         export(model, tmp_path / "ct", "compressed_tensors")
     line, = [r.getMessage() for r in caplog.records if "written without an input scheme" in r.getMessage()]
-    assert f"14 layer(s) have {fmt} activations" in line and "model.layers.0.self_attn.q_proj" in line
-    assert (fmt == "NVFP4") == ("NVFP4" in line)
+    assert "14 layer(s) have MXFP4 activations" in line and "model.layers.0.self_attn.q_proj" in line
+    assert "NVFP4" not in line
+    nvfp4 = _model("nvfp4_w4a4")
+    qat.calibrate(nvfp4, [IDS])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        export(nvfp4, tmp_path / "nv", "compressed_tensors")
+    assert "without an input scheme" not in caplog.text
 
 
 @pytest.mark.parametrize("recipe, block_max, ours, theirs", [("mxfp4_w4a4", 7.5, 6.0, 8.0),

@@ -1,6 +1,8 @@
 """NVFP4 (E2M1, E4M3 scale per 16, fp32 global per tensor): the two-level scale grid against a brute-force E4M3
 search; converted, native and compressed-tensors exports compute exactly the fake-quant model (compressed-tensors'
-own NVFP4 decompressor decodes our tensors to exactly our weights); W4A4 fake quant runs and converts exactly."""
+own NVFP4 decompressor decodes our tensors to exactly our weights); W4A4 fake quant runs and converts exactly, its
+static global (compressed-tensors' input_global_scale) is written and reloaded exactly and compressed-tensors' own
+activation quantization under it equals ours."""
 from __future__ import annotations
 
 import json
@@ -14,11 +16,14 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 import qat
+from qat.errors import ConfigError
 from qat.export import export_compressed_tensors, export_gguf, load_compressed_tensors, load_gguf, save_native
+from qat.export.compressed_fp import NVFP4_INPUT
 from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
 from qat.formats.minifloat import e4m3_scale_grid
 from qat.formats.nvfp4 import nvfp4_spec, split_scales
+from qat.io import load_safetensors
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
 from qat.testing import tiny_llama
 
@@ -110,31 +115,148 @@ def test_converted_equals_fake_quant_and_native_round_trips(prepared, token_ids,
 
 def test_compressed_tensors_export_round_trips(prepared, token_ids, tmp_path, caplog):
     w4a4 = prepared.model.layers[0].self_attn.q_proj.input_quantizer is not None
-    ref = _logits(prepared, token_ids)
+    ref = _logits(prepared, token_ids)  # W4A4: the first batch calibrates the static activation globals
     with caplog.at_level(logging.WARNING):
         out = export_compressed_tensors(prepared, tmp_path / "ct")
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["format"] == "nvfp4-pack-quantized"
     group = next(iter(q["config_groups"].values()))
-    assert group["weights"]["strategy"] == "tensor_group" and group["input_activations"] is None
-    loaded = load_compressed_tensors(out)
-    if w4a4:  # the dynamic fp4 activations have no place there: said, naming the layers
-        assert "NVFP4 activations" in caplog.text and "without an input scheme" in caplog.text
-        assert "q_proj" in caplog.text
-        qat.convert(prepared)
-        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-            assert torch.equal(loaded.get_submodule(name).weight, prepared.get_submodule(name).weight)
-    else:
-        assert torch.equal(_logits(loaded, token_ids), ref)
+    assert group["weights"]["strategy"] == "tensor_group"
+    assert group["input_activations"] == (NVFP4_INPUT if w4a4 else None)  # W4A4: the preset's activations, written
+    assert "without an input scheme" not in caplog.text
+    stored = load_safetensors(out / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        g = stored.get(f"{name}.input_global_scale")
+        if w4a4:  # the held global itself: 448 * 6 / the calibrated amax (compressed-tensors' divisor)
+            held = prepared.get_submodule(name).input_quantizer
+            assert g.dtype == torch.float32 and g.shape == (1,) and float(g) == float(held.global_scale())
+            assert float(g) == float(2688.0 / torch.maximum(-held.observer.lo, held.observer.hi))
+        else:
+            assert g is None
+    assert torch.equal(_logits(load_compressed_tensors(out), token_ids), ref)  # atol=0, W4A4 too
 
 
 def test_w4a4_activations_are_fake_quantized_per_block():
     lin = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4")).model.layers[0].mlp.down_proj
     x = torch.randn(2, 5, lin.in_features)
-    y = lin.input_quantizer(x)
-    spec = nvfp4_spec(dynamic=True)
-    assert torch.equal(y, fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec), spec)[0])
+    y = lin.input_quantizer(x)  # the recipe's static global, calibrated on x (the first batch)
+    spec = nvfp4_spec(static_global=True)
+    g = 2688.0 / x.abs().max()  # as compressed-tensors' generate_gparam computes it: torch's 2688 * (1 / amax)
+    assert lin.input_quantizer.spec == spec and torch.equal(lin.input_quantizer.global_scale(), g)
+    assert torch.equal(y, fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec, global_scale=g),
+                                                spec)[0])
     assert len(torch.unique(y[0, 0, :16].abs())) <= 8  # E2M1 magnitudes under one block scale
+    # the global per tensor as it comes (input.dynamic=true): block scales and a power-of-two global from x itself
+    dynamic = qat.modules.quantizer.TensorQuantizer(nvfp4_spec(dynamic=True), "input", x[:1, :1])
+    spec = nvfp4_spec(dynamic=True)
+    assert torch.equal(dynamic(x), fake_quantize_forward(x, *choose_qparams(*compute_range(x, spec), spec), spec)[0])
+
+
+def test_static_global_activations_are_compressed_tensors_own():
+    """The held global is compressed-tensors' generate_gparam of the running range (calibrated over batches, held
+    once observing stops), and compressed-tensors' own activation quantization (compute_dynamic_scales_and_zp +
+    fake_quantize on the written input_activations, under the stored global) gives exactly our activations: an
+    all-zero block, a block whose E4M3 scale underflows, values past the calibrated amax (saturating), E2M1 ties."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp, generate_gparam
+
+    q = qat.modules.quantizer.TensorQuantizer(nvfp4_spec(static_global=True), "input", torch.zeros(1, 128))
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 3, 128, generator=gen) * s for s in (1.0, 3.0, 0.5)]
+    for x in batches:
+        q(x)
+    q.observing = False  # frozen: what the export writes
+    lo, hi = torch.aminmax(torch.stack(batches))
+    g = q.global_scale()
+    assert torch.equal(g.reshape(1), generate_gparam(lo, hi)) and float(g) == float(2688.0 / hi.abs().max(lo.abs()))
+    args = QuantizationArgs(**NVFP4_INPUT)
+    x = torch.randn(4, 8, 128, generator=gen) * torch.logspace(-3, 0.7, 8).reshape(1, 8, 1)  # up to 5x the amax
+    x[0, 0, :16], x[0, 1, :16] = 0.0, 1e-6
+    scale, _ = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=g.reshape(1))
+    step = (scale.float() / g).repeat_interleave(16, -1)  # each element's block scale S_b in compressed-tensors
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5])
+    x[1, :, 1::4] = ties[torch.randint(0, 8, x[1, :, 1::4].shape, generator=gen)] * step[1, :, 1::4]
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=g.reshape(1))
+    theirs = fake_quantize(x, scale, zero_point, args, global_scale=g.reshape(1))
+    ours = q(x)
+    assert torch.equal(ours, theirs) and torch.equal(q.global_scale(), g)  # atol=0; the global held
+    assert torch.equal(ours[0, :2, :16], torch.zeros(2, 16)) and float(ours.abs().max()) < float(x.abs().max())
+
+
+def test_static_global_export_refusals_name_the_module(token_ids, tmp_path):
+    """NVFP4 activations with a global per tensor have no compressed-tensors form: refused, naming the module and
+    the valid form (before anything is written; they were written weights-only with a warning); a static global
+    with no range yet is refused too."""
+    base = qat.load_recipe("nvfp4_w4a4").to_dict()
+    dynamic = {**base, "input": {**base["input"], "static_global": False, "dynamic": True}}
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.transform.as_recipe(dynamic))
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj has NVFP4 activations .*"
+                                              r"static_global: true, dynamic: false"):
+        export_compressed_tensors(model, tmp_path / "dyn")
+    with pytest.raises(ConfigError, match=r"q_proj has NVFP4 activations"):
+        qat.export.compressed.check_schemes(qat.TensorSchemes(input=qat.QuantSpec(**dynamic["input"])), "q_proj")
+    save_native(model, tmp_path / "native")  # the dynamic form's export
+    assert not (tmp_path / "dyn" / "config.json").exists()
+    fresh = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    with pytest.raises(ConfigError, match=r"q_proj has a static-global input scheme .* no range yet; calibrate"):
+        export_compressed_tensors(fresh, tmp_path / "fresh")
+    qat.calibrate(fresh, [token_ids])
+    assert torch.equal(_logits(load_compressed_tensors(export_compressed_tensors(fresh, tmp_path / "ct")), token_ids),
+                       _logits(fresh, token_ids))
+    with pytest.raises(ValueError, match="static_global=True holds a calibrated global: it needs dynamic=False"):
+        nvfp4_spec(static_global=True, dynamic=True)
+    with pytest.raises(ValueError, match=r"formats with one: \['nvfp4'\], not 'mxfp4'"):
+        qat.QuantSpec(bits=4, dtype="fp4_e2m1", granularity="per_group", group_size=32, grid="mx", static_global=True)
+    with pytest.raises(ConfigError, match="leave static_global false on weight schemes"):
+        qat.modules.quantizer.TensorQuantizer(nvfp4_spec(static_global=True), "weight", torch.zeros(4, 16))
+
+
+def test_w4a4_qat_calibrates_the_global_in_its_first_steps_then_holds_it(tmp_path):
+    """QAT on nvfp4_w4a4: while observing (the first steps) the global follows the running amax of the inputs (as
+    llm-compressor's static_minmax), the STE passes gradients through the activations; frozen, it holds while
+    training goes on, and the export after training reloads with the trained model's logits (atol=0)."""
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    q = model.model.layers[0].self_attn.q_proj.input_quantizer
+    seen = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(4)]
+    for i, ids in enumerate(batches):
+        if i == 2:
+            qat.set_quantizers(model, roles=["input"], observing=False)  # freeze_ranges_after=2
+            held = q.global_scale().clone()
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        if i == 1:
+            assert float(q.global_scale()) == float(2688.0 / torch.stack([x.abs().max() for x in seen]).max())
+    handle.remove()
+    assert torch.equal(q.global_scale(), held)  # held through the last two steps
+    ref = _logits(model, batches[0])
+    assert torch.equal(_logits(load_compressed_tensors(export_compressed_tensors(model, tmp_path / "ct")),
+                              batches[0]), ref)
+
+
+def test_transformers_loads_the_w4a4_export_with_our_global(token_ids, tmp_path):
+    """transformers + compressed-tensors (an independent reader, bf16 on CPU) load the W4A4 export: each linear gets
+    our input_global_scale, and compressed-tensors' forward_quantize on the loaded module quantizes fp32 inputs
+    exactly as our frozen quantizer does. (On bf16 inputs it divides amax_b by 6 in bf16 first: docs/export.md.)"""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from transformers import AutoModelForCausalLM
+
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    qat.calibrate(model, [token_ids])
+    hf = AutoModelForCausalLM.from_pretrained(export_compressed_tensors(model, tmp_path / "ct"), dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(5)) * 4
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        ours, theirs = model.get_submodule(name).input_quantizer, hf.get_submodule(name)
+        assert torch.equal(theirs.input_global_scale.reshape(()), ours.global_scale())
+        with torch.no_grad():
+            assert torch.equal(forward_quantize(theirs, x, "input", theirs.quantization_scheme.input_activations),
+                               ours(x))
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4_w4a8", "mxfp4_w4a4"])
