@@ -33,8 +33,8 @@ def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Seq
         overrides: the command line's arguments, to quote the user's own `group=option` back.
         groups: the config groups of the app's defaults list (offered for a misspelt top-level key with the keys).
     Example:
-        >>> hydra_message(OverrideParseException("a=b=c", "mismatched input '=' expecting <EOF>"))[:40]
-        "a=b=c: not a valid override (mismatched "
+        >>> hydra_message(OverrideParseException("a=b=c", "mismatched input '=' expecting <EOF>"))
+        "a=b=c: not a valid override (mismatched input '=' expecting <EOF>); write key=value and quote ..."
     """
     if isinstance(exc, OverrideParseException):
         return (f"{exc.override}: not a valid override ({one_line(exc.message)}); write key=value and quote a value "
@@ -53,22 +53,22 @@ def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Seq
 def omegaconf_message(exc: OmegaConfBaseException) -> str:
     """An OmegaConf error ("Interpolation key 'x' not found\\n    full_key: seed\\n    object_type=dict") as
     "seed: Interpolation key 'x' not found"."""
-    text = str(getattr(exc, "msg", None) or exc).split("\n    full_key:", 1)[0]
-    key = getattr(exc, "full_key", None)
-    text = one_line(text)
+    text, key = _omegaconf_text(exc), getattr(exc, "full_key", None)
     return f"{key}: {text}" if key and not text.startswith(f"{key}") else text
 
 
+def _omegaconf_text(exc: OmegaConfBaseException) -> str:
+    """The message of an OmegaConf error without its "full_key: ... object_type=..." lines."""
+    return one_line(str(getattr(exc, "msg", None) or exc).split("\n    full_key:", 1)[0])
+
+
 def one_line(text: str) -> str:
-    """Hydra's multi-line text in one line: its search path and HYDRA_FULL_ERROR advice dropped, an option list
-    ("Available options in 'g':" then one per line) comma-separated."""
+    """Hydra's multi-line text in one line, its lines joined by "; ", without its config search path and its
+    HYDRA_FULL_ERROR / documentation advice."""
     parts: list[str] = []
-    lines = iter(text.splitlines())
-    for line in lines:
+    for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith(_BOILERPLATE) or line.startswith("provider="):
-            continue
-        if line == "Config search path:":
+        if not line or line.startswith(_BOILERPLATE) or line.startswith("provider=") or line == "Config search path:":
             continue
         if parts and not parts[-1].endswith((".", ":", ";")):
             parts[-1] += ";"
@@ -131,7 +131,7 @@ def _composition(exc: HydraException, overrides: Sequence[str], groups: Sequence
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and head and head["key"]:
         return _unknown_key(head["key"], cause, overrides, groups)
     if isinstance(cause, OmegaConfBaseException) and head:
-        return f"{head['override'] or head['key']}: {omegaconf_message(cause).split(': ', 1)[-1]}"
+        return f"{head['override'] or head['key']}: {_omegaconf_text(cause)}"
     if isinstance(cause, OmegaConfBaseException):
         return f"{one_line(text)} {omegaconf_message(cause)}"
     added = re.search(r"An item is already at '(?P<key>[^']+)'.*remove \+ prefix: '(?P<plain>[^']+)'.*"

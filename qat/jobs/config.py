@@ -90,7 +90,8 @@ def target_schema(target: str) -> dict | None:
 
 
 def import_target(target: str) -> Any:
-    """The object a dotted `_target_` names (the longest importable module prefix, then attributes), as Hydra finds it.
+    """The object a dotted `_target_` names (the longest importable module prefix, then its attributes), as Hydra
+    finds it.
 
     Raises:
         ConfigError: it does not import: "cannot import _target_ 'x' (ModuleNotFoundError: ...)".
@@ -140,7 +141,10 @@ def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> lis
         >>> unknown_keys({"eval": {"splt": "test"}}, PTQ)
         ["eval: unknown key(s) ['splt']; valid keys are ['batch_size', 'max_blocks', 'split']"]
     """
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping):  # a node given a plain value (`tiny=5`) where its keys are expected
+        if cfg is not None and where and (isinstance(schema, Mapping) or schema == FROM_TARGET):
+            keys = sorted(k for k in schema if k != OPEN) if isinstance(schema, Mapping) else None
+            return [f"{where}={cfg!r}: must be a mapping" + (f" with the keys {keys}" if keys else "")]
         return []
     if schema == FROM_TARGET:
         try:

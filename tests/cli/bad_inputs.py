@@ -52,6 +52,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                                  ("quant.weight.bits", 17, "bits"), ("quant.weight.bits", "abc", "bits"),
                                  ("quant.weight.group_size", 100, "group_size"), ("quant.weight.group_size", -1, "group_size")]:
         add("demo", [f"{key}={value}"], expected)
+    # a node given a plain value: was a TypeError of run(**cfg.tiny)
+    add("demo", ["tiny=5"], "tiny=5: must be a mapping with the keys ['dtype', 'fork_rng', 'hidden_size'")
 
     # qat-train: values checked before any model loads
     for over, expected in [("trainer.max_steps=-5", "max_steps"), ("trainer.max_steps=abc", "max_steps"),

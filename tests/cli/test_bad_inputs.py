@@ -51,7 +51,8 @@ def test_bad_input_is_one_clear_message(app, argv, expected, files):
 @pytest.mark.parametrize("app,argv,expected", HYDRA_CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in HYDRA_CASES])
 def test_hydra_refusal_is_one_line_and_exit_2(app, argv, expected, files):
     """What Hydra refuses before the task runs (an unknown key / group option, bad override syntax, a bad flag) is
-    one "<app>: error:" line naming the override, exit 2: not Hydra's lines, option lists and HYDRA_FULL_ERROR advice."""
+    one "<app>: error:" line naming the override, exit 2: not Hydra's lines, option lists and HYDRA_FULL_ERROR
+    advice."""
     code, out = run_in_process(app, argv_for(argv, files, app))
     lines = out.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{APPS[app]}: error: "), out
@@ -233,3 +234,20 @@ def test_model_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_to
     text = "hello world, this is a tiny tokenizer"
     assert len(load_tokenizer(folder)) == len(bpe) > 256
     assert load_tokenizer(folder)(text)["input_ids"] == bpe(text)["input_ids"] != []
+
+
+def test_a_target_that_does_not_import_is_named_with_the_reason(tmp_path, monkeypatch):
+    """`_target_` is checked before any model loads (check_keys): a misspelt module or class, or a module whose own
+    import needs something missing (named, not taken for a misspelling)."""
+    from qat.jobs.config import import_target
+
+    assert import_target("torch.optim.AdamW").__name__ == "AdamW"
+    (tmp_path / "qat_needs_a_dep.py").write_text("import qat_no_such_dependency\nX = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, reason in [("nosuch.Trainer", "ModuleNotFoundError: No module named 'nosuch'"),
+                           ("torch.optim.Adamm", "AttributeError: module 'torch.optim' has no attribute 'Adamm'"),
+                           ("torch..optim", "ValueError"),
+                           ("qat_needs_a_dep.X", "No module named 'qat_no_such_dependency'")]:
+        with pytest.raises(ConfigError) as err:
+            import_target(target)
+        assert str(err.value).startswith(f"cannot import _target_ '{target}' (") and reason in str(err.value)
