@@ -1,13 +1,13 @@
 """Run every bad command line of tests/cli/bad_inputs.py (and a few more) through the real console scripts, one
 subprocess each, and print a table: app, input, exit code, traceback yes/no, the message's first line; then the
-counts (total, tracebacks, exit 0 on bad input, message not naming the problem).
+counts (total, tracebacks, exit 0 on bad input, message not naming the problem, Hydra's HYDRA_FULL_ERROR advice).
 
     python scripts/fuzz_cli.py                 # every case (a few seconds each: torch + transformers import)
     python scripts/fuzz_cli.py -j 2 --only demo export
     python scripts/fuzz_cli.py -j 2 --every 4       # a quarter of the cases
     python scripts/fuzz_cli.py --debug         # with QAT_DEBUG=1: every case must show a traceback instead
 
-Exit status 1 when a case printed a traceback, exited 0, or did not name its problem.
+Exit status 1 when a case printed a traceback or Hydra's advice, exited 0, or did not name its problem.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.cli.bad_inputs import APPS, CASES, EV, EXP, argv_for, make_files  # noqa: E402
+from tests.cli.bad_inputs import APPS, CASES, EV, EXP, HYDRA_CASES, argv_for, make_files  # noqa: E402
 
 # beyond the in-process list: inputs whose handling lives in the loaders (qat/export), multiruns, odd shapes
 EXTRA = [
@@ -55,6 +55,7 @@ def run_case(app: str, argv: list[str], expected: str, tmp: Path, env: dict) -> 
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("[")] or out.splitlines() or [""]
     first = next((ln for ln in lines if ln.startswith(f"{APPS[app]}: error")), lines[0])
     return {"app": APPS[app], "input": " ".join(argv), "exit": proc.returncode, "traceback": "Traceback" in out,
+            "boilerplate": "HYDRA_FULL_ERROR" in out,
             "named": expected.lower() in out.lower(), "message": first.strip()[:110],
             "seconds": time.perf_counter() - start}
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("QAT_DEBUG", None)
     if args.debug:
         env["QAT_DEBUG"] = "1"
-    cases = [c for c in CASES + EXTRA if not args.only or c[0] in args.only][::max(1, args.every)]
+    cases = [c for c in CASES + HYDRA_CASES + EXTRA if not args.only or c[0] in args.only][::max(1, args.every)]
     start = time.perf_counter()
     print(f"{'app':12s} {'exit':>4s} {'tb':3s} {'named':5s} {'input':60s} message", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     tracebacks = sum(r["traceback"] for r in rows)
     exit0 = sum(r["exit"] == 0 for r in rows)
     unnamed = sum(not r["named"] for r in rows)
+    boilerplate = sum(r["boilerplate"] for r in rows)
     print(f"\ntotal {len(rows)} | tracebacks {tracebacks} | exit 0 on bad input {exit0} | message not naming the "
-          f"problem {unnamed} | {time.perf_counter() - start:.0f} s")
+          f"problem {unnamed} | Hydra's HYDRA_FULL_ERROR advice {boilerplate} | {time.perf_counter() - start:.0f} s")
     if args.debug:
         return 0 if tracebacks == len(rows) - sum(r["app"] == "qat-assets" for r in rows) else 1
-    return 1 if tracebacks or exit0 or unnamed else 0
+    return 1 if tracebacks or exit0 or unnamed or boilerplate else 0
 
 
 if __name__ == "__main__":

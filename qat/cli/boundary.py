@@ -7,6 +7,11 @@ MisconfigurationException, or an error raised while Hydra instantiates a config 
 or a TypeError / ValueError of the constructor's arguments. Any other exception is our bug and keeps its
 traceback. `QAT_DEBUG=1` or `HYDRA_FULL_ERROR=1` shows the full traceback for everything.
 
+Hydra refuses a bad command line (an unknown key or group option, bad override syntax, a bad flag) before the task
+runs, and would print its own several lines (exit 1). `run_hydra` composes with HYDRA_FULL_ERROR=1 so that Hydra
+raises instead, and prints those errors here in one line (`qat.cli.hydra_errors`); the user's own HYDRA_FULL_ERROR
+is back in place while the task runs (`guard`), for its code and any process it starts.
+
     @hydra.main(...)
     @guard("qat-export")
     def _main(cfg): ...
@@ -16,11 +21,13 @@ traceback. `QAT_DEBUG=1` or `HYDRA_FULL_ERROR=1` shows the full traceback for ev
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from hydra._internal.utils import get_args_parser  # the parser of hydra.main's flags, to check them first
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import CompactHydraException, InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -28,15 +35,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 import yaml
 
+from qat.cli.hydra_errors import hydra_message, omegaconf_message
 from qat.cli.recipe_path import recipe_paths
 from qat.errors import ConfigError, UserError
+from qat.jobs.config import instantiation_error
 from qat.observers import reset_warnings
 from qat.recipes import CONFIG_DIR
 
 USER_EXIT = 2  # argparse's code for a usage error
 DEBUG_VARS = ("QAT_DEBUG", "HYDRA_FULL_ERROR")
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-_started: list[bool] = [False]  # set when a task function starts: Hydra's exit 1 before that is a config error
+_UNSET = object()
+# while run_hydra runs: the HYDRA_FULL_ERROR the user had (restored for the task), and the bugs the task raised
+_user_env: list[object] = [_UNSET]
+_task_bugs: list[BaseException] = []
 
 
 def debug() -> bool:
@@ -55,10 +67,12 @@ def user_message(exc: BaseException) -> str | None:
     """
     if isinstance(exc, InstantiationException):
         return _instantiation_message(exc)
-    if isinstance(exc, (UserError, CompactHydraException, MisconfigurationException)):
+    if isinstance(exc, CompactHydraException):
+        return hydra_message(exc)
+    if isinstance(exc, (UserError, MisconfigurationException)):
         return str(exc)
     if isinstance(exc, OmegaConfBaseException):
-        return str(exc).strip()
+        return omegaconf_message(exc)
     if isinstance(exc, PATH_ERRORS):
         if exc.filename is not None and exc.strerror:  # an OSError from open(): "[Errno 2] ..." names the path
             return f"{exc.filename}: {exc.strerror}"
@@ -73,6 +87,11 @@ def _instantiation_message(exc: InstantiationException) -> str | None:
     key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")), "")
     if cause is None:
         return str(exc)
+    if head.startswith("Error locating target"):  # a `_target_` that does not import; not its import's own bug
+        root = cause.__cause__ or cause
+        if not isinstance(root, (ImportError, AttributeError, ValueError)):
+            return None
+        return f"{key + ': ' if key else ''}{instantiation_error(exc)}"
     inner = user_message(cause)
     if inner is None and isinstance(cause, (TypeError, ValueError)):  # the node's arguments: a bad key or value
         inner = f"{type(cause).__name__}: {cause}"
@@ -97,49 +116,97 @@ def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(task: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(task)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            _started[0] = True
             reset_warnings()  # once-only warnings are once per job: each job of a multirun logs its own
-            try:
-                return task(*args, **kwargs)
-            except Exception as exc:
-                code = None if debug() else report(app, exc)
-                if code is None:
-                    raise
-                raise SystemExit(code) from None
+            with _user_environment():
+                try:
+                    return task(*args, **kwargs)
+                except Exception as exc:
+                    code = None if debug() else report(app, exc)
+                    if code is None:
+                        _task_bugs.append(exc)  # run_hydra lets it through as it is
+                        raise
+                    raise SystemExit(code) from None
         return guarded
     return wrap
+
+
+@contextlib.contextmanager
+def _user_environment() -> Iterator[None]:
+    """The user's own HYDRA_FULL_ERROR while a task runs under `run_hydra` (which sets it for Hydra's sake)."""
+    user = _user_env[0]
+    if user is _UNSET:
+        yield
+        return
+    _set_env("HYDRA_FULL_ERROR", user)
+    try:
+        yield
+    finally:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+
+def _set_env(name: str, value: object) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(value)
 
 
 def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = None) -> None:
     """Run a `@hydra.main` function with `argv` (default: sys.argv[1:]) as its command line.
 
-    Hydra reports its own composition errors (an unknown key, bad override syntax) as one message; their exit
-    status becomes `USER_EXIT` too. Under `debug()`, HYDRA_FULL_ERROR is set so Hydra shows whole tracebacks.
-    `quant=<path to a recipe YAML>` is made a `quant` group option first (`qat.cli.recipe_path`).
+    Hydra's refusals of the command line (an unknown key or group option, bad override syntax, a bad flag) print
+    as one "<app>: error: ..." line and exit `USER_EXIT`, as the task's own user errors do; under `debug()` they
+    keep their traceback. `quant=<path to a recipe YAML>` is made a `quant` group option first
+    (`qat.cli.recipe_path`), and `<group>=null` a delete where the job runs without the group (`null_groups`).
     """
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    if debug():
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-    saved = sys.argv
-    _started[0] = False
+    saved_argv, user_env, debugging = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), debug()
+    args = list(sys.argv[1:] if argv is None else argv)
+    _task_bugs.clear()
     try:
-        argv = null_groups(app, list(sys.argv[1:] if argv is None else argv))
-        with recipe_paths(argv) as args:
+        check_flags(app, args)
+        args = null_groups(app, args)
+        with recipe_paths(args) as args:
             sys.argv = [app, *args]
+            _user_env[0] = user_env
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it would print: formatted here, once
             hydra_main()
-    except UserError as exc:  # a bad quant=<path>, refused before Hydra starts
-        if debug():
+    except Exception as exc:
+        message = None if debugging or any(exc is bug for bug in _task_bugs) else _refusal(app, exc, args)
+        if message is None:
             raise
-        raise SystemExit(report(app, exc)) from None
-    except SystemExit as exit_:
-        if exit_.code == 1 and not _started[0]:  # Hydra printed a config error before the job ran
-            raise SystemExit(USER_EXIT) from None
-        raise
+        print(f"{app}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_EXIT) from None
     finally:
-        sys.argv = saved
-        if full_error is None:  # an in-process caller (a test) gets its environment back
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+        sys.argv, _user_env[0] = saved_argv, _UNSET
+        _task_bugs.clear()
+        _set_env("HYDRA_FULL_ERROR", user_env)  # an in-process caller (a test) gets its environment back
         GlobalHydra.instance().clear()  # the next in-process run composes afresh
+
+
+def _refusal(app: str, exc: Exception, args: list[str]) -> str | None:
+    """The message for an error raised before or around the task (ours or Hydra's); None for a bug."""
+    if isinstance(exc, UserError):  # a bad quant=<path>, `group=null`, a bad flag: refused before Hydra starts
+        return str(exc)
+    return hydra_message(exc, args, sorted(default_groups(app)))
+
+
+def check_flags(app: str, argv: list[str]) -> None:
+    """Refuse an unknown or malformed flag (`--bogus`, `--info quant=x`) with argparse's one-line reason, before
+    Hydra's parser would print its usage text too.
+
+    Raises:
+        ConfigError: naming the flag and what is valid.
+    """
+    if any(a in ("--version", "--experimental-rerun") or a.startswith("--experimental-rerun=") for a in argv):
+        return  # Hydra's own actions: it prints and exits, or reruns a pickle
+    parser = get_args_parser()
+    parser.prog = app
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"{message} (see {app} --help and {app} --hydra-help)")
+
+    parser.error = refuse  # type: ignore[method-assign]  # instead of printing usage and exiting
+    parser.parse_args(argv)
 
 
 def null_groups(app: str, argv: list[str]) -> list[str]:
@@ -150,11 +217,7 @@ def null_groups(app: str, argv: list[str]) -> list[str]:
     Raises:
         ConfigError: `<group>=null` for a group whose default is an option (the job needs one), naming the options.
     """
-    config = CONFIG_DIR / f"{app.removeprefix('qat-')}.yaml"
-    if not config.is_file():
-        return argv
-    entries = (yaml.safe_load(config.read_text()) or {}).get("defaults") or []
-    defaults = {k: v for e in entries if isinstance(e, dict) for k, v in e.items() if (CONFIG_DIR / k).is_dir()}
+    defaults = default_groups(app)
     out = []
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -170,6 +233,15 @@ def null_groups(app: str, argv: list[str]) -> list[str]:
                               f"{', '.join(options)}{path}, or ~{group} to leave it out where {app} runs without "
                               "one")
     return out
+
+
+def default_groups(app: str) -> dict[str, str | None]:
+    """{group: default option or None} of the config groups in the defaults list of `app`'s config."""
+    config = CONFIG_DIR / f"{app.removeprefix('qat-')}.yaml"
+    if not config.is_file():
+        return {}
+    entries = (yaml.safe_load(config.read_text()) or {}).get("defaults") or []
+    return {k: v for e in entries if isinstance(e, dict) for k, v in e.items() if (CONFIG_DIR / k).is_dir()}
 
 
 def run_plain(app: str, main: Callable[[], int | None]) -> int:

@@ -13,11 +13,12 @@ ones, in one error:
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 from dataclasses import fields
 from typing import Any, Mapping
 
-from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from qat.data import LOADER_KEYS, CorpusConfig
@@ -73,14 +74,63 @@ SCHEMAS = {"train": TRAIN, "ptq": PTQ, "compare": COMPARE, "export": EXPORT, "ev
 
 def target_schema(target: str) -> dict | None:
     """The keys a Hydra node instantiating `target` may hold: its constructor's arguments and Hydra's own keys;
-    None (anything goes) when the class cannot be inspected or takes **kwargs."""
+    None (anything goes) when the class cannot be inspected or takes **kwargs.
+
+    Raises:
+        ConfigError: `target` does not import (a misspelt module or class), naming it and why.
+    """
+    obj = import_target(target)
     try:
-        params = inspect.signature(get_class(target).__init__).parameters
+        params = inspect.signature(obj.__init__).parameters
     except Exception:  # noqa: BLE001 - not a class we can inspect: leave the check to instantiate
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if not isinstance(obj, type) or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
     return dict.fromkeys((n for n in params if n != "self"), ANY) | dict.fromkeys(HYDRA_KEYS, ANY)
+
+
+def import_target(target: str) -> Any:
+    """The object a dotted `_target_` names (the longest importable module prefix, then its attributes), as Hydra
+    finds it.
+
+    Raises:
+        ConfigError: it does not import: "cannot import _target_ 'x' (ModuleNotFoundError: ...)".
+    """
+    parts = target.split(".")
+    error: Exception = ValueError("an empty or relative name")
+    for cut in range(len(parts), 0, -1) if all(parts) else ():
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as err:
+            error = err
+            if err.name and not f"{'.'.join(parts[:cut])}.".startswith(f"{err.name}."):
+                break  # the module exists; something it imports does not
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except AttributeError as err:
+            error = err
+            break
+        return obj
+    raise ConfigError(f"cannot import _target_ {target!r} ({type(error).__name__}: {error})")
+
+
+def instantiation_error(err: BaseException) -> str:
+    """Hydra's instantiate error as text without its "set env var HYDRA_FULL_ERROR=1" advice: a `_target_` that
+    cannot be imported is named with the reason; any other error keeps Hydra's words ("Error in call to target").
+
+    Example:
+        >>> instantiation_error(err)  # instantiate({"_target_": "torch.optim.Adamm"})
+        "cannot import _target_ 'torch.optim.Adamm' (AttributeError: module 'torch.optim' has no attribute 'Adamm')"
+    """
+    located = re.match(r"Error locating target '([^']*)'", str(err))
+    if located is None:
+        return str(err)
+    cause = err.__cause__
+    root = cause.__cause__ if cause is not None and cause.__cause__ is not None else cause
+    reason = f" ({type(root).__name__}: {' '.join(str(root).split())})" if root is not None else ""
+    return f"cannot import _target_ '{located.group(1)}'{reason}"
 
 
 def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> list[str]:
@@ -91,10 +141,16 @@ def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> lis
         >>> unknown_keys({"eval": {"splt": "test"}}, PTQ)
         ["eval: unknown key(s) ['splt']; valid keys are ['batch_size', 'max_blocks', 'split']"]
     """
-    if not isinstance(cfg, Mapping):
+    if not isinstance(cfg, Mapping):  # a node given a plain value (`tiny=5`) where its keys are expected
+        if cfg is not None and where and (isinstance(schema, Mapping) or schema == FROM_TARGET):
+            keys = sorted(k for k in schema if k != OPEN) if isinstance(schema, Mapping) else None
+            return [f"{where}={cfg!r}: must be a mapping" + (f" with the keys {keys}" if keys else "")]
         return []
     if schema == FROM_TARGET:
-        schema = target_schema(str(cfg["_target_"])) if "_target_" in cfg else None
+        try:
+            schema = target_schema(str(cfg["_target_"])) if "_target_" in cfg else None
+        except ConfigError as err:
+            return [f"{where or 'config'}: {err}"]
     if not isinstance(schema, Mapping):
         return []
     allowed = sorted(k for k in schema if k != OPEN)

@@ -20,7 +20,7 @@ from qat.assets import require
 from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import atomic_write_bytes, is_distributed_checkpoint, probe_folder, torch_load
-from qat.jobs.config import TRAIN, as_bool, as_count, register_resolvers, unknown_keys
+from qat.jobs.config import TRAIN, as_bool, as_count, instantiation_error, register_resolvers, unknown_keys
 from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, require_lm_eval
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
@@ -151,12 +151,14 @@ def _check_optim(module_cfg: DictConfig) -> list[str]:
     try:
         optimizer = instantiate(module_cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     except Exception as err:  # noqa: BLE001 - reported with the node it came from
-        return [f"optim.optimizer: {type(err).__name__}: {err}; values {_args(module_cfg.optimizer)}"]
+        return [f"optim.optimizer: {type(err).__name__}: {instantiation_error(err)}; values "
+                f"{_args(module_cfg.optimizer)}"]
     if module_cfg.get("scheduler"):
         try:
             instantiate(module_cfg.scheduler)(optimizer)
         except Exception as err:  # noqa: BLE001
-            return [f"optim.scheduler: {type(err).__name__}: {err}; values {_args(module_cfg.scheduler)}"]
+            return [f"optim.scheduler: {type(err).__name__}: {instantiation_error(err)}; values "
+                    f"{_args(module_cfg.scheduler)}"]
     return []
 
 

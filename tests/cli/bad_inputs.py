@@ -2,6 +2,7 @@
 
 Shared by tests/cli/test_bad_inputs.py (in-process, fast) and scripts/fuzz_cli.py (real subprocesses).
 Each case is (app, argv, expected): `expected` is a substring of the message (a key, a file name, a valid value).
+CASES: any bad input; HYDRA_CASES: command lines Hydra itself refuses, each held to exactly one line.
 "{tmp}" in argv stands for a scratch folder prepared by `make_files`.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                                  ("quant.weight.bits", 17, "bits"), ("quant.weight.bits", "abc", "bits"),
                                  ("quant.weight.group_size", 100, "group_size"), ("quant.weight.group_size", -1, "group_size")]:
         add("demo", [f"{key}={value}"], expected)
+    # a node given a plain value: was a TypeError of run(**cfg.tiny)
+    add("demo", ["tiny=5"], "tiny=5: must be a mapping with the keys ['dtype', 'fork_rng', 'hidden_size'")
 
     # qat-train: values checked before any model loads
     for over, expected in [("trainer.max_steps=-5", "max_steps"), ("trainer.max_steps=abc", "max_steps"),
@@ -72,7 +75,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed"),
                            ("module.learned_rotations=1.5", "module.learned_rotations=1.5; give null or a mapping"),
                            ("module.learned_rotations={lrr:1.5}", "learned_rotations"),
-                           ("module.lean_ste=maybe", "lean_ste")]:
+                           ("module.lean_ste=maybe", "lean_ste"),
+                           ("trainer._target_=nosuch.Trainer", "trainer: cannot import _target_ 'nosuch.Trainer'"),
+                           ("optim.optimizer._target_=torch.optim.Adamm", "cannot import _target_ 'torch.optim.Adamm'")]:
         add("train", TR + [over], expected)
     add("train", TR + ["init=gptq", "~quant"], "quant")
     add("train", TR + ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")
@@ -167,6 +172,61 @@ def _cases() -> list[tuple[str, list[str], str]]:
 
 
 CASES = _cases()
+
+HYDRA_APPS = {"demo": [], "train": TR, "ptq": [], "compare": CMP, "eval": EV, "export": EXP, "sensitivity": []}
+# the sweep of a multirun: qat-compare's -m runs one job per method x quant (its methods / quants lists are for a
+# plain run); the others sweep quant itself
+SWEEP = {"compare": ["method=rtn"]}
+
+
+def _hydra_cases() -> list[tuple[str, list[str], str]]:
+    """Command lines Hydra refuses before any task runs: each must be one "<app>: error: ..." line naming the
+    override (and the valid options of a group), exit 2, and show no traceback nor Hydra's HYDRA_FULL_ERROR advice.
+    Every Hydra app gets the common ones; qat-ptq (and a few on qat-train) every kind."""
+    c: list[tuple[str, list[str], str]] = []
+    for app, base in HYDRA_APPS.items():
+        c += [(app, base + ["quant=nosuch"], "quant=nosuch: no such recipe; choose one of ct_w4a16, "),
+              (app, base + ["qunt=w4a16_g128"], "qunt=w4a16_g128: no such key 'qunt' (did you mean quant"),
+              (app, base + ["a=b=c"], "a=b=c: not a valid override (mismatched input '='"),
+              (app, ["-m", *base, *SWEEP.get(app, []), "quant=w4a16_g128,nosuch"], "quant=nosuch: no such recipe"),
+              (app, base + ["hydra/launcher=nosuch"], "hydra/launcher=nosuch: no such hydra/launcher option; "
+                                                      "choose one of basic")]
+    for argv, expected in [
+            (["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean model?); the keys here: calibration, "),
+            (["quant="], "quant=: no recipe given; choose one of"),
+            (["model="], "model=: no model option given; choose one of smollm2_135m, tiny"),
+            (["data=nosuch"], "data=nosuch: no such data option; choose one of fixture, shakespeare, wiki"),
+            (["quant=[w4a16_g128"], "quant=[w4a16_g128: not a valid override"),
+            (["hydra.run.dir={tmp}/run]"], "not a valid override"),
+            (["seed={"], "seed={: not a valid override"),
+            (["quant=w4a16_g128,w8a8"], "add -m (--multirun)"),
+            (["+seed=1"], "+seed=1: seed is already in the config; set it with seed=1"),
+            (["+quant=w8a8"], "+quant=w8a8: quant is in the defaults list already; choose its option with quant=w8a8"),
+            (["~missing"], "~missing: there is no missing in the config to delete"),
+            (["~model.tiny.nosuch"], "~model.tiny.nosuch"),
+            (["model.tiny.layerz=4"], "model.tiny.layerz=4: no such key 'model.tiny.layerz' (did you mean "
+                                      "model.tiny.num_layers?); the keys of model.tiny: hidden_size"),
+            (["hydra.nosuch=1"], "hydra.nosuch=1: no such key 'hydra.nosuch'; the keys of hydra: callbacks"),
+            (["hydra.job.chdir=maybe"], "hydra.job.chdir=maybe: Value 'maybe' is not a valid bool"),
+            (["hydra.output_subdir=${oc.env:QAT_NO_SUCH_VARIABLE_X}"], "hydra.output_subdir: KeyError raised while "
+                                                                      "resolving interpolation: \"Environment variable "
+                                                                      "'QAT_NO_SUCH_VARIABLE_X' not found\""),
+            (["hydra.job.env_set.X=1"], "no such key 'hydra.job.env_set.X'; hydra.job.env_set has no keys: add one "
+                                        "with +hydra.job.env_set.X=1"),
+            (["--config-name", "nosuch"], "--config-name=nosuch: no such config"),
+            (["--bogus"], "unrecognized arguments: --bogus"),
+            (["--info", "quant=nosuch"], "argument --info/-i: invalid choice: 'quant=nosuch'"),
+            (["-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
+            (["--help", "quant=nosuch"], "quant=nosuch: no such recipe"),
+            (["--cfg", "job", "quant=nosuch"], "quant=nosuch: no such recipe")]:
+        c.append(("ptq", argv, expected))
+    c += [("train", TR + ["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean module or model?)"),
+          ("train", TR + ["+trainer.max_steps=2"], "+trainer.max_steps=2: trainer.max_steps is already in the"),
+          ("eval", EV + ["qunt=fp8_dynamic"], "(did you mean quant?)")]  # a group whose default is null
+    return c
+
+
+HYDRA_CASES = _hydra_cases()
 
 
 def make_files(tmp: str | os.PathLike) -> Path:

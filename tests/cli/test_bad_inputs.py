@@ -16,7 +16,7 @@ import pytest
 
 from qat.errors import ConfigError
 from qat.jobs.config import as_bool
-from tests.cli.bad_inputs import APPS, CASES, argv_for, make_files, run_in_process
+from tests.cli.bad_inputs import APPS, CASES, HYDRA_APPS, HYDRA_CASES, argv_for, make_files, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,36 @@ def test_bad_input_is_one_clear_message(app, argv, expected, files):
     assert "Traceback" not in out and "Error executing job" not in out, out
     assert expected.lower() in out.lower(), out
     assert "\\n" not in out, out  # multi-line messages have real newlines, not repr'd ones
+    assert "HYDRA_FULL_ERROR" not in out, out  # Hydra's advice (also inside its instantiate errors) is not ours
+
+
+@pytest.mark.parametrize("app,argv,expected", HYDRA_CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in HYDRA_CASES])
+def test_hydra_refusal_is_one_line_and_exit_2(app, argv, expected, files):
+    """What Hydra refuses before the task runs (an unknown key / group option, bad override syntax, a bad flag) is
+    one "<app>: error:" line naming the override, exit 2: not Hydra's lines, option lists and HYDRA_FULL_ERROR
+    advice."""
+    code, out = run_in_process(app, argv_for(argv, files, app))
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{APPS[app]}: error: "), out
+    assert expected in lines[0], out
+    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out and "\t" not in out, out
+
+
+def test_every_hydra_app_has_the_hydra_cases():
+    assert {app for app, _, _ in HYDRA_CASES} == set(HYDRA_APPS) == set(APPS) - {"assets"}
+    assert len(HYDRA_CASES) >= 5 * len(HYDRA_APPS) + 20
+
+
+@pytest.mark.parametrize("app", sorted(HYDRA_APPS))
+def test_cfg_help_and_info_still_work(app, files):
+    """Hydra's own commands are not errors: `--cfg job` prints the composed job config, exit 0."""
+    code, out = run_in_process(app, argv_for(["--cfg", "job", "quant=w8a8"], files, app))
+    assert code == 0 and "name: w8a8" in out and f"{APPS[app]}: error" not in out, out
+    if app == "ptq":
+        for argv, shown in [(["--help"], "== Configuration groups =="), (["--info", "defaults"], "Defaults List"),
+                            (["--hydra-help"], "Hydra (1."), (["--cfg", "hydra", "--package", "hydra.job"], "chdir:")]:
+            code, out = run_in_process(app, argv)
+            assert code == 0 and shown in out and "qat-ptq: error" not in out, (argv, out)
 
 
 def test_overwrite_no_keeps_the_existing_export(files):
@@ -87,6 +117,9 @@ def test_an_internal_bug_keeps_its_traceback(files, monkeypatch):
     monkeypatch.setattr(qat.cli.demo, "run", broken)
     code, out = run_in_process("demo", argv_for([], files, "demo"))
     assert code != 0 and "Traceback" in out and "ZeroDivisionError" in out
+    assert "qat-demo: error" not in out
+    code, out = run_in_process("demo", argv_for(["-m", "tokens=4,5"], files, "demo"))  # a job of a multirun too
+    assert code != 0 and "Traceback" in out and "ZeroDivisionError" in out and "qat-demo: error" not in out
 
 
 @pytest.mark.parametrize("var", ["QAT_DEBUG", "HYDRA_FULL_ERROR"])
@@ -94,6 +127,22 @@ def test_debug_variables_show_the_traceback_of_a_user_error(var, files, monkeypa
     monkeypatch.setenv(var, "1")
     code, out = run_in_process("demo", argv_for(["tiny.num_heads=0"], files, "demo"))
     assert code != 0 and "Traceback" in out and "ConfigError" in out and "tiny.num_heads" in out
+    code, out = run_in_process("demo", argv_for(["qunt=w4a16_g128"], files, "demo"))  # Hydra's own refusal too
+    assert code != 0 and "Traceback" in out and "ConfigCompositionException" in out and "qunt" in out
+
+
+def test_the_task_sees_the_users_hydra_full_error(files, monkeypatch):
+    """run_hydra sets HYDRA_FULL_ERROR=1 for Hydra while it composes; the task (and anything it starts) sees the
+    user's environment, and so does the caller afterwards."""
+    import qat.cli.demo
+
+    seen = []
+    monkeypatch.setattr(qat.cli.demo, "run", lambda *a, **k: seen.append(os.environ.get("HYDRA_FULL_ERROR")) or "ok")
+    code, out = run_in_process("demo", argv_for([], files, "demo"))
+    assert code == 0 and seen == [None] and "HYDRA_FULL_ERROR" not in os.environ, out
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    code, out = run_in_process("demo", argv_for(["-m", "tokens=4,5"], files, "demo"))
+    assert code == 0 and seen == [None, "0", "0"] and os.environ["HYDRA_FULL_ERROR"] == "0", out
 
 
 def test_instantiation_errors_print_their_cause_as_text(files):
@@ -120,6 +169,11 @@ def test_the_console_scripts_behave_the_same(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and out.strip().startswith("qat-demo: error:"), out
     assert "tiny.hidden_size=100" in out and "Traceback" not in out
+    proc = subprocess.run([_script("qat-ptq"), "quant=nosuch", f"hydra.run.dir={tmp_path}"],  # Hydra's refusal
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("qat-ptq: error: quant=nosuch: no such recipe; choose one of ") \
+        and proc.stderr.count("\n") == 1 and "w4a16_g128, " in proc.stderr, proc.stderr
     proc = subprocess.run([_script("qat-assets"), "--verify", "--cache", str(tmp_path / "nonexistent")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
@@ -180,3 +234,20 @@ def test_model_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_to
     text = "hello world, this is a tiny tokenizer"
     assert len(load_tokenizer(folder)) == len(bpe) > 256
     assert load_tokenizer(folder)(text)["input_ids"] == bpe(text)["input_ids"] != []
+
+
+def test_a_target_that_does_not_import_is_named_with_the_reason(tmp_path, monkeypatch):
+    """`_target_` is checked before any model loads (check_keys): a misspelt module or class, or a module whose own
+    import needs something missing (named, not taken for a misspelling)."""
+    from qat.jobs.config import import_target
+
+    assert import_target("torch.optim.AdamW").__name__ == "AdamW"
+    (tmp_path / "qat_needs_a_dep.py").write_text("import qat_no_such_dependency\nX = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, reason in [("nosuch.Trainer", "ModuleNotFoundError: No module named 'nosuch'"),
+                           ("torch.optim.Adamm", "AttributeError: module 'torch.optim' has no attribute 'Adamm'"),
+                           ("torch..optim", "ValueError"),
+                           ("qat_needs_a_dep.X", "No module named 'qat_no_such_dependency'")]:
+        with pytest.raises(ConfigError) as err:
+            import_target(target)
+        assert str(err.value).startswith(f"cannot import _target_ '{target}' (") and reason in str(err.value)
