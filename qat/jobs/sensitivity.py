@@ -84,6 +84,8 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
     for key in ("plot",):
         as_bool(cfg.get(key, True), key)
     as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
+    if cfg["mode"] == "solve" and exporting:  # the base the scores were measured with, before anything is written
+        check_gguf_base(ScoreTable.load(cfg["scores"]).base, solving=True)
     if cfg["mode"] == "analyze":
         menu = build_menu(cfg.get("menu") or {}, cfg.get("float_bits", 16))
         unknown = sorted(set(cfg.get("candidates") or []) - set(menu))
@@ -108,7 +110,7 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
         check_tokenizer_source(tokenizer_location(cfg.get("data"), (cfg.get("model") or {}).get("path", "tiny")))
 
 
-def check_gguf_base(base: Any) -> None:
+def check_gguf_base(base: Any, solving: bool = False) -> None:
     """gguf.export=true writes only weights: refuse a base recipe that quantizes activations (its `input` scheme,
     or an override's), whose scores and layout assumed quantized inputs that a GGUF file cannot hold (llama.cpp
     quantizes activations its own way). KV-cache schemes pass: llama.cpp's --cache-type-k/-v set them at run time.
@@ -125,7 +127,8 @@ def check_gguf_base(base: Any) -> None:
     if schemes:
         raise ConfigError(f"gguf.export=true: base recipe quant={recipe.name!r} quantizes activations ({', '.join(schemes)}), "
                           "which a GGUF file cannot hold (llama.cpp quantizes them its own way), so the file would "
-                          "not compute what was scored; use a weight-only base recipe (or a KV-cache one), or drop "
+                          "not compute what was scored; " + ("its scores.json was measured with it: re-analyze with "
+                          if solving else "use ") + "a weight-only base recipe (or a KV-cache one), or drop "
                           "gguf.export and export the recipe in a format that stores activation schemes "
                           "(qat-export format=compressed_tensors or native)")
 
@@ -223,7 +226,6 @@ def gguf_outputs(cfg: dict, sol, table: ScoreTable, out: Path, recipe: Path) -> 
     res = {"gguf_types": str(out / "gguf_types.json"), "llama_quantize": "llama-quantize --tensor-type-file "
            f"{out / 'tensor_types.txt'} <model-f16.gguf> <out.gguf> {gguf_cfg.get('rest', 'Q8_0')}"}
     if as_bool(gguf_cfg.get("export", False), "gguf.export"):
-        check_gguf_base(table.base)  # mode=solve: the base recorded in scores.json
         model = cfg["model"]
         scored = table.meta.get("model")
         if scored is not None and str(model["path"]) != str(scored):  # mode=solve: the model is not in scores.json

@@ -298,6 +298,15 @@ def test_gguf_export_refuses_a_base_that_quantizes_activations(tmp_path, monkeyp
     assert "base recipe quant='nvfp4_w4a8' quantizes activations (fp8" in errors[0], out
     code, out = _run(tmp_path, "run2", *argv, "quant=nvfp4_w4a16")
     assert "model loaded: the check passed" in out, out
+    # mode=solve: the base recorded in scores.json, refused before the layout or any file is written
+    monkeypatch.undo()
+    code, out = _run(tmp_path, "scored", "menu=fp4", "candidates=[MXFP4,NVFP4]", "quant=nvfp4_w4a8")
+    assert code == 0, out
+    code, out = run_in_process("sensitivity", ["mode=solve", f"scores={tmp_path / 'scored' / 'scores.json'}",
+                                               "gguf.export=true", f"hydra.run.dir={tmp_path}/solved"])
+    assert code == 2 and "re-analyze with a weight-only base recipe" in out, out
+    written = [f.name for f in (tmp_path / "solved").glob("*") if f.name not in (".hydra", "sensitivity.log")]
+    assert not written, written
     job.check_gguf_base(qat.load_recipe("gguf_q4_0_kv_q8_0").to_dict())
     job.check_gguf_base(None)
     with_override = {"name": "late_a8", "weight": {"bits": 4},
