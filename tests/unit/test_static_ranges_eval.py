@@ -65,3 +65,41 @@ def test_native_export_of_an_uncalibrated_model_is_refused(recipe, tmp_path):
     reloaded = load_native(save_native(model, tmp_path / "cal"))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_static_global_stays_float32_through_a_dtype_cast():
+    """model.to(bfloat16) after calibration: the calibrated global is one fp32 number; its range rounded to bf16
+    would move it."""
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    qat.calibrate(model, [ids])
+    q = model.model.layers[0].self_attn.q_proj.input_quantizer
+    held = {n: q.global_scale().clone() for n, q in qat.quantizers(model, ["input"])}
+    model.to(torch.bfloat16)
+    assert q.observer.hi.dtype == torch.float32 and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert all(torch.equal(q.global_scale(), held[n]) for n, q in qat.quantizers(model, ["input"]))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_static_global_recipe_refusals_and_hints(caplog):
+    base = qat.load_recipe("nvfp4_w4a4").to_dict()
+    with pytest.raises(ConfigError, match=r"quant\.weight\.static_global=true: .*leave static_global false"):
+        qat.QuantRecipe.from_dict({**base, "weight": {**base["weight"], "static_global": True}})  # before any model
+    with pytest.raises(ConfigError, match=r"quant\.overrides\[0\]\.weight\.static_global=true"):
+        qat.QuantRecipe.from_dict({**base, "overrides": [{"targets": ["q_proj"], "weight": {"static_global": True}}]})
+    # a checkpoint of the earlier dynamic nvfp4_w4a4: the refusal names the override that prepares that form
+    dynamic = {**base, "input": {**base["input"], "static_global": False, "dynamic": True}}
+    old = qat.prepare(tiny_llama(vocab_size=256), qat.transform.as_recipe(dynamic))
+    new = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a4"))
+    with pytest.raises(ConfigError, match=r"checkpoint's recipe \(nvfp4_w4a4's earlier dynamic form.*"
+                                          r"quant\.input\.static_global=false quant\.input\.dynamic=true\)"):
+        new.load_state_dict(old.state_dict())
+    # a percentile observer's warning names the user's scheme, not the per-tensor range it observes with
+    spec = qat.QuantSpec.from_dict({**base["input"], "observer": "percentile", "observer_args": {"percentile": 99.9}})
+    q = qat.modules.quantizer.TensorQuantizer(spec, "input", torch.zeros(1, 64))
+    qat.observers.reset_warnings()
+    with caplog.at_level("WARNING"):
+        q(torch.randn(2, 64))
+    assert "fp4_e2m1 sym g16 nvfp4 static-global (its global's range per tensor)" in caplog.text
+    assert "int8" not in caplog.text
