@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from qat.errors import ConfigError
 from qat.formats import storage_bits
 from qat.modules.experts import FakeQuantExperts
 from qat.modules.fake import FakeQuantLinear
@@ -97,6 +98,42 @@ def quantization_disabled(model: nn.Module):
     finally:
         for q, enabled in saved:
             q.enabled = enabled
+
+
+def uncalibrated(model: nn.Module) -> list[str]:
+    """Names of the enabled activation / KV quantizers with held (static) ranges that have none yet."""
+    return [name for name, q in quantizers(model, ["input", "kv_cache"])
+            if q.enabled and not q.spec.dynamic and not q.initialized]
+
+
+@contextmanager
+def frozen_ranges(model: nn.Module):
+    """Evaluation never calibrates: activation / KV observing is off inside the block and restored after, so held
+    ranges (and an NVFP4 static global) stay those calibrated on training / calibration data.
+
+    Weight ranges keep following the weights (they see no data), so evaluation uses the current weights' ranges.
+    Raises:
+        ConfigError: a static activation / KV quantizer has no range yet (it would be calibrated on the evaluation
+            data, or fail mid-evaluation); naming the modules.
+    Example:
+        >>> with qat.control.frozen_ranges(model):
+        ...     ppl = perplexity(model, test_blocks)
+    """
+    missing = uncalibrated(model)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConfigError(f"evaluation of an uncalibrated model: {', '.join(missing[:3])}{more} hold static "
+                          "activation ranges but have none yet; calibrate first (qat.calibrate on calibration / "
+                          "training batches, qat-train's module.range_init_batches, qat-ptq): evaluation data "
+                          "never sets them")
+    saved = [(q, q.observing) for _, q in quantizers(model, roles=["input", "kv_cache"])]
+    try:
+        for q, _ in saved:
+            q.observing = False
+        yield model
+    finally:
+        for q, observing in saved:
+            q.observing = observing
 
 
 def on_input_device(model: nn.Module, batch: Any) -> Any:

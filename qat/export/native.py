@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.control import uncalibrated
 from qat.errors import BadFileError, ConfigError
 from qat.export.common import as_converted, integer_modules, owning_module, stored_float_dtype
 from qat.export.publish import folder_writer
@@ -112,7 +113,8 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     Returns:
         the folder.
     Raises:
-        ValueError: the model has no quantized module, or the folder is not writable.
+        ValueError: the model has no quantized module, static activation / KV quantizers not calibrated yet, or
+            the folder is not writable.
     Example:
         >>> save_native(qat.prepare(model, qat.load_recipe("w4a16_g128")), "out/native")
         >>> model2 = load_native("out/native")
@@ -120,6 +122,12 @@ def save_native(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) ->
     modules = integer_modules(model)
     if not modules:
         raise ConfigError("save_native: the model has no quantized modules; call qat.prepare / qat.convert first")
+    missing = uncalibrated(model)
+    if missing:  # written, its reload would calibrate them on whatever it evaluates first
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConfigError(f"save_native: {', '.join(missing[:3])}{more} hold static activation ranges with none yet "
+                          "(not calibrated); calibrate the model first (qat.calibrate, qat-ptq, qat-train's "
+                          "module.range_init_batches), then export")
     out = Path(out_dir)
     check_writable(out / META)
     entries, extra, tied = {}, {}, {}

@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
-from qat.control import format_table
+from qat.control import format_table, frozen_ranges
 from qat.errors import ConfigError
 from qat.jobs.offline_tasks import TASK_DIR, TASKS
 from qat.models import ByteTokenizer, context_length
@@ -190,7 +191,8 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Sequence[str], limit
     random.seed(seed)
     torch.manual_seed(seed)
     try:
-        out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True)
+        with frozen_ranges(model) if isinstance(model, nn.Module) else nullcontext():  # evaluation never calibrates
+            out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)

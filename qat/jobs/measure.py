@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qat.control import weight_bits as quantized_weight_bits, weight_modules
+from qat.control import frozen_ranges, weight_bits as quantized_weight_bits, weight_modules
 from qat.export.common import float_weight_names
 
 FLOAT_BITS = 16
@@ -27,7 +27,10 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     """exp(mean next-token negative log-likelihood) over LongTensor blocks [N, T], in eval mode.
 
     Each batch's summed cross-entropy is computed in float32 and accumulated in float64; the model's train /
-    eval mode is restored afterwards, and blocks move to the model's device.
+    eval mode is restored afterwards, and blocks move to the model's device. Held activation ranges are not
+    touched (`qat.control.frozen_ranges`).
+    Raises:
+        ConfigError: static activation / KV quantizers not calibrated yet.
     Example:
         >>> perplexity(model, torch.randint(0, 100, (2, 32)))
     """
@@ -35,13 +38,16 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        nll, count = nll + float(loss), count + ids[:, 1:].numel()
-    model.train(was_training)
+    try:
+        with frozen_ranges(model):  # evaluation data never calibrates held activation ranges
+            for i in range(0, len(blocks), batch_size):
+                ids = blocks[i:i + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1), reduction="sum")
+                nll, count = nll + float(loss), count + ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
     return math.exp(nll / count)
 
 

@@ -29,7 +29,7 @@ from qat.jobs.results import eval_protocol, to_json
 from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
                         load_model, resolve_dtype, tokenizer_location)
 from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
-from qat.ptq.distributed import init_from_env, launch, process_rank, usable_cpus
+from qat.ptq.distributed import init_from_env, launch, mergeable_range_errors, process_rank, usable_cpus
 from qat.ptq.stream import stream_ptq
 from qat.recipes import read_recipe, recipe_names
 from qat.transform import as_recipe
@@ -283,7 +283,8 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
 
 def check_processes(cfg: dict, method: dict) -> int:
     """distributed.processes: a positive integer, at most the usable CPU cores; above 1, a method that runs
-    distributed, in memory, with at least one calibration batch per process. Checked before any process is spawned.
+    distributed, in memory, with at least one calibration batch per process, and static activation / KV ranges only
+    where they merge exactly (minmax, not learned: `mergeable_range_errors`). Checked before any process is spawned.
 
     The ranks are CPU processes (gloo; qat-ptq places nothing on a GPU), each holding a whole model: more ranks than
     cores share the same cores and multiply the memory, so they are refused here. `qat.ptq.distributed.launch`
@@ -305,6 +306,7 @@ def check_processes(cfg: dict, method: dict) -> int:
             errors.extend(method_of_config(options).distributed_option_errors(options))
         if cfg.get("offload") is not None:
             errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
+        errors.extend(mergeable_range_errors(_activation_schemes(cfg.get("quant"))))
         if processes > (cpus := usable_cpus()):
             errors.append(f"distributed.processes={processes} is more than the {cpus} CPU core(s) this host lets qat "
                           f"use; choose 1..{cpus} (each process is a CPU rank holding a whole model: more ranks than "
@@ -318,6 +320,23 @@ def check_processes(cfg: dict, method: dict) -> int:
         if errors:
             raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     return processes
+
+
+def _activation_schemes(quant: Any) -> list[tuple[str, Any]]:
+    """(key, QuantSpec) of the recipe's input / KV-cache schemes, base and overrides; none for a recipe that does
+    not parse (refused elsewhere, with its own message)."""
+    try:
+        recipe = as_recipe(quant) if quant is not None else None
+    except (ValueError, OSError, TypeError):
+        return []
+    if recipe is None:
+        return []
+    out = [(f"quant.{role}", getattr(recipe.base, role)) for role in ("input", "kv_cache")]
+    for i, override in enumerate(recipe.overrides):
+        schemes = override.apply(recipe.base, f"quant.overrides[{i}]")
+        out += [(f"quant.overrides[{i}].{role}", getattr(schemes, role)) for role in ("input", "kv_cache")
+                if role in override.changes]
+    return out
 
 
 def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:

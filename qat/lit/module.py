@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from qat.control import frozen_ranges
 from qat.errors import ConfigError
 import qat
 from qat.lit.parallel import average_replicated_grads, shard_fsdp2
@@ -311,19 +311,3 @@ def sync_activation_ranges(model: nn.Module, reinit_learned: bool = False) -> in
 
 def _all_initialized(model: nn.Module) -> bool:
     return all(q.initialized or q.spec.dynamic for _, q in qat.quantizers(model))
-
-
-@contextmanager
-def frozen_ranges(model: nn.Module):
-    """Evaluation must not move held activation ranges: observing off inside the block, restored after.
-
-    Weight ranges keep following the weights (they see no data), so evaluation uses the current weights' ranges.
-    """
-    saved = [(q, q.observing) for _, q in qat.quantizers(model, roles=["input", "kv_cache"])]
-    try:
-        for q, _ in saved:
-            q.observing = False
-        yield
-    finally:
-        for q, observing in saved:
-            q.observing = observing

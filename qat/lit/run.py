@@ -33,6 +33,7 @@ from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
 
 register_resolvers()  # configs/paths uses ${qat_root:}; tests compose without the CLI
+RANGE_INIT_BATCHES = 4  # configs/train.yaml's module.range_init_batches
 
 
 def context_length_of(model_cfg: DictConfig) -> int | None:
@@ -50,9 +51,10 @@ def check_config(cfg: DictConfig) -> None:
     errors = unknown_keys(cfg, TRAIN) + _check_values(cfg)
     if cfg.eval.split not in ("validation", "test"):
         errors.append(f"eval.split={cfg.eval.split!r}; choose from ['validation', 'test']")
+    recipe = None
     if cfg.get("quant") is not None:
         try:
-            qat.QuantRecipe.from_dict(cfg.quant)
+            recipe = qat.QuantRecipe.from_dict(cfg.quant)
         except ValueError as err:
             errors.append(str(err))
     if cfg.get("init") and cfg.get("quant") is None:
@@ -71,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
     errors += _check_tasks(cfg)
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+    _ensure_range_init(cfg, recipe)
     _check_data_path(str(cfg.data.path))
     check_tokenizer_source(tokenizer_location(cfg.data, cfg.model.path))
     if cfg.get("ckpt_path"):
@@ -80,6 +83,21 @@ def check_config(cfg: DictConfig) -> None:
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
                          f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _ensure_range_init(cfg: DictConfig, recipe: qat.QuantRecipe | None) -> None:
+    """A recipe with held (static) activation / KV ranges is calibrated on training batches before anything is
+    evaluated: with module.range_init_batches=0 (a weight-only experiment's setting, smollm2_w4_qat) and no init=
+    (which calibrates them itself), it is raised to RANGE_INIT_BATCHES, with a line saying so. Evaluation never
+    calibrates (`qat.control.frozen_ranges`): without this the start-point row would have no ranges."""
+    if recipe is None or cfg.get("init") or int(cfg.module.get("range_init_batches", 0)) > 0:
+        return
+    roles = recipe.static_activation_roles()
+    if roles:
+        cfg.module.range_init_batches = RANGE_INIT_BATCHES
+        say(f"quant={recipe.name} holds static {' and '.join(roles)} ranges: module.range_init_batches=0 raised to "
+            f"{RANGE_INIT_BATCHES} (they are calibrated on training batches; evaluation data never sets them); "
+            "set module.range_init_batches=<N> to choose how many")
 
 
 def _check_values(cfg: DictConfig) -> list[str]:

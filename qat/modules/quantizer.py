@@ -52,6 +52,8 @@ class TensorQuantizer(nn.Module):
         self.spec, self.role = spec, role
         # its empty held range on the example's device
         self.observer = build_observer(_held_range_spec(spec)).to(example.device)
+        if spec.static_global:  # its warnings name the user's scheme, not the per-tensor one it observes with
+            self.observer.scheme = f"{spec.describe()} (its global's range per tensor)"
         self.enabled, self.observing, self.initialized = True, not spec.dynamic, False
         self.calibrating = False  # set by qat.calibrate: learned ranges take every batch, not just the first
         self.scale: nn.Parameter | None = None
@@ -67,6 +69,21 @@ class TensorQuantizer(nn.Module):
             self.initialize(example)
 
     # -- state -------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """A static global's range and pinned global stay float32 through a dtype cast (`model.to(torch.bfloat16)`
+        after calibration): the global is one calibrated number, and rounding its range to bf16 would move it.
+        Devices follow the cast as usual."""
+        if not self.spec.static_global:
+            return super()._apply(fn, recurse)
+        held = [(self.observer, "lo"), (self.observer, "hi"), (self, "pinned_scale")]
+        before = [getattr(owner, key) for owner, key in held]
+        out = super()._apply(fn, recurse)
+        for (owner, key), old in zip(held, before):
+            new = getattr(owner, key)
+            if new.dtype != old.dtype and old.dtype == torch.float32:
+                setattr(owner, key, old.to(new.device))
+        return out
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "observing": self.observing, "initialized": self.initialized,
                 "scheme": self.scheme()}
@@ -91,8 +108,13 @@ class TensorQuantizer(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         theirs = extra.get("scheme") if isinstance(extra, dict) else None  # older checkpoints have none
         if theirs is not None and theirs != self.scheme():
+            hint = ""
+            dynamic = self.spec.replace(static_global=False, dynamic=True) if self.spec.static_global else None
+            if dynamic is not None and theirs == f"{dynamic.describe()}, {dynamic.scale_dtype} scales":
+                hint = (" (nvfp4_w4a4's earlier dynamic form, a global per tensor: quant=nvfp4_w4a4 "
+                        "quant.input.static_global=false quant.input.dynamic=true)")
             raise ConfigError(f"{name}: the checkpoint was trained with {theirs!r}, this model is prepared with "
-                             f"{self.scheme()!r}; prepare the model with the checkpoint's recipe")
+                             f"{self.scheme()!r}; prepare the model with the checkpoint's recipe{hint}")
         scale, zero_point = state_dict.get(prefix + "pinned_scale"), state_dict.get(prefix + "pinned_zero_point")
         if scale is None or scale.numel() == 0:
             return

@@ -70,6 +70,7 @@ class Observer(nn.Module):
     def __init__(self, spec) -> None:
         super().__init__()
         self.spec = spec
+        self.scheme = spec.describe()  # what its warnings name (a static-global quantizer names its own scheme)
         self.register_buffer("lo", torch.empty(0))
         self.register_buffer("hi", torch.empty(0))
 
@@ -141,17 +142,18 @@ def reset_warnings() -> None:
     _NO_CLIP_WARNED.clear()
 
 
-def warn_no_clip(spec, percentile: float, n: int, source: str = "recipe") -> None:
+def warn_no_clip(spec, percentile: float, n: int, source: str = "recipe") -> None:  # spec: a QuantSpec or its name
     """Warn (once per scheme, percentile, block size and source, until `reset_warnings`) that `percentile` keeps
     the maximum of every block of `n` values, so the percentile observer is min-max there: 99.99 clips nothing on
     blocks of <= 5000 values, i.e. on every block format (MX / NVFP4 / GGUF blocks of 16 or 32) and most
     per-channel / per-token rows. The hint is the route that applies to `source` (the recipe, or method.observer)."""
-    key = (spec.describe(), percentile, n, source)
+    scheme = spec if isinstance(spec, str) else spec.describe()
+    key = (scheme, percentile, n, source)
     if key in _NO_CLIP_WARNED:
         return
     _NO_CLIP_WARNED.add(key)
     log.warning("percentile observer: percentile=%g keeps the maximum of every block of %d values (%s), so it is "
-                "min-max here; clip with a percentile below %.4g, e.g. %s", percentile, n, spec.describe(),
+                "min-max here; clip with a percentile below %.4g, e.g. %s", percentile, n, scheme,
                 100.0 * (n - 0.5) / n, _CLIP_HINTS.get(source, _CLIP_HINTS["recipe"]))
 
 
@@ -172,7 +174,7 @@ class PercentileObserver(Observer):
         k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
         k_lo = max(1, n + 1 - k_hi)
         if k_hi == n and self.percentile < 100.0:
-            warn_no_clip(self.spec, self.percentile, n, self.source)
+            warn_no_clip(self.scheme, self.percentile, n, self.source)
         if get_format(self.spec).peak_range(self.spec):
             # formats that scale from the signed peak (Q4_0, Q3_K, Q6_K, IQ4_NL / IQ4_XS) read lo == hi == it: the
             # percentile of the magnitudes, with the peak's sign (the signed peak itself at 100)

@@ -124,6 +124,26 @@ class Ranks:
             st.set_sums(totals, count, None if top is None else top[at:at + width].clone())
             at += width
 
+    def calibrate_in_turn(self, held: Sequence[Any], run: Callable[[], Any]) -> None:
+        """Static activation / KV ranges (`held`: the block's TensorQuantizers, the same in every process, in the same
+        order) calibrated over every process's batches as one process calibrates them over all: `run()` (a pass of
+        the block over this process's batches, observing) goes process after process, each starting from the ranges
+        its predecessor ended with, and the last one's are every process's. One pass calibrates all the block's
+        quantizers at once, so a later linear's inputs go through its predecessors' running ranges: merging ranges
+        calibrated apart (min / max) would differ from one process in the last bits; this order does not. Exact for
+        minmax (a quantizer's whole state is its observer's lo / hi; `mergeable_range_errors` refuses the others).
+        All ranks must call it alike."""
+        if self.rank > 0:
+            received: list[Any] = [None]
+            dist.recv_object_list(received, self.rank - 1)
+            _set_ranges(held, received[0])
+        run()
+        ranges = [[(q.observer.lo, q.observer.hi) if q.initialized else None for q in held]]
+        if self.rank + 1 < self.world:
+            dist.send_object_list(ranges, self.rank + 1)
+        dist.broadcast_object_list(ranges, self.world - 1)
+        _set_ranges(held, ranges[0])
+
     def spread(self, costs: Sequence[int], solve: Callable[[int], Any]) -> list[Any]:
         """`solve(i)` for every task i (`costs[i]`: its work), each run by the rank `owners` gives it; every rank
         receives every result (pickled: tensors exactly), in task order. All ranks must call it alike."""
@@ -146,6 +166,28 @@ class Ranks:
             stage[r] += sizes[i]
             self.load[r] += sizes[i]
         return out
+
+
+def _set_ranges(held: Sequence[Any], ranges: Sequence[Any]) -> None:
+    for q, r in zip(held, ranges):
+        if r is not None:
+            q.observer.lo, q.observer.hi = (t.to(q.observer.lo.device) for t in r)
+            q.initialized = True
+
+
+def mergeable_range_errors(schemes: Sequence[tuple[str, Any]]) -> list[str]:
+    """What in (name, QuantSpec) activation / KV schemes distributed PTQ cannot calibrate as one process does
+    (`Ranks.calibrate_in_turn`): minmax ranges, whose whole state is the observer's running min / max, are; other
+    observers (percentile, moving_average, mse) and learned ranges (PACT / LSQ, set from the first batch) are not
+    (refused)."""
+    bad = sorted({name for name, spec in schemes
+                  if spec is not None and not spec.dynamic and (spec.observer != "minmax" or spec.learn != "none")})
+    if not bad:
+        return []
+    more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+    return [f"static activation ranges of {', '.join(bad[:3])}{more} are not minmax-observed (or are learned): "
+            "merged across processes they would differ from one process's; use observer: minmax with learn: none, "
+            "dynamic activation quantization, or distributed.processes=1"]
 
 
 def combine(ranks: Ranks | None, stats: InputStats | Sequence[InputStats]) -> None:

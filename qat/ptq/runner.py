@@ -167,8 +167,10 @@ def activation_quantizers_off(block: nn.Module):
             q.enabled, q.observing = enabled, observing
 
 
-def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False) -> bool:
+def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = False, ranks: Any = None) -> bool:
     """Static input / KV-cache ranges of `block` from its cached inputs, then held (after its weights are set).
+    Over a process group (`ranks`: a `qat.ptq.distributed.Ranks`) the processes calibrate in turn, each from its
+    predecessor's ranges (`Ranks.calibrate_in_turn`), so every process holds what one process would.
 
     Returns:
         whether there were any to calibrate.
@@ -178,7 +180,10 @@ def calibrate_activations(block: nn.Module, inputs: Inputs, is_model: bool = Fal
         return False
     for q in static:
         q.observing = True
-    run_block(block, inputs, is_model)
+    if ranks is None:
+        run_block(block, inputs, is_model)
+    else:
+        ranks.calibrate_in_turn(static, lambda: run_block(block, inputs, is_model))
     for q in static:
         q.observing = False
     return True
@@ -210,6 +215,7 @@ def sequential(
     desc: str = "ptq",
     progress: bool = True,
     io: BlockIO | None = None,
+    ranks: Any = None,
 ) -> None:
     """Run `solve_block(ctx)` on each decoder block in order, feeding quantized outputs on.
 
@@ -220,6 +226,8 @@ def sequential(
         desc: progress-bar label.
         io: load each block before it is solved and hand it over once done (out-of-core PTQ); default:
             the blocks are in memory, found by `find_blocks`.
+        ranks: the process group of a distributed run (`qat.ptq.distributed.Ranks`): static activation ranges are
+            calibrated over all its batches (`calibrate_activations`); None in one process.
     Example:
         >>> sequential(model, batches, lambda ctx: print(ctx.name, list(ctx.linears)))
     """
@@ -235,7 +243,7 @@ def sequential(
             block = io.load(i)
         ctx = block_context(name, block, inputs, is_model, model)
         solve_block(ctx)
-        calibrated = calibrate_activations(block, inputs, is_model)
+        calibrated = calibrate_activations(block, inputs, is_model, ranks)
         if i + 1 < len(blocks):
             outs = ctx.outputs if ctx.outputs is not None and not calibrated else run_block(block, inputs, is_model)
             inputs = [((o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]

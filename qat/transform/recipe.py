@@ -104,6 +104,7 @@ class QuantRecipe:
         roles = {r: None if data.get(r) is None else QuantSpec.from_dict(data[r], owner=f"quant.{r}") for r in ROLE_KEYS}
         if all(v is None for v in roles.values()):
             raise ConfigError(f"quant: recipe {data.get('name', '?')!r} quantizes nothing; set one of {list(ROLE_KEYS)}")
+        _check_weight_global(roles.get("weight"), "quant.weight")
         overrides = []
         for i, raw in enumerate(data.get("overrides") or []):
             raw = dict(raw)
@@ -112,7 +113,8 @@ class QuantRecipe:
                 raise ConfigError(f"quant.overrides[{i}]: 'targets' is required (a list of module patterns)")
             changes = {r: raw[r] for r in ROLE_KEYS if r in raw}
             override = Override(tuple(_as_list(raw["targets"], f"quant.overrides[{i}].targets")), changes)
-            override.apply(TensorSchemes(**roles), f"quant.overrides[{i}]")  # validate now, not mid-model
+            applied = override.apply(TensorSchemes(**roles), f"quant.overrides[{i}]")  # validate now, not mid-model
+            _check_weight_global(applied.weight, f"quant.overrides[{i}].weight")
             overrides.append(override)
         return cls(
             name=str(data.get("name", "custom")),
@@ -124,6 +126,13 @@ class QuantRecipe:
             rotations=RotationConfig.from_dict(data.get("rotations")),
         )
 
+    def static_activation_roles(self) -> list[str]:
+        """The activation roles ("input", "kv_cache") some module of this recipe quantizes with held (static,
+        calibrated) ranges, base scheme or override: what needs range calibration before any evaluation."""
+        schemes = [self.base] + [o.apply(self.base, f"quant.overrides[{i}]") for i, o in enumerate(self.overrides)]
+        return [role for role in ("input", "kv_cache")
+                if any(getattr(s, role) is not None and not getattr(s, role).dynamic for s in schemes)]
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "description": self.description, "targets": list(self.targets),
                                "ignore": list(self.ignore)}
@@ -134,6 +143,15 @@ class QuantRecipe:
         if self.rotations is not None:
             out["rotations"] = self.rotations.to_dict()
         return out
+
+
+def _check_weight_global(spec: QuantSpec | None, owner: str) -> None:
+    """static_global holds a calibrated activation global; on a weight scheme it is refused here, before any
+    model loads (TensorQuantizer refuses it too, for specs built by hand)."""
+    if spec is not None and spec.static_global:
+        raise ConfigError(f"{owner}.static_global=true: a static global is calibrated from activations; a weight's "
+                          "global comes from the weight itself: leave static_global false on weight schemes "
+                          "(set it on quant.input)")
 
 
 def _as_list(value: Any, owner: str) -> list[str]:

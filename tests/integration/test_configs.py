@@ -42,6 +42,22 @@ def test_recipe_composes_with_hydra(name):
     assert recipe.name == name
 
 
+@pytest.mark.parametrize("job", ["ptq", "train"])
+def test_nvfp4_w4a4_documented_dynamic_override_composes(job):
+    """docs/export.md's and the compressed-tensors refusal's `quant.input.static_global=false
+    quant.input.dynamic=true` is a plain command-line override (the recipe writes dynamic: false, so no `+`)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=job, overrides=["quant=nvfp4_w4a4", "quant.input.static_global=false",
+                                                   "quant.input.dynamic=true"])
+        default = compose(config_name=job, overrides=["quant=nvfp4_w4a4"])
+    spec = qat.QuantRecipe.from_dict(OmegaConf.to_container(cfg.quant)).base.input
+    assert spec.dynamic and not spec.static_global and spec.grid == "nvfp4"
+    assert qat.QuantRecipe.from_dict(OmegaConf.to_container(default.quant)) == qat.load_recipe("nvfp4_w4a4")
+
+
 def test_mixed_precision_override(tiny_llama):
     qat.prepare(tiny_llama, qat.load_recipe("w4a16_g128_mixed"))
     bits = {r["module"]: r["scheme"] for r in qat.summary(tiny_llama)}

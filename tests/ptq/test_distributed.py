@@ -39,14 +39,16 @@ CASES = {  # name: (model, method, batches); 5 batches split 3 / 2, 3 batches sp
     "gptq_moe": ("moe", {"name": "gptq", "min_tokens": 64}, 3),
     "awq_moe": ("moe", {"name": "awq", "min_tokens": 64}, 3),
     "smoothquant_llama": ("llama_w8a8", {"name": "smoothquant", "min_tokens": 64}, 5),  # dynamic int8 inputs
+    "gptq_nvfp4_w4a4": ("llama_nvfp4", METHOD, 5),  # static-global inputs: minmax ranges merged over the ranks
 }
 
 
 def _case_model(kind: str):
     if kind == "llama":
         return _model()
-    if kind == "llama_w8a8":
-        return prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe("w8a8"))
+    if kind in ("llama_w8a8", "llama_nvfp4"):
+        recipe = "w8a8" if kind == "llama_w8a8" else "nvfp4_w4a4"
+        return prepare(testing.tiny_llama(num_layers=2, fork_rng=True), load_recipe(recipe))
     return prepare(testing.tiny_moe("qwen3_moe", num_experts=8), load_recipe("w4a16_g128"))
 
 
@@ -103,8 +105,28 @@ def test_two_processes_equal_one(case, two_processes):
         assert any(k.endswith("post_attention_layernorm.weight") for k in changed), changed
     if method["name"] == "gptq" and kind == "llama":  # every linear of both blocks was solved
         assert sum(k.endswith("proj.weight") for k in changed) == 14, changed
+    if kind == "llama_nvfp4":  # every input's global calibrated, on all 5 batches (3 on rank 0, 2 on rank 1)
+        held = [k for k in one if k.endswith("input_quantizer.observer.hi")]
+        assert len(held) == 14 and all(float(one[k]) > 0 for k in held)
+        assert any(not torch.equal(one[k], _one_rank_range(k)) for k in held)
     if kind == "moe":  # the experts were solved / scaled
         assert sum(k.endswith("experts.down_proj") for k in changed) == 2, changed
+
+
+def _one_rank_range(key: str) -> torch.Tensor:
+    """The held range `key` of nvfp4_w4a4 GPTQ on rank 0's share of the batches only (3 of 5): what a rank held
+    before the ranges were merged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if "rank0" not in _RANK0:
+            _RANK0["rank0"] = apply(_case_model("llama_nvfp4"), METHOD, _batches(5)[:3], progress=False).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    return _RANK0["rank0"][key]
+
+
+_RANK0: dict = {}
 
 
 def test_independent_runs():
@@ -184,6 +206,12 @@ def test_qat_ptq_distributed_config_refused(monkeypatch):
                                           r"calibration.samples=16 makes 2 \(batches of 8\)"):  # before spawning
         check_processes({"distributed": {"processes": 3}, "calibration": {"samples": 16}}, gptq)
     assert check_processes({"distributed": {"processes": 2}, "calibration": {"samples": 9}}, gptq) == 2
+    # static activation ranges: minmax ones are merged over the ranks; percentile / learned (PACT) ones are refused
+    # before spawning, naming the key
+    assert check_processes({"distributed": {"processes": 2}, "quant": load_recipe("nvfp4_w4a4").to_dict()}, gptq) == 2
+    with pytest.raises(ConfigError, match=r"static activation ranges of quant\.input are not minmax-observed .*"
+                                          r"distributed\.processes=1"):
+        check_processes({"distributed": {"processes": 2}, "quant": load_recipe("w8a8_static").to_dict()}, gptq)
 
 
 def test_more_processes_than_cpu_cores_are_refused_before_spawning(monkeypatch):

@@ -137,3 +137,49 @@ def test_full_precision_run_without_quant_group(tmp_path):
     assert cfg.module.quant is None
     results = train(cfg)
     assert "rtn_ppl" not in results and results["qat_ppl"] > 0
+
+
+@pytest.mark.parametrize("quant, roles", [("nvfp4_w4a4", "input"), ("w8a8_static", "input"), ("w4a16_g64", None)])
+def test_static_activation_recipe_gets_range_init_on_training_batches(quant, roles, capsys):
+    # smollm2_w4_qat's weight-only range_init_batches=0 with quant=<a static recipe>: calibrated on training
+    # batches (said so), never left to the first evaluation (the test split)
+    cfg = compose_train([f"quant={quant}", "module.range_init_batches=0"])
+    check_config(cfg)
+    out = capsys.readouterr()
+    if roles is None:
+        assert cfg.module.range_init_batches == 0 and "range_init_batches" not in out.out + out.err
+    else:
+        assert cfg.module.range_init_batches == 4
+        assert f"quant={quant} holds static {roles} ranges: module.range_init_batches=0 raised to 4" in out.out + out.err
+    cfg = compose_train([f"quant={quant}", "module.range_init_batches=2"])
+    check_config(cfg)
+    assert cfg.module.range_init_batches == 2  # a chosen count is kept
+
+
+def test_evaluation_never_moves_the_static_global(tmp_path, monkeypatch):
+    """qat-train quant=nvfp4_w4a4 module.range_init_batches=0: the start-point row and the final evaluation see the
+    global calibrated on training batches; neither evaluation (test split) moves it."""
+    import qat
+    import qat.lit.callbacks as callbacks
+    import qat.lit.run as run
+
+    seen = []
+
+    def recording(perplexity):
+        def wrapped(model, blocks, *args, **kwargs):
+            q = next(q for _, q in qat.quantizers(model, ["input"]))
+            before = float(q.global_scale()) if q.initialized else None
+            out = perplexity(model, blocks, *args, **kwargs)
+            seen.append((before, float(q.global_scale()) if q.initialized else None, q.observing))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(callbacks, "perplexity", recording(callbacks.perplexity))
+    monkeypatch.setattr(run, "perplexity", recording(run.perplexity))
+    cfg = compose_train(["quant=nvfp4_w4a4", "module.range_init_batches=0", "trainer.max_steps=2", "eval.baselines=true",
+                         "eval.max_blocks=2", "eval.tasks=[]"], tmp_path)
+    train(cfg)
+    fp, start, final = seen
+    assert fp[0] is None  # the float row runs before range initialisation, quantizers off
+    assert start[0] is not None and start[0] == start[1]  # calibrated on training batches, held through the eval
+    assert final[0] == final[1] == start[0] and not final[2]  # ranges were frozen after range init; eval kept them

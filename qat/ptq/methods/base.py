@@ -13,6 +13,7 @@ from torch import nn
 
 from qat.control import quantizers
 from qat.errors import ConfigError
+from qat.ptq.distributed import mergeable_range_errors
 from qat.ptq.runner import BlockContext, find_blocks, sequential
 
 METHODS: dict[str, type["PTQMethod"]] = {}
@@ -95,7 +96,8 @@ class PTQMethod:
     def check_distributed(self, model: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Refuse what this method cannot run over a process group (`qat.ptq.distributed`): a method that does not
         run distributed, its `distributed_option_errors` and `distributed_model_errors`, a model without repeated
-        decoder blocks, and static activation ranges (calibrated per process, not merged).
+        decoder blocks, and static activation ranges that would not equal one process's (not minmax, or learned:
+        `qat.ptq.distributed.mergeable_range_errors`); minmax ones are calibrated in turn (`Ranks.calibrate_in_turn`).
 
         Raises:
             ConfigError: naming the option or module to change.
@@ -107,10 +109,7 @@ class PTQMethod:
         if find_blocks(model)[1][0] is model:
             errors.append(f"{type(model).__name__}: no repeated decoder blocks found; distributed PTQ runs block by "
                           "block")
-        static = [n for n, q in quantizers(model, ["input", "kv_cache"]) if not q.spec.dynamic]
-        if static:
-            errors.append(f"static activation ranges ({static[:3]}) are calibrated per process and not merged yet; "
-                          "use dynamic activation quantization or one process")
+        errors += mergeable_range_errors([(n, q.spec) for n, q in quantizers(model, ["input", "kv_cache"])])
         if errors:
             raise ConfigError(f"distributed {self.name}:\n" + "\n".join(f"  - {e}" for e in errors))
 
@@ -123,4 +122,5 @@ class PTQMethod:
 
     def run(self, model: nn.Module, batches: Iterable[Any], progress: bool = True) -> None:
         """Solve every block in order, each on the outputs of the already-quantized blocks before it."""
-        sequential(model, batches, self.solve_block, desc=self.name, progress=progress, io=self.block_io)
+        sequential(model, batches, self.solve_block, desc=self.name, progress=progress, io=self.block_io,
+                   ranks=self.ranks)
