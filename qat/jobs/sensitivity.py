@@ -22,6 +22,8 @@ from typing import Any
 from qat.arch import get_arch
 from qat.data import SPLITS, calibration_batches
 from qat.errors import ConfigError
+from qat.export import MIXES
+from qat.export.ggml_blocks import BLOCK
 from qat.io import atomic_write_bytes, write_json
 from qat.jobs.config import as_bool, as_count, check_keys
 from qat.jobs.export import run_export
@@ -84,6 +86,9 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
     for key in ("plot",):
         as_bool(cfg.get(key, True), key)
     as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
+    rest = (cfg.get("gguf") or {}).get("rest", "Q8_0")
+    if exporting and rest not in BLOCK and rest not in MIXES:  # qat-export's gguf_type, under this app's key
+        raise ConfigError(f"gguf.rest={rest!r}; choose a GGUF type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     if cfg["mode"] == "solve" and exporting:  # the base the scores were measured with, before anything is written
         check_gguf_base(ScoreTable.load(cfg["scores"]).base, solving=True)
     if cfg["mode"] == "analyze":

@@ -177,6 +177,7 @@ def test_gguf_menu_writes_types_llama_quantize_arguments_and_the_file(tmp_path):
     (["calibration.split=nowhere"], "calibration.split"),
     (["gguf.export=maybe"], "gguf.export"),
     (["gguf.export=true"], "gguf.export=true needs every candidate to be a GGUF type"),
+    (["menu=gguf", "gguf.export=true", "gguf.rest=Q9"], "gguf.rest='Q9'; choose a GGUF type"),
     (["float_bits=8"], "float_bits"),
     (["name=a/b"], "name="),
     (["targets=[Conv1D]"], "select no nn.Linear"),
