@@ -109,20 +109,23 @@ fi
 # 7. our own fits on the chosen grids, exported by qat-export (the rest Q8_0): GPTQ on the Fisher scores' 32 x 128
 # training tokens (its K-quant / IQ4 scales fitted with diag(H) weights, llama.cpp's imatrix fit), and QAT from
 # that start (the README protocol: 120 steps x 2 x 128 tokens distilled from the float model; step "qat")
+recipe_of() {  # the recipe an auto run wrote (its layout.json names it)
+  "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["recipe"])' "$OUT/$1/layout.json"
+}
 grid_export() {  # run, checkpoint, output
-  "$PY" -m qat.cli.export model.path=smollm2-135m quant="$(ls "$OUT/$1"/quant/*.yaml)" checkpoint="$2" format=gguf \
+  "$PY" -m qat.cli.export model.path=smollm2-135m quant="$(recipe_of "$1")" checkpoint="$2" format=gguf \
     gguf_type=Q8_0 output="$3" overwrite=true hydra.run.dir="$OUT/export_$(basename "$3" .gguf)" > /dev/null
 }
 for run in $GRID_RUNS; do
   if want gptq && [ ! -s "$OUT/${run}_gptq.gguf" ]; then
     "$PY" -m qat.cli.ptq model=smollm2_135m data=wiki data.block_size=$CAL_LEN data.max_eval_blocks=32 method=gptq \
-      calibration.samples=$CAL_BLOCKS quant="$(ls "$OUT/$run"/quant/*.yaml)" hydra.run.dir="$OUT/${run}_gptq" \
+      calibration.samples=$CAL_BLOCKS quant="$(recipe_of "$run")" hydra.run.dir="$OUT/${run}_gptq" \
       > "$OUT/${run}_gptq.log" 2>&1
     grid_export "$run" "$OUT/${run}_gptq/model.pt" "$OUT/${run}_gptq.gguf"
   fi
   if want qat && [ ! -s "$OUT/${run}_qat.gguf" ]; then
     "$PY" -m qat.cli.train model=smollm2_135m data=wiki data.block_size=$CAL_LEN data.max_eval_blocks=32 \
-      experiment=smollm2_w4_qat eval.baselines=false init=gptq quant="$(ls "$OUT/$run"/quant/*.yaml)" eval.tasks=[] \
+      experiment=smollm2_w4_qat eval.baselines=false init=gptq quant="$(recipe_of "$run")" eval.tasks=[] \
       hydra.run.dir="$OUT/${run}_qat" > "$OUT/${run}_qat.log" 2>&1
     grid_export "$run" "$(ls "$OUT/${run}_qat"/checkpoints/last*.ckpt | head -n 1)" "$OUT/${run}_qat.gguf"
   fi
