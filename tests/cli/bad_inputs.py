@@ -246,7 +246,19 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
     c += [("train", TR + ["seed=abc"], "qat-train: error: seed='abc'; must be an integer >= 0"),
           ("eval", EV + ["max_blocks=0"], "qat-eval: error: max_blocks=0; must be an integer >= 1 or null"),
           ("compare", CMP + ["eval.max_blocks=0"], "qat-compare: error: eval.max_blocks=0; must be an integer >= 1"),
-          ("demo", ["model=tiny"], "model=tiny: qat-demo has no model group (it is qat-compare's")]
+          ("demo", ["model=tiny"], "model=tiny: qat-demo has no model group (it is qat-compare's"),
+          ("sensitivity", ["mode=solve", "scores={tmp}/nonexist.json"], "nonexist.json: no such file; give the "
+                                                                        "scores.json an earlier qat-sensitivity run"),
+          ("sensitivity", ["mode=solve", "scores={tmp}/notok"], "notok: a directory, not a file"),
+          ("compare", ["methods=[rtn,bogus]", "quants=[w4a16_g128]"], "methods entry 'bogus': no such method; "
+           "methods=[...] takes fp, awq, gptq, rtn, smoothquant; qat, qat_awq, qat_gptq run with -m: qat-compare -m"),
+          ("compare", ["methods=[qat_gptq]", "quants=[w4a16_g128]"], "methods entry 'qat_gptq': a QAT method runs one "
+                                                                     "job per method x scheme"),
+          ("export", ["model=tiny", "quant=nvfp4_w4a4", "format=compressed_tensors", "output={tmp}/ct"],
+           "qat-export: error: quant: recipe 'nvfp4_w4a4' has a static input scheme (fp4_e2m1 sym g16 nvfp4 "
+           "static-global), which needs calibration (a float model quantized on load gets none); give "
+           "checkpoint=<a calibrated qat-ptq / qat-train checkpoint> with it, or quantize and export in one run: "
+           "qat-ptq quant=nvfp4_w4a4 export=compressed_tensors")]
     c += [("train", TR + ["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean module or model?)"),
           ("train", TR + ["+trainer.max_steps=2"], "+trainer.max_steps=2: trainer.max_steps is already in the"),
           ("eval", EV + ["qunt=fp8_dynamic"], "(did you mean quant?)")]  # a group whose default is null
