@@ -255,7 +255,13 @@ class QuantSpec:
             return data
         data = dict(data)
         check_keys(owner, data, [f.name for f in fields(cls)])
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:  # name the user's key (quant.weight.bits), not this class
+            text = str(exc)
+            if owner == "QuantSpec" or not text.startswith("QuantSpec."):
+                raise
+            raise ValueError(owner + text.removeprefix("QuantSpec")) from None
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, CompactHydraException):
         return hydra_message(exc)
     if isinstance(exc, (UserError, MisconfigurationException)):
-        return str(exc)
+        return one_error(str(exc))
     if isinstance(exc, OmegaConfBaseException):
         return omegaconf_message(exc)
     if isinstance(exc, PATH_ERRORS):
@@ -78,6 +78,16 @@ def user_message(exc: BaseException) -> str | None:
             return f"{exc.filename}: {exc.strerror}"
         return str(exc)
     return None
+
+
+def one_error(text: str) -> str:
+    """A job's "bad config:" list of exactly one error as that error alone (`seed='abc'; ...`), on the
+    "<app>: error:" line; several errors stay a list, one per line."""
+    head, _, rest = text.partition("\n")
+    items = rest.split("\n")
+    if head == "bad config:" and len(items) == 1 and items[0].startswith("  - "):
+        return items[0].removeprefix("  - ")
+    return text
 
 
 def _instantiation_message(exc: InstantiationException) -> str | None:
@@ -164,6 +174,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
     _task_bugs.clear()
     try:
         check_flags(app, args)
+        check_groups(app, args)
         args = null_groups(app, args)
         with recipe_paths(args) as args:
             sys.argv = [app, *args]
@@ -207,6 +218,32 @@ def check_flags(app: str, argv: list[str]) -> None:
 
     parser.error = refuse  # type: ignore[method-assign]  # instead of printing usage and exiting
     parser.parse_args(argv)
+
+
+def check_groups(app: str, argv: list[str]) -> None:
+    """Refuse `group=option` (`+group=` too) of a config group that another app's config uses but `app`'s does
+    not (`qat-ptq experiment=tiny_qat`): Hydra would say "No match in the defaults list ... use +experiment=",
+    and that would fail later on the experiment's keys the job does not have.
+
+    Raises:
+        ConfigError: naming the group, the app(s) it belongs to and `app`'s own groups.
+    """
+    own = default_groups(app)
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        group = key.lstrip("+")
+        if not sep or key.startswith("-") or group in own or not (CONFIG_DIR / group).is_dir():
+            continue
+        owners = [a for a in _apps() if a != app and group in default_groups(a)]
+        if owners:
+            apps = ", ".join(f"{a}'s" for a in owners)
+            raise ConfigError(f"{arg}: {app} has no {group} group (it is {apps})"
+                              f"; its groups: {', '.join(sorted(own)) or '(none)'}")
+
+
+def _apps() -> list[str]:
+    """The Hydra apps: qat-<name> for each configs/<name>.yaml."""
+    return [f"qat-{p.stem}" for p in sorted(CONFIG_DIR.glob("*.yaml"))]
 
 
 def null_groups(app: str, argv: list[str]) -> list[str]:

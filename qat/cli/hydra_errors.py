@@ -13,14 +13,18 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Sequence
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from qat.recipes import CONFIG_DIR
+from qat.spec import ROLES, QuantSpec
 
 GRAMMAR = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
+# a field of a quant scheme node: quant.weight.bits, quant.overrides.0.input.dynamic (the recipe YAML leaves most out)
+_SCHEME_FIELD = re.compile(rf"quant\.(?:overrides(?:\.\d+|\[\d+\])\.)?(?:{'|'.join(ROLES)})\.(?P<field>\w+)")
 _BOILERPLATE = ("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc/")
 
 
@@ -159,6 +163,9 @@ def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[st
     given = next((a for a in overrides if a.partition("=")[0] == key), key)
     parent = getattr(cause, "parent_node", None)
     keys = [str(k) for k in parent.keys()] if isinstance(parent, Mapping) else []
+    scheme = _SCHEME_FIELD.fullmatch(key)
+    if scheme and keys:  # a scheme the recipe writes: its other fields are QuantSpec's defaults, not missing keys
+        return _scheme_field(given, key, scheme["field"])
     if "." not in key:  # the top level: a group the defaults leave out (qat-eval's quant) is a key there too
         keys = sorted({k for k in keys if k != "hydra"} | set(groups))
     leaf = key.rsplit(".", 1)[-1]
@@ -169,3 +176,15 @@ def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[st
     listed = (f"; the keys {node}: {', '.join(sorted(keys))}" if keys else
               f"; {key.rsplit('.', 1)[0]} has no keys: add one with +{given.lstrip('+')}" if prefix else "")
     return f"{given}: no such key {key!r}{guess}{listed}"
+
+
+def _scheme_field(given: str, key: str, name: str) -> str:
+    """`quant.weight.scale_dtype=float16: the recipe leaves scale_dtype at its default; set it with +...`, or
+    `no such key` with the fields of a scheme (QuantSpec) when `name` is none of them."""
+    names = [f.name for f in fields(QuantSpec)]
+    if name in names:
+        return (f"{given}: the recipe leaves {name} at its default; set it with +{given.lstrip('+')}")
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+    prefix = key.rsplit(".", 1)[0]
+    guess = f" (did you mean {' or '.join(f'{prefix}.{c}' for c in close)}?)" if close else ""
+    return f"{given}: no such key {key!r}{guess}; the fields of a quant scheme (QuantSpec): {', '.join(names)}"

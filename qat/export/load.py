@@ -174,8 +174,9 @@ def load_any_tokenizer(path: str | os.PathLike):
         return None
 
 
-def in_flight_recipe(recipe):
-    """The recipe (a name, file, mapping or QuantRecipe) checked for in-flight use, before any model loads.
+def in_flight_recipe(recipe, advice: str = "use a dynamic scheme, or quantize with qat-ptq"):
+    """The recipe (a name, file, mapping or QuantRecipe) checked for in-flight use, before any model loads;
+    `advice` ends the refusal (what the caller's user can do instead).
 
     Raises:
         ValueError: an unknown recipe, or one with static activation or KV ranges (they need calibration).
@@ -187,8 +188,8 @@ def in_flight_recipe(recipe):
     for role in ("input", "kv_cache"):
         spec = getattr(recipe.base, role)
         if spec is not None and not spec.dynamic:
-            raise ConfigError(f"quantize_on_load: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), "
-                             "which needs calibration; use a dynamic scheme or qat-ptq")
+            raise ConfigError(f"quant: recipe {recipe.name!r} has a static {role} scheme ({spec.describe()}), which "
+                              f"needs calibration (a float model quantized on load gets none); {advice}")
     return recipe
 
 

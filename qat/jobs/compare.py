@@ -18,6 +18,8 @@ from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
 from qat.jobs.ptq import check_job, check_method, check_values, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
 from qat.models import load_tokenizer, tokenizer_location
+from qat.ptq import METHODS
+from qat.recipes import CONFIG_DIR
 from qat.transform.recipe import load_recipe
 
 def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
@@ -34,6 +36,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     if not methods and not extra:
         raise ConfigError("nothing to compare: methods=[] and no results= files")
     if methods:
+        _check_method_names([opts["name"] for _, opts in methods])
         if any(opts["name"] != "fp" for _, opts in methods):
             _check_quants(cfg["quants"])
         for _, opts in methods:
@@ -62,6 +65,20 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
                 f"{row['wall_s']:.1f} s")
             rows.append(row)
     return write_results(rows + extra, out_dir, compare_title(cfg))
+
+
+def _check_method_names(names: Sequence[Any]) -> None:
+    """Every name of `methods` is fp or a PTQ method; the QAT ones (configs/method: qat, qat_gptq...) run one job
+    each under -m (`qat.jobs.sweep`): say so, with every valid name."""
+    plain = ["fp", *sorted(METHODS)]
+    swept = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem not in plain)
+    for name in names:
+        if name in plain:
+            continue
+        where = (f"methods entry {name!r}: a QAT method runs one job per method x scheme" if name in swept else
+                 f"methods entry {name!r}: no such method")
+        raise ConfigError(f"{where}; methods=[...] takes {', '.join(plain)}; {', '.join(swept)} run with -m: "
+                          f"qat-compare -m method={','.join(['fp', 'rtn', *swept])} quant=w4a16_g128")
 
 
 def _check_quants(quants: Sequence[Any]) -> None:

@@ -68,9 +68,10 @@ def _load_checkpoint_into(model: nn.Module, state: dict[str, torch.Tensor], chec
 
 
 def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None, dtype: str = "float32",
-                   tiny: dict | None = None) -> nn.Module:
+                   tiny: dict | None = None, format: str = "native") -> nn.Module:
     """The model to export: `model` loaded by `load_any`; with `quant`, prepared with that recipe and,
-    with `checkpoint` (a QAT / PTQ state dict), loaded from it; else quantized in flight (RTN).
+    with `checkpoint` (a QAT / PTQ state dict), loaded from it; else quantized in flight (RTN). `format` (the
+    export's) is named in the advice for a static recipe without a checkpoint.
 
     Raises:
         ValueError: a checkpoint without a recipe, or one that does not fit.
@@ -82,7 +83,9 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
         raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} does not exist; give the state dict of a QAT / PTQ "
                                 "run (.ckpt / .pt / .safetensors, or a sharded FSDP checkpoint folder)")
     if quant is not None and checkpoint is None:  # checked before the model loads
-        recipe = in_flight_recipe(quant)
+        name = quant if isinstance(quant, (str, os.PathLike)) else as_recipe(quant).name
+        recipe = in_flight_recipe(quant, "give checkpoint=<a calibrated qat-ptq / qat-train checkpoint> with it, "
+                                         f"or quantize and export in one run: qat-ptq quant={name} export={format}")
     elif quant is not None:
         recipe = load_recipe(quant) if isinstance(quant, (str, os.PathLike)) else QuantRecipe.from_dict(quant)
     loaded = load_any(model, dtype, **(tiny or {}))
@@ -236,7 +239,7 @@ def run_export(model: str, output: str, format: str = "native", gguf_type: str =
         check_recipe_format(as_recipe(quant), format, has_fused_experts(model))
     calibration = check_imatrix(imatrix, format, data, calibration)
     tok = tokenizer_for(tokenizer, model)
-    source = prepare_source(model, quant, checkpoint, dtype, tiny)
+    source = prepare_source(model, quant, checkpoint, dtype, tiny, format)
     _check_source(source, model, format, gguf_type)
     importance = importance_for(source, imatrix, data, calibration, tok, gguf_type)
     tok = stored_tokenizer(tok, model, output, format)

@@ -63,6 +63,11 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"mode={cfg.get('mode')!r}; choose from {list(MODES)}")
     if cfg["mode"] == "solve" and not cfg.get("scores"):
         raise ConfigError("mode=solve needs scores=<the scores.json of an earlier qat-sensitivity run>")
+    scores = Path(str(cfg.get("scores") or "")).expanduser()
+    if cfg["mode"] == "solve" and not scores.is_file():
+        problem = "a directory, not a file" if scores.is_dir() else "no such file"
+        raise ConfigError(f"scores={cfg['scores']}: {problem}; give the scores.json an earlier qat-sensitivity "
+                          "run (mode=analyze) wrote in its output folder")
     exporting = as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
     unused = [k for k in SOLVE_UNUSED if k in given and not (k == "model" and exporting)]  # the export loads it
     unused = unused if cfg["mode"] == "solve" else []

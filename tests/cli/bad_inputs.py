@@ -37,7 +37,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add(app, base + ["quant=no_such_recipe"], "no_such_recipe")
         add(app, base + ["quant={tmp}/no_such_recipe.yaml"], "no_such_recipe.yaml")  # quant=<path>: the file's
         add(app, base + ["quant={tmp}/broken_recipe.yaml"], "not valid YAML")         # own checks, before Hydra
-        add(app, base + ["quant={tmp}/bits17_recipe.yaml"], "QuantSpec.bits=17")
+        add(app, base + ["quant={tmp}/bits17_recipe.yaml"], "quant.weight.bits=17")
         add(app, base + ["quant={tmp}/notok"], "notok is a directory; give a recipe YAML file")
         add(app, base + ["quant={tmp}/c,d.yaml"], "a comma separates sweep values in Hydra")
         add(app, base + ["+model.tiny.layerz=4" if app != "demo" else "+tiny.layerz=4"], "layerz")
@@ -180,8 +180,9 @@ SWEEP = {"compare": ["method=rtn"]}
 
 
 def _hydra_cases() -> list[tuple[str, list[str], str]]:
-    """Command lines Hydra refuses before any task runs: each must be one "<app>: error: ..." line naming the
-    override (and the valid options of a group), exit 2, and show no traceback nor Hydra's HYDRA_FULL_ERROR advice.
+    """Command lines Hydra refuses before any task runs (and a few with one value error the task refuses): each must
+    be one "<app>: error: ..." line naming the override (and the valid options of a group), exit 2, and show no
+    traceback nor Hydra's HYDRA_FULL_ERROR advice.
     Every Hydra app gets the common ones; qat-ptq (and a few on qat-train) every kind."""
     c: list[tuple[str, list[str], str]] = []
     for app, base in HYDRA_APPS.items():
@@ -220,6 +221,44 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
             (["--help", "quant=nosuch"], "quant=nosuch: no such recipe"),
             (["--cfg", "job", "quant=nosuch"], "quant=nosuch: no such recipe")]:
         c.append(("ptq", argv, expected))
+    # a field of a scheme the recipe leaves at its default is no missing key; a group of another app's config
+    for argv, expected in [
+            (["method=rtn", "quant.weight.scale_dtype=float16"], "quant.weight.scale_dtype=float16: the recipe leaves "
+             "scale_dtype at its default; set it with +quant.weight.scale_dtype=float16"),
+            (["method=rtn", "quant=w8a8_static", "quant.input.static_global=maybe"], "quant.input.static_global=maybe: "
+             "the recipe leaves static_global at its default; set it with +quant.input.static_global=maybe"),
+            (["method=rtn", "quant=w4a16_g128_mixed", "quant.overrides.0.weight.observer=mse"],
+             "quant.overrides.0.weight.observer=mse: the recipe leaves observer at its default"),
+            (["method=rtn", "quant.weight.scale_dtyp=fp16"], "no such key 'quant.weight.scale_dtyp' (did you mean "
+             "quant.weight.scale_dtype?); the fields of a quant scheme (QuantSpec): bits, dtype, symmetric"),
+            (["experiment=tiny_qat"], "experiment=tiny_qat: qat-ptq has no experiment group (it is qat-train's); its "
+                                      "groups: data, method, model, paths, quant"),
+            (["+experiment=tiny_qat"], "+experiment=tiny_qat: qat-ptq has no experiment group"),
+            # a recipe's value errors name the user's key, not the QuantSpec class; one error is one line
+            (["method=rtn", "quant.weight.bits=abc"], "qat-ptq: error: quant.weight.bits='abc'; expected an integer"),
+            (["method=rtn", "quant.weight.bits="], "qat-ptq: error: quant.weight.bits=''; expected an integer"),
+            (["method=rtn", "quant=w8a8_static", "+quant.input.static_global=maybe"],
+             "qat-ptq: error: quant.input.static_global='maybe'; use true or false"),
+            (["method=rtn", "quant=w4a16_g128_mixed", "quant.overrides.0.weight.bits=abc"],
+             "qat-ptq: error: quant.overrides[0].weight.bits='abc'; expected an integer"),
+            (["seed=abc"], "qat-ptq: error: seed='abc'; must be an integer >= 0")]:
+        c.append(("ptq", argv, expected))
+    c += [("train", TR + ["seed=abc"], "qat-train: error: seed='abc'; must be an integer >= 0"),
+          ("eval", EV + ["max_blocks=0"], "qat-eval: error: max_blocks=0; must be an integer >= 1 or null"),
+          ("compare", CMP + ["eval.max_blocks=0"], "qat-compare: error: eval.max_blocks=0; must be an integer >= 1"),
+          ("demo", ["model=tiny"], "model=tiny: qat-demo has no model group (it is qat-compare's"),
+          ("sensitivity", ["mode=solve", "scores={tmp}/nonexist.json"], "nonexist.json: no such file; give the "
+                                                                        "scores.json an earlier qat-sensitivity run"),
+          ("sensitivity", ["mode=solve", "scores={tmp}/notok"], "notok: a directory, not a file"),
+          ("compare", ["methods=[rtn,bogus]", "quants=[w4a16_g128]"], "methods entry 'bogus': no such method; "
+           "methods=[...] takes fp, awq, gptq, rtn, smoothquant; qat, qat_awq, qat_gptq run with -m: qat-compare -m"),
+          ("compare", ["methods=[qat_gptq]", "quants=[w4a16_g128]"], "methods entry 'qat_gptq': a QAT method runs one "
+                                                                     "job per method x scheme"),
+          ("export", ["model=tiny", "quant=nvfp4_w4a4", "format=compressed_tensors", "output={tmp}/ct"],
+           "qat-export: error: quant: recipe 'nvfp4_w4a4' has a static input scheme (fp4_e2m1 sym g16 nvfp4 "
+           "static-global), which needs calibration (a float model quantized on load gets none); give "
+           "checkpoint=<a calibrated qat-ptq / qat-train checkpoint> with it, or quantize and export in one run: "
+           "qat-ptq quant=nvfp4_w4a4 export=compressed_tensors")]
     c += [("train", TR + ["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean module or model?)"),
           ("train", TR + ["+trainer.max_steps=2"], "+trainer.max_steps=2: trainer.max_steps is already in the"),
           ("eval", EV + ["qunt=fp8_dynamic"], "(did you mean quant?)")]  # a group whose default is null

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qat.cli.boundary import one_error
 from qat.errors import ConfigError
 from qat.jobs.config import as_bool
 from tests.cli.bad_inputs import APPS, CASES, HYDRA_APPS, HYDRA_CASES, argv_for, make_files, run_in_process
@@ -251,3 +252,13 @@ def test_a_target_that_does_not_import_is_named_with_the_reason(tmp_path, monkey
         with pytest.raises(ConfigError) as err:
             import_target(target)
         assert str(err.value).startswith(f"cannot import _target_ '{target}' (") and reason in str(err.value)
+
+
+def test_several_value_errors_stay_a_list_one_is_one_line(files):
+    """One error is printed on the "<app>: error:" line itself; several stay "bad config:" and one line each."""
+    code, out = run_in_process("ptq", argv_for(["seed=abc", "eval.max_blocks=0"], files, "ptq"))
+    lines = out.strip().splitlines()
+    assert code == 2 and lines[:3] == ["qat-ptq: error: bad config:", "  - seed='abc'; must be an integer >= 0",
+                                       "  - eval.max_blocks=0; must be an integer >= 1 or null"], out
+    assert one_error("bad config:\n  - seed=-1; must be >= 0") == "seed=-1; must be >= 0"
+    assert one_error("bad config:\n  - a\n  - b") == "bad config:\n  - a\n  - b"
