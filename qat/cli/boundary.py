@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from typing import Any, Callable, Iterator
 
@@ -38,7 +39,7 @@ import yaml
 from qat.cli.hydra_errors import hydra_message, omegaconf_message
 from qat.cli.recipe_path import recipe_paths
 from qat.errors import ConfigError, UserError
-from qat.jobs.config import instantiation_error
+from qat.jobs.config import import_target, instantiation_error
 from qat.observers import reset_warnings
 from qat.recipes import CONFIG_DIR
 
@@ -98,10 +99,14 @@ def _instantiation_message(exc: InstantiationException) -> str | None:
     if cause is None:
         return str(exc)
     if head.startswith("Error locating target"):  # a `_target_` that does not import; not its import's own bug
-        root = cause.__cause__ or cause
-        if not isinstance(root, (ImportError, AttributeError, ValueError)):
+        located = re.match(r"Error locating target '([^']*)'", head)
+        try:  # the same look-up again: a name that is not there is the user's; an error inside a module is ours
+            import_target(located.group(1) if located else "")
+        except ConfigError:
+            return f"{key + ': ' if key else ''}{instantiation_error(exc)}"
+        except Exception:
             return None
-        return f"{key + ': ' if key else ''}{instantiation_error(exc)}"
+        return None
     inner = user_message(cause)
     if inner is None and isinstance(cause, (TypeError, ValueError)):  # the node's arguments: a bad key or value
         inner = f"{type(cause).__name__}: {cause}"
@@ -229,10 +234,11 @@ def check_groups(app: str, argv: list[str]) -> None:
         ConfigError: naming the group, the app(s) it belongs to and `app`'s own groups.
     """
     own = default_groups(app)
+    keys = top_level_keys(app)  # a plain key of the app's own config (qat-sensitivity's `method`) is not a group
     for arg in argv:
         key, sep, _ = arg.partition("=")
         group = key.lstrip("+")
-        if not sep or key.startswith("-") or group in own or not (CONFIG_DIR / group).is_dir():
+        if not sep or key.startswith("-") or group in own or group in keys or not (CONFIG_DIR / group).is_dir():
             continue
         owners = [a for a in _apps() if a != app and group in default_groups(a)]
         if owners:
@@ -270,6 +276,12 @@ def null_groups(app: str, argv: list[str]) -> list[str]:
                               f"{', '.join(options)}{path}, or ~{group} to leave it out where {app} runs without "
                               "one")
     return out
+
+
+def top_level_keys(app: str) -> set[str]:
+    """The keys `app`'s own config file sets itself (not through its defaults list)."""
+    config = CONFIG_DIR / f"{app.removeprefix('qat-')}.yaml"
+    return set(yaml.safe_load(config.read_text()) or {}) - {"defaults"} if config.is_file() else set()
 
 
 def default_groups(app: str) -> dict[str, str | None]:

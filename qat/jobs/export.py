@@ -29,6 +29,7 @@ from qat.jobs.config import EXPORT, EXPORT_CALIBRATION, as_bool, as_count, check
 from qat.jobs.eval import corpus_config, tokenizer_for
 from qat.jobs.measure import file_bits_per_weight
 from qat.models import has_fused_experts
+from qat.recipes import recipe_names
 from qat.transform.recipe import load_recipe
 from qat.transform import QuantRecipe, as_recipe, convert, prepare
 
@@ -84,6 +85,7 @@ def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None,
                                 "run (.ckpt / .pt / .safetensors, or a sharded FSDP checkpoint folder)")
     if quant is not None and checkpoint is None:  # checked before the model loads
         name = quant if isinstance(quant, (str, os.PathLike)) else as_recipe(quant).name
+        name = name if str(name) in recipe_names() or "/" in str(name) else "<the same recipe file>"  # a quant=<path>
         recipe = in_flight_recipe(quant, "give checkpoint=<a calibrated qat-ptq / qat-train checkpoint> with it, "
                                          f"or quantize and export in one run: qat-ptq quant={name} export={format}")
     elif quant is not None:

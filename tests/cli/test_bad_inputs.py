@@ -254,6 +254,24 @@ def test_a_target_that_does_not_import_is_named_with_the_reason(tmp_path, monkey
         assert str(err.value).startswith(f"cannot import _target_ '{target}' (") and reason in str(err.value)
 
 
+def test_a_bug_inside_a_targets_module_keeps_its_traceback(tmp_path, monkeypatch):
+    """Hydra's "Error locating target" is the user's only when the name is not there: a module that exists and
+    fails in its own code (a bug, ours or a dependency's) is not turned into one line."""
+    from hydra.utils import instantiate
+
+    from qat.cli.boundary import user_message
+
+    (tmp_path / "qat_broken_mod.py").write_text("import os\nos.not_a_function()\nclass Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    messages = {}
+    for target in ("qat_broken_mod.Thing", "qat_no_such_mod.Thing"):
+        with pytest.raises(Exception) as err:
+            instantiate({"cb": {"_target_": target}})
+        messages[target] = user_message(err.value)
+    assert messages["qat_broken_mod.Thing"] is None
+    assert messages["qat_no_such_mod.Thing"].startswith("cb: cannot import _target_ 'qat_no_such_mod.Thing'")
+
+
 def test_several_value_errors_stay_a_list_one_is_one_line(files):
     """One error is printed on the "<app>: error:" line itself; several stay "bad config:" and one line each."""
     code, out = run_in_process("ptq", argv_for(["seed=abc", "eval.max_blocks=0"], files, "ptq"))
@@ -262,3 +280,12 @@ def test_several_value_errors_stay_a_list_one_is_one_line(files):
                                        "  - eval.max_blocks=0; must be an integer >= 1 or null"], out
     assert one_error("bad config:\n  - seed=-1; must be >= 0") == "seed=-1; must be >= 0"
     assert one_error("bad config:\n  - a\n  - b") == "bad config:\n  - a\n  - b"
+
+
+def test_a_plain_key_named_like_another_apps_group_is_not_refused():
+    """qat-sensitivity's `method` is a key of its own config, not the `method` group of qat-ptq / qat-compare."""
+    from qat.cli.boundary import check_groups
+
+    check_groups("qat-sensitivity", ["method={name:kl,cache_mb:64}", "method.name=kl"])
+    with pytest.raises(ConfigError, match="qat-ptq has no experiment group"):
+        check_groups("qat-ptq", ["experiment=tiny_qat"])

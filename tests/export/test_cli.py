@@ -204,8 +204,12 @@ def test_float_model_for_a_quantized_format_and_unknown_architecture_are_refused
 def test_static_in_flight_recipe_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme.*needs calibration"):
         run_eval("no/such/model", quant="w8a8_static")
-    with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme"):
+    with pytest.raises(ValueError, match="'w8a8_static' has a static input scheme.*qat-ptq quant=w8a8_static export="):
         run_export("no/such/model", str(tmp_path / "n"), quant="w8a8_static")
+    import qat  # a recipe given as a mapping (a quant=<file>): its name is no recipe qat-ptq could take by name
+    mine = {**qat.load_recipe("w8a8_static").to_dict(), "name": "my_static"}
+    with pytest.raises(ValueError, match=r"'my_static' has a static.*qat-ptq quant=<the same recipe file> export="):
+        run_export("no/such/model", str(tmp_path / "n"), quant=mine)
 
 
 def test_pinned_checkpoint_of_another_recipe_is_refused_naming_the_module(tmp_path):
