@@ -69,6 +69,19 @@ def _lean_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
+def _attribute_set(objects: Any, attr: str, value: Any):
+    """`attr` = `value` on every object inside the block; each object's own value restored after."""
+    saved = [(o, getattr(o, attr)) for o in objects]
+    try:
+        for o, _ in saved:
+            setattr(o, attr, value)
+        yield
+    finally:
+        for o, old in saved:
+            setattr(o, attr, old)
+
+
+@contextmanager
 def unfused_ste(model: nn.Module):
     """Inside the block every module `set_lean_ste` switches uses the unfused STE (twice differentiable, as a
     Hessian-vector product needs: the lean one's backward is not); each module's own setting is restored after.
@@ -77,27 +90,15 @@ def unfused_ste(model: nn.Module):
         >>> with qat.control.unfused_ste(model):
         ...     grads = torch.autograd.grad(loss_fn(model), weights, create_graph=True)
     """
-    saved = [(m, m.lean) for m in _lean_modules(model)]
-    try:
-        for m, _ in saved:
-            m.lean = False
+    with _attribute_set(_lean_modules(model), "lean", False):
         yield model
-    finally:
-        for m, flag in saved:
-            m.lean = flag
 
 
 @contextmanager
 def quantization_disabled(model: nn.Module):
     """Run the model in full precision inside the block (for a teacher pass, say)."""
-    saved = [(q, q.enabled) for _, q in quantizers(model)]
-    try:
-        for q, _ in saved:
-            q.enabled = False
+    with _attribute_set([q for _, q in quantizers(model)], "enabled", False):
         yield model
-    finally:
-        for q, enabled in saved:
-            q.enabled = enabled
 
 
 def uncalibrated(model: nn.Module) -> list[str]:
@@ -126,14 +127,8 @@ def frozen_ranges(model: nn.Module):
                           "activation ranges but have none yet; calibrate first (qat.calibrate on calibration / "
                           "training batches, qat-train's module.range_init_batches, qat-ptq): evaluation data "
                           "never sets them")
-    saved = [(q, q.observing) for _, q in quantizers(model, roles=["input", "kv_cache"])]
-    try:
-        for q, _ in saved:
-            q.observing = False
+    with _attribute_set([q for _, q in quantizers(model, roles=["input", "kv_cache"])], "observing", False):
         yield model
-    finally:
-        for q, observing in saved:
-            q.observing = observing
 
 
 def on_input_device(model: nn.Module, batch: Any) -> Any:
