@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torchmetrics.text import Perplexity
 
 from qat.control import frozen_ranges
@@ -103,8 +104,8 @@ class QATModule(pl.LightningModule):
             qat.set_lean_ste(self.model, lean_ste)
         self._rotations, self._cayley = self._attach_rotations(to_plain(learned_rotations)), None
         if freeze_embeddings:  # input embeddings (and a tied lm_head) stay as they are: less compute, less memory
-            self.model.get_input_embeddings().weight.requires_grad_(False)
-            self.model.get_output_embeddings().weight.requires_grad_(False)
+            for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+                stored_weight(module).requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
@@ -311,3 +312,11 @@ def sync_activation_ranges(model: nn.Module, reinit_learned: bool = False) -> in
 
 def _all_initialized(model: nn.Module) -> bool:
     return all(q.initialized or q.spec.dynamic for _, q in qat.quantizers(model))
+
+
+def stored_weight(module: nn.Module) -> nn.Parameter:
+    """The weight parameter `module` stores: under a parametrization (a learned rotation: weight = W @ R, computed
+    at every access) the original W, else the weight itself. Freezing it leaves the rotation trainable."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight

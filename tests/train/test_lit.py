@@ -190,3 +190,21 @@ def test_learned_rotations_train_jointly_and_fuse(corpus):
     assert not any("parametrizations" in k for k in m.model.state_dict())  # fused when fit ended
     with pytest.raises(ConfigError, match="unknown key"):
         QATModule(TINY, None, learned_rotations={"r7": True})
+
+
+def test_learned_rotations_with_frozen_embeddings(corpus):
+    """freeze_embeddings under a learned R1 (the main job's setting): the stored embedding stays as it was, the
+    rotation it is read through still trains (was: requires_grad_ on the computed, parametrized weight raised)."""
+    pl.seed_everything(0)
+    m = QATModule(TINY, qat.load_recipe("w4a16_g128").to_dict() | {"weight": {"bits": 4, "granularity": "per_channel"}},
+                  optimizer=OPTIM, learned_rotations={"lr": 0.5}, freeze_embeddings=True)
+    embed = m.model.get_input_embeddings().parametrizations.weight.original
+    before, r1 = embed.detach().clone(), m._rotations[0]
+    start = r1.detach().clone()
+    assert not embed.requires_grad and r1.requires_grad
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(m, datamodule(corpus))
+    assert not torch.equal(start, r1.detach())
+    fused = m.model.get_input_embeddings().weight  # fused at fit end: the frozen embedding times the learned R1
+    torch.testing.assert_close(fused.detach(), (before.double() @ r1.detach().double()).float(), atol=1e-5, rtol=1e-5)
