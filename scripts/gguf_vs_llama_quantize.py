@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", help="llama.cpp build folder (default: $QAT_LLAMA_CPP, then PATH)")
     parser.add_argument("--model", default="smollm2-135m", help="anything qat-export's model.path takes")
-    parser.add_argument("--types", default="MXFP4,IQ4_XS,TQ2_0")
+    parser.add_argument("--types", default="MXFP4,IQ4_XS,TQ2_0", help="comma-separated; '' scores the F32 file and --extra only")
     parser.add_argument("--extra", nargs="*", default=[], help="label=path.gguf: more files to score")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--chunks", type=int, default=16)
@@ -84,7 +84,7 @@ def run(args, bin_dir: Path, work: Path, extra: list[list[str]]) -> None:
     model, tok = load_any(args.model), load_any_tokenizer(args.model)
     name = Path(args.model).name
     files = [("F32 (llama-quantize's input)", export_gguf(model, work / f"{name}-F32.gguf", "F32", tokenizer=tok))]
-    for t in args.types.split(","):
+    for t in filter(None, args.types.split(",")):
         t0 = time.time()
         ours = export_gguf(model, work / f"{name}-qat-{t}.gguf", t, tokenizer=tok, pure=True)
         files.append((f"qat RTN {t} ({time.time() - t0:.0f} s)", ours))
