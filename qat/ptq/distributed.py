@@ -20,6 +20,9 @@ statistics are then combined so that every process holds exactly what one proces
   (`ranks` None): one code path.
 * Each process runs its batches through the solved block: the next block's inputs stay sharded.
 
+On GPUs (backend nccl, `launch` / `init_from_env`) process r computes on cuda:<local rank> (`rank_device`): the
+statistics stay there, the solves' results travel through the CPU (`_to`), so each lands on its receiver's device.
+
 Communication per step: the statistics passed along the chain of processes and broadcast, and the results
 gathered. Memory: a process keeps the sums of its own batches until they are combined (B / W per statistic), on
 top of one process's.
@@ -28,10 +31,12 @@ The same quantized weights as one process (atol=0), provided each batch's forwar
 process: the same batches (the same sizes), kernels and thread count.
 
     qat.ptq.distributed.launch(my_rank_function, 2, *args)   # this process is rank 0; 1 spawned (gloo)
+    qat.ptq.distributed.launch(my_rank_function, 2, *args, backend="nccl")   # process r on cuda:r
     qat.ptq.apply(model, "gptq", batches, distributed=True)   # in every process of an initialised group
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -54,6 +59,7 @@ class Ranks:
     rank: int
     world: int
     load: list[int] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
 
     def __post_init__(self) -> None:
         self.load = self.load or [0] * self.world
@@ -68,7 +74,7 @@ class Ranks:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("distributed PTQ needs an initialised torch.distributed process group: run it through "
                               "qat.ptq.distributed.launch (qat-ptq distributed.processes=N) or under torchrun")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), device=rank_device())
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This process's contiguous share of `items` (shares differ in length by at most one, the first longer).
@@ -95,14 +101,15 @@ class Ranks:
         if not many:
             return
         kept = [st.pop_batches() for st in many]
-        counts = torch.tensor([st.n_tokens for st in many], dtype=torch.long)
+        counts = torch.tensor([st.n_tokens for st in many], dtype=torch.long, device=self.device)
         dist.all_reduce(counts)
         maxima = [st.abs_max for st in many if st.magnitudes]
         top = torch.cat(maxima) if maxima else None
         if top is not None:
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
         parts = [st.partial_sums() for st in many]
-        flat = torch.cat([p.reshape(-1) for ps in parts for p in ps]) if any(parts) else torch.zeros(0)
+        flat = (torch.cat([p.reshape(-1) for ps in parts for p in ps]) if any(parts)
+                else torch.zeros(0, device=self.device))
         if self.rank > 0:
             dist.recv(flat, self.rank - 1)
         views, at = [], 0
@@ -138,7 +145,7 @@ class Ranks:
             dist.recv_object_list(received, self.rank - 1)
             _set_ranges(held, received[0])
         run()
-        ranges = [[(q.observer.lo, q.observer.hi) if q.initialized else None for q in held]]
+        ranges = [[_to(self.device, (q.observer.lo, q.observer.hi), "cpu") if q.initialized else None for q in held]]
         if self.rank + 1 < self.world:
             dist.send_object_list(ranges, self.rank + 1)
         dist.broadcast_object_list(ranges, self.world - 1)
@@ -148,11 +155,11 @@ class Ranks:
         """`solve(i)` for every task i (`costs[i]`: its work), each run by the rank `owners` gives it; every rank
         receives every result (pickled: tensors exactly), in task order. All ranks must call it alike."""
         owners = self.owners(costs)
-        mine = {i: solve(i) for i, r in enumerate(owners) if r == self.rank}
+        mine = {i: _to(self.device, solve(i), "cpu") for i, r in enumerate(owners) if r == self.rank}
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, mine)
         results = {i: res for part in gathered for i, res in part.items()}
-        return [results[i] for i in range(len(costs))]
+        return [_to(self.device, results[i], self.device) for i in range(len(costs))]
 
     def owners(self, sizes: Sequence[int]) -> list[int]:
         """The rank that solves each task of a step (a stage's linears, experts, searches; `sizes`: their work,
@@ -166,6 +173,23 @@ class Ranks:
             stage[r] += sizes[i]
             self.load[r] += sizes[i]
         return out
+
+
+def _to(where: torch.device, obj: Any, device: torch.device | str) -> Any:
+    """`obj` (tensors, in tuples, lists, dicts and dataclasses) with its tensors on `device`, when the ranks compute
+    on a GPU (`where`): a pickled CUDA tensor would be unpickled on the sender's GPU. On the CPU: `obj` itself."""
+    if where.type == "cpu":
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to(where, o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(where, v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to(where, getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
 
 
 def _set_ranges(held: Sequence[Any], ranges: Sequence[Any]) -> None:
@@ -213,8 +237,9 @@ def process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment; gloo), unless one exists.
+def init_from_env(backend: str = "gloo") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment), unless one exists; with
+    backend="nccl" this process computes on cuda:LOCAL_RANK (`rank_device`).
 
     Returns:
         whether this process is one of several (a group is initialised).
@@ -223,8 +248,23 @@ def init_from_env() -> bool:
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group("gloo", timeout=TIMEOUT)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=TIMEOUT)
     return True
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group backend for ranks computing on `device`'s type: nccl for CUDA, gloo for the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device() -> torch.device:
+    """The device this rank computes on: its current CUDA device in an nccl group (set by `launch` /
+    `init_from_env`: cuda:<local rank>), else the CPU (gloo, or no group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def free_port() -> int:
@@ -251,7 +291,10 @@ def usable_cpus() -> int:
 
 
 def init_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
-    """Join the process group of `world` processes on this host (rendezvous on 127.0.0.1:`port`)."""
+    """Join the process group of `world` processes on this host (rendezvous on 127.0.0.1:`port`); with
+    backend="nccl" process `rank` computes on cuda:`rank`."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
 
@@ -268,7 +311,8 @@ def launch(fn: Callable, processes: int, *args: Any, backend: str = "gloo") -> A
     """Run `fn(*args)` in `processes` processes joined in one process group; this process is rank 0.
 
     The other ranks are spawned (fresh interpreters: `fn` must be importable, `args` picklable) and run the same
-    call; they must make the same collective calls (e.g. `qat.ptq.apply(..., distributed=True)`).
+    call; they must make the same collective calls (e.g. `qat.ptq.apply(..., distributed=True)`). With
+    backend="nccl" process r computes on cuda:r (`rank_device`); gloo: the CPU.
     Returns:
         what `fn` returned in this process.
     Raises:

@@ -10,6 +10,8 @@ one block plus the calibration activations.
     info = stream_ptq("~/models/llama", "w4a16_g128", "gptq", batches, "out/model_parts")
     state = load_parts("out/model_parts")   # == the in-memory model's state_dict(), tensor for tensor
 
+On a GPU (`device`) the non-block part and the block being solved live there; the parts are written from the CPU.
+
 Used by `qat-ptq offload=stream`.
 """
 from __future__ import annotations
@@ -103,32 +105,51 @@ class StreamIO:
     """`qat.ptq.runner.BlockIO` over safetensors shards: loads and prepares block i, writes and frees it when done."""
 
     def __init__(self, model: nn.Module, reader: ShardReader, result, prefix: str, blocks: list[nn.Module],
-                 out: Path, method: PTQMethod) -> None:
+                 out: Path, method: PTQMethod, device: torch.device | None = None) -> None:
         self.model, self.reader, self.result, self.prefix, self.blocks = model, reader, result, prefix, blocks
-        self.out, self.method, self.parts = out, method, {}
+        self.out, self.method, self.parts, self.device = out, method, {}, device
 
     def load(self, i: int) -> nn.Module:
         name = f"{self.prefix}.{i}"
         block = self.blocks[i]
         state = {k[len(name) + 1:]: v for k, v in self.reader.read(lambda k: k.startswith(name + ".")).items()}
-        block.load_state_dict(state, strict=True, assign=True)
         for key, tensor in state.items():
             if tensor.is_floating_point():
                 check_tensor(tensor, f"{name}.{key}")
+        if on_device(self.device):
+            state = {k: v.to(self.device) for k, v in state.items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        if on_device(self.device):
+            block.to(self.device)  # its buffers (real in the skeleton) too
         apply_plan(self.model, self.result, lambda n: n.startswith(name + "."))
         self.method.check(self.model, {f"{name}.{n}": m for n, m in quantized_linears(block).items()})
         return block
 
     def done(self, i: int, block: nn.Module) -> None:
         name = f"{self.prefix}.{i}"
-        self.parts[f"part-{i + 1:05d}.pt"] = save_part(block.state_dict(prefix=name + "."), self.out / f"part-{i + 1:05d}.pt")
+        part = f"part-{i + 1:05d}.pt"
+        self.parts[part] = save_part(block.state_dict(prefix=name + "."), self.out / part)
         block.to("meta")  # frees the weights; the skeleton stays for the module names
 
 
+def on_device(device: torch.device | None) -> bool:
+    """Whether the blocks compute somewhere else than where they are read (the CPU)."""
+    return device is not None and device.type != "cpu"
+
+
+def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with its tensors on the CPU (a tensor already there is kept as it is: the same object).
+
+    Example:
+        >>> torch.save(cpu_state(model.state_dict()), "model.pt")   # loadable where there is no GPU
+    """
+    return {k: v.cpu() if isinstance(v, torch.Tensor) and v.device.type != "cpu" else v for k, v in state.items()}
+
+
 def save_part(state: dict[str, Any], path: Path) -> list[str]:
-    """Write one part of a streamed state dict (loadable with weights_only=True); returns its keys."""
+    """Write one part of a streamed state dict (on the CPU, loadable with weights_only=True); returns its keys."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(cpu_state(state), tmp)
     return list(state)
 
 
@@ -147,7 +168,7 @@ def load_parts(folder: str | Path) -> dict[str, Any]:
 
 
 def stream_ptq(source: str | Path, recipe: Any, method: Any, batches: Iterable[Any], out: str | Path,
-               dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+               dtype: torch.dtype = torch.float32, progress: bool = True, device: torch.device | None = None) -> dict:
     """PTQ of the safetensors checkpoint in folder `source`, one decoder block in memory at a time.
 
     Args:
@@ -156,6 +177,7 @@ def stream_ptq(source: str | Path, recipe: Any, method: Any, batches: Iterable[A
         method: a block-by-block PTQ method name or config ("gptq", {"name": "awq", ...}).
         batches: calibration inputs, as for `qat.ptq.apply`.
         out: the folder the prepared state is written to, one part per block (see `load_parts`).
+        device: where the model computes (None: the CPU); blocks are read on the CPU and moved there one at a time.
     Returns:
         {"method", options..., "seconds", "parts"}: what `model.qat_ptq` holds after an in-memory run.
     Raises:
@@ -180,13 +202,15 @@ def stream_ptq(source: str | Path, recipe: Any, method: Any, batches: Iterable[A
     result = plan(model, recipe)
     outside = lambda n: not n.startswith(prefix + ".")  # noqa: E731
     _load_rest(model, reader, outside, source)
+    if on_device(device):
+        _place_rest(model, prefix, device)
     apply_plan(model, result, outside)
     model.qat_recipe = recipe
     batches = list(batches)
     check_calibration(solver.name, solver.needs_calibration, getattr(cfg, "min_tokens", 0), batches, model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    io = StreamIO(model, reader, result, prefix, blocks, out, solver)
+    io = StreamIO(model, reader, result, prefix, blocks, out, solver, device)
     solver.block_io = io
     start = time.perf_counter()
     solver.run(model, batches, progress)
@@ -195,6 +219,21 @@ def stream_ptq(source: str | Path, recipe: Any, method: Any, batches: Iterable[A
     parts = {"part-00000.pt": save_part(rest, out / "part-00000.pt"), **io.parts}
     atomic_write_bytes(out / INDEX, json.dumps({"parts": sorted(parts)}, indent=1).encode())
     return {"method": solver.name, **dataclasses.asdict(cfg), "seconds": seconds, "offload": "stream", "parts": str(out)}
+
+
+def _place_rest(model: nn.Module, prefix: str, device: torch.device) -> None:
+    """Move everything but the decoder blocks (the ModuleList at `prefix`, still on the meta device) to `device`:
+    the list is set aside while the model moves; the head is tied again if configured (a move may untie it)."""
+    parent, _, attr = prefix.rpartition(".")
+    owner = model.get_submodule(parent)
+    held = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(owner, attr, held)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def _load_rest(model: nn.Module, reader: ShardReader, outside: Callable[[str], bool], source) -> None:
