@@ -11,6 +11,9 @@ from qat import testing
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the jobs' `device` defaults to auto (a GPU when there is one); the suite's reference results are CPU results, so
+# its jobs run on the CPU on any host (qat.jobs.placement); the gpu-marked tests give device=cuda themselves
+os.environ.setdefault("QAT_DEVICE", "cpu")
 
 
 @pytest.fixture

@@ -41,25 +41,27 @@ JOB = {"task_name": ANY, "seed": ANY, "paths": ANY, "hydra": ANY}
 CALIBRATION = dict.fromkeys(("samples", "seq_len", "split"), ANY)  # PTQ calibration of qat-ptq / qat-compare
 EVAL = dict.fromkeys(("split", "max_blocks", "batch_size"), ANY)
 PTQ = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "method": ANY, "calibration": CALIBRATION, "eval": EVAL,
-       "save": ANY, "export": ANY, "progress": ANY, "offload": ANY, "distributed": {"processes": ANY}}
+       "save": ANY, "export": ANY, "progress": ANY, "offload": ANY, "distributed": {"processes": ANY}, "device": ANY}
 QAT = dict.fromkeys(("experiment", "overrides"), ANY)  # qat-compare's QAT rows: qat-train overrides
 QAT_METHOD = dict.fromkeys(("name", "label", "init", "overrides"), ANY)  # a `method` node with name: qat
 HARNESS = dict.fromkeys(("limit", "batch_size", "max_length", "num_fewshot", "bootstrap_iters"), ANY)  # lm-eval
 COMPARE_EVAL = {**EVAL, "tasks": ANY, "harness": HARNESS}  # single-process qat-compare: lm-eval tasks per row
 COMPARE = {**JOB, "model": MODEL, "data": DATA, "methods": ANY, "quants": ANY, "calibration": CALIBRATION,
-           "eval": COMPARE_EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT, "fail_on_error": ANY}
+           "eval": COMPARE_EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT,
+           "fail_on_error": ANY, "device": ANY}
 
 EXPORT_CALIBRATION = dict.fromkeys(("samples", "seq_len", "split", "batch_size", "save"), ANY)  # imatrix=calibrate
 EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "gguf_type": ANY, "gguf_pure": ANY,
           "output": ANY, "overwrite": ANY, "checkpoint": ANY, "tokenizer": ANY, "imatrix": ANY,
           "calibration": EXPORT_CALIBRATION}
 EVAL_JOB = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "split": ANY, "max_blocks": ANY, "prompt": ANY,
-            "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY}
+            "max_new_tokens": ANY, "tokenizer": ANY, "tasks": ANY, "harness": HARNESS, "output": ANY, "label": ANY,
+            "device": ANY}
 SENSITIVITY = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "menu": ANY, "method": ANY, "mode": ANY,
                "scores": ANY, "targets": ANY, "ignore": ANY, "float_bits": ANY, "ties": ANY, "candidates": ANY,
                "budget": dict.fromkeys(("bits_per_weight", "bytes"), ANY), "calibration": dict.fromkeys(
                    ("samples", "seq_len", "split", "batch_size"), ANY), "name": ANY, "plot": ANY,
-               "gguf": dict.fromkeys(("export", "rest"), ANY)}
+               "gguf": dict.fromkeys(("export", "rest"), ANY), "device": ANY}
 DEMO = {"quant": ANY, "tiny": TINY, "tokens": ANY, "hydra": ANY}
 
 INIT = {"calibration": dict.fromkeys(("samples", "seq_len"), ANY), "start": ANY, OPEN: ANY}  # + the method's keys

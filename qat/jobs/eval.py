@@ -25,6 +25,7 @@ from qat.jobs.config import EVAL_JOB, as_count, check_keys
 from qat.jobs.harness import (check_harness_args, check_tasks, evaluate_tasks, flat_metrics, require_lm_eval,
                               tasks_table)
 from qat.jobs.measure import perplexity
+from qat.jobs.placement import default_device, device_errors, place, resolve_device
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import check_token_ids
 
@@ -54,7 +55,7 @@ def corpus_config(data: str | dict, seq_len: int | None, max_blocks: int | None)
 def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, seq_len: int | None = None,
              max_blocks: int | None = 32, split: str = "test", prompt: str | None = None, max_new_tokens: int = 32,
              tokenizer: str | None = None, dtype: str = "float32", tiny: dict | None = None,
-             tasks: list[str] | str | None = None, harness: dict | None = None) -> dict:
+             tasks: list[str] | str | None = None, harness: dict | None = None, device: str | None = None) -> dict:
     """Perplexity (and a greedy generation) of any export, loaded through `load_any`.
 
     Args:
@@ -65,12 +66,13 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         seq_len / max_blocks: override the corpus's block size / number of evaluation blocks.
         tasks: lm-eval task / tag names run by `qat.jobs.harness.evaluate_tasks` (e.g. ["qat_offline"]).
         harness: its other arguments (limit, batch_size, max_length, num_fewshot, bootstrap_iters).
+        device: auto | cpu | cuda | cuda:N (`qat.jobs.placement`; None: $QAT_DEVICE, else auto).
     Returns:
         {"model", "ppl", "tokens", "protocol", "harness", "sample", "seconds"} ("harness": evaluate_tasks'
         result, when tasks are given).
     Raises:
-        ValueError: no tokenizer found (give tokenizer=). ImportError: tasks without lm-eval installed (checked
-            before the model loads).
+        ValueError: no tokenizer found (give tokenizer=); an unusable device (before the model loads).
+        ImportError: tasks without lm-eval installed (checked before the model loads).
     Example:
         >>> run_eval("out/m.gguf", data="wiki", max_blocks=8)
     """
@@ -80,10 +82,12 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         check_harness_args(**(harness or {}))
         check_tasks(tasks)
     recipe = None if quant is None else in_flight_recipe(quant)  # refused before the model loads
+    target = resolve_device(device)
     tok = tokenizer_for(tokenizer, model)
     net = load_any(model, dtype, **(tiny or {}))
     if recipe is not None:
         net = quantize_on_load(net, recipe)
+    net = place(net, target)
     if tok is None:
         raise ConfigError(f"no tokenizer found with {model!r} (no tokenizer files there); pass tokenizer=<the model's "
                           "tokenizer: a folder or hub name; 'tiny' only for qat's tiny models>")
@@ -123,6 +127,7 @@ def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
             errors.append(str(err))
     if cfg.get("split") not in SPLITS:
         errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
+    errors += device_errors(cfg.get("device", default_device()))
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     model = cfg["model"]
@@ -130,7 +135,7 @@ def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
     result = run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
                       split=cfg["split"], prompt=cfg["prompt"], max_new_tokens=cfg["max_new_tokens"],
                       tokenizer=cfg["tokenizer"], dtype=model.get("dtype", "float32"), tiny=model.get("tiny"),
-                      tasks=cfg.get("tasks") or None, harness=harness)
+                      tasks=cfg.get("tasks") or None, harness=harness, device=cfg.get("device"))
     target = cfg.get("output") or (Path(out_dir) / "result.json" if out_dir else None)
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)

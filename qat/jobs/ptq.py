@@ -22,22 +22,25 @@ from qat.errors import ConfigError, UserError
 from qat.export import FORMATS, check_recipe_format, export
 from qat.export.load import load_any_tokenizer
 from qat.io import atomic_path, atomic_write_bytes
+from qat.jobs import placement
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.export import stored_tokenizer
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
                         load_model, resolve_dtype, tokenizer_location)
-from qat.ptq import distributed_methods, method_config, method_of_config, ptq_model
-from qat.ptq.distributed import init_from_env, launch, mergeable_range_errors, process_rank, usable_cpus
-from qat.ptq.stream import stream_ptq
+from qat.jobs.placement import CALIBRATION_ROWS, device_errors, place, resolve_device
+from qat.ptq import method_config, method_of_config, ptq_model
+from qat.ptq.distributed import backend_for, init_from_env, launch, process_rank, rank_device, usable_cpus
+from qat.ptq.stream import cpu_state, stream_ptq
 from qat.recipes import read_recipe, recipe_names
 from qat.transform import as_recipe
 
 
 def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration: Sequence[Any],
             eval_blocks: torch.Tensor | None, method_args: dict | None = None, progress: bool = False,
-            batch_size: int = 4, distributed: bool = False) -> tuple[dict, nn.Module]:
+            batch_size: int = 4, distributed: bool = False,
+            device: torch.device | None = None) -> tuple[dict, nn.Module]:
     """Quantize a fresh model with one method and scheme, and measure it.
 
     Args:
@@ -47,12 +50,16 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
         calibration: calibration batches (LongTensor [B, T]).
         eval_blocks: LongTensor [N, T] for perplexity.
         distributed: quantize over the initialised process group (`qat.ptq.apply`).
+        device: where the model and the calibration batches go (None: where `load` puts them; eval blocks are
+            moved batch by batch by `perplexity`).
     Returns:
         (row with COLUMNS, the quantized model).
     Example:
         >>> row, model = run_one(lambda: load_model("tiny"), "gptq", "w4a16_g128", batches, test_blocks)
     """
-    model = load()
+    model = place(load(), device)
+    if device is not None:
+        calibration = [b.to(device) if isinstance(b, torch.Tensor) else b for b in calibration]
     start = time.perf_counter()
     with PeakMemory() as mem:
         if method != "fp":
@@ -169,8 +176,8 @@ def format_errors(quant: Any, format: str, experts: bool = False) -> list[str]:
 
 
 def check_values(cfg: dict) -> list[str]:
-    """The plain values of a qat-ptq / qat-compare config (seed, data sizes, eval settings, flags): one line
-    per bad value, naming its key and what is valid."""
+    """The plain values of a qat-ptq / qat-compare config (seed, data sizes, eval settings, flags, device): one
+    line per bad value, naming its key and what is valid."""
     errors = []
     checks = [(cfg.get("seed", 0), "seed", 0), (cfg["data"].get("block_size"), "data.block_size", 2),
               (cfg["data"].get("batch_size", 1), "data.batch_size", 1)]
@@ -188,6 +195,7 @@ def check_values(cfg: dict) -> list[str]:
             as_count(value, key, 1, allow_none=True)
         except ConfigError as err:
             errors.append(str(err))
+    errors += device_errors(cfg.get("device", placement.default_device()))
     for key in ("save", "progress", "fail_on_error"):
         if key in cfg:
             try:
@@ -223,9 +231,6 @@ def enough_tokens(method: Any, cal: dict) -> list[str]:
         return []
     return [f"calibration.samples x calibration.seq_len = {cal['samples']} x {cal['seq_len']} = {have} tokens; "
             f"method {name} needs min_tokens={need} (give more samples, or lower method.min_tokens)"]
-
-
-CALIBRATION_ROWS = 8  # calibration sequences per batch (qat-ptq's batches; distributed PTQ splits them)
 
 
 def job_inputs(model_cfg: dict, data_cfg: dict, calibration: dict | None, eval_cfg: dict,
@@ -273,75 +278,25 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
     processes = check_processes(cfg, method)
+    device = resolve_device(cfg.get("device"), max(processes, placement.torchrun_processes()))
     torch.manual_seed(cfg.get("seed", 0))
     if cfg.get("offload") is not None:
-        return run_streamed(cfg, method, Path(out_dir))
-    if init_from_env():  # under torchrun: this process is one rank of WORLD_SIZE
+        return run_streamed(cfg, method, Path(out_dir), device)
+    if init_from_env(backend_for(device)):  # under torchrun: this process is one rank of WORLD_SIZE
         return ptq_rank(cfg, str(out_dir), True)
-    return launch(ptq_rank, processes, cfg, str(out_dir), processes > 1)
+    return launch(ptq_rank, processes, cfg, str(out_dir), processes > 1, backend=backend_for(device))
 
 
 def check_processes(cfg: dict, method: dict) -> int:
-    """distributed.processes: a positive integer, at most the usable CPU cores; above 1, a method that runs
-    distributed, in memory, with at least one calibration batch per process, and static activation / KV ranges only
-    where they merge exactly (minmax, not learned: `mergeable_range_errors`). Checked before any process is spawned.
-
-    The ranks are CPU processes (gloo; qat-ptq places nothing on a GPU), each holding a whole model: more ranks than
-    cores share the same cores and multiply the memory, so they are refused here. `qat.ptq.distributed.launch`
-    itself takes any number (tests oversubscribe on purpose to check the weights do not depend on it).
-    Raises:
-        ConfigError: naming the key and what is valid.
-    """
-    section = cfg.get("distributed") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"distributed={section!r}: a section, not a value; use distributed.processes=N")
-    processes = as_count(section.get("processes", 1), "distributed.processes", 1)
-    if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        errors = []
-        options = method_config(method)
-        if not method_of_config(options).distributed:
-            errors.append(f"method={method['name']!r} does not run distributed; use method="
-                          f"{' or method='.join(distributed_methods())}, or distributed.processes=1")
-        else:  # before any process is spawned (the ranks check these and the model-dependent cases again)
-            errors.extend(method_of_config(options).distributed_option_errors(options))
-        if cfg.get("offload") is not None:
-            errors.append(f"offload={cfg['offload']!r} quantizes in one process; set offload=null or distributed.processes=1")
-        errors.extend(mergeable_range_errors(_activation_schemes(cfg.get("quant"))))
-        if processes > (cpus := usable_cpus()):
-            errors.append(f"distributed.processes={processes} is more than the {cpus} CPU core(s) this host lets qat "
-                          f"use; choose 1..{cpus} (each process is a CPU rank holding a whole model: more ranks than "
-                          "cores only share the same cores and multiply the memory)")
-        samples = (cfg.get("calibration") or {}).get("samples")
-        if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 \
-                and processes > (batches := -(-samples // CALIBRATION_ROWS)):
-            errors.append(f"distributed.processes={processes} needs at least {processes} calibration batches; "
-                          f"calibration.samples={samples} makes {batches} (batches of {CALIBRATION_ROWS}): "
-                          f"set calibration.samples >= {processes * CALIBRATION_ROWS} or fewer processes")
-        if errors:
-            raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
-    return processes
-
-
-def _activation_schemes(quant: Any) -> list[tuple[str, Any]]:
-    """(key, QuantSpec) of the recipe's input / KV-cache schemes, base and overrides; none for a recipe that does
-    not parse (refused elsewhere, with its own message)."""
-    try:
-        recipe = as_recipe(quant) if quant is not None else None
-    except (ValueError, OSError, TypeError):
-        return []
-    if recipe is None:
-        return []
-    out = [(f"quant.{role}", getattr(recipe.base, role)) for role in ("input", "kv_cache")]
-    for i, override in enumerate(recipe.overrides):
-        schemes = override.apply(recipe.base, f"quant.overrides[{i}]")
-        out += [(f"quant.overrides[{i}].{role}", getattr(schemes, role)) for role in ("input", "kv_cache")
-                if role in override.changes]
-    return out
+    """distributed.processes and the device of each process, checked before any is spawned
+    (`qat.jobs.placement.check_processes`, with this host's usable CPU cores)."""
+    return placement.check_processes(cfg, method, usable_cpus())
 
 
 def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
     """One process of a qat-ptq run: every rank quantizes (on its share of the calibration batches when
-    `distributed`); rank 0 then evaluates and writes, as a single-process run does, and returns the result."""
+    `distributed`, on its own device: `qat.ptq.distributed.rank_device`); rank 0 then evaluates and writes, as a
+    single-process run does, and returns the result."""
     torch.manual_seed(cfg.get("seed", 0))
     method = dict(cfg["method"])
     rank = process_rank()
@@ -349,7 +304,8 @@ def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
                                        cfg["eval"] if rank == 0 else {"split": None})
     row, model = run_one(load, method.pop("name"), cfg["quant"], batches, blocks, method,
                          progress=as_bool(cfg.get("progress", True), "progress"),
-                         batch_size=cfg["eval"].get("batch_size", 4), distributed=distributed)
+                         batch_size=cfg["eval"].get("batch_size", 4), distributed=distributed,
+                         device=rank_device() if distributed else resolve_device(cfg.get("device")))
     if rank != 0:
         return None
     out = Path(out_dir)
@@ -388,7 +344,7 @@ def check_offload(cfg: dict) -> None:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-def run_streamed(cfg: dict, method: dict, out: Path) -> dict:
+def run_streamed(cfg: dict, method: dict, out: Path, device: torch.device | None = None) -> dict:
     """qat-ptq offload=stream: quantize block by block from the shards into `out`/model_parts (see `qat.ptq.stream`)."""
     check_offload(cfg)
     _, batches, _ = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], {"split": None})
@@ -398,7 +354,7 @@ def run_streamed(cfg: dict, method: dict, out: Path) -> dict:
     with PeakMemory() as mem:
         options = stream_ptq(source, cfg["quant"], method, batches, out / "model_parts",
                              resolve_dtype(cfg["model"].get("dtype", "float32")),
-                             as_bool(cfg.get("progress", True), "progress"))
+                             as_bool(cfg.get("progress", True), "progress"), device)
     result = {"method": method["name"], "quant": quant_name(cfg["quant"]), "wall_s": time.perf_counter() - start,
               "peak_mem_mb": mem.peak_mb, "model": cfg["model"]["path"], "options": options,
               "checkpoint": str(out / "model_parts")}
@@ -409,11 +365,11 @@ def run_streamed(cfg: dict, method: dict, out: Path) -> dict:
 def save_state(model: nn.Module, path: Path) -> Path:
     """The prepared model's state dict (pinned qparams, g_idx and quantizer flags included), atomically.
 
-    A torch file loadable with torch.load(weights_only=True); `qat-export checkpoint=... quant=...` and
-    QAT training load it into a model prepared with the same recipe.
+    A torch file (its tensors on the CPU, wherever the model ran) loadable with torch.load(weights_only=True);
+    `qat-export checkpoint=... quant=...` and QAT training load it into a model prepared with the same recipe.
     """
     with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
+        torch.save(cpu_state(model.state_dict()), tmp)
     return path
 
 

@@ -28,6 +28,7 @@ from qat.io import atomic_write_bytes, write_json
 from qat.jobs.config import as_bool, as_count, check_keys
 from qat.jobs.export import run_export
 from qat.jobs.measure import PeakMemory
+from qat.jobs.placement import default_device, device_errors, place, resolve_device
 from qat.models import check_tokenizer_source, load_model, tokenizer_location
 from qat.sensitivity import (ScoreTable, budget_bits, build_menu, build_scorer, check_base, gguf_tensor_types,
                              llama_quantize_args, markdown_table, plot_report, score_model, solve, tie_groups,
@@ -45,7 +46,8 @@ def budget_of(cfg: dict) -> tuple[Any, Any]:
     return budget.get("bits_per_weight"), None
 
 
-SOLVE_UNUSED = ("model", "data", "menu", "method", "targets", "float_bits")  # the scores were measured with them
+# the scores were measured with them (and on `device`)
+SOLVE_UNUSED = ("model", "data", "menu", "method", "targets", "float_bits", "device")
 
 
 def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
@@ -111,6 +113,8 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
             check_base(QuantRecipe.from_dict(cfg["quant"]), {c.name: c for c in used})
             if exporting:
                 check_gguf_base(cfg["quant"])
+        if errors := device_errors(cfg.get("device", default_device())):
+            raise ConfigError(errors[0])
         cal = cfg.get("calibration") or {}
         for key in ("samples", "seq_len", "batch_size"):
             as_count(cal.get(key), f"calibration.{key}")
@@ -165,6 +169,7 @@ def analyze(cfg: dict) -> ScoreTable:
     model_cfg, cal = cfg["model"], cfg["calibration"]
     menu = build_menu(cfg["menu"], cfg.get("float_bits", 16))
     model = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
+    model = place(model, resolve_device(cfg.get("device")))  # the scorers move each batch to the model's device
     batches = calibration_batches(cfg["data"], cal["samples"], cal["seq_len"], cal.get("split", "train"),
                                   cal["batch_size"])
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from qat.errors import ConfigError, UserError
 from qat.io import atomic_write_bytes
 from qat.jobs.compare import compare_title
 from qat.jobs.config import COMPARE, QAT, QAT_METHOD, as_bool, as_count, check_keys, register_resolvers
+from qat.jobs.placement import resolve_device
 from qat.jobs.ptq import check_job, check_method, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
 from qat.recipes import CONFIG_DIR
@@ -98,7 +99,8 @@ def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
     if name == "fp" and (done := _done_fp_row(out, protocol, cfg["model"]["path"])):
         return done  # one float baseline per sweep: the jobs of the other schemes reuse it
     row, _ = run_one(load, name, cfg.get("quant"), batches, blocks, {k: v for k, v in opts.items() if k != "name"},
-                     progress=False, batch_size=cfg["eval"].get("batch_size", 4))
+                     progress=False, batch_size=cfg["eval"].get("batch_size", 4),
+                     device=resolve_device(cfg.get("device")))
     return {**row, "method": method_label(cfg["method"]), "status": "ok", "error": "", "protocol": protocol}
 
 
