@@ -109,6 +109,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("ptq", ["method=rtn", "quant=w8a8_static", "export=compressed_tensors"], "static input scheme")
     add("ptq", ["method=rtn", "quant=mxfp4", "export=gptq"], "GPTQ needs int bits")
     add("ptq", ["distributed.processes=4096"], "CPU core(s) this host lets qat use; choose 1..")  # before spawning
+    # the device: a name torch does not take here, a CUDA device no host has (refused on a GPU host too)
+    add("ptq", ["device=gpu"], "device='gpu'; choose auto, cpu, cuda or cuda:N")
+    add("ptq", ["device=cuda:99"], "device='cuda:99'")
+    add("ptq", ["device=7"], "device=7; choose auto, cpu, cuda or cuda:N")
 
     # qat-compare
     for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),
@@ -121,6 +125,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("compare", ["-m", "method=nope", "quant=w4a16_g128"], "nope")
     add("compare", ["-m", "method=gptq", "quant=w4a16_g128", "calibration.samples=0"], "calibration.samples")
     add("compare", ["-m", "method=rtn,gptq", "quant=w4a16_g128", "eval.max_blocks=-1"], "eval.max_blocks")
+    add("compare", CMP + ["device=tpu"], "device='tpu'; choose auto, cpu, cuda or cuda:N")
+    add("compare", ["-m", "method=rtn", "quant=w4a16_g128", "device=cuda:99"], "device='cuda:99'")
 
     # qat-eval
     for over, expected in [("model.path={tmp}/nomodel", "nomodel"),
@@ -133,7 +139,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("tasks=[qat_tiny_lambda]", "qat_tiny_lambda"),
                            ("tasks=[qat_tiny_ppl] harness.limit=-3", "harness.limit"),
                            ("tasks=[qat_tiny_ppl] harness.limit=2.5", "harness.limit"),
-                           ("tasks=[qat_tiny_ppl] harness.batch_size=0", "harness.batch_size")]:
+                           ("tasks=[qat_tiny_ppl] harness.batch_size=0", "harness.batch_size"),
+                           ("device=tpu", "device='tpu'; choose auto, cpu, cuda or cuda:N"),
+                           ("device=cuda:99", "device='cuda:99'")]:
         add("eval", EV + over.split(" "), expected)
 
     # qat-export
@@ -160,7 +168,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
     for over, expected in [("mode=nope", "mode='nope'"), ("mode=solve", "mode=solve needs scores="),
                            ("menu=gguf quant=w8a8", "cannot combine with the GGUF candidate(s)"),
                            ("quant=w4a16_g128_mixed", "quant.overrides[0].weight"), ("name=a/b", "name="),
-                           ("candidates=[nope]", "not in the menu"), ("menu=nope", "nope")]:
+                           ("candidates=[nope]", "not in the menu"), ("menu=nope", "nope"),
+                           ("device=mps", "device='mps'; choose auto, cpu, cuda or cuda:N"),
+                           ("device=cuda:99", "device='cuda:99'")]:
         add("sensitivity", over.split(" "), expected)
 
     # qat-assets (argparse)
