@@ -121,3 +121,17 @@ def test_batches_go_to_the_input_embeddings_device():
     assert moved["use_cache"] is False and torch.equal(moved["input_ids"], ids)
     assert on_input_device(meta_llama(), ids) is ids
     assert on_input_device(torch.nn.Linear(3, 3), ids) is ids
+
+
+def test_a_ptq_job_row_computes_on_the_device_it_is_given():
+    """qat-ptq / qat-compare's `run_one` moves the loaded (CPU) model and the CPU-built calibration batches to the
+    job's device (`qat.jobs.placement`); here `meta`, under RTN, whose solve needs no values: nothing of the CPU is
+    mixed into the computation."""
+    from qat.jobs.ptq import run_one
+
+    batches = [torch.randint(0, 256, (2, 16)) for _ in range(2)]
+    load = lambda: tiny_llama(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1)  # noqa: E731
+    with DeviceMixing() as mixing:
+        row, model = run_one(load, "rtn", "w4a16_g128", batches, None, device=torch.device("meta"))
+    assert not mixing.found, "\n".join(mixing.found)
+    assert {p.device.type for p in model.parameters()} == {"meta"} and row["bits_per_weight"] > 4

@@ -98,3 +98,4 @@ def test_place_leaves_a_cpu_model_alone():
     assert place(model, torch.device("cpu")) is model and model.weight is weight
     assert place(model, None) is model
     assert place(model, torch.device("meta")).weight.device.type == "meta"
+
