@@ -26,10 +26,10 @@ from qat.jobs import placement
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
 from qat.jobs.export import stored_tokenizer
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
+from qat.jobs.placement import CALIBRATION_ROWS, device_errors, place, resolve_device
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
                         load_model, resolve_dtype, tokenizer_location)
-from qat.jobs.placement import CALIBRATION_ROWS, device_errors, place, resolve_device
 from qat.ptq import method_config, method_of_config, ptq_model
 from qat.ptq.distributed import backend_for, init_from_env, launch, process_rank, rank_device, usable_cpus
 from qat.ptq.stream import cpu_state, stream_ptq
