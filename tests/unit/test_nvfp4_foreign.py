@@ -1,7 +1,7 @@
 """NVFP4 checkpoints other tools write: a compressed-tensors `nvfp4-pack-quantized` model made with compressed-tensors'
 own code, as llm-compressor makes it (`targets: [Linear]`, `ignore: [lm_head]`, weight_global_scale = 448 * 6 / amax,
-not a power of two), reads in qat to exactly the weights compressed-tensors' decompression gives, and writes back
-the same global, block scales and nibbles."""
+not a power of two), reads in qat to exactly the weights compressed-tensors' decompression gives (and the logits
+transformers computes with it), and writes back the same global, block scales and nibbles."""
 from __future__ import annotations
 
 import logging
@@ -26,7 +26,7 @@ from qat.formats.minifloat import e2m1_index
 from qat.formats.nvfp4 import nvfp4_spec, split_scales, weight_spec_of
 from qat.io import load_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
-from qat.testing import tiny_llama
+from qat.testing import cast_as_loaded, tiny_llama
 
 SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4A16)
 
@@ -90,6 +90,17 @@ def test_weights_are_compressed_tensors_own_decompression(foreign):
         before += int((old.dequantize(torch.float32) != theirs32).sum())
         after += theirs32.numel()
     assert before > after / 2  # most elements moved (up to a few %)
+
+
+def test_transformers_and_qat_compute_the_same_logits(foreign, token_ids):
+    """transformers + compressed-tensors load the checkpoint (CPU: bfloat16, weights decompressed by compressed-tensors)
+    and run it; qat's loaded model cast to bf16 as a checkpoint loads (`cast_as_loaded`) gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(foreign, dtype=torch.bfloat16)
+    ours = cast_as_loaded(load_compressed_tensors(foreign), torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(token_ids).logits, hf(token_ids).logits)  # atol=0
 
 
 def test_reexport_writes_the_same_global_scales_and_nibbles(foreign, tmp_path, token_ids):
