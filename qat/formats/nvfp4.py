@@ -16,8 +16,9 @@ keep the stored global: `weight_spec_of` gives them `static_global=True`, the co
 checkpoint's E4M3 bytes and G as they are (`pack_under`), and its values are E2M1 * (e4m3 / G) computed in float32,
 compressed-tensors' own decompression (then rounded once to the model's dtype, as compressed-tensors rounds to
 bfloat16). Re-rounding those scales onto the power-of-two grid instead moved 90% of a tiny model's weights, by up
-to 5.9%. GGUF holds no such global exactly (its per-tensor multiplier 1 / G would be rounded): exported as GGUF,
-these weights are re-quantized, with the usual warning.
+to 5.9%. As GGUF NVFP4 they keep their E4M3 bytes and nibbles and the multiplier is 1 / G rounded to float32
+(`stored_global`): gguf-py decodes e4m3 * E2M1 exactly, times the multiplier the values are within a float32
+rounding of ours (not bit-exact: llama.cpp multiplies the matmul output by it; the writer says so).
 
 Static-global activations (`QuantSpec.static_global`, recipe nvfp4_w4a4: compressed-tensors' NVFP4 preset, its
 `dynamic: local` input_activations): the global is held per module, compressed-tensors' `generate_gparam` of the
@@ -159,8 +160,7 @@ class NVFP4Format(Format):
         return True  # the codes are the doubled E2M1 values -12..12 (int8)
 
     def gguf_type(self, spec: QuantSpec) -> str | None:
-        # a held global that is not a power of two: GGUF's per-tensor multiplier 1 / G would be rounded (not exact)
-        return None if spec.static_global else "NVFP4"
+        return "NVFP4"  # a held global (static_global weights): blocks as stored, the multiplier 1 / G rounded once
 
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
@@ -195,6 +195,12 @@ class NVFP4Format(Format):
         stored = torch.cat([blocks.reshape(-1).view(torch.uint8), g.view(torch.uint8)])
         return {"packed": pack(e2m1_index(codes), 4), "scale": stored,
                 "zero_point": torch.empty(0, dtype=torch.uint8, device=g.device)}
+
+    def stored_global(self, stored, spec, shape):
+        if not spec.static_global:
+            return None
+        blocks, g = stored_scales(stored["scale"])
+        return blocks.float().reshape(*shape[:-1], -1, 1), g
 
     def unpack(self, stored, spec, shape):
         codes = e2m1_from_index(unpack(stored["packed"], 4, math.prod(shape))).reshape(shape)

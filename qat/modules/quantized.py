@@ -90,6 +90,12 @@ class QuantizedWeight(nn.Module):
         which the values do not see)."""
         return self._unpacked()[1:]
 
+    def stored_global(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(block scales times the global, float32 global [1]) of a weight whose global is held as stored
+        (`static_global`: NVFP4 read from another tool's checkpoint); None for other weights."""
+        stored = {"packed": self.packed, "scale": self.scale, "zero_point": self.zero_point}
+        return get_format(self.spec).stored_global(stored, self.spec, self.shape)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         codes, scale, zero_point = self._unpacked()
         return dequantize(codes, scale, zero_point, self.spec, dtype or self.dtype, self.group_index())

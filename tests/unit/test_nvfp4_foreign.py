@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+import gguf
 import pytest
 import torch
 from compressed_tensors.compressors import ModelCompressor
@@ -16,14 +17,17 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 from compressed_tensors.quantization.quant_scheme import NVFP4A16
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
 
 import qat
 from qat.errors import BadFileError
-from qat.export import export_compressed_tensors, export_gguf, load_compressed_tensors, load_native, save_native
+from qat.export import (export_compressed_tensors, export_gguf, load_compressed_tensors, load_gguf, load_native,
+                        save_native)
 from qat.export.compressed_fp import pack_nibbles
 from qat.export.ct_targets import group_targets
 from qat.formats.minifloat import e2m1_index
-from qat.formats.nvfp4 import nvfp4_spec, split_scales, weight_spec_of
+from qat.formats.nvfp4 import gguf_tensor_scale, nvfp4_spec, split_scales, weight_spec_of
 from qat.io import load_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.testing import cast_as_loaded, tiny_llama
@@ -120,11 +124,28 @@ def test_reexport_writes_the_same_global_scales_and_nibbles(foreign, tmp_path, t
         assert torch.equal(load_compressed_tensors(tmp_path / "ct")(token_ids).logits, ref)
 
 
-def test_gguf_requantizes_a_held_global_and_says_so(foreign, tmp_path, caplog):
+def test_gguf_keeps_the_stored_blocks_under_a_rounded_multiplier_and_says_so(foreign, tmp_path, caplog, token_ids):
     model = load_compressed_tensors(foreign)
     with caplog.at_level(logging.WARNING):
-        export_gguf(model, tmp_path / "m.gguf", gguf_type="NVFP4")
-    assert "re-quantized" in caplog.text and "static-global" in caplog.text
+        path = export_gguf(model, tmp_path / "m.gguf", gguf_type="F32")  # the NVFP4 weights stay NVFP4
+    assert "14 NVFP4 tensor(s) hold a global that is not a power of two" in caplog.text
+    assert "re-quantized" not in caplog.text
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    lin = model.model.layers[1].mlp.down_proj.qweight  # no q/k row permutation
+    blocks, g = tensors["blk.1.ffn_down.weight"], tensors["blk.1.ffn_down.scale"]
+    assert blocks.tensor_type == T.NVFP4
+    decoded = torch.from_numpy(gq.dequantize(blocks.data, T.NVFP4).reshape(lin.shape).copy())
+    m = float(g.data.reshape(-1)[0])
+    e, held = lin.stored_global()  # the stored E4M3 block scales and G
+    pow2 = gguf_tensor_scale(e)  # the blocks hold e * 2^k (exact), the multiplier is 2^-k / G rounded once
+    assert m == float((pow2 / held)[0])
+    values = lin.codes().float() / 2 * e.reshape(lin.shape[0], -1).repeat_interleave(16, 1)  # E2M1 * e4m3
+    assert torch.equal(decoded * pow2, values)  # gguf-py decodes the stored bytes exactly
+    ours = lin.dequantize(torch.float32)
+    ulp = torch.finfo(torch.float32).eps * ours.abs()
+    assert bool(((decoded * m - ours).abs() <= ulp).all())  # one float32 rounding (of 1 / G), not bit-exact
+    with torch.no_grad():  # qat's GGUF loader applies the multiplier to the weights (F32 file: compare in float32)
+        assert torch.allclose(load_gguf(path)(token_ids).logits, model.float()(token_ids).logits, atol=1e-5, rtol=0)
 
 
 def test_own_exports_keep_the_power_of_two_form(token_ids, tmp_path):
