@@ -242,7 +242,8 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
         log.warning("GGUF: %d NVFP4 tensor(s) hold a global that is not a power of two (read from another tool's "
                     "checkpoint): their E4M3 block scales and nibbles are written as stored, the multiplier 1 / G "
                     "rounded to float32, which llama.cpp applies to the matmul output: within a float32 rounding of "
-                    "the loaded weights, not bit-exact: %s", len(held), ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
+                    "the loaded weights, not bit-exact: %s", len(held),
+                    ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
     for scheme, names in requantized.items():
         log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
                     "not format-exact: %s", len(names), scheme,

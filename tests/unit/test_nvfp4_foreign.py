@@ -47,7 +47,8 @@ def write_as_llm_compressor(out, dtype: torch.dtype) -> None:
         w = module.weight.data
         g = generate_gparam(w.min(), w.max())
         blocks = w.reshape(w.shape[0], -1, 16)
-        scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), module.quantization_scheme.weights, global_scale=g)
+        args = module.quantization_scheme.weights
+        scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=g)
         module.weight_global_scale.data.copy_(g)
         module.weight_scale.data.copy_(scale)
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -114,7 +115,8 @@ def test_reexport_writes_the_same_global_scales_and_nibbles(foreign, tmp_path, t
     keys = [k for k in stored if ".weight_" in k]
     assert len(keys) == 3 * 14
     for k in keys:
-        assert again[k].dtype == stored[k].dtype and torch.equal(again[k].view(torch.uint8), stored[k].view(torch.uint8))
+        assert again[k].dtype == stored[k].dtype
+        assert torch.equal(again[k].view(torch.uint8), stored[k].view(torch.uint8))
     packed = torch.cat([stored[k].reshape(-1) for k in keys if k.endswith("weight_packed")])
     assert bool(((packed & 0x0F) == 8).any())  # compressed-tensors' negative zeros, held as stored
     with torch.no_grad():
