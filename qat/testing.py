@@ -76,6 +76,13 @@ def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.n
     return model
 
 
+def rounded_rope(model: torch.nn.Module) -> list[str]:
+    """The RoPE frequency buffers (`*.inv_freq`) of `model` held below float32: a plain `model.to(torch.bfloat16)`
+    rounded them, where every loader computes them in float32 (see `cast_as_loaded`)."""
+    return [n for n, b in model.named_buffers() if n.endswith("inv_freq") and b.is_floating_point()
+            and torch.finfo(b.dtype).bits < 32]
+
+
 def check_tiny(**sizes: object) -> None:
     """Refuse sizes a Llama cannot have, naming every offending `tiny.<key>` (before transformers divides by zero).
 

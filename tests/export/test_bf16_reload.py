@@ -2,6 +2,8 @@
 dtype its float tensors were stored in and dequantize to it (they used to build float32 and refuse the file)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -51,14 +53,16 @@ def test_nvfp4_model_cast_by_qat_reloads_bit_exactly(recipe, fmt, ids, tmp_path)
     assert torch.equal(logits(load_any(tmp_path / fmt), ids), ref)  # atol=0
 
 
-def test_a_plain_bf16_cast_rounds_rope_frequencies_and_only_that_differs_on_reload(ids, tmp_path):
+def test_a_plain_bf16_cast_rounds_rope_frequencies_and_only_that_differs_on_reload(ids, tmp_path, caplog):
     """`model.to(torch.bfloat16)` rounds RoPE's inv_freq (a buffer no checkpoint stores) to bf16; every loader computes
     it in float32, so such a model's logits differ from its reload's (here by a few 1e-3). The weights are equal:
     giving the model the loader's float32 frequencies gives exactly the reloaded logits."""
     plain = tiny_llama().to(torch.bfloat16)
     assert plain.model.rotary_emb.inv_freq.dtype == torch.bfloat16
     model = qat.prepare(plain, "nvfp4_w4a16")
-    export(model, tmp_path / "n", format="native")
+    with caplog.at_level(logging.WARNING):
+        export(model, tmp_path / "n", format="native")
+    assert "model.rotary_emb.inv_freq is torch.bfloat16 (a plain model.to(dtype) rounded it)" in caplog.text
     loaded = load_any(tmp_path / "n")
     got, ref = logits(loaded, ids), logits(model, ids)
     assert 0 < float((got.float() - ref.float()).abs().max()) < 0.05
