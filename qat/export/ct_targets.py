@@ -9,10 +9,12 @@ the layers whose quantized tensors the checkpoint holds (`<m>.weight_packed`, `<
                                      counts as Linear); a per-expert piece of fused experts (`<experts>.3.down_proj`,
                                      a Linear in the model that wrote it) matches "Linear"
 and a layer a group targets but `ignore` matches is not quantized. Names are the checkpoint's (before any
-transformers renaming); a name target is taken as given, so a missing layer is reported by the reader.
+transformers renaming); a name target is taken as given, so a missing layer is reported by the reader; a group
+that matches no layer is warned about, naming it.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from qat.errors import BadFileError
 
+log = logging.getLogger(__name__)
 QUANTIZED_TENSORS = (".weight_packed", ".weight_scale")  # a layer holding either is a quantized layer
 
 
@@ -61,9 +64,11 @@ def group_targets(groups: dict, ignore: Iterable[str], layers: list[str],
         named = [t for t in targets if not _is_pattern(t)]
         found = named + [n for n in layers if n not in named and any(_matches(n, t, classes)
                                                                       for t in targets if _is_pattern(t))]
-        for n in found:
-            if any(_matches(n, i, classes) for i in ignore):
-                continue
+        kept = [n for n in found if not any(_matches(n, i, classes) for i in ignore)]
+        if not kept:
+            log.warning("compressed-tensors loader: config group %r (targets %s) matches no quantized layer of %s",
+                        key, targets, where)
+        for n in kept:
             if n in out:
                 raise BadFileError(where, f"layer {n!r} is the target of two config_groups ({out[n]!r}, {key!r})")
             out[n] = key

@@ -176,7 +176,7 @@ def test_held_global_storage():
         QuantizedWeight.from_tensor(torch.randn(4, 32), spec)
 
 
-def test_targets_resolve_as_compressed_tensors_matches_them():
+def test_targets_resolve_as_compressed_tensors_matches_them(caplog):
     layers = ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     classes = lambda n: ["Linear", "Module"]  # noqa: E731
     groups = {"a": {"targets": ["re:.*mlp.*"]}, "b": {"targets": ["Linear"]}}
@@ -186,4 +186,6 @@ def test_targets_resolve_as_compressed_tensors_matches_them():
     assert group_targets(groups, [], layers, classes, "config.json") == {
         "model.layers.0.mlp.down_proj": "a", "model.layers.0.self_attn.q_proj": "b"}
     assert group_targets({"b": {"targets": ["Linear"]}}, ["re:.*proj$"], layers, classes, "f") == {"lm_head": "b"}
-    assert group_targets({"b": {"targets": ["Embedding"]}}, [], layers, classes, "f") == {}
+    with caplog.at_level(logging.WARNING):
+        assert group_targets({"b": {"targets": ["Embedding"]}}, [], layers, classes, "f") == {}
+    assert "config group 'b' (targets ['Embedding']) matches no quantized layer of f" in caplog.text
