@@ -19,7 +19,7 @@ from torch import nn
 from qat.assets import require
 from qat.errors import ConfigError
 from qat.io import load_safetensors
-from qat.testing import tiny_llama
+from qat.testing import cast_as_loaded, tiny_llama
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -107,7 +107,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.tie_weights()
-        return model.to(torch_dtype).eval()
+        return cast_as_loaded(model, torch_dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained has it
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as err:

@@ -98,7 +98,9 @@ class QuantSpec:
             the global is held (calibrated from the running range, as static ranges are: dynamic=False) and the
             block scales are computed from each tensor, compressed-tensors' `dynamic: local` with an
             `input_global_scale`. False: the global too comes from each tensor. Observer minmax, moving_average
-            or percentile (the held range is one per tensor); learn none.
+            or percentile (the held range is one per tensor); learn none. On a converted weight (never a
+            fake-quant one, whose global comes from the weight) it marks a global held as stored: an NVFP4
+            checkpoint's weight_global_scale that is not qat's power of two, its block scales used as given.
     Raises:
         ValueError: a field out of range, naming the field and the valid values.
 

@@ -9,6 +9,7 @@ Formats: "native" (qat's safetensors + JSON), "compressed_tensors" (pack-quantiz
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from qat.export.gptq import export_gptq, load_gptq
 from qat.export.imatrix import collect_importance
 from qat.export.load import detect_format, load_any, load_any_tokenizer, quantize_on_load
 from qat.export.native import load_native, save_native
+from qat.testing import rounded_rope
 from qat.transform import QuantRecipe
 from qat.transform.match import EXPERTS_PATTERNS
 
+log = logging.getLogger(__name__)
 FORMATS = ("native", "compressed_tensors", "gptq", "gguf")
 
 __all__ = ["FORMATS", "MIXES", "export", "save_native", "load_native", "export_gguf", "load_gguf",
@@ -94,6 +97,11 @@ def export(model: nn.Module, output: str | os.PathLike, format: str = "native", 
     """
     if format not in FORMATS:
         raise ConfigError(f"export format={format!r}; choose from {list(FORMATS)}")
+    if rounded := rounded_rope(model):
+        log.warning("export: %s is %s (a plain model.to(dtype) rounded it); every loader computes RoPE's frequencies "
+                    "in float32, so the reloaded model's logits differ slightly from this model's although the "
+                    "weights are exact: cast as a checkpoint loads (qat.testing.cast_as_loaded) for an exact reload",
+                    rounded[0], dict(model.named_buffers())[rounded[0]].dtype)
     if format == "gguf":
         return export_gguf(model, output, gguf_type, tokenizer=tokenizer, importance=importance, pure=gguf_pure,
                            overwrite=overwrite)

@@ -9,7 +9,8 @@ Per quantized linear `<m>`:
     <m>.weight_shape       int64 [2]
     <m>.weight_g_idx       (act-order only) int32 [in]
 config.json gains `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
-config_groups (one per distinct scheme, targets = module names), ignore, quantization_status: compressed,
+config_groups (one per distinct scheme, targets = module names; the reader also resolves class names and "re:"
+regexes with `ignore`, as other writers use them: `qat.export.ct_targets`), ignore, quantization_status: compressed,
 kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
 vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
 `.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
@@ -42,6 +43,7 @@ from qat.errors import BadFileError, ConfigError
 from qat.export.compressed_fp import (FP8_WEIGHTS, FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight,
                                      fp_weights_args, input_global_tensors)
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
+from qat.export.ct_targets import group_targets, module_classes, stored_layers
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, stored_float_dtype, warn_unstored, weight_of, weight_spec)
@@ -491,19 +493,19 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         config.quantization_config = None
         check_config(config, folder, (folder / "model.safetensors").stat().st_size)
         groups = q.get("config_groups") if isinstance(q.get("config_groups"), dict) else {}
-        quantized = [n for g in groups.values() if isinstance(g, dict) for n in g.get("targets") or ()]
+        layers = stored_layers(stored)
         # the exported dtype; the quantized layers' scales (fp32 by default) do not count
-        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(stored, quantized))
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_float_dtype(stored, layers))
         arch = find_arch(model)
         hk = (lambda key: key) if arch is None else arch.hf_key  # noqa: E731  (checkpoint names -> transformers 5)
         t = {hk(k): v for k, v in stored.items()}
-        targets = [(hk(n), group["weights"], group.get("format") or q["format"])
-                   for group in q["config_groups"].values() for n in group["targets"]]
-        acts = {hk(n): (group.get("input_activations"), group.get("output_activations"))
-                for group in q["config_groups"].values() for n in group["targets"]}
+        # names, regexes and class names ("Linear", as llm-compressor writes them), less `ignore`
+        chosen = group_targets(groups, q.get("ignore"), layers, lambda n: module_classes(model, n, hk, EXPERT_PROJ),
+                               folder / "config.json")
+        targets = [(hk(n), groups[k]["weights"], groups[k].get("format") or q["format"]) for n, k in chosen.items()]
+        acts = {hk(n): (groups[k].get("input_activations"), groups[k].get("output_activations"))
+                for n, k in chosen.items()}
         unread: dict[str, list[str]] = {}  # reason -> modules whose activation scheme is not re-attached
-        if len({n for n, _, _ in targets}) != len(targets):
-            raise BadFileError(folder / "config.json", "a layer is the target of two config_groups")
         experts: dict[str, dict] = {}
         for n, w_args, fmt in targets:
             m = EXPERT_PROJ.match(n)

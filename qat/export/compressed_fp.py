@@ -26,7 +26,10 @@ compressed-tensors' NVFP4 preset writes them: input_activations {num_bits: 4, ty
 group_size: 16, dynamic: local, scale_dtype float8_e4m3fn} and per linear <m>.input_global_scale float32 [1], the
 held global G itself (a divisor: compressed-tensors scales each block by e4m3(amax_b / 6 * G) / G, as qat does).
 NVFP4 activations whose global comes from each tensor (dynamic: true) have no such form: refused, naming the module.
-The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values.
+The codes and exponents are the converted weight's own, so compressed-tensors decodes exactly our values. Read
+back, the E2M1 nibbles are held as stored (a negative zero included) and an NVFP4 global that is not qat's power of
+two is held with its block scales (`qat.formats.nvfp4.weight_spec_of`): the values are compressed-tensors' own
+decompression and a re-export writes the same bytes.
 """
 from __future__ import annotations
 
@@ -34,11 +37,11 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats import get_format
-from qat.formats.minifloat import e2m1_from_index, e2m1_index, e8m0_bytes, e8m0_scale
+from qat.formats.minifloat import e2m1_from_index, e8m0_bytes, e8m0_scale
 from qat.formats.fp8_block import expand_bands, fp8_block_spec
 from qat.formats.mxfp4 import mxfp4_spec
 from qat.formats.mxfp8 import mxfp8_spec
-from qat.formats.nvfp4 import nvfp4_spec, split_scales
+from qat.formats.nvfp4 import nvfp4_spec, stored_scales, weight_spec_of
 from qat.modules.quantized import QuantizedWeight
 from qat.spec import QuantSpec
 
@@ -146,9 +149,9 @@ def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]
     if get_format(qw.spec).name == "mxfp8":
         return {f"{name}.weight": qw.codes().reshape(qw.shape).to(torch.float8_e4m3fn),
                 f"{name}.weight_scale": e8m0_bytes(scale.reshape(qw.shape[0], -1))}
-    out = {f"{name}.weight_packed": pack_nibbles(e2m1_index(qw.codes().reshape(qw.shape)))}
-    if get_format(qw.spec).name == "nvfp4":
-        blocks, g = split_scales(scale)
+    out = {f"{name}.weight_packed": qw.packed.reshape(qw.shape[0], -1)}  # qat's 4-bit packing: pack_nibbles' layout
+    if get_format(qw.spec).name == "nvfp4":  # the stored bytes: a held (read) global is written back as it came
+        blocks, g = stored_scales(qw.scale)
         out[f"{name}.weight_scale"] = blocks.reshape(qw.shape[0], -1)
         out[f"{name}.weight_global_scale"] = g
     else:
@@ -181,14 +184,39 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
         codes = t[f"{name}.weight"]
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp8_spec()
     elif fmt == "nvfp4-pack-quantized":
-        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
-        g = t[f"{name}.weight_global_scale"].float().reshape(())
-        scale, spec = t[f"{name}.weight_scale"].float().reshape(codes.shape[0], -1, 1) / g, nvfp4_spec()
+        return _nvfp4_weight(t, name)
     else:
         codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, scale, None)
+    if fmt == "mxfp4-pack-quantized":
+        _keep_nibbles(qw, t[f"{name}.weight_packed"])
+    return qw
+
+
+def _keep_nibbles(qw: QuantizedWeight, packed: torch.Tensor) -> None:
+    """Hold a checkpoint's E2M1 nibbles as stored: qat's 4-bit packing is `pack_nibbles`' layout, and a negative
+    zero (pattern 8, which compressed-tensors writes for small negative elements) reads as code 0, so re-packing
+    the codes would turn it into pattern 0 (the same value, other bytes on re-export)."""
+    qw.packed = packed.to(torch.uint8).reshape(-1).clone()
+
+
+def _nvfp4_weight(t: dict, name: str) -> QuantizedWeight:
+    """The QuantizedWeight of an nvfp4-pack-quantized linear: E4M3 block scales under the stored global G, held
+    as stored where G is not qat's power of two (`weight_spec_of`), so the values are compressed-tensors' own."""
+    codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
+    blocks, g = t[f"{name}.weight_scale"], t.get(f"{name}.weight_global_scale")
+    want = (codes.shape[0], codes.shape[1] // 16)
+    if blocks.dtype != torch.float8_e4m3fn or tuple(blocks.shape) != want or g is None or g.numel() != 1:
+        raise ConfigError(f"compressed-tensors: {name}.weight_scale is {blocks.dtype} {tuple(blocks.shape)}, "
+                          f"weight_global_scale {None if g is None else tuple(g.shape)}; nvfp4-pack-quantized needs "
+                          f"float8_e4m3fn {want} and a global of one element")
+    g = g.float().reshape(1)
+    spec = weight_spec_of(blocks, g)
+    qw = QuantizedWeight(spec, tuple(codes.shape))
+    qw.set_codes(codes, blocks.float().reshape(*want, 1) / g, None, global_scale=g if spec.static_global else None)
+    _keep_nibbles(qw, t[f"{name}.weight_packed"])
     return qw
 
 

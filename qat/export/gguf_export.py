@@ -208,7 +208,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     if gguf_type not in BLOCK and gguf_type not in MIXES:
         raise ConfigError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    entries, fallbacks, requantized = [], {}, {}
+    entries, fallbacks, requantized, held = [], {}, {}, []
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
             continue
@@ -227,6 +227,8 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
             if len(shape) > 1 and (fitted := fit_type(type_name, shape[-1])) != type_name:
                 fallbacks.setdefault((type_name, fitted), []).append(name)
                 type_name = fitted
+            if spec is not None and spec.static_global and trained == type_name:
+                held.append(name)
             if spec is not None and trained != type_name:
                 why = ("its trained GGUF type does not fit these rows" if trained
                        else "not a GGUF grid: a gguf_* recipe exports exactly")
@@ -236,6 +238,12 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
                 entries.append(_Entry(hf, name.removesuffix(".weight") + ".scale", "F32", tuple(shape[:-2]) or (1,),
                                       (start, stop), full, multiplier_of=type_name))
     _warn_fallbacks(fallbacks)
+    if held:
+        log.warning("GGUF: %d NVFP4 tensor(s) hold a global that is not a power of two (read from another tool's "
+                    "checkpoint): their E4M3 block scales and nibbles are written as stored, the multiplier 1 / G "
+                    "rounded to float32, which llama.cpp applies to the matmul output: within a float32 rounding of "
+                    "the loaded weights, not bit-exact: %s", len(held),
+                    ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
     for scheme, names in requantized.items():
         log.warning("GGUF: %d tensor(s) hold %s; dequantized and re-quantized to their GGUF type, "
                     "not format-exact: %s", len(names), scheme,
@@ -250,6 +258,9 @@ def _multiplier(model: nn.Module, entry: _Entry) -> np.ndarray:
     weight_name = entry.name.removesuffix(".scale") + ".weight"
     part = lambda x: arch.to_gguf(weight_name, _part(x, entry), config)  # noqa: E731
     w = weight_of(model, entry.hf)
+    held = w.stored_global() if isinstance(w, QuantizedWeight) else None
+    if held is not None:  # 1 / G of a held global, rounded once (a power of two times it: exact on top)
+        return np.full(entry.shape, float((t.tensor_scale(part(held[0])) / held[1])[0]), dtype=np.float32)
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, t.name) == t.name:
         scale = part(w.qparams()[0])
     else:
@@ -269,6 +280,9 @@ def _tensor_bytes(model: nn.Module, entry: _Entry, importance: dict | None = Non
     perm = lambda t: arch.to_gguf(entry.name, _part(t, entry), config)  # noqa: E731  (codes, scales, weights)
     if isinstance(w, QuantizedWeight) and _trained_type(w.spec, w.group_index() is not None, entry.type) == entry.type:
         scale, zero_point = (None if t is None else t.cpu() for t in w.qparams())  # the block writers run on the CPU
+        held = w.stored_global()
+        if held is not None:  # the stored E4M3 block scales, relative to the multiplier (`_multiplier`)
+            scale = held[0].cpu()
         zp = None if zero_point is None else perm(zero_point)
         return gguf_types()[entry.type].blocks(perm(w.codes().cpu()), perm(scale), zp).numpy()
     if isinstance(w, QuantizedWeight):  # plan_types warned (once for all such tensors)

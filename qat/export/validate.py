@@ -155,7 +155,8 @@ def check_state(model: nn.Module, state: dict, path: str | os.PathLike, skip: tu
 
 def _reference(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The storage a weight of this scheme and shape has (packed codes, scale, zero-point), from zeros."""
-    ref = QuantizedWeight.from_tensor(torch.zeros(qw.shape), qw.spec, g_idx=qw.group_index())
+    spec = qw.spec.replace(static_global=False)  # a held global (NVFP4 read from a checkpoint): the same layout
+    ref = QuantizedWeight.from_tensor(torch.zeros(qw.shape), spec, g_idx=qw.group_index())
     return {"packed": ref.packed, "scale": ref.scale, "zero_point": ref.zero_point}
 
 

@@ -120,6 +120,16 @@ class Format:
         returns them and the qparams `choose_qparams` gives."""
         raise NotImplementedError
 
+    def pack_under(self, codes, scale, global_scale: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+        """`pack` of a weight whose block scales lie under a held (stored) global (`held_global` formats, a
+        `static_global` weight scheme): the global is stored as given, not chosen from the scales."""
+        raise NotImplementedError(f"format {self.name!r} holds no global scale")
+
+    def stored_global(self, stored: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, ...]):
+        """(block scales times the global, float32 global [1]) of a `static_global` weight's storage (`pack_under`):
+        what a GGUF type with a per-tensor multiplier writes as blocks and 1 / global; None for other weights."""
+        return None
+
     def unpack(self, stored: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, ...]):
         """(codes, float32 scale, float32 zero_point or None) from the buffers of `pack`."""
         raise NotImplementedError

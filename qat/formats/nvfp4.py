@@ -11,6 +11,15 @@ bfloat16) exactly our values. See `qat.formats.minifloat.e4m3_scale_grid`. Eleme
 even, saturating at 6 (as MXFP4). The global comes from all the blocks `qparams` sees at once: a weight's whole
 tensor, or (dynamic activations) each activation tensor as it comes.
 
+Weights read from a checkpoint another tool wrote (llm-compressor: G = 448 * 6 / amax exactly, not a power of two)
+keep the stored global: `weight_spec_of` gives them `static_global=True`, the converted weight stores the
+checkpoint's E4M3 bytes and G as they are (`pack_under`), and its values are E2M1 * (e4m3 / G) computed in float32,
+compressed-tensors' own decompression (then rounded once to the model's dtype, as compressed-tensors rounds to
+bfloat16). Re-rounding those scales onto the power-of-two grid instead moved 90% of a tiny model's weights, by up
+to 5.9%. As GGUF NVFP4 they keep their E4M3 bytes and nibbles and the multiplier is 1 / G rounded to float32
+(`stored_global`): gguf-py decodes e4m3 * E2M1 exactly, times the multiplier the values are within a float32
+rounding of ours (not bit-exact: llama.cpp multiplies the matmul output by it; the writer says so).
+
 Static-global activations (`QuantSpec.static_global`, recipe nvfp4_w4a4: compressed-tensors' NVFP4 preset, its
 `dynamic: local` input_activations): the global is held per module, compressed-tensors' `generate_gparam` of the
 calibrated running range exactly (not a power of two), and each tensor's blocks are scaled under it as
@@ -95,6 +104,23 @@ def split_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (on_grid * g).to(torch.float8_e4m3fn), g.reshape(1)
 
 
+def stored_scales(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 block scales float8_e4m3fn, flat; float32 global [1]) as a converted weight's `scale` buffer holds
+    them: the bytes a compressed-tensors checkpoint stores as weight_scale / weight_global_scale."""
+    return stored[:-4].view(torch.float8_e4m3fn), stored[-4:].clone().view(torch.float32)
+
+
+def weight_spec_of(blocks: torch.Tensor, global_scale: torch.Tensor) -> QuantSpec:
+    """The NVFP4 weight scheme that holds E4M3 block scales `blocks` under a stored global G (a checkpoint's
+    weight_scale / weight_global_scale) as they are: `nvfp4_spec()` where qat's power-of-two form (`split_scales`
+    of blocks / G) gives back the same bytes, else `static_global=True` (G held, the scales used as given: the
+    values are E2M1 * (e4m3 / G) in float32, what compressed-tensors' decompression computes)."""
+    g = global_scale.float().reshape(1)
+    again, again_g = split_scales(blocks.float() / g)
+    same = torch.equal(again_g, g) and torch.equal(again.view(torch.uint8), blocks.view(torch.uint8))
+    return nvfp4_spec() if same else nvfp4_spec(static_global=True)
+
+
 def gguf_tensor_scale(scale: torch.Tensor) -> torch.Tensor:
     """The per-tensor multiplier 1 / g of GGUF NVFP4 blocks made from effective scales S_b (float32 [1])."""
     return 1 / split_scales(scale)[1]
@@ -134,7 +160,7 @@ class NVFP4Format(Format):
         return True  # the codes are the doubled E2M1 values -12..12 (int8)
 
     def gguf_type(self, spec: QuantSpec) -> str | None:
-        return "NVFP4"
+        return "NVFP4"  # a held global (static_global weights): blocks as stored, the multiplier 1 / G rounded once
 
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
@@ -155,17 +181,31 @@ class NVFP4Format(Format):
         return t.mul_(_on_grid(scale, spec) * 0.5)  # doubled codes times half the scale: exact
 
     def pack(self, codes, scale, zero_point, spec):
-        blocks, g = split_scales(scale.detach())
+        if spec.static_global:
+            raise ValueError(f"NVFP4 weights with a held global ({spec.describe()}) are stored with that global: "
+                             "QuantizedWeight.set_codes(codes, scale, None, global_scale=G)")
+        return self._stored(codes, *split_scales(scale.detach()))
+
+    def pack_under(self, codes, scale, global_scale, spec):
+        # scale = fp32(e / G) times G is e within an ulp of float32, far inside half an E4M3 step: e exactly
+        g = global_scale.detach().float().reshape(1).to(scale.device)
+        return self._stored(codes, (scale.detach() * g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn), g)
+
+    def _stored(self, codes, blocks, g):
         stored = torch.cat([blocks.reshape(-1).view(torch.uint8), g.view(torch.uint8)])
         return {"packed": pack(e2m1_index(codes), 4), "scale": stored,
-                "zero_point": torch.empty(0, dtype=torch.uint8, device=scale.device)}
+                "zero_point": torch.empty(0, dtype=torch.uint8, device=g.device)}
+
+    def stored_global(self, stored, spec, shape):
+        if not spec.static_global:
+            return None
+        blocks, g = stored_scales(stored["scale"])
+        return blocks.float().reshape(*shape[:-1], -1, 1), g
 
     def unpack(self, stored, spec, shape):
         codes = e2m1_from_index(unpack(stored["packed"], 4, math.prod(shape))).reshape(shape)
-        raw = stored["scale"]
-        g = raw[-4:].clone().view(torch.float32)
-        blocks = raw[:-4].view(torch.float8_e4m3fn).float().reshape(*shape[:-1], -1, 1)
-        return codes, blocks / g, None
+        blocks, g = stored_scales(stored["scale"])
+        return codes, blocks.float().reshape(*shape[:-1], -1, 1) / g, None
 
     def storage_bits(self, spec, shape):
         return 4 * math.prod(shape) + 8 * (math.prod(shape) // BLOCK) + 32

@@ -65,10 +65,16 @@ class QuantizedWeight(nn.Module):
     def group_index(self) -> torch.Tensor | None:
         return self.g_idx if self.g_idx.numel() else None
 
-    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
-        """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams, in the format's layout."""
-        stored = get_format(self.spec).pack(codes, scale.detach(), None if zero_point is None else zero_point.detach(),
-                                            self.spec)
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                  global_scale: torch.Tensor | None = None) -> None:
+        """Store codes as `quantize` returns them (int8 / uint8 / fp8) with their qparams, in the format's layout.
+        `global_scale`: the stored global a `static_global` weight's block scales lie under (NVFP4 read from a
+        checkpoint whose global is not qat's power of two), kept as given."""
+        fmt = get_format(self.spec)
+        if global_scale is not None:
+            stored = fmt.pack_under(codes, scale.detach(), global_scale, self.spec)
+        else:
+            stored = fmt.pack(codes, scale.detach(), None if zero_point is None else zero_point.detach(), self.spec)
         self.packed, self.scale, self.zero_point = stored["packed"], stored["scale"], stored["zero_point"]
 
     def _unpacked(self):
@@ -83,6 +89,12 @@ class QuantizedWeight(nn.Module):
         """(float32 scale, float32 zero-point or None) as `choose_qparams` gave them (up to the stored rounding,
         which the values do not see)."""
         return self._unpacked()[1:]
+
+    def stored_global(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(block scales times the global, float32 global [1]) of a weight whose global is held as stored
+        (`static_global`: NVFP4 read from another tool's checkpoint); None for other weights."""
+        stored = {"packed": self.packed, "scale": self.scale, "zero_point": self.zero_point}
+        return get_format(self.spec).stored_global(stored, self.spec, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         codes, scale, zero_point = self._unpacked()
