@@ -210,8 +210,16 @@ def _composition(exc: HydraException, overrides: Sequence[str], groups: Sequence
 
 
 def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[str], groups: Sequence[str]) -> str:
-    """`qunt=w4a16_g128: no such key 'qunt' (did you mean quant?); the keys here: ...`."""
+    """`qunt=w4a16_g128: no such key 'qunt' (did you mean quant?); the keys here: ...`; for a key below one that
+    is not there (`model.tiny.a.b`), that one (`model.tiny.a`), the keys listed being its parent's."""
     given = next((a for a in overrides if a.partition("=")[0] == key), key)
+    missing = getattr(cause, "full_key", None)
+    if isinstance(missing, str) and missing and key.startswith(missing + "."):
+        if missing in groups:  # a group the defaults leave out (qat-export's data): nothing to set keys of yet
+            options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / missing).glob("*.yaml")))
+            return (f"{given}: no {missing} option is chosen (the config leaves the {missing} group out); choose one "
+                    f"with {missing}=<{options}> to set its keys")
+        key = missing
     parent = getattr(cause, "parent_node", None)
     keys = [str(k) for k in parent.keys()] if isinstance(parent, Mapping) else []
     scheme = _SCHEME_FIELD.fullmatch(key)

@@ -267,6 +267,11 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
         for flags in (["--cfg", "job", "--resolve"], []):
             c.append((app, flags + base + [f"{key}=${{nope}}"],
                       f"{APPS[app]}: error: {key}: Interpolation key 'nope' not found"))
+    # a key below one that is not there: the missing one named, the keys of its parent listed
+    c += [("export", EXP + ["data.block_size=4"], "data.block_size=4: no data option is chosen (the config leaves the "
+                                                  "data group out); choose one with data=<fixture, shakespeare, wiki>"),
+          ("ptq", ["model.tiny.a.b=4"], "model.tiny.a.b=4: no such key 'model.tiny.a'; the keys of model.tiny: "
+                                        "hidden_size, intermediate_size")]
     c.append(("ptq", ["~data"], "calibration.seq_len: Interpolation key 'data.block_size' not found"))
     c += [("train", TR + ["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean module or model?)"),
           ("train", TR + ["+trainer.max_steps=2"], "+trainer.max_steps=2: trainer.max_steps is already in the"),
