@@ -42,11 +42,13 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
-from qat.export.compressed_fp import fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args, input_global_tensors
+from qat.export.compressed_fp import (fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args,
+                                     input_global_tensors)
 from qat.export.compressed_int import (ZERO_POINT_LAYOUTS, check_int_spec, int_linear_tensors, int_quantized_weight,
                                        int_weights_args, pack_int32, unpack_int32)
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
-from qat.export.ct_experts import EXPERT_PROJ, EXPERT_WEIGHTS, check_expert_spec, expert_linears, load_experts, weight_names
+from qat.export.ct_experts import (EXPERT_PROJ, EXPERT_WEIGHTS, check_expert_spec, expert_linears, load_experts,
+                                  weight_names)
 from qat.export.ct_kv_cache import KV_TENSORS, attach_kv, kv_scheme, kv_tensors
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
