@@ -30,13 +30,15 @@ from typing import Any, Callable, Iterator
 
 from hydra._internal.utils import get_args_parser  # the parser of hydra.main's flags, to check them first
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import yaml
 
-from qat.cli.hydra_errors import hydra_message, omegaconf_message
+from qat.cli.hydra_errors import check_interpolations, hydra_message, omegaconf_message
 from qat.cli.recipe_path import recipe_paths
 from qat.errors import ConfigError, UserError
 from qat.jobs.config import import_target, instantiation_error
@@ -127,13 +129,17 @@ def report(app: str, exc: BaseException) -> int | None:
 def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a Hydra task function: a user's mistake exits with `USER_EXIT` and one message, before Hydra would
     print "Error executing job" and the stack; a bug (and everything under `debug()`) propagates as it was.
-    Each call (each job of a multirun) starts with fresh once-only warnings (`qat.observers.reset_warnings`)."""
+    The command line's interpolations are resolved first (`check_interpolations`): a bad one is refused before the
+    task loads anything. Each call (each job of a multirun) starts with fresh once-only warnings
+    (`qat.observers.reset_warnings`)."""
     def wrap(task: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(task)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             reset_warnings()  # once-only warnings are once per job: each job of a multirun logs its own
             with _user_environment():
                 try:
+                    if args and isinstance(args[0], DictConfig) and HydraConfig.initialized():
+                        check_interpolations(args[0], task_overrides())  # before the job loads anything
                     return task(*args, **kwargs)
                 except Exception as exc:
                     code = None if debug() else report(app, exc)
@@ -143,6 +149,12 @@ def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                     raise SystemExit(code) from None
         return guarded
     return wrap
+
+
+def task_overrides() -> list[str]:
+    """The running Hydra job's command-line overrides as typed (`data.block_size=${nope}`, not resolved: Hydra keeps
+    them in its config, where reading an item would resolve the interpolation inside the string)."""
+    return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)]
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ Hydra words these for its own `run_and_report`: several lines, the options one p
     quant=nosuch: no such recipe; choose one of ct_w4a16, fp8_block, ..., w8a8_static or a path to a recipe .yaml
     qunt=w4a16_g128: no such key 'qunt' (did you mean quant?); the keys here: calibration, data, ..., seed
     a=b=c: not a valid override (mismatched input '=' expecting <EOF>); write key=value and quote ...
+
+A bad interpolation (`data.block_size='${nope}'`) is named by the node that holds it (`omegaconf_message`), whether
+the job read it or Hydra resolved it for `--cfg job --resolve`; `check_interpolations` resolves the command line's
+own interpolations as a job starts, before anything loads.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from dataclasses import fields
 from typing import Sequence
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
+                              OmegaConfBaseException)
 
 from qat.recipes import CONFIG_DIR
 from qat.spec import ROLES, QuantSpec
@@ -26,6 +32,7 @@ GRAMMAR = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
 # a field of a quant scheme node: quant.weight.bits, quant.overrides.0.input.dynamic (the recipe YAML leaves most out)
 _SCHEME_FIELD = re.compile(rf"quant\.(?:overrides(?:\.\d+|\[\d+\])\.)?(?:{'|'.join(ROLES)})\.(?P<field>\w+)")
 _BOILERPLATE = ("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc/")
+_RESOLVING = "_resolve_interpolation_from_parse_tree"  # OmegaConf's method resolving one node's interpolation
 
 
 def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Sequence[str] = ()) -> str | None:
@@ -56,9 +63,53 @@ def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Seq
 
 def omegaconf_message(exc: OmegaConfBaseException) -> str:
     """An OmegaConf error ("Interpolation key 'x' not found\\n    full_key: seed\\n    object_type=dict") as
-    "seed: Interpolation key 'x' not found"."""
+    "seed: Interpolation key 'x' not found".
+
+    A bad interpolation is named by the node that holds it, wherever it was read from:
+    `data.block_size: Interpolation key 'nope' not found` (and "(needed by calibration.seq_len)" when
+    another node's interpolation led there). OmegaConf's own `full_key` is the node being read, or nothing at all
+    when `OmegaConf.resolve` raised (Hydra's `--cfg job --resolve`).
+    """
     text, key = _omegaconf_text(exc), getattr(exc, "full_key", None)
+    holder = interpolation_node(exc) if isinstance(exc, InterpolationResolutionError) else None
+    if holder is not None:
+        needed = f" (needed by {key})" if key and key != holder else ""
+        return f"{holder}: {text}{needed}"
     return f"{key}: {text}" if key and not text.startswith(f"{key}") else text
+
+
+def interpolation_node(exc: BaseException) -> str | None:
+    """The full key of the innermost config node whose interpolation was being resolved when `exc` was raised,
+    from the frames of its traceback; None when there is none (or OmegaConf's internals differ)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == _RESOLVING:  # Container._resolve_interpolation_from_parse_tree(parent, value, key)
+            parent, key = frame.f_locals.get("parent"), frame.f_locals.get("key")
+            try:
+                found = parent._get_full_key(key)
+            except Exception:  # noqa: BLE001 - another OmegaConf: the message goes without the node
+                pass
+        tb = tb.tb_next
+    return found or None
+
+
+def check_interpolations(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Resolve the interpolations the command line gives (`data.block_size='${nope}'`), so that a bad one is
+    refused as the job starts, before any model loads, naming its key (`omegaconf_message`).
+
+    Raises:
+        InterpolationResolutionError: the first override whose interpolation does not resolve.
+    """
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or "${" not in value or key.startswith(("~", "hydra.", "hydra/")):
+            continue
+        node = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        if isinstance(node, (DictConfig, ListConfig)):  # a mapping or list given whole: its items too
+            OmegaConf.to_container(node, resolve=True)
 
 
 def _omegaconf_text(exc: OmegaConfBaseException) -> str:
@@ -159,8 +210,16 @@ def _composition(exc: HydraException, overrides: Sequence[str], groups: Sequence
 
 
 def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[str], groups: Sequence[str]) -> str:
-    """`qunt=w4a16_g128: no such key 'qunt' (did you mean quant?); the keys here: ...`."""
+    """`qunt=w4a16_g128: no such key 'qunt' (did you mean quant?); the keys here: ...`; for a key below one that
+    is not there (`model.tiny.a.b`), that one (`model.tiny.a`), the keys listed being its parent's."""
     given = next((a for a in overrides if a.partition("=")[0] == key), key)
+    missing = getattr(cause, "full_key", None)
+    if isinstance(missing, str) and missing and key.startswith(missing + "."):
+        if missing in groups:  # a group the defaults leave out (qat-export's data): nothing to set keys of yet
+            options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / missing).glob("*.yaml")))
+            return (f"{given}: no {missing} option is chosen (the config leaves the {missing} group out); choose one "
+                    f"with {missing}=<{options}> to set its keys")
+        key = missing
     parent = getattr(cause, "parent_node", None)
     keys = [str(k) for k in parent.keys()] if isinstance(parent, Mapping) else []
     scheme = _SCHEME_FIELD.fullmatch(key)

@@ -13,26 +13,29 @@ config_groups (one per distinct scheme, targets = module names; the reader also 
 regexes with `ignore`, as other writers use them: `qat.export.ct_targets`), ignore, quantization_status: compressed,
 kv_cache_scheme, transform_config}. A static per-tensor symmetric KV-cache scheme (int, or fp8_e4m3: the one
 vLLM's KV cache takes) is kv_cache_scheme {strategy: tensor, dynamic: false} with `<attention>.k_scale` /
-`.v_scale` [1], as compressed-tensors names them; other KV schemes (per-token dynamic) have no place and are warned about.
+`.v_scale` [1], as compressed-tensors names them (`qat.export.ct_kv_cache`); other KV schemes (per-token dynamic)
+have no place and are warned about.
 Dynamic input schemes (and NVFP4's static global: `<m>.input_global_scale`) are each group's `input_activations`,
 re-attached by the loader (`qat.export.ct_activations`).
 Online rotations (R3, R4, llama.cpp's KV rotation) of power-of-two sizes go to `transform_config`
 (`qat.export.ct_transforms`, read back by the loader); others are warned about.
 Fused MoE experts (`QuantizedExperts`, transformers' `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj`) are written
 in the per-expert layout vLLM and llm-compressor use: `<experts>.{i}.gate_proj` / `.up_proj` (the two row halves of
-gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one scale per expert and projection).
+gate_up_proj) / `.down_proj`, each a linear as above (a per_tensor scheme: one scale per expert and projection;
+`qat.export.ct_experts`).
 Our unsigned asymmetric codes u with zero-point z are stored as u - 2^(bits-1), z - 2^(bits-1): the same
 (u - z) * scale. Quantized embeddings are stored dequantized (compressed-tensors packs linears only).
-The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32.
-Linears in a float format (fp8 e4m3 per channel / tensor, MXFP4, NVFP4, MXFP8, FP8 blocks) go to `qat.export.compressed_fp` (its own layout and config-group format);
-a checkpoint with both kinds of groups has format "mixed-precision".
+The bit packing is `qat.packing.pack` row by row (same bit order), viewed as little-endian int32; one int linear's
+tensors are written and read by `qat.export.compressed_int`.
+Linears in a float format (fp8 e4m3 per channel / tensor, MXFP4, NVFP4, MXFP8, FP8 blocks) go to
+`qat.export.compressed_fp` (its own layout and config-group format); a checkpoint with both kinds of groups has
+format "mixed-precision". This module plans the config groups, streams the checkpoint and loads it back.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -40,9 +43,14 @@ from torch import nn
 
 from qat.arch import find_arch
 from qat.errors import BadFileError, ConfigError
-from qat.export.compressed_fp import (FP8_WEIGHTS, FP_FORMATS, fp_format, fp_linear_tensors, fp_quantized_weight,
-                                     fp_weights_args, input_global_tensors)
+from qat.export.compressed_fp import (fp_format, fp_linear_tensors, fp_quantized_weight, fp_weights_args,
+                                     input_global_tensors)
+from qat.export.compressed_int import (ZERO_POINT_LAYOUTS, check_int_spec, int_linear_tensors, int_quantized_weight,
+                                       int_weights_args, pack_int32, unpack_int32)
 from qat.export.ct_activations import INPUT_TENSORS, input_args, input_quantizer, input_spec
+from qat.export.ct_experts import (EXPERT_PROJ, EXPERT_WEIGHTS, check_expert_spec, expert_linears, load_experts,
+                                  weight_names)
+from qat.export.ct_kv_cache import KV_TENSORS, attach_kv, kv_scheme, kv_tensors
 from qat.export.ct_targets import group_targets, module_classes, stored_layers
 from qat.export.ct_transforms import attach_transforms, transform_config
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
@@ -51,62 +59,19 @@ from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format
 from qat.io import atomic_path, check_writable, load_safetensors, write_safetensors
-from qat.modules.experts import QuantizedExperts, expert_weight_names, is_experts
-from qat.modules.kv_cache import attach_kv_quantizers
-from qat.modules.quantized import QuantizedLinear, QuantizedWeight
-from qat.packing import pack, unpack
+from qat.modules.experts import QuantizedExperts, is_experts
+from qat.modules.quantized import QuantizedLinear
 from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.prepare import set_module
+
+# names of the layout modules that callers have imported from here since before the split
+__all__ = ["READ_FORMATS", "MX_INPUTS", "ZERO_POINT_LAYOUTS", "EXPERT_PROJ", "EXPERT_WEIGHTS", "check_schemes",
+           "export_compressed_tensors", "load_compressed_tensors", "expert_linears", "pack_int32", "unpack_int32"]
 
 log = logging.getLogger(__name__)
 READ_FORMATS = ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized", "mxfp8-quantized", "float-quantized",
                 "mixed-precision")
-_STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor"}
-
-
-def pack_int32(codes_unsigned: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [rows, cols] along cols into int32 [rows, ceil(cols*bits/32)] (LSB first).
-
-    Each row is zero-padded to a multiple of 32 codes, so rows start on word boundaries; `qat.packing.pack`
-    then packs all rows at once (same bit order), and the words past ceil(cols*bits/32) are dropped.
-    """
-    rows, cols = codes_unsigned.shape
-    words = -(-cols * bits // 32)
-    u = torch.nn.functional.pad(codes_unsigned.to(torch.uint8), (0, (-cols) % 32))
-    packed = pack(u, bits).view(rows, -1)[:, : words * 4].contiguous()
-    return packed.view(torch.int32)
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of `pack_int32`: uint8 codes [rows, cols]."""
-    rows = packed.shape[0]
-    padded = cols + (-cols) % 32
-    raw = packed.contiguous().view(torch.uint8)
-    raw = torch.nn.functional.pad(raw, (0, padded * bits // 8 - raw.shape[1]))
-    return unpack(raw.reshape(-1), bits, rows * padded).view(rows, padded)[:, :cols]
-
-
 MX_INPUTS = ("mxfp4", "mxfp8")  # dynamic activations written as compressed-tensors' scheme, scaled otherwise there
-EXPERT_WEIGHTS = "int weights only (per_tensor / per_channel / per_group on the uniform grid)"
-
-
-def _check_expert_spec(name: str, spec: QuantSpec) -> None:
-    """Fused MoE experts are written as pack-quantized int groups only; the float formats are Linear-only."""
-    if spec.is_float or fp_format(spec) is not None:
-        raise ConfigError(f"compressed-tensors: {name} has {spec.describe()} on fused MoE experts; experts take "
-                          f"{EXPERT_WEIGHTS}, while {FP8_WEIGHTS} and {' / '.join(FP_FORMATS)} weights are written "
-                          "for Linear layers only (give the experts an int scheme, e.g. an override with targets: "
-                          "[Experts], or ignore them)")
-    _check_spec(name, spec)
-
-
-def _check_spec(name: str, spec: QuantSpec) -> None:
-    if "compressed-tensors" not in get_format(spec).holds or spec.is_float or spec.granularity not in _STRATEGY:
-        raise ConfigError(f"compressed-tensors: {name} has {spec.describe()}; supported: int weights per_tensor / "
-                         f"per_channel / per_group on the uniform grid, {FP8_WEIGHTS} weights, or "
-                         f"{' / '.join(FP_FORMATS)} weights (the microscaling / block-scaled float formats)")
-    if spec.granularity == "per_channel" and spec.axis != 0:
-        raise ConfigError(f"compressed-tensors: {name} is per_channel on axis {spec.axis}; only axis 0 (output) is stored")
 
 
 def check_schemes(schemes: TensorSchemes, name: str, experts: bool = False) -> None:
@@ -118,149 +83,10 @@ def check_schemes(schemes: TensorSchemes, name: str, experts: bool = False) -> N
             or a static input scheme, naming `name` (a module, or a recipe's key).
     """
     if schemes.weight is not None and experts:
-        _check_expert_spec(name, schemes.weight)
+        check_expert_spec(name, schemes.weight)
     elif schemes.weight is not None and fp_format(schemes.weight) is None:
-        _check_spec(name, schemes.weight)
+        check_int_spec(name, schemes.weight)
     input_args(schemes.input, name)
-
-
-def _weights_args(spec: QuantSpec, actorder: bool) -> dict:
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": _STRATEGY[spec.granularity],
-            "group_size": spec.group_size, "dynamic": False, "actorder": "group" if actorder else None,
-            "observer": "minmax", "block_structure": None}
-
-
-_KV_TYPES = {"int": "int", "fp8_e4m3": "float"}
-
-
-def _kv_scheme(model: nn.Module) -> tuple[dict | None, dict[str, nn.Module]]:
-    """(kv_cache_scheme, attention modules) when the model's KV-cache scheme is one the format holds (one static
-    per-tensor symmetric scheme); else (None, {}), and `warn_unstored` says what is dropped.
-
-    Raises:
-        ValueError: a static KV scheme with no calibrated range yet (naming the module).
-    """
-    attention = {n: m for n, m in model.named_modules() if getattr(m, "k_quantizer", None) is not None}
-    specs = {q.spec for m in attention.values() for q in (m.k_quantizer, m.v_quantizer)}
-    spec = next(iter(specs)) if len(specs) == 1 else None
-    if spec is None or spec.dynamic or spec.granularity != "per_tensor" or not spec.symmetric \
-            or spec.learn != "none" or spec.grid != "uniform" or spec.dtype not in _KV_TYPES:
-        return None, {}
-    for n, m in attention.items():
-        if not (m.k_quantizer.initialized and m.v_quantizer.initialized):
-            raise ConfigError(f"compressed-tensors export: {n} has a static KV-cache scheme ({spec.describe()}) with no "
-                             "range yet; calibrate the model (qat.calibrate) first")
-    args = {"num_bits": spec.bits, "type": _KV_TYPES[spec.dtype], "symmetric": True, "strategy": "tensor",
-            "dynamic": False, "group_size": None, "observer": "minmax", "block_structure": None, "actorder": None}
-    return args, attention
-
-
-def _kv_tensors(attention: dict[str, nn.Module]):
-    for n, m in attention.items():
-        for kind, quantizer in (("k", m.k_quantizer), ("v", m.v_quantizer)):
-            scale = quantizer.qparams(torch.empty(0))[0]
-            yield f"{n}.{kind}_scale", scale.detach().reshape(1).to(quantizer.spec.torch_scale_dtype)
-
-
-def _attach_kv(model: nn.Module, t: dict, kv: dict, folder: Path) -> None:
-    """KV-cache quantizers on the attention modules with `k_scale` / `v_scale`, pinned to those scales."""
-    names = sorted(k.removesuffix(".k_scale") for k in t if k.endswith(".k_scale"))
-    if kv.get("dynamic") or kv.get("strategy") != "tensor" or not kv.get("symmetric") or not names \
-            or kv.get("type") not in _KV_TYPES.values():
-        raise ConfigError(f"{str(folder)!r}: kv_cache_scheme {kv} is not one qat reads (static, strategy tensor, "
-                         "symmetric, int or float, with <attention>.k_scale / .v_scale tensors)")
-    scale_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(t[f"{names[0]}.k_scale"].dtype, "fp32")
-    dtype = "int" if kv["type"] == "int" else "fp8_e4m3"
-    spec = QuantSpec(bits=kv["num_bits"], dtype=dtype, symmetric=True, granularity="per_tensor", scale_dtype=scale_dtype)
-    attach_kv_quantizers(model, {n: model.get_submodule(n) for n in names}, spec)
-    for n in names:
-        module = model.get_submodule(n)
-        module.k_quantizer.set_qparams(t[f"{n}.k_scale"].float().reshape(()))
-        module.v_quantizer.set_qparams(t[f"{n}.v_scale"].float().reshape(()))
-
-
-# How asymmetric zero-points are stored. "padded" (the default): int32 [out, groups], the packed words in the first
-# ceil(out * bits / 32) rows and zeros after. That is the parameter transformers 5 + compressed-tensors 0.20 create
-# before loading (transformers compresses the meta model with compressed-tensors' compress_model, whose meta
-# branch in compressors/pack_quantized/base.py leaves the zero-point unpacked, [out, groups]), and their
-# decompress unpacks only the first rows: such a checkpoint loads there with equal logits. "packed":
-# [ceil(out * bits / 32), groups], as compressed-tensors' own compressor writes it (the shape vLLM's wNa16 loader
-# allocates); that transformers refuses it (size mismatch). qat's loader reads both.
-ZERO_POINT_LAYOUTS = ("padded", "packed")
-
-
-def _linear_tensors(name: str, qw: QuantizedWeight, zero_points: str = "padded") -> dict[str, torch.Tensor]:
-    spec, half = qw.spec, 2 ** (qw.spec.bits - 1)
-    signed = qw.codes().to(torch.int16) - (0 if spec.signed else half)
-    out = {f"{name}.weight_packed": pack_int32((signed + half).to(torch.uint8), spec.bits),
-           f"{name}.weight_shape": torch.tensor(qw.shape, dtype=torch.int64)}
-    scale, zp = qw.qparams()
-    scale = scale.reshape(qw.shape[0], -1) if scale.ndim else scale.reshape(1)
-    out[f"{name}.weight_scale"] = scale.to(spec.torch_scale_dtype)
-    if zp is not None:
-        zs = zp.reshape(qw.shape[0], -1).to(torch.int16) - half + half  # signed zp + offset = unsigned zp
-        packed = pack_int32(zs.t().to(torch.uint8), spec.bits).t().contiguous()
-        if zero_points == "padded":
-            packed = torch.cat([packed, packed.new_zeros(qw.shape[0] - packed.shape[0], packed.shape[1])])
-        out[f"{name}.weight_zero_point"] = packed
-    if qw.group_index() is not None:
-        out[f"{name}.weight_g_idx"] = qw.group_index().to(torch.int32)
-    return out
-
-
-EXPERT_PROJ = re.compile(r"^(?P<experts>.+)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
-
-
-class _ExpertSlice:
-    """One expert's gate / up / down projection, cut from the unpacked (codes, scale, zero-point) of an expert
-    weight's 2-D view (`qat.modules.experts.to_rows`), with the QuantizedWeight methods `_linear_tensors` reads."""
-
-    def __init__(self, unpacked, spec: QuantSpec, n_experts: int, e: int, rows: slice, shape) -> None:
-        self.unpacked, self.spec, self.n, self.e, self.rows, self.shape = unpacked, spec, n_experts, e, rows, tuple(shape)
-
-    def _cut(self, t: torch.Tensor | None, codes: bool = False) -> torch.Tensor | None:
-        if t is None:
-            return None
-        if self.spec.granularity == "per_tensor":  # the view is [E, O * I] with one scale per expert
-            return t[self.e].reshape(-1, self.shape[1])[self.rows] if codes else t[self.e].reshape(())
-        per = t.shape[0] // self.n
-        return t[self.e * per:(self.e + 1) * per][self.rows]
-
-    def codes(self) -> torch.Tensor:
-        return self._cut(self.unpacked()[0], codes=True)
-
-    def qparams(self):
-        _, scale, zp = self.unpacked()
-        return self._cut(scale), self._cut(zp)
-
-    def group_index(self):
-        return None
-
-
-def expert_linears(name: str, module: nn.Module, qw_of) -> dict[str, _ExpertSlice]:
-    """{`<experts>.{i}.<proj>`: its slice} for fused experts `module` called `name`; `qw_of(weight)` gives the
-    QuantizedWeight of an expert weight (unpacked once, on first use)."""
-    out = {}
-    spec = module.schemes.weight
-    for weight in _weight_names(module):
-        n_exp, rows, cols = module.shapes[weight]
-        unpacked = _once(lambda w=weight: (lambda qw: (qw.codes(), *qw.qparams()))(qw_of(w)))
-        halves = ([("gate_proj", slice(0, rows // 2)), ("up_proj", slice(rows // 2, rows))] if weight == "gate_up_proj"
-                  else [(weight, slice(0, rows))])
-        for e in range(n_exp):
-            for proj, sl in halves:
-                out[f"{name}.{e}.{proj}"] = _ExpertSlice(unpacked, spec, n_exp, e, sl, (sl.stop - sl.start, cols))
-    return out
-
-
-def _once(fn):
-    cache = []
-    return lambda: cache[0] if cache else (cache.append(fn()) or cache[0])
-
-
-def _weight_names(module: nn.Module) -> list[str]:
-    held = getattr(module, "qweights", None) or getattr(module, "weight_quantizers", None)
-    return list(held)
 
 
 def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
@@ -276,8 +102,8 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         if m.transposed:
             raise ConfigError(f"compressed-tensors export: {n} stores transposed expert weights; not supported")
         spec = m.schemes.weight
-        _check_expert_spec(n, spec)
-        w_args = _weights_args(spec, False)
+        check_expert_spec(n, spec)
+        w_args = int_weights_args(spec, False)
         key = json.dumps([w_args, None], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": w_args, "input_activations": None,
                                         "output_activations": None, "format": "pack-quantized"})
@@ -289,10 +115,10 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
         spec, actorder = weight_spec(model, f"{n}.weight")
         fmt = fp_format(spec) if spec is not None else None
         if fmt is None:
-            _check_spec(n, spec)
+            check_int_spec(n, spec)
         if spec.granularity == "per_group" and m.in_features % spec.group_size:
             ragged.append(n)
-        w_args = fp_weights_args(spec) if fmt else _weights_args(spec, actorder)
+        w_args = fp_weights_args(spec) if fmt else int_weights_args(spec, actorder)
         i_spec = m.input_quantizer.spec if m.input_quantizer is not None else None
         i_args = input_args(i_spec, n, m.input_quantizer)
         if i_spec is not None and i_args is None:
@@ -330,18 +156,18 @@ def _plan(model: nn.Module) -> tuple[dict, dict, dict]:
 
 def _tensors(model: nn.Module, modules: dict, linears: dict, attention: dict, zero_points: str = "padded"):
     """(name, tensor) of the checkpoint, one module at a time (each linear quantized when its turn comes)."""
-    yield from _kv_tensors(attention)
+    yield from kv_tensors(attention)
     for n, m in linears.items():
         if integer_kind(m) is QuantizedExperts:  # each expert weight quantized once, written expert by expert
-            held = {w: weight_of(model, f"{n}.{w}") for w in _weight_names(m)}
+            held = {w: weight_of(model, f"{n}.{w}") for w in weight_names(m)}
             for sub, piece in expert_linears(n, m, held.__getitem__).items():
-                yield from _linear_tensors(sub, piece, zero_points).items()
+                yield from int_linear_tensors(sub, piece, zero_points).items()
             for key, value in m.named_parameters():  # expert biases (none in the supported families)
                 if key not in held and not key.startswith("weight_quantizers."):
                     yield f"{n}.{key}", value.detach()
             continue
         qw = weight_of(model, f"{n}.weight")
-        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else _linear_tensors(n, qw, zero_points)).items()
+        yield from (fp_linear_tensors(n, qw) if fp_format(qw.spec) else int_linear_tensors(n, qw, zero_points)).items()
         yield from input_global_tensors(n, m.input_quantizer).items()  # NVFP4's static activation global
         if m.bias is not None:
             yield f"{n}.bias", m.bias.detach()
@@ -375,7 +201,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     if zero_points not in ZERO_POINT_LAYOUTS:
         raise ConfigError(f"zero_points={zero_points!r}; choose from {list(ZERO_POINT_LAYOUTS)}")
     modules, linears, groups = _plan(model)
-    kv_scheme, attention = _kv_scheme(model)
+    kv_args, attention = kv_scheme(model)
     arch = find_arch(model)
     ck = (lambda key: key) if arch is None else arch.checkpoint_key  # noqa: E731  (the family's checkpoint names)
     for group in groups.values():
@@ -387,11 +213,11 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     top = formats.pop() if len(formats) == 1 else "mixed-precision"
     qconfig = {"quant_method": "compressed-tensors", "format": top, "quantization_status": "compressed",
                "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": ignore,
-               "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
+               "kv_cache_scheme": kv_args, "global_compression_ratio": None}
     transforms, held = transform_config(model, ck)
     if transforms is not None:
         qconfig["transform_config"] = transforms
-    warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_scheme is not None,
+    warn_unstored(model, "compressed-tensors", stores_input=True, stores_kv=kv_args is not None,
                   stored_rotations=held)
     out = Path(out_dir)
     check_writable(out / "config.json")
@@ -405,69 +231,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     with atomic_path(out / "config.json") as tmp:  # written last: marks the export complete
         tmp.write_text(json.dumps(config, indent=2, default=str))
     return out
-
-
-def _spec_from_args(w: dict, scale_dtype: torch.dtype, in_features: int) -> QuantSpec:
-    gran = {v: k for k, v in _STRATEGY.items()}[w["strategy"]]
-    sd = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(scale_dtype, "fp32")
-    group = w.get("group_size") if gran == "per_group" else None
-    ragged = bool(group and in_features % group)  # ceil(in / g) groups, the last one shorter
-    return QuantSpec(bits=w["num_bits"], symmetric=w["symmetric"], granularity=gran, group_size=group,
-                     ragged=ragged, scale_dtype=sd)
-
-
-def _check_args(w: dict, n: str) -> None:
-    """The weights args of a config group are ones this reader takes (types checked: JSON edits are refused)."""
-    group = w.get("group_size")
-    ok = (type(w.get("num_bits")) is int and 2 <= w["num_bits"] <= 8 and w.get("type", "int") == "int"
-          and type(w.get("symmetric")) is bool and w.get("strategy") in _STRATEGY.values()
-          and (w["strategy"] != "group" or (type(group) is int and group > 0)))
-    if not ok:
-        raise ConfigError(f"{n}: weights scheme {w} is not one this reader takes (int, num_bits 2..8, "
-                         "strategy tensor / channel / group with a positive group_size)")
-
-
-def _expect(t: dict, key: str, dtype: torch.dtype | tuple, shape: tuple) -> None:
-    if key not in t:
-        raise ConfigError(f"tensor {key} is missing")
-    v = t[key]
-    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
-    if v.dtype not in dtypes or tuple(v.shape) != tuple(shape):
-        raise ConfigError(f"tensor {key} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} {tuple(shape)}")
-
-
-def _quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> QuantizedWeight:
-    _check_args(w_args, n)
-    _expect(t, f"{n}.weight_shape", torch.int64, (2,))
-    shape = tuple(int(s) for s in t[f"{n}.weight_shape"])
-    if shape != (out_f, in_f):
-        raise ConfigError(f"{n}.weight_shape is {shape}; the model's layer is {(out_f, in_f)}")
-    bits, strategy, g = w_args["num_bits"], w_args["strategy"], w_args.get("group_size")
-    groups = {"group": -(-in_f // (g or 1)), "channel": 1, "tensor": None}[strategy]
-    floats = (torch.float32, torch.float16, torch.bfloat16)
-    _expect(t, f"{n}.weight_packed", torch.int32, (out_f, -(-in_f * bits // 32)))
-    _expect(t, f"{n}.weight_scale", floats, (1,) if groups is None else (out_f, groups))
-    packed_rows = -(-out_f * bits // 32)
-    if not w_args["symmetric"]:  # either layout of ZERO_POINT_LAYOUTS
-        zp_rows = t[f"{n}.weight_zero_point"].shape[0] if f"{n}.weight_zero_point" in t else packed_rows
-        _expect(t, f"{n}.weight_zero_point", torch.int32, (out_f if zp_rows == out_f else packed_rows, groups or 1))
-    if f"{n}.weight_g_idx" in t:
-        _expect(t, f"{n}.weight_g_idx", torch.int32, (in_f,))
-    scale = t[f"{n}.weight_scale"]
-    spec = _spec_from_args(w_args, scale.dtype, shape[1])
-    half = 2 ** (spec.bits - 1)
-    u = unpack_int32(t[f"{n}.weight_packed"], spec.bits, shape[1]).to(torch.int16)
-    codes = (u - half).to(torch.int8) if spec.signed else u.to(torch.uint8)
-    scale = scale.float().reshape({"per_group": (shape[0], -1, 1), "per_channel": (shape[0], 1)}.get(spec.granularity, ()))
-    zp = None
-    if not spec.symmetric:
-        zpu = unpack_int32(t[f"{n}.weight_zero_point"][:packed_rows].t().contiguous(), spec.bits, shape[0]).t()
-        zp = zpu.float().reshape(scale.shape)
-    qw = QuantizedWeight(spec, shape)
-    if f"{n}.weight_g_idx" in t:
-        qw.g_idx = t[f"{n}.weight_g_idx"].to(torch.int64)
-    qw.set_codes(codes, scale, zp)
-    return qw
 
 
 def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
@@ -520,7 +283,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             old = model.get_submodule(n)
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
-            qw = (_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
+            qw = (int_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
                   else fp_quantized_weight(t, n, w_args, fmt))
             if tuple(qw.shape) != (old.out_features, old.in_features):
                 raise ConfigError(f"{n}: the stored weight is {tuple(qw.shape)}; the model's layer is "
@@ -536,13 +299,13 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             schemes = TensorSchemes(weight=qw.spec, input=None if i_q is None else i_q.spec)
             set_module(model, n, QuantizedLinear(old.in_features, old.out_features, qw, old.bias, i_q, schemes))
         for n, w_args in experts.items():
-            set_module(model, n, _load_experts(t, n, model.get_submodule(n), w_args))
+            set_module(model, n, load_experts(t, n, model.get_submodule(n), w_args))
         for reason, names in unread.items():
             log.warning("compressed-tensors loader: %s of %d layer(s) (%s) is not re-attached (qat cannot compute "
                         "it); they run on unquantized activations", reason, len(names),
                         ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
         if q.get("kv_cache_scheme"):
-            _attach_kv(model, t, q["kv_cache_scheme"], folder)
+            attach_kv(model, t, q["kv_cache_scheme"], folder)
         attach_transforms(model, q.get("transform_config"), folder / "config.json", hk)
         targeted = {n for n, _, _ in targets}
         stray = sorted(k for k in t if ".weight_" in k and k.rsplit(".weight_", 1)[0] not in targeted)
@@ -551,33 +314,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         stored_own = {f"{n}.weight" for n in targeted}  # the quantized linears' own tensors (fp8's `<m>.weight`)
         inputs_own = {f"{n}.{key}" for n in targeted for key in INPUT_TENSORS}
         rest = {k: v for k, v in t.items() if ".weight_" not in k and k not in stored_own | inputs_own
-                and not k.endswith((".k_scale", ".v_scale"))}
+                and not k.endswith(KV_TENSORS)}
         check_state(model, rest, folder)
         model = load_rest_and_tie(model, rest, folder, config)
     return check_model(model, folder)
-
-
-def _load_experts(t: dict, name: str, old: nn.Module, w_args: dict) -> QuantizedExperts:
-    """QuantizedExperts for the fused experts `old` from the per-expert `<name>.{i}.<proj>` tensors."""
-    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-    params = dict(old.named_parameters(recurse=False))
-    pieces = {}
-    for w, projs in parts.items():
-        if w in expert_weight_names(old):
-            rows, cols = params[w].shape[1] // len(projs), params[w].shape[2]
-            pieces[w] = [[_quantized_weight(t, f"{name}.{e}.{p}", w_args, rows, cols) for p in projs]
-                         for e in range(old.num_experts)]
-    spec = next(iter(pieces.values()))[0][0].spec
-    module = QuantizedExperts.empty(old, TensorSchemes(weight=spec), next(iter(params.values())).dtype)
-    for w, per_expert in pieces.items():
-        codes = torch.cat([torch.cat([q.codes() for q in projs]) for projs in per_expert])
-        qparams = [[q.qparams() for q in projs] for projs in per_expert]
-        if spec.granularity == "per_tensor":  # one scale per expert: the [E, O * I] view, per_channel rows
-            codes = codes.reshape(old.num_experts, -1)
-            scale = torch.stack([qp[0][0].reshape(1) for qp in qparams])
-            zp = None if spec.symmetric else torch.stack([qp[0][1].reshape(1) for qp in qparams])
-        else:
-            scale = torch.cat([qp[0] for projs in qparams for qp in projs])
-            zp = None if spec.symmetric else torch.cat([qp[1] for projs in qparams for qp in projs])
-        module.qweights[w].set_codes(codes, scale, zp)
-    return module

@@ -28,7 +28,7 @@ from torch import nn
 from qat.errors import BadFileError, ConfigError
 from qat.export.common import (integer_kind, integer_modules, load_rest_and_tie, owning_module,
                                quantizer_prefixes, stored_float_dtype, warn_unstored, weight_of, weight_spec)
-from qat.export.compressed import pack_int32, unpack_int32
+from qat.export.compressed_int import pack_int32, unpack_int32
 from qat.export.publish import folder_writer
 from qat.export.validate import bad_file, check_config, check_model, check_state, read_json, verify_checksums
 from qat.formats import get_format

@@ -187,6 +187,7 @@ HYDRA_APPS = {"demo": [], "train": TR, "ptq": [], "compare": CMP, "eval": EV, "e
 # the sweep of a multirun: qat-compare's -m runs one job per method x quant (its methods / quants lists are for a
 # plain run); the others sweep quant itself
 SWEEP = {"compare": ["method=rtn"]}
+INTERPOLATED = {"demo": "tokens", "export": "gguf_type"}  # the key given a bad interpolation (default data.block_size)
 
 
 def _hydra_cases() -> list[tuple[str, list[str], str]]:
@@ -269,6 +270,19 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
            "static-global), which needs calibration (a float model quantized on load gets none); give "
            "checkpoint=<a calibrated qat-ptq / qat-train checkpoint> with it, or quantize and export in one run: "
            "qat-ptq quant=nvfp4_w4a4 export=compressed_tensors")]
+    # a bad interpolation on the command line names its key and the missing node, whether Hydra resolves it
+    # (--cfg job --resolve) or the job reads it
+    for app, base in HYDRA_APPS.items():
+        key = INTERPOLATED.get(app, "data.block_size")
+        for flags in (["--cfg", "job", "--resolve"], []):
+            c.append((app, flags + base + [f"{key}=${{nope}}"],
+                      f"{APPS[app]}: error: {key}: Interpolation key 'nope' not found"))
+    # a key below one that is not there: the missing one named, the keys of its parent listed
+    c += [("export", EXP + ["data.block_size=4"], "data.block_size=4: no data option is chosen (the config leaves the "
+                                                  "data group out); choose one with data=<fixture, shakespeare, wiki>"),
+          ("ptq", ["model.tiny.a.b=4"], "model.tiny.a.b=4: no such key 'model.tiny.a'; the keys of model.tiny: "
+                                        "hidden_size, intermediate_size")]
+    c.append(("ptq", ["~data"], "calibration.seq_len: Interpolation key 'data.block_size' not found"))
     c += [("train", TR + ["modle=tiny"], "modle=tiny: no such key 'modle' (did you mean module or model?)"),
           ("train", TR + ["+trainer.max_steps=2"], "+trainer.max_steps=2: trainer.max_steps is already in the"),
           ("eval", EV + ["qunt=fp8_dynamic"], "(did you mean quant?)")]  # a group whose default is null

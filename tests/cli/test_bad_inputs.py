@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from qat.cli.boundary import one_error
+from qat.cli.hydra_errors import omegaconf_message
 from qat.errors import ConfigError
 from qat.jobs.config import as_bool
-from tests.cli.bad_inputs import APPS, CASES, HYDRA_APPS, HYDRA_CASES, argv_for, make_files, run_in_process
+from tests.cli.bad_inputs import APPS, CASES, HYDRA_APPS, HYDRA_CASES, TR, argv_for, make_files, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +60,38 @@ def test_hydra_refusal_is_one_line_and_exit_2(app, argv, expected, files):
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{APPS[app]}: error: "), out
     assert expected in lines[0], out
     assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out and "\t" not in out, out
+
+
+@pytest.mark.parametrize("override, key", [("data.block_size=${nope}", "data.block_size"),
+                                           ("trainer.max_epochs=${nope.deeper}", "trainer.max_epochs"),
+                                           ("module.kd={weight:0.5,teacher:${nope}}", "module.kd.teacher")])
+def test_a_bad_interpolation_is_refused_before_the_job_starts(override, key, files, monkeypatch):
+    """qat-train hands the job its config unresolved, and the job reads keys as it goes (trainer after the
+    baselines' setup, module when the model loads): the command line's interpolations are resolved first."""
+    import qat.cli.train
+
+    started = []
+    monkeypatch.setattr(qat.cli.train, "train", lambda cfg: started.append(cfg) or {})
+    code, out = run_in_process("train", argv_for(TR + [override], files, "train"))
+    assert code == 2 and not started, out
+    assert out.strip().startswith(f"qat-train: error: {key}: Interpolation key 'nope"), out
+    code, out = run_in_process("train", argv_for(TR + ["label=qat_lr${optim.optimizer.lr}"], files, "train"))
+    assert code == 0 and started and started[0].label == "qat_lr0.0001", out  # a good one reaches the job
+
+
+def test_an_interpolation_read_through_another_names_both():
+    """The node holding the bad interpolation and the node whose reading led there."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    cfg = OmegaConf.create({"calibration": {"seq_len": "${data.block_size}"}, "data": {"block_size": "${nope}"}})
+    with pytest.raises(InterpolationKeyError) as caught:
+        cfg.calibration.seq_len
+    assert omegaconf_message(caught.value) == ("data.block_size: Interpolation key 'nope' not found "
+                                               "(needed by calibration.seq_len)")
+    with pytest.raises(InterpolationKeyError) as caught:
+        OmegaConf.resolve(cfg)  # no full_key at all: what Hydra's --cfg job --resolve raises
+    assert omegaconf_message(caught.value) == "data.block_size: Interpolation key 'nope' not found"
 
 
 def test_every_hydra_app_has_the_hydra_cases():

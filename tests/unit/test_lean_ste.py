@@ -136,7 +136,7 @@ def test_recomputing_saved_views_passes_storage_less_tensors_on():
 def test_recomputing_saved_views_warns_once_without_the_hook_accessors(monkeypatch):
     """A torch without the private accessors: same gradients, the kernel's own saving, and one warning a process."""
     monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
-    monkeypatch.setattr(qat.ste, "_warned", False)
+    monkeypatch.setattr(qat.ste.lean, "_warned", False)  # the warn-once flag lives beside the hook
     w, args = _recipe()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

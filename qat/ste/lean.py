@@ -1,196 +1,18 @@
-"""Straight-through estimators around the one numerics in `qat.primitives`.
-
-Forward passes call `fake_quantize_forward`, so their values are those of quantize -> dequantize.
-Backward passes differ only in the gradients they hand out:
-
-    fake_quantize           dx = g * inside                    (plain STE; keeps one bool mask)
-    learned_fake_quantize   dx = g * inside                    (LSQ / LSQ+ / PACT)
-                            ds = sum g * (x^ - inside * x) / s * grad_scale   (LSQ, Esser et al. 2020)
-                            ds = sum g * (1 - inside) * x^ / s                (PACT: clipped elements only)
-                            dz = sum g * (1 - inside) * (-s) * grad_scale     (LSQ+ learned zero-point)
-
-`inside` marks elements whose unclamped code lies in [qmin, qmax]; x^ is the fake-quantized output.
-
-    fake_quant_linear       y = linear(x^, w^, b) with the gradients above for x, w and their qparams, but
-                            it keeps only x, w (and the qparams) for backward and recomputes x^, w^ and the
-                            masks there: no fake-quantized copy of a weight or an input, no mask, stays alive
-                            between forward and backward (the memory-lean STE).
-    lean_fake_quantize      x^ with the gradients above for x and its qparams; keeps x and the qparams, not x^
-                            or the mask. With `recomputing_saved_views`, tensors that a consumer saves for its
-                            backward and that are views of x^ are kept as a recipe and recomputed there too
-                            (the lean STE for weights used by kernels qat does not own: fused MoE experts).
+"""The memory-lean straight-through estimators: the same values and gradients as `qat.ste.estimators`, but
+backward recomputes x^ and its mask from x and the qparams instead of keeping them (`fake_quant_linear` for
+FakeQuantLinear, `lean_fake_quantize` + `recomputing_saved_views` for kernels qat does not own: fused MoE experts).
+See `qat.ste`'s docstring for the gradients.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from qat.primitives import fake_quantize_forward, group_view
-from qat.spec import QuantSpec
-
-__all__ = ["round_ste", "fake_quantize", "learned_fake_quantize", "learned_grads", "lsq_grad_scale",
-           "FakeQuantArgs", "fake_quant_linear",
-           "Requantized", "lean_fake_quantize", "recomputing_saved_views"]
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity gradient backward.
-
-    Example:
-        >>> round_ste(torch.tensor([0.4, 1.6], requires_grad=True)).sum().backward()
-    """
-    return _RoundSTE.apply(x)
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, spec, g_idx):
-        out, mask = fake_quantize_forward(x, scale, zero_point, spec, ctx.needs_input_grad[0], g_idx)
-        ctx.save_for_backward(mask)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return _masked(grad, mask), None, None, None, None
-
-
-def fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    spec: QuantSpec,
-    g_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fake-quantize with the plain straight-through estimator: gradient 1 inside the range, 0 outside.
-
-    Scale and zero-point are treated as constants. Only a boolean mask is kept for backward.
-
-    Example:
-        >>> x = torch.randn(4, 8, requires_grad=True)
-        >>> fake_quantize(x, torch.tensor(0.1), None, QuantSpec(bits=4, granularity="per_tensor")).sum().backward()
-    """
-    zero_point = None if zero_point is None else zero_point.detach()
-    return _FakeQuantSTE.apply(x, scale.detach(), zero_point, spec, g_idx)
-
-
-def lsq_grad_scale(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> float:
-    """LSQ's gradient scale 1 / sqrt(N * qmax), N = number of elements sharing one scale."""
-    per_scale = x.numel() / max(scale.numel(), 1)
-    return 1.0 / math.sqrt(per_scale * max(spec.qmax, 1))
-
-
-class _LearnedFakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, spec, mode, grad_scale):
-        out, mask = fake_quantize_forward(x, scale, zero_point, spec, need_mask=True)
-        ctx.spec, ctx.mode, ctx.grad_scale = spec, mode, grad_scale
-        ctx.has_zero_point = zero_point is not None
-        ctx.save_for_backward(x if mode == "lsq" else None, out, mask, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, out, mask, scale = ctx.saved_tensors
-        grad_x, grad_scale, grad_zero = learned_grads(grad, x, out, mask, scale, ctx.has_zero_point, ctx.spec,
-                                                      ctx.mode, ctx.grad_scale)
-        return grad_x, grad_scale, grad_zero, None, None, None
-
-
-def learned_grads(grad, x, out, mask, scale, has_zero_point: bool, spec: QuantSpec, mode: str, grad_scale: float):
-    """(dx, dscale, dzero_point) of a learned fake quant (see the module docstring), given the incoming gradient,
-    the input, the fake-quantized output and the inside mask; dzero_point is None without a zero-point."""
-    g = group_view(grad, spec, pad="zero").float()  # padding of a ragged last group adds nothing
-    m = group_view(mask, spec)
-    outside = ~m
-    if mode == "lsq":
-        elem = (group_view(out, spec).float() - group_view(x, spec).float() * m) / scale
-        scale_weight = grad_scale
-    else:  # pact: only clipped elements move the clip
-        elem = group_view(out, spec).float() * outside / scale
-        scale_weight = 1.0
-    d_scale = _sum_to(g * elem, scale) * scale_weight
-    d_zero = _sum_to(g * outside * (-scale), scale) * grad_scale if has_zero_point else None
-    return _masked(grad, mask), d_scale, d_zero
-
-
-def _masked(grad: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """grad where mask, else 0: the STE's gradient (in place: on `grad`, a backward's own temporary).
-
-    torch.where runs several times faster on CPU than `grad * mask` (whose bool -> float promotion takes a slow
-    path); the values are equal (a masked element is +0 where the product gave -0).
-    """
-    if in_place:
-        return torch.where(mask, grad, grad.new_zeros(()), out=grad)
-    return torch.where(mask, grad, 0.0)
-
-
-def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a group-view tensor down to the qparams layout of `like` (leading ones stripped)."""
-    if like.ndim == 0:
-        return t.sum()
-    lead = t.ndim - like.ndim
-    t = t.sum(dim=tuple(range(lead))) if lead else t
-    dims = tuple(d for d in range(like.ndim) if like.shape[d] == 1 and t.shape[d] != 1)
-    return t.sum(dim=dims, keepdim=True) if dims else t
-
-
-def learned_fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    spec: QuantSpec,
-    mode: str,
-) -> torch.Tensor:
-    """Fake-quantize with a learned scale (LSQ / LSQ+) or a learned clip (PACT, scale = clip / half-range).
-
-    The forward value is exactly `fake_quantize_forward(x, scale, zero_point, spec)`.
-
-    Args:
-        mode: "lsq" (scale gets the LSQ gradient, scaled by 1/sqrt(N qmax)) or "pact" (scale gets
-            gradient from clipped elements only). A zero_point that requires grad gets the LSQ+ gradient.
-    Example:
-        >>> s = torch.tensor(0.1, requires_grad=True)
-        >>> learned_fake_quantize(torch.randn(16), s, None, QuantSpec(bits=4, granularity="per_tensor"), "lsq").sum().backward()
-    """
-    return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, lsq_grad_scale(x, scale, spec))
-
-
-@dataclass
-class FakeQuantArgs:
-    """How one tensor is fake-quantized: qparams (differentiable when learned), scheme and estimator.
-
-    mode: "ste" (plain STE; scale and zero_point are constants), "lsq" or "pact" (learned, see
-    `learned_fake_quantize`); grad_scale is LSQ's 1/sqrt(N qmax); g_idx the act-order group index (ste only).
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None
-    spec: QuantSpec
-    mode: str = "ste"
-    g_idx: torch.Tensor | None = None
-    grad_scale: float = 1.0
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x fake-quantized with this estimator (the unfused path)."""
-        if self.mode == "ste":
-            return fake_quantize(x, self.scale, self.zero_point, self.spec, self.g_idx)
-        return learned_fake_quantize(x, self.scale, self.zero_point, self.spec, self.mode)
+from qat.primitives import fake_quantize_forward
+from qat.ste.estimators import FakeQuantArgs, learned_grads, masked_grad
 
 
 def _requantize(t: torch.Tensor, q: FakeQuantArgs | None, scale, zero_point, need_mask: bool):
@@ -201,11 +23,11 @@ def _requantize(t: torch.Tensor, q: FakeQuantArgs | None, scale, zero_point, nee
 
 def _input_grads(grad_q, t, t_q, mask, q: FakeQuantArgs | None, scale, zero_point, in_place: bool = True):
     """(dt, dscale, dzero_point) from the gradient of the fake-quantized tensor: the same formulas as the
-    unfused `_FakeQuantSTE` / `_LearnedFakeQuant` backward. `in_place`: grad_q is the caller's own temporary."""
+    unfused estimators' backward (`qat.ste.estimators`). `in_place`: grad_q is the caller's own temporary."""
     if q is None or grad_q is None:
         return grad_q, None, None
     if q.mode == "ste":  # grad_q is this backward's own temporary: masked in place, one weight-sized tensor less
-        return _masked(grad_q, mask, in_place=in_place), None, None
+        return masked_grad(grad_q, mask, in_place=in_place), None, None
     return learned_grads(grad_q, t, t_q, mask, scale, zero_point is not None, q.spec, q.mode, q.grad_scale)
 
 
