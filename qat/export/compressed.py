@@ -265,6 +265,10 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
         # names, regexes and class names ("Linear", as llm-compressor writes them), less `ignore`
         chosen = group_targets(groups, q.get("ignore"), layers, lambda n: module_classes(model, n, hk, EXPERT_PROJ),
                                folder / "config.json")
+        for n, k in chosen.items():
+            if not isinstance(groups[k].get("weights"), dict):
+                raise BadFileError(folder / "config.json", f"layer {n!r} holds quantized weights, but config group "
+                                   f"{k!r}, whose scheme it takes (compressed-tensors' precedence), has no weights")
         targets = [(hk(n), groups[k]["weights"], groups[k].get("format") or q["format"]) for n, k in chosen.items()]
         acts = {hk(n): (groups[k].get("input_activations"), groups[k].get("output_activations"))
                 for n, k in chosen.items()}
@@ -276,7 +280,10 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
                 if fmt != "pack-quantized":
                     raise BadFileError(folder / "config.json", f"experts {m['experts']!r} stored as {fmt!r}; "
                                        "experts are read from pack-quantized groups only")
-                experts.setdefault(m["experts"], w_args)
+                if experts.setdefault(m["experts"], w_args) != w_args:  # one QuantizedExperts, one weight scheme
+                    raise BadFileError(folder / "config.json", f"the pieces of experts {m['experts']!r} take config "
+                                       f"groups with different weights ({experts[m['experts']]}, {w_args}); qat reads "
+                                       "fused experts under one weights scheme")
                 if acts[n][0]:
                     unread.setdefault(f"input_activations {acts[n][0]} of fused experts", []).append(n)
                 continue

@@ -115,6 +115,29 @@ def test_ragged_groups_round_trip(tmp_path, sym):
     assert torch.equal(logits(load_compressed_tensors(tmp_path / "ct"), ids), ref)
 
 
+def test_overlapping_groups_as_llm_compressor_writes_them_resolve_as_compressed_tensors(model, ids, tmp_path):
+    """`targets: [Linear]` in one group, `re:.*down_proj` in another (a mixed recipe as llm-compressor writes it): each
+    down_proj takes the regex's group (int8), every other linear the class's (int4), in qat and in transformers."""
+    mixed = qat.QuantRecipe.from_dict({**qat.load_recipe("w4a16_g128").to_dict(),
+                                       "overrides": [{"targets": ["re:.*down_proj"], "weight": {"bits": 8}}]})
+    prepared = qat.prepare(model, mixed)
+    ref = logits(prepared, ids)
+    out = export_compressed_tensors(prepared, tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    assert len(groups) == 2
+    for group in groups.values():
+        group["targets"] = ["re:.*down_proj"] if group["weights"]["num_bits"] == 8 else ["Linear"]
+    config["quantization_config"]["ignore"] = ["lm_head"]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    loaded = load_compressed_tensors(out)
+    assert loaded.model.layers[0].mlp.down_proj.qweight.spec.bits == 8
+    assert loaded.model.layers[0].mlp.up_proj.qweight.spec.bits == 4
+    assert torch.equal(logits(loaded, ids), ref)
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(out), ids), ref)
+
+
 def test_fp8_dynamic_is_float_quantized_and_reloads_exactly(model, ids, tmp_path):
     """fp8_dynamic (e4m3 per-channel weights, dynamic per-token e4m3 activations) is compressed-tensors' FP8_DYNAMIC
     preset in format float-quantized: qat's loader and transformers + compressed-tensors (fp32) both give the

@@ -179,13 +179,14 @@ def test_held_global_storage():
 def test_targets_resolve_as_compressed_tensors_matches_them(caplog):
     layers = ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
     classes = lambda n: ["Linear", "Module"]  # noqa: E731
-    groups = {"a": {"targets": ["re:.*mlp.*"]}, "b": {"targets": ["Linear"]}}
-    with pytest.raises(BadFileError, match="down_proj.*two config_groups"):
-        group_targets(groups, ["lm_head"], layers, classes, "config.json")
+    groups = {"a": {"targets": ["re:.*mlp.*"]}, "b": {"targets": ["Linear"]}}  # down_proj: both; the regex wins
+    assert group_targets(groups, ["lm_head"], layers, classes, "config.json") == {
+        "model.layers.0.mlp.down_proj": "a", "model.layers.0.self_attn.q_proj": "b"}
     groups = {"a": {"targets": ["re:.*mlp.*"]}, "b": {"targets": ["model.layers.0.self_attn.q_proj"]}}
     assert group_targets(groups, [], layers, classes, "config.json") == {
         "model.layers.0.mlp.down_proj": "a", "model.layers.0.self_attn.q_proj": "b"}
     assert group_targets({"b": {"targets": ["Linear"]}}, ["re:.*proj$"], layers, classes, "f") == {"lm_head": "b"}
     with caplog.at_level(logging.WARNING):
         assert group_targets({"b": {"targets": ["Embedding"]}}, [], layers, classes, "f") == {}
-    assert "config group 'b' (targets ['Embedding']) matches no quantized layer of f" in caplog.text
+    assert "config group 'b' (targets ['Embedding']) matches no quantized layer of f; its scheme is not applied" \
+        in caplog.text
