@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qat
+from qat.errors import BadFileError
 from qat.export import export_compressed_tensors, load_any, load_compressed_tensors
 from qat.export.compressed import pack_int32, unpack_int32
 from qat.io import load_safetensors, write_safetensors
@@ -136,6 +137,11 @@ def test_overlapping_groups_as_llm_compressor_writes_them_resolve_as_compressed_
     assert loaded.model.layers[0].mlp.up_proj.qweight.spec.bits == 4
     assert torch.equal(logits(loaded, ids), ref)
     assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(out), ids), ref)
+    groups["group_1" if groups["group_1"]["weights"]["num_bits"] == 8 else "group_0"]["weights"] = None
+    (out / "config.json").write_text(json.dumps(config))  # the down_proj group, activations only: not this file
+    with pytest.raises(BadFileError, match=r"layer 'model.layers.0.mlp.down_proj' holds quantized weights, but "
+                                           r"config group 'group_.', whose scheme it takes .*has no weights"):
+        load_compressed_tensors(out)
 
 
 def test_fp8_dynamic_is_float_quantized_and_reloads_exactly(model, ids, tmp_path):

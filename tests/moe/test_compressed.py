@@ -130,3 +130,23 @@ def test_shared_expert_linears_are_not_taken_for_fused_experts():
                                                 "overrides": [{"targets": [shared], "weight": int4}]})
         with pytest.raises(ConfigError, match="fused MoE experts"):
             check_recipe_format(float_base, "compressed_tensors", experts=True)
+
+
+def test_expert_pieces_taking_groups_with_different_weights_are_refused(tmp_path):
+    """A mixed recipe (`Linear` int8, `re:.*experts.*down_proj` int4, as llm-compressor writes one) gives one fused
+    experts module's pieces two weight schemes; qat's QuantizedExperts holds one: refused, naming the experts."""
+    from qat.errors import BadFileError
+
+    out = export_compressed_tensors(qat.prepare(tiny_moe("qwen3_moe", num_experts=4), RECIPES["int8_channel"]),
+                                    tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    (group,) = q["config_groups"].values()
+    q["config_groups"] = {"a": {**group, "targets": ["Linear"]},
+                          "b": {**group, "targets": ["re:.*experts.*down_proj"],
+                                "weights": {**group["weights"], "num_bits": 4}}}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    with pytest.raises(BadFileError, match=r"the pieces of experts 'model.layers.0.mlp.experts' take config groups "
+                                           r"with different weights \(\{'num_bits': 4, .*\{'num_bits': 8, .*under one weights scheme"):
+        load_compressed_tensors(out)
