@@ -27,6 +27,7 @@ from qat.export.native import load_native
 from qat.export.validate import bad_file, check_config, read_json
 from qat.io import check_safetensors, load_torch_checkpoint
 from qat.models import ByteTokenizer, load_model, load_tokenizer, resolve_dtype
+from qat.testing import cast_as_loaded
 from qat.transform import as_recipe, convert, prepare
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -99,6 +100,10 @@ def load_torch_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
 def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **tiny_kwargs) -> nn.Module:
     """Load any export or starting checkpoint (see the module docstring) in eval mode.
 
+    Args:
+        dtype: of a float checkpoint (GGUF, .bin, Hugging Face folder), as a checkpoint of that dtype loads (RoPE's
+            inv_freq stays float32: `qat.testing.cast_as_loaded`); quantized exports load in the dtype they were
+            stored in.
     Raises:
         FileNotFoundError / ValueError: from the format's loader, naming the file and the problem.
     Example:
@@ -112,7 +117,7 @@ def load_any(path: str | os.PathLike, dtype: str | torch.dtype = "float32", **ti
     if fmt == "gptq":
         return load_gptq(path)
     if fmt == "gguf":
-        return load_gguf(path).to(resolve_dtype(dtype))
+        return cast_as_loaded(load_gguf(path), resolve_dtype(dtype))  # RoPE's inv_freq stays float32
     if fmt == "torch":
         return check_parameters(load_torch_file(path, resolve_dtype(dtype)), path)
     p = Path(path).expanduser()

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qat
-from qat.export import export, load_any
+from qat.export import export, export_gguf, load_any
 from qat.export.common import stored_float_dtype
 from qat import testing
 from tests.export.conftest import logits, tiny_llama
@@ -29,8 +29,29 @@ def test_bf16_export_reloads_in_bf16_with_equal_logits(fmt, recipe, ids, tmp_pat
     export(model, tmp_path / fmt, format=fmt)
     loaded = load_any(tmp_path / fmt)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32  # built in bf16 as a checkpoint loads, not cast
     got = logits(loaded, ids)
     assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "torch", "hf"])
+def test_load_any_with_a_dtype_casts_as_a_checkpoint_of_that_dtype_loads(fmt, ids, tmp_path):
+    """`load_any(float checkpoint, dtype=...)`: RoPE's inv_freq stays float32 (`cast_as_loaded`; a plain `.to` of the
+    GGUF model rounded it), so every float form gives transformers' own bf16 load of the same weights, atol 0."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    ref = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16), ids)
+    if fmt == "gguf":
+        path = export_gguf(model, tmp_path / "m.gguf", "F32")  # exact
+    elif fmt == "torch":
+        path = tmp_path / "hf" / "pytorch_model.bin"
+        torch.save(model.state_dict(), path)
+    else:
+        path = tmp_path / "hf"
+    loaded = load_any(path, dtype="bfloat16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert not testing.rounded_rope(loaded) and loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(logits(loaded, ids), ref)
 
 
 def test_stored_float_dtype_counts_the_float_tensors_outside_quantized_modules():
