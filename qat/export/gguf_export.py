@@ -240,8 +240,9 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     _warn_fallbacks(fallbacks)
     if held:
         log.warning("GGUF: %d NVFP4 tensor(s) hold a global that is not a power of two (read from another tool's "
-                    "checkpoint): their E4M3 block scales and nibbles are written as stored, the multiplier 1 / G "
-                    "rounded to float32, which llama.cpp applies to the matmul output: within a float32 rounding of "
+                    "checkpoint): written with the same values (E4M3 block scales times a power of two, E2M1 codes "
+                    "re-encoded) under the multiplier 1 / G (over that power of two) rounded to float32, which "
+                    "llama.cpp applies to the matmul output: within a float32 rounding of "
                     "the loaded weights, not bit-exact: %s", len(held),
                     ", ".join(held[:4]) + (", ..." if len(held) > 4 else ""))
     for scheme, names in requantized.items():

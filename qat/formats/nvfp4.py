@@ -13,12 +13,14 @@ tensor, or (dynamic activations) each activation tensor as it comes.
 
 Weights read from a checkpoint another tool wrote (llm-compressor: G = 448 * 6 / amax exactly, not a power of two)
 keep the stored global: `weight_spec_of` gives them `static_global=True`, the converted weight stores the
-checkpoint's E4M3 bytes and G as they are (`pack_under`), and its values are E2M1 * (e4m3 / G) computed in float32,
-compressed-tensors' own decompression (then rounded once to the model's dtype, as compressed-tensors rounds to
-bfloat16). Re-rounding those scales onto the power-of-two grid instead moved 90% of a tiny model's weights, by up
-to 5.9%. As GGUF NVFP4 they keep their E4M3 bytes and nibbles and the multiplier is 1 / G rounded to float32
-(`stored_global`): gguf-py decodes e4m3 * E2M1 exactly, times the multiplier the values are within a float32
-rounding of ours (not bit-exact: llama.cpp multiplies the matmul output by it; the writer says so).
+checkpoint's E4M3 bytes and G as they are (`pack_under`), and its values are E2M1 * (e4m3 / G) computed in float32
+(compressed-tensors' `dequantize` at float32, tested) and rounded once to the model's dtype (in bfloat16: the output
+of compressed-tensors' NVFP4 decompressor, which gives bfloat16 only). Re-rounding those scales onto the
+power-of-two grid instead moved 90% of a tiny model's weights, by up to 5.9%. As GGUF NVFP4 they keep the same
+values, re-encoded: the E4M3 block scales times a power of two 2^k (exact), the E2M1 codes (a stored negative zero
+becomes +0), and the multiplier 2^-k / G rounded to float32 (`stored_global`): gguf-py decodes e4m3 * E2M1
+exactly, times the multiplier the values are within a float32 rounding of ours (not bit-exact: llama.cpp multiplies
+the matmul output by it; the writer says so).
 
 Static-global activations (`QuantSpec.static_global`, recipe nvfp4_w4a4: compressed-tensors' NVFP4 preset, its
 `dynamic: local` input_activations): the global is held per module, compressed-tensors' `generate_gparam` of the
@@ -160,7 +162,7 @@ class NVFP4Format(Format):
         return True  # the codes are the doubled E2M1 values -12..12 (int8)
 
     def gguf_type(self, spec: QuantSpec) -> str | None:
-        return "NVFP4"  # a held global (static_global weights): blocks as stored, the multiplier 1 / G rounded once
+        return "NVFP4"  # a held global (static_global weights): the same values, the multiplier 1 / G rounded once
 
     def qparams(self, lo, hi, spec):
         return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None

@@ -142,7 +142,10 @@ def test_gguf_keeps_the_stored_blocks_under_a_rounded_multiplier_and_says_so(for
     pow2 = gguf_tensor_scale(e)  # the blocks hold e * 2^k (exact), the multiplier is 2^-k / G rounded once
     assert m == float((pow2 / held)[0])
     values = lin.codes().float() / 2 * e.reshape(lin.shape[0], -1).repeat_interleave(16, 1)  # E2M1 * e4m3
-    assert torch.equal(decoded * pow2, values)  # gguf-py decodes the stored bytes exactly
+    assert torch.equal(decoded * pow2, values)  # gguf-py decodes the same values exactly (e4m3 * 2^k, codes)
+    nibbles = torch.cat([torch.from_numpy(t.data.reshape(-1, 36)[:, 4:].copy()).reshape(-1) for t in tensors.values()
+                         if t.tensor_type == T.NVFP4])
+    assert not bool(((nibbles & 0x0F) == 8).any() or ((nibbles >> 4) == 8).any())  # re-encoded: a stored -0 is +0
     ours = lin.dequantize(torch.float32)
     ulp = torch.finfo(torch.float32).eps * ours.abs()
     assert bool(((decoded * m - ours).abs() <= ulp).all())  # one float32 rounding (of 1 / G), not bit-exact
