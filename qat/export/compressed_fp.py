@@ -186,7 +186,7 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
     elif fmt == "nvfp4-pack-quantized":
         return _nvfp4_weight(t, name)
     else:
-        codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
+        codes = _e2m1_codes(t, name)
         scale, spec = e8m0_scale(t[f"{name}.weight_scale"]).reshape(codes.shape[0], -1, 1), mxfp4_spec()
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, scale, None)
@@ -202,10 +202,20 @@ def _keep_nibbles(qw: QuantizedWeight, packed: torch.Tensor) -> None:
     qw.packed = packed.to(torch.uint8).reshape(-1).clone()
 
 
+def _e2m1_codes(t: dict, name: str) -> torch.Tensor:
+    """The E2M1 codes of `<name>.weight_packed`, refused unless uint8 [out, in / 2] (compressed-tensors asserts uint8
+    when it unpacks: another dtype's bytes are not two nibbles each)."""
+    packed = t[f"{name}.weight_packed"]
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
+        raise ConfigError(f"compressed-tensors: tensor {name}.weight_packed is {packed.dtype} {tuple(packed.shape)}; "
+                          "E2M1 codes are packed two per byte: uint8 [out, in / 2]")
+    return e2m1_from_index(unpack_nibbles(packed))
+
+
 def _nvfp4_weight(t: dict, name: str) -> QuantizedWeight:
     """The QuantizedWeight of an nvfp4-pack-quantized linear: E4M3 block scales under the stored global G, held
     as stored where G is not qat's power of two (`weight_spec_of`), so the values are compressed-tensors' own."""
-    codes = e2m1_from_index(unpack_nibbles(t[f"{name}.weight_packed"]))
+    codes = _e2m1_codes(t, name)
     blocks, g = t[f"{name}.weight_scale"], t.get(f"{name}.weight_global_scale")
     want = (codes.shape[0], codes.shape[1] // 16)
     if blocks.dtype != torch.float8_e4m3fn or tuple(blocks.shape) != want or g is None or g.numel() != 1:
@@ -213,6 +223,12 @@ def _nvfp4_weight(t: dict, name: str) -> QuantizedWeight:
                           f"weight_global_scale {None if g is None else tuple(g.shape)}; nvfp4-pack-quantized needs "
                           f"float8_e4m3fn {want} and a global of one element")
     g = g.float().reshape(1)
+    if not bool(torch.isfinite(g).all() and (g > 0).all()):
+        raise ConfigError(f"compressed-tensors: tensor {name}.weight_global_scale is {float(g[0])}; the global "
+                          "divides the block scales: it must be finite and > 0")
+    if not bool((blocks.float() >= 0).all()):  # a NaN fails too; 0 is an all-zero block (qat writes it so)
+        raise ConfigError(f"compressed-tensors: tensor {name}.weight_scale holds negative or NaN E4M3 block scales; "
+                          "they must be >= 0 (compressed-tensors writes them > 0, qat 0 for an all-zero block)")
     spec = weight_spec_of(blocks, g)
     qw = QuantizedWeight(spec, tuple(codes.shape))
     qw.set_codes(codes, blocks.float().reshape(*want, 1) / g, None, global_scale=g if spec.static_global else None)

@@ -28,7 +28,7 @@ from qat.export.compressed_fp import pack_nibbles
 from qat.export.ct_targets import group_targets
 from qat.formats.minifloat import e2m1_index
 from qat.formats.nvfp4 import gguf_tensor_scale, nvfp4_spec, split_scales, weight_spec_of
-from qat.io import load_safetensors
+from qat.io import load_safetensors, write_safetensors
 from qat.modules.quantized import QuantizedLinear, QuantizedWeight
 from qat.testing import cast_as_loaded, tiny_llama
 
@@ -157,6 +157,52 @@ def test_own_exports_keep_the_power_of_two_form(token_ids, tmp_path):
     model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("nvfp4_w4a16"))
     loaded = load_compressed_tensors(export_compressed_tensors(model, tmp_path / "ct"))
     assert {lin.qweight.spec for lin in _linears(loaded).values()} == {nvfp4_spec()}
+
+
+DOWN = "model.layers.0.mlp.down_proj"
+EDITS = {  # tensor -> (edit, what the refusal says)
+    "packed_int8": ("weight_packed", lambda x: x.view(torch.int8), r"weight_packed is torch.int8 .* uint8"),
+    "negative_block": ("weight_scale", lambda x: (-x.float().abs().clamp(min=1)).to(torch.float8_e4m3fn),
+                       r"weight_scale holds negative or NaN E4M3 block scales"),
+    "nan_block": ("weight_scale", lambda x: torch.full_like(x.float(), float("nan")).to(torch.float8_e4m3fn),
+                  r"weight_scale holds negative or NaN"),
+    "zero_global": ("weight_global_scale", torch.zeros_like, r"weight_global_scale is 0.0; .*finite and > 0"),
+    "negative_global": ("weight_global_scale", lambda x: -x, r"weight_global_scale is -.*finite and > 0"),
+    "inf_global": ("weight_global_scale", lambda x: torch.full_like(x, float("inf")), r"weight_global_scale is inf; "),
+}
+
+
+@pytest.fixture(scope="module")
+def own_nvfp4(tmp_path_factory):
+    """qat's own NVFP4 export of a tiny Llama whose first down_proj block is all zero (its E4M3 block scale is 0)."""
+    model = tiny_llama(vocab_size=256)
+    with torch.no_grad():
+        model.get_submodule(DOWN).weight[0, :16] = 0
+    model = qat.prepare(model, qat.load_recipe("nvfp4_w4a16"))
+    return export_compressed_tensors(model, tmp_path_factory.mktemp("own_nvfp4") / "ct"), model
+
+
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+def test_edited_nvfp4_tensors_are_refused_naming_the_tensor(own_nvfp4, edit, tmp_path):
+    """compressed-tensors unpacks uint8 only and writes block scales and globals > 0: another dtype, a negative /
+    NaN block scale, a global <= 0 or not finite is a BadFileError naming the folder and the tensor."""
+    src, _ = own_nvfp4
+    key, fn, match = EDITS[edit]
+    t = load_safetensors(src / "model.safetensors")
+    t[f"{DOWN}.{key}"] = fn(t[f"{DOWN}.{key}"])
+    out = tmp_path / "ct"
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())  # no qat_checksums.json: another tool's
+    write_safetensors(t.items(), out / "model.safetensors")
+    with pytest.raises(BadFileError, match=rf"{out}: .*{DOWN}\.{match}"):
+        load_compressed_tensors(out)
+
+
+def test_an_all_zero_block_has_block_scale_zero_and_reloads(own_nvfp4, token_ids):
+    src, model = own_nvfp4
+    assert float(load_safetensors(src / "model.safetensors")[f"{DOWN}.weight_scale"][0, 0].float()) == 0.0
+    with torch.no_grad():
+        assert torch.equal(load_compressed_tensors(src)(token_ids).logits, model(token_ids).logits)
 
 
 def test_held_global_storage():
