@@ -96,11 +96,10 @@ def group_targets(groups: dict, ignore: list[str] | None, layers: list[str],
     plain_ignored = {i for i in ignored if i not in regex}
     ignored_regex = [regex[i] for i in ignored if i in regex]
     group_regex = sorted((t for t in owner if t in regex), key=_order)
-    stored = set(layers)
-    named = [t for t in owner if t not in regex and "." in t and t not in stored]  # taken as given
-    out: dict[str, str] = {}
+    named = [t for t in owner if t not in regex and "." in t]  # taken as given (a missing one: the reader says so)
+    out: dict[str, str] = {}  # in the order the groups name layers (qat's writer: the model's), then sorted
     matched: set[str] = set()  # groups with a target that matches a layer, before precedence
-    for n in sorted(stored | set(named)):
+    for n in named + sorted(set(layers).difference(named)):
         cls = classes(n)
         if n in plain_ignored or any(r.match(n) for r in ignored_regex) or any(c in plain_ignored for c in cls):
             continue
