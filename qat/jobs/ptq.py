@@ -61,7 +61,7 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
     if device is not None:
         calibration = [b.to(device) if isinstance(b, torch.Tensor) else b for b in calibration]
     start = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         if method != "fp":
             model = ptq_model(model, quant, {"name": method, **(method_args or {})}, calibration, progress=progress,
                               distributed=distributed)
@@ -351,7 +351,7 @@ def run_streamed(cfg: dict, method: dict, out: Path, device: torch.device | None
     source = str(Path(check_model_source(cfg["model"]["path"])).expanduser())
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         options = stream_ptq(source, cfg["quant"], method, batches, out / "model_parts",
                              resolve_dtype(cfg["model"].get("dtype", "float32")),
                              as_bool(cfg.get("progress", True), "progress"), device)
