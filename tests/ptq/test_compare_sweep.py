@@ -121,3 +121,26 @@ def test_qat_job_trains_on_the_compare_model_data_scheme_and_blocks():
 def test_compare_method_configs_compose(method):
     cfg = _compare_cfg([f"method={method}", "quant=w4a16_g128"])
     assert cfg["method"]["name"] == ("fp" if method == "fp" else "qat")
+
+
+def test_compare_holds_one_model_at_a_time(tmp_path, monkeypatch):
+    """Each row's model is dropped before the next row loads its own (on a GPU: twice the model memory otherwise)."""
+    import weakref
+
+    from qat.jobs import compare, ptq
+
+    inputs, loaded = ptq.job_inputs, []
+
+    def job_inputs(*args, **kwargs):
+        load, batches, blocks = inputs(*args, **kwargs)
+
+        def tracked():
+            assert all(ref() is None for ref in loaded), "the previous row's model is still alive"
+            model = load()
+            loaded.append(weakref.ref(model))
+            return model
+        return tracked, batches, blocks
+    monkeypatch.setattr(compare, "job_inputs", job_inputs)
+    cfg = _compare_cfg(["methods=[fp,rtn]", "quants=[w4a16_g128,w3a16_g64]", "eval.max_blocks=2", "device=cpu"])
+    compare.run_compare_job(cfg, tmp_path, log=lambda s: None)
+    assert len(loaded) == 3
