@@ -38,7 +38,7 @@ def test_device_cpu_equals_the_default(tmp_path, monkeypatch):
     default.pop("device")  # a config without the key: the same default
     cpu = compose_job("ptq", [*PTQ, "device=cpu"])
     (r1, s1), (r2, s2) = ptq_state(default, tmp_path / "default"), ptq_state(cpu, tmp_path / "cpu")
-    assert r1["ppl"] == r2["ppl"] and s1.keys() == s2.keys()
+    assert r1["ppl"] == r2["ppl"] and s1.keys() == s2.keys() and r1["device"] == r2["device"] == "cpu"
     for key, value in s1.items():
         assert torch.equal(value, s2[key]) if isinstance(value, torch.Tensor) else value == s2[key], key
 
