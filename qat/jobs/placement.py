@@ -7,8 +7,9 @@ processes of distributed PTQ (`distributed.processes`), one device each.
     device=cuda      the current CUDA device; distributed: process r on cuda:r (under torchrun: cuda:LOCAL_RANK)
     device=cuda:N    CUDA device N (one process only)
 
-The environment variable QAT_DEVICE replaces the default `auto` (the test suite sets QAT_DEVICE=cpu, so that its
-CPU reference results hold on a host with a GPU). The model, the calibration batches and the evaluation batches go
+The environment variable QAT_DEVICE replaces the default `auto` (`default_device`; empty: auto; the configs read it
+through `${qat_device:}`; the test suite sets QAT_DEVICE=cpu, so that its CPU reference results hold on a host with
+a GPU). A bad value that is QAT_DEVICE's is refused naming QAT_DEVICE. The model, the calibration batches and the evaluation batches go
 to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first. qat-train places its
 model through Lightning (`trainer.accelerator`), not through this key.
 
@@ -24,18 +25,13 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.jobs.config import as_count
+from qat.jobs.config import as_count, default_device
 from qat.ptq import distributed_methods, method_config, method_of_config
 from qat.ptq.distributed import mergeable_range_errors
 from qat.transform import as_recipe
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 CALIBRATION_ROWS = 8  # calibration sequences per batch (qat-ptq's batches; distributed PTQ splits them)
-
-
-def default_device() -> str:
-    """The value a job takes when its config has no `device`: $QAT_DEVICE, else "auto"."""
-    return os.environ.get("QAT_DEVICE") or "auto"
 
 
 def _parse(value: Any) -> tuple[str, int | None] | None:
@@ -56,16 +52,16 @@ def device_errors(value: Any, processes: int = 1) -> list[str]:
     """
     parsed = _parse(value)
     if parsed is None:
-        return [f"device={value!r}; choose {DEVICE_CHOICES} (auto: cuda when available, else cpu)"]
+        return [f"{_named(value)}; choose {DEVICE_CHOICES} (auto: cuda when available, else cpu)"]
     kind, index = parsed
     if kind != "cuda":
         return []
     if not torch.cuda.is_available():
-        return [f"device={value!r}: no CUDA device here (torch.cuda.is_available() is False; torch "
+        return [f"{_named(value)}: no CUDA device here (torch.cuda.is_available() is False; torch "
                 f"{torch.__version__}); choose device=cpu or device=auto"]
     count = torch.cuda.device_count()
     if index is not None and index >= count:
-        return [f"device={value!r}: this host has {count} CUDA device(s); choose cuda:0..cuda:{count - 1}, cuda, "
+        return [f"{_named(value)}: this host has {count} CUDA device(s); choose cuda:0..cuda:{count - 1}, cuda, "
                 "auto or cpu"]
     if index is not None and processes > 1:
         return [f"device={value!r} places one process; distributed.processes={processes} puts process r on cuda:r: "
@@ -74,6 +70,13 @@ def device_errors(value: Any, processes: int = 1) -> list[str]:
         return [f"distributed.processes={processes} with device={value!r} needs one CUDA device per process; this host "
                 f"has {count}: choose distributed.processes<={count}, or device=cpu"]
     return []
+
+
+def _named(value: Any) -> str:
+    """`device=<value>` as a message names it, saying so when the value is QAT_DEVICE's (the default of the configs:
+    the user may not know it is set)."""
+    env = os.environ.get("QAT_DEVICE", "")
+    return f"device={value!r} (from QAT_DEVICE={env!r})" if env.strip() and value == env else f"device={value!r}"
 
 
 def resolve_device(value: Any = None, processes: int = 1) -> torch.device:
