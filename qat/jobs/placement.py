@@ -43,9 +43,12 @@ def _parse(value: Any) -> tuple[str, int | None] | None:
     return ("cuda", int(match.group(1))) if match else None
 
 
-def device_errors(value: Any, processes: int = 1) -> list[str]:
+def device_errors(value: Any, processes: int = 1, torchrun: bool = False) -> list[str]:
     """What is wrong with `device=value` on this host for a run of `processes` processes (none: it is usable).
 
+    `torchrun`: the processes are torchrun's (WORLD_SIZE in the environment), not distributed.processes: the
+    messages say so, and a single device (cuda:N) is refused for any world of more than one process, whose ranks
+    each compute on cuda:LOCAL_RANK.
     Example:
         >>> device_errors("gpu")
         ["device='gpu'; choose auto, cpu, cuda or cuda:N (auto: cuda when available, else cpu)"]
@@ -63,12 +66,18 @@ def device_errors(value: Any, processes: int = 1) -> list[str]:
     if index is not None and index >= count:
         return [f"{_named(value)}: this host has {count} CUDA device(s); choose cuda:0..cuda:{count - 1}, cuda, "
                 "auto or cpu"]
+    world = int(os.environ.get("WORLD_SIZE") or 1) if torchrun else 1
+    if index is not None and torchrun and max(processes, world) > 1:
+        return [f"{_named(value)} places one process; under torchrun (WORLD_SIZE={world}, {processes} process(es) on "
+                "this host) each process computes on cuda:LOCAL_RANK: use device=cuda (or auto)"]
     if index is not None and processes > 1:
-        return [f"device={value!r} places one process; distributed.processes={processes} puts process r on cuda:r: "
+        return [f"{_named(value)} places one process; distributed.processes={processes} puts process r on cuda:r: "
                 "use device=cuda (or auto)"]
     if processes > count:
-        return [f"distributed.processes={processes} with device={value!r} needs one CUDA device per process; this host "
-                f"has {count}: choose distributed.processes<={count}, or device=cpu"]
+        who, fewer = ((f"{processes} processes on this host (torchrun)", f"torchrun --nproc-per-node<={count}")
+                      if torchrun else (f"distributed.processes={processes}", f"distributed.processes<={count}"))
+        return [f"{who} with {_named(value)} needs one CUDA device per process; this host has {count}: choose "
+                f"{fewer}, or device=cpu"]
     return []
 
 
@@ -128,7 +137,8 @@ def check_processes(cfg: dict, method: dict, cpus: int) -> int:
         raise ConfigError(f"distributed={section!r}: a section, not a value; use distributed.processes=N")
     processes = as_count(section.get("processes", 1), "distributed.processes", 1)
     ranks = max(processes, torchrun_processes())  # the processes on this host, one device each
-    errors = device_errors(cfg.get("device", default_device()), ranks)
+    torchrun = int(os.environ.get("WORLD_SIZE") or 1) > 1 and processes == 1  # the ranks are torchrun's
+    errors = device_errors(cfg.get("device", default_device()), ranks, torchrun)
     on_cpu = not errors and resolve_device(cfg.get("device"), ranks).type == "cpu"
     if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         options = method_config(method)

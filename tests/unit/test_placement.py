@@ -114,10 +114,27 @@ def test_distributed_processes_need_one_cuda_device_each(two_gpus):
 def test_torchrun_ranks_count_against_the_cuda_devices(two_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=r"distributed.processes=4 with device='cuda' needs one CUDA device"):
+    with pytest.raises(ConfigError, match=r"4 processes on this host \(torchrun\) with device='cuda' needs one CUDA "
+                                          r"device"):
         check_processes({"device": "cuda", "calibration": {"samples": 64}}, {"name": "gptq"}, cpus=8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two
     assert check_processes({"device": "cuda", "calibration": {"samples": 64}}, {"name": "gptq"}, cpus=8) == 1
+
+
+def test_torchrun_refusals_name_torchrun_not_a_key_the_user_never_set(two_gpus, monkeypatch):
+    cfg = {"device": "cuda", "calibration": {"samples": 64}, "distributed": {"processes": 1}}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"4 processes on this host \(torchrun\) with device='cuda' needs one CUDA "
+                                          r"device per process; this host has 2: choose torchrun --nproc-per-node<=2"):
+        check_processes(cfg, {"name": "gptq"}, cpus=8)
+    # one process per host on two hosts: cuda:1 would be ignored (each rank computes on cuda:LOCAL_RANK): refused
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"device='cuda:1' places one process; under torchrun \(WORLD_SIZE=2, 1 "
+                                          r"process\(es\) on this host\) each process computes on cuda:LOCAL_RANK"):
+        check_processes({**cfg, "device": "cuda:1"}, {"name": "gptq"}, cpus=8)
+    assert check_processes(cfg, {"name": "gptq"}, cpus=8) == 1
 
 
 def test_place_leaves_a_cpu_model_alone():
