@@ -3,7 +3,7 @@ processes of distributed PTQ (`distributed.processes`), one device each.
 
     device=auto      (the default) cuda when torch sees a CUDA device, else cpu; with distributed.processes=N, cuda
                      only when there are at least N CUDA devices (one per process), else cpu
-    device=cpu       the CPU (the results of earlier releases, bit for bit)
+    device=cpu       the CPU (a model there is left untouched: the jobs' code path before this key)
     device=cuda      the current CUDA device; distributed: process r on cuda:r (under torchrun: cuda:LOCAL_RANK)
     device=cuda:N    CUDA device N (one process only)
 
