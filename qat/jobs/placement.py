@@ -9,9 +9,9 @@ processes of distributed PTQ (`distributed.processes`), one device each.
 
 The environment variable QAT_DEVICE replaces the default `auto` (`default_device`; empty: auto; the configs read it
 through `${qat_device:}`; the test suite sets QAT_DEVICE=cpu, so that its CPU reference results hold on a host with
-a GPU). A bad value that is QAT_DEVICE's is refused naming QAT_DEVICE. The model, the calibration batches and the evaluation batches go
-to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first. qat-train places its
-model through Lightning (`trainer.accelerator`), not through this key.
+a GPU). A bad value that is QAT_DEVICE's is refused naming QAT_DEVICE. The model, the calibration batches and the
+evaluation batches go to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first.
+qat-train places its model through Lightning (`trainer.accelerator`), not through this key.
 
 `device_errors` and `check_processes` refuse a bad value before any model loads, naming the key and what is valid.
 """
