@@ -66,6 +66,9 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             log(f"{label:12s} {row['quant']:16s} ppl {row['ppl']:.3f}  {row['bits_per_weight']:.2f} bpw  "
                 f"{row['wall_s']:.1f} s")
             rows.append(row)
+            del model  # before the next row loads its own: one model in memory at a time
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # its blocks back to the device, not held by the allocator for the next
     return write_results(rows + extra, out_dir, compare_title(cfg))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from dataclasses import fields
 from typing import Any, Mapping
@@ -225,8 +226,16 @@ def as_count(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -
     return value
 
 
+def default_device() -> str:
+    """The `device` a job takes when its config sets none: $QAT_DEVICE, else (unset or empty) "auto"."""
+    return os.environ.get("QAT_DEVICE", "").strip() or "auto"
+
+
 def register_resolvers() -> None:
     """`${qat_root:}` (configs/paths): the folder above the config root (a checkout: the repository, where
-    configs/data/tiny_corpus.txt lives). Idempotent; the CLIs and qat-train's run call it before composing."""
+    configs/data/tiny_corpus.txt lives); `${qat_device:}` (the jobs' `device`): `default_device()`, so that an empty
+    QAT_DEVICE is auto in a config as in code. Idempotent; the CLIs and qat-train's run call it before composing."""
     if not OmegaConf.has_resolver("qat_root"):
         OmegaConf.register_new_resolver("qat_root", lambda: str(CONFIG_DIR.parent))
+    if not OmegaConf.has_resolver("qat_device"):
+        OmegaConf.register_new_resolver("qat_device", default_device)

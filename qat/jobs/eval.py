@@ -62,7 +62,8 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
         model: an export or checkpoint path (see `qat.export.load`).
         data: a corpus path / alias ("wiki", a text file...) or a mapping of `qat.data.CorpusConfig` fields
             (the `data` config group), or None to skip perplexity.
-        quant: a recipe to quantize in flight at load (e.g. fp8_dynamic).
+        quant: a recipe to quantize in flight at load (e.g. fp8_dynamic), on the CPU before the model moves to
+            `device` (the same codes as a CPU run; the float model and its converted copy held in CPU memory).
         seq_len / max_blocks: override the corpus's block size / number of evaluation blocks.
         tasks: lm-eval task / tag names run by `qat.jobs.harness.evaluate_tasks` (e.g. ["qat_offline"]).
         harness: its other arguments (limit, batch_size, max_length, num_fewshot, bootstrap_iters).
@@ -85,7 +86,7 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
     target = resolve_device(device)
     tok = tokenizer_for(tokenizer, model)
     net = load_any(model, dtype, **(tiny or {}))
-    if recipe is not None:
+    if recipe is not None:  # on the CPU, then moved: the codes are a CPU run's on any device (rotations included)
         net = quantize_on_load(net, recipe)
     net = place(net, target)
     if tok is None:

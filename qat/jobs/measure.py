@@ -126,23 +126,32 @@ def saved_for_backward_bytes(model: nn.Module, forward: Callable[[], torch.Tenso
 
 
 class PeakMemory:
-    """Peak memory growth during a block (MB): the CUDA allocator's where the block allocated CUDA memory,
-    else the sampled RSS growth.
+    """Peak memory growth during a block (MB): the CUDA allocator's where the block allocated CUDA memory on the
+    job's device, else the sampled RSS growth.
 
-    Both are kept: `cuda_peak_mb` (max_memory_allocated during the block minus what was allocated when it began;
-    0 without CUDA) and `rss_peak_mb`. `peak_mb` is the CUDA figure when the block allocated on the GPU and the RSS
-    figure otherwise: a CPU job on a machine that has a GPU (qat-ptq runs on the CPU) reports its RSS, not 0, and
-    a GPU job reports its growth, not the model it already held.
+    Both are kept: `cuda_peak_mb` (max_memory_allocated of `device` during the block minus what was allocated when
+    it began; 0 without CUDA or on a CPU device) and `rss_peak_mb`. `peak_mb` is the CUDA figure when the block
+    allocated on the GPU and the RSS figure otherwise: a job with device=cpu on a machine that has a GPU reports its
+    RSS, not 0, and a GPU job reports its growth, not the model it already held.
+    Args:
+        device: the job's device; a CUDA device's own counters are read (cuda:1, not the current device); None:
+            the current CUDA device, if CUDA is in use.
     Example:
-        >>> with PeakMemory() as mem:
+        >>> with PeakMemory(device=torch.device("cuda:1")) as mem:
         ...     solve()
         >>> mem.peak_mb
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, device: torch.device | str | None = None) -> None:
         self.interval, self.peak_mb, self.cuda_peak_mb, self.rss_peak_mb = interval, 0.0, 0.0, 0.0
+        self.device = None if device is None else torch.device(device)
         self._stop = threading.Event()
         self._cuda_base = None
+
+    def _on_cuda(self) -> bool:
+        """CUDA counters to read: a CUDA device (or none given), CUDA present and already in use."""
+        return ((self.device is None or self.device.type == "cuda") and torch.cuda.is_available()
+                and torch.cuda.is_initialized())
 
     @staticmethod
     def _rss_mb() -> float:
@@ -153,9 +162,9 @@ class PeakMemory:
             return 0.0
 
     def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
-            self._cuda_base = torch.cuda.memory_allocated()
+        if self._on_cuda():
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device)
         self._base = self._rss_mb()
         self._peak = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -171,8 +180,8 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self._rss_mb())
         self.rss_peak_mb = self._peak - self._base
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self._on_cuda():
             # CUDA first used inside the block: nothing was allocated before it, and the peak counts from 0
             base = self._cuda_base or 0
-            self.cuda_peak_mb = max(torch.cuda.max_memory_allocated() - base, 0) / 1e6
+            self.cuda_peak_mb = max(torch.cuda.max_memory_allocated(self.device) - base, 0) / 1e6
         self.peak_mb = self.cuda_peak_mb if self.cuda_peak_mb > 0 else self.rss_peak_mb

@@ -3,14 +3,15 @@ processes of distributed PTQ (`distributed.processes`), one device each.
 
     device=auto      (the default) cuda when torch sees a CUDA device, else cpu; with distributed.processes=N, cuda
                      only when there are at least N CUDA devices (one per process), else cpu
-    device=cpu       the CPU (the results of earlier releases, bit for bit)
+    device=cpu       the CPU (a model there is left untouched: the jobs' code path before this key)
     device=cuda      the current CUDA device; distributed: process r on cuda:r (under torchrun: cuda:LOCAL_RANK)
     device=cuda:N    CUDA device N (one process only)
 
-The environment variable QAT_DEVICE replaces the default `auto` (the test suite sets QAT_DEVICE=cpu, so that its
-CPU reference results hold on a host with a GPU). The model, the calibration batches and the evaluation batches go
-to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first. qat-train places its
-model through Lightning (`trainer.accelerator`), not through this key.
+The environment variable QAT_DEVICE replaces the default `auto` (`default_device`; empty: auto; the configs read it
+through `${qat_device:}`; the test suite sets QAT_DEVICE=cpu, so that its CPU reference results hold on a host with
+a GPU). A bad value that is QAT_DEVICE's is refused naming QAT_DEVICE. The model, the calibration batches and the
+evaluation batches go to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first.
+qat-train places its model through Lightning (`trainer.accelerator`), not through this key.
 
 `device_errors` and `check_processes` refuse a bad value before any model loads, naming the key and what is valid.
 """
@@ -24,18 +25,13 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.jobs.config import as_count
+from qat.jobs.config import as_count, default_device
 from qat.ptq import distributed_methods, method_config, method_of_config
 from qat.ptq.distributed import mergeable_range_errors
 from qat.transform import as_recipe
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 CALIBRATION_ROWS = 8  # calibration sequences per batch (qat-ptq's batches; distributed PTQ splits them)
-
-
-def default_device() -> str:
-    """The value a job takes when its config has no `device`: $QAT_DEVICE, else "auto"."""
-    return os.environ.get("QAT_DEVICE") or "auto"
 
 
 def _parse(value: Any) -> tuple[str, int | None] | None:
@@ -47,33 +43,49 @@ def _parse(value: Any) -> tuple[str, int | None] | None:
     return ("cuda", int(match.group(1))) if match else None
 
 
-def device_errors(value: Any, processes: int = 1) -> list[str]:
+def device_errors(value: Any, processes: int = 1, torchrun: bool = False) -> list[str]:
     """What is wrong with `device=value` on this host for a run of `processes` processes (none: it is usable).
 
+    `torchrun`: the processes are torchrun's (WORLD_SIZE in the environment), not distributed.processes: the
+    messages say so, and a single device (cuda:N) is refused for any world of more than one process, whose ranks
+    each compute on cuda:LOCAL_RANK.
     Example:
         >>> device_errors("gpu")
         ["device='gpu'; choose auto, cpu, cuda or cuda:N (auto: cuda when available, else cpu)"]
     """
     parsed = _parse(value)
     if parsed is None:
-        return [f"device={value!r}; choose {DEVICE_CHOICES} (auto: cuda when available, else cpu)"]
+        return [f"{_named(value)}; choose {DEVICE_CHOICES} (auto: cuda when available, else cpu)"]
     kind, index = parsed
     if kind != "cuda":
         return []
     if not torch.cuda.is_available():
-        return [f"device={value!r}: no CUDA device here (torch.cuda.is_available() is False; torch "
+        return [f"{_named(value)}: no CUDA device here (torch.cuda.is_available() is False; torch "
                 f"{torch.__version__}); choose device=cpu or device=auto"]
     count = torch.cuda.device_count()
     if index is not None and index >= count:
-        return [f"device={value!r}: this host has {count} CUDA device(s); choose cuda:0..cuda:{count - 1}, cuda, "
+        return [f"{_named(value)}: this host has {count} CUDA device(s); choose cuda:0..cuda:{count - 1}, cuda, "
                 "auto or cpu"]
+    world = int(os.environ.get("WORLD_SIZE") or 1) if torchrun else 1
+    if index is not None and torchrun and max(processes, world) > 1:
+        return [f"{_named(value)} places one process; under torchrun (WORLD_SIZE={world}, {processes} process(es) on "
+                "this host) each process computes on cuda:LOCAL_RANK: use device=cuda (or auto)"]
     if index is not None and processes > 1:
-        return [f"device={value!r} places one process; distributed.processes={processes} puts process r on cuda:r: "
+        return [f"{_named(value)} places one process; distributed.processes={processes} puts process r on cuda:r: "
                 "use device=cuda (or auto)"]
     if processes > count:
-        return [f"distributed.processes={processes} with device={value!r} needs one CUDA device per process; this host "
-                f"has {count}: choose distributed.processes<={count}, or device=cpu"]
+        who, fewer = ((f"{processes} processes on this host (torchrun)", f"torchrun --nproc-per-node<={count}")
+                      if torchrun else (f"distributed.processes={processes}", f"distributed.processes<={count}"))
+        return [f"{who} with {_named(value)} needs one CUDA device per process; this host has {count}: choose "
+                f"{fewer}, or device=cpu"]
     return []
+
+
+def _named(value: Any) -> str:
+    """`device=<value>` as a message names it, saying so when the value is QAT_DEVICE's (the default of the configs:
+    the user may not know it is set)."""
+    env = os.environ.get("QAT_DEVICE", "")
+    return f"device={value!r} (from QAT_DEVICE={env!r})" if env.strip() and value == env else f"device={value!r}"
 
 
 def resolve_device(value: Any = None, processes: int = 1) -> torch.device:
@@ -125,7 +137,8 @@ def check_processes(cfg: dict, method: dict, cpus: int) -> int:
         raise ConfigError(f"distributed={section!r}: a section, not a value; use distributed.processes=N")
     processes = as_count(section.get("processes", 1), "distributed.processes", 1)
     ranks = max(processes, torchrun_processes())  # the processes on this host, one device each
-    errors = device_errors(cfg.get("device", default_device()), ranks)
+    torchrun = int(os.environ.get("WORLD_SIZE") or 1) > 1 and processes == 1  # the ranks are torchrun's
+    errors = device_errors(cfg.get("device", default_device()), ranks, torchrun)
     on_cpu = not errors and resolve_device(cfg.get("device"), ranks).type == "cpu"
     if processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         options = method_config(method)

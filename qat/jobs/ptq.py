@@ -53,7 +53,7 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
         device: where the model and the calibration batches go (None: where `load` puts them; eval blocks are
             moved batch by batch by `perplexity`).
     Returns:
-        (row with COLUMNS, the quantized model).
+        (row with COLUMNS and "device", the quantized model).
     Example:
         >>> row, model = run_one(lambda: load_model("tiny"), "gptq", "w4a16_g128", batches, test_blocks)
     """
@@ -61,7 +61,7 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
     if device is not None:
         calibration = [b.to(device) if isinstance(b, torch.Tensor) else b for b in calibration]
     start = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         if method != "fp":
             model = ptq_model(model, quant, {"name": method, **(method_args or {})}, calibration, progress=progress,
                               distributed=distributed)
@@ -70,8 +70,14 @@ def run_one(load: Callable[[], nn.Module], method: str, quant: Any, calibration:
     ppl = perplexity(model, eval_blocks, batch_size) if eval_blocks is not None else math.nan
     name = "fp" if method == "fp" else quant_name(quant)
     row = {"method": method, "quant": name, "ppl": ppl, "bits_per_weight": bpw, "size_mb": size,
-           "wall_s": wall, "peak_mem_mb": mem.peak_mb}
+           "wall_s": wall, "peak_mem_mb": mem.peak_mb, "device": computed_on(model)}
     return row, model
+
+
+def computed_on(model: nn.Module) -> str:
+    """The device a row was computed on ("cpu", "cuda:0"), recorded with it (`qat.jobs.results.check_protocols`
+    refuses to merge rows of CPU and GPU runs)."""
+    return str(next(model.parameters(), torch.empty(0)).device)
 
 
 def quant_name(quant: Any) -> str:
@@ -351,13 +357,13 @@ def run_streamed(cfg: dict, method: dict, out: Path, device: torch.device | None
     source = str(Path(check_model_source(cfg["model"]["path"])).expanduser())
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         options = stream_ptq(source, cfg["quant"], method, batches, out / "model_parts",
                              resolve_dtype(cfg["model"].get("dtype", "float32")),
                              as_bool(cfg.get("progress", True), "progress"), device)
     result = {"method": method["name"], "quant": quant_name(cfg["quant"]), "wall_s": time.perf_counter() - start,
-              "peak_mem_mb": mem.peak_mb, "model": cfg["model"]["path"], "options": options,
-              "checkpoint": str(out / "model_parts")}
+              "peak_mem_mb": mem.peak_mb, "device": str(device or "cpu"), "model": cfg["model"]["path"],
+              "options": options, "checkpoint": str(out / "model_parts")}
     atomic_write_bytes(out / "result.json", to_json(result))
     return result
 

@@ -65,7 +65,24 @@ def check_protocols(rows: Sequence[dict]) -> dict | None:
             diff = ", ".join(f"{k}: {ref[0][k]!r} vs {proto[k]!r}" for k in PROTOCOL_KEYS if ref[0][k] != proto[k])
             raise ConfigError(f"{where}: eval protocol differs from {ref[1]} ({diff}); perplexities measured on "
                              "different blocks are not comparable: rerun with the same data / eval settings")
+    _check_devices(rows)
     return ref[0] if ref else None
+
+
+def _check_devices(rows: Sequence[dict]) -> None:
+    """Rows that record their device (qat-ptq / qat-compare rows) were all measured on one kind, cpu or cuda: a GPU
+    run's codes, wall time and peak memory are not the CPU's. Rows without one (older files, qat-train) pass."""
+    first = None
+    for row in rows:
+        if row.get("status", "ok") != "ok" or not row.get("device"):
+            continue
+        kind, where = str(row["device"]).split(":")[0], row.get("source", f"{row['method']}/{row['quant']}")
+        if first is None:
+            first = (kind, where)
+        elif kind != first[0]:
+            raise ConfigError(f"{where}: measured on device {kind}, {first[1]} on {first[0]}; GPU and CPU rows "
+                              "differ in their codes (GPTQ's rounding), wall time and peak memory: rerun with the same "
+                              "device=")
 
 
 def failed_row(method: str, quant: str, error: BaseException | str, protocol: dict | None = None) -> dict:
@@ -148,6 +165,8 @@ def as_row(row: dict, path: Any, protocol: dict | None = None) -> dict:
                protocol=row.get("protocol") or protocol)
     if row.get("tasks"):
         out["tasks"] = row["tasks"]
+    if row.get("device"):
+        out["device"] = str(row["device"])
     return out
 
 

@@ -169,11 +169,12 @@ def analyze(cfg: dict) -> ScoreTable:
     model_cfg, cal = cfg["model"], cfg["calibration"]
     menu = build_menu(cfg["menu"], cfg.get("float_bits", 16))
     model = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
-    model = place(model, resolve_device(cfg.get("device")))  # the scorers move each batch to the model's device
+    device = resolve_device(cfg.get("device"))
+    model = place(model, device)  # the scorers move each batch to the model's device
     batches = calibration_batches(cfg["data"], cal["samples"], cal["seq_len"], cal.get("split", "train"),
                                   cal["batch_size"])
     start = time.perf_counter()
-    with PeakMemory() as mem:
+    with PeakMemory(device=device) as mem:
         table = score_model(model, menu, batches, cfg["method"], cfg["targets"], cfg["ignore"], gguf_names_of(model),
                             {"model": str(model_cfg["path"]), "data": str(cfg["data"].get("path")),
                              "calibration": dict(cal)}, base=cfg.get("quant"))

@@ -95,22 +95,22 @@ def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
     check_job(cfg, calibrate=name != "fp", method=None if name == "fp" else opts)
     load, batches, blocks = job_inputs(cfg["model"], cfg["data"], None if name == "fp" else cfg["calibration"],
                                        cfg["eval"])
-    protocol = job_protocol(cfg, blocks)
-    if name == "fp" and (done := _done_fp_row(out, protocol, cfg["model"]["path"])):
+    protocol, device = job_protocol(cfg, blocks), resolve_device(cfg.get("device"))
+    if name == "fp" and (done := _done_fp_row(out, protocol, cfg["model"]["path"], device)):
         return done  # one float baseline per sweep: the jobs of the other schemes reuse it
     row, _ = run_one(load, name, cfg.get("quant"), batches, blocks, {k: v for k, v in opts.items() if k != "name"},
-                     progress=False, batch_size=cfg["eval"].get("batch_size", 4),
-                     device=resolve_device(cfg.get("device")))
+                     progress=False, batch_size=cfg["eval"].get("batch_size", 4), device=device)
     return {**row, "method": method_label(cfg["method"]), "status": "ok", "error": "", "protocol": protocol}
 
 
-def _done_fp_row(out: Path, protocol: dict | None, model: str) -> dict | None:
+def _done_fp_row(out: Path, protocol: dict | None, model: str, device: torch.device) -> dict | None:
     for path in sorted(out.parent.glob("*/result.json")):
         if path.parent == out:
             continue
         row = json.loads(path.read_text())
         if (row.get("method") == "fp" and row.get("status") == "ok" and row.get("protocol") == protocol
-                and row.get("model") == model and not row.get("reused")):
+                and row.get("model") == model and not row.get("reused")
+                and str(row.get("device", "cpu")).split(":")[0] == device.type):
             return {**row, "reused": str(path)}
     return None
 

@@ -182,7 +182,9 @@ def _to(where: torch.device, obj: Any, device: torch.device | str) -> Any:
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple: built from its fields, not an iterable
+        return type(obj)(*(_to(where, o, device) for o in obj))
+    if isinstance(obj, (list, tuple)):
         return type(obj)(_to(where, o, device) for o in obj)
     if isinstance(obj, dict):
         return {k: _to(where, v, device) for k, v in obj.items()}
@@ -243,8 +245,17 @@ def init_from_env(backend: str = "gloo") -> bool:
 
     Returns:
         whether this process is one of several (a group is initialised).
+    Raises:
+        ConfigError: a group of several processes exists with another backend than `backend`: its ranks would
+            compute where that backend puts them (gloo: the CPU), not on the device asked for.
     """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1 and dist.get_backend() != backend:
+            where = {"nccl": "cuda (device=cuda or auto)", "gloo": "the CPU (device=cpu)"}
+            raise ConfigError(f"a process group with backend {dist.get_backend()} already exists in this process; its "
+                              f"ranks compute on {where.get(dist.get_backend(), 'its devices')}, not on "
+                              f"{where.get(backend, backend)}: choose the device that matches it, or start the "
+                              f"group with backend {backend}")
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False

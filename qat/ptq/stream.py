@@ -140,10 +140,24 @@ def on_device(device: torch.device | None) -> bool:
 def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
     """`state` with its tensors on the CPU (a tensor already there is kept as it is: the same object).
 
+    Tensors that share a storage on the device (tied embeddings and lm_head, views) share one CPU copy of it, as
+    `torch.save` stores one storage for them on the CPU: a file written after a GPU run holds what a CPU run's does.
+    Storages are told apart as `torch.save` does (`_cdata`, the storage's identity; meta storages have no address).
     Example:
         >>> torch.save(cpu_state(model.state_dict()), "model.pt")   # loadable where there is no GPU
     """
-    return {k: v.cpu() if isinstance(v, torch.Tensor) and v.device.type != "cpu" else v for k, v in state.items()}
+    copies: dict[int, torch.UntypedStorage] = {}
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
+            out[key] = value
+            continue
+        storage = value.untyped_storage()
+        if storage._cdata not in copies:
+            copies[storage._cdata] = storage.cpu()
+        out[key] = torch.empty(0, dtype=value.dtype).set_(copies[storage._cdata], value.storage_offset(),
+                                                          value.size(), value.stride())
+    return out
 
 
 def save_part(state: dict[str, Any], path: Path) -> list[str]:

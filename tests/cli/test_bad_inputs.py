@@ -18,7 +18,8 @@ from qat.cli.boundary import one_error
 from qat.cli.hydra_errors import omegaconf_message
 from qat.errors import ConfigError
 from qat.jobs.config import as_bool
-from tests.cli.bad_inputs import APPS, CASES, HYDRA_APPS, HYDRA_CASES, TR, argv_for, make_files, run_in_process
+from tests.cli.bad_inputs import (APPS, CASES, CMP, EV, HYDRA_APPS, HYDRA_CASES, TR, argv_for, make_files,
+                                  run_in_process)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -322,3 +323,12 @@ def test_a_plain_key_named_like_another_apps_group_is_not_refused():
     check_groups("qat-sensitivity", ["method={name:kl,cache_mb:64}", "method.name=kl"])
     with pytest.raises(ConfigError, match="qat-ptq has no experiment group"):
         check_groups("qat-ptq", ["experiment=tiny_qat"])
+
+
+@pytest.mark.parametrize("app", ["ptq", "compare", "eval", "sensitivity"])
+def test_a_bad_qat_device_is_refused_naming_it(app, files, monkeypatch):
+    """The configs' default `device` is QAT_DEVICE's value: a bad one says where it came from."""
+    monkeypatch.setenv("QAT_DEVICE", "gpu")
+    code, out = run_in_process(app, argv_for({"compare": list(CMP), "eval": list(EV)}.get(app, []), files, app))
+    assert code != 0 and "Traceback" not in out, out
+    assert "device='gpu' (from QAT_DEVICE='gpu'); choose auto, cpu, cuda or cuda:N" in out, out

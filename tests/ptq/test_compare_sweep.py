@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from qat.jobs.results import load_results, write_results
+from qat.jobs.results import check_protocols, load_results, write_results
 from qat.jobs.sweep import collect_sweep, run_sweep_job, train_config
 from qat.recipes import CONFIG_DIR
 
@@ -121,3 +121,41 @@ def test_qat_job_trains_on_the_compare_model_data_scheme_and_blocks():
 def test_compare_method_configs_compose(method):
     cfg = _compare_cfg([f"method={method}", "quant=w4a16_g128"])
     assert cfg["method"]["name"] == ("fp" if method == "fp" else "qat")
+
+
+def test_compare_holds_one_model_at_a_time(tmp_path, monkeypatch):
+    """Each row's model is dropped before the next row loads its own (on a GPU: twice the model memory otherwise)."""
+    import weakref
+
+    from qat.jobs import compare, ptq
+
+    inputs, loaded = ptq.job_inputs, []
+
+    def job_inputs(*args, **kwargs):
+        load, batches, blocks = inputs(*args, **kwargs)
+
+        def tracked():
+            assert all(ref() is None for ref in loaded), "the previous row's model is still alive"
+            model = load()
+            loaded.append(weakref.ref(model))
+            return model
+        return tracked, batches, blocks
+    monkeypatch.setattr(compare, "job_inputs", job_inputs)
+    cfg = _compare_cfg(["methods=[fp,rtn]", "quants=[w4a16_g128,w3a16_g64]", "eval.max_blocks=2", "device=cpu"])
+    compare.run_compare_job(cfg, tmp_path, log=lambda s: None)
+    assert len(loaded) == 3
+
+
+def test_rows_of_cpu_and_gpu_runs_are_not_merged(tmp_path):
+    """Rows record their device; merging a CPU row with a GPU one is refused naming both, rows of one kind (cuda:0
+    and cuda:1) and rows that record none (older files, qat-train) pass."""
+    rows = [{**_row("gptq", "w4", 10.0), "source": "cpu/result.json", "device": "cpu"},
+            {**_row("rtn", "w4", 11.0), "source": "legacy/result.json"}]
+    assert check_protocols(rows) == PROTO
+    gpu = [{**_row("gptq", "w4", 10.0), "source": f"gpu{i}/result.json", "device": f"cuda:{i}"} for i in range(2)]
+    assert check_protocols(gpu) == PROTO
+    with pytest.raises(ValueError, match=r"gpu0/result.json: measured on device cuda, cpu/result.json on cpu"):
+        check_protocols([*rows, *gpu])
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "result.json").write_text(json.dumps(gpu[0]))
+    assert load_results([tmp_path / "gpu" / "result.json"])[0]["device"] == "cuda:0"

@@ -251,3 +251,30 @@ def test_failed_rank_stops_rank0_promptly(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "rank one broke" in run.stderr
+
+
+def test_an_existing_group_of_another_backend_is_refused(monkeypatch):
+    """device=cuda (nccl) in a process whose gloo group already exists would compute on the CPU: refused, naming
+    both; the group's own backend is used as it is."""
+    from qat.ptq import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    with pytest.raises(ConfigError, match=r"a process group with backend gloo already exists.*compute on the CPU "
+                                          r"\(device=cpu\), not on cuda"):
+        distributed.init_from_env("nccl")
+    assert distributed.init_from_env("gloo") is True
+
+
+def test_results_sent_between_gpu_ranks_keep_their_namedtuples():
+    """What travels between CUDA ranks is moved tensor by tensor (meta standing in for the GPU): a namedtuple is
+    rebuilt from its fields, with its type."""
+    from collections import namedtuple
+
+    from qat.ptq import distributed
+
+    Pair = namedtuple("Pair", "scale zero")
+    moved = distributed._to(torch.device("meta"), [Pair(torch.ones(2), None), (torch.zeros(1),)], "meta")
+    assert type(moved[0]) is Pair and moved[0].scale.device.type == "meta" and moved[0].zero is None
+    assert type(moved[1]) is tuple and moved[1][0].device.type == "meta"

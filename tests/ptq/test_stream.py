@@ -2,6 +2,7 @@
 gives exactly (atol=0) the prepared state of the in-memory run."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from qat import testing
 from qat.errors import ConfigError
 from qat.models import load_model
 from qat.ptq import ptq_model
-from qat.ptq.stream import load_parts, stream_ptq
+from qat.ptq.stream import cpu_state, load_parts, stream_ptq
 
 
 def _batches(n=4, rows=2, seq=32, vocab=512, seed=1):
@@ -57,3 +58,29 @@ def test_qat_ptq_offload_refuses_eval_export_and_tiny():
         assert key in str(err.value)
     with pytest.raises(ConfigError, match="choose from"):
         check_offload({**cfg, "offload": "disk"})
+
+
+def test_cpu_state_keeps_one_copy_per_shared_storage(monkeypatch):
+    """Tied tensors off the CPU (meta here, standing in for a GPU) become views of one CPU storage, so model.pt stores
+    it once, as after a CPU run; tensors already on the CPU are kept as they are."""
+    copies = []
+
+    def to_cpu(storage):  # meta storages have no data: a CPU storage of their size, counted
+        copies.append(storage.nbytes())
+        return torch.arange(storage.nbytes() // 4, dtype=torch.float32).untyped_storage()
+    monkeypatch.setattr(torch.UntypedStorage, "cpu", to_cpu)
+    embed = torch.empty(8, 4, device="meta")
+    norm = torch.ones(4)
+    state = {"embed.weight": embed, "lm_head.weight": embed, "row": embed[2], "norm.weight": norm, "step": 3}
+    out = cpu_state(state)
+    assert copies == [embed.untyped_storage().nbytes()]
+    assert out["norm.weight"] is norm and out["step"] == 3
+    assert {out[k].untyped_storage().data_ptr() for k in ("embed.weight", "lm_head.weight", "row")} == \
+        {out["embed.weight"].untyped_storage().data_ptr()}
+    assert torch.equal(out["embed.weight"], torch.arange(32.0).reshape(8, 4))
+    assert torch.equal(out["row"], torch.arange(8.0, 12.0))
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["embed.weight"].untyped_storage().data_ptr() == loaded["lm_head.weight"].untyped_storage().data_ptr()

@@ -78,28 +78,46 @@ def test_learned_rotations_on_the_model_device():
 
 
 class FakeCuda:
-    """torch.cuda's allocator counters, driven by the test."""
+    """torch.cuda's allocator counters, per device (None: the current one, cuda:0), driven by the test."""
 
-    def __init__(self, allocated: int) -> None:
-        self.allocated, self.peak = allocated, allocated
+    def __init__(self, allocated: int, devices: int = 1) -> None:
+        self.allocated, self.peak = [allocated] * devices, [allocated] * devices
 
     def install(self, monkeypatch):
         for name, fn in {"is_available": lambda: True, "is_initialized": lambda: True,
-                         "memory_allocated": lambda: self.allocated, "max_memory_allocated": lambda: self.peak,
+                         "memory_allocated": lambda device=None: self.allocated[self.index(device)],
+                         "max_memory_allocated": lambda device=None: self.peak[self.index(device)],
                          "reset_peak_memory_stats": self.reset}.items():
             monkeypatch.setattr(torch.cuda, name, fn)
 
-    def reset(self):
-        self.peak = self.allocated
+    @staticmethod
+    def index(device) -> int:
+        return 0 if device is None or torch.device(device).index is None else torch.device(device).index
+
+    def reset(self, device=None):
+        self.peak[self.index(device)] = self.allocated[self.index(device)]
 
 
 def test_peak_memory_on_cuda_is_the_growth_not_what_was_held(monkeypatch):
     cuda = FakeCuda(allocated=5_000_000_000)  # a model already on the GPU
     cuda.install(monkeypatch)
     with measure.PeakMemory() as mem:
-        cuda.peak = cuda.allocated + 300_000_000
+        cuda.peak[0] = cuda.allocated[0] + 300_000_000
     assert mem.cuda_peak_mb == pytest.approx(300.0)
     assert mem.peak_mb == mem.cuda_peak_mb
+
+
+def test_peak_memory_reads_the_jobs_cuda_device(monkeypatch):
+    """device=cuda:1: the counters of cuda:1, not of the current device (cuda:0, which another job may be using)."""
+    cuda = FakeCuda(allocated=5_000_000_000, devices=2)
+    cuda.install(monkeypatch)
+    with measure.PeakMemory(device="cuda:1") as mem:
+        cuda.peak[0] = cuda.allocated[0] + 900_000_000
+        cuda.peak[1] = cuda.allocated[1] + 300_000_000
+    assert mem.cuda_peak_mb == pytest.approx(300.0)
+    with measure.PeakMemory(device=torch.device("cpu"), interval=0.001) as mem:  # a CPU job: its RSS
+        cuda.peak[0] = cuda.allocated[0] + 900_000_000
+    assert mem.cuda_peak_mb == 0 and mem.peak_mb == mem.rss_peak_mb
 
 
 def test_peak_memory_of_a_cpu_block_on_a_gpu_machine_is_the_rss(monkeypatch):

@@ -68,6 +68,34 @@ def test_qat_device_sets_the_default(monkeypatch, two_gpus):
     assert placement.default_device() == "auto"
 
 
+def test_empty_qat_device_is_auto_in_code_and_in_the_configs(monkeypatch, no_cuda):
+    from omegaconf import OmegaConf
+
+    from qat.jobs.config import register_resolvers
+    from qat.recipes import CONFIG_DIR
+
+    register_resolvers()
+    for job in ("ptq", "compare", "eval", "sensitivity"):  # each reads the default through ${qat_device:}
+        assert OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{job}.yaml"))["device"] == "${qat_device:}", job
+    for value in ("", " "):
+        monkeypatch.setenv("QAT_DEVICE", value)
+        assert placement.default_device() == OmegaConf.create({"device": "${qat_device:}"}).device == "auto"
+        assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setenv("QAT_DEVICE", "cuda:1")
+    assert OmegaConf.create({"device": "${qat_device:}"}).device == "cuda:1"
+
+
+def test_a_bad_qat_device_is_named(monkeypatch, no_cuda):
+    """A value that came from the environment says so: the user may not know QAT_DEVICE is set."""
+    monkeypatch.setenv("QAT_DEVICE", "gpu")
+    assert device_errors(placement.default_device()) == [
+        f"device='gpu' (from QAT_DEVICE='gpu'); {CHOICES} (auto: cuda when available, else cpu)"]
+    with pytest.raises(ConfigError, match=r"device='cuda' \(from QAT_DEVICE='cuda'\): no CUDA device here"):
+        monkeypatch.setenv("QAT_DEVICE", "cuda")
+        resolve_device(None)
+    assert device_errors("tpu") == [f"device='tpu'; {CHOICES} (auto: cuda when available, else cpu)"]
+
+
 def test_distributed_processes_need_one_cuda_device_each(two_gpus):
     gptq, many = {"name": "gptq"}, {"samples": 1024}
     # CUDA ranks: bounded by the GPUs, not by the CPU cores
@@ -86,10 +114,27 @@ def test_distributed_processes_need_one_cuda_device_each(two_gpus):
 def test_torchrun_ranks_count_against_the_cuda_devices(two_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=r"distributed.processes=4 with device='cuda' needs one CUDA device"):
+    with pytest.raises(ConfigError, match=r"4 processes on this host \(torchrun\) with device='cuda' needs one CUDA "
+                                          r"device"):
         check_processes({"device": "cuda", "calibration": {"samples": 64}}, {"name": "gptq"}, cpus=8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two
     assert check_processes({"device": "cuda", "calibration": {"samples": 64}}, {"name": "gptq"}, cpus=8) == 1
+
+
+def test_torchrun_refusals_name_torchrun_not_a_key_the_user_never_set(two_gpus, monkeypatch):
+    cfg = {"device": "cuda", "calibration": {"samples": 64}, "distributed": {"processes": 1}}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"4 processes on this host \(torchrun\) with device='cuda' needs one CUDA "
+                                          r"device per process; this host has 2: choose torchrun --nproc-per-node<=2"):
+        check_processes(cfg, {"name": "gptq"}, cpus=8)
+    # one process per host on two hosts: cuda:1 would be ignored (each rank computes on cuda:LOCAL_RANK): refused
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"device='cuda:1' places one process; under torchrun \(WORLD_SIZE=2, 1 "
+                                          r"process\(es\) on this host\) each process computes on cuda:LOCAL_RANK"):
+        check_processes({**cfg, "device": "cuda:1"}, {"name": "gptq"}, cpus=8)
+    assert check_processes(cfg, {"name": "gptq"}, cpus=8) == 1
 
 
 def test_place_leaves_a_cpu_model_alone():
