@@ -113,12 +113,17 @@ def test_online_ends_fuse_to_the_same_state_dict_and_round_trip():
                                      seed=5), recipe)
     attach_learned_rotations(resumed)  # other weights, a Hadamard R1: all replaced by the state dict
     resumed.load_state_dict(online.state_dict())
+    older = qat.prepare(tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128, dtype=torch.float64,
+                                   seed=5), recipe)
+    attach_learned_rotations(older)
+    older.load_state_dict(weights.state_dict())  # a checkpoint of the weight-parametrized ends (before) resumes
     twin = copy.deepcopy(online)
     assert twin.get_input_embeddings().learned_rotation is not online.get_input_embeddings().learned_rotation
     with torch.no_grad():
         expect = online(IDS).logits
         torch.testing.assert_close(resumed(IDS).logits, expect, atol=1e-12, rtol=0)
         torch.testing.assert_close(twin(IDS).logits, expect, atol=1e-12, rtol=0)
+        torch.testing.assert_close(older(IDS).logits, expect, atol=1e-10, rtol=0)
         for model in (online, weights):
             fuse_learned_rotations(model)
         torch.testing.assert_close(online(IDS).logits, expect, atol=1e-10, rtol=0)
@@ -127,7 +132,8 @@ def test_online_ends_fuse_to_the_same_state_dict_and_round_trip():
     assert not any("learned_rotation" in k or "parametrizations" in k for k in fused_on)
     for key in (k for k in fused_w if "quantizer" not in k):  # the weights (the observers saw other batches)
         torch.testing.assert_close(fused_on[key], fused_w[key], atol=1e-12, rtol=0, msg=key)
-    assert not online.get_input_embeddings()._forward_hooks and not online.get_output_embeddings()._forward_pre_hooks
+    for module in (online.get_input_embeddings(), online.get_output_embeddings()):
+        assert not (module._forward_hooks or module._forward_pre_hooks or module._load_state_dict_pre_hooks)
 
 
 def test_quantized_lm_head_keeps_the_weight_parametrization():

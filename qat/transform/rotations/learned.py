@@ -140,6 +140,18 @@ def _rotate_input_back(module: nn.Module, args: tuple) -> tuple:
     return (x @ getattr(module, LEARNED_ROTATION).weight.to(x.dtype).T, *args[1:])
 
 
+_OLD_NAMES = {"parametrizations.weight.original": "weight",
+              "parametrizations.weight.0.rotation.weight": f"{LEARNED_ROTATION}.weight"}
+
+
+def _rename_parametrized(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint written while the embedding / lm_head weight was parametrized
+    (before R1 moved to their output / input) resumes: its keys get the names the hooked module has."""
+    for old, new in _OLD_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 def _quantized(module: nn.Module) -> bool:
     return any(isinstance(m, TensorQuantizer) for m in module.modules())
 
@@ -149,6 +161,7 @@ def _rotate_end(module: nn.Module, rotation: Rotation, online: bool, output: boo
     quantizer (a weight quantizer must see the rotated weight), else a parametrization of its weight."""
     if online and not _quantized(module):
         setattr(module, LEARNED_ROTATION, rotation)  # a submodule: deepcopy and pickling carry it with the hook
+        module.register_load_state_dict_pre_hook(_rename_parametrized)
         if output:
             module.register_forward_hook(_rotate_output)
         else:
@@ -168,8 +181,9 @@ def _fuse_end(module: nn.Module) -> None:
     w = module.weight
     w.copy_(w @ rotation.weight.to(w.dtype))
     delattr(module, LEARNED_ROTATION)
-    for hooks, fn in ((module._forward_hooks, _rotate_output), (module._forward_pre_hooks, _rotate_input_back)):
-        for key in [k for k, h in hooks.items() if h is fn]:
+    for hooks, fn in ((module._forward_hooks, _rotate_output), (module._forward_pre_hooks, _rotate_input_back),
+                      (module._load_state_dict_pre_hooks, _rename_parametrized)):
+        for key in [k for k, h in hooks.items() if h is fn or getattr(h, "hook", None) is fn]:
             del hooks[key]
 
 
