@@ -6,6 +6,7 @@
     python scripts/bench_qat_step.py --ste both     # each QAT variant with the lean STE and with the unfused one
     python scripts/bench_qat_step.py --layers 1 --hidden 2048 --inter 7168 --vocab 256   # ~one decoder layer's cost
     python scripts/bench_qat_step.py --set rotations --model smollm2-135m   # the online rotations' share (R3 + R4)
+    python scripts/bench_qat_step.py --set learned --layers 2 --hidden 256 --vocab 32000   # learned R1 / R2's cost
 
 Each variant gets a fresh copy of the model and its own AdamW; steps alternate FP / QAT variants (round
 robin) so machine noise hits all of them alike; the median step time is reported, wall clock and, on CPU,
@@ -33,6 +34,7 @@ import qat
 from qat.jobs.measure import saved_for_backward_bytes
 from qat.models import load_model
 from qat.testing import tiny_moe
+from qat.transform.rotations.learned import attach_learned_rotations
 
 SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8",
            "W4A8 + rotations (R1/R2 fused, R4 online)": "w4a8_kv8+rot"}
@@ -45,11 +47,18 @@ OFFLINE = {"r1": "random_hadamard", "r2": "random_hadamard"}
 # online too; the step-time ratio of the two is the online rotations' share
 ROTATION_SCHEMES = {"W4A4KV4, R1/R2 fused": "w4a4_kv4_rot+kv+offline", "W4A4KV4, R1/R2 fused + R3/R4 online":
                     "w4a4_kv4_rot+kv+online"}
+# --set learned: the same recipe (R1 / R2 fused) with SpinQuant-style learned R1 / R2 on top (as qat-train's
+# module.learned_rotations attaches them), R1 applied to the embedding's output and lm_head's input (now), or
+# through their weights, E @ R1 and W_head @ R1 over the whole vocabulary at every step (before)
+LEARNED_SCHEMES = {"W4A4KV4, R1/R2 fused": "w4a4_kv4_rot+kv+offline",
+                   "+ learned R1/R2, embedding/lm_head online": "w4a4_kv4_rot+kv+offline+learned",
+                   "+ learned R1/R2, embedding/lm_head weights (before)": "w4a4_kv4_rot+kv+offline+learned_weights"}
 
 
 def _recipe(name: str, group_size: int | None) -> dict:
     """A recipe by `name` with suffixes: +rot (ROTATIONS), +kv (keep its KV scheme; dropped otherwise),
-    +offline / +online (its own rotations limited to R1 / R2, or all of them)."""
+    +offline / +online (its own rotations limited to R1 / R2, or all of them); +learned / +learned_weights are
+    attached by make_variants."""
     base, *flags = name.split("+")
     recipe = qat.load_recipe(base).to_dict()
     if "kv" not in flags:
@@ -70,6 +79,9 @@ def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: st
         recipe = _recipe(name, group_size)
         for lean in modes:
             model = qat.prepare(copy.deepcopy(base).train(), recipe)
+            flags = name.split("+")
+            if "learned" in flags or "learned_weights" in flags:  # AdamW steps them here: the same in both rows
+                attach_learned_rotations(model, online_ends="learned" in flags)
             qat.set_lean_ste(model, lean)
             variants[f"{label}, {'lean' if lean else 'unfused'} STE"] = model
     return variants
@@ -221,12 +233,13 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=1536, help="tiny: MLP intermediate size")
     parser.add_argument("--kv-heads", type=int, default=None, help="tiny: key/value heads (default: heads / 2)")
     parser.add_argument("--vocab", type=int, default=8192, help="tiny: vocabulary (small: the step is the layers)")
-    parser.add_argument("--set", default="default", choices=["default", "rotations"],
-                        help="variants: W4A16 / W4A8 / W4A8 + rotations, or the online rotations side by side")
+    parser.add_argument("--set", default="default", choices=["default", "rotations", "learned"],
+                        help="variants: W4A16 / W4A8 / W4A8 + rotations, the online rotations side by side, or "
+                             "learned R1 / R2 with the embedding / lm_head rotated online or through their weights")
     args = parser.parse_args()
     tiny = dict(num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.inter,
                 num_heads=args.hidden // 64, num_kv_heads=args.kv_heads or max(1, args.hidden // 128), vocab_size=args.vocab)
-    schemes = SCHEMES if args.set == "default" else ROTATION_SCHEMES
+    schemes = {"default": SCHEMES, "rotations": ROTATION_SCHEMES, "learned": LEARNED_SCHEMES}[args.set]
     if args.model == "moe":  # fused experts take weight-only schemes (their inner activation is not reachable)
         base = tiny_moe("qwen3_moe", num_layers=4, hidden_size=512, expert_size=512, num_experts=8, num_heads=8,
                         num_kv_heads=4, vocab_size=8192, experts_implementation=args.experts).to(args.device)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.nn.utils import parametrize
 
 import qat
 from qat.modules.hadamard import random_orthogonal
-from qat.testing import tiny_model
+from qat.testing import tiny_llama, tiny_model
 from qat.transform.rotations.learned import CayleySGD, attach_learned_rotations, fuse_learned_rotations
 
 IDS = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -60,3 +61,83 @@ def test_learned_rotations_train_with_qat_and_fuse_exactly():
         assert torch.allclose(prepared(IDS).logits, trained, atol=1e-5)
     assert not any("parametrizations" in k for k in prepared.state_dict())
     assert torch.allclose(qat.convert(prepared)(IDS).logits, trained, atol=1e-5)
+
+
+def _ends_pair(recipe: dict):
+    """The same float64 tiny Llama prepared with `recipe`, R1 / R2 attached (random orthogonal start) with the
+    embedding / lm_head rotated online and, for reference, through their weights."""
+    model = tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128, dtype=torch.float64)
+    pair = []
+    for online in (True, False):
+        prepared = qat.prepare(copy.deepcopy(model), recipe)
+        pair.append((prepared, attach_learned_rotations(prepared, init="random_orthogonal", online_ends=online)))
+    return pair
+
+
+def _stored_grads(model, rotations) -> dict[str, torch.Tensor]:
+    """Gradients of the stored parameters but the rotations, by name without the parametrization's wrapping."""
+    skip = {id(r) for r in rotations}
+    return {n.replace("parametrizations.", "").replace(".original", ""): p.grad
+            for n, p in model.named_parameters() if p.grad is not None and id(p) not in skip}
+
+
+def test_online_ends_compute_the_weight_parametrized_function_and_gradients():
+    """Unquantized embedding / lm_head: R1 on the looked-up rows and on lm_head's input (h R^T) gives the logits
+    and every gradient (R1, R2, the stored weights, the quantizers' scales) of E @ R1, W_head @ R1: float64, 1e-10."""
+    recipe = {"weight": {"bits": 4, "granularity": "per_channel", "learn": "lsq"}, "ignore": ["lm_head"],
+              "input": {"bits": 8, "granularity": "per_token", "dynamic": True}}
+    (online, rot_on), (weights, rot_w) = _ends_pair(recipe)
+    embed, head = online.get_input_embeddings(), online.get_output_embeddings()
+    assert not parametrize.is_parametrized(embed) and not parametrize.is_parametrized(head)
+    assert parametrize.is_parametrized(weights.get_input_embeddings(), "weight")
+    for model in (online, weights):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    torch.testing.assert_close(online(IDS).logits, weights(IDS).logits, atol=1e-10, rtol=1e-10)
+    got, ref = _stored_grads(online, rot_on), _stored_grads(weights, rot_w)
+    assert got.keys() == ref.keys() and "model.embed_tokens.weight" in got
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-10, rtol=1e-8, msg=name)
+    for a, b in zip(rot_on, rot_w):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_online_ends_fuse_to_the_same_state_dict_and_round_trip():
+    """Fusing the online ends gives the weight-parametrized fused state dict (names and values); a state dict
+    taken while training loads into a fresh attach (resume) and a deepcopy carries its own R1."""
+    recipe = {"weight": {"bits": 4, "granularity": "per_channel"}, "ignore": ["lm_head"]}
+    (online, rot_on), (weights, rot_w) = _ends_pair(recipe)
+    with torch.no_grad():
+        for rotations in (rot_on, rot_w):  # as if trained: not the start
+            rotations[0].copy_(random_orthogonal(64, seed=3))
+    resumed = qat.prepare(tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128, dtype=torch.float64,
+                                     seed=5), recipe)
+    attach_learned_rotations(resumed)  # other weights, a Hadamard R1: all replaced by the state dict
+    resumed.load_state_dict(online.state_dict())
+    older = qat.prepare(tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128, dtype=torch.float64,
+                                   seed=5), recipe)
+    attach_learned_rotations(older)
+    older.load_state_dict(weights.state_dict())  # a checkpoint of the weight-parametrized ends (before) resumes
+    twin = copy.deepcopy(online)
+    assert twin.get_input_embeddings().learned_rotation is not online.get_input_embeddings().learned_rotation
+    with torch.no_grad():
+        expect = online(IDS).logits
+        torch.testing.assert_close(resumed(IDS).logits, expect, atol=1e-12, rtol=0)
+        torch.testing.assert_close(twin(IDS).logits, expect, atol=1e-12, rtol=0)
+        torch.testing.assert_close(older(IDS).logits, expect, atol=1e-10, rtol=0)
+        for model in (online, weights):
+            fuse_learned_rotations(model)
+        torch.testing.assert_close(online(IDS).logits, expect, atol=1e-10, rtol=0)
+    fused_on, fused_w = online.state_dict(), weights.state_dict()
+    assert fused_on.keys() == fused_w.keys()
+    assert not any("learned_rotation" in k or "parametrizations" in k for k in fused_on)
+    for key in (k for k in fused_w if "quantizer" not in k):  # the weights (the observers saw other batches)
+        torch.testing.assert_close(fused_on[key], fused_w[key], atol=1e-12, rtol=0, msg=key)
+    for module in (online.get_input_embeddings(), online.get_output_embeddings()):
+        assert not (module._forward_hooks or module._forward_pre_hooks or module._load_state_dict_pre_hooks)
+
+
+def test_quantized_lm_head_keeps_the_weight_parametrization():
+    """A recipe that quantizes lm_head: its weight quantizer must see W_head @ R1, so it stays parametrized."""
+    (online, _), _ = _ends_pair({"weight": {"bits": 4, "granularity": "per_channel"}})
+    assert parametrize.is_parametrized(online.get_output_embeddings(), "weight")
+    assert not hasattr(online.get_output_embeddings(), "learned_rotation")

@@ -6,6 +6,7 @@ import torch
 import qat
 from qat.errors import ConfigError
 from qat.lit import QATModule, TextDataModule, kd_loss, quantizer_stats
+from qat.lit.module import stored_weight
 from qat.models import load_model
 
 OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3}
@@ -198,7 +199,7 @@ def test_learned_rotations_with_frozen_embeddings(corpus):
     pl.seed_everything(0)
     m = QATModule(TINY, qat.load_recipe("w4a16_g128").to_dict() | {"weight": {"bits": 4, "granularity": "per_channel"}},
                   optimizer=OPTIM, learned_rotations={"lr": 0.5}, freeze_embeddings=True)
-    embed = m.model.get_input_embeddings().parametrizations.weight.original
+    embed = stored_weight(m.model.get_input_embeddings())
     before, r1 = embed.detach().clone(), m._rotations[0]
     start = r1.detach().clone()
     assert not embed.requires_grad and r1.requires_grad

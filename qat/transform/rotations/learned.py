@@ -9,6 +9,12 @@ parameters, trained with the Cayley SGD on the orthogonal group, jointly with QA
 The weights are `torch.nn.utils.parametrize` parametrizations reading the shared rotation modules, so the
 fake-quant modules quantize the rotated weights and gradients reach R through them. Starting from a Hadamard
 (the default) the model computes what it computed before; `fuse_learned_rotations` keeps the function exactly.
+
+The embedding and lm_head, when not quantized (the recipes ignore them), are not parametrized: E @ R and
+W_head @ R over the whole vocabulary at every step would cost more than the layers on a small model. R1 is applied
+to what they compute instead: embedding(ids) @ R (only the rows looked up) and, since
+logits = h @ (W_head R)^T = (h R^T) @ W_head^T, lm_head's input times R^T (hooks reading the module's
+`learned_rotation`). The function and the gradients are the same up to float rounding; fusing bakes R into both.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from torch.nn.utils import parametrize
 from qat.arch import get_arch
 from qat.errors import ConfigError
 from qat.modules.hadamard import rotation_matrix
+from qat.modules.quantizer import TensorQuantizer
 from qat.transform.rotations.base import head_dim_of, weight_and_bias
 from qat.transform.rotations.r1 import fold_norms
 
@@ -119,6 +126,67 @@ class _HeadsIn(nn.Module):
         return (w.reshape(w.shape[0], -1, r.shape[0]) @ r).reshape(w.shape)
 
 
+LEARNED_ROTATION = "learned_rotation"  # the attribute the embedding / lm_head hooks read R1 from
+
+
+def _rotate_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an unquantized embedding: the rows looked up times R (= the rows of E @ R)."""
+    return out @ getattr(module, LEARNED_ROTATION).weight.to(out.dtype)
+
+
+def _rotate_input_back(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of an unquantized lm_head: h @ R^T, so that lm_head(h R^T) = h @ (W R)^T."""
+    x = args[0]
+    return (x @ getattr(module, LEARNED_ROTATION).weight.to(x.dtype).T, *args[1:])
+
+
+_OLD_NAMES = {"parametrizations.weight.original": "weight",
+              "parametrizations.weight.0.rotation.weight": f"{LEARNED_ROTATION}.weight"}
+
+
+def _rename_parametrized(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint written while the embedding / lm_head weight was parametrized
+    (before R1 moved to their output / input) resumes: its keys get the names the hooked module has."""
+    for old, new in _OLD_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def _quantized(module: nn.Module) -> bool:
+    return any(isinstance(m, TensorQuantizer) for m in module.modules())
+
+
+def _rotate_end(module: nn.Module, rotation: Rotation, online: bool, output: bool) -> None:
+    """R1 on the embedding (`output`) or lm_head: on its output / input when `online` and the module holds no
+    quantizer (a weight quantizer must see the rotated weight), else a parametrization of its weight."""
+    if online and not _quantized(module):
+        setattr(module, LEARNED_ROTATION, rotation)  # a submodule: deepcopy and pickling carry it with the hook
+        module.register_load_state_dict_pre_hook(_rename_parametrized)
+        if output:
+            module.register_forward_hook(_rotate_output)
+        else:
+            module.register_forward_pre_hook(_rotate_input_back)
+    else:
+        parametrize.register_parametrization(module, "weight", _In(rotation))
+
+
+@torch.no_grad()
+def _fuse_end(module: nn.Module) -> None:
+    """Bake the hooked R1 into the weight (W <- W @ R) and remove the hook and attribute. The product is taken
+    in the weight's dtype, as the hook took it: the rows come out as the model looked them up (a float64 product
+    differs in the last bit, which an activation quantizer downstream can turn into a bin's step)."""
+    rotation = getattr(module, LEARNED_ROTATION, None)
+    if rotation is None:
+        return
+    w = module.weight
+    w.copy_(w @ rotation.weight.to(w.dtype))
+    delattr(module, LEARNED_ROTATION)
+    for hooks, fn in ((module._forward_hooks, _rotate_output), (module._forward_pre_hooks, _rotate_input_back),
+                      (module._load_state_dict_pre_hooks, _rename_parametrized)):
+        for key in [k for k, h in hooks.items() if h is fn or getattr(h, "hook", None) is fn]:
+            del hooks[key]
+
+
 def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(module, parameter name) of a block-relative weight name (a module with .weight, or a parameter)."""
     weight_and_bias(block, name)  # refuses what is not a weight
@@ -133,9 +201,12 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True, init: str = "hadamard",
-                             seed: int = 0) -> list[nn.Parameter]:
+                             seed: int = 0, online_ends: bool = True) -> list[nn.Parameter]:
     """Make R1 and one R2 per layer learnable parameters of `model` (float or prepared): RMSNorms are folded
     first, then every weight that reads or writes the residual stream (and v / o per head) is parametrized.
+
+    With `online_ends` (the default) an unquantized embedding / lm_head gets R1 on its output / input instead
+    (the same function, without the [vocab, hidden] products per step); False parametrizes their weights too.
 
     Returns:
         the rotation parameters (give them to `CayleySGD`; keep them out of AdamW).
@@ -152,8 +223,8 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
         embed = model.get_input_embeddings().weight  # the matrix is built on the CPU: on the model's device, dtype
         rot = Rotation(rotation_matrix(init, model.config.hidden_size, seed, embed.dtype).to(embed.device))
         params.append(rot.weight)
-        parametrize.register_parametrization(model.get_input_embeddings(), "weight", _In(rot))
-        parametrize.register_parametrization(model.get_output_embeddings(), "weight", _In(rot))
+        _rotate_end(model.get_input_embeddings(), rot, online_ends, output=True)
+        _rotate_end(model.get_output_embeddings(), rot, online_ends, output=False)
         for block in blocks:
             for name in (n for m in adapter.residual_reads for n in m.linears):
                 parametrize.register_parametrization(*_owner(block, name), _In(rot))
@@ -178,8 +249,10 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
 
 
 def fuse_learned_rotations(model: nn.Module) -> nn.Module:
-    """Bake every learned rotation into its weights (the parametrizations are removed, the values kept)."""
+    """Bake every learned rotation into its weights (the parametrizations and hooks are removed, the values
+    kept)."""
     for module in list(model.modules()):
+        _fuse_end(module)
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
