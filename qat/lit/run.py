@@ -27,6 +27,7 @@ from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
+from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
 from qat.lit.parallel import is_sharded
 from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
@@ -122,10 +123,20 @@ def _check_values(cfg: DictConfig) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     rot = cfg.module.get("learned_rotations")
-    keys = ("r1", "r2", "init", "lr", "momentum")  # QATModule.ROTATION_KEYS
+    keys = list(ROTATION_KEYS)
     if rot is not None and not (OmegaConf.is_dict(rot) and set(rot) <= set(keys)):
         errors.append(f"module.learned_rotations={OmegaConf.to_container(rot) if OmegaConf.is_config(rot) else rot!r}; "
-                      f"give null or a mapping of {list(keys)}, e.g. module.learned_rotations='{{lr: 1.5}}'")
+                      f"give null or a mapping of {keys}, e.g. module.learned_rotations='{{lr: 1.5}}'")
+    elif rot is not None:
+        plain = OmegaConf.to_container(rot, resolve=True)
+        for flag in ("r1", "r2"):  # r1=no from the command line is the string "no"
+            try:
+                if flag in rot:
+                    rot[flag] = plain[flag] = as_bool(rot[flag], f"module.learned_rotations.{flag}")
+            except ConfigError as err:
+                errors.append(str(err))
+                plain.pop(flag)
+        errors += learned_rotation_errors(plain, "module.learned_rotations")
     return errors
 
 

@@ -191,6 +191,8 @@ def test_learned_rotations_train_jointly_and_fuse(corpus):
     assert not any("parametrizations" in k for k in m.model.state_dict())  # fused when fit ended
     with pytest.raises(ConfigError, match="unknown key"):
         QATModule(TINY, None, learned_rotations={"r7": True})
+    with pytest.raises(ConfigError, match=r"learned_rotations.lr=-1; give a number > 0"):  # before the model is built
+        QATModule(TINY, None, learned_rotations={"lr": -1})
 
 
 def test_learned_rotations_with_frozen_embeddings(corpus):
