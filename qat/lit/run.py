@@ -228,9 +228,21 @@ def _check_resume(cfg: DictConfig) -> None:
                 continue  # a renamed copy of the same recipe loads the same state
             errors.append(f"{key}: the checkpoint has {a.get('name', a.get('path'))!r}, this run "
                           f"{b.get('name', b.get('path'))!r}; differing fields (checkpoint, this run): {diff}")
+    if "learned_rotations" in hparams:  # which rotations the state dict holds unfused (their names differ)
+        ours = cfg.module.get("learned_rotations")
+        theirs, ours = (_rotation_set(r) for r in (hparams["learned_rotations"], ours and OmegaConf.to_container(ours)))
+        if ours != theirs:
+            errors.append(f"learned_rotations: the checkpoint was trained with {theirs or 'none'}, this run "
+                          f"{ours or 'none'}; set module.learned_rotations as that run did")
     if errors:
         raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
-                         "model and quant as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _rotation_set(cfg: Any) -> list[str]:
+    """The learned rotations a `learned_rotations` value attaches (["r1", "r2"], [] for none)."""
+    cfg = {**ROTATION_KEYS, **cfg} if cfg else {}
+    return [r for r in ("r1", "r2") if cfg.get(r)]
 
 
 def _check_writable(out: Path) -> None:
