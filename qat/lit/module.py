@@ -106,7 +106,8 @@ class QATModule(pl.LightningModule):
             gradients.
         learned_rotations: {r1, r2, init, lr, momentum} (all optional): SpinQuant-style learned rotations
             (`qat.transform.rotations.learned`) trained jointly with QAT by a CayleySGD stepped with the main
-            optimizer, and fused into the weights when fit ends (`fuse_rotations`).
+            optimizer, and fused into the weights when fit ends (`fuse_rotations`); values checked first
+            (`learned_rotation_errors`). Checkpoints hold them unfused: qat-export's checkpoint= fuses them.
     Example:
         >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
     """
