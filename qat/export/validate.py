@@ -86,8 +86,15 @@ def bad_file(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
         raise
     except (*_CONFIG_ERRORS, KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, ZeroDivisionError,
             OverflowError, UnicodeError, AssertionError, OSError) as err:
-        first = (str(err).splitlines() or [""])[0][:300]
-        raise BadFileError(path, f"corrupted or inconsistent {what} ({type(err).__name__}: {first})") from None
+        raise BadFileError(path, f"corrupted or inconsistent {what} ({type(err).__name__}: {one_line(err)})") from None
+
+
+def one_line(err: BaseException, limit: int = 1000) -> str:
+    """An inner error's message on one line: its first line whole (up to `limit` characters), and the lines after
+    it when the first announces them (ends with ":"), joined by "; " (a list of what is valid is kept)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+    text = lines[0] + (" " + "; ".join(lines[1:]) if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def check_config(config: Any, path: str | os.PathLike, stored_bytes: int | None = None) -> None:

@@ -32,6 +32,7 @@ from qat.models import has_fused_experts
 from qat.recipes import recipe_names
 from qat.transform.recipe import load_recipe
 from qat.transform import QuantRecipe, as_recipe, convert, prepare
+from qat.transform.rotations.learned import learned_rotations_in, load_learned_rotations
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,15 @@ def _read_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> dict[st
 
 
 def _load_checkpoint_into(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | os.PathLike) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load `state` into the prepared `model`; learned rotations saved unfused (a QAT run with
+    module.learned_rotations) are attached, loaded and fused as the run fused them when fit ended."""
+    rotated = learned_rotations_in(model, state)
+    missing, unexpected = load_learned_rotations(model, state)
     if missing or unexpected:
+        hint = (f"a checkpoint with learned rotations {rotated}: same base model and quant recipe as in training?"
+                if rotated else "same base model and quant recipe as in training?")
         raise ConfigError(f"checkpoint {str(checkpoint)!r} does not fit the prepared model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (same base model and quant recipe as in training?)")
+                         f"unexpected {unexpected[:5]} ({hint})")
 
 
 def prepare_source(model: str, quant: Any = None, checkpoint: str | None = None, dtype: str = "float32",

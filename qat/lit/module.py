@@ -7,6 +7,7 @@ then loads the state dict, which carries the quantizer state (held ranges, learn
 from __future__ import annotations
 
 import copy
+import math
 import logging
 from typing import Any, Mapping
 
@@ -19,6 +20,7 @@ from torchmetrics.text import Perplexity
 
 from qat.control import frozen_ranges
 from qat.errors import ConfigError
+from qat.modules.hadamard import ROTATION_KINDS
 import qat
 from qat.lit.parallel import average_replicated_grads, shard_fsdp2
 from qat.models import load_model
@@ -32,6 +34,38 @@ def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     """Load the float model a `model` config node describes: {path, dtype, tiny: {...}}."""
     cfg = dict(model_cfg)
     return load_model(cfg["path"], cfg.get("dtype", "float32"), **dict(cfg.get("tiny") or {}))
+
+
+ROTATION_KEYS = {"r1": True, "r2": True, "init": "hadamard", "lr": 1.5, "momentum": 0.0}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def learned_rotation_errors(cfg: Mapping[str, Any], key: str = "learned_rotations") -> list[str]:
+    """One line per bad value of a `learned_rotations` mapping (unknown keys, lr > 0, momentum in [0, 1), init a
+    rotation kind, r1 / r2 booleans), each naming `<key>.<name>` and what is valid; [] when all are good.
+
+    Example:
+        >>> learned_rotation_errors({"lr": -1}, "module.learned_rotations")
+        ['module.learned_rotations.lr=-1; give a number > 0 (the CayleySGD step, e.g. 1.5)']
+    """
+    errors = []
+    unknown = sorted(set(cfg) - set(ROTATION_KEYS))
+    if unknown:
+        errors.append(f"{key}: unknown key(s) {unknown}; valid: {sorted(ROTATION_KEYS)}")
+    lr, momentum = cfg.get("lr", 1.5), cfg.get("momentum", 0.0)
+    if not (_number(lr) and lr > 0):
+        errors.append(f"{key}.lr={lr!r}; give a number > 0 (the CayleySGD step, e.g. 1.5)")
+    if not (_number(momentum) and 0 <= momentum < 1):
+        errors.append(f"{key}.momentum={momentum!r}; give a number in [0, 1) (0: none)")
+    if cfg.get("init", "hadamard") not in ROTATION_KINDS:
+        errors.append(f"{key}.init={cfg['init']!r}; choose one of {list(ROTATION_KINDS)} (the starting rotation)")
+    for flag in ("r1", "r2"):
+        if not isinstance(cfg.get(flag, True), bool):
+            errors.append(f"{key}.{flag}={cfg[flag]!r}; choose true or false")
+    return errors
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -72,7 +106,8 @@ class QATModule(pl.LightningModule):
             gradients.
         learned_rotations: {r1, r2, init, lr, momentum} (all optional): SpinQuant-style learned rotations
             (`qat.transform.rotations.learned`) trained jointly with QAT by a CayleySGD stepped with the main
-            optimizer, and fused into the weights when fit ends (`fuse_rotations`).
+            optimizer, and fused into the weights when fit ends (`fuse_rotations`); values checked first
+            (`learned_rotation_errors`). Checkpoints hold them unfused: qat-export's checkpoint= fuses them.
     Example:
         >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
     """
@@ -87,6 +122,9 @@ class QATModule(pl.LightningModule):
         model, quant, kd = to_plain(model), to_plain(quant), to_plain(kd)
         optimizer = to_plain(optimizer) or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
         self._check_kd(kd)
+        errors = learned_rotation_errors(to_plain(learned_rotations) or {})  # before the model is built
+        if errors:
+            raise ConfigError("; ".join(errors))
         self.save_hyperparameters({"model": model, "quant": quant, "optimizer": optimizer,
                                    "scheduler": to_plain(scheduler), "kd": kd,
                                    "range_init_batches": range_init_batches, "fake_quant_after": fake_quant_after,
@@ -132,14 +170,11 @@ class QATModule(pl.LightningModule):
     def on_after_backward(self) -> None:
         average_replicated_grads(self._replicated)
 
-    ROTATION_KEYS = {"r1": True, "r2": True, "init": "hadamard", "lr": 1.5, "momentum": 0.0}
+    ROTATION_KEYS = ROTATION_KEYS
 
     def _attach_rotations(self, cfg: Mapping[str, Any] | None) -> list[nn.Parameter]:
         if not cfg:
             return []
-        unknown = sorted(set(cfg) - set(self.ROTATION_KEYS))
-        if unknown:
-            raise ConfigError(f"learned_rotations: unknown key(s) {unknown}; valid: {sorted(self.ROTATION_KEYS)}")
         cfg = {**self.ROTATION_KEYS, **cfg}
         rotations = attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=cfg["init"])
         log.info("learned rotations: %d matrices (r1=%s, r2=%s, init %s) trained by CayleySGD (lr %s), fused "

@@ -27,6 +27,7 @@ from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
+from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
 from qat.lit.parallel import is_sharded
 from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
@@ -122,10 +123,20 @@ def _check_values(cfg: DictConfig) -> list[str]:
         except ConfigError as err:
             errors.append(str(err))
     rot = cfg.module.get("learned_rotations")
-    keys = ("r1", "r2", "init", "lr", "momentum")  # QATModule.ROTATION_KEYS
+    keys = list(ROTATION_KEYS)
     if rot is not None and not (OmegaConf.is_dict(rot) and set(rot) <= set(keys)):
         errors.append(f"module.learned_rotations={OmegaConf.to_container(rot) if OmegaConf.is_config(rot) else rot!r}; "
-                      f"give null or a mapping of {list(keys)}, e.g. module.learned_rotations='{{lr: 1.5}}'")
+                      f"give null or a mapping of {keys}, e.g. module.learned_rotations='{{lr: 1.5}}'")
+    elif rot is not None:
+        plain = OmegaConf.to_container(rot, resolve=True)
+        for flag in ("r1", "r2"):  # r1=no from the command line is the string "no"
+            try:
+                if flag in rot:
+                    rot[flag] = plain[flag] = as_bool(rot[flag], f"module.learned_rotations.{flag}")
+            except ConfigError as err:
+                errors.append(str(err))
+                plain.pop(flag)
+        errors += learned_rotation_errors(plain, "module.learned_rotations")
     return errors
 
 
@@ -217,9 +228,21 @@ def _check_resume(cfg: DictConfig) -> None:
                 continue  # a renamed copy of the same recipe loads the same state
             errors.append(f"{key}: the checkpoint has {a.get('name', a.get('path'))!r}, this run "
                           f"{b.get('name', b.get('path'))!r}; differing fields (checkpoint, this run): {diff}")
+    if "learned_rotations" in hparams:  # which rotations the state dict holds unfused (their names differ)
+        ours = cfg.module.get("learned_rotations")
+        theirs, ours = (_rotation_set(r) for r in (hparams["learned_rotations"], ours and OmegaConf.to_container(ours)))
+        if ours != theirs:
+            errors.append(f"learned_rotations: the checkpoint was trained with {theirs or 'none'}, this run "
+                          f"{ours or 'none'}; set module.learned_rotations as that run did")
     if errors:
         raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
-                         "model and quant as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _rotation_set(cfg: Any) -> list[str]:
+    """The learned rotations a `learned_rotations` value attaches (["r1", "r2"], [] for none)."""
+    cfg = {**ROTATION_KEYS, **cfg} if cfg else {}
+    return [r for r in ("r1", "r2") if cfg.get(r)]
 
 
 def _check_writable(out: Path) -> None:

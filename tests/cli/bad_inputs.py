@@ -75,6 +75,12 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed"),
                            ("module.learned_rotations=1.5", "module.learned_rotations=1.5; give null or a mapping"),
                            ("module.learned_rotations={lrr:1.5}", "learned_rotations"),
+                           ("module.learned_rotations={lr:-1}", "module.learned_rotations.lr=-1; give a number > 0"),
+                           ("module.learned_rotations={lr:abc}", "module.learned_rotations.lr='abc'"),
+                           ("module.learned_rotations={momentum:1}", "module.learned_rotations.momentum=1; give a number in [0, 1)"),
+                           ("module.learned_rotations={init:nope}", "module.learned_rotations.init='nope'; choose one of"),
+                           ("module.learned_rotations={r1:maybe}", "module.learned_rotations.r1='maybe'; choose true or false"),
+                           ("module.learned_rotations={r2:2}", "module.learned_rotations.r2=2; choose true or false"),
                            ("module.lean_ste=maybe", "lean_ste"),
                            ("trainer._target_=nosuch.Trainer", "trainer: cannot import _target_ 'nosuch.Trainer'"),
                            ("optim.optimizer._target_=torch.optim.Adamm", "cannot import _target_ 'torch.optim.Adamm'")]:

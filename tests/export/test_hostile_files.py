@@ -10,10 +10,10 @@ import gguf
 import pytest
 import torch
 
-from qat.errors import BadFileError
+from qat.errors import BadFileError, ConfigError
 from qat.export import load_any
 from qat.export.gguf_check import seal_gguf
-from qat.export.validate import CHECKSUMS, write_checksums
+from qat.export.validate import CHECKSUMS, bad_file, write_checksums
 
 from tests.export import fuzz
 
@@ -148,3 +148,16 @@ def test_metadata_changed_by_another_tool_is_refused_until_our_key_is_dropped(ex
                    capture_output=True, timeout=120)
     with torch.no_grad():
         assert torch.equal(load_any(dropped)(fuzz.IDS).logits, load_any(exports["gguf"])(fuzz.IDS).logits)
+
+
+def test_bad_file_keeps_the_list_an_inner_error_announces(tmp_path):
+    """bad_file keeps an inner message whole on one line: a long first line (was: cut at 300 characters, losing
+    the list of what qat reads) and the lines a first line ending in ":" announces."""
+    known = {"mxfp4-pack-quantized": (4, 32), "nvfp4-pack-quantized": (4, 16), "mxfp8-quantized": (8, 32)}
+    inner = (f"compressed-tensors: model.layers.0.self_attn.q_proj has format 'mxfp4-pack-quantized' with weights "
+             f"{ {'num_bits': 4, 'group_size': 64, 'type': 'float', 'strategy': 'group', 'symmetric': True} }; "
+             f"qat reads these (format: (num_bits, group_size)): {known}")
+    for raised, expect in ((ConfigError(inner), str(known)), (ValueError("bad scheme; qat reads:\n  a\n  b"), "qat reads: a; b")):
+        with pytest.raises(BadFileError) as err, bad_file(tmp_path / "m", "compressed-tensors export"):
+            raise raised
+        assert expect in str(err.value) and "\n" not in str(err.value)

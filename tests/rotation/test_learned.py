@@ -10,7 +10,8 @@ from torch.nn.utils import parametrize
 import qat
 from qat.modules.hadamard import random_orthogonal
 from qat.testing import tiny_llama, tiny_model
-from qat.transform.rotations.learned import CayleySGD, attach_learned_rotations, fuse_learned_rotations
+from qat.transform.rotations.learned import (CayleySGD, attach_learned_rotations, fuse_learned_rotations,
+                                             learned_rotations_in, load_learned_rotations)
 
 IDS = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -141,3 +142,25 @@ def test_quantized_lm_head_keeps_the_weight_parametrization():
     (online, _), _ = _ends_pair({"weight": {"bits": 4, "granularity": "per_channel"}})
     assert parametrize.is_parametrized(online.get_output_embeddings(), "weight")
     assert not hasattr(online.get_output_embeddings(), "learned_rotation")
+
+
+def test_learned_rotations_in_a_state_dict_are_named_and_load_fused():
+    """Which of R1 / R2 a state dict was written with is read from its keys; `load_learned_rotations` into a fresh
+    prepared model attaches those, loads and fuses: the fused source's function, to the bit."""
+    recipe = {"weight": {"bits": 4, "granularity": "per_channel"}, "ignore": ["lm_head"]}
+    fresh = lambda seed: qat.prepare(tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128, seed=seed), recipe)
+    assert learned_rotations_in(fresh(0), fresh(0).state_dict()) is None
+    for r1, r2 in ((True, True), (True, False), (False, True)):
+        source = fresh(1)
+        rotations = attach_learned_rotations(source, r1=r1, r2=r2)
+        with torch.no_grad():
+            for rotation in rotations:  # as if trained: not the start
+                rotation.copy_(random_orthogonal(rotation.shape[0], seed=3))
+        state = copy.deepcopy(source.state_dict())
+        assert learned_rotations_in(fresh(2), state) == {"r1": r1, "r2": r2}
+        target = fresh(2)
+        assert load_learned_rotations(target, state) == ([], [])
+        fuse_learned_rotations(source)
+        assert target.state_dict().keys() == source.state_dict().keys()
+        with torch.no_grad():
+            assert torch.equal(target(IDS).logits, source(IDS).logits)

@@ -28,6 +28,22 @@ def test_resume_with_another_recipe_names_both(compose_train, tmp_path):
     check_config(compose_train(["quant=w4a16_g128_lsq", f"ckpt_path={ckpt}"]))  # the same recipe resumes
 
 
+def test_resume_with_other_learned_rotations_names_both(compose_train, tmp_path):
+    """A checkpoint holds its learned rotations unfused (other state-dict names): resuming it without them (or
+    with other ones) is refused up front (was: load_state_dict's RuntimeError traceback)."""
+    ckpt = tmp_path / "last.ckpt"
+    cfg = compose_train(["quant=w4a16_g128_lsq"])
+    _fake_ckpt(ckpt, cfg)
+    saved = torch.load(ckpt, weights_only=False)
+    saved["hyper_parameters"]["learned_rotations"] = {"lr": 1.5}
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match=r"learned_rotations: the checkpoint was trained with \['r1', 'r2'\], this run none"):
+        check_config(compose_train(["quant=w4a16_g128_lsq", f"ckpt_path={ckpt}"]))
+    with pytest.raises(ValueError, match=r"with \['r1', 'r2'\], this run \['r1'\]"):
+        check_config(compose_train(["quant=w4a16_g128_lsq", f"ckpt_path={ckpt}", "module.learned_rotations={r2: false}"]))
+    check_config(compose_train(["quant=w4a16_g128_lsq", f"ckpt_path={ckpt}", "module.learned_rotations={lr: 0.5}"]))
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.optimizer.lr=abc", r"optim.optimizer: TypeError.*'lr': 'abc'"),
     ("optim.scheduler.num_warmup_steps=abc", r"optim.scheduler: TypeError.*'num_warmup_steps': 'abc'"),

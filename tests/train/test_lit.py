@@ -191,6 +191,8 @@ def test_learned_rotations_train_jointly_and_fuse(corpus):
     assert not any("parametrizations" in k for k in m.model.state_dict())  # fused when fit ended
     with pytest.raises(ConfigError, match="unknown key"):
         QATModule(TINY, None, learned_rotations={"r7": True})
+    with pytest.raises(ConfigError, match=r"learned_rotations.lr=-1; give a number > 0"):  # before the model is built
+        QATModule(TINY, None, learned_rotations={"lr": -1})
 
 
 def test_learned_rotations_with_frozen_embeddings(corpus):
@@ -209,3 +211,27 @@ def test_learned_rotations_with_frozen_embeddings(corpus):
     assert not torch.equal(start, r1.detach())
     fused = m.model.get_input_embeddings().weight  # fused at fit end: the frozen embedding times the learned R1
     torch.testing.assert_close(fused.detach(), (before.double() @ r1.detach().double()).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_with_learned_rotations_exports_what_training_computed(corpus, tmp_path):
+    """last.ckpt holds the rotations unfused (parametrizations, `learned_rotation` on the ends); qat-export's
+    checkpoint= attaches the rotations its keys name, loads, fuses as fit end did: the native export reloads to
+    the fused in-memory model's logits exactly (was: "does not fit the prepared model")."""
+    from qat.jobs.export import run_export
+
+    pl.seed_everything(0)
+    m = QATModule(TINY, qat.load_recipe("w4a4_kv4_rot").to_dict(), optimizer=OPTIM, learned_rotations={"lr": 0.5},
+                  freeze_embeddings=True)
+    last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[last])
+    trainer.fit(m, datamodule(corpus))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any("learned_rotation" in k for k in state) and any("parametrizations" in k for k in state)
+    run_export("tiny", str(tmp_path / "native"), format="native", quant="w4a4_kv4_rot",
+               checkpoint=str(tmp_path / "ckpt" / "last.ckpt"), tiny=TINY["tiny"])
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = m.model.eval()(ids).logits
+        got = qat.export.load_any(tmp_path / "native")(ids).logits
+    assert torch.equal(got, expect)

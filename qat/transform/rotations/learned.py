@@ -257,3 +257,42 @@ def fuse_learned_rotations(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
+
+
+def learned_rotations_in(model: nn.Module, state: dict) -> dict[str, bool] | None:
+    """{"r1": ..., "r2": ...} of the learned rotations a checkpoint of `model` was written with (a QAT run with
+    `learned_rotations` saves them unfused: parametrizations on the block weights, `learned_rotation` on an
+    unquantized embedding / lm_head), or None when `state` holds none. `state` has `model`'s key names.
+
+    Example:
+        >>> learned_rotations_in(prepared, torch.load("last.ckpt")["state_dict"])  # after removing "model."
+        {'r1': True, 'r2': True}
+    """
+    if not any(".parametrizations." in k or k.endswith(f".{LEARNED_ROTATION}.weight") for k in state):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = names[id(model.get_input_embeddings())]
+    r1 = any(f"{embed}.{tail}" in state for tail in (f"{LEARNED_ROTATION}.weight", *_OLD_NAMES))
+    adapter = get_arch(model)
+    _, blocks = adapter.blocks(model)
+    module, pname = _owner(blocks[0], adapter.out_proj)  # R1 (a residual write) comes first on o_proj, then R2
+    r2 = f"{names[id(module)]}.parametrizations.{pname}.{int(r1)}.rotation.weight" in state
+    return {"r1": r1, "r2": r2} if r1 or r2 else None
+
+
+def load_learned_rotations(model: nn.Module, state: dict, strict: bool = False) -> tuple[list[str], list[str]]:
+    """Load a checkpoint written with learned rotations into `model` (prepared with the same recipe, not yet
+    rotated) and fuse them: the rotations the keys name are attached (`learned_rotations_in`), the state
+    loaded, the rotations baked in as the training run's `fuse_learned_rotations` did when fit ended (same
+    operations, same dtype: the same weights to the bit). A state without learned rotations is loaded as is.
+
+    Returns:
+        (missing, unexpected) keys of `load_state_dict`.
+    """
+    found = learned_rotations_in(model, state)
+    if found is not None:  # the initial values do not matter: the checkpoint's rotations overwrite them
+        attach_learned_rotations(model, r1=found["r1"], r2=found["r2"])
+    missing, unexpected = model.load_state_dict(state, strict=strict)
+    if found is not None:
+        fuse_learned_rotations(model)
+    return missing, unexpected
