@@ -86,7 +86,10 @@ def bad_file(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
         raise
     except (*_CONFIG_ERRORS, KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, ZeroDivisionError,
             OverflowError, UnicodeError, AssertionError, OSError) as err:
-        raise BadFileError(path, f"corrupted or inconsistent {what} ({type(err).__name__}: {one_line(err)})") from None
+        # a KeyError's message is only the key: say what it means (an entry the file should hold is not there)
+        detail = (f"missing entry {err.args[0]!r}" if type(err) is KeyError and len(err.args) == 1
+                  else f"{type(err).__name__}: {one_line(err)}")
+        raise BadFileError(path, f"corrupted or inconsistent {what} ({detail})") from None
 
 
 def one_line(err: BaseException, limit: int = 1000) -> str:

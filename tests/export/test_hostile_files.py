@@ -161,3 +161,13 @@ def test_bad_file_keeps_the_list_an_inner_error_announces(tmp_path):
         with pytest.raises(BadFileError) as err, bad_file(tmp_path / "m", "compressed-tensors export"):
             raise raised
         assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_entry_is_called_missing(tmp_path):
+    """A KeyError while reading a checked file says which entry is missing (was: the bare key after 'KeyError:')."""
+    from qat.errors import BadFileError
+    from qat.export.validate import bad_file
+
+    with pytest.raises(BadFileError, match=r"corrupted or inconsistent export \(missing entry 'm\.weight_scale'\)"):
+        with bad_file(tmp_path / "model.safetensors", "export"):
+            {}["m.weight_scale"]
