@@ -265,7 +265,7 @@ def learned_rotations_in(model: nn.Module, state: dict) -> dict[str, bool] | Non
     unquantized embedding / lm_head), or None when `state` holds none. `state` has `model`'s key names.
 
     Example:
-        >>> learned_rotations_in(prepared, torch.load("last.ckpt")["state_dict"])  # after removing "model."
+        >>> learned_rotations_in(prepared, torch.load("last.ckpt", weights_only=True)["state_dict"])  # after removing "model."
         {'r1': True, 'r2': True}
     """
     if not any(".parametrizations." in k or k.endswith(f".{LEARNED_ROTATION}.weight") for k in state):
