@@ -87,12 +87,15 @@ def bad_file(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
     except (*_CONFIG_ERRORS, KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError, ZeroDivisionError,
             OverflowError, UnicodeError, AssertionError, OSError) as err:
         # a KeyError's message is only the key: say what it means (an entry the file should hold is not there)
-        detail = (f"missing entry {err.args[0]!r}" if type(err) is KeyError and len(err.args) == 1
-                  else f"{type(err).__name__}: {one_line(err)}")
+        key = err.args[0] if type(err) is KeyError and len(err.args) == 1 else None
+        if isinstance(key, str) and key and not any(c.isspace() for c in key):
+            detail = f"missing entry {key!r}"
+        else:  # str(KeyError) is the repr of its argument: a sentence would come out quoted
+            detail = f"{type(err).__name__}: {one_line(key if isinstance(key, str) else err)}"
         raise BadFileError(path, f"corrupted or inconsistent {what} ({detail})") from None
 
 
-def one_line(err: BaseException, limit: int = 1000) -> str:
+def one_line(err: BaseException | str, limit: int = 1000) -> str:
     """An inner error's message on one line: its first line whole (up to `limit` characters), and the lines after
     it when the first announces them (ends with ":"), joined by "; " (a list of what is valid is kept)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]

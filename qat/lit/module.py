@@ -51,6 +51,8 @@ def learned_rotation_errors(cfg: Mapping[str, Any], key: str = "learned_rotation
         >>> learned_rotation_errors({"lr": -1}, "module.learned_rotations")
         ['module.learned_rotations.lr=-1; give a number > 0 (the CayleySGD step, e.g. 1.5)']
     """
+    if not isinstance(cfg, Mapping):
+        return [f"{key}={cfg!r}; give null or a mapping of {list(ROTATION_KEYS)}, e.g. {{lr: 1.5}}"]
     errors = []
     unknown = sorted(set(cfg) - set(ROTATION_KEYS))
     if unknown:

@@ -18,6 +18,7 @@ from qat.spec import TensorSchemes
 from qat.transform.match import matches
 from qat.transform.recipe import QuantRecipe, as_recipe
 from qat.transform.rotations import apply_rotations, rotation_errors
+from qat.transform.rotations.learned import has_learned_rotations
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,9 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any], verbose: 
         >>> loss = model(**batch).loss; loss.backward()
     """
     recipe = as_recipe(recipe)
+    if has_learned_rotations(model):  # their hooks / parametrizations would not follow the swapped modules
+        raise ConfigError("this model has learned rotations attached (not fused): call qat.prepare first, then "
+                          "attach_learned_rotations, or fuse them before preparing (fuse_learned_rotations)")
     result = plan(model, recipe)
     for warning in result.warnings:
         log.warning(warning)

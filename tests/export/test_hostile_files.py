@@ -171,3 +171,12 @@ def test_a_missing_entry_is_called_missing(tmp_path):
     with pytest.raises(BadFileError, match=r"corrupted or inconsistent export \(missing entry 'm\.weight_scale'\)"):
         with bad_file(tmp_path / "model.safetensors", "export"):
             {}["m.weight_scale"]
+
+
+def test_a_keyerror_with_a_sentence_is_not_called_a_missing_entry(tmp_path):
+    from qat.errors import BadFileError
+    from qat.export.validate import bad_file
+
+    with pytest.raises(BadFileError, match=r"\(KeyError: 'Q9_9' has no grid\)"):
+        with bad_file(tmp_path / "m.gguf", "GGUF file"):
+            raise KeyError("'Q9_9' has no grid")

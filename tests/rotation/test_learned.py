@@ -164,3 +164,19 @@ def test_learned_rotations_in_a_state_dict_are_named_and_load_fused():
         assert target.state_dict().keys() == source.state_dict().keys()
         with torch.no_grad():
             assert torch.equal(target(IDS).logits, source(IDS).logits)
+
+
+def test_prepare_after_attached_rotations_is_refused():
+    """Learned rotations go on a prepared model: preparing after them would drop lm_head's online R1 silently."""
+    import pytest
+
+    from qat.errors import ConfigError
+    from qat.lit.module import learned_rotation_errors
+
+    model = tiny_llama(vocab_size=512, hidden_size=64, intermediate_size=128)
+    attach_learned_rotations(model)
+    with pytest.raises(ConfigError, match="call qat.prepare first"):
+        qat.prepare(model, "w8a8")
+    fuse_learned_rotations(model)
+    qat.prepare(model, "w8a8")  # fused: plain weights again
+    assert learned_rotation_errors(True, "module.learned_rotations")[0].startswith("module.learned_rotations=True")

@@ -8,7 +8,9 @@ parameters, trained with the Cayley SGD on the orthogonal group, jointly with QA
 
 The weights are `torch.nn.utils.parametrize` parametrizations reading the shared rotation modules, so the
 fake-quant modules quantize the rotated weights and gradients reach R through them. Starting from a Hadamard
-(the default) the model computes what it computed before; `fuse_learned_rotations` keeps the function exactly.
+(the default) the model computes what it computed before; `fuse_learned_rotations` keeps the function (exactly
+for the block weights; the online embedding / lm_head ends below regroup a product, so in bf16 the fused logits
+differ from the trained ones by rounding, ~4e-3 on a tiny model; float32 / float64 agree to their precision).
 
 The embedding and lm_head, when not quantized (the recipes ignore them), are not parametrized: E @ R and
 W_head @ R over the whole vocabulary at every step would cost more than the layers on a small model. R1 is applied
@@ -272,7 +274,9 @@ def learned_rotations_in(model: nn.Module, state: dict) -> dict[str, bool] | Non
         return None
     names = {id(m): n for n, m in model.named_modules()}
     embed = names[id(model.get_input_embeddings())]
-    r1 = any(f"{embed}.{tail}" in state for tail in (f"{LEARNED_ROTATION}.weight", *_OLD_NAMES))
+    # R1 by its own keys (online end, or the older weight parametrization's rotation), not by `.original`, which
+    # any parametrization of the embedding has
+    r1 = any(f"{embed}.{tail}" in state for tail in (f"{LEARNED_ROTATION}.weight", "parametrizations.weight.0.rotation.weight"))
     adapter = get_arch(model)
     _, blocks = adapter.blocks(model)
     module, pname = _owner(blocks[0], adapter.out_proj)  # R1 (a residual write) comes first on o_proj, then R2
@@ -296,3 +300,8 @@ def load_learned_rotations(model: nn.Module, state: dict, strict: bool = False) 
     if found is not None:
         fuse_learned_rotations(model)
     return missing, unexpected
+
+
+def has_learned_rotations(model: nn.Module) -> bool:
+    """Whether learned rotations are attached to `model` and not yet fused (`qat.prepare` must come first)."""
+    return any(isinstance(m, Rotation) for m in model.modules())
