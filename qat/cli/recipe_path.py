@@ -162,4 +162,7 @@ def _with_searchpath(argv: list[str], uri: str) -> list[str]:
         if arg.startswith(SEARCHPATH_KEY) and arg.endswith("]"):
             inner = arg[len(SEARCHPATH_KEY):].strip()[1:-1].strip()
             return [*argv[:i], f"{SEARCHPATH_KEY}[{inner + ',' if inner else ''}{uri}]", *argv[i + 1:]]
-    return [*argv, f"{SEARCHPATH_KEY}[{uri}]"]
+    # beside the first override, not at the end: Hydra's parser takes overrides only as one run of positional
+    # arguments, so one added after `--cfg job` would be "unrecognized"
+    at = next((i + 1 for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    return [*argv[:at], f"{SEARCHPATH_KEY}[{uri}]", *argv[at:]]

@@ -165,3 +165,12 @@ def test_group_null_drops_a_group_the_app_takes_absent(app, argv, tmp_path, monk
     code, out = run_in_process(app, [*argv, f"hydra.run.dir={tmp_path}/run"])
     assert code == 2 and "stop here" in out and "Traceback" not in out, out
     assert seen and seen[0].get("quant") is None
+
+
+def test_a_path_beside_cfg_job_prints_the_config(recipe):
+    """`qat-ptq quant=<file> --cfg job`: the added searchpath stays among the overrides (was: appended after
+    `--cfg job`, where Hydra's parser refused it as an unrecognized argument)."""
+    with recipe_paths(["method=rtn", f"quant={recipe}", "--cfg", "job"]) as argv:
+        assert argv[0] == "method=rtn" and argv[1].startswith("hydra.searchpath=[file://") and argv[-2:] == ["--cfg", "job"]
+    out = _ok("ptq", [f"quant={recipe}", "--cfg", "job"])
+    assert "bits: 3" in out
