@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qat.errors import ConfigError
 from qat.formats import storage_bits
@@ -73,6 +74,15 @@ def from_rows(rows: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> t
     return rows.reshape(shape)
 
 
+def call_tensors(module: nn.Module, skip: str) -> dict[str, torch.Tensor]:
+    """name -> tensor a wrapper hands its float template's forward: its parameters but those under `skip` (its
+    quantizers), a parametrized one (a learned rotation's W @ R) as its computed value under its own name."""
+    tensors = {n: p for n, p in module.named_parameters() if not n.startswith((skip, "parametrizations."))}
+    if parametrize.is_parametrized(module):
+        tensors.update({n: getattr(module, n) for n in module.parametrizations})
+    return tensors
+
+
 def float_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of a float module (experts, router) whose forward is called with swapped-in tensors; the
     wrappers keep it unregistered and hold the parameters themselves, under their original names."""
@@ -124,8 +134,9 @@ class _ExpertsBase(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             # the experts module's own attributes (num_experts, config, act_fn, has_gate...) read through
+            # but not its parameters: ours shadow them (a parametrization moves ours away and must not find them)
             template = self.__dict__.get("float_template")
-            if template is not None and not name.startswith("_"):
+            if template is not None and not name.startswith("_") and name not in template._parameters:
                 return getattr(template, name)
             raise
 
@@ -205,14 +216,14 @@ class FakeQuantExperts(_ExpertsBase):
         return from_rows(quantizer(rows), self.shapes[name], self.transposed)
 
     def expert_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {n: p for n, p in self.named_parameters() if not n.startswith("weight_quantizers.")}
+        tensors = call_tensors(self, "weight_quantizers.")
         tensors.update({n: self.quantized(n) for n in self.weight_quantizers})
         return tensors
 
     def forward_tensors(self) -> tuple[dict[str, torch.Tensor], list[Requantized]]:
         if not (self.lean and torch.is_grad_enabled()):
             return self.expert_tensors(), []
-        tensors = {n: p for n, p in self.named_parameters() if not n.startswith("weight_quantizers.")}
+        tensors = call_tensors(self, "weight_quantizers.")
         recipes = []
         for name, quantizer in self.weight_quantizers.items():
             rows = self.rows(name)

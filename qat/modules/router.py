@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.modules.experts import float_copy
+from qat.modules.experts import call_tensors, float_copy
 from qat.modules.quantized import QuantizedWeight
 from qat.modules.quantizer import TensorQuantizer
 from qat.modules.registry import register_fake_quant_rule, register_quantized
@@ -60,7 +60,7 @@ class FakeQuantRouter(nn.Module):
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, *args, **kwargs):
-        tensors = {n: p for n, p in self.named_parameters() if not n.startswith("weight_quantizer.")}
+        tensors = call_tensors(self, "weight_quantizer.")
         tensors["weight"] = self.quantized_weight()
         return torch.func.functional_call(self.float_template, tensors, args, kwargs, strict=False, tie_weights=False)
 
