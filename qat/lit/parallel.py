@@ -17,9 +17,10 @@ given the checkpoint's shapes before a resume loads into them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from pytorch_lightning.strategies import ModelParallelStrategy
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -45,6 +46,27 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def is_sharded(model: nn.Module) -> bool:
     """True when some parameter of `model` is a DTensor (FSDP2 / tensor parallel): its forward is collective."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+SHARDING_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
+"""Lightning strategies that shard the model's parameters (or optimizer state) across processes."""
+
+
+def sharding_strategy(strategy: Any) -> str | None:
+    """The name of a `trainer.strategy` value when it shards (FSDP2 / ModelParallelStrategy, FSDP, DeepSpeed),
+    else None. `strategy`: a registered name ("fsdp", "deepspeed_stage_3", "ddp"...), a class or an instance.
+
+    Example:
+        >>> sharding_strategy("fsdp"), sharding_strategy(FSDP2Strategy), sharding_strategy("ddp")
+        ('fsdp', 'FSDP2Strategy', None)
+    """
+    if isinstance(strategy, str):
+        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    else:
+        cls = strategy if isinstance(strategy, type) else type(strategy)
+    if not (isinstance(cls, type) and issubclass(cls, SHARDING_STRATEGIES)):
+        return None
+    return strategy if isinstance(strategy, str) else cls.__name__
 
 
 def shard_fsdp2(model: nn.Module, mesh) -> list[nn.Parameter]:

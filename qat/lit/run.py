@@ -20,7 +20,8 @@ from qat.assets import require
 from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import atomic_write_bytes, is_distributed_checkpoint, probe_folder, torch_load
-from qat.jobs.config import TRAIN, as_bool, as_count, instantiation_error, register_resolvers, unknown_keys
+from qat.jobs.config import (TRAIN, as_bool, as_count, import_target, instantiation_error, register_resolvers,
+                             unknown_keys)
 from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, require_lm_eval
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
@@ -28,7 +29,7 @@ from qat.jobs.results import to_json
 from qat.jobs.sweep import train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
-from qat.lit.parallel import is_sharded
+from qat.lit.parallel import is_sharded, sharding_strategy
 from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
@@ -137,7 +138,28 @@ def _check_values(cfg: DictConfig) -> list[str]:
                 errors.append(str(err))
                 plain.pop(flag)
         errors += learned_rotation_errors(plain, "module.learned_rotations")
+        errors += _check_rotations_unsharded(cfg)
     return errors
+
+
+def _check_rotations_unsharded(cfg: DictConfig) -> list[str]:
+    """Learned rotations are parametrizations shared by every block: a strategy that shards the blocks (trainer=fsdp)
+    cannot hold them. Refused here, before any model loads (`QATModule.configure_model` would, after the baselines)."""
+    strategy = cfg.trainer.get("strategy")
+    if not cfg.module.learned_rotations or strategy is None:
+        return []
+    shown = strategy
+    if OmegaConf.is_dict(strategy):
+        shown = strategy.get("_target_")
+        try:
+            strategy = import_target(str(shown))
+        except ConfigError:
+            return []  # a _target_ that does not import is reported when the trainer is built
+    if sharding_strategy(strategy) is None:
+        return []
+    return [f"module.learned_rotations with trainer.strategy={shown}: a sharded strategy cannot train them (the "
+            "rotations are parametrizations shared across the sharded blocks); use trainer=ddp or one device, or "
+            "drop module.learned_rotations"]
 
 
 def eval_tasks(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:

@@ -85,6 +85,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("trainer._target_=nosuch.Trainer", "trainer: cannot import _target_ 'nosuch.Trainer'"),
                            ("optim.optimizer._target_=torch.optim.Adamm", "cannot import _target_ 'torch.optim.Adamm'")]:
         add("train", TR + [over], expected)
+    # learned rotations under a sharding strategy: refused before any model loads, naming both keys
+    add("train", TR + ["trainer=fsdp", "module.learned_rotations={lr:1.5}"],
+        "module.learned_rotations with trainer.strategy=qat.lit.parallel.FSDP2Strategy: a sharded strategy")
+    add("train", TR + ["+trainer.strategy=deepspeed_stage_3", "module.learned_rotations={r2:false}"],
+        "module.learned_rotations with trainer.strategy=deepspeed_stage_3: a sharded")
     add("train", TR + ["init=gptq", "~quant"], "quant")
     add("train", TR + ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")
     add("ptq", ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")

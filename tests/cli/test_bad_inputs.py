@@ -332,3 +332,27 @@ def test_a_bad_qat_device_is_refused_naming_it(app, files, monkeypatch):
     code, out = run_in_process(app, argv_for({"compare": list(CMP), "eval": list(EV)}.get(app, []), files, app))
     assert code != 0 and "Traceback" not in out, out
     assert "device='gpu' (from QAT_DEVICE='gpu'); choose auto, cpu, cuda or cuda:N" in out, out
+
+
+@pytest.mark.parametrize("strategy", [["trainer=fsdp"], ["+trainer.strategy=fsdp"]])
+def test_learned_rotations_with_a_sharded_trainer_are_refused_before_the_model_loads(strategy, files, monkeypatch):
+    """trainer=fsdp (or any sharding strategy) with module.learned_rotations: one line naming both keys, exit 2,
+    from the config check (was: refused in QATModule.configure_model, after the model was loaded and prepared)."""
+    import qat.lit.module
+
+    loaded = []
+    monkeypatch.setattr(qat.lit.module, "build_model", lambda cfg: loaded.append(cfg))
+    code, out = run_in_process("train", argv_for(TR + strategy + ["module.learned_rotations={lr:1.5}"], files, "train"))
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not loaded, out
+    assert lines[0].startswith("qat-train: error: module.learned_rotations with trainer.strategy="), out
+    assert "sharded strategy" in lines[0] and "trainer=ddp" in lines[0], out
+    from hydra import compose, initialize_config_dir
+
+    from qat.lit.run import _check_values
+    from qat.recipes import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):  # not sharded: no such error
+        for over in (["trainer=ddp"], [], ["trainer=fsdp", "module.learned_rotations=null"]):
+            cfg = compose("train", overrides=over + (["module.learned_rotations={lr:1.5}"] if len(over) < 2 else []))
+            assert not [e for e in _check_values(cfg) if "sharded" in e], over
