@@ -209,6 +209,8 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
 
     With `online_ends` (the default) an unquantized embedding / lm_head gets R1 on its output / input instead
     (the same function, without the [vocab, hidden] products per step); False parametrizes their weights too.
+    MoE families: the router's weight and the fused experts' 3-D weights are parametrized as the offline R1
+    rotates them (per expert: gate_up_proj [E, 2I, H] @ R1, R1^T @ down_proj [E, H, I]), float or fake-quant.
 
     Returns:
         the rotation parameters (give them to `CayleySGD`; keep them out of AdamW).
