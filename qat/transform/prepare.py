@@ -162,13 +162,13 @@ def _fall_back(result: Plan, by_name: dict[str, nn.Module]) -> None:
         notes.setdefault(pair, set()).update(dropped)
     for (old, new), names in moved.items():
         spec = result.modules[names[0]].weight
-        kept = notes[(old, new)]
+        lost = notes[(old, new)]
         line = (f"gguf_fallback: {len(names)} module(s) have rows that are not a multiple of {types[old].block} "
                 f"({old}'s block), so they train on {new} ({spec.describe()}), the type llama.cpp and the GGUF "
                 f"export store them in: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
-        if kept:  # e.g. grid ggml takes learn none only: the scales follow the weights instead of being learned
-            line += f"; {new}'s format does not take the recipe's {', '.join(sorted(kept))}"
-        (log.warning if kept else log.info)(line)
+        if lost:  # e.g. grid ggml takes learn none only: the scales follow the weights instead of being learned
+            line += f"; {new}'s format does not take the recipe's {', '.join(sorted(lost))}"
+        (log.warning if lost else log.info)(line)
 
 
 def _row_widths(module: nn.Module) -> list[int]:

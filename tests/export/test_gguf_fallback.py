@@ -54,13 +54,13 @@ def test_fallback_is_the_registered_one_the_export_takes():
     assert fallback_spec(tq2_0_spec(learn="lsq"), "Q4_0")[1] == ["learn='lsq' -> 'none'"]  # ggml: learn none only
 
 
-@pytest.mark.parametrize("recipe, gguf_type, narrow, lsq", [
-    ("gguf_iq4_xs_lsq", "IQ4_XS", "IQ4_NL", True),
-    ("tq2_0", "TQ2_0", "Q4_0", True),
-    ("gguf_q4_k", "Q4_K", "Q5_0", False),
+@pytest.mark.parametrize("recipe, gguf_type, narrow, lsq, dropped", [
+    ("gguf_iq4_xs_lsq", "IQ4_XS", "IQ4_NL", True, False),  # IQ4_NL learns its scale too
+    ("tq2_0", "TQ2_0", "Q4_0", True, True),  # grid ggml: learn none only
+    ("gguf_q4_k", "Q4_K", "Q5_0", False, False),
 ])
 def test_narrow_rows_train_on_the_fallback_and_export_exactly(token_ids, tmp_path, caplog, recipe, gguf_type,
-                                                              narrow, lsq):
+                                                              narrow, lsq, dropped):
     if recipe == "tq2_0":
         r = _recipe("ternary_g64_lsq", group_size=256)
     else:
@@ -76,9 +76,10 @@ def test_narrow_rows_train_on_the_fallback_and_export_exactly(token_ids, tmp_pat
     line = next(m for m in caplog.messages if m.startswith("gguf_fallback:"))
     assert f"14 module(s) have rows that are not a multiple of 256 ({gguf_type}'s block), so they train on {narrow}" \
         in line and "model.layers.0.self_attn.q_proj" in line
-    assert ("learn='lsq' -> 'none'" in line) == lsq  # IQ4_NL and Q4_0 take learn none only: said
+    assert ("learn='lsq' -> 'none'" in line) == dropped  # said where the fallback's format cannot learn
+    assert (_spec(model, NARROW[1]).learn == "lsq") == (lsq and not dropped)
     assert "not format-exact" not in caplog.text  # prepare's warning of padded super-blocks: none left
-    if lsq:  # one step, so the learned scales of the wide rows are off their grid
+    if lsq:  # one step, so the learned scales are off their grid
         opt = torch.optim.SGD([p for n, p in model.named_parameters() if "quantizer" in n], lr=1e-3)
         model(token_ids, labels=token_ids).loss.backward()
         opt.step()
