@@ -15,7 +15,7 @@ from qat.export import export_gguf, load_any
 from qat.export.gguf_export import FALLBACK
 from qat.formats import fallback_spec, gguf_fallback, gguf_types
 from qat.formats.ternary import tq2_0_spec
-from qat.recipes import read_recipe
+from qat.recipes import CONFIG_DIR, read_recipe
 from qat.testing import tiny_llama, tiny_moe
 from qat.transform import QuantRecipe
 
@@ -94,11 +94,20 @@ def test_narrow_rows_train_on_the_fallback_and_export_exactly(token_ids, tmp_pat
     assert torch.equal(_logits(load_any(path), token_ids), ref)  # atol=0
 
 
-def test_the_shipped_tq2_0_recipe():
+def test_the_shipped_recipes():
     r = qat.load_recipe("gguf_tq2_0_lsq")
     assert r.gguf_fallback and r.base.weight == tq2_0_spec(learn="lsq")
     assert QuantRecipe.from_dict(r.to_dict()) == r
-    assert "gguf_fallback" not in qat.load_recipe("gguf_iq4_xs_lsq").to_dict()  # off by default
+    off = qat.load_recipe("gguf_iq4_xs_lsq")  # off by default: the measured recipes train as they did
+    assert not off.gguf_fallback and "gguf_fallback" not in off.to_dict()
+
+
+def test_the_super_block_recipes_take_the_key_as_a_plain_hydra_override():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=["quant=gguf_iq4_xs_lsq", "quant.gguf_fallback=true"])
+    assert QuantRecipe.from_dict(cfg.quant).gguf_fallback
 
 
 def test_fused_experts_fall_back_whole(tmp_path):
