@@ -137,7 +137,8 @@ def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
             misfits.setdefault((gguf, block), []).append(n)
     return [f"{len(names)} module(s) on the GGUF {gguf} grid have rows that are not a multiple of {block} "
             f"(e.g. {names[0]}, {widths[names[0]]} wide): GGUF stores such rows in another type, "
-            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"
+            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way; the recipe key "
+            "gguf_fallback: true trains them on that type instead)"
             for (gguf, block), names in misfits.items()]
 
 
