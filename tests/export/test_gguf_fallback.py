@@ -139,3 +139,16 @@ def test_an_override_on_a_super_block_grid_is_enough():
     model = qat.prepare(tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=384), r)
     assert _spec(model, "model.layers.0.mlp.down_proj") == qat.load_recipe("gguf_q5_0").base.weight  # 384 wide
     assert _spec(model, "model.layers.0.mlp.up_proj") == qat.load_recipe("w4a16_g128").base.weight  # no GGUF type
+
+
+def test_gptq_solves_the_fallback_grid_and_exports_exactly(token_ids, tmp_path):
+    from qat.ptq import ptq_model
+
+    calib = [torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(2))]
+    model = tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=256)
+    model = ptq_model(model, {**read_recipe("gguf_q4_k"), "gguf_fallback": True}, "gptq", calib, progress=False)
+    ref = _logits(model, token_ids)
+    path = export_gguf(model, tmp_path / "m.gguf", "F32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q4_K"
+    assert torch.equal(_logits(load_any(path), token_ids), ref)
