@@ -105,6 +105,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
+    if errors and not recipe.gguf_fallback:
+        errors += _fallback_hints(result, by_name)
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name)
@@ -170,6 +172,21 @@ def _fall_back(result: Plan, by_name: dict[str, nn.Module]) -> None:
         if lost:  # e.g. grid ggml takes learn none only: the scales follow the weights instead of being learned
             line += f"; {new}'s format does not take the recipe's {', '.join(sorted(lost))}"
         (log.warning if lost else log.info)(line)
+
+
+def _fallback_hints(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+    """One line per GGUF type whose groups do not divide some module's rows (ternary g256 on 576-wide rows, refused
+    above) where its fallback type's would: the recipe key that trains them on it."""
+    hints: dict[tuple[str, str], list[str]] = {}
+    for n, s in result.modules.items():
+        pair = None if s.weight is None else gguf_fallback(s.weight)
+        widths = _row_widths(by_name[n])
+        if pair and any(w % s.weight.group_size for w in widths) \
+                and not any(w % gguf_types()[pair[1]].block for w in widths):
+            hints.setdefault(pair, []).append(n)
+    return [f"{len(names)} module(s) on the GGUF {old} grid (e.g. {names[0]}) have rows its blocks cannot hold; "
+            f"GGUF stores such rows as {new}: the recipe key gguf_fallback: true (quant.gguf_fallback=true) trains "
+            f"them on {new}'s grid" for (old, new), names in hints.items()]
 
 
 def _row_widths(module: nn.Module) -> list[int]:

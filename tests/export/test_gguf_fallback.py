@@ -152,3 +152,11 @@ def test_gptq_solves_the_fallback_grid_and_exports_exactly(token_ids, tmp_path):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q4_K"
     assert torch.equal(_logits(load_any(path), token_ids), ref)
+
+
+def test_rows_a_ternary_block_cannot_hold_are_refused_naming_the_key():
+    """Ternary g256 pads no partial block: without the key, 128-wide rows are an error that says what fixes it."""
+    with pytest.raises(ConfigError, match=r"12 module\(s\) on the GGUF TQ2_0 grid .* GGUF stores such rows as Q4_0: "
+                                          r"the recipe key gguf_fallback: true"):
+        qat.prepare(tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=256),
+                    {**read_recipe("gguf_tq2_0_lsq"), "gguf_fallback": False})
