@@ -185,8 +185,8 @@ def _fallback_hints(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
                 and not any(w % gguf_types()[pair[1]].block for w in widths):
             hints.setdefault(pair, []).append(n)
     return [f"{len(names)} module(s) on the GGUF {old} grid (e.g. {names[0]}) have rows its blocks cannot hold; "
-            f"GGUF stores such rows as {new}: the recipe key gguf_fallback: true (quant.gguf_fallback=true) trains "
-            f"them on {new}'s grid" for (old, new), names in hints.items()]
+            f"GGUF stores such rows as {new}: the recipe key gguf_fallback: true trains them on {new}'s grid"
+            for (old, new), names in hints.items()]
 
 
 def _row_widths(module: nn.Module) -> list[int]:
