@@ -27,6 +27,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 
 from qat.recipes import CONFIG_DIR
 from qat.spec import ROLES, QuantSpec
+from qat.transform.recipe import QuantRecipe
 
 GRAMMAR = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
 # a field of a quant scheme node: quant.weight.bits, quant.overrides.0.input.dynamic (the recipe YAML leaves most out)
@@ -225,6 +226,9 @@ def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[st
     scheme = _SCHEME_FIELD.fullmatch(key)
     if scheme and keys:  # a scheme the recipe writes: its other fields are QuantSpec's defaults, not missing keys
         return _scheme_field(given, key, scheme["field"])
+    top = key.removeprefix("quant.")
+    if key.startswith("quant.") and top in QuantRecipe.KEYS and keys:  # an optional recipe key the file leaves out
+        return f"{given}: the recipe leaves {top} at its default; set it with +{given.lstrip('+')}"
     if "." not in key:  # the top level: a group the defaults leave out (qat-eval's quant) is a key there too
         keys = sorted({k for k in keys if k != "hydra"} | set(groups))
     leaf = key.rsplit(".", 1)[-1]

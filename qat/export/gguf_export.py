@@ -15,7 +15,8 @@ ffn_down of the first n/8 in Q5_K; with an imatrix, Q4_0 / Q5_0 put ffn_down of 
 Q4_1 / Q5_1. `pure=True` (llama-quantize --pure) gives every 2-D tensor the one type. The single K types
 Q2_K, Q3_K, Q4_K, Q5_K are always pure. 1-D tensors (norms) are F32. A row length that is not a multiple of
 256 falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; Q2_K / Q3_K /
-TQ1_0 / TQ2_0 -> Q4_0) and a warning names the tensor. The tensor types, their block sizes, encoders and
+TQ1_0 / TQ2_0 -> Q4_0) and a warning names the tensor (a recipe with `gguf_fallback: true` trains such
+modules on the fallback type: `qat.transform.prepare`). The tensor types, their block sizes, encoders and
 fallbacks come from the formats in `qat.formats` (`gguf_types()`): a format that registers a GGUF type is
 written and read with no change here.
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from qat.formats.base import (FORMATS, Format, GGUFType, bits_per_weight, get_format, gguf_types, qparam_count,
-                              register_format, storage_bits)
+from qat.formats.base import (FORMATS, Format, GGUFType, bits_per_weight, fallback_spec, get_format, gguf_fallback,
+                              gguf_types, qparam_count, register_format, storage_bits)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["FORMATS", "Format", "GGUFType", "bits_per_weight", "get_format", "gguf_types", "qparam_count",
-           "register_format", "storage_bits"]
+__all__ = ["FORMATS", "Format", "GGUFType", "bits_per_weight", "fallback_spec", "get_format", "gguf_fallback",
+           "gguf_types", "qparam_count", "register_format", "storage_bits"]

@@ -11,6 +11,7 @@ A spec's format is the one registered for its (grid, dtype): `QuantSpec(bits=4)`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -187,6 +188,44 @@ def get_format(spec_or_name: QuantSpec | str) -> Format:
 def gguf_types() -> dict[str, GGUFType]:
     """Every GGUF tensor type a registered format stores exactly, by name."""
     return dict(GGUF_TYPES)
+
+
+def gguf_fallback(spec: QuantSpec) -> tuple[str, str] | None:
+    """(the GGUF type of `spec`'s grid, the type llama.cpp stores a row of it in when the row's length is not a
+    multiple of that type's block), or None: a grid with no GGUF type, or a type whose blocks need no fallback.
+    The export (`qat.export.gguf_export.fit_type`) falls back by the same registered `GGUFType.fallback`.
+
+    Example:
+        >>> gguf_fallback(kquant_spec("Q4_K"))
+        ('Q4_K', 'Q5_0')
+    """
+    name = get_format(spec).gguf_type(spec)
+    fallback = GGUF_TYPES[name].fallback if name else None
+    return (name, fallback) if fallback else None
+
+
+CARRIED = (("learn",), ("observer", "observer_args"))
+"""The training terms of a weight spec that `fallback_spec` keeps where the fallback type's format takes them."""
+
+
+def fallback_spec(spec: QuantSpec, type_name: str) -> tuple[QuantSpec, list[str]]:
+    """The QuantSpec of GGUF type `type_name` (its grid as the type's gguf_* recipe trains it) with `spec`'s learn
+    mode and observer kept where that type's format takes them, and one note per term it could not keep.
+
+    Example:
+        >>> fallback_spec(tq2_0_spec(learn="lsq"), "Q4_0")[1]   # grid="ggml" takes learn='none' only
+        ["learn='lsq' -> 'none'"]
+    """
+    out, dropped = GGUF_TYPES[type_name].spec(), []
+    for names in CARRIED:
+        want = {n: getattr(spec, n) for n in names if getattr(spec, n) != getattr(out, n)}
+        if not want:
+            continue
+        try:
+            out = dataclasses.replace(out, **want)
+        except ValueError:  # the fallback's format refuses it: its own default stays
+            dropped.append(", ".join(f"{n}={v!r} -> {getattr(out, n)!r}" for n, v in want.items()))
+    return out, dropped
 
 
 def storage_bits(spec: QuantSpec, shape: tuple[int, ...], act_order: bool = False) -> int:

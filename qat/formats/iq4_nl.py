@@ -12,6 +12,10 @@ level of x / d (ties to the upper level, as llama.cpp's best_index_int8). Float 
 (`encode`) first search the scale as llama.cpp's quantize_row_iq4_nl_impl does (ntry = 7: the least-squares
 scale of 16 candidate level assignments, weighted by x^2 or by an imatrix), then take the same grid.
 
+Learned scales (learn="lsq", what a recipe with `gguf_fallback: true` trains IQ4_XS's short rows on when the
+recipe learns IQ4_XS's scales): the parameter is the signed scale in float32 (a positive peak takes a negative
+scale), rounded to fp16 (the d the block stores) in every forward; the LSQ gradient passes straight through.
+
 Storage of a converted weight: the indices packed at 4 bits and the fp16 scales (the block's bytes).
 """
 from __future__ import annotations
@@ -34,14 +38,15 @@ LOW, HIGH = KVALUES[0] - (KVALUES[1] - KVALUES[0]) / 2, KVALUES[-1] + (KVALUES[-
 NTRY = 7
 
 
-def iq4_nl_spec() -> QuantSpec:
-    """The QuantSpec whose grid is GGUF IQ4_NL.
+def iq4_nl_spec(**changes) -> QuantSpec:
+    """The QuantSpec whose grid is GGUF IQ4_NL (`changes`: learn="lsq" for a learned block scale).
 
     Example:
         >>> iq4_nl_spec().describe()
         'int4 sym g32 iq4_nl'
     """
-    return QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=32, scale_dtype="fp16", grid="iq4_nl")
+    return QuantSpec(bits=4, symmetric=True, granularity="per_group", group_size=32, scale_dtype="fp16", grid="iq4_nl",
+                     **changes)
 
 
 # The midpoints are multiples of 1/2, so the nearest level (ties up) of t depends on floor(2 t) alone: a table over
@@ -115,13 +120,14 @@ class IQ4NLFormat(Format):
     """GGUF IQ4_NL; see the module docstring."""
 
     name, grid, dtypes = "iq4_nl", "iq4_nl", ("int",)
+    signed_scales = True
     gguf = (GGUFType("IQ4_NL", 32, 18, iq4_nl_spec, _encode, iq4_nl_blocks, weighted=True),)
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 4 or not spec.symmetric or spec.granularity != "per_group" or spec.group_size != 32
-                or spec.scale_dtype != "fp16" or spec.learn != "none" or spec.signed):
+                or spec.scale_dtype != "fp16" or spec.learn not in ("none", "lsq") or spec.signed):
             raise ConfigError("QuantSpec.grid='iq4_nl' needs bits=4, symmetric=True, granularity='per_group', "
-                             "group_size=32, scale_dtype='fp16', learn='none', signed left to its default")
+                             "group_size=32, scale_dtype='fp16', learn 'none' or 'lsq', signed left to its default")
 
     def default_signed(self, spec: QuantSpec) -> bool:
         return False  # the codes are level indices 0..15

@@ -22,7 +22,7 @@ takes a negative scale); the grid uses `scale_grid` of it, so forward, convert a
 scales, and the LSQ gradient passes straight through that rounding (as NVFP4's E4M3 block scales).
 
 Rows that are not a multiple of 256 end in a partial super-block (zero-padded here); GGUF cannot store it and the
-writer falls back to IQ4_NL, as llama.cpp does. Storage of a converted weight: the indices at 4 bits, per
+writer falls back to IQ4_NL, as llama.cpp does (recipe key gguf_fallback: such modules train on IQ4_NL instead). Storage of a converted weight: the indices at 4 bits, per
 super-block the fp16 d and the eight 6-bit ls (the block's bytes).
 """
 from __future__ import annotations

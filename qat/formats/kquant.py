@@ -14,7 +14,8 @@ make_qkx2_quants, weights |x| + rms(x), or an imatrix), and (2) the blocks (`kqu
 Storage of a converted weight: the codes at `bits` bits; per row and super-block the fp16 d (and dmin) and
 the packed integer sub-block scales (and minimums): the GGUF block's bytes (Q2_K 2.625, Q3_K 3.4375,
 Q4_K 4.5, Q5_K 5.5, Q6_K 6.5625 bits per weight). A row that is not a multiple of 256 ends in a partial
-super-block (padded; GGUF cannot store it, and the GGUF writer falls back to another type, as llama.cpp).
+super-block (padded; GGUF cannot store it, and the GGUF writer falls back to another type, as llama.cpp; recipe
+key gguf_fallback: such modules train on that type instead).
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ base 3, five per byte for weights 0..239 (byte m of the first 32 holds weights n
 ceil(v * 256 / 243) of the base-3 number v (first digit most significant), then the fp16 d. A model trained on
 this grid exports to either type exactly (`qat-export gguf_type=TQ1_0` picks TQ1_0; TQ2_0 is the default).
 
-Ternary QAT (recipe ternary_g64_lsq; `tq2_0_spec(learn="lsq")` for GGUF-exact TQ2_0 where rows are multiples of
-256): learn="lsq" learns d per group (held in fp16, the scale the file stores), with straight-through rounding to
-{-1, 0, 1} (ParetoQ's setting for ternary: learned scale, STE). Other group sizes export natively (and to GGUF
+Ternary QAT (recipe ternary_g64_lsq; gguf_tq2_0_lsq, `tq2_0_spec(learn="lsq")`, for GGUF-exact TQ2_0, whose
+gguf_fallback trains the rows that are not multiples of 256 on Q4_0, the type GGUF stores them in): learn="lsq"
+learns d per group (held in fp16, the scale the file stores), with straight-through rounding to {-1, 0, 1}
+(ParetoQ's setting for ternary: learned scale, STE). Other group sizes export natively (and to GGUF
 re-quantized, warned).
 Storage of a converted weight: q + 1 packed at 2 bits and the fp16 scales (the block's bytes).
 """

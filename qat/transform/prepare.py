@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.formats import get_format, gguf_types
+from qat.formats import fallback_spec, get_format, gguf_fallback, gguf_types
 from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
@@ -96,6 +96,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
                         hit = True
             if not hit:
                 errors.append(f"quant.overrides[{i}] target {pattern!r} matches none of the quantized modules")
+    if recipe.gguf_fallback:
+        _fall_back(result, by_name)
     # each table keeps only the roles that apply to it: Linear/Embedding weight + input, attention KV
     result.modules = {n: TensorSchemes(s.weight, s.input) for n, s in result.modules.items()
                       if s.weight is not None or s.input is not None}
@@ -103,6 +105,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
+    if errors and not recipe.gguf_fallback:
+        errors += _fallback_hints(result, by_name)
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name)
@@ -135,8 +139,54 @@ def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
             misfits.setdefault((gguf, block), []).append(n)
     return [f"{len(names)} module(s) on the GGUF {gguf} grid have rows that are not a multiple of {block} "
             f"(e.g. {names[0]}, {widths[names[0]]} wide): GGUF stores such rows in another type, "
-            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way)"
+            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way; the recipe key "
+            "gguf_fallback: true trains them on that type instead)"
             for (gguf, block), names in misfits.items()]
+
+
+def _fall_back(result: Plan, by_name: dict[str, nn.Module]) -> None:
+    """Recipe key gguf_fallback: a module whose weight rows its GGUF type's blocks cannot hold (a super-block of
+    256 on a 576-wide row) takes the weight spec of the type llama.cpp stores such rows in (`qat.formats.
+    gguf_fallback`, the table the GGUF export uses), so the file stores what the model trained; one log line
+    per (type -> fallback). A fused-experts module has one scheme: any misfit weight moves all of its weights."""
+    moved: dict[tuple[str, str], list[str]] = {}
+    notes: dict[tuple[str, str], set[str]] = {}
+    types = gguf_types()
+    for n, s in result.modules.items():
+        pair = None if s.weight is None else gguf_fallback(s.weight)
+        if pair is None:
+            continue
+        widths = _row_widths(by_name[n])
+        if all(w % types[pair[0]].block == 0 for w in widths) or any(w % types[pair[1]].block for w in widths):
+            continue  # fits as it is, or the fallback's blocks do not fit either (the export writes F16)
+        spec, dropped = fallback_spec(s.weight, pair[1])
+        result.modules[n] = TensorSchemes(spec, s.input, s.kv_cache)
+        moved.setdefault(pair, []).append(n)
+        notes.setdefault(pair, set()).update(dropped)
+    for (old, new), names in moved.items():
+        spec = result.modules[names[0]].weight
+        lost = notes[(old, new)]
+        line = (f"gguf_fallback: {len(names)} module(s) have rows that are not a multiple of {types[old].block} "
+                f"({old}'s block), so they train on {new} ({spec.describe()}), the type llama.cpp and the GGUF "
+                f"export store them in: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+        if lost:  # e.g. grid ggml takes learn none only: the scales follow the weights instead of being learned
+            line += f"; {new}'s format does not take the recipe's {', '.join(sorted(lost))}"
+        (log.warning if lost else log.info)(line)
+
+
+def _fallback_hints(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+    """One line per GGUF type whose groups do not divide some module's rows (ternary g256 on 576-wide rows, refused
+    above) where its fallback type's would: the recipe key that trains them on it."""
+    hints: dict[tuple[str, str], list[str]] = {}
+    for n, s in result.modules.items():
+        pair = None if s.weight is None else gguf_fallback(s.weight)
+        widths = _row_widths(by_name[n])
+        if pair and any(w % s.weight.group_size for w in widths) \
+                and not any(w % gguf_types()[pair[1]].block for w in widths):
+            hints.setdefault(pair, []).append(n)
+    return [f"{len(names)} module(s) on the GGUF {old} grid (e.g. {names[0]}) have rows its blocks cannot hold; "
+            f"GGUF stores such rows as {new}: the recipe key gguf_fallback: true trains them on {new}'s grid"
+            for (old, new), names in hints.items()]
 
 
 def _row_widths(module: nn.Module) -> list[int]:

@@ -9,6 +9,7 @@ A recipe is what a `configs/quant/*.yaml` file holds:
     input: null                  # input-activation scheme
     kv_cache: null               # key / value scheme for attention modules
     rotations: null              # {r1, r2, r3, r4, kv_cache, seed}: qat.transform.rotations.RotationConfig
+    gguf_fallback: false         # true: rows a GGUF super-block cannot hold train on llama.cpp's fallback type
     overrides:                   # later entries win; keys merge into the base scheme
       - targets: ["re:.*down_proj"]
         weight: {bits: 6}
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from qat.errors import ConfigError, UserError
+from qat.formats import gguf_fallback, gguf_types
 from qat.recipes import read_recipe
 from qat.spec import QuantSpec, TensorSchemes, check_keys
 from qat.transform.rotations.base import RotationConfig
@@ -77,8 +79,9 @@ class QuantRecipe:
     overrides: tuple[Override, ...] = ()
     description: str = ""
     rotations: RotationConfig | None = None
+    gguf_fallback: bool = False
 
-    KEYS = ("name", "description", "targets", "ignore", *ROLE_KEYS, "overrides", "rotations")
+    KEYS = ("name", "description", "targets", "ignore", *ROLE_KEYS, "overrides", "rotations", "gguf_fallback")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | "QuantRecipe") -> "QuantRecipe":
@@ -116,6 +119,11 @@ class QuantRecipe:
             applied = override.apply(TensorSchemes(**roles), f"quant.overrides[{i}]")  # validate now, not mid-model
             _check_weight_global(applied.weight, f"quant.overrides[{i}].weight")
             overrides.append(override)
+        fallback = data.get("gguf_fallback", False)
+        if not isinstance(fallback, bool):
+            raise ConfigError(f"quant.gguf_fallback={fallback!r}; use true or false")
+        if fallback:
+            _check_gguf_fallback(TensorSchemes(**roles), overrides)
         return cls(
             name=str(data.get("name", "custom")),
             targets=tuple(_as_list(data.get("targets", ["Linear"]), "quant.targets")),
@@ -124,6 +132,7 @@ class QuantRecipe:
             overrides=tuple(overrides),
             description=str(data.get("description", "")),
             rotations=RotationConfig.from_dict(data.get("rotations")),
+            gguf_fallback=fallback,
         )
 
     def static_activation_roles(self) -> list[str]:
@@ -142,7 +151,28 @@ class QuantRecipe:
         out["overrides"] = [{"targets": list(o.targets), **o.changes} for o in self.overrides]
         if self.rotations is not None:
             out["rotations"] = self.rotations.to_dict()
+        if self.gguf_fallback:
+            out["gguf_fallback"] = True
         return out
+
+
+def _check_gguf_fallback(base: TensorSchemes, overrides: list[Override]) -> None:
+    """gguf_fallback=true needs a weight scheme (the base or an override's) on a GGUF grid whose type has a
+    fallback (the super-block types); refused at load, naming the grids it applies to."""
+    owners = {"quant.weight": base.weight}
+    owners |= {f"quant.overrides[{i}].weight": o.apply(base, f"quant.overrides[{i}]").weight
+               for i, o in enumerate(overrides) if "weight" in o.changes}
+    if any(spec is not None and gguf_fallback(spec) for spec in owners.values()):
+        return
+    grids: dict[str, list[str]] = {}
+    for name, t in gguf_types().items():
+        if t.fallback:
+            grids.setdefault(t.spec().describe(), []).append(f"{name} -> {t.fallback}")
+    applies = "; ".join(f"{spec} ({', '.join(types)})" for spec, types in grids.items())
+    given = ", ".join(f"{owner}: {'none' if s is None else s.describe()}" for owner, s in owners.items())
+    raise ConfigError(f"quant.gguf_fallback=true trains the rows a GGUF super-block type cannot hold on llama.cpp's "
+                      f"fallback type; it applies to weights on the grids {applies}, and this recipe has none "
+                      f"({given}): remove the key or use such a grid (a ternary grid is GGUF TQ2_0 at group_size 256)")
 
 
 def _check_weight_global(spec: QuantSpec | None, owner: str) -> None:

@@ -249,6 +249,10 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
              "scale_dtype at its default; set it with +quant.weight.scale_dtype=float16"),
             (["method=rtn", "quant=w8a8_static", "quant.input.static_global=maybe"], "quant.input.static_global=maybe: "
              "the recipe leaves static_global at its default; set it with +quant.input.static_global=maybe"),
+            (["method=rtn", "quant.gguf_fallback=true"], "quant.gguf_fallback=true: the recipe leaves gguf_fallback "
+             "at its default; set it with +quant.gguf_fallback=true"),
+            (["method=rtn", "quant=w4a16_g128", "+quant.gguf_fallback=true"], "quant.gguf_fallback=true trains the rows "
+             "a GGUF super-block type cannot hold on llama.cpp's fallback type; it applies to weights on the grids"),
             (["method=rtn", "quant=w4a16_g128_mixed", "quant.overrides.0.weight.observer=mse"],
              "quant.overrides.0.weight.observer=mse: the recipe leaves observer at its default"),
             (["method=rtn", "quant.weight.scale_dtyp=fp16"], "no such key 'quant.weight.scale_dtyp' (did you mean "

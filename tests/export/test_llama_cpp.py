@@ -90,6 +90,33 @@ def test_llama_cpp_runs_the_fake_quant_model(tiny, text_file, tmp_path, recipe):
 
 
 @needs_llama_cpp
+@pytest.mark.parametrize("recipe, narrow, wide", [("gguf_tq2_0_lsq", "Q4_0", "TQ2_0"),
+                                                  ("gguf_iq4_xs_lsq", "IQ4_NL", "IQ4_XS"), ("gguf_q4_k", "Q5_0", "Q4_K")])
+def test_llama_cpp_runs_a_gguf_fallback_model(tiny, text_file, tmp_path, recipe, narrow, wide):
+    """Recipe key gguf_fallback on a model whose hidden rows (128) a super-block cannot hold: those layers trained
+    on the fallback type, the 256-wide ffn_down on the recipe's, and llama.cpp computes what the fake-quant model
+    computes, up to its 8-bit activations."""
+    import gguf
+
+    import qat
+    from qat.export import export_gguf
+    from qat.testing import tiny_llama
+
+    _, tok = tiny
+    model = tiny_llama(vocab_size=320, hidden_size=128, intermediate_size=256, max_position_embeddings=256)
+    prepared = qat.prepare(model, {**qat.recipes.read_recipe(recipe), "gguf_fallback": True})
+    path = export_gguf(prepared, tmp_path / f"{recipe}.gguf", "F32", tokenizer=tok)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == narrow, types
+    assert types["blk.1.ffn_down.weight"] == wide, types
+    ref = check.llama_perplexity(BIN, path, text_file, N_CTX, CHUNKS, tmp_path)
+    res = check.compare(prepared.eval(), ref)
+    assert res["max_abs"] < 5e-2, res
+    assert abs(res["ppl"] / ref.ppl - 1) < 2e-2, (res, ref.ppl)
+    assert res["top1"] > 0.9, res
+
+
+@needs_llama_cpp
 def test_llama_cpp_tokenizes_as_transformers(tiny, tmp_path):
     from qat.export import export_gguf
 

@@ -15,6 +15,7 @@ from qat.export import export_gguf, load_gguf, save_native
 from qat.export.ggml_blocks import encode
 from qat.formats import bits_per_weight, get_format, gguf_types
 from qat.formats.iq4_nl import KVALUES, fit_scale, iq4_nl_spec
+from qat.modules.quantizer import TensorQuantizer
 from qat.primitives import choose_qparams, compute_range, dequantize, fake_quantize_forward, quantize
 from qat.testing import tiny_llama
 
@@ -79,6 +80,24 @@ def test_spec_checks_name_the_fields():
     with pytest.raises(ValueError, match="grid='iq4_nl' needs bits=4"):
         qat.QuantSpec(bits=4, granularity="per_group", group_size=64, scale_dtype="fp16", grid="iq4_nl")
     assert bits_per_weight(iq4_nl_spec(), (8, 256)) == 4.5
+
+
+def test_learned_scale_keeps_its_sign_and_is_the_fp16_the_block_stores():
+    w = _weights()
+    q = TensorQuantizer(iq4_nl_spec(learn="lsq"), "weight", w)
+    assert bool((q.scale < 0).any()) and bool((q.scale > 0).any())  # positive peaks take negative scales
+    with torch.no_grad():
+        q.scale.mul_(1.0301)  # off the fp16 grid
+    wr = w.clone().requires_grad_(True)
+    out = q(wr)
+    stored = q.qparams(w)[0].detach()  # what convert and the GGUF blocks hold: fp16 values of the same sign
+    raw = q.scale.detach()
+    assert torch.equal(stored, stored.to(torch.float16).float()) and torch.equal(stored.sign()[raw != 0], raw.sign()[raw != 0])
+    assert not torch.equal(stored, raw)
+    assert torch.equal(out.detach(), fake_quantize_forward(w, stored, None, iq4_nl_spec())[0])
+    out.pow(2).sum().backward()
+    assert bool(q.scale.grad.isfinite().all()) and bool(q.scale.grad.abs().sum() > 0)
+    assert bool(wr.grad.abs().sum() > 0)
 
 
 @pytest.fixture
