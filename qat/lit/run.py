@@ -25,7 +25,7 @@ from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, requ
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
-from qat.jobs.sweep import train_config
+from qat.jobs.sweep import qat_placement, train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
 from qat.lit.parallel import is_sharded
@@ -270,8 +270,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     The FP / start-point baselines and the PTQ initialisation are callbacks (qat.lit.callbacks) that run in
     `trainer.fit`'s setup, before a resumed checkpoint is restored; their time is not counted as training.
     Returns:
-        {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt"} (keys
-        present when computed).
+        {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt", "device"}
+        (keys present when computed; "device": where Lightning trained, "cpu" or "cuda:N").
     Raises:
         ValueError / FileNotFoundError: from check_config, before anything is loaded.
     """
@@ -301,6 +301,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     results["train_s"] = time.perf_counter() - t0 - record.setup_s
     results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
+    results["device"] = str(trainer.strategy.root_device)  # "cpu", "cuda:1": as a PTQ row records it
     # a sharded (FSDP) model's forward all-gathers its weights: every rank takes part in the evaluation
     if cfg.eval.after and (trainer.is_global_zero or is_sharded(module.model)):
         t0 = time.perf_counter()
@@ -387,7 +388,7 @@ def run_qat_job(cfg: dict, out_dir: Path) -> dict:
         the row (COLUMNS, status, protocol) plus the training results (start_ppl: perplexity at step 0).
     """
     tcfg = train_config(cfg, out_dir)
-    with PeakMemory() as mem:
+    with PeakMemory(device=qat_placement(cfg)) as mem:  # None: the user's trainer overrides place it
         results = train(tcfg)
     if not math.isfinite(results.get("qat_ppl", math.nan)):
         raise ValueError(f"QAT finished without a finite perplexity (qat_ppl={results.get('qat_ppl')})")
@@ -399,6 +400,6 @@ def run_qat_job(cfg: dict, out_dir: Path) -> dict:
         protocol = {**protocol, "data": str(cfg["data"]["path"])}
     return {"method": "qat", "quant": cfg["quant"].get("name", "custom"), "ppl": results["qat_ppl"],
             "bits_per_weight": bpw, "size_mb": size, "wall_s": results.get("init_s", 0.0) + results["train_s"],
-            "peak_mem_mb": mem.peak_mb, "status": "ok", "error": "", "protocol": protocol,
-            "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
+            "peak_mem_mb": mem.peak_mb, "device": results["device"], "status": "ok", "error": "",
+            "protocol": protocol, "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
             "experiment": (cfg.get("qat") or {}).get("experiment"), "ckpt": results.get("ckpt")}
