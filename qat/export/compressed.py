@@ -291,7 +291,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (int_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
-                  else fp_quantized_weight(t, n, w_args, fmt))
+                  else fp_quantized_weight(t, n, w_args, fmt, old.out_features, old.in_features))
             if tuple(qw.shape) != (old.out_features, old.in_features):
                 raise ConfigError(f"{n}: the stored weight is {tuple(qw.shape)}; the model's layer is "
                                   f"{(old.out_features, old.in_features)}")

@@ -206,3 +206,24 @@ def test_edited_fp8_tensors_are_refused_naming_the_layer(model, tmp_path, edit, 
     (out / "qat_checksums.json").unlink()  # as another tool would have written it
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.*" + match):
         load_compressed_tensors(out)
+
+
+@pytest.mark.parametrize("recipe, packed", [("w4a16_g128", r"is torch.int32 \(512, 28\); the scheme needs torch.int32 "
+                                                           r"\(512, 32\)"),
+                                            ("mxfp4", r"the stored weight is \(512, 124\) \(torch.uint8\); "
+                                                      r"mxfp4-pack-quantized needs \(512, 128\)"),
+                                            ("nvfp4_w4a16", r"the stored weight is \(512, 124\) \(torch.uint8\); "
+                                                            r"nvfp4-pack-quantized needs \(512, 128\)")],
+                         ids=["int", "mxfp4", "nvfp4"])
+def test_truncated_weight_packed_is_named_not_its_scale(model, tmp_path, recipe, packed):
+    """A weight_packed cut short (a corrupted export) was blamed on weight_scale, whose expected shape NVFP4's reader
+    derived from the truncated codes: the message names the tensor, the file, the shape found and the one expected."""
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe(recipe)), tmp_path / "ct")
+    t = load_safetensors(out / "model.safetensors")
+    key = "model.layers.0.mlp.gate_proj.weight_packed"
+    t[key] = t[key][:, :-4].contiguous()
+    write_safetensors(t.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    with pytest.raises(BadFileError, match=rf"tensor {key} in model.safetensors[: ].*{packed}") as err:
+        load_compressed_tensors(out)
+    assert "weight_scale" not in str(err.value)
