@@ -227,3 +227,22 @@ def test_truncated_weight_packed_is_named_not_its_scale(model, tmp_path, recipe,
     with pytest.raises(BadFileError, match=rf"tensor {key} in model.safetensors[: ].*{packed}") as err:
         load_compressed_tensors(out)
     assert "weight_scale" not in str(err.value)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("top", r"config.json: quantization_config.format='nvfp5-pack-quantized'; qat reads \['pack-quantized', "
+            r"'mxfp4-pack-quantized', 'nvfp4-pack-quantized', 'mxfp8-quantized', 'float-quantized', 'mixed-precision'\]$"),
+    ("group", r"config.json: quantization_config.config_groups.group_0.format='nvfp5-pack-quantized' \(checkpoint "
+              r"format 'pack-quantized'\); qat reads \['pack-quantized', .*'float-quantized'\]$")], ids=["top", "group"])
+def test_unknown_format_name_is_one_line_naming_the_key(model, tmp_path, where, message):
+    """An unknown format in config.json dumped the quantization_config, cut off at 120 characters (the format not
+    always in what was left): the message is the key, the value and the formats qat reads."""
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe("w4a16_g128")), tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    (q if where == "top" else q["config_groups"]["group_0"])["format"] = "nvfp5-pack-quantized"
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "qat_checksums.json").unlink()
+    with pytest.raises(BadFileError, match=message) as err:
+        load_compressed_tensors(out)
+    assert "config_groups': " not in str(err.value) and "\n" not in str(err.value)
