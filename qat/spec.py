@@ -66,6 +66,25 @@ def check_keys(owner: str, given: Mapping[str, Any], allowed) -> None:
         raise ValueError(f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
 
 
+def grid_names() -> list[str]:
+    """The grids of the registered formats ("uniform" first): what `QuantSpec.grid` chooses from."""
+    return sorted({g for g, _ in SPEC_FORMATS}, key=lambda g: (g != "uniform", g))
+
+
+def check_scheme(owner: str, value: Any) -> None:
+    """A scheme (a recipe's weight / input / kv_cache, an override's change of one) is a mapping of QuantSpec fields:
+    a name there (`weight: mxfp4`) is refused in one line naming the key, with the grids a format is chosen by.
+
+    Example:
+        >>> check_scheme("quant.weight", "mxfp4")   # ValueError: quant.weight='mxfp4': a scheme is a mapping ...
+    """
+    if not isinstance(value, Mapping):
+        what = "a name" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise ValueError(f"{owner}={value!r}: a scheme is a mapping of QuantSpec fields (null: none), not {what}; a "
+                         f"number format is chosen by its grid, one of {grid_names()}, and dtype (a whole recipe: "
+                         "quant=<recipe name>)")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized.
@@ -167,8 +186,7 @@ class QuantSpec:
         SPEC_OBSERVERS[self.observer](self)  # observer_args are checked here, not halfway through prepare
 
     def _format(self) -> FormatRules:
-        grids = sorted({g for g, _ in SPEC_FORMATS}, key=lambda g: (g != "uniform", g))
-        _check_choice("QuantSpec", "grid", self.grid, grids)
+        _check_choice("QuantSpec", "grid", self.grid, grid_names())
         if (self.grid, self.dtype) not in SPEC_FORMATS:
             dtypes = sorted(d for g, d in SPEC_FORMATS if g == self.grid)
             raise ValueError(f"QuantSpec.grid={self.grid!r} needs dtype in {dtypes}, not {self.dtype!r}")
@@ -255,6 +273,7 @@ class QuantSpec:
         """Build from a mapping (a YAML node), refusing unknown keys."""
         if isinstance(data, QuantSpec):
             return data
+        check_scheme(owner, data)
         data = dict(data)
         check_keys(owner, data, [f.name for f in fields(cls)])
         try:

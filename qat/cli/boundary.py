@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import re
 import sys
@@ -193,7 +194,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         check_flags(app, args)
         check_groups(app, args)
         args = null_groups(app, args)
-        with recipe_paths(args) as args:
+        with recipe_paths(args) as args, _shown_config(app, args):
             sys.argv = [app, *args]
             _user_env[0] = user_env
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it would print: formatted here, once
@@ -209,6 +210,39 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         _task_bugs.clear()
         _set_env("HYDRA_FULL_ERROR", user_env)  # an in-process caller (a test) gets its environment back
         GlobalHydra.instance().clear()  # the next in-process run composes afresh
+
+
+@contextlib.contextmanager
+def _shown_config(app: str, args: list[str]) -> Iterator[None]:
+    """`--cfg job|hydra|all` (`--package`, `--resolve`): what Hydra prints is held until the config is printed
+    whole, so that a command that fails prints its error line alone (Hydra writes `# @package <p>` before
+    `--resolve` fails on a bad interpolation), and Hydra's "package 'x' not found in config" (its own line, exit 1)
+    is a ConfigError naming the flag and the keys there are (exit USER_EXIT, as other config errors)."""
+    try:
+        flags = get_args_parser().parse_args(args)
+    except BaseException:  # noqa: BLE001 - refused by check_flags before this runs; Hydra parses it again
+        flags = None
+    if flags is None or flags.cfg is None:
+        yield
+        return
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    except SystemExit as exc:
+        if exc.code == 1 and err.getvalue().strip() == f"package '{flags.package}' not found in config":
+            job = {g for g, option in default_groups(app).items() if option is not None} | top_level_keys(app)
+            # the groups a null default leaves out are not in the config
+            keys = {"job": job - {"hydra"}, "hydra": {"hydra"}, "all": job | {"hydra"}}[flags.cfg]
+            raise ConfigError(f"--package {flags.package}: --cfg {flags.cfg} has no such node; give a key of it "
+                              f"(a.b for a nested one): {', '.join(sorted(keys))}") from None
+        sys.stderr.write(err.getvalue())
+        raise
+    except BaseException:
+        sys.stderr.write(err.getvalue())  # what came before the error (a warning), not the config's first lines
+        raise
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
 
 
 def _refusal(app: str, exc: Exception, args: list[str]) -> str | None:

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -233,6 +234,31 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     return out
 
 
+def _check_formats(q: Any, where: Path) -> None:
+    """quantization_config is compressed-tensors' with a format qat reads, its config groups' formats too: a bad one
+    is named by its key, with the valid names (one line, not the config dumped)."""
+    if not isinstance(q, dict):
+        raise BadFileError(where, f"quantization_config is a {type(q).__name__}; a compressed-tensors checkpoint "
+                           "holds a mapping with quant_method 'compressed-tensors'")
+    if q.get("quant_method") != "compressed-tensors":
+        raise BadFileError(where, f"quantization_config.quant_method={q.get('quant_method')!r}; this reader takes "
+                           "'compressed-tensors'")
+    if q.get("format") not in READ_FORMATS:
+        raise BadFileError(where, f"quantization_config.format={q.get('format')!r}; qat reads {list(READ_FORMATS)}")
+
+
+def _group_format(q: dict, key: str, where: Path) -> str:
+    """The layout of config group `key`'s layers: its own `format`, else the checkpoint's (one of READ_FORMATS but
+    mixed-precision, which says each group names its own); a bad one named by its key, with the valid names."""
+    fmt = q["config_groups"][key].get("format") or q["format"]
+    layouts = [f for f in READ_FORMATS if f != "mixed-precision"]
+    if fmt not in layouts:
+        raise BadFileError(where, f"quantization_config.config_groups.{key}.format="
+                           f"{q['config_groups'][key].get('format')!r} (checkpoint format {q['format']!r}); qat reads "
+                           f"{layouts}")
+    return fmt
+
+
 def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     """Read a pack-quantized checkpoint into a model with QuantizedLinear modules (our loader).
 
@@ -246,10 +272,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
     with bad_file(folder, "compressed-tensors export"):
         raw = read_json(folder / "config.json", "model config")
         q = raw.get("quantization_config") or {}
-        if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors" \
-                or q.get("format") not in READ_FORMATS:
-            raise BadFileError(folder / "config.json", "not a compressed-tensors checkpoint of a format qat reads "
-                               f"({', '.join(READ_FORMATS)}; quantization_config={str(raw.get('quantization_config'))[:120]})")
+        _check_formats(q, folder / "config.json")
         stored = load_safetensors(folder / "model.safetensors")
         verify_checksums(folder, ("config.json", "model.safetensors"))
         config = AutoConfig.from_pretrained(str(folder))
@@ -269,7 +292,8 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             if not isinstance(groups[k].get("weights"), dict):
                 raise BadFileError(folder / "config.json", f"layer {n!r} holds quantized weights, but config group "
                                    f"{k!r}, whose scheme it takes (compressed-tensors' precedence), has no weights")
-        targets = [(hk(n), groups[k]["weights"], groups[k].get("format") or q["format"]) for n, k in chosen.items()]
+        targets = [(hk(n), groups[k]["weights"], _group_format(q, k, folder / "config.json"))
+                   for n, k in chosen.items()]
         acts = {hk(n): (groups[k].get("input_activations"), groups[k].get("output_activations"))
                 for n, k in chosen.items()}
         unread: dict[str, list[str]] = {}  # reason -> modules whose activation scheme is not re-attached
@@ -291,7 +315,7 @@ def load_compressed_tensors(path: str | os.PathLike) -> nn.Module:
             if not isinstance(old, nn.Linear):
                 raise BadFileError(folder / "config.json", f"target {n!r} is not a linear layer of the model")
             qw = (int_quantized_weight(t, n, w_args, old.out_features, old.in_features) if fmt == "pack-quantized"
-                  else fp_quantized_weight(t, n, w_args, fmt))
+                  else fp_quantized_weight(t, n, w_args, fmt, old.out_features, old.in_features))
             if tuple(qw.shape) != (old.out_features, old.in_features):
                 raise ConfigError(f"{n}: the stored weight is {tuple(qw.shape)}; the model's layer is "
                                   f"{(old.out_features, old.in_features)}")

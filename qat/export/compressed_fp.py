@@ -49,6 +49,7 @@ FP_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized", 
               "fp8_block": "float-quantized"}  # qat format name -> compressed-tensors format
 
 
+TENSORS = "model.safetensors"  # the file of a compressed-tensors export's tensors (compressed.py writes and reads it)
 FP8_WEIGHTS = "fp8_e4m3 per_channel (axis 0) / per_tensor"  # the plain fp8 weight schemes float-quantized holds
 _FP8_STRATEGY = {"per_channel": "channel", "per_tensor": "tensor"}
 _SCALE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -159,12 +160,15 @@ def fp_linear_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]
     return out
 
 
-def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> QuantizedWeight:
-    """The QuantizedWeight of one MXFP4 / NVFP4 / MXFP8 linear of a checkpoint in compressed-tensors format `fmt`.
+def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str, out_f: int, in_f: int) -> QuantizedWeight:
+    """The QuantizedWeight of one MXFP4 / NVFP4 / MXFP8 / FP8 linear `name` [out_f, in_f] of a checkpoint in
+    compressed-tensors format `fmt`, from its tensors `t`.
 
     Raises:
-        ValueError: a format or weights args this reader does not know, naming the module.
+        ValueError: a format or weights args this reader does not know, or a codes tensor (weight_packed, weight)
+            whose shape does not fit the model's layer, naming the module.
     """
+    _check_codes_shape(t, name, fmt, out_f, in_f)
     if fmt == "float-quantized" and w_args.get("strategy") in _FP8_STRATEGY.values():
         return _fp8_weight(t, name, w_args)
     if fmt == "float-quantized" and w_args.get("strategy") == "block":
@@ -193,6 +197,19 @@ def fp_quantized_weight(t: dict, name: str, w_args: dict, fmt: str) -> Quantized
     if fmt == "mxfp4-pack-quantized":
         _keep_nibbles(qw, t[f"{name}.weight_packed"])
     return qw
+
+
+def _check_codes_shape(t: dict, name: str, fmt: str, out_f: int, in_f: int) -> None:
+    """The layer's codes tensor (weight_packed: two E2M1 codes a byte; else weight) has the model layer's shape. Checked
+    before its scales, whose expected shape the readers derive from it: a truncated weight_packed was blamed on
+    weight_scale. A missing one is left to the readers (named as a missing entry)."""
+    packed = fmt in ("mxfp4-pack-quantized", "nvfp4-pack-quantized")
+    key, want = (f"{name}.weight_packed", (out_f, -(-in_f // 2))) if packed else (f"{name}.weight", (out_f, in_f))
+    codes = t.get(key)
+    if codes is not None and tuple(codes.shape) != want:
+        raise ConfigError(f"tensor {key} in {TENSORS}: the stored weight is {tuple(codes.shape)} ({codes.dtype}); "
+                          f"{fmt} needs {want}{' (two E2M1 codes a byte)' if packed else ''} for the model's layer "
+                          f"[out, in] = {(out_f, in_f)}")
 
 
 def _keep_nibbles(qw: QuantizedWeight, packed: torch.Tensor) -> None:

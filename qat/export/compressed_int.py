@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qat.errors import ConfigError
-from qat.export.compressed_fp import FP8_WEIGHTS, FP_FORMATS
+from qat.export.compressed_fp import FP8_WEIGHTS, FP_FORMATS, TENSORS
 from qat.formats import get_format
 from qat.modules.quantized import QuantizedWeight
 from qat.packing import pack, unpack
@@ -115,11 +115,12 @@ def _check_args(w: dict, n: str) -> None:
 
 def _expect(t: dict, key: str, dtype: torch.dtype | tuple, shape: tuple) -> None:
     if key not in t:
-        raise ConfigError(f"tensor {key} is missing")
+        raise ConfigError(f"tensor {key} is missing from {TENSORS}")
     v = t[key]
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if v.dtype not in dtypes or tuple(v.shape) != tuple(shape):
-        raise ConfigError(f"tensor {key} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} {tuple(shape)}")
+        raise ConfigError(f"tensor {key} in {TENSORS} is {v.dtype} {tuple(v.shape)}; the scheme needs {dtypes[0]} "
+                          f"{tuple(shape)}")
 
 
 def int_quantized_weight(t: dict, n: str, w_args: dict, out_f: int, in_f: int) -> QuantizedWeight:

@@ -11,7 +11,9 @@ The environment variable QAT_DEVICE replaces the default `auto` (`default_device
 through `${qat_device:}`; the test suite sets QAT_DEVICE=cpu, so that its CPU reference results hold on a host with
 a GPU). A bad value that is QAT_DEVICE's is refused naming QAT_DEVICE. The model, the calibration batches and the
 evaluation batches go to the device; what is written (model.pt, model_parts/, exports) is moved to the CPU first.
-qat-train places its model through Lightning (`trainer.accelerator`), not through this key.
+qat-train places its model through Lightning (`trainer.accelerator`, `trainer.devices`), not through this key; a
+QAT row of qat-compare maps the compare job's key onto them (`lightning_placement`), unless the user's own qat-train
+overrides set them.
 
 `device_errors` and `check_processes` refuse a bad value before any model loads, naming the key and what is valid.
 """
@@ -106,6 +108,20 @@ def resolve_device(value: Any = None, processes: int = 1) -> torch.device:
         usable = torch.cuda.is_available() and torch.cuda.device_count() >= processes
         return torch.device("cuda" if usable else "cpu")
     return torch.device(kind, index) if index is not None else torch.device(kind)
+
+
+def lightning_placement(device: torch.device) -> dict[str, Any]:
+    """Lightning's `trainer.accelerator` / `trainer.devices` for a run on `device` (`resolve_device`'s answer): a QAT
+    row of qat-compare trains where the compare job's fp / PTQ rows compute.
+
+    Example:
+        >>> lightning_placement(torch.device("cuda", 1))
+        {'accelerator': 'gpu', 'devices': [1]}
+    """
+    if device.type == "cpu":
+        return {"accelerator": "cpu", "devices": 1}
+    # plain `cuda` is the current device, cuda:0 in a fresh process: Lightning's first device
+    return {"accelerator": "gpu", "devices": [device.index] if device.index is not None else 1}
 
 
 def place(model: nn.Module, device: torch.device | None) -> nn.Module:

@@ -175,7 +175,8 @@ def _train_row(data: dict) -> dict:
     return {"method": data.get("method", "qat"), "quant": data.get("quant", "?"), "ppl": data["qat_ppl"],
             "bits_per_weight": data.get("bits_per_weight", math.nan), "size_mb": data.get("size_mb", math.nan),
             "wall_s": _quantization_s(data), "peak_mem_mb": data.get("peak_mem_mb", math.nan),
-            "protocol": data.get("eval_protocol"), "tasks": data.get("tasks")}  # eval.tasks on the QAT model
+            "protocol": data.get("eval_protocol"), "tasks": data.get("tasks"),  # eval.tasks on the QAT model
+            "device": data.get("device")}  # where Lightning trained
 
 
 def _quantization_s(data: dict) -> float:

@@ -26,7 +26,7 @@ from qat.errors import ConfigError, UserError
 from qat.io import atomic_write_bytes
 from qat.jobs.compare import compare_title
 from qat.jobs.config import COMPARE, QAT, QAT_METHOD, as_bool, as_count, check_keys, register_resolvers
-from qat.jobs.placement import resolve_device
+from qat.jobs.placement import lightning_placement, resolve_device
 from qat.jobs.ptq import check_job, check_method, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
 from qat.recipes import CONFIG_DIR
@@ -35,6 +35,9 @@ from qat.recipes import CONFIG_DIR
 # it is evaluated on exactly the PTQ rows' blocks (batch sizes and training caps stay the experiment's)
 PROTOCOL_DATA_KEYS = ("path", "tokenizer", "block_size", "text_field", "sample_by", "val_fraction",
                       "test_fraction", "seed", "max_eval_blocks")
+# qat-train overrides that place the trainer themselves: given in qat.overrides / method.overrides, they win over
+# the compare job's `device` key (`qat_placement`)
+TRAINER_PLACEMENT_KEYS = ("trainer", "trainer.accelerator", "trainer.devices")
 
 def method_label(method: dict) -> str:
     """The row's method name: `label` if given, "qat+gptq" for PTQ-initialised QAT, else the method name."""
@@ -149,10 +152,11 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
     """configs/train.yaml composed for one QAT job of the sweep, on the sweep's model, data, scheme and eval.
 
     Overrides, in order: `experiment=<qat.experiment>`, `init=<method.init>`, `qat.overrides`,
-    `method.overrides`; then model, the corpus / eval-block keys of data, quant, eval split and blocks,
-    the PTQ-init calibration size and the seed are set from the compare config.
+    `method.overrides`, trainer.accelerator / trainer.devices from `device` (`qat_placement`); then model, the
+    corpus / eval-block keys of data, quant, eval split and blocks, the PTQ-init calibration size and the seed are
+    set from the compare config.
     Raises:
-        ValueError: unknown keys in `qat` or in the method config, naming them.
+        ValueError: unknown keys in `qat` or in the method config, or a bad `device`, naming them.
     Example:
         >>> tcfg = train_config({**cfg, "method": {"name": "qat", "init": "gptq"}}, Path("outputs/x"))
     """
@@ -163,6 +167,8 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
     overrides = [f"experiment={qat_cfg['experiment']}"] if qat_cfg.get("experiment") else []
     overrides += [f"init={method['init']}"] if method.get("init") else []
     overrides += [*(qat_cfg.get("overrides") or []), *(method.get("overrides") or [])]
+    if (device := qat_placement(cfg)) is not None:
+        overrides += [f"trainer.{key}={value}" for key, value in lightning_placement(device).items()]
     overrides.append(f"paths.output_dir={out_dir}")
     if GlobalHydra.instance().is_initialized():  # inside the running qat-compare app
         tcfg = compose(config_name="train", overrides=overrides)
@@ -184,6 +190,23 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
             _same_calibration(cfg["calibration"])
             tcfg.init.calibration = {"samples": cfg["calibration"]["samples"], "seq_len": cfg["calibration"]["seq_len"]}
     return tcfg
+
+
+def qat_placement(cfg: dict) -> torch.device | None:
+    """The device a QAT row of the compare job `cfg` trains on: its `device` key as the fp / PTQ rows resolve it
+    (`resolve_device`: auto is cuda when available), or None where the user's qat-train overrides (qat.overrides,
+    method.overrides) set the trainer group, trainer.accelerator or trainer.devices: those win.
+
+    Raises:
+        ConfigError: a bad `device` (checked even when the overrides win: the key is the job's).
+    Example:
+        >>> qat_placement({**cfg, "device": "cpu"})
+        device(type='cpu')
+    """
+    device = resolve_device(cfg.get("device"))
+    user = [*((cfg.get("qat") or {}).get("overrides") or []), *((cfg.get("method") or {}).get("overrides") or [])]
+    keys = {str(o).split("=", 1)[0].lstrip("+~").strip() for o in user}
+    return None if keys & set(TRAINER_PLACEMENT_KEYS) else device
 
 
 def _same_calibration(calibration: dict) -> None:

@@ -16,20 +16,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import qat
-from qat.assets import require
-from qat.data import ALIASES
-from qat.errors import BadFileError, ConfigError, UserError
-from qat.io import atomic_write_bytes, is_distributed_checkpoint, probe_folder, torch_load
+from qat.errors import ConfigError
+from qat.io import atomic_write_bytes
 from qat.jobs.config import (TRAIN, as_bool, as_count, import_target, instantiation_error, register_resolvers,
                              unknown_keys)
 from qat.jobs.harness import INSTALL_HINT, check_harness_args, check_tasks, require_lm_eval
 from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bits
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
-from qat.jobs.sweep import train_config
+from qat.jobs.sweep import qat_placement, train_config
 from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
 from qat.lit.parallel import is_sharded, sharding_strategy
+from qat.lit.run_files import check_data_path, check_resume, check_writable
 from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
@@ -76,11 +75,11 @@ def check_config(cfg: DictConfig) -> None:
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
     _ensure_range_init(cfg, recipe)
-    _check_data_path(str(cfg.data.path))
+    check_data_path(str(cfg.data.path))
     check_tokenizer_source(tokenizer_location(cfg.data, cfg.model.path))
     if cfg.get("ckpt_path"):
-        _check_resume(cfg)
-    _check_writable(Path(str(cfg.paths.output_dir)))
+        check_resume(cfg)
+    check_writable(Path(str(cfg.paths.output_dir)))
     context = context_length_of(cfg.model)
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
@@ -217,83 +216,14 @@ def _args(node: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in ("_partial_",)}
 
 
-def _check_resume(cfg: DictConfig) -> None:
-    """ckpt_path must exist and hold a run of the same model and quant recipe (else the state dict cannot load).
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: it was trained with another model or recipe, naming both.
-    """
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    if not (path.is_file() or is_distributed_checkpoint(path)):
-        raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
-                                "qat-train (<run dir>/checkpoints/last.ckpt: a file, or a folder under trainer=fsdp)")
-    try:  # a sharded checkpoint keeps everything but the tensors in meta.pt (Lightning's layout)
-        ckpt = torch_load(path / "meta.pt" if path.is_dir() else path, mmap=path.is_file())
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, EOFError, RuntimeError... for bad files
-        raise BadFileError(path, "ckpt_path cannot be read as a qat-train checkpoint (truncated, corrupted, or "
-                                 f"not a checkpoint): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    hparams = ckpt.get("hyper_parameters") or {}
-    errors = []
-    for key in ("model", "quant"):
-        if key not in hparams:
-            continue
-        ours = OmegaConf.to_container(cfg.module[key], resolve=True) if cfg.module.get(key) is not None else None
-        theirs = hparams[key]
-        if ours != theirs:
-            a, b = dict(theirs or {}), dict(ours or {})
-            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b) - {"name", "description"})
-                    if a.get(k) != b.get(k)}
-            if not diff:
-                continue  # a renamed copy of the same recipe loads the same state
-            errors.append(f"{key}: the checkpoint has {a.get('name', a.get('path'))!r}, this run "
-                          f"{b.get('name', b.get('path'))!r}; differing fields (checkpoint, this run): {diff}")
-    if "learned_rotations" in hparams:  # which rotations the state dict holds unfused (their names differ)
-        ours = cfg.module.get("learned_rotations")
-        theirs, ours = (_rotation_set(r) for r in (hparams["learned_rotations"], ours and OmegaConf.to_container(ours)))
-        if ours != theirs:
-            errors.append(f"learned_rotations: the checkpoint was trained with {theirs or 'none'}, this run "
-                          f"{ours or 'none'}; set module.learned_rotations as that run did")
-    if errors:
-        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
-                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
-
-
-def _rotation_set(cfg: Any) -> list[str]:
-    """The learned rotations a `learned_rotations` value attaches (["r1", "r2"], [] for none)."""
-    cfg = {**ROTATION_KEYS, **cfg} if cfg else {}
-    return [r for r in ("r1", "r2") if cfg.get(r)]
-
-
-def _check_writable(out: Path) -> None:
-    """The run directory (checkpoints, logs, result.json) must be writable before training starts."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_folder(out)
-    except OSError as err:
-        raise PermissionError(f"paths.output_dir={str(out)!r} is not writable ({err.strerror}); checkpoints, logs "
-                              "and result.json go there: choose another paths.output_dir / hydra.run.dir") from err
-
-
-def _check_data_path(path: str) -> None:
-    if path in ALIASES:
-        require(ALIASES[path][0])
-        return
-    hub_like = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1 and "." not in path
-    if not hub_like and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"data.path={path!r} does not exist")
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Check, instantiate, fit, evaluate; returns the results and prints the table.
 
     The FP / start-point baselines and the PTQ initialisation are callbacks (qat.lit.callbacks) that run in
     `trainer.fit`'s setup, before a resumed checkpoint is restored; their time is not counted as training.
     Returns:
-        {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt"} (keys
-        present when computed).
+        {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "bits_per_weight", "train_s", "wall_s", "ckpt", "device"}
+        (keys present when computed; "device": where Lightning trained, "cpu" or "cuda:N").
     Raises:
         ValueError / FileNotFoundError: from check_config, before anything is loaded.
     """
@@ -323,6 +253,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     results["train_s"] = time.perf_counter() - t0 - record.setup_s
     results["ckpt"] = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
+    results["device"] = str(trainer.strategy.root_device)  # "cpu", "cuda:1": as a PTQ row records it
     # a sharded (FSDP) model's forward all-gathers its weights: every rank takes part in the evaluation
     if cfg.eval.after and (trainer.is_global_zero or is_sharded(module.model)):
         t0 = time.perf_counter()
@@ -409,7 +340,7 @@ def run_qat_job(cfg: dict, out_dir: Path) -> dict:
         the row (COLUMNS, status, protocol) plus the training results (start_ppl: perplexity at step 0).
     """
     tcfg = train_config(cfg, out_dir)
-    with PeakMemory() as mem:
+    with PeakMemory(device=qat_placement(cfg)) as mem:  # None: the user's trainer overrides place it
         results = train(tcfg)
     if not math.isfinite(results.get("qat_ppl", math.nan)):
         raise ValueError(f"QAT finished without a finite perplexity (qat_ppl={results.get('qat_ppl')})")
@@ -421,6 +352,6 @@ def run_qat_job(cfg: dict, out_dir: Path) -> dict:
         protocol = {**protocol, "data": str(cfg["data"]["path"])}
     return {"method": "qat", "quant": cfg["quant"].get("name", "custom"), "ppl": results["qat_ppl"],
             "bits_per_weight": bpw, "size_mb": size, "wall_s": results.get("init_s", 0.0) + results["train_s"],
-            "peak_mem_mb": mem.peak_mb, "status": "ok", "error": "", "protocol": protocol,
-            "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
+            "peak_mem_mb": mem.peak_mb, "device": results["device"], "status": "ok", "error": "",
+            "protocol": protocol, "start_ppl": results.get("rtn_ppl"), "steps": int(tcfg.trainer.max_steps),
             "experiment": (cfg.get("qat") or {}).get("experiment"), "ckpt": results.get("ckpt")}

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from qat.errors import ConfigError, UserError
 from qat.formats import gguf_fallback, gguf_types
 from qat.recipes import read_recipe
-from qat.spec import QuantSpec, TensorSchemes, check_keys
+from qat.spec import QuantSpec, TensorSchemes, check_keys, check_scheme
 from qat.transform.rotations.base import RotationConfig
 
 ROLE_KEYS = ("weight", "input", "kv_cache")
@@ -53,6 +53,7 @@ class Override:
                 out[role] = None
                 continue
             base = out[role].to_dict() if out[role] is not None else {}
+            check_scheme(f"{owner}.{role}", change)
             check_keys(f"{owner}.{role}", change, [f.name for f in fields(QuantSpec)])
             merged = {**base, **change}
             if "granularity" in change and change["granularity"] != "per_group" and "group_size" not in change:
@@ -110,6 +111,10 @@ class QuantRecipe:
         _check_weight_global(roles.get("weight"), "quant.weight")
         overrides = []
         for i, raw in enumerate(data.get("overrides") or []):
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"quant.overrides[{i}]={raw!r}: an override is a mapping of targets and the "
+                                  f"schemes it changes ({', '.join(ROLE_KEYS)}), e.g. {{targets: [re:.*down_proj], "
+                                  "weight: {bits: 8}}")
             raw = dict(raw)
             check_keys(f"quant.overrides[{i}]", raw, ("targets", *ROLE_KEYS))
             if not raw.get("targets"):

@@ -241,7 +241,14 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
             (["--info", "quant=nosuch"], "argument --info/-i: invalid choice: 'quant=nosuch'"),
             (["-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
             (["--help", "quant=nosuch"], "quant=nosuch: no such recipe"),
-            (["--cfg", "job", "quant=nosuch"], "quant=nosuch: no such recipe")]:
+            (["--cfg", "job", "quant=nosuch"], "quant=nosuch: no such recipe"),
+            # Hydra printed "# @package data" before --resolve failed, and its own line (exit 1) for a bad package
+            (["--cfg", "job", "--resolve", "--package", "data", "data.block_size=${nope}"],
+             "qat-ptq: error: data.block_size: Interpolation key 'nope' not found"),
+            (["--cfg", "job", "--package", "nosuch"], "qat-ptq: error: --package nosuch: --cfg job has no such node; "
+             "give a key of it (a.b for a nested one): calibration, data, device, "),
+            (["--cfg", "hydra", "-p", "hydra.nosuch"], "--package hydra.nosuch: --cfg hydra has no such node; give a "
+             "key of it (a.b for a nested one): hydra")]:
         c.append(("ptq", argv, expected))
     # a field of a scheme the recipe leaves at its default is no missing key; a group of another app's config
     for argv, expected in [

@@ -214,6 +214,18 @@ def test_the_console_scripts_behave_the_same(tmp_path):
     assert proc.returncode != 0 and "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_failing_cfg_package_prints_the_error_line_alone(tmp_path):
+    """`qat-train --cfg job --resolve --package data` with a bad interpolation printed Hydra's `# @package data`
+    on stdout before the error (the console script itself; the in-process HYDRA_CASES hold the other --cfg cases)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("QAT_DEBUG", None)
+    proc = subprocess.run([_script("qat-train"), "--cfg", "job", "--resolve", "--package", "data",
+                           "data.block_size=${nope}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr == "qat-train: error: data.block_size: Interpolation key 'nope' not found\n", proc.stderr
+
+
 @pytest.mark.parametrize("value,least,allow_none,ok", [(3, 1, False, True), (None, 1, True, True), (0, 1, True, False),
                                                        (-2, 1, True, False), ("8", 1, False, False),
                                                        (True, 0, False, False), (-1, -1, False, True)])

@@ -206,3 +206,43 @@ def test_edited_fp8_tensors_are_refused_naming_the_layer(model, tmp_path, edit, 
     (out / "qat_checksums.json").unlink()  # as another tool would have written it
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.*" + match):
         load_compressed_tensors(out)
+
+
+@pytest.mark.parametrize("recipe, packed", [("w4a16_g128", r"is torch.int32 \(512, 28\); the scheme needs torch.int32 "
+                                                           r"\(512, 32\)"),
+                                            ("mxfp4", r"the stored weight is \(512, 124\) \(torch.uint8\); "
+                                                      r"mxfp4-pack-quantized needs \(512, 128\)"),
+                                            ("nvfp4_w4a16", r"the stored weight is \(512, 124\) \(torch.uint8\); "
+                                                            r"nvfp4-pack-quantized needs \(512, 128\)")],
+                         ids=["int", "mxfp4", "nvfp4"])
+def test_truncated_weight_packed_is_named_not_its_scale(model, tmp_path, recipe, packed):
+    """A weight_packed cut short (a corrupted export) was blamed on weight_scale, whose expected shape NVFP4's reader
+    derived from the truncated codes: the message names the tensor, the file, the shape found and the one expected."""
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe(recipe)), tmp_path / "ct")
+    t = load_safetensors(out / "model.safetensors")
+    key = "model.layers.0.mlp.gate_proj.weight_packed"
+    t[key] = t[key][:, :-4].contiguous()
+    write_safetensors(t.items(), out / "model.safetensors")
+    (out / "qat_checksums.json").unlink()  # as another tool would have written it
+    with pytest.raises(BadFileError, match=rf"tensor {key} in model.safetensors[: ].*{packed}") as err:
+        load_compressed_tensors(out)
+    assert "weight_scale" not in str(err.value)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("top", r"config.json: quantization_config.format='nvfp5-pack-quantized'; qat reads \['pack-quantized', "
+            r"'mxfp4-pack-quantized', 'nvfp4-pack-quantized', 'mxfp8-quantized', 'float-quantized', 'mixed-precision'\]$"),
+    ("group", r"config.json: quantization_config.config_groups.group_0.format='nvfp5-pack-quantized' \(checkpoint "
+              r"format 'pack-quantized'\); qat reads \['pack-quantized', .*'float-quantized'\]$")], ids=["top", "group"])
+def test_unknown_format_name_is_one_line_naming_the_key(model, tmp_path, where, message):
+    """An unknown format in config.json dumped the quantization_config, cut off at 120 characters (the format not
+    always in what was left): the message is the key, the value and the formats qat reads."""
+    out = export_compressed_tensors(qat.prepare(model, qat.load_recipe("w4a16_g128")), tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    (q if where == "top" else q["config_groups"]["group_0"])["format"] = "nvfp5-pack-quantized"
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "qat_checksums.json").unlink()
+    with pytest.raises(BadFileError, match=message) as err:
+        load_compressed_tensors(out)
+    assert "config_groups': " not in str(err.value) and "\n" not in str(err.value)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qat.jobs.results import check_protocols, load_results, write_results
 from qat.jobs.sweep import collect_sweep, run_sweep_job, train_config
@@ -55,6 +56,8 @@ def test_multirun_writes_one_table_with_qat_and_failed_rows(tmp_path):
         # the QAT row comes from a real training: 3 steps moved it away from its starting point
         qat_row = json.loads(next(sweep.glob(f"*_qat_{q}/result.json")).read_text())
         assert qat_row["steps"] == 3 and qat_row["ppl"] != qat_row["start_ppl"]
+        rtn_row = json.loads(next(sweep.glob(f"*_rtn_{q}/result.json")).read_text())
+        assert qat_row["device"] == rtn_row["device"] == "cpu"  # QAT_DEVICE=cpu: every row's device
         assert got[("qat", q)]["bits_per_weight"] == got[("rtn", q)]["bits_per_weight"]
     assert doc["protocol"] == {"data": str(CONFIG_DIR.parent / "configs/data/tiny_corpus.txt"), "split": "test",
                                "blocks": 4, "block_size": 64}
@@ -115,6 +118,33 @@ def test_qat_job_trains_on_the_compare_model_data_scheme_and_blocks():
     assert list(main_job.eval.tasks) == []  # the experiment's lm-eval column is not a sweep row's
     with pytest.raises(ValueError, match=r"qat: unknown key\(s\) \['steps'\]"):
         train_config({**cfg, "qat": {"steps": 3}}, "/tmp/unused")
+
+
+@pytest.mark.parametrize("device, accelerator, devices", [("cpu", "cpu", 1), ("cuda:1", "gpu", [1]),
+                                                        ("cuda", "gpu", 1), ("auto", "gpu", 1)])
+def test_qat_job_trains_on_the_compare_device(monkeypatch, device, accelerator, devices):
+    """A QAT row's trainer is placed by the compare job's `device` (its fp / PTQ rows follow it too); a host with two
+    CUDA devices is faked: only the overrides are built here, nothing runs on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = _compare_cfg(["method=qat", "quant=w4a16_g128", f"device={device}"])
+    tcfg = train_config(cfg, "/tmp/unused")
+    assert (tcfg.trainer.accelerator, tcfg.trainer.devices) == (accelerator, devices)
+
+
+def test_qat_job_device_gives_way_to_trainer_overrides(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = _compare_cfg(["method=qat", "quant=w4a16_g128", "device=cuda:1",
+                        'qat.overrides=["trainer.accelerator=cpu"]'])
+    tcfg = train_config(cfg, "/tmp/unused")
+    assert (tcfg.trainer.accelerator, tcfg.trainer.devices) == ("cpu", 1)  # configs/trainer's, not device's
+    tcfg = train_config({**cfg, "qat": {**cfg["qat"], "overrides": []}, "method": {**cfg["method"],
+                         "overrides": ["trainer=ddp"]}}, "/tmp/unused")
+    assert tcfg.trainer.strategy == "ddp" and tcfg.trainer.devices == 2 and tcfg.trainer.accelerator == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda:1': no CUDA device here"):
+        train_config({**cfg, "qat": {**cfg["qat"], "overrides": []}}, "/tmp/unused")
 
 
 @pytest.mark.parametrize("method", ["fp", "qat", "qat_gptq", "qat_awq"])

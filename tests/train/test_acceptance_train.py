@@ -143,6 +143,7 @@ def test_train_result_merges_as_a_full_row(compose_train, tmp_path):
     row = load_results([tmp_path / "result.json"])[0]
     assert row["bits_per_weight"] == pytest.approx(4.25) and row["size_mb"] > 0
     assert row["wall_s"] == pytest.approx(out["train_s"])
+    assert row["device"] == out["device"] == "cpu"  # where Lightning trained, recorded as a PTQ row records it
 
 
 def test_init_without_a_recipe_fails_in_check(compose_train):

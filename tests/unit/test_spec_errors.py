@@ -44,6 +44,27 @@ def test_misspelt_override_key_is_named():
         qat.QuantRecipe.from_dict(recipe)
 
 
+GRIDS = r"\['uniform', 'block', 'ggml', 'ggml_k', 'iq4_nl', 'iq4_xs', 'mx', 'nvfp4', 'ternary'\]"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"weight": {"bits": 4, "grid": "foo"}}, rf"quant.weight.grid='foo'; choose from {GRIDS}"),
+    ({"weight": {"bits": 4}, "overrides": [{"targets": ["q_proj"], "weight": {"grid": "foo"}}]},
+     rf"quant.overrides\[0\].weight.grid='foo'; choose from {GRIDS}"),
+    ({"weight": {"bits": 4, "dtype": "mxfp4"}}, r"quant.weight.dtype='mxfp4'; choose from \['int', 'fp4_e2m1', "),
+    # a format's name where a scheme goes was "dictionary update sequence element #0 has length 1; 2 is required"
+    ({"weight": "mxfp4"}, rf"quant.weight='mxfp4': a scheme is a mapping of QuantSpec fields \(null: none\), not a "
+                          rf"name; a number format is chosen by its grid, one of {GRIDS}, and dtype"),
+    ({"weight": {"bits": 4}, "overrides": [{"targets": ["q_proj"], "weight": "nvfp4"}]},
+     rf"quant.overrides\[0\].weight='nvfp4': a scheme is a mapping .* one of {GRIDS}"),  # was: unknown keys 'n', 'v'...
+    ({"weight": {"bits": 4}, "overrides": ["mxfp4"]}, r"quant.overrides\[0\]='mxfp4': an override is a mapping"),
+], ids=["grid", "override-grid", "dtype", "scheme-as-name", "override-scheme-as-name", "override-as-name"])
+def test_unknown_format_or_grid_name_is_one_line_naming_the_key(recipe, message):
+    with pytest.raises(ValueError, match=message) as err:
+        qat.QuantRecipe.from_dict(recipe)
+    assert "\n" not in str(err.value) and str(err.value).startswith("quant.")  # the key first, no config dumped
+
+
 def test_recipe_that_quantizes_nothing():
     with pytest.raises(ValueError, match="quantizes nothing"):
         qat.QuantRecipe.from_dict({"name": "empty"})
