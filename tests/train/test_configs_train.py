@@ -1,4 +1,5 @@
 """qat-train configs: every experiment runs (fast_dev_run, tiny model), every recipe composes, bad configs fail early."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def test_default_run_prints_table_and_logs(tmp_path, capsys):
     results = train(cfg)
     out = capsys.readouterr().out
     assert "| FP " in out and "| RTN " in out and "| QAT " in out and "gap" in out
-    assert {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered"} <= set(results)
+    assert {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "loss_gap_recovered"} <= set(results)
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     for key in ("train/loss", "train/lr", "quant/scale_mean", "quant/clip_frac", "model.layers.0.mlp.up_proj/scale_mean"):
         assert key in metrics
@@ -183,3 +184,13 @@ def test_evaluation_never_moves_the_static_global(tmp_path, monkeypatch):
     assert fp[0] is None  # the float row runs before range initialisation, quantizers off
     assert start[0] is not None and start[0] == start[1]  # calibrated on training batches, held through the eval
     assert final[0] == final[1] == start[0] and not final[2]  # ranges were frozen after range init; eval kept them
+
+
+def test_gap_recovered_in_perplexity_and_loss():
+    """A start far above FP: nearly all of the perplexity gap closes while the loss gap tells how far QAT still is."""
+    from qat.lit.run import gap_recovered
+    ppl, loss = gap_recovered(27.9, 1.0e7, 4866.0)
+    assert ppl > 0.999 and loss == pytest.approx((math.log(1e7) - math.log(4866)) / (math.log(1e7) - math.log(27.9)))
+    assert 0.59 < loss < 0.60
+    assert gap_recovered(20.0, 40.0, 20.0) == (1.0, 1.0) and gap_recovered(20.0, 40.0, 40.0) == (0.0, 0.0)
+    assert all(math.isnan(x) for x in gap_recovered(30.0, 20.0, 25.0))  # the start below FP: no gap to close
