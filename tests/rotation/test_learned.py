@@ -180,3 +180,17 @@ def test_prepare_after_attached_rotations_is_refused():
     fuse_learned_rotations(model)
     qat.prepare(model, "w8a8")  # fused: plain weights again
     assert learned_rotation_errors(True, "module.learned_rotations")[0].startswith("module.learned_rotations=True")
+
+
+def test_ptq_on_a_model_with_learned_rotations_attached_is_refused():
+    """PTQ writes solved weights, but a rotated weight is W @ R computed at every access: the solve was dropped
+    without a word (the stored W unchanged, the pinned qparams those of the solved weights); now refused."""
+    import pytest
+
+    from qat.errors import ConfigError
+    from qat.ptq import apply
+
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("w4a16_g128"))
+    attach_learned_rotations(model)
+    with pytest.raises(ConfigError, match=r"gptq: the model has learned rotations attached"):
+        apply(model, "gptq", [torch.randint(0, 256, (4, 32))], progress=False)
