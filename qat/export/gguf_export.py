@@ -212,6 +212,7 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
     entries, fallbacks, requantized, held = [], {}, {}, []
     for hf in float_weight_names(model):
         if tied and hf == "lm_head.weight":
+            _warn_tied_head(model)
             continue
         spec, has_g_idx = weight_spec(model, hf)
         full = stored_shape(model, hf)
@@ -251,6 +252,25 @@ def plan_types(model: nn.Module, gguf_type: str, imatrix: bool = False, pure: bo
                     "not format-exact: %s", len(names), scheme,
                     ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
     return entries
+
+
+def _warn_tied_head(model: nn.Module) -> None:
+    """A tied model has one GGUF tensor, token_embd, written from the embedding: a quantized lm_head whose grid
+    the embedding does not share exactly (another scheme, or scales of its own: learned, pinned) is not in the file."""
+    head = weight_spec(model, "lm_head.weight")[0]
+    if head is None:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = weight_spec(model, f"{names[id(model.get_input_embeddings())]}.weight")[0]
+    quantizer = getattr(model.get_output_embeddings(), "weight_quantizer", None)
+    own = head.learn != "none" or bool(getattr(quantizer, "pinned", False))
+    if embed == head and not own:
+        return
+    log.warning("GGUF: lm_head is tied to the embedding, and GGUF stores one tensor for both (token_embd), written "
+                "from the embedding (%s): lm_head's trained %s grid%s is not in the file, so the output logits are "
+                "not format-exact; quantize the embedding on the same grid (targets: [Linear, Embedding]) with scales "
+                "from the weights, or leave lm_head out (ignore: [lm_head])", "float" if embed is None else
+                embed.describe(), head.describe(), " and its own scales" if own else "")
 
 
 def _multiplier(model: nn.Module, entry: _Entry) -> np.ndarray:

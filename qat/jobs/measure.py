@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qat.control import frozen_ranges, weight_bits as quantized_weight_bits, weight_modules
 from qat.export.common import float_weight_names
@@ -58,8 +59,10 @@ def _quantized(model: nn.Module) -> tuple[float, int, set[int]]:
     for m in weight_modules(model).values():
         # a Linear's `weight`; fused experts' 3-D weights are named by their quantizers (gate_up_proj, down_proj)
         for name in ["weight", *getattr(m, "weight_quantizers", {})]:
-            if isinstance(getattr(m, name, None), nn.Parameter):
-                seen.add(id(getattr(m, name)))
+            # under a learned rotation the weight is W @ R, computed: the stored W is the parameter counted
+            w = m.parametrizations[name].original if parametrize.is_parametrized(m, name) else getattr(m, name, None)
+            if isinstance(w, nn.Parameter):
+                seen.add(id(w))
     return bpw, numel, seen
 
 

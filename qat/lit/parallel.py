@@ -60,8 +60,9 @@ def sharding_strategy(strategy: Any) -> str | None:
         >>> sharding_strategy("fsdp"), sharding_strategy(FSDP2Strategy), sharding_strategy("ddp")
         ('fsdp', 'FSDP2Strategy', None)
     """
-    if isinstance(strategy, str):
-        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    if isinstance(strategy, str):  # Lightning lower-cases a strategy name before it looks it up ("FSDP" is fsdp)
+        name = strategy.lower()
+        cls = StrategyRegistry[name]["strategy"] if name in StrategyRegistry else None
     else:
         cls = strategy if isinstance(strategy, type) else type(strategy)
     if not (isinstance(cls, type) and issubclass(cls, SHARDING_STRATEGIES)):

@@ -60,6 +60,10 @@ def check_config(cfg: DictConfig) -> None:
             errors.append(str(err))
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
+    if cfg.get("init") and cfg.module.get("learned_rotations") and not cfg.get("ckpt_path"):
+        errors.append(f"init={cfg.init.get('name')} with module.learned_rotations: the PTQ initialisation solves the "
+                      "weights the rotations parametrize (W @ R, taken at every step), so its solution would be "
+                      "dropped; drop init (QAT learns the grid from round-to-nearest) or module.learned_rotations")
     if cfg.get("init"):
         init = OmegaConf.to_container(cfg.init, resolve=True)
         calib = init.pop("calibration", None) or {}

@@ -14,6 +14,7 @@ from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import is_distributed_checkpoint, probe_folder, torch_load
 from qat.lit.module import ROTATION_KEYS
+from qat.transform import QuantRecipe
 
 
 def check_resume(cfg: DictConfig) -> None:
@@ -41,7 +42,7 @@ def check_resume(cfg: DictConfig) -> None:
             continue
         ours = OmegaConf.to_container(cfg.module[key], resolve=True) if cfg.module.get(key) is not None else None
         theirs = hparams[key]
-        if ours != theirs:
+        if ours != theirs and not (key == "quant" and _same_recipe(theirs, ours)):
             a, b = dict(theirs or {}), dict(ours or {})
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b) - {"name", "description"})
                     if a.get(k) != b.get(k)}
@@ -58,6 +59,18 @@ def check_resume(cfg: DictConfig) -> None:
     if errors:
         raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
                          "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _same_recipe(theirs: Any, ours: Any) -> bool:
+    """Whether two recipe mappings load as the same recipe (name and description aside): a key one of them leaves
+    at its default (a checkpoint written before the recipe file gained `gguf_fallback: false`) prepares the same
+    model, so its state dict loads."""
+    try:
+        a, b = (QuantRecipe.from_dict(r).to_dict() for r in (theirs, ours))
+    except (ValueError, TypeError, AttributeError):  # a recipe that no longer loads: the plain comparison decides
+        return False
+    return {k: v for k, v in a.items() if k not in ("name", "description")} == \
+        {k: v for k, v in b.items() if k not in ("name", "description")}
 
 
 def _rotation_set(cfg: Any) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -74,12 +75,13 @@ def from_rows(rows: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> t
     return rows.reshape(shape)
 
 
-def call_tensors(module: nn.Module, skip: str) -> dict[str, torch.Tensor]:
+def call_tensors(module: nn.Module, skip: str, replaced: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """name -> tensor a wrapper hands its float template's forward: its parameters but those under `skip` (its
-    quantizers), a parametrized one (a learned rotation's W @ R) as its computed value under its own name."""
+    quantizers), a parametrized one (a learned rotation's W @ R) as its computed value under its own name, except
+    the `replaced` ones (the caller sets their quantized values: W @ R is not computed twice per forward)."""
     tensors = {n: p for n, p in module.named_parameters() if not n.startswith((skip, "parametrizations."))}
     if parametrize.is_parametrized(module):
-        tensors.update({n: getattr(module, n) for n in module.parametrizations})
+        tensors.update({n: getattr(module, n) for n in module.parametrizations if n not in replaced})
     return tensors
 
 
@@ -216,19 +218,22 @@ class FakeQuantExperts(_ExpertsBase):
         return from_rows(quantizer(rows), self.shapes[name], self.transposed)
 
     def expert_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = call_tensors(self, "weight_quantizers.")
+        tensors = call_tensors(self, "weight_quantizers.", self.weight_quantizers)
         tensors.update({n: self.quantized(n) for n in self.weight_quantizers})
         return tensors
 
     def forward_tensors(self) -> tuple[dict[str, torch.Tensor], list[Requantized]]:
         if not (self.lean and torch.is_grad_enabled()):
             return self.expert_tensors(), []
-        tensors = call_tensors(self, "weight_quantizers.")
+        tensors = call_tensors(self, "weight_quantizers.", self.weight_quantizers)
         recipes = []
         for name, quantizer in self.weight_quantizers.items():
             rows = self.rows(name)
             args = quantizer.fake_quant_args(rows)  # observes as quantizer(rows) does
-            if args is not None:
+            if args is None:  # a disabled quantizer: the float weight (under a learned rotation the W @ R just taken)
+                parametrized = parametrize.is_parametrized(self, name)
+                tensors[name] = from_rows(rows, self.shapes[name], self.transposed) if parametrized else getattr(self, name)
+            else:
                 rows_hat, recipe = lean_fake_quantize(rows, args)
                 tensors[name] = from_rows(rows_hat, self.shapes[name], self.transposed)
                 recipes.append(recipe)

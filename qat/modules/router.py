@@ -60,7 +60,7 @@ class FakeQuantRouter(nn.Module):
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
     def forward(self, *args, **kwargs):
-        tensors = call_tensors(self, "weight_quantizer.")
+        tensors = call_tensors(self, "weight_quantizer.", ("weight",))
         tensors["weight"] = self.quantized_weight()
         return torch.func.functional_call(self.float_template, tensors, args, kwargs, strict=False, tie_weights=False)
 

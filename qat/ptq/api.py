@@ -20,6 +20,7 @@ from qat.ptq.runner import quantized_linears
 from qat.transform.recipe import load_recipe
 from qat.transform import prepare
 from qat.transform.recipe import to_plain
+from qat.transform.rotations.learned import has_learned_rotations
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,17 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
     Returns:
         the same model; `model.qat_ptq` records the method, its options and the wall time.
     Raises:
-        ValueError: a model with no fake-quant linears, too few calibration tokens, an unsupported scheme.
+        ValueError: a model with no fake-quant linears, too few calibration tokens, an unsupported scheme, learned
+            rotations attached (`qat.transform.rotations.learned`).
     Example:
         >>> qat.ptq.apply(qat.prepare(model, qat.load_recipe("w4a16_g128")), {"name": "gptq", "actorder": True}, batches)
     """
     cfg = method_config(method_cfg)
     method: PTQMethod = method_of_config(cfg)(cfg)
+    if has_learned_rotations(model):  # its weights are W @ R, computed at each access: a solve written there is lost
+        raise ConfigError(f"{method.name}: the model has learned rotations attached (their weights are computed "
+                          "from W and R at every access, so the solved weights could not be stored); run the PTQ "
+                          "method first and attach the rotations after, or fuse them (fuse_learned_rotations)")
     linears = quantized_linears(model)
     check_prepared(model, linears, method.name)
     batches = list(batches or [])

@@ -90,6 +90,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "module.learned_rotations with trainer.strategy=qat.lit.parallel.FSDP2Strategy: a sharded strategy")
     add("train", TR + ["+trainer.strategy=deepspeed_stage_3", "module.learned_rotations={r2:false}"],
         "module.learned_rotations with trainer.strategy=deepspeed_stage_3: a sharded")
+    # a PTQ initialisation writes weights a learned rotation computes (W @ R): refused, as its solution would be lost
+    add("train", TR + ["init=gptq", "module.learned_rotations={lr:1.5}"],
+        "init=gptq with module.learned_rotations: the PTQ initialisation solves the weights the rotations parametrize")
     add("train", TR + ["init=gptq", "~quant"], "quant")
     add("train", TR + ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")
     add("ptq", ["quant=null"], "quant=null: quant is set by default ('w4a16_g128'); choose from")

@@ -346,7 +346,7 @@ def test_a_bad_qat_device_is_refused_naming_it(app, files, monkeypatch):
     assert "device='gpu' (from QAT_DEVICE='gpu'); choose auto, cpu, cuda or cuda:N" in out, out
 
 
-@pytest.mark.parametrize("strategy", [["trainer=fsdp"], ["+trainer.strategy=fsdp"]])
+@pytest.mark.parametrize("strategy", [["trainer=fsdp"], ["+trainer.strategy=fsdp"], ["+trainer.strategy=FSDP"]])
 def test_learned_rotations_with_a_sharded_trainer_are_refused_before_the_model_loads(strategy, files, monkeypatch):
     """trainer=fsdp (or any sharding strategy) with module.learned_rotations: one line naming both keys, exit 2,
     from the config check (was: refused in QATModule.configure_model, after the model was loaded and prepared)."""

@@ -160,3 +160,22 @@ def test_rows_a_ternary_block_cannot_hold_are_refused_naming_the_key():
                                           r"the recipe key gguf_fallback: true"):
         qat.prepare(tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=256),
                     {**read_recipe("gguf_tq2_0_lsq"), "gguf_fallback": False})
+
+
+@pytest.mark.parametrize("recipe, targets, warned", [("gguf_q4_k", ["Linear"], True),  # lm_head Q5_0, embedding float
+                                                     ("gguf_q4_k", ["Linear", "Embedding"], False),  # one grid: exact
+                                                     ("gguf_iq4_xs_lsq", ["Linear", "Embedding"], True)])  # own scales
+def test_a_tied_quantized_lm_head_not_in_the_file_is_warned(token_ids, tmp_path, caplog, recipe, targets, warned):
+    """A tied model's GGUF output is token_embd, written from the embedding: lm_head trained on another grid (or
+    with scales of its own) is not in the file, which was silent (only the row fallback of token_embd was said)."""
+    model = tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
+    model = qat.prepare(model, {**read_recipe(recipe), "targets": targets, "ignore": [], "gguf_fallback": True})
+    if model.lm_head.weight_quantizer.learned:  # one step: lm_head's and the embedding's learned scales part ways
+        opt = torch.optim.SGD([p for n, p in model.named_parameters() if "quantizer" in n], lr=1e-2)
+        model(token_ids, labels=token_ids).loss.backward()
+        opt.step()
+    ref = _logits(model, token_ids)
+    with caplog.at_level(logging.WARNING, logger="qat.export.gguf_export"):
+        path = export_gguf(model, tmp_path / "m.gguf", "F32")
+    assert ("lm_head is tied to the embedding" in caplog.text) == warned, caplog.text
+    assert torch.equal(_logits(load_any(path), token_ids), ref) != warned

@@ -180,3 +180,33 @@ def test_prepare_after_attached_rotations_is_refused():
     fuse_learned_rotations(model)
     qat.prepare(model, "w8a8")  # fused: plain weights again
     assert learned_rotation_errors(True, "module.learned_rotations")[0].startswith("module.learned_rotations=True")
+
+
+def test_ptq_on_a_model_with_learned_rotations_attached_is_refused():
+    """PTQ writes solved weights, but a rotated weight is W @ R computed at every access: the solve was dropped
+    without a word (the stored W unchanged, the pinned qparams those of the solved weights); now refused."""
+    import pytest
+
+    from qat.errors import ConfigError
+    from qat.ptq import apply
+
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("w4a16_g128"))
+    attach_learned_rotations(model)
+    with pytest.raises(ConfigError, match=r"gptq: the model has learned rotations attached"):
+        apply(model, "gptq", [torch.randint(0, 256, (4, 32))], progress=False)
+
+
+def test_model_size_with_learned_rotations_attached_counts_each_weight_once():
+    """qat-train's starting row measures the model with the rotations attached: a rotated weight is W @ R, and its
+    stored W was counted as a float parameter beside its quantized bits (twice the model's size); now the stored W
+    is the quantized weight, and only the rotation matrices add float parameters until they are fused."""
+    from qat.jobs.measure import FLOAT_BITS, bits_per_weight, weight_bits
+
+    model = qat.prepare(tiny_llama(vocab_size=256), qat.load_recipe("w4a16_g128"))
+    (q_bits, _), (bpw, mb) = bits_per_weight(model), weight_bits(model)
+    rotations = attach_learned_rotations(model)
+    extra = sum(r.numel() for r in rotations)
+    assert bits_per_weight(model)[0] == q_bits and weight_bits(model)[0] == bpw
+    assert abs(weight_bits(model)[1] - (mb + extra * FLOAT_BITS / 8 / 1e6)) < 1e-9
+    fuse_learned_rotations(model)
+    assert weight_bits(model) == (bpw, mb)

@@ -119,3 +119,36 @@ def test_a_moe_checkpoint_with_learned_rotations_loads_fused():
     fuse_learned_rotations(source)
     with torch.no_grad():
         assert torch.equal(target(IDS).logits, source(IDS).logits)
+
+
+def test_each_rotated_expert_and_router_weight_is_computed_once_per_forward(monkeypatch):
+    """W @ R of a fused expert weight is an [E, 2I, H] x [H, H] product: the fake-quant experts and router take it
+    once per forward (was: twice, the float value computed and dropped for the quantized one), on the lean
+    path, without grad, and with the quantizers off (the float function then)."""
+    import contextlib
+
+    from qat.transform.rotations import learned
+
+    model = _moe("mixtral")
+    with torch.no_grad():
+        ref = model(IDS).logits
+    prepared = qat.prepare(model, copy.deepcopy(W4) | {"targets": ["Linear", "mlp.gate"]})
+    attach_learned_rotations(prepared)
+    layer = prepared.model.layers[0].mlp
+    assert type(layer.gate).__name__ == "ParametrizedFakeQuantRouter"  # quantized, its weight rotated
+    watched = {tuple(layer.experts.shapes["gate_up_proj"]), tuple(layer.experts.shapes["down_proj"]),
+               tuple(layer.gate.weight.shape)}
+    shapes = []
+    for cls in (learned._In, learned._Out):
+        monkeypatch.setattr(cls, "forward", lambda self, w, _f=cls.forward: shapes.append(tuple(w.shape)) or _f(self, w))
+    for grad, quantize in ((True, True), (False, True), (True, False)):
+        shapes.clear()
+        off = contextlib.nullcontext() if quantize else qat.quantization_disabled(prepared)
+        with torch.set_grad_enabled(grad), off:
+            out = prepared(IDS).logits
+        for shape in watched:
+            assert shapes.count(shape) == len(prepared.model.layers), (grad, quantize, shape, shapes)
+        if not quantize:
+            torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=1e-6)
+            out.sum().backward()
+            assert layer.experts.parametrizations.down_proj.original.grad.abs().sum() > 0

@@ -149,3 +149,19 @@ def test_train_result_merges_as_a_full_row(compose_train, tmp_path):
 def test_init_without_a_recipe_fails_in_check(compose_train):
     with pytest.raises(ValueError, match=r"init=gptq needs a quant recipe"):
         check_config(compose_train(["~quant", "init=gptq"]))
+
+
+def test_resume_of_a_checkpoint_whose_recipe_left_a_key_at_its_default(compose_train, tmp_path):
+    """A checkpoint written before gguf_q4_k.yaml gained `gguf_fallback: false` holds the recipe without the key:
+    it prepares the same model, so it resumes (was: refused, 'differing fields: {gguf_fallback: (None, False)}');
+    a checkpoint trained with the key on does not resume without it."""
+    ckpt = tmp_path / "last.ckpt"
+    _fake_ckpt(ckpt, compose_train(["quant=gguf_q4_k"]))
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["hyper_parameters"]["quant"].pop("gguf_fallback") is False
+    torch.save(saved, ckpt)
+    check_config(compose_train(["quant=gguf_q4_k", f"ckpt_path={ckpt}"]))
+    saved["hyper_parameters"]["quant"]["gguf_fallback"] = True
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match=r"differing fields \(checkpoint, this run\): \{'gguf_fallback': \(True, False\)\}"):
+        check_config(compose_train(["quant=gguf_q4_k", f"ckpt_path={ckpt}"]))
