@@ -109,7 +109,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
         errors += _fallback_hints(result, by_name)
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
-    result.warnings += _gguf_block_rows(result, by_name)
+    result.warnings += _gguf_block_rows(result, by_name, recipe.gguf_fallback)
     if errors:
         raise ConfigError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
@@ -126,7 +126,7 @@ def _nothing_selected(recipe: QuantRecipe, named: list[tuple[str, nn.Module]]) -
             f"quantize here: {other}; registered types: {_registered_names()}")
 
 
-def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
+def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module], fell_back: bool = False) -> list[str]:
     """A GGUF grid on rows its blocks cannot hold (a K-quant's super-blocks of 256): training works (the last
     block is partial), but a GGUF file stores such rows in another type, so the export is not format-exact."""
     misfits: dict[tuple[str, int], list[str]] = {}
@@ -137,10 +137,12 @@ def _gguf_block_rows(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
         widths[n] = min(_row_widths(by_name[n]))
         if widths[n] % block:
             misfits.setdefault((gguf, block), []).append(n)
+    hint = ("gguf_fallback is on, but the fallback type's blocks cannot hold these rows either: the export writes "
+            "F16, as llama.cpp does" if fell_back else
+            "llama.cpp falls back the same way; the recipe key gguf_fallback: true trains them on that type instead")
     return [f"{len(names)} module(s) on the GGUF {gguf} grid have rows that are not a multiple of {block} "
             f"(e.g. {names[0]}, {widths[names[0]]} wide): GGUF stores such rows in another type, "
-            "so their export is re-quantized, not format-exact (llama.cpp falls back the same way; the recipe key "
-            "gguf_fallback: true trains them on that type instead)"
+            f"so their export is re-quantized, not format-exact ({hint})"
             for (gguf, block), names in misfits.items()]
 
 

@@ -179,3 +179,14 @@ def test_a_tied_quantized_lm_head_not_in_the_file_is_warned(token_ids, tmp_path,
         path = export_gguf(model, tmp_path / "m.gguf", "F32")
     assert ("lm_head is tied to the embedding" in caplog.text) == warned, caplog.text
     assert torch.equal(_logits(load_any(path), token_ids), ref) != warned
+
+
+def test_rows_the_fallback_cannot_hold_either_say_so(caplog):
+    """Q6_K falls back to Q8_0 (blocks of 32); 48-wide rows fit neither, so the export writes F16: the warning says
+    that, not 'set gguf_fallback' (already set)."""
+    model = tiny_llama(vocab_size=256, hidden_size=48, intermediate_size=256, num_heads=3,
+                       num_kv_heads=1)
+    with caplog.at_level(logging.WARNING):
+        qat.prepare(model, {**read_recipe("gguf_q6_k"), "gguf_fallback": True})
+    assert "cannot hold these rows either" in caplog.text and "F16" in caplog.text
+    assert "trains them on that type instead" not in caplog.text
