@@ -49,7 +49,7 @@ HARNESS = dict.fromkeys(("limit", "batch_size", "max_length", "num_fewshot", "bo
 COMPARE_EVAL = {**EVAL, "tasks": ANY, "harness": HARNESS}  # single-process qat-compare: lm-eval tasks per row
 COMPARE = {**JOB, "model": MODEL, "data": DATA, "methods": ANY, "quants": ANY, "calibration": CALIBRATION,
            "eval": COMPARE_EVAL, "results": ANY, "title": ANY, "method": ANY, "quant": ANY, "qat": QAT,
-           "fail_on_error": ANY, "device": ANY}
+           "fail_on_error": ANY, "device": ANY, "progress": ANY}
 
 EXPORT_CALIBRATION = dict.fromkeys(("samples", "seq_len", "split", "batch_size", "save"), ANY)  # imatrix=calibrate
 EXPORT = {**JOB, "model": MODEL, "quant": ANY, "data": DATA, "format": ANY, "gguf_type": ANY, "gguf_pure": ANY,

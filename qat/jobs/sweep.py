@@ -84,6 +84,7 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
 
 def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
     check_keys(cfg, COMPARE)
+    progress = as_bool(cfg.get("progress", True), "progress")
     torch.manual_seed(as_count(cfg.get("seed", 0), "seed", 0))
     opts = {k: v for k, v in cfg["method"].items() if k != "label"}
     name = opts["name"]
@@ -102,7 +103,8 @@ def _sweep_row(cfg: dict, out: Path, run_qat) -> dict:
     if name == "fp" and (done := _done_fp_row(out, protocol, cfg["model"]["path"], device)):
         return done  # one float baseline per sweep: the jobs of the other schemes reuse it
     row, _ = run_one(load, name, cfg.get("quant"), batches, blocks, {k: v for k, v in opts.items() if k != "name"},
-                     progress=False, batch_size=cfg["eval"].get("batch_size", 4), device=device)
+                     progress=progress,
+                     batch_size=cfg["eval"].get("batch_size", 4), device=device)
     return {**row, "method": method_label(cfg["method"]), "status": "ok", "error": "", "protocol": protocol}
 
 

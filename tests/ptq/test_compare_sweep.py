@@ -189,3 +189,19 @@ def test_rows_of_cpu_and_gpu_runs_are_not_merged(tmp_path):
     (tmp_path / "gpu").mkdir()
     (tmp_path / "gpu" / "result.json").write_text(json.dumps(gpu[0]))
     assert load_results([tmp_path / "gpu" / "result.json"])[0]["device"] == "cuda:0"
+
+
+def test_ptq_rows_show_progress_unless_turned_off(tmp_path, monkeypatch, capsys):
+    """A GPTQ row on a real model runs for minutes: it shows the per-block bar as qat-ptq does (progress: false
+    hides it); a bad value fails the row before the model loads."""
+    import qat.jobs.sweep as sweep
+    seen = []
+    monkeypatch.setattr(sweep, "run_one", lambda *a, **k: seen.append(k["progress"]) or ({"ppl": 1.0}, None))
+    cfg = _compare_cfg(["method=rtn", "quant=w4a16_g128"])
+    for value, shown in ((None, True), (False, False)):
+        run_sweep_job({**cfg, "progress": value} if value is not None else cfg, tmp_path / str(value),
+                      log=lambda s: None)
+        assert seen.pop() is shown
+    monkeypatch.setattr(sweep, "job_inputs", lambda *a, **k: pytest.fail("loaded before the check"))
+    row = run_sweep_job({**cfg, "progress": "sometimes"}, tmp_path / "bad", log=lambda s: None)
+    assert row["status"] == "failed" and "progress" in row["error"]
