@@ -29,9 +29,10 @@ def _inputs(model) -> dict[str, qat.QuantSpec]:
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "fp8_block", "mxfp8", "nvfp4_w4a8", "mxfp4_w4a4", "nvfp4_w4a4",
+                                    "nvfp4_w4a4_lsq",
                                     {**qat.load_recipe("w8a8").to_dict(), "input": {**INT8, "symmetric": False}}],
                          ids=["int8_token", "fp8_1x128", "mxfp8", "fp8_token", "mxfp4", "nvfp4_static_global",
-                              "int8_token_asym"])
+                              "nvfp4_lsq_static_global", "int8_token_asym"])
 def test_dynamic_input_schemes_reload_exactly_in_qats_own_loader(recipe, tmp_path):
     """qat's loader re-attaches the written schemes: the reload computes the fake-quant logits, atol 0. (Another
     runtime may compute MX activation scales its own way: `test_mx_activation_scales_differ_in_compressed_tensors`.)

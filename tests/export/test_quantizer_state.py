@@ -19,7 +19,7 @@ LEARNED = ("w2a16_g64", "w4a16_g128_lsq", "w8a8_static", "ternary_g64_lsq")  # L
 # learned scales on a grid the GGUF file holds exactly (MXFP4: the E8M0 scale; IQ4_XS, NVFP4: their two-level scales;
 # TQ2_0: its fp16 scale per 256), so its linears are not re-quantized: tests/unit/test_mxfp4.py, test_iq4_xs.py,
 # test_nvfp4.py and tests/export/test_gguf_fallback.py export them exactly
-LEARNED_EXACT = ("mxfp4_lsq", "gguf_iq4_xs_lsq", "nvfp4_w4a16_lsq", "gguf_tq2_0_lsq")
+LEARNED_EXACT = ("mxfp4_lsq", "gguf_iq4_xs_lsq", "nvfp4_w4a16_lsq", "nvfp4_w4a4_lsq", "gguf_tq2_0_lsq")
 
 
 def _prepared(model, recipe, ids):
