@@ -195,7 +195,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         check_groups(app, args)
         args = null_groups(app, args)
         with recipe_paths(args) as args, _shown_config(app, args):
-            sys.argv = [app, *args]
+            sys.argv = [program_path(app, saved_argv), *args]
             _user_env[0] = user_env
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it would print: formatted here, once
             hydra_main()
@@ -210,6 +210,23 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         _task_bugs.clear()
         _set_env("HYDRA_FULL_ERROR", user_env)  # an in-process caller (a test) gets its environment back
         GlobalHydra.instance().clear()  # the next in-process run composes afresh
+
+
+def program_path(app: str, argv: list[str]) -> str:
+    """sys.argv[0] while the task runs: the console script's own file when that is what runs (its name is `app`),
+    else `app`.
+
+    Lightning's DDP launcher starts the other ranks as `python <argv[0]> <args>` when the program is not a
+    `python -m` module, so the console script must stay a path that runs (a bare `qat-train` is looked for in the
+    working directory); Hydra names the program in its help by argv[0]'s basename, `app` either way.
+    Example:
+        >>> program_path("qat-train", ["/venv/bin/qat-train", "trainer=ddp"])  # where that file exists
+        '/venv/bin/qat-train'
+        >>> program_path("qat-train", ["/usr/bin/pytest"])
+        'qat-train'
+    """
+    path = argv[0] if argv else ""
+    return path if os.path.basename(path) == app and os.path.isfile(path) else app
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qat.control import frozen_ranges, weight_bits as quantized_weight_bits, weight_modules
-from qat.export.common import float_weight_names
+from qat.export.common import float_weight_names, stored_shape
 
 FLOAT_BITS = 16
 
@@ -99,10 +99,13 @@ def file_bits_per_weight(path: str | os.PathLike, model: nn.Module) -> tuple[int
     for name in float_weight_names(model):  # shapes only: nothing is quantized to count
         module, _, leaf = name.rpartition(".")
         owner = model.get_submodule(module) if module else model
-        w = owner.qweight if leaf == "weight" and hasattr(owner, "qweight") else getattr(owner, leaf)
-        if id(w) not in seen:
-            seen.add(id(w))
-            n += int(torch.Size(w.shape).numel())
+        # a tied weight is one tensor under two names; a converted experts weight (codes in `qweights`, no
+        # `gate_up_proj` attribute) is one per module and name
+        w = owner.qweight if leaf == "weight" and hasattr(owner, "qweight") else getattr(owner, leaf, None)
+        key = id(w) if isinstance(w, torch.Tensor) else (id(owner), leaf)
+        if key not in seen:
+            seen.add(key)
+            n += math.prod(stored_shape(model, name))
     return size, 8 * size / max(n, 1)
 
 

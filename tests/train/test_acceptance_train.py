@@ -125,6 +125,31 @@ def test_cli_ddp_run_evaluates_on_rank_zero(tmp_path):
     assert "| QAT " in proc.stdout and (tmp_path / "result.json").exists()
 
 
+@pytest.mark.slow
+def test_console_script_ddp_run_starts_its_other_rank(tmp_path):
+    """`qat-train trainer=ddp trainer.devices=2` through the console script failed: Lightning starts rank 1 as
+    `python <sys.argv[0]> ...`, and the CLI had set sys.argv[0] to the bare name (`python: can't open file
+    '<cwd>/qat-train'`). The script is found on PATH, as a user's shell finds it."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers_train import subprocess_env
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "qat-train"  # what pip writes for the [project.scripts] entry
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom qat.cli.train import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    env = subprocess_env()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    cmd = ["qat-train", "trainer=ddp", "trainer.devices=2", "debug=tiny", "trainer.max_steps=2",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "can't open file" not in proc.stderr and (tmp_path / "run" / "result.json").exists()
+
+
 def test_label_names_the_row_of_a_sweep_job(compose_train, tmp_path):
     """Two rows of a `qat-train -m optim.optimizer.lr=...` sweep were both 'qat' in qat-compare's table."""
     import json
