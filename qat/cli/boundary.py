@@ -95,7 +95,8 @@ def one_error(text: str) -> str:
 
 
 def _instantiation_message(exc: InstantiationException) -> str | None:
-    """Hydra's "Error in call to target 'x':\\nValueError('...\\n...')" with the cause printed as text, not repr."""
+    """Hydra's "Error in call to target 'x':\\nValueError('...\\n...')" with the cause printed as text, not repr;
+    a qat UserError (ConfigError...) raised by the constructor is its own message alone."""
     cause = exc.__cause__
     head = str(exc).split("\n", 1)[0].rstrip(":")
     key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")), "")
@@ -111,6 +112,8 @@ def _instantiation_message(exc: InstantiationException) -> str | None:
             return None
         return None
     inner = user_message(cause)
+    if isinstance(cause, UserError):  # qat's own refusal names the key / module / file: Hydra's head adds nothing
+        return inner
     if inner is None and isinstance(cause, (TypeError, ValueError)):  # the node's arguments: a bad key or value
         inner = f"{type(cause).__name__}: {cause}"
     if inner is None:

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from qat.errors import ConfigError, UserError
 from qat.io import atomic_write_bytes
 from qat.jobs.compare import compare_title
-from qat.jobs.config import COMPARE, QAT, QAT_METHOD, as_bool, as_count, check_keys, register_resolvers
-from qat.jobs.placement import lightning_placement, resolve_device
+from qat.jobs.config import (COMPARE, QAT, QAT_METHOD, as_bool, as_count, check_keys, default_device,
+                             register_resolvers)
+from qat.jobs.placement import device_errors, lightning_placement, resolve_device
 from qat.jobs.ptq import check_job, check_method, job_inputs, job_protocol, quant_name, run_one
 from qat.jobs.results import as_row, failed_row, to_json, write_results
 from qat.recipes import CONFIG_DIR
@@ -52,7 +53,9 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
     """One (method, scheme) job of `qat-compare -m`: its row (with eval protocol) written to out_dir/result.json.
 
     A job that raises is not re-raised: its row says status "failed" with the error, so the other jobs of
-    the sweep still run and the table shows what failed (Hydra's multirun would stop at the first error).
+    the sweep still run and the table shows what failed (Hydra's multirun would stop at the first error). A bad
+    `device` is the exception: it would fail every job alike, so it is raised before anything loads (qat-compare
+    refuses it in one line, exit 2, as its methods=[...] mode and qat-ptq do).
 
     Args:
         cfg: the composed compare config with a `method` node (fp, a PTQ method, or qat) and a `quant` node.
@@ -60,6 +63,8 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
         run_qat: runs a QAT method (`qat.lit.run.run_qat_job`: composes configs/train.yaml).
     Returns:
         the row written.
+    Raises:
+        ConfigError: a bad `device` (`qat.jobs.placement.device_errors`); ValueError: eval.tasks given.
     Example:
         >>> run_sweep_job({**cfg, "method": {"name": "gptq"}, "quant": load_recipe("w4a16_g128").to_dict()}, "out/0")
     """
@@ -67,6 +72,8 @@ def run_sweep_job(cfg: dict, out_dir: str | os.PathLike, run_qat: Callable[[dict
         raise ValueError("eval.tasks (lm-eval tasks per row) runs in the single-process qat-compare (no -m); in a "
                          "sweep, export or save each row and run `qat-eval tasks=[...]` on it, then merge with "
                          "qat-compare results=[...]")
+    if errors := device_errors(default_device() if cfg.get("device") is None else cfg["device"]):
+        raise ConfigError("; ".join(errors))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method = dict(cfg.get("method") or {"name": "?"})
@@ -220,10 +227,19 @@ def _same_calibration(calibration: dict) -> None:
 class AggregateResults(Callback):
     """Hydra callback (configs/compare.yaml, hydra.callbacks): the sweep's table once every job has run.
 
-    on_job_end records a job that escaped `run_sweep_job`'s own error handling as a failed row;
+    on_multirun_start refuses a bad `device` before any job runs; on_job_end records a job that escaped `run_sweep_job`'s own error handling as a failed row;
     on_multirun_end gathers every result.json of the sweep dir into results.{md,csv,json} and pareto.png
     there (qat.jobs.results.write_results), then exits with status 1 if a job failed and fail_on_error is set.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a bad `device` before Hydra launches any job (each would fail alike): one line, exit 2. Hydra
+        turns a callback's exception into a warning, so this exits itself; a swept `device=cpu,gpu` is refused by
+        the job that gets the bad value (`run_sweep_job`)."""
+        device = OmegaConf.select(config, "device", default=None)
+        if errors := device_errors(default_device() if device is None else device):
+            print(f"qat-compare: error: {'; '.join(errors)}", file=sys.stderr, flush=True)
+            sys.exit(2)  # qat.cli.boundary.USER_EXIT (jobs do not import the CLI layer)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if job_return is None or job_return.status != JobStatus.FAILED:

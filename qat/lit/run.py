@@ -296,8 +296,13 @@ def _before_training(cfg: DictConfig, record: RunRecord) -> list:
     if cfg.get("init") and not resume_skips_init:
         callbacks.append(PTQInit(OmegaConf.to_container(cfg.init, resolve=True), record))
     if cfg.eval.baselines and cfg.get("quant") is not None and not resume_skips_init:
-        callbacks.append(StartBaseline(record, cfg.init.name.upper() if cfg.get("init") else "RTN"))
+        callbacks.append(StartBaseline(record, _start_label(cfg)))
     return callbacks
+
+
+def _start_label(cfg: DictConfig) -> str:
+    """The start row's name in the table: the PTQ initialisation's (GPTQ, AWQ) or RTN."""
+    return cfg.init.name.upper() if cfg.get("init") else "RTN"
 
 
 def _method_label(cfg: DictConfig) -> str:
@@ -323,6 +328,24 @@ def gap_recovered(fp_ppl: float, start_ppl: float, qat_ppl: float) -> tuple[floa
             (math.log(start_ppl) - math.log(qat_ppl)) / (math.log(start_ppl) - math.log(fp_ppl)))
 
 
+def gap_line(start: str, results: dict[str, Any]) -> str | None:
+    """The table's summary line of `gap_recovered` (None when it is not computed or NaN: the start is not above
+    FP). QAT ending below FP is said so, with both perplexities, not as a share above 100%.
+
+    Example:
+        >>> gap_line("GPTQ", {"fp_ppl": 20.0, "rtn_ppl": 40.0, "qat_ppl": 25.0, "gap_recovered": 0.75,
+        ...                   "loss_gap_recovered": 0.678})
+        'QAT recovered 75.0% of the GPTQ -> FP perplexity gap (67.8% of the loss gap, log perplexity)'
+    """
+    if math.isnan(results.get("gap_recovered", math.nan)):
+        return None
+    if results["qat_ppl"] < results["fp_ppl"]:
+        return (f"QAT ended below FP ({results['qat_ppl']:.3f} vs {results['fp_ppl']:.3f} perplexity; "
+                f"{start} started at {results['rtn_ppl']:.3f}): the whole {start} -> FP gap is closed")
+    return (f"QAT recovered {100 * results['gap_recovered']:.1f}% of the {start} -> FP perplexity gap "
+            f"({100 * results['loss_gap_recovered']:.1f}% of the loss gap, log perplexity)")
+
+
 def _write_result(cfg: DictConfig, results: dict[str, Any]) -> None:
     """result.json in the run directory: the row `qat-compare results=...` reads."""
     row = {"method": _method_label(cfg), "quant": cfg.quant.name if cfg.get("quant") else "none", **results}
@@ -340,9 +363,8 @@ def _table(cfg, rows, results, n_tokens: int) -> str:
             f"{cfg.trainer.max_steps} steps x {cfg.data.batch_size} x {cfg.data.block_size} tokens; "
             f"perplexity on {n_tokens} held-out {cfg.eval.split} tokens")
     lines = [head, qat.format_table(rows)]
-    if not math.isnan(results.get("gap_recovered", math.nan)):
-        lines.append(f"QAT recovered {100 * results['gap_recovered']:.1f}% of the RTN -> FP perplexity gap "
-                     f"({100 * results['loss_gap_recovered']:.1f}% of the loss gap, log perplexity)")
+    if line := gap_line(_start_label(cfg), results):
+        lines.append(line)
     if results.get("tasks_s"):
         lines.append(f"lm-eval task columns: value ± standard error; {results['tasks_s']:.0f} s of the wall time")
     if results.get("tasks_omitted"):

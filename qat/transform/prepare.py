@@ -14,7 +14,7 @@ from qat.modules.kv_cache import attach_kv_quantizers, is_attention
 from qat.modules.registry import FAKE_QUANT, QUANTIZED, fake_quant_type
 from qat.modules.rotation import carry_rotation
 from qat.primitives import check_tensor
-from qat.spec import TensorSchemes
+from qat.spec import QuantSpec, TensorSchemes
 from qat.transform.match import matches
 from qat.transform.recipe import QuantRecipe, as_recipe
 from qat.transform.rotations import apply_rotations, rotation_errors
@@ -105,11 +105,12 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
     errors += _check_modules(result, by_name)
-    if errors and not recipe.gguf_fallback:
-        errors += _fallback_hints(result, by_name)
+    errors += _gguf_group_errors(result, by_name, recipe.gguf_fallback)
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name, recipe.gguf_fallback)
+    if len(errors) == 1:
+        raise ConfigError(f"cannot prepare the model: {errors[0]}")
     if errors:
         raise ConfigError("cannot prepare the model:\n" + "\n".join(f"  - {e}" for e in errors))
     return result
@@ -176,19 +177,40 @@ def _fall_back(result: Plan, by_name: dict[str, nn.Module]) -> None:
         (log.warning if lost else log.info)(line)
 
 
-def _fallback_hints(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
-    """One line per GGUF type whose groups do not divide some module's rows (ternary g256 on 576-wide rows, refused
-    above) where its fallback type's would: the recipe key that trains them on it."""
-    hints: dict[tuple[str, str], list[str]] = {}
+def _gguf_misfit(module: nn.Module, spec: QuantSpec | None) -> bool:
+    """A weight on a GGUF grid whose groups (the type's blocks: ternary g256) do not divide its rows; a GGUF grid
+    takes no `ragged` (its blocks are whole), so `_gguf_group_errors` words this refusal, not `check_tensor`."""
+    return (spec is not None and spec.granularity == "per_group" and not spec.ragged
+            and get_format(spec).gguf_type(spec) is not None
+            and any(w % spec.group_size for w in _row_widths(module)))
+
+
+def _gguf_group_errors(result: Plan, by_name: dict[str, nn.Module], fell_back: bool = False) -> list[str]:
+    """One line per GGUF type whose groups do not divide some modules' rows (ternary g256 on 576-wide rows): how
+    many, the first few, and what would do: the recipe key gguf_fallback: true where the fallback type's blocks
+    hold the rows, else leaving them out (not `ragged`, which a GGUF grid does not take)."""
+    misfits: dict[tuple[str, int], list[str]] = {}
     for n, s in result.modules.items():
-        pair = None if s.weight is None else gguf_fallback(s.weight)
-        widths = _row_widths(by_name[n])
-        if pair and any(w % s.weight.group_size for w in widths) \
-                and not any(w % gguf_types()[pair[1]].block for w in widths):
-            hints.setdefault(pair, []).append(n)
-    return [f"{len(names)} module(s) on the GGUF {old} grid (e.g. {names[0]}) have rows its blocks cannot hold; "
-            f"GGUF stores such rows as {new}: the recipe key gguf_fallback: true trains them on {new}'s grid"
-            for (old, new), names in hints.items()]
+        if not hasattr(fake_quant_type(by_name[n]), "plan_errors") and _gguf_misfit(by_name[n], s.weight):
+            misfits.setdefault((get_format(s.weight).gguf_type(s.weight), s.weight.group_size), []).append(n)
+    lines = []
+    for (gguf, group), names in misfits.items():
+        spec = result.modules[names[0]].weight
+        pair = gguf_fallback(spec)
+        rows = {w for n in names for w in _row_widths(by_name[n])}
+        fits = pair is not None and not any(w % gguf_types()[pair[1]].block for w in rows)
+        widths = ", ".join(str(w) for w in sorted(rows) if w % group)  # the rows the blocks cannot hold
+        if fits and not fell_back:
+            fix = f"GGUF stores such rows as {pair[1]}: the recipe key gguf_fallback: true trains them on {pair[1]}'s " \
+                  "grid"
+        else:
+            why = (f"GGUF would store them as {pair[1]}, whose blocks of {gguf_types()[pair[1]].block} do not hold "
+                   "them either" if pair else f"GGUF has no fallback type for {gguf}")
+            fix = f"{why}: leave them out (quant.ignore) or choose a GGUF type whose blocks divide their rows"
+        shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+        lines.append(f"{len(names)} module(s) on the GGUF {gguf} grid have rows of {widths} "
+                     f"columns, not a multiple of its {group}-wide blocks ({shown}); {fix}")
+    return lines
 
 
 def _row_widths(module: nn.Module) -> list[int]:
@@ -207,7 +229,7 @@ def _check_modules(result: Plan, by_name: dict[str, nn.Module]) -> list[str]:
         if hasattr(kind, "plan_errors"):  # fused experts and MoE routers check themselves
             errors += kind.plan_errors(module, schemes, n)
             continue
-        if schemes.weight is not None:
+        if schemes.weight is not None and not _gguf_misfit(module, schemes.weight):  # else one line per GGUF type
             try:
                 check_tensor(module.weight.detach(), f"{n}.weight", schemes.weight)
             except ValueError as err:

@@ -127,6 +127,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("ptq", ["device=gpu"], "device='gpu'; choose auto, cpu, cuda or cuda:N")
     add("ptq", ["device=cuda:99"], "device='cuda:99'")
     add("ptq", ["device=7"], "device=7; choose auto, cpu, cuda or cuda:N")
+    # a constructor's ConfigError (QATModule's prepare): its own line, not after Hydra's "Error in call to target"
+    add("train", TR + ["quant=gguf_tq2_0_lsq", "quant.gguf_fallback=false"], "qat-train: error: cannot prepare the "
+        "model: 12 module(s) on the GGUF TQ2_0 grid have rows of 128 columns, not a multiple of its 256-wide blocks "
+        "(model.layers.0.self_attn.q_proj, ")
 
     # qat-compare
     for over, expected in [("methods=[nope]", "nope"), ("quants=[nope]", "nope"), ("results=[{tmp}/notes.txt]", "notes.txt"),

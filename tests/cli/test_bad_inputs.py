@@ -80,6 +80,31 @@ def test_a_bad_interpolation_is_refused_before_the_job_starts(override, key, fil
     assert code == 0 and started and started[0].label == "qat_lr0.0001", out  # a good one reaches the job
 
 
+@pytest.mark.parametrize("argv, env, expected", [
+    (["method=rtn", "quant=w4a16_g128", "device=gpu"], None, "device='gpu'; choose auto, cpu, cuda or cuda:N"),
+    (["method=fp", "device=tpu"], None, "device='tpu'; choose auto, cpu, cuda or cuda:N"),
+    (["method=rtn", "quant=w4a16_g128", "device=cuda:99"], None, "device='cuda:99'"),
+    (["method=rtn", "quant=w4a16_g128"], "gpu", "device='gpu' (from QAT_DEVICE='gpu'); choose auto, cpu, cuda"),
+    (["-m", "method=rtn,gptq", "quant=w4a16_g128", "device=gpu"], None, "device='gpu'; choose auto, cpu, cuda"),
+    (["-m", "method=fp,rtn", "quant=w4a16_g128"], "gpu", "device='gpu' (from QAT_DEVICE='gpu')"),
+    (["-m", "method=rtn", "quant=w4a16_g128", "device=cuda:99"], None, "device='cuda:99'")])
+def test_compare_job_refuses_a_bad_device_before_loading(argv, env, expected, files, tmp_path, monkeypatch):
+    """A single job (method=...) or a multirun of qat-compare refuses a bad `device` as its methods=[...] mode and
+    qat-ptq do: one line, exit 2, no model loaded and no failed row written (was: a failed row, exit 0 / 1)."""
+    import qat.jobs.sweep
+
+    loaded = []
+    monkeypatch.setattr(qat.jobs.sweep, "job_inputs", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(
+        AssertionError("a model loaded")))
+    if env is not None:
+        monkeypatch.setenv("QAT_DEVICE", env)
+    code, out = run_in_process("compare", argv_for(argv, tmp_path, "compare"))
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qat-compare: error: "), out
+    assert expected in lines[0] and "ConfigError" not in out and "bad config" not in out, out
+    assert not loaded and not list(tmp_path.rglob("result.json")), out
+
+
 def test_an_interpolation_read_through_another_names_both():
     """The node holding the bad interpolation and the node whose reading led there."""
     from omegaconf import OmegaConf

@@ -162,6 +162,34 @@ def test_rows_a_ternary_block_cannot_hold_are_refused_naming_the_key():
                     {**read_recipe("gguf_tq2_0_lsq"), "gguf_fallback": False})
 
 
+def test_the_ternary_refusal_is_one_line_without_ragged_advice():
+    """The 12 misfit modules are one line (count, the first three), with the gguf_fallback key in it: not a line per
+    module each advising `ragged: true`, which a GGUF grid does not take."""
+    with pytest.raises(ConfigError) as err:
+        qat.prepare(tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=256),
+                    {**read_recipe("gguf_tq2_0_lsq"), "gguf_fallback": False})
+    text = str(err.value)
+    assert text == ("cannot prepare the model: 12 module(s) on the GGUF TQ2_0 grid have rows of 128 columns, not a "
+                    "multiple of its 256-wide blocks (model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, "
+                    "model.layers.0.self_attn.v_proj, ... (9 more)); GGUF stores such rows as Q4_0: the recipe key "
+                    "gguf_fallback: true trains them on Q4_0's grid"), text
+    assert "ragged" not in text and "\n" not in text
+
+
+def test_rows_the_fallback_cannot_hold_either_are_refused_naming_what_would_do():
+    """gguf_fallback on, rows of 100 (a multiple of neither TQ2_0's 256 nor Q4_0's 32): not the key already set,
+    nor ragged, but leaving them out or another type."""
+    model = torch.nn.Sequential(torch.nn.Linear(100, 8), torch.nn.Linear(8, 4))
+    with pytest.raises(ConfigError) as err:
+        qat.prepare(model, {**read_recipe("gguf_tq2_0_lsq"), "gguf_fallback": True, "ignore": []})
+    text = str(err.value)
+    assert "2 module(s) on the GGUF TQ2_0 grid have rows of 8, 100 columns, not a multiple of its 256-wide blocks " \
+           "(0, 1); " in text, text
+    assert "GGUF would store them as Q4_0, whose blocks of 32 do not hold them either: leave them out " \
+           "(quant.ignore) or choose a GGUF type whose blocks divide their rows" in text, text
+    assert "ragged" not in text and "gguf_fallback: true" not in text, text
+
+
 @pytest.mark.parametrize("recipe, targets, warned", [("gguf_q4_k", ["Linear"], True),  # lm_head Q5_0, embedding float
                                                      ("gguf_q4_k", ["Linear", "Embedding"], False),  # one grid: exact
                                                      ("gguf_iq4_xs_lsq", ["Linear", "Embedding"], True)])  # own scales

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from qat.lit.run import check_config, train
+from qat.lit.run import check_config, gap_line, gap_recovered, train
 
 from helpers_train import CONFIG_DIR, ROOT, compose_train, subprocess_env
 
@@ -30,7 +30,8 @@ def test_default_run_prints_table_and_logs(tmp_path, capsys):
                          "callbacks.quant_stats.every_n_steps=1"], tmp_path)
     results = train(cfg)
     out = capsys.readouterr().out
-    assert "| FP " in out and "| RTN " in out and "| QAT " in out and "gap" in out
+    assert "| FP " in out and "| RTN " in out and "| QAT " in out and "RTN -> FP" in out
+    assert gap_line("RTN", results) in out  # recovered x% of the gap, or ended below FP (on this random model)
     assert {"fp_ppl", "rtn_ppl", "qat_ppl", "gap_recovered", "loss_gap_recovered"} <= set(results)
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     for key in ("train/loss", "train/lr", "quant/scale_mean", "quant/clip_frac", "model.layers.0.mlp.up_proj/scale_mean"):
@@ -194,3 +195,21 @@ def test_gap_recovered_in_perplexity_and_loss():
     assert 0.59 < loss < 0.60
     assert gap_recovered(20.0, 40.0, 20.0) == (1.0, 1.0) and gap_recovered(20.0, 40.0, 40.0) == (0.0, 0.0)
     assert all(math.isnan(x) for x in gap_recovered(30.0, 20.0, 25.0))  # the start below FP: no gap to close
+
+
+def test_gap_line_names_the_start_row_and_says_when_qat_ends_below_fp():
+    """The summary line names the start row's label (GPTQ / AWQ with init=..., not always RTN), and QAT ending
+    below FP is said in perplexities, not as a share over 100% (thousands of % on a tiny random model)."""
+    def results(fp, start, qat_ppl):
+        ppl, loss = gap_recovered(fp, start, qat_ppl)
+        return {"fp_ppl": fp, "rtn_ppl": start, "qat_ppl": qat_ppl, "gap_recovered": ppl, "loss_gap_recovered": loss}
+
+    assert gap_line("GPTQ", results(20.0, 40.0, 25.0)) == ("QAT recovered 75.0% of the GPTQ -> FP perplexity gap "
+                                                           "(67.8% of the loss gap, log perplexity)")
+    assert gap_line("RTN", results(20.0, 40.0, 20.0)).startswith("QAT recovered 100.0% of the RTN -> FP")
+    below = gap_line("AWQ", results(300.0, 300.5, 250.0))  # 10000% of the gap as a share
+    assert below == ("QAT ended below FP (250.000 vs 300.000 perplexity; AWQ started at 300.500): the whole AWQ -> FP "
+                     "gap is closed")
+    assert "%" not in below
+    assert gap_line("RTN", results(30.0, 20.0, 25.0)) is None  # the start below FP: no line, as before
+    assert gap_line("RTN", {"fp_ppl": 20.0, "qat_ppl": 25.0}) is None  # no start row (eval.baselines=false)
