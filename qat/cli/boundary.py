@@ -242,7 +242,7 @@ def _shown_config(app: str, args: list[str]) -> Iterator[None]:
         flags = get_args_parser().parse_args(args)
     except BaseException:  # noqa: BLE001 - refused by check_flags before this runs; Hydra parses it again
         flags = None
-    if flags is None or flags.cfg is None:
+    if flags is None or flags.cfg is None or flags.help or flags.hydra_help:  # help wins over --cfg in Hydra
         yield
         return
     out, err = io.StringIO(), io.StringIO()

@@ -18,6 +18,7 @@ import torch
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -224,6 +225,16 @@ def _same_calibration(calibration: dict) -> None:
                          "training split; use calibration.split=train")
 
 
+def _override_values(overrides: list[str], key: str) -> list[str] | None:
+    """The values the command-line overrides give `key` (every value of a sweep), None where none sets it."""
+    found = None
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.key_or_group == key:
+            found = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
+                     else [str(override.value())])
+    return found
+
+
 class AggregateResults(Callback):
     """Hydra callback (configs/compare.yaml, hydra.callbacks): the sweep's table once every job has run.
 
@@ -234,10 +245,13 @@ class AggregateResults(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuse a bad `device` before Hydra launches any job (each would fail alike): one line, exit 2. Hydra
-        turns a callback's exception into a warning, so this exits itself; a swept `device=cpu,gpu` is refused by
-        the job that gets the bad value (`run_sweep_job`)."""
-        device = OmegaConf.select(config, "device", default=None)
-        if errors := device_errors(default_device() if device is None else device):
+        turns a callback's exception into a warning, so this exits itself. A swept `device=cpu,gpu` is checked
+        value by value here too (the config Hydra passes holds only the default)."""
+        swept = _override_values(OmegaConf.select(config, "hydra.overrides.task", default=None) or [], "device")
+        if swept is None:  # no device= on the command line: the config's own (QAT_DEVICE or auto)
+            device = OmegaConf.select(config, "device", default=None)
+            swept = [default_device() if device is None else device]
+        if errors := [e for value in swept for e in device_errors(value)]:
             print(f"qat-compare: error: {'; '.join(errors)}", file=sys.stderr, flush=True)
             sys.exit(2)  # qat.cli.boundary.USER_EXIT (jobs do not import the CLI layer)
 

@@ -87,7 +87,9 @@ def test_a_bad_interpolation_is_refused_before_the_job_starts(override, key, fil
     (["method=rtn", "quant=w4a16_g128"], "gpu", "device='gpu' (from QAT_DEVICE='gpu'); choose auto, cpu, cuda"),
     (["-m", "method=rtn,gptq", "quant=w4a16_g128", "device=gpu"], None, "device='gpu'; choose auto, cpu, cuda"),
     (["-m", "method=fp,rtn", "quant=w4a16_g128"], "gpu", "device='gpu' (from QAT_DEVICE='gpu')"),
-    (["-m", "method=rtn", "quant=w4a16_g128", "device=cuda:99"], None, "device='cuda:99'")])
+    (["-m", "method=rtn", "quant=w4a16_g128", "device=cuda:99"], None, "device='cuda:99'"),
+    (["-m", "method=rtn", "quant=w4a16_g128", "device=cpu,gpu"], None, "device='gpu'; choose auto, cpu, cuda"),
+    (["-m", "method=rtn", "quant=w4a16_g128", "device=cpu,tpu"], "cpu", "device='tpu'")])
 def test_compare_job_refuses_a_bad_device_before_loading(argv, env, expected, files, tmp_path, monkeypatch):
     """A single job (method=...) or a multirun of qat-compare refuses a bad `device` as its methods=[...] mode and
     qat-ptq do: one line, exit 2, no model loaded and no failed row written (was: a failed row, exit 0 / 1)."""
@@ -132,7 +134,9 @@ def test_cfg_help_and_info_still_work(app, files):
     assert code == 0 and "name: w8a8" in out and f"{APPS[app]}: error" not in out, out
     if app == "ptq":
         for argv, shown in [(["--help"], "== Configuration groups =="), (["--info", "defaults"], "Defaults List"),
-                            (["--hydra-help"], "Hydra (1."), (["--cfg", "hydra", "--package", "hydra.job"], "chdir:")]:
+                            (["--hydra-help"], "Hydra (1."), (["--cfg", "hydra", "--package", "hydra.job"], "chdir:"),
+                            (["--cfg", "job", "--help"], "== Configuration groups =="),
+                            (["--hydra-help", "--cfg", "job"], "Hydra (1.")]:
             code, out = run_in_process(app, argv)
             assert code == 0 and shown in out and "qat-ptq: error" not in out, (argv, out)
 
