@@ -199,7 +199,29 @@ def train_config(cfg: dict, out_dir: Path) -> DictConfig:
         if tcfg.get("init"):
             _same_calibration(cfg["calibration"])
             tcfg.init.calibration = {"samples": cfg["calibration"]["samples"], "seq_len": cfg["calibration"]["seq_len"]}
+    if (n := _processes(tcfg.trainer)) != 1:
+        raise ConfigError(f"a qat-compare QAT row with trainer.devices={tcfg.trainer.get('devices')} "
+                          f"(num_nodes={tcfg.trainer.get('num_nodes', 1)}): {'several' if n is None else n} training "
+                          "processes, and Lightning starts each one by re-running the whole qat-compare command; "
+                          "run qat-train trainer=ddp on its own and add its result.json with "
+                          "qat-compare results=[...]")
     return tcfg
+
+
+def _processes(trainer: DictConfig) -> int | None:
+    """How many processes Lightning trains with under `trainer` (devices x num_nodes); None where it decides
+    itself (devices=-1 / "auto" with a multi-device strategy)."""
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) * nodes
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):  # "auto": one process unless the strategy asks for more
+        strategy = str(trainer.get("strategy") or "auto")
+        return nodes if strategy in ("auto", "single_device") else None
+    return None if count == -1 else count * nodes
 
 
 def qat_placement(cfg: dict) -> torch.device | None:

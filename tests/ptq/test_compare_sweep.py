@@ -139,9 +139,17 @@ def test_qat_job_device_gives_way_to_trainer_overrides(monkeypatch):
                         'qat.overrides=["trainer.accelerator=cpu"]'])
     tcfg = train_config(cfg, "/tmp/unused")
     assert (tcfg.trainer.accelerator, tcfg.trainer.devices) == ("cpu", 1)  # configs/trainer's, not device's
-    tcfg = train_config({**cfg, "qat": {**cfg["qat"], "overrides": []}, "method": {**cfg["method"],
-                         "overrides": ["trainer=ddp"]}}, "/tmp/unused")
-    assert tcfg.trainer.strategy == "ddp" and tcfg.trainer.devices == 2 and tcfg.trainer.accelerator == "cpu"
+    ddp = {**cfg, "qat": {**cfg["qat"], "overrides": []}, "method": {**cfg["method"], "overrides": ["trainer=ddp"]}}
+    with pytest.raises(ValueError, match=r"trainer.devices=2 .*2 training processes, and Lightning starts each one by "
+                                         r"re-running the whole qat-compare command"):
+        train_config(ddp, "/tmp/unused")  # configs/trainer/ddp's two CPU processes: refused, not the sweep run twice
+    for devices in ("[0,1]", "-1"):
+        with pytest.raises(ValueError, match="re-running the whole qat-compare command"):
+            train_config({**ddp, "method": {**ddp["method"], "overrides": ["trainer=ddp", f"trainer.devices={devices}"]}},
+                         "/tmp/unused")
+    tcfg = train_config({**ddp, "method": {**ddp["method"], "overrides": ["trainer=ddp", "trainer.devices=1"]}},
+                        "/tmp/unused")
+    assert tcfg.trainer.strategy == "ddp" and tcfg.trainer.devices == 1 and tcfg.trainer.accelerator == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device='cuda:1': no CUDA device here"):
         train_config({**cfg, "qat": {**cfg["qat"], "overrides": []}}, "/tmp/unused")
