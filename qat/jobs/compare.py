@@ -13,7 +13,7 @@ import torch
 import qat
 from qat.errors import ConfigError
 from qat.jobs import ptq
-from qat.jobs.config import COMPARE, check_keys
+from qat.jobs.config import COMPARE, as_bool, check_keys
 from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
 from qat.jobs.placement import resolve_device
 from qat.jobs.ptq import check_job, check_method, check_values, job_inputs, job_protocol
@@ -28,6 +28,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
     check_keys(cfg, COMPARE)
     if errors := check_values(cfg):  # also when every row comes from `results` files
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+    progress = as_bool(cfg.get("progress", True), "progress")
     torch.manual_seed(int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device"))  # checked by check_values
     methods = [_method_entry(m) for m in cfg["methods"]]
@@ -54,8 +55,8 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             check_method(opts, f"methods entry {label!r}")
         for i, quant in enumerate([None] if opts["name"] == "fp" else cfg["quants"]):
             args = {k: v for k, v in opts.items() if k != "name"}
-            row, model = ptq.run_one(load, opts["name"], quant, batches, blocks, args,
-                             batch_size=cfg["eval"].get("batch_size", 4), device=device)
+            row, model = ptq.run_one(load, opts["name"], quant, batches, blocks, args, progress=progress,
+                                     batch_size=cfg["eval"].get("batch_size", 4), device=device)
             row.update(method=label, protocol=job_protocol(cfg, blocks))
             if quant is not None:  # a recipe file whose name clashes is labelled apart (`ptq.quant_labels`)
                 row["quant"] = quant_rows[i]

@@ -121,3 +121,19 @@ def test_compare_job(tmp_path):
     assert doc["protocol"] == {"data": cfg["data"]["path"], "split": "test", "blocks": 2, "block_size": 64}
     assert [r["method"] for r in rows] == ["fp", "rtn", "gptq"]
     assert all(r["ppl"] > 1 for r in rows) and rows[0]["bits_per_weight"] == 16.0
+
+
+def test_compare_job_rows_show_progress_unless_turned_off(tmp_path, monkeypatch):
+    """The single-process table (no -m) shows each PTQ row's per-block bar as qat-ptq does; a bad `progress` is
+    refused before any model loads."""
+    import qat.jobs.compare as compare
+    seen = []
+    real = compare.ptq.run_one
+    monkeypatch.setattr(compare.ptq, "run_one", lambda *a, **k: seen.append(k["progress"]) or real(*a, **k))
+    base = ["calibration.samples=8", "eval.max_blocks=1", "methods=[rtn]", "quants=[w4a16_g128]"]
+    run_compare_job(_compose("compare", base), tmp_path / "a", log=lambda s: None)
+    run_compare_job({**_compose("compare", base), "progress": False}, tmp_path / "b", log=lambda s: None)
+    assert seen == [True, False]
+    monkeypatch.setattr(compare, "job_inputs", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ValueError, match="progress"):
+        run_compare_job({**_compose("compare", base), "progress": "sometimes"}, tmp_path / "c", log=lambda s: None)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qat.ptq import gptq_quantize, method_config, ptq_model
+from qat import load_recipe
 from qat.spec import QuantSpec
 
 from .conftest import correlated_inputs, recipe
@@ -43,6 +44,19 @@ def test_unsupported_scheme_is_refused_before_work():
     rec = recipe(bits=8, granularity="per_channel") | {"weight": {"bits": 8, "dtype": "fp8_e4m3", "granularity": "per_channel"}}
     with pytest.raises(ValueError, match="not supported by this PTQ method"):
         ptq_model(_layer(), rec, "gptq", [torch.randn(256, 64)], progress=False)
+
+
+def test_unsupported_scheme_is_one_line_for_all_its_modules():
+    """MXFP8 under GPTQ on a whole model: one line naming the count and the first modules, not one per linear."""
+    from qat.testing import tiny_llama
+    with pytest.raises(ValueError) as caught:
+        ptq_model(tiny_llama(vocab_size=256), load_recipe("mxfp8"), "gptq", [torch.randint(0, 256, (4, 64))],
+                  progress=False)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("  - 14 modules (model.layers.0.self_attn.q_proj, "), lines
+    assert lines[1].endswith(", ...): weight scheme fp8_e4m3 sym g32 mx is not supported by this PTQ method; use an "
+                             "integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid uniform "
+                             "or ggml or ggml_k or iq4_nl or iq4_xs or mx or nvfp4 or ternary"), lines
 
 
 def test_all_zero_inputs_fall_back_to_rtn():

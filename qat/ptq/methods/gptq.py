@@ -11,7 +11,7 @@ from torch import nn
 
 from qat.control import quantization_disabled
 from qat.errors import ConfigError
-from qat.ptq.checks import check_ranges
+from qat.ptq.checks import check_ranges, module_lines
 from qat.ptq.distributed import combine, spread
 from qat.ptq.gptq import STATIC_FIT, GPTQResult, check_spec, gptq_quantize, hessian_factor, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
@@ -81,17 +81,17 @@ def check_model(linears: dict, cfg: GPTQConfig) -> None:
         try:
             check_spec(spec, n, grids=True)
         except ValueError as err:
-            errors.append(str(err))
+            errors.append((n, str(err).removeprefix(f"{n}: ")))
             continue
         if cfg.actorder and not cfg.static_groups and spec.granularity == "per_group":
             if m.weight_quantizer.learned:
-                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which learned scales do not "
-                              "support; set static_groups=true")
+                errors.append((n, "actorder with dynamic groups records a g_idx, which learned scales do not "
+                                  "support; set static_groups=true"))
             elif not holds_g_idx(spec) and spec.grid not in STATIC_FIT:  # those solve with static groups anyway
-                errors.append(f"{n}: actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
-                              "grid) cannot hold; set static_groups=true or actorder=false")
+                errors.append((n, f"actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
+                                  "grid) cannot hold; set static_groups=true or actorder=false"))
     if errors:
-        raise ConfigError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in module_lines(errors)))
 
 
 def solve_linear(name: str, module, stats: InputStats, cfg: GPTQConfig, factor=None) -> float | None:
