@@ -116,6 +116,45 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     return model.eval()
 
 
+
+def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of a transformers config with its parameters on the meta device (buffers real), in eval mode:
+    the modules and shapes without the memory (`qat.ptq.stream` fills it block by block)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                   **tiny_kwargs: Any) -> nn.Module | None:
+    """What `load_model` would return, with nothing read but its config (parameters on the meta device): a recipe
+    and a method can be checked against its modules and shapes before any weights load. The tiny model is built for
+    real (it is small).
+
+    Returns:
+        the model, or None where the config cannot be read without the network (a hub name offline): the same
+        checks then run when the model loads.
+    Raises:
+        FileNotFoundError / ValueError: as `load_model`, for a missing path or a bad dtype.
+    Example:
+        >>> qat.prepare(model_skeleton("smollm2-135m"), qat.load_recipe("w4a16_g128"))  # ConfigError: 576 % 128
+    """
+    torch_dtype = resolve_dtype(dtype)
+    source = check_model_source(name_or_path)
+    if source in TINY_NAMES:
+        return tiny_llama(**{**TINY_DEFAULTS, **tiny_kwargs}, dtype=torch_dtype)
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path) if path.exists() else source)
+    except (OSError, ValueError):
+        return None
+    return meta_model(config, torch_dtype)
+
 # The files a tokenizer is read from (tokenizers' JSON, sentencepiece / tiktoken models, BPE / WordPiece vocabularies).
 # Without any of them transformers does not fail: for GPT-2 / Qwen2 / Llama configs it builds a tokenizer of 1-3
 # special tokens, every text then encodes to almost nothing, and a job stops much later on "only N tokens".

@@ -21,7 +21,7 @@ def signed_peak(view: torch.Tensor) -> torch.Tensor:
     hi, lo = view.amax(-1, keepdim=True), view.amin(-1, keepdim=True)
     peak = torch.where(hi > -lo, hi, lo)
     tie = hi == -lo
-    if bool(tie.any()):  # only these blocks need the first index
+    if not view.is_meta and bool(tie.any()):  # only these blocks need the first index (meta: shapes only)
         rows = view[tie.squeeze(-1)]
         peak[tie] = rows.gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
     return peak

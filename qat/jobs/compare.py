@@ -18,8 +18,8 @@ from qat.jobs.harness import evaluate_tasks, flat_metrics, require_lm_eval
 from qat.jobs.placement import resolve_device
 from qat.jobs.ptq import check_job, check_method, check_values, job_inputs, job_protocol
 from qat.jobs.results import check_protocols, load_results, write_results
-from qat.models import load_tokenizer, tokenizer_location
-from qat.ptq import METHODS
+from qat.models import load_tokenizer, model_skeleton, tokenizer_location
+from qat.ptq import METHODS, preflight
 from qat.recipes import CONFIG_DIR
 from qat.transform.recipe import load_recipe
 
@@ -44,6 +44,7 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
             _check_quants(cfg["quants"])
         for _, opts in methods:
             check_job(cfg, calibrate=opts["name"] != "fp", method=None if opts["name"] == "fp" else opts)
+        _check_pairs(cfg["model"], [(label, opts) for label, opts in methods if opts["name"] != "fp"], cfg["quants"])
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
         if extra:  # merged rows measured otherwise are refused now, not after every method has run
             check_protocols([{"method": "", "quant": "", "protocol": job_protocol(cfg, blocks),
@@ -97,6 +98,31 @@ def _check_quants(quants: Sequence[Any]) -> None:
             errors.append(f"quants entry {quant!r}: {err}")
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _check_pairs(model_cfg: dict, methods: list[tuple[str, dict]], quants: Sequence[Any]) -> None:
+    """Every scheme, then every method x scheme row, on the model's skeleton (`qat.ptq.preflight`: config only, no
+    weights), so that a scheme that does not fit the model's shapes, or one a method cannot solve, is refused before
+    the first row runs, not hours in. A model whose config cannot be read offline (a hub name) is checked row by row
+    as it loads."""
+    errors = []
+    for quant in quants if methods else []:
+        model = model_skeleton(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
+        if model is None:
+            return
+        try:
+            preflight(model, quant)
+        except ConfigError as err:
+            errors.append(f"quants entry {ptq.quant_name(quant)!r}: {err}")
+            continue
+        for label, opts in methods:
+            try:
+                preflight(model, quant, {k: v for k, v in opts.items() if k != "label"})
+            except ConfigError as err:
+                errors.append(f"methods entry {label!r} x quants entry {ptq.quant_name(quant)!r}: {err}")
+    if errors:
+        raise ConfigError("bad config (nothing has run):\n"
+                          + "\n".join("  - " + e.strip().replace("\n", "\n    ") for e in errors))
 
 
 def compare_title(cfg: dict) -> str:

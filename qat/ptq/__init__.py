@@ -7,7 +7,7 @@ fake-quant forward reproduces the quantized weight exactly and `qat.convert` sto
     model = qat.ptq.ptq_model(model, "w4a16_g128", "gptq", batches, actorder=True)
     qat.convert(model)
 """
-from qat.ptq.api import apply, method_config, ptq_model
+from qat.ptq.api import apply, method_config, preflight, ptq_model
 from qat.ptq.awq import search_clip, search_scale
 from qat.ptq.checks import count_tokens
 from qat.ptq.gptq import gptq_quantize
@@ -23,7 +23,7 @@ from qat.ptq.stats import InputStats, record_inputs
 
 __all__ = [
     "METHODS", "PTQMethod", "register_method", "get_method", "BlockContext",
-    "apply", "ptq_model", "method_config", "method_of_config", "distributed_methods", "count_tokens",
+    "apply", "ptq_model", "preflight", "method_config", "method_of_config", "distributed_methods", "count_tokens",
     "RTNConfig", "GPTQConfig", "AWQConfig", "SmoothQuantConfig",
     "pin_rtn", "gptq_quantize", "search_scale", "search_clip", "smooth_scale",
     "InputStats", "record_inputs",

@@ -4,9 +4,11 @@ Methods are looked up in the registry of `qat.ptq.methods` (one file per algorit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Any, Iterable
 
 from torch import nn
@@ -99,6 +101,44 @@ def apply(model: nn.Module, method_cfg: Any, batches: Iterable[Any] | None = Non
         model.qat_ptq["expert_tokens"] = method.expert_tokens  # calibration tokens routed to each MoE expert
     log.info("%s: %d linear layers in %.1f s", method.name, len(linears), seconds)
     return model
+
+
+def preflight(model: nn.Module, recipe: Any, method: Any = None) -> None:
+    """The checks `ptq_model` makes before calibrating, on a model whose weights need not be there (a
+    `qat.models.model_skeleton`, parameters on the meta device): the recipe prepares it (module patterns, shapes,
+    group sizes; skipped when the model is prepared already, as in `ptq_model`) and the method, when given, checks
+    the schemes it got (GPTQ / AWQ grids, SmoothQuant's activations). Prepare's warnings stay silent here (the real
+    run says them). `model` is prepared in place: pass a throwaway skeleton, then check each method on it.
+
+    Raises:
+        ConfigError: what `ptq_model` would raise for this model, recipe and method before any solve.
+    Example:
+        >>> model = model_skeleton("smollm2-135m"); preflight(model, "gguf_q4_0")
+        >>> preflight(model, None, "awq")  # ConfigError: AWQ does not solve the ggml grid
+    """
+    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        with warnings.catch_warnings(), _quiet("qat"):
+            warnings.simplefilter("ignore")
+            prepare(model, load_recipe(recipe) if isinstance(recipe, str) else recipe)
+    if method is None:
+        return
+    cfg = method_config(method)
+    solver: PTQMethod = method_of_config(cfg)(cfg)
+    linears = quantized_linears(model)
+    check_prepared(model, linears, solver.name)
+    solver.check(model, linears)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Log records of `logger` below ERROR dropped for the duration."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 def ptq_model(model: nn.Module, recipe: Any, method: Any, calibration_batches: Iterable[Any] | None = None,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qat.control import quantizers
-from qat.errors import ConfigError
+from qat.errors import ConfigError, module_lines
 from qat.modules.experts import FakeQuantExperts
 from qat.modules.fake import FakeQuantLinear
 from qat.ptq.gptq import check_spec
@@ -102,22 +102,6 @@ def check_weight_schemes(linears: dict, owner: str, grids: bool = False) -> None
             errors.append((n, str(err).removeprefix(f"{n}: ")))
     if errors:
         raise ConfigError(f"{owner}:\n" + "\n".join(f"  - {e}" for e in module_lines(errors)))
-
-
-def module_lines(errors: list[tuple[str, str]]) -> list[str]:
-    """(module, reason) pairs as one line per reason, naming how many modules and the first three (a scheme a
-    method cannot solve is one reason on every linear: 210 lines on SmolLM2 otherwise).
-
-    Example:
-        >>> module_lines([("a", "bad"), ("b", "bad"), ("c", "worse")])
-        ['2 modules (a, b): bad', 'c: worse']
-    """
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in errors:
-        by_reason.setdefault(reason, []).append(name)
-    return [f"{names[0]}: {reason}" if len(names) == 1 else
-            f"{len(names)} modules ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}"
-            for reason, names in by_reason.items()]
 
 
 def check_fold(name: str, before: list, after: list) -> None:

@@ -42,9 +42,9 @@ class GPTQResult:
 
 
 # -- format-dependent branches ----------------------------------------------------------------------
-# Every place the GPTQ solver depends on the weight's number format (uniform integer grid vs the GGUF block
-# grids ggml / ggml_k) is in this section, so that the format registry can take these over in one place.
-BLOCK_GRIDS = ("iq4_nl", "iq4_xs", "mx", "nvfp4", "ternary")  # block formats both methods solve on their own grid
+# Every place the GPTQ solver depends on the weight's number format (uniform grid vs the GGUF and other block
+# grids) is in this section, so that the format registry can take these over in one place.
+BLOCK_GRIDS = ("iq4_nl", "iq4_xs", "mx", "nvfp4", "ternary", "block")  # block formats both methods solve on their own grid
 SOLVABLE_GRIDS = ("uniform", "ggml", "ggml_k", *BLOCK_GRIDS)  # GPTQ
 AWQ_GRIDS = ("uniform", *BLOCK_GRIDS)
 # grids whose scales GPTQ always fits on the original weight (static groups): NVFP4's block scales hang under one
@@ -55,8 +55,10 @@ SEARCHED = {"iq4_nl": iq4_nl_fitted_scale, "iq4_xs": iq4_xs_fitted_scale}  # imp
 
 
 def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
-    """GPTQ / AWQ solve integer weight grids per tensor, channel or group, and the block formats (IQ4_NL, IQ4_XS,
-    MXFP4, NVFP4, ternary) on their own grids; GPTQ also the GGUF legacy and K-quant grids.
+    """GPTQ / AWQ solve static weight schemes per tensor, channel or group on the uniform grid (integer and fp8
+    elements), and the block formats (IQ4_NL, IQ4_XS, MXFP4, MXFP8, NVFP4, FP8 blocks, ternary) on their own grids:
+    every column is rounded with the format's own rounding, so fp8 elements need nothing special. GPTQ also solves
+    the GGUF legacy and K-quant grids.
 
     Args:
         grids: also accept the ggml / ggml_k block grids (GPTQ constrained to a GGUF type).
@@ -64,9 +66,9 @@ def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
         ValueError: naming the module and what is supported.
     """
     allowed = SOLVABLE_GRIDS if grids else AWQ_GRIDS
-    if spec.is_float or spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
+    if spec.grid not in allowed or spec.dynamic or spec.granularity == "per_token":
         raise ConfigError(f"{name}: weight scheme {spec.describe()} is not supported by this PTQ method; "
-                         "use an integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid "
+                         "use a static per_tensor / per_channel (axis 0) / per_group scheme on grid "
                          f"{' or '.join(allowed)}")
     if spec.granularity == "per_channel" and spec.axis % 2 != 0:
         raise ConfigError(f"{name}: per_channel weights need axis=0 (one scale per output row), got axis={spec.axis}")

@@ -28,6 +28,7 @@ from torch import nn
 from qat.arch import find_arch
 from qat.errors import ConfigError
 from qat.io import atomic_path, atomic_write_bytes
+from qat.models import meta_model
 from qat.primitives import check_tensor
 from qat.ptq.api import method_config
 from qat.ptq.checks import check_calibration
@@ -92,13 +93,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of `folder`'s config.json with its parameters on the meta device (buffers real), in eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(Path(folder).expanduser()))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return meta_model(AutoConfig.from_pretrained(str(Path(folder).expanduser())), dtype)
 
 
 class StreamIO:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from qat.errors import ConfigError
+from qat.errors import ConfigError, grouped_lines
 from qat.formats import fallback_spec, get_format, gguf_fallback, gguf_types
 from qat.modules.experts import expert_weight_names, is_experts
 from qat.modules.kv_cache import attach_kv_quantizers, is_attention
@@ -109,6 +109,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name, recipe.gguf_fallback)
+    errors = grouped_lines(errors)
     if len(errors) == 1:
         raise ConfigError(f"cannot prepare the model: {errors[0]}")
     if errors:

@@ -144,7 +144,7 @@ def test_to_float_deepcopy_pickle_and_switching_implementation(moe_ids):
 
 def test_input_schemes_on_experts_are_refused_with_the_way_out():
     model = tiny_moe("qwen3_moe", num_experts=4)
-    with pytest.raises(ValueError, match=r"mlp.experts: input \(activation\) quantization of fused experts"):
+    with pytest.raises(ValueError, match=r"mlp.experts\): input \(activation\) quantization of fused experts"):
         qat.prepare(model, "w8a8")
     # the way the message offers works
     recipe = qat.load_recipe("w8a8").to_dict()
@@ -155,7 +155,7 @@ def test_input_schemes_on_experts_are_refused_with_the_way_out():
 
 def test_group_size_that_does_not_divide_names_the_expert_weight():
     model = tiny_moe("qwen3_moe", num_experts=4, expert_size=96)
-    with pytest.raises(ValueError, match=r"mlp.experts.down_proj: group_size=128 does not divide"):
+    with pytest.raises(ValueError, match=r"mlp.experts.down_proj\): group_size=128 does not divide"):
         qat.prepare(model, "w4a16_g128")
 
 

@@ -41,22 +41,24 @@ def test_unknown_method_and_option():
 
 
 def test_unsupported_scheme_is_refused_before_work():
-    rec = recipe(bits=8, granularity="per_channel") | {"weight": {"bits": 8, "dtype": "fp8_e4m3", "granularity": "per_channel"}}
+    rec = recipe(bits=4, granularity="per_group", group_size=32) | {"weight": {"bits": 4, "granularity": "per_group",
+                                                                           "group_size": 32, "grid": "ggml",
+                                                                           "scale_dtype": "fp16"}}
     with pytest.raises(ValueError, match="not supported by this PTQ method"):
-        ptq_model(_layer(), rec, "gptq", [torch.randn(256, 64)], progress=False)
+        ptq_model(_layer(), rec, "awq", [torch.randn(256, 64)], progress=False)
 
 
 def test_unsupported_scheme_is_one_line_for_all_its_modules():
-    """MXFP8 under GPTQ on a whole model: one line naming the count and the first modules, not one per linear."""
+    """GGUF Q4_0 under AWQ on a whole model: one line naming the count and the first modules, not one per linear."""
     from qat.testing import tiny_llama
     with pytest.raises(ValueError) as caught:
-        ptq_model(tiny_llama(vocab_size=256), load_recipe("mxfp8"), "gptq", [torch.randint(0, 256, (4, 64))],
+        ptq_model(tiny_llama(vocab_size=256), load_recipe("gguf_q4_0"), "awq", [torch.randint(0, 256, (4, 64))],
                   progress=False)
     lines = str(caught.value).splitlines()
     assert len(lines) == 2 and lines[1].startswith("  - 14 modules (model.layers.0.self_attn.q_proj, "), lines
-    assert lines[1].endswith(", ...): weight scheme fp8_e4m3 sym g32 mx is not supported by this PTQ method; use an "
-                             "integer, static per_tensor / per_channel (axis 0) / per_group scheme on grid uniform "
-                             "or ggml or ggml_k or iq4_nl or iq4_xs or mx or nvfp4 or ternary"), lines
+    assert lines[1].endswith(", ...): weight scheme int4 sym g32 ggml is not supported by this PTQ method; use a "
+                             "static per_tensor / per_channel (axis 0) / per_group scheme on grid uniform or iq4_nl "
+                             "or iq4_xs or mx or nvfp4 or ternary or block"), lines
 
 
 def test_all_zero_inputs_fall_back_to_rtn():

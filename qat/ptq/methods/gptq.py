@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from qat.control import quantization_disabled
-from qat.errors import ConfigError
-from qat.ptq.checks import check_ranges, module_lines
+from qat.errors import ConfigError, module_lines
+from qat.ptq.checks import check_ranges
 from qat.ptq.distributed import combine, spread
 from qat.ptq.gptq import STATIC_FIT, GPTQResult, check_spec, gptq_quantize, hessian_factor, holds_g_idx
 from qat.ptq.experts import block_experts, check_experts_gptq, record_expert_inputs, solve_experts_weight
