@@ -163,6 +163,11 @@ class ArchAdapter:
         rotates their columns); by default the SmoothQuant groups."""
         return self.smooth_mappings
 
+    def structure_refusal(self, config: Any) -> str | None:
+        """Why this model's blocks do not all have the structure the mappings, rotations and GGUF layout assume
+        (a Qwen3-MoE with dense MLP layers mixed in); None when they do."""
+        return None
+
     def value_rows(self, config: Any) -> int:
         """The first row of the values in `value_proj` (0 unless q/k/v are fused)."""
         return 0

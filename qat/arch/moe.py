@@ -57,6 +57,11 @@ class MoEAdapter(LlamaAdapter):
         return (Mapping("input_layernorm", ATTN_QKV),
                 Mapping("post_attention_layernorm", ("mlp.gate", "mlp." + GATE_UP)))
 
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        if why := self.structure_refusal(config):
+            raise ConfigError(f"GGUF export of {config.model_type}: {why}")
+
     def n_experts(self, config: Any) -> int:
         return int(getattr(config, self.experts_field))
 

@@ -23,6 +23,21 @@ class Qwen3MoeAdapter(MoEAdapter):
     llama_cpp_norm_topk = True  # qwen3moe.cpp: build_moe_ffn(..., norm_w = true)
     tokenizer_pre = None
 
+    def structure_refusal(self, config):
+        """transformers routes layer i through experts unless i is in mlp_only_layers or (i + 1) is off
+        decoder_sparse_step; the released Qwen3-MoE models route every layer, and so do llama.cpp's graph and qat's
+        mappings. A model with dense layers mixed in is refused for what assumes it (GGUF, AWQ, rotations)."""
+        n = int(config.num_hidden_layers)
+        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+        dense = [i for i in range(n) if i in set(getattr(config, "mlp_only_layers", None) or []) or (i + 1) % step]
+        if not dense:
+            return None
+        return (f"layers {dense[:8]}{' ...' if len(dense) > 8 else ''} have a dense MLP (config mlp_only_layers="
+                f"{list(getattr(config, 'mlp_only_layers', None) or [])}, decoder_sparse_step={step}), and qat's "
+                "qwen3_moe adapter (GGUF layout, AWQ / rotation mappings) assumes every layer routes through experts, "
+                "as the released Qwen3-MoE models and llama.cpp's qwen3moe graph do; fake quant, QAT, RTN and GPTQ "
+                "work on it")
+
     def config_from_gguf(self, field, tensor_names, where=""):
         config = super().config_from_gguf(field, tensor_names, where)
         config.decoder_sparse_step, config.mlp_only_layers = 1, []  # every layer routed, as llama.cpp builds it

@@ -103,6 +103,8 @@ def arch_mappings(given: Sequence[Mapping] | None, model: nn.Module, method: str
     except ValueError as err:
         raise ConfigError(f"{method}: method.mappings=null takes the norm -> linear mappings of the model's "
                          f"architecture, and {err}; or give method.mappings") from None
+    if why := arch.structure_refusal(model.config):
+        raise ConfigError(f"{method} on {model.config.model_type}: {why}")
     return list(arch.smooth_mappings if smooth else arch.mappings)
 
 

@@ -218,8 +218,8 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
         ConfigError: a family R1 cannot be applied to (`ArchAdapter.residual_rotation_refusal`).
     """
     adapter = get_arch(model)
-    if r1 and adapter.residual_rotation_refusal:
-        raise ConfigError(f"learned R1 on {model.config.model_type}: {adapter.residual_rotation_refusal}")
+    if r1 and (why := adapter.residual_rotation_refusal or adapter.structure_refusal(model.config)):
+        raise ConfigError(f"learned R1 on {model.config.model_type}: {why}")
     params: list[nn.Parameter] = []
     _, blocks = adapter.blocks(model)
     if r1:

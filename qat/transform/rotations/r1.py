@@ -26,8 +26,8 @@ def _check(model: nn.Module, config: RotationConfig, has_kv: bool) -> list[str]:
     if adapter is None:
         return [f"rotations.r1: no architecture adapter for model_type "
                 f"{getattr(getattr(model, 'config', None), 'model_type', None)!r} (qat/arch)"]
-    if adapter.residual_rotation_refusal:
-        return [f"rotations.r1 on {model.config.model_type}: {adapter.residual_rotation_refusal}"]
+    if why := adapter.residual_rotation_refusal or adapter.structure_refusal(model.config):
+        return [f"rotations.r1 on {model.config.model_type}: {why}"]
     errors = []
     hidden = model.config.hidden_size
     if config.r1 != "random_orthogonal":
