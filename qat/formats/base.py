@@ -106,6 +106,17 @@ class Format:
         """(block scales, None) of a `static_global` scheme: each block's range [lo, hi] under the held global."""
         raise NotImplementedError
 
+    def learned_scale(self, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """The scale a learned (LSQ) parameter in the qparams layout quantizes with, as an autograd op so that its
+        gradient reaches the parameter: the parameter itself, except where one stored scale covers several rows of
+        the layout (FP8 blocks), which map each row to the one parameter standing for them."""
+        return scale
+
+    def learned_scale_rows(self, spec: QuantSpec) -> int:
+        """How many rows of the qparams layout one learned scale stands for (`learned_scale`): LSQ's gradient scale
+        1 / sqrt(N qmax) counts the elements of all of them."""
+        return 1
+
     def shared_error(self, err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """A range search's per-group error (qparams layout) with each group given the total of the groups whose
         qparams this format chooses together from their ranges (one block scale over several groups), so that

@@ -8,7 +8,12 @@ dynamic=True)`).
 The spec is per_group along the input dimension (the group view of `qat.primitives`); `qparams` then shares one
 scale over group_size consecutive rows (a shorter last band when group_size does not divide the rows), so the
 qparams layout stays [..., rows, n_groups, 1] and every other path (fake quant, convert, export) is the int/fp8 one.
-`qparams` must see the whole weight (as a weight quantizer does). Weights only (static); no learned scales.
+`qparams` must see the whole weight (as a weight quantizer does). Weights only (static).
+
+Learned scales (learn="lsq", recipe `fp8_block_lsq`): the parameter keeps the qparams layout, and each band of rows
+quantizes with its first row's value (`learned_scale`, what the export stores), so the block's LSQ gradient (the sum
+over the whole block, under LSQ's 1 / sqrt(N qmax) with N = group_size^2) lands on that one parameter; the band's
+other rows are unused.
 
 Storage of a converted weight: the E4M3 bytes and one fp32 scale per block (8 + 32 / group_size^2 bits per
 weight). Exports: native, compressed-tensors float-quantized with strategy block (`qat.export.compressed_fp`).
@@ -58,10 +63,10 @@ class FP8BlockFormat(Format):
 
     def check(self, spec: QuantSpec) -> None:
         if (spec.bits != 8 or not spec.symmetric or spec.granularity != "per_group" or spec.dynamic
-                or spec.scale_dtype != "fp32" or spec.learn != "none"):
+                or spec.scale_dtype != "fp32" or spec.learn not in ("none", "lsq")):
             raise ConfigError("QuantSpec.grid='block' (FP8 block scaling) needs bits=8, dtype='fp8_e4m3', "
                              "symmetric=True, granularity='per_group' (group_size = the square block's side), "
-                             "dynamic=False (weights), scale_dtype='fp32', learn='none'; for 1 x 128 activations use "
+                             "dynamic=False (weights), scale_dtype='fp32', learn 'none' or 'lsq'; for 1 x 128 activations use "
                              "grid 'uniform', granularity 'per_group', group_size 128, dynamic true")
 
     def default_signed(self, spec: QuantSpec) -> bool:
@@ -78,6 +83,12 @@ class FP8BlockFormat(Format):
         band = band_max(amax, spec.group_size)
         scale = torch.where(band > 0, band / E4M3_MAX, torch.ones_like(band))
         return expand_bands(scale, spec.group_size, amax.shape[-3]), None
+
+    def learned_scale(self, scale, spec):
+        return expand_bands(scale[..., ::spec.group_size, :, :], spec.group_size, scale.shape[-3])
+
+    def learned_scale_rows(self, spec):
+        return spec.group_size
 
     def shared_error(self, err, spec):
         rows = err.shape[-3]

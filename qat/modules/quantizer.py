@@ -1,6 +1,8 @@
 """`TensorQuantizer`: the state of one quantized tensor role (ranges, learned scales, on/off flags)."""
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -252,7 +254,7 @@ class TensorQuantizer(nn.Module):
             scale = self.scale.clamp(min=tiny)
         if self.spec.learn == "pact":
             scale = scale / half_range(self.spec)
-        scale = scale.to(self.spec.torch_scale_dtype).float()
+        scale = get_format(self.spec).learned_scale(scale.to(self.spec.torch_scale_dtype).float(), self.spec)
         zero_point = None
         if self.zero_point is not None:
             zero_point = round_ste(self.zero_point).clamp(self.spec.qmin, self.spec.qmax)
@@ -269,7 +271,9 @@ class TensorQuantizer(nn.Module):
             if self.group_index() is not None:
                 raise ConfigError("learned scales with an act-order g_idx are not supported; use static groups")
             mode = "pact" if self.spec.learn == "pact" else "lsq"
-            return FakeQuantArgs(scale, zero_point, self.spec, mode, grad_scale=lsq_grad_scale(x, scale, self.spec))
+            rows = get_format(self.spec).learned_scale_rows(self.spec)  # rows of the layout one parameter stands for
+            return FakeQuantArgs(scale, zero_point, self.spec, mode,
+                                 grad_scale=lsq_grad_scale(x, scale, self.spec) / math.sqrt(rows))
         return FakeQuantArgs(scale.detach(), None if zero_point is None else zero_point.detach(), self.spec,
                              g_idx=self.group_index())
 

@@ -131,6 +131,7 @@ def learned_fake_quantize(
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     mode: str,
+    grad_scale: float | None = None,
 ) -> torch.Tensor:
     """Fake-quantize with a learned scale (LSQ / LSQ+) or a learned clip (PACT, scale = clip / half-range).
 
@@ -139,11 +140,14 @@ def learned_fake_quantize(
     Args:
         mode: "lsq" (scale gets the LSQ gradient, scaled by 1/sqrt(N qmax)) or "pact" (scale gets
             gradient from clipped elements only). A zero_point that requires grad gets the LSQ+ gradient.
+        grad_scale: LSQ's gradient scale (default `lsq_grad_scale(x, scale, spec)`: N = the elements per scale).
     Example:
         >>> s = torch.tensor(0.1, requires_grad=True)
         >>> learned_fake_quantize(torch.randn(16), s, None, QuantSpec(bits=4, granularity="per_tensor"), "lsq").sum().backward()
     """
-    return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, lsq_grad_scale(x, scale, spec))
+    if grad_scale is None:
+        grad_scale = lsq_grad_scale(x, scale, spec)
+    return _LearnedFakeQuant.apply(x, scale, zero_point, spec, mode, grad_scale)
 
 
 @dataclass
@@ -165,4 +169,4 @@ class FakeQuantArgs:
         """x fake-quantized with this estimator (the unfused path)."""
         if self.mode == "ste":
             return fake_quantize(x, self.scale, self.zero_point, self.spec, self.g_idx)
-        return learned_fake_quantize(x, self.scale, self.zero_point, self.spec, self.mode)
+        return learned_fake_quantize(x, self.scale, self.zero_point, self.spec, self.mode, self.grad_scale)

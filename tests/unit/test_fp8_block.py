@@ -60,3 +60,46 @@ def test_converted_native_and_compressed_tensors_are_exact(token_ids, tmp_path):
         theirs = FloatQuantizationCompressor.decompress(sd, scheme)["weight"]
         assert torch.equal(theirs.float(), model.get_submodule(name).weight.float())  # atol=0
         assert torch.equal(loaded.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+def test_learned_block_scale_is_one_parameter_per_block_with_the_block_gradient():
+    """LSQ on FP8 blocks: each band of rows quantizes with its first row's parameter (what the export stores), and
+    that parameter gets the whole block's LSQ gradient (1 / sqrt(N qmax) with N = the block's elements)."""
+    from qat.modules.quantizer import TensorQuantizer
+    from qat.ste import learned_fake_quantize
+
+    spec = fp8_block_spec(16).replace(learn="lsq")
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()  # last band: 8 rows
+    q = TensorQuantizer(spec, "weight", w.detach())
+    rtn, _ = choose_qparams(*compute_range(w.detach(), fp8_block_spec(16)), fp8_block_spec(16))
+    assert torch.equal(q(w).detach(), fake_quantize_forward(w.detach(), rtn, None, fp8_block_spec(16))[0])
+    with torch.no_grad():
+        q.scale.mul_(torch.linspace(0.9, 1.1, 40).reshape(40, 1, 1))  # rows inside a band now differ
+    used = q.scale.detach()[::16].repeat_interleave(16, 0)[:40]
+    out = q(w)
+    assert torch.equal(out.detach(), fake_quantize_forward(w.detach(), used, None, fp8_block_spec(16))[0])
+    upstream = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    (out * upstream).sum().backward()
+    leaf = used.clone().requires_grad_()  # reference: every row its own scale, then the band's sum
+    (learned_fake_quantize(w.detach(), leaf, None, spec, "lsq") * upstream).sum().backward()
+    per_block = torch.stack([leaf.grad[r:r + 16].sum(0) for r in range(0, 40, 16)]) / 4  # / sqrt(16 rows)
+    assert torch.allclose(q.scale.grad[::16], per_block, rtol=1e-5, atol=1e-8)
+    unused = torch.ones(40, dtype=torch.bool)
+    unused[::16] = False
+    assert not q.scale.grad[unused].any()
+
+
+def test_learned_block_scales_train_and_export_exactly(token_ids, tmp_path):
+    recipe = qat.load_recipe("fp8_block_lsq").to_dict()
+    recipe["weight"]["group_size"] = 32  # several bands of rows and blocks of columns on the tiny model
+    recipe["input"] = None
+    model = qat.prepare(tiny_llama(vocab_size=256), recipe)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.endswith("scale")], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(token_ids, labels=token_ids).loss.backward()
+        opt.step()
+    ref = _logits(model, token_ids)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    assert torch.equal(_logits(load_compressed_tensors(out), token_ids), ref)
+    assert torch.equal(_logits(qat.convert(model), token_ids), ref)
