@@ -40,15 +40,17 @@ def module_lines(errors: list[tuple[str, str]]) -> list[str]:
     """
     by_reason: dict[str, list[str]] = {}
     for name, reason in errors:
-        by_reason.setdefault(reason, []).append(name)
+        names = by_reason.setdefault(reason, [])
+        if name not in names:
+            names.append(name)
     return [f"{names[0]}: {reason}" if len(names) == 1 else
             f"{len(names)} modules ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}"
             for reason, names in by_reason.items()]
 
 
 def grouped_lines(errors: list[str]) -> list[str]:
-    """Error lines "<name>: <reason>" (a name without spaces) merged per reason as `module_lines` does, in the order
-    first seen; other lines kept as they are.
+    """Per-module error lines "<module>: <reason>" (a name without spaces) merged per reason as `module_lines` does,
+    in the order first seen; other lines kept as they are. For lists whose lines all name modules.
 
     Example:
         >>> grouped_lines(["a.weight: bad", "b.weight: bad", "nothing matched"])

@@ -100,7 +100,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         config = AutoConfig.from_pretrained(str(path.parent))
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        except ValueError as err:
+            raise not_causal_lm(config, err) from None
         state = load_safetensors(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
@@ -113,6 +116,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     except OSError as err:
         raise OSError(f"could not load model {source!r}: {err}\n(no hub access here? run `qat-assets` and use "
                       f"model=smollm2_135m, or give a local folder)") from None
+    except ValueError as err:
+        raise not_causal_lm(AutoConfig.from_pretrained(source), err) from None
     return model.eval()
 
 
@@ -124,8 +129,21 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as err:
+            raise not_causal_lm(config, err) from None
     return model.eval()
+
+
+def not_causal_lm(config: Any, err: Exception) -> ConfigError | Exception:
+    """transformers' "Unrecognized configuration class" for a config with no causal-LM class (a T5, a BERT) as a
+    user error naming the model type; any other error as it is."""
+    if "Unrecognized configuration class" not in str(err):
+        return err
+    return ConfigError(f"model of type {getattr(config, 'model_type', '?')!r} ({type(config).__name__}) is not a causal "
+                       "language model transformers can load (AutoModelForCausalLM has no class for it); qat quantizes "
+                       "decoder-only LMs (Llama, Qwen, Gemma, Phi, Mistral, their MoE variants)")
 
 
 def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32",

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from qat.errors import ConfigError
-from qat.modules.fake import FakeQuantLinear
+from qat.modules.quantizer import TensorQuantizer
 from qat.ptq.checks import check_calibration, check_option_types, check_prepared
 from qat.ptq.distributed import Ranks
 from qat.ptq.methods import PTQMethod, get_method, method_of_config
@@ -116,7 +116,7 @@ def preflight(model: nn.Module, recipe: Any, method: Any = None) -> None:
         >>> model = model_skeleton("smollm2-135m"); preflight(model, "gguf_q4_0")
         >>> preflight(model, None, "awq")  # ConfigError: AWQ does not solve the ggml grid
     """
-    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+    if not prepared(model):
         with warnings.catch_warnings(), _quiet("qat"):
             warnings.simplefilter("ignore")
             prepare(model, load_recipe(recipe) if isinstance(recipe, str) else recipe)
@@ -127,6 +127,12 @@ def preflight(model: nn.Module, recipe: Any, method: Any = None) -> None:
     linears = quantized_linears(model)
     check_prepared(model, linears, solver.name)
     solver.check(model, linears)
+
+
+def prepared(model: nn.Module) -> bool:
+    """Whether `model` went through `qat.prepare` already: it holds a quantizer (of a Linear, fused experts, an
+    embedding or the KV cache), so a recipe passed with it is not applied again."""
+    return any(isinstance(m, TensorQuantizer) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -159,6 +165,6 @@ def ptq_model(model: nn.Module, recipe: Any, method: Any, calibration_batches: I
         >>> qat.convert(model)
     """
     cfg = method_config(method, **args)
-    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+    if not prepared(model):
         prepare(model, load_recipe(recipe) if isinstance(recipe, str) else recipe)
     return apply(model, cfg, calibration_batches, progress=progress, distributed=distributed)

@@ -75,7 +75,7 @@ def check_spec(spec: QuantSpec, name: str, grids: bool = False) -> None:
 
 
 def holds_g_idx(spec: QuantSpec) -> bool:
-    """Whether weights of this format can record an act-order group index (GGUF blocks cannot)."""
+    """Whether weights of this format can record an act-order group index (GGUF and the other block layouts cannot)."""
     return spec.grid == "uniform"
 
 
@@ -209,8 +209,8 @@ def gptq_quantize(
     grouped = spec.granularity == "per_group"
     dynamic = grouped and not static_groups and spec.grid not in STATIC_FIT
     if dynamic and actorder and not holds_g_idx(spec):
-        raise ConfigError(f"{name}: act-order with dynamic groups needs a g_idx, which GGUF blocks ({spec.grid} grid) "
-                         "cannot hold; set static_groups=true or actorder=false")
+        raise ConfigError(f"{name}: act-order with dynamic groups needs a g_idx, which the blocks of this format "
+                         f"({spec.grid} grid) cannot hold; set static_groups=true or actorder=false")
     if factor is None:
         factor = hessian_factor(hessian, percdamp, actorder, name)
     if (factor.perm is not None) != actorder or factor.diag.shape != (I,):

@@ -54,7 +54,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     """Resolve `recipe` against `model` without changing it, checking every module first.
 
     Raises:
-        ValueError: one message listing every offender: a target or override pattern that matches
+        ValueError: one message listing every problem (a reason shared by several modules once, with their count
+            and the first of them): a target or override pattern that matches
             nothing, a group size that does not divide a dimension, a non-finite or empty weight, a KV
             scheme with no attention module, a model that is already prepared.
     """
@@ -104,12 +105,11 @@ def plan(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any]) -> Plan:
     result.attention = {n: TensorSchemes(kv_cache=s.kv_cache) for n, s in result.attention.items()}
     if not result.modules and not result.attention and not errors:
         errors.append(_nothing_selected(recipe, named))
-    errors += _check_modules(result, by_name)
-    errors += _gguf_group_errors(result, by_name, recipe.gguf_fallback)
+    errors += grouped_lines(_check_modules(result, by_name))  # one line per reason, naming the first modules
+    errors += grouped_lines(_gguf_group_errors(result, by_name, recipe.gguf_fallback))
     if recipe.rotations is not None:
         errors += rotation_errors(model, recipe.rotations, has_kv=bool(result.attention))
     result.warnings += _gguf_block_rows(result, by_name, recipe.gguf_fallback)
-    errors = grouped_lines(errors)
     if len(errors) == 1:
         raise ConfigError(f"cannot prepare the model: {errors[0]}")
     if errors:

@@ -85,3 +85,20 @@ def test_prepare_errors_are_one_line_per_reason():
     assert lines[0].endswith("group_size=64 does not divide the last dimension 96; choose a group size that divides "
                              "it, or set ragged: true for a shorter last group"), lines
     assert grouped_lines(["a.w: bad", "note: x y", "b.w: bad"]) == ["2 modules (a.w, b.w): bad", "note: x y"]
+    assert grouped_lines(["a.w: bad", "a.w: bad"]) == ["a.w: bad"]  # a module named once
+
+
+def test_an_experts_only_recipe_passes_and_a_non_causal_config_is_one_message(tmp_path):
+    """A recipe that quantizes only the fused experts leaves no FakeQuantLinear: the model still counts as prepared
+    (not prepared twice). A config with no causal-LM class (T5) is a user error naming its type, not a traceback."""
+    from transformers import T5Config
+
+    from qat.testing import tiny_moe
+
+    tiny_moe("qwen3_moe", vocab_size=256, num_experts=4).save_pretrained(tmp_path / "moe")
+    experts = {"name": "exp", "targets": ["Experts"], "weight": {"bits": 4, "granularity": "per_group", "group_size": 64}}
+    assert _outcome(model_skeleton(tmp_path / "moe"), experts, ["rtn", "gptq"]) == {"rtn": "ok", "gptq": "ok"}
+    T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
+    for build in (model_skeleton, load_model):
+        with pytest.raises(ConfigError, match="model of type 't5' .* is not a causal language model"):
+            build(tmp_path / "t5")

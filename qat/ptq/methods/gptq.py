@@ -88,8 +88,8 @@ def check_model(linears: dict, cfg: GPTQConfig) -> None:
                 errors.append((n, "actorder with dynamic groups records a g_idx, which learned scales do not "
                                   "support; set static_groups=true"))
             elif not holds_g_idx(spec) and spec.grid not in STATIC_FIT:  # those solve with static groups anyway
-                errors.append((n, f"actorder with dynamic groups records a g_idx, which GGUF blocks ({spec.grid} "
-                                  "grid) cannot hold; set static_groups=true or actorder=false"))
+                errors.append((n, "actorder with dynamic groups records a g_idx, which the blocks of this format "
+                                  f"({spec.grid} grid) cannot hold; set static_groups=true or actorder=false"))
     if errors:
         raise ConfigError("gptq: unsupported weight scheme(s):\n" + "\n".join(f"  - {e}" for e in module_lines(errors)))
 
