@@ -100,6 +100,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         config = AutoConfig.from_pretrained(str(path.parent))
+        check_float_source(config, path)
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         except ValueError as err:
@@ -111,6 +112,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
             raise ValueError(f"{path}: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.tie_weights()
         return cast_as_loaded(model, torch_dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained has it
+    if path.exists():
+        check_float_source(AutoConfig.from_pretrained(source), source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as err:
@@ -134,6 +137,25 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
         except ValueError as err:
             raise not_causal_lm(config, err) from None
     return model.eval()
+
+
+def check_float_source(config: Any, where: str | os.PathLike) -> None:
+    """Refuse a quantized export (compressed-tensors, GPTQ) where a float model is needed: transformers would build
+    its quantized modules and the job fail later (or crash) on weights that are not float.
+
+    Raises:
+        ConfigError: naming the folder, its quantization method and what reads it (qat-eval / `load_any`).
+    """
+    q = getattr(config, "quantization_config", None)
+    method = (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) if q else None
+    method = None if method is None else str(getattr(method, "value", method))
+    folder = Path(where).expanduser()
+    if (folder.parent if folder.is_file() else folder).joinpath("qat_quant.json").is_file():
+        method = "qat native"
+    if method in ("compressed-tensors", "gptq", "qat native"):
+        raise ConfigError(f"model {str(where)!r} is a quantized export ({method}); PTQ, QAT "
+                          "and comparisons start from the float model: give its float checkpoint (qat-eval "
+                          f"model.path={where} evaluates the export itself)")
 
 
 def not_causal_lm(config: Any, err: Exception) -> ConfigError | Exception:
@@ -171,6 +193,7 @@ def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "
         config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path) if path.exists() else source)
     except (OSError, ValueError):
         return None
+    check_float_source(config, source)
     return meta_model(config, torch_dtype)
 
 # The files a tokenizer is read from (tokenizers' JSON, sentencepiece / tiktoken models, BPE / WordPiece vocabularies).

@@ -102,3 +102,18 @@ def test_an_experts_only_recipe_passes_and_a_non_causal_config_is_one_message(tm
     for build in (model_skeleton, load_model):
         with pytest.raises(ConfigError, match="model of type 't5' .* is not a causal language model"):
             build(tmp_path / "t5")
+
+
+def test_a_quantized_export_as_the_float_model_is_refused_by_name(tmp_path):
+    """qat-ptq / qat-compare model.path=<an export>: one message saying what it is and what reads it (qat-eval),
+    for the skeleton and the real load alike, not a transformers crash on its packed weights."""
+    import qat
+    from qat.export import export_compressed_tensors, save_native
+
+    model = qat.prepare(tiny_llama(**TINY), {"weight": {"bits": 4, "granularity": "per_channel"}})
+    export_compressed_tensors(model, tmp_path / "ct")
+    save_native(model, tmp_path / "native")
+    for folder, kind in ((tmp_path / "ct", "compressed-tensors"), (tmp_path / "native", "qat native")):
+        for build in (model_skeleton, load_model):
+            with pytest.raises(ConfigError, match=rf"is a quantized export \({kind}\); .*qat-eval model.path="):
+                build(folder)
