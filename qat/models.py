@@ -87,7 +87,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
         a transformers PreTrainedModel (AutoModelForCausalLM).
     Raises:
         FileNotFoundError: missing path / config.json. ValueError: bad dtype.
-        OSError: a hub name that cannot be fetched (no network), with the hint to use `qat-assets`.
+        ConfigError: a hub name that cannot be fetched (no network), with the hint to use `qat-assets`; a quantized
+            export or a config with no causal-LM class.
     Example:
         >>> model = load_model("tiny", num_layers=1)
     """
@@ -117,8 +118,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as err:
-        raise OSError(f"could not load model {source!r}: {err}\n(no hub access here? run `qat-assets` and use "
-                      f"model=smollm2_135m, or give a local folder)") from None
+        raise unreachable(source, err) from None
     except ValueError as err:
         raise not_causal_lm(AutoConfig.from_pretrained(source), err) from None
     return model.eval()
@@ -137,6 +137,13 @@ def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
         except ValueError as err:
             raise not_causal_lm(config, err) from None
     return model.eval()
+
+
+def unreachable(source: str, err: Exception) -> ConfigError:
+    """A model that cannot be read (a hub name without the network, a missing repository) as a user error."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"could not load model {source!r}: {first} (no hub access here? run `qat-assets` and use "
+                       "model=smollm2_135m, or give a local folder)")
 
 
 def check_float_source(config: Any, where: str | os.PathLike) -> None:
@@ -175,10 +182,10 @@ def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "
     real (it is small).
 
     Returns:
-        the model, or None where the config cannot be read without the network (a hub name offline): the same
-        checks then run when the model loads.
+        the model, or None where transformers cannot build it from its config alone (the load then decides).
     Raises:
-        FileNotFoundError / ValueError: as `load_model`, for a missing path or a bad dtype.
+        FileNotFoundError / ConfigError: as `load_model`: a missing path, a bad dtype, a hub name that cannot be
+            read (no network), a quantized export, a config with no causal-LM class.
     Example:
         >>> qat.prepare(model_skeleton("smollm2-135m"), qat.load_recipe("w4a16_g128"))  # ConfigError: 576 % 128
     """
@@ -191,7 +198,9 @@ def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "
     path = Path(source).expanduser()
     try:
         config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path) if path.exists() else source)
-    except (OSError, ValueError):
+    except OSError as err:  # a hub name without the network: loading the model would fail the same way
+        raise unreachable(source, err) from None
+    except ValueError:
         return None
     check_float_source(config, source)
     return meta_model(config, torch_dtype)

@@ -40,11 +40,11 @@ def run_compare_job(cfg: dict, out_dir: str | os.PathLike, log: Callable[[str], 
         raise ConfigError("nothing to compare: methods=[] and no results= files")
     if methods:
         _check_method_names([opts["name"] for _, opts in methods])
-        if any(opts["name"] != "fp" for _, opts in methods):
-            _check_quants(cfg["quants"])
+        quantized = [(label, opts) for label, opts in methods if opts["name"] != "fp"]
+        bad = _quant_errors(cfg["quants"]) if quantized else {}
         for _, opts in methods:
             check_job(cfg, calibrate=opts["name"] != "fp", method=None if opts["name"] == "fp" else opts)
-        _check_pairs(cfg["model"], [(label, opts) for label, opts in methods if opts["name"] != "fp"], cfg["quants"])
+        _check_pairs(cfg["model"], quantized, cfg["quants"], bad)
         load, batches, blocks = job_inputs(cfg["model"], cfg["data"], cfg["calibration"], cfg["eval"])
         if extra:  # merged rows measured otherwise are refused now, not after every method has run
             check_protocols([{"method": "", "quant": "", "protocol": job_protocol(cfg, blocks),
@@ -88,28 +88,31 @@ def _check_method_names(names: Sequence[Any]) -> None:
                           f"qat-compare -m method={','.join(['fp', 'rtn', *swept])} quant=w4a16_g128")
 
 
-def _check_quants(quants: Sequence[Any]) -> None:
-    """Every scheme of a single-process comparison must load before the first row is computed."""
-    errors = [] if quants else ["quants=[]: a quantized method needs at least one scheme (e.g. quants=[w4a16_g128])"]
-    for quant in quants:
+def _quant_errors(quants: Sequence[Any]) -> dict[int, str]:
+    """{index: problem} of the schemes of a single-process comparison that do not load (-1: no scheme at all)."""
+    if not quants:
+        return {-1: "quants=[]: a quantized method needs at least one scheme (e.g. quants=[w4a16_g128])"}
+    errors = {}
+    for i, quant in enumerate(quants):
         try:
             load_recipe(quant) if isinstance(quant, str) else qat.QuantRecipe.from_dict(quant)
         except (FileNotFoundError, ValueError, TypeError) as err:
-            errors.append(f"quants entry {quant!r}: {err}")
-    if errors:
-        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+            errors[i] = f"quants entry {quant!r}: {err}"
+    return errors
 
 
-def _check_pairs(model_cfg: dict, methods: list[tuple[str, dict]], quants: Sequence[Any]) -> None:
+def _check_pairs(model_cfg: dict, methods: list[tuple[str, dict]], quants: Sequence[Any], bad: dict[int, str]) -> None:
     """Every scheme, then every method x scheme row, on the model's skeleton (`qat.ptq.preflight`: config only, no
     weights), so that a scheme that does not fit the model's shapes, or one a method cannot solve, is refused before
-    the first row runs, not hours in. A model whose config cannot be read offline (a hub name) is checked row by row
-    as it loads."""
-    errors = []
-    for quant in quants if methods else []:
+    the first row runs, not hours in; with the schemes that did not load (`bad`), all in one message. A model
+    transformers cannot build from its config alone is checked row by row as it loads."""
+    errors = list(bad.values())
+    for i, quant in enumerate(quants if methods else []):
+        if i in bad:
+            continue
         model = model_skeleton(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
         if model is None:
-            return
+            break
         try:
             preflight(model, quant)
         except ConfigError as err:

@@ -28,9 +28,9 @@ def _outcome(model, recipe, methods):
     for method in methods:
         try:
             preflight(model, None, method)
-            outcome[method] = "ok"
+            outcome[str(method)] = "ok"
         except ConfigError as err:
-            outcome[method] = str(err)
+            outcome[str(method)] = str(err)
     return outcome
 
 
@@ -40,7 +40,8 @@ def test_skeleton_holds_no_weights_and_the_same_modules(tmp_path):
     real = load_model(tmp_path)
     assert all(p.is_meta for p in skeleton.parameters())
     assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
-    assert model_skeleton("no-such-owner/no-such-model-qat") is None  # a hub name offline: checked when it loads
+    with pytest.raises(ConfigError, match="could not load model 'no-such-owner/no-such-model-qat'"):
+        model_skeleton("no-such-owner/no-such-model-qat")  # no hub here (or no such repository): one message
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -59,7 +60,7 @@ def test_compare_refuses_every_bad_row_before_anything_runs(tmp_path, monkeypatc
 
     monkeypatch.setattr(compare, "job_inputs", lambda *a, **k: pytest.fail("data loaded before the check"))
     odd = {"name": "w4_g96", "weight": {"bits": 4, "granularity": "per_group", "group_size": 96}}
-    cfg = compose_job("compare", ["methods=[rtn,awq,smoothquant]", "quants=[w4a16_g64,gguf_q4_0]"])
+    cfg = compose_job("compare", ["methods=[rtn,awq,smoothquant]", "quants=[w4a16_g6,w4a16_g64,gguf_q4_0]"])
     cfg["quants"].append(odd)
     with pytest.raises(ConfigError) as caught:
         compare.run_compare_job(cfg, tmp_path, log=lambda s: None)
@@ -67,6 +68,7 @@ def test_compare_refuses_every_bad_row_before_anything_runs(tmp_path, monkeypatc
     assert lines[0] == "bad config (nothing has run):"
     heads = [line for line in lines if line.startswith("  - ")]
     assert [h.split(":")[0] for h in heads] == [
+        "  - quants entry 'w4a16_g6'",  # a misspelled recipe hides none of the other bad rows
         "  - methods entry 'smoothquant' x quants entry 'w4a16_g64'",
         "  - methods entry 'awq' x quants entry 'gguf_q4_0'",
         "  - methods entry 'smoothquant' x quants entry 'gguf_q4_0'",
@@ -98,6 +100,8 @@ def test_an_experts_only_recipe_passes_and_a_non_causal_config_is_one_message(tm
     tiny_moe("qwen3_moe", vocab_size=256, num_experts=4).save_pretrained(tmp_path / "moe")
     experts = {"name": "exp", "targets": ["Experts"], "weight": {"bits": 4, "granularity": "per_group", "group_size": 64}}
     assert _outcome(model_skeleton(tmp_path / "moe"), experts, ["rtn", "gptq"]) == {"rtn": "ok", "gptq": "ok"}
+    refused = _outcome(model_skeleton(tmp_path / "moe"), "w4a16_g64", [{"name": "gptq", "actorder": True}])
+    assert "gptq: unsupported expert weight scheme(s)" in refused["{'name': 'gptq', 'actorder': True}"]
     T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
     for build in (model_skeleton, load_model):
         with pytest.raises(ConfigError, match="model of type 't5' .* is not a causal language model"):

@@ -156,7 +156,7 @@ class GPTQ(PTQMethod):
         check_model(linears, self.config)
         errors = check_experts_gptq(block_experts(model), self.config.actorder, self.config.static_groups)
         if errors:
-            raise ValueError("gptq: unsupported expert weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
+            raise ConfigError("gptq: unsupported expert weight scheme(s):\n" + "\n".join(f"  - {e}" for e in errors))
         self.expert_tokens: dict[str, list[int]] = {}
 
     def solve_block(self, ctx: BlockContext) -> None:
