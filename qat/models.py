@@ -124,7 +124,6 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     return model.eval()
 
 
-
 def meta_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of a transformers config with its parameters on the meta device (buffers real), in eval mode:
     the modules and shapes without the memory (`qat.ptq.stream` fills it block by block)."""
@@ -170,7 +169,8 @@ def not_causal_lm(config: Any, err: Exception) -> ConfigError | Exception:
     user error naming the model type; any other error as it is."""
     if "Unrecognized configuration class" not in str(err):
         return err
-    return ConfigError(f"model of type {getattr(config, 'model_type', '?')!r} ({type(config).__name__}) is not a causal "
+    kind = getattr(config, "model_type", "?")
+    return ConfigError(f"model of type {kind!r} ({type(config).__name__}) is not a causal "
                        "language model transformers can load (AutoModelForCausalLM has no class for it); qat quantizes "
                        "decoder-only LMs (Llama, Qwen, Gemma, Phi, Mistral, their MoE variants)")
 
@@ -204,6 +204,7 @@ def model_skeleton(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "
         return None
     check_float_source(config, source)
     return meta_model(config, torch_dtype)
+
 
 # The files a tokenizer is read from (tokenizers' JSON, sentencepiece / tiktoken models, BPE / WordPiece vocabularies).
 # Without any of them transformers does not fail: for GPT-2 / Qwen2 / Llama configs it builds a tokenizer of 1-3

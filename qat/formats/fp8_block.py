@@ -66,8 +66,8 @@ class FP8BlockFormat(Format):
                 or spec.scale_dtype != "fp32" or spec.learn not in ("none", "lsq")):
             raise ConfigError("QuantSpec.grid='block' (FP8 block scaling) needs bits=8, dtype='fp8_e4m3', "
                              "symmetric=True, granularity='per_group' (group_size = the square block's side), "
-                             "dynamic=False (weights), scale_dtype='fp32', learn 'none' or 'lsq'; for 1 x 128 activations use "
-                             "grid 'uniform', granularity 'per_group', group_size 128, dynamic true")
+                             "dynamic=False (weights), scale_dtype='fp32', learn 'none' or 'lsq'; for 1 x 128 "
+                             "activations use grid 'uniform', granularity 'per_group', group_size 128, dynamic true")
 
     def default_signed(self, spec: QuantSpec) -> bool:
         return True

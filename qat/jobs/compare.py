@@ -110,7 +110,8 @@ def _check_pairs(model_cfg: dict, methods: list[tuple[str, dict]], quants: Seque
     for i, quant in enumerate(quants if methods else []):
         if i in bad:
             continue
-        model = model_skeleton(model_cfg["path"], model_cfg.get("dtype", "float32"), **dict(model_cfg.get("tiny") or {}))
+        model = model_skeleton(model_cfg["path"], model_cfg.get("dtype", "float32"),
+                               **dict(model_cfg.get("tiny") or {}))
         if model is None:
             break
         try:
