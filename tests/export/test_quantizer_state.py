@@ -15,7 +15,8 @@ from qat.export.gguf_import import open_gguf
 from qat.jobs.measure import file_bits_per_weight
 from tests.export.conftest import logits
 
-LEARNED = ("w2a16_g64", "w4a16_g128_lsq", "w8a8_static", "ternary_g64_lsq")  # LSQ+ / LSQ weight scales, PACT input clip
+LEARNED = ("w2a16_g64", "w4a16_g128_lsq", "w8a8_static", "ternary_g64_lsq",  # LSQ+ / LSQ weight scales, PACT input clip
+           "fp8_block_lsq")  # GGUF has no FP8 block type: re-quantized
 # learned scales on a grid the GGUF file holds exactly (MXFP4: the E8M0 scale; IQ4_XS, NVFP4: their two-level scales;
 # TQ2_0: its fp16 scale per 256), so its linears are not re-quantized: tests/unit/test_mxfp4.py, test_iq4_xs.py,
 # test_nvfp4.py and tests/export/test_gguf_fallback.py export them exactly
