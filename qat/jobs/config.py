@@ -42,7 +42,7 @@ JOB = {"task_name": ANY, "seed": ANY, "paths": ANY, "hydra": ANY}
 CALIBRATION = dict.fromkeys(("samples", "seq_len", "split"), ANY)  # PTQ calibration of qat-ptq / qat-compare
 EVAL = dict.fromkeys(("split", "max_blocks", "batch_size"), ANY)
 PTQ = {**JOB, "model": MODEL, "data": DATA, "quant": ANY, "method": ANY, "calibration": CALIBRATION, "eval": EVAL,
-       "save": ANY, "export": ANY, "progress": ANY, "offload": ANY, "distributed": {"processes": ANY}, "device": ANY}
+       "save": ANY, "export": ANY, "gguf_type": ANY, "progress": ANY, "offload": ANY, "distributed": {"processes": ANY}, "device": ANY}
 QAT = dict.fromkeys(("experiment", "overrides"), ANY)  # qat-compare's QAT rows: qat-train overrides
 QAT_METHOD = dict.fromkeys(("name", "label", "init", "overrides"), ANY)  # a `method` node with name: qat
 HARNESS = dict.fromkeys(("limit", "batch_size", "max_length", "num_fewshot", "bootstrap_iters"), ANY)  # lm-eval

@@ -19,7 +19,8 @@ from transformers import AutoConfig
 
 from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
 from qat.errors import ConfigError, UserError
-from qat.export import FORMATS, check_recipe_format, export
+from qat.export import FORMATS, MIXES, check_recipe_format, export
+from qat.export.ggml_blocks import BLOCK
 from qat.export.load import load_any_tokenizer
 from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs import placement
@@ -163,6 +164,11 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
         errors.append(f"export={cfg['export']!r}; choose from {list(FORMATS)} (or null)")
     elif cfg.get("export") and cfg.get("quant") is not None:  # the writer's own refusal, said before quantizing
         errors += format_errors(cfg["quant"], cfg["export"], has_fused_experts(cfg["model"]["path"]))
+    if (gguf_type := cfg.get("gguf_type")) is not None:
+        if cfg.get("export") != "gguf":
+            errors.append(f"gguf_type={gguf_type!r} applies to export=gguf only (export={cfg.get('export')!r})")
+        elif gguf_type not in BLOCK and gguf_type not in MIXES:
+            errors.append(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
@@ -325,7 +331,8 @@ def ptq_rank(cfg: dict, out_dir: str, distributed: bool) -> dict | None:
         path = out / f"export_{cfg['export']}{suffix}"
         source = tokenizer_location(cfg["data"], cfg["model"]["path"])  # the tokenizer the job read its text with
         tok = stored_tokenizer(load_any_tokenizer(source), source, path, cfg["export"])
-        result["export"] = str(export(model, path, cfg["export"], tokenizer=tok))
+        gguf_type = cfg.get("gguf_type") or "Q8_0"
+        result["export"] = str(export(model, path, cfg["export"], gguf_type=gguf_type, tokenizer=tok))
         atomic_write_bytes(out / "result.json", to_json(result))
     return result
 

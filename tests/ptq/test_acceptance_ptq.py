@@ -71,6 +71,24 @@ def test_gguf_export_of_a_ptq_job_is_a_gguf_file(tmp_path):
     assert result["export"].endswith(".gguf") and (tmp_path / "export_gguf.gguf").read_bytes()[:4] == b"GGUF"
 
 
+def test_gguf_type_of_a_ptq_export_is_chosen_and_checked_before_work(tmp_path, monkeypatch):
+    """qat-ptq export=gguf gguf_type=<type or mix>: the tensors not on a GGUF grid are written in it; a bad name, or
+    gguf_type without export=gguf, is refused before anything loads."""
+    import gguf
+
+    cfg = compose_job("ptq", ["method=rtn", "export=gguf", "gguf_type=Q4_K_M", "calibration.samples=8",
+                              "eval.max_blocks=2", "progress=false", "save=false"])
+    run_ptq_job(cfg, tmp_path / "ok")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "ok" / "export_gguf.gguf").tensors}
+    assert "Q4_K" in types  # the default (Q8_0) writes no K-quant
+    import qat.jobs.ptq as job
+    monkeypatch.setattr(job, "job_inputs", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ValueError, match=r"gguf_type='Q4_K_X'; choose a type \[.*\] or a mix \[.*'Q4_K_M'"):
+        run_ptq_job({**cfg, "gguf_type": "Q4_K_X"}, tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"gguf_type='Q4_K_M' applies to export=gguf only \(export='native'\)"):
+        run_ptq_job({**cfg, "export": "native"}, tmp_path / "bad")
+
+
 def test_the_export_of_a_ptq_job_stores_the_tokenizer_it_read(tmp_path):
     """qat-ptq export=... stores the tokenizer the job read its text with (the model folder's here), as qat-export
     does: a GGUF of a PTQ run carries a vocabulary llama.cpp can run, a folder its tokenizer files."""
