@@ -182,6 +182,13 @@ def importance_for(model: nn.Module, imatrix: str | None, data: Any, cal: dict, 
     return importance
 
 
+def gguf_type_error(gguf_type: Any) -> str | None:
+    """Why `gguf_type` is no GGUF tensor type or mix qat writes (listing the valid ones); None when it is one."""
+    if gguf_type in BLOCK or gguf_type in MIXES:
+        return None
+    return f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}"
+
+
 def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwrite: bool = False) -> Path:
     """Check the format, the GGUF type and the output path before anything is loaded.
 
@@ -198,8 +205,8 @@ def check_output(output: str | os.PathLike, format: str, gguf_type: str, overwri
     """
     if format not in FORMATS:
         raise ConfigError(f"export format={format!r}; choose from {list(FORMATS)}")
-    if format == "gguf" and gguf_type not in BLOCK and gguf_type not in MIXES:
-        raise ConfigError(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+    if format == "gguf" and (why := gguf_type_error(gguf_type)):
+        raise ConfigError(why)
     out = Path(output).expanduser()
     exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if exists and not overwrite:

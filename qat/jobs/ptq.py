@@ -19,13 +19,12 @@ from transformers import AutoConfig
 
 from qat.data import SPLITS, build_blocks, calibration_batches, corpus_from_mapping
 from qat.errors import ConfigError, UserError
-from qat.export import FORMATS, MIXES, check_recipe_format, export
-from qat.export.ggml_blocks import BLOCK
+from qat.export import FORMATS, check_recipe_format, export
 from qat.export.load import load_any_tokenizer
 from qat.io import atomic_path, atomic_write_bytes
 from qat.jobs import placement
 from qat.jobs.config import PTQ, as_bool, as_count, check_keys
-from qat.jobs.export import stored_tokenizer
+from qat.jobs.export import gguf_type_error, stored_tokenizer
 from qat.jobs.measure import FLOAT_BITS, PeakMemory, perplexity, weight_bits
 from qat.jobs.placement import CALIBRATION_ROWS, device_errors, place, resolve_device
 from qat.jobs.results import eval_protocol, to_json
@@ -167,8 +166,8 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
     if (gguf_type := cfg.get("gguf_type")) is not None:
         if cfg.get("export") != "gguf":
             errors.append(f"gguf_type={gguf_type!r} applies to export=gguf only (export={cfg.get('export')!r})")
-        elif gguf_type not in BLOCK and gguf_type not in MIXES:
-            errors.append(f"gguf_type={gguf_type!r}; choose a type {sorted(BLOCK)} or a mix {sorted(MIXES)}")
+        elif why := gguf_type_error(gguf_type):
+            errors.append(why)
     if errors:
         raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
