@@ -20,12 +20,12 @@ from torchmetrics.text import Perplexity
 
 from qat.control import frozen_ranges
 from qat.errors import ConfigError
-from qat.modules.hadamard import ROTATION_KINDS
 import qat
 from qat.lit.parallel import average_replicated_grads, shard_fsdp2
 from qat.models import load_model
 from qat.transform.recipe import to_plain
-from qat.transform.rotations.learned import CayleySGD, attach_learned_rotations, fuse_learned_rotations
+from qat.transform.rotations.learned import (LEARNED_INITS, CayleySGD, attach_learned_rotations,
+                                             fuse_learned_rotations, resolve_init)
 
 
 
@@ -36,7 +36,7 @@ def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     return load_model(cfg["path"], cfg.get("dtype", "float32"), **dict(cfg.get("tiny") or {}))
 
 
-ROTATION_KEYS = {"r1": True, "r2": True, "init": "hadamard", "lr": 1.5, "momentum": 0.0}
+ROTATION_KEYS = {"r1": True, "r2": True, "init": "auto", "lr": 1.5, "momentum": 0.0}
 
 
 def _number(value: Any) -> bool:
@@ -62,8 +62,9 @@ def learned_rotation_errors(cfg: Mapping[str, Any], key: str = "learned_rotation
         errors.append(f"{key}.lr={lr!r}; give a number > 0 (the CayleySGD step, e.g. 1.5)")
     if not (_number(momentum) and 0 <= momentum < 1):
         errors.append(f"{key}.momentum={momentum!r}; give a number in [0, 1) (0: none)")
-    if cfg.get("init", "hadamard") not in ROTATION_KINDS:
-        errors.append(f"{key}.init={cfg['init']!r}; choose one of {list(ROTATION_KINDS)} (the starting rotation)")
+    if cfg.get("init", "auto") not in LEARNED_INITS:
+        errors.append(f"{key}.init={cfg['init']!r}; choose one of {list(LEARNED_INITS)} (the starting rotation; "
+                      "auto: the recipe's fused rotation where it has one, else a Hadamard)")
     for flag in ("r1", "r2"):
         if not isinstance(cfg.get(flag, True), bool):
             errors.append(f"{key}.{flag}={cfg[flag]!r}; choose true or false")
@@ -178,9 +179,10 @@ class QATModule(pl.LightningModule):
         if not cfg:
             return []
         cfg = {**self.ROTATION_KEYS, **cfg}
-        rotations = attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=cfg["init"])
-        log.info("learned rotations: %d matrices (r1=%s, r2=%s, init %s) trained by CayleySGD (lr %s), fused "
-                 "when fit ends", len(rotations), cfg["r1"], cfg["r2"], cfg["init"], cfg["lr"])
+        init = resolve_init(cfg["init"], (self.hparams.quant or {}).get("rotations"))
+        rotations = attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=init)
+        log.info("learned rotations: %d matrices (r1=%s, r2=%s, start %s) trained by CayleySGD (lr %s), fused "
+                 "when fit ends", len(rotations), cfg["r1"], cfg["r2"], init, cfg["lr"])
         return rotations
 
     def fuse_rotations(self) -> None:

@@ -195,6 +195,27 @@ def test_learned_rotations_train_jointly_and_fuse(corpus):
         QATModule(TINY, None, learned_rotations={"lr": -1})
 
 
+def test_learned_rotations_start_from_the_recipes_fused_rotations():
+    """On a recipe that fuses R1 / R2 (w4a4_kv4_rot: random Hadamards) the learned rotations start at the identity
+    on top of them, so the QAT start is the recipe's own RTN model (was: a Hadamard on top, H D H, which undoes
+    much of the random Hadamard's mixing: SmolLM2's RTN start went from 111 to 669 ppl); without recipe
+    rotations they start from a Hadamard; init= still picks one for both."""
+    recipe = qat.load_recipe("w4a4_kv4_rot").to_dict()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = QATModule(TINY, recipe).eval()
+    learned = QATModule(TINY, recipe, learned_rotations={"lr": 0.5}).eval()
+    eye = torch.eye(learned._rotations[0].shape[0])
+    assert all(torch.equal(r.detach(), torch.eye(r.shape[0])) for r in learned._rotations)
+    with torch.no_grad():
+        assert torch.equal(learned.model(ids).logits, plain.model(ids).logits)
+    hadamard_on_top = QATModule(TINY, recipe, learned_rotations={"init": "hadamard"})
+    assert not torch.equal(hadamard_on_top._rotations[0].detach(), eye)
+    bare = QATModule(TINY, recipe | {"rotations": None}, learned_rotations={"lr": 0.5})
+    assert not torch.equal(bare._rotations[0].detach(), eye)  # nothing fused: a Hadamard start
+    with pytest.raises(ConfigError, match=r"learned_rotations.init='eye'; choose one of \['auto', 'identity'"):
+        QATModule(TINY, recipe, learned_rotations={"init": "eye"})
+
+
 def test_learned_rotations_with_frozen_embeddings(corpus):
     """freeze_embeddings under a learned R1 (the main job's setting): the stored embedding stays as it was, the
     rotation it is read through still trains (was: requires_grad_ on the computed, parametrized weight raised)."""

@@ -20,13 +20,15 @@ logits = h @ (W_head R)^T = (h R^T) @ W_head^T, lm_head's input times R^T (hooks
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from qat.arch import get_arch
 from qat.errors import ConfigError
-from qat.modules.hadamard import rotation_matrix
+from qat.modules.hadamard import ROTATION_KINDS, rotation_matrix
 from qat.modules.quantizer import TensorQuantizer
 from qat.transform.rotations.base import head_dim_of, weight_and_bias
 from qat.transform.rotations.r1 import fold_norms
@@ -202,8 +204,35 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     return block.get_submodule(parent), leaf
 
 
-def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True, init: str = "hadamard",
-                             seed: int = 0, online_ends: bool = True) -> list[nn.Parameter]:
+LEARNED_INITS = ("auto", "identity", *ROTATION_KINDS)  # "auto": identity where the recipe fused one, else hadamard
+
+
+def initial_rotation(kind: str, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The starting matrix of a learned rotation: "identity" (keep the weights as they are: a recipe's fused
+    rotation is the start) or a rotation kind of `rotation_matrix`."""
+    if kind == "identity":
+        return torch.eye(n, dtype=dtype)
+    return rotation_matrix(kind, n, seed, dtype)
+
+
+def resolve_init(init: str, recipe_rotations: Mapping | None) -> dict[str, str]:
+    """{"r1": kind, "r2": kind} for `attach_learned_rotations`: "auto" starts each learned rotation from the
+    recipe's own fused one where the recipe has it (identity on top) and from a Hadamard where it does not;
+    any other value is used for both.
+
+    Example:
+        >>> resolve_init("auto", {"r1": "random_hadamard", "r3": "hadamard"})
+        {'r1': 'identity', 'r2': 'hadamard'}
+    """
+    if init != "auto":
+        return {"r1": init, "r2": init}
+    fused = recipe_rotations or {}
+    return {name: "identity" if fused.get(name) else "hadamard" for name in ("r1", "r2")}
+
+
+def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
+                             init: str | Mapping[str, str] = "hadamard", seed: int = 0,
+                             online_ends: bool = True) -> list[nn.Parameter]:
     """Make R1 and one R2 per layer learnable parameters of `model` (float or prepared): RMSNorms are folded
     first, then every weight that reads or writes the residual stream (and v / o per head) is parametrized.
 
@@ -211,6 +240,9 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
     (the same function, without the [vocab, hidden] products per step); False parametrizes their weights too.
     MoE families: the router's weight and the fused experts' 3-D weights are parametrized as the offline R1
     rotates them (per expert: gate_up_proj [E, 2I, H] @ R1, R1^T @ down_proj [E, H, I]), float or fake-quant.
+    `init`: the starting matrix, one for both or {"r1": ..., "r2": ...}: "identity" (on a model whose recipe
+    already fused that rotation: it starts from it; a Hadamard on top of a random Hadamard, H D H, would
+    undo much of its mixing) or a kind of `rotation_matrix`.
 
     Returns:
         the rotation parameters (give them to `CayleySGD`; keep them out of AdamW).
@@ -220,12 +252,13 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
     adapter = get_arch(model)
     if r1 and (why := adapter.residual_rotation_refusal or adapter.structure_refusal(model.config)):
         raise ConfigError(f"learned R1 on {model.config.model_type}: {why}")
+    inits = dict(init) if isinstance(init, Mapping) else {"r1": init, "r2": init}
     params: list[nn.Parameter] = []
     _, blocks = adapter.blocks(model)
     if r1:
         fold_norms(model)
         embed = model.get_input_embeddings().weight  # the matrix is built on the CPU: on the model's device, dtype
-        rot = Rotation(rotation_matrix(init, model.config.hidden_size, seed, embed.dtype).to(embed.device))
+        rot = Rotation(initial_rotation(inits["r1"], model.config.hidden_size, seed, embed.dtype).to(embed.device))
         params.append(rot.weight)
         _rotate_end(model.get_input_embeddings(), rot, online_ends, output=True)
         _rotate_end(model.get_output_embeddings(), rot, online_ends, output=False)
@@ -242,7 +275,7 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
         for block in blocks:
             d = head_dim_of(block.get_submodule(adapter.out_proj.rpartition(".")[0]))
             out_w = block.get_submodule(adapter.out_proj).weight
-            rot = Rotation(rotation_matrix(init, d, seed + 1, out_w.dtype).to(out_w.device))
+            rot = Rotation(initial_rotation(inits["r2"], d, seed + 1, out_w.dtype).to(out_w.device))
             params.append(rot.weight)
             module, pname = _owner(block, adapter.value_proj)
             parametrize.register_parametrization(module, pname, _HeadsOut(rot, start, kv_heads))
