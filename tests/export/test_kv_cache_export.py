@@ -16,7 +16,7 @@ from qat.export.common import weight_of
 from qat.io import load_safetensors
 from tests.export.conftest import logits
 
-KV_RECIPES = ("w4a8_kv8", "w4a4_kv4_rot", "w4a8_kv4_rot", "gguf_q4_0_kv_q8_0", "gguf_q4_0_kv_q4_0")
+KV_RECIPES = ("w4a8_kv8", "w4a4_kv4_rot", "w4a4_g64_kv4_rot", "w4a8_kv4_rot", "gguf_q4_0_kv_q8_0", "gguf_q4_0_kv_q4_0")
 FORMATS = ("compressed_tensors", "gptq")
 FOLDER_KV_RECIPES = tuple(r for r in KV_RECIPES if not r.startswith("gguf_"))  # GGUF grids: tests/export/test_llama_cpp_kv.py
 
