@@ -36,7 +36,7 @@ def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     return load_model(cfg["path"], cfg.get("dtype", "float32"), **dict(cfg.get("tiny") or {}))
 
 
-ROTATION_KEYS = {"r1": True, "r2": True, "init": "auto", "lr": 1.5, "momentum": 0.0}
+ROTATION_KEYS = {"r1": True, "r2": True, "init": "auto", "lr": 1.5, "momentum": 0.0, "alone": 0}
 
 
 def _number(value: Any) -> bool:
@@ -45,7 +45,7 @@ def _number(value: Any) -> bool:
 
 def learned_rotation_errors(cfg: Mapping[str, Any], key: str = "learned_rotations") -> list[str]:
     """One line per bad value of a `learned_rotations` mapping (unknown keys, lr > 0, momentum in [0, 1), init a
-    rotation kind, r1 / r2 booleans), each naming `<key>.<name>` and what is valid; [] when all are good.
+    rotation kind, alone a step count, r1 / r2 booleans), each naming `<key>.<name>` and what is valid; [] when all are good.
 
     Example:
         >>> learned_rotation_errors({"lr": -1}, "module.learned_rotations")
@@ -65,6 +65,10 @@ def learned_rotation_errors(cfg: Mapping[str, Any], key: str = "learned_rotation
     if cfg.get("init", "auto") not in LEARNED_INITS:
         errors.append(f"{key}.init={cfg['init']!r}; choose one of {list(LEARNED_INITS)} (the starting rotation; "
                       "auto: the recipe's fused rotation where it has one, else a Hadamard)")
+    alone = cfg.get("alone", 0)
+    if not (isinstance(alone, int) and not isinstance(alone, bool) and alone >= 0):
+        errors.append(f"{key}.alone={alone!r}; give a whole number of steps >= 0 (the first steps train the "
+                      "rotations alone, weights held; 0: rotations and weights together from the start)")
     for flag in ("r1", "r2"):
         if not isinstance(cfg.get(flag, True), bool):
             errors.append(f"{key}.{flag}={cfg[flag]!r}; choose true or false")
@@ -107,9 +111,11 @@ class QATModule(pl.LightningModule):
         lean_ste: the memory-lean straight-through estimator (qat.set_lean_ste; Linear and fused experts):
             backward recomputes the fake-quantized weights and inputs instead of keeping them; same values and
             gradients.
-        learned_rotations: {r1, r2, init, lr, momentum} (all optional): SpinQuant-style learned rotations
+        learned_rotations: {r1, r2, init, lr, momentum, alone} (all optional): SpinQuant-style learned rotations
             (`qat.transform.rotations.learned`) trained jointly with QAT by a CayleySGD stepped with the main
-            optimizer, and fused into the weights when fit ends (`fuse_rotations`); values checked first
+            optimizer (its lr follows the main scheduler's warmup and decay), and fused into the weights when fit
+            ends (`fuse_rotations`). The first `alone` steps train the rotations only, the weights and quantizer
+            parameters held (SpinQuant's protocol; the scheduler counts those steps too). Values checked first
             (`learned_rotation_errors`). Checkpoints hold them unfused: qat-export's checkpoint= fuses them.
     Example:
         >>> m = QATModule({"path": "tiny"}, qat.load_recipe("w4a16_g128").to_dict())
@@ -195,11 +201,26 @@ class QATModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         self.fuse_rotations()
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._cayley is not None and self.global_step < self._rotation_cfg()["alone"]:
+            rotations = {id(p) for p in self._rotations}
+            for group in optimizer.param_groups:  # no gradient: AdamW leaves the weights (and its state) as they are
+                for p in group["params"]:
+                    if id(p) not in rotations:
+                        p.grad = None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        group = optimizer.param_groups[0]
+        scale = group["lr"] / group.get("initial_lr", group["lr"])  # the scheduler's factor at this step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._cayley is not None:  # the rotations step with the main optimizer, on the same gradients
+            for cayley_group in self._cayley.param_groups:
+                cayley_group["lr"] = self._rotation_cfg()["lr"] * scale
             self._cayley.step()
             self._cayley.zero_grad(set_to_none=True)
+
+    def _rotation_cfg(self) -> dict[str, Any]:
+        return {**self.ROTATION_KEYS, **(self.hparams.learned_rotations or {})}
 
     @staticmethod
     def _check_kd(kd: Mapping[str, Any] | None) -> None:
@@ -270,7 +291,7 @@ class QATModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in rotations]
         optimizer = instantiate(self.hparams.optimizer)(params)
         if self._rotations:
-            cfg = {**self.ROTATION_KEYS, **(self.hparams.learned_rotations or {})}
+            cfg = self._rotation_cfg()
             self._cayley = CayleySGD(self._rotations, lr=cfg["lr"], momentum=cfg["momentum"])
         if not self.hparams.scheduler:
             return optimizer

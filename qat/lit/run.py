@@ -141,6 +141,10 @@ def _check_values(cfg: DictConfig) -> list[str]:
                 errors.append(str(err))
                 plain.pop(flag)
         errors += learned_rotation_errors(plain, "module.learned_rotations")
+        alone, steps = plain.get("alone", 0), cfg.trainer.get("max_steps") or -1
+        if isinstance(alone, int) and alone > 0 and 0 < steps <= alone:
+            errors.append(f"module.learned_rotations.alone={alone} with trainer.max_steps={steps}: the weights would "
+                          f"never train; give alone < max_steps (the first `alone` steps train the rotations only)")
         errors += _check_rotations_unsharded(cfg)
     return errors
 

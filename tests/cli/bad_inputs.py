@@ -81,6 +81,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.learned_rotations={init:nope}", "module.learned_rotations.init='nope'; choose one of"),
                            ("module.learned_rotations={r1:maybe}", "module.learned_rotations.r1='maybe'; choose true or false"),
                            ("module.learned_rotations={r2:2}", "module.learned_rotations.r2=2; choose true or false"),
+                           ("module.learned_rotations={alone:-1}", "module.learned_rotations.alone=-1; give a whole number"),
+                           ("module.learned_rotations={alone:1000000}", "module.learned_rotations.alone=1000000 with trainer.max_steps="),
                            ("module.lean_ste=maybe", "lean_ste"),
                            ("trainer._target_=nosuch.Trainer", "trainer: cannot import _target_ 'nosuch.Trainer'"),
                            ("optim.optimizer._target_=torch.optim.Adamm", "cannot import _target_ 'torch.optim.Adamm'")]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch.nn.utils import parametrize
 
@@ -29,6 +30,32 @@ def test_cayley_sgd_stays_orthogonal_and_descends():
         opt.step()
     assert losses[-1] < 0.2 * losses[0]
     assert torch.allclose(r.detach() @ r.detach().T, torch.eye(16, dtype=torch.float64), atol=1e-10)
+
+
+def _stiefel_sgd_step(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """The Cayley SGD step as SpinQuant's optimizer (after Li et al. 2020) writes it, momentum 0, from its
+    formulas: the direction in the transposed frame, the step capped at 1 / ||W||_1, the Cayley transform by
+    fixed-point iteration (run to convergence here)."""
+    v = -grad.T
+    mx = v @ x
+    w_hat = mx - 0.5 * x.T @ (x @ mx)
+    w = w_hat - w_hat.T
+    alpha = min(lr, 1 / (float(w.abs().sum(0).max()) + 1e-8))
+    y = x.T + alpha * v
+    for _ in range(60):
+        y = x.T + alpha * w @ (0.5 * (x.T + y))
+    return y.T
+
+
+@pytest.mark.parametrize("grad_scale", [0.01, 1.0, 100.0])  # uncapped, around the cap, far above it
+@pytest.mark.parametrize("lr", [0.1, 1.5])
+def test_cayley_sgd_step_is_the_reference_step(grad_scale, lr):
+    x = random_orthogonal(24, seed=3).double()
+    grad = torch.randn(24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * grad_scale
+    p = torch.nn.Parameter(x.clone())
+    p.grad = grad.clone()
+    CayleySGD([p], lr=lr).step()
+    assert torch.allclose(p.detach(), _stiefel_sgd_step(x, grad, lr), atol=1e-12, rtol=0)
 
 
 def test_learned_rotations_train_with_qat_and_fuse_exactly():

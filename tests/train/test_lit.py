@@ -195,6 +195,35 @@ def test_learned_rotations_train_jointly_and_fuse(corpus):
         QATModule(TINY, None, learned_rotations={"lr": -1})
 
 
+def test_learned_rotations_alone_first_then_jointly_on_the_schedule(corpus):
+    """learned_rotations.alone=2: the first two steps move only the rotations (the weights and AdamW's state held:
+    SpinQuant's protocol), the third both. The CayleySGD step follows the main scheduler: warmup's lr 0 at step 1
+    leaves the rotation where it was."""
+    pl.seed_everything(0)
+    m = QATModule(TINY, qat.load_recipe("w4a8_kv8").to_dict() | {"kv_cache": None}, optimizer=OPTIM,
+                  scheduler={**SCHED, "num_warmup_steps": 1, "num_training_steps": 3},
+                  learned_rotations={"lr": 0.5, "alone": 2})
+    rotation_ids = {id(r) for r in m._rotations}
+    weights = [p for p in m.parameters() if p.requires_grad and id(p) not in rotation_ids]
+    snapshots = [([p.detach().clone() for p in weights], m._rotations[0].detach().clone())]
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(([p.detach().clone() for p in weights], m._rotations[0].detach().clone()))
+
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                         callbacks=[Snapshot()])
+    trainer.fit(m, datamodule(corpus))
+    (w0, r0), (w1, r1), (w2, r2), (w3, r3) = snapshots
+    assert torch.equal(r0, r1)  # warmup: lr factor 0 at the first step
+    assert not torch.equal(r1, r2) and not torch.equal(r2, r3)
+    assert all(torch.equal(a, b) for a, b in zip(w0, w2))  # two steps alone: every weight as it was
+    assert any(not torch.equal(a, b) for a, b in zip(w2, w3))
+    adam = trainer.optimizers[0].state
+    assert adam and all(int(state["step"]) == 1 for state in adam.values())  # AdamW stepped once: at step 3
+
+
 def test_learned_rotations_start_from_the_recipes_fused_rotations():
     """On a recipe that fuses R1 / R2 (w4a4_kv4_rot: random Hadamards) the learned rotations start at the identity
     on top of them, so the QAT start is the recipe's own RTN model (was: a Hadamard on top, H D H, which undoes

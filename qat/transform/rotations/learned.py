@@ -39,6 +39,11 @@ class CayleySGD(torch.optim.Optimizer):
     skew-symmetric W = G X^T - X G^T (the Cayley transform of the Riemannian gradient; SpinQuant's optimizer,
     after Li et al. 2020). To first order the step is X - a (G - X G^T X).
 
+    The step is theirs: a = alpha / 2 with alpha = min(lr, 1 / ||S||_1), S = X^T W X / 2 the same direction in
+    their (transposed) frame and ||.||_1 the largest column sum of absolute values. The cap keeps every step a
+    small rotation whatever the gradient's size: a KD gradient on SmolLM2's 576-wide R1 has ||S||_1 ~ 18, so
+    an uncapped lr 1.5 would turn R1 by a rotation of 1-norm ~ 27 at each step.
+
     Example:
         >>> opt = CayleySGD([rotation.weight], lr=1.5)
     """
@@ -63,8 +68,9 @@ class CayleySGD(torch.optim.Optimizer):
                     g = buf.mul_(group["momentum"]).add_(g)
                 x = p.double()
                 w = g @ x.T - x @ g.T
+                norm = float((x.T @ w @ x).abs().sum(0).max()) / 2
+                half = min(group["lr"], 1 / (norm + 1e-8)) / 4
                 eye = torch.eye(x.shape[0], dtype=torch.float64, device=x.device)
-                half = group["lr"] / 2
                 p.copy_(torch.linalg.solve(eye + half * w, (eye - half * w) @ x).to(p.dtype))
         return loss
 
