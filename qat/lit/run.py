@@ -130,7 +130,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
     keys = list(ROTATION_KEYS)
     if rot is not None and not (OmegaConf.is_dict(rot) and set(rot) <= set(keys)):
         errors.append(f"module.learned_rotations={OmegaConf.to_container(rot) if OmegaConf.is_config(rot) else rot!r}; "
-                      f"give null or a mapping of {keys}, e.g. module.learned_rotations='{{lr: 1.5}}'")
+                      f"give null or a mapping of {keys}, e.g. module.learned_rotations='{{lr: 0.02}}'")
     elif rot is not None:
         plain = OmegaConf.to_container(rot, resolve=True)
         for flag in ("r1", "r2"):  # r1=no from the command line is the string "no"

@@ -81,6 +81,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.learned_rotations={init:nope}", "module.learned_rotations.init='nope'; choose one of"),
                            ("module.learned_rotations={r1:maybe}", "module.learned_rotations.r1='maybe'; choose true or false"),
                            ("module.learned_rotations={r2:2}", "module.learned_rotations.r2=2; choose true or false"),
+                           ("module.learned_rotations={}", "module.learned_rotations={} turns nothing on; give null"),
                            ("module.learned_rotations={alone:-1}", "module.learned_rotations.alone=-1; give a whole number"),
                            ("module.learned_rotations={alone:1000000}", "module.learned_rotations.alone=1000000 with trainer.max_steps="),
                            ("module.lean_ste=maybe", "lean_ste"),

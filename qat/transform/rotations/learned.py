@@ -42,7 +42,8 @@ class CayleySGD(torch.optim.Optimizer):
     The step is theirs: a = alpha / 2 with alpha = min(lr, 1 / ||S||_1), S = X^T W X / 2 the same direction in
     their (transposed) frame and ||.||_1 the largest column sum of absolute values. The cap keeps every step a
     small rotation whatever the gradient's size: a KD gradient on SmolLM2's 576-wide R1 has ||S||_1 ~ 18, so
-    an uncapped lr 1.5 would turn R1 by a rotation of 1-norm ~ 27 at each step.
+    an uncapped lr 1.5 would turn R1 by alpha S of 1-norm ~ 27 at each step. Their lr 1.5 goes with 8 x 2048 tokens
+    a step; with fewer, scale it down (QATModule's default: 0.02 for 2 x 128).
 
     Example:
         >>> opt = CayleySGD([rotation.weight], lr=1.5)
