@@ -34,7 +34,7 @@ import qat
 from qat.jobs.measure import saved_for_backward_bytes
 from qat.models import load_model
 from qat.testing import tiny_moe
-from qat.transform.rotations.learned import attach_learned_rotations
+from qat.transform.rotations.learned import attach_learned_rotations, resolve_init
 
 SCHEMES = {"W4A16": "w4a16_g128", "W4A8 (int8 per-token act)": "w4a8_kv8",
            "W4A8 + rotations (R1/R2 fused, R4 online)": "w4a8_kv8+rot"}
@@ -81,7 +81,8 @@ def make_variants(base, schemes: dict[str, str], group_size: int | None, ste: st
             model = qat.prepare(copy.deepcopy(base).train(), recipe)
             flags = name.split("+")
             if "learned" in flags or "learned_weights" in flags:  # AdamW steps them here: the same in both rows
-                attach_learned_rotations(model, online_ends="learned" in flags)
+                attach_learned_rotations(model, online_ends="learned" in flags,  # training's start (init auto)
+                                         init=resolve_init("auto", model.qat_recipe.rotations))
             qat.set_lean_ste(model, lean)
             variants[f"{label}, {'lean' if lean else 'unfused'} STE"] = model
     return variants

@@ -237,3 +237,22 @@ def test_model_size_with_learned_rotations_attached_counts_each_weight_once():
     assert abs(weight_bits(model)[1] - (mb + extra * FLOAT_BITS / 8 / 1e6)) < 1e-9
     fuse_learned_rotations(model)
     assert weight_bits(model) == (bpw, mb)
+
+
+def test_a_bad_start_is_refused_before_any_weight_changes():
+    """init names a kind per rotation ("identity" or a `rotation_matrix` kind); a partial or misspelt mapping is a
+    ConfigError naming the key, raised before the norms are folded (was: KeyError 'r2' with R1 already attached)."""
+    from qat.errors import ConfigError
+    from qat.transform.rotations.learned import has_learned_rotations, resolve_init
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for init, match in (({"r1": "identity"}, r"init\['r2'\] missing"), ({"R1": "hadamard", "r2": "hadamard"},
+                        r"unknown key\(s\) \['R1'\]"), ("eye", r"init\['r1'\]='eye'; choose one of \['identity'")):
+        with pytest.raises(ConfigError, match=match):
+            attach_learned_rotations(model, init=init)
+    assert not has_learned_rotations(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert attach_learned_rotations(tiny_llama(), r2=False, init={"r1": "identity"})  # only the rotations attached
+    recipe = qat.load_recipe("w4a4_kv4_rot").rotations  # the validated RotationConfig as well as its mapping
+    assert resolve_init("auto", recipe) == resolve_init("auto", recipe.to_dict()) == {"r1": "identity", "r2": "identity"}

@@ -243,6 +243,8 @@ def test_learned_rotations_start_from_the_recipes_fused_rotations():
     assert not torch.equal(bare._rotations[0].detach(), eye)  # nothing fused: a Hadamard start
     with pytest.raises(ConfigError, match=r"learned_rotations.init='eye'; choose one of \['auto', 'identity'"):
         QATModule(TINY, recipe, learned_rotations={"init": "eye"})
+    by_name = QATModule(TINY, "w4a4_kv4_rot", learned_rotations={"lr": 0.5})  # quant as qat.prepare takes it
+    assert all(torch.equal(r.detach(), torch.eye(r.shape[0])) for r in by_name._rotations)
 
 
 def test_learned_rotations_with_frozen_embeddings(corpus):

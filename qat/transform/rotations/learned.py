@@ -30,7 +30,7 @@ from qat.arch import get_arch
 from qat.errors import ConfigError
 from qat.modules.hadamard import ROTATION_KINDS, rotation_matrix
 from qat.modules.quantizer import TensorQuantizer
-from qat.transform.rotations.base import head_dim_of, weight_and_bias
+from qat.transform.rotations.base import RotationConfig, head_dim_of, weight_and_bias
 from qat.transform.rotations.r1 import fold_norms
 
 
@@ -222,19 +222,42 @@ def initial_rotation(kind: str, n: int, seed: int, dtype: torch.dtype) -> torch.
     return rotation_matrix(kind, n, seed, dtype)
 
 
-def resolve_init(init: str, recipe_rotations: Mapping | None) -> dict[str, str]:
+def resolve_init(init: str, recipe_rotations: RotationConfig | Mapping | None) -> dict[str, str]:
     """{"r1": kind, "r2": kind} for `attach_learned_rotations`: "auto" starts each learned rotation from the
     recipe's own fused one where the recipe has it (identity on top) and from a Hadamard where it does not;
     any other value is used for both.
 
+    Args:
+        init: one of `LEARNED_INITS`.
+        recipe_rotations: the recipe's `rotations` (a RotationConfig, its mapping, or None: none fused).
+    Returns:
+        {"r1": kind, "r2": kind}, kinds of `initial_rotation`.
     Example:
         >>> resolve_init("auto", {"r1": "random_hadamard", "r3": "hadamard"})
         {'r1': 'identity', 'r2': 'hadamard'}
     """
     if init != "auto":
         return {"r1": init, "r2": init}
+    if isinstance(recipe_rotations, RotationConfig):
+        recipe_rotations = recipe_rotations.to_dict()
     fused = recipe_rotations or {}
     return {name: "identity" if fused.get(name) else "hadamard" for name in ("r1", "r2")}
+
+
+def _start_kinds(init: str | Mapping[str, str], r1: bool, r2: bool) -> dict[str, str]:
+    """`attach_learned_rotations`' init as {"r1": kind, "r2": kind}, checked before any weight changes."""
+    inits = dict(init) if isinstance(init, Mapping) else {"r1": init, "r2": init}
+    wanted = [name for name, on in (("r1", r1), ("r2", r2)) if on]
+    kinds = ("identity", *ROTATION_KINDS)
+    errors = [f"init: unknown key(s) {sorted(set(inits) - {'r1', 'r2'})}; valid: ['r1', 'r2']"] \
+        if set(inits) - {"r1", "r2"} else []
+    errors += [f"init[{name!r}] missing; give a kind for every learned rotation ({wanted})"
+               for name in wanted if name not in inits]
+    errors += [f"init[{name!r}]={inits[name]!r}; choose one of {list(kinds)}"
+               for name in wanted if name in inits and inits[name] not in kinds]
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return inits
 
 
 def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
@@ -259,7 +282,7 @@ def attach_learned_rotations(model: nn.Module, r1: bool = True, r2: bool = True,
     adapter = get_arch(model)
     if r1 and (why := adapter.residual_rotation_refusal or adapter.structure_refusal(model.config)):
         raise ConfigError(f"learned R1 on {model.config.model_type}: {why}")
-    inits = dict(init) if isinstance(init, Mapping) else {"r1": init, "r2": init}
+    inits = _start_kinds(init, r1, r2)
     params: list[nn.Parameter] = []
     _, blocks = adapter.blocks(model)
     if r1:
