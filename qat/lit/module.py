@@ -194,8 +194,9 @@ class QATModule(pl.LightningModule):
         recipe = getattr(self.model, "qat_recipe", None)  # the validated recipe prepare applied (quant: a name too)
         init = resolve_init(cfg["init"], recipe.rotations if recipe is not None else None)
         rotations = attach_learned_rotations(self.model, r1=cfg["r1"], r2=cfg["r2"], init=init)
-        log.info("learned rotations: %d matrices (r1=%s, r2=%s, start %s) trained by CayleySGD (lr %s), fused "
-                 "when fit ends", len(rotations), cfg["r1"], cfg["r2"], init, cfg["lr"])
+        log.info("learned rotations: %d matrices (r1=%s, r2=%s, start %s) trained by CayleySGD (lr %s%s), fused "
+                 "when fit ends", len(rotations), cfg["r1"], cfg["r2"], init, cfg["lr"],
+                 f"; alone for the first {cfg['alone']} steps, weights held" if cfg["alone"] else "")
         return rotations
 
     def fuse_rotations(self) -> None:

@@ -128,7 +128,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
             errors.append(str(err))
     rot = cfg.module.get("learned_rotations")
     keys = list(ROTATION_KEYS)
-    if rot is not None and not (OmegaConf.is_dict(rot) and set(rot) <= set(keys)):
+    if rot is not None and not OmegaConf.is_dict(rot):  # unknown keys: named by learned_rotation_errors below
         errors.append(f"module.learned_rotations={OmegaConf.to_container(rot) if OmegaConf.is_config(rot) else rot!r}; "
                       f"give null or a mapping of {keys}, e.g. module.learned_rotations='{{lr: 0.02}}'")
     elif rot is not None:

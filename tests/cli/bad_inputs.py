@@ -74,7 +74,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("module.freeze_embeddings=maybe", "freeze_embeddings"),
                            ("module.range_init_batches=-1", "range_init_batches"), ("seed=abc", "seed"),
                            ("module.learned_rotations=1.5", "module.learned_rotations=1.5; give null or a mapping"),
-                           ("module.learned_rotations={lrr:1.5}", "learned_rotations"),
+                           ("module.learned_rotations={lrr:1.5}", "module.learned_rotations: unknown key(s) ['lrr']"),
                            ("module.learned_rotations={lr:-1}", "module.learned_rotations.lr=-1; give a number > 0"),
                            ("module.learned_rotations={lr:abc}", "module.learned_rotations.lr='abc'"),
                            ("module.learned_rotations={momentum:1}", "module.learned_rotations.momentum=1; give a number in [0, 1)"),
