@@ -26,7 +26,9 @@ import functools
 import io
 import os
 import re
+import shutil
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hydra._internal.utils import get_args_parser  # the parser of hydra.main's flags, to check them first
@@ -150,9 +152,46 @@ def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                     if code is None:
                         _task_bugs.append(exc)  # run_hydra lets it through as it is
                         raise
+                    discard_refused_run()
                     raise SystemExit(code) from None
         return guarded
     return wrap
+
+
+HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+
+
+def discard_refused_run() -> bool:
+    """Remove the running Hydra job's output folder when it holds nothing but Hydra's own record of the job (.hydra/
+    and the job's .log): a refused command line leaves no empty run folder behind. A folder with anything else in it
+    (a checkpoint, a result, a file the user put there), the launch folder itself and any folder above it are
+    kept; empty folders between the run folder and the launch folder (outputs/<date>/) go too.
+
+    Returns:
+        True when the folder was removed.
+    """
+    if not HydraConfig.initialized():
+        return False
+    runtime = HydraConfig.get().runtime
+    out, launch = Path(runtime.output_dir).resolve(), Path(runtime.cwd).resolve()
+    here = Path.cwd().resolve()
+    if any(out == d or out in d.parents for d in (launch, here)):  # never the folder we stand in, nor one above it
+        return False
+    try:
+        entries = {p.name: p for p in out.iterdir()}
+        record = entries.pop(".hydra", None)
+        logs = [p for name, p in entries.items() if name.endswith(".log") and p.is_file()]
+        if len(logs) != len(entries) or (record is not None and (not record.is_dir() or any(
+                not f.is_file() or f.name not in HYDRA_RECORD for f in record.iterdir()))):
+            return False
+        shutil.rmtree(out)
+        parent = out.parent
+        while parent != launch and launch in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    except OSError:  # a file open elsewhere, a permission: the folder stays, as Hydra left it
+        return False
+    return True
 
 
 def task_overrides() -> list[str]:

@@ -49,6 +49,28 @@ def test_bad_input_is_one_clear_message(app, argv, expected, files):
     assert expected.lower() in out.lower(), out
     assert "\\n" not in out, out  # multi-line messages have real newlines, not repr'd ones
     assert "HYDRA_FULL_ERROR" not in out, out  # Hydra's advice (also inside its instantiate errors) is not ours
+    assert not (files / "run").exists(), sorted(str(p) for p in (files / "run").rglob("*"))  # no empty run folder
+
+
+def test_a_refused_run_leaves_no_empty_run_folder_but_keeps_what_is_not_hydras(tmp_path, monkeypatch):
+    """A refusal removes the job's folder when it holds only Hydra's record (.hydra/, the .log), and the empty dated
+    folders above it up to the launch folder; a folder holding anything else, and the launch folder, stay."""
+    bad = "module.learned_rotations={}"
+    monkeypatch.chdir(tmp_path)
+    code, out = run_in_process("train", TR + [bad])  # Hydra's default outputs/<date>/<time>
+    assert code == 2 and "turns nothing on" in out, out
+    assert list(tmp_path.iterdir()) == [], sorted(map(str, tmp_path.rglob("*")))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "notes.txt").write_text("mine")
+    code, out = run_in_process("train", TR + [bad])
+    assert code == 2 and sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["notes.txt"], out
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "result.json").write_text("{}")  # an earlier run's result: the folder is not Hydra's alone
+    code, out = run_in_process("train", TR + [bad, f"hydra.run.dir={kept}"])
+    assert code == 2 and {p.name for p in kept.iterdir()} >= {"result.json", ".hydra"}, out
+    code, out = run_in_process("train", TR + [bad, "hydra.run.dir=."])  # the launch folder itself
+    assert code == 2 and (tmp_path / ".hydra").is_dir(), out
 
 
 @pytest.mark.parametrize("app,argv,expected", HYDRA_CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in HYDRA_CASES])
