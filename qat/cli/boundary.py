@@ -163,7 +163,7 @@ HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
 
 def discard_refused_run() -> bool:
     """Remove the running Hydra job's output folder when it holds nothing but Hydra's own record of the job (.hydra/
-    and the job's .log): a refused command line leaves no empty run folder behind. A folder with anything else in it
+    and <job name>.log): a refused command line leaves no empty run folder behind. A folder with anything else in it
     (a checkpoint, a result, a file the user put there), the launch folder itself and any folder above it are
     kept; empty folders between the run folder and the launch folder (outputs/<date>/) go too.
 
@@ -180,8 +180,8 @@ def discard_refused_run() -> bool:
     try:
         entries = {p.name: p for p in out.iterdir()}
         record = entries.pop(".hydra", None)
-        logs = [p for name, p in entries.items() if name.endswith(".log") and p.is_file()]
-        if len(logs) != len(entries) or (record is not None and (not record.is_dir() or any(
+        log = entries.pop(f"{HydraConfig.get().job.name}.log", None)
+        if entries or (log is not None and not log.is_file()) or (record is not None and (not record.is_dir() or any(
                 not f.is_file() or f.name not in HYDRA_RECORD for f in record.iterdir()))):
             return False
         shutil.rmtree(out)
