@@ -35,6 +35,7 @@ from hydra._internal.utils import get_args_parser  # the parser of hydra.main's 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
+from hydra.experimental.callback import Callback
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -159,39 +160,133 @@ def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+RUN_FOLDERS_KEY = "hydra.callbacks.qat_run_folders"
+# what RunFolders saw before Hydra made this run's folders: "folder" the run (or sweep) folder, absolute as typed
+# (symlinks not followed); "existed" the paths among it and its parents that were there; "children" the names
+# already inside it (a reused sweep folder's old job folders); "sweep" whether it is a multirun's sweep folder
+_before: dict[str, Any] = {}
 
 
-def discard_refused_run() -> bool:
-    """Remove the running Hydra job's output folder when it holds nothing but Hydra's own record of the job (.hydra/
-    and <job name>.log): a refused command line leaves no empty run folder behind. A folder with anything else in it
-    (a checkpoint, a result, a file the user put there), the launch folder itself and any folder above it are
-    kept; empty folders between the run folder and the launch folder (outputs/<date>/) go too.
+class RunFolders(Callback):
+    """Hydra callback that `run_hydra` adds to every run: before Hydra makes the output folder (the run folder, or
+    a multirun's sweep folder), note which of it and its parents exist already, so that a refused run removes only
+    folders that it made (`discard_refused_run`)."""
 
-    Returns:
-        True when the folder was removed.
-    """
-    if not HydraConfig.initialized():
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _note_folders(config, "hydra.run.dir", sweep=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _note_folders(config, "hydra.sweep.dir", sweep=True)
+
+
+def _note_folders(config: DictConfig, key: str, sweep: bool) -> None:
+    _before.clear()
+    try:
+        folder = Path(os.path.abspath(str(OmegaConf.select(config, key))))
+    except Exception:  # noqa: BLE001 - a folder we cannot name is one we never remove
+        return
+    children = set(os.listdir(folder)) if folder.is_dir() and not folder.is_symlink() else set()
+    _before.update(folder=folder, sweep=sweep, children=children,
+                   existed={p for p in (folder, *folder.parents) if os.path.lexists(p)})
+
+
+def _made_by_this_run(path: Path) -> bool:
+    """Whether `path` (the run / sweep folder, a job folder under the sweep folder, or a parent of the run folder)
+    was made by this run: it was not there when RunFolders looked. Anything else is not ours to remove."""
+    if not _before or path in _before["existed"] or os.path.islink(path):
         return False
-    runtime = HydraConfig.get().runtime
-    out, launch = Path(runtime.output_dir).resolve(), Path(runtime.cwd).resolve()
-    here = Path.cwd().resolve()
-    if any(out == d or out in d.parents for d in (launch, here)):  # never the folder we stand in, nor one above it
+    folder = _before["folder"]
+    if path == folder or path in folder.parents:
+        return True
+    if folder in path.parents:  # a multirun job's folder: made now unless the reused sweep folder had it
+        return path.relative_to(folder).parts[0] not in _before["children"]
+    return False
+
+
+def _remove_made_folder(path: Path, allowed: Callable[[dict[str, Path]], bool]) -> bool:
+    """Remove `path` when this run made it and `allowed(its entries)`, then its empty parents this run made.
+    The working directory and the folders above it are never removed."""
+    here = Path.cwd()
+    if not _made_by_this_run(path) or not path.is_dir() or path == here or path in here.parents:
         return False
     try:
-        entries = {p.name: p for p in out.iterdir()}
-        record = entries.pop(".hydra", None)
-        log = entries.pop(f"{HydraConfig.get().job.name}.log", None)
-        if entries or (log is not None and not log.is_file()) or (record is not None and (not record.is_dir() or any(
-                not f.is_file() or f.name not in HYDRA_RECORD for f in record.iterdir()))):
+        if not allowed({p.name: p for p in path.iterdir()}):
             return False
-        shutil.rmtree(out)
-        parent = out.parent
-        while parent != launch and launch in parent.parents and not any(parent.iterdir()):
+        shutil.rmtree(path)
+        parent = path.parent
+        while _made_by_this_run(parent) and parent != here and parent not in here.parents \
+                and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
     except OSError:  # a file open elsewhere, a permission: the folder stays, as Hydra left it
         return False
     return True
+
+
+def _only_hydras_record(job_name: str) -> Callable[[dict[str, Path]], bool]:
+    def allowed(entries: dict[str, Path]) -> bool:
+        record = entries.pop(".hydra", None)
+        log = entries.pop(f"{job_name}.log", None)
+        return not entries and (log is None or log.is_file()) and (record is None or (record.is_dir() and all(
+            f.is_file() and f.name in HYDRA_RECORD for f in record.iterdir())))
+    return allowed
+
+
+def discard_refused_run() -> bool:
+    """Remove the output folder of a refused run when this run made it and it holds nothing but Hydra's record of
+    the job (.hydra/ and <job name>.log): a refused command line leaves no empty run folder behind. A folder that
+    was there before the run (even empty), one with anything else in it (a checkpoint, a result, a file the user put
+    there), a symlink, and the working directory and the folders above it are kept; the empty folders the run made
+    above it (outputs/<date>/) go too. In a multirun, the sweep folder goes as well when this run made it and it
+    is left with nothing but Hydra's multirun.yaml. Under `hydra.job.chdir=true` the job is first taken back to
+    the launch folder.
+
+    Returns:
+        True when the run's folder was removed.
+    """
+    if not HydraConfig.initialized() or not _before:
+        return False
+    runtime = HydraConfig.get().runtime
+    out = Path(os.path.abspath(runtime.output_dir))
+    here = Path.cwd()
+    if (here == out or out in here.parents) and runtime.cwd:
+        os.chdir(runtime.cwd)  # hydra.job.chdir=true: Hydra moved us into the folder; the run is over
+    removed = _remove_made_folder(out, _only_hydras_record(HydraConfig.get().job.name))
+    discard_refused_sweep()
+    return removed
+
+
+def discard_refused_sweep() -> bool:
+    """Remove a multirun's sweep folder when this run made it and it holds only Hydra's multirun.yaml (every job
+    of it was refused, or Hydra refused the sweep before its first job ran)."""
+    if not _before.get("sweep"):
+        return False
+    return _remove_made_folder(_before["folder"], lambda entries: set(entries) <= {"multirun.yaml"} and all(
+        p.is_file() for p in entries.values()))
+
+
+def with_run_folders(args: list[str]) -> list[str]:
+    """`args` with the override that adds `RunFolders` to Hydra's callbacks, placed where Hydra's parser takes it
+    (right after the command line's overrides, or first when there are none); unchanged when it is there already
+    (a DDP rank started with the parent's command line) or when nothing will run (--help, --cfg, --info...)."""
+    if any(a.lstrip("+~").startswith(RUN_FOLDERS_KEY) for a in args):
+        return args
+    try:
+        flags = get_args_parser().parse_args(args)
+    except BaseException:  # noqa: BLE001 - refused by check_flags before this runs
+        return args
+    if flags.help or flags.hydra_help or flags.cfg or flags.info or flags.shell_completion \
+            or flags.experimental_rerun:
+        return args
+    ours = f"+{RUN_FOLDERS_KEY}._target_={RunFolders.__module__}.{RunFolders.__qualname__}"
+    if not flags.overrides:
+        return [ours, *args]
+    seen = 0
+    for i, arg in enumerate(args):  # the overrides are one run of arguments, in order
+        seen += arg == flags.overrides[seen]
+        if seen == len(flags.overrides):
+            return [*args[:i + 1], ours, *args[i + 1:]]
+    return args
 
 
 def task_overrides() -> list[str]:
@@ -237,7 +332,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         check_groups(app, args)
         args = null_groups(app, args)
         with recipe_paths(args) as args, _shown_config(app, args):
-            sys.argv = [program_path(app, saved_argv), *args]
+            sys.argv = [program_path(app, saved_argv), *with_run_folders(args)]
             _user_env[0] = user_env
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it would print: formatted here, once
             hydra_main()
@@ -245,11 +340,13 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         message = None if debugging or any(exc is bug for bug in _task_bugs) else _refusal(app, exc, args)
         if message is None:
             raise
+        discard_refused_sweep()  # Hydra refused a multirun's job after it wrote the sweep's multirun.yaml
         print(f"{app}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(USER_EXIT) from None
     finally:
         sys.argv, _user_env[0] = saved_argv, _UNSET
         _task_bugs.clear()
+        _before.clear()
         _set_env("HYDRA_FULL_ERROR", user_env)  # an in-process caller (a test) gets its environment back
         GlobalHydra.instance().clear()  # the next in-process run composes afresh
 

@@ -30,7 +30,7 @@ from qat.jobs.placement import CALIBRATION_ROWS, device_errors, place, resolve_d
 from qat.jobs.results import eval_protocol, to_json
 from qat.models import (TINY_NAMES, check_model_source, check_token_ids, check_tokenizer_source, has_fused_experts,
                         load_model, resolve_dtype, tokenizer_location)
-from qat.ptq import method_config, method_of_config, ptq_model
+from qat.ptq import METHODS, method_config, method_of_config, ptq_model
 from qat.ptq.distributed import backend_for, init_from_env, launch, process_rank, rank_device, usable_cpus
 from qat.ptq.stream import cpu_state, stream_ptq
 from qat.recipes import read_recipe, recipe_names
@@ -286,6 +286,11 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     """
     check_keys(cfg, PTQ)
     method = dict(cfg["method"])
+    if method.get("name") in ("fp", "qat"):  # configs/method serves qat-compare too: its rows that are not PTQ
+        other = ("qat-eval model=<model> evaluates the float model" if method["name"] == "fp" else
+                 "qat-train trains it (init=gptq|awq|rtn for a PTQ start)")
+        raise ConfigError(f"method: {method['name']} is a qat-compare row, not a PTQ method; qat-ptq runs "
+                          f"{', '.join(sorted(METHODS))}; {other}, qat-compare methods=[...] puts it in one table")
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
     processes = check_processes(cfg, method)

@@ -295,7 +295,8 @@ class AggregateResults(Callback):
         paths = write_results(rows, sweep_dir, title)
         print(paths["md"].read_text(), flush=True)
         print(f"written: {', '.join(str(p) for p in paths.values())}", flush=True)
-        failed = [f"{r['method']}/{r['quant']}" for r in rows if r["status"] != "ok"]
+        failed = [Path(r["source"]).parent.name if r.get("source") else f"{r['method']}/{r['quant']}"
+                  for r in rows if r["status"] != "ok"]  # the job folders: jobs may share method and scheme
         if failed and as_bool(config.get("fail_on_error", True), "fail_on_error"):
             print(f"[qat-compare] {len(failed)} job(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
             sys.exit(1)

@@ -73,6 +73,77 @@ def test_a_refused_run_leaves_no_empty_run_folder_but_keeps_what_is_not_hydras(t
     assert code == 2 and (tmp_path / ".hydra").is_dir(), out
 
 
+def test_a_refused_run_removes_only_folders_it_made(tmp_path, monkeypatch):
+    """A folder that was there before the refused run stays, even empty (a run folder given on the command line,
+    its empty parents, a symlinked run folder and the folder it points to); the empty parents the run made go,
+    inside the launch folder or not."""
+    bad = "module.learned_rotations={}"
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    launch.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(launch)
+    (launch / "results" / "keepme").mkdir(parents=True)  # the user's empty folders, made before the run
+    code, out = run_in_process("train", TR + [bad, "hydra.run.dir=results/keepme"])
+    assert code == 2 and (launch / "results" / "keepme").is_dir(), out
+    assert sorted(p.name for p in (launch / "results" / "keepme").iterdir()) == [".hydra", "train.log"]
+    shutil.rmtree(launch / "results" / "keepme")
+    (launch / "results").mkdir(exist_ok=True)
+    code, out = run_in_process("train", TR + [bad, "hydra.run.dir=results/new/run"])  # results/ was there
+    assert code == 2 and [p.name for p in launch.iterdir()] == ["results"], out
+    assert list((launch / "results").iterdir()) == [], out
+    target = elsewhere / "target"
+    target.mkdir()
+    (launch / "link").symlink_to(target)
+    code, out = run_in_process("train", TR + [bad, "hydra.run.dir=link"])
+    assert code == 2 and (launch / "link").is_symlink() and target.is_dir(), out
+    outside = tmp_path / "abs" / "deep" / "run"  # outside the launch folder: what the run made goes
+    code, out = run_in_process("train", TR + [bad, f"hydra.run.dir={outside}"])
+    assert code == 2 and not (tmp_path / "abs").exists(), out
+
+
+def test_a_refused_run_under_chdir_leaves_no_folder(tmp_path, monkeypatch):
+    """hydra.job.chdir=true runs the job inside its folder: the refusal steps back to the launch folder and removes
+    it."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run_in_process("train", TR + ["module.learned_rotations={}", "hydra.job.chdir=true"])
+    assert code == 2 and "turns nothing on" in out, out
+    assert list(tmp_path.iterdir()) == [] and Path.cwd() == tmp_path, sorted(map(str, tmp_path.rglob("*")))
+
+
+@pytest.mark.parametrize("argv", [["-m", "trainer.max_steps=-3,-4"], ["-m", "quant=w4a16_g128,nosuch"],
+                                  ["-m", "+foo=1"]], ids=["task refuses", "group option", "new key"])
+def test_a_refused_multirun_leaves_no_sweep_folder(argv, tmp_path, monkeypatch):
+    """A multirun whose first job is refused (by the job, or by Hydra composing the sweep) leaves no sweep folder
+    holding only multirun.yaml; a reused sweep folder with an earlier sweep's jobs in it stays as it was."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run_in_process("train", argv)  # each one is refused before any job trains
+    assert code == 2 and "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == [], sorted(map(str, tmp_path.rglob("*")))
+    old = tmp_path / "sweep"
+    (old / "0").mkdir(parents=True)
+    (old / "multirun.yaml").write_text("{}")
+    code, out = run_in_process("train", argv + [f"hydra.sweep.dir={old}"])
+    assert code == 2 and sorted(p.name for p in old.iterdir()) == ["0", "multirun.yaml"], out
+
+
+def test_run_folders_override_goes_where_hydra_parses_it():
+    """The RunFolders callback override is added after the command line's overrides (before any flag that
+    follows them), first when there are none, and not at all when nothing runs or it is there already."""
+    from qat.cli.boundary import RUN_FOLDERS_KEY, with_run_folders
+    from hydra._internal.utils import get_args_parser
+
+    for args in (["a=1", "b=2", "--config-name", "x"], ["-m", "a=1"], ["--info"], ["-m"], []):
+        added = with_run_folders(args)
+        if args == ["--info"]:
+            assert added == args
+            continue
+        assert len(added) == len(args) + 1, added
+        parsed = get_args_parser().parse_args(added)
+        assert parsed.overrides[-1].startswith(f"+{RUN_FOLDERS_KEY}._target_="), parsed
+        assert with_run_folders(added) == added
+    assert with_run_folders(["--cfg", "job", "a=1"]) == ["--cfg", "job", "a=1"]
+
+
 @pytest.mark.parametrize("app,argv,expected", HYDRA_CASES, ids=[f"{a}:{' '.join(v)}" for a, v, _ in HYDRA_CASES])
 def test_hydra_refusal_is_one_line_and_exit_2(app, argv, expected, files):
     """What Hydra refuses before the task runs (an unknown key / group option, bad override syntax, a bad flag) is

@@ -41,7 +41,7 @@ def test_multirun_writes_one_table_with_qat_and_failed_rows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]  # fail_on_error: exit 1, after writing the table
-    assert "2 job(s) failed: boom/w4a16_g128, boom/w3a16_g64" in proc.stderr
+    assert "2 job(s) failed: 8_boom_w4a16_g128, 9_boom_w3a16_g64" in proc.stderr  # their folders
     doc = json.loads((sweep / "results.json").read_text())
     got = {(r["method"], r["quant"]): r for r in doc["rows"]}
     ok = [(m, q) for m in ("rtn", "gptq", "qat") for q in ("w4a16_g128", "w3a16_g64")] + [("fp", "fp")]
