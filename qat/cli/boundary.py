@@ -185,7 +185,11 @@ def _note_folders(config: DictConfig, key: str, sweep: bool) -> None:
         folder = Path(os.path.abspath(str(OmegaConf.select(config, key))))
     except Exception:  # noqa: BLE001 - a folder we cannot name is one we never remove
         return
-    children = set(os.listdir(folder)) if folder.is_dir() and not folder.is_symlink() else set()
+    children = set()  # what a reused folder holds already, as paths under it (job folders nest: j/0)
+    if folder.is_dir() and not folder.is_symlink():
+        for root, dirs, files in os.walk(folder):
+            rel = Path(root).relative_to(folder)
+            children.update(rel / name for name in (*dirs, *files))
     _before.update(folder=folder, sweep=sweep, children=children,
                    existed={p for p in (folder, *folder.parents) if os.path.lexists(p)})
 
@@ -199,7 +203,7 @@ def _made_by_this_run(path: Path) -> bool:
     if path == folder or path in folder.parents:
         return True
     if folder in path.parents:  # a multirun job's folder: made now unless the reused sweep folder had it
-        return path.relative_to(folder).parts[0] not in _before["children"]
+        return path.relative_to(folder) not in _before["children"]
     return False
 
 
@@ -223,9 +227,9 @@ def _remove_made_folder(path: Path, allowed: Callable[[dict[str, Path]], bool]) 
     return True
 
 
-def _only_hydras_record(job_name: str) -> Callable[[dict[str, Path]], bool]:
+def _only_hydras_record(job_name: str, record_name: str | None) -> Callable[[dict[str, Path]], bool]:
     def allowed(entries: dict[str, Path]) -> bool:
-        record = entries.pop(".hydra", None)
+        record = entries.pop(record_name, None) if record_name else None  # hydra.output_subdir (.hydra)
         log = entries.pop(f"{job_name}.log", None)
         return not entries and (log is None or log.is_file()) and (record is None or (record.is_dir() and all(
             f.is_file() and f.name in HYDRA_RECORD for f in record.iterdir())))
@@ -251,7 +255,8 @@ def discard_refused_run() -> bool:
     here = Path.cwd()
     if (here == out or out in here.parents) and runtime.cwd:
         os.chdir(runtime.cwd)  # hydra.job.chdir=true: Hydra moved us into the folder; the run is over
-    removed = _remove_made_folder(out, _only_hydras_record(HydraConfig.get().job.name))
+    removed = _remove_made_folder(out, _only_hydras_record(HydraConfig.get().job.name,
+                                                           HydraConfig.get().output_subdir))
     discard_refused_sweep()
     return removed
 
@@ -405,6 +410,10 @@ def _refusal(app: str, exc: Exception, args: list[str]) -> str | None:
     """The message for an error raised before or around the task (ours or Hydra's); None for a bug."""
     if isinstance(exc, UserError):  # a bad quant=<path>, `group=null`, a bad flag: refused before Hydra starts
         return str(exc)
+    if isinstance(exc, (FileExistsError, NotADirectoryError, PermissionError)) and exc.filename:
+        # Hydra making the run / sweep folder (hydra.run.dir=<a file>, a dangling link, a read-only place)
+        return (f"{exc.filename}: hydra cannot make the output folder there ({exc.strerror}); give "
+                "hydra.run.dir= (hydra.sweep.dir= for -m) a folder that can be made and written")
     return hydra_message(exc, args, sorted(default_groups(app)))
 
 

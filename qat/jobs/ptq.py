@@ -289,7 +289,8 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     if method.get("name") in ("fp", "qat"):  # configs/method serves qat-compare too: its rows that are not PTQ
         other = ("qat-eval model=<model> evaluates the float model" if method["name"] == "fp" else
                  "qat-train trains it (init=gptq|awq|rtn for a PTQ start)")
-        raise ConfigError(f"method: {method['name']} is a qat-compare row, not a PTQ method; qat-ptq runs "
+        raise ConfigError(f"method: name {method['name']} (configs/method/{method['name']}*.yaml) is a qat-compare "
+                          f"row, not a PTQ method; qat-ptq runs "
                           f"{', '.join(sorted(METHODS))}; {other}, qat-compare methods=[...] puts it in one table")
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)

@@ -92,6 +92,7 @@ def check_sensitivity(cfg: dict, given: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"name={cfg.get('name')!r}; the recipe's name (and file name): letters, digits, _ . -")
     for key in ("plot",):
         as_bool(cfg.get(key, True), key)
+    as_count(cfg.get("seed", 0), "seed", 0)
     as_bool((cfg.get("gguf") or {}).get("export", False), "gguf.export")
     rest = (cfg.get("gguf") or {}).get("rest", "Q8_0")
     if exporting and rest not in BLOCK and rest not in MIXES:  # qat-export's gguf_type, under this app's key

@@ -124,8 +124,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
         add("ptq", [over], expected)
     # an export format that cannot hold the recipe's schemes: refused before quantizing (the writer's own check)
     add("ptq", ["method=rtn", "quant=w8a8_static", "export=compressed_tensors"], "static input scheme")
-    add("ptq", ["method=qat_gptq"], "method: qat is a qat-compare row, not a PTQ method; qat-ptq runs awq, gptq")
+    add("ptq", ["method=qat_gptq"], "method: name qat (configs/method/qat*.yaml) is a qat-compare row, not a PTQ method; qat-ptq runs awq, gptq")
     add("ptq", ["method=fp"], "qat-eval model=<model> evaluates the float model")
+    add("sensitivity", ["seed=abc"], "seed='abc'")
     add("ptq", ["method=rtn", "quant=mxfp4", "export=gptq"], "GPTQ needs int bits")
     add("ptq", ["distributed.processes=4096"], "CPU core(s) this host lets qat use; choose 1..")  # before spawning
     # the device: a name torch does not take here, a CUDA device no host has (refused on a GPU host too)

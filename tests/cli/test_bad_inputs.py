@@ -126,6 +126,36 @@ def test_a_refused_multirun_leaves_no_sweep_folder(argv, tmp_path, monkeypatch):
     assert code == 2 and sorted(p.name for p in old.iterdir()) == ["0", "multirun.yaml"], out
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    """hydra.run.dir naming a file or a dangling link: Hydra cannot make the folder; one line, exit 2, nothing
+    touched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for where in ("afile", "dangling"):
+        code, out = run_in_process("train", TR + [f"hydra.run.dir={where}"])
+        assert code == 2 and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+        assert f"{where}: hydra cannot make the output folder there" in out, out
+    assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "dangling").is_symlink()
+
+
+def test_a_refused_job_in_a_nested_sweep_subdir_or_with_its_own_record_folder_goes(tmp_path, monkeypatch):
+    """A reused sweep folder whose jobs nest (hydra.sweep.subdir=j/N): the refused job's new j/N goes, the earlier
+    j/0 stays; a record folder named by hydra.output_subdir counts as Hydra's record."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sw"
+    (sweep / "j" / "0").mkdir(parents=True)
+    (sweep / "j" / "0" / "result.json").write_text("{}")
+    (sweep / "multirun.yaml").write_text("{}")
+    code, out = run_in_process("train", ["-m", "trainer.max_steps=-2", f"hydra.sweep.dir={sweep}",
+                                         "hydra.sweep.subdir=j/${hydra.job.num}x"])
+    assert code == 2, out
+    assert sorted(str(p.relative_to(sweep)) for p in sweep.rglob("*")) == ["j", "j/0", "j/0/result.json",
+                                                                          "multirun.yaml"]
+    code, out = run_in_process("train", ["module.learned_rotations={}", "hydra.output_subdir=rec"])
+    assert code == 2 and list(tmp_path.iterdir()) == [sweep], sorted(map(str, tmp_path.rglob("*")))
+
+
 def test_run_folders_override_goes_where_hydra_parses_it():
     """The RunFolders callback override is added after the command line's overrides (before any flag that
     follows them), first when there are none, and not at all when nothing runs or it is there already."""
