@@ -162,9 +162,11 @@ def guard(app: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
 RUN_FOLDERS_KEY = "hydra.callbacks.qat_run_folders"
 # what RunFolders saw before Hydra made this run's folders: "folder" the run (or sweep) folder, absolute as typed
-# (symlinks not followed); "existed" the paths among it and its parents that were there; "children" the names
-# already inside it (a reused sweep folder's old job folders); "sweep" whether it is a multirun's sweep folder
+# (symlinks not followed); "existed" the paths among it and its parents that were there; "children" the folders
+# already inside a reused sweep folder (its old job folders, SUBDIR_DEPTH levels down); "sweep" whether it is a
+# multirun's sweep folder
 _before: dict[str, Any] = {}
+SUBDIR_DEPTH = 4
 
 
 class RunFolders(Callback):
@@ -185,11 +187,13 @@ def _note_folders(config: DictConfig, key: str, sweep: bool) -> None:
         folder = Path(os.path.abspath(str(OmegaConf.select(config, key))))
     except Exception:  # noqa: BLE001 - a folder we cannot name is one we never remove
         return
-    children = set()  # what a reused folder holds already, as paths under it (job folders nest: j/0)
-    if folder.is_dir() and not folder.is_symlink():
-        for root, dirs, files in os.walk(folder):
+    children = set()  # the folders a reused sweep folder holds already, as paths under it (job folders nest: j/0)
+    if sweep and folder.is_dir() and not folder.is_symlink():
+        for root, dirs, _ in os.walk(folder):
             rel = Path(root).relative_to(folder)
-            children.update(rel / name for name in (*dirs, *files))
+            children.update(rel / name for name in dirs)
+            if len(rel.parts) >= SUBDIR_DEPTH - 1:
+                dirs.clear()  # hydra.sweep.dir=. would walk the whole launch folder
     _before.update(folder=folder, sweep=sweep, children=children,
                    existed={p for p in (folder, *folder.parents) if os.path.lexists(p)})
 
