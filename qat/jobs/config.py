@@ -160,7 +160,8 @@ def unknown_keys(cfg: Any, schema: Mapping | str | None, where: str = "") -> lis
     errors = []
     extra = sorted(str(k) for k in cfg if k not in schema)
     if extra and OPEN not in schema:
-        errors.append(f"{where or 'config'}: unknown key(s) {extra}; valid keys are {allowed}")
+        shown = allowed if where else [k for k in allowed if k not in ("defaults", "hydra")]  # not a user's keys
+        errors.append(f"{where or 'config'}: unknown key(s) {extra}; valid keys are {shown}")
     for key in allowed:  # values are read only where there is a schema to check (interpolations stay unresolved)
         if schema[key] is not ANY and key in cfg:
             errors += unknown_keys(cfg[key], schema[key], f"{where}.{key}" if where else key)

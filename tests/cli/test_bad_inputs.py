@@ -156,6 +156,14 @@ def test_a_refused_job_in_a_nested_sweep_subdir_or_with_its_own_record_folder_go
     assert code == 2 and list(tmp_path.iterdir()) == [sweep], sorted(map(str, tmp_path.rglob("*")))
 
 
+def test_an_unknown_top_level_key_lists_the_users_keys_not_hydras():
+    from qat.jobs.config import unknown_keys
+
+    errors = unknown_keys({"foo": 1, "seed": 0, "hydra": {}, "defaults": []},
+                          {"seed": None, "hydra": None, "defaults": None, "data": {"path": None}})
+    assert errors == ["config: unknown key(s) ['foo']; valid keys are ['data', 'seed']"]
+
+
 def test_run_folders_override_goes_where_hydra_parses_it():
     """The RunFolders callback override is added after the command line's overrides (before any flag that
     follows them), first when there are none, and not at all when nothing runs or it is there already."""
