@@ -418,7 +418,17 @@ def _refusal(app: str, exc: Exception, args: list[str]) -> str | None:
         # Hydra making the run / sweep folder (hydra.run.dir=<a file>, a dangling link, a read-only place)
         return (f"{exc.filename}: hydra cannot make the output folder there ({exc.strerror}); give "
                 "hydra.run.dir= (hydra.sweep.dir= for -m) a folder that can be made and written")
-    return hydra_message(exc, args, sorted(default_groups(app)))
+    return hydra_message(exc, args, sorted(default_groups(app)), app_options(app))
+
+
+def app_options(app: str) -> dict[str, list[str]]:
+    """{group: the options `app` takes} for groups it takes only some of: qat-ptq's `method` options are the
+    configs/method files naming a PTQ method (fp, qat, qat_gptq... are qat-compare rows)."""
+    if app != "qat-ptq":
+        return {}
+    from qat.ptq import METHODS  # the registry (imports torch): only on this refusal's path
+    named = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("name") for p in (CONFIG_DIR / "method").glob("*.yaml")}
+    return {"method": sorted(stem for stem, name in named.items() if name in METHODS)}
 
 
 def check_flags(app: str, argv: list[str]) -> None:

@@ -36,7 +36,8 @@ _BOILERPLATE = ("Set the environment variable HYDRA_FULL_ERROR", "See https://hy
 _RESOLVING = "_resolve_interpolation_from_parse_tree"  # OmegaConf's method resolving one node's interpolation
 
 
-def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Sequence[str] = ()) -> str | None:
+def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Sequence[str] = (),
+                  options: Mapping[str, Sequence[str]] | None = None) -> str | None:
     """One line for an error Hydra raised while reading the command line or composing the config, naming the
     override, the key or the group option and what would be valid; None when `exc` is not one (a bug).
 
@@ -44,6 +45,8 @@ def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Seq
         exc: what Hydra raised (a HydraException, an OmegaConf error, or a ValueError of Hydra's own flag checks).
         overrides: the command line's arguments, to quote the user's own `group=option` back.
         groups: the config groups of the app's defaults list (offered for a misspelt top-level key with the keys).
+        options: {group: the options this app takes} where it takes fewer than the group holds (qat-ptq's
+            `method`: configs/method serves qat-compare's rows too); other groups list all their options.
     Example:
         >>> hydra_message(OverrideParseException("a=b=c", "mismatched input '=' expecting <EOF>"))
         "a=b=c: not a valid override (mismatched input '=' expecting <EOF>); write key=value and quote ..."
@@ -52,7 +55,7 @@ def hydra_message(exc: BaseException, overrides: Sequence[str] = (), groups: Seq
         return (f"{exc.override}: not a valid override ({one_line(exc.message)}); write key=value and quote a value "
                 f"with special characters, as key='a=b' ({GRAMMAR})")
     if isinstance(exc, MissingConfigException):
-        return _missing_config(exc, overrides)
+        return _missing_config(exc, overrides, options or {})
     if isinstance(exc, HydraException):
         return _composition(exc, overrides, groups)
     if isinstance(exc, OmegaConfBaseException):
@@ -156,7 +159,8 @@ def _options(group: str, exc: MissingConfigException) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def _missing_config(exc: MissingConfigException, overrides: Sequence[str]) -> str:
+def _missing_config(exc: MissingConfigException, overrides: Sequence[str],
+                    options: Mapping[str, Sequence[str]]) -> str:
     """`quant=nosuch: no such recipe; choose one of ...`, `--config-name=x: no such config; ...`."""
     text = str(exc)
     primary = re.match(r"Cannot find primary config '([^']*)'", text)
@@ -169,7 +173,7 @@ def _missing_config(exc: MissingConfigException, overrides: Sequence[str]) -> st
     group, option = found["path"].rsplit("/", 1)
     what = "recipe" if group == "quant" else f"{group} option"
     problem = f"no such {what}" if option else f"no {what} given"
-    choices = ", ".join(_options(group, exc)) or "(none found)"
+    choices = ", ".join(options.get(group) or _options(group, exc)) or "(none found)"
     tail = " or a path to a recipe .yaml" if group == "quant" else ""
     given = _given(group, overrides)
     if given is not None:

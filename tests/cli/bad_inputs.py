@@ -112,7 +112,9 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("eval", EV + ["model.path={tmp}/weights_only", "tokenizer={tmp}/wide_tokenizer"], "embedding rows")
 
     # qat-ptq
-    for over, expected in [("method=nope", "nope"), ("+method.nosuch=1", "nosuch"), ("method.actorder=maybe", "actorder"),
+    # configs/method holds qat-compare's rows too: qat-ptq lists only its PTQ methods
+    add("ptq", ["method=nope"], "method=nope: no such method option; choose one of awq, gptq, rtn, smoothquant")
+    for over, expected in [("+method.nosuch=1", "nosuch"), ("method.actorder=maybe", "actorder"),
                            ("calibration.samples=0", "calibration.samples"), ("calibration.samples=abc", "calibration.samples"),
                            ("calibration.seq_len=-1", "calibration.seq_len"), ("eval.max_blocks=0", "eval.max_blocks"),
                            ("eval.max_blocks=-2", "eval.max_blocks"), ("eval.split=bogus", "eval.split"),
