@@ -47,6 +47,7 @@ from qat.cli.recipe_path import recipe_paths
 from qat.errors import ConfigError, UserError
 from qat.jobs.config import import_target, instantiation_error
 from qat.observers import reset_warnings
+from qat.ptq import METHODS
 from qat.recipes import CONFIG_DIR
 
 USER_EXIT = 2  # argparse's code for a usage error
@@ -426,7 +427,6 @@ def app_options(app: str) -> dict[str, list[str]]:
     configs/method files naming a PTQ method (fp, qat, qat_gptq... are qat-compare rows)."""
     if app != "qat-ptq":
         return {}
-    from qat.ptq import METHODS  # the registry (imports torch): only on this refusal's path
     named = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("name") for p in (CONFIG_DIR / "method").glob("*.yaml")}
     return {"method": sorted(stem for stem, name in named.items() if name in METHODS)}
 
