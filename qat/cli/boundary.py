@@ -424,11 +424,11 @@ def _refusal(app: str, exc: Exception, args: list[str]) -> str | None:
 
 def app_options(app: str) -> dict[str, list[str]]:
     """{group: the options `app` takes} for groups it takes only some of: qat-ptq's `method` options are the
-    configs/method files naming a PTQ method (fp, qat, qat_gptq... are qat-compare rows)."""
+    configs/method files of a registered PTQ method (fp, qat, qat_gptq... are qat-compare rows), named by their
+    file as in qat-compare's `methods=[...]` check."""
     if app != "qat-ptq":
         return {}
-    named = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("name") for p in (CONFIG_DIR / "method").glob("*.yaml")}
-    return {"method": sorted(stem for stem, name in named.items() if name in METHODS)}
+    return {"method": sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml") if p.stem in METHODS)}
 
 
 def check_flags(app: str, argv: list[str]) -> None:
