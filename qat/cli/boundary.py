@@ -22,8 +22,10 @@ is back in place while the task runs (`guard`), for its code and any process it 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
+import logging
 import os
 import re
 import shutil
@@ -31,13 +33,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser  # the parser of hydra.main's flags, to check them first
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 import yaml
@@ -57,6 +61,8 @@ _UNSET = object()
 # while run_hydra runs: the HYDRA_FULL_ERROR the user had (restored for the task), and the bugs the task raised
 _user_env: list[object] = [_UNSET]
 _task_bugs: list[BaseException] = []
+# while run_hydra runs: (app, the check of one job's config) that a multirun applies to every job up front
+_sweep_check: list[tuple[str, Callable[[DictConfig], None]] | None] = [None]
 
 
 def debug() -> bool:
@@ -180,6 +186,72 @@ class RunFolders(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _note_folders(config, "hydra.sweep.dir", sweep=True)
+        if _sweep_check[0] is not None:
+            check_sweep(config, *_sweep_check[0])
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of every job of the multirun `config`, in launch order, as Hydra's basic sweeper splits them
+    (its `params` first, then the command line's); None under another sweeper (a plugin decides its own jobs)."""
+    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{key}={value}" for key, value in params.items()] + [
+        str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep(config: DictConfig, app: str, check: Callable[[DictConfig], None]) -> None:
+    """Check every job of a multirun with `check` (the app's own check of one job's config) before the first job
+    runs: a sweep whose third job is refused stops now, not after the first two have trained for an hour. Every
+    refused job is listed with its overrides ("<app>: error: ..."), and the run exits `USER_EXIT`; nothing is made
+    on disk (Hydra makes the sweep folder after this). Hydra turns a callback's exception into a warning, so this
+    exits itself. A job whose check hits a bug is left to fail as it runs, with its traceback. What the checks
+    print or log (a note on a raised setting) is said again by the job itself, so it is not shown here."""
+    jobs = sweep_jobs(config)
+    if not jobs or len(jobs) < 2:  # one job checks itself first thing
+        return
+    loader = GlobalHydra.instance().config_loader()
+    shared = set.intersection(*(set(job) for job in jobs))  # a job is named by what it sweeps
+    refused = []
+    with _quiet():
+        for num, overrides in enumerate(jobs):
+            try:
+                job = loader.load_sweep_config(config, overrides)
+                with open_dict(job):
+                    job.hydra.job.id = job.hydra.job.num = num
+                with open_dict(job.hydra.runtime):  # as Hydra's run_job sets it
+                    job.hydra.runtime.output_dir = os.path.abspath(os.path.join(
+                        str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir)))
+                HydraConfig.instance().set_config(job)  # what `${hydra:...}` reads while the job runs
+                task = copy.deepcopy(job)
+                with open_dict(task):
+                    del task["hydra"]
+                check_interpolations(task, overrides)
+                check(task)
+            except Exception as exc:  # noqa: BLE001 - a user's mistake is listed; a bug is the job's to raise
+                if (message := user_message(exc)) is not None:
+                    named = [o for o in overrides if o not in shared] or overrides
+                    refused.append(f"  #{num} ({' '.join(named)}): {message}".replace("\n", "\n    "))
+            finally:
+                HydraConfig.instance().set_config(config)
+    if refused:
+        print(f"{app}: error: {len(refused)} of the sweep's {len(jobs)} jobs refused (none has run):\n"
+              + "\n".join(refused), file=sys.stderr, flush=True)
+        raise SystemExit(USER_EXIT)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Nothing printed or logged below an error while the sweep's jobs are checked."""
+    out, previous = io.StringIO(), logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _note_folders(config: DictConfig, key: str, sweep: bool) -> None:
@@ -326,8 +398,13 @@ def _set_env(name: str, value: object) -> None:
         os.environ[name] = str(value)
 
 
-def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = None) -> None:
+def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = None,
+              check: Callable[[DictConfig], None] | None = None) -> None:
     """Run a `@hydra.main` function with `argv` (default: sys.argv[1:]) as its command line.
+
+    `check`: the app's check of one job's config (the task's config, as the task function gets it), raising a
+    user's error before anything loads; a multirun applies it to every job before the first one runs
+    (`check_sweep`).
 
     Hydra's refusals of the command line (an unknown key or group option, bad override syntax, a bad flag) print
     as one "<app>: error: ..." line and exit `USER_EXIT`, as the task's own user errors do; under `debug()` they
@@ -343,7 +420,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         args = null_groups(app, args)
         with recipe_paths(args) as args, _shown_config(app, args):
             sys.argv = [program_path(app, saved_argv), *with_run_folders(args)]
-            _user_env[0] = user_env
+            _user_env[0], _sweep_check[0] = user_env, (app, check) if check is not None else None
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it would print: formatted here, once
             hydra_main()
     except Exception as exc:
@@ -354,7 +431,7 @@ def run_hydra(app: str, hydra_main: Callable[[], Any], argv: list[str] | None = 
         print(f"{app}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(USER_EXIT) from None
     finally:
-        sys.argv, _user_env[0] = saved_argv, _UNSET
+        sys.argv, _user_env[0], _sweep_check[0] = saved_argv, _UNSET, None
         _task_bugs.clear()
         _before.clear()
         _set_env("HYDRA_FULL_ERROR", user_env)  # an in-process caller (a test) gets its environment back

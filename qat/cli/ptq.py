@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from qat.jobs.ptq import run_ptq_job
+from qat.jobs.ptq import check_ptq_job, run_ptq_job
 from qat.cli.boundary import guard, run_hydra
 from qat.recipes import CONFIG_DIR
 
@@ -28,9 +28,14 @@ def _main(cfg: DictConfig) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
+def check_job(cfg: DictConfig) -> None:
+    """One job's config checked before anything loads; a `-m` sweep checks every job with it before the first runs."""
+    check_ptq_job(OmegaConf.to_container(cfg, resolve=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `qat-ptq` console script: Hydra overrides in `argv` (default: the command line)."""
-    run_hydra("qat-ptq", _main, argv)
+    run_hydra("qat-ptq", _main, argv, check=check_job)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from qat.cli.boundary import guard, run_hydra
-from qat.lit.run import train
+from qat.lit.run import check_config, train
 from qat.recipes import CONFIG_DIR
 
 
@@ -21,9 +21,14 @@ def _main(cfg: DictConfig) -> float | None:
     return results.get("qat_ppl")  # the value a sweeper would optimise
 
 
+def check_job(cfg: DictConfig) -> None:
+    """One job's config checked before anything loads; a `-m` sweep checks every job with it before the first runs."""
+    check_config(cfg, make_output=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `qat-train` console script: Hydra overrides in `argv` (default: the command line)."""
-    run_hydra("qat-train", _main, argv)
+    run_hydra("qat-train", _main, argv, check=check_job)
 
 
 if __name__ == "__main__":

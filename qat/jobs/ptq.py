@@ -139,10 +139,11 @@ def check_job(cfg: dict, calibrate: bool = True, method: Any = None) -> None:
     errors, sizes = check_values(cfg), {"data.block_size": cfg["data"].get("block_size")}
     if calibrate:
         cal = cfg.get("calibration") or {}
-        for key in ("samples", "seq_len"):
+        for key, least in (("samples", 1), ("seq_len", 2)):  # a block of one token has nothing to predict
             value = cal.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"calibration.{key}={value!r}; must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                errors.append(f"calibration.{key}={value!r}; must be "
+                              f"{'a positive integer' if least == 1 else f'an integer >= {least}'}")
         if cal.get("split", "train") not in SPLITS:
             errors.append(f"calibration.split={cal.get('split')!r}; choose from {list(SPLITS)}")
         sizes["calibration.seq_len"] = cal.get("seq_len")
@@ -284,6 +285,25 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
     Example:
         >>> run_ptq_job(OmegaConf.to_container(cfg, resolve=True), "outputs/ptq/run")
     """
+    method, processes = check_ptq_job(cfg)
+    device = resolve_device(cfg.get("device"), max(processes, placement.torchrun_processes()))
+    torch.manual_seed(cfg.get("seed", 0))
+    if cfg.get("offload") is not None:
+        return run_streamed(cfg, method, Path(out_dir), device)
+    if init_from_env(backend_for(device)):  # under torchrun: this process is one rank of WORLD_SIZE
+        return ptq_rank(cfg, str(out_dir), True)
+    return launch(ptq_rank, processes, cfg, str(out_dir), processes > 1, backend=backend_for(device))
+
+
+def check_ptq_job(cfg: dict) -> tuple[dict, int]:
+    """Everything a qat-ptq job checks before it loads anything (keys, method, sizes, export, processes); each job
+    of a `qat-ptq -m` sweep is checked with it before the first one runs.
+
+    Returns:
+        (the method's options, the number of processes the job runs).
+    Raises:
+        ConfigError (or FileNotFoundError for a model path): naming the key and the valid values.
+    """
     check_keys(cfg, PTQ)
     method = dict(cfg["method"])
     if method.get("name") in ("fp", "qat"):  # configs/method serves qat-compare too: its rows that are not PTQ
@@ -294,14 +314,7 @@ def run_ptq_job(cfg: dict, out_dir: str | os.PathLike) -> dict:
                           f"{', '.join(sorted(METHODS))}; {other}, qat-compare methods=[...] puts it in one table")
     check_method(method)  # validate before loading anything
     check_job(cfg, method=method)
-    processes = check_processes(cfg, method)
-    device = resolve_device(cfg.get("device"), max(processes, placement.torchrun_processes()))
-    torch.manual_seed(cfg.get("seed", 0))
-    if cfg.get("offload") is not None:
-        return run_streamed(cfg, method, Path(out_dir), device)
-    if init_from_env(backend_for(device)):  # under torchrun: this process is one rank of WORLD_SIZE
-        return ptq_rank(cfg, str(out_dir), True)
-    return launch(ptq_rank, processes, cfg, str(out_dir), processes > 1, backend=backend_for(device))
+    return method, check_processes(cfg, method)
 
 
 def check_processes(cfg: dict, method: dict) -> int:

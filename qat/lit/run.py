@@ -43,8 +43,11 @@ def context_length_of(model_cfg: DictConfig) -> int | None:
     return model_context(model_cfg)
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, make_output: bool = True) -> None:
     """Fail before any long work, naming every offender: misspelt keys, missing files, impossible sizes.
+
+    `make_output=False` leaves out the output folder's check, which makes it (a `qat-train -m` sweep checks every
+    job's config before the first one runs, and Hydra makes each job's folder when it starts).
 
     Raises:
         ConfigError: one message listing every problem found.
@@ -84,7 +87,8 @@ def check_config(cfg: DictConfig) -> None:
     check_tokenizer_source(tokenizer_location(cfg.data, cfg.model.path))
     if cfg.get("ckpt_path"):
         check_resume(cfg)
-    check_writable(Path(str(cfg.paths.output_dir)))
+    if make_output:
+        check_writable(Path(str(cfg.paths.output_dir)))
     context = context_length_of(cfg.model)
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="

@@ -126,6 +126,47 @@ def test_a_refused_multirun_leaves_no_sweep_folder(argv, tmp_path, monkeypatch):
     assert code == 2 and sorted(p.name for p in old.iterdir()) == ["0", "multirun.yaml"], out
 
 
+@pytest.mark.parametrize("app, argv, refused", [
+    ("train", ["-m", "trainer.max_steps=1,-5,2,abc"],
+     ["#1 (trainer.max_steps=-5): trainer.max_steps=-5; must be an integer >= -1",
+      "#3 (trainer.max_steps=abc): trainer.max_steps='abc'; must be an integer >= -1"]),
+    ("ptq", ["-m", "method=rtn,gptq", "calibration.samples=8,0"],
+     ["#1 (method=rtn calibration.samples=0): calibration.samples=0; must be a positive integer",
+      "#3 (method=gptq calibration.samples=0): bad config:",
+      "    - calibration.samples x calibration.seq_len = 0 x 64 = 0 tokens; method gptq needs min_tokens=128"]),
+], ids=["train", "ptq"])
+def test_a_sweep_is_checked_whole_before_its_first_job_runs(app, argv, refused, tmp_path, monkeypatch):
+    """A multirun whose later job would be refused stops before the first one runs (it used to train or quantize
+    job #0, then stop at #1, and never run the good jobs after it): every refused job is listed by what it sweeps,
+    one exit, nothing on disk."""
+    import qat.cli.ptq
+    import qat.cli.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qat.cli.train, "train", lambda cfg: pytest.fail("a job ran"))
+    monkeypatch.setattr(qat.cli.ptq, "run_ptq_job", lambda cfg, out: pytest.fail("a job ran"))
+    code, out = run_in_process(app, argv)
+    assert code == 2 and "Traceback" not in out, out
+    assert f"qat-{app}: error: 2 of the sweep's 4 jobs refused (none has run):" in out, out
+    for line in refused:  # each on a line of its own, in this order
+        assert any(got.startswith("  " + line) for got in out.splitlines()), out
+    assert list(tmp_path.iterdir()) == [], sorted(map(str, tmp_path.rglob("*")))
+
+
+def test_a_sweep_of_good_jobs_runs_them_all(tmp_path, monkeypatch):
+    """The up-front check refuses nothing good: every job runs, with the config it would have had without it (its
+    own folder included), and what the check would print is not printed twice."""
+    import qat.cli.train
+
+    seen = []
+    monkeypatch.setattr(qat.cli.train, "train", lambda cfg: seen.append((cfg.trainer.max_steps, cfg.paths.output_dir)) or {})
+    code, out = run_in_process("train", ["-m", "trainer.max_steps=1,2", f"hydra.sweep.dir={tmp_path / 'sw'}",
+                                         "quant=w8a8_static", "module.range_init_batches=0"])  # its check says it raises this
+    assert code == 0, out
+    assert seen == [(1, str(tmp_path / "sw" / "0")), (2, str(tmp_path / "sw" / "1"))], seen
+    assert "raised to" not in out, out  # the jobs' own checks run inside train(), stubbed here
+
+
 def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
     """hydra.run.dir naming a file or a dangling link: Hydra cannot make the folder; one line, exit 2, nothing
     touched."""

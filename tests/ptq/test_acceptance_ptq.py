@@ -33,7 +33,8 @@ def no_model(monkeypatch):
 @pytest.mark.parametrize("overrides, match", [
     (["export=foo"], r"export='foo'; choose from \['native', 'compressed_tensors', 'gptq', 'gguf'\]"),
     (["calibration.samples=0"], r"calibration.samples=0; must be a positive integer"),
-    (["calibration.seq_len=-1"], r"calibration.seq_len=-1; must be a positive integer"),
+    (["calibration.seq_len=-1"], r"calibration.seq_len=-1; must be an integer >= 2"),
+    (["calibration.seq_len=1"], r"calibration.seq_len=1; must be an integer >= 2"),  # was data.block_size=1, later
     (["data.block_size=512"], r"data.block_size=512 is larger than the context .*max_position_embeddings=256"),
     (["method=smoothquant", "quant=w8a8", "method.alpha=abc"], r"alpha='abc' must be of type float"),
     (["method=rtn", "quant=w8a8_static", "export=compressed_tensors"],
