@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from qat.cli.boundary import guard, run_hydra
-from qat.jobs.eval import eval_report, run_eval_job
+from qat.jobs.eval import check_eval_job, eval_report, run_eval_job
 from qat.recipes import CONFIG_DIR
 
 
@@ -21,9 +21,14 @@ def _main(cfg: DictConfig) -> None:
     print(eval_report(result))
 
 
+def check_job(cfg: DictConfig) -> None:
+    """One job's config checked before anything loads; a `-m` sweep checks every job with it before the first runs."""
+    check_eval_job(OmegaConf.to_container(cfg, resolve=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `qat-eval` console script: Hydra overrides in `argv` (default: the command line)."""
-    run_hydra("qat-eval", _main, argv)
+    run_hydra("qat-eval", _main, argv, check=check_job)
 
 
 if __name__ == "__main__":

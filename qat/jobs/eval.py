@@ -119,18 +119,7 @@ def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
     Raises:
         ValueError: a misspelt key anywhere (naming it), and what `run_eval` raises.
     """
-    check_keys(cfg, EVAL_JOB)
-    errors = []
-    for key, least, allow_none in (("max_blocks", 1, True), ("max_new_tokens", 0, False), ("seed", 0, False)):
-        try:
-            as_count(cfg.get(key, 0), key, least, allow_none)
-        except ConfigError as err:
-            errors.append(str(err))
-    if cfg.get("split") not in SPLITS:
-        errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
-    errors += device_errors(cfg.get("device", default_device()))
-    if errors:
-        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
+    check_eval_job(cfg)
     model = cfg["model"]
     harness = {k: v for k, v in (cfg.get("harness") or {}).items() if v is not None}
     result = run_eval(model["path"], data=cfg.get("data"), quant=cfg.get("quant"), max_blocks=cfg["max_blocks"],
@@ -143,6 +132,27 @@ def run_eval_job(cfg: dict, out_dir: str | os.PathLike | None = None) -> dict:
         atomic_write_bytes(target, to_json(eval_row(result, cfg.get("label"), cfg.get("quant"))))
         result["result_json"] = str(target)
     return result
+
+
+def check_eval_job(cfg: dict) -> None:
+    """What a qat-eval job checks before it loads anything (each job of a `qat-eval -m` sweep is checked with it
+    before the first one runs).
+
+    Raises:
+        ConfigError: naming every offending key and what is valid.
+    """
+    check_keys(cfg, EVAL_JOB)
+    errors = []
+    for key, least, allow_none in (("max_blocks", 1, True), ("max_new_tokens", 0, False), ("seed", 0, False)):
+        try:
+            as_count(cfg.get(key, 0), key, least, allow_none)
+        except ConfigError as err:
+            errors.append(str(err))
+    if cfg.get("split") not in SPLITS:
+        errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
+    errors += device_errors(cfg.get("device", default_device()))
+    if errors:
+        raise ConfigError("bad config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def eval_row(result: dict, label: str | None = None, quant: Any = None) -> dict:

@@ -126,28 +126,33 @@ def test_a_refused_multirun_leaves_no_sweep_folder(argv, tmp_path, monkeypatch):
     assert code == 2 and sorted(p.name for p in old.iterdir()) == ["0", "multirun.yaml"], out
 
 
-@pytest.mark.parametrize("app, argv, refused", [
-    ("train", ["-m", "trainer.max_steps=1,-5,2,abc"],
+@pytest.mark.parametrize("app, argv, count, refused", [
+    ("train", ["-m", "trainer.max_steps=1,-5,2,abc"], 2,
      ["#1 (trainer.max_steps=-5): trainer.max_steps=-5; must be an integer >= -1",
       "#3 (trainer.max_steps=abc): trainer.max_steps='abc'; must be an integer >= -1"]),
-    ("ptq", ["-m", "method=rtn,gptq", "calibration.samples=8,0"],
+    ("ptq", ["-m", "method=rtn,gptq", "calibration.samples=8,0"], 2,
      ["#1 (method=rtn calibration.samples=0): calibration.samples=0; must be a positive integer",
       "#3 (method=gptq calibration.samples=0): bad config:",
       "    - calibration.samples x calibration.seq_len = 0 x 64 = 0 tokens; method gptq needs min_tokens=128"]),
-], ids=["train", "ptq"])
-def test_a_sweep_is_checked_whole_before_its_first_job_runs(app, argv, refused, tmp_path, monkeypatch):
+    ("eval", ["-m", "model=tiny", "data=fixture", "max_blocks=2,0", "split=test,nosuch"], 3,
+     ["#1 (max_blocks=2 split=nosuch): split='nosuch'; choose from", "#2 (max_blocks=0 split=test): max_blocks=0",
+      "#3 (max_blocks=0 split=nosuch): bad config:"]),
+], ids=["train", "ptq", "eval"])
+def test_a_sweep_is_checked_whole_before_its_first_job_runs(app, argv, count, refused, tmp_path, monkeypatch):
     """A multirun whose later job would be refused stops before the first one runs (it used to train or quantize
     job #0, then stop at #1, and never run the good jobs after it): every refused job is listed by what it sweeps,
     one exit, nothing on disk."""
+    import qat.cli.eval
     import qat.cli.ptq
     import qat.cli.train
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qat.cli.eval, "run_eval_job", lambda cfg, out: pytest.fail("a job ran"))
     monkeypatch.setattr(qat.cli.train, "train", lambda cfg: pytest.fail("a job ran"))
     monkeypatch.setattr(qat.cli.ptq, "run_ptq_job", lambda cfg, out: pytest.fail("a job ran"))
     code, out = run_in_process(app, argv)
     assert code == 2 and "Traceback" not in out, out
-    assert f"qat-{app}: error: 2 of the sweep's 4 jobs refused (none has run):" in out, out
+    assert f"qat-{app}: error: {count} of the sweep's 4 jobs refused (none has run):" in out, out
     for line in refused:  # each on a line of its own, in this order
         assert any(got.startswith("  " + line) for got in out.splitlines()), out
     assert list(tmp_path.iterdir()) == [], sorted(map(str, tmp_path.rglob("*")))
