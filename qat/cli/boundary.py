@@ -38,10 +38,11 @@ from hydra._internal.utils import get_args_parser  # the parser of hydra.main's 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import env_override
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 import yaml
@@ -205,41 +206,73 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
 def check_sweep(config: DictConfig, app: str, check: Callable[[DictConfig], None]) -> None:
     """Check every job of a multirun with `check` (the app's own check of one job's config) before the first job
     runs: a sweep whose third job is refused stops now, not after the first two have trained for an hour. Every
-    refused job is listed with its overrides ("<app>: error: ..."), and the run exits `USER_EXIT`; nothing is made
-    on disk (Hydra makes the sweep folder after this). Hydra turns a callback's exception into a warning, so this
-    exits itself. A job whose check hits a bug is left to fail as it runs, with its traceback. What the checks
-    print or log (a note on a raised setting) is said again by the job itself, so it is not shown here."""
+    refused job is listed with the overrides it sweeps ("<app>: error: ..."; one message when every job is refused
+    alike), and the run exits `USER_EXIT`; nothing is made on disk (Hydra makes the sweep folder after this). Hydra
+    turns a callback's exception into a warning, so this exits itself.
+
+    Each job is checked as Hydra's `run_job` would run it: its number, its output folder, `${hydra:...}` and
+    `hydra.job.env_set` in place, and the command line's interpolations resolved. Not refused here: a path under the
+    sweep folder that does not exist yet (an earlier job of the sweep may make it: a checkpoint to resume), and a
+    check that hits a bug (the job raises it with its traceback when it runs). What the checks print or log (a note
+    on a raised setting) is said again by the job itself, so it is not shown here."""
     jobs = sweep_jobs(config)
     if not jobs or len(jobs) < 2:  # one job checks itself first thing
         return
     loader = GlobalHydra.instance().config_loader()
     shared = set.intersection(*(set(job) for job in jobs))  # a job is named by what it sweeps
-    refused = []
-    with _quiet():
-        for num, overrides in enumerate(jobs):
-            try:
-                job = loader.load_sweep_config(config, overrides)
-                with open_dict(job):
-                    job.hydra.job.id = job.hydra.job.num = num
-                with open_dict(job.hydra.runtime):  # as Hydra's run_job sets it
-                    job.hydra.runtime.output_dir = os.path.abspath(os.path.join(
-                        str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir)))
-                HydraConfig.instance().set_config(job)  # what `${hydra:...}` reads while the job runs
-                task = copy.deepcopy(job)
-                with open_dict(task):
-                    del task["hydra"]
-                check_interpolations(task, overrides)
-                check(task)
-            except Exception as exc:  # noqa: BLE001 - a user's mistake is listed; a bug is the job's to raise
-                if (message := user_message(exc)) is not None:
-                    named = [o for o in overrides if o not in shared] or overrides
-                    refused.append(f"  #{num} ({' '.join(named)}): {message}".replace("\n", "\n    "))
-            finally:
-                HydraConfig.instance().set_config(config)
-    if refused:
-        print(f"{app}: error: {len(refused)} of the sweep's {len(jobs)} jobs refused (none has run):\n"
-              + "\n".join(refused), file=sys.stderr, flush=True)
-        raise SystemExit(USER_EXIT)
+    refused: list[tuple[int, str, str]] = []  # (job number, its swept overrides, the message)
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    try:
+        with _quiet():
+            for num, overrides in enumerate(jobs):
+                made_later: tuple[str, ...] = ()
+                try:
+                    job = _job_config(loader, config, overrides, num)
+                    sweep_dir = str(job.hydra.sweep.dir)
+                    made_later = (sweep_dir, os.path.abspath(sweep_dir))
+                    with env_override(dict(job.hydra.job.env_set)):
+                        task = copy.deepcopy(job)
+                        with open_dict(task):
+                            del task["hydra"]
+                        check_interpolations(task, _typed(overrides))
+                        check(task)
+                except Exception as exc:  # noqa: BLE001 - a user's mistake is listed; a bug is the job's to raise
+                    message = user_message(exc)
+                    if message is not None and not any(folder in message for folder in made_later):
+                        swept = " ".join(o for o in overrides if o not in shared) or " ".join(overrides)
+                        refused.append((num, swept, message))
+    finally:
+        hydra_config.cfg = before  # as Hydra's run_job leaves it
+    if not refused:
+        return
+    if len(refused) == len(jobs) and len({message for _, _, message in refused}) == 1:
+        text = f"every job of the sweep ({len(jobs)}) is refused: {refused[0][2]}"
+    else:
+        text = "\n".join([f"{len(refused)} of the sweep's {len(jobs)} jobs refused (none has run):", *(
+            f"  #{num} ({swept}): " + message.replace("\n", "\n    ") for num, swept, message in refused)])
+    print(f"{app}: error: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_EXIT)
+
+
+def _job_config(loader: Any, config: DictConfig, overrides: list[str], num: int) -> DictConfig:
+    """Job `num` of the sweep as Hydra's launcher composes it and `run_job` completes it: its number, its output
+    folder, and HydraConfig holding it (what `${hydra:...}` reads)."""
+    job = loader.load_sweep_config(config, overrides)
+    with open_dict(job):
+        job.hydra.job.id = job.hydra.job.num = num
+    HydraConfig.instance().set_config(job)  # before the folder: hydra.sweep.subdir may read ${hydra:job.num}
+    folder = os.path.join(str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir))
+    with read_write(job.hydra.runtime), open_dict(job.hydra.runtime):  # set_config made the hydra node read-only
+        job.hydra.runtime.output_dir = os.path.abspath(folder)
+    HydraConfig.instance().set_config(job)
+    return job
+
+
+def _typed(overrides: list[str]) -> list[str]:
+    """A job's overrides as `key=value` with the value as typed (the sweep's split escapes `$`, `{`, `}`), for
+    `check_interpolations`."""
+    return [f"{o.get_key_element()}={o.value()}" for o in OverridesParser.create().parse_overrides(overrides)]
 
 
 @contextlib.contextmanager

@@ -159,17 +159,39 @@ def test_a_sweep_is_checked_whole_before_its_first_job_runs(app, argv, count, re
 
 
 def test_a_sweep_of_good_jobs_runs_them_all(tmp_path, monkeypatch):
-    """The up-front check refuses nothing good: every job runs, with the config it would have had without it (its
-    own folder included), and what the check would print is not printed twice."""
+    """The up-front check refuses nothing good: every job runs, with the config it would have had without it. Each
+    job is checked as Hydra runs it: a job folder named through `${hydra:job.num}`, `hydra.job.env_set` read by an
+    interpolation, and a checkpoint that an earlier job of the sweep will write (under the sweep folder) are not
+    refused; what the check would print is not printed twice."""
     import qat.cli.train
 
     seen = []
-    monkeypatch.setattr(qat.cli.train, "train", lambda cfg: seen.append((cfg.trainer.max_steps, cfg.paths.output_dir)) or {})
-    code, out = run_in_process("train", ["-m", "trainer.max_steps=1,2", f"hydra.sweep.dir={tmp_path / 'sw'}",
-                                         "quant=w8a8_static", "module.range_init_batches=0"])  # its check says it raises this
+    monkeypatch.setattr(qat.cli.train, "train",
+                        lambda cfg: seen.append((cfg.label, cfg.ckpt_path, cfg.paths.output_dir)) or {})
+    sweep = tmp_path / "sw"
+    code, out = run_in_process("train", [
+        "-m", f"ckpt_path=null,{sweep}/j0/checkpoints/last.ckpt", f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=j${hydra:job.num}", "+hydra.job.env_set.QAT_TEST_LABEL=mine",
+        "label=${oc.env:QAT_TEST_LABEL}", "quant=w8a8_static", "module.range_init_batches=0"])  # the check says it raises it
     assert code == 0, out
-    assert seen == [(1, str(tmp_path / "sw" / "0")), (2, str(tmp_path / "sw" / "1"))], seen
+    assert seen == [("mine", None, str(sweep / "j0")), ("mine", f"{sweep}/j0/checkpoints/last.ckpt", str(sweep / "j1"))]
     assert "raised to" not in out, out  # the jobs' own checks run inside train(), stubbed here
+
+
+def test_a_sweep_refused_alike_in_every_job_says_it_once(tmp_path, monkeypatch):
+    """An interpolation that does not resolve, in a key no check reads, is refused up front too (the sweep's split
+    escapes it: it used to run job #0 first); when every job is refused alike, the message is said once."""
+    import qat.cli.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qat.cli.train, "train", lambda cfg: pytest.fail("a job ran"))
+    code, out = run_in_process("train", ["-m", "trainer.max_steps=1,2", "label=${nope}"])
+    assert code == 2, out
+    assert out.strip().splitlines()[-1] == ("qat-train: error: every job of the sweep (2) is refused: label: "
+                                            "Interpolation key 'nope' not found"), out
+    code, out = run_in_process("train", ["-m", "label=${nope},x"])
+    assert code == 2 and "1 of the sweep's 2 jobs refused (none has run):" in out, out
+    assert list(tmp_path.iterdir()) == [], sorted(map(str, tmp_path.rglob("*")))
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
