@@ -214,8 +214,12 @@ def check_sweep(config: DictConfig, app: str, check: Callable[[DictConfig], None
     `hydra.job.env_set` in place, and the command line's interpolations resolved. Not refused here: a path under the
     sweep folder that does not exist yet (an earlier job of the sweep may make it: a checkpoint to resume), and a
     check that hits a bug (the job raises it with its traceback when it runs). What the checks print or log (a note
-    on a raised setting) is said again by the job itself, so it is not shown here."""
-    jobs = sweep_jobs(config)
+    on a raised setting) is said again by the job itself, so it is not shown here. A sweep that Hydra cannot split
+    or compose is left to Hydra's sweeper, which refuses it before any job runs."""
+    try:
+        jobs = sweep_jobs(config)
+    except Exception:  # noqa: BLE001 - an override Hydra's sweeper cannot split: it refuses it in its own words
+        return
     if not jobs or len(jobs) < 2:  # one job checks itself first thing
         return
     loader = GlobalHydra.instance().config_loader()
@@ -226,11 +230,13 @@ def check_sweep(config: DictConfig, app: str, check: Callable[[DictConfig], None
     try:
         with _quiet():
             for num, overrides in enumerate(jobs):
-                made_later: tuple[str, ...] = ()
                 try:
                     job = _job_config(loader, config, overrides, num)
-                    sweep_dir = str(job.hydra.sweep.dir)
-                    made_later = (sweep_dir, os.path.abspath(sweep_dir))
+                except Exception:  # noqa: BLE001 - Hydra's sweeper refuses it before any job runs, in its own words
+                    return
+                sweep_dir = str(job.hydra.sweep.dir)
+                made_later = (sweep_dir, os.path.abspath(sweep_dir))
+                try:
                     with env_override(dict(job.hydra.job.env_set)):
                         task = copy.deepcopy(job)
                         with open_dict(task):
