@@ -136,6 +136,19 @@ def compute_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return strip_leading_ones(lo), strip_leading_ones(hi)
 
 
+def clip_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dynamic scheme's range clipped by its `clip_ratio`: both bounds times the ratio (the asymmetric range is
+    widened to include 0 after, in `choose_qparams`, as QuaRot's quantizers do); the range as given at 1.
+
+    Example:
+        >>> clip_range(torch.tensor(-2.0), torch.tensor(4.0), QuantSpec(bits=4, granularity="per_token", clip_ratio=0.5))
+        (tensor(-1.), tensor(2.))
+    """
+    if spec.clip_ratio == 1.0:
+        return lo, hi
+    return lo * spec.clip_ratio, hi * spec.clip_ratio
+
+
 def choose_qparams(
     lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -113,6 +113,11 @@ class QuantSpec:
             `qat.formats` (the format checks the fields it needs): "ggml" (llama.cpp's legacy blocks
             Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1), "ggml_k" (the K-quants Q2_K..Q6_K with two-level scales), ...
             so that fake quant equals the GGUF blocks bit for bit. See `qat.formats.ggml` / `kquant`.
+        clip_ratio: dynamic schemes on the uniform grid only: the range each tensor takes is its min / max times
+            this ratio, in (0, 1] (1: no clipping), before the scale is chosen; the values beyond it saturate.
+            Clipping the rare largest activations of a group or token to 0.9 of its peak (0.95 for the KV cache)
+            gives the other values finer steps: QuaRot's activation quantizers clip so. Held ranges have their
+            own clipping estimators (observer percentile / mse) and learned ranges (lsq, pact) instead.
         static_global: activations of a format with a per-tensor global scale over its block scales (NVFP4):
             the global is held (calibrated from the running range, as static ranges are: dynamic=False) and the
             block scales are computed from each tensor, compressed-tensors' `dynamic: local` with an
@@ -143,6 +148,7 @@ class QuantSpec:
     grid: str = "uniform"
     ragged: bool = False
     static_global: bool = False
+    clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -181,6 +187,8 @@ class QuantSpec:
             raise ValueError("QuantSpec.learn='pact' learns a symmetric clip; set symmetric=True")
         if self.static_global:
             self._check_static_global(fmt)
+        if self.clip_ratio != 1.0:
+            self._check_clip_ratio()
         fmt.check(self)
         object.__setattr__(self, "observer_args", dict(self.observer_args))
         SPEC_OBSERVERS[self.observer](self)  # observer_args are checked here, not halfway through prepare
@@ -198,6 +206,10 @@ class QuantSpec:
         for name in ("symmetric", "dynamic", "ragged", "static_global"):
             _check_bool(owner, name, getattr(self, name))
         _check_bool(owner, "signed", self.signed, allow_none=True)
+        ratio = self.clip_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"QuantSpec.clip_ratio={ratio!r}; expected a number in (0, 1] (1: no clipping)")
+        object.__setattr__(self, "clip_ratio", float(ratio))
 
     def _check_ragged(self) -> None:
         if not isinstance(self.ragged, bool):
@@ -209,6 +221,13 @@ class QuantSpec:
         if self.observer == "percentile":
             raise ValueError("QuantSpec.ragged=True with observer='percentile' is not supported; "
                              "use minmax, moving_average or mse")
+
+    def _check_clip_ratio(self) -> None:
+        if not self.dynamic or self.grid != "uniform":
+            plain = dataclasses.replace(self, clip_ratio=1.0).describe()
+            raise ValueError(f"QuantSpec.clip_ratio={self.clip_ratio:g} clips the range each tensor of a dynamic "
+                             f"scheme on the uniform grid (int, fp8) takes, not a held or another grid's range "
+                             f"({plain}); held ranges clip with observer percentile / mse or learn lsq / pact")
 
     def _check_static_global(self, fmt: FormatRules) -> None:
         held = sorted({f.name for f in SPEC_FORMATS.values() if getattr(f, "held_global", False)})
@@ -258,6 +277,8 @@ class QuantSpec:
             parts.append(self.grid)
         if self.static_global:
             parts.append("static-global")
+        if self.clip_ratio != 1.0:
+            parts.append(f"clip{self.clip_ratio:g}")
         return " ".join(parts)
 
     def replace(self, **changes: Any) -> "QuantSpec":

@@ -37,13 +37,19 @@ def input_args(spec: QuantSpec | None, name: str, quantizer: TensorQuantizer | N
 
     Raises:
         ConfigError: a static input scheme (only dynamic ones, and NVFP4's static global, are written), NVFP4
-            activations with a per-tensor dynamic global, or a static global with no range yet, naming the module.
+            activations with a per-tensor dynamic global, a static global with no range yet, or a clipped dynamic
+            scheme (clip_ratio < 1, which the format has no field for), naming the module.
     """
     if spec is None:
         return None
     if quantizer is not None and spec.static_global and not quantizer.initialized:
         raise ConfigError(f"compressed-tensors export: {name} has a static-global input scheme ({spec.describe()}) "
                           "with no range yet; calibrate the model (qat.calibrate) or run it on some batches first")
+    if spec.clip_ratio != 1.0:
+        raise ConfigError(f"compressed-tensors: {name} clips its dynamic input scheme ({spec.describe()}: "
+                          f"clip_ratio={spec.clip_ratio:g}); compressed-tensors' input_activations have no clip "
+                          "ratio, so a runtime would quantize these inputs otherwise; format=native stores it (a model "
+                          "for this format: quant.input.clip_ratio=1)")
     if get_format(spec).name in FP_FORMATS:  # the microscaling formats' own activation schemes
         return fp_input_args(spec, name)
     if not spec.dynamic:

@@ -12,7 +12,7 @@ from qat.errors import ConfigError
 from qat.formats import get_format
 from qat.formats.int import half_range
 from qat.observers import build_observer
-from qat.primitives import choose_qparams, compute_range, held_global_scale
+from qat.primitives import choose_qparams, clip_range, compute_range, held_global_scale
 from qat.spec import QuantSpec
 from qat.ste import FakeQuantArgs, lsq_grad_scale, round_ste
 
@@ -218,7 +218,7 @@ class TensorQuantizer(nn.Module):
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scale and zero-point this quantizer uses for `x` now (no state changes)."""
         if self.spec.dynamic:
-            return choose_qparams(*self.observer.range_of(x), self.spec)
+            return choose_qparams(*clip_range(*self.observer.range_of(x), self.spec), self.spec)
         if not self.initialized:
             raise RuntimeError(
                 f"{self.role} quantizer ({self.spec.describe()}) has no range yet: calibrate it "

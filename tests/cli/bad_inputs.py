@@ -187,6 +187,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
     add("export", ["model=tiny", "format=native", "output={tmp}/nat"], "quant")
     add("export", ["model=tiny", "quant=gguf_q4_k", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
+    add("export", ["model=tiny", "quant=w4a8_kv4_rot", "+quant.input.clip_ratio=0.9", "format=compressed_tensors",
+                   "output={tmp}/ct"], "clips its dynamic input scheme (int8 sym per_token dyn clip0.9")
     add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
                    "output={tmp}/nat"], "garbage.ckpt")
 
@@ -287,6 +289,11 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
             (["method=rtn", "quant.weight.bits="], "qat-ptq: error: quant.weight.bits=''; expected an integer"),
             (["method=rtn", "quant=w8a8_static", "+quant.input.static_global=maybe"],
              "qat-ptq: error: quant.input.static_global='maybe'; use true or false"),
+            (["method=rtn", "quant=w4a8_kv4_rot", "+quant.input.clip_ratio=1.5"],
+             "qat-ptq: error: quant.input.clip_ratio=1.5; expected a number in (0, 1] (1: no clipping)"),
+            (["method=rtn", "quant=w8a8_static", "+quant.input.clip_ratio=0.9"],
+             "qat-ptq: error: quant.input.clip_ratio=0.9 clips the range each tensor of a dynamic scheme on the "
+             "uniform grid (int, fp8) takes, not a held or another grid's range (int8 sym per_tensor pact)"),
             (["method=rtn", "quant=w4a16_g128_mixed", "quant.overrides.0.weight.bits=abc"],
              "qat-ptq: error: quant.overrides[0].weight.bits='abc'; expected an integer"),
             (["seed=abc"], "qat-ptq: error: seed='abc'; must be an integer >= 0")]:
