@@ -177,18 +177,42 @@ class PTQInit(pl.Callback):
         self.record.setup_s += self.record.results["init_s"]
 
 
+class CheckpointInit(pl.Callback):
+    """init=checkpoint: the trained state of a qat-train checkpoint (latent weights, learned scales and rotations,
+    held ranges) loaded into the prepared model before training, whose optimizer and schedule start afresh
+    (results["init_s"]). The dynamic activation / KV schemes may differ from the checkpoint's
+    (`qat.lit.run_files.load_init_checkpoint`)."""
+
+    def __init__(self, path: str, record: RunRecord) -> None:
+        self.path, self.record = str(path), record
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from qat.lit.run_files import load_init_checkpoint  # run_files imports the module this one serves
+
+        t0 = time.perf_counter()
+        say(f"starting from the trained state of {self.path} ...")
+        fresh = load_init_checkpoint(pl_module, self.path)
+        if fresh:
+            say(f"{len(fresh)} dynamic quantizer(s) the checkpoint did not have (or this recipe drops) start fresh: "
+                + ", ".join(fresh[:3]) + (", ..." if len(fresh) > 3 else ""))
+        self.record.results["init_s"] = time.perf_counter() - t0
+        self.record.setup_s += self.record.results["init_s"]
+
+
 class StartBaseline(pl.Callback):
     """The QAT starting point's row (round-to-nearest, or the PTQ result with init=...): activation ranges
     initialised as training would, then perplexity and bits per weight. Rank 0 only."""
 
-    def __init__(self, record: RunRecord, name: str) -> None:
-        self.record, self.name = record, name
+    def __init__(self, record: RunRecord, name: str, calibrate: bool = True) -> None:
+        self.record, self.name, self.calibrate = record, name, calibrate
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
         rec, t0 = self.record, time.perf_counter()
-        if pl_module.hparams.range_init_batches > 0:
+        if pl_module.hparams.range_init_batches > 0 and self.calibrate:
             pl_module.range_init(trainer.datamodule.train_dataloader(), pl_module.hparams.range_init_batches)
         say(f"evaluating {self.name} (the QAT starting point) ...")
         rec.results["rtn_ppl"] = perplexity(pl_module.model, rec.blocks, rec.batch_size)

@@ -26,10 +26,10 @@ from qat.jobs.measure import PeakMemory, bits_per_weight, perplexity, weight_bit
 from qat.jobs.ptq import enough_tokens, model_context
 from qat.jobs.results import to_json
 from qat.jobs.sweep import qat_placement, train_config
-from qat.lit.callbacks import FloatBaseline, PTQInit, RunRecord, StartBaseline, say
+from qat.lit.callbacks import CheckpointInit, FloatBaseline, PTQInit, RunRecord, StartBaseline, say
 from qat.lit.module import ROTATION_KEYS, learned_rotation_errors
 from qat.lit.parallel import is_sharded, sharding_strategy
-from qat.lit.run_files import check_data_path, check_resume, check_writable
+from qat.lit.run_files import check_data_path, check_init_checkpoint, check_resume, check_writable
 from qat.models import check_tokenizer_source, load_model, load_tokenizer, tokenizer_location
 from qat.ptq.api import method_config
 from qat.ptq.start import INIT_STARTS
@@ -64,11 +64,14 @@ def check_config(cfg: DictConfig, make_output: bool = True) -> None:
             errors.append(str(err))
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
-    if cfg.get("init") and cfg.module.get("learned_rotations") and not cfg.get("ckpt_path"):
+    from_checkpoint = bool(cfg.get("init")) and cfg.init.get("name") == "checkpoint"
+    if cfg.get("init") and cfg.module.get("learned_rotations") and not cfg.get("ckpt_path") and not from_checkpoint:
         errors.append(f"init={cfg.init.get('name')} with module.learned_rotations: the PTQ initialisation solves the "
                       "weights the rotations parametrize (W @ R, taken at every step), so its solution would be "
                       "dropped; drop init (QAT learns the grid from round-to-nearest) or module.learned_rotations")
-    if cfg.get("init"):
+    if from_checkpoint:
+        errors += _check_init_checkpoint_keys(cfg.init)
+    elif cfg.get("init"):
         init = OmegaConf.to_container(cfg.init, resolve=True)
         calib = init.pop("calibration", None) or {}
         if init.pop("start", "grid") not in INIT_STARTS:
@@ -87,12 +90,24 @@ def check_config(cfg: DictConfig, make_output: bool = True) -> None:
     check_tokenizer_source(tokenizer_location(cfg.data, cfg.model.path))
     if cfg.get("ckpt_path"):
         check_resume(cfg)
+    elif from_checkpoint:  # a resumed run holds the state it started from and trained
+        check_init_checkpoint(cfg)
     if make_output:
         check_writable(Path(str(cfg.paths.output_dir)))
     context = context_length_of(cfg.model)
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
                          f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _check_init_checkpoint_keys(init: DictConfig) -> list[str]:
+    """init=checkpoint takes `path` (and the `calibration` qat-compare gives every init, unused): a PTQ init's keys
+    there (start, the method's options) would do nothing, so they are refused."""
+    extra = sorted(set(init) - {"name", "path", "calibration"})
+    errors = [f"init=checkpoint: unknown key(s) {extra}; it takes init.path (the checkpoint to start from)"] if extra else []
+    if OmegaConf.is_missing(init, "path") or init.get("path") in (None, ""):
+        errors.append("init=checkpoint needs init.path=<a qat-train checkpoint> (<run dir>/checkpoints/last.ckpt)")
+    return errors
 
 
 def _ensure_range_init(cfg: DictConfig, recipe: qat.QuantRecipe | None) -> None:
@@ -308,10 +323,14 @@ def _before_training(cfg: DictConfig, record: RunRecord) -> list:
     if resume_skips_init:
         say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
     callbacks = [FloatBaseline(record)] if cfg.eval.baselines else []
-    if cfg.get("init") and not resume_skips_init:
+    from_checkpoint = bool(cfg.get("init")) and cfg.init.name == "checkpoint"
+    if from_checkpoint and not resume_skips_init:
+        callbacks.append(CheckpointInit(cfg.init.path, record))
+    elif cfg.get("init") and not resume_skips_init:
         callbacks.append(PTQInit(OmegaConf.to_container(cfg.init, resolve=True), record))
     if cfg.eval.baselines and cfg.get("quant") is not None and not resume_skips_init:
-        callbacks.append(StartBaseline(record, _start_label(cfg)))
+        # a checkpoint's held ranges are trained ones: the start row evaluates them, not a recalibration
+        callbacks.append(StartBaseline(record, _start_label(cfg), calibrate=not from_checkpoint))
     return callbacks
 
 

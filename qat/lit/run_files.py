@@ -14,6 +14,8 @@ from qat.data import ALIASES
 from qat.errors import BadFileError, ConfigError, UserError
 from qat.io import is_distributed_checkpoint, probe_folder, torch_load
 from qat.lit.module import ROTATION_KEYS
+from qat.modules.quantizer import TensorQuantizer, dynamic_schemes_may_differ, is_dynamic_scheme
+from qat.spec import ROLES, TensorSchemes
 from qat.transform import QuantRecipe
 
 
@@ -28,21 +30,97 @@ def check_resume(cfg: DictConfig) -> None:
     if not (path.is_file() or is_distributed_checkpoint(path)):
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt: a file, or a folder under trainer=fsdp)")
+    hparams = _read_checkpoint(path, "ckpt_path").get("hyper_parameters") or {}
+    errors = _differences(cfg, hparams, dynamic_may_differ=False)
+    if errors:
+        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
+                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def check_init_checkpoint(cfg: DictConfig) -> None:
+    """init=checkpoint: init.path must be a single-file qat-train checkpoint of the same model, recipe and learned
+    rotations, except the dynamic activation / KV schemes, which may differ (they hold no state).
+
+    Raises:
+        FileNotFoundError: init.path does not exist. BadFileError: it is no checkpoint. ConfigError: a sharded
+            checkpoint, or one of another model, recipe or learned rotations, naming the fields.
+    """
+    path = Path(str(cfg.init.path)).expanduser()
+    if is_distributed_checkpoint(path):
+        raise ConfigError(f"init.path={str(cfg.init.path)!r} is a sharded (trainer=fsdp) checkpoint; init=checkpoint "
+                          "reads a single-file one (a run on one device or under trainer=ddp)")
+    if not path.is_file():
+        raise FileNotFoundError(f"init.path={str(cfg.init.path)!r} does not exist; give a checkpoint written by "
+                                "qat-train (<run dir>/checkpoints/last.ckpt)")
+    hparams = _read_checkpoint(path, "init.path").get("hyper_parameters") or {}
+    errors = _differences(cfg, hparams, dynamic_may_differ=True)
+    if errors:
+        raise ConfigError(f"init.path={str(cfg.init.path)!r} cannot start this run; set the same model, weight "
+                          "schemes, held ranges and learned_rotations as the run that wrote it (the dynamic "
+                          "activation / KV schemes may differ):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def load_init_checkpoint(module: Any, path: str) -> list[str]:
+    """Load the trained state of the qat-train checkpoint at `path` into `module` (a QATModule, before training):
+    everything but the state of dynamic quantizers must match; a dynamic quantizer the recipe adds starts fresh,
+    one it drops is left out. Returns the dynamic quantizers that did not load (added or dropped), by name.
+
+    Raises:
+        ConfigError: a key that is neither in both nor a dynamic quantizer's, naming the first ones.
+    """
+    state = _read_checkpoint(Path(path).expanduser(), "init.path")["state_dict"]
+    with dynamic_schemes_may_differ():
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    ours = {n: q for n, q in module.named_modules() if isinstance(q, TensorQuantizer)}
+    theirs = {k.removesuffix("._extra_state"): v.get("scheme", "") for k, v in state.items()
+              if k.endswith("._extra_state") and isinstance(v, dict)}
+    skipped, bad = set(), []
+    for key in missing:
+        owner = _owner(key, ours)
+        if owner is None or not ours[owner].spec.dynamic:
+            bad.append(f"{key} (not in the checkpoint)")
+        else:
+            skipped.add(owner)
+    for key in unexpected:
+        owner = _owner(key, theirs)
+        if owner is None or not is_dynamic_scheme(theirs[owner]):
+            bad.append(f"{key} (not in this model)")
+        else:
+            skipped.add(owner)
+    if bad:
+        raise ConfigError(f"init.path={path!r}: the checkpoint's state does not fit this model: " + ", ".join(bad[:4])
+                          + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    return sorted(skipped)
+
+
+def _owner(key: str, names) -> str | None:
+    """The longest name in `names` that `key` (a state-dict key) lies under, or None."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in names:
+            return ".".join(parts[:i])
+    return None
+
+
+def _read_checkpoint(path: Path, key: str) -> dict:
     try:  # a sharded checkpoint keeps everything but the tensors in meta.pt (Lightning's layout)
-        ckpt = torch_load(path / "meta.pt" if path.is_dir() else path, mmap=path.is_file())
+        return torch_load(path / "meta.pt" if path.is_dir() else path, mmap=path.is_file())
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, EOFError, RuntimeError... for bad files
-        raise BadFileError(path, "ckpt_path cannot be read as a qat-train checkpoint (truncated, corrupted, or "
+        raise BadFileError(path, f"{key} cannot be read as a qat-train checkpoint (truncated, corrupted, or "
                                  f"not a checkpoint): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    hparams = ckpt.get("hyper_parameters") or {}
+
+
+def _differences(cfg: DictConfig, hparams: dict, dynamic_may_differ: bool) -> list[str]:
+    """What differs between this run's model / quant / learned rotations and those of a checkpoint's hparams."""
     errors = []
     for key in ("model", "quant"):
         if key not in hparams:
             continue
         ours = OmegaConf.to_container(cfg.module[key], resolve=True) if cfg.module.get(key) is not None else None
         theirs = hparams[key]
-        if ours != theirs and not (key == "quant" and _same_recipe(theirs, ours)):
+        if ours != theirs and not (key == "quant" and _same_recipe(theirs, ours, dynamic_may_differ)):
             a, b = dict(theirs or {}), dict(ours or {})
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b) - {"name", "description"})
                     if a.get(k) != b.get(k)}
@@ -56,21 +134,41 @@ def check_resume(cfg: DictConfig) -> None:
         if ours != theirs:
             errors.append(f"learned_rotations: the checkpoint was trained with {theirs or 'none'}, this run "
                           f"{ours or 'none'}; set module.learned_rotations as that run did")
-    if errors:
-        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
-                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+    return errors
 
 
-def _same_recipe(theirs: Any, ours: Any) -> bool:
+def _same_recipe(theirs: Any, ours: Any, dynamic_may_differ: bool = False) -> bool:
     """Whether two recipe mappings load as the same recipe (name and description aside): a key one of them leaves
     at its default (a checkpoint written before the recipe file gained `gguf_fallback: false`) prepares the same
-    model, so its state dict loads."""
+    model, so its state dict loads. `dynamic_may_differ`: the input / KV schemes that are dynamic (or absent) in
+    both, the base's and each override's, are not compared (init=checkpoint)."""
     try:
-        a, b = (QuantRecipe.from_dict(r).to_dict() for r in (theirs, ours))
+        a, b = (QuantRecipe.from_dict(r) for r in (theirs, ours))
     except (ValueError, TypeError, AttributeError):  # a recipe that no longer loads: the plain comparison decides
         return False
+    if dynamic_may_differ:
+        return _held_part(a) == _held_part(b)
+    a, b = a.to_dict(), b.to_dict()
     return {k: v for k, v in a.items() if k not in ("name", "description")} == \
         {k: v for k, v in b.items() if k not in ("name", "description")}
+
+
+def _held_part(recipe: QuantRecipe) -> dict[str, Any]:
+    """What a recipe holds state for: its targets, rotations and every scheme, a dynamic (or absent) input / KV
+    scheme masked as "dynamic", the base's and each override's applied to the base."""
+    def schemes(s: TensorSchemes) -> dict[str, Any]:
+        out = {}
+        for role in ROLES:
+            spec = getattr(s, role)
+            out[role] = "dynamic" if role != "weight" and (spec is None or spec.dynamic) else \
+                (None if spec is None else spec.to_dict())
+        return out
+    out = recipe.to_dict()
+    out.pop("name"), out.pop("description")
+    out.update(input=None, kv_cache=None, weight=schemes(recipe.base))
+    out["overrides"] = [(list(o.targets), schemes(o.apply(recipe.base, f"overrides[{i}]")))
+                        for i, o in enumerate(recipe.overrides)]
+    return out
 
 
 def _rotation_set(cfg: Any) -> list[str]:

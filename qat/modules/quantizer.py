@@ -1,6 +1,8 @@
 """`TensorQuantizer`: the state of one quantized tensor role (ranges, learned scales, on/off flags)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 from typing import Any
@@ -17,6 +19,26 @@ from qat.spec import QuantSpec
 from qat.ste import FakeQuantArgs, lsq_grad_scale, round_ste
 
 ROLE_NAMES = ("weight", "input", "kv_cache")
+
+
+_DYNAMIC_MAY_DIFFER = contextvars.ContextVar("qat_dynamic_schemes_may_differ", default=False)
+
+
+@contextlib.contextmanager
+def dynamic_schemes_may_differ():
+    """Within it, a dynamic quantizer loads the state of a checkpoint's quantizer of another dynamic scheme (sym /
+    asym, bits, group, clip_ratio): neither holds a range, so only the flags load. Held (static, learned) schemes
+    must still match: qat-train's init=checkpoint starts a run under a changed activation scheme this way."""
+    token = _DYNAMIC_MAY_DIFFER.set(True)
+    try:
+        yield
+    finally:
+        _DYNAMIC_MAY_DIFFER.reset(token)
+
+
+def is_dynamic_scheme(scheme: str) -> bool:
+    """Whether a checkpoint's recorded scheme ('int4 sym g64 dyn, fp32 scales') is a dynamic one."""
+    return "dyn" in scheme.split(",")[0].split()
 
 
 class TensorQuantizer(nn.Module):
@@ -109,7 +131,8 @@ class TensorQuantizer(nn.Module):
         name = prefix.rstrip(".") or "quantizer"
         extra = state_dict.get(prefix + "_extra_state")
         theirs = extra.get("scheme") if isinstance(extra, dict) else None  # older checkpoints have none
-        if theirs is not None and theirs != self.scheme():
+        if theirs is not None and theirs != self.scheme() and not (
+                _DYNAMIC_MAY_DIFFER.get() and self.spec.dynamic and is_dynamic_scheme(theirs)):
             hint = ""
             dynamic = self.spec.replace(static_global=False, dynamic=True) if self.spec.static_global else None
             if dynamic is not None and theirs == f"{dynamic.describe()}, {dynamic.scale_dtype} scales":

@@ -114,12 +114,14 @@ def _prepared(recipe=RECIPE):
     return qat.prepare(tiny_llama(vocab_size=320, hidden_size=256, intermediate_size=512), recipe)
 
 
-def test_convert_and_the_native_export_compute_the_clipped_model(tmp_path):
-    prepared = _prepared()
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_convert_and_the_native_export_compute_the_clipped_model(tmp_path, symmetric):
+    recipe = {**RECIPE, "input": {**RECIPE["input"], "symmetric": symmetric}}
+    prepared = _prepared(recipe)
     with torch.no_grad():
         want = prepared(IDS).logits
-        unclipped = _prepared({**RECIPE, "input": {**RECIPE["input"], "clip_ratio": 1.0},
-                               "kv_cache": {**RECIPE["kv_cache"], "clip_ratio": 1.0}})(IDS).logits
+        unclipped = _prepared({**recipe, "input": {**recipe["input"], "clip_ratio": 1.0},
+                               "kv_cache": {**recipe["kv_cache"], "clip_ratio": 1.0}})(IDS).logits
         assert not torch.equal(want, unclipped)  # the ratio changes the model
         loaded = load_any(export(prepared, tmp_path / "n", "native"))
         attention = loaded.model.layers[0].self_attn
