@@ -30,11 +30,8 @@ def check_resume(cfg: DictConfig) -> None:
     if not (path.is_file() or is_distributed_checkpoint(path)):
         raise FileNotFoundError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt: a file, or a folder under trainer=fsdp)")
-    hparams = _read_checkpoint(path, "ckpt_path").get("hyper_parameters") or {}
-    errors = _differences(cfg, hparams, dynamic_may_differ=False)
-    if errors:
-        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} cannot be resumed with this config; set the same "
-                         "model, quant and learned_rotations as the run that wrote it:\n" + "\n".join(f"  - {e}" for e in errors))
+    _refuse_differences(cfg, path, "ckpt_path", False, "cannot be resumed with this config; set the same model, "
+                        "quant and learned_rotations as the run that wrote it")
 
 
 def check_init_checkpoint(cfg: DictConfig) -> None:
@@ -52,12 +49,17 @@ def check_init_checkpoint(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"init.path={str(cfg.init.path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt)")
-    hparams = _read_checkpoint(path, "init.path").get("hyper_parameters") or {}
-    errors = _differences(cfg, hparams, dynamic_may_differ=True)
+    _refuse_differences(cfg, path, "init.path", True, "cannot start this run; set the same model, weight schemes, "
+                        "held ranges and learned_rotations as the run that wrote it (the dynamic activation / KV "
+                        "schemes may differ)")
+
+
+def _refuse_differences(cfg: DictConfig, path: Path, key: str, dynamic_may_differ: bool, why: str) -> None:
+    """Raise ConfigError listing what differs between this run and the checkpoint at `path` (given as `key`)."""
+    hparams = _read_checkpoint(path, key).get("hyper_parameters") or {}
+    errors = _differences(cfg, hparams, dynamic_may_differ)
     if errors:
-        raise ConfigError(f"init.path={str(cfg.init.path)!r} cannot start this run; set the same model, weight "
-                          "schemes, held ranges and learned_rotations as the run that wrote it (the dynamic "
-                          "activation / KV schemes may differ):\n" + "\n".join(f"  - {e}" for e in errors))
+        raise ConfigError(f"{key}={str(OmegaConf.select(cfg, key))!r} {why}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def load_init_checkpoint(module: Any, path: str) -> list[str]:
