@@ -187,7 +187,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
     add("export", ["model=tiny", "format=native", "output={tmp}/existing.gguf"], "existing.gguf")
     add("export", ["model=tiny", "format=native", "output={tmp}/nat"], "quant")
     add("export", ["model=tiny", "quant=gguf_q4_k", "format=compressed_tensors", "output={tmp}/ct"], "fp8_block")
-    add("export", ["model=tiny", "quant=w4a8_kv4_rot", "+quant.input.clip_ratio=0.9", "format=compressed_tensors",
+    add("export", ["model=tiny", "quant=w4a8_kv4_rot", "quant.input.clip_ratio=0.9", "format=compressed_tensors",
                    "output={tmp}/ct"], "clips its dynamic input scheme (int8 sym per_token dyn clip0.9")
     add("export", ["model=tiny", "quant=w4a16_g128", "checkpoint={tmp}/garbage.ckpt", "format=native",
                    "output={tmp}/nat"], "garbage.ckpt")
@@ -289,7 +289,7 @@ def _hydra_cases() -> list[tuple[str, list[str], str]]:
             (["method=rtn", "quant.weight.bits="], "qat-ptq: error: quant.weight.bits=''; expected an integer"),
             (["method=rtn", "quant=w8a8_static", "+quant.input.static_global=maybe"],
              "qat-ptq: error: quant.input.static_global='maybe'; use true or false"),
-            (["method=rtn", "quant=w4a8_kv4_rot", "+quant.input.clip_ratio=1.5"],
+            (["method=rtn", "quant=w4a8_kv4_rot", "quant.input.clip_ratio=1.5"],
              "qat-ptq: error: quant.input.clip_ratio=1.5; expected a number in (0, 1] (1: no clipping)"),
             (["method=rtn", "quant=w8a8_static", "+quant.input.clip_ratio=0.9"],
              "qat-ptq: error: quant.input.clip_ratio=0.9 clips the range each tensor of a dynamic scheme on the "
