@@ -14,6 +14,7 @@ from qat.control import quantization_disabled
 from qat.data import calibration_batches
 from qat.jobs.harness import evaluate_tasks, flat_metrics
 from qat.jobs.measure import bits_per_weight, perplexity
+from qat.lit.run_files import load_init_checkpoint
 from qat.primitives import fake_quantize_forward
 from qat.ptq import apply
 from qat.ptq.start import float_weights, ptq_start
@@ -189,8 +190,6 @@ class CheckpointInit(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from qat.lit.run_files import load_init_checkpoint  # run_files imports the module this one serves
-
         t0 = time.perf_counter()
         say(f"starting from the trained state of {self.path} ...")
         fresh = load_init_checkpoint(pl_module, self.path)
