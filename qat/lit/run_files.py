@@ -46,6 +46,9 @@ def check_init_checkpoint(cfg: DictConfig) -> None:
     if is_distributed_checkpoint(path):
         raise ConfigError(f"init.path={str(cfg.init.path)!r} is a sharded (trainer=fsdp) checkpoint; init=checkpoint "
                           "reads a single-file one (a run on one device or under trainer=ddp)")
+    if path.is_dir():
+        raise ConfigError(f"init.path={str(cfg.init.path)!r} is a folder; give the checkpoint file qat-train wrote "
+                          "(<run dir>/checkpoints/last.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"init.path={str(cfg.init.path)!r} does not exist; give a checkpoint written by "
                                 "qat-train (<run dir>/checkpoints/last.ckpt)")
@@ -105,8 +108,14 @@ def _owner(key: str, names) -> str | None:
 
 
 def _read_checkpoint(path: Path, key: str) -> dict:
-    try:  # a sharded checkpoint keeps everything but the tensors in meta.pt (Lightning's layout)
-        return torch_load(path / "meta.pt" if path.is_dir() else path, mmap=path.is_file())
+    file = path / "meta.pt" if path.is_dir() else path  # a sharded checkpoint keeps all but the tensors in meta.pt
+    try:
+        try:
+            return torch_load(file, mmap=path.is_file())
+        except RuntimeError as err:  # not a zip archive: torch's advice to re-save it would only confuse here
+            if "mmap" not in str(err):
+                raise
+            return torch_load(file)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, EOFError, RuntimeError... for bad files
