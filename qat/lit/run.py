@@ -64,7 +64,7 @@ def check_config(cfg: DictConfig, make_output: bool = True) -> None:
             errors.append(str(err))
     if cfg.get("init") and cfg.get("quant") is None:
         errors.append(f"init={cfg.init.get('name')} needs a quant recipe to initialise; drop init or set quant=...")
-    from_checkpoint = bool(cfg.get("init")) and cfg.init.get("name") == "checkpoint"
+    from_checkpoint = _from_checkpoint(cfg)
     if cfg.get("init") and cfg.module.get("learned_rotations") and not cfg.get("ckpt_path") and not from_checkpoint:
         errors.append(f"init={cfg.init.get('name')} with module.learned_rotations: the PTQ initialisation solves the "
                       "weights the rotations parametrize (W @ R, taken at every step), so its solution would be "
@@ -98,6 +98,11 @@ def check_config(cfg: DictConfig, make_output: bool = True) -> None:
     if context is not None and cfg.data.block_size > context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} is larger than the context of model.path="
                          f"{cfg.model.path!r} (max_position_embeddings={context}); use data.block_size<={context}")
+
+
+def _from_checkpoint(cfg: DictConfig) -> bool:
+    """init=checkpoint: the run starts from a trained run's state, not from a PTQ solution."""
+    return bool(cfg.get("init")) and cfg.init.get("name") == "checkpoint"
 
 
 def _check_init_checkpoint_keys(init: DictConfig) -> list[str]:
@@ -323,7 +328,7 @@ def _before_training(cfg: DictConfig, record: RunRecord) -> list:
     if resume_skips_init:
         say(f"resuming from {cfg.ckpt_path}: PTQ initialisation ({cfg.init.name}) and its baseline row skipped")
     callbacks = [FloatBaseline(record)] if cfg.eval.baselines else []
-    from_checkpoint = bool(cfg.get("init")) and cfg.init.name == "checkpoint"
+    from_checkpoint = _from_checkpoint(cfg)
     if from_checkpoint and not resume_skips_init:
         callbacks.append(CheckpointInit(cfg.init.path, record))
     elif cfg.get("init") and not resume_skips_init:

@@ -174,9 +174,8 @@ def _held_part(recipe: QuantRecipe) -> dict[str, Any]:
             out[role] = "dynamic" if role != "weight" and (spec is None or spec.dynamic) else \
                 (None if spec is None else spec.to_dict())
         return out
-    out = recipe.to_dict()
-    out.pop("name"), out.pop("description")
-    out.update(input=None, kv_cache=None, weight=schemes(recipe.base))
+    out = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description", *ROLES)}
+    out["base"] = schemes(recipe.base)
     out["overrides"] = [(list(o.targets), schemes(o.apply(recipe.base, f"overrides[{i}]")))
                         for i, o in enumerate(recipe.overrides)]
     return out
