@@ -1,4 +1,5 @@
-"""Helpers the block formats share: the signed peak of a block, llama.cpp's roundf, fp16 bytes."""
+"""Helpers the formats share: division by a constant on every device, the signed peak of a block, llama.cpp's
+roundf, fp16 bytes."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,56 @@ HALF_DOWN = 0.5 - 2.0**-25  # the float32 just below 0.5
 """trunc(t + HALF_DOWN * sign(t)) is roundf(t) (half away from zero) for every float32 t, checked exhaustively
 (t + 0.5 would round up at t = 0.49999997). torch's trunc, where and argmax are slow scalar loops on CPU;
 float -> int8 conversion truncates and is vectorised, so the grids are written with it."""
+
+
+def divide(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d for a Python number d, the same bits on every device: the one way the formats divide by a constant.
+
+    On the CPU `x / d` divides (d rounded to x's compute type: float32 for float32, bfloat16 and float16, float64
+    for float64; the quotient rounded once to x's dtype). On CUDA torch computes `tensor / python_number` as
+    x * (1 / d), two roundings, one bit off at times (seen on an H200: scales amax / 7.5 one ulp apart, so
+    fake-quantized weights differed from the CPU's); a 0-dim divisor on x's device makes it divide as the CPU does.
+
+    Example:
+        >>> divide(torch.tensor([1.0, 3.0]), 7.5)
+        tensor([0.1333, 0.4000])
+    """
+    if x.device.type == "cpu" or not x.is_floating_point():
+        return x / d
+    return divide_by_tensor(x, d)
+
+
+def fixed_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension, kept, added in one fixed order on every device: pairwise, the first half plus
+    the second (an odd element carried to the next round), so each step is an element-wise IEEE addition.
+
+    `torch.sum` adds in an order each device (and vector width) chooses, so block sums differ in the last bits
+    between the CPU and CUDA, and a search that compares candidates by such sums (the K-quant and IQ4 scale
+    searches) can pick another candidate. float32 in, float32 out: callers upcast lower precisions first.
+
+    Example:
+        >>> fixed_sum(torch.tensor([[1.0, 2.0, 3.0]]))
+        tensor([[6.]])
+    """
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        h = n // 2
+        head = x[..., :h] + x[..., h:2 * h]
+        x = torch.cat([head, x[..., 2 * h:]], -1) if n % 2 else head
+    return x
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """mean(x^2) over the last dimension, kept: `fixed_sum` divided by the count (`divide`), the same bits on every
+    device (CUDA's `mean` also multiplies the sum by 1 / count rather than dividing)."""
+    return divide(fixed_sum(x * x), x.shape[-1])
+
+
+def divide_by_tensor(x: torch.Tensor, d: float) -> torch.Tensor:
+    """`divide` off the CPU: x / d with d a 0-dim tensor of x's compute type on x's device, which every device
+    divides (tests/unit/test_divide.py: equal to the CPU's `x / d`, bit for bit, for each float dtype)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(compute) / torch.tensor(d, dtype=compute, device=x.device)).to(x.dtype)
 
 
 def signed_peak(view: torch.Tensor) -> torch.Tensor:
@@ -55,7 +106,7 @@ def run_sums(err: torch.Tensor, per: int) -> torch.Tensor:
     pad = -n % per
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    sums = flat.unflatten(-1, (-1, per)).sum(-1, keepdim=True).expand(*flat.shape[:-1], -1, per)
+    sums = fixed_sum(flat.unflatten(-1, (-1, per))).expand(*flat.shape[:-1], -1, per)
     return sums.reshape(*flat.shape[:-1], n + pad)[..., :n].reshape(err.shape)
 
 

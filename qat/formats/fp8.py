@@ -12,6 +12,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, qparam_count, register_format
+from qat.formats.common import divide
 from qat.formats.int import round_scale
 from qat.spec import QuantSpec
 
@@ -40,7 +41,7 @@ class FP8Format(Format):
 
     def qparams(self, lo, hi, spec):
         amax = torch.maximum(-lo, hi)
-        return round_scale(amax / torch.finfo(FLOAT_DTYPES[spec.dtype]).max, spec), None
+        return round_scale(divide(amax, torch.finfo(FLOAT_DTYPES[spec.dtype]).max), spec), None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         fmax = torch.finfo(FLOAT_DTYPES[spec.dtype]).max

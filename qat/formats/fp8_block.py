@@ -26,6 +26,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, register_format
+from qat.formats.common import divide
 from qat.formats.minifloat import E4M3_MAX
 from qat.spec import QuantSpec
 
@@ -81,7 +82,7 @@ class FP8BlockFormat(Format):
             raise ConfigError(f"FP8 block scaling: qparams of a 2-D weight's groups [rows, groups, 1] are needed, got "
                              f"shape {tuple(amax.shape)}")
         band = band_max(amax, spec.group_size)
-        scale = torch.where(band > 0, band / E4M3_MAX, torch.ones_like(band))
+        scale = torch.where(band > 0, divide(band, E4M3_MAX), torch.ones_like(band))
         return expand_bands(scale, spec.group_size, amax.shape[-3]), None
 
     def learned_scale(self, scale, spec):

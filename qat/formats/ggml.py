@@ -18,7 +18,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import HALF_DOWN, block_range, half_bytes, safe_inverse
+from qat.formats.common import HALF_DOWN, block_range, divide, half_bytes, safe_inverse
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
 
@@ -188,11 +188,11 @@ class GGMLFormat(Format):
         magnitude with its sign (`compute_range` gives lo == hi == that element; ties |lo| == hi otherwise
         resolve to hi)."""
         if spec.bits == 8:
-            return torch.maximum(lo.abs(), hi.abs()) / 127, None
+            return divide(torch.maximum(lo.abs(), hi.abs()), 127), None
         if spec.symmetric:
             signed_max = torch.where(hi >= -lo, hi, lo)
-            return signed_max / -(2 ** (spec.bits - 1)), None
-        return (hi - lo) / (2**spec.bits - 1), lo.clone()
+            return divide(signed_max, -(2 ** (spec.bits - 1))), None
+        return divide(hi - lo, 2**spec.bits - 1), lo.clone()
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         lo, hi = ggml_stored_bounds(spec)

@@ -14,6 +14,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, qparam_count, register_format
+from qat.formats.common import divide
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
 
@@ -44,9 +45,9 @@ class IntFormat(Format):
     def qparams(self, lo, hi, spec):
         if spec.symmetric:
             amax = torch.maximum(-lo, hi) if spec.signed else hi.clamp(min=0.0)
-            return round_scale(amax / half_range(spec), spec), None
+            return round_scale(divide(amax, half_range(spec)), spec), None
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-        scale = round_scale((hi - lo) / (spec.qmax - spec.qmin), spec)
+        scale = round_scale(divide(hi - lo, spec.qmax - spec.qmin), spec)
         zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
         return scale, zero_point
 

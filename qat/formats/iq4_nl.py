@@ -26,7 +26,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import half_bytes, signed_peak
+from qat.formats.common import divide, fixed_sum, half_bytes, mean_square, signed_peak
 from qat.packing import pack, unpack
 from qat.spec import QuantSpec
 
@@ -64,7 +64,7 @@ def _ls_scale(x, w, idx):
     """(sum w q x, sum w q^2) of the levels `idx` per block: the least-squares scale is their ratio."""
     q = LEVELS.to(x.device)[idx]
     wq = w * q
-    return (wq * x).sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True)
+    return fixed_sum(wq * x), fixed_sum(wq * q)
 
 
 def fit_scale(x: torch.Tensor, importance: torch.Tensor | None = None, sigma2: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,11 +72,13 @@ def fit_scale(x: torch.Tensor, importance: torch.Tensor | None = None, sigma2: t
     d = peak / 127 and try the levels of 1 / id = peak / (KVALUES[0] + k), k = -7..7, keeping the least-squares
     scale of the assignment with the smallest weighted error. Weights: x^2, or with an `importance` (imatrix
     column statistic, broadcastable to x) imp * sqrt(sigma^2 + x^2), sigma^2 = 2 mean(x^2) over the block unless
-    `sigma2` (broadcastable to x) gives it (IQ4_XS takes it over the super-block). Returns the unrounded d [..., 1]."""
+    `sigma2` (broadcastable to x) gives it (IQ4_XS takes it over the super-block). Returns the unrounded d [..., 1],
+    computed in float32 with block sums in one order on every device (`fixed_sum`)."""
+    x = x.float()
     if importance is None:
         w = x * x
     else:
-        sigma2 = 2 * x.pow(2).mean(-1, keepdim=True) if sigma2 is None else sigma2
+        sigma2 = 2 * mean_square(x) if sigma2 is None else sigma2
         w = importance * (sigma2 + x * x).sqrt()
     peak = signed_peak(x)
     live = peak.abs() >= 1e-15  # GROUP_MAX_EPS: such a block stores d = 0
@@ -139,7 +141,7 @@ class IQ4NLFormat(Format):
         return True
 
     def qparams(self, lo, hi, spec):
-        return (lo / KVALUES[0]).to(torch.float16).float(), None
+        return divide(lo, KVALUES[0]).to(torch.float16).float(), None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         t = torch.where(scale != 0, view / torch.where(scale != 0, scale, torch.ones_like(scale)), 0.0)

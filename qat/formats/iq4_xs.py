@@ -33,7 +33,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import half_bytes, run_sums, signed_peak
+from qat.formats.common import divide, fixed_sum, half_bytes, run_sums, signed_peak
 from qat.formats.iq4_nl import HIGH, KVALUES, LEVELS, LOW, fit_scale, nearest_level
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
@@ -69,7 +69,7 @@ def scale_levels(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16-exact d [..., n_super, 1], integer ls - 32 in -32..31 [..., n_super, 8]) of sub-block scales
     [..., n_sub, 1], as llama.cpp's second level: d = -s_max / 32, l = clamp(round(s / d), -32, 31)."""
     s = _super(scale.float())
-    d = -signed_peak(s) / LMAX
+    d = divide(-signed_peak(s), LMAX)
     inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
     return d.to(torch.float16).float(), torch.round(s * inv).clamp_(-LMAX, LMAX - 1)
 
@@ -112,8 +112,8 @@ def fitted_scale(w: torch.Tensor, importance: torch.Tensor | None = None) -> tor
     imp = sigma2 = None
     if importance is not None:
         imp = importance.float().reshape(1, -1, SUB)
-        sq = view.pow(2).sum(-1, keepdim=True)
-        total = _super(sq).sum(-1, keepdim=True)
+        sq = fixed_sum(view * view)
+        total = fixed_sum(_super(sq))
         count = _super(torch.full_like(sq, SUB)).sum(-1, keepdim=True)
         sigma2 = (2 * total / count).repeat_interleave(PER, -2)[:, : view.shape[1]]
     return scale_grid(fit_scale(view, imp, sigma2))
@@ -153,7 +153,7 @@ class IQ4XSFormat(Format):
         return True
 
     def qparams(self, lo, hi, spec):
-        return scale_grid(lo / KVALUES[0]), None
+        return scale_grid(divide(lo, KVALUES[0])), None
 
     def _on_grid(self, scale, spec):
         # a learned scale is a free float: put it on the grid; held ones already are (a per-column view of

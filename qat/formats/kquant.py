@@ -26,7 +26,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import block_range, run_sums, signed_peak
+from qat.formats.common import block_range, divide, fixed_sum, mean_square, run_sums, signed_peak
 from qat.formats.kquant_layout import layout_blocks
 from qat.packing import pack, packed_numel, unpack
 from qat.spec import QuantSpec
@@ -84,14 +84,14 @@ def _second_level_codes(values: torch.Tensor, smax: int) -> tuple[torch.Tensor, 
     """Non-negative sub-block values -> (fp16-exact super-scale, integer codes 0..smax), as llama.cpp."""
     vmax = values.amax(-1, keepdim=True)
     inv = torch.where(vmax > 0, smax / vmax, torch.zeros_like(vmax))
-    return (vmax / smax).to(torch.float16).float(), torch.round(inv * values).clamp_(0, smax)
+    return divide(vmax, smax).to(torch.float16).float(), torch.round(inv * values).clamp_(0, smax)
 
 
 def _levels(values: torch.Tensor, smax: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Effective sub-block values d*code [nb, n] -> (d [nb, 1], integer codes): undoes `qparams`'s
     second level exactly (the peak sub-block holds code smax, or -smax when signed)."""
     peak = signed_peak(values)
-    d = peak / (-smax if signed else smax)
+    d = divide(peak, -smax if signed else smax)
     codes = torch.round(values / torch.where(d != 0, d, torch.ones_like(d)))
     return d, torch.where(d != 0, codes, torch.zeros_like(codes))
 
@@ -100,8 +100,7 @@ def _sums(w, L, x, wl, tmp):
     """sum w*L, sum w*L*L, sum w*L*x over sub-blocks, written through the scratch tensors wl and tmp: fresh
     megabyte temporaries per candidate cost page faults (glibc hands them back to the OS), more than the math."""
     torch.mul(w, L, out=wl)
-    return (wl.sum(-1, keepdim=True), torch.mul(wl, L, out=tmp).sum(-1, keepdim=True),
-            torch.mul(wl, x, out=tmp).sum(-1, keepdim=True))
+    return fixed_sum(wl), fixed_sum(torch.mul(wl, L, out=tmp)), fixed_sum(torch.mul(wl, x, out=tmp))
 
 
 def _wls(sw, sx, sxx, sl, sl2, sxl):
@@ -122,20 +121,23 @@ def fit_asym(x: torch.Tensor, nmax: int, nstep: int, importance: torch.Tensor | 
     """Per-sub-block (scale >= 0, minimum <= 0) for x [..., sub] so that x ~ scale * L + minimum.
 
     `importance` (broadcastable to x, e.g. an imatrix column statistic) weighs the error as llama.cpp does
-    with an imatrix: imp * sqrt(sigma^2 + x^2); without it, the weights are rms(x) + |x|."""
+    with an imatrix: imp * sqrt(sigma^2 + x^2); without it, the weights are rms(x) + |x|. Computed in float32
+    (llama.cpp quantizes from F32; a bfloat16 search would round every sum to 8 bits), block sums in one order on
+    every device (`fixed_sum`)."""
+    x = x.float()
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True)
     rng = hi - lo
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
     if importance is None:
-        w = torch.abs(x).add_(x.pow(2).mean(-1, keepdim=True).sqrt())
+        w = torch.abs(x).add_(mean_square(x).sqrt())
     else:
-        sigma2 = 2 * x.pow(2).mean(-1, keepdim=True)
+        sigma2 = 2 * mean_square(x)
         w = importance * (sigma2 + x * x).sqrt()
     L, wl, tmp = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     torch.mul(w, x, out=tmp)
-    sw, sx, sxx = w.sum(-1, keepdim=True), tmp.sum(-1, keepdim=True), tmp.mul_(x).sum(-1, keepdim=True)
+    sw, sx, sxx = fixed_sum(w), fixed_sum(tmp), fixed_sum(tmp.mul_(x))
     shifted = x - lo
-    best_scale, best_min = rng / nmax, lo
+    best_scale, best_min = divide(rng, nmax), lo
     # 0 <= shifted <= rng, so round(shifted * f / rng) <= nmax for f < nmax + 0.5: clamping is a no-op there
     torch.mul(shifted, nmax / safe, out=L).round_()
     sl, sl2, sxl = _sums(w, L, x, wl, tmp)
@@ -235,10 +237,10 @@ class KQuantFormat(Format):
         shape = lo.shape
         if not spec.symmetric:
             lo = lo.clamp(max=0)
-            d, sc = _second_level_codes(_super_view((hi - lo) / spec.qmax, spec), smax)
+            d, sc = _second_level_codes(_super_view(divide(hi - lo, spec.qmax), spec), smax)
             dmin, m = _second_level_codes(_super_view(-lo, spec), smax)
             return _from_super(d * sc, shape), _from_super(dmin * m, shape)
-        scale = _super_view(lo / spec.qmin, spec)
+        scale = _super_view(divide(lo, spec.qmin), spec)
         peak = signed_peak(scale)
         nz = peak != 0
         iscale = torch.where(nz, -smax / torch.where(nz, peak, torch.ones_like(peak)), torch.zeros_like(peak))

@@ -55,7 +55,7 @@ import math
 import torch
 
 from qat.formats.base import Format, GGUFType, register_format
-from qat.formats.common import encode_rows
+from qat.formats.common import divide, encode_rows
 from qat.formats.minifloat import (E2M1_MAX, E4M3_MAX, e2m1_codes_, e2m1_from_index, e2m1_index,
                                    e4m3_scale_grid)
 from qat.packing import pack, unpack
@@ -165,13 +165,13 @@ class NVFP4Format(Format):
         return "NVFP4"  # a held global (static_global weights): the same values, the multiplier 1 / G rounded once
 
     def qparams(self, lo, hi, spec):
-        return e4m3_scale_grid(torch.maximum(-lo, hi) / E2M1_MAX)[0], None
+        return e4m3_scale_grid(divide(torch.maximum(-lo, hi), E2M1_MAX))[0], None
 
     def static_global(self, lo, hi, spec):
         return static_global_scale(torch.maximum(-lo, hi).clamp(min=0))
 
     def qparams_under(self, lo, hi, global_scale, spec):
-        return scales_under_global(torch.maximum(-lo, hi).clamp(min=0) / E2M1_MAX, global_scale), None
+        return scales_under_global(divide(torch.maximum(-lo, hi).clamp(min=0), E2M1_MAX), global_scale), None
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         half = _on_grid(scale, spec) * 0.5  # exact: on the grid S_b >= 2^-136; under a held global a normal float

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from qat.formats.common import divide
+
 ROTATION_KINDS = ("hadamard", "random_hadamard", "random_orthogonal")
 
 
@@ -139,7 +141,7 @@ def hadamard_apply(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     y = fwht(x.reshape(*x.shape[:-1], m, p))
     if m > 1:
         y = torch.einsum("...ib,ia->...ab", y, _small(m).to(dtype=x.dtype, device=x.device))
-    return (y / math.sqrt(n)).reshape(x.shape)
+    return divide(y, math.sqrt(n)).reshape(x.shape)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

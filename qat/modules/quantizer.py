@@ -12,6 +12,7 @@ from torch import nn
 
 from qat.errors import ConfigError
 from qat.formats import get_format
+from qat.formats.common import divide
 from qat.formats.int import half_range
 from qat.observers import build_observer
 from qat.primitives import choose_qparams, clip_range, compute_range, held_global_scale
@@ -276,7 +277,7 @@ class TensorQuantizer(nn.Module):
         else:
             scale = self.scale.clamp(min=tiny)
         if self.spec.learn == "pact":
-            scale = scale / half_range(self.spec)
+            scale = divide(scale, half_range(self.spec))
         scale = get_format(self.spec).learned_scale(scale.to(self.spec.torch_scale_dtype).float(), self.spec)
         zero_point = None
         if self.zero_point is not None:

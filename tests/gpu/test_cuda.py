@@ -4,7 +4,8 @@ where torch.cuda.is_available() is False, which is the CPU suite's case. scripts
 paths at full size.
 
 Exact (atol=0) where the arithmetic is the same: fake quantization is element-wise plus max / min reductions, which
-CUDA computes to the same bits as the CPU (IEEE division, no fused approximations), and on one device the
+CUDA computes to the same bits as the CPU (IEEE division where `qat.formats.common.divide` gives CUDA a tensor
+divisor: a Python-number divisor it multiplies by the reciprocal; no fused approximations), and on one device the
 converted and exported models run the very matmuls the fake-quant model runs. Tolerance-based where it is not:
 logits device vs CPU (cuBLAS and the CPU's BLAS sum in other orders), GPTQ device vs CPU (its rounding decisions
 turn last-bit differences of the Hessian into different codes, so the bound is on what GPTQ minimises)."""
@@ -83,13 +84,39 @@ def test_qat_steps_on_cuda_prepared_there(recipe):
         assert torch.equal(g, grads[False][name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_divide_on_cuda_equals_the_cpu(dtype):
+    """The formats' division by a constant: CUDA's bits are the CPU's (plain `x / 7.5` on CUDA is not: reported)."""
+    from qat.formats.common import divide
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1 << 16, generator=g) * torch.logspace(-4, 4, 1 << 16)).to(dtype)
+    plain_differs = {}
+    for d in (7.5, 15, 127, 448.0, 6.0, 3, math.sqrt(12), 0.95):
+        assert torch.equal(divide(x.to(CUDA), d).cpu(), x / d), (dtype, d)
+        plain_differs[d] = int(((x.to(CUDA) / d).cpu() != x / d).sum())
+    print(dtype, "plain x / d on CUDA, elements differing from the CPU's:", plain_differs)
+
+
+def test_fixed_sum_and_mean_square_on_cuda_equal_the_cpu():
+    """The K-quant / IQ4 searches' block sums: the same bits on CUDA (torch.sum's are reported, not asserted)."""
+    from qat.formats.common import fixed_sum, mean_square
+    g = torch.Generator().manual_seed(1)
+    for n in (32, 16, 8, 256, 7):
+        x = torch.randn(4096, n, generator=g) * torch.logspace(-3, 3, n)
+        assert torch.equal(fixed_sum(x.to(CUDA)).cpu(), fixed_sum(x)), n
+        assert torch.equal(mean_square(x.to(CUDA)).cpu(), mean_square(x)), n
+        print(n, "torch.sum CUDA != CPU:", int((x.to(CUDA).sum(-1).cpu() != x.sum(-1)).sum()), "of", x.shape[0])
+
+
 def test_gptq_on_cuda_within_bound_of_cpu():
-    """Bound (stated, not atol=0): the layer-output error of the CUDA solution within 2% of the CPU solution's,
-    and at least 90% of the quantized values equal."""
+    """Bound (stated, not atol=0): the layer-output error of the CUDA solution within 2% of the CPU solution's.
+    The share of equal codes is no bound: measured on an H200, 60% (this 512 x 512 layer) and 25% (4096 x 4096) of
+    the codes equal the CPU's while the errors agree to 1e-5; GPTQ's error feedback carries a last-bit difference of
+    the Hessian's Cholesky factor along each row, choosing other codes of the same quality."""
     w, batches = gpu_check.bench_ptq.layer_problem(512, 8, 512, "cuda")
     out = gpu_check.gptq_device_vs_cpu(w, batches, QuantSpec(bits=4, granularity="per_group", group_size=128))
+    print("GPTQ CUDA vs CPU:", out)
     assert abs(out["error_ratio"] - 1) <= 0.02, out
-    assert out["codes_equal"] >= 0.9, out
 
 
 def test_gptq_ptq_of_a_model_on_cuda():
