@@ -1,6 +1,6 @@
 """The GPU check: every measurement and parity check qat owes a CUDA machine, in one run, one table, one JSON.
 
-    python scripts/gpu_check.py                          # CUDA, full sizes (a few minutes on one H200)
+    python scripts/gpu_check.py                          # CUDA, full sizes (about two minutes on one H200)
     python scripts/gpu_check.py --device cpu --small     # the same checks at tiny sizes on the CPU (smoke test)
     python scripts/gpu_check.py --only parity gptq --json out.json
 

@@ -4,6 +4,7 @@ that receives tensors of two devices (a CPU scalar aside, which torch allows) is
 called it. Also the peak-memory meter's CUDA branch, with torch.cuda's counters stubbed."""
 from __future__ import annotations
 
+import gc
 import traceback
 
 import pytest
@@ -122,13 +123,20 @@ def test_peak_memory_reads_the_jobs_cuda_device(monkeypatch):
 
 def test_peak_memory_of_a_cpu_block_on_a_gpu_machine_is_the_rss(monkeypatch):
     FakeCuda(allocated=1_000_000).install(monkeypatch)  # CUDA present, the block allocates nothing there
-    with measure.PeakMemory(interval=0.001) as mem:
-        # 64 MiB of RSS, touched: above glibc's largest mmap threshold (32 MiB), so fresh pages, never heap memory
-        # an earlier test freed but kept resident (a 32 MiB block grew the RSS by 0 in one CI run)
-        held = torch.ones(64, 2**20, dtype=torch.uint8)
-    assert mem.cuda_peak_mb == 0
-    assert mem.peak_mb == mem.rss_peak_mb > 40
-    del held
+    growth = []
+    for _ in range(3):
+        # RSS is the whole process's: in a full suite another thread (a loader, a previous test's pool) can free as
+        # much as the block takes while it runs (0 MB growth was seen twice for 32 and 64 MiB blocks in CI runs), so
+        # a real 0 must repeat; 64 MiB touched is above glibc's largest mmap threshold: fresh pages
+        gc.collect()
+        with measure.PeakMemory(interval=0.001) as mem:
+            held = torch.ones(64, 2**20, dtype=torch.uint8)
+        assert mem.cuda_peak_mb == 0 and mem.peak_mb == mem.rss_peak_mb
+        growth.append(mem.rss_peak_mb)
+        del held
+        if growth[-1] > 40:
+            break
+    assert max(growth) > 40, growth
 
 
 def test_batches_go_to_the_input_embeddings_device():
