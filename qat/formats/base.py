@@ -254,7 +254,7 @@ def bits_per_weight(spec: QuantSpec, shape: tuple[int, ...], act_order: bool = F
         >>> bits_per_weight(QuantSpec(bits=4, granularity="per_group", group_size=128), (8, 256))
         4.25
     """
-    return storage_bits(spec, shape, act_order) / math.prod(shape)
+    return storage_bits(spec, shape, act_order) / math.prod(shape)  # exact: Python numbers
 
 
 def qparam_count(spec: QuantSpec, shape: tuple[int, ...]) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from qat.errors import ConfigError
 from qat.formats.base import Format, register_format
-from qat.formats.common import divide
+from qat.formats.common import divide, fixed_sum
 from qat.formats.minifloat import E4M3_MAX
 from qat.spec import QuantSpec
 
@@ -96,7 +96,8 @@ class FP8BlockFormat(Format):
         pad = -rows % spec.group_size  # a shorter last band: zero error rows
         if pad:
             err = torch.cat([err, err.new_zeros(*err.shape[:-3], pad, *err.shape[-2:])], -3)
-        return expand_bands(err.unflatten(-3, (-1, spec.group_size)).sum(-3), spec.group_size, rows)
+        bands = err.unflatten(-3, (-1, spec.group_size)).movedim(-3, -1)  # [..., bands, groups, 1, rows of a band]
+        return expand_bands(fixed_sum(bands).squeeze(-1), spec.group_size, rows)
 
     def codes(self, view, scale, zero_point, spec, need_mask=False):
         t = view / scale

@@ -114,7 +114,7 @@ def fitted_scale(w: torch.Tensor, importance: torch.Tensor | None = None) -> tor
         imp = importance.float().reshape(1, -1, SUB)
         sq = fixed_sum(view * view)
         total = fixed_sum(_super(sq))
-        count = _super(torch.full_like(sq, SUB)).sum(-1, keepdim=True)
+        count = _super(torch.full_like(sq, SUB)).sum(-1, keepdim=True)  # exact: small integers
         sigma2 = (2 * total / count).repeat_interleave(PER, -2)[:, : view.shape[1]]
     return scale_grid(fit_scale(view, imp, sigma2))
 

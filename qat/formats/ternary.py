@@ -57,7 +57,7 @@ def _base3(digits: torch.Tensor, n: int, width: int) -> torch.Tensor:
     """[nb, n * width] digits 0..2 -> [nb, width] bytes: byte m holds digits k * width + m (k = 0..n-1) as the
     base-3 number d_0 d_1 ... (most significant first) in 8-bit fixed point, ceil(v * 256 / 243)."""
     weights = torch.tensor([3 ** (4 - k) for k in range(n)], dtype=torch.int32).reshape(1, n, 1)
-    v = (digits.reshape(-1, n, width).to(torch.int32) * weights).sum(1)
+    v = (digits.reshape(-1, n, width).to(torch.int32) * weights).sum(1)  # exact: int32
     return ((v * 256 + 242) // 243).to(torch.uint8)
 
 

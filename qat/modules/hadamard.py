@@ -111,7 +111,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         True
     """
     m, p = split_size(n)
-    return (torch.kron(_small(m), _sylvester(p)) / math.sqrt(n)).to(dtype)
+    return (torch.kron(_small(m), _sylvester(p)) / math.sqrt(n)).to(dtype)  # exact: built on the CPU
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

@@ -297,7 +297,7 @@ class TensorQuantizer(nn.Module):
             mode = "pact" if self.spec.learn == "pact" else "lsq"
             rows = get_format(self.spec).learned_scale_rows(self.spec)  # rows of the layout one parameter stands for
             return FakeQuantArgs(scale, zero_point, self.spec, mode,
-                                 grad_scale=lsq_grad_scale(x, scale, self.spec) / math.sqrt(rows))
+                                 grad_scale=lsq_grad_scale(x, scale, self.spec) / math.sqrt(rows))  # exact: floats
         return FakeQuantArgs(scale.detach(), None if zero_point is None else zero_point.detach(), self.spec,
                              g_idx=self.group_index())
 
