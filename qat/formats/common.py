@@ -39,12 +39,23 @@ def fixed_sum(x: torch.Tensor) -> torch.Tensor:
         >>> fixed_sum(torch.tensor([[1.0, 2.0, 3.0]]))
         tensor([[6.]])
     """
+    if x.shape[-1] <= 1:  # nothing to add: a new tensor all the same (callers write into their inputs' buffers)
+        return x.clone() if x.shape[-1] else x.new_zeros(*x.shape[:-1], 1)
     while x.shape[-1] > 1:
         n = x.shape[-1]
         h = n // 2
         head = x[..., :h] + x[..., h:2 * h]
         x = torch.cat([head, x[..., 2 * h:]], -1) if n % 2 else head
     return x
+
+
+def fixed_sum_over(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """`fixed_sum` over several dimensions, kept (as `x.sum(dims, keepdim=True)`): they are moved last and
+    flattened, then added in `fixed_sum`'s one order."""
+    dims = tuple(d % x.ndim for d in dims)
+    keep = [d for d in range(x.ndim) if d not in dims]
+    flat = x.permute(*keep, *dims).reshape(*[x.shape[d] for d in keep], -1)
+    return fixed_sum(flat).reshape([1 if d in dims else x.shape[d] for d in range(x.ndim)])
 
 
 def mean_square(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +68,8 @@ def divide_by_tensor(x: torch.Tensor, d: float) -> torch.Tensor:
     """`divide` off the CPU: x / d with d a 0-dim tensor of x's compute type on x's device, which every device
     divides (tests/unit/test_divide.py: equal to the CPU's `x / d`, bit for bit, for each float dtype)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.to(compute) / torch.tensor(d, dtype=compute, device=x.device)).to(x.dtype)
+    # torch.full, not torch.tensor: a host-to-device copy of a Python number would synchronise the stream
+    return (x.to(compute) / torch.full((), d, dtype=compute, device=x.device)).to(x.dtype)
 
 
 def signed_peak(view: torch.Tensor) -> torch.Tensor:

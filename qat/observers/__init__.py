@@ -19,7 +19,7 @@ from torch import nn
 
 from qat.errors import ConfigError
 from qat.formats import Format, get_format
-from qat.formats.common import signed_peak
+from qat.formats.common import fixed_sum_over, signed_peak
 from qat.primitives import (
     reduce_dims, choose_qparams, compute_range, fake_quantize_forward, group_view, strip_leading_ones,
 )
@@ -171,7 +171,7 @@ class PercentileObserver(Observer):
     def range_of(self, x):
         blocks, keep_shape = _blocks_last(x, self.spec)
         n = blocks.shape[-1]
-        k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
+        k_hi = max(1, min(n, round(n * self.percentile / 100.0)))  # exact: Python numbers
         k_lo = max(1, n + 1 - k_hi)
         if k_hi == n and self.percentile < 100.0:
             warn_no_clip(self.scheme, self.percentile, n, self.source)
@@ -237,6 +237,7 @@ class MSEObserver(Observer):
         """|x - x^|^norm summed per group (qparams layout) for the range (lo, hi)."""
         x_hat, _ = fake_quantize_forward(x, *choose_qparams(lo, hi, spec), spec)
         dims = reduce_dims(group_view(x, spec).ndim, spec)
-        # a ragged last group is padded with zeros here: the padding adds no error
-        err = group_view(x_hat.sub_(x).abs_().pow_(self.norm), spec, pad="zero").sum(dim=dims, keepdim=True)
+        # a ragged last group is padded with zeros here: the padding adds no error; the candidates are compared by
+        # these sums, so they are added in one order on every device (fixed_sum_over)
+        err = fixed_sum_over(group_view(x_hat.sub_(x).abs_().pow_(self.norm), spec, pad="zero"), dims)
         return strip_leading_ones(err)

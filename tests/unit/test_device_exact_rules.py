@@ -10,7 +10,8 @@ from pathlib import Path
 import qat
 
 ROOT = Path(qat.__file__).parent
-FILES = sorted((ROOT / "formats").glob("*.py")) + [ROOT / "modules" / "hadamard.py", ROOT / "modules" / "quantizer.py"]
+FILES = sorted((ROOT / "formats").glob("*.py")) + [ROOT / "modules" / "hadamard.py", ROOT / "modules" / "quantizer.py",
+                                                   ROOT / "observers" / "__init__.py"]
 
 
 def _constant_like(node: ast.AST) -> bool:

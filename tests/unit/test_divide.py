@@ -63,3 +63,33 @@ def test_kquant_search_is_float32_for_lower_precision_weights():
     spec = kquant_spec("Q4_K")
     for a, b in zip(fitted_range(w, spec), fitted_range(w.float(), spec)):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_fixed_sum_over_dims_and_edge_lengths():
+    from qat.formats.common import fixed_sum, fixed_sum_over
+    x = torch.randint(-50, 50, (3, 4, 5, 6)).float()  # integers: exact sums in any order
+    for dims in [(3,), (1, 3), (0, 1, 2, 3), (-1, -3), (0,)]:
+        assert torch.equal(fixed_sum_over(x, dims), x.sum(dims, keepdim=True)), dims
+    empty = torch.zeros(2, 0)
+    assert fixed_sum(empty).shape == (2, 1) and not fixed_sum(empty).any()
+    one = torch.ones(2, 1)
+    assert torch.equal(fixed_sum(one), one) and fixed_sum(one).data_ptr() != one.data_ptr()  # never the input itself
+
+
+def test_mse_observer_error_is_the_fixed_order_sum_per_group():
+    """The MSE range search compares candidates by `fixed_sum_over` sums: the kept shape of `.sum(dims)` and its
+    value (float64 reference) for per-tensor, per-channel and ragged per-group specs."""
+    from qat.observers import MSEObserver
+    from qat.primitives import choose_qparams, compute_range, fake_quantize_forward, group_view, reduce_dims
+    from qat.primitives import strip_leading_ones
+    from qat.spec import QuantSpec
+    w = torch.randn(64, 200, generator=torch.Generator().manual_seed(3))
+    for spec in (QuantSpec(bits=4, granularity="per_tensor"), QuantSpec(bits=4, granularity="per_channel"),
+                 QuantSpec(bits=3, granularity="per_group", group_size=32, symmetric=False, ragged=True)):
+        lo, hi = compute_range(w, spec)
+        err = MSEObserver(spec)._error(w, lo * 0.9, hi * 0.9, spec)
+        x_hat, _ = fake_quantize_forward(w, *choose_qparams(lo * 0.9, hi * 0.9, spec), spec)
+        view = group_view((x_hat - w).double().pow(2), spec, pad="zero")
+        want = strip_leading_ones(view.sum(reduce_dims(view.ndim, spec), keepdim=True))
+        assert err.shape == want.shape, spec
+        assert torch.allclose(err.double(), want, rtol=1e-5), spec
