@@ -101,7 +101,7 @@ def run_eval(model: str, data: str | dict | None = "wiki", quant: Any = None, se
                    protocol=eval_protocol(cfg.path, split, blocks))
     if tasks:
         out["harness"] = evaluate_tasks(net, tok, tasks, **(harness or {}))
-    if prompt:
+    if prompt and max_new_tokens:  # max_new_tokens=0: no sample
         ids = torch.tensor([tok(prompt)["input_ids"]], device=next(net.parameters()).device)
         gen = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         new = gen[0, ids.shape[1]:].tolist()

@@ -280,6 +280,13 @@ def test_eval_without_data_is_generation_only():
     assert "ppl" not in result and isinstance(result["sample"], str)
 
 
+def test_eval_max_new_tokens_zero_skips_the_sample(corpus):
+    """max_new_tokens=0 (the config check allows it) means no sample, not transformers' ValueError."""
+    result = run_eval("tiny", data=str(corpus), seq_len=32, max_blocks=2, prompt="the",
+                      max_new_tokens=0)
+    assert "sample" not in result and result["ppl"] > 0
+
+
 def test_checkpoint_of_another_model_is_named_before_prepare(tmp_path):
     import torch
 
