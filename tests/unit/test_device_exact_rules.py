@@ -36,6 +36,9 @@ def _constant_like(node: ast.AST) -> bool:
     return False
 
 
+DIVS = {"div", "div_", "divide", "true_divide"}  # torch.div(x, c), x.div(c), x.div_(c): the same multiply on CUDA
+
+
 def breaches(path: Path) -> list[str]:
     src = path.read_text()
     lines = src.splitlines()
@@ -47,6 +50,13 @@ def breaches(path: Path) -> list[str]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _constant_like(node.right) \
                 and not _constant_like(node.left):
             found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)} (use divide)")
+        if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Div) and _constant_like(node.value):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)} (use divide)")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DIVS:
+            args = node.args[1:] if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch" \
+                else node.args
+            if args and _constant_like(args[0]):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)} (use divide)")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {"mean", "sum"} \
                 and not (isinstance(node.func.value, ast.Name) and node.func.value.id in {"np", "math", "builtins"}):
             found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)} (use fixed_sum / mean_square)")
@@ -61,5 +71,6 @@ def test_formats_divide_and_sum_the_same_way_on_every_device():
 def test_the_check_sees_a_breach(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f(amax, spec, x):\n    return amax / 7.5, amax / spec.qmax, x.mean(-1), x.sum(-1)\n"
-                   "def g(a):\n    return a / 2  # exact: a is a Python number\n")
-    assert len(breaches(bad)) == 4
+                   "def g(a):\n    return a / 2  # exact: a is a Python number\n"
+                   "def h(x, spec):\n    x /= 3.0\n    return torch.div(x, spec.qmax), x.div_(2), torch.sum(x)\n")
+    assert len(breaches(bad)) == 8
