@@ -11,12 +11,14 @@ import pytest
 import torch
 
 import qat
+from qat.errors import ConfigError
 from qat.export import export, load_any
 from qat.export.common import weight_of
 from qat.io import load_safetensors
+from qat.spec import QuantSpec
 from tests.export.conftest import logits
 
-KV_RECIPES = ("w4a8_kv8", "w4a4_kv4_rot", "w4a4_g64_kv4_rot", "w4a8_kv4_rot", "gguf_q4_0_kv_q8_0", "gguf_q4_0_kv_q4_0")
+KV_RECIPES = ("w4a8_kv8", "w4a4_kv4_rot", "w4a4_g64_kv4_rot", "w4a4_g64_kv4_rot_asym", "w4a8_kv4_rot", "gguf_q4_0_kv_q8_0", "gguf_q4_0_kv_q4_0")
 FORMATS = ("compressed_tensors", "gptq")
 FOLDER_KV_RECIPES = tuple(r for r in KV_RECIPES if not r.startswith("gguf_"))  # GGUF grids: tests/export/test_llama_cpp_kv.py
 
@@ -25,8 +27,24 @@ def test_the_kv_recipes_are_every_recipe_with_a_kv_cache_scheme():
     assert {r for r in qat.recipe_names() if qat.load_recipe(r).base.kv_cache is not None} == set(KV_RECIPES)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("recipe", FOLDER_KV_RECIPES)
+CLIPPED_INPUTS = ("w4a4_g64_kv4_rot_asym",)  # compressed-tensors has no clip ratio: refused (below)
+CASES = [(r, f) for r in FOLDER_KV_RECIPES for f in FORMATS if not (r in CLIPPED_INPUTS and f == "compressed_tensors")]
+
+
+def test_clipped_inputs_recipes_are_those_with_a_clip_ratio():
+    clipped = {r for r in KV_RECIPES if (qat.load_recipe(r).base.input or QuantSpec()).clip_ratio != 1.0}
+    assert clipped == set(CLIPPED_INPUTS)
+
+
+@pytest.mark.parametrize("recipe", CLIPPED_INPUTS)
+def test_compressed_tensors_refuses_a_clipped_recipe_before_writing(model, ids, tmp_path, recipe):
+    prepared = qat.prepare(model, qat.load_recipe(recipe))
+    with pytest.raises(ConfigError, match="clip_ratio=0.95"):
+        export(prepared, tmp_path / "m", "compressed_tensors")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(("recipe", "fmt"), CASES)
 def test_unstorable_kv_scheme_is_warned_not_written_and_the_export_loads(model, ids, tmp_path, caplog, recipe, fmt):
     prepared = qat.prepare(model, qat.load_recipe(recipe))
     qat.calibrate(prepared, [ids])
