@@ -315,6 +315,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(_table(cfg, rows, results, len(blocks) * blocks.shape[1] if len(blocks) else 0), flush=True)
     if trainer.is_global_zero:
         _write_result(cfg, results)
+        last = results.get("ckpt")
+        print(f"written: {Path(cfg.paths.output_dir) / 'result.json'}" + (f"; checkpoint: {last}" if last else ""),
+              flush=True)
     return results
 
 

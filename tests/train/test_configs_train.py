@@ -37,6 +37,7 @@ def test_default_run_prints_table_and_logs(tmp_path, capsys):
     for key in ("train/loss", "train/lr", "quant/scale_mean", "quant/clip_frac", "model.layers.0.mlp.up_proj/scale_mean"):
         assert key in metrics
     assert Path(results["ckpt"]).is_file()
+    assert f"written: {tmp_path}" in out and f"checkpoint: {results['ckpt']}" in out  # where to find the run
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
