@@ -148,6 +148,9 @@ def check_eval_job(cfg: dict) -> None:
             as_count(cfg.get(key, 0), key, least, allow_none)
         except ConfigError as err:
             errors.append(str(err))
+    if not cfg.get("data") and not cfg.get("tasks") and not (cfg.get("prompt") and cfg.get("max_new_tokens")):
+        errors.append("nothing to evaluate: no data (perplexity), no tasks and no sample (prompt=null or "
+                      "max_new_tokens=0); give data=<corpus>, tasks=[...] or max_new_tokens > 0")
     if cfg.get("split") not in SPLITS:
         errors.append(f"split={cfg.get('split')!r}; choose from {list(SPLITS)}")
     errors += device_errors(cfg.get("device", default_device()))

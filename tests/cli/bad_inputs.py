@@ -167,7 +167,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                            ("tasks=[qat_tiny_ppl] harness.limit=2.5", "harness.limit"),
                            ("tasks=[qat_tiny_ppl] harness.batch_size=0", "harness.batch_size"),
                            ("device=tpu", "device='tpu'; choose auto, cpu, cuda or cuda:N"),
-                           ("device=cuda:99", "device='cuda:99'")]:
+                           ("device=cuda:99", "device='cuda:99'"),
+                           ("~data max_new_tokens=0", "nothing to evaluate"), ("~data prompt=null", "nothing to evaluate")]:
         add("eval", EV + over.split(" "), expected)
 
     # qat-export
